@@ -1,0 +1,260 @@
+// Package eventlog is umbra's measured-launch event log: records in the TCG Canonical
+// Event Log (CEL) JSON encoding, a strict parser for them, their replay into PCR
+// values, and a Measurer that extends a TPM PCR and appends the matching record.
+//
+// A record looks like (one per line in the log file, "JSON Lines"):
+//
+//	{"recnum":0,"pcr":15,"digests":[{"hashAlg":"sha256","digest":"<64 hex>"}],
+//	 "content_type":"umbra","content":{"type":"monitor","description":"/usr/bin/umbra"}}
+//
+// recnum, pcr, digests and content_type are the CEL fields; "umbra" is umbra's own
+// content type, whose content names the measurement type, a human description and,
+// for small measurements, the measured data itself (base64), which then must hash to
+// the digest. Only the SHA-256 bank is measured.
+package eventlog
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"unicode/utf8"
+)
+
+// ContentType is the CEL content_type of umbra's records.
+const ContentType = "umbra"
+
+// HashAlg is the only digest algorithm umbra records and replays.
+const HashAlg = "sha256"
+
+// Limits applied to hostile input.
+const (
+	MaxRecordBytes      = 128 << 10 // one encoded record (one line)
+	MaxDataBytes        = 64 << 10  // content.data
+	MaxTypeLen          = 64
+	MaxDescriptionBytes = 4096
+	MaxRecords          = 1 << 20
+	MaxPCR              = 23
+)
+
+// Measurement types umbra records. Verification treats any other type as unknown.
+const (
+	TypeMonitor        = "monitor"         // the umbra binary
+	TypeGuestImage     = "guest-image"     // the guest kernel/image
+	TypeCmdline        = "cmdline"         // the guest command line (data)
+	TypeVMSpec         = "vm-spec"         // the VM spec (data or digest)
+	TypePolicy         = "policy"          // policy bundle digest; description: revision
+	TypeCloakRegister  = "cloak-register"  // a cloaked app identity (image measurement)
+	TypePageProtLock   = "pageprot-lock"   // a page-protection lock (data: details)
+	TypeAuditAnchor    = "audit-anchor"    // an audit log head (data: JSON anchor)
+	TypeLaunchComplete = "launch-complete" // separator: everything before it is the launch
+)
+
+// Digest is one CEL digest entry.
+type Digest struct {
+	HashAlg string `json:"hashAlg"`
+	Digest  string `json:"digest"`
+}
+
+// Content is the content of an umbra record.
+type Content struct {
+	Type        string `json:"type"`
+	Description string `json:"description,omitempty"`
+	Data        []byte `json:"data,omitempty"`
+}
+
+// Record is one CEL-JSON record.
+type Record struct {
+	RecNum      uint64   `json:"recnum"`
+	PCR         int      `json:"pcr"`
+	Digests     []Digest `json:"digests"`
+	ContentType string   `json:"content_type"`
+	Content     Content  `json:"content"`
+}
+
+// SHA256 returns the record's SHA-256 digest; it is valid only after Validate.
+func (r *Record) SHA256() []byte {
+	for _, d := range r.Digests {
+		if d.HashAlg == HashAlg {
+			b, err := hex.DecodeString(d.Digest)
+			if err == nil && len(b) == sha256.Size {
+				return b
+			}
+		}
+	}
+	return nil
+}
+
+// Validate checks one record in isolation: field ranges, the digest, and that
+// content.data (if any) hashes to the digest.
+func (r *Record) Validate() error {
+	if r.PCR < 0 || r.PCR > MaxPCR {
+		return fmt.Errorf("record %d: pcr %d out of range 0-%d", r.RecNum, r.PCR, MaxPCR)
+	}
+	if r.ContentType != ContentType {
+		return fmt.Errorf("record %d: content_type %q is not %q", r.RecNum, r.ContentType, ContentType)
+	}
+	if len(r.Digests) != 1 || r.Digests[0].HashAlg != HashAlg {
+		return fmt.Errorf("record %d: want exactly one %s digest, have %d digests", r.RecNum, HashAlg, len(r.Digests))
+	}
+	d, err := hex.DecodeString(r.Digests[0].Digest)
+	if err != nil || len(d) != sha256.Size {
+		return fmt.Errorf("record %d: digest is not %d bytes of hex", r.RecNum, sha256.Size)
+	}
+	if err := checkType(r.Content.Type); err != nil {
+		return fmt.Errorf("record %d: %w", r.RecNum, err)
+	}
+	if len(r.Content.Description) > MaxDescriptionBytes || !utf8.ValidString(r.Content.Description) {
+		return fmt.Errorf("record %d: description longer than %d bytes or not UTF-8", r.RecNum, MaxDescriptionBytes)
+	}
+	if len(r.Content.Data) > MaxDataBytes {
+		return fmt.Errorf("record %d: data longer than %d bytes", r.RecNum, MaxDataBytes)
+	}
+	if r.Content.Data != nil {
+		sum := sha256.Sum256(r.Content.Data)
+		if !bytes.Equal(sum[:], d) {
+			return fmt.Errorf("record %d (%s): data does not hash to the recorded digest: the entry was edited", r.RecNum, r.Content.Type)
+		}
+	}
+	return nil
+}
+
+func checkType(t string) error {
+	if t == "" || len(t) > MaxTypeLen {
+		return fmt.Errorf("content type %q: must be 1-%d characters", t, MaxTypeLen)
+	}
+	for _, c := range t {
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '.' || c == '_') {
+			return fmt.Errorf("content type %q: only a-z, 0-9, '-', '.', '_' allowed", t)
+		}
+	}
+	return nil
+}
+
+// ValidateLog checks every record and that recnums count up from 0 with no gap, so a
+// removed or reordered record is named even before replay.
+func ValidateLog(recs []Record) error {
+	if len(recs) > MaxRecords {
+		return fmt.Errorf("event log has %d records, more than the limit %d", len(recs), MaxRecords)
+	}
+	for i := range recs {
+		if recs[i].RecNum != uint64(i) {
+			return fmt.Errorf("record at position %d has recnum %d: a record was removed, inserted or reordered", i, recs[i].RecNum)
+		}
+		if err := recs[i].Validate(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Replay computes the SHA-256 PCR values the records produce from all-zero PCRs.
+// The records must have been validated.
+func Replay(recs []Record) map[int][]byte {
+	pcrs := map[int][]byte{}
+	for i := range recs {
+		cur, ok := pcrs[recs[i].PCR]
+		if !ok {
+			cur = make([]byte, sha256.Size)
+		}
+		h := sha256.New()
+		h.Write(cur)
+		h.Write(recs[i].SHA256())
+		pcrs[recs[i].PCR] = h.Sum(nil)
+	}
+	return pcrs
+}
+
+// ReplayPCR is Replay for one PCR: all-zero if no record names it.
+func ReplayPCR(recs []Record, pcr int) []byte {
+	if v, ok := Replay(recs)[pcr]; ok {
+		return v
+	}
+	return make([]byte, sha256.Size)
+}
+
+// ErrTornTail reports that the last line of a log file has no newline: the writer
+// stopped (crashed) while appending it. The records before it are returned.
+var ErrTornTail = errors.New("event log ends in an incomplete record (the writer stopped mid-append)")
+
+// ParseLines reads a JSON Lines log file. It returns the validated records; if the
+// last line is incomplete it also returns the byte offset where the complete records
+// end and an error wrapping ErrTornTail.
+func ParseLines(r io.Reader) (recs []Record, goodLen int64, err error) {
+	br := bufio.NewReaderSize(r, 64<<10)
+	for {
+		line, rerr := readLine(br, MaxRecordBytes)
+		if rerr == io.EOF && len(line) == 0 {
+			break
+		}
+		if rerr != nil && rerr != io.EOF {
+			return recs, goodLen, fmt.Errorf("event log line %d: %w", len(recs)+1, rerr)
+		}
+		if rerr == io.EOF { // no trailing newline
+			return recs, goodLen, fmt.Errorf("line %d: %w", len(recs)+1, ErrTornTail)
+		}
+		var rec Record
+		if err := decodeStrict(line, &rec); err != nil {
+			return recs, goodLen, fmt.Errorf("event log line %d: %w", len(recs)+1, err)
+		}
+		if rec.RecNum != uint64(len(recs)) {
+			return recs, goodLen, fmt.Errorf("event log line %d has recnum %d, want %d: a record was removed, inserted or reordered", len(recs)+1, rec.RecNum, len(recs))
+		}
+		if err := rec.Validate(); err != nil {
+			return recs, goodLen, fmt.Errorf("event log line %d: %w", len(recs)+1, err)
+		}
+		if len(recs) >= MaxRecords {
+			return recs, goodLen, fmt.Errorf("event log has more than %d records", MaxRecords)
+		}
+		recs = append(recs, rec)
+		goodLen += int64(len(line)) + 1
+	}
+	return recs, goodLen, nil
+}
+
+// readLine returns one line without its newline; io.EOF with a non-empty line means
+// the line had no newline.
+func readLine(br *bufio.Reader, limit int) ([]byte, error) {
+	var line []byte
+	for {
+		chunk, err := br.ReadSlice('\n')
+		if len(line)+len(chunk) > limit+1 {
+			return nil, fmt.Errorf("line longer than %d bytes", limit)
+		}
+		line = append(line, chunk...)
+		switch {
+		case err == nil:
+			return line[:len(line)-1], nil
+		case errors.Is(err, bufio.ErrBufferFull):
+			continue
+		default:
+			return line, err
+		}
+	}
+}
+
+// decodeStrict decodes exactly one JSON value and rejects unknown fields.
+func decodeStrict(b []byte, v any) error {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return fmt.Errorf("not a valid record: %w", err)
+	}
+	if dec.More() {
+		return errors.New("not a valid record: trailing data after the JSON object")
+	}
+	return nil
+}
+
+// Encode returns a record's one-line JSON encoding with its newline.
+func Encode(r *Record) ([]byte, error) {
+	b, err := json.Marshal(r)
+	if err != nil {
+		return nil, err
+	}
+	return append(b, '\n'), nil
+}

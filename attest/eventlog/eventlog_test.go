@@ -1,0 +1,216 @@
+package eventlog_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/umbra-cc/umbra/attest/eventlog"
+	"github.com/umbra-cc/umbra/attest/internal/tpmtest"
+)
+
+func launchEvents() []eventlog.Event {
+	img := sha256.Sum256([]byte("guest image"))
+	return []eventlog.Event{
+		{Type: eventlog.TypeMonitor, Description: "/usr/bin/umbra", Digest: bytes.Repeat([]byte{1}, 32)},
+		{Type: eventlog.TypeGuestImage, Description: "guest.bin", Digest: img[:]},
+		{Type: eventlog.TypeCmdline, Data: []byte("console=ttyS0")},
+		{Type: eventlog.TypePolicy, Description: "revision 7", Digest: bytes.Repeat([]byte{7}, 32)},
+	}
+}
+
+func TestMeasureReplaysToPCR(t *testing.T) {
+	for _, kind := range tpmtest.Kinds {
+		t.Run(kind, func(t *testing.T) {
+			tpm := tpmtest.Open(t, kind)
+			path := filepath.Join(t.TempDir(), "events.jsonl")
+			ctx := context.Background()
+			m, err := eventlog.Open(ctx, tpm, path, 15, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, ev := range launchEvents() {
+				if _, err := m.Measure(ctx, ev); err != nil {
+					t.Fatal(err)
+				}
+			}
+			m.Close()
+			f, _ := os.Open(path)
+			recs, _, err := eventlog.ParseLines(f)
+			f.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(recs) != 4 {
+				t.Fatalf("got %d records, want 4", len(recs))
+			}
+			pcr, err := eventlog.ReadPCR(tpm, 15)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := eventlog.ReplayPCR(recs, 15); !bytes.Equal(got, pcr) {
+				t.Fatalf("replay %x != PCR %x", got, pcr)
+			}
+			// Reopening resumes; measuring more keeps them in step.
+			m, err = eventlog.Open(ctx, tpm, path, 15, nil)
+			if err != nil {
+				t.Fatalf("reopen: %v", err)
+			}
+			rec, err := m.Measure(ctx, eventlog.Event{Type: eventlog.TypeCloakRegister, Description: "app", Digest: make([]byte, 32)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if rec.RecNum != 4 {
+				t.Fatalf("recnum after reopen = %d, want 4", rec.RecNum)
+			}
+			pcr, _ = eventlog.ReadPCR(tpm, 15)
+			if got := eventlog.ReplayPCR(m.Records(), 15); !bytes.Equal(got, pcr) {
+				t.Fatalf("after reopen: replay %x != PCR %x", got, pcr)
+			}
+			m.Close()
+
+			// Something else extends the PCR: Open must refuse.
+			if err := eventlog.Extend(tpm, 15, make([]byte, 32)); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := eventlog.Open(ctx, tpm, path, 15, nil); !errors.Is(err, eventlog.ErrPCRMismatch) {
+				t.Fatalf("Open after a foreign extend: err = %v, want ErrPCRMismatch", err)
+			}
+		})
+	}
+}
+
+func TestOpenCutsTornTail(t *testing.T) {
+	tpm := tpmtest.Simulator(t)
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "events.jsonl")
+	m, err := eventlog.Open(ctx, tpm, path, 15, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ev := range launchEvents()[:2] {
+		if _, err := m.Measure(ctx, ev); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m.Close()
+	// A crash mid-append leaves half a line (and no PCR extend).
+	f, _ := os.OpenFile(path, os.O_APPEND|os.O_WRONLY, 0)
+	f.WriteString(`{"recnum":2,"pcr":15,"dig`)
+	f.Close()
+	m, err = eventlog.Open(ctx, tpm, path, 15, nil)
+	if err != nil {
+		t.Fatalf("Open with torn tail: %v", err)
+	}
+	if n := len(m.Records()); n != 2 {
+		t.Fatalf("records after recovery = %d, want 2", n)
+	}
+	m.Close()
+}
+
+func TestOpenAfterHostReset(t *testing.T) {
+	tpm := tpmtest.Simulator(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	path := filepath.Join(dir, "events.jsonl")
+	// A log left from before a reset: PCR 15 is still zero on this fresh TPM.
+	var buf bytes.Buffer
+	for i, ev := range launchEvents()[:2] {
+		d := ev.Digest
+		line, _ := eventlog.Encode(&eventlog.Record{RecNum: uint64(i), PCR: 15, ContentType: "umbra",
+			Digests: []eventlog.Digest{{HashAlg: "sha256", Digest: hexs(d)}}, Content: eventlog.Content{Type: ev.Type}})
+		buf.Write(line)
+	}
+	os.WriteFile(path, buf.Bytes(), 0o600)
+	m, err := eventlog.Open(ctx, tpm, path, 15, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if n := len(m.Records()); n != 0 {
+		t.Fatalf("new log has %d records, want 0", n)
+	}
+	prev, _ := filepath.Glob(path + ".*.prev")
+	if len(prev) != 1 {
+		t.Fatalf("previous log not kept: %v", prev)
+	}
+}
+
+func hexs(b []byte) string {
+	const h = "0123456789abcdef"
+	var sb strings.Builder
+	for _, c := range b {
+		sb.WriteByte(h[c>>4])
+		sb.WriteByte(h[c&15])
+	}
+	return sb.String()
+}
+
+func TestParseLinesRejects(t *testing.T) {
+	good := `{"recnum":0,"pcr":15,"digests":[{"hashAlg":"sha256","digest":"` + strings.Repeat("ab", 32) + `"}],"content_type":"umbra","content":{"type":"monitor"}}`
+	data := []byte("console=ttyS0")
+	sum := sha256.Sum256(data)
+	withData := `{"recnum":0,"pcr":15,"digests":[{"hashAlg":"sha256","digest":"` + hexs(sum[:]) + `"}],"content_type":"umbra","content":{"type":"cmdline","data":"Y29uc29sZT10dHlTMQ=="}}`
+	tests := []struct {
+		name, in, want string
+	}{
+		{"edited data", withData + "\n", "data does not hash"},
+		{"gap", strings.Replace(good, `"recnum":0`, `"recnum":1`, 1) + "\n", "removed, inserted or reordered"},
+		{"bad pcr", strings.Replace(good, `"pcr":15`, `"pcr":99`, 1) + "\n", "out of range"},
+		{"short digest", strings.Replace(good, strings.Repeat("ab", 32), "abcd", 1) + "\n", "digest is not"},
+		{"sha1", strings.Replace(good, "sha256", "sha1", 1) + "\n", "sha256 digest"},
+		{"content type", strings.Replace(good, `"umbra"`, `"pcclient_std"`, 1) + "\n", "content_type"},
+		{"unknown field", strings.Replace(good, `"pcr":15`, `"pcr":15,"x":1`, 1) + "\n", "unknown field"},
+		{"bad type", strings.Replace(good, `"monitor"`, `"Mon itor"`, 1) + "\n", "content type"},
+		{"trailing", good + " {}\n", "trailing data"},
+		{"torn", good, "incomplete record"},
+		{"not json", "hello\n", "not a valid record"},
+		{"huge line", strings.Repeat("x", eventlog.MaxRecordBytes+10) + "\n", "longer than"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, _, err := eventlog.ParseLines(strings.NewReader(tc.in))
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want it to contain %q", err, tc.want)
+			}
+		})
+	}
+	if recs, n, err := eventlog.ParseLines(strings.NewReader(good + "\n")); err != nil || len(recs) != 1 || n != int64(len(good)+1) {
+		t.Fatalf("good line: %v %d %v", recs, n, err)
+	}
+}
+
+func FuzzParseLines(f *testing.F) {
+	f.Add([]byte(`{"recnum":0,"pcr":15,"digests":[{"hashAlg":"sha256","digest":"` + strings.Repeat("ab", 32) + `"}],"content_type":"umbra","content":{"type":"monitor","data":"AA=="}}` + "\n"))
+	f.Add([]byte("{}\n{}"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		recs, good, err := eventlog.ParseLines(bytes.NewReader(b))
+		if good > int64(len(b)) {
+			t.Fatalf("good length %d beyond input %d", good, len(b))
+		}
+		if err == nil {
+			if verr := eventlog.ValidateLog(recs); verr != nil {
+				t.Fatalf("ParseLines accepted what ValidateLog rejects: %v", verr)
+			}
+			eventlog.Replay(recs)
+			// Round trip: re-encoding the records parses to the same records.
+			var buf bytes.Buffer
+			for i := range recs {
+				line, err := eventlog.Encode(&recs[i])
+				if err != nil {
+					t.Fatal(err)
+				}
+				buf.Write(line)
+			}
+			again, _, err := eventlog.ParseLines(&buf)
+			if err != nil || len(again) != len(recs) {
+				t.Fatalf("re-encoded log does not parse: %v", err)
+			}
+		}
+	})
+}
