@@ -1,0 +1,269 @@
+package kvm
+
+import (
+	"errors"
+	"fmt"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// userfaultfd API constants from <linux/userfaultfd.h>.
+const (
+	uffdAPI = 0xAA
+
+	// Features for NewUserfaultfd.
+	UffdFeaturePagefaultFlagWP = 1 << 0
+	UffdFeatureMissingShmem    = 1 << 5
+	UffdFeatureThreadID        = 1 << 8
+	UffdFeatureMinorShmem      = 1 << 10
+	UffdFeatureWPHugetlbfsShm  = 1 << 12
+
+	// Registration modes.
+	UffdRegisterMissing = 1 << 0
+	UffdRegisterWP      = 1 << 1
+	UffdRegisterMinor   = 1 << 2
+
+	// Fault flags in UffdFault.Flags.
+	UffdFaultWrite = 1 << 0
+	UffdFaultWP    = 1 << 1
+	UffdFaultMinor = 1 << 2
+
+	uffdEventPagefault = 0x12
+	uffdEventFork      = 0x13
+	uffdEventRemap     = 0x14
+	uffdEventRemove    = 0x15
+	uffdEventUnmap     = 0x16
+
+	uffdCopyModeDontWake = 1 << 0
+	uffdWPModeWP         = 1 << 0
+)
+
+var (
+	ioctlUffdAPI          = uffdIOWR(0x3F, 24)
+	ioctlUffdRegister     = uffdIOWR(0x00, 32)
+	ioctlUffdUnregister   = uffdIOR(0x01, 16)
+	ioctlUffdWake         = uffdIOR(0x02, 16)
+	ioctlUffdCopy         = uffdIOWR(0x03, 40)
+	ioctlUffdWriteProtect = uffdIOWR(0x06, 24)
+	ioctlUffdContinue     = uffdIOWR(0x07, 32)
+)
+
+type uffdMsg struct {
+	Event    uint8
+	_        [7]uint8
+	Flags    uint64
+	Address  uint64
+	ThreadID uint32
+	_        uint32
+}
+
+// UffdFault is one page fault read from a userfaultfd.
+type UffdFault struct {
+	Address  uint64 // host virtual address of the fault (page aligned unless EXACT_ADDRESS)
+	Flags    uint64 // UffdFault* bits
+	ThreadID uint32 // faulting thread, with UffdFeatureThreadID
+}
+
+// Userfaultfd is a userfaultfd object for handling faults on registered host memory,
+// including faults KVM takes on behalf of a guest.
+type Userfaultfd struct {
+	fd       int
+	features uint64
+}
+
+// NewUserfaultfd creates a userfaultfd, non-blocking and close-on-exec, and negotiates
+// the given features; it fails naming the features the kernel lacks.
+func NewUserfaultfd(features uint64) (*Userfaultfd, error) {
+	fd, _, errno := unix.Syscall(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|unix.O_NONBLOCK, 0, 0)
+	if errno != 0 {
+		if errno == unix.EPERM {
+			return nil, fmt.Errorf("userfaultfd: %w (needs CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1)", errno)
+		}
+		return nil, fmt.Errorf("userfaultfd: %w", errno)
+	}
+	api := struct{ API, Features, Ioctls uint64 }{API: uffdAPI, Features: features}
+	if _, err := ioctlPtr(int(fd), "UFFDIO_API", ioctlUffdAPI, unsafe.Pointer(&api)); err != nil {
+		unix.Close(int(fd))
+		return nil, fmt.Errorf("%w (requested features %#x)", err, features)
+	}
+	if api.Features&features != features {
+		unix.Close(int(fd))
+		return nil, fmt.Errorf("userfaultfd: kernel lacks features %#x", features&^api.Features)
+	}
+	return &Userfaultfd{fd: int(fd), features: api.Features}, nil
+}
+
+// FD returns the descriptor, to poll on.
+func (u *Userfaultfd) FD() int { return u.fd }
+
+// Close closes the userfaultfd; threads blocked on its faults are woken with SIGBUS-free
+// retries by the kernel.
+func (u *Userfaultfd) Close() error { return unix.Close(u.fd) }
+
+func rangeOf(mem []byte) (start, length uint64) {
+	return uint64(uintptr(unsafe.Pointer(&mem[0]))), uint64(len(mem))
+}
+
+func checkRange(op string, mem []byte) error {
+	if len(mem) == 0 {
+		return fmt.Errorf("userfaultfd %s: empty range", op)
+	}
+	start, n := rangeOf(mem)
+	ps := uint64(unix.Getpagesize())
+	if start%ps != 0 || n%ps != 0 {
+		return fmt.Errorf("userfaultfd %s: range %#x+%#x is not page aligned", op, start, n)
+	}
+	return nil
+}
+
+// Register registers host memory with the given modes (UffdRegister* bits).
+func (u *Userfaultfd) Register(mem []byte, modes uint64) error {
+	if err := checkRange("register", mem); err != nil {
+		return err
+	}
+	start, n := rangeOf(mem)
+	reg := struct{ Start, Len, Mode, Ioctls uint64 }{start, n, modes, 0}
+	_, err := ioctlPtr(u.fd, fmt.Sprintf("UFFDIO_REGISTER %#x+%#x modes %#x", start, n, modes), ioctlUffdRegister, unsafe.Pointer(&reg))
+	return err
+}
+
+// Unregister removes the registration of host memory.
+func (u *Userfaultfd) Unregister(mem []byte) error {
+	if err := checkRange("unregister", mem); err != nil {
+		return err
+	}
+	start, n := rangeOf(mem)
+	r := struct{ Start, Len uint64 }{start, n}
+	_, err := ioctlPtr(u.fd, "UFFDIO_UNREGISTER", ioctlUffdUnregister, unsafe.Pointer(&r))
+	return err
+}
+
+// ErrNoFault is returned by ReadFault when no fault is pending.
+var ErrNoFault = errors.New("userfaultfd: no fault pending")
+
+// ReadFault reads the next page-fault event without blocking; it returns ErrNoFault when
+// none is pending. Non-fault events (fork, remap, remove, unmap) are skipped.
+func (u *Userfaultfd) ReadFault() (UffdFault, error) {
+	var msg uffdMsg
+	buf := unsafe.Slice((*byte)(unsafe.Pointer(&msg)), unsafe.Sizeof(msg))
+	for {
+		n, err := unix.Read(u.fd, buf)
+		if errors.Is(err, unix.EAGAIN) {
+			return UffdFault{}, ErrNoFault
+		}
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return UffdFault{}, fmt.Errorf("userfaultfd read: %w", err)
+		}
+		if n != len(buf) {
+			return UffdFault{}, fmt.Errorf("userfaultfd read: short message of %d bytes", n)
+		}
+		if msg.Event != uffdEventPagefault {
+			continue
+		}
+		return UffdFault{Address: msg.Address, Flags: msg.Flags, ThreadID: msg.ThreadID}, nil
+	}
+}
+
+// WaitFault blocks until a fault is pending or timeoutMs passes (-1: forever); it
+// reports whether one is pending.
+func (u *Userfaultfd) WaitFault(timeoutMs int) (bool, error) {
+	fds := []unix.PollFd{{Fd: int32(u.fd), Events: unix.POLLIN}}
+	for {
+		n, err := unix.Poll(fds, timeoutMs)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return false, fmt.Errorf("userfaultfd poll: %w", err)
+		}
+		return n > 0 && fds[0].Revents&unix.POLLIN != 0, nil
+	}
+}
+
+// Continue resolves MINOR faults on mem by mapping the page-cache pages already there,
+// and wakes the faulting threads.
+func (u *Userfaultfd) Continue(mem []byte) error {
+	if err := checkRange("continue", mem); err != nil {
+		return err
+	}
+	start, n := rangeOf(mem)
+	c := struct {
+		Start, Len, Mode uint64
+		Mapped           int64
+	}{Start: start, Len: n}
+	_, err := ioctlPtr(u.fd, fmt.Sprintf("UFFDIO_CONTINUE %#x+%#x", start, n), ioctlUffdContinue, unsafe.Pointer(&c))
+	if errors.Is(err, unix.EEXIST) {
+		// Another fault on the same page was resolved first: the page is mapped.
+		return u.Wake(mem)
+	}
+	return err
+}
+
+// Copy resolves MISSING faults on dst by atomically copying src (same length) into it,
+// and wakes the faulting threads.
+func (u *Userfaultfd) Copy(dst, src []byte) error {
+	if err := checkRange("copy", dst); err != nil {
+		return err
+	}
+	if len(src) != len(dst) {
+		return fmt.Errorf("userfaultfd copy: source length %d != destination length %d", len(src), len(dst))
+	}
+	start, n := rangeOf(dst)
+	c := struct {
+		Dst, Src, Len, Mode uint64
+		Copied              int64
+	}{Dst: start, Src: uint64(uintptr(unsafe.Pointer(&src[0]))), Len: n}
+	_, err := ioctlPtr(u.fd, fmt.Sprintf("UFFDIO_COPY %#x+%#x", start, n), ioctlUffdCopy, unsafe.Pointer(&c))
+	if errors.Is(err, unix.EEXIST) {
+		return u.Wake(dst)
+	}
+	return err
+}
+
+// WriteProtect sets (protect=true) or clears write protection on mem registered with
+// UffdRegisterWP. Clearing wakes threads blocked on it.
+func (u *Userfaultfd) WriteProtect(mem []byte, protect bool) error {
+	if err := checkRange("writeprotect", mem); err != nil {
+		return err
+	}
+	start, n := rangeOf(mem)
+	w := struct{ Start, Len, Mode uint64 }{Start: start, Len: n}
+	if protect {
+		w.Mode = uffdWPModeWP
+	}
+	_, err := ioctlPtr(u.fd, fmt.Sprintf("UFFDIO_WRITEPROTECT %#x+%#x wp=%v", start, n, protect), ioctlUffdWriteProtect, unsafe.Pointer(&w))
+	return err
+}
+
+// Wake wakes threads blocked on faults in mem without resolving them (they retry).
+func (u *Userfaultfd) Wake(mem []byte) error {
+	if err := checkRange("wake", mem); err != nil {
+		return err
+	}
+	start, n := rangeOf(mem)
+	r := struct{ Start, Len uint64 }{start, n}
+	_, err := ioctlPtr(u.fd, "UFFDIO_WAKE", ioctlUffdWake, unsafe.Pointer(&r))
+	return err
+}
+
+// CopyWriteProtected is Copy that leaves the new page write-protected
+// (UFFDIO_COPY_MODE_WP), for ranges registered with UffdRegisterWP.
+func (u *Userfaultfd) CopyWriteProtected(dst, src []byte) error {
+	if err := checkRange("copy", dst); err != nil {
+		return err
+	}
+	if len(src) != len(dst) {
+		return fmt.Errorf("userfaultfd copy: source length %d != destination length %d", len(src), len(dst))
+	}
+	start, n := rangeOf(dst)
+	c := struct {
+		Dst, Src, Len, Mode uint64
+		Copied              int64
+	}{Dst: start, Src: uint64(uintptr(unsafe.Pointer(&src[0]))), Len: n, Mode: 1 << 1}
+	_, err := ioctlPtr(u.fd, "UFFDIO_COPY(WP)", ioctlUffdCopy, unsafe.Pointer(&c))
+	return err
+}

@@ -1,0 +1,186 @@
+package kvm
+
+import (
+	"testing"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// serveFaults resolves faults on uffd with resolve until stop is closed, and reports
+// each fault on the returned channel.
+func serveFaults(t *testing.T, u *Userfaultfd, stop <-chan struct{}, resolve func(UffdFault) error) <-chan UffdFault {
+	t.Helper()
+	faults := make(chan UffdFault, 16)
+	go func() {
+		defer close(faults)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			ok, err := u.WaitFault(20)
+			if err != nil {
+				t.Errorf("wait: %v", err)
+				return
+			}
+			if !ok {
+				continue
+			}
+			f, err := u.ReadFault()
+			if err == ErrNoFault {
+				continue
+			}
+			if err != nil {
+				t.Errorf("read fault: %v", err)
+				return
+			}
+			faults <- f
+			if err := resolve(f); err != nil {
+				t.Errorf("resolve fault at %#x: %v", f.Address, err)
+				return
+			}
+		}
+	}()
+	return faults
+}
+
+func pageAt(mem []byte, addr uint64) []byte {
+	base := uint64(uintptr(unsafePointer(mem)))
+	off := (addr - base) &^ 0xfff
+	return mem[off : off+4096]
+}
+
+// TestUffdMinorFaultOnGuestAccess maps one memfd twice, as the monitor does: the guest's
+// slot through one mapping registered for MINOR faults, the monitor through another.
+// Zapping a page from the slot mapping makes the guest's next access fault to us; we
+// change the page through the other mapping and continue.
+func TestUffdMinorFaultOnGuestAccess(t *testing.T) {
+	requireKVM(t)
+	fd, err := unix.MemfdCreate("uffd-minor-test", unix.MFD_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Ftruncate(fd, testMemSize); err != nil {
+		t.Fatal(err)
+	}
+	guestView, err := unix.Mmap(fd, 0, testMemSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(guestView)
+	monitorView, err := unix.Mmap(fd, 0, testMemSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(monitorView)
+
+	u, err := NewUserfaultfd(UffdFeatureMinorShmem)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close()
+	if err := u.Register(guestView, UffdRegisterMinor); err != nil {
+		t.Fatal(err)
+	}
+	v := newRealModeVM(t, guestReadMem, guestView, 0)
+	monitorView[0x2000] = 0x11
+	if err := unix.Madvise(guestView[0x2000:0x3000], unix.MADV_DONTNEED); err != nil {
+		t.Fatal(err)
+	}
+	stop := make(chan struct{})
+	faults := serveFaults(t, u, stop, func(f UffdFault) error {
+		monitorView[0x2000] = 0x99 // the handler rewrites the page before mapping it
+		return u.Continue(pageAt(guestView, f.Address))
+	})
+	out := mustExit[*ExitIO](t, v.run(t))
+	close(stop)
+	var got []UffdFault
+	for f := range faults {
+		got = append(got, f)
+	}
+	if out.Data[0] != 0x99 {
+		t.Fatalf("guest read %#x, want 0x99 written by the fault handler", out.Data[0])
+	}
+	want := uint64(uintptr(unsafePointer(guestView))) + 0x2000
+	if len(got) != 1 || got[0].Address != want || got[0].Flags&UffdFaultMinor == 0 {
+		t.Fatalf("faults = %+v, want one MINOR fault at %#x", got, want)
+	}
+	if err := u.Unregister(guestView); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestUffdMissingAndWriteProtect exercises MISSING faults resolved by COPY and
+// write-protect faults resolved by removing the protection, both raised by the guest.
+func TestUffdMissingAndWriteProtect(t *testing.T) {
+	requireKVM(t)
+	mem, err := unix.Mmap(-1, 0, testMemSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(mem)
+	// Populate everything but page 2, which stays missing.
+	for off := 0; off < testMemSize; off += 4096 {
+		if off != 0x2000 {
+			mem[off] = 0
+		}
+	}
+	u, err := NewUserfaultfd(UffdFeaturePagefaultFlagWP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close()
+	if err := u.Register(mem, UffdRegisterMissing|UffdRegisterWP); err != nil {
+		t.Fatal(err)
+	}
+	v := newRealModeVM(t, guestWriteMem, mem, 0)
+
+	src := make([]byte, 4096)
+	src[0] = 0x33
+	stop := make(chan struct{})
+	faults := serveFaults(t, u, stop, func(f UffdFault) error {
+		if f.Flags&UffdFaultWP != 0 {
+			return u.WriteProtect(pageAt(mem, f.Address), false)
+		}
+		// Copy in the page write-protected, so the guest's store faults again as WP.
+		return u.CopyWriteProtected(pageAt(mem, f.Address), src)
+	})
+	out := mustExit[*ExitIO](t, v.run(t))
+	close(stop)
+	var got []UffdFault
+	for f := range faults {
+		got = append(got, f)
+	}
+	if out.Data[0] != 0x77 {
+		t.Fatalf("guest read back %#x, want its own store 0x77", out.Data[0])
+	}
+	if len(got) < 2 || got[0].Flags&UffdFaultWP != 0 || got[len(got)-1].Flags&UffdFaultWP == 0 {
+		t.Fatalf("faults = %+v, want a MISSING fault then a WP fault", got)
+	}
+	if err := u.Wake(mem[:4096]); err != nil {
+		t.Fatalf("wake: %v", err)
+	}
+}
+
+func TestUffdRejectsBadRanges(t *testing.T) {
+	u, err := NewUserfaultfd(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close()
+	mem := make([]byte, 8192)
+	if err := u.Register(mem[1:4097], UffdRegisterMissing); err == nil {
+		t.Fatal("unaligned range accepted")
+	}
+	if err := u.Register(nil, UffdRegisterMissing); err == nil {
+		t.Fatal("empty range accepted")
+	}
+	if _, err := u.ReadFault(); err != ErrNoFault {
+		t.Fatalf("ReadFault with nothing pending = %v, want ErrNoFault", err)
+	}
+}
+
+func unsafePointer(b []byte) unsafe.Pointer { return unsafe.Pointer(&b[0]) }
