@@ -1,0 +1,496 @@
+package policy
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+	"unicode/utf8"
+)
+
+// Action names a guarded action. The set is closed: an input with any other action
+// is invalid and denied.
+type Action string
+
+// The guarded actions.
+const (
+	ActionLaunch         Action = "launch"
+	ActionResume         Action = "resume"
+	ActionModifySpec     Action = "modify_spec"
+	ActionAttachDevice   Action = "attach_device"
+	ActionConnectNetwork Action = "connect_network"
+	ActionConsoleOpen    Action = "console_open"
+	ActionSnapshotCreate Action = "snapshot_create"
+	ActionSnapshotRevert Action = "snapshot_revert"
+	ActionFileTransfer   Action = "file_transfer"
+	ActionClipboard      Action = "clipboard"
+	ActionMigrate        Action = "migrate"
+	ActionClone          Action = "clone"
+	ActionExport         Action = "export"
+	ActionDelete         Action = "delete"
+	ActionCloakRegister  Action = "cloak_register"
+	ActionPageProtChange Action = "pageprot_change"
+)
+
+// Actions lists every guarded action, in a stable order.
+func Actions() []Action {
+	return []Action{
+		ActionLaunch, ActionResume, ActionModifySpec, ActionAttachDevice,
+		ActionConnectNetwork, ActionConsoleOpen, ActionSnapshotCreate,
+		ActionSnapshotRevert, ActionFileTransfer, ActionClipboard, ActionMigrate,
+		ActionClone, ActionExport, ActionDelete, ActionCloakRegister,
+		ActionPageProtChange,
+	}
+}
+
+// Input is what the monitor hands the policy for one guarded action. Its JSON form
+// is the Rego `input` document and is specified by schema/input.schema.json.
+type Input struct {
+	Action Action `json:"action"`
+	// Now is the trusted time of the decision, from the monitor's clock. The same
+	// instant is the evaluation time, so time.now_ns() in Rego returns it too.
+	Now       time.Time `json:"now"`
+	Principal Principal `json:"principal"`
+	Host      Host      `json:"host"`
+	VM        VM        `json:"vm"`
+	Request   Request   `json:"request"`
+}
+
+// Principal is who asks for the action and how the monitor authenticated them.
+type Principal struct {
+	ID     string   `json:"id"`
+	Groups []string `json:"groups"`
+	// Auth is how the principal was authenticated: "unix-peer" (SO_PEERCRED on the
+	// control socket), "mtls", "token", or "system" (umbra itself, e.g. a recheck).
+	Auth string `json:"auth"`
+}
+
+// Host is the physical host the monitor runs on.
+type Host struct {
+	ID string `json:"id"`
+	// Fingerprint is the lowercase hex SHA-256 of the host's TPM endorsement key,
+	// or empty when the host has no TPM.
+	Fingerprint string `json:"fingerprint"`
+	// Attestation is "verified", "unverified" or "failed".
+	Attestation string `json:"attestation"`
+}
+
+// VM is the VM the action applies to, as the monitor knows it (never as the guest
+// claims it).
+type VM struct {
+	ID       string            `json:"id"`
+	Labels   map[string]string `json:"labels"`
+	Spec     Spec              `json:"spec"`
+	State    string            `json:"state"` // defined, running, suspended, stopped
+	Devices  []Device          `json:"devices"`
+	Networks []Network         `json:"networks"`
+	// FirstLaunchAt is when the VM was first launched, recorded by the monitor;
+	// zero if it never was.
+	FirstLaunchAt time.Time `json:"first_launch_at,omitzero"`
+}
+
+// Spec is the part of a VM spec that policies may restrict.
+type Spec struct {
+	MemoryMiB uint64 `json:"memory_mib"`
+	VCPUs     uint32 `json:"vcpus"`
+	// Image is the SHA-256 (hex) of the guest image.
+	Image string `json:"image"`
+	Cloak bool   `json:"cloak"`
+}
+
+// Device is a virtual device: its type (e.g. "virtio-blk", "serial") and its id in
+// the VM spec.
+type Device struct {
+	Type string `json:"type"`
+	ID   string `json:"id"`
+}
+
+// Network is a network attachment and its mode: "none", "isolated", "nat",
+// "bridged" or "host-only".
+type Network struct {
+	ID   string `json:"id"`
+	Mode string `json:"mode"`
+}
+
+// Request carries what the action wants to do. Which field must be set depends
+// on the action (see Validate and docs/policy.md).
+type Request struct {
+	// Recheck is true when umbra re-evaluates a running VM (action launch).
+	Recheck   bool       `json:"recheck,omitempty"`
+	Spec      *Spec      `json:"spec,omitempty"`
+	Device    *Device    `json:"device,omitempty"`
+	Network   *Network   `json:"network,omitempty"`
+	Console   *Console   `json:"console,omitempty"`
+	Snapshot  *Snapshot  `json:"snapshot,omitempty"`
+	Transfer  *Transfer  `json:"transfer,omitempty"`
+	Clipboard *Clipboard `json:"clipboard,omitempty"`
+	Migration *Migration `json:"migration,omitempty"`
+	Export    *Export    `json:"export,omitempty"`
+	App       *App       `json:"app,omitempty"`
+	Pages     *Pages     `json:"pages,omitempty"`
+}
+
+// Console is a console-open request: "serial" or "graphical".
+type Console struct {
+	Kind string `json:"kind"`
+}
+
+// Snapshot names the snapshot created or reverted to.
+type Snapshot struct {
+	Name string `json:"name"`
+}
+
+// Transfer is a file transfer between host and guest.
+type Transfer struct {
+	Direction string `json:"direction"` // to_guest, from_guest
+	Path      string `json:"path"`
+}
+
+// Clipboard is a clipboard sharing request.
+type Clipboard struct {
+	Direction string `json:"direction"` // to_guest, from_guest
+}
+
+// Migration names the destination host of a migration.
+type Migration struct {
+	TargetHost        string `json:"target_host"`
+	TargetFingerprint string `json:"target_fingerprint"`
+}
+
+// Export is a clone or export destination.
+type Export struct {
+	Destination string `json:"destination"`
+}
+
+// App identifies a guest application by the measurement of its image.
+type App struct {
+	Name string `json:"name"`
+	// Measurement is the lowercase hex SHA-256 of the application image.
+	Measurement string `json:"measurement"`
+}
+
+// Pages is a page-protection change: the guest-physical ranges asked for, the
+// protection wanted, and the ranges the calling app owns (from the monitor's
+// registration records, never from the caller).
+type Pages struct {
+	Prot   string  `json:"prot"` // none, r, rw, rx
+	Ranges []Range `json:"ranges"`
+	Owned  []Range `json:"owned"`
+}
+
+// Range is a guest-physical byte range; Start and Length are multiples of 4096.
+type Range struct {
+	Start  uint64 `json:"start"`
+	Length uint64 `json:"length"`
+}
+
+// Limits on input sizes, so that a hostile caller cannot make evaluation slow.
+const (
+	maxIDLen     = 256
+	maxListLen   = 256
+	maxLabels    = 64
+	maxPathLen   = 4096
+	maxRanges    = 1024
+	pageSize     = 4096
+	sha256HexLen = 64
+)
+
+var (
+	authMethods  = set("unix-peer", "mtls", "token", "system")
+	attestations = set("verified", "unverified", "failed")
+	vmStates     = set("defined", "running", "suspended", "stopped")
+	netModes     = set("none", "isolated", "nat", "bridged", "host-only")
+	consoleKinds = set("serial", "graphical")
+	directions   = set("to_guest", "from_guest")
+	protections  = set("none", "r", "rw", "rx")
+	validActions = func() map[Action]bool {
+		m := map[Action]bool{}
+		for _, a := range Actions() {
+			m[a] = true
+		}
+		return m
+	}()
+)
+
+func set(xs ...string) map[string]bool {
+	m := make(map[string]bool, len(xs))
+	for _, x := range xs {
+		m[x] = true
+	}
+	return m
+}
+
+// Validate checks the input against the schema (schema/input.schema.json). It
+// returns every problem found, joined, each naming the offending field.
+func (in *Input) Validate() error {
+	var errs []error
+	bad := func(field, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("input.%s: %s", field, fmt.Sprintf(format, args...)))
+	}
+	id := func(field, v string, required bool) {
+		switch {
+		case v == "" && required:
+			bad(field, "is required")
+		case len(v) > maxIDLen:
+			bad(field, "longer than %d bytes", maxIDLen)
+		case !printable(v):
+			bad(field, "must be printable UTF-8")
+		}
+	}
+	enum := func(field, v string, allowed map[string]bool) {
+		if !allowed[v] {
+			bad(field, "%q is not one of %s", v, sortedKeys(allowed))
+		}
+	}
+	hexDigest := func(field, v string, required bool) {
+		if v == "" && !required {
+			return
+		}
+		if len(v) != sha256HexLen || !isLowerHex(v) {
+			bad(field, "must be %d lowercase hex digits (a SHA-256)", sha256HexLen)
+		}
+	}
+
+	if !validActions[in.Action] {
+		bad("action", "%q is not a guarded action", in.Action)
+	}
+	if in.Now.IsZero() {
+		bad("now", "is required (the monitor's trusted time)")
+	}
+
+	id("principal.id", in.Principal.ID, true)
+	if len(in.Principal.Groups) > maxListLen {
+		bad("principal.groups", "more than %d groups", maxListLen)
+	}
+	for i, g := range in.Principal.Groups {
+		id(fmt.Sprintf("principal.groups[%d]", i), g, true)
+	}
+	enum("principal.auth", in.Principal.Auth, authMethods)
+
+	id("host.id", in.Host.ID, true)
+	hexDigest("host.fingerprint", in.Host.Fingerprint, false)
+	enum("host.attestation", in.Host.Attestation, attestations)
+
+	id("vm.id", in.VM.ID, true)
+	if len(in.VM.Labels) > maxLabels {
+		bad("vm.labels", "more than %d labels", maxLabels)
+	}
+	for k, v := range in.VM.Labels {
+		id("vm.labels key", k, true)
+		id("vm.labels["+k+"]", v, false)
+	}
+	validateSpec(in.VM.Spec, "vm.spec", bad, hexDigest)
+	enum("vm.state", in.VM.State, vmStates)
+	if len(in.VM.Devices) > maxListLen {
+		bad("vm.devices", "more than %d devices", maxListLen)
+	}
+	for i, d := range in.VM.Devices {
+		id(fmt.Sprintf("vm.devices[%d].type", i), d.Type, true)
+		id(fmt.Sprintf("vm.devices[%d].id", i), d.ID, true)
+	}
+	if len(in.VM.Networks) > maxListLen {
+		bad("vm.networks", "more than %d networks", maxListLen)
+	}
+	for i, n := range in.VM.Networks {
+		id(fmt.Sprintf("vm.networks[%d].id", i), n.ID, true)
+		enum(fmt.Sprintf("vm.networks[%d].mode", i), n.Mode, netModes)
+	}
+
+	r := &in.Request
+	need := func(field string, present bool) {
+		if !present {
+			bad("request."+field, "is required for action %q", in.Action)
+		}
+	}
+	switch in.Action {
+	case ActionModifySpec:
+		need("spec", r.Spec != nil)
+	case ActionAttachDevice:
+		need("device", r.Device != nil)
+	case ActionConnectNetwork:
+		need("network", r.Network != nil)
+	case ActionConsoleOpen:
+		need("console", r.Console != nil)
+	case ActionSnapshotCreate, ActionSnapshotRevert:
+		need("snapshot", r.Snapshot != nil)
+	case ActionFileTransfer:
+		need("transfer", r.Transfer != nil)
+	case ActionClipboard:
+		need("clipboard", r.Clipboard != nil)
+	case ActionMigrate:
+		need("migration", r.Migration != nil)
+	case ActionClone, ActionExport:
+		need("export", r.Export != nil)
+	case ActionCloakRegister:
+		need("app", r.App != nil)
+	case ActionPageProtChange:
+		need("app", r.App != nil)
+		need("pages", r.Pages != nil)
+	}
+	if r.Recheck && in.Action != ActionLaunch {
+		bad("request.recheck", "only valid with action %q", ActionLaunch)
+	}
+	if r.Spec != nil {
+		validateSpec(*r.Spec, "request.spec", bad, hexDigest)
+	}
+	if r.Device != nil {
+		id("request.device.type", r.Device.Type, true)
+		id("request.device.id", r.Device.ID, true)
+	}
+	if r.Network != nil {
+		id("request.network.id", r.Network.ID, true)
+		enum("request.network.mode", r.Network.Mode, netModes)
+	}
+	if r.Console != nil {
+		enum("request.console.kind", r.Console.Kind, consoleKinds)
+	}
+	if r.Snapshot != nil {
+		id("request.snapshot.name", r.Snapshot.Name, true)
+	}
+	if r.Transfer != nil {
+		enum("request.transfer.direction", r.Transfer.Direction, directions)
+		switch {
+		case r.Transfer.Path == "":
+			bad("request.transfer.path", "is required")
+		case len(r.Transfer.Path) > maxPathLen:
+			bad("request.transfer.path", "longer than %d bytes", maxPathLen)
+		case !printable(r.Transfer.Path):
+			bad("request.transfer.path", "must be printable UTF-8")
+		}
+	}
+	if r.Clipboard != nil {
+		enum("request.clipboard.direction", r.Clipboard.Direction, directions)
+	}
+	if r.Migration != nil {
+		id("request.migration.target_host", r.Migration.TargetHost, true)
+		hexDigest("request.migration.target_fingerprint", r.Migration.TargetFingerprint, false)
+	}
+	if r.Export != nil {
+		id("request.export.destination", r.Export.Destination, true)
+	}
+	if r.App != nil {
+		id("request.app.name", r.App.Name, false)
+		hexDigest("request.app.measurement", r.App.Measurement, true)
+	}
+	if r.Pages != nil {
+		enum("request.pages.prot", r.Pages.Prot, protections)
+		if len(r.Pages.Ranges) == 0 {
+			bad("request.pages.ranges", "is required and must not be empty")
+		}
+		validateRanges("request.pages.ranges", r.Pages.Ranges, bad)
+		validateRanges("request.pages.owned", r.Pages.Owned, bad)
+	}
+	return errors.Join(errs...)
+}
+
+func validateSpec(s Spec, field string, bad func(string, string, ...any), hexDigest func(string, string, bool)) {
+	if s.MemoryMiB > 1<<24 {
+		bad(field+".memory_mib", "%d MiB is more than 16 TiB", s.MemoryMiB)
+	}
+	if s.VCPUs > 1024 {
+		bad(field+".vcpus", "%d is more than 1024", s.VCPUs)
+	}
+	hexDigest(field+".image", s.Image, false)
+}
+
+func validateRanges(field string, rs []Range, bad func(string, string, ...any)) {
+	if len(rs) > maxRanges {
+		bad(field, "more than %d ranges", maxRanges)
+		return
+	}
+	for i, r := range rs {
+		f := fmt.Sprintf("%s[%d]", field, i)
+		switch {
+		case r.Length == 0:
+			bad(f, "length must not be zero")
+		case r.Start%pageSize != 0 || r.Length%pageSize != 0:
+			bad(f, "start and length must be multiples of %d", pageSize)
+		case r.Start+r.Length < r.Start:
+			bad(f, "start+length overflows 64 bits")
+		case r.Start+r.Length > 1<<52:
+			bad(f, "ends beyond the 52-bit guest-physical address space")
+		}
+	}
+}
+
+func printable(s string) bool {
+	if !utf8.ValidString(s) {
+		return false
+	}
+	for _, r := range s {
+		if r < 0x20 || r == 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
+func isLowerHex(s string) bool {
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
+			return false
+		}
+	}
+	return true
+}
+
+func sortedKeys(m map[string]bool) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sortStrings(out)
+	return out
+}
+
+// CanonicalJSON is the canonical encoding of the input that the audit digest is
+// computed over: encoding/json of the Input type, which has a fixed field order,
+// sorted map keys and RFC 3339 times in UTC.
+func (in *Input) CanonicalJSON() ([]byte, error) {
+	c := in.normalized()
+	return json.Marshal(&c)
+}
+
+// normalized returns a copy with times in UTC and absent lists and maps as empty
+// ones, so that the JSON and the Rego input never contain null for them.
+func (in *Input) normalized() Input {
+	c := *in
+	c.Now = c.Now.UTC()
+	c.VM.FirstLaunchAt = c.VM.FirstLaunchAt.UTC()
+	if c.Principal.Groups == nil {
+		c.Principal.Groups = []string{}
+	}
+	if c.VM.Labels == nil {
+		c.VM.Labels = map[string]string{}
+	}
+	if c.VM.Devices == nil {
+		c.VM.Devices = []Device{}
+	}
+	if c.VM.Networks == nil {
+		c.VM.Networks = []Network{}
+	}
+	if p := c.Request.Pages; p != nil && (p.Ranges == nil || p.Owned == nil) {
+		cp := *p
+		if cp.Ranges == nil {
+			cp.Ranges = []Range{}
+		}
+		if cp.Owned == nil {
+			cp.Owned = []Range{}
+		}
+		c.Request.Pages = &cp
+	}
+	return c
+}
+
+// Digest returns the lowercase hex SHA-256 of CanonicalJSON.
+func (in *Input) Digest() (string, error) {
+	b, err := in.CanonicalJSON()
+	if err != nil {
+		return "", fmt.Errorf("encode policy input: %w", err)
+	}
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:]), nil
+}

@@ -1,0 +1,60 @@
+# METADATA
+# title: how the VM may be used
+# description: Console, snapshots, file transfer, clipboard, clone and export.
+package umbra.authz
+
+deny contains reason(
+	"console.not_allowed",
+	sprintf("%s console is not allowed for VM %q (allowed: %v)", [input.request.console.kind, input.vm.id, cfg.console]),
+	"usage.rego:console",
+) if {
+	input.action == "console_open"
+	not input.request.console.kind in cfg.console
+}
+
+deny contains reason(
+	"snapshot.not_allowed",
+	sprintf("snapshots may not be created for VM %q", [input.vm.id]),
+	"usage.rego:snapshots",
+) if {
+	input.action == "snapshot_create"
+	not cfg.snapshots.create
+}
+
+deny contains reason(
+	"snapshot.not_allowed",
+	sprintf("VM %q may not be reverted to a snapshot", [input.vm.id]),
+	"usage.rego:snapshots",
+) if {
+	input.action == "snapshot_revert"
+	not cfg.snapshots.revert
+}
+
+deny contains reason(
+	"transfer.not_allowed",
+	sprintf("file transfer %s is not allowed for VM %q", [input.request.transfer.direction, input.vm.id]),
+	"usage.rego:file_transfer",
+) if {
+	input.action == "file_transfer"
+	not input.request.transfer.direction in cfg.file_transfer
+}
+
+deny contains reason(
+	"clipboard.not_allowed",
+	sprintf("clipboard sharing %s is not allowed for VM %q", [input.request.clipboard.direction, input.vm.id]),
+	"usage.rego:clipboard",
+) if {
+	input.action == "clipboard"
+	not input.request.clipboard.direction in cfg.clipboard
+}
+
+deny contains reason(
+	"export.not_allowed",
+	sprintf("VM %q may not be %s", [input.vm.id, {"clone": "cloned", "export": "exported"}[input.action]]),
+	"usage.rego:export",
+) if {
+	input.action in {"clone", "export"}
+	not cfg[input.action]
+}
+
+permitted contains a if some a in {"console_open", "snapshot_create", "snapshot_revert", "file_transfer", "clipboard", "clone", "export"}
