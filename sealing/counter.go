@@ -1,0 +1,326 @@
+package sealing
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
+)
+
+// Rollback counters. Each bundle series owns two NV indices in the owner range
+// 0x01810000-0x0181FFFF, chosen from the SHA-256 of the series name:
+//
+//   - the counter (even handle): a TPM_NT_COUNTER. The TPM only ever increments
+//     it, and a counter defined again after deletion starts above every value
+//     any counter on this TPM ever held (TPM 2.0 Part 1, "NV Counters").
+//   - the anchor (odd handle): 40 bytes, counter value at definition (8 bytes,
+//     big-endian) then the SHA-256 of the series name, write-locked for good with
+//     TPM2_NV_WriteLock right after it is written (TPMA_NV_WRITEDEFINE).
+//
+// The high-water version of a series is counter - anchor. Opening version v
+// above it increments the counter v-hw times.
+
+const (
+	nvRangeBase  = 0x01810000
+	anchorSize   = 8 + sha256.Size
+	maxVersionUp = 4096 // increments allowed per open; bounds time and NV wear
+)
+
+// CounterHandles returns the NV index handles of the series' counter and anchor.
+func CounterHandles(series string) (counter, anchor tpm2.TPMHandle) {
+	h := sha256.Sum256([]byte(series))
+	slot := uint32(binary.BigEndian.Uint16(h[:2])) &^ 1
+	return tpm2.TPMHandle(nvRangeBase + slot), tpm2.TPMHandle(nvRangeBase + slot + 1)
+}
+
+func counterAttrs() tpm2.TPMANV {
+	return tpm2.TPMANV{AuthWrite: true, AuthRead: true, OwnerRead: true, NoDA: true, NT: tpm2.TPMNTCounter}
+}
+
+func anchorAttrs() tpm2.TPMANV {
+	return tpm2.TPMANV{AuthWrite: true, AuthRead: true, OwnerRead: true, NoDA: true, WriteDefine: true, NT: tpm2.TPMNTOrdinary}
+}
+
+// nvIndex is an NV index as read back with NVReadPublic.
+type nvIndex struct {
+	handle tpm2.TPMHandle
+	name   tpm2.TPM2BName
+	pub    tpm2.TPMSNVPublic
+}
+
+// readNV returns the index, or (nil, nil) if it is not defined.
+func readNV(t transport.TPM, h tpm2.TPMHandle) (*nvIndex, error) {
+	rsp, err := tpm2.NVReadPublic{NVIndex: h}.Execute(t)
+	if err != nil {
+		if errors.Is(err, tpm2.TPMRCHandle) {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("%w: NV_ReadPublic %#x: %w", ErrTPM, uint32(h), err)
+	}
+	pub, err := rsp.NVPublic.Contents()
+	if err != nil {
+		return nil, fmt.Errorf("%w: NV_ReadPublic %#x: %w", ErrTPM, uint32(h), err)
+	}
+	return &nvIndex{handle: h, name: rsp.NVName, pub: *pub}, nil
+}
+
+// checkAttrs refuses an index that someone else defined with other attributes
+// (e.g. an ordinary index at the counter's handle that they could rewrite).
+func checkAttrs(ix *nvIndex, want tpm2.TPMANV, size uint16) error {
+	got := ix.pub.Attributes
+	want.Written, want.WriteLocked = got.Written, got.WriteLocked
+	if got != want || ix.pub.NameAlg != tpm2.TPMAlgSHA256 || len(ix.pub.AuthPolicy.Buffer) != 0 || ix.pub.DataSize != size {
+		return fmt.Errorf("%w: NV index %#x exists with attributes %#x (want %#x) or size %d: it was not defined by umbra; an administrator must remove it (tpm2_nvundefine %#x)",
+			ErrTPM, uint32(ix.handle), tpm2.Marshal(got), tpm2.Marshal(want), ix.pub.DataSize, uint32(ix.handle))
+	}
+	return nil
+}
+
+func nvRead(t transport.TPM, ix *nvIndex, size uint16) ([]byte, error) {
+	rsp, err := tpm2.NVRead{
+		AuthHandle: tpm2.AuthHandle{Handle: ix.handle, Name: ix.name, Auth: tpm2.PasswordAuth(nil)},
+		NVIndex:    tpm2.NamedHandle{Handle: ix.handle, Name: ix.name},
+		Size:       size,
+	}.Execute(t)
+	if err != nil {
+		return nil, fmt.Errorf("%w: NV_Read %#x: %w", ErrTPM, uint32(ix.handle), err)
+	}
+	if len(rsp.Data.Buffer) != int(size) {
+		return nil, fmt.Errorf("%w: NV_Read %#x returned %d bytes, want %d", ErrTPM, uint32(ix.handle), len(rsp.Data.Buffer), size)
+	}
+	return rsp.Data.Buffer, nil
+}
+
+// counterState is the state of a series' rollback counter on one TPM.
+type counterState struct {
+	counter, anchor *nvIndex
+	value, base     uint64
+}
+
+// HighWater returns the newest version of the series that this TPM has opened,
+// or 0 if it has opened none.
+func HighWater(t transport.TPM, series string) (uint64, error) {
+	st, err := loadCounter(t, series)
+	if err != nil || st == nil {
+		return 0, err
+	}
+	return st.value - st.base, nil
+}
+
+// loadCounter returns nil, nil if the series has no counter on this TPM.
+func loadCounter(t transport.TPM, series string) (*counterState, error) {
+	ch, ah := CounterHandles(series)
+	ctr, err := readNV(t, ch)
+	if err != nil {
+		return nil, err
+	}
+	anc, err := readNV(t, ah)
+	if err != nil {
+		return nil, err
+	}
+	if ctr == nil && anc == nil {
+		return nil, nil
+	}
+	if ctr == nil || anc == nil || !ctr.pub.Attributes.Written || !anc.pub.Attributes.Written || !anc.pub.Attributes.WriteLocked {
+		return nil, fmt.Errorf("%w: rollback counter of series %q is incomplete (NV %#x/%#x): it was interrupted while being created or partly deleted; an administrator must inspect it with tpm2_nvreadpublic",
+			ErrTPM, series, uint32(ch), uint32(ah))
+	}
+	if err := checkAttrs(ctr, counterAttrs(), 8); err != nil {
+		return nil, err
+	}
+	if err := checkAttrs(anc, anchorAttrs(), anchorSize); err != nil {
+		return nil, err
+	}
+	a, err := nvRead(t, anc, anchorSize)
+	if err != nil {
+		return nil, err
+	}
+	sh := sha256.Sum256([]byte(series))
+	if !bytes.Equal(a[8:], sh[:]) {
+		return nil, fmt.Errorf("%w: NV index %#x belongs to another bundle series whose name hashes to the same slot; rename series %q", ErrTPM, uint32(ah), series)
+	}
+	c, err := nvRead(t, ctr, 8)
+	if err != nil {
+		return nil, err
+	}
+	st := &counterState{counter: ctr, anchor: anc, value: binary.BigEndian.Uint64(c), base: binary.BigEndian.Uint64(a[:8])}
+	if st.value < st.base {
+		return nil, fmt.Errorf("%w: rollback counter of series %q is below its anchor", ErrTPM, series)
+	}
+	return st, nil
+}
+
+func (st *counterState) increment(t transport.TPM) error {
+	if _, err := (tpm2.NVIncrement{
+		AuthHandle: tpm2.AuthHandle{Handle: st.counter.handle, Name: st.counter.name, Auth: tpm2.PasswordAuth(nil)},
+		NVIndex:    tpm2.NamedHandle{Handle: st.counter.handle, Name: st.counter.name},
+	}).Execute(t); err != nil {
+		return fmt.Errorf("%w: NV_Increment %#x: %w", ErrTPM, uint32(st.counter.handle), err)
+	}
+	st.value++
+	// The first increment sets TPMA_NV_WRITTEN and so changes the index name.
+	if !st.counter.pub.Attributes.Written {
+		ix, err := readNV(t, st.counter.handle)
+		if err != nil {
+			return err
+		}
+		if ix == nil {
+			return fmt.Errorf("%w: NV index %#x vanished", ErrTPM, uint32(st.counter.handle))
+		}
+		st.counter = ix
+	}
+	return nil
+}
+
+// createCounter defines the counter and its anchor for a series new to this TPM.
+func createCounter(t transport.TPM, series string) (*counterState, error) {
+	ch, ah := CounterHandles(series)
+	define := func(h tpm2.TPMHandle, attrs tpm2.TPMANV, size uint16) (*nvIndex, error) {
+		if _, err := (tpm2.NVDefineSpace{
+			AuthHandle: tpm2.TPMRHOwner,
+			PublicInfo: tpm2.New2B(tpm2.TPMSNVPublic{NVIndex: h, NameAlg: tpm2.TPMAlgSHA256, Attributes: attrs, DataSize: size}),
+		}).Execute(t); err != nil {
+			return nil, fmt.Errorf("%w: NV_DefineSpace %#x (needs the owner hierarchy with an empty authorization): %w", ErrTPM, uint32(h), err)
+		}
+		return readNV(t, h)
+	}
+	ctr, err := define(ch, counterAttrs(), 8)
+	if err != nil {
+		return nil, err
+	}
+	st := &counterState{counter: ctr}
+	if err := st.increment(t); err != nil {
+		return nil, err
+	}
+	c, err := nvRead(t, st.counter, 8)
+	if err != nil {
+		return nil, err
+	}
+	st.value = binary.BigEndian.Uint64(c)
+	st.base = st.value
+	anc, err := define(ah, anchorAttrs(), anchorSize)
+	if err != nil {
+		return nil, err
+	}
+	data := binary.BigEndian.AppendUint64(nil, st.base)
+	sh := sha256.Sum256([]byte(series))
+	data = append(data, sh[:]...)
+	auth := tpm2.AuthHandle{Handle: ah, Name: anc.name, Auth: tpm2.PasswordAuth(nil)}
+	if _, err := (tpm2.NVWrite{AuthHandle: auth, NVIndex: tpm2.NamedHandle{Handle: ah, Name: anc.name}, Data: tpm2.TPM2BMaxNVBuffer{Buffer: data}}).Execute(t); err != nil {
+		return nil, fmt.Errorf("%w: NV_Write %#x: %w", ErrTPM, uint32(ah), err)
+	}
+	if anc, err = readNV(t, ah); err != nil {
+		return nil, err
+	}
+	auth.Name = anc.name
+	if _, err := (tpm2.NVWriteLock{AuthHandle: auth, NVIndex: tpm2.NamedHandle{Handle: ah, Name: anc.name}}).Execute(t); err != nil {
+		return nil, fmt.Errorf("%w: NV_WriteLock %#x: %w", ErrTPM, uint32(ah), err)
+	}
+	if st.anchor, err = readNV(t, ah); err != nil {
+		return nil, err
+	}
+	return st, nil
+}
+
+// advanceCounter raises the series' high-water version to version. It refuses
+// with ErrRolledBack if the TPM already records a newer version.
+func advanceCounter(t transport.TPM, series string, version uint64) error {
+	st, err := loadCounter(t, series)
+	if err != nil {
+		return err
+	}
+	if st == nil {
+		if st, err = createCounter(t, series); err != nil {
+			return err
+		}
+	}
+	hw := st.value - st.base
+	if version < hw {
+		return fmt.Errorf("%w: series %q version %d, this host has opened version %d", ErrRolledBack, series, version, hw)
+	}
+	if version-hw > maxVersionUp {
+		return fmt.Errorf("%w: series %q jumps from version %d to %d; versions may grow by at most %d per bundle", ErrMalformed, series, hw, version, maxVersionUp)
+	}
+	for ; hw < version; hw++ {
+		if err := st.increment(t); err != nil {
+			return err
+		}
+	}
+	if s, ok := t.(*simTPM); ok {
+		return s.saveCounter(series, version)
+	}
+	return nil
+}
+
+// simTPM is the simulator back end. Its NV memory does not outlive the process,
+// so the high-water versions are kept in a file in the state directory and
+// replayed into fresh NV counters when the simulator is opened. On the
+// simulator, rollback protection is therefore only as strong as that file.
+type simTPM struct {
+	transport.TPMCloser
+	stateDir string
+}
+
+const simCountersFile = "tpm-sim.counters.json"
+
+func (s *simTPM) loadCounters() (map[string]uint64, error) {
+	m := map[string]uint64{}
+	b, err := os.ReadFile(filepath.Join(s.stateDir, simCountersFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return m, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := json.Unmarshal(b, &m); err != nil {
+		return nil, fmt.Errorf("%s: %w (delete it to forget the simulator's rollback counters)", simCountersFile, err)
+	}
+	return m, nil
+}
+
+func (s *simTPM) restoreCounters() error {
+	m, err := s.loadCounters()
+	if err != nil {
+		return err
+	}
+	for series, v := range m {
+		if v > 1<<20 {
+			return fmt.Errorf("%s: series %q at version %d, more than this simulator back end replays (%d)", simCountersFile, series, v, 1<<20)
+		}
+		st, err := createCounter(s.TPMCloser, series)
+		if err != nil {
+			return err
+		}
+		for i := uint64(0); i < v; i++ {
+			if err := st.increment(s.TPMCloser); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func (s *simTPM) saveCounter(series string, version uint64) error {
+	m, err := s.loadCounters()
+	if err != nil {
+		return err
+	}
+	m[series] = version
+	b, err := json.MarshalIndent(m, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := filepath.Join(s.stateDir, simCountersFile+".tmp")
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return fmt.Errorf("save simulator counters: %w", err)
+	}
+	return os.Rename(tmp, filepath.Join(s.stateDir, simCountersFile))
+}

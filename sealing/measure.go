@@ -1,0 +1,186 @@
+package sealing
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
+)
+
+// MonitorPCR is the PCR that holds the umbra monitor measurement: one SHA-256
+// extension per boot, so its value is SHA-256(zero32 || SHA-256(monitor binary)).
+// See docs/sealing.md for why 13.
+const MonitorPCR = 13
+
+// MonitorPCRValue is the value of MonitorPCR after the monitor with the given
+// digest was measured into it on a fresh boot.
+func MonitorPCRValue(monitorDigest [32]byte) [32]byte {
+	var zero [32]byte
+	return sha256.Sum256(append(zero[:], monitorDigest[:]...))
+}
+
+// FileDigest returns the SHA-256 of a file, e.g. the monitor binary.
+func FileDigest(path string) ([32]byte, error) {
+	var d [32]byte
+	f, err := os.Open(path)
+	if err != nil {
+		return d, err
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return d, err
+	}
+	copy(d[:], h.Sum(nil))
+	return d, nil
+}
+
+// SelfDigest returns the SHA-256 of the running executable.
+func SelfDigest() ([32]byte, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return [32]byte{}, err
+	}
+	return FileDigest(exe)
+}
+
+// ReadPCRs reads SHA-256 PCR values.
+func ReadPCRs(t transport.TPM, pcrs ...int) (map[int][32]byte, error) {
+	out := map[int][32]byte{}
+	// PCR_Read returns at most 8 digests per call.
+	for start := 0; start < len(pcrs); start += 8 {
+		end := min(start+8, len(pcrs))
+		sel := make([]uint, 0, 8)
+		for _, p := range pcrs[start:end] {
+			sel = append(sel, uint(p))
+		}
+		rsp, err := tpm2.PCRRead{PCRSelectionIn: tpm2.TPMLPCRSelection{PCRSelections: []tpm2.TPMSPCRSelection{
+			{Hash: tpm2.TPMAlgSHA256, PCRSelect: tpm2.PCClientCompatible.PCRs(sel...)},
+		}}}.Execute(t)
+		if err != nil {
+			return nil, fmt.Errorf("%w: PCR_Read: %w", ErrTPM, err)
+		}
+		if len(rsp.PCRValues.Digests) != end-start {
+			return nil, fmt.Errorf("%w: PCR_Read returned %d values for %d PCRs (is the SHA-256 bank active?)", ErrTPM, len(rsp.PCRValues.Digests), end-start)
+		}
+		// Values come back in ascending PCR order.
+		sorted := append([]int(nil), pcrs[start:end]...)
+		slices.Sort(sorted)
+		for i, p := range sorted {
+			var v [32]byte
+			copy(v[:], rsp.PCRValues.Digests[i].Buffer)
+			out[p] = v
+		}
+	}
+	return out, nil
+}
+
+// MeasureEvent is one line of the measurement log in the state directory.
+type MeasureEvent struct {
+	Time    time.Time `json:"time"`
+	BootID  string    `json:"boot_id"`
+	PCR     int       `json:"pcr"`
+	Digest  string    `json:"sha256"`
+	Comment string    `json:"comment"`
+}
+
+const measureLog = "measurements.jsonl"
+
+// MeasureMonitor makes sure MonitorPCR holds the measurement of the monitor with
+// the given digest, extending it if this is the first measurement since boot.
+// It is meant to run once per boot, as early as possible (docs/sealing.md):
+// the first extension after boot decides the PCR value for the whole boot.
+// If the PCR already holds another value it returns ErrPCRMismatch: a different
+// monitor was measured this boot, or something else uses the PCR.
+func MeasureMonitor(t transport.TPM, digest [32]byte, stateDir, comment string) (extended bool, err error) {
+	cur, err := ReadPCRs(t, MonitorPCR)
+	if err != nil {
+		return false, err
+	}
+	want := MonitorPCRValue(digest)
+	switch cur[MonitorPCR] {
+	case want:
+		return false, nil
+	case [32]byte{}:
+	default:
+		return false, fmt.Errorf("%w: PCR %d is %x, not the measurement %x of monitor %x: %s",
+			ErrPCRMismatch, MonitorPCR, cur[MonitorPCR], want, digest, ExplainMonitorPCR(stateDir, cur[MonitorPCR]))
+	}
+	if _, err := (tpm2.PCRExtend{
+		PCRHandle: tpm2.AuthHandle{Handle: tpm2.TPMHandle(MonitorPCR), Auth: tpm2.PasswordAuth(nil)},
+		Digests:   tpm2.TPMLDigestValues{Digests: []tpm2.TPMTHA{{HashAlg: tpm2.TPMAlgSHA256, Digest: digest[:]}}},
+	}).Execute(t); err != nil {
+		return false, fmt.Errorf("%w: PCR_Extend %d: %w", ErrTPM, MonitorPCR, err)
+	}
+	if stateDir != "" {
+		ev := MeasureEvent{Time: time.Now().UTC(), BootID: bootID(t), PCR: MonitorPCR, Digest: hex.EncodeToString(digest[:]), Comment: comment}
+		if err := appendMeasureLog(stateDir, ev); err != nil {
+			return true, fmt.Errorf("PCR %d extended but the measurement log was not written: %w", MonitorPCR, err)
+		}
+	}
+	return true, nil
+}
+
+func bootID(t transport.TPM) string {
+	if IsSimulator(t) {
+		return "simulator-process"
+	}
+	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		return "unknown"
+	}
+	return strings.TrimSpace(string(b))
+}
+
+func appendMeasureLog(stateDir string, ev MeasureEvent) error {
+	if err := os.MkdirAll(stateDir, 0o700); err != nil {
+		return err
+	}
+	f, err := os.OpenFile(filepath.Join(stateDir, measureLog), os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	if err != nil {
+		return err
+	}
+	b, _ := json.Marshal(ev)
+	if _, err := f.Write(append(b, '\n')); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+// ExplainMonitorPCR says, from the measurement log, which monitor produced the
+// PCR value, if the log knows.
+func ExplainMonitorPCR(stateDir string, value [32]byte) string {
+	if value == ([32]byte{}) {
+		return "no monitor has been measured since boot (run `umbra tpm measure` at boot)"
+	}
+	b, err := os.ReadFile(filepath.Join(stateDir, measureLog))
+	if err != nil || stateDir == "" {
+		return "the measurement log has no record of this value"
+	}
+	lines := bytes.Split(b, []byte("\n"))
+	for i := len(lines) - 1; i >= 0; i-- {
+		var ev MeasureEvent
+		if json.Unmarshal(lines[i], &ev) != nil || ev.PCR != MonitorPCR {
+			continue
+		}
+		d, err := hex.DecodeString(ev.Digest)
+		if err != nil || len(d) != 32 {
+			continue
+		}
+		if MonitorPCRValue([32]byte(d)) == value {
+			return fmt.Sprintf("it is the measurement of monitor %s, logged at %s (%s)", ev.Digest, ev.Time.Format(time.RFC3339), ev.Comment)
+		}
+	}
+	return "the measurement log has no record of this value (the PCR was extended by something other than umbra, or more than once)"
+}
