@@ -1,0 +1,402 @@
+package monitor
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"runtime"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/umbra-cc/umbra/kvm"
+)
+
+// Config describes one VM run.
+type Config struct {
+	Image      []byte    // guest image, an ELF64 x86-64 executable (docs/boot.md)
+	MemorySize uint64    // bytes of guest RAM; DefaultMemorySize if zero
+	Cmdline    string    // guest command line
+	Console    io.Writer // receives serial output and CONSOLE_WRITE hypercalls; discarded if nil
+	// Timeout bounds the run's wall-clock time; DefaultTimeout if zero, none if negative.
+	Timeout time.Duration
+	// MaxExits bounds the number of vCPU exits, a deterministic budget that stops a
+	// guest spinning through exits; unlimited if zero.
+	MaxExits uint64
+	Logger   *slog.Logger // nil: discard
+	// KVMDevice overrides /dev/kvm.
+	KVMDevice string
+}
+
+// Defaults for Config.
+const (
+	DefaultMemorySize = 64 << 20
+	DefaultTimeout    = 60 * time.Second
+)
+
+// Counters are what a run did, for results, logs and benchmarks.
+type Counters struct {
+	Exits              uint64 `json:"exits"`
+	IOExits            uint64 `json:"io_exits"`
+	MMIOExits          uint64 `json:"mmio_exits"`
+	Hypercalls         uint64 `json:"hypercalls"`
+	ConsoleBytes       uint64 `json:"console_bytes"`
+	DoorbellViolations uint64 `json:"doorbell_violations"`
+	UnhandledIO        uint64 `json:"unhandled_io"`
+	Interrupts         uint64 `json:"interrupted"`
+}
+
+// Result is how a run ended.
+type Result struct {
+	ExitStatus int           `json:"exit_status"` // from the EXIT hypercall
+	Reason     string        `json:"reason"`
+	Duration   time.Duration `json:"duration_ns"`
+	Counters   Counters      `json:"counters"`
+}
+
+// ErrTimeout is wrapped by the error of a run that exceeded its wall-clock time.
+var ErrTimeout = errors.New("guest exceeded its wall-clock time limit")
+
+// ErrExitBudget is wrapped by the error of a run that exceeded its exit budget.
+var ErrExitBudget = errors.New("guest exceeded its exit budget")
+
+// ErrInterrupted is wrapped by the error of a run stopped by its context.
+var ErrInterrupted = errors.New("run interrupted")
+
+// CrashError reports a guest that stopped in a way it did not ask for (triple fault,
+// KVM internal error, an exit the monitor cannot handle), with its registers.
+type CrashError struct {
+	Reason string
+	Regs   kvm.Regs
+	Sregs  kvm.Sregs
+}
+
+func (e *CrashError) Error() string {
+	return "guest crashed: " + e.Reason + "\n" + RegisterDump(&e.Regs, &e.Sregs)
+}
+
+// RegisterDump formats registers the way a crash report shows them.
+func RegisterDump(r *kvm.Regs, s *kvm.Sregs) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "  rip %016x rsp %016x rflags %016x cpl %d\n", r.RIP, r.RSP, r.RFLAGS, s.CPL())
+	fmt.Fprintf(&b, "  rax %016x rbx %016x rcx %016x rdx %016x\n", r.RAX, r.RBX, r.RCX, r.RDX)
+	fmt.Fprintf(&b, "  rsi %016x rdi %016x rbp %016x r8  %016x\n", r.RSI, r.RDI, r.RBP, r.R8)
+	fmt.Fprintf(&b, "  r9  %016x r10 %016x r11 %016x r12 %016x\n", r.R9, r.R10, r.R11, r.R12)
+	fmt.Fprintf(&b, "  r13 %016x r14 %016x r15 %016x\n", r.R13, r.R14, r.R15)
+	fmt.Fprintf(&b, "  cr0 %016x cr2 %016x cr3 %016x cr4 %016x efer %x\n", s.CR0, s.CR2, s.CR3, s.CR4, s.EFER)
+	fmt.Fprintf(&b, "  cs %04x ss %04x gdt %x/%x idt %x/%x", s.CS.Selector, s.SS.Selector, s.GDT.Base, s.GDT.Limit, s.IDT.Base, s.IDT.Limit)
+	return b.String()
+}
+
+// VM is one protected guest under the monitor.
+type VM struct {
+	cfg     Config
+	log     *slog.Logger
+	sys     *kvm.System
+	kvm     *kvm.VM
+	cpu     *kvm.VCPU
+	mem     *GuestMemory
+	image   Image
+	serial  serial16550
+	counter Counters
+
+	stopReason atomic.Pointer[error]
+}
+
+// New creates the VM: guest memory, the KVM VM with its in-kernel irqchip, vCPU 0, the
+// loaded image and the boot state. Nothing runs until Run.
+func New(cfg Config) (_ *VM, err error) {
+	if cfg.MemorySize == 0 {
+		cfg.MemorySize = DefaultMemorySize
+	}
+	if cfg.MemorySize < minGuestRAM || cfg.MemorySize > maxGuestRAM || cfg.MemorySize%PageSize != 0 {
+		return nil, fmt.Errorf("guest memory size %d bytes: must be a multiple of 4 KiB between %d MiB and %d GiB", cfg.MemorySize, minGuestRAM>>20, maxGuestRAM>>30)
+	}
+	if len(cfg.Image) == 0 {
+		return nil, errors.New("no guest image given")
+	}
+	if cfg.Timeout == 0 {
+		cfg.Timeout = DefaultTimeout
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	v := &VM{cfg: cfg, log: log}
+	v.serial.out = cfg.Console
+	defer func() {
+		if err != nil {
+			v.Close()
+		}
+	}()
+	if v.sys, err = kvm.Open(cfg.KVMDevice); err != nil {
+		return nil, err
+	}
+	if err = v.sys.Require(kvm.CapUserMemory, kvm.CapIRQChip, kvm.CapSyncRegs, kvm.CapImmediateExit, kvm.CapGetTSCKHz, kvm.CapExtCPUID); err != nil {
+		return nil, err
+	}
+	if v.mem, err = NewGuestMemory(cfg.MemorySize); err != nil {
+		return nil, err
+	}
+	if v.image, err = LoadELF(v.mem, cfg.Image); err != nil {
+		return nil, fmt.Errorf("load guest image: %w", err)
+	}
+	if v.kvm, err = v.sys.CreateVM(); err != nil {
+		return nil, err
+	}
+	if err = v.kvm.SetTSSAddr(0xfffbd000); err != nil {
+		return nil, err
+	}
+	if err = v.kvm.CreateIRQChip(); err != nil {
+		return nil, err
+	}
+	sysView, err := v.mem.View("sys")
+	if err != nil {
+		return nil, err
+	}
+	if err = v.kvm.SetMemoryRegion(kvm.MemoryRegion{Slot: 0, GuestPhys: 0, Host: sysView}); err != nil {
+		return nil, fmt.Errorf("map guest RAM into the VM: %w", err)
+	}
+	if v.cpu, err = v.kvm.CreateVCPU(0); err != nil {
+		return nil, err
+	}
+	cpuid, err := v.sys.SupportedCPUID()
+	if err != nil {
+		return nil, err
+	}
+	if err = v.cpu.SetCPUID(cpuid); err != nil {
+		return nil, err
+	}
+	tsc, err := v.cpu.TSCKHz()
+	if err != nil {
+		return nil, err
+	}
+	if err = writeBootState(v.mem, bootParams{image: v.image, cmdline: cfg.Cmdline, tscKHz: tsc, doorbell: DoorbellGPA}); err != nil {
+		return nil, err
+	}
+	if err = setBootCPUState(v.cpu, v.image.Entry); err != nil {
+		return nil, err
+	}
+	v.cpu.EnableSyncRegs(kvm.SyncRegs | kvm.SyncSregs)
+	return v, nil
+}
+
+// Memory returns guest RAM.
+func (v *VM) Memory() *GuestMemory { return v.mem }
+
+// Close releases the vCPU, the VM and guest memory.
+func (v *VM) Close() error {
+	var errs []error
+	if v.cpu != nil {
+		errs = append(errs, v.cpu.Close())
+		v.cpu = nil
+	}
+	if v.kvm != nil {
+		errs = append(errs, v.kvm.Close())
+		v.kvm = nil
+	}
+	if v.mem != nil {
+		errs = append(errs, v.mem.Close())
+		v.mem = nil
+	}
+	if v.sys != nil {
+		errs = append(errs, v.sys.Close())
+		v.sys = nil
+	}
+	return errors.Join(errs...)
+}
+
+// Stop makes a running Run return with err (wrapped); safe from any goroutine.
+func (v *VM) Stop(err error) {
+	v.stopReason.CompareAndSwap(nil, &err)
+	v.cpu.Kick()
+}
+
+// Run runs the guest until it exits, crashes, or exceeds its limits. The result is
+// returned in every case where the guest ran; err says why a run did not end with the
+// guest's own EXIT call.
+func (v *VM) Run(ctx context.Context) (*Result, error) {
+	start := time.Now()
+	res := &Result{ExitStatus: -1}
+	finish := func(err error) (*Result, error) {
+		res.Duration = time.Since(start)
+		res.Counters = v.counter
+		if err != nil && res.Reason == "" {
+			res.Reason = err.Error()
+		}
+		return res, err
+	}
+	runCtx := ctx
+	if v.cfg.Timeout > 0 {
+		var cancel context.CancelFunc
+		runCtx, cancel = context.WithTimeoutCause(ctx, v.cfg.Timeout, ErrTimeout)
+		defer cancel()
+	}
+	// The watchdog kicks the vCPU when the context ends; Run waits for it so a late
+	// kick never touches a closed vCPU.
+	watchDone := make(chan struct{})
+	watchExited := make(chan struct{})
+	defer func() {
+		close(watchDone)
+		<-watchExited
+	}()
+	go func() {
+		defer close(watchExited)
+		select {
+		case <-runCtx.Done():
+			v.cpu.Kick()
+		case <-watchDone:
+		}
+	}()
+
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	for {
+		exit, err := v.cpu.Run()
+		if err != nil {
+			return finish(v.crash(err.Error()))
+		}
+		v.counter.Exits++
+		if v.cfg.MaxExits > 0 && v.counter.Exits > v.cfg.MaxExits {
+			return finish(fmt.Errorf("%w (%d exits)", ErrExitBudget, v.cfg.MaxExits))
+		}
+		st, err := v.handleExit(runCtx, exit)
+		if err != nil {
+			return finish(err)
+		}
+		if st != nil {
+			res.ExitStatus = st.status
+			res.Reason = fmt.Sprintf("guest exited with status %d", st.status)
+			return finish(nil)
+		}
+	}
+}
+
+// handleExit handles one vCPU exit: it returns a non-nil guestExit when the guest asked
+// to stop, and an error when the run must end otherwise.
+func (v *VM) handleExit(runCtx context.Context, exit kvm.Exit) (*guestExit, error) {
+	switch e := exit.(type) {
+	case *kvm.ExitMMIO:
+		v.counter.MMIOExits++
+		return v.handleMMIO(e)
+	case *kvm.ExitIO:
+		v.counter.IOExits++
+		v.handleIO(e)
+		return nil, nil
+	case *kvm.ExitInterrupted:
+		v.counter.Interrupts++
+		if p := v.stopReason.Load(); p != nil {
+			return nil, fmt.Errorf("%w: %w", ErrInterrupted, *p)
+		}
+		if runCtx.Err() != nil {
+			if errors.Is(context.Cause(runCtx), ErrTimeout) {
+				return nil, fmt.Errorf("%w (%v); %s", ErrTimeout, v.cfg.Timeout, v.where())
+			}
+			return nil, fmt.Errorf("%w: %w", ErrInterrupted, context.Cause(runCtx))
+		}
+		return nil, nil
+	case *kvm.ExitShutdown:
+		return nil, v.crash("triple fault (the guest took an exception it could not deliver)")
+	case *kvm.ExitHLT:
+		return nil, v.crash("halted with no interrupt controller to wake it")
+	default:
+		return nil, v.crash(exit.String())
+	}
+}
+
+// where describes the vCPU's position for timeout messages.
+func (v *VM) where() string {
+	r, err1 := v.cpu.Regs()
+	s, err2 := v.cpu.Sregs()
+	if err1 != nil || err2 != nil {
+		return "registers unavailable"
+	}
+	return "guest was at rip " + fmt.Sprintf("%#x cpl %d", r.RIP, s.CPL())
+}
+
+func (v *VM) crash(reason string) error {
+	e := &CrashError{Reason: reason}
+	if r, err := v.cpu.Regs(); err == nil {
+		e.Regs = r
+	}
+	if s, err := v.cpu.Sregs(); err == nil {
+		e.Sregs = s
+	}
+	return e
+}
+
+func (v *VM) handleIO(e *kvm.ExitIO) {
+	for i := 0; i < e.Count; i++ {
+		for b := 0; b < e.Size; b++ {
+			port := e.Port + uint16(b)
+			idx := i*e.Size + b
+			if !v.serial.handles(port) {
+				v.counter.UnhandledIO++
+				if e.In {
+					e.Data[idx] = 0xff // nothing there, as on a real bus
+				}
+				continue
+			}
+			if e.In {
+				e.Data[idx] = v.serial.in8(port)
+			} else {
+				v.serial.out8(port, e.Data[idx])
+			}
+		}
+	}
+}
+
+func (v *VM) handleMMIO(e *kvm.ExitMMIO) (*guestExit, error) {
+	if e.Addr < DoorbellGPA || e.Addr >= DoorbellGPA+PageSize {
+		return nil, v.crash(fmt.Sprintf("access to unmapped guest-physical address (%v)", e))
+	}
+	regs, sregs := v.cpu.SyncedRegs(), v.cpu.SyncedSregs()
+	call, err := decodeDoorbell(e.Addr-DoorbellGPA, e.Len, e.IsWrite, regs, sregs)
+	if err != nil {
+		v.counter.DoorbellViolations++
+		if sregs.CPL() == 0 {
+			return nil, fmt.Errorf("guest kernel: %w", err)
+		}
+		v.log.Warn("discarded doorbell protocol violation from user mode", "err", err)
+		if !e.IsWrite {
+			e.SetReadData(negErrno(errnoEINVAL))
+		}
+		return nil, nil
+	}
+	v.counter.Hypercalls++
+	ret, exit := dispatchCore(call, vcpuVirtReader{v}, v.cfg.Console, &v.counter)
+	e.SetReadData(ret)
+	return exit, nil
+}
+
+// vcpuVirtReader reads guest-virtual memory through KVM's translation of the vCPU's
+// current page tables.
+type vcpuVirtReader struct{ v *VM }
+
+func (r vcpuVirtReader) readVirt(gva uint64, buf []byte, user bool) error {
+	for len(buf) > 0 {
+		t, err := r.v.cpu.Translate(gva)
+		if err != nil || !t.Valid || (user && !t.User) {
+			return fmt.Errorf("%w at %#x", errGuestFault, gva)
+		}
+		n := min(uint64(len(buf)), PageSize-gva%PageSize)
+		if err := r.v.mem.ReadPhys(t.Physical, buf[:n]); err != nil {
+			return fmt.Errorf("%w at %#x: %w", errGuestFault, gva, err)
+		}
+		buf = buf[n:]
+		gva += n
+	}
+	return nil
+}
+
+// Run creates a VM from cfg, runs it and releases it.
+func Run(ctx context.Context, cfg Config) (*Result, error) {
+	v, err := New(cfg)
+	if err != nil {
+		return nil, err
+	}
+	defer v.Close()
+	return v.Run(ctx)
+}
