@@ -339,11 +339,15 @@ func ParseAdminPrivatePEM(data []byte) (*ecdsa.PrivateKey, error) {
 // host opens. It must be writable by root only (docs/sealing.md).
 func TrustedAdminsDir(stateDir string) string { return filepath.Join(stateDir, "trusted-admins") }
 
-// LoadTrustedAdmins reads every *.pem in TrustedAdminsDir(stateDir).
+// LoadTrustedAdmins reads every *.pem and *.pub in TrustedAdminsDir(stateDir).
 func LoadTrustedAdmins(stateDir string) ([]*ecdsa.PublicKey, error) {
-	files, err := filepath.Glob(filepath.Join(TrustedAdminsDir(stateDir), "*.pem"))
-	if err != nil {
-		return nil, err
+	var files []string
+	for _, pat := range []string{"*.pem", "*.pub"} {
+		m, err := filepath.Glob(filepath.Join(TrustedAdminsDir(stateDir), pat))
+		if err != nil {
+			return nil, err
+		}
+		files = append(files, m...)
 	}
 	var out []*ecdsa.PublicKey
 	for _, f := range files {

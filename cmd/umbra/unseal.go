@@ -1,0 +1,84 @@
+package main
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/umbra-cc/umbra/sealing"
+)
+
+func init() {
+	register(&command{name: "unseal", summary: "explain whether and why this host can open a VM bundle (unseal --check)", run: runUnseal})
+}
+
+func runUnseal(ctx context.Context, env *cliEnv, args []string) int {
+	fs := newFlagSet(env, "unseal", "--check BUNDLE", `Run every check 'umbra run' makes before opening a sealed VM bundle (format,
+administrator signature, host, rollback, monitor approval, TPM unseal, decryption),
+in memory, and print each outcome. Nothing is started, nothing is written, and the
+rollback counter is left alone. Exit status 0 if the bundle would open, 1 if not.`)
+	tf := addTPMFlags(fs)
+	check := fs.Bool("check", false, "check only (required: umbra never writes a bundle's plaintext out)")
+	noMeasure := fs.Bool("no-measure", false, "do not measure this umbra binary into PCR 13 first (it is a no-op if it was measured this boot)")
+	var admins multiFlag
+	fs.Var(&admins, "admin-pub", "trusted administrator public key PEM (repeatable; default: STATE/trusted-admins/*.pem)")
+	if code, done := parseFlags(env, fs, args); done {
+		return code
+	}
+	if !*check || fs.NArg() != 1 {
+		fmt.Fprintln(env.stderr, "Usage: umbra unseal --check BUNDLE (use 'umbra run BUNDLE' to open and run it)")
+		return 2
+	}
+	data, err := readFile(fs.Arg(0), sealing.MaxCiphertextSize+sealing.MaxHeaderSize+1024)
+	if err != nil {
+		return fail(env, err)
+	}
+	t, dir, err := tf.open(env)
+	if err != nil {
+		return fail(env, err)
+	}
+	defer t.Close()
+	opts := sealing.OpenOptions{StateDir: dir}
+	if len(admins) > 0 {
+		for _, p := range admins {
+			b, err := readFile(p, 1<<16)
+			if err != nil {
+				return fail(env, err)
+			}
+			k, err := sealing.ParseAdminPublicPEM(b)
+			if err != nil {
+				return fail(env, fmt.Errorf("%s: %w", p, err))
+			}
+			opts.TrustedAdmins = append(opts.TrustedAdmins, k)
+		}
+	} else if opts.TrustedAdmins, err = sealing.LoadTrustedAdmins(dir); err != nil {
+		return fail(env, err)
+	}
+	if opts.Approvals, err = sealing.LoadApprovals(dir); err != nil {
+		return fail(env, err)
+	}
+	if !*noMeasure {
+		// Idempotent within a boot; on the simulator every process is a new boot.
+		d, err := sealing.SelfDigest()
+		if err == nil {
+			_, err = sealing.MeasureMonitor(t, d, dir, "umbra unseal --check")
+		}
+		if err != nil {
+			fmt.Fprintf(env.stderr, "umbra: measuring this monitor: %v\n", err)
+		}
+	}
+	rep, err := sealing.CheckBundle(ctx, t, data, opts)
+	for _, s := range rep.Steps {
+		mark := "ok  "
+		if !s.OK {
+			mark = "FAIL"
+		}
+		fmt.Fprintf(env.stdout, "%s %-24s %s\n", mark, s.Check, s.Detail)
+	}
+	if err != nil {
+		fmt.Fprintf(env.stdout, "bundle %s does NOT open on this host\n", fs.Arg(0))
+		return 1
+	}
+	h := rep.Header
+	fmt.Fprintf(env.stdout, "bundle %s opens on this host: series %q version %d\n", fs.Arg(0), h.Series, h.Version)
+	return 0
+}
