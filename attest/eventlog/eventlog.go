@@ -8,9 +8,12 @@
 //	 "content_type":"umbra","content":{"type":"monitor","description":"/usr/bin/umbra"}}
 //
 // recnum, pcr, digests and content_type are the CEL fields; "umbra" is umbra's own
-// content type, whose content names the measurement type, a human description and,
-// for small measurements, the measured data itself (base64), which then must hash to
-// the digest. Only the SHA-256 bank is measured.
+// content type, whose content names the measurement type, a human description, the
+// measured value (SHA-256 of the measured object) and, for small measurements, the
+// measured data itself (base64), which then must hash to the value. Like IMA's
+// template hash, the digest extended into the PCR binds all of them (EventDigest), so
+// editing any field of an entry breaks the replay.
+// Only the SHA-256 bank is measured.
 package eventlog
 
 import (
@@ -64,7 +67,32 @@ type Digest struct {
 type Content struct {
 	Type        string `json:"type"`
 	Description string `json:"description,omitempty"`
+	Value       string `json:"value"` // hex SHA-256 of the measured object
 	Data        []byte `json:"data,omitempty"`
+}
+
+// EventDigest is the digest umbra extends into the PCR for one event:
+// SHA-256("umbra-event-v1" 0x00 || len(type) u16be || type || len(description) u32be
+// || description || value), where value is the 32-byte measured SHA-256.
+func EventDigest(typ, description string, value []byte) []byte {
+	h := sha256.New()
+	h.Write([]byte("umbra-event-v1\x00"))
+	h.Write([]byte{byte(len(typ) >> 8), byte(len(typ))})
+	h.Write([]byte(typ))
+	n := len(description)
+	h.Write([]byte{byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n)})
+	h.Write([]byte(description))
+	h.Write(value)
+	return h.Sum(nil)
+}
+
+// MeasuredValue returns the measured SHA-256 (content.value); valid after Validate.
+func (r *Record) MeasuredValue() []byte {
+	b, err := hex.DecodeString(r.Content.Value)
+	if err != nil || len(b) != sha256.Size {
+		return nil
+	}
+	return b
 }
 
 // Record is one CEL-JSON record.
@@ -76,7 +104,7 @@ type Record struct {
 	Content     Content  `json:"content"`
 }
 
-// SHA256 returns the record's SHA-256 digest; it is valid only after Validate.
+// SHA256 returns the digest extended into the PCR; it is valid only after Validate.
 func (r *Record) SHA256() []byte {
 	for _, d := range r.Digests {
 		if d.HashAlg == HashAlg {
@@ -114,11 +142,18 @@ func (r *Record) Validate() error {
 	if len(r.Content.Data) > MaxDataBytes {
 		return fmt.Errorf("record %d: data longer than %d bytes", r.RecNum, MaxDataBytes)
 	}
+	v := r.MeasuredValue()
+	if v == nil {
+		return fmt.Errorf("record %d: content.value is not %d bytes of hex", r.RecNum, sha256.Size)
+	}
 	if r.Content.Data != nil {
 		sum := sha256.Sum256(r.Content.Data)
-		if !bytes.Equal(sum[:], d) {
-			return fmt.Errorf("record %d (%s): data does not hash to the recorded digest: the entry was edited", r.RecNum, r.Content.Type)
+		if !bytes.Equal(sum[:], v) {
+			return fmt.Errorf("record %d (%s): data does not hash to the recorded value: the entry was edited", r.RecNum, r.Content.Type)
 		}
+	}
+	if !bytes.Equal(EventDigest(r.Content.Type, r.Content.Description, v), d) {
+		return fmt.Errorf("record %d (%s): the digest does not bind the entry's type, description and value: the entry was edited", r.RecNum, r.Content.Type)
 	}
 	return nil
 }

@@ -121,9 +121,8 @@ func TestOpenAfterHostReset(t *testing.T) {
 	// A log left from before a reset: PCR 15 is still zero on this fresh TPM.
 	var buf bytes.Buffer
 	for i, ev := range launchEvents()[:2] {
-		d := ev.Digest
-		line, _ := eventlog.Encode(&eventlog.Record{RecNum: uint64(i), PCR: 15, ContentType: "umbra",
-			Digests: []eventlog.Digest{{HashAlg: "sha256", Digest: hexs(d)}}, Content: eventlog.Content{Type: ev.Type}})
+		rec := mkRecord(i, ev.Type, ev.Description, ev.Digest, nil)
+		line, _ := eventlog.Encode(&rec)
 		buf.Write(line)
 	}
 	os.WriteFile(path, buf.Bytes(), 0o600)
@@ -141,6 +140,21 @@ func TestOpenAfterHostReset(t *testing.T) {
 	}
 }
 
+func mkRecord(i int, typ, desc string, value, data []byte) eventlog.Record {
+	if data != nil {
+		s := sha256.Sum256(data)
+		value = s[:]
+	}
+	return eventlog.Record{RecNum: uint64(i), PCR: 15, ContentType: "umbra",
+		Digests: []eventlog.Digest{{HashAlg: "sha256", Digest: hexs(eventlog.EventDigest(typ, desc, value))}},
+		Content: eventlog.Content{Type: typ, Description: desc, Value: hexs(value), Data: data}}
+}
+
+func line(r eventlog.Record) string {
+	b, _ := eventlog.Encode(&r)
+	return strings.TrimSuffix(string(b), "\n")
+}
+
 func hexs(b []byte) string {
 	const h = "0123456789abcdef"
 	var sb strings.Builder
@@ -152,17 +166,20 @@ func hexs(b []byte) string {
 }
 
 func TestParseLinesRejects(t *testing.T) {
-	good := `{"recnum":0,"pcr":15,"digests":[{"hashAlg":"sha256","digest":"` + strings.Repeat("ab", 32) + `"}],"content_type":"umbra","content":{"type":"monitor"}}`
-	data := []byte("console=ttyS0")
-	sum := sha256.Sum256(data)
-	withData := `{"recnum":0,"pcr":15,"digests":[{"hashAlg":"sha256","digest":"` + hexs(sum[:]) + `"}],"content_type":"umbra","content":{"type":"cmdline","data":"Y29uc29sZT10dHlTMQ=="}}`
+	good := line(mkRecord(0, "monitor", "/usr/bin/umbra", bytes.Repeat([]byte{0xab}, 32), nil))
+	withData := line(mkRecord(0, "cmdline", "", nil, []byte("console=ttyS0")))
+	digest := hexs(eventlog.EventDigest("monitor", "/usr/bin/umbra", bytes.Repeat([]byte{0xab}, 32)))
 	tests := []struct {
 		name, in, want string
 	}{
-		{"edited data", withData + "\n", "data does not hash"},
+		{"edited data", strings.Replace(withData, "Y29uc29sZT10dHlTMA==", "Y29uc29sZT10dHlTMQ==", 1) + "\n", "data does not hash"},
+		{"edited description", strings.Replace(good, "/usr/bin/umbra", "/usr/bin/other", 1) + "\n", "does not bind"},
+		{"edited type", strings.Replace(good, `"monitor"`, `"guest-image"`, 1) + "\n", "does not bind"},
+		{"edited value", strings.Replace(good, strings.Repeat("ab", 32), strings.Repeat("cd", 32), 1) + "\n", "does not bind"},
 		{"gap", strings.Replace(good, `"recnum":0`, `"recnum":1`, 1) + "\n", "removed, inserted or reordered"},
 		{"bad pcr", strings.Replace(good, `"pcr":15`, `"pcr":99`, 1) + "\n", "out of range"},
-		{"short digest", strings.Replace(good, strings.Repeat("ab", 32), "abcd", 1) + "\n", "digest is not"},
+		{"short digest", strings.Replace(good, digest, "abcd", 1) + "\n", "digest is not"},
+		{"short value", strings.Replace(good, strings.Repeat("ab", 32), "abcd", 1) + "\n", "content.value"},
 		{"sha1", strings.Replace(good, "sha256", "sha1", 1) + "\n", "sha256 digest"},
 		{"content type", strings.Replace(good, `"umbra"`, `"pcclient_std"`, 1) + "\n", "content_type"},
 		{"unknown field", strings.Replace(good, `"pcr":15`, `"pcr":15,"x":1`, 1) + "\n", "unknown field"},
@@ -186,7 +203,7 @@ func TestParseLinesRejects(t *testing.T) {
 }
 
 func FuzzParseLines(f *testing.F) {
-	f.Add([]byte(`{"recnum":0,"pcr":15,"digests":[{"hashAlg":"sha256","digest":"` + strings.Repeat("ab", 32) + `"}],"content_type":"umbra","content":{"type":"monitor","data":"AA=="}}` + "\n"))
+	f.Add([]byte(line(mkRecord(0, "cmdline", "x", nil, []byte("console=ttyS0"))) + "\n" + line(mkRecord(1, "monitor", "", make([]byte, 32), nil)) + "\n"))
 	f.Add([]byte("{}\n{}"))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		recs, good, err := eventlog.ParseLines(bytes.NewReader(b))

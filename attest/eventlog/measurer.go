@@ -25,7 +25,8 @@ type Event struct {
 	// Data, if set, is recorded in the log and its SHA-256 is the measurement.
 	// Keep it small (at most MaxDataBytes); for large objects set Digest instead.
 	Data []byte
-	// Digest is the SHA-256 measurement when Data is nil.
+	// Digest is the SHA-256 measurement (of an object too large for Data) when Data
+	// is nil. The digest extended into the PCR is EventDigest(Type, Description, value).
 	Digest []byte
 }
 
@@ -144,17 +145,21 @@ func (m *Measurer) Measure(ctx context.Context, ev Event) (Record, error) {
 	if err := ctx.Err(); err != nil {
 		return Record{}, err
 	}
-	digest := ev.Digest
+	value := ev.Digest
 	if ev.Data != nil {
 		s := sha256.Sum256(ev.Data)
 		if ev.Digest != nil && !bytes.Equal(ev.Digest, s[:]) {
 			return Record{}, fmt.Errorf("measure %s: both Data and Digest set and they disagree", ev.Type)
 		}
-		digest = s[:]
+		value = s[:]
 	}
-	if len(digest) != sha256.Size {
-		return Record{}, fmt.Errorf("measure %s: need Data or a %d-byte SHA-256 Digest, have %d bytes", ev.Type, sha256.Size, len(digest))
+	if len(value) != sha256.Size {
+		return Record{}, fmt.Errorf("measure %s: need Data or a %d-byte SHA-256 Digest, have %d bytes", ev.Type, sha256.Size, len(value))
 	}
+	if err := checkType(ev.Type); err != nil {
+		return Record{}, fmt.Errorf("measure: %w", err)
+	}
+	digest := EventDigest(ev.Type, ev.Description, value)
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	rec := Record{
@@ -162,7 +167,7 @@ func (m *Measurer) Measure(ctx context.Context, ev Event) (Record, error) {
 		PCR:         m.pcr,
 		Digests:     []Digest{{HashAlg: HashAlg, Digest: hex.EncodeToString(digest)}},
 		ContentType: ContentType,
-		Content:     Content{Type: ev.Type, Description: ev.Description, Data: ev.Data},
+		Content:     Content{Type: ev.Type, Description: ev.Description, Value: hex.EncodeToString(value), Data: ev.Data},
 	}
 	if err := rec.Validate(); err != nil {
 		return Record{}, fmt.Errorf("measure: %w", err)
@@ -184,7 +189,7 @@ func (m *Measurer) Measure(ctx context.Context, ev Event) (Record, error) {
 		return Record{}, fmt.Errorf("measure %s: %w", ev.Type, err)
 	}
 	m.recs = append(m.recs, rec)
-	m.log.Debug("measured", "type", ev.Type, "description", ev.Description, "pcr", m.pcr, "digest", rec.Digests[0].Digest)
+	m.log.Debug("measured", "type", ev.Type, "description", ev.Description, "pcr", m.pcr, "value", rec.Content.Value)
 	return rec, nil
 }
 

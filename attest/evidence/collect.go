@@ -1,0 +1,308 @@
+package evidence
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
+
+	"github.com/umbra-cc/umbra/attest"
+	"github.com/umbra-cc/umbra/attest/eventlog"
+)
+
+// Attester holds the EK and a loaded AK on one TPM.
+//
+// The EK is the TCG default RSA EK (go-tpm tpm2.RSAEKTemplate, the same template as
+// go-tpm-tools client.DefaultEKTemplateRSA, so the host fingerprint agrees with
+// tools built on go-tpm-tools). The AK is the template of go-tpm-tools'
+// client.AKTemplateRSA: a restricted RSASSA-SHA256 signing primary key in the owner
+// hierarchy, re-derived identically from the owner seed, so its public area (and name)
+// is stable for the life of the owner seed and can be pinned by verifiers.
+//
+// go-tpm-tools' client package is not used directly because it pulls in the
+// SEV-SNP/TDX guest modules, which this module does not require.
+type Attester struct {
+	tpm   transport.TPM
+	ek    *tpm2.CreatePrimaryResponse
+	ak    *tpm2.CreatePrimaryResponse
+	ekPub []byte
+	akPub []byte
+}
+
+// AKTemplate is the attestation key template (go-tpm-tools client.AKTemplateRSA).
+var AKTemplate = tpm2.TPMTPublic{
+	Type:    tpm2.TPMAlgRSA,
+	NameAlg: tpm2.TPMAlgSHA256,
+	ObjectAttributes: tpm2.TPMAObject{
+		FixedTPM:            true,
+		FixedParent:         true,
+		SensitiveDataOrigin: true,
+		UserWithAuth:        true,
+		Restricted:          true,
+		SignEncrypt:         true,
+	},
+	Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgRSA, &tpm2.TPMSRSAParms{
+		Symmetric: tpm2.TPMTSymDefObject{Algorithm: tpm2.TPMAlgNull},
+		Scheme: tpm2.TPMTRSAScheme{
+			Scheme:  tpm2.TPMAlgRSASSA,
+			Details: tpm2.NewTPMUAsymScheme(tpm2.TPMAlgRSASSA, &tpm2.TPMSSigSchemeRSASSA{HashAlg: tpm2.TPMAlgSHA256}),
+		},
+		KeyBits: 2048,
+	}),
+	Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgRSA, &tpm2.TPM2BPublicKeyRSA{Buffer: make([]byte, 256)}),
+}
+
+// NewAttester creates (or re-derives) the EK and AK. Close flushes them.
+func NewAttester(tpm transport.TPM) (*Attester, error) {
+	ek, err := tpm2.CreatePrimary{
+		PrimaryHandle: tpm2.TPMRHEndorsement,
+		InPublic:      tpm2.New2B(tpm2.RSAEKTemplate),
+	}.Execute(tpm)
+	if err != nil {
+		return nil, fmt.Errorf("create endorsement key: %w", err)
+	}
+	a := &Attester{tpm: tpm, ek: ek}
+	ak, err := tpm2.CreatePrimary{
+		PrimaryHandle: tpm2.TPMRHOwner,
+		InPublic:      tpm2.New2B(AKTemplate),
+	}.Execute(tpm)
+	if err != nil {
+		a.Close()
+		return nil, fmt.Errorf("create attestation key: %w", err)
+	}
+	a.ak = ak
+	a.ekPub = ek.OutPublic.Bytes()
+	a.akPub = ak.OutPublic.Bytes()
+	return a, nil
+}
+
+// Close flushes the keys from the TPM.
+func (a *Attester) Close() {
+	for _, k := range []*tpm2.CreatePrimaryResponse{a.ak, a.ek} {
+		if k != nil {
+			tpm2.FlushContext{FlushHandle: k.ObjectHandle}.Execute(a.tpm)
+		}
+	}
+	a.ak, a.ek = nil, nil
+}
+
+// EKPublic returns the EK's marshalled TPMT_PUBLIC.
+func (a *Attester) EKPublic() []byte { return a.ekPub }
+
+// AKPublic returns the AK's marshalled TPMT_PUBLIC.
+func (a *Attester) AKPublic() []byte { return a.akPub }
+
+// RawQuote is a bare TPM2_Quote over the SHA-256 bank of pcrs with the AK.
+// It returns the marshalled TPMS_ATTEST and TPMT_SIGNATURE.
+func (a *Attester) RawQuote(nonce []byte, pcrs []int) (attestBytes, sig []byte, err error) {
+	sel := make([]uint, len(pcrs))
+	for i, p := range pcrs {
+		sel[i] = uint(p)
+	}
+	rsp, err := tpm2.Quote{
+		SignHandle:     tpm2.AuthHandle{Handle: a.ak.ObjectHandle, Name: a.ak.Name, Auth: tpm2.PasswordAuth(nil)},
+		QualifyingData: tpm2.TPM2BData{Buffer: nonce},
+		InScheme:       tpm2.TPMTSigScheme{Scheme: tpm2.TPMAlgNull},
+		PCRSelect: tpm2.TPMLPCRSelection{PCRSelections: []tpm2.TPMSPCRSelection{{
+			Hash: tpm2.TPMAlgSHA256, PCRSelect: tpm2.PCClientCompatible.PCRs(sel...),
+		}}},
+	}.Execute(a.tpm)
+	if err != nil {
+		return nil, nil, fmt.Errorf("TPM2_Quote: %w", err)
+	}
+	return rsp.Quoted.Bytes(), tpm2.Marshal(rsp.Signature), nil
+}
+
+// Options say what to quote.
+type Options struct {
+	Nonce []byte // MinNonce-MaxNonce bytes chosen by the verifier
+	// PCRs are the PCRs quoted; default [attest.DefaultPCR].
+	PCRs []int
+	// LogPCRs are the PCRs the event log accounts for; default [attest.DefaultPCR].
+	LogPCRs []int
+	// ReadLog returns the current event log. It is called after the quote; records
+	// appended after the quote are cut off (the measurer writes the log before it
+	// extends the PCR, so a prefix of the log always matches the quote).
+	ReadLog func() ([]eventlog.Record, error)
+}
+
+// Collect produces evidence with a fresh quote.
+func (a *Attester) Collect(ctx context.Context, opts Options) (*Evidence, error) {
+	if len(opts.Nonce) < MinNonce || len(opts.Nonce) > MaxNonce {
+		return nil, fmt.Errorf("collect evidence: nonce must be %d-%d bytes, have %d", MinNonce, MaxNonce, len(opts.Nonce))
+	}
+	pcrs := normPCRs(opts.PCRs)
+	logPCRs := normPCRs(opts.LogPCRs)
+	for _, p := range append(slices.Clone(pcrs), logPCRs...) {
+		if p < 0 || p > eventlog.MaxPCR {
+			return nil, fmt.Errorf("collect evidence: PCR %d out of range 0-%d", p, eventlog.MaxPCR)
+		}
+	}
+	for _, p := range logPCRs {
+		if !slices.Contains(pcrs, p) {
+			return nil, fmt.Errorf("collect evidence: log PCR %d is not among the quoted PCRs %v", p, pcrs)
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	attestBytes, sig, values, err := a.consistentQuote(opts.Nonce, pcrs)
+	if err != nil {
+		return nil, fmt.Errorf("collect evidence: %w", err)
+	}
+	ev := &Evidence{
+		Version:         Version,
+		Created:         time.Now().UTC(),
+		Nonce:           hex.EncodeToString(opts.Nonce),
+		HostFingerprint: attest.HostFingerprint(a.ekPub),
+		EKPublic:        a.ekPub,
+		EKCert:          readEKCert(a.tpm),
+		AKPublic:        a.akPub,
+		Quote:           Quote{Attest: attestBytes, Signature: sig},
+		LogPCRs:         logPCRs,
+	}
+	quoted := map[int][]byte{}
+	for i, p := range pcrs {
+		quoted[p] = values[i]
+		ev.Quote.PCRs = append(ev.Quote.PCRs, PCRValue{Index: p, Value: hex.EncodeToString(values[i])})
+	}
+	if opts.ReadLog != nil {
+		recs, err := opts.ReadLog()
+		if err != nil {
+			return nil, fmt.Errorf("collect evidence: read event log: %w", err)
+		}
+		ev.EventLog, err = matchingPrefix(recs, logPCRs, quoted)
+		if err != nil {
+			return nil, fmt.Errorf("collect evidence: %w", err)
+		}
+	} else {
+		for _, p := range logPCRs {
+			if !bytes.Equal(quoted[p], make([]byte, sha256.Size)) {
+				return nil, fmt.Errorf("collect evidence: no event log given but PCR %d is not zero", p)
+			}
+		}
+	}
+	if ev.EventLog == nil {
+		ev.EventLog = []eventlog.Record{}
+	}
+	return ev, nil
+}
+
+func normPCRs(p []int) []int {
+	if len(p) == 0 {
+		return []int{attest.DefaultPCR}
+	}
+	p = slices.Clone(p)
+	slices.Sort(p)
+	return slices.Compact(p)
+}
+
+// matchingPrefix returns the shortest prefix of recs that replays to the quoted
+// values of every log PCR.
+func matchingPrefix(recs []eventlog.Record, logPCRs []int, quoted map[int][]byte) ([]eventlog.Record, error) {
+	if err := eventlog.ValidateLog(recs); err != nil {
+		return nil, err
+	}
+	cur := map[int][]byte{}
+	for _, p := range logPCRs {
+		cur[p] = make([]byte, sha256.Size)
+	}
+	match := func() bool {
+		for _, p := range logPCRs {
+			if !bytes.Equal(cur[p], quoted[p]) {
+				return false
+			}
+		}
+		return true
+	}
+	for i := 0; ; i++ {
+		if match() {
+			return recs[:i], nil
+		}
+		if i == len(recs) {
+			break
+		}
+		v, ok := cur[recs[i].PCR]
+		if !ok {
+			return nil, fmt.Errorf("event log record %d is for PCR %d, which is not a log PCR %v", i, recs[i].PCR, logPCRs)
+		}
+		h := sha256.New()
+		h.Write(v)
+		h.Write(recs[i].SHA256())
+		cur[recs[i].PCR] = h.Sum(nil)
+	}
+	return nil, fmt.Errorf("no prefix of the event log (%d records) replays to the quoted PCRs %v: "+
+		"another component extends them, or the log was replaced", len(recs), logPCRs)
+}
+
+// consistentQuote quotes and reads the PCR values, retrying if a PCR was extended
+// between the two (the values must hash to the quote's pcrDigest).
+func (a *Attester) consistentQuote(nonce []byte, pcrs []int) (attestBytes, sig []byte, values [][]byte, err error) {
+	for try := 0; try < 5; try++ {
+		attestBytes, sig, err = a.RawQuote(nonce, pcrs)
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		values = values[:0]
+		h := sha256.New()
+		for _, p := range pcrs {
+			v, err := eventlog.ReadPCR(a.tpm, p)
+			if err != nil {
+				return nil, nil, nil, err
+			}
+			values = append(values, v)
+			h.Write(v)
+		}
+		att, err := tpm2.Unmarshal[tpm2.TPMSAttest](attestBytes)
+		if err != nil {
+			return nil, nil, nil, fmt.Errorf("decode the TPM's quote: %w", err)
+		}
+		qi, err := att.Attested.Quote()
+		if err != nil {
+			return nil, nil, nil, fmt.Errorf("decode the TPM's quote: %w", err)
+		}
+		if bytes.Equal(qi.PCRDigest.Buffer, h.Sum(nil)) {
+			return attestBytes, sig, values, nil
+		}
+	}
+	return nil, nil, nil, errors.New("PCRs kept changing while quoting (5 tries)")
+}
+
+// EKCertIndex is the TCG NV index of the RSA 2048 EK certificate.
+const EKCertIndex = 0x01c00002
+
+// readEKCert returns the EK certificate from NV, or nil if the TPM has none.
+func readEKCert(tpm transport.TPM) []byte {
+	idx := tpm2.TPMHandle(EKCertIndex)
+	pub, err := tpm2.NVReadPublic{NVIndex: idx}.Execute(tpm)
+	if err != nil {
+		return nil
+	}
+	nv, err := pub.NVPublic.Contents()
+	if err != nil || nv.DataSize == 0 || int(nv.DataSize) > MaxCert {
+		return nil
+	}
+	var out []byte
+	for off := 0; off < int(nv.DataSize); {
+		n := min(int(nv.DataSize)-off, 512)
+		rsp, err := tpm2.NVRead{
+			AuthHandle: tpm2.AuthHandle{Handle: idx, Name: pub.NVName, Auth: tpm2.PasswordAuth(nil)},
+			NVIndex:    tpm2.NamedHandle{Handle: idx, Name: pub.NVName},
+			Size:       uint16(n),
+			Offset:     uint16(off),
+		}.Execute(tpm)
+		if err != nil {
+			return nil
+		}
+		out = append(out, rsp.Data.Buffer...)
+		off += n
+	}
+	return out
+}
