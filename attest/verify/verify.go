@@ -13,8 +13,8 @@ import (
 	"slices"
 	"strings"
 
-	tpmquote "github.com/google/go-tpm-tools/quote"
 	pb "github.com/google/go-tpm-tools/proto/tpm"
+	tpmquote "github.com/google/go-tpm-tools/quote"
 	"github.com/google/go-tpm/tpm2"
 
 	"github.com/umbra-cc/umbra/attest"

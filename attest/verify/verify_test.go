@@ -140,7 +140,7 @@ func imageSum2hex() string { return hex.EncodeToString(imageSum[:]) }
 type failCase struct {
 	name     string
 	mutate   func(ev *evidence.Evidence, ref *verify.Reference) []byte // returns the nonce to use
-	wantFail string                                                 // substring of a failure
+	wantFail string                                                    // substring of a failure
 }
 
 func TestVerifyNamesTheCause(t *testing.T) {
