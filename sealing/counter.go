@@ -249,6 +249,9 @@ func advanceCounter(t transport.TPM, series string, version uint64) error {
 	if version-hw > maxVersionUp {
 		return fmt.Errorf("%w: series %q jumps from version %d to %d; versions may grow by at most %d per bundle", ErrMalformed, series, hw, version, maxVersionUp)
 	}
+	if hw == version {
+		return nil
+	}
 	for ; hw < version; hw++ {
 		if err := st.increment(t); err != nil {
 			return err
