@@ -1,0 +1,79 @@
+/* Console output: CONSOLE_WRITE hypercalls, and the 16550 for panics. */
+#include "kernel.h"
+
+#define DOORBELL_KVA (DIRECT_MAP + 0xe0000000UL)
+
+int kernel_panicking;
+
+/* hypercall performs a doorbell call from the kernel (docs/hypercalls.md). */
+long hypercall(u64 nr, u64 a1, u64 a2)
+{
+	long ret;
+	__asm__ volatile("movq (%1), %0"
+			 : "=a"(ret)
+			 : "r"(DOORBELL_KVA), "a"(nr), "D"(a1), "S"(a2)
+			 : "memory");
+	return ret;
+}
+
+void serial_puts(const char *s)
+{
+	for (; *s; s++) {
+		if (*s == '\n')
+			outb(0x3f8, '\r');
+		outb(0x3f8, (u8)*s);
+	}
+}
+
+void console_write(const char *s, size_t n)
+{
+	while (n > 0) {
+		size_t c = n > 4096 ? 4096 : n;
+		long r = hypercall(HC_CONSOLE_WRITE, (u64)s, c);
+		if (r <= 0) {
+			serial_puts("kernel: CONSOLE_WRITE failed\n");
+			return;
+		}
+		s += r;
+		n -= (size_t)r;
+	}
+}
+
+void kprintf(const char *fmt, ...)
+{
+	char buf[512];
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(buf, sizeof buf, fmt, ap);
+	va_end(ap);
+	if (n > (int)sizeof buf - 1)
+		n = sizeof buf - 1;
+	console_write(buf, (size_t)n);
+}
+
+__attribute__((noreturn)) void guest_exit(int status)
+{
+	for (;;) {
+		hypercall(HC_EXIT, (u64)status, 0);
+		/* EXIT does not return; if a monitor lets it, stop here. */
+		__asm__ volatile("cli; hlt");
+	}
+}
+
+__attribute__((noreturn)) void panic(const char *fmt, ...)
+{
+	char buf[512];
+	va_list ap;
+	__asm__ volatile("cli");
+	if (kernel_panicking++) {
+		serial_puts("\nPANIC: recursive panic\n");
+		guest_exit(STATUS_PANIC);
+	}
+	va_start(ap, fmt);
+	vsnprintf(buf, sizeof buf, fmt, ap);
+	va_end(ap);
+	serial_puts("\nPANIC: ");
+	serial_puts(buf);
+	serial_puts("\n");
+	guest_exit(STATUS_PANIC);
+}

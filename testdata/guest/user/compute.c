@@ -1,0 +1,43 @@
+/*
+ * compute[:PAGES[:ROUNDS]]: a deterministic computation over PAGES pages of
+ * heap (brk), PAGES pages of anonymous mmap and a page of stack, ROUNDS
+ * times, spinning 3 ms between rounds so that timer ticks (and, with
+ * swap=compute, page evictions) happen in between. Prints one checksum.
+ */
+#include "libc.h"
+
+int main(int argc, char **argv)
+{
+	long pages = argc > 1 ? atol(argv[1]) : 8;
+	long rounds = argc > 2 ? atol(argv[2]) : 6;
+	if (pages < 1 || pages > 64 || rounds < 1 || rounds > 100) {
+		printf("compute: bad arguments\n");
+		return 2;
+	}
+	u64 *heap = (u64 *)sys_brk(0);
+	if (sys_brk((char *)heap + pages * 4096) != (long)((char *)heap + pages * 4096)) {
+		printf("compute: brk failed\n");
+		return 1;
+	}
+	u64 *map = sys_mmap(NULL, (size_t)pages * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if ((long)map < 0 && (long)map > -4096) {
+		printf("compute: mmap failed %ld\n", (long)map);
+		return 1;
+	}
+	volatile u64 stack[512];
+	u64 x = 0x9e3779b97f4a7c15UL, sum = 0;
+	long words = pages * 512;
+	for (long r = 0; r < rounds; r++) {
+		for (long i = 0; i < words; i += 61) {
+			x = x * 6364136223846793005UL + 1442695040888963407UL;
+			heap[i] ^= x;
+			map[words - 1 - i] += x >> 7;
+			stack[i % 512] ^= x >> 3;
+		}
+		for (long i = 0; i < words; i += 61)
+			sum = sum * 31 + heap[i] + map[words - 1 - i] + stack[i % 512];
+		spin_ms(3);
+	}
+	printf("compute: pages %ld rounds %ld result=0x%lx\n", pages, rounds, sum);
+	return 0;
+}
