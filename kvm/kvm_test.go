@@ -42,6 +42,9 @@ const (
 func requireKVM(t testing.TB) *System {
 	t.Helper()
 	if _, err := os.Stat(DevicePath); err != nil {
+		if os.Getenv("UMBRA_REQUIRE_KVM") != "" {
+			t.Fatalf("UMBRA_REQUIRE_KVM is set but KVM is unavailable: %v", err)
+		}
 		t.Skipf("skipping: %s is not available on this host: %v", DevicePath, err)
 	}
 	sys, err := Open("")

@@ -41,6 +41,9 @@ var (
 func requireKVM(t testing.TB) {
 	t.Helper()
 	if _, err := os.Stat(kvm.DevicePath); err != nil {
+		if os.Getenv("UMBRA_REQUIRE_KVM") != "" {
+			t.Fatalf("UMBRA_REQUIRE_KVM is set but KVM is unavailable: %v", err)
+		}
 		t.Skipf("skipping: %s is not available on this host: %v", kvm.DevicePath, err)
 	}
 }
