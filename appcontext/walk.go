@@ -49,7 +49,8 @@ const (
 // Paging describes the guest's paging configuration (from CR0, CR4, EFER and
 // CPUID). The walker always assumes 4-level long-mode paging.
 type Paging struct {
-	// MaxPhysAddr is MAXPHYADDR (CPUID 0x80000008 EAX[7:0]); 0 means 52.
+	// MaxPhysAddr is MAXPHYADDR (CPUID 0x80000008 EAX[7:0]); 0 means 52,
+	// values below 32 are taken as 32.
 	MaxPhysAddr uint8
 	// NXE is EFER.NXE: bit 63 is execute-disable; when false it is reserved.
 	NXE bool
@@ -164,8 +165,11 @@ func Canonical(va uint64) bool {
 
 func (c Paging) physMask() uint64 {
 	m := c.MaxPhysAddr
-	if m == 0 || m > 52 {
+	switch {
+	case m == 0 || m > 52:
 		m = 52
+	case m < 32:
+		m = 32 // no x86-64 CPU reports less than 36
 	}
 	return 1<<m - 1
 }

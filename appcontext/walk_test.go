@@ -8,15 +8,15 @@ import (
 func TestWalk(t *testing.T) {
 	const va = 0x0000_4000_1234_5678
 	tests := []struct {
-		name   string
-		cfg    Paging
-		build  func(m *testMem, cr3 uint64)
-		va     uint64
-		acc    Access
-		want   Translation
-		fault  error
-		level  int
-		ecode  uint32
+		name  string
+		cfg   Paging
+		build func(m *testMem, cr3 uint64)
+		va    uint64
+		acc   Access
+		want  Translation
+		fault error
+		level int
+		ecode uint32
 	}{
 		{"4k user read", DefaultPaging, func(m *testMem, cr3 uint64) {
 			m.mapPage(cr3, va, 0x80000, 1, fUW, fUW)

@@ -1,0 +1,208 @@
+package appcontext
+
+import (
+	"errors"
+	"testing"
+)
+
+const (
+	bounceVA   = 0x510000
+	bounceSize = 0x4000
+)
+
+func testPlanner(t testing.TB) *Planner {
+	m := newTestMem(1 << 20)
+	cr3 := m.newRoot()
+	m.mapPage(cr3, 0x400000, 0x90000, 1, fUW, fUW)
+	m.write(0x90000, []byte("/etc/passwd\x00"))
+	long := make([]byte, 0x1000)
+	for i := range long {
+		long[i] = 'a'
+	}
+	m.mapPage(cr3, 0x401000, 0x91000, 1, fUW, fUW)
+	m.write(0x91000, long)
+	m.mapPage(cr3, 0x402000, 0x92000, 1, fUW, fUW)
+	m.write(0x92000, long) // 8 KiB of 'a' from 0x401000, no NUL
+	return &Planner{
+		BounceVA: bounceVA, BounceSize: bounceSize,
+		Mem:     AddressSpace{Mem: m, CR3: cr3, Paging: DefaultPaging},
+		Cloaked: func(va, size uint64) bool { return overlaps(va, size, 0x600000, 0x10000) },
+	}
+}
+
+func TestPlan(t *testing.T) {
+	tests := []struct {
+		name   string
+		regs   Regs
+		want   Errno
+		args   [6]uint64
+		in     []Copy
+		outRet uint64 // result to complete with
+		out    []Copy
+		iago   bool
+	}{
+		{"read", Regs{RAX: SysRead, RDI: 3, RSI: 0x600000, RDX: 100}, 0,
+			[6]uint64{3, bounceVA, 100}, nil, 40, []Copy{{1, 0x600000, bounceVA, 40}}, false},
+		{"read clamped to bounce", Regs{RAX: SysRead, RDI: 3, RSI: 0x600000, RDX: 1 << 20}, 0,
+			[6]uint64{3, bounceVA, bounceSize}, nil, bounceSize, []Copy{{1, 0x600000, bounceVA, bounceSize}}, false},
+		{"read lie", Regs{RAX: SysRead, RDI: 3, RSI: 0x600000, RDX: 100}, 0,
+			[6]uint64{3, bounceVA, 100}, nil, 101, nil, true},
+		{"read errno", Regs{RAX: SysRead, RDI: 3, RSI: 0x600000, RDX: 100}, 0,
+			[6]uint64{3, bounceVA, 100}, nil, uint64(EINTR.Result()), nil, false},
+		{"read impossible negative", Regs{RAX: SysRead, RDI: 3, RSI: 0x600000, RDX: 100}, 0,
+			[6]uint64{3, bounceVA, 100}, nil, uint64(1) << 63, nil, true},
+		{"read kernel pointer", Regs{RAX: SysRead, RSI: 0xffff800000000000, RDX: 1}, EFAULT, [6]uint64{}, nil, 0, nil, false},
+		{"read wrapping buffer", Regs{RAX: SysRead, RSI: 0x7fff_ffff_f000, RDX: 0x2000}, EFAULT, [6]uint64{}, nil, 0, nil, false},
+		{"read NULL", Regs{RAX: SysRead, RSI: 0, RDX: 1}, EFAULT, [6]uint64{}, nil, 0, nil, false},
+		{"read zero length", Regs{RAX: SysRead, RDI: 1, RSI: 0, RDX: 0}, 0,
+			[6]uint64{1, bounceVA, 0}, nil, 0, nil, false},
+		{"write", Regs{RAX: SysWrite, RDI: 1, RSI: 0x600100, RDX: 5, R10: 77, R8: 88}, 0,
+			[6]uint64{1, bounceVA, 5}, []Copy{{1, 0x600100, bounceVA, 5}}, 5, nil, false},
+		{"write lie", Regs{RAX: SysWrite, RDI: 1, RSI: 0x600100, RDX: 5}, 0,
+			[6]uint64{1, bounceVA, 5}, []Copy{{1, 0x600100, bounceVA, 5}}, 6, nil, true},
+		{"fstat", Regs{RAX: SysFstat, RDI: 4, RSI: 0x600000}, 0,
+			[6]uint64{4, bounceVA}, nil, 0, []Copy{{1, 0x600000, bounceVA, SizeofStat}}, false},
+		{"fstat positive", Regs{RAX: SysFstat, RDI: 4, RSI: 0x600000}, 0,
+			[6]uint64{4, bounceVA}, nil, 1, nil, true},
+		{"fstat failure copies nothing", Regs{RAX: SysFstat, RDI: 4, RSI: 0x600000}, 0,
+			[6]uint64{4, bounceVA}, nil, uint64(EFAULT.Result()), nil, false},
+		{"nanosleep", Regs{RAX: SysNanosleep, RDI: 0x600000, RSI: 0x600010}, 0,
+			[6]uint64{bounceVA, bounceVA + 16}, []Copy{{0, 0x600000, bounceVA, 16}}, 0, nil, false},
+		{"nanosleep interrupted", Regs{RAX: SysNanosleep, RDI: 0x600000, RSI: 0x600010}, 0,
+			[6]uint64{bounceVA, bounceVA + 16}, []Copy{{0, 0x600000, bounceVA, 16}}, uint64(EINTR.Result()), []Copy{{1, 0x600010, bounceVA + 16, 16}}, false},
+		{"nanosleep NULL rem", Regs{RAX: SysNanosleep, RDI: 0x600000, RSI: 0}, 0,
+			[6]uint64{bounceVA, 0}, []Copy{{0, 0x600000, bounceVA, 16}}, uint64(EINTR.Result()), nil, false},
+		{"clock_gettime", Regs{RAX: SysClockGettime, RDI: 1, RSI: 0x600000}, 0,
+			[6]uint64{1, bounceVA}, nil, 0, []Copy{{1, 0x600000, bounceVA, 16}}, false},
+		{"openat", Regs{RAX: SysOpenat, RDI: ^uint64(99), RSI: 0x400000, RDX: 0, R10: 0o644}, 0,
+			[6]uint64{^uint64(99), bounceVA, 0, 0o644}, []Copy{{1, 0x400000, bounceVA, 12}}, 3, nil, false},
+		{"openat fd lie", Regs{RAX: SysOpenat, RSI: 0x400000}, 0,
+			[6]uint64{0, bounceVA}, []Copy{{1, 0x400000, bounceVA, 12}}, 1 << 40, nil, true},
+		{"openat path too long", Regs{RAX: SysOpenat, RSI: 0x401000}, ENAMETOOLONG, [6]uint64{}, nil, 0, nil, false},
+		{"openat path unmapped", Regs{RAX: SysOpenat, RSI: 0x402ff0 + 0x1000}, EFAULT, [6]uint64{}, nil, 0, nil, false},
+		{"openat NULL", Regs{RAX: SysOpenat, RSI: 0}, EFAULT, [6]uint64{}, nil, 0, nil, false},
+		{"getpid", Regs{RAX: SysGetpid, RDI: 5}, 0, [6]uint64{}, nil, 42, nil, false},
+		{"getpid lie", Regs{RAX: SysGetpid}, 0, [6]uint64{}, nil, 0, nil, true},
+		{"mmap", Regs{RAX: SysMmap, RSI: 0x2000, RDX: 3, R10: 0x22, R8: ^uint64(0)}, 0,
+			[6]uint64{0, 0x2000, 3, 0x22, ^uint64(0)}, nil, 0x700000, nil, false},
+		{"mmap over cloaked", Regs{RAX: SysMmap, RSI: 0x2000, R10: 0x22}, 0,
+			[6]uint64{0, 0x2000, 0, 0x22}, nil, 0x601000, nil, true},
+		{"mmap unaligned result", Regs{RAX: SysMmap, RSI: 0x2000, R10: 0x22}, 0,
+			[6]uint64{0, 0x2000, 0, 0x22}, nil, 0x700010, nil, true},
+		{"mmap fixed over cloaked", Regs{RAX: SysMmap, RDI: 0x600000, RSI: 0x1000, R10: 0x32}, EBUSY, [6]uint64{}, nil, 0, nil, false},
+		{"munmap cloaked", Regs{RAX: SysMunmap, RDI: 0x60f000, RSI: 0x2000}, EBUSY, [6]uint64{}, nil, 0, nil, false},
+		{"brk", Regs{RAX: SysBrk, RDI: 0x800000}, 0, [6]uint64{0x800000}, nil, 0x800000, nil, false},
+		{"brk kernel", Regs{RAX: SysBrk}, 0, [6]uint64{}, nil, 0xffff800000000000, nil, true},
+		{"exit_group never returns", Regs{RAX: SysExitGroup, RDI: 3}, 0, [6]uint64{3}, nil, 0, nil, true},
+		{"unknown", Regs{RAX: 56}, ENOSYS, [6]uint64{}, nil, 0, nil, false},
+		{"huge number", Regs{RAX: ^uint64(0)}, ENOSYS, [6]uint64{}, nil, 0, nil, false},
+	}
+	p := testPlanner(t)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			pl, err := p.Plan(&tt.regs)
+			if tt.want != 0 {
+				if ErrnoOf(err) != tt.want {
+					t.Fatalf("Plan = %v, want %v", err, tt.want)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if pl.Args != tt.args {
+				t.Errorf("args = %#x, want %#x", pl.Args, tt.args)
+			}
+			if got := pl.In[:pl.NIn]; !equalCopies(got, tt.in) {
+				t.Errorf("in = %+v, want %+v", got, tt.in)
+			}
+			c, err := pl.Complete(tt.outRet, p.Cloaked)
+			if tt.iago {
+				if !errors.Is(err, ErrIago) {
+					t.Fatalf("Complete = %v, want Iago", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.Result != int64(tt.outRet) {
+				t.Errorf("result %d", c.Result)
+			}
+			if got := c.Out[:c.NOut]; !equalCopies(got, tt.out) {
+				t.Errorf("out = %+v, want %+v", got, tt.out)
+			}
+		})
+	}
+}
+
+func equalCopies(a, b []Copy) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+func TestScrub(t *testing.T) {
+	p := testPlanner(t)
+	app := Regs{RAX: SysWrite, RBX: 0xb, RCX: 0xc, RDI: 1, RSI: 0x600100, RDX: 5, RSP: 0x7ff000007000,
+		RBP: 0xbb, R8: 8, R9: 9, R10: 10, R11: 11, R12: 12, R13: 13, R14: 14, R15: 15, RIP: 0x401234, RFLAGS: 0x246}
+	pl, err := p.Plan(&app)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := ScrubForSyscall(&pl, 0x500000)
+	want := Regs{RAX: SysWrite, RDI: 1, RSI: bounceVA, RDX: 5, RIP: 0x500000, RSP: 0x501000, RFLAGS: ScrubbedRFLAGS}
+	if got != want {
+		t.Fatalf("scrubbed = %+v\nwant %+v", got, want)
+	}
+	if f := ScrubForFault(0x600123, true, 0x500000); f != (Regs{RDI: 0x600123, RSI: 1, RIP: 0x500040, RSP: 0x501000, RFLAGS: ScrubbedRFLAGS}) {
+		t.Fatalf("fault regs = %+v", f)
+	}
+
+	ctx, err := NewThreadContext(1024)
+	if err != nil {
+		t.Fatal(err)
+	}
+	xs := make([]byte, 1024)
+	xs[160] = 0x42 // an XMM register byte
+	if err := ctx.Save(&app, 0x7000, 0x8000, xs); err != nil {
+		t.Fatal(err)
+	}
+	r := ctx.ResumeAfterSyscall(5)
+	if r.RAX != 5 || r.RCX != app.RIP || r.R11 != app.RFLAGS || r.RBX != 0xb || r.R15 != 15 || r.RSP != app.RSP {
+		t.Fatalf("resume regs = %+v", r)
+	}
+	if err := ctx.Save(&app, 0, 0, make([]byte, 512)); err == nil {
+		t.Fatal("Save accepted a short XSAVE area")
+	}
+	for _, n := range []int{0, 512, 1000, MaxXSaveSize + 64} {
+		if _, err := NewThreadContext(n); err == nil {
+			t.Errorf("NewThreadContext(%d) succeeded", n)
+		}
+	}
+	if err := ScrubbedXSave(xs); err != nil || xs[160] != 0 || xs[0] != 0x7f || xs[24] != 0x80 || xs[25] != 0x1f {
+		t.Fatalf("ScrubbedXSave: %v", err)
+	}
+	if ScrubbedXSave(xs[:100]) == nil {
+		t.Fatal("ScrubbedXSave accepted a short area")
+	}
+	ctx.Zeroize()
+	if ctx.Regs != (Regs{}) || ctx.FSBase != 0 || !allZero(ctx.XSave) {
+		t.Fatal("Zeroize left state")
+	}
+}
+
+func allZero(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}
