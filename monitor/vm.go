@@ -103,6 +103,19 @@ type VM struct {
 	counter Counters
 
 	stopReason atomic.Pointer[error]
+
+	// extensions handle hypercalls outside the core range and MMIO exits outside the
+	// doorbell, in order; features (page protection, cloaking) install themselves here.
+	extensions []extension
+}
+
+// extension is a feature wired into the exit path.
+type extension interface {
+	// hypercall handles call c if it belongs to the extension; handled reports whether
+	// it did. A non-nil error ends the run.
+	hypercall(v *VM, c Call) (ret uint64, handled bool, err error)
+	// mmio handles an MMIO exit outside the doorbell page if it is the extension's.
+	mmio(v *VM, e *kvm.ExitMMIO) (handled bool, err error)
 }
 
 // New creates the VM: guest memory, the KVM VM with its in-kernel irqchip, vCPU 0, the
@@ -350,6 +363,15 @@ func (v *VM) handleIO(e *kvm.ExitIO) {
 
 func (v *VM) handleMMIO(e *kvm.ExitMMIO) (*guestExit, error) {
 	if e.Addr < DoorbellGPA || e.Addr >= DoorbellGPA+PageSize {
+		for _, x := range v.extensions {
+			handled, err := x.mmio(v, e)
+			if err != nil {
+				return nil, err
+			}
+			if handled {
+				return nil, nil
+			}
+		}
 		return nil, v.crash(fmt.Sprintf("access to unmapped guest-physical address (%v)", e))
 	}
 	regs, sregs := v.cpu.SyncedRegs(), v.cpu.SyncedSregs()
@@ -366,6 +388,18 @@ func (v *VM) handleMMIO(e *kvm.ExitMMIO) (*guestExit, error) {
 		return nil, nil
 	}
 	v.counter.Hypercalls++
+	if call.Nr > HypercallExit {
+		for _, x := range v.extensions {
+			ret, handled, err := x.hypercall(v, call)
+			if err != nil {
+				return nil, err
+			}
+			if handled {
+				e.SetReadData(ret)
+				return nil, nil
+			}
+		}
+	}
 	ret, exit := dispatchCore(call, vcpuVirtReader{v}, v.cfg.Console, &v.counter)
 	e.SetReadData(ret)
 	return exit, nil
