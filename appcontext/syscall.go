@@ -214,15 +214,15 @@ func (p *Planner) Plan(regs *Regs) (Plan, error) {
 		if spec.Kind == ArgScalar {
 			continue
 		}
-		field := fmt.Sprintf("%s arg %d", sc.Name, i)
+		field := func() string { return fmt.Sprintf("%s arg %d", sc.Name, i) }
 		ptr := a[i]
 		var n uint64
 		switch spec.Kind {
 		case ArgPath:
 			if ptr == 0 {
-				return Plan{}, abiErr(EFAULT, field, "NULL path")
+				return Plan{}, abiErr(EFAULT, field(), "NULL path")
 			}
-			l, err := p.strlen(ptr, field)
+			l, err := p.strlen(ptr, field())
 			if err != nil {
 				return Plan{}, err
 			}
@@ -239,7 +239,7 @@ func (p *Planner) Plan(regs *Regs) (Plan, error) {
 			continue
 		}
 		if ptr == 0 || ptr+n < ptr || ptr >= UserTop || ptr+n > UserTop {
-			return Plan{}, abiErr(EFAULT, field, "[%#x, +%#x) outside the user half", ptr, n)
+			return Plan{}, abiErr(EFAULT, field(), "[%#x, +%#x) outside the user half", ptr, n)
 		}
 		if spec.isBuffer() && sc.Clamp && spec.LenArg >= 0 {
 			off := (used + bounceAlign - 1) &^ (bounceAlign - 1)
@@ -247,13 +247,13 @@ func (p *Planner) Plan(regs *Regs) (Plan, error) {
 				n = room
 				pl.Args[spec.LenArg] = n
 				if n == 0 {
-					return Plan{}, abiErr(E2BIG, field, "no bounce space left")
+					return Plan{}, abiErr(E2BIG, field(), "no bounce space left")
 				}
 			}
 		}
 		b, ok := alloc(n)
 		if !ok {
-			return Plan{}, abiErr(E2BIG, field, "%d bytes do not fit in the %d-byte bounce area", n, p.BounceSize)
+			return Plan{}, abiErr(E2BIG, field(), "%d bytes do not fit in the %d-byte bounce area", n, p.BounceSize)
 		}
 		pl.Args[i] = b
 		c := Copy{Arg: i, User: ptr, Bounce: b, Len: n}
