@@ -1,7 +1,9 @@
 package policy
 
 import (
+	"archive/tar"
 	"bytes"
+	"compress/gzip"
 	"context"
 	"crypto/ecdsa"
 	"crypto/ed25519"
@@ -425,9 +427,13 @@ func InspectBundle(raw []byte, key *VerifyKey) (BundleInfo, error) {
 		info.Files = append(info.Files, "data.json")
 	}
 	sort.Strings(info.Files)
-	if n := len(b.Signatures.Signatures); n > 0 {
+	sigs, err := readSignaturesFile(raw)
+	if err != nil {
+		return BundleInfo{}, err
+	}
+	if len(sigs) > 0 {
 		info.Signed = true
-		info.SignerKeyID, info.Algorithm = jwtClaims(b.Signatures.Signatures[0])
+		info.SignerKeyID, info.Algorithm = jwtClaims(sigs[0])
 	}
 	if key != nil {
 		if _, err := ReadSignedBundle(bytes.NewReader(raw), *key); err != nil {
@@ -437,6 +443,39 @@ func InspectBundle(raw []byte, key *VerifyKey) (BundleInfo, error) {
 		}
 	}
 	return info, nil
+}
+
+// readSignaturesFile returns the JWTs in the bundle's .signatures.json, which
+// OPA's reader skips when it is told not to verify.
+func readSignaturesFile(raw []byte) ([]string, error) {
+	zr, err := gzip.NewReader(bytes.NewReader(raw))
+	if err != nil {
+		return nil, fmt.Errorf("not a gzip-compressed bundle: %w", err)
+	}
+	tr := tar.NewReader(zr)
+	for {
+		h, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			return nil, nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("bundle tarball: %w", err)
+		}
+		if strings.TrimPrefix(path.Clean("/"+h.Name), "/") != ".signatures.json" {
+			continue
+		}
+		var sc struct {
+			Signatures []string `json:"signatures"`
+		}
+		data, err := io.ReadAll(io.LimitReader(tr, 1<<20))
+		if err != nil {
+			return nil, fmt.Errorf("bundle .signatures.json: %w", err)
+		}
+		if err := json.Unmarshal(data, &sc); err != nil {
+			return nil, fmt.Errorf("bundle .signatures.json is not valid: %w", err)
+		}
+		return sc.Signatures, nil
+	}
 }
 
 // jwtClaims extracts the key id and algorithm a JWS claims, without verifying

@@ -1,8 +1,6 @@
-# METADATA
-# title: cloaking and page protection
-# description: |
-#   Only listed application identities (image measurements) may register to be
-#   cloaked, and an app may change page protections only on its own memory.
+# cloaking and page protection
+# Only listed application identities (image measurements) may register to be
+# cloaked, and an app may change page protections only on its own memory.
 package umbra.authz
 
 deny contains reason(

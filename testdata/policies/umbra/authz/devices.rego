@@ -1,6 +1,5 @@
-# METADATA
-# title: devices and networks
-# description: Device allowlist by type and, optionally, id; allowed network modes (quarantine = "isolated" only).
+# devices and networks
+# Device allowlist by type and, optionally, id; allowed network modes (quarantine = "isolated" only).
 package umbra.authz
 
 device_allowed(dev) if {

@@ -1,6 +1,5 @@
-# METADATA
-# title: on which physical hosts the VM may run
-# description: Hosts are named by the fingerprint of their TPM endorsement key, and must be attested when the VM requires it.
+# on which physical hosts the VM may run
+# Hosts are named by the fingerprint of their TPM endorsement key, and must be attested when the VM requires it.
 package umbra.authz
 
 host_gated := {"launch", "resume"}

@@ -1,5 +1,4 @@
-# METADATA
-# title: who may use and who may modify the VM
+# who may use and who may modify the VM
 package umbra.authz
 
 is_user if input.principal.id in cfg.users

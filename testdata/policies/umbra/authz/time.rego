@@ -1,9 +1,7 @@
-# METADATA
-# title: when the VM may run
-# description: |
-#   Expiry date, a lifetime of N days after the first launch, and weekday/hour
-#   windows (UTC). Times come from umbra's trusted clock: time.now_ns() is the
-#   decision time, the same instant as input.now.
+# when the VM may run
+# Expiry date, a lifetime of N days after the first launch, and weekday/hour
+# windows (UTC). Times come from umbra's trusted clock: time.now_ns() is the
+# decision time, the same instant as input.now.
 package umbra.authz
 
 now_ns := time.now_ns()

@@ -1,6 +1,5 @@
-# METADATA
-# title: how the VM may be used
-# description: Console, snapshots, file transfer, clipboard, clone and export.
+# how the VM may be used
+# Console, snapshots, file transfer, clipboard, clone and export.
 package umbra.authz
 
 deny contains reason(

@@ -1,0 +1,49 @@
+package umbra.authz_test
+
+import data.umbra.authz
+
+test_serial_console_allowed if {
+	d := authz.decision with input as with_action("console_open", {"request": {"console": {"kind": "serial"}}}) with time.now_ns as wed10
+	d.allow
+}
+
+test_graphical_console_refused if {
+	d := authz.decision with input as with_action("console_open", {"request": {"console": {"kind": "graphical"}}}) with time.now_ns as wed10
+	denied_with(d, "console.not_allowed")
+}
+
+test_shielded_vm_has_no_console if {
+	inp := with_action("console_open", {
+		"principal": {"id": "t", "groups": ["tenant-x"], "auth": "mtls"},
+		"vm": {"id": "shielded-01"},
+		"request": {"console": {"kind": "serial"}},
+	})
+	d := authz.decision with input as inp with time.now_ns as wed10
+	denied_with(d, "console.not_allowed")
+}
+
+test_snapshots if {
+	c := authz.decision with input as with_action("snapshot_create", {"request": {"snapshot": {"name": "s1"}}}) with time.now_ns as wed10
+	c.allow
+	r := authz.decision with input as with_action("snapshot_revert", {"request": {"snapshot": {"name": "s1"}}}) with time.now_ns as wed10
+	denied_with(r, "snapshot.not_allowed")
+}
+
+test_file_transfer_direction if {
+	in_ := authz.decision with input as with_action("file_transfer", {"request": {"transfer": {"direction": "to_guest", "path": "/tmp/x"}}}) with time.now_ns as wed10
+	in_.allow
+	out := authz.decision with input as with_action("file_transfer", {"request": {"transfer": {"direction": "from_guest", "path": "/tmp/x"}}}) with time.now_ns as wed10
+	denied_with(out, "transfer.not_allowed")
+}
+
+test_clipboard_refused if {
+	d := authz.decision with input as with_action("clipboard", {"request": {"clipboard": {"direction": "to_guest"}}}) with time.now_ns as wed10
+	denied_with(d, "clipboard.not_allowed")
+}
+
+test_clone_and_export_refused if {
+	every a in {"clone", "export"} {
+		d := authz.decision with input as with_action(a, object.union(admin, {"request": {"export": {"destination": "/srv/x"}}})) with time.now_ns as wed10
+		denied_with(d, "export.not_allowed")
+	}
+}
