@@ -1,7 +1,7 @@
 # umbra's build and test entry points. `make test` is what CI runs (.ci/run).
 GO ?= go
 
-.PHONY: all build test guest guest-check fmt-check vet policy-test fuzz-smoke bench
+.PHONY: all deps build test guest guest-check fmt-check vet policy-test fuzz-smoke bench
 
 all: build
 
@@ -25,10 +25,23 @@ vet:
 policy-test:
 	$(GO) run ./cmd/umbra policy test testdata/policies
 
+# Debian packages the tests need: gcc/make/binutils build the test guest, libssl-dev the
+# TPM simulator (cgo), swtpm and tpm2-tools the real-TPM and independent-verifier tests.
+DEB_PACKAGES = gcc make binutils libssl-dev swtpm swtpm-tools tpm2-tools
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		if [ "$$(id -u)" != 0 ]; then echo "run as root, or: sudo apt-get install$$missing" >&2; exit 1; fi; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
 # Every test, KVM ones included: UMBRA_REQUIRE_KVM makes a missing /dev/kvm a failure
-# instead of a skip.
-test: fmt-check guest-check vet
-	UMBRA_REQUIRE_KVM=1 $(GO) test -timeout 15m -count=1 ./...
+# instead of a skip, UMBRA_REQUIRE_SWTPM likewise for swtpm.
+test: deps fmt-check guest-check vet
+	UMBRA_REQUIRE_KVM=1 UMBRA_REQUIRE_SWTPM=1 $(GO) test -timeout 15m -count=1 ./...
 	$(MAKE) policy-test
 
 bench:
