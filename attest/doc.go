@@ -22,15 +22,16 @@ import (
 // a host reset, never by TPM2_PCR_Reset at locality 0 (unlike PCR 16 and 23), and no
 // firmware measures into it. Some systemd versions (systemd-pcrextend,
 // systemd-cryptsetup's tpm2-measure-pcr) extend PCR 15 on boot; on such hosts pick
-// another unused static PCR (for example 13 or 14) with the --pcr flag and the
+// another unused static PCR (for example 14; 13 holds package sealing's monitor
+// measurement) with the --pcr flag and the
 // matching "pcr" field of the reference values.
 const DefaultPCR = 15
 
 // HostFingerprint returns the host identity umbra uses everywhere (umbra host id,
-// evidence, policy input): the lowercase hex SHA-256 of the TPM2B_PUBLIC contents of the
-// TPM's default RSA endorsement key, that is of the marshalled TPMT_PUBLIC produced by
-// the TCG default EK template (go-tpm-tools client.EndorsementKeyRSA), without the
-// two-byte TPM2B size prefix.
+// evidence, policy input): the lowercase hex SHA-256 of the TPM2B_PUBLIC contents
+// (the marshalled TPMT_PUBLIC, without the two-byte size) of the TPM's endorsement
+// key created from the TCG ECC P-256 EK template (go-tpm tpm2.ECCEKTemplate, the one
+// go-tpm-tools client.EndorsementKeyECC uses). It equals sealing.Fingerprint.
 func HostFingerprint(ekPublicArea []byte) string {
 	sum := sha256.Sum256(ekPublicArea)
 	return hex.EncodeToString(sum[:])

@@ -19,9 +19,9 @@ import (
 
 // Attester holds the EK and a loaded AK on one TPM.
 //
-// The EK is the TCG default RSA EK (go-tpm tpm2.RSAEKTemplate, the same template as
-// go-tpm-tools client.DefaultEKTemplateRSA, so the host fingerprint agrees with
-// tools built on go-tpm-tools). The AK is the template of go-tpm-tools'
+// The EK is the TCG ECC P-256 EK (go-tpm tpm2.ECCEKTemplate, as go-tpm-tools
+// client.EndorsementKeyECC uses), the key package sealing derives `umbra host id`
+// from, so the host fingerprint in evidence is the one policies and operators see. The AK is the template of go-tpm-tools'
 // client.AKTemplateRSA: a restricted RSASSA-SHA256 signing primary key in the owner
 // hierarchy, re-derived identically from the owner seed, so its public area (and name)
 // is stable for the life of the owner seed and can be pinned by verifiers.
@@ -63,7 +63,7 @@ var AKTemplate = tpm2.TPMTPublic{
 func NewAttester(tpm transport.TPM) (*Attester, error) {
 	ek, err := tpm2.CreatePrimary{
 		PrimaryHandle: tpm2.TPMRHEndorsement,
-		InPublic:      tpm2.New2B(tpm2.RSAEKTemplate),
+		InPublic:      tpm2.New2B(tpm2.ECCEKTemplate),
 	}.Execute(tpm)
 	if err != nil {
 		return nil, fmt.Errorf("create endorsement key: %w", err)
@@ -275,8 +275,8 @@ func (a *Attester) consistentQuote(nonce []byte, pcrs []int) (attestBytes, sig [
 	return nil, nil, nil, errors.New("PCRs kept changing while quoting (5 tries)")
 }
 
-// EKCertIndex is the TCG NV index of the RSA 2048 EK certificate.
-const EKCertIndex = 0x01c00002
+// EKCertIndex is the TCG NV index of the ECC P-256 EK certificate.
+const EKCertIndex = 0x01c0000a
 
 // readEKCert returns the EK certificate from NV, or nil if the TPM has none.
 func readEKCert(tpm transport.TPM) []byte {
