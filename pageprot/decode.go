@@ -1,6 +1,9 @@
 package pageprot
 
-import "encoding/binary"
+import (
+	"encoding/binary"
+	"slices"
+)
 
 // Entry is one decoded range of a PP_SET batch (struct pp_range).
 type Entry struct {
@@ -64,22 +67,25 @@ func DecodeBatch(b []byte) ([]Entry, error) {
 			Action: Action(p[17]),
 			Flags:  le.Uint16(p[18:]),
 		}
-		if r := le.Uint32(p[20:]); r != 0 {
-			return nil, errAt(i, EINVAL, "reserved field %#x is not zero", r)
-		}
-		if err := checkEntry(i, e); err != nil {
-			return nil, err
+		err := checkEntry(i, e)
+		if r := le.Uint32(p[20:]); r != 0 && err == nil {
+			err = errAt(i, EINVAL, "reserved field %#x is not zero", r)
 		}
 		total += e.Pages
-		if total > MaxPagesBatch {
-			return nil, errAt(i, E2BIG, "batch covers more than %d pages", MaxPagesBatch)
+		if err == nil && total > MaxPagesBatch {
+			err = errAt(i, E2BIG, "batch covers more than %d pages", MaxPagesBatch)
 		}
-		for j := range i {
-			if overlaps(entries[j], e) {
-				return nil, errAt(i, EINVAL, "range [%#x, %#x) overlaps entry %d", e.Addr, e.End(), j)
+		if err != nil {
+			// An overlap among the entries before this one is the first fault.
+			if oerr := overlapErr(entries[:i]); oerr != nil {
+				return nil, oerr
 			}
+			return nil, err
 		}
 		entries[i] = e
+	}
+	if err := overlapErr(entries); err != nil {
+		return nil, err
 	}
 	return entries, nil
 }
@@ -110,10 +116,45 @@ func checkEntry(i int, e Entry) error {
 	return nil
 }
 
-// overlaps reports whether two entries name overlapping ranges of the same kind of
-// address. Virtual and physical entries in one batch are checked after translation.
-func overlaps(a, b Entry) bool {
-	return a.Phys() == b.Phys() && a.Addr < b.End() && b.Addr < a.End()
+// overlapErr reports the first entry (smallest index) that overlaps an earlier one
+// naming the same kind of address (virtual or physical; aliases between them are caught
+// after translation).
+func overlapErr(entries []Entry) error {
+	var virt, phys disjoint
+	for i, e := range entries {
+		set := &virt
+		if e.Phys() {
+			set = &phys
+		}
+		if j, ok := set.insert(e.Addr, e.End(), i); !ok {
+			return errAt(i, EINVAL, "range [%#x, %#x) overlaps entry %d", e.Addr, e.End(), j)
+		}
+	}
+	return nil
+}
+
+// disjoint is a set of disjoint intervals sorted by start, each tagged with the index
+// of the entry it came from.
+type disjoint struct{ iv []interval }
+
+type interval struct {
+	start, end uint64
+	index      int
+}
+
+// insert adds [start, end) unless it overlaps a member, whose index it then returns.
+func (d *disjoint) insert(start, end uint64, index int) (int, bool) {
+	k, _ := slices.BinarySearchFunc(d.iv, start, func(x interval, s uint64) int {
+		return cmpU64(x.start, s)
+	})
+	if k > 0 && d.iv[k-1].end > start {
+		return d.iv[k-1].index, false
+	}
+	if k < len(d.iv) && d.iv[k].start < end {
+		return d.iv[k].index, false
+	}
+	d.iv = slices.Insert(d.iv, k, interval{start, end, index})
+	return 0, true
 }
 
 // EncodeBatch is the inverse of DecodeBatch, for tests, benchmarks and tools. It does

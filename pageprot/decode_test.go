@@ -53,6 +53,21 @@ func TestDecodeBatch(t *testing.T) {
 			t.Errorf("%s: err %v, want %v at %#x", tc.name, err, tc.want, tc.idx)
 		}
 	}
+	// The first bad entry is the first that overlaps any earlier one.
+	_, err := DecodeBatch(EncodeBatch([]Entry{
+		{Addr: 10 * PageSize, Pages: 10, Deny: DenyWrite, Action: ActionLog},
+		{Addr: 12 * PageSize, Pages: 1, Deny: DenyWrite, Action: ActionLog},
+		{Addr: 0, Pages: 100, Deny: DenyWrite, Action: ActionLog},
+	}))
+	var pe *Error
+	if !errors.As(err, &pe) || pe.Index != 1 {
+		t.Errorf("nested overlap: %v, want entry 1", err)
+	}
+	// An overlap before a malformed entry is reported first.
+	_, err = DecodeBatch(EncodeBatch([]Entry{ok, ok, {Addr: 1}}))
+	if !errors.As(err, &pe) || pe.Index != 1 {
+		t.Errorf("overlap then malformed: %v, want entry 1", err)
+	}
 	want := []Entry{ok, {Addr: 0x10000, Pages: 1, Deny: DenyRead, Action: ActionLog, Flags: FlagLock},
 		{Addr: 0x1000, Pages: 1, Deny: DenyWrite, Action: ActionKill, Flags: FlagPhys}, {Addr: 0x3000, Pages: 4}}
 	got, err := DecodeBatch(EncodeBatch(want))

@@ -445,35 +445,20 @@ func (s *Service) resolve(c Context, mem GuestMemory, entries []Entry) ([]op, er
 	return ops, nil
 }
 
-// checkOpOverlap refuses a batch whose entries reach the same page (through aliases).
+// checkOpOverlap refuses a batch in which two entries, or one entry twice, reach the
+// same page (through aliases): ops are in entry order, so the first op that overlaps an
+// earlier one names the first bad entry.
 func checkOpOverlap(ops []op) error {
-	idx := make([]int, len(ops))
-	for i := range idx {
-		idx[i] = i
-	}
-	slices.SortFunc(idx, func(a, b int) int {
-		if ops[a].space != ops[b].space {
-			return cmpU64(uint64(ops[a].space), uint64(ops[b].space))
+	sets := make(map[Space]*disjoint)
+	for _, o := range ops {
+		d := sets[o.space]
+		if d == nil {
+			d = &disjoint{}
+			sets[o.space] = d
 		}
-		return cmpU64(ops[a].x.Start, ops[b].x.Start)
-	})
-	bad := -1
-	far := -1 // op reaching furthest so far in this space
-	for _, k := range idx {
-		if far >= 0 && ops[far].space == ops[k].space && ops[k].x.Start < ops[far].x.End {
-			a, b := ops[far].index, ops[k].index
-			if a != b {
-				if cand := max(a, b); bad < 0 || cand < bad {
-					bad = cand
-				}
-			}
+		if j, ok := d.insert(o.x.Start, o.x.End, o.index); !ok {
+			return errAt(o.index, EINVAL, "[%#x, %#x) reaches a page that entry %d also names", o.x.Start, o.x.End, j)
 		}
-		if far < 0 || ops[far].space != ops[k].space || ops[k].x.End > ops[far].x.End {
-			far = k
-		}
-	}
-	if bad >= 0 {
-		return errAt(bad, EINVAL, "entry reaches a page another entry of the batch also names")
 	}
 	return nil
 }

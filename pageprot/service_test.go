@@ -169,11 +169,13 @@ func TestMalformedBatchChangesNothing(t *testing.T) {
 		{"bad second entry: unmapped", []Entry{good, {Addr: 0x200000, Pages: 1, Deny: DenyWrite, Action: ActionLog}}, 1, EFAULT},
 		{"overlap in batch", []Entry{good, good2, {Addr: userVA + PageSize, Pages: 1, Deny: DenyWrite, Action: ActionKill}}, 2, EINVAL},
 		{"alias overlap in batch", []Entry{good, {Addr: 0x210000, Pages: 1, Deny: DenyWrite, Action: ActionKill}}, 1, EINVAL},
+		{"one entry reaching a frame twice", []Entry{good2, {Addr: 0x210000 - PageSize, Pages: 2, Deny: DenyWrite, Action: ActionKill}}, 1, EINVAL},
 		{"exec on sysVM", []Entry{good, good2, {Addr: userVA + 10*PageSize, Pages: 1, Deny: DenyExec, Action: ActionKill}}, 2, ENOTSUP},
 		{"bad action", []Entry{good, {Addr: userVA + 10*PageSize, Pages: 1, Deny: DenyWrite, Action: 9}}, 1, EINVAL},
 	}
 	// An alias of userVA in process 1's address space.
 	w.p1.mapRange(0x210000, userGPA1, 1, true, true, false)
+	w.p1.mapRange(0x210000-PageSize, userGPA1, 1, true, true, false)
 	for _, tc := range tests {
 		r, idx := w.set(w.u1, tc.entries...)
 		if r.Value != tc.want.Result() || idx != tc.idx || r.Changed {
