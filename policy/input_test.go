@@ -1,0 +1,196 @@
+package policy
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/open-policy-agent/opa/v1/ast"
+	"github.com/open-policy-agent/opa/v1/rego"
+	"github.com/open-policy-agent/opa/v1/util"
+)
+
+// sampleInputs returns a valid input for every guarded action.
+func sampleInputs() []*Input {
+	var out []*Input
+	for _, a := range Actions() {
+		in := financeInput(a)
+		in.VM.FirstLaunchAt = time.Date(2026, 6, 1, 9, 0, 0, 0, time.FixedZone("CEST", 7200))
+		r := &in.Request
+		switch a {
+		case ActionModifySpec:
+			r.Spec = &Spec{MemoryMiB: 4096, VCPUs: 2, Cloak: true}
+		case ActionAttachDevice:
+			r.Device = &Device{Type: "virtio-blk", ID: "disk1"}
+		case ActionConnectNetwork:
+			r.Network = &Network{ID: "net1", Mode: "nat"}
+		case ActionConsoleOpen:
+			r.Console = &Console{Kind: "serial"}
+		case ActionSnapshotCreate, ActionSnapshotRevert:
+			r.Snapshot = &Snapshot{Name: "s1"}
+		case ActionFileTransfer:
+			r.Transfer = &Transfer{Direction: "to_guest", Path: "/tmp/f"}
+		case ActionClipboard:
+			r.Clipboard = &Clipboard{Direction: "from_guest"}
+		case ActionMigrate:
+			r.Migration = &Migration{TargetHost: "host-b", TargetFingerprint: hostA}
+		case ActionClone, ActionExport:
+			r.Export = &Export{Destination: "/srv/export"}
+		case ActionCloakRegister:
+			r.App = &App{Name: "payments", Measurement: appPayment}
+		case ActionPageProtChange:
+			r.App = &App{Name: "payments", Measurement: appPayment}
+			r.Pages = &Pages{Prot: "r", Ranges: []Range{{Start: 1 << 20, Length: 4096}}, Owned: []Range{{Start: 1 << 20, Length: 1 << 16}}}
+		case ActionLaunch:
+			r.Recheck = true
+		}
+		out = append(out, in)
+	}
+	return out
+}
+
+// TestInputASTMatchesJSON: the direct AST conversion used for speed produces the
+// same Rego value as the JSON encoding does.
+func TestInputASTMatchesJSON(t *testing.T) {
+	for _, in := range sampleInputs() {
+		b, err := in.CanonicalJSON()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var v any
+		if err := util.UnmarshalJSON(b, &v); err != nil {
+			t.Fatal(err)
+		}
+		want, err := ast.InterfaceToValue(v)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := in.astValue(); got.Compare(want) != 0 {
+			t.Errorf("%s:\n ast  %v\n json %v", in.Action, got, want)
+		}
+	}
+}
+
+// TestSchemaAgreesWithValidate checks inputs against the JSON Schema with OPA's
+// json.match_schema and requires Validate to agree.
+func TestSchemaAgreesWithValidate(t *testing.T) {
+	var schema any
+	if err := util.UnmarshalJSON(InputSchema(), &schema); err != nil {
+		t.Fatal(err)
+	}
+	pq, err := rego.New(rego.Query("x := json.match_schema(input.doc, input.schema)")).PrepareForEval(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	match := func(doc []byte) (bool, string) {
+		var v any
+		if err := util.UnmarshalJSON(doc, &v); err != nil {
+			t.Fatal(err)
+		}
+		rs, err := pq.Eval(context.Background(), rego.EvalInput(map[string]any{"doc": v, "schema": schema}))
+		if err != nil || len(rs) != 1 {
+			t.Fatalf("match_schema: %v %v", rs, err)
+		}
+		res := rs[0].Bindings["x"].([]any)
+		b, _ := json.Marshal(res[1])
+		return res[0].(bool), string(b)
+	}
+	type mutation struct {
+		name string
+		edit func(*Input)
+	}
+	bad := []mutation{
+		{"bad action", func(in *Input) { in.Action = "teleport" }},
+		{"no principal", func(in *Input) { in.Principal.ID = "" }},
+		{"bad auth", func(in *Input) { in.Principal.Auth = "password" }},
+		{"bad fingerprint", func(in *Input) { in.Host.Fingerprint = "ABC" }},
+		{"bad attestation", func(in *Input) { in.Host.Attestation = "maybe" }},
+		{"bad state", func(in *Input) { in.VM.State = "zombie" }},
+		{"bad network mode", func(in *Input) { in.VM.Networks[0].Mode = "promiscuous" }},
+		{"device missing", func(in *Input) { in.Action = ActionAttachDevice; in.Request = Request{} }},
+		{"pages missing", func(in *Input) { in.Action = ActionPageProtChange; in.Request = Request{App: &App{Measurement: appPayment}} }},
+		{"unaligned range", func(in *Input) {
+			in.Action = ActionPageProtChange
+			in.Request = Request{App: &App{Measurement: appPayment}, Pages: &Pages{Prot: "r", Ranges: []Range{{Start: 1, Length: 4096}}}}
+		}},
+		{"too much memory", func(in *Input) { in.VM.Spec.MemoryMiB = 1 << 30 }},
+		{"long id", func(in *Input) { in.VM.ID = strings.Repeat("x", 300) }},
+	}
+	for _, in := range sampleInputs() {
+		b, _ := in.CanonicalJSON()
+		if ok, errs := match(b); !ok {
+			t.Errorf("%s: schema rejects a valid input: %s", in.Action, errs)
+		}
+		if err := in.Validate(); err != nil {
+			t.Errorf("%s: Validate rejects a valid input: %v", in.Action, err)
+		}
+	}
+	for _, m := range bad {
+		in := financeInput(ActionLaunch)
+		m.edit(in)
+		b, _ := in.CanonicalJSON()
+		ok, _ := match(b)
+		err := in.Validate()
+		if ok || err == nil {
+			t.Errorf("%s: schema ok=%v, Validate err=%v; both must reject", m.name, ok, err)
+		}
+	}
+}
+
+func TestParseInput(t *testing.T) {
+	good, _ := financeInput(ActionLaunch).CanonicalJSON()
+	if _, err := ParseInput(bytes.NewReader(good)); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct{ name, doc, says string }{
+		{"unknown field", strings.Replace(string(good), `"action"`, `"admin":true,"action"`, 1), "unknown field"},
+		{"trailing", string(good) + "{}", "after the JSON object"},
+		{"wrong type", strings.Replace(string(good), `"vcpus":2`, `"vcpus":"2"`, 1), "vcpus"},
+		{"schema", strings.Replace(string(good), `"verified"`, `"trust-me"`, 1), "host.attestation"},
+		{"empty", "", "not valid"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := ParseInput(strings.NewReader(tc.doc))
+			if err == nil || !strings.Contains(err.Error(), tc.says) {
+				t.Fatalf("err = %v, want %q", err, tc.says)
+			}
+		})
+	}
+}
+
+// FuzzParseInput: input files are hostile; parsing never panics, and whatever
+// parses is valid and evaluates to a decision (never a panic) whose digest is
+// stable.
+func FuzzParseInput(f *testing.F) {
+	for _, in := range sampleInputs() {
+		b, _ := in.CanonicalJSON()
+		f.Add(b)
+	}
+	f.Add([]byte(`{"action":"launch"}`))
+	p, err := LoadDir(context.Background(), examples)
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		in, err := ParseInput(bytes.NewReader(data))
+		if err != nil {
+			return
+		}
+		if err := in.Validate(); err != nil {
+			t.Fatalf("parsed input does not validate: %v", err)
+		}
+		d1, err1 := in.Digest()
+		d2, err2 := in.Digest()
+		if err1 != nil || err2 != nil || d1 != d2 {
+			t.Fatalf("digest unstable: %v %v %s %s", err1, err2, d1, d2)
+		}
+		d := p.Decide(context.Background(), in)
+		if d.Allow == (len(d.Deny) > 0) {
+			t.Fatalf("inconsistent decision %+v", d)
+		}
+	})
+}
