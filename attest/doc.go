@@ -27,6 +27,12 @@ import (
 // matching "pcr" field of the reference values.
 const DefaultPCR = 15
 
+// File names of umbra's attestation state inside its state directory.
+const (
+	EventLogFile = "eventlog.jsonl" // the measured-launch event log (attest/eventlog)
+	AuditLogFile = "audit.jsonl"    // the audit log (attest/audit)
+)
+
 // HostFingerprint returns the host identity umbra uses everywhere (umbra host id,
 // evidence, policy input): the lowercase hex SHA-256 of the TPM2B_PUBLIC contents
 // (the marshalled TPMT_PUBLIC, without the two-byte size) of the TPM's endorsement

@@ -17,7 +17,7 @@ import (
 	"github.com/umbra-cc/umbra/attest/audit"
 	"github.com/umbra-cc/umbra/attest/eventlog"
 	"github.com/umbra-cc/umbra/attest/evidence"
-	"github.com/umbra-cc/umbra/attest/internal/tpmtest"
+	"github.com/umbra-cc/umbra/attest/tpmtest"
 	"github.com/umbra-cc/umbra/attest/verify"
 )
 

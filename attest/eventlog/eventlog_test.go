@@ -11,7 +11,7 @@ import (
 	"testing"
 
 	"github.com/umbra-cc/umbra/attest/eventlog"
-	"github.com/umbra-cc/umbra/attest/internal/tpmtest"
+	"github.com/umbra-cc/umbra/attest/tpmtest"
 )
 
 func launchEvents() []eventlog.Event {

@@ -12,7 +12,7 @@ import (
 
 	"github.com/umbra-cc/umbra/attest/eventlog"
 	"github.com/umbra-cc/umbra/attest/evidence"
-	"github.com/umbra-cc/umbra/attest/internal/tpmtest"
+	"github.com/umbra-cc/umbra/attest/tpmtest"
 )
 
 func collect(t testing.TB, kind string, nonce []byte) *evidence.Evidence {

@@ -14,7 +14,7 @@ import (
 	"github.com/umbra-cc/umbra/attest"
 	"github.com/umbra-cc/umbra/attest/eventlog"
 	"github.com/umbra-cc/umbra/attest/evidence"
-	"github.com/umbra-cc/umbra/attest/internal/tpmtest"
+	"github.com/umbra-cc/umbra/attest/tpmtest"
 	"github.com/umbra-cc/umbra/attest/verify"
 	"github.com/umbra-cc/umbra/sealing"
 )

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -111,7 +112,11 @@ func StartSwtpm(tb testing.TB) (transport.TPMCloser, *Swtpm) {
 type tbWriter struct{ tb testing.TB }
 
 func (w *tbWriter) Write(p []byte) (int, error) {
-	w.tb.Logf("swtpm: %s", p)
+	for _, l := range strings.Split(strings.TrimSpace(string(p)), "\n") {
+		if l != "" && !strings.Contains(l, "client disconnected") {
+			w.tb.Logf("swtpm: %s", l)
+		}
+	}
 	return len(p), nil
 }
 
@@ -129,4 +134,15 @@ func RequireTool(tb testing.TB, name string) string {
 		tb.Skipf("%s not installed", name)
 	}
 	return p
+}
+
+// OpenSwtpmSocket opens another connection to a running swtpm's socket.
+func OpenSwtpmSocket(tb testing.TB, socket string) transport.TPMCloser {
+	tb.Helper()
+	tpm, err := linuxudstpm.Open(socket)
+	if err != nil {
+		tb.Fatalf("connect to swtpm: %v", err)
+	}
+	tb.Cleanup(func() { tpm.Close() })
+	return tpm
 }

@@ -1,0 +1,138 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/umbra-cc/umbra/attest/audit"
+	"github.com/umbra-cc/umbra/attest/eventlog"
+	"github.com/umbra-cc/umbra/attest/evidence"
+	"github.com/umbra-cc/umbra/attest/tpmtest"
+)
+
+func cli(t *testing.T, args ...string) (int, string, string) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	code := runCLI(context.Background(), &cliEnv{stdin: strings.NewReader(""), stdout: &out, stderr: &errb}, args)
+	return code, out.String(), errb.String()
+}
+
+// TestAttestAndAuditCLI runs the auditor's commands against a real swtpm: measure a
+// launch, anchor an audit log, quote, verify (pass and fail), export for tpm2-tools,
+// audit verify and show.
+func TestAttestAndAuditCLI(t *testing.T) {
+	_, sw := tpmtest.StartSwtpm(t)
+	tpmFlag := "--tpm=swtpm:" + sw.Socket
+	dir := t.TempDir()
+	state := "--state-dir=" + dir
+	for _, m := range [][]string{
+		{"--type", "monitor", "--description", "/usr/bin/umbra", "--digest", strings.Repeat("ab", 32)},
+		{"--type", "cmdline", "--data", "console=ttyS0"},
+	} {
+		if code, out, errs := cli(t, append([]string{"attest", "measure", tpmFlag, state}, m...)...); code != 0 {
+			t.Fatalf("measure: %d %s %s", code, out, errs)
+		}
+	}
+	// An audit log anchored through the same event log, as the monitor does.
+	tpm := tpmtest.OpenSwtpmSocket(t, sw.Socket)
+	ctx := context.Background()
+	m, err := eventlog.Open(ctx, tpm, filepath.Join(dir, "eventlog.jsonl"), 15, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	logPath := filepath.Join(dir, "audit.jsonl")
+	l, err := audit.Open(logPath, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Append(ctx, audit.Record{Kind: audit.KindLaunch, VM: "demo", Actor: "operator"})
+	l.Append(ctx, audit.Record{Kind: audit.KindDecision, VM: "demo", Actor: "operator", Details: json.RawMessage(`{"action":"snapshot","allow":false,"reasons":["snapshots are forbidden"]}`)})
+	if err := l.Anchor(ctx, m); err != nil {
+		t.Fatal(err)
+	}
+	l.Close()
+	m.Close()
+
+	nonce := "00112233445566778899aabbccddeeff"
+	evPath := filepath.Join(dir, "evidence.json")
+	if code, _, errs := cli(t, "attest", "quote", tpmFlag, state, "--nonce", nonce, "-o", evPath); code != 0 {
+		t.Fatalf("quote: %d %s", code, errs)
+	}
+	b, _ := os.ReadFile(evPath)
+	ev, err := evidence.Parse(bytes.NewReader(b))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := filepath.Join(dir, "ref.yaml")
+	os.WriteFile(ref, []byte(`version: 1
+hosts:
+  - name: test-host
+    fingerprint: `+ev.HostFingerprint+`
+    ak_name: `+ev.AKName()+`
+measurements:
+  - type: monitor
+    expected: `+strings.Repeat("ab", 32)+`
+  - type: cmdline
+    expected: `+ev.EventLog[1].Content.Value+`
+`), 0o644)
+
+	code, out, errs := cli(t, "attest", "verify", evPath, "--nonce", nonce, "--reference", ref)
+	if code != 0 || !strings.Contains(out, "RESULT: PASS") || !strings.Contains(out, "audit-anchor") {
+		t.Fatalf("verify good evidence: %d\n%s%s", code, out, errs)
+	}
+	code, out, _ = cli(t, "attest", "verify", evPath, "--nonce", "ffffffffffffffffffffffffffffffff", "--reference", ref)
+	if code != 1 || !strings.Contains(out, "nonce: the quote was made for nonce") {
+		t.Fatalf("verify with wrong nonce: exit %d\n%s", code, out)
+	}
+	code, out, _ = cli(t, "attest", "verify", "--json", evPath, "--nonce", nonce, "--reference", ref)
+	var rep struct{ OK bool }
+	if code != 0 || json.Unmarshal([]byte(out), &rep) != nil || !rep.OK {
+		t.Fatalf("verify --json: %d %s", code, out)
+	}
+	if code, _, _ := cli(t, "attest", "verify", evPath); code != 2 {
+		t.Fatalf("verify without --reference: exit %d, want 2", code)
+	}
+	if code, out, _ := cli(t, "attest", "verify", "--help"); code != 0 || !strings.Contains(out, "-reference string") {
+		t.Fatalf("verify --help: %d %s", code, out)
+	}
+
+	if p, err := exec.LookPath("tpm2_checkquote"); err == nil {
+		code, out, errs := cli(t, "attest", "export-tpm2", evPath, "--nonce", nonce, "--dir", filepath.Join(dir, "tpm2"))
+		if code != 0 {
+			t.Fatalf("export-tpm2: %s", errs)
+		}
+		args := strings.Fields(strings.TrimPrefix(strings.TrimSpace(out), "tpm2_checkquote "))
+		if o, err := exec.Command(p, args...).CombinedOutput(); err != nil {
+			t.Fatalf("tpm2_checkquote: %v %s", err, o)
+		}
+	}
+
+	code, out, _ = cli(t, "audit", "verify", logPath, "--evidence", evPath, "--nonce", nonce)
+	if code != 0 || !strings.Contains(out, "anchor:   OK   seq 3") {
+		t.Fatalf("audit verify: %d\n%s", code, out)
+	}
+	code, out, _ = cli(t, "audit", "show", logPath, "--kind", "decision", "--vm", "demo")
+	if code != 0 || !strings.Contains(out, "snapshots are forbidden") || strings.Contains(out, "launch") {
+		t.Fatalf("audit show: %d\n%s", code, out)
+	}
+	// Truncate the log: the anchor exposes it.
+	lines := strings.SplitAfter(string(must(os.ReadFile(logPath))), "\n")
+	os.WriteFile(logPath, []byte(strings.Join(lines[:2], "")), 0o600)
+	code, out, _ = cli(t, "audit", "verify", logPath, "--evidence", evPath, "--nonce", nonce)
+	if code != 1 || !strings.Contains(out, "truncated") {
+		t.Fatalf("audit verify of a truncated log: %d\n%s", code, out)
+	}
+}
+
+func must(b []byte, err error) []byte {
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
