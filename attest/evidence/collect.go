@@ -30,7 +30,6 @@ import (
 // SEV-SNP/TDX guest modules, which this module does not require.
 type Attester struct {
 	tpm   transport.TPM
-	ek    *tpm2.CreatePrimaryResponse
 	ak    *tpm2.CreatePrimaryResponse
 	ekPub []byte
 	akPub []byte
@@ -68,7 +67,11 @@ func NewAttester(tpm transport.TPM) (*Attester, error) {
 	if err != nil {
 		return nil, fmt.Errorf("create endorsement key: %w", err)
 	}
-	a := &Attester{tpm: tpm, ek: ek}
+	// Only the public area of the EK is needed: flush it at once so the AK is the
+	// one transient object the attester keeps loaded.
+	ekPub := ek.OutPublic.Bytes()
+	tpm2.FlushContext{FlushHandle: ek.ObjectHandle}.Execute(tpm)
+	a := &Attester{tpm: tpm, ekPub: ekPub}
 	ak, err := tpm2.CreatePrimary{
 		PrimaryHandle: tpm2.TPMRHOwner,
 		InPublic:      tpm2.New2B(AKTemplate),
@@ -78,19 +81,16 @@ func NewAttester(tpm transport.TPM) (*Attester, error) {
 		return nil, fmt.Errorf("create attestation key: %w", err)
 	}
 	a.ak = ak
-	a.ekPub = ek.OutPublic.Bytes()
 	a.akPub = ak.OutPublic.Bytes()
 	return a, nil
 }
 
-// Close flushes the keys from the TPM.
+// Close flushes the AK from the TPM.
 func (a *Attester) Close() {
-	for _, k := range []*tpm2.CreatePrimaryResponse{a.ak, a.ek} {
-		if k != nil {
-			tpm2.FlushContext{FlushHandle: k.ObjectHandle}.Execute(a.tpm)
-		}
+	if a.ak != nil {
+		tpm2.FlushContext{FlushHandle: a.ak.ObjectHandle}.Execute(a.tpm)
+		a.ak = nil
 	}
-	a.ak, a.ek = nil, nil
 }
 
 // EKPublic returns the EK's marshalled TPMT_PUBLIC.

@@ -113,7 +113,7 @@ type tbWriter struct{ tb testing.TB }
 
 func (w *tbWriter) Write(p []byte) (int, error) {
 	for _, l := range strings.Split(strings.TrimSpace(string(p)), "\n") {
-		if l != "" && !strings.Contains(l, "client disconnected") {
+		if l = strings.TrimSpace(l); l != "" && l != "swtpm:" && !strings.Contains(l, "client disconnected") {
 			w.tb.Logf("swtpm: %s", l)
 		}
 	}
