@@ -12,6 +12,7 @@ import (
 type fakeMem struct {
 	pt   map[uint64]Mapping
 	phys *physMem
+	user bool // the caller runs at CPL 3: only user pages are reachable
 }
 
 type physMem struct{ pages map[uint64]*[PageSize]byte }
@@ -54,6 +55,9 @@ func (m *fakeMem) access(va uint64, p []byte, write bool) error {
 		}
 		if write && !mp.Writable {
 			return fmt.Errorf("%#x: read-only", va)
+		}
+		if m.user && !mp.User {
+			return fmt.Errorf("%#x: supervisor page", va)
 		}
 		off := va % PageSize
 		pg := m.phys.page(mp.GPA)
@@ -131,6 +135,7 @@ type world struct {
 func newWorld(backend Backend, policy PolicyFunc) *world {
 	w := &world{phys: newPhys(), audit: &recorder{}}
 	w.kmem, w.p1, w.p2, w.app = newMem(w.phys), newMem(w.phys), newMem(w.phys), newMem(w.phys)
+	w.p1.user, w.p2.user, w.app.user = true, true, true
 	// Kernel: its image through the direct map, supervisor only, and a batch area.
 	w.kmem.mapRange(kernVA, kernBase, kernPages, false, true, true)
 	w.kmem.mapRange(kbatchVA, kbatchGPA, 4, false, true, false)

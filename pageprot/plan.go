@@ -162,68 +162,92 @@ func (p *SlotPlanner) layout(prot []PhysRange) []Slot {
 }
 
 // Plan computes the slot changes that make the layout enforce prot (sorted,
-// non-overlapping; Table output is). Slots that already have the right GPA, size, host
-// offset and flags are kept.
+// non-overlapping; Service.PhysRanges is). Slots that already have the right GPA, size,
+// host offset and flags are kept. Both layouts are sorted by GPA, so this is one merge
+// walk.
 func (p *SlotPlanner) Plan(prot []PhysRange) (Plan, error) {
 	want := p.layout(prot)
-	have := make(map[Slot]Slot, len(p.cur))
-	for _, s := range p.cur {
-		have[s.key()] = s
-	}
 	plan := &SlotPlan{}
-	keep := make(map[uint32]bool)
 	var create []Slot
-	for _, s := range want {
-		if old, ok := have[s]; ok {
-			keep[old.ID] = true
-			continue
+	i, j := 0, 0
+	for i < len(p.cur) || j < len(want) {
+		switch {
+		case j == len(want) || (i < len(p.cur) && p.cur[i].GPA < want[j].GPA):
+			plan.Delete = append(plan.Delete, p.cur[i])
+			i++
+		case i == len(p.cur) || want[j].GPA < p.cur[i].GPA:
+			create = append(create, want[j])
+			j++
+		default: // same GPA
+			if p.cur[i].key() != want[j] {
+				plan.Delete = append(plan.Delete, p.cur[i])
+				create = append(create, want[j])
+			}
+			i++
+			j++
 		}
-		create = append(create, s)
 	}
-	for _, s := range p.cur {
-		if !keep[s.ID] {
-			plan.Delete = append(plan.Delete, s)
-		}
-	}
-	free := slices.Clone(p.free)
-	for _, s := range plan.Delete {
-		free = append(free, s.ID)
-	}
-	slices.Sort(free)
+	free := p.freeAfter(plan.Delete)
 	if len(create) > len(free) {
-		return nil, fmt.Errorf("pageprot: layout needs %d slots, %d ids left: %w", len(create), len(free), ENOSPC)
+		return nil, fmt.Errorf("pageprot: layout needs %d new slots, %d ids left: %w", len(create), len(free), ENOSPC)
 	}
-	for i := range create {
-		create[i].ID = free[i]
+	for k := range create {
+		create[k].ID = free[k]
 	}
 	plan.Create = create
 	return plan, nil
 }
 
-// Commit records that plan (from Plan, on the current layout) has been applied.
+// freeAfter returns the ids free once del are deleted, ascending.
+func (p *SlotPlanner) freeAfter(del []Slot) []uint32 {
+	free := slices.Clone(p.free)
+	for _, s := range del {
+		free = append(free, s.ID)
+	}
+	slices.Sort(free)
+	return free
+}
+
+// Commit records that plan, computed by Plan on the current layout, has been applied.
 func (p *SlotPlanner) Commit(pl Plan) error {
 	plan, ok := pl.(*SlotPlan)
 	if !ok {
 		return fmt.Errorf("pageprot: slot planner given a %T", pl)
 	}
-	del := make(map[uint32]bool)
-	for _, s := range plan.Delete {
-		del[s.ID] = true
+	// Deletions are a GPA-ordered subsequence of the current layout.
+	kept := make([]Slot, 0, len(p.cur))
+	k := 0
+	for _, s := range p.cur {
+		if k < len(plan.Delete) && plan.Delete[k] == s {
+			k++
+			continue
+		}
+		kept = append(kept, s)
 	}
-	cur := slices.DeleteFunc(slices.Clone(p.cur), func(s Slot) bool { return del[s.ID] })
-	cur = append(cur, plan.Create...)
-	slices.SortFunc(cur, func(a, b Slot) int { return cmpU64(a.GPA, b.GPA) })
-	used := make(map[uint32]bool)
-	for _, s := range cur {
-		used[s.ID] = true
+	if k != len(plan.Delete) {
+		return fmt.Errorf("pageprot: slot plan deletes slot %+v, which is not in the current layout", plan.Delete[k])
 	}
-	free := slices.Clone(p.free)
-	for _, s := range plan.Delete {
-		free = append(free, s.ID)
+	free := p.freeAfter(plan.Delete)
+	if len(plan.Create) > len(free) {
+		return fmt.Errorf("pageprot: slot plan creates %d slots, %d ids are free", len(plan.Create), len(free))
 	}
-	free = slices.DeleteFunc(free, func(id uint32) bool { return used[id] })
-	slices.Sort(free)
-	p.cur, p.free = cur, free
+	for i, s := range plan.Create {
+		if s.ID != free[i] {
+			return fmt.Errorf("pageprot: slot plan was not computed on the current layout (slot id %d, want %d)", s.ID, free[i])
+		}
+	}
+	cur := make([]Slot, 0, len(kept)+len(plan.Create))
+	i, j := 0, 0
+	for i < len(kept) || j < len(plan.Create) {
+		if j == len(plan.Create) || (i < len(kept) && kept[i].GPA < plan.Create[j].GPA) {
+			cur = append(cur, kept[i])
+			i++
+		} else {
+			cur = append(cur, plan.Create[j])
+			j++
+		}
+	}
+	p.cur, p.free = cur, free[len(plan.Create):]
 	return nil
 }
 

@@ -99,6 +99,15 @@ func TestSlotPlanner(t *testing.T) {
 	if _, err := p.Plan(many); !errors.Is(err, ENOSPC) {
 		t.Fatalf("slot exhaustion: %v", err)
 	}
+	// A plan computed before another was committed is stale and refused.
+	pa, _ := p.Plan([]PhysRange{{4 * mib, 4*mib + PageSize, DenyWrite}})
+	pb, _ := p.Plan([]PhysRange{{6 * mib, 6*mib + PageSize, DenyWrite}})
+	if err := p.Commit(pa); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Commit(pb); err == nil {
+		t.Fatal("stale plan committed")
+	}
 	for _, bad := range [][]Region{{{GPA: 1, Size: PageSize}}, {{GPA: 0, Size: 0}}, {{GPA: 0, Size: 2 * PageSize}, {GPA: PageSize, Size: PageSize}}} {
 		if _, err := NewSlotPlanner(bad, 0, 4); err == nil {
 			t.Errorf("regions %+v accepted", bad)

@@ -22,7 +22,9 @@ type Mapping struct {
 type GuestMemory interface {
 	// Translate walks the page tables for gva; it fails if the page is not present.
 	Translate(gva uint64) (Mapping, error)
-	// Read and Write copy len(p) bytes at gva in the caller's address space.
+	// Read and Write copy len(p) bytes at gva in the caller's address space. They must
+	// apply the caller's own rights (a CPL 3 caller reaches only user pages, Write only
+	// writable ones), so that a call cannot make the monitor a confused deputy.
 	Read(gva uint64, p []byte) error
 	Write(gva uint64, p []byte) error
 }
@@ -309,6 +311,7 @@ func (s *Service) finish(ctx context.Context, req Request, d Decision, r Result,
 // check them all, ask policy, then apply all. On failure the header's bad_index is
 // written (best effort) and nothing changes.
 func (s *Service) set(ctx context.Context, req Request, c Context, mem GuestMemory, addr, length uint64) Result {
+	var d Decision
 	fail := func(err error) Result {
 		var pe *Error
 		if errors.As(err, &pe) && length >= HeaderSize {
@@ -316,7 +319,7 @@ func (s *Service) set(ctx context.Context, req Request, c Context, mem GuestMemo
 			binary.LittleEndian.PutUint32(b[:], pe.Index)
 			_ = mem.Write(addr+badIndexOffset, b[:]) // best effort: the errno is the result
 		}
-		return s.finish(ctx, req, Decision{}, Result{}, err)
+		return s.finish(ctx, req, d, Result{}, err)
 	}
 	if err := CheckLength(length); err != nil {
 		return fail(err)
@@ -350,9 +353,9 @@ func (s *Service) set(ctx context.Context, req Request, c Context, mem GuestMemo
 	if err != nil {
 		return fail(err)
 	}
-	d := s.cfg.Policy(ctx, req)
+	d = s.cfg.Policy(ctx, req)
 	if !d.Allow {
-		return s.finish(ctx, req, d, Result{}, errWhole(EACCES, "denied by policy: %s", d.Reason))
+		return fail(errWhole(EACCES, "denied by policy: %s", d.Reason))
 	}
 	s.mu.Lock()
 	for _, o := range ops {

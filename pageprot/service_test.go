@@ -198,6 +198,10 @@ func TestMalformedBatchChangesNothing(t *testing.T) {
 	if r := w.call(w.u1, CallSet, 0x200000, HeaderSize+EntrySize); r.Value != EFAULT.Result() {
 		t.Errorf("unmapped batch: %d", r.Value)
 	}
+	// A batch on a supervisor page of the process's address space is not the process's.
+	if r := w.call(w.u1, CallSet, 0x310000, HeaderSize+EntrySize); r.Value != EFAULT.Result() {
+		t.Errorf("batch on a supervisor page: %d", r.Value)
+	}
 }
 
 func TestPolicyAndAudit(t *testing.T) {
