@@ -97,6 +97,7 @@ func TestBrokenPoliciesDeny(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			p.timeout = 100 * time.Millisecond // keep the "slow" case short
 			d := p.Decide(context.Background(), financeInput(ActionLaunch))
 			if d.Allow || len(d.Deny) != 1 || d.Deny[0].Code != tc.code || !strings.Contains(d.Deny[0].Message, tc.says) {
 				t.Fatalf("got %v, want deny %s saying %q", d, tc.code, tc.says)

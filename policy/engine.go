@@ -18,7 +18,8 @@ import (
 const Query = "data.umbra.authz.decision"
 
 // DefaultEvalTimeout bounds one evaluation; a policy that takes longer is denied.
-const DefaultEvalTimeout = 250 * time.Millisecond
+// It is generous so that a loaded host does not turn slow decisions into denies.
+const DefaultEvalTimeout = time.Second
 
 // deniedBuiltins are the built-in functions a policy may not call: they reach the
 // network, the process environment or nondeterministic sources, none of which a

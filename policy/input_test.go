@@ -111,7 +111,10 @@ func TestSchemaAgreesWithValidate(t *testing.T) {
 		{"bad state", func(in *Input) { in.VM.State = "zombie" }},
 		{"bad network mode", func(in *Input) { in.VM.Networks[0].Mode = "promiscuous" }},
 		{"device missing", func(in *Input) { in.Action = ActionAttachDevice; in.Request = Request{} }},
-		{"pages missing", func(in *Input) { in.Action = ActionPageProtChange; in.Request = Request{App: &App{Measurement: appPayment}} }},
+		{"pages missing", func(in *Input) {
+			in.Action = ActionPageProtChange
+			in.Request = Request{App: &App{Measurement: appPayment}}
+		}},
 		{"unaligned range", func(in *Input) {
 			in.Action = ActionPageProtChange
 			in.Request = Request{App: &App{Measurement: appPayment}, Pages: &Pages{Prot: "r", Ranges: []Range{{Start: 1, Length: 4096}}}}
