@@ -2,6 +2,7 @@ package pageprot
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
 
 	"github.com/umbra-cc/umbra/pageprot/insnlen"
@@ -262,4 +263,25 @@ func accessName(a Access) string {
 		return "execute"
 	}
 	return fmt.Sprintf("access(%d)", uint8(a))
+}
+
+// MMIOFault builds the Fault for a KVM_EXIT_MMIO at a protected guest-physical address
+// of sysVM (a write to a read-only slot, or any access to a slot hole). It encodes what
+// KVM's emulator does there: a write has already retired (RIP is past it, the data is
+// in the exit), a read has not (RIP is at it; the monitor supplies the data). regs are
+// the registers at the exit and insn the instruction bytes at regs.RIP (needed for
+// reads only). data longer than 8 bytes is refused.
+func MMIOFault(gpa uint64, isWrite bool, data []byte, c Context, regs Regs, insn []byte) (Fault, error) {
+	if len(data) == 0 || len(data) > 8 {
+		return Fault{}, fmt.Errorf("pageprot: MMIO exit at %#x with %d data bytes", gpa, len(data))
+	}
+	f := Fault{Space: SysSpace, Addr: gpa, Access: AccessRead, Size: uint8(len(data)),
+		Context: c, Regs: regs, Emulated: true, Insn: insn}
+	if isWrite {
+		var v [8]byte
+		copy(v[:], data)
+		f.Access, f.RIPAfter, f.Insn = AccessWrite, true, nil
+		f.Value, f.HasValue = binary.LittleEndian.Uint64(v[:]), true
+	}
+	return f, nil
 }

@@ -195,3 +195,20 @@ func TestViolationActions(t *testing.T) {
 		}
 	}
 }
+
+func TestMMIOFault(t *testing.T) {
+	c := Context{CPL: 0}
+	f, err := MMIOFault(0x1000, true, []byte{1, 2}, c, Regs{RIP: 9}, []byte{0x88, 0x07})
+	if err != nil || f.Access != AccessWrite || !f.RIPAfter || !f.Emulated || f.Value != 0x0201 || !f.HasValue || f.Size != 2 || f.Insn != nil {
+		t.Fatalf("write: %+v %v", f, err)
+	}
+	f, err = MMIOFault(0x1000, false, make([]byte, 4), c, Regs{RIP: 9}, []byte{0x8b, 0x07})
+	if err != nil || f.Access != AccessRead || f.RIPAfter || f.HasValue || f.Size != 4 || len(f.Insn) != 2 {
+		t.Fatalf("read: %+v %v", f, err)
+	}
+	for _, n := range []int{0, 9} {
+		if _, err := MMIOFault(0, true, make([]byte, n), c, Regs{}, nil); err == nil {
+			t.Errorf("%d data bytes accepted", n)
+		}
+	}
+}
