@@ -11,12 +11,10 @@ import (
 
 	"github.com/google/go-tpm/tpm2/transport"
 
-	"github.com/umbra-cc/umbra/attest"
 	"github.com/umbra-cc/umbra/attest/eventlog"
 	"github.com/umbra-cc/umbra/attest/evidence"
 	"github.com/umbra-cc/umbra/attest/tpmtest"
 	"github.com/umbra-cc/umbra/attest/verify"
-	"github.com/umbra-cc/umbra/sealing"
 )
 
 var (
@@ -293,22 +291,5 @@ func TestParseReferenceRejects(t *testing.T) {
 				t.Fatalf("err = %v, want %q", err, tc.want)
 			}
 		})
-	}
-}
-
-// The host fingerprint in evidence must be the one `umbra host id` prints.
-func TestFingerprintAgreesWithSealing(t *testing.T) {
-	tpm := tpmtest.Simulator(t)
-	a, err := evidence.NewAttester(tpm)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
-	id, err := sealing.HostID(tpm)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got := attest.HostFingerprint(a.EKPublic()); got != id {
-		t.Fatalf("evidence fingerprint %s != sealing.HostID %s", got, id)
 	}
 }
