@@ -177,6 +177,7 @@ struct proc {
 	u64 brk_start, brk;
 	u64 mmap_next;
 	u64 wake_ns;
+	u64 last_fault_ns; /* when the kernel last resolved a page fault for it */
 	int exit_status;
 	int order; /* position on the command line */
 	struct fd fds[MAX_FDS];
@@ -189,6 +190,7 @@ struct proc {
 };
 extern struct proc procs[MAX_PROCS];
 extern struct proc *current;
+extern u64 ticks;
 struct vma *vma_find(struct proc *p, u64 va);
 int vma_add(struct proc *p, u64 start, u64 end, int kind, int prot);
 int proc_spawn(const char *app, char **argv, int argc, int order);

@@ -97,11 +97,17 @@ static void resident_add(struct proc *p, u64 va)
 	p->resident[p->nresident++] = va;
 }
 
+static void resident_remove_at(struct proc *p, int i)
+{
+	p->nresident--;
+	p->resident[i] = p->resident[p->nresident];
+}
+
 static void resident_del(struct proc *p, u64 va)
 {
 	for (int i = p->nresident - 1; i >= 0; i--) {
 		if (p->resident[i] == va) {
-			p->resident[i] = p->resident[--p->nresident];
+			resident_remove_at(p, i);
 			return;
 		}
 	}
@@ -289,13 +295,18 @@ int copy_to_user(struct proc *p, u64 dst, const void *src, size_t n)
  * returns its length, -EFAULT, or -ENAMETOOLONG. */
 int strncpy_from_user(struct proc *p, char *dst, u64 src, size_t n)
 {
-	for (size_t i = 0; i < n; i++) {
+	size_t i = 0;
+	while (i < n) {
 		u64 pa;
 		if (user_page_ensure(p, src + i, 0, &pa))
 			return -EFAULT;
-		dst[i] = *(char *)P2V(pa);
-		if (!dst[i])
-			return (int)i;
+		const char *s = P2V(pa);
+		size_t chunk = PAGE_SIZE - ((src + i) & ~PAGE_MASK);
+		for (size_t k = 0; k < chunk && i < n; k++, i++) {
+			dst[i] = s[k];
+			if (!dst[i])
+				return (int)i;
+		}
 	}
 	return -ENAMETOOLONG;
 }
@@ -342,7 +353,7 @@ void unmap_range(struct proc *p, u64 start, u64 end)
 		frame_free(*pte & PTE_ADDR);
 		*pte = 0;
 		flush(p, va);
-		p->resident[i] = p->resident[--p->nresident];
+		resident_remove_at(p, i);
 	}
 	if (nswapped[p - procs] == 0)
 		return;

@@ -5,7 +5,7 @@ struct proc procs[MAX_PROCS];
 struct proc *current;
 static u8 kstacks[MAX_PROCS][KSTACK_SIZE] __attribute__((aligned(16)));
 static int next_pid = 1;
-static u64 ticks;
+u64 ticks;
 u64 kernel_pml4;   /* physical; kernel half only */
 u64 doorbell_gpa;
 
@@ -268,19 +268,24 @@ static int exc_signal(u64 v)
 	}
 }
 
-static void on_tick(void)
+/*
+ * swap=NAME: at a tick that interrupts process NAME in user mode when it
+ * has not page-faulted for at least half a tick, evict every one of its
+ * pages. The condition guarantees progress: a process busy faulting its
+ * working set back in is left alone until it computes again.
+ */
+static void on_tick(struct trapframe *tf)
 {
 	ticks++;
-	if (cfg.swap[0]) {
-		for (int i = 1; i < MAX_PROCS; i++)
-			if ((procs[i].state == P_RUNNABLE || procs[i].state == P_SLEEPING) &&
-			    !strcmp(procs[i].name, cfg.swap))
-				evict_all(&procs[i]);
-	}
+	struct proc *p = current;
+	if (cfg.swap[0] && p != IDLE && (tf->cs & 3) == 3 && !strcmp(p->name, cfg.swap) &&
+	    now_ns() - p->last_fault_ns >= cfg.tick_us * 500)
+		evict_all(p);
 }
 
 extern char syscall_entry[];
 
+/* trap handles every interrupt and exception; it returns the frame to resume. */
 struct trapframe *trap(struct trapframe *tf)
 {
 	struct proc *p = current;
@@ -311,7 +316,7 @@ struct trapframe *trap(struct trapframe *tf)
 		attack_on_trap(p, tf);
 	if (tf->vector == VEC_TIMER) {
 		lapic_eoi();
-		on_tick();
+		on_tick(tf);
 		return schedule();
 	}
 	if (tf->vector == VEC_SPURIOUS)
@@ -327,8 +332,10 @@ struct trapframe *trap(struct trapframe *tf)
 		      tf->rip, tf->rsp, read_cr2());
 	if (tf->vector == 14) {
 		u64 addr = read_cr2();
-		if (!(tf->err & 1) && handle_user_fault(p, addr, (tf->err & 2) != 0) == 0)
+		if (!(tf->err & 1) && handle_user_fault(p, addr, (tf->err & 2) != 0) == 0) {
+			p->last_fault_ns = now_ns();
 			return tf;
+		}
 		kprintf("kernel: pid %d (%s) killed: page fault at 0x%lx rip=0x%lx err=0x%lx\n", p->pid, p->name,
 			addr, tf->rip, tf->err);
 	} else {
