@@ -153,15 +153,15 @@ func attestQuote(ctx context.Context, env *cliEnv, args []string) int {
 	}
 	nonce, err := parseNonce(*nonceHex)
 	if err != nil {
-		return fail(env, err)
+		return attestFail(env, err)
 	}
 	extra, err := parsePCRList(*pcrs)
 	if err != nil {
-		return fail(env, err)
+		return attestFail(env, err)
 	}
 	t, dir, err := tf.open(env)
 	if err != nil {
-		return fail(env, err)
+		return attestFail(env, err)
 	}
 	defer t.Close()
 	if *logPath == "" {
@@ -169,7 +169,7 @@ func attestQuote(ctx context.Context, env *cliEnv, args []string) int {
 	}
 	a, err := evidence.NewAttester(t)
 	if err != nil {
-		return fail(env, err)
+		return attestFail(env, err)
 	}
 	defer a.Close()
 	ev, err := a.Collect(ctx, evidence.Options{
@@ -177,18 +177,18 @@ func attestQuote(ctx context.Context, env *cliEnv, args []string) int {
 		ReadLog: func() ([]eventlog.Record, error) { return readEventLog(*logPath) },
 	})
 	if err != nil {
-		return fail(env, err)
+		return attestFail(env, err)
 	}
 	b, err := ev.Marshal()
 	if err != nil {
-		return fail(env, err)
+		return attestFail(env, err)
 	}
 	if *out == "-" {
 		env.stdout.Write(b)
 		return 0
 	}
 	if err := os.WriteFile(*out, b, 0o644); err != nil {
-		return fail(env, err)
+		return attestFail(env, err)
 	}
 	fmt.Fprintf(env.stderr, "umbra: wrote %s: host %s, %d event log records, PCRs %v\n", *out, ev.HostFingerprint, len(ev.EventLog), pcrIndexes(ev))
 	return 0
@@ -229,19 +229,19 @@ func attestVerify(env *cliEnv, args []string) int {
 	}
 	nonce, err := parseNonce(*nonceHex)
 	if err != nil {
-		return fail(env, err)
+		return attestFail(env, err)
 	}
 	ev, err := loadEvidence(fs.Arg(0))
 	if err != nil {
-		return fail(env, err)
+		return attestFail(env, err)
 	}
 	rb, err := readFile(*refPath, verify.MaxReferenceBytes)
 	if err != nil {
-		return fail(env, err)
+		return attestFail(env, err)
 	}
 	ref, err := verify.ParseReference(bytes.NewReader(rb))
 	if err != nil {
-		return fail(env, fmt.Errorf("%s: %w", *refPath, err))
+		return attestFail(env, fmt.Errorf("%s: %w", *refPath, err))
 	}
 	rep := verify.Verify(ev, nonce, ref)
 	if *asJSON {
@@ -285,25 +285,25 @@ func attestMeasure(ctx context.Context, env *cliEnv, args []string) int {
 	case *file != "":
 		f, err := os.Open(*file)
 		if err != nil {
-			return fail(env, err)
+			return attestFail(env, err)
 		}
 		h := sha256.New()
 		_, err = io.Copy(h, f)
 		f.Close()
 		if err != nil {
-			return fail(env, err)
+			return attestFail(env, err)
 		}
 		ev.Digest = h.Sum(nil)
 	default:
 		d, err := hex.DecodeString(*digest)
 		if err != nil || len(d) != sha256.Size {
-			return fail(env, errors.New("--digest must be 64 hex digits"))
+			return attestFail(env, errors.New("--digest must be 64 hex digits"))
 		}
 		ev.Digest = d
 	}
 	t, dir, err := tf.open(env)
 	if err != nil {
-		return fail(env, err)
+		return attestFail(env, err)
 	}
 	defer t.Close()
 	if *logPath == "" {
@@ -311,12 +311,12 @@ func attestMeasure(ctx context.Context, env *cliEnv, args []string) int {
 	}
 	m, err := eventlog.Open(ctx, t, *logPath, *pcr, nil)
 	if err != nil {
-		return fail(env, err)
+		return attestFail(env, err)
 	}
 	defer m.Close()
 	rec, err := m.Measure(ctx, ev)
 	if err != nil {
-		return fail(env, err)
+		return attestFail(env, err)
 	}
 	fmt.Fprintf(env.stdout, "record %d: %s %s = %s (PCR %d)\n", rec.RecNum, rec.Content.Type, rec.Content.Description, rec.Content.Value, rec.PCR)
 	return 0
@@ -335,16 +335,23 @@ func attestExport(env *cliEnv, args []string) int {
 	}
 	nonce, err := parseNonce(*nonceHex)
 	if err != nil {
-		return fail(env, err)
+		return attestFail(env, err)
 	}
 	ev, err := loadEvidence(fs.Arg(0))
 	if err != nil {
-		return fail(env, err)
+		return attestFail(env, err)
 	}
 	a, err := evidence.ExportTPM2Tools(ev, *dir, nonce)
 	if err != nil {
-		return fail(env, err)
+		return attestFail(env, err)
 	}
 	fmt.Fprintf(env.stdout, "tpm2_checkquote %s\n", strings.Join(a, " "))
 	return 0
+}
+
+// attestFail prints err and returns exit status 1. The attest and audit commands use
+// their own helper so they do not depend on other commands' helpers.
+func attestFail(env *cliEnv, err error) int {
+	fmt.Fprintf(env.stderr, "umbra: %v\n", err)
+	return 1
 }

@@ -63,17 +63,17 @@ func auditVerify(env *cliEnv, args []string) int {
 	if *evPath != "" {
 		var err error
 		if ev, err = loadEvidence(*evPath); err != nil {
-			return fail(env, err)
+			return attestFail(env, err)
 		}
 		if *nonceHex != "" {
 			if nonce, err = parseNonce(*nonceHex); err != nil {
-				return fail(env, err)
+				return attestFail(env, err)
 			}
 		}
 	}
 	f, err := os.Open(fs.Arg(0))
 	if err != nil {
-		return fail(env, err)
+		return attestFail(env, err)
 	}
 	defer f.Close()
 	res, qr := verify.AuditLog(f, ev, nonce)
@@ -164,10 +164,10 @@ func auditShow(env *cliEnv, args []string) int {
 	flt := audit.Filter{VM: *vm}
 	var err error
 	if flt.Since, err = parseWhen(*since, now); err != nil {
-		return fail(env, err)
+		return attestFail(env, err)
 	}
 	if flt.Until, err = parseWhen(*until, now); err != nil {
-		return fail(env, err)
+		return attestFail(env, err)
 	}
 	for _, k := range strings.Split(*kinds, ",") {
 		if k = strings.TrimSpace(k); k != "" {
@@ -176,7 +176,7 @@ func auditShow(env *cliEnv, args []string) int {
 	}
 	f, err := os.Open(fs.Arg(0))
 	if err != nil {
-		return fail(env, err)
+		return attestFail(env, err)
 	}
 	defer f.Close()
 	res := audit.Show(env.stdout, f, flt, *asJSON)
