@@ -17,6 +17,8 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
+	"sync"
+	"sync/atomic"
 
 	"github.com/google/go-tpm/tpm2"
 )
@@ -139,6 +141,18 @@ func ApproveMonitor(admin *ecdsa.PrivateKey, monitorDigest [32]byte, comment str
 	return SignApproval(admin, []PCRValue{{Index: MonitorPCR, SHA256: hex.EncodeToString(v[:])}}, hex.EncodeToString(monitorDigest[:]), comment)
 }
 
+// verified memoizes successful approval signature checks, keyed by SHA-256 of
+// the administrator key and everything the signature covers. A hit means this
+// exact (key, PCR policy, signature) triple verified before in this process;
+// the check is a pure function of the key, so caching it weakens nothing. An
+// administrator sealing many bundles with one approval pays for one ECDSA
+// verification instead of one per bundle.
+var verified sync.Map // [32]byte -> struct{}
+
+const maxVerified = 256
+
+var verifiedCount atomic.Int64
+
 // Verify checks the approval's form and its signature by admin.
 func (a *Approval) Verify(admin *ecdsa.PublicKey) error {
 	if a.Format != ApprovalFormat {
@@ -154,9 +168,22 @@ func (a *Approval) Verify(admin *ecdsa.PublicKey) error {
 	if err != nil {
 		return err
 	}
+	digest := aHash(approved)
+	h := sha256.New()
+	h.Write(admin.X.FillBytes(make([]byte, 32)))
+	h.Write(admin.Y.FillBytes(make([]byte, 32)))
+	h.Write(digest)
+	h.Write(a.Signature)
+	key := [32]byte(h.Sum(nil))
+	if _, ok := verified.Load(key); ok {
+		return nil
+	}
 	r, s := new(big.Int).SetBytes(a.Signature[:32]), new(big.Int).SetBytes(a.Signature[32:])
-	if !ecdsa.Verify(admin, aHash(approved), r, s) {
+	if !ecdsa.Verify(admin, digest, r, s) {
 		return fmt.Errorf("%w: signature does not verify", ErrBadApproval)
+	}
+	if verifiedCount.Add(1) <= maxVerified {
+		verified.Store(key, struct{}{})
 	}
 	return nil
 }
@@ -272,9 +299,26 @@ func adminTPMPublic(pub *ecdsa.PublicKey) tpm2.TPMTPublic {
 	}
 }
 
+// authPolicies memoizes sealedAuthPolicy per administrator key (X||Y).
+var authPolicies sync.Map // [64]byte -> []byte
+
 // sealedAuthPolicy is the authPolicy of a bundle key sealed under admin:
 // PolicyAuthorize(admin, PolicyRef).
 func sealedAuthPolicy(admin *ecdsa.PublicKey) ([]byte, error) {
+	var k [64]byte
+	admin.X.FillBytes(k[:32])
+	admin.Y.FillBytes(k[32:])
+	if p, ok := authPolicies.Load(k); ok {
+		return slices.Clone(p.([]byte)), nil
+	}
+	p, err := computeAuthPolicy(admin)
+	if err == nil && verifiedCount.Load() <= maxVerified {
+		authPolicies.Store(k, slices.Clone(p))
+	}
+	return p, err
+}
+
+func computeAuthPolicy(admin *ecdsa.PublicKey) ([]byte, error) {
 	name, err := tpm2.ObjectName(ptr(adminTPMPublic(admin)))
 	if err != nil {
 		return nil, err

@@ -231,9 +231,11 @@ func createCounter(t transport.TPM, series string) (*counterState, error) {
 }
 
 // advanceCounter raises the series' high-water version to version. It refuses
-// with ErrRolledBack if the TPM already records a newer version.
-func advanceCounter(t transport.TPM, series string, version uint64) error {
-	st, err := loadCounter(t, series)
+// with ErrRolledBack if the TPM already records a newer version. It reads the
+// counter again rather than trusting the rollback check's value: the unseal
+// took milliseconds, and another process may have raised the counter since.
+func advanceCounter(t transport.TPM, host, series string, version uint64) error {
+	st, _, err := rollbackState(t, host, series)
 	if err != nil {
 		return err
 	}
@@ -252,6 +254,10 @@ func advanceCounter(t transport.TPM, series string, version uint64) error {
 	if hw == version {
 		return nil
 	}
+	// NV_Increment with a password session does not bind the index name, but
+	// only a TPM_NT_COUNTER can be incremented, and one defined again at this
+	// handle starts above every value a counter on this TPM ever held: the
+	// worst another index here can cause is a refusal of older bundles.
 	for ; hw < version; hw++ {
 		if err := st.increment(t); err != nil {
 			return err
@@ -263,6 +269,108 @@ func advanceCounter(t transport.TPM, series string, version uint64) error {
 	return nil
 }
 
+// Expected public areas of a series' indices once set up: the counter after its
+// first increment, the anchor written and write-locked. Their names are what
+// the fast path asks the TPM to check.
+func counterPublic(h tpm2.TPMHandle) tpm2.TPMSNVPublic {
+	a := counterAttrs()
+	a.Written = true
+	return tpm2.TPMSNVPublic{NVIndex: h, NameAlg: tpm2.TPMAlgSHA256, Attributes: a, DataSize: 8}
+}
+
+func anchorPublic(h tpm2.TPMHandle) tpm2.TPMSNVPublic {
+	a := anchorAttrs()
+	a.Written, a.WriteLocked = true, true
+	return tpm2.TPMSNVPublic{NVIndex: h, NameAlg: tpm2.TPMAlgSHA256, Attributes: a, DataSize: anchorSize}
+}
+
+func expectedIndex(pub tpm2.TPMSNVPublic) (*nvIndex, error) {
+	name, err := tpm2.NVName(&pub)
+	if err != nil {
+		return nil, err
+	}
+	return &nvIndex{handle: pub.NVIndex, name: *name, pub: pub}, nil
+}
+
+// boundRead reads an NV index through a one-use HMAC session. The session's
+// HMAC covers the command parameter hash, which includes the index name the
+// caller expects, so the TPM itself refuses (TPM_RC_AUTH_FAIL) if the index at
+// that handle has other attributes, size, name algorithm or policy, in the same
+// command that returns the data: unlike NV_ReadPublic followed by NV_Read with
+// a password, nobody can swap the index between the check and the read.
+func boundRead(t transport.TPM, ix *nvIndex) ([]byte, error) {
+	rsp, err := tpm2.NVRead{
+		AuthHandle: tpm2.AuthHandle{Handle: ix.handle, Name: ix.name, Auth: tpm2.HMAC(tpm2.TPMAlgSHA256, 16, tpm2.Auth(nil))},
+		NVIndex:    tpm2.NamedHandle{Handle: ix.handle, Name: ix.name},
+		Size:       ix.pub.DataSize,
+	}.Execute(t)
+	if err != nil {
+		return nil, fmt.Errorf("%w: NV_Read %#x with name check: %w", ErrTPM, uint32(ix.handle), err)
+	}
+	if len(rsp.Data.Buffer) != int(ix.pub.DataSize) {
+		return nil, fmt.Errorf("%w: NV_Read %#x returned %d bytes, want %d", ErrTPM, uint32(ix.handle), len(rsp.Data.Buffer), ix.pub.DataSize)
+	}
+	return rsp.Data.Buffer, nil
+}
+
+// fastCounter reads the state of a series whose counter and anchor are set up,
+// in two TPM round trips (StartAuthSession, NV_Read) when the anchor is cached
+// and four when not. Any error, including a series that has no counter yet,
+// sends the caller to loadCounter, which explains what is wrong.
+func fastCounter(t transport.TPM, host, series string) (*counterState, error) {
+	ch, ah := CounterHandles(series)
+	ctr, err := expectedIndex(counterPublic(ch))
+	if err != nil {
+		return nil, err
+	}
+	anc, err := expectedIndex(anchorPublic(ah))
+	if err != nil {
+		return nil, err
+	}
+	cache := cacheOf(t)
+	key := anchorKey{host: host, series: series}
+	base, ok := cache.anchor(key)
+	if !ok {
+		a, err := boundRead(t, anc)
+		if err != nil {
+			return nil, err
+		}
+		sh := sha256.Sum256([]byte(series))
+		if !bytes.Equal(a[8:], sh[:]) {
+			return nil, fmt.Errorf("%w: NV index %#x belongs to another bundle series", ErrTPM, uint32(ah))
+		}
+		base = binary.BigEndian.Uint64(a[:8])
+	}
+	c, err := boundRead(t, ctr)
+	if err != nil {
+		return nil, err
+	}
+	st := &counterState{counter: ctr, anchor: anc, value: binary.BigEndian.Uint64(c), base: base}
+	if st.value < st.base {
+		return nil, fmt.Errorf("%w: rollback counter of series %q is below its anchor", ErrTPM, series)
+	}
+	if !ok {
+		cache.setAnchor(key, base)
+	}
+	return st, nil
+}
+
+// rollbackState returns the series' counter state on this TPM (nil if it has
+// none) and its high-water version. host is the TPM's EK fingerprint, which
+// keys the anchor cache.
+func rollbackState(t transport.TPM, host, series string) (*counterState, uint64, error) {
+	st, err := fastCounter(t, host, series)
+	if err != nil {
+		if st, err = loadCounter(t, series); err != nil {
+			return nil, 0, err
+		}
+	}
+	if st == nil {
+		return nil, 0, nil
+	}
+	return st, st.value - st.base, nil
+}
+
 // simTPM is the simulator back end. Its NV memory does not outlive the process,
 // so the high-water versions are kept in a file in the state directory and
 // replayed into fresh NV counters when the simulator is opened. On the
@@ -270,7 +378,10 @@ func advanceCounter(t transport.TPM, series string, version uint64) error {
 type simTPM struct {
 	transport.TPMCloser
 	stateDir string
+	cache    tpmCache
 }
+
+func (s *simTPM) tpmCache() *tpmCache { return &s.cache }
 
 const simCountersFile = "tpm-sim.counters.json"
 

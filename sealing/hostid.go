@@ -23,6 +23,9 @@ type ekHandle struct {
 	handle tpm2.TPMHandle
 	name   tpm2.TPM2BName
 	public tpm2.TPMTPublic
+	// fingerprint is Fingerprint(&public), hashed from the bytes the TPM
+	// returned rather than re-marshalled.
+	fingerprint string
 }
 
 func createEK(t transport.TPM) (*ekHandle, error) {
@@ -38,7 +41,8 @@ func createEK(t transport.TPM) (*ekHandle, error) {
 		flush(t, rsp.ObjectHandle)
 		return nil, fmt.Errorf("%w: endorsement key public area: %w", ErrTPM, err)
 	}
-	return &ekHandle{handle: rsp.ObjectHandle, name: rsp.Name, public: *pub}, nil
+	fp := sha256.Sum256(rsp.OutPublic.Bytes())
+	return &ekHandle{handle: rsp.ObjectHandle, name: rsp.Name, public: *pub, fingerprint: hex.EncodeToString(fp[:])}, nil
 }
 
 func flush(t transport.TPM, h tpm2.TPMHandle) {

@@ -8,6 +8,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -254,13 +255,14 @@ func open(ctx context.Context, t transport.TPM, data []byte, opts OpenOptions, r
 		return nil, err
 	}
 	admin, err := verifySignature(env, opts.TrustedAdmins)
+	adminID := KeyID(admin)
 	var h *Header
 	if err == nil {
-		if h, err = ParseHeader(env.HeaderJSON); err == nil && h.AdminKeyID != KeyID(admin) {
-			err = fmt.Errorf("%w: header names administrator %s but %s signed it", ErrBadSignature, h.AdminKeyID, KeyID(admin))
+		if h, err = ParseHeader(env.HeaderJSON); err == nil && h.AdminKeyID != adminID {
+			err = fmt.Errorf("%w: header names administrator %s but %s signed it", ErrBadSignature, h.AdminKeyID, adminID)
 		}
 	}
-	if err := step(CheckSignature, err, "signed by trusted administrator %s", KeyID(admin)); err != nil {
+	if err := step(CheckSignature, err, "signed by trusted administrator %s", adminID); err != nil {
 		return nil, err
 	}
 	rep.Header = h
@@ -271,15 +273,15 @@ func open(ctx context.Context, t transport.TPM, data []byte, opts OpenOptions, r
 	ek, err := createEK(t)
 	if err == nil {
 		defer flush(t, ek.handle)
-		if fp := Fingerprint(&ek.public); fp != h.HostFingerprint {
-			err = fmt.Errorf("%w: sealed for host %s, this host is %s", ErrWrongHost, h.HostFingerprint, fp)
+		if ek.fingerprint != h.HostFingerprint {
+			err = fmt.Errorf("%w: sealed for host %s, this host is %s", ErrWrongHost, h.HostFingerprint, ek.fingerprint)
 		}
 	}
 	if err := step(CheckHost, err, "sealed for this host %s", h.HostFingerprint); err != nil {
 		return nil, err
 	}
 
-	hw, err := HighWater(t, h.Series)
+	_, hw, err := rollbackState(t, ek.fingerprint, h.Series)
 	if err == nil && h.Version < hw {
 		err = fmt.Errorf("%w: series %q version %d, this host has opened version %d", ErrRolledBack, h.Series, h.Version, hw)
 	}
@@ -287,10 +289,18 @@ func open(ctx context.Context, t transport.TPM, data []byte, opts OpenOptions, r
 		return nil, err
 	}
 
-	appr, err := pickApproval(t, h, admin, opts)
+	// The TPM checks the approvals: PolicyPCR compares the live PCRs and
+	// VerifySignature the administrator's signature. PCRs are read, and the
+	// approvals verified in software, only to explain a refusal.
+	u, err := startUnseal(t, admin)
+	if err != nil {
+		return nil, step(CheckPCR, err, "")
+	}
+	defer u.close()
+	appr, err := u.approve(h, adminID, opts)
 	detail := ""
 	if appr != nil {
-		detail = fmt.Sprintf("approval of monitor %s (%s)", appr.Monitor, appr.Comment)
+		detail = fmt.Sprintf("approval of monitor %s (%s), checked by the TPM", appr.Monitor, appr.Comment)
 	}
 	if err := step(CheckPCR, err, "%s", detail); err != nil {
 		return nil, err
@@ -299,7 +309,7 @@ func open(ctx context.Context, t transport.TPM, data []byte, opts OpenOptions, r
 		return nil, err
 	}
 
-	key, err := unsealKey(t, ek, h, admin, appr)
+	key, err := u.unseal(ek, h)
 	if err := step(CheckUnseal, err, "bundle key released by the TPM"); err != nil {
 		return nil, err
 	}
@@ -313,7 +323,7 @@ func open(ctx context.Context, t transport.TPM, data []byte, opts OpenOptions, r
 	if opts.DryRun || h.Version == hw {
 		return o, nil
 	}
-	if err := step(CheckCounter, advanceCounter(t, h.Series, h.Version), "series %q now at version %d", h.Series, h.Version); err != nil {
+	if err := step(CheckCounter, advanceCounter(t, ek.fingerprint, h.Series, h.Version), "series %q now at version %d", h.Series, h.Version); err != nil {
 		o.Wipe()
 		return nil, err
 	}
@@ -341,18 +351,11 @@ func verifySignature(env *Envelope, admins []*ecdsa.PublicKey) (*ecdsa.PublicKey
 	return nil, fmt.Errorf("%w: no trusted administrator key (%d configured) verifies the signature over header and ciphertext: the bundle was modified or signed by someone else", ErrBadSignature, len(admins))
 }
 
-func pickApproval(t transport.TPM, h *Header, admin *ecdsa.PublicKey, opts OpenOptions) (*Approval, error) {
-	var cands []*Approval
+// explainApprovals says why no approval released the key, after the TPM
+// refused them all: it verifies the approvals in software and compares them
+// with the PCR values it reads. tpmErrs are the TPM's refusals.
+func explainApprovals(t transport.TPM, h *Header, admin *ecdsa.PublicKey, cands []*Approval, stateDir string, tpmErrs []string) error {
 	var bad []string
-	for i := range h.Approvals {
-		cands = append(cands, &h.Approvals[i])
-	}
-	for _, a := range opts.Approvals {
-		if a.AdminKeyID != KeyID(admin) {
-			continue // another administrator's approval: not for this bundle
-		}
-		cands = append(cands, a)
-	}
 	var idx []int
 	seen := map[int]bool{}
 	var valid []*Approval
@@ -370,24 +373,27 @@ func pickApproval(t transport.TPM, h *Header, admin *ecdsa.PublicKey, opts OpenO
 		}
 	}
 	if len(valid) == 0 {
-		return nil, fmt.Errorf("%w: no valid approval signed by the bundle's administrator: %v", ErrBadApproval, bad)
+		return fmt.Errorf("%w: no valid approval signed by the bundle's administrator: %v", ErrBadApproval, bad)
+	}
+	if !seen[MonitorPCR] {
+		idx = append(idx, MonitorPCR)
 	}
 	cur, err := ReadPCRs(t, idx...)
 	if err != nil {
-		return nil, err
-	}
-	for _, a := range valid {
-		if a.Matches(cur) {
-			return a, nil
-		}
+		return err
 	}
 	var monitors []string
 	for _, a := range valid {
+		if a.Matches(cur) {
+			// The PCRs match now but the TPM refused: they changed in between,
+			// or the TPM disagrees with the software check.
+			return fmt.Errorf("%w: the TPM refused approval of monitor %s although the PCRs now match it: %v", ErrPCRMismatch, a.Monitor, tpmErrs)
+		}
 		monitors = append(monitors, a.Monitor)
 	}
 	v := cur[MonitorPCR]
-	return nil, fmt.Errorf("%w: PCR %d is %x (%s); approved monitors: %v; the administrator must approve this monitor (umbra seal approve) or the host must run an approved one",
-		ErrPCRMismatch, MonitorPCR, v, ExplainMonitorPCR(opts.StateDir, v), monitors)
+	return fmt.Errorf("%w: PCR %d is %x (%s); approved monitors: %v; the administrator must approve this monitor (umbra seal approve) or the host must run an approved one",
+		ErrPCRMismatch, MonitorPCR, v, ExplainMonitorPCR(stateDir, v), monitors)
 }
 
 func ekPolicy(t transport.TPM, handle tpm2.TPMISHPolicy, nonceTPM tpm2.TPM2BNonce) error {
@@ -395,14 +401,122 @@ func ekPolicy(t transport.TPM, handle tpm2.TPMISHPolicy, nonceTPM tpm2.TPM2BNonc
 	return err
 }
 
-// unsealKey imports the sealed bundle key under the EK and unseals it with a
-// policy session satisfying PolicyPCR + PolicyAuthorize(admin, approval).
-func unsealKey(t transport.TPM, ek *ekHandle, h *Header, admin *ecdsa.PublicKey, appr *Approval) ([]byte, error) {
+// unsealer holds the TPM state of one unseal: the policy session for the
+// bundle key and the administrator's public key loaded to verify approvals.
+type unsealer struct {
+	t         transport.TPM
+	admin     *ecdsa.PublicKey
+	sess      tpm2.Session
+	closeSess func() error
+	adm       *tpm2.LoadExternalResponse
+	// set by approve
+	approved []byte
+	ticket   tpm2.TPMTTKVerified
+}
+
+func startUnseal(t transport.TPM, admin *ecdsa.PublicKey) (*unsealer, error) {
+	u := &unsealer{t: t, admin: admin}
+	var err error
+	if u.sess, u.closeSess, err = tpm2.PolicySession(t, tpm2.TPMAlgSHA256, 16); err != nil {
+		return nil, fmt.Errorf("%w: start policy session: %w", ErrTPM, err)
+	}
+	if u.adm, err = (tpm2.LoadExternal{InPublic: tpm2.New2B(adminTPMPublic(admin)), Hierarchy: tpm2.TPMRHOwner}).Execute(t); err != nil {
+		u.closeSess()
+		return nil, fmt.Errorf("%w: load administrator key: %w", ErrTPM, err)
+	}
+	return u, nil
+}
+
+func (u *unsealer) close() {
+	flush(u.t, u.adm.ObjectHandle)
+	u.closeSess()
+}
+
+// approve finds an approval that the TPM accepts: PolicyPCR (the live PCRs
+// equal the approved values) then VerifySignature (the bundle's administrator
+// signed it). Candidates are the bundle's approvals, then the host's
+// approvals by the same administrator.
+func (u *unsealer) approve(h *Header, adminID string, opts OpenOptions) (*Approval, error) {
+	var cands []*Approval
+	for i := range h.Approvals {
+		cands = append(cands, &h.Approvals[i])
+	}
+	for _, a := range opts.Approvals {
+		if a.AdminKeyID == adminID {
+			cands = append(cands, a) // others are for other administrators' bundles
+		}
+	}
+	var tpmErrs []string
+	dirty := false
+	for i, a := range cands {
+		if a.Format != ApprovalFormat || a.AdminKeyID != adminID || len(a.Signature) != 64 {
+			continue // explainApprovals names the defect
+		}
+		approved, sel, pcrDigest, err := a.approvedPolicy()
+		if err != nil {
+			continue
+		}
+		if dirty {
+			if err := policyRestart(u.t, u.sess.Handle()); err != nil {
+				return nil, err
+			}
+		}
+		if _, err := (tpm2.PolicyPCR{PolicySession: u.sess.Handle(), PcrDigest: tpm2.TPM2BDigest{Buffer: pcrDigest}, Pcrs: sel}).Execute(u.t); err != nil {
+			if !errors.Is(err, tpm2.TPMRCValue) {
+				return nil, fmt.Errorf("%w: PolicyPCR: %w", ErrTPM, err)
+			}
+			tpmErrs = append(tpmErrs, fmt.Sprintf("approval %d: PolicyPCR: PCR values differ", i))
+			continue
+		}
+		dirty = true
+		ver, err := tpm2.VerifySignature{
+			KeyHandle: tpm2.NamedHandle{Handle: u.adm.ObjectHandle, Name: u.adm.Name},
+			Digest:    tpm2.TPM2BDigest{Buffer: aHash(approved)},
+			Signature: tpm2.TPMTSignature{SigAlg: tpm2.TPMAlgECDSA, Signature: tpm2.NewTPMUSignature(tpm2.TPMAlgECDSA, &tpm2.TPMSSignatureECC{
+				Hash:       tpm2.TPMAlgSHA256,
+				SignatureR: tpm2.TPM2BECCParameter{Buffer: a.Signature[:32]},
+				SignatureS: tpm2.TPM2BECCParameter{Buffer: a.Signature[32:]},
+			})},
+		}.Execute(u.t)
+		if err != nil {
+			tpmErrs = append(tpmErrs, fmt.Sprintf("approval %d: VerifySignature: %v", i, err))
+			continue
+		}
+		u.approved, u.ticket = approved, ver.Validation
+		return a, nil
+	}
+	return nil, explainApprovals(u.t, h, u.admin, cands, opts.StateDir, tpmErrs)
+}
+
+// policyRestart resets a policy session's digest (TPM2_PolicyRestart, which
+// go-tpm v0.9 does not wrap): tag NO_SESSIONS, size 14, command code, handle.
+func policyRestart(t transport.TPM, h tpm2.TPMHandle) error {
+	cmd := binary.BigEndian.AppendUint16(nil, uint16(tpm2.TPMSTNoSessions))
+	cmd = binary.BigEndian.AppendUint32(cmd, 14)
+	cmd = binary.BigEndian.AppendUint32(cmd, uint32(tpm2.TPMCCPolicyRestart))
+	cmd = binary.BigEndian.AppendUint32(cmd, uint32(h))
+	rsp, err := t.Send(cmd)
+	if err != nil {
+		return fmt.Errorf("%w: PolicyRestart: %w", ErrTPM, err)
+	}
+	if len(rsp) < 10 {
+		return fmt.Errorf("%w: PolicyRestart: %d-byte response", ErrTPM, len(rsp))
+	}
+	if rc := tpm2.TPMRC(binary.BigEndian.Uint32(rsp[6:10])); rc != tpm2.TPMRCSuccess {
+		return fmt.Errorf("%w: PolicyRestart: %w", ErrTPM, rc)
+	}
+	return nil
+}
+
+// unseal imports the sealed bundle key under the EK and unseals it with the
+// policy session, completed by PolicyAuthorize(admin, approval).
+func (u *unsealer) unseal(ek *ekHandle, h *Header) ([]byte, error) {
+	t := u.t
 	pub, err := tpm2.Unmarshal[tpm2.TPMTPublic](h.SealedPublic)
 	if err != nil {
 		return nil, fmt.Errorf("%w: sealed_public: %w", ErrMalformed, err)
 	}
-	want, err := sealedAuthPolicy(admin)
+	want, err := sealedAuthPolicy(u.admin)
 	if err != nil {
 		return nil, err
 	}
@@ -426,45 +540,16 @@ func unsealKey(t transport.TPM, ek *ekHandle, h *Header, admin *ecdsa.PublicKey,
 		return nil, fmt.Errorf("%w: load sealed key: %w", ErrTPM, err)
 	}
 	defer flush(t, load.ObjectHandle)
-	adm, err := tpm2.LoadExternal{InPublic: tpm2.New2B(adminTPMPublic(admin)), Hierarchy: tpm2.TPMRHOwner}.Execute(t)
-	if err != nil {
-		return nil, fmt.Errorf("%w: load administrator key: %w", ErrTPM, err)
-	}
-	defer flush(t, adm.ObjectHandle)
-	approved, sel, pcrDigest, err := appr.approvedPolicy()
-	if err != nil {
-		return nil, err
-	}
-	ver, err := tpm2.VerifySignature{
-		KeyHandle: tpm2.NamedHandle{Handle: adm.ObjectHandle, Name: adm.Name},
-		Digest:    tpm2.TPM2BDigest{Buffer: aHash(approved)},
-		Signature: tpm2.TPMTSignature{SigAlg: tpm2.TPMAlgECDSA, Signature: tpm2.NewTPMUSignature(tpm2.TPMAlgECDSA, &tpm2.TPMSSignatureECC{
-			Hash:       tpm2.TPMAlgSHA256,
-			SignatureR: tpm2.TPM2BECCParameter{Buffer: appr.Signature[:32]},
-			SignatureS: tpm2.TPM2BECCParameter{Buffer: appr.Signature[32:]},
-		})},
-	}.Execute(t)
-	if err != nil {
-		return nil, fmt.Errorf("%w: TPM rejected the approval signature: %w", ErrBadApproval, err)
-	}
-	sess, closeSess, err := tpm2.PolicySession(t, tpm2.TPMAlgSHA256, 16)
-	if err != nil {
-		return nil, fmt.Errorf("%w: start policy session: %w", ErrTPM, err)
-	}
-	defer closeSess()
-	if _, err := (tpm2.PolicyPCR{PolicySession: sess.Handle(), PcrDigest: tpm2.TPM2BDigest{Buffer: pcrDigest}, Pcrs: sel}).Execute(t); err != nil {
-		return nil, fmt.Errorf("%w: TPM PolicyPCR: %w", ErrPCRMismatch, err)
-	}
 	if _, err := (tpm2.PolicyAuthorize{
-		PolicySession:  sess.Handle(),
-		ApprovedPolicy: tpm2.TPM2BDigest{Buffer: approved},
+		PolicySession:  u.sess.Handle(),
+		ApprovedPolicy: tpm2.TPM2BDigest{Buffer: u.approved},
 		PolicyRef:      tpm2.TPM2BDigest{Buffer: PolicyRef},
-		KeySign:        adm.Name,
-		CheckTicket:    ver.Validation,
+		KeySign:        u.adm.Name,
+		CheckTicket:    u.ticket,
 	}).Execute(t); err != nil {
 		return nil, fmt.Errorf("%w: TPM PolicyAuthorize: %w", ErrPCRMismatch, err)
 	}
-	uns, err := tpm2.Unseal{ItemHandle: tpm2.AuthHandle{Handle: load.ObjectHandle, Name: load.Name, Auth: sess}}.Execute(t)
+	uns, err := tpm2.Unseal{ItemHandle: tpm2.AuthHandle{Handle: load.ObjectHandle, Name: load.Name, Auth: u.sess}}.Execute(t)
 	if err != nil {
 		return nil, fmt.Errorf("%w: TPM Unseal: %w", ErrPCRMismatch, err)
 	}

@@ -10,7 +10,6 @@ import (
 
 	"github.com/google/go-tpm/tpm2/transport"
 	"github.com/google/go-tpm/tpm2/transport/linuxtpm"
-	"github.com/google/go-tpm/tpm2/transport/linuxudstpm"
 )
 
 // Back-end kinds accepted by ParseTPMSpec.
@@ -86,9 +85,9 @@ func OpenTPM(spec, stateDir string) (transport.TPMCloser, error) {
 		if err != nil {
 			return nil, fmt.Errorf("open TPM device %s: %w (is the kernel resource manager /dev/tpmrm0 present and readable by this user?)", s.Path, err)
 		}
-		return t, nil
+		return &deviceTPM{TPMCloser: t}, nil
 	case KindSwtpm:
-		t, err := linuxudstpm.Open(s.Path)
+		t, err := openSwtpm(s.Path)
 		if err != nil {
 			return nil, fmt.Errorf("open swtpm socket %s: %w (start swtpm with --server type=unixio,path=%s --flags not-need-init,startup-clear)", s.Path, err, s.Path)
 		}

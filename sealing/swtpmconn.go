@@ -1,0 +1,209 @@
+package sealing
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+
+	"github.com/google/go-tpm/tpm2/transport"
+)
+
+// swtpmConn is the swtpm back end: one unix-socket connection kept open for
+// the life of the transport. go-tpm's linuxudstpm dials a new connection for
+// every command (and reads the response with a single read, which can return
+// it in pieces); on this machine the dial costs about as much as a short
+// command, so an open that sends twenty commands spent a third of its time
+// connecting.
+//
+// swtpm serves one connection at a time: while a swtpmConn is open, other
+// clients of the same socket wait. Close it when done (every umbra command
+// does, before it exits).
+type swtpmConn struct {
+	path string
+	mu   sync.Mutex
+	conn net.Conn
+	// dials counts successful connections. A reconnection means swtpm may have
+	// been restarted (a "reboot"), so caches tied to TPM state are dropped.
+	dials uint64
+	cache tpmCache
+}
+
+// maxResponse bounds a TPM response (TPM 2.0 Part 2 leaves it to the TPM;
+// swtpm's is 4 KiB, hardware TPMs' are smaller).
+const maxResponse = 64 << 10
+
+func openSwtpm(path string) (*swtpmConn, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return nil, err
+	}
+	if fi.Mode()&os.ModeSocket == 0 {
+		return nil, fmt.Errorf("%s is not a unix socket (%s)", path, fi.Mode())
+	}
+	s := &swtpmConn{path: path}
+	if err := s.dial(); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+func (s *swtpmConn) dial() error {
+	c, err := net.Dial("unix", s.path)
+	if err != nil {
+		return err
+	}
+	s.conn = c
+	s.dials++
+	if s.dials > 1 {
+		s.cache.reset()
+	}
+	return nil
+}
+
+// Send sends one command and reads its whole response. If the connection is
+// found closed when writing (swtpm restarted since the last command), the
+// command has not reached the TPM and is sent again on a new connection; a
+// failure after the command was written is returned as is, never retried,
+// because the TPM may have executed it.
+func (s *swtpmConn) Send(cmd []byte) ([]byte, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.conn == nil {
+		if err := s.dial(); err != nil {
+			return nil, fmt.Errorf("swtpm %s: connect: %w", s.path, err)
+		}
+	}
+	if _, err := s.conn.Write(cmd); err != nil {
+		s.drop()
+		if err := s.dial(); err != nil {
+			return nil, fmt.Errorf("swtpm %s: reconnect: %w", s.path, err)
+		}
+		if _, err := s.conn.Write(cmd); err != nil {
+			s.drop()
+			return nil, fmt.Errorf("swtpm %s: send command: %w", s.path, err)
+		}
+	}
+	for retry := 0; ; retry++ {
+		rsp, err := readResponse(s.conn)
+		if err != nil {
+			s.drop()
+			return nil, fmt.Errorf("swtpm %s: read response: %w", s.path, err)
+		}
+		// TPM_RC_RETRY: the TPM did not execute the command; send it again.
+		if binary.BigEndian.Uint32(rsp[6:10]) != rcRetry || retry == 4 {
+			return rsp, nil
+		}
+		if _, err := s.conn.Write(cmd); err != nil {
+			s.drop()
+			return nil, fmt.Errorf("swtpm %s: send command: %w", s.path, err)
+		}
+	}
+}
+
+const rcRetry = 0x922
+
+// readResponse reads one TPM response: a 10-byte header whose bytes 2-5 are
+// the total size, then the rest.
+func readResponse(r io.Reader) ([]byte, error) {
+	hdr := make([]byte, 10)
+	if _, err := io.ReadFull(r, hdr); err != nil {
+		return nil, err
+	}
+	n := binary.BigEndian.Uint32(hdr[2:6])
+	if n < 10 || n > maxResponse {
+		return nil, fmt.Errorf("response size %d out of range 10-%d", n, maxResponse)
+	}
+	rsp := make([]byte, n)
+	copy(rsp, hdr)
+	if _, err := io.ReadFull(r, rsp[10:]); err != nil {
+		return nil, err
+	}
+	return rsp, nil
+}
+
+func (s *swtpmConn) drop() {
+	if s.conn != nil {
+		s.conn.Close()
+		s.conn = nil
+	}
+}
+
+// Close closes the connection.
+func (s *swtpmConn) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.conn == nil {
+		return nil
+	}
+	err := s.conn.Close()
+	s.conn = nil
+	if errors.Is(err, net.ErrClosed) {
+		return nil
+	}
+	return err
+}
+
+func (s *swtpmConn) tpmCache() *tpmCache { return &s.cache }
+
+// deviceTPM is the hardware back end; it only adds the cache.
+type deviceTPM struct {
+	transport.TPMCloser
+	cache tpmCache
+}
+
+func (d *deviceTPM) tpmCache() *tpmCache { return &d.cache }
+
+// tpmCache holds what umbra learned from one TPM that cannot change while the
+// transport stays open: the write-locked rollback anchors (counter.go). It
+// lives in the back ends OpenTPM returns; a transport from elsewhere has none,
+// and then every open reads the anchors again.
+type tpmCache struct {
+	mu      sync.Mutex
+	anchors map[anchorKey]uint64
+}
+
+type anchorKey struct {
+	host   string // EK fingerprint
+	series string
+}
+
+type cachingTPM interface{ tpmCache() *tpmCache }
+
+func cacheOf(t transport.TPM) *tpmCache {
+	if c, ok := t.(cachingTPM); ok {
+		return c.tpmCache()
+	}
+	return nil
+}
+
+func (c *tpmCache) reset() {
+	c.mu.Lock()
+	c.anchors = nil
+	c.mu.Unlock()
+}
+
+func (c *tpmCache) anchor(k anchorKey) (uint64, bool) {
+	if c == nil {
+		return 0, false
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	v, ok := c.anchors[k]
+	return v, ok
+}
+
+func (c *tpmCache) setAnchor(k anchorKey, base uint64) {
+	if c == nil {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.anchors == nil {
+		c.anchors = map[anchorKey]uint64{}
+	}
+	c.anchors[k] = base
+}
