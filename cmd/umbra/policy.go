@@ -76,22 +76,22 @@ func parseWithPositionals(env *cliEnv, fs *flag.FlagSet, args []string) (pos []s
 	return pos, 0, false
 }
 
-func fail(env *cliEnv, format string, args ...any) int {
+func policyFail(env *cliEnv, format string, args ...any) int {
 	fmt.Fprintf(env.stderr, "umbra policy: "+format+"\n", args...)
 	return 1
 }
 
-func usageError(env *cliEnv, fs *flag.FlagSet, format string, args ...any) int {
+func policyUsageError(env *cliEnv, fs *flag.FlagSet, format string, args ...any) int {
 	fmt.Fprintf(env.stderr, "umbra policy: "+format+"\n\n", args...)
 	fs.Usage()
 	return 2
 }
 
-func writeJSON(env *cliEnv, v any) int {
+func policyWriteJSON(env *cliEnv, v any) int {
 	enc := json.NewEncoder(env.stdout)
 	enc.SetIndent("", "  ")
 	if err := enc.Encode(v); err != nil {
-		return fail(env, "write output: %v", err)
+		return policyFail(env, "write output: %v", err)
 	}
 	return 0
 }
@@ -105,11 +105,11 @@ func runPolicyTest(ctx context.Context, env *cliEnv, args []string) int {
 		return code
 	}
 	if len(pos) != 1 {
-		return usageError(env, fs, "test needs exactly one policy directory")
+		return policyUsageError(env, fs, "test needs exactly one policy directory")
 	}
 	res, err := policy.RunTests(ctx, pos[0])
 	if err != nil {
-		return fail(env, "%v", err)
+		return policyFail(env, "%v", err)
 	}
 	failed := 0
 	for _, r := range res {
@@ -118,7 +118,7 @@ func runPolicyTest(ctx context.Context, env *cliEnv, args []string) int {
 		}
 	}
 	if *asJSON {
-		if c := writeJSON(env, map[string]any{"passed": len(res) - failed, "failed": failed, "results": res}); c != 0 {
+		if c := policyWriteJSON(env, map[string]any{"passed": len(res) - failed, "failed": failed, "results": res}); c != 0 {
 			return c
 		}
 	} else {
@@ -178,7 +178,7 @@ func runPolicyEval(ctx context.Context, env *cliEnv, args []string) int {
 		return code
 	}
 	if *inputFile == "" {
-		return usageError(env, fs, "eval needs --input FILE")
+		return policyUsageError(env, fs, "eval needs --input FILE")
 	}
 	sources := len(pos)
 	if *bundleFile != "" {
@@ -188,7 +188,7 @@ func runPolicyEval(ctx context.Context, env *cliEnv, args []string) int {
 		sources++
 	}
 	if sources != 1 {
-		return usageError(env, fs, "eval needs exactly one policy: --bundle B, --demo or a directory")
+		return policyUsageError(env, fs, "eval needs exactly one policy: --bundle B, --demo or a directory")
 	}
 	var p *policy.Policy
 	var err error
@@ -196,10 +196,10 @@ func runPolicyEval(ctx context.Context, env *cliEnv, args []string) int {
 	case *bundleFile != "":
 		k, kerr := key()
 		if kerr != nil {
-			return usageError(env, fs, "%v", kerr)
+			return policyUsageError(env, fs, "%v", kerr)
 		}
 		if k == nil {
-			return usageError(env, fs, "--bundle needs --key and --key-id: bundles are always verified")
+			return policyUsageError(env, fs, "--bundle needs --key and --key-id: bundles are always verified")
 		}
 		p, err = policy.LoadSignedBundleFile(ctx, *bundleFile, *k)
 	case *demo:
@@ -208,24 +208,24 @@ func runPolicyEval(ctx context.Context, env *cliEnv, args []string) int {
 		p, err = policy.LoadDir(ctx, pos[0])
 	}
 	if err != nil {
-		return fail(env, "%v", err)
+		return policyFail(env, "%v", err)
 	}
 	var r io.Reader = env.stdin
 	if *inputFile != "-" {
 		f, err := os.Open(*inputFile)
 		if err != nil {
-			return fail(env, "%v", err)
+			return policyFail(env, "%v", err)
 		}
 		defer f.Close()
 		r = f
 	}
 	in, err := policy.ParseInput(r)
 	if err != nil {
-		return fail(env, "%s: %v", *inputFile, err)
+		return policyFail(env, "%s: %v", *inputFile, err)
 	}
 	d := p.Decide(ctx, in)
 	if *asJSON {
-		if c := writeJSON(env, d); c != 0 {
+		if c := policyWriteJSON(env, d); c != 0 {
 			return c
 		}
 	} else {
@@ -278,21 +278,21 @@ func runPolicyBuild(ctx context.Context, env *cliEnv, args []string) int {
 	}
 	switch {
 	case len(pos) != 1:
-		return usageError(env, fs, "build needs exactly one policy directory")
+		return policyUsageError(env, fs, "build needs exactly one policy directory")
 	case *signingKey == "":
-		return usageError(env, fs, "build needs --signing-key: umbra only loads signed bundles")
+		return policyUsageError(env, fs, "build needs --signing-key: umbra only loads signed bundles")
 	case strings.TrimSpace(*keyID) == "":
-		return usageError(env, fs, "build needs a non-empty --key-id")
+		return policyUsageError(env, fs, "build needs a non-empty --key-id")
 	case *out == "":
-		return usageError(env, fs, "build needs -o FILE")
+		return policyUsageError(env, fs, "build needs -o FILE")
 	}
 	pem, err := os.ReadFile(*signingKey)
 	if err != nil {
-		return fail(env, "read signing key: %v", err)
+		return policyFail(env, "read signing key: %v", err)
 	}
 	tmp, err := os.CreateTemp(filepath.Dir(*out), ".umbra-bundle-*")
 	if err != nil {
-		return fail(env, "%v", err)
+		return policyFail(env, "%v", err)
 	}
 	defer os.Remove(tmp.Name())
 	res, err := policy.BuildBundle(ctx, pos[0], policy.SigningKey{ID: *keyID, PEM: pem}, *revision, tmp)
@@ -305,10 +305,10 @@ func runPolicyBuild(ctx context.Context, env *cliEnv, args []string) int {
 		err = os.Rename(tmp.Name(), *out)
 	}
 	if err != nil {
-		return fail(env, "%v", err)
+		return policyFail(env, "%v", err)
 	}
 	if *asJSON {
-		return writeJSON(env, map[string]any{"bundle": *out, "revision": res.Revision, "key_id": res.KeyID, "files": res.Files})
+		return policyWriteJSON(env, map[string]any{"bundle": *out, "revision": res.Revision, "key_id": res.KeyID, "files": res.Files})
 	}
 	fmt.Fprintf(env.stdout, "wrote %s: revision %s, %d policy files, signed with key id %q\n", *out, res.Revision, len(res.Files), res.KeyID)
 	return 0
@@ -325,27 +325,27 @@ func runPolicyInspect(_ context.Context, env *cliEnv, args []string) int {
 		return code
 	}
 	if len(pos) != 1 {
-		return usageError(env, fs, "inspect needs exactly one bundle file")
+		return policyUsageError(env, fs, "inspect needs exactly one bundle file")
 	}
 	k, err := key()
 	if err != nil {
-		return usageError(env, fs, "%v", err)
+		return policyUsageError(env, fs, "%v", err)
 	}
 	f, err := os.Open(pos[0])
 	if err != nil {
-		return fail(env, "%v", err)
+		return policyFail(env, "%v", err)
 	}
 	defer f.Close()
 	raw, err := io.ReadAll(io.LimitReader(f, policy.MaxBundleBytes+1))
 	if err != nil {
-		return fail(env, "%v", err)
+		return policyFail(env, "%v", err)
 	}
 	info, err := policy.InspectBundle(raw, k)
 	if err != nil {
-		return fail(env, "%s: %v", pos[0], err)
+		return policyFail(env, "%s: %v", pos[0], err)
 	}
 	if *asJSON {
-		if c := writeJSON(env, info); c != 0 {
+		if c := policyWriteJSON(env, info); c != 0 {
 			return c
 		}
 	} else {
