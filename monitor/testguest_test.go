@@ -67,8 +67,18 @@ type guestRun struct {
 	wall time.Duration
 }
 
-// runGuest boots the test guest with cmdline and waits for its EXIT.
+// runGuest boots the test guest with cmdline and waits for its EXIT; a
+// guest kernel panic fails the test.
 func runGuest(t *testing.T, cmdline string) guestRun {
+	t.Helper()
+	g := runGuestMayPanic(t, cmdline)
+	if strings.Contains(g.out, "PANIC") || g.res.ExitStatus == guestStatusPanic {
+		t.Fatalf("guest %q panicked (status %d):\n%s", cmdline, g.res.ExitStatus, g.out)
+	}
+	return g
+}
+
+func runGuestMayPanic(t *testing.T, cmdline string) guestRun {
 	t.Helper()
 	requireGuestKVM(t)
 	var console lockedBuffer
@@ -85,9 +95,6 @@ func runGuest(t *testing.T, cmdline string) guestRun {
 		t.Fatalf("guest %q: %v\nconsole:\n%s", cmdline, err, console.String())
 	}
 	out := strings.ReplaceAll(console.String(), "\r\n", "\n")
-	if strings.Contains(out, "PANIC") || res.ExitStatus == guestStatusPanic {
-		t.Fatalf("guest %q panicked (status %d):\n%s", cmdline, res.ExitStatus, out)
-	}
 	return guestRun{out: out, res: res, wall: wall}
 }
 
@@ -456,6 +463,14 @@ func TestGuestCommandLineErrors(t *testing.T) {
 		if !strings.Contains(g.out, "kernel: command line: "+tc.want) {
 			t.Errorf("cmdline %q: want message %q in:\n%s", tc.cmdline, tc.want, g.out)
 		}
+	}
+}
+
+func TestGuestKernelPanicExits(t *testing.T) {
+	g := runGuestMayPanic(t, "run=hello selftest=kernel-fault")
+	g.wantStatus(t, guestStatusPanic)
+	if !strings.Contains(g.out, "\nPANIC: early kernel trap: vector 14") {
+		t.Fatalf("no panic message on the serial console:\n%s", g.out)
 	}
 }
 

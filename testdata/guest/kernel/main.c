@@ -6,6 +6,7 @@ extern u64 kernel_pml4, doorbell_gpa;
 extern char kernel_end[];
 
 static char cmdline[4096];
+static int kernel_fault_selftest;
 static u64 tsc0, tsc_mult; /* ns = ((tsc - tsc0) * tsc_mult) >> 32 */
 
 u64 now_ns(void)
@@ -76,6 +77,10 @@ static void parse_and_spawn(void)
 			    strcmp(v, "regs") && strcmp(v, "forge"))
 				cmdline_error("unknown attack", v);
 			set_name(cfg.attack, v, "attack");
+		} else if (!strcmp(tok[i], "selftest")) {
+			if (strcmp(v, "kernel-fault"))
+				cmdline_error("unknown selftest", v);
+			kernel_fault_selftest = 1;
 		} else if (!strcmp(tok[i], "tick_us")) {
 			if (parse_u64(v, &cfg.tick_us) || cfg.tick_us < 100 || cfg.tick_us > 1000000)
 				cmdline_error("bad tick_us (100..1000000)", v);
@@ -153,6 +158,11 @@ void kmain(u64 boot_info_pa)
 	fs_init();
 	kprintf("kernel: umbra test guest, ram %lu MiB, cmdline \"%s\"\n", bi->ram_size >> 20, cmdline);
 	parse_and_spawn();
+	if (kernel_fault_selftest) {
+		/* Show that an unexpected kernel exception panics cleanly. */
+		kprintf("kernel: selftest: touching an unmapped kernel address\n");
+		(void)*(volatile u64 *)0x1000;
+	}
 	timer_init(bi->apic_timer_hz, cfg.tick_us);
 	sched_start();
 }

@@ -289,6 +289,9 @@ extern char syscall_entry[];
 struct trapframe *trap(struct trapframe *tf)
 {
 	struct proc *p = current;
+	if (!p) /* before the scheduler runs */
+		panic("early kernel trap: vector %lu err=0x%lx rip=0x%lx cr2=0x%lx", tf->vector, tf->err, tf->rip,
+		      read_cr2());
 	int user = (tf->cs & 3) == 3;
 	p->tf = tf;
 	if (user && tf->vector == 14 && tf->rip == (u64)syscall_entry && read_cr2() == (u64)syscall_entry) {
