@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"flag"
 	"fmt"
 
 	"github.com/umbra-cc/umbra/sealing"
@@ -24,11 +25,17 @@ rollback counter is left alone. Exit status 0 if the bundle would open, 1 if not
 	if code, done := parseFlags(env, fs, args); done {
 		return code
 	}
-	if !*check || fs.NArg() != 1 {
+	// Flags may also follow the bundle: umbra unseal --check B --tpm sim.
+	pos, err := interspersed(fs, fs.Args())
+	if err != nil {
+		return 2
+	}
+	if !*check || len(pos) != 1 {
 		fmt.Fprintln(env.stderr, "Usage: umbra unseal --check BUNDLE (use 'umbra run BUNDLE' to open and run it)")
 		return 2
 	}
-	data, err := readFile(fs.Arg(0), sealing.MaxCiphertextSize+sealing.MaxHeaderSize+1024)
+	bundle := pos[0]
+	data, err := readFile(bundle, sealing.MaxCiphertextSize+sealing.MaxHeaderSize+1024)
 	if err != nil {
 		return fail(env, err)
 	}
@@ -75,10 +82,32 @@ rollback counter is left alone. Exit status 0 if the bundle would open, 1 if not
 		fmt.Fprintf(env.stdout, "%s %-24s %s\n", mark, s.Check, s.Detail)
 	}
 	if err != nil {
-		fmt.Fprintf(env.stdout, "bundle %s does NOT open on this host\n", fs.Arg(0))
+		fmt.Fprintf(env.stdout, "bundle %s does NOT open on this host\n", bundle)
 		return 1
 	}
 	h := rep.Header
-	fmt.Fprintf(env.stdout, "bundle %s opens on this host: series %q version %d\n", fs.Arg(0), h.Series, h.Version)
+	fmt.Fprintf(env.stdout, "bundle %s opens on this host: series %q version %d\n", bundle, h.Series, h.Version)
 	return 0
+}
+
+// interspersed parses flags that follow positional arguments (the flag
+// package stops at the first one) and returns the positional arguments.
+// Everything after "--" is positional.
+func interspersed(fs *flag.FlagSet, args []string) ([]string, error) {
+	var pos []string
+	for len(args) > 0 {
+		if args[0] == "--" {
+			return append(pos, args[1:]...), nil
+		}
+		pos = append(pos, args[0])
+		if err := fs.Parse(args[1:]); err != nil {
+			return nil, err
+		}
+		rest := fs.Args()
+		if n := len(args) - 1 - len(rest); n > 0 && args[n] == "--" {
+			return append(pos, rest...), nil
+		}
+		args = rest
+	}
+	return pos, nil
 }
