@@ -19,7 +19,9 @@ const (
 	// BackendSlots enforces deny-write with read-only memory slots and deny-read by
 	// leaving the range out of every slot. The default (docs/pageprot.md says why).
 	BackendSlots Backend = iota
-	// BackendUffdWP enforces deny-write with userfaultfd write-protect on sysMap.
+	// BackendUffdWP enforces deny-write with userfaultfd write-protect on sysMap. A
+	// faulting store can only be released by letting it land, so this back end offers
+	// the kill and log actions only.
 	BackendUffdWP
 )
 

@@ -224,7 +224,10 @@ func (s *Service) Caps(c Context) Caps {
 	case c.App != 0: // appVM: the monitor's shadow page tables enforce everything
 		return Caps{Deny: DenyRead | DenyWrite | DenyExec, Actions: all, Flags: FlagLock}
 	case s.cfg.Backend == BackendUffdWP:
-		cp := Caps{Deny: DenyWrite, Actions: all, Flags: FlagLock}
+		// A vCPU blocked in a write-protect fault can only be let go by resolving the
+		// fault, which lets the store land: signals do not make KVM_RUN return (measured,
+		// docs/pageprot.md). So only kill and log are honest here.
+		cp := Caps{Deny: DenyWrite, Actions: 1<<ActionKill | 1<<ActionLog, Flags: FlagLock}
 		if c.CPL == 0 {
 			cp.Flags |= FlagPhys
 		}

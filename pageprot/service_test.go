@@ -144,8 +144,19 @@ func TestWhoMayProtectWhat(t *testing.T) {
 		t.Errorf("PP_VERSION_CAPS for a process = %#x", v)
 	}
 	uw := newWorld(BackendUffdWP, nil)
-	if r, _ := uw.set(uw.kctx, Entry{Addr: kernVA, Pages: 1, Deny: DenyRead, Action: ActionKill}); r.Value != ENOTSUP.Result() {
-		t.Errorf("uffd back end accepted deny-read: %d", r.Value)
+	for _, e := range []Entry{
+		{Addr: kernVA, Pages: 1, Deny: DenyRead, Action: ActionKill},
+		{Addr: kernVA, Pages: 1, Deny: DenyWrite, Action: ActionSkip},
+		{Addr: kernVA, Pages: 1, Deny: DenyWrite, Action: ActionUpcall},
+		{Addr: kernVA, Pages: 1, Deny: DenyWrite, Action: ActionInjectGP},
+	} {
+		if r, _ := uw.set(uw.kctx, e); r.Value != ENOTSUP.Result() {
+			t.Errorf("uffd back end accepted %v with %v: %d", e.Deny, e.Action, r.Value)
+		}
+	}
+	mustOK(t, first(uw.set(uw.kctx, Entry{Addr: kernVA, Pages: 1, Deny: DenyWrite, Action: ActionKill, Flags: FlagLock})), "uffd kill")
+	if c := uw.svc.Caps(uw.u1); c.Deny != DenyWrite || c.Actions != 1<<ActionKill|1<<ActionLog {
+		t.Errorf("uffd caps %+v", c)
 	}
 }
 
