@@ -47,7 +47,7 @@ static void hex(char *out, const u8 *b, size_t n)
 static void attack_read(struct proc *p)
 {
 	char line[160];
-	u64 vas[MAX_RESIDENT];
+	static u64 vas[MAX_RESIDENT]; /* too big for a kernel stack */
 	int n = p->nresident;
 	memcpy(vas, p->resident, (size_t)n * sizeof vas[0]);
 	for (int i = 0; i < n; i++) {
