@@ -129,6 +129,7 @@ prefixes:
 	}
 	op := b
 	i++
+	twoByteOp := false
 	var f form
 	switch {
 	case op >= 0xA0 && op <= 0xA3: // MOV AL/eAX <-> moffs
@@ -142,6 +143,7 @@ prefixes:
 			return 0, err
 		}
 		i++
+		twoByteOp = true
 		f = twoByte[op]
 		if !f.ok {
 			return 0, fmt.Errorf("%w: opcode 0f %02x", ErrUnsupported, op)
@@ -159,6 +161,14 @@ prefixes:
 		}
 		i++
 		mod, reg, rm := mrm>>6, (mrm>>3)&7, mrm&7
+		if !twoByteOp {
+			switch {
+			case op == 0x8F && reg != 0: // AMD XOP prefix, not POP
+				return 0, fmt.Errorf("%w: XOP prefix", ErrUnsupported)
+			case op == 0xFE && reg > 1, op == 0xFF && reg == 7: // undefined (#UD)
+				return 0, fmt.Errorf("%w: opcode %02x /%d is undefined", ErrUnsupported, op, reg)
+			}
+		}
 		if mod != 3 {
 			if rm == 4 {
 				sib, err := at(i)

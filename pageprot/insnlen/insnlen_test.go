@@ -123,6 +123,9 @@ func TestLengthRefused(t *testing.T) {
 		{"three-byte 0f 38", "66 0f 38 00 07", ErrUnsupported},
 		{"legacy prefix after rex", "48 66 89 07", ErrUnsupported},
 		{"two rex", "48 48 89 07", ErrUnsupported},
+		{"xop is not pop", "8f e8 78 c0 c1 01", ErrUnsupported},
+		{"fe /7 is undefined", "fe 3f", ErrUnsupported},
+		{"ff /7 is undefined", "ff 3f", ErrUnsupported},
 		{"15 prefixes", "66 66 66 66 66 66 66 66 66 66 66 66 66 66 66 89 07", ErrTooLong},
 		{"too long with operands", "66 66 66 66 66 66 66 66 66 48 c7 04 85 78 56 34 12 01 00 00 00", ErrTooLong},
 	} {
