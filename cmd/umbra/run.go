@@ -9,12 +9,11 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"strings"
-	"time"
 
-	"github.com/umbra-cc/umbra/guestimage"
 	"github.com/umbra-cc/umbra/monitor"
+	"github.com/umbra-cc/umbra/policy"
+	"github.com/umbra-cc/umbra/sealing"
 )
 
 // exitNoGuestStatus is the CLI's status when the VM did not end through its own EXIT
@@ -27,65 +26,83 @@ func init() {
 }
 
 func runRun(ctx context.Context, env *cliEnv, args []string) int {
-	fs := newFlagSet(env, "run", "[SPEC.yaml]",
-		"Run a protected VM described by a VM spec (docs/spec.md). Without SPEC, run the\n"+
-			"built-in demo guest. The CLI exits with the guest's exit status, or 125 when\n"+
-			"the VM did not exit by itself (crash, timeout, refusal).")
+	fs := newFlagSet(env, "run", "[SPEC.yaml | BUNDLE]",
+		"Launch a protected VM: ask the policy, measure the launch into the TPM, audit it,\n"+
+			"run the guest under the policy's obligations, audit how it ended.\n\n"+
+			"  umbra run                    the built-in demo (test guest, demo policy)\n"+
+			"  umbra run vm.yaml --policy B --policy-key K --policy-key-id ID\n"+
+			"                               a VM spec (docs/spec.md) under a signed policy bundle\n"+
+			"  umbra run vm.umbra           a sealed VM bundle (docs/bundle.md)\n\n"+
+			"The CLI exits with the guest's exit status, or 125 when the VM did not exit by\n"+
+			"itself (refused, crashed, timed out, stopped by policy).")
+	tf := addTPMFlags(fs)
 	cmdline := fs.String("guest-cmdline", "", "override the guest command line of the spec or demo")
 	jsonOut := fs.Bool("json", false, "print a JSON summary on stdout (the console then goes to stderr)")
 	timeout := fs.Duration("timeout", 0, "wall-clock limit for the run (default: the spec's, or 60s)")
+	policyPath := fs.String("policy", "", "signed policy bundle (.tar.gz) governing a VM spec")
+	policyKey := fs.String("policy-key", "", "PEM public key the policy bundle must verify with")
+	policyKeyID := fs.String("policy-key-id", "", "key id of --policy-key (required with it)")
 	verbose := fs.Bool("v", false, "log monitor events to stderr")
 	if code, done := parseFlags(env, fs, args); done {
 		return code
 	}
 	if fs.NArg() > 1 {
-		fmt.Fprintf(env.stderr, "umbra run: expected at most one SPEC, got %d arguments\n", fs.NArg())
+		fmt.Fprintf(env.stderr, "umbra run: expected at most one SPEC or BUNDLE, got %d arguments\n", fs.NArg())
 		return 2
 	}
 	cmdlineSet := false
 	fs.Visit(func(f *flag.Flag) { cmdlineSet = cmdlineSet || f.Name == "guest-cmdline" })
+	log := slog.New(slog.DiscardHandler)
+	if *verbose {
+		log = slog.New(slog.NewTextHandler(env.stderr, nil))
+	}
+	tpm, stateDir, err := tf.open(env)
+	if err != nil {
+		fmt.Fprintf(env.stderr, "umbra run: TPM: %v\n", err)
+		return exitNoGuestStatus
+	}
+	defer tpm.Close()
 
-	cfg := monitor.Config{Console: env.stdout}
+	var src *monitor.LaunchSource
+	switch {
+	case fs.NArg() == 0:
+		src, err = monitor.DemoSource(ctx)
+	case isSealedBundle(fs.Arg(0)):
+		src, err = monitor.SealedSource(ctx, tpm, stateDir, fs.Arg(0), log)
+	default:
+		if *policyPath == "" || *policyKey == "" || *policyKeyID == "" {
+			fmt.Fprintln(env.stderr, "umbra run: a VM spec runs only under a signed policy: pass --policy BUNDLE --policy-key PEM --policy-key-id ID (umbra policy build makes one), or run a sealed bundle")
+			return 2
+		}
+		var pemKey []byte
+		if pemKey, err = os.ReadFile(*policyKey); err == nil {
+			src, err = monitor.SpecSource(ctx, fs.Arg(0), *policyPath, policy.VerifyKey{ID: *policyKeyID, PEM: pemKey})
+		}
+	}
+	if err != nil {
+		fmt.Fprintf(env.stderr, "umbra run: %v\n", err)
+		return exitNoGuestStatus
+	}
+	defer src.Wipe()
+
+	cfg := src.Config()
+	cfg.Console, cfg.Logger = env.stdout, log
 	if *jsonOut {
 		cfg.Console = env.stderr
 	}
-	if *verbose {
-		cfg.Logger = slog.New(slog.NewTextHandler(env.stderr, nil))
-	}
-	name := "demo"
-	var closeConsole func() error
-	if fs.NArg() == 0 {
-		cfg.Image = guestimage.Image()
-		cfg.Cmdline = guestimage.DemoCmdline
-	} else {
-		path := fs.Arg(0)
-		spec, err := monitor.LoadSpecFile(path)
+	switch c := src.Spec.Console; {
+	case c == "stderr":
+		cfg.Console = env.stderr
+	case c == "none":
+		cfg.Console = io.Discard
+	case strings.HasPrefix(c, "file:"):
+		f, err := os.OpenFile(strings.TrimPrefix(c, "file:"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 		if err != nil {
-			fmt.Fprintf(env.stderr, "umbra run: %v\n", err)
-			return 2
+			fmt.Fprintf(env.stderr, "umbra run: console: %v\n", err)
+			return exitNoGuestStatus
 		}
-		name = spec.Name
-		imgPath := spec.ImagePath(filepath.Dir(path))
-		if cfg.Image, err = os.ReadFile(imgPath); err != nil {
-			fmt.Fprintf(env.stderr, "umbra run: %s: guest.image: %v\n", path, err)
-			return 2
-		}
-		cfg.Cmdline = spec.Guest.Cmdline
-		cfg.MemorySize, _ = spec.MemoryBytes()
-		cfg.Timeout, _ = spec.TimeoutDuration()
-		switch c := spec.Console; {
-		case c == "stderr":
-			cfg.Console = env.stderr
-		case c == "none":
-			cfg.Console = io.Discard
-		case strings.HasPrefix(c, "file:"):
-			f, err := os.OpenFile(strings.TrimPrefix(c, "file:"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
-			if err != nil {
-				fmt.Fprintf(env.stderr, "umbra run: %s: console: %v\n", path, err)
-				return 2
-			}
-			cfg.Console, closeConsole = f, f.Close
-		}
+		defer f.Close()
+		cfg.Console = f
 	}
 	if cmdlineSet {
 		cfg.Cmdline = *cmdline
@@ -93,36 +110,53 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 	if *timeout != 0 {
 		cfg.Timeout = *timeout
 	}
-	res, err := monitor.Run(ctx, cfg)
-	if closeConsole != nil {
-		if cerr := closeConsole(); cerr != nil && err == nil {
-			err = fmt.Errorf("close console file: %w", cerr)
-		}
+	principal, err := monitor.LocalPrincipal()
+	if err != nil {
+		fmt.Fprintf(env.stderr, "umbra run: %v\n", err)
+		return exitNoGuestStatus
 	}
-	return reportRun(env, name, res, err, *jsonOut)
+	rep, err := monitor.Launch(ctx, monitor.LaunchConfig{
+		Run: cfg, Spec: src.Spec, SpecBytes: src.SpecBytes, Policy: src.Policy, PolicyDigest: src.PolicyDigest,
+		Principal: principal, TPM: tpm, StateDir: stateDir, Logger: log,
+		Started: func(rep *monitor.LaunchReport) { reportDecision(env, src.Spec.Name, rep) },
+	})
+	if rep != nil && rep.Result == nil {
+		reportDecision(env, src.Spec.Name, rep) // refused before the guest started
+	}
+	return reportRun(env, src.Spec.Name, rep, err, *jsonOut)
+}
+
+func isSealedBundle(path string) bool {
+	f, err := os.Open(path)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	head := make([]byte, 16)
+	n, _ := io.ReadFull(f, head)
+	return sealing.IsBundle(head[:n])
 }
 
 // runSummary is the --json output of umbra run.
 type runSummary struct {
-	VM         string            `json:"vm"`
-	ExitStatus *int              `json:"exit_status"`
-	Reason     string            `json:"reason"`
-	Error      string            `json:"error,omitempty"`
-	DurationMS float64           `json:"duration_ms"`
-	Counters   *monitor.Counters `json:"counters,omitempty"`
+	VM         string                `json:"vm"`
+	ExitStatus *int                  `json:"exit_status"`
+	Reason     string                `json:"reason"`
+	Error      string                `json:"error,omitempty"`
+	Launch     *monitor.LaunchReport `json:"launch,omitempty"`
 }
 
-func reportRun(env *cliEnv, name string, res *monitor.Result, err error, jsonOut bool) int {
+func reportRun(env *cliEnv, name string, rep *monitor.LaunchReport, err error, jsonOut bool) int {
 	code := exitNoGuestStatus
-	sum := runSummary{VM: name}
-	if res != nil {
-		sum.Reason = res.Reason
-		sum.DurationMS = float64(res.Duration) / float64(time.Millisecond)
-		sum.Counters = &res.Counters
-	}
-	if err == nil && res != nil {
-		code = res.ExitStatus
-		sum.ExitStatus = &res.ExitStatus
+	sum := runSummary{VM: name, Launch: rep}
+	if rep != nil {
+		if res := rep.Result; res != nil {
+			sum.Reason = res.Reason
+			if err == nil {
+				code = res.ExitStatus
+				sum.ExitStatus = &res.ExitStatus
+			}
+		}
 	}
 	if err != nil {
 		sum.Error = err.Error()
@@ -143,6 +177,8 @@ func reportRun(env *cliEnv, name string, res *monitor.Result, err error, jsonOut
 		if errors.As(err, &crash) {
 			fmt.Fprintln(env.stderr, "umbra run: the guest crashed; the registers above show where.")
 		}
+	} else if rep != nil && rep.Result != nil {
+		fmt.Fprintf(env.stderr, "umbra: VM %s: %s\n", name, rep.Result.Reason)
 	}
 	return code
 }
@@ -152,4 +188,25 @@ func firstLine(s string) string {
 		return s[:i]
 	}
 	return s
+}
+
+// reportDecision tells the operator what the policy decided and where the launch was
+// measured and audited.
+func reportDecision(env *cliEnv, name string, rep *monitor.LaunchReport) {
+	d := rep.Decision
+	verdict := "refused"
+	if d.Allow {
+		verdict = "allowed"
+	}
+	fmt.Fprintf(env.stderr, "umbra: policy %s %s launch of VM %s on host %.16s…\n", d.Revision, verdict, name, rep.HostFingerprint)
+	for _, r := range d.Deny {
+		fmt.Fprintf(env.stderr, "umbra:   deny %s: %s (%s)\n", r.Code, r.Message, r.Rule)
+	}
+	for _, r := range d.Warn {
+		fmt.Fprintf(env.stderr, "umbra:   warn %s: %s\n", r.Code, r.Message)
+	}
+	if rep.Measurements > 0 {
+		fmt.Fprintf(env.stderr, "umbra: measured %d launch events into PCR %d (%s)\n", rep.Measurements, rep.PCR, rep.EventLog)
+	}
+	fmt.Fprintf(env.stderr, "umbra: audit log %s\n", rep.AuditLog)
 }

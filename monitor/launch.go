@@ -1,0 +1,291 @@
+package monitor
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/google/go-tpm/tpm2/transport"
+
+	"github.com/umbra-cc/umbra/attest"
+	"github.com/umbra-cc/umbra/attest/audit"
+	"github.com/umbra-cc/umbra/attest/eventlog"
+	"github.com/umbra-cc/umbra/policy"
+	"github.com/umbra-cc/umbra/sealing"
+)
+
+// This file is the protected launch: every VM umbra starts goes through Launch, which
+// asks the policy, measures what is about to run into the TPM, audits, runs the VM
+// under the policy's obligations, and audits and anchors how it ended.
+
+// LaunchConfig is everything a protected launch needs.
+type LaunchConfig struct {
+	Run       Config // the VM to run
+	Spec      *Spec  // its spec; its name is the VM id
+	SpecBytes []byte // the spec as given, measured into the event log
+	// Policy is the policy in force; PolicyDigest the SHA-256 (hex) of the signed
+	// bundle it came from, or "" for a built-in policy.
+	Policy       *policy.Policy
+	PolicyDigest string
+	Principal    policy.Principal
+	TPM          transport.TPM
+	StateDir     string
+	PCR          int // measured-launch PCR; attest.DefaultPCR if zero
+	Clock        GuardClock
+	Logger       *slog.Logger
+	// Started, if set, is called once the launch is allowed, measured and audited,
+	// just before the guest runs (the CLI reports the decision there).
+	Started func(*LaunchReport)
+}
+
+// LaunchReport says what a launch did, for the operator and tests.
+type LaunchReport struct {
+	VMID            string          `json:"vm"`
+	HostFingerprint string          `json:"host_fingerprint"`
+	Decision        policy.Decision `json:"decision"`
+	AuditLog        string          `json:"audit_log"`
+	EventLog        string          `json:"event_log"`
+	PCR             int             `json:"pcr"`
+	Measurements    int             `json:"measurements"`
+	Result          *Result         `json:"result,omitempty"`
+	Enforced        *Enforcement    `json:"enforced,omitempty"`
+}
+
+// ErrLaunchRefused wraps every refusal before the guest starts.
+var ErrLaunchRefused = errors.New("launch refused")
+
+// Launch performs a protected launch. The report is non-nil whenever the policy was
+// asked; err says why the VM did not run to its own EXIT.
+func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
+	if lc.Spec == nil || lc.Policy == nil || lc.TPM == nil || lc.StateDir == "" {
+		return nil, errors.New("monitor: launch needs a spec, a policy, a TPM and a state directory")
+	}
+	log := lc.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if lc.PCR == 0 {
+		lc.PCR = attest.DefaultPCR
+	}
+	if err := os.MkdirAll(lc.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("state directory: %w", err)
+	}
+	rep := &LaunchReport{
+		VMID:     lc.Spec.Name,
+		AuditLog: filepath.Join(lc.StateDir, attest.AuditLogFile),
+		EventLog: filepath.Join(lc.StateDir, attest.EventLogFile),
+		PCR:      lc.PCR,
+	}
+	fp, err := sealing.HostID(lc.TPM)
+	if err != nil {
+		return nil, fmt.Errorf("host identity from the TPM: %w", err)
+	}
+	rep.HostFingerprint = fp
+	hostname, _ := os.Hostname()
+	if hostname == "" {
+		hostname = "localhost"
+	}
+
+	auditLog, err := audit.Open(rep.AuditLog, log)
+	if err != nil {
+		return nil, fmt.Errorf("open audit log: %w", err)
+	}
+	defer auditLog.Close()
+	measurer, err := eventlog.Open(ctx, lc.TPM, rep.EventLog, lc.PCR, log)
+	if err != nil {
+		return nil, fmt.Errorf("open measured-launch event log: %w", err)
+	}
+	defer measurer.Close()
+	// Whatever happens from here on, the audit head is anchored into the PCR at the
+	// end, so a quote commits to every record of this launch.
+	defer func() {
+		if aerr := auditLog.Anchor(context.WithoutCancel(ctx), measurer); aerr != nil {
+			log.Error("anchor audit log", "err", aerr)
+		}
+	}()
+
+	guard, err := NewGuard(GuardConfig{
+		Engine: lc.Policy,
+		Audit:  auditSink{auditLog},
+		Host:   policy.Host{ID: hostname, Fingerprint: fp, Attestation: "unverified"},
+		Clock:  lc.Clock,
+		Logger: log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	imageDigest := sha256.Sum256(lc.Run.Image)
+	firstLaunch, err := firstLaunchTime(lc.StateDir, lc.Spec.Name)
+	if err != nil {
+		return rep, err
+	}
+	vmState := policyVM(lc.Spec, lc.Run, hex.EncodeToString(imageDigest[:]), "defined", firstLaunch)
+	d, err := guard.Launch(ctx, lc.Principal, vmState)
+	rep.Decision = d
+	if err != nil {
+		return rep, fmt.Errorf("%w: %w", ErrLaunchRefused, err)
+	}
+	if firstLaunch.IsZero() {
+		if err := recordFirstLaunch(lc.StateDir, lc.Spec.Name, time.Now().UTC()); err != nil {
+			return rep, fmt.Errorf("%w: %w", ErrLaunchRefused, err)
+		}
+	}
+
+	// Measure, in order, what is about to run; a failed measurement stops the launch.
+	self, err := sealing.SelfDigest()
+	if err != nil {
+		return rep, fmt.Errorf("%w: measure the monitor binary: %w", ErrLaunchRefused, err)
+	}
+	events := []eventlog.Event{
+		{Type: eventlog.TypeMonitor, Description: "umbra monitor", Digest: self[:]},
+		{Type: eventlog.TypeGuestImage, Description: "guest image of VM " + lc.Spec.Name, Digest: imageDigest[:]},
+		{Type: eventlog.TypeCmdline, Description: "guest command line", Data: []byte(lc.Run.Cmdline)},
+		{Type: eventlog.TypeVMSpec, Description: "VM spec " + lc.Spec.Name, Data: lc.SpecBytes},
+		{Type: eventlog.TypePolicy, Description: "revision " + lc.Policy.Revision(), Data: []byte(policyMeasurement(lc.Policy, lc.PolicyDigest))},
+		{Type: eventlog.TypeLaunchComplete, Description: "launch of VM " + lc.Spec.Name},
+	}
+	for _, ev := range events {
+		if ev.Data == nil && ev.Digest == nil {
+			ev.Data = []byte{}
+		}
+		if _, err := measurer.Measure(ctx, ev); err != nil {
+			return rep, fmt.Errorf("%w: measure %s: %w", ErrLaunchRefused, ev.Type, err)
+		}
+		rep.Measurements++
+	}
+	launchDetails, _ := json.Marshal(map[string]any{
+		"image_sha256": hex.EncodeToString(imageDigest[:]), "cmdline": lc.Run.Cmdline,
+		"memory_bytes": lc.Run.MemorySize, "policy_revision": lc.Policy.Revision(), "pcr": lc.PCR,
+	})
+	if _, err := auditLog.Append(ctx, audit.Record{Kind: audit.KindLaunch, VM: lc.Spec.Name, Actor: lc.Principal.ID, Details: launchDetails}); err != nil {
+		return rep, fmt.Errorf("%w: audit the launch: %w", ErrLaunchRefused, err)
+	}
+
+	vm, err := New(lc.Run)
+	if err != nil {
+		return rep, err
+	}
+	defer vm.Close()
+	if lc.Started != nil {
+		lc.Started(rep)
+	}
+	running := policyVM(lc.Spec, lc.Run, hex.EncodeToString(imageDigest[:]), "running", firstLaunch)
+	var enforced atomic.Pointer[Enforcement]
+	cancelSupervision := guard.Supervise(ctx, d, func() policy.VM { return running }, func(_ context.Context, e Enforcement) {
+		// Suspension is not implemented yet, so a suspend obligation stops the VM:
+		// failing closed keeps the restriction.
+		enforced.Store(&e)
+		vm.Stop(fmt.Errorf("policy obligation %s: %s", e.Verdict, e.Reason))
+	})
+	res, runErr := vm.Run(ctx)
+	cancelSupervision()
+	rep.Result = res
+	rep.Enforced = enforced.Load()
+
+	stop := map[string]any{"error": errString(runErr)}
+	if res != nil {
+		stop["exit_status"], stop["reason"], stop["counters"] = res.ExitStatus, res.Reason, res.Counters
+	}
+	if rep.Enforced != nil {
+		stop["enforced"] = rep.Enforced.Verdict
+	}
+	stopDetails, _ := json.Marshal(stop)
+	if _, err := auditLog.Append(context.WithoutCancel(ctx), audit.Record{Kind: audit.KindStop, VM: lc.Spec.Name, Actor: "umbra/system", Details: stopDetails}); err != nil {
+		runErr = errors.Join(runErr, fmt.Errorf("audit the stop: %w", err))
+	}
+	return rep, runErr
+}
+
+func errString(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
+}
+
+// policyMeasurement is what the policy event records: revision and bundle digest.
+func policyMeasurement(p *policy.Policy, digest string) string {
+	if digest == "" {
+		digest = "builtin"
+	}
+	return fmt.Sprintf("revision=%s source=%s bundle_sha256=%s", p.Revision(), p.Source(), digest)
+}
+
+// policyVM is the VM as the monitor knows it, for policy input.
+func policyVM(s *Spec, cfg Config, imageDigest, state string, firstLaunch time.Time) policy.VM {
+	labels := map[string]string{}
+	for k, v := range s.Labels {
+		labels[k] = v
+	}
+	return policy.VM{
+		ID:     s.Name,
+		Labels: labels,
+		Spec: policy.Spec{
+			MemoryMiB: cfg.MemorySize >> 20,
+			VCPUs:     1,
+			Image:     imageDigest,
+			Cloak:     strings.Contains(cfg.Cmdline, "cloak"),
+		},
+		State:         state,
+		Devices:       []policy.Device{{Type: "serial", ID: "com1"}},
+		Networks:      []policy.Network{},
+		FirstLaunchAt: firstLaunch,
+	}
+}
+
+func firstLaunchPath(stateDir, vm string) string {
+	return filepath.Join(stateDir, "vms", vm, "first-launch")
+}
+
+// firstLaunchTime returns when the VM was first launched on this host, zero if never.
+func firstLaunchTime(stateDir, vm string) (time.Time, error) {
+	b, err := os.ReadFile(firstLaunchPath(stateDir, vm))
+	if errors.Is(err, os.ErrNotExist) {
+		return time.Time{}, nil
+	}
+	if err != nil {
+		return time.Time{}, fmt.Errorf("read first-launch time of VM %s: %w", vm, err)
+	}
+	t, err := time.Parse(time.RFC3339Nano, strings.TrimSpace(string(b)))
+	if err != nil {
+		return time.Time{}, fmt.Errorf("first-launch time of VM %s in %s is corrupt (%w); it is kept to enforce first-launch limits: restore it rather than delete it", vm, firstLaunchPath(stateDir, vm), err)
+	}
+	return t, nil
+}
+
+func recordFirstLaunch(stateDir, vm string, t time.Time) error {
+	p := firstLaunchPath(stateDir, vm)
+	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+		return fmt.Errorf("record first launch: %w", err)
+	}
+	tmp := p + ".tmp"
+	if err := os.WriteFile(tmp, []byte(t.Format(time.RFC3339Nano)+"\n"), 0o600); err != nil {
+		return fmt.Errorf("record first launch: %w", err)
+	}
+	return os.Rename(tmp, p)
+}
+
+// auditSink adapts the tamper-evident audit log to the Guard.
+type auditSink struct{ log *audit.Log }
+
+func (s auditSink) Append(ctx context.Context, rec AuditRecord) error {
+	details, err := json.Marshal(rec)
+	if err != nil {
+		return err
+	}
+	kind := audit.KindDecision
+	if rec.Kind != "policy.decision" {
+		kind = strings.ReplaceAll(rec.Kind, "policy.", "policy-")
+	}
+	_, err = s.log.Append(ctx, audit.Record{Time: rec.Time, Kind: kind, VM: rec.VMID, Actor: rec.Principal, Details: details})
+	return err
+}

@@ -1,0 +1,193 @@
+package monitor
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/pem"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/user"
+	"path/filepath"
+
+	"github.com/google/go-tpm/tpm2/transport"
+	"gopkg.in/yaml.v3"
+
+	"github.com/umbra-cc/umbra/guestimage"
+	"github.com/umbra-cc/umbra/policy"
+	"github.com/umbra-cc/umbra/sealing"
+)
+
+// LaunchSource is what a launch runs and under which policy: resolved from the
+// built-in demo, a spec file with a signed policy bundle, or a sealed VM bundle.
+type LaunchSource struct {
+	Spec         *Spec
+	SpecBytes    []byte
+	Image        []byte
+	Policy       *policy.Policy
+	PolicyDigest string // SHA-256 (hex) of the signed policy bundle; "" when built in
+	// CloakSecret is the VM's cloak master secret from a sealed bundle, nil otherwise
+	// (a fresh random secret is used then). Wipe it when done.
+	CloakSecret []byte
+	// Sealed describes the sealed bundle the launch came from, if any.
+	Sealed *sealing.Opened
+}
+
+// Wipe clears the secret material.
+func (s *LaunchSource) Wipe() {
+	clear(s.CloakSecret)
+	if s.Sealed != nil {
+		s.Sealed.Wipe()
+	}
+}
+
+// Config returns the run configuration for the source.
+func (s *LaunchSource) Config() Config {
+	mem, _ := s.Spec.MemoryBytes()
+	timeout, _ := s.Spec.TimeoutDuration()
+	return Config{Image: s.Image, MemorySize: mem, Cmdline: s.Spec.Guest.Cmdline, Timeout: timeout}
+}
+
+// DemoSource is the built-in demo: the test guest running its demo programs under
+// the built-in demo policy.
+func DemoSource(ctx context.Context) (*LaunchSource, error) {
+	spec := &Spec{
+		APIVersion: SpecVersion,
+		Name:       policy.DemoVMID,
+		Labels:     map[string]string{"purpose": "demo"},
+		Guest:      GuestSpec{Image: "builtin:testguest", Cmdline: guestimage.DemoCmdline},
+		Memory:     "64MiB",
+		Timeout:    "60s",
+	}
+	raw, err := yaml.Marshal(spec)
+	if err != nil {
+		return nil, err
+	}
+	p, err := policy.DemoPolicy(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("built-in demo policy: %w", err)
+	}
+	return &LaunchSource{Spec: spec, SpecBytes: raw, Image: guestimage.Image(), Policy: p}, nil
+}
+
+// SpecSource reads a VM spec file and its guest image, and loads the signed policy
+// bundle that governs it, verified with key.
+func SpecSource(ctx context.Context, specPath, bundlePath string, key policy.VerifyKey) (*LaunchSource, error) {
+	raw, err := os.ReadFile(specPath)
+	if err != nil {
+		return nil, fmt.Errorf("read VM spec: %w", err)
+	}
+	spec, err := ParseSpec(raw)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", specPath, err)
+	}
+	img, err := os.ReadFile(spec.ImagePath(filepath.Dir(specPath)))
+	if err != nil {
+		return nil, fmt.Errorf("%s: guest.image: %w", specPath, err)
+	}
+	bundle, err := os.ReadFile(bundlePath)
+	if err != nil {
+		return nil, fmt.Errorf("read policy bundle: %w", err)
+	}
+	p, err := policy.LoadSignedBundle(ctx, bytes.NewReader(bundle), bundlePath, key)
+	if err != nil {
+		return nil, err
+	}
+	sum := sha256.Sum256(bundle)
+	return &LaunchSource{Spec: spec, SpecBytes: raw, Image: img, Policy: p, PolicyDigest: hex.EncodeToString(sum[:])}, nil
+}
+
+// SealedSource opens a sealed VM bundle on this host's TPM: it measures this monitor
+// (once per boot), opens the bundle (signature, host, monitor approval, rollback),
+// and loads the policy inside it, which must be an OPA bundle signed by the same
+// administrator with key id = the administrator's key id. The guest image is read
+// from the path in the sealed spec, relative to the bundle file, and its digest is
+// part of the policy input so a policy can pin it.
+func SealedSource(ctx context.Context, tpm transport.TPM, stateDir, bundlePath string, log *slog.Logger) (*LaunchSource, error) {
+	data, err := os.ReadFile(bundlePath)
+	if err != nil {
+		return nil, fmt.Errorf("read sealed bundle: %w", err)
+	}
+	if !sealing.IsBundle(data) {
+		return nil, fmt.Errorf("%s is not a sealed VM bundle", bundlePath)
+	}
+	self, err := sealing.SelfDigest()
+	if err != nil {
+		return nil, fmt.Errorf("measure this monitor: %w", err)
+	}
+	if _, err := sealing.MeasureMonitor(tpm, self, stateDir, "umbra run"); err != nil {
+		return nil, fmt.Errorf("measure this monitor into the TPM: %w", err)
+	}
+	admins, err := sealing.LoadTrustedAdmins(stateDir)
+	if err != nil {
+		return nil, err
+	}
+	approvals, err := sealing.LoadApprovals(stateDir)
+	if err != nil {
+		return nil, err
+	}
+	opened, err := sealing.OpenBundle(ctx, tpm, data, sealing.OpenOptions{TrustedAdmins: admins, Approvals: approvals, StateDir: stateDir, Logger: log})
+	if err != nil {
+		return nil, err
+	}
+	src := &LaunchSource{Sealed: opened, CloakSecret: opened.CloakMasterSecret}
+	fail := func(err error) (*LaunchSource, error) {
+		src.Wipe()
+		return nil, err
+	}
+	spec, err := ParseSpec(opened.Spec)
+	if err != nil {
+		return fail(fmt.Errorf("spec sealed in %s: %w", bundlePath, err))
+	}
+	src.Spec, src.SpecBytes = spec, opened.Spec
+	if src.Image, err = os.ReadFile(spec.ImagePath(filepath.Dir(bundlePath))); err != nil {
+		return fail(fmt.Errorf("guest image named by the sealed spec: %w", err))
+	}
+	admin, err := adminKey(admins, opened.Header.AdminKeyID)
+	if err != nil {
+		return fail(err)
+	}
+	src.Policy, err = policy.LoadSignedBundle(ctx, bytes.NewReader(opened.PolicyBundle), bundlePath+"#policy", policy.VerifyKey{ID: opened.Header.AdminKeyID, PEM: admin})
+	if err != nil {
+		return fail(fmt.Errorf("policy sealed in %s (must be signed by the bundle's administrator with key id %s): %w", bundlePath, opened.Header.AdminKeyID, err))
+	}
+	src.PolicyDigest = opened.Header.PolicySHA256
+	return src, nil
+}
+
+func adminKey(admins []*ecdsa.PublicKey, id string) ([]byte, error) {
+	for _, k := range admins {
+		if sealing.KeyID(k) == id {
+			der, err := x509.MarshalPKIXPublicKey(k)
+			if err != nil {
+				return nil, err
+			}
+			return pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}), nil
+		}
+	}
+	return nil, fmt.Errorf("administrator key %s is not among this host's trusted administrators", id)
+}
+
+// LocalPrincipal is the operator running this process, authenticated by the kernel
+// (the process's real uid), with the names of its groups.
+func LocalPrincipal() (policy.Principal, error) {
+	u, err := user.Current()
+	if err != nil {
+		return policy.Principal{}, fmt.Errorf("identify the local user: %w", err)
+	}
+	p := policy.Principal{ID: "unix:" + u.Username, Auth: "unix-peer", Groups: []string{}}
+	gids, err := u.GroupIds()
+	if err != nil {
+		return p, nil // groups are optional: policies that need them deny
+	}
+	for _, gid := range gids {
+		if g, err := user.LookupGroupId(gid); err == nil {
+			p.Groups = append(p.Groups, g.Name)
+		}
+	}
+	return p, nil
+}
