@@ -466,6 +466,36 @@ func TestGuestCommandLineErrors(t *testing.T) {
 	}
 }
 
+func TestGuestProcessesReachTheDoorbell(t *testing.T) {
+	g := runGuest(t, "run=hcall,hcall")
+	g.wantStatus(t, 0)
+	if strings.Contains(g.out, "hcall: CONSOLE_WRITE=-14\n") {
+		// docs/hypercalls.md: CONSOLE_WRITE succeeds for a buffer mapped
+		// readable in the caller's address space. KVM_TRANSLATE on x86 always
+		// reports usermode=0 (and writeable=1), so a monitor that checks
+		// Translation.User refuses every CPL 3 buffer; it must walk the
+		// guest's page tables itself to check the U/S bits.
+		t.Errorf("CONSOLE_WRITE of a mapped, user-readable buffer from CPL 3 returned -EFAULT")
+	}
+	for _, want := range []string{
+		"hcall: VERSION=0x10000\n",
+		"hcall: console write from user mode\n",
+		"hcall: CONSOLE_WRITE=36\n",
+		"hcall: CONSOLE_WRITE-bad-buffer=-14\n",
+		"hcall: CONSOLE_WRITE-too-long=-22\n",
+		"hcall: EXIT=-1\n", // EXIT is CPL 0 only
+		"hcall: unknown=-38\n",
+		"hcall: bad-width-offset=-22\n", // a protocol violation from CPL 3 does not end the VM
+	} {
+		if n := strings.Count(g.out, want); n != 2 {
+			t.Errorf("%q appears %d times, want once per process:\n%s", want, n, g.out)
+		}
+	}
+	if g.res.Counters.DoorbellViolations != 2 {
+		t.Errorf("monitor counted %d doorbell violations, want 2", g.res.Counters.DoorbellViolations)
+	}
+}
+
 func TestGuestKernelPanicExits(t *testing.T) {
 	g := runGuestMayPanic(t, "run=hello selftest=kernel-fault")
 	g.wantStatus(t, guestStatusPanic)

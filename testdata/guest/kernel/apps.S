@@ -15,5 +15,6 @@ app_\name\()_end:
 	APP systest
 	APP compute
 	APP crash
+	APP hcall
 
 	.section .note.GNU-stack, "", @progbits

@@ -8,11 +8,12 @@ APP(secret)
 APP(systest)
 APP(compute)
 APP(crash)
+APP(hcall)
 #undef APP
 
 #define APP(n) {#n, app_##n##_start, app_##n##_end},
 static const struct app apps[] = {
-	APP(hello) APP(counter) APP(secret) APP(systest) APP(compute) APP(crash)
+	APP(hello) APP(counter) APP(secret) APP(systest) APP(compute) APP(crash) APP(hcall)
 };
 
 const struct app *app_find(const char *name)
