@@ -299,8 +299,12 @@ func adminTPMPublic(pub *ecdsa.PublicKey) tpm2.TPMTPublic {
 	}
 }
 
-// authPolicies memoizes sealedAuthPolicy per administrator key (X||Y).
-var authPolicies sync.Map // [64]byte -> []byte
+// authPolicies memoizes sealedAuthPolicy per administrator key (X||Y), for at
+// most maxVerified keys.
+var (
+	authPolicies     sync.Map // [64]byte -> []byte
+	authPoliciesSize atomic.Int64
+)
 
 // sealedAuthPolicy is the authPolicy of a bundle key sealed under admin:
 // PolicyAuthorize(admin, PolicyRef).
@@ -312,7 +316,7 @@ func sealedAuthPolicy(admin *ecdsa.PublicKey) ([]byte, error) {
 		return slices.Clone(p.([]byte)), nil
 	}
 	p, err := computeAuthPolicy(admin)
-	if err == nil && verifiedCount.Load() <= maxVerified {
+	if err == nil && authPoliciesSize.Add(1) <= maxVerified {
 		authPolicies.Store(k, slices.Clone(p))
 	}
 	return p, err
