@@ -19,6 +19,7 @@ import (
 	"github.com/umbra-cc/umbra/attest"
 	"github.com/umbra-cc/umbra/attest/audit"
 	"github.com/umbra-cc/umbra/attest/eventlog"
+	"github.com/umbra-cc/umbra/attest/evidence"
 	"github.com/umbra-cc/umbra/policy"
 	"github.com/umbra-cc/umbra/sealing"
 )
@@ -45,6 +46,11 @@ type LaunchConfig struct {
 	// Started, if set, is called once the launch is allowed, measured and audited,
 	// just before the guest runs (the CLI reports the decision there).
 	Started func(*LaunchReport)
+	// EvidenceNonce, if set, makes Launch quote the measured-launch PCR with the host's
+	// attestation key once the VM has stopped and its audit head is anchored, and
+	// return the evidence in the report (for back ends whose PCRs do not outlive the
+	// process, such as the simulator, this is the only way to attest a launch).
+	EvidenceNonce []byte
 }
 
 // LaunchReport says what a launch did, for the operator and tests.
@@ -58,6 +64,8 @@ type LaunchReport struct {
 	Measurements    int             `json:"measurements"`
 	Result          *Result         `json:"result,omitempty"`
 	Enforced        *Enforcement    `json:"enforced,omitempty"`
+	// Evidence is the quote taken after the run when LaunchConfig.EvidenceNonce is set.
+	Evidence *evidence.Evidence `json:"-"`
 }
 
 // ErrLaunchRefused wraps every refusal before the guest starts.
@@ -134,6 +142,15 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	if err != nil {
 		return rep, fmt.Errorf("%w: %w", ErrLaunchRefused, err)
 	}
+	// Running with another command line than the spec's is a modification of the VM,
+	// which the policy must allow separately (a sealed VM's policy usually refuses it).
+	if lc.Run.Cmdline != lc.Spec.Guest.Cmdline {
+		md, err := guard.ModifySpec(ctx, lc.Principal, vmState, vmState.Spec)
+		if err != nil {
+			rep.Decision = md
+			return rep, fmt.Errorf("%w: overriding the guest command line modifies the VM: %w", ErrLaunchRefused, err)
+		}
+	}
 	if firstLaunch.IsZero() {
 		if err := recordFirstLaunch(lc.StateDir, lc.Spec.Name, time.Now().UTC()); err != nil {
 			return rep, fmt.Errorf("%w: %w", ErrLaunchRefused, err)
@@ -170,6 +187,23 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		return rep, fmt.Errorf("%w: audit the launch: %w", ErrLaunchRefused, err)
 	}
 
+	running := policyVM(lc.Spec, lc.Run, hex.EncodeToString(imageDigest[:]), "running", firstLaunch)
+	lc.Run.Hooks = &Hooks{
+		Guard: guard,
+		VM:    func() policy.VM { return running },
+		Audit: func(ctx context.Context, kind string, details any) error {
+			raw, err := json.Marshal(details)
+			if err != nil {
+				return err
+			}
+			_, err = auditLog.Append(ctx, audit.Record{Kind: kind, VM: lc.Spec.Name, Actor: "umbra/monitor", Details: raw})
+			return err
+		},
+		Measure: func(ctx context.Context, kind, description string, data []byte) error {
+			_, err := measurer.Measure(ctx, eventlog.Event{Type: kind, Description: description, Data: data})
+			return err
+		},
+	}
 	vm, err := New(lc.Run)
 	if err != nil {
 		return rep, err
@@ -178,7 +212,6 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	if lc.Started != nil {
 		lc.Started(rep)
 	}
-	running := policyVM(lc.Spec, lc.Run, hex.EncodeToString(imageDigest[:]), "running", firstLaunch)
 	var enforced atomic.Pointer[Enforcement]
 	cancelSupervision := guard.Supervise(ctx, d, func() policy.VM { return running }, func(_ context.Context, e Enforcement) {
 		// Suspension is not implemented yet, so a suspend obligation stops the VM:
@@ -199,10 +232,37 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		stop["enforced"] = rep.Enforced.Verdict
 	}
 	stopDetails, _ := json.Marshal(stop)
-	if _, err := auditLog.Append(context.WithoutCancel(ctx), audit.Record{Kind: audit.KindStop, VM: lc.Spec.Name, Actor: "umbra/system", Details: stopDetails}); err != nil {
+	bg := context.WithoutCancel(ctx)
+	if _, err := auditLog.Append(bg, audit.Record{Kind: audit.KindStop, VM: lc.Spec.Name, Actor: "umbra/system", Details: stopDetails}); err != nil {
 		runErr = errors.Join(runErr, fmt.Errorf("audit the stop: %w", err))
 	}
+	if err := auditLog.Anchor(bg, measurer); err != nil {
+		runErr = errors.Join(runErr, fmt.Errorf("anchor the audit log: %w", err))
+	}
+	if lc.EvidenceNonce != nil {
+		ev, err := collectEvidence(bg, lc.TPM, measurer, lc.PCR, lc.EvidenceNonce)
+		if err != nil {
+			runErr = errors.Join(runErr, err)
+		}
+		rep.Evidence = ev
+	}
 	return rep, runErr
+}
+
+func collectEvidence(ctx context.Context, tpm transport.TPM, m *eventlog.Measurer, pcr int, nonce []byte) (*evidence.Evidence, error) {
+	a, err := evidence.NewAttester(tpm)
+	if err != nil {
+		return nil, fmt.Errorf("attest the launch: %w", err)
+	}
+	defer a.Close()
+	ev, err := a.Collect(ctx, evidence.Options{
+		Nonce: nonce, PCRs: []int{pcr}, LogPCRs: []int{pcr},
+		ReadLog: func() ([]eventlog.Record, error) { return m.Records(), nil },
+	})
+	if err != nil {
+		return nil, fmt.Errorf("attest the launch: %w", err)
+	}
+	return ev, nil
 }
 
 func errString(err error) string {

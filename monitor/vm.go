@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/umbra-cc/umbra/appcontext"
 	"github.com/umbra-cc/umbra/kvm"
 )
 
@@ -28,6 +29,11 @@ type Config struct {
 	Logger   *slog.Logger // nil: discard
 	// KVMDevice overrides /dev/kvm.
 	KVMDevice string
+	// Hooks connect the VM to policy, audit and measurement (Launch sets them).
+	Hooks *Hooks
+	// CloakSecret is the VM's cloak master secret (32 bytes, from a sealed bundle);
+	// a fresh random one is used if nil.
+	CloakSecret []byte
 }
 
 // Defaults for Config.
@@ -101,6 +107,8 @@ type VM struct {
 	image   Image
 	serial  serial16550
 	counter Counters
+	// maxPhysAddr is the guest's MAXPHYADDR, for page walks.
+	maxPhysAddr uint8
 
 	stopReason atomic.Pointer[error]
 
@@ -181,6 +189,12 @@ func New(cfg Config) (_ *VM, err error) {
 	}
 	if err = v.cpu.SetCPUID(cpuid); err != nil {
 		return nil, err
+	}
+	v.maxPhysAddr = 36
+	for _, e := range cpuid {
+		if e.Function == 0x80000008 {
+			v.maxPhysAddr = uint8(e.EAX)
+		}
 	}
 	tsc, err := v.cpu.TSCKHz()
 	if err != nil {
@@ -405,22 +419,28 @@ func (v *VM) handleMMIO(e *kvm.ExitMMIO) (*guestExit, error) {
 	return exit, nil
 }
 
-// vcpuVirtReader reads guest-virtual memory through KVM's translation of the vCPU's
-// current page tables.
+// vcpuVirtReader reads guest-virtual memory as the vCPU's current address space maps
+// it, walking the guest's page tables in the monitor (KVM_TRANSLATE does not report
+// the user/supervisor bit on x86, so it cannot check user access).
 type vcpuVirtReader struct{ v *VM }
 
 func (r vcpuVirtReader) readVirt(gva uint64, buf []byte, user bool) error {
-	for len(buf) > 0 {
-		t, err := r.v.cpu.Translate(gva)
-		if err != nil || !t.Valid || (user && !t.User) {
-			return fmt.Errorf("%w at %#x", errGuestFault, gva)
-		}
-		n := min(uint64(len(buf)), PageSize-gva%PageSize)
-		if err := r.v.mem.ReadPhys(t.Physical, buf[:n]); err != nil {
-			return fmt.Errorf("%w at %#x: %w", errGuestFault, gva, err)
-		}
-		buf = buf[n:]
-		gva += n
+	s := r.v.cpu.SyncedSregs()
+	as := appcontext.AddressSpace{
+		Mem: r.v.mem,
+		CR3: s.CR3 &^ 0xfff,
+		Paging: appcontext.Paging{
+			MaxPhysAddr: r.v.maxPhysAddr,
+			NXE:         s.EFER&eferNXE != 0,
+			WP:          s.CR0&cr0WP != 0,
+		},
+	}
+	acc := appcontext.Access(0)
+	if user {
+		acc = appcontext.UserRead
+	}
+	if err := as.Read(gva, buf, acc); err != nil {
+		return fmt.Errorf("%w: %w", errGuestFault, err)
 	}
 	return nil
 }

@@ -43,6 +43,8 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 	policyKey := fs.String("policy-key", "", "PEM public key the policy bundle must verify with")
 	policyKeyID := fs.String("policy-key-id", "", "key id of --policy-key (required with it)")
 	verbose := fs.Bool("v", false, "log monitor events to stderr")
+	nonceHex := fs.String("attest-nonce", "", "after the VM stops, quote the launch PCR over this verifier nonce (hex) ...")
+	evidenceOut := fs.String("evidence", "", "... and write the evidence here (for umbra attest verify)")
 	if code, done := parseFlags(env, fs, args); done {
 		return code
 	}
@@ -110,6 +112,17 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 	if *timeout != 0 {
 		cfg.Timeout = *timeout
 	}
+	var nonce []byte
+	if (*nonceHex == "") != (*evidenceOut == "") {
+		fmt.Fprintln(env.stderr, "umbra run: --attest-nonce and --evidence go together")
+		return 2
+	}
+	if *nonceHex != "" {
+		if nonce, err = parseNonce(*nonceHex); err != nil {
+			fmt.Fprintf(env.stderr, "umbra run: --attest-nonce: %v\n", err)
+			return 2
+		}
+	}
 	principal, err := monitor.LocalPrincipal()
 	if err != nil {
 		fmt.Fprintf(env.stderr, "umbra run: %v\n", err)
@@ -118,8 +131,19 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 	rep, err := monitor.Launch(ctx, monitor.LaunchConfig{
 		Run: cfg, Spec: src.Spec, SpecBytes: src.SpecBytes, Policy: src.Policy, PolicyDigest: src.PolicyDigest,
 		Principal: principal, TPM: tpm, StateDir: stateDir, Logger: log,
-		Started: func(rep *monitor.LaunchReport) { reportDecision(env, src.Spec.Name, rep) },
+		Started:       func(rep *monitor.LaunchReport) { reportDecision(env, src.Spec.Name, rep) },
+		EvidenceNonce: nonce,
 	})
+	if rep != nil && rep.Evidence != nil {
+		if werr := writeEvidence(*evidenceOut, rep); werr != nil {
+			fmt.Fprintf(env.stderr, "umbra run: %v\n", werr)
+			if err == nil {
+				err = werr
+			}
+		} else {
+			fmt.Fprintf(env.stderr, "umbra: wrote launch evidence %s (%d event log records)\n", *evidenceOut, len(rep.Evidence.EventLog))
+		}
+	}
 	if rep != nil && rep.Result == nil {
 		reportDecision(env, src.Spec.Name, rep) // refused before the guest started
 	}
@@ -209,4 +233,15 @@ func reportDecision(env *cliEnv, name string, rep *monitor.LaunchReport) {
 		fmt.Fprintf(env.stderr, "umbra: measured %d launch events into PCR %d (%s)\n", rep.Measurements, rep.PCR, rep.EventLog)
 	}
 	fmt.Fprintf(env.stderr, "umbra: audit log %s\n", rep.AuditLog)
+}
+
+func writeEvidence(path string, rep *monitor.LaunchReport) error {
+	b, err := rep.Evidence.Marshal()
+	if err != nil {
+		return fmt.Errorf("encode evidence: %w", err)
+	}
+	if err := os.WriteFile(path, b, 0o644); err != nil {
+		return fmt.Errorf("write evidence: %w", err)
+	}
+	return nil
 }

@@ -9,7 +9,7 @@ package umbra.authz
 
 demo_app := "d3d0a5b1e1c1a0f7a1b2c3d4e5f60718293a4b5c6d7e8f90112233445566778f"
 
-allowed_actions := {"launch", "resume", "console_open", "cloak_register", "pageprot_change", "delete"}
+allowed_actions := {"launch", "resume", "modify_spec", "console_open", "cloak_register", "pageprot_change", "delete"}
 
 default allow := false
 

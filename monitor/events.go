@@ -1,0 +1,47 @@
+package monitor
+
+import (
+	"context"
+
+	"github.com/umbra-cc/umbra/policy"
+)
+
+// Security event kinds a running VM reports (they match the audit log's kinds).
+const (
+	EventCloakRegister      = "cloak-register"
+	EventIntegrityViolation = "integrity-violation"
+	EventPageProtChange     = "pageprot-change"
+	EventPageProtViolation  = "pageprot-violation"
+	EventPageProtLock       = "pageprot-lock"
+)
+
+// Hooks connect a running VM to the launch's policy, audit log and measured-launch
+// log. Every field may be nil (tests of the bare monitor): then actions are allowed,
+// events are dropped and nothing is measured.
+type Hooks struct {
+	// Guard is asked before cloak registrations and page-protection changes; VM
+	// returns the VM as the policy input must describe it.
+	Guard *Guard
+	VM    func() policy.VM
+	// Audit records a security event durably before the action it describes takes
+	// effect; an error refuses the action (fail closed).
+	Audit func(ctx context.Context, kind string, details any) error
+	// Measure extends the measured-launch PCR with an event (cloak registrations and
+	// page-protection locks) and appends it to the event log; an error refuses the
+	// action.
+	Measure func(ctx context.Context, kind, description string, data []byte) error
+}
+
+func (h *Hooks) audit(ctx context.Context, kind string, details any) error {
+	if h == nil || h.Audit == nil {
+		return nil
+	}
+	return h.Audit(ctx, kind, details)
+}
+
+func (h *Hooks) measure(ctx context.Context, kind, description string, data []byte) error {
+	if h == nil || h.Measure == nil {
+		return nil
+	}
+	return h.Measure(ctx, kind, description, data)
+}
