@@ -34,7 +34,7 @@ type LaunchConfig struct {
 	Spec      *Spec  // its spec; its name is the VM id
 	SpecBytes []byte // the spec as given, measured into the event log
 	// Policy is the policy in force; PolicyDigest the SHA-256 (hex) of the signed
-	// bundle it came from, or "" for a built-in policy.
+	// bundle it came from (of its source for a built-in policy), measured at launch.
 	Policy       *policy.Policy
 	PolicyDigest string
 	Principal    policy.Principal
@@ -158,6 +158,12 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	}
 
 	// Measure, in order, what is about to run; a failed measurement stops the launch.
+	// The policy's measurement is the SHA-256 of the signed bundle it came from, which
+	// an auditor computes with sha256sum.
+	policyDigest, err := hex.DecodeString(lc.PolicyDigest)
+	if err != nil || len(policyDigest) != sha256.Size {
+		return rep, fmt.Errorf("%w: policy digest %q is not a hex SHA-256", ErrLaunchRefused, lc.PolicyDigest)
+	}
 	self, err := sealing.SelfDigest()
 	if err != nil {
 		return rep, fmt.Errorf("%w: measure the monitor binary: %w", ErrLaunchRefused, err)
@@ -167,7 +173,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		{Type: eventlog.TypeGuestImage, Description: "guest image of VM " + lc.Spec.Name, Digest: imageDigest[:]},
 		{Type: eventlog.TypeCmdline, Description: "guest command line", Data: []byte(lc.Run.Cmdline)},
 		{Type: eventlog.TypeVMSpec, Description: "VM spec " + lc.Spec.Name, Data: lc.SpecBytes},
-		{Type: eventlog.TypePolicy, Description: "revision " + lc.Policy.Revision(), Data: []byte(policyMeasurement(lc.Policy, lc.PolicyDigest))},
+		{Type: eventlog.TypePolicy, Description: "revision " + lc.Policy.Revision(), Digest: policyDigest},
 		{Type: eventlog.TypeLaunchComplete, Description: "launch of VM " + lc.Spec.Name},
 	}
 	for _, ev := range events {
@@ -270,14 +276,6 @@ func errString(err error) string {
 		return ""
 	}
 	return err.Error()
-}
-
-// policyMeasurement is what the policy event records: revision and bundle digest.
-func policyMeasurement(p *policy.Policy, digest string) string {
-	if digest == "" {
-		digest = "builtin"
-	}
-	return fmt.Sprintf("revision=%s source=%s bundle_sha256=%s", p.Revision(), p.Source(), digest)
 }
 
 // policyVM is the VM as the monitor knows it, for policy input.

@@ -29,7 +29,7 @@ type LaunchSource struct {
 	SpecBytes    []byte
 	Image        []byte
 	Policy       *policy.Policy
-	PolicyDigest string // SHA-256 (hex) of the signed policy bundle; "" when built in
+	PolicyDigest string // SHA-256 (hex) of the signed policy bundle (of the Rego source when built in)
 	// CloakSecret is the VM's cloak master secret from a sealed bundle, nil otherwise
 	// (a fresh random secret is used then). Wipe it when done.
 	CloakSecret []byte
@@ -71,7 +71,12 @@ func DemoSource(ctx context.Context) (*LaunchSource, error) {
 	if err != nil {
 		return nil, fmt.Errorf("built-in demo policy: %w", err)
 	}
-	return &LaunchSource{Spec: spec, SpecBytes: raw, Image: guestimage.Image(), Policy: p}, nil
+	src, err := policy.DemoSource()
+	if err != nil {
+		return nil, fmt.Errorf("built-in demo policy: %w", err)
+	}
+	sum := sha256.Sum256(src)
+	return &LaunchSource{Spec: spec, SpecBytes: raw, Image: guestimage.Image(), Policy: p, PolicyDigest: hex.EncodeToString(sum[:])}, nil
 }
 
 // SpecSource reads a VM spec file and its guest image, and loads the signed policy
