@@ -55,15 +55,18 @@ type LaunchConfig struct {
 
 // LaunchReport says what a launch did, for the operator and tests.
 type LaunchReport struct {
-	VMID            string          `json:"vm"`
-	HostFingerprint string          `json:"host_fingerprint"`
-	Decision        policy.Decision `json:"decision"`
-	AuditLog        string          `json:"audit_log"`
-	EventLog        string          `json:"event_log"`
-	PCR             int             `json:"pcr"`
-	Measurements    int             `json:"measurements"`
-	Result          *Result         `json:"result,omitempty"`
-	Enforced        *Enforcement    `json:"enforced,omitempty"`
+	VMID            string `json:"vm"`
+	HostFingerprint string `json:"host_fingerprint"`
+	// Action is the guarded action Decision answered (launch, or modify_spec when the
+	// run changes the spec).
+	Action       policy.Action   `json:"action"`
+	Decision     policy.Decision `json:"decision"`
+	AuditLog     string          `json:"audit_log"`
+	EventLog     string          `json:"event_log"`
+	PCR          int             `json:"pcr"`
+	Measurements int             `json:"measurements"`
+	Result       *Result         `json:"result,omitempty"`
+	Enforced     *Enforcement    `json:"enforced,omitempty"`
 	// Evidence is the quote taken after the run when LaunchConfig.EvidenceNonce is set.
 	Evidence *evidence.Evidence `json:"-"`
 }
@@ -138,7 +141,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	}
 	vmState := policyVM(lc.Spec, lc.Run, hex.EncodeToString(imageDigest[:]), "defined", firstLaunch)
 	d, err := guard.Launch(ctx, lc.Principal, vmState)
-	rep.Decision = d
+	rep.Action, rep.Decision = policy.ActionLaunch, d
 	if err != nil {
 		return rep, fmt.Errorf("%w: %w", ErrLaunchRefused, err)
 	}
@@ -147,7 +150,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	if lc.Run.Cmdline != lc.Spec.Guest.Cmdline {
 		md, err := guard.ModifySpec(ctx, lc.Principal, vmState, vmState.Spec)
 		if err != nil {
-			rep.Decision = md
+			rep.Action, rep.Decision = policy.ActionModifySpec, md
 			return rep, fmt.Errorf("%w: overriding the guest command line modifies the VM: %w", ErrLaunchRefused, err)
 		}
 	}

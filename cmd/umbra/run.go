@@ -222,7 +222,7 @@ func reportDecision(env *cliEnv, name string, rep *monitor.LaunchReport) {
 	if d.Allow {
 		verdict = "allowed"
 	}
-	fmt.Fprintf(env.stderr, "umbra: policy %s %s launch of VM %s on host %.16s…\n", d.Revision, verdict, name, rep.HostFingerprint)
+	fmt.Fprintf(env.stderr, "umbra: policy %s %s %s of VM %s on host %.16s…\n", d.Revision, verdict, rep.Action, name, rep.HostFingerprint)
 	for _, r := range d.Deny {
 		fmt.Fprintf(env.stderr, "umbra:   deny %s: %s (%s)\n", r.Code, r.Message, r.Rule)
 	}
