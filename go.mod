@@ -8,7 +8,6 @@ require (
 	github.com/open-policy-agent/opa v1.22.0
 	go.yaml.in/yaml/v3 v3.0.5
 	golang.org/x/sys v0.49.0
-	gopkg.in/yaml.v3 v3.0.1
 )
 
 require (

@@ -15,7 +15,7 @@ import (
 	"path/filepath"
 
 	"github.com/google/go-tpm/tpm2/transport"
-	"gopkg.in/yaml.v3"
+	"go.yaml.in/yaml/v3"
 
 	"github.com/umbra-cc/umbra/guestimage"
 	"github.com/umbra-cc/umbra/policy"
