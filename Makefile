@@ -41,9 +41,9 @@ deps:
 
 # Every test, KVM ones included: UMBRA_REQUIRE_KVM makes a missing /dev/kvm a failure
 # instead of a skip, UMBRA_REQUIRE_SWTPM likewise for swtpm.
-test: deps fmt-check guest-check vet
+# The Go tests run last so that their summary closes the output.
+test: deps fmt-check guest-check vet policy-test
 	UMBRA_REQUIRE_KVM=1 UMBRA_REQUIRE_SWTPM=1 $(GO) test -timeout 15m -count=1 ./...
-	$(MAKE) policy-test
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 2000x ./...
