@@ -36,6 +36,7 @@ const (
 	uffdEventUnmap     = 0x16
 
 	uffdCopyModeDontWake = 1 << 0
+	uffdCopyModeWP       = 1 << 1
 	uffdWPModeWP         = 1 << 0
 )
 
@@ -205,7 +206,15 @@ func (u *Userfaultfd) Continue(mem []byte) error {
 
 // Copy resolves MISSING faults on dst by atomically copying src (same length) into it,
 // and wakes the faulting threads.
-func (u *Userfaultfd) Copy(dst, src []byte) error {
+func (u *Userfaultfd) Copy(dst, src []byte) error { return u.copy(dst, src, 0) }
+
+// CopyWriteProtected is Copy that leaves the new page write-protected
+// (UFFDIO_COPY_MODE_WP), for ranges registered with UffdRegisterWP.
+func (u *Userfaultfd) CopyWriteProtected(dst, src []byte) error {
+	return u.copy(dst, src, uffdCopyModeWP)
+}
+
+func (u *Userfaultfd) copy(dst, src []byte, mode uint64) error {
 	if err := checkRange("copy", dst); err != nil {
 		return err
 	}
@@ -216,10 +225,10 @@ func (u *Userfaultfd) Copy(dst, src []byte) error {
 	c := struct {
 		Dst, Src, Len, Mode uint64
 		Copied              int64
-	}{Dst: start, Src: uint64(uintptr(unsafe.Pointer(&src[0]))), Len: n}
-	_, err := ioctlPtr(u.fd, fmt.Sprintf("UFFDIO_COPY %#x+%#x", start, n), ioctlUffdCopy, unsafe.Pointer(&c))
+	}{Dst: start, Src: uint64(uintptr(unsafe.Pointer(&src[0]))), Len: n, Mode: mode}
+	_, err := ioctlPtr(u.fd, fmt.Sprintf("UFFDIO_COPY %#x+%#x mode %#x", start, n, mode), ioctlUffdCopy, unsafe.Pointer(&c))
 	if errors.Is(err, unix.EEXIST) {
-		return u.Wake(dst)
+		return u.Wake(dst) // resolved by a concurrent fault: the page is there
 	}
 	return err
 }
@@ -247,23 +256,5 @@ func (u *Userfaultfd) Wake(mem []byte) error {
 	start, n := rangeOf(mem)
 	r := struct{ Start, Len uint64 }{start, n}
 	_, err := ioctlPtr(u.fd, "UFFDIO_WAKE", ioctlUffdWake, unsafe.Pointer(&r))
-	return err
-}
-
-// CopyWriteProtected is Copy that leaves the new page write-protected
-// (UFFDIO_COPY_MODE_WP), for ranges registered with UffdRegisterWP.
-func (u *Userfaultfd) CopyWriteProtected(dst, src []byte) error {
-	if err := checkRange("copy", dst); err != nil {
-		return err
-	}
-	if len(src) != len(dst) {
-		return fmt.Errorf("userfaultfd copy: source length %d != destination length %d", len(src), len(dst))
-	}
-	start, n := rangeOf(dst)
-	c := struct {
-		Dst, Src, Len, Mode uint64
-		Copied              int64
-	}{Dst: start, Src: uint64(uintptr(unsafe.Pointer(&src[0]))), Len: n, Mode: 1 << 1}
-	_, err := ioctlPtr(u.fd, "UFFDIO_COPY(WP)", ioctlUffdCopy, unsafe.Pointer(&c))
 	return err
 }
