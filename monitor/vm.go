@@ -207,6 +207,9 @@ func New(cfg Config) (_ *VM, err error) {
 		return nil, err
 	}
 	v.cpu.EnableSyncRegs(kvm.SyncRegs | kvm.SyncSregs)
+	if err = v.installPageProt(); err != nil {
+		return nil, err
+	}
 	return v, nil
 }
 

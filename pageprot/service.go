@@ -59,7 +59,22 @@ type Request struct {
 	Context Context
 	Owner   Owner
 	Entries []Entry // PP_SET
-	Args    [3]uint64
+	// Resolved (PP_SET) is what the entries reach once translated and authorized, in
+	// entry order: guest-physical spans of sysVM, or virtual spans of a cloaked app's
+	// space. Every span was checked to be the owner's (kernel memory for the kernel,
+	// the caller's own user pages for a process, cloaked pages for an app).
+	Resolved []Resolved
+	Args     [3]uint64
+}
+
+// Resolved is one translated piece of a PP_SET entry.
+type Resolved struct {
+	Index      int   // batch entry it came from
+	Space      Space // SysSpace: guest-physical; otherwise the app's virtual space
+	Start, End uint64
+	Deny       Deny
+	Action     Action
+	Lock       bool
 }
 
 // Decision is the policy hook's answer.
@@ -110,6 +125,14 @@ type Config struct {
 	Policy  PolicyFunc   // nil: AllowAll
 	Audit   Auditor      // nil: no audit (tests only)
 	Cloaked CloakedPages // nil: no cloaked apps
+	// BeforeApply, if set, runs once a PP_SET batch has passed every check and the
+	// policy, just before it is applied, with the Service locked (it must not call
+	// the Service). sys is sysVM protection as it will be once the batch applies (nil
+	// if the batch does not touch sysVM): the monitor checks there that its back end
+	// can enforce it, and measures locks. An error refuses the whole batch and nothing
+	// changes: an error wrapping ENOSPC is returned to the guest as -ENOSPC (the back
+	// end cannot enforce the layout), any other as -EACCES.
+	BeforeApply func(ctx context.Context, req Request, sys []PhysRange) error
 }
 
 // Handler is a registered upcall handler.
@@ -356,6 +379,11 @@ func (s *Service) set(ctx context.Context, req Request, c Context, mem GuestMemo
 	if err != nil {
 		return fail(err)
 	}
+	req.Resolved = make([]Resolved, len(ops))
+	for i, o := range ops {
+		req.Resolved[i] = Resolved{Index: o.index, Space: o.space, Start: o.x.Start, End: o.x.End,
+			Deny: o.x.Deny, Action: o.x.Action, Lock: o.x.Lock}
+	}
 	d = s.cfg.Policy(ctx, req)
 	if !d.Allow {
 		return fail(errWhole(EACCES, "denied by policy: %s", d.Reason))
@@ -365,6 +393,20 @@ func (s *Service) set(ctx context.Context, req Request, c Context, mem GuestMemo
 		if err := s.t.check(o); err != nil {
 			s.mu.Unlock()
 			return fail(err)
+		}
+	}
+	if s.cfg.BeforeApply != nil {
+		var sys []PhysRange
+		if touchesSys(ops) {
+			sys = s.t.physRangesAfter(ops)
+		}
+		if err := s.cfg.BeforeApply(ctx, req, sys); err != nil {
+			s.mu.Unlock()
+			errno := EACCES
+			if errors.Is(err, ENOSPC) {
+				errno = ENOSPC
+			}
+			return fail(errWhole(errno, "refused by the monitor before applying: %v", err))
 		}
 	}
 	first := s.nextID
@@ -380,6 +422,15 @@ func (s *Service) set(ctx context.Context, req Request, c Context, mem GuestMemo
 	}
 	s.mu.Unlock()
 	return s.finish(ctx, req, d, Result{Value: int64(first), Changed: sys}, nil)
+}
+
+func touchesSys(ops []op) bool {
+	for _, o := range ops {
+		if o.space == SysSpace {
+			return true
+		}
+	}
+	return false
 }
 
 // resolve turns entries into table ops for caller c, enforcing who may protect what:

@@ -193,6 +193,18 @@ func (t *table) physRanges() []PhysRange {
 	return out
 }
 
+// physRangesAfter returns physRanges as it would be once ops are applied, leaving t
+// unchanged (the caller has checked ops).
+func (t *table) physRangesAfter(ops []op) []PhysRange {
+	tmp := &table{spaces: map[Space][]Extent{SysSpace: slices.Clone(t.spaces[SysSpace])}}
+	for _, o := range ops {
+		if o.space == SysSpace {
+			tmp.apply(o)
+		}
+	}
+	return tmp.physRanges()
+}
+
 // dropOwner removes every unlocked extent of owner o; locked ones stay (only Reset
 // clears them).
 func (t *table) dropOwner(o Owner) int {
