@@ -100,14 +100,9 @@ func (a *Approval) approvedPolicy() (digest []byte, sel tpm2.TPMLPCRSelection, p
 		return nil, sel, nil, err
 	}
 	pd := sha256.Sum256(values)
-	calc, err := tpm2.NewPolicyCalculator(tpm2.TPMAlgSHA256)
-	if err != nil {
-		return nil, sel, nil, err
-	}
-	if err := (tpm2.PolicyPCR{PcrDigest: tpm2.TPM2BDigest{Buffer: pd[:]}, Pcrs: sel}).Update(calc); err != nil {
-		return nil, sel, nil, err
-	}
-	return calc.Hash().Digest, sel, pd[:], nil
+	// What tpm2.PolicyPCR.Update computes on a fresh PolicyCalculator, without
+	// its reflection marshalling (TestFastMarshalMatchesGoTPM).
+	return pcrPolicyDigest(sel.PCRSelections[0].PCRSelect, pd[:]), sel, pd[:], nil
 }
 
 // aHash is the digest the administrator signs: SHA-256(approvedPolicy || policyRef).
@@ -270,6 +265,13 @@ func KeyID(pub *ecdsa.PublicKey) string {
 	if pub == nil {
 		return "(none)"
 	}
+	if pub.Curve == elliptic.P256() && pub.X != nil && pub.Y != nil && pub.X.BitLen() <= 256 && pub.Y.BitLen() <= 256 {
+		return adminInfo(pub).id // memoized
+	}
+	return keyID(pub)
+}
+
+func keyID(pub *ecdsa.PublicKey) string {
 	der, err := x509.MarshalPKIXPublicKey(pub)
 	if err != nil {
 		return "invalid-key"
@@ -299,27 +301,11 @@ func adminTPMPublic(pub *ecdsa.PublicKey) tpm2.TPMTPublic {
 	}
 }
 
-// authPolicies memoizes sealedAuthPolicy per administrator key (X||Y), for at
-// most maxVerified keys.
-var (
-	authPolicies     sync.Map // [64]byte -> []byte
-	authPoliciesSize atomic.Int64
-)
-
 // sealedAuthPolicy is the authPolicy of a bundle key sealed under admin:
-// PolicyAuthorize(admin, PolicyRef).
+// PolicyAuthorize(admin, PolicyRef), memoized per key (adminInfo).
 func sealedAuthPolicy(admin *ecdsa.PublicKey) ([]byte, error) {
-	var k [64]byte
-	admin.X.FillBytes(k[:32])
-	admin.Y.FillBytes(k[32:])
-	if p, ok := authPolicies.Load(k); ok {
-		return slices.Clone(p.([]byte)), nil
-	}
-	p, err := computeAuthPolicy(admin)
-	if err == nil && authPoliciesSize.Add(1) <= maxVerified {
-		authPolicies.Store(k, slices.Clone(p))
-	}
-	return p, err
+	i := adminInfo(admin)
+	return slices.Clone(i.authPolicy), i.err
 }
 
 func computeAuthPolicy(admin *ecdsa.PublicKey) ([]byte, error) {

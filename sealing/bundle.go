@@ -115,12 +115,17 @@ func ParseEnvelope(data []byte) (*Envelope, error) {
 // marshalSigned returns the signed part of a bundle.
 func marshalSigned(header, ciphertext []byte) []byte {
 	b := make([]byte, 0, prefixSize+len(header)+8+len(ciphertext)+2+MaxSignatureSize)
+	return append(appendPrefix(b, header, uint64(len(ciphertext))), ciphertext...)
+}
+
+// appendPrefix appends magic, format version, header length, header and
+// ciphertext length: the signed part up to the ciphertext.
+func appendPrefix(b, header []byte, ctLen uint64) []byte {
 	b = append(b, Magic...)
 	b = binary.BigEndian.AppendUint16(b, FormatVersion)
 	b = binary.BigEndian.AppendUint32(b, uint32(len(header)))
 	b = append(b, header...)
-	b = binary.BigEndian.AppendUint64(b, uint64(len(ciphertext)))
-	return append(b, ciphertext...)
+	return binary.BigEndian.AppendUint64(b, ctLen)
 }
 
 func appendSignature(signed, sig []byte) []byte {
@@ -231,8 +236,11 @@ type body struct {
 
 const cloakSecretSize = 32
 
-func (b *body) marshal() []byte {
-	out := make([]byte, 0, 12+len(b.spec)+len(b.policy)+len(b.secret))
+func (b *body) size() int { return 12 + len(b.spec) + len(b.policy) + len(b.secret) }
+
+func (b *body) marshal() []byte { return b.appendTo(make([]byte, 0, b.size())) }
+
+func (b *body) appendTo(out []byte) []byte {
 	for _, f := range [][]byte{b.spec, b.policy, b.secret} {
 		out = binary.BigEndian.AppendUint32(out, uint32(len(f)))
 		out = append(out, f...)

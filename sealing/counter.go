@@ -285,11 +285,9 @@ func anchorPublic(h tpm2.TPMHandle) tpm2.TPMSNVPublic {
 }
 
 func expectedIndex(pub tpm2.TPMSNVPublic) (*nvIndex, error) {
-	name, err := tpm2.NVName(&pub)
-	if err != nil {
-		return nil, err
-	}
-	return &nvIndex{handle: pub.NVIndex, name: *name, pub: pub}, nil
+	// tpm2.NVName(&pub), memoized and without reflection (fastmarshal.go).
+	name := expectedName(pub, nvNameKey{handle: pub.NVIndex, anchor: pub.Attributes.WriteDefine})
+	return &nvIndex{handle: pub.NVIndex, name: name, pub: pub}, nil
 }
 
 // boundRead reads an NV index through a one-use HMAC session. The session's

@@ -4,9 +4,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rsa"
-	"crypto/sha256"
 	"crypto/x509"
-	"encoding/hex"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -22,27 +20,33 @@ import (
 type ekHandle struct {
 	handle tpm2.TPMHandle
 	name   tpm2.TPM2BName
-	public tpm2.TPMTPublic
-	// fingerprint is Fingerprint(&public), hashed from the bytes the TPM
-	// returned rather than re-marshalled.
+	// public is the TPMT_PUBLIC the TPM returned, unmarshalled only when
+	// asked for (publicArea): open needs the fingerprint and name only.
+	public tpm2.TPM2BPublic
+	// fingerprint is Fingerprint of the public area, hashed from the bytes the
+	// TPM returned rather than re-marshalled.
 	fingerprint string
 }
 
 func createEK(t transport.TPM) (*ekHandle, error) {
+	initFast()
 	rsp, err := tpm2.CreatePrimary{
 		PrimaryHandle: tpm2.TPMRHEndorsement,
-		InPublic:      tpm2.New2B(tpm2.ECCEKTemplate),
+		// tpm2.Marshal(tpm2.ECCEKTemplate), marshalled once (fastmarshal.go).
+		InPublic: tpm2.BytesAs2B[tpm2.TPMTPublic](ekTemplateBytes),
 	}.Execute(t)
 	if err != nil {
 		return nil, fmt.Errorf("%w: create endorsement key: %w", ErrTPM, err)
 	}
-	pub, err := rsp.OutPublic.Contents()
+	return &ekHandle{handle: rsp.ObjectHandle, name: rsp.Name, public: rsp.OutPublic, fingerprint: hexSum(rsp.OutPublic.Bytes())}, nil
+}
+
+func (ek *ekHandle) publicArea() (*tpm2.TPMTPublic, error) {
+	pub, err := ek.public.Contents()
 	if err != nil {
-		flush(t, rsp.ObjectHandle)
 		return nil, fmt.Errorf("%w: endorsement key public area: %w", ErrTPM, err)
 	}
-	fp := sha256.Sum256(rsp.OutPublic.Bytes())
-	return &ekHandle{handle: rsp.ObjectHandle, name: rsp.Name, public: *pub, fingerprint: hex.EncodeToString(fp[:])}, nil
+	return pub, nil
 }
 
 func flush(t transport.TPM, h tpm2.TPMHandle) {
@@ -56,7 +60,7 @@ func ReadEKPublic(t transport.TPM) (*tpm2.TPMTPublic, error) {
 		return nil, err
 	}
 	flush(t, ek.handle)
-	return &ek.public, nil
+	return ek.publicArea()
 }
 
 // Fingerprint returns the host identity derived from an endorsement key: the
@@ -64,8 +68,7 @@ func ReadEKPublic(t transport.TPM) (*tpm2.TPMTPublic, error) {
 // (until its endorsement seed is changed) and is what policies see as
 // host.fingerprint.
 func Fingerprint(ek *tpm2.TPMTPublic) string {
-	sum := sha256.Sum256(tpm2.Marshal(*ek))
-	return hex.EncodeToString(sum[:])
+	return hexSum(ekPublicBytes(ek))
 }
 
 // HostID returns the fingerprint of the TPM's endorsement key.

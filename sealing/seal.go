@@ -78,22 +78,11 @@ func Seal(o SealOptions) ([]byte, error) {
 		return nil, fmt.Errorf("seal: %w", err)
 	}
 	unique := sha256.Sum256(append(append([]byte(nil), obfuscation...), key...))
-	pub := tpm2.TPMTPublic{
-		Type:    tpm2.TPMAlgKeyedHash,
-		NameAlg: tpm2.TPMAlgSHA256,
-		// Policy only (no userWithAuth), duplicable (import needs fixedTPM and
-		// fixedParent clear), no dictionary-attack lockout for policy failures.
-		ObjectAttributes: tpm2.TPMAObject{AdminWithPolicy: true, NoDA: true},
-		AuthPolicy:       tpm2.TPM2BDigest{Buffer: policy},
-		Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgKeyedHash, &tpm2.TPMSKeyedHashParms{
-			Scheme: tpm2.TPMTKeyedHashScheme{Scheme: tpm2.TPMAlgNull},
-		}),
-		Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgKeyedHash, &tpm2.TPM2BDigest{Buffer: unique[:]}),
-	}
-	name, err := tpm2.ObjectName(&pub)
-	if err != nil {
-		return nil, fmt.Errorf("seal: %w", err)
-	}
+	// The public area: a keyed-hash sealed-data object with
+	// sealedObjectAttributes, this administrator's authPolicy and no scheme,
+	// assembled without reflection (fastmarshal.go).
+	pubBytes := sealedPublicBytes(policy, unique[:])
+	name := nameOf(pubBytes)
 	sens := tpm2.Marshal(tpm2.TPMTSensitive{
 		SensitiveType: tpm2.TPMAlgKeyedHash,
 		SeedValue:     tpm2.TPM2BDigest{Buffer: obfuscation},
@@ -109,12 +98,11 @@ func Seal(o SealOptions) ([]byte, error) {
 	}
 	clear(sens)
 
-	specSum, polSum := sha256.Sum256(o.Spec), sha256.Sum256(o.PolicyBundle)
 	h := Header{
 		Series: o.Series, Version: o.Version, Created: created.UTC().Truncate(time.Second),
 		HostFingerprint: Fingerprint(o.HostEK), AdminKeyID: KeyID(&o.Admin.PublicKey),
-		SealedPublic: tpm2.Marshal(pub), SealedDuplicate: dup, SealedSeed: seed,
-		Nonce: nonce, SpecSHA256: hex.EncodeToString(specSum[:]), PolicySHA256: hex.EncodeToString(polSum[:]),
+		SealedPublic: pubBytes, SealedDuplicate: dup, SealedSeed: seed,
+		Nonce: nonce, SpecSHA256: hexSum(o.Spec), PolicySHA256: hexSum(o.PolicyBundle),
 	}
 	for _, a := range o.Approvals {
 		h.Approvals = append(h.Approvals, *a)
@@ -133,21 +121,26 @@ func Seal(o SealOptions) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	pt := (&body{spec: o.Spec, policy: o.PolicyBundle, secret: secret}).marshal()
-	defer clear(pt)
-	if len(pt)+gcm.Overhead() > MaxCiphertextSize {
-		return nil, fmt.Errorf("seal: spec and policy are %d bytes, more than a bundle holds (%d)", len(pt), MaxCiphertextSize)
+	bd := &body{spec: o.Spec, policy: o.PolicyBundle, secret: secret}
+	ptLen := bd.size()
+	if ptLen+gcm.Overhead() > MaxCiphertextSize {
+		return nil, fmt.Errorf("seal: spec and policy are %d bytes, more than a bundle holds (%d)", ptLen, MaxCiphertextSize)
 	}
-	prefix := marshalSigned(hj, nil)
-	aadBytes := prefix[:prefixSize+len(hj)]
-	ct := gcm.Seal(nil, nonce, pt, aadBytes)
-	signed := marshalSigned(hj, ct)
-	digest := sha256.Sum256(signed)
+	// One buffer for the whole bundle: the plaintext body is laid out where
+	// the ciphertext goes and encrypted in place, so it is neither copied nor
+	// left behind in a second buffer.
+	out := make([]byte, 0, prefixSize+len(hj)+8+ptLen+gcm.Overhead()+2+MaxSignatureSize)
+	out = appendPrefix(out, hj, uint64(ptLen+gcm.Overhead()))
+	aad := out[:prefixSize+len(hj)]
+	ctOff := len(out)
+	out = bd.appendTo(out)
+	out = gcm.Seal(out[:ctOff], nonce, out[ctOff:], aad)
+	digest := sha256.Sum256(out)
 	sig, err := ecdsa.SignASN1(rand.Reader, o.Admin, digest[:])
 	if err != nil {
 		return nil, err
 	}
-	return appendSignature(signed, sig), nil
+	return appendSignature(out, sig), nil
 }
 
 func newGCM(key []byte) (cipher.AEAD, error) {
@@ -420,7 +413,8 @@ func startUnseal(t transport.TPM, admin *ecdsa.PublicKey) (*unsealer, error) {
 	if u.sess, u.closeSess, err = tpm2.PolicySession(t, tpm2.TPMAlgSHA256, 16); err != nil {
 		return nil, fmt.Errorf("%w: start policy session: %w", ErrTPM, err)
 	}
-	if u.adm, err = (tpm2.LoadExternal{InPublic: tpm2.New2B(adminTPMPublic(admin)), Hierarchy: tpm2.TPMRHOwner}).Execute(t); err != nil {
+	// adminTPMPublic(admin), marshalled once per key (adminInfo).
+	if u.adm, err = (tpm2.LoadExternal{InPublic: tpm2.BytesAs2B[tpm2.TPMTPublic](adminInfo(admin).public), Hierarchy: tpm2.TPMRHOwner}).Execute(t); err != nil {
 		u.closeSess()
 		return nil, fmt.Errorf("%w: load administrator key: %w", ErrTPM, err)
 	}
@@ -512,30 +506,37 @@ func policyRestart(t transport.TPM, h tpm2.TPMHandle) error {
 // policy session, completed by PolicyAuthorize(admin, approval).
 func (u *unsealer) unseal(ek *ekHandle, h *Header) ([]byte, error) {
 	t := u.t
-	pub, err := tpm2.Unmarshal[tpm2.TPMTPublic](h.SealedPublic)
-	if err != nil {
-		return nil, fmt.Errorf("%w: sealed_public: %w", ErrMalformed, err)
-	}
 	want, err := sealedAuthPolicy(u.admin)
 	if err != nil {
 		return nil, err
 	}
-	if pub.Type != tpm2.TPMAlgKeyedHash || !bytes.Equal(pub.AuthPolicy.Buffer, want) || pub.ObjectAttributes.UserWithAuth {
-		return nil, fmt.Errorf("%w: sealed_public is not a policy-only keyed-hash object authorized by the bundle's administrator", ErrMalformed)
+	// What Seal writes is exactly sealedPublicBytes(want, unique): checked on
+	// the bytes, without unmarshalling. Anything else gets the general check.
+	if !isSealedPublic(h.SealedPublic, want) {
+		pub, err := tpm2.Unmarshal[tpm2.TPMTPublic](h.SealedPublic)
+		if err != nil {
+			return nil, fmt.Errorf("%w: sealed_public: %w", ErrMalformed, err)
+		}
+		if pub.Type != tpm2.TPMAlgKeyedHash || !bytes.Equal(pub.AuthPolicy.Buffer, want) || pub.ObjectAttributes.UserWithAuth {
+			return nil, fmt.Errorf("%w: sealed_public is not a policy-only keyed-hash object authorized by the bundle's administrator", ErrMalformed)
+		}
 	}
+	// The TPM gets the signed bytes as they are: it computes the object's name
+	// from them and checks it against the duplicate's integrity HMAC.
+	pub := tpm2.BytesAs2B[tpm2.TPMTPublic](h.SealedPublic)
 	ekAuth := func() tpm2.AuthHandle {
 		return tpm2.AuthHandle{Handle: ek.handle, Name: ek.name, Auth: tpm2.Policy(tpm2.TPMAlgSHA256, 16, ekPolicy)}
 	}
 	imp, err := tpm2.Import{
 		ParentHandle: ekAuth(),
-		ObjectPublic: tpm2.New2B(*pub),
+		ObjectPublic: pub,
 		Duplicate:    tpm2.TPM2BPrivate{Buffer: h.SealedDuplicate},
 		InSymSeed:    tpm2.TPM2BEncryptedSecret{Buffer: h.SealedSeed},
 	}.Execute(t)
 	if err != nil {
 		return nil, fmt.Errorf("%w: TPM refused the sealed key blob (not made for this TPM's endorsement key?): %w", ErrWrongHost, err)
 	}
-	load, err := tpm2.Load{ParentHandle: ekAuth(), InPublic: tpm2.New2B(*pub), InPrivate: imp.OutPrivate}.Execute(t)
+	load, err := tpm2.Load{ParentHandle: ekAuth(), InPublic: pub, InPrivate: imp.OutPrivate}.Execute(t)
 	if err != nil {
 		return nil, fmt.Errorf("%w: load sealed key: %w", ErrTPM, err)
 	}
