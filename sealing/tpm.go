@@ -111,7 +111,7 @@ func OpenTPM(spec, stateDir string) (transport.TPMCloser, error) {
 	}
 	st := &simTPM{TPMCloser: t, stateDir: stateDir}
 	if err := st.restoreCounters(); err != nil {
-		t.Close()
+		st.Close()
 		return nil, fmt.Errorf("open TPM simulator: restore rollback counters: %w", err)
 	}
 	return st, nil
