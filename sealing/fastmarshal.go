@@ -218,3 +218,16 @@ func hexSum(b []byte) string {
 	s := sha256.Sum256(b)
 	return hex.EncodeToString(s[:])
 }
+
+// sealedSensitiveBytes is the marshalled TPMT_SENSITIVE of a bundle key:
+// keyed-hash, empty authValue, the obfuscation seed, the key as sealed data.
+// The caller clears it.
+func sealedSensitiveBytes(seed, key []byte) []byte {
+	b := make([]byte, 0, 2+2+2+len(seed)+2+len(key))
+	b = binary.BigEndian.AppendUint16(b, uint16(tpm2.TPMAlgKeyedHash))
+	b = binary.BigEndian.AppendUint16(b, 0) // authValue: empty
+	b = binary.BigEndian.AppendUint16(b, uint16(len(seed)))
+	b = append(b, seed...)
+	b = binary.BigEndian.AppendUint16(b, uint16(len(key)))
+	return append(b, key...)
+}

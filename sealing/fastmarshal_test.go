@@ -76,6 +76,15 @@ func TestFastMarshalMatchesGoTPM(t *testing.T) {
 		if isSealedPublic(other, policy) {
 			t.Fatal("isSealedPublic accepts userWithAuth")
 		}
+		seed := sha256.Sum256([]byte{1, byte(i)})
+		sens := tpm2.TPMTSensitive{
+			SensitiveType: tpm2.TPMAlgKeyedHash,
+			SeedValue:     tpm2.TPM2BDigest{Buffer: seed[:]},
+			Sensitive:     tpm2.NewTPMUSensitiveComposite(tpm2.TPMAlgKeyedHash, &tpm2.TPM2BSensitiveData{Buffer: unique[:]}),
+		}
+		if got, want := sealedSensitiveBytes(seed[:], unique[:]), tpm2.Marshal(sens); !bytes.Equal(got, want) {
+			t.Fatalf("sealedSensitiveBytes = %x, want %x", got, want)
+		}
 		name, err := tpm2.ObjectName(&pub)
 		if err != nil {
 			t.Fatal(err)

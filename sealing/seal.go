@@ -83,11 +83,7 @@ func Seal(o SealOptions) ([]byte, error) {
 	// assembled without reflection (fastmarshal.go).
 	pubBytes := sealedPublicBytes(policy, unique[:])
 	name := nameOf(pubBytes)
-	sens := tpm2.Marshal(tpm2.TPMTSensitive{
-		SensitiveType: tpm2.TPMAlgKeyedHash,
-		SeedValue:     tpm2.TPM2BDigest{Buffer: obfuscation},
-		Sensitive:     tpm2.NewTPMUSensitiveComposite(tpm2.TPMAlgKeyedHash, &tpm2.TPM2BSensitiveData{Buffer: key}),
-	})
+	sens := sealedSensitiveBytes(obfuscation, key)
 	encKey, err := tpm2.ImportEncapsulationKey(o.HostEK)
 	if err != nil {
 		return nil, fmt.Errorf("seal: host endorsement key: %w", err)
