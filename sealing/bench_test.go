@@ -28,14 +28,26 @@ import (
 // umbra/bare (the ratio of the sums). ns/op is the sum of both sides plus
 // untimed set-up and means nothing on its own.
 //
+// Both sides send the same TPM work to the same transport, except where
+// listed below (the order of commands differs a little). They differ in how they encode them: bare
+// builds structures and lets go-tpm marshal them by reflection (go-tpm's
+// ordinary idiom, tpm2.New2B of a TPMTPublic), umbra passes go-tpm the few
+// fixed encodings it precomputed (sealing/fastmarshal.go, each checked against
+// go-tpm's output by TestFastMarshalMatchesGoTPM). go-tpm still marshals the
+// commands and unmarshals the responses on both sides.
+//
 // What each side does per iteration:
 //
-//   - seal/umbra: ReadEKPublic (CreatePrimary of the EK, FlushContext) and
-//     sealing.Seal of a 4 KiB spec and 64 KiB policy: verify the approval's
-//     signature, wrap a fresh key to the EK (CreateDuplicate), AES-GCM the
-//     body, sign header and ciphertext (ECDSA P-256), marshal the header.
-//   - seal/bare: CreatePrimary + FlushContext, CreateDuplicate of a 32-byte
-//     key. No body encryption, no signature.
+//   - seal/umbra: ReadEKPublic (CreatePrimary of the EK, FlushContext,
+//     unmarshal of the returned public area) and sealing.Seal of a 4 KiB spec
+//     and 64 KiB policy: check the approval's signature (memoized: one ECDSA
+//     verification per process), fingerprint the EK, wrap a fresh key to the
+//     EK (ImportEncapsulationKey, CreateDuplicate), SHA-256 of spec and
+//     policy for the header, header JSON, AES-GCM of the 68 KiB body, SHA-256
+//     of header and ciphertext and an ECDSA P-256 signature.
+//   - seal/bare: CreatePrimary + FlushContext + unmarshal of the public area,
+//     ImportEncapsulationKey, CreateDuplicate of a 32-byte key. No digests,
+//     no header, no body encryption, no signature.
 //   - open/umbra: sealing.OpenBundle of a version already opened (no counter
 //     increment): every check of docs/bundle.md, i.e. bundle signature
 //     (SHA-256 over 70 KiB + ECDSA verify), strict header JSON, CreatePrimary
@@ -48,12 +60,14 @@ import (
 //     policy against the header, four FlushContexts.
 //   - open/bare: the same TPM commands as go-tpm code would send them without
 //     umbra: CreatePrimary, NV_ReadPublic + NV_Read of the counter (password
-//     session, go-tpm's usual idiom), Import, Load, LoadExternal,
+//     session, go-tpm's usual idiom; two round trips like umbra's
+//     StartAuthSession + NV_Read), Import, Load, LoadExternal,
 //     VerifySignature, PolicySession, PolicyPCR, PolicyAuthorize, Unseal, four
 //     FlushContexts. No bundle signature, no JSON, no body decryption.
 //   - open-next/umbra: OpenBundle of the next version each iteration: open/umbra
-//     plus the counter re-read (StartAuthSession + NV_Read) and one
-//     NV_Increment; on the simulator also the rewrite of tpm-sim.counters.json.
+//     plus the counter re-read (StartAuthSession + NV_Read, two round trips
+//     bare does not make) and one NV_Increment; on the simulator also one
+//     line appended to tpm-sim.counters.log (its rollback state).
 //   - open-next/bare: open/bare plus one NV_Increment of a counter of its own.
 func BenchmarkSealing(b *testing.B) {
 	for _, be := range backends() {

@@ -205,7 +205,8 @@ const (
 // OpenBundle checks, unseals and decrypts a sealed VM bundle on this host and,
 // unless DryRun, raises the series' rollback counter to the bundle's version.
 // Every refusal wraps one of the Err* values of this package; nothing is
-// written to disk but the rollback counter (and, on the simulator, its file).
+// written to disk but the rollback counter (and, on the simulator, one line of
+// its counters log).
 func OpenBundle(ctx context.Context, t transport.TPM, data []byte, opts OpenOptions) (*Opened, error) {
 	return open(ctx, t, data, opts, &Report{})
 }
