@@ -231,3 +231,40 @@ func sealedSensitiveBytes(seed, key []byte) []byte {
 	b = binary.BigEndian.AppendUint16(b, uint16(len(key)))
 	return append(b, key...)
 }
+
+// newECCEKPublic returns a new TPMT_PUBLIC equal to tpm2.ECCEKTemplate with
+// the given unique point, sharing no memory with the template.
+func newECCEKPublic(x, y []byte) *tpm2.TPMTPublic {
+	return &tpm2.TPMTPublic{
+		Type:    tpm2.TPMAlgECC,
+		NameAlg: tpm2.TPMAlgSHA256,
+		ObjectAttributes: tpm2.TPMAObject{FixedTPM: true, FixedParent: true, SensitiveDataOrigin: true,
+			AdminWithPolicy: true, Restricted: true, Decrypt: true},
+		AuthPolicy: tpm2.TPM2BDigest{Buffer: append([]byte(nil), tpm2.ECCEKTemplate.AuthPolicy.Buffer...)},
+		Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgECC, &tpm2.TPMSECCParms{
+			Symmetric: tpm2.TPMTSymDefObject{
+				Algorithm: tpm2.TPMAlgAES,
+				KeyBits:   tpm2.NewTPMUSymKeyBits(tpm2.TPMAlgAES, tpm2.TPMKeyBits(128)),
+				Mode:      tpm2.NewTPMUSymMode(tpm2.TPMAlgAES, tpm2.TPMAlgCFB),
+			},
+			CurveID: tpm2.TPMECCNistP256,
+		}),
+		Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{
+			X: tpm2.TPM2BECCParameter{Buffer: append([]byte(nil), x...)},
+			Y: tpm2.TPM2BECCParameter{Buffer: append([]byte(nil), y...)},
+		}),
+	}
+}
+
+// parseEKPublic is tpm2.Unmarshal[tpm2.TPMTPublic](b) for the ECC EK
+// template with a 32-byte point (what a TPM returns for it), without
+// reflection; anything else goes through go-tpm.
+func parseEKPublic(b []byte) (*tpm2.TPMTPublic, error) {
+	initFast()
+	n := len(ekPrefix)
+	if len(b) == n+4+64 && string(b[:n]) == string(ekPrefix) &&
+		binary.BigEndian.Uint16(b[n:]) == 32 && binary.BigEndian.Uint16(b[n+34:]) == 32 {
+		return newECCEKPublic(b[n+2:n+34], b[n+36:]), nil
+	}
+	return tpm2.Unmarshal[tpm2.TPMTPublic](b)
+}

@@ -26,6 +26,18 @@ func TestFastMarshalMatchesGoTPM(t *testing.T) {
 		if got, want := ekPublicBytes(ek), tpm2.Marshal(*ek); !bytes.Equal(got, want) {
 			t.Fatalf("ekPublicBytes = %x, want %x", got, want)
 		}
+		// The EK as a TPM returns it, parsed without reflection.
+		eb := tpm2.Marshal(*ek)
+		parsed, err := parseEKPublic(eb)
+		if err != nil || !bytes.Equal(tpm2.Marshal(*parsed), eb) {
+			t.Fatalf("parseEKPublic = %v; does not marshal back to its input", err)
+		}
+		if _, ok := fastEKPublicBytes(parsed); !ok {
+			t.Fatal("fastEKPublicBytes does not recognise parseEKPublic's result")
+		}
+		if p2, err := parseEKPublic(tpm2.Marshal(*cloneTemplate(tpm2.RSAEKTemplate))); err != nil || p2.Type != tpm2.TPMAlgRSA {
+			t.Fatalf("parseEKPublic(RSA EK) = %v", err)
+		}
 		lit := tpm2.ECCEKTemplate
 		lit.Unique = ek.Unique
 		for _, e := range []*tpm2.TPMTPublic{ek, &lit} {
@@ -45,6 +57,9 @@ func TestFastMarshalMatchesGoTPM(t *testing.T) {
 		rsa := cloneTemplate(tpm2.RSAEKTemplate)
 		if got, want := ekPublicBytes(rsa), tpm2.Marshal(*rsa); !bytes.Equal(got, want) {
 			t.Fatal("ekPublicBytes(RSA EK) differs from tpm2.Marshal")
+		}
+		if got, want := tpm2.Marshal(*newECCEKPublic(make([]byte, 32), make([]byte, 32))), tpm2.Marshal(tpm2.ECCEKTemplate); !bytes.Equal(got, want) {
+			t.Fatal("newECCEKPublic differs from tpm2.ECCEKTemplate")
 		}
 		if got, want := ekTemplateBytes, tpm2.Marshal(tpm2.ECCEKTemplate); !bytes.Equal(got, want) {
 			t.Fatal("ekTemplateBytes differs from tpm2.Marshal(ECCEKTemplate)")

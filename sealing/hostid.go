@@ -42,7 +42,7 @@ func createEK(t transport.TPM) (*ekHandle, error) {
 }
 
 func (ek *ekHandle) publicArea() (*tpm2.TPMTPublic, error) {
-	pub, err := ek.public.Contents()
+	pub, err := parseEKPublic(ek.public.Bytes())
 	if err != nil {
 		return nil, fmt.Errorf("%w: endorsement key public area: %w", ErrTPM, err)
 	}
@@ -131,12 +131,7 @@ func ParseEKPublicPEM(data []byte) (*tpm2.TPMTPublic, error) {
 }
 
 func eccEKPublic(x, y *big.Int) *tpm2.TPMTPublic {
-	pub := cloneTemplate(tpm2.ECCEKTemplate)
-	pub.Unique = tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{
-		X: tpm2.TPM2BECCParameter{Buffer: x.FillBytes(make([]byte, 32))},
-		Y: tpm2.TPM2BECCParameter{Buffer: y.FillBytes(make([]byte, 32))},
-	})
-	return pub
+	return newECCEKPublic(x.FillBytes(make([]byte, 32)), y.FillBytes(make([]byte, 32)))
 }
 
 // cloneTemplate deep-copies a package-level template so its slices are never
