@@ -43,7 +43,7 @@ type PageProtViolationError struct {
 }
 
 func (e *PageProtViolationError) Error() string {
-	return "page protection violation, VM killed: " + e.Reason
+	return e.Reason + " (VM killed)"
 }
 
 // PageProtStats counts what page protection did in a run.
@@ -93,6 +93,7 @@ func (v *VM) installPageProt() error {
 	}
 	x.svc, err = pageprot.New(pageprot.Config{
 		KernelMemory: x.kernel,
+		Memory:       []pageprot.Span{{Start: 0, End: v.mem.Size()}},
 		Backend:      pageprot.BackendSlots,
 		Policy:       x.policy,
 		Audit:        x,
@@ -509,9 +510,20 @@ func (x *pageProt) mmio(v *VM, e *kvm.ExitMMIO) (bool, error) {
 	if err != nil {
 		return true, err
 	}
+	owner := ownerOf(x.svc, f)
 	out := x.svc.Violation(x.ctx, f)
 	if x.hookErr != nil {
 		return true, x.hookErr
+	}
+	if out.Violation && owner.Kind == pageprot.OwnerProcess && who.Owner() != owner {
+		// Another context touched a process's frame: the kernel may have freed,
+		// swapped or remapped it. Drop the process's ranges that no longer protect
+		// anything, so the frame's next user does not exit on every access.
+		if x.svc.DropStale(owner, x.stillMapped(owner, sregs)) > 0 {
+			if err := x.enforce(); err != nil {
+				return true, err
+			}
+		}
 	}
 	if !out.Violation {
 		// Not protected for this access (a store to a deny-read-only range, or slots
@@ -522,7 +534,7 @@ func (x *pageProt) mmio(v *VM, e *kvm.ExitMMIO) (bool, error) {
 	}
 	x.stats.Violations++
 	if out.Kill != nil {
-		return true, x.kill(out.Record, ownerOf(x.svc, f), out.Kill)
+		return true, x.kill(out.Record, owner, out.Kill)
 	}
 	var data uint64
 	if out.Allow {
@@ -543,7 +555,7 @@ func (x *pageProt) mmio(v *VM, e *kvm.ExitMMIO) (bool, error) {
 	if out.Frame != nil {
 		mem := &callerMem{x: x, as: x.space(sregs), user: who.CPL == 3}
 		if err := mem.Write(out.FrameAddr, out.Frame); err != nil {
-			return true, x.kill(out.Record, ownerOf(x.svc, f), &pageprot.Kill{Reason: fmt.Sprintf(
+			return true, x.kill(out.Record, owner, &pageprot.Kill{Reason: fmt.Sprintf(
 				"page protection: cannot write the upcall frame at %#x: %v", out.FrameAddr, err)})
 		}
 	}
@@ -557,6 +569,17 @@ func (x *pageProt) mmio(v *VM, e *kvm.ExitMMIO) (bool, error) {
 		}
 	}
 	return true, nil
+}
+
+// stillMapped reports whether process o's address space (its CR3 is its id) still
+// maps va to gpa for user access.
+func (x *pageProt) stillMapped(o pageprot.Owner, s *kvm.Sregs) func(va, gpa uint64) bool {
+	as := x.space(s)
+	as.CR3 = o.ID
+	return func(va, gpa uint64) bool {
+		t, err := as.Paging.Walk(as.Mem, as.CR3, va, appcontext.AccessUser)
+		return err == nil && t.GPA&^(PageSize-1) == gpa
+	}
 }
 
 func ownerOf(svc *pageprot.Service, f pageprot.Fault) pageprot.Owner {

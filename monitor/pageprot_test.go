@@ -261,7 +261,7 @@ func TestPageProtKernelUpcall(t *testing.T) {
 		t.Errorf("the store was not discarded: memory %#x, read back %#x", r.u64(t, ppStoreAddr), r13)
 	}
 	recAddr := r.u64(t, ppMarker)
-	if want := uint64((ppStackTop-pageprot.RecordSize)&^15); recAddr != want {
+	if want := uint64((ppStackTop - pageprot.RecordSize) &^ 15); recAddr != want {
 		t.Errorf("record at %#x, want %#x", recAddr, want)
 	}
 	if sp := r.u64(t, ppMarker+0x18); sp != recAddr-8 || r.u64(t, ppMarker+0x10) != 0 {

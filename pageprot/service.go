@@ -120,6 +120,10 @@ type Config struct {
 	// KernelMemory is the guest-physical memory that belongs to the kernel: the only
 	// memory the kernel may protect, and memory no process may protect.
 	KernelMemory []Span
+	// Memory is guest RAM; a range must lie in it (nil: not checked). Protection of
+	// anything else (the doorbell, device pages) is refused with EFAULT: the back
+	// ends enforce RAM only.
+	Memory []Span
 	// Backend is the sysVM enforcement back end (capabilities depend on it).
 	Backend Backend
 	Policy  PolicyFunc   // nil: AllowAll
@@ -207,6 +211,39 @@ func (s *Service) DropOwner(o Owner) int {
 		delete(s.handlers, o)
 	}
 	return n
+}
+
+// DropStale removes the unlocked sysVM ranges of process o whose pages its address
+// space no longer maps to the same frames: mapped(va, gpa) reports whether it still
+// does, for each page by the virtual address the range was set with. The monitor
+// calls it when another context touches o's frames, the sign that the kernel freed,
+// swapped or remapped them (a process's range is bound to frames, so it protects
+// nothing once they leave the process). Locked ranges stay until Reset. It returns
+// the number of pages dropped.
+func (s *Service) DropStale(o Owner, mapped func(va, gpa uint64) bool) int {
+	if o.Kind != OwnerProcess {
+		return 0
+	}
+	s.mu.Lock()
+	var stale []op
+	for _, x := range s.t.spaces[SysSpace] {
+		if x.Owner != o || x.Lock || !x.HasVA {
+			continue
+		}
+		for gpa := x.Start; gpa < x.End; gpa += PageSize {
+			if !mapped(x.VA+(gpa-x.Start), gpa) {
+				stale = append(stale, op{space: SysSpace, x: Extent{Start: gpa, End: gpa + PageSize, Owner: o}})
+			}
+		}
+	}
+	for _, d := range stale {
+		s.t.apply(d)
+	}
+	if len(stale) > 0 {
+		s.gen++
+	}
+	s.mu.Unlock()
+	return len(stale)
 }
 
 // Generation changes whenever sysVM protection changes; the monitor re-plans
@@ -455,6 +492,9 @@ func (s *Service) resolve(c Context, mem GuestMemory, entries []Entry) ([]op, er
 			x.Start, x.End, x.VA, x.HasVA = e.Addr, e.End(), e.Addr, true
 			ops = append(ops, op{space: Space(c.App), index: i, x: x})
 		case e.Phys(): // kernel only (caps)
+			if !s.inRAM(e.Addr, e.End()) {
+				return nil, errAt(i, EFAULT, "physical range [%#x, %#x) is not guest RAM", e.Addr, e.End())
+			}
 			if !s.inKernel(e.Addr, e.End()) {
 				return nil, errAt(i, EPERM, "physical range [%#x, %#x) is not kernel memory", e.Addr, e.End())
 			}
@@ -470,6 +510,9 @@ func (s *Service) resolve(c Context, mem GuestMemory, entries []Entry) ([]op, er
 				}
 				if m.GPA%PageSize != 0 {
 					return nil, errAt(i, EFAULT, "page %#x translates to unaligned %#x", va, m.GPA)
+				}
+				if !s.inRAM(m.GPA, m.GPA+PageSize) {
+					return nil, errAt(i, EFAULT, "page %#x maps %#x, which is not guest RAM", va, m.GPA)
 				}
 				kernel := s.inKernel(m.GPA, m.GPA+PageSize)
 				switch owner.Kind {
@@ -518,6 +561,18 @@ func checkOpOverlap(ops []op) error {
 		}
 	}
 	return nil
+}
+
+func (s *Service) inRAM(start, end uint64) bool {
+	if s.cfg.Memory == nil {
+		return true
+	}
+	for _, m := range s.cfg.Memory {
+		if start >= m.Start && end <= m.End {
+			return true
+		}
+	}
+	return false
 }
 
 func (s *Service) inKernel(start, end uint64) bool {

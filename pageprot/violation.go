@@ -186,7 +186,7 @@ func (s *Service) violationLocked(f Fault) (Outcome, *ViolationEvent) {
 		out.Allow = true
 		return done(ActionLog, "allowed and logged")
 	case ActionKill:
-		return kill("range action")
+		return kill("the range's action is kill")
 	case ActionSkip:
 		if f.Access == AccessExec {
 			return kill("an instruction fetch cannot be skipped")

@@ -16,5 +16,6 @@ app_\name\()_end:
 	APP compute
 	APP crash
 	APP hcall
+	APP pp
 
 	.section .note.GNU-stack, "", @progbits

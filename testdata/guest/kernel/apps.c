@@ -9,11 +9,12 @@ APP(systest)
 APP(compute)
 APP(crash)
 APP(hcall)
+APP(pp)
 #undef APP
 
 #define APP(n) {#n, app_##n##_start, app_##n##_end},
 static const struct app apps[] = {
-	APP(hello) APP(counter) APP(secret) APP(systest) APP(compute) APP(crash) APP(hcall)
+	APP(hello) APP(counter) APP(secret) APP(systest) APP(compute) APP(crash) APP(hcall) APP(pp)
 };
 
 const struct app *app_find(const char *name)

@@ -11,6 +11,7 @@
  * interrupt. Output lines start with "attack NAME: victim=APP".
  */
 #include "kernel.h"
+#include "pageprot.h"
 
 extern u64 kernel_pml4;
 
@@ -158,6 +159,8 @@ void attack_on_yield(struct proc *p)
 		return;
 	}
 	if (p->yields != 2)
+		return;
+	if (pp_attack(p))
 		return;
 	if (!strcmp(cfg.attack, "read"))
 		attack_read(p);

@@ -12,7 +12,7 @@ struct tss {
 
 static u64 gdt[8] __attribute__((aligned(16)));
 static struct tss tss __attribute__((aligned(16)));
-static u64 idt[512] __attribute__((aligned(16)));
+u64 idt[512] __attribute__((aligned(4096))); /* one page: kernel/pageprot.c locks it */
 static u8 df_stack[4096] __attribute__((aligned(16)));
 
 extern char isr_stubs[];

@@ -1,5 +1,6 @@
 /* Boot: check the boot information, parse the command line, start apps. */
 #include "kernel.h"
+#include "pageprot.h"
 
 struct config cfg = {.tick_us = 2000};
 extern u64 kernel_pml4, doorbell_gpa;
@@ -74,7 +75,7 @@ static void parse_and_spawn(void)
 			set_name(cfg.victim, v, "victim");
 		else if (!strcmp(tok[i], "attack")) {
 			if (strcmp(v, "read") && strcmp(v, "tamper") && strcmp(v, "remap") && strcmp(v, "replay") &&
-			    strcmp(v, "regs") && strcmp(v, "forge"))
+			    strcmp(v, "regs") && strcmp(v, "forge") && strcmp(v, "share"))
 				cmdline_error("unknown attack", v);
 			set_name(cfg.attack, v, "attack");
 		} else if (!strcmp(tok[i], "selftest")) {
@@ -84,9 +85,16 @@ static void parse_and_spawn(void)
 		} else if (!strcmp(tok[i], "tick_us")) {
 			if (parse_u64(v, &cfg.tick_us) || cfg.tick_us < 100 || cfg.tick_us > 1000000)
 				cmdline_error("bad tick_us (100..1000000)", v);
-		} else
-			cmdline_error("unknown key", tok[i]);
+		} else {
+			int r = pp_cmdline(tok[i], v);
+			if (r < 0)
+				cmdline_error("bad value for", tok[i]);
+			if (r == 0)
+				cmdline_error("unknown key", tok[i]);
+		}
 	}
+	if (pp_cmdline_error())
+		cmdline_error(pp_cmdline_error(), cfg.attack);
 	if (!run || !*run)
 		cmdline_error("nothing to run, need", "run=APP[:ARG...][,APP...]");
 	if (cfg.attack[0] && !cfg.victim[0])
@@ -163,6 +171,7 @@ void kmain(u64 boot_info_pa)
 		kprintf("kernel: selftest: touching an unmapped kernel address\n");
 		(void)*(volatile u64 *)0x1000;
 	}
+	pp_lock_kernel();
 	timer_init(bi->apic_timer_hz, cfg.tick_us);
 	sched_start();
 }
