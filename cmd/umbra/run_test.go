@@ -51,8 +51,12 @@ func TestRunDemoIsAllowedMeasuredAndAudited(t *testing.T) {
 	if !res.OK {
 		t.Fatalf("audit log does not verify: %+v", res)
 	}
-	if got := strings.Join(kinds, ","); got != "log-start,decision,launch,stop" {
-		t.Fatalf("audit kinds = %s, want log-start,decision,launch,stop", got)
+	// The launch is decided, audited and measured before anything runs, and the stop
+	// closes the log; runtime security events (page-protection locks, cloaking) come
+	// in between.
+	got := strings.Join(kinds, ",")
+	if !strings.HasPrefix(got, "log-start,decision,launch,") || kinds[len(kinds)-1] != "stop" {
+		t.Fatalf("audit kinds = %s, want log-start,decision,launch,...,stop", got)
 	}
 }
 
