@@ -380,6 +380,33 @@ func TestGuestPageProtActions(t *testing.T) {
 	}
 }
 
+// TestGuestPageProtReads: deny-read on a process's page (a hole in the memory
+// slots): a skipped load reads zeros; an upcall reports the load, which has not
+// retired (the monitor finds its length to resume after it); a store is no
+// violation and lands; inject-gp faults at the load itself.
+func TestGuestPageProtReads(t *testing.T) {
+	g := runPPGuest(t, "run=pp:read", nil)
+	g.wantStatus(t, 128+11)
+	g.wantLine(t, "pp: read set-handler=0 protect=3 skipped-load=0x0")
+	g.wantLine(t, "pp: read upcall handled=1 record ok")
+	g.wantLine(t, "pp: read store-landed=1")
+	m := regexp.MustCompile(`pp: read inject-gp protect=6 load-at=(0x[0-9a-f]+)\n`).FindStringSubmatch(g.out)
+	if m == nil {
+		t.Fatalf("no inject-gp line:\n%s", g.out)
+	}
+	g.wantLine(t, "kernel: pid 1 (pp) killed: general protection at rip="+m[1]+" err=0x0")
+	var acts []string
+	for _, v := range g.userViolations() {
+		if v.Access != "read" || v.RIPNext || fmt.Sprintf("%#x", v.RIP) != m[1] {
+			t.Errorf("violation %+v, want a read at rip %s", v, m[1])
+		}
+		acts = append(acts, v.Action)
+	}
+	if strings.Join(acts, ",") != "skip,upcall,inject-gp" {
+		t.Errorf("audited actions %v", acts)
+	}
+}
+
 // TestGuestPageProtOtherProcess: a compromised kernel maps a process's protected
 // page into another process (attack=share); that process can neither unprotect
 // nor re-protect it (EPERM). Its write lands: a process's protection binds only

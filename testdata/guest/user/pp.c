@@ -10,6 +10,8 @@
  *             doorbell page, an unmapped page
  *   skip|log|inject-pf|inject-gp|kill
  *             protect data page 0 read-only with that action, then write it
+ *   read      deny reads of data page 0: a skipped load reads zeros, an upcall
+ *             reports the load (not yet retired), then inject-gp faults at it
  *   owner     protect data page 0 read-only, then yield for a while
  *   intruder  wait for attack=share to map another process's data page 0 at
  *             PP_SHARE_VA, then try to change its protection and write it
@@ -68,6 +70,16 @@ extern char pp_store_next[];
 static __attribute__((noinline)) void store(volatile u64 *p, u64 v)
 {
 	__asm__ volatile("movq %1, (%0)\n\t.globl pp_store_next\npp_store_next:" ::"r"(p), "r"(v) : "memory");
+}
+
+/* load reads *p; pp_load_at is the address of the load instruction, which a
+ * read violation reports (the load has not retired). */
+extern char pp_load_at[];
+static __attribute__((noinline)) u64 load(volatile u64 *p)
+{
+	u64 v;
+	__asm__ volatile(".globl pp_load_at\npp_load_at: movq (%1), %0" : "=r"(v) : "r"(p) : "memory");
+	return v;
 }
 
 static volatile int handled;
@@ -167,6 +179,31 @@ static int action(const char *m)
 	return 0;
 }
 
+static int readmode(void)
+{
+	touch();
+	volatile u64 *target = (volatile u64 *)(page + 24);
+	*target = 0x77;
+	long r = pp_hc(PP_SET_HANDLER, (long)handler, (long)(hstack + sizeof hstack), sizeof hstack);
+	long id = protect((u64)page, PP_DENY_READ, PP_ACT_SKIP, 0);
+	u64 v = load(target);
+	printf("pp: read set-handler=%ld protect=%ld skipped-load=0x%lx\n", r, id, v);
+	id = protect((u64)page, PP_DENY_READ, PP_ACT_UPCALL, 0);
+	v = load(target);
+	int ok = handled == 1 && seen.access == PP_DENY_READ && seen.addr == (u64)target &&
+		 seen.rip == (u64)pp_load_at && seen.flags == 0 && (long)seen.range_id == id;
+	printf("pp: read upcall handled=%d record %s\n", handled, ok ? "ok" : "FAIL");
+	/* Writes are no violation of a deny-read range: this one lands. */
+	*target = 0x78;
+	protect((u64)page, 0, 0, 0);
+	printf("pp: read store-landed=%d\n", *target == 0x78);
+	id = protect((u64)page, PP_DENY_READ, PP_ACT_INJECT_GP, 0);
+	printf("pp: read inject-gp protect=%ld load-at=0x%lx\n", id, (u64)pp_load_at);
+	v = load(target);
+	printf("pp: FAIL read survived inject-gp (0x%lx)\n", v);
+	return 1;
+}
+
 static int owner(void)
 {
 	touch();
@@ -213,6 +250,8 @@ int main(int argc, char **argv)
 		return refuse();
 	if (!strcmp(m, "owner"))
 		return owner();
+	if (!strcmp(m, "read"))
+		return readmode();
 	if (!strcmp(m, "intruder"))
 		return intruder();
 	if (!strcmp(m, "skip") || !strcmp(m, "log") || !strcmp(m, "inject-pf") || !strcmp(m, "inject-gp") ||
