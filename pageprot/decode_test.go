@@ -127,7 +127,7 @@ func FuzzSet(f *testing.F) {
 			t.Fatal("setup failed")
 		}
 		mustOK(t, first(w.set(w.u1, Entry{Addr: sharedVA, Pages: 1, Deny: DenyWrite, Action: ActionLog, Flags: FlagLock},
-			Entry{Addr: userVA, Pages: 4, Deny: DenyWrite, Action: ActionSkip})), "setup p1")
+			Entry{Addr: userVA, Pages: 4, Deny: DenyWrite, Action: ActionKill})), "setup p1") // kill and log: valid on both back ends
 		c := []Context{w.kctx, w.u1, w.u2, w.actx}[who%4]
 		before := map[Space][]Extent{SysSpace: w.svc.Extents(SysSpace), Space(app1): w.svc.Extents(Space(app1))}
 		if len(b) > MaxBatchBytes {
