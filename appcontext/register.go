@@ -75,6 +75,10 @@ func (r Region) End() uint64 { return r.VA + r.Size }
 // RegisterRequest is a decoded and structurally validated CLOAK_REGISTER
 // request.
 type RegisterRequest struct {
+	// Name is what the app calls itself (at most NameSize bytes of [A-Za-z0-9._-]),
+	// for logs and summaries; it is chosen by the app, so it proves nothing: the
+	// identity does.
+	Name       string
 	Segments   []Segment // ascending, not overlapping, each inside an image region
 	Regions    []Region  // ascending, not overlapping
 	Trampoline uint64    // VA of the trampoline page
@@ -137,8 +141,9 @@ func DecodeRegisterRequest(b []byte) (*RegisterRequest, error) {
 	if f := le.Uint32(b[12:]); f != 0 {
 		return nil, abiErr(EOPNOTSUPP, "flags", "%#x, no flags are defined", f)
 	}
-	if le.Uint64(b[48:]) != 0 || le.Uint64(b[56:]) != 0 {
-		return nil, abiErr(EOPNOTSUPP, "reserved", "must be zero")
+	name, err := decodeName(b[48:64])
+	if err != nil {
+		return nil, err
 	}
 	nseg, nreg := le.Uint32(b[16:]), le.Uint32(b[20:])
 	if nseg == 0 || nseg > MaxSegments {
@@ -152,6 +157,7 @@ func DecodeRegisterRequest(b []byte) (*RegisterRequest, error) {
 		return nil, abiErr(EMSGSIZE, "total_size", "%d (buffer %d), the counts need %d", total, len(b), want)
 	}
 	req := &RegisterRequest{
+		Name:       name,
 		Trampoline: le.Uint64(b[24:]),
 		BounceVA:   le.Uint64(b[32:]),
 		BounceSize: le.Uint64(b[40:]),
@@ -198,6 +204,28 @@ func DecodeRegisterRequest(b []byte) (*RegisterRequest, error) {
 		return nil, err
 	}
 	return req, nil
+}
+
+// NameSize is the size of the request's name field.
+const NameSize = 16
+
+// decodeName checks the NUL-padded name field: [A-Za-z0-9._-] up to the first NUL,
+// only NULs after it.
+func decodeName(b []byte) (string, error) {
+	n := 0
+	for n < len(b) && b[n] != 0 {
+		c := b[n]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return "", abiErr(EINVAL, "name", "byte %d is %#x; names use [A-Za-z0-9._-]", n, c)
+		}
+		n++
+	}
+	for i := n; i < len(b); i++ {
+		if b[i] != 0 {
+			return "", abiErr(EINVAL, "name", "byte %d after the terminating NUL is not NUL", i)
+		}
+	}
+	return string(b[:n]), nil
 }
 
 // checkUserRange checks that [va, va+size) is non-empty, does not wrap, and

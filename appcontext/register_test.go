@@ -13,6 +13,7 @@ type reqBuilder struct {
 	tramp uint64
 	bva   uint64
 	bsize uint64
+	name  string
 }
 
 func goodReq() reqBuilder {
@@ -22,6 +23,7 @@ func goodReq() reqBuilder {
 		tramp: 0x500000,
 		bva:   0x510000,
 		bsize: 0x4000,
+		name:  "test-app",
 	}
 }
 
@@ -38,6 +40,7 @@ func (r reqBuilder) bytes() []byte {
 	le.PutUint64(b[24:], r.tramp)
 	le.PutUint64(b[32:], r.bva)
 	le.PutUint64(b[40:], r.bsize)
+	copy(b[48:64], r.name)
 	off := HeaderSize
 	for _, s := range r.segs {
 		le.PutUint64(b[off:], s.VA)
@@ -70,7 +73,10 @@ func TestDecodeRegisterRequest(t *testing.T) {
 		{"total size", nil, func(b []byte) []byte { le.PutUint32(b[8:], 64); return b }, EMSGSIZE},
 		{"truncated body", nil, func(b []byte) []byte { return b[:len(b)-1] }, EMSGSIZE},
 		{"flags", nil, func(b []byte) []byte { b[12] = 1; return b }, EOPNOTSUPP},
-		{"reserved", nil, func(b []byte) []byte { b[63] = 1; return b }, EOPNOTSUPP},
+		{"name after NUL", nil, func(b []byte) []byte { b[63] = 'x'; return b }, EINVAL},
+		{"name byte", nil, func(b []byte) []byte { b[50] = ' '; return b }, EINVAL},
+		{"name full", func(r *reqBuilder) { r.name = "0123456789abcdef" }, nil, 0},
+		{"name empty", func(r *reqBuilder) { r.name = "" }, nil, 0},
 		{"segment reserved", nil, func(b []byte) []byte { b[HeaderSize+31] = 1; return b }, EOPNOTSUPP},
 		{"no segments", func(r *reqBuilder) { r.segs = nil }, nil, E2BIG},
 		{"too many regions", func(r *reqBuilder) {
@@ -124,7 +130,7 @@ func TestDecodeRegisterRequest(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				if len(req.Segments) != 2 || len(req.Regions) != 3 || req.Trampoline != 0x500000 {
+				if len(req.Segments) != 2 || len(req.Regions) != 3 || req.Trampoline != 0x500000 || req.Name != r.name {
 					t.Fatalf("decoded %+v", req)
 				}
 				return

@@ -1,6 +1,7 @@
 /* umbra cloaking ABI, version 1 (docs/cloak.md). Little endian, x86-64.
- * Copy this header into the in-guest shim; the monitor's decoder is
- * appcontext.DecodeRegisterRequest. */
+ * The in-guest shim (testdata/guest/shim) includes this header; the monitor's
+ * decoder is appcontext.DecodeRegisterRequest, and a test checks that the
+ * constants here match the Go ones. */
 #ifndef UMBRA_CLOAK_ABI_H
 #define UMBRA_CLOAK_ABI_H
 
@@ -10,8 +11,9 @@
 #define CLOAK_REGISTER      0x100 /* rdi = VA of struct cloak_register_req (8-aligned) */
 #define CLOAK_REGION_ADD    0x101 /* rdi = VA, rsi = size, rdx = CLOAK_REGION_* (heap/stack/anon) */
 #define CLOAK_REGION_REMOVE 0x102 /* rdi = VA, rsi = size: exactly one added region */
-#define CLOAK_EXIT          0x103 /* rdi = exit status; scrubs and uncloaks */
-#define CLOAK_RESUME        0x104 /* trampoline only: rdi = the kernel's result */
+#define CLOAK_EXIT          0x103 /* rdi = exit status; scrubs, then the process exits */
+#define CLOAK_RESUME        0x104 /* trampoline only: rdi = result of the last action */
+#define CLOAK_RELEASE       0x105 /* guest kernel (CPL 0) only: rdi = PML4 of a process going away */
 
 #define CLOAK_REQ_MAGIC   0x4b4c4355u /* bytes 'U' 'C' 'L' 'K' */
 #define CLOAK_REQ_VERSION 1
@@ -21,10 +23,14 @@
 #define CLOAK_MIN_BOUNCE 4096
 #define CLOAK_MAX_BOUNCE (1u << 20)
 #define CLOAK_USER_TOP 0x0000800000000000ull
+#define CLOAK_NAME_SIZE 16
 
-/* Trampoline page entry points (offsets); neither may use the stack. */
-#define CLOAK_TRAMPOLINE_SYSCALL 0x000 /* syscall; then CLOAK_RESUME(rdi = rax) */
-#define CLOAK_TRAMPOLINE_FAULT   0x040 /* touch [rdi] (write if rsi); CLOAK_RESUME(0) */
+/* Trampoline protocol: the kernel runs the trampoline (at trampoline_va) with
+ * scrubbed registers; each CLOAK_RESUME returns the next action in rax. */
+#define CLOAK_ACT_PARK  (-1L) /* nothing for the kernel: CLOAK_RESUME again (rdi = 0) */
+#define CLOAK_ACT_TOUCH (-2L) /* touch [rdi] (a write if rsi != 0); CLOAK_RESUME(0) */
+/* any other value: a system call number; its arguments are in rdi, rsi, rdx,
+ * r10, r8, r9; CLOAK_RESUME(rdi = its result) */
 
 enum cloak_segment_kind { CLOAK_SEG_CODE = 1, CLOAK_SEG_DATA = 2 };
 enum cloak_region_kind {
@@ -61,7 +67,7 @@ struct cloak_register_req {     /* 64 bytes, followed by the arrays */
 	uint64_t trampoline_va; /* one uncloaked page, page aligned */
 	uint64_t bounce_va;     /* uncloaked, page aligned */
 	uint64_t bounce_size;   /* page multiple in [CLOAK_MIN_BOUNCE, CLOAK_MAX_BOUNCE] */
-	uint64_t reserved[2];   /* 0 */
+	char name[CLOAK_NAME_SIZE]; /* [A-Za-z0-9._-], NUL padded; for logs, not identity */
 	/* struct cloak_segment segments[nr_segments]; */
 	/* struct cloak_region regions[nr_regions]; */
 };

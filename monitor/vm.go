@@ -34,6 +34,9 @@ type Config struct {
 	// CloakSecret is the VM's cloak master secret (32 bytes, from a sealed bundle);
 	// a fresh random one is used if nil.
 	CloakSecret []byte
+	// CloakSlice is how long a cloaked app runs before the guest kernel gets the CPU
+	// back (DefaultCloakSlice if zero).
+	CloakSlice time.Duration
 }
 
 // Defaults for Config.
@@ -52,6 +55,7 @@ type Counters struct {
 	DoorbellViolations uint64 `json:"doorbell_violations"`
 	UnhandledIO        uint64 `json:"unhandled_io"`
 	Interrupts         uint64 `json:"interrupted"`
+	AppVMExits         uint64 `json:"appvm_exits"` // exits of the cloaked-app VM (also in Exits)
 }
 
 // Result is how a run ended.
@@ -60,6 +64,8 @@ type Result struct {
 	Reason     string        `json:"reason"`
 	Duration   time.Duration `json:"duration_ns"`
 	Counters   Counters      `json:"counters"`
+	// CloakedApps lists every app that registered for cloaking, in order.
+	CloakedApps []CloakedAppSummary `json:"cloaked_apps,omitempty"`
 }
 
 // ErrTimeout is wrapped by the error of a run that exceeded its wall-clock time.
@@ -115,6 +121,13 @@ type VM struct {
 	// extensions handle hypercalls outside the core range and MMIO exits outside the
 	// doorbell, in order; features (page protection, cloaking) install themselves here.
 	extensions []extension
+
+	// cloak is the cloaking state, created at the first cloaking call (cloak.go);
+	// appCPU is appVM's vCPU once it exists, for kicks from other goroutines.
+	cloak  *cloaking
+	appCPU atomic.Pointer[kvm.VCPU]
+	// runCtx is the context of the running Run, for hooks called from exit handlers.
+	runCtx context.Context
 }
 
 // extension is a feature wired into the exit path.
@@ -219,6 +232,10 @@ func (v *VM) Memory() *GuestMemory { return v.mem }
 // Close releases the vCPU, the VM and guest memory.
 func (v *VM) Close() error {
 	var errs []error
+	if v.cloak != nil {
+		errs = append(errs, v.cloak.close())
+		v.cloak = nil
+	}
 	if v.cpu != nil {
 		errs = append(errs, v.cpu.Close())
 		v.cpu = nil
@@ -241,7 +258,15 @@ func (v *VM) Close() error {
 // Stop makes a running Run return with err (wrapped); safe from any goroutine.
 func (v *VM) Stop(err error) {
 	v.stopReason.CompareAndSwap(nil, &err)
+	v.kickAll()
+}
+
+// kickAll kicks the system VM's vCPU and, if cloaking created it, appVM's.
+func (v *VM) kickAll() {
 	v.cpu.Kick()
+	if a := v.appCPU.Load(); a != nil {
+		a.Kick()
+	}
 }
 
 // Run runs the guest until it exits, crashes, or exceeds its limits. The result is
@@ -252,6 +277,12 @@ func (v *VM) Run(ctx context.Context) (*Result, error) {
 	res := &Result{ExitStatus: -1}
 	finish := func(err error) (*Result, error) {
 		res.Duration = time.Since(start)
+		if v.cloak != nil {
+			if v.cloak.av != nil {
+				v.counter.AppVMExits = v.cloak.av.Exits
+			}
+			res.CloakedApps = v.cloak.summaries()
+		}
 		res.Counters = v.counter
 		if err != nil && res.Reason == "" {
 			res.Reason = err.Error()
@@ -276,14 +307,21 @@ func (v *VM) Run(ctx context.Context) (*Result, error) {
 		defer close(watchExited)
 		select {
 		case <-runCtx.Done():
-			v.cpu.Kick()
+			v.kickAll()
 		case <-watchDone:
 		}
 	}()
 
+	v.runCtx = runCtx
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	for {
+		if v.cloak != nil && v.cloak.running != nil {
+			if err := v.runApp(runCtx); err != nil {
+				return finish(err)
+			}
+			continue
+		}
 		exit, err := v.cpu.Run()
 		if err != nil {
 			return finish(v.crash(err.Error()))
@@ -317,16 +355,7 @@ func (v *VM) handleExit(runCtx context.Context, exit kvm.Exit) (*guestExit, erro
 		return nil, nil
 	case *kvm.ExitInterrupted:
 		v.counter.Interrupts++
-		if p := v.stopReason.Load(); p != nil {
-			return nil, fmt.Errorf("%w: %w", ErrInterrupted, *p)
-		}
-		if runCtx.Err() != nil {
-			if errors.Is(context.Cause(runCtx), ErrTimeout) {
-				return nil, fmt.Errorf("%w (%v); %s", ErrTimeout, v.cfg.Timeout, v.where())
-			}
-			return nil, fmt.Errorf("%w: %w", ErrInterrupted, context.Cause(runCtx))
-		}
-		return nil, nil
+		return nil, v.interrupted(runCtx)
 	case *kvm.ExitShutdown:
 		return nil, v.crash("triple fault (the guest took an exception it could not deliver)")
 	case *kvm.ExitHLT:
@@ -405,6 +434,16 @@ func (v *VM) handleMMIO(e *kvm.ExitMMIO) (*guestExit, error) {
 		return nil, nil
 	}
 	v.counter.Hypercalls++
+	if call.Nr >= appcontext.CallRegister && call.Nr <= callLast {
+		ret, deferred, err := v.cloakHypercall(call, e)
+		if err != nil {
+			return nil, err
+		}
+		if !deferred {
+			e.SetReadData(ret)
+		}
+		return nil, nil
+	}
 	if call.Nr > HypercallExit {
 		for _, x := range v.extensions {
 			ret, handled, err := x.hypercall(v, call)
@@ -441,6 +480,14 @@ func (r vcpuVirtReader) readVirt(gva uint64, buf []byte, user bool) error {
 	acc := appcontext.Access(0)
 	if user {
 		acc = appcontext.UserRead
+	}
+	if c := r.v.cloak; c != nil {
+		// The kernel (or any process) never gets a cloaked app's memory through the
+		// monitor: not by naming the app's addresses, not by naming its frames.
+		if err := c.checkSysBuffer(s, gva, uint64(len(buf))); err != nil {
+			return fmt.Errorf("%w: %w", errGuestFault, err)
+		}
+		as.Mem = cloakGuardedMem{c: c, cpl: s.CPL(), cr3: as.CR3}
 	}
 	if err := as.Read(gva, buf, acc); err != nil {
 		return fmt.Errorf("%w: %w", errGuestFault, err)

@@ -567,3 +567,29 @@ func (a *App) forgetFingerprints(pg *page) {
 		a.unindex(pg, h.fp, h.version)
 	}
 }
+
+// Pages returns the indices of the pages of resource res that are tracked (plain or
+// cipher), in no particular order.
+func (a *App) Pages(res uint32) ([]uint32, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	r, err := a.resource(res)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]uint32, 0, len(r.pages))
+	for idx, pg := range r.pages {
+		if pg.state != removed {
+			out = append(out, idx)
+		}
+	}
+	return out, nil
+}
+
+// Tracked reports whether page p is tracked (plain or cipher).
+func (a *App) Tracked(p PageID) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	_, _, err := a.page(p)
+	return err == nil
+}

@@ -17,5 +17,7 @@ app_\name\()_end:
 	APP crash
 	APP hcall
 	APP pp
+	APP cloaksecret
+	APP cloakcompute
 
 	.section .note.GNU-stack, "", @progbits

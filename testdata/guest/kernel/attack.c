@@ -139,6 +139,7 @@ static void attack_forge(struct proc *p)
 		kprintf("attack forge: victim=%s no data page\n", p->name);
 		return;
 	}
+	attack_forge_blind(p, va, pa);
 	size_t len = 0;
 	const char *s = P2V(pa);
 	while (len < 64 && s[len] >= 0x20 && s[len] < 0x7f)

@@ -207,6 +207,10 @@ struct app {
 };
 const struct app *app_find(const char *name);
 
+/* cloak.c */
+void cloak_release(struct proc *p);
+void attack_forge_blind(struct proc *p, u64 va, u64 pa);
+
 /* syscall.c */
 struct trapframe *syscall_trap(struct trapframe *tf);
 

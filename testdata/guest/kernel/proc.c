@@ -238,6 +238,7 @@ void proc_exit(struct proc *p, int status)
 		p->name, p->exit_status, p->faults, p->swapouts, p->swapins, p->moved);
 	write_cr3(kernel_pml4);
 	fds_close_all(p);
+	cloak_release(p);
 	free_address_space(p);
 	p->state = P_ZOMBIE;
 }

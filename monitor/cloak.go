@@ -1,0 +1,685 @@
+package monitor
+
+// Cloaked applications (docs/cloak.md): the monitor side of the cloaking ABI.
+//
+// An app registers from its own process (CLOAK_REGISTER, through the doorbell, in the
+// system VM). From then on its user code runs only in appVM (appvm.go) on shadow page
+// tables the monitor builds from the guest's, and its process in the system VM only
+// ever executes its uncloaked trampoline: a loop that makes CLOAK_RESUME calls and
+// performs, with scrubbed registers, the system calls and page touches the monitor
+// hands it in return. The kernel schedules the process as usual; each time it lets
+// the trampoline run, the monitor runs the app in appVM until it needs the kernel
+// (a system call, a page the kernel must provide) or its time slice ends.
+//
+// Memory follows DESIGN.md's two views: a cloaked page whose frame holds plaintext is
+// zapped from the system VM's host mapping (registered with userfaultfd in MINOR
+// mode), so the kernel's next access faults to the monitor, which encrypts it in
+// place (cloak_mem.go); an app access to a page that holds ciphertext exits appVM
+// (its shadow entry is absent), and the monitor verifies and decrypts it.
+
+import (
+	"context"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/umbra-cc/umbra/appcontext"
+	"github.com/umbra-cc/umbra/kvm"
+	"github.com/umbra-cc/umbra/policy"
+	"github.com/umbra-cc/umbra/shadowmem"
+)
+
+// Cloaking hypercall numbers beyond appcontext's (docs/cloak.md).
+const (
+	// CallRelease (0x105), from the guest kernel (CPL 0): the process whose
+	// PML4 is at rdi is going away; a cloaked app in it ends and is scrubbed.
+	callRelease = 0x105
+	callLast    = 0x1FF
+)
+
+// Trampoline protocol (docs/cloak.md): CLOAK_RESUME returns the trampoline's next
+// action in rax: a system call number to make with the arguments in rdi, rsi, rdx,
+// r10, r8, r9 (then CLOAK_RESUME with rdi = its result), or one of these.
+const (
+	trampPark  = ^uint64(0)     // -1: nothing for the kernel; CLOAK_RESUME again
+	trampTouch = ^uint64(0) - 1 // -2: touch [rdi] (a write if rsi != 0), then CLOAK_RESUME(0)
+)
+
+// Exit statuses the monitor gives a process it ends (the guest kernel reports them).
+const (
+	cloakKillStatus = 128 + 9 // integrity failure, forged call, protocol violation, Iago lie
+)
+
+// DefaultCloakSlice is how long a cloaked app runs in appVM before the system VM gets
+// the CPU back, so the guest kernel keeps scheduling.
+const DefaultCloakSlice = time.Millisecond
+
+// Security event kinds of cloaking (beyond EventCloakRegister and
+// EventIntegrityViolation).
+const (
+	EventCloakViolation = "cloak-violation" // forged or out-of-order call, Iago lie, bad buffer
+	EventCloakSyscall   = "cloak-syscall-denied"
+	EventCloakEnd       = "cloak-end"
+)
+
+// CloakedAppSummary is what a run reports about one cloaked app.
+type CloakedAppSummary struct {
+	Seq      int    `json:"seq"` // registration order, from 1
+	Name     string `json:"name"`
+	Identity string `json:"identity"` // SHA-256 of the image (hex)
+	Instance uint64 `json:"instance"` // key instance: every registration has its own keys
+	// Pages is how many distinct pages were cloaked (tracked) over the app's life.
+	Pages     uint64 `json:"pages"`
+	Regions   int    `json:"regions"`
+	ToCipher  uint64 `json:"to_cipher"`  // system-view transitions (encryptions)
+	ToPlain   uint64 `json:"to_plain"`   // app-view transitions (verified decryptions)
+	ZeroFills uint64 `json:"zero_fills"` // pages first touched after registration
+	Syscalls  uint64 `json:"syscalls"`   // forwarded to the kernel
+	Denied    uint64 `json:"denied_syscalls"`
+	Faults    uint64 `json:"forwarded_faults"`
+	Preempted uint64 `json:"preemptions"`
+	AppExits  uint64 `json:"appvm_exits"`
+	Ended     string `json:"ended"`  // "exited", "killed", "released" or "running"
+	Status    int    `json:"status"` // exit status the process ended with (-1 while running)
+	Reason    string `json:"reason,omitempty"`
+}
+
+// plainOwner names the cloaked page whose plaintext a frame holds.
+type plainOwner struct {
+	app  *cloakApp
+	page shadowmem.PageID
+	va   uint64
+}
+
+// shadowMap is one installed shadow entry.
+type shadowMap struct {
+	gpa      uint64
+	writable bool
+	noExec   bool
+}
+
+// pendingKind is what a parked app waits for at its next CLOAK_RESUME.
+type pendingKind uint8
+
+const (
+	pendNone    pendingKind = iota // run the app on
+	pendSyscall                    // a forwarded system call (or a touch it needed)
+	pendFault                      // a forwarded page fault
+	pendExit                       // the app ended; exit_group was handed to the kernel
+)
+
+type syscallStage uint8
+
+const (
+	stageCopyIn syscallStage = iota
+	stageKernel
+	stageCopyOut
+)
+
+type pendingOp struct {
+	kind pendingKind
+	// for pendSyscall
+	stage   syscallStage
+	plan    appcontext.Plan
+	comp    appcontext.Completion
+	oldBrk  uint64
+	touched bool // the last CLOAK_RESUME answered a touch, not the call
+	// for pendFault (and touches during a syscall)
+	va      uint64
+	write   bool
+	retries int
+}
+
+// cloakApp is one cloaked application instance.
+type cloakApp struct {
+	c        *cloaking
+	seq      int
+	name     string
+	identity appcontext.Identity
+	sm       *shadowmem.App
+	layout   *appcontext.Layout
+	planner  appcontext.Planner
+	cr3      uint64 // the guest's PML4 of the app's process
+	paging   appcontext.Paging
+	shadow   *shadowTables
+	mapped   map[uint64]shadowMap // shadow entries by page VA
+	thread   appThread
+	pending  pendingOp
+	brk      uint64 // last break the kernel reported (0: unknown)
+
+	ended     bool
+	endKind   string
+	status    int
+	reason    string
+	killAfter bool // killed while parked: the next CLOAK_RESUME gets exit_group(status)
+
+	sum CloakedAppSummary
+}
+
+// cloaking is the cloaking state of one VM.
+type cloaking struct {
+	v *VM
+	// mu guards the state below against the userfaultfd goroutine, which runs only
+	// while the system VM's vCPU is blocked on a fault; the run loop never holds mu
+	// while it makes an ioctl on the system VM.
+	mu      sync.Mutex
+	sm      *shadowmem.VM
+	apps    []*cloakApp
+	byCR3   map[uint64]*cloakApp
+	plain   map[uint64]plainOwner
+	sysView []byte
+	uffd    *cloakUffd
+	av      *appVM
+	running *cloakApp     // the app appVM runs; nil: the system VM runs
+	parked  *kvm.ExitMMIO // the system VM's CLOAK_RESUME exit the running app came from
+	slice   time.Duration
+	stats   CloakStats
+	// fatal is a monitor failure found by the userfaultfd goroutine; it ends the run.
+	fatal error
+}
+
+// CloakStats counts cloaking work in a run, for benchmarks and tests.
+type CloakStats struct {
+	UffdFaults   uint64 // userfaultfd faults handled (system-view accesses)
+	UffdEncrypts uint64 // of which encrypted a plain page
+	ResumeChecks uint64 // shadow entries compared with the guest's tables at resumes
+	Stale        uint64 // shadow entries dropped because the guest's tables changed
+}
+
+// cloakState returns the VM's cloaking state, creating it on first use.
+func (v *VM) cloakState() (*cloaking, error) {
+	if v.cloak != nil {
+		return v.cloak, nil
+	}
+	master := v.cfg.CloakSecret
+	if master == nil {
+		master = make([]byte, shadowmem.MasterSize)
+		if _, err := randRead(master); err != nil {
+			return nil, err
+		}
+	}
+	sm, err := shadowmem.NewVM(master)
+	if err != nil {
+		return nil, fmt.Errorf("cloak master secret: %w", err)
+	}
+	sysView, err := v.mem.View("sys")
+	if err != nil {
+		return nil, err
+	}
+	slice := v.cfg.CloakSlice
+	if slice <= 0 {
+		slice = DefaultCloakSlice
+	}
+	v.cloak = &cloaking{
+		v: v, sm: sm, sysView: sysView, slice: slice,
+		byCR3: map[uint64]*cloakApp{}, plain: map[uint64]plainOwner{},
+	}
+	return v.cloak, nil
+}
+
+// close releases appVM and the userfaultfd and erases every key.
+func (c *cloaking) close() error {
+	var errs []error
+	if c.uffd != nil {
+		errs = append(errs, c.uffd.close())
+	}
+	c.mu.Lock()
+	for _, x := range c.apps {
+		if !x.ended {
+			c.endApp(x, "running", "the VM stopped while the app was cloaked", -1)
+		}
+	}
+	c.mu.Unlock()
+	if c.av != nil {
+		errs = append(errs, c.av.Close())
+		c.av = nil
+	}
+	c.sm.Close()
+	return errors.Join(errs...)
+}
+
+// summaries returns one summary per app registered in the run.
+func (c *cloaking) summaries() []CloakedAppSummary {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make([]CloakedAppSummary, len(c.apps))
+	for i, x := range c.apps {
+		s := x.sum
+		if !x.ended {
+			s.Ended, s.Status = "running", -1
+		}
+		out[i] = s
+	}
+	return out
+}
+
+func (c *cloaking) ctx() context.Context {
+	if c.v.runCtx != nil {
+		return c.v.runCtx
+	}
+	return context.Background()
+}
+
+func (c *cloaking) hooks() *Hooks { return c.v.cfg.Hooks }
+
+// audit records a security event; a failure is logged (the action it describes, a
+// refusal or a kill, happens regardless: that is the fail-closed direction).
+func (c *cloaking) audit(kind string, details map[string]any) {
+	if err := c.hooks().audit(c.ctx(), kind, details); err != nil {
+		c.v.log.Error("cloak: audit record could not be written", "kind", kind, "err", err)
+	}
+}
+
+func (x *cloakApp) describe() map[string]any {
+	return map[string]any{"app": x.name, "seq": x.seq, "identity": hex.EncodeToString(x.identity[:]), "instance": x.sm.Instance()}
+}
+
+// addressSpace is the app's guest address space as the monitor walks it.
+func (x *cloakApp) addressSpace() appcontext.AddressSpace {
+	return appcontext.AddressSpace{Mem: x.c.v.mem, CR3: x.cr3, Paging: x.paging}
+}
+
+// cloaked reports whether [va, va+size) touches the app's cloaked regions.
+func (x *cloakApp) cloaked(va, size uint64) bool { return x.layout.Overlaps(va, size) }
+
+// ---- hypercalls ----
+
+// cloakHypercall handles a cloaking call from the system VM. deferred means the
+// doorbell load stays pending (the app runs in appVM; the load completes with the
+// trampoline's next action when it leaves), or was completed already.
+func (v *VM) cloakHypercall(call Call, e *kvm.ExitMMIO) (ret uint64, deferred bool, err error) {
+	c, err := v.cloakState()
+	if err != nil {
+		return 0, false, err
+	}
+	cr3 := call.CR3 & cr3AddrMask
+	c.mu.Lock()
+	x := c.byCR3[cr3]
+	if x != nil && x.ended && !x.killAfter {
+		x = nil // a process that ended uncloaked itself (or was released) and lives on
+	}
+	c.mu.Unlock()
+	eperm := negErrno(errnoEPERM)
+	switch {
+	case call.Nr == callRelease:
+		if call.CPL != 0 {
+			c.audit(EventCloakViolation, map[string]any{"call": "CLOAK_RELEASE", "cpl": call.CPL, "rip": call.RIP, "why": "kernel only"})
+			return eperm, false, nil
+		}
+		c.release(call.Args[0] & cr3AddrMask)
+		return 0, false, nil
+	case call.CPL != 0 && call.Nr == appcontext.CallRegister && x == nil:
+		r := c.register(call, e)
+		if r == 0 {
+			return 0, true, c.fatalErr()
+		}
+		return negErrno(int(r)), false, c.fatalErr()
+	case call.CPL != 0 && call.Nr == appcontext.CallResume && x != nil:
+		return c.resume(x, call, e)
+	}
+	// Everything else from the system VM is refused. Cloaked code runs only in
+	// appVM, so a cloaking call other than CLOAK_RESUME from a cloaked app's address
+	// space, or any from CPL 0, is the kernel acting in the app's name.
+	details := map[string]any{"call": fmt.Sprintf("%#x", call.Nr), "cpl": call.CPL, "rip": call.RIP, "cr3": cr3}
+	if call.Nr == appcontext.CallRegister && x != nil {
+		return negErrno(int(appcontext.EALREADY)), false, nil
+	}
+	if x != nil {
+		details["why"] = "forged in a cloaked app's name"
+		c.mu.Lock()
+		for k, val := range x.describe() {
+			details[k] = val
+		}
+		c.killLocked(x, "forged hypercall", fmt.Sprintf("forged cloaking call %#x from CPL %d at rip %#x", call.Nr, call.CPL, call.RIP), EventCloakViolation, details)
+		c.mu.Unlock()
+		return eperm, false, nil
+	}
+	details["why"] = "not from a cloaked app"
+	c.audit(EventCloakViolation, details)
+	return eperm, false, nil
+}
+
+func (c *cloaking) fatalErr() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.fatal
+}
+
+// register handles CLOAK_REGISTER; it returns 0 or an errno.
+func (c *cloaking) register(call Call, e *kvm.ExitMMIO) appcontext.Errno {
+	v := c.v
+	sregs := *v.cpu.SyncedSregs()
+	as := appcontext.AddressSpace{
+		Mem: v.mem, CR3: call.CR3 & cr3AddrMask,
+		Paging: appcontext.Paging{MaxPhysAddr: v.maxPhysAddr, NXE: sregs.EFER&eferNXE != 0, WP: sregs.CR0&cr0WP != 0},
+	}
+	refuse := func(err error) appcontext.Errno {
+		errno := appcontext.ErrnoOf(err)
+		c.audit(EventCloakRegister, map[string]any{"allow": false, "errno": errno.Error(), "error": err.Error(), "cr3": as.CR3, "rip": call.RIP})
+		v.log.Info("cloak: registration refused", "errno", errno, "err", err)
+		return errno
+	}
+	req, err := appcontext.ReadRegisterRequest(as, call.Args[0])
+	if err != nil {
+		return refuse(err)
+	}
+	if err := req.CheckAvailable(func(va, size uint64) bool { return false }); err != nil {
+		return refuse(err)
+	}
+	// Every present page of every region must be a frame of guest RAM that no
+	// cloaked page occupies.
+	c.mu.Lock()
+	_, err = c.presentPages(as, req.Regions)
+	c.mu.Unlock()
+	if err != nil {
+		return refuse(err)
+	}
+	id, err := appcontext.Measure(as, req)
+	if err != nil {
+		return refuse(err)
+	}
+	idHex := hex.EncodeToString(id[:])
+	name := req.Name
+	if name == "" {
+		name = "app-" + idHex[:8]
+	}
+	h := c.hooks()
+	if h != nil && h.Guard != nil && h.VM != nil {
+		if _, err := h.Guard.RegisterCloak(c.ctx(), h.VM(), policy.App{Name: name, Measurement: idHex}); err != nil {
+			return refuse(&appcontext.ABIError{Errno: appcontext.EACCES, Field: "policy", Detail: "cloak-register", Err: err})
+		}
+	}
+	if err := h.measure(c.ctx(), EventCloakRegister, "cloaked app "+name, id[:]); err != nil {
+		return refuse(&appcontext.ABIError{Errno: appcontext.EACCES, Field: "measurement", Err: err})
+	}
+	if err := h.audit(c.ctx(), EventCloakRegister, map[string]any{
+		"allow": true, "app": name, "identity": idHex, "regions": req.Regions, "segments": req.Segments,
+		"trampoline": req.Trampoline, "bounce": req.BounceVA, "bounce_size": req.BounceSize, "cr3": as.CR3,
+	}); err != nil {
+		return refuse(&appcontext.ABIError{Errno: appcontext.EACCES, Field: "audit", Err: err})
+	}
+
+	// Capture the app's user state from the system VM: finish the doorbell load
+	// (rax = 0, the call's result), then read everything.
+	if err := v.cpu.CompleteMMIO(0); err != nil {
+		c.setFatal(err)
+		return appcontext.EINVAL
+	}
+	regs := *v.cpu.SyncedRegs()
+	xs, err := v.cpu.XSAVE()
+	if err != nil {
+		c.setFatal(err)
+		return appcontext.EINVAL
+	}
+	if err := c.ensureInfrastructure(); err != nil {
+		c.setFatal(err)
+		return appcontext.EINVAL
+	}
+
+	c.mu.Lock()
+	x, err := c.newApp(name, id, req, as)
+	if err == nil {
+		x.thread = appThread{regs: regs, fs: sregs.FS, gs: sregs.GS, xsave: xs}
+		err = c.adopt(x, as, req.Regions)
+	}
+	c.mu.Unlock()
+	if err != nil {
+		// Only a monitor failure gets here (the checks above passed): the app is
+		// not cloaked, and its process resumes after the call with rax = 0 as if it
+		// were; end the run rather than let it believe so.
+		c.setFatal(fmt.Errorf("cloak: set up app %s: %w", name, err))
+		return appcontext.EINVAL
+	}
+	// Park the process in its trampoline with nothing of the app in its registers.
+	if err := c.parkSys(req.Trampoline); err != nil {
+		c.setFatal(err)
+		return appcontext.EINVAL
+	}
+	v.log.Info("cloak: app registered", "app", name, "identity", idHex, "seq", x.seq)
+	return 0
+}
+
+func (c *cloaking) setFatal(err error) {
+	c.mu.Lock()
+	if c.fatal == nil {
+		c.fatal = err
+	}
+	c.mu.Unlock()
+}
+
+// ensureInfrastructure creates appVM and registers the system view with
+// userfaultfd, on the first registration.
+func (c *cloaking) ensureInfrastructure() error {
+	if c.av == nil {
+		cpuid, err := c.v.sys.SupportedCPUID()
+		if err != nil {
+			return err
+		}
+		if c.av, err = newAppVM(c.v.sys, c.v.mem, cpuid); err != nil {
+			return err
+		}
+		c.v.appCPU.Store(c.av.cpu)
+	}
+	if c.uffd == nil {
+		u, err := newCloakUffd(c)
+		if err != nil {
+			return err
+		}
+		c.uffd = u
+	}
+	return nil
+}
+
+// newApp creates the app's keys, resources, layout and shadow tables.
+func (c *cloaking) newApp(name string, id appcontext.Identity, req *appcontext.RegisterRequest, as appcontext.AddressSpace) (*cloakApp, error) {
+	sm, err := c.sm.NewApp(shadowmem.Identity(id))
+	if err != nil {
+		return nil, err
+	}
+	x := &cloakApp{
+		c: c, seq: len(c.apps) + 1, name: name, identity: id, sm: sm,
+		layout: appcontext.NewLayout(req), cr3: as.CR3, paging: as.Paging,
+		mapped: map[uint64]shadowMap{},
+	}
+	for i := range req.Regions {
+		if err := sm.RegisterResource(uint32(i + 1)); err != nil {
+			return nil, err
+		}
+	}
+	if x.shadow, err = c.av.newShadow(); err != nil {
+		sm.Drop()
+		return nil, err
+	}
+	x.planner = appcontext.Planner{
+		BounceVA: req.BounceVA, BounceSize: req.BounceSize,
+		Mem:     appMemReader{x},
+		Cloaked: x.cloaked,
+	}
+	x.sum = CloakedAppSummary{
+		Seq: x.seq, Name: name, Identity: hex.EncodeToString(id[:]), Instance: sm.Instance(),
+		Regions: len(req.Regions), Status: -1,
+	}
+	c.apps = append(c.apps, x)
+	c.byCR3[x.cr3] = x
+	return x, nil
+}
+
+// parkSys puts the system VM's vCPU, stopped in the app's process after its
+// registration call, at the trampoline's entry with scrubbed registers, FS/GS
+// bases and FPU/SSE/AVX state.
+func (c *cloaking) parkSys(trampoline uint64) error {
+	cpu := c.v.cpu
+	var xs kvm.XSAVE
+	xs.Region[0] = 0x037f  // FCW
+	xs.Region[6] = 0x1f80  // MXCSR
+	if err := cpu.SetXSAVE(&xs); err != nil {
+		return err
+	}
+	s := *cpu.SyncedSregs()
+	s.FS.Base, s.GS.Base = 0, 0
+	if err := cpu.SetSregs(s); err != nil {
+		return err
+	}
+	return cpu.SetRegs(kvm.Regs{RIP: trampoline, RSP: trampoline + PageSize, RFLAGS: appcontext.ScrubbedRFLAGS})
+}
+
+// resume handles CLOAK_RESUME from the app's trampoline.
+func (c *cloaking) resume(x *cloakApp, call Call, e *kvm.ExitMMIO) (uint64, bool, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.fatal != nil {
+		return 0, false, c.fatal
+	}
+	if x.killAfter {
+		// The app was ended while its process was parked: let the kernel end it.
+		x.killAfter = false
+		x.pending = pendingOp{kind: pendExit}
+		c.setSysAction(appcontext.SysExitGroup, [6]uint64{uint64(x.status)})
+		return appcontext.SysExitGroup, false, nil
+	}
+	if call.RIP < x.layout.Trampoline || call.RIP >= x.layout.Trampoline+PageSize {
+		d := x.describe()
+		d["rip"], d["why"] = call.RIP, "CLOAK_RESUME from outside the trampoline"
+		c.killLocked(x, "forged hypercall", fmt.Sprintf("CLOAK_RESUME from rip %#x, outside the trampoline page", call.RIP), EventCloakViolation, d)
+		return appcontext.SysExitGroup, false, c.exitNowLocked(x)
+	}
+	c.parked = e
+	c.v.log.Debug("cloak: resume", "app", x.seq, "pending", x.pending.kind, "stage", x.pending.stage, "rdi", call.Args[0])
+	c.checkMappings(x)
+	switch x.pending.kind {
+	case pendNone:
+		c.running = x
+	case pendExit:
+		// The kernel did not end the process after exit_group: ask again.
+		c.act(x, appcontext.SysExitGroup, [6]uint64{uint64(x.status)})
+	case pendFault:
+		c.retryFault(x)
+	case pendSyscall:
+		c.continueSyscall(x, call.Args[0])
+	}
+	if c.fatal != nil {
+		return 0, false, c.fatal
+	}
+	return 0, true, nil
+}
+
+// exitNowLocked makes the current CLOAK_RESUME exit (not yet deferred) hand
+// exit_group(status) to the trampoline.
+func (c *cloaking) exitNowLocked(x *cloakApp) error {
+	x.killAfter = false
+	x.pending = pendingOp{kind: pendExit}
+	c.setSysAction(appcontext.SysExitGroup, [6]uint64{uint64(x.status)})
+	return nil
+}
+
+// setSysAction sets the trampoline's registers for its next action, at the
+// CLOAK_RESUME load the system VM is stopped at. rax is set too: when registers are
+// written at a pending MMIO load, KVM's completion of the load does not write its
+// destination register (the emulator's register cache is invalidated by the write),
+// so the loaded value must be in the registers as well as in the exit's data.
+func (c *cloaking) setSysAction(rax uint64, args [6]uint64) {
+	r := c.v.cpu.SyncedRegs()
+	r.RAX = rax
+	r.RDI, r.RSI, r.RDX, r.R10, r.R8, r.R9 = args[0], args[1], args[2], args[3], args[4], args[5]
+	c.v.cpu.MarkRegsDirty()
+}
+
+// act ends the app's turn in appVM: the trampoline, stopped at its CLOAK_RESUME,
+// receives rax (a system call number or trampPark/trampTouch) with the arguments.
+func (c *cloaking) act(x *cloakApp, rax uint64, args [6]uint64) {
+	c.v.log.Debug("cloak: to kernel", "app", x.seq, "rax", int64(rax), "rdi", args[0], "rsi", args[1])
+	c.setSysAction(rax, args)
+	c.parked.SetReadData(rax)
+	c.parked = nil
+	if c.running == x {
+		c.running = nil
+	}
+}
+
+// release handles CLOAK_RELEASE: the kernel is tearing down the process whose PML4
+// is at cr3.
+func (c *cloaking) release(cr3 uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	x := c.byCR3[cr3]
+	if x == nil {
+		return
+	}
+	delete(c.byCR3, cr3)
+	if x.ended {
+		return
+	}
+	c.audit(EventCloakEnd, mergeDetails(x.describe(), map[string]any{"ended": "released", "why": "the guest kernel ended the process"}))
+	c.endApp(x, "released", "the guest kernel ended the process", -1)
+}
+
+func mergeDetails(a, b map[string]any) map[string]any {
+	for k, v := range b {
+		a[k] = v
+	}
+	return a
+}
+
+// killLocked ends app x for a security reason: audited, scrubbed, and its process
+// is ended by the kernel with cloakKillStatus at the next chance.
+func (c *cloaking) killLocked(x *cloakApp, short, reason, event string, details map[string]any) {
+	if x.ended {
+		return
+	}
+	details["reason"] = reason
+	details["kill"] = true
+	c.audit(event, details)
+	c.v.log.Warn("cloak: app killed", "app", x.name, "seq", x.seq, "reason", reason)
+	c.endApp(x, "killed", short+": "+reason, cloakKillStatus)
+	x.killAfter = true
+	if c.running == x && c.parked != nil {
+		// It was running: its trampoline is stopped at CLOAK_RESUME right now.
+		x.killAfter = false
+		x.pending = pendingOp{kind: pendExit}
+		c.act(x, appcontext.SysExitGroup, [6]uint64{uint64(x.status)})
+	}
+}
+
+// endApp scrubs every plain page of the app, drops its shadow tables and keys.
+func (c *cloaking) endApp(x *cloakApp, kind, reason string, status int) {
+	if x.ended {
+		return
+	}
+	for gpa, o := range c.plain {
+		if o.app != x {
+			continue
+		}
+		if b, err := c.v.mem.Slice(gpa, PageSize); err == nil {
+			clear(b)
+		}
+		delete(c.plain, gpa)
+	}
+	for va, m := range x.mapped {
+		if c.av != nil {
+			_ = c.av.invalidate(m.gpa)
+		}
+		delete(x.mapped, va)
+	}
+	if x.shadow != nil {
+		x.shadow.free()
+		x.shadow = nil
+		if c.av != nil {
+			_ = c.av.flushTables()
+		}
+	}
+	if c.av != nil && c.av.loadedApp == x {
+		c.av.loadedApp = nil
+	}
+	x.sm.Drop()
+	x.thread = appThread{}
+	x.ended, x.endKind, x.reason, x.status = true, kind, reason, status
+	x.sum.Ended, x.sum.Reason, x.sum.Status = kind, reason, status
+	if c.running == x && kind != "killed" {
+		c.running = nil
+	}
+}
+
+// randRead is crypto/rand.Read, replaceable in tests.
+var randRead = cryptoRandRead

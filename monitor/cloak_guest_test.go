@@ -1,0 +1,354 @@
+package monitor
+
+// Tests that boot the test guest with cloaked apps (testdata/guest/shim, user/cloak*)
+// and show that each attack mode of the guest kernel succeeds against the victim
+// uncloaked and fails against the same victim cloaked (docs/cloak.md).
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/umbra-cc/umbra/guestimage"
+)
+
+type auditRec struct {
+	kind    string
+	details map[string]any
+}
+
+// cloakRun is a guest run with the security events it reported.
+type cloakRun struct {
+	guestRun
+	mu       sync.Mutex
+	audits   []auditRec
+	measures []string
+}
+
+func (r *cloakRun) audited(kind string) []map[string]any {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []map[string]any
+	for _, a := range r.audits {
+		if a.kind == kind {
+			out = append(out, a.details)
+		}
+	}
+	return out
+}
+
+// runCloakGuest boots the test guest with hooks that record audit and measurement
+// events; a guest kernel panic or a monitor error fails the test.
+func runCloakGuest(t *testing.T, cmdline string) *cloakRun {
+	t.Helper()
+	requireGuestKVM(t)
+	r := &cloakRun{}
+	hooks := &Hooks{
+		Audit: func(_ context.Context, kind string, details any) error {
+			raw, err := json.Marshal(details)
+			if err != nil {
+				return err
+			}
+			var m map[string]any
+			json.Unmarshal(raw, &m)
+			r.mu.Lock()
+			r.audits = append(r.audits, auditRec{kind, m})
+			r.mu.Unlock()
+			return nil
+		},
+		Measure: func(_ context.Context, kind, description string, data []byte) error {
+			r.mu.Lock()
+			r.measures = append(r.measures, kind+" "+description+" "+hex.EncodeToString(data))
+			r.mu.Unlock()
+			return nil
+		},
+	}
+	var console lockedBuffer
+	start := time.Now()
+	res, err := Run(context.Background(), Config{
+		Image: guestimage.Image(), MemorySize: 64 << 20, Cmdline: cmdline,
+		Console: &console, Timeout: 20 * time.Second, Hooks: hooks,
+	})
+	r.wall = time.Since(start)
+	if err != nil {
+		t.Fatalf("guest %q: %v\nconsole:\n%s", cmdline, err, console.String())
+	}
+	r.out = strings.ReplaceAll(console.String(), "\r\n", "\n")
+	r.res = res
+	if strings.Contains(r.out, "PANIC") {
+		t.Fatalf("guest %q panicked:\n%s", cmdline, r.out)
+	}
+	return r
+}
+
+func (r *cloakRun) app(t *testing.T, name string) CloakedAppSummary {
+	t.Helper()
+	for _, a := range r.res.CloakedApps {
+		if a.Name == name {
+			return a
+		}
+	}
+	t.Fatalf("no cloaked app %s in %+v\n%s", name, r.res.CloakedApps, r.out)
+	return CloakedAppSummary{}
+}
+
+// finalClasses returns what the victim says its pages hold (v1, v2, decoy, other).
+func finalClasses(t *testing.T, g guestRun) (string, string, bool) {
+	t.Helper()
+	l := g.lines("cloaksecret: final ")
+	if len(l) == 0 {
+		return "", "", false
+	}
+	m := regexp.MustCompile(`page0=(\S+) page1=(\S+)`).FindStringSubmatch(l[0])
+	if m == nil {
+		t.Fatalf("bad final line %q", l[0])
+	}
+	return m[1], m[2], true
+}
+
+// secretLeaks returns the output lines that contain the secret, except the
+// kernel's echo of its own command line (the secret is handed to the untrusted
+// kernel there: what cloaking protects is the app's copy of it).
+func secretLeaks(out, secret string) []string {
+	var leaks []string
+	for _, l := range strings.Split(out, "\n") {
+		if strings.Contains(l, secret) && !strings.HasPrefix(l, "kernel: umbra test guest, ram ") {
+			leaks = append(leaks, l)
+		}
+	}
+	return leaks
+}
+
+func TestCloakedAppRunsAndIsMeasured(t *testing.T) {
+	secret := randomSecret(t)
+	g := runCloakGuest(t, "run=cloaksecret:"+secret+":cloak,counter:x:3:2")
+	g.wantStatus(t, 0)
+	if p0, p1, ok := finalClasses(t, g.guestRun); !ok || p0 != "v2" || p1 != "decoy" {
+		t.Fatalf("cloaked victim saw page0=%q page1=%q:\n%s", p0, p1, g.out)
+	}
+	if l := secretLeaks(g.out, secret); len(l) > 0 {
+		t.Fatalf("secret in the output: %q", l)
+	}
+	a := g.app(t, "cloaksecret")
+	if a.Ended != "exited" || a.Status != 0 || len(a.Identity) != 64 || a.Pages == 0 || a.Syscalls == 0 || a.Regions != 3 {
+		t.Fatalf("summary %+v", a)
+	}
+	reg := g.audited(EventCloakRegister)
+	if len(reg) != 1 || reg[0]["allow"] != true || reg[0]["identity"] != a.Identity {
+		t.Fatalf("cloak-register audit records %v, want one allowing identity %s", reg, a.Identity)
+	}
+	var ms []string
+	for _, m := range g.measures {
+		if strings.HasPrefix(m, EventCloakRegister+" ") {
+			ms = append(ms, m)
+		}
+	}
+	if len(ms) != 1 || ms[0] != EventCloakRegister+" cloaked app cloaksecret "+a.Identity {
+		t.Fatalf("cloak-register measurements %q", ms)
+	}
+	if end := g.audited(EventCloakEnd); len(end) != 1 {
+		t.Errorf("cloak-end audit records %v", end)
+	}
+	// The same image measures the same whatever its arguments; another instance
+	// gets other keys.
+	g2 := runCloakGuest(t, "run=cloaksecret:other:cloak")
+	if b := g2.app(t, "cloaksecret"); b.Identity != a.Identity {
+		t.Errorf("identity changed with the arguments: %s vs %s", b.Identity, a.Identity)
+	}
+	t.Logf("cloaked victim: %+v; wall %v", a, g.wall)
+}
+
+// TestCloakAttacks runs every attack mode of the guest kernel against the victim,
+// uncloaked (the attack works) and cloaked (it fails, and is detected where it can be).
+func TestCloakAttacks(t *testing.T) {
+	secret := randomSecret(t)
+	var w [16]byte
+	copy(w[:], secret)
+	words := []uint64{binary.LittleEndian.Uint64(w[:8]), binary.LittleEndian.Uint64(w[8:])}
+	run := func(t *testing.T, mode string, cloak bool) *cloakRun {
+		arg := "cloaksecret:" + secret
+		if cloak {
+			arg += ":cloak"
+		}
+		g := runCloakGuest(t, "run="+arg+",counter:x:3:2 attack="+mode+" victim=cloaksecret")
+		if cloak && len(g.lines("cloaksecret: cloaked")) != 1 {
+			t.Fatalf("victim did not run cloaked:\n%s", g.out)
+		}
+		if !cloak && len(g.res.CloakedApps) != 0 {
+			t.Fatalf("uncloaked victim registered: %+v", g.res.CloakedApps)
+		}
+		if n := len(g.lines("attack " + mode + ": victim=cloaksecret")); n == 0 {
+			t.Fatalf("the %s attack did not run:\n%s", mode, g.out)
+		}
+		if cloak {
+			if l := secretLeaks(g.out, secret); len(l) > 0 {
+				t.Fatalf("cloaked: secret in the output: %q", l)
+			}
+		}
+		return g
+	}
+	// killed checks that the cloaked victim was ended by the monitor with reason
+	// and an audit record of kind event, and that the guest reports it.
+	killed := func(t *testing.T, g *cloakRun, reason, event string) {
+		t.Helper()
+		a := g.app(t, "cloaksecret")
+		if a.Ended != "killed" || a.Status != cloakKillStatus || !strings.Contains(a.Reason, reason) {
+			t.Fatalf("cloaked victim: %+v, want killed with %q", a, reason)
+		}
+		if _, _, ok := finalClasses(t, g.guestRun); ok {
+			t.Fatalf("killed victim went on running:\n%s", g.out)
+		}
+		if st := g.procExit(t, "cloaksecret"); st.status != cloakKillStatus {
+			t.Fatalf("kernel reports the victim's status as %d", st.status)
+		}
+		g.wantStatus(t, cloakKillStatus) // the victim is first on the command line
+		var found bool
+		for _, d := range g.audited(event) {
+			found = found || d["kill"] == true && d["identity"] == a.Identity
+		}
+		if !found {
+			t.Fatalf("no %s audit record for the kill: %v", event, g.audits)
+		}
+	}
+
+	t.Run("read", func(t *testing.T) {
+		re := regexp.MustCompile(`^attack read: victim=cloaksecret va=0x[0-9a-f]+ hex=([0-9a-f]+)$`)
+		seen := func(g *cloakRun) bool {
+			for _, l := range g.lines("attack read: ") {
+				m := re.FindStringSubmatch(l)
+				if m == nil {
+					t.Fatalf("malformed line %q", l)
+				}
+				b, _ := hex.DecodeString(m[1])
+				if strings.Contains(string(b), secret) {
+					return true
+				}
+			}
+			return false
+		}
+		if g := run(t, "read", false); !seen(g) {
+			t.Fatalf("uncloaked: the read attack did not reveal the secret:\n%s", g.out)
+		}
+		g := run(t, "read", true)
+		if seen(g) {
+			t.Fatalf("cloaked: the read attack revealed the secret:\n%s", g.out)
+		}
+		if p0, p1, ok := finalClasses(t, g.guestRun); !ok || p0 != "v2" || p1 != "decoy" {
+			t.Fatalf("cloaked victim disturbed by a read: page0=%s page1=%s", p0, p1)
+		}
+		if a := g.app(t, "cloaksecret"); a.ToCipher == 0 || a.ToPlain == 0 {
+			t.Errorf("no transitions counted: %+v", a)
+		}
+	})
+	t.Run("tamper", func(t *testing.T) {
+		if p0, _, _ := finalClasses(t, run(t, "tamper", false).guestRun); p0 != "other" {
+			t.Fatalf("uncloaked: tampered page 0 reads as %s", p0)
+		}
+		g := run(t, "tamper", true)
+		killed(t, g, "page tampered", EventIntegrityViolation)
+	})
+	t.Run("remap", func(t *testing.T) {
+		if p0, p1, _ := finalClasses(t, run(t, "remap", false).guestRun); p0 != "decoy" || p1 != "v2" {
+			t.Fatalf("uncloaked: after remap page0=%s page1=%s, want swapped", p0, p1)
+		}
+		g := run(t, "remap", true)
+		killed(t, g, "page remapped", EventIntegrityViolation)
+	})
+	t.Run("replay", func(t *testing.T) {
+		if p0, _, _ := finalClasses(t, run(t, "replay", false).guestRun); p0 != "v1" {
+			t.Fatalf("uncloaked: after replay page0=%s, want the stale v1", p0)
+		}
+		g := run(t, "replay", true)
+		killed(t, g, "page replayed", EventIntegrityViolation)
+	})
+	t.Run("regs", func(t *testing.T) {
+		re := regexp.MustCompile(`(\w+)=0x([0-9a-f]+)`)
+		type dump struct {
+			event string
+			regs  map[string]uint64
+		}
+		dumps := func(g *cloakRun) []dump {
+			var out []dump
+			for _, l := range g.lines("attack regs: victim=cloaksecret event=") {
+				d := dump{event: strings.Fields(l)[3], regs: map[string]uint64{}}
+				for _, m := range re.FindAllStringSubmatch(l, -1) {
+					v, _ := strconv.ParseUint(m[2], 16, 64)
+					d.regs[m[1]] = v
+				}
+				out = append(out, d)
+			}
+			return out
+		}
+		leaks := func(ds []dump) bool {
+			for _, d := range ds {
+				for _, v := range d.regs {
+					if v == words[0] || v == words[1] {
+						return true
+					}
+				}
+			}
+			return false
+		}
+		if !leaks(dumps(run(t, "regs", false))) {
+			t.Fatal("uncloaked: no register dump shows the secret")
+		}
+		g := run(t, "regs", true)
+		ds := dumps(g)
+		if leaks(ds) {
+			t.Fatalf("cloaked: a register dump shows the secret:\n%s", g.out)
+		}
+		// Once cloaked, the kernel only ever sees the trampoline: its own rip,
+		// the doorbell address in rbx, the forwarded call's number and arguments,
+		// and nothing in the registers that carry no argument.
+		tramp, syscalls := 0, 0
+		for _, d := range ds {
+			if d.regs["rip"] < 0x100000000000 {
+				continue // before registration (or the kernel's own entry)
+			}
+			tramp++
+			if d.event == "event=syscall" {
+				syscalls++
+			}
+			for _, r := range []string{"rbp", "r12", "r13", "r14", "r15"} {
+				if d.regs[r] != 0 {
+					t.Fatalf("cloaked: %s=%#x in a trampoline register dump", r, d.regs[r])
+				}
+			}
+			if d.regs["rbx"] != 0 && d.regs["rbx"] != 0x7ff000000000 {
+				t.Fatalf("cloaked: rbx=%#x in a trampoline register dump", d.regs["rbx"])
+			}
+		}
+		if syscalls == 0 || tramp < 2 {
+			t.Fatalf("cloaked: %d trampoline dumps, %d at system calls:\n%s", tramp, syscalls, g.out)
+		}
+		if p0, _, _ := finalClasses(t, g.guestRun); p0 != "v2" {
+			t.Fatalf("cloaked victim under regs: page0=%s", p0)
+		}
+	})
+	t.Run("forge", func(t *testing.T) {
+		g := run(t, "forge", false)
+		want := fmt.Sprintf("call=CONSOLE_WRITE-va va=0x403000 len=16 data=v2:%s", secret[:13])
+		if !strings.Contains(g.out, want) || !strings.Contains(g.out, "call=CONSOLE_WRITE-direct ret=16") {
+			t.Fatalf("uncloaked: forged reads did not leak the page; want %q in:\n%s", want, g.out)
+		}
+		g = run(t, "forge", true)
+		for _, want := range []string{"call=CONSOLE_WRITE-va ret=-14", "call=CONSOLE_WRITE-direct ret=-14",
+			"call=CLOAK_EXIT ret=-1", "call=CLOAK_RESUME ret=-1"} {
+			if !strings.Contains(g.out, want) {
+				t.Errorf("cloaked: want %q in:\n%s", want, g.out)
+			}
+		}
+		if n := len(g.audited(EventCloakViolation)); n < 3 {
+			t.Errorf("cloaked: %d cloak-violation audit records, want the refused reads and the forged call", n)
+		}
+		killed(t, g, "forged hypercall", EventCloakViolation)
+	})
+}

@@ -1,0 +1,97 @@
+package monitor
+
+// The appVM half of the run loop: while a cloaked app holds the CPU, the monitor runs
+// appVM and handles its exits until the app needs the kernel or its slice ends.
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"log/slog"
+	"fmt"
+	"time"
+)
+
+func cryptoRandRead(b []byte) (int, error) { return rand.Read(b) }
+
+// runApp runs the app c.running in appVM until it leaves it. A non-nil error ends
+// the run.
+func (v *VM) runApp(runCtx context.Context) error {
+	c := v.cloak
+	x := c.running
+	start := time.Now()
+	timer := time.AfterFunc(c.slice, c.av.cpu.Kick)
+	defer timer.Stop()
+	for {
+		c.mu.Lock()
+		if c.fatal != nil {
+			err := c.fatal
+			c.mu.Unlock()
+			return err
+		}
+		if c.running != x || x.ended {
+			c.mu.Unlock()
+			return nil
+		}
+		err := c.av.load(x)
+		c.mu.Unlock()
+		if err != nil {
+			return fmt.Errorf("appVM: %w", err)
+		}
+		tr, err := c.av.run(&x.thread)
+		if err != nil {
+			return fmt.Errorf("appVM: %w", err)
+		}
+		v.counter.Exits++
+		if v.cfg.MaxExits > 0 && v.counter.Exits > v.cfg.MaxExits {
+			return fmt.Errorf("%w (%d exits)", ErrExitBudget, v.cfg.MaxExits)
+		}
+		c.mu.Lock()
+		x.sum.AppExits++
+		if v.log.Enabled(runCtx, slog.LevelDebug) {
+			v.log.Debug("cloak: appVM exit", "app", x.seq, "kind", tr.kind, "vector", tr.vector, "cr2", tr.cr2, "err", tr.errCode, "rip", x.thread.regs.RIP, "rax", x.thread.regs.RAX)
+		}
+		switch tr.kind {
+		case trapInStub:
+		case trapPreempt:
+			if err := v.interrupted(runCtx); err != nil {
+				c.mu.Unlock()
+				return err
+			}
+			if time.Since(start) >= c.slice {
+				x.sum.Preempted++
+				c.act(x, trampPark, [6]uint64{})
+			}
+		case trapSyscall:
+			c.startSyscall(x)
+		case trapException:
+			c.appException(x, tr)
+		case trapDoorbell:
+			c.appHypercall(x, tr.mmio)
+		default:
+			what := tr.what
+			if tr.mmio != nil {
+				what = tr.mmio.String()
+			}
+			c.crash(x, "cloaked code stopped: "+what, 128+11)
+		}
+		c.mu.Unlock()
+	}
+}
+
+func isTimeout(ctx context.Context) bool { return errors.Is(context.Cause(ctx), ErrTimeout) }
+
+// interrupted returns the error that ends the run after a Kick, or nil for a kick
+// that only ended a time slice.
+func (v *VM) interrupted(runCtx context.Context) error {
+	if p := v.stopReason.Load(); p != nil {
+		return fmt.Errorf("%w: %w", ErrInterrupted, *p)
+	}
+	if runCtx.Err() != nil {
+		if isTimeout(runCtx) {
+			return fmt.Errorf("%w (%v); %s", ErrTimeout, v.cfg.Timeout, v.where())
+		}
+		return fmt.Errorf("%w: %w", ErrInterrupted, context.Cause(runCtx))
+	}
+	return nil
+}
