@@ -448,11 +448,11 @@ func (s *Service) set(ctx context.Context, req Request, c Context, mem GuestMemo
 	}
 	first := s.nextID
 	sys := false
-	for _, o := range ops {
-		o.x.ID = first + uint64(o.index)
-		s.t.apply(o)
-		sys = sys || o.space == SysSpace
+	for i := range ops {
+		ops[i].x.ID = first + uint64(ops[i].index)
+		sys = sys || ops[i].space == SysSpace
 	}
+	s.t.applyAll(ops)
 	s.nextID += uint64(len(entries))
 	if sys {
 		s.gen++
