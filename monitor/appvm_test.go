@@ -142,4 +142,3 @@ func TestAppVMTraps(t *testing.T) {
 	}
 	t.Logf("exits %d, sregs loads %d", a.Exits, a.SregsLoads)
 }
-

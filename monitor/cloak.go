@@ -512,8 +512,8 @@ func (c *cloaking) newApp(name string, id appcontext.Identity, req *appcontext.R
 func (c *cloaking) parkSys(trampoline uint64) error {
 	cpu := c.v.cpu
 	var xs kvm.XSAVE
-	xs.Region[0] = 0x037f  // FCW
-	xs.Region[6] = 0x1f80  // MXCSR
+	xs.Region[0] = 0x037f // FCW
+	xs.Region[6] = 0x1f80 // MXCSR
 	if err := cpu.SetXSAVE(&xs); err != nil {
 		return err
 	}

@@ -7,8 +7,8 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
-	"log/slog"
 	"fmt"
+	"log/slog"
 	"time"
 )
 
