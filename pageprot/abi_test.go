@@ -51,3 +51,19 @@ func TestCHeaderMatches(t *testing.T) {
 		}
 	}
 }
+
+// TestGuestCopyOfCHeader: the test guest's copy of the header (its build must not
+// reach outside testdata/guest) is the documented one.
+func TestGuestCopyOfCHeader(t *testing.T) {
+	doc, err := os.ReadFile("../docs/pageprot_abi.h")
+	if err != nil {
+		t.Fatal(err)
+	}
+	guest, err := os.ReadFile("../testdata/guest/kernel/pageprot_abi.h")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(doc) != string(guest) {
+		t.Fatal("testdata/guest/kernel/pageprot_abi.h differs from docs/pageprot_abi.h; copy it and rebuild the guest")
+	}
+}
