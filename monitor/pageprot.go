@@ -72,6 +72,8 @@ type pageProt struct {
 	hookErr error
 	// pending is the slot plan BeforeApply computed for the batch being applied.
 	pending pageprot.Plan
+	// layout is the slot layout in force, sorted by GPA.
+	layout []pageprot.Slot
 	stats   PageProtStats
 }
 
@@ -107,6 +109,7 @@ func (v *VM) installPageProt() error {
 		return err
 	}
 	x.applied = x.svc.Generation()
+	x.layout = x.planner.Current()
 	v.extensions = append(v.extensions, x)
 	return nil
 }
@@ -228,6 +231,7 @@ func (x *pageProt) enforce() error {
 		if err := x.planner.Commit(plan); err != nil {
 			return err
 		}
+		x.layout = x.planner.Current()
 		x.stats.Plans++
 		x.stats.SlotOps += uint64(plan.Ops())
 	}
@@ -494,7 +498,7 @@ func accessName(a pageprot.Access) string {
 // mmio handles an exit at a guest-physical address inside RAM: an access the memory
 // slots refused (a store to a read-only slot, any access to a hole).
 func (x *pageProt) mmio(v *VM, e *kvm.ExitMMIO) (bool, error) {
-	if e.Addr >= x.ramSize || e.Len <= 0 || e.Len > 8 {
+	if e.Addr >= x.ramSize || e.Len <= 0 || e.Len > 8 || !x.enforcedAt(e.Addr) {
 		return false, nil
 	}
 	if e.Addr+uint64(e.Len) > x.ramSize {
@@ -580,6 +584,22 @@ func (x *pageProt) stillMapped(o pageprot.Owner, s *kvm.Sregs) func(va, gpa uint
 		t, err := as.Paging.Walk(as.Mem, as.CR3, va, appcontext.AccessUser)
 		return err == nil && t.GPA&^(PageSize-1) == gpa
 	}
+}
+
+// enforcedAt reports whether page protection made gpa exit: it lies in a read-only
+// slot or in a hole of the layout. An exit anywhere else in RAM is not ours (another
+// feature's, or a bug) and is left to the other extensions.
+func (x *pageProt) enforcedAt(gpa uint64) bool {
+	i, found := slices.BinarySearchFunc(x.layout, gpa, func(s pageprot.Slot, a uint64) int {
+		switch {
+		case s.GPA+s.Size <= a:
+			return -1
+		case s.GPA > a:
+			return 1
+		}
+		return 0
+	})
+	return !found || x.layout[i].ReadOnly
 }
 
 func ownerOf(svc *pageprot.Service, f pageprot.Fault) pageprot.Owner {

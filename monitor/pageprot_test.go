@@ -413,3 +413,19 @@ func TestPageProtLockCannotBeLifted(t *testing.T) {
 		})
 	}
 }
+
+// TestPageProtClaimsOnlyItsExits: an exit inside RAM is page protection's only where
+// its layout has a read-only slot or a hole; elsewhere it is another feature's.
+func TestPageProtClaimsOnlyItsExits(t *testing.T) {
+	x := &pageProt{layout: []pageprot.Slot{
+		{ID: 0, GPA: 0, Size: 0x102000},
+		{ID: 1, GPA: 0x102000, Size: 0x1000, ReadOnly: true},
+		{ID: 2, GPA: 0x104000, Size: 0x100000},
+	}}
+	for gpa, want := range map[uint64]bool{0: false, 0x101fff: false, 0x102000: true, 0x102fff: true,
+		0x103000: true, 0x103fff: true, 0x104000: false, 0x203fff: false, 0x204000: true} {
+		if got := x.enforcedAt(gpa); got != want {
+			t.Errorf("enforcedAt(%#x) = %v, want %v", gpa, got, want)
+		}
+	}
+}
