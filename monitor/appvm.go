@@ -529,6 +529,10 @@ func (a *appVM) run(t *appThread) (appTrap, error) {
 			}
 			return appTrap{kind: trapException, vector: int(off / 8), errCode: a.get64(f), cr2: sregs.CR2}, nil
 		case !e.IsWrite && e.Addr >= DoorbellGPA && e.Addr < DoorbellGPA+PageSize && !inPriv:
+			// The load is pending: the caller completes it (CompleteMMIO) before
+			// the registers are saved or set again.
+			t.regs = *regs
+			t.fs, t.gs = sregs.FS, sregs.GS
 			return appTrap{kind: trapDoorbell, mmio: e}, nil
 		}
 		return appTrap{kind: trapFatal, mmio: e}, nil

@@ -308,7 +308,7 @@ func (v *VM) cloakHypercall(call Call, e *kvm.ExitMMIO) (ret uint64, deferred bo
 			c.audit(EventCloakViolation, map[string]any{"call": "CLOAK_RELEASE", "cpl": call.CPL, "rip": call.RIP, "why": "kernel only"})
 			return eperm, false, nil
 		}
-		c.release(call.Args[0] & cr3AddrMask)
+		c.release(call.Args[0]&cr3AddrMask, int(call.Args[1]&0xff))
 		return 0, false, nil
 	case call.CPL != 0 && call.Nr == appcontext.CallRegister && x == nil:
 		r := c.register(call, e)
@@ -370,8 +370,10 @@ func (c *cloaking) register(call Call, e *kvm.ExitMMIO) appcontext.Errno {
 	}
 	// Every present page of every region must be a frame of guest RAM that no
 	// cloaked page occupies.
+	// The stack below the caller's red zone is dead.
+	deadBelow := v.cpu.SyncedRegs().RSP - 128
 	c.mu.Lock()
-	_, err = c.presentPages(as, req.Regions)
+	_, err = c.presentPages(as, req.Regions, deadBelow)
 	c.mu.Unlock()
 	if err != nil {
 		return refuse(err)
@@ -422,7 +424,7 @@ func (c *cloaking) register(call Call, e *kvm.ExitMMIO) appcontext.Errno {
 	x, err := c.newApp(name, id, req, as)
 	if err == nil {
 		x.thread = appThread{regs: regs, fs: sregs.FS, gs: sregs.GS, xsave: xs}
-		err = c.adopt(x, as, req.Regions)
+		err = c.adopt(x, as, req.Regions, deadBelow)
 	}
 	c.mu.Unlock()
 	if err != nil {
@@ -600,7 +602,7 @@ func (c *cloaking) act(x *cloakApp, rax uint64, args [6]uint64) {
 
 // release handles CLOAK_RELEASE: the kernel is tearing down the process whose PML4
 // is at cr3.
-func (c *cloaking) release(cr3 uint64) {
+func (c *cloaking) release(cr3 uint64, status int) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	x := c.byCR3[cr3]
@@ -611,8 +613,9 @@ func (c *cloaking) release(cr3 uint64) {
 	if x.ended {
 		return
 	}
-	c.audit(EventCloakEnd, mergeDetails(x.describe(), map[string]any{"ended": "released", "why": "the guest kernel ended the process"}))
-	c.endApp(x, "released", "the guest kernel ended the process", -1)
+	why := fmt.Sprintf("the guest kernel ended the process (it reports status %d)", status)
+	c.audit(EventCloakEnd, mergeDetails(x.describe(), map[string]any{"ended": "released", "why": why, "status": status}))
+	c.endApp(x, "released", why, status)
 }
 
 func mergeDetails(a, b map[string]any) map[string]any {

@@ -352,3 +352,160 @@ func TestCloakAttacks(t *testing.T) {
 		killed(t, g, "forged hypercall", EventCloakViolation)
 	})
 }
+
+// TestCloakPreemption shows that a cloaked app that never makes a system call is
+// preempted on its time slice: the kernel keeps running other processes meanwhile.
+func TestCloakPreemption(t *testing.T) {
+	g := runCloakGuest(t, "run=cloakprobe:spin:200:cloak,counter:a:8:10,counter:b:8:10")
+	g.wantStatus(t, 0)
+	lines := strings.Split(g.out, "\n")
+	start, done := -1, -1
+	for i, l := range lines {
+		switch {
+		case strings.HasPrefix(l, "cloakprobe: spin start"):
+			start = i
+		case strings.HasPrefix(l, "cloakprobe: spin done"):
+			done = i
+		}
+	}
+	if start < 0 || done < start {
+		t.Fatalf("no spin start/done:\n%s", g.out)
+	}
+	during := 0
+	for _, l := range lines[start:done] {
+		if strings.HasPrefix(l, "counter ") {
+			during++
+		}
+	}
+	a := g.app(t, "cloakprobe")
+	if during < 2 || a.Preempted == 0 {
+		t.Fatalf("%d counter lines while the cloaked app computed, %d preemptions:\n%s", during, a.Preempted, g.out)
+	}
+	t.Logf("%d counter lines while the cloaked app computed; %d preemptions, %d appVM exits", during, a.Preempted, a.AppExits)
+}
+
+// TestCloakProbes runs one cloaked probe per behaviour, all at once in one guest.
+func TestCloakProbes(t *testing.T) {
+	modes := []string{"files", "enosys", "twice", "region", "refusals", "ud2", "segv", "resume"}
+	var run []string
+	for _, m := range modes {
+		run = append(run, "cloakprobe:"+m+":cloak")
+	}
+	g := runCloakGuest(t, "run="+strings.Join(run, ",")+",hello")
+	for _, want := range []string{
+		"cloakprobe: files: write=38 lseek=0 read=38 fstat=0 size=38 close=0 same=1",
+		"cloakprobe: enosys=-38",
+		"cloakprobe: twice=-114",
+		"cloakprobe: region: add-again=-16 munmap-cloaked=-16 remove-image=-22 remove=0 munmap=0",
+		"cloakprobe: refusals: overlap=-17", "cloakprobe: refusals: kernel-half=-34",
+		"cloakprobe: refusals: trampoline-in-region=-98", "cloakprobe: refusals: magic=-74",
+		"cloakprobe: refusals: unreadable-image=-14", "cloakprobe: refusals: done",
+		"hello: pid ",
+	} {
+		if !strings.Contains(g.out, want) {
+			t.Errorf("want %q in:\n%s", want, g.out)
+		}
+	}
+	for _, bad := range []string{"survived ud2", "segv load=", "resume="} {
+		if strings.Contains(g.out, bad) {
+			t.Errorf("%q: the probe went on after it should have ended", bad)
+		}
+	}
+	if len(g.res.CloakedApps) != len(modes) {
+		t.Fatalf("%d cloaked apps, want %d: %+v", len(g.res.CloakedApps), len(modes), g.res.CloakedApps)
+	}
+	// Apps register in some order; find each by how it ended.
+	ends := map[string]CloakedAppSummary{}
+	for _, a := range g.res.CloakedApps {
+		ends[a.Reason] = a
+	}
+	find := func(substr string) CloakedAppSummary {
+		for r, a := range ends {
+			if strings.Contains(r, substr) {
+				return a
+			}
+		}
+		t.Fatalf("no app ended with %q: %+v", substr, g.res.CloakedApps)
+		return CloakedAppSummary{}
+	}
+	if a := find("invalid opcode"); a.Ended != "killed" || a.Status != 128+4 {
+		t.Errorf("ud2: %+v", a)
+	}
+	if a := find("guest kernel ended the process"); a.Ended != "released" || a.Status != 128+11 {
+		t.Errorf("segv: %+v", a)
+	}
+	if a := find("out-of-order hypercall"); a.Ended != "killed" || a.Status != cloakKillStatus {
+		t.Errorf("resume: %+v", a)
+	}
+	denied := 0
+	for _, a := range g.res.CloakedApps {
+		denied += int(a.Denied)
+	}
+	if denied != 1 || len(g.audited(EventCloakSyscall)) != 1 {
+		t.Errorf("%d denied system calls, audit %v", denied, g.audited(EventCloakSyscall))
+	}
+	refused := 0
+	for _, d := range g.audited(EventCloakRegister) {
+		if d["allow"] == false {
+			refused++
+		}
+	}
+	if refused != 6 { // five bad requests and the second registration
+		t.Errorf("%d refused registrations audited, want 6", refused)
+	}
+	if len(g.audited(EventCloakEnd)) < 4 {
+		t.Errorf("cloak-end audit records: %v", g.audited(EventCloakEnd))
+	}
+}
+
+// TestCloakFourAppsAndSwap runs four cloaked apps (each its own keys) beside
+// uncloaked processes, and a cloaked 1 MiB working set under aggressive swapping:
+// every result is the one the same programs compute uncloaked.
+func TestCloakFourAppsAndSwap(t *testing.T) {
+	result := func(g *cloakRun, prefix string) []string {
+		var r []string
+		for _, l := range g.lines(prefix) {
+			if i := strings.Index(l, "result="); i >= 0 {
+				r = append(r, strings.TrimSuffix(l[i:], " cloaked"))
+			}
+		}
+		return r
+	}
+	plain := runCloakGuest(t, "run=cloakcompute:16:3,cloakcompute:24:2,counter:x:3:2")
+	plain.wantStatus(t, 0)
+	want := result(plain, "cloakcompute: ")
+	g := runCloakGuest(t, "run=cloakcompute:16:3:cloak,cloakcompute:24:2:cloak,cloaksecret:K1:cloak,cloakprobe:files:cloak,counter:x:3:2,hello")
+	g.wantStatus(t, 0)
+	if got := result(g, "cloakcompute: "); strings.Join(got, ",") != strings.Join(want, ",") || len(got) != 2 {
+		t.Fatalf("cloaked results %q, uncloaked %q", got, want)
+	}
+	if len(g.res.CloakedApps) != 4 {
+		t.Fatalf("cloaked apps: %+v", g.res.CloakedApps)
+	}
+	keys := map[string]bool{}
+	for _, a := range g.res.CloakedApps {
+		if a.Ended != "exited" || a.Status != 0 {
+			t.Errorf("app %+v", a)
+		}
+		keys[fmt.Sprintf("%s/%d", a.Identity, a.Instance)] = true
+	}
+	if len(keys) != 4 {
+		t.Errorf("apps share a key (identity and instance): %v", keys)
+	}
+
+	// 1 MiB: 128 heap pages, 128 cloaked mmap pages; swap=APP evicts all of them
+	// whenever the app computes without faulting for half a tick.
+	ref := runCloakGuest(t, "run=cloakcompute:128:3")
+	s := runCloakGuest(t, "run=cloakcompute:128:3:cloak,counter:x:3:2 swap=cloakcompute")
+	s.wantStatus(t, 0)
+	if a, b := result(ref, "cloakcompute: "), result(s, "cloakcompute: "); len(a) != 1 || strings.Join(a, "") != strings.Join(b, "") {
+		t.Fatalf("swapped cloaked result %q, uncloaked %q:\n%s", b, a, s.out)
+	}
+	st := s.procExit(t, "cloakcompute")
+	a := s.app(t, "cloakcompute")
+	if st.swapout < 2*256 || st.swapin < 256 || st.moved != st.swapin || a.ToCipher < 2*256 || a.ToPlain < 256 {
+		t.Fatalf("kernel %+v, monitor %+v: want every page evicted and faulted back more than once", st, a)
+	}
+	t.Logf("1 MiB under swap: %d evictions, %d swap-ins into other frames; %d encryptions, %d verified decryptions; %v wall (uncloaked without swap %v)",
+		st.swapout, st.swapin, a.ToCipher, a.ToPlain, s.wall, ref.wall)
+}

@@ -234,8 +234,12 @@ func (c *cloaking) checkMappings(x *cloakApp) {
 }
 
 // presentPages lists the present pages of regions in as: each must be a frame of
-// guest RAM that holds no cloaked page and appears once.
-func (c *cloaking) presentPages(as appcontext.AddressSpace, regions []appcontext.Region) ([][3]uint64, error) {
+// guest RAM that holds no cloaked page and appears once. A page the guest has paged
+// out (its last-level entry is not present but not empty either) has contents the
+// monitor cannot see, so it cannot be taken as the app's: that is EFAULT (touch it,
+// register again), except for stack pages below deadBelow, which the app no longer
+// uses (pages that never existed start as zeros when first touched).
+func (c *cloaking) presentPages(as appcontext.AddressSpace, regions []appcontext.Region, deadBelow uint64) ([][3]uint64, error) {
 	var out [][3]uint64 // va, frame, region index
 	seen := map[uint64]bool{}
 	for ri, r := range regions {
@@ -244,6 +248,9 @@ func (c *cloaking) presentPages(as appcontext.AddressSpace, regions []appcontext
 			if err != nil {
 				var f *appcontext.Fault
 				if errors.As(err, &f) && f.Kind == appcontext.FaultNotPresent {
+					if f.Level == 1 && f.Entry != 0 && !(r.Kind == appcontext.RegionStack && va+PageSize <= deadBelow) {
+						return nil, &appcontext.ABIError{Errno: appcontext.EFAULT, Field: fmt.Sprintf("regions[%d]", ri), Detail: fmt.Sprintf("page %#x is paged out (entry %#x): touch it and register again", va, f.Entry)}
+					}
 					// Skip what the missing level would have mapped.
 					span := uint64(PageSize) << (9 * uint(max(f.Level, 1)-1))
 					va = (va + span) &^ (span - 1)
@@ -272,8 +279,8 @@ func (c *cloaking) presentPages(as appcontext.AddressSpace, regions []appcontext
 
 // adopt takes the present pages of the app's regions into the plain state: their
 // contents are the app's from now on.
-func (c *cloaking) adopt(x *cloakApp, as appcontext.AddressSpace, regions []appcontext.Region) error {
-	pages, err := c.presentPages(as, regions)
+func (c *cloaking) adopt(x *cloakApp, as appcontext.AddressSpace, regions []appcontext.Region, deadBelow uint64) error {
+	pages, err := c.presentPages(as, regions, deadBelow)
 	if err != nil {
 		return err
 	}

@@ -360,15 +360,17 @@ func (c *cloaking) exitApp(x *cloakApp, status int, how string) {
 func (c *cloaking) appHypercall(x *cloakApp, e *kvm.ExitMMIO) {
 	v := c.v
 	regs := c.av.cpu.SyncedRegs()
-	if e.Addr != DoorbellGPA || e.Len != 8 {
-		v.counter.DoorbellViolations++
-		e.SetReadData(negErrno(errnoEINVAL))
-		return
-	}
-	v.counter.Hypercalls++
 	nr, a := regs.RAX, [6]uint64{regs.RDI, regs.RSI, regs.RDX, regs.R10, regs.R8, regs.R9}
 	ret := uint64(0)
+	if e.Addr != DoorbellGPA || e.Len != 8 {
+		v.counter.DoorbellViolations++
+		nr = ^uint64(0)
+	} else {
+		v.counter.Hypercalls++
+	}
 	switch nr {
+	case ^uint64(0):
+		ret = negErrno(errnoEINVAL)
 	case HypercallVersion:
 		ret = ABIMajor<<16 | ABIMinor
 	case HypercallConsoleWrite:
@@ -376,6 +378,9 @@ func (c *cloaking) appHypercall(x *cloakApp, e *kvm.ExitMMIO) {
 	case HypercallExit:
 		ret = negErrno(errnoEPERM)
 	case appcontext.CallRegister:
+		d := x.describe()
+		d["allow"], d["errno"], d["error"] = false, appcontext.EALREADY.Error(), "the caller is already cloaked"
+		c.audit(EventCloakRegister, d)
 		ret = negErrno(int(appcontext.EALREADY))
 	case appcontext.CallRegionAdd:
 		ret = c.regionAdd(x, a[0], a[1], a[2])
@@ -397,7 +402,13 @@ func (c *cloaking) appHypercall(x *cloakApp, e *kvm.ExitMMIO) {
 	default:
 		ret = negErrno(errnoENOSYS)
 	}
-	e.SetReadData(ret)
+	// Finish the load now, so the saved registers are the app's after the call
+	// (rax = the result, rip past the load) and the next entry may set them all.
+	if err := c.av.cpu.CompleteMMIO(ret); err != nil {
+		c.fatalLocked(err)
+		return
+	}
+	x.thread.regs = *c.av.cpu.SyncedRegs()
 }
 
 func (c *cloaking) appConsoleWrite(x *cloakApp, va, n uint64) uint64 {
@@ -430,7 +441,7 @@ func (c *cloaking) regionAdd(x *cloakApp, va, size, kind uint64) uint64 {
 		return uint64(appcontext.ErrnoOf(err).Result())
 	}
 	r, _, _ := x.layout.Lookup(va)
-	if _, err := c.presentPages(x.addressSpace(), []appcontext.Region{r}); err != nil {
+	if _, err := c.presentPages(x.addressSpace(), []appcontext.Region{r}, 0); err != nil {
 		x.layout.RemoveRegion(va, size)
 		return uint64(appcontext.ErrnoOf(err).Result())
 	}
@@ -438,7 +449,7 @@ func (c *cloaking) regionAdd(x *cloakApp, va, size, kind uint64) uint64 {
 		x.layout.RemoveRegion(va, size)
 		return uint64(appcontext.ErrnoOf(err).Result())
 	}
-	if err := c.adopt(x, x.addressSpace(), []appcontext.Region{r}); err != nil {
+	if err := c.adopt(x, x.addressSpace(), []appcontext.Region{r}, 0); err != nil {
 		c.fatalLocked(err)
 		return negErrno(errnoEINVAL)
 	}

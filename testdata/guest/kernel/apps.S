@@ -19,5 +19,6 @@ app_\name\()_end:
 	APP pp
 	APP cloaksecret
 	APP cloakcompute
+	APP cloakprobe
 
 	.section .note.GNU-stack, "", @progbits

@@ -2,7 +2,7 @@
  * Cloaking support in the guest kernel (docs/cloak.md). A cloaked app needs
  * nothing of the kernel beyond what any process gets: its trampoline runs
  * as ordinary user code. The one courtesy the kernel does the monitor is to
- * say when a process goes away (CLOAK_RELEASE), so a cloaked app the kernel
+ * say when a process goes away and with which status (CLOAK_RELEASE), so a cloaked app the kernel
  * ends itself (a fault it cannot serve, say) is scrubbed at once instead of
  * when its frames are touched again. A kernel that omits or fakes this call
  * can only end apps early, which it can anyway.
@@ -14,7 +14,7 @@
 void cloak_release(struct proc *p)
 {
 	if (p->pml4)
-		hypercall(CLOAK_RELEASE, p->pml4, 0);
+		hypercall(CLOAK_RELEASE, p->pml4, (u64)p->exit_status);
 }
 
 /*

@@ -97,7 +97,20 @@ long cloak_init(const char *name)
 	memcpy(request, &h, sizeof h);
 	memcpy(request + sizeof h, seg, sizeof seg[0] * (unsigned)nseg);
 	memcpy(request + sizeof h + sizeof seg[0] * (unsigned)nseg, reg, sizeof reg[0] * (unsigned)nreg);
-	return cloak_call(CLOAK_REGISTER, (long)request, 0, 0);
+	/* The kernel may page the image or the live stack out again before the
+	 * monitor measures and takes them (-EFAULT): bring them back and ask again,
+	 * a few times. */
+	long r = -EFAULT;
+	for (int try = 0; try < 8 && r == -EFAULT; try++) {
+		fault_in(image_start, (unsigned long)__cloak_data_start, 0);
+		fault_in((unsigned long)__cloak_data_start, image_end, 1);
+		fault_in((unsigned long)request, (unsigned long)request + sizeof request, 0);
+		unsigned long sp;
+		__asm__ volatile("mov %%rsp, %0" : "=r"(sp));
+		fault_in(PG_DOWN(sp) - PG, USER_STACK_TOP, 1);
+		r = cloak_call(CLOAK_REGISTER, (long)request, 0, 0);
+	}
+	return r;
 }
 
 void *cloak_mmap(unsigned long len)
