@@ -74,7 +74,9 @@ type pageProt struct {
 	pending pageprot.Plan
 	// layout is the slot layout in force, sorted by GPA.
 	layout []pageprot.Slot
-	stats   PageProtStats
+	// cloak is the cloaking layer once it has connected itself (connectPageProtCloak).
+	cloak pageProtCloak
+	stats PageProtStats
 }
 
 // installPageProt creates the VM's page-protection service and wires it into the
@@ -100,6 +102,7 @@ func (v *VM) installPageProt() error {
 		Policy:       x.policy,
 		Audit:        x,
 		BeforeApply:  x.beforeApply,
+		Cloaked:      x,
 	})
 	if err != nil {
 		return err
@@ -609,9 +612,36 @@ func ownerOf(svc *pageprot.Service, f pageprot.Fault) pageprot.Owner {
 	return pageprot.Owner{}
 }
 
-// kill ends the run, or (TODO(cloak)) only the cloaked app a kill names.
+// kill ends the run, or only the cloaked app a kill names once the cloaking layer is
+// connected (a nil error then: the VM runs on).
 func (x *pageProt) kill(rec pageprot.Record, owner pageprot.Owner, k *pageprot.Kill) error {
+	if k.App != 0 && x.cloak != nil {
+		return x.cloak.killApp(k.App, k.Reason)
+	}
 	return &PageProtViolationError{Record: rec, Owner: owner, Reason: k.Reason}
+}
+
+// pageProtCloak is what page protection needs from the cloaking layer: which virtual
+// pages are an app's cloaked pages (the only ones it may protect, enforced in its
+// shadow page tables through Service.Lookup) and how to end one app.
+type pageProtCloak interface {
+	pageprot.CloakedPages
+	// killApp ends cloaked app app (not the VM) for a page-protection kill; an error
+	// ends the run.
+	killApp(app uint64, reason string) error
+}
+
+// connectPageProtCloak connects the cloaking layer to page protection.
+func (v *VM) connectPageProtCloak(c pageProtCloak) {
+	if x := v.pageProtExt(); x != nil {
+		x.cloak = c
+	}
+}
+
+// IsCloaked implements pageprot.CloakedPages through the connected cloaking layer;
+// with none, no page is a cloaked page.
+func (x *pageProt) IsCloaked(app, va uint64) bool {
+	return x.cloak != nil && x.cloak.IsCloaked(app, va)
 }
 
 // carryOut performs the exit's access on guest RAM through the monitor's mapping: a

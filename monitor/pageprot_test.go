@@ -8,6 +8,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -429,3 +430,66 @@ func TestPageProtClaimsOnlyItsExits(t *testing.T) {
 		}
 	}
 }
+
+type fakeCloak struct {
+	pages  map[uint64]bool
+	killed []string
+}
+
+func (f *fakeCloak) IsCloaked(app, va uint64) bool { return app == 7 && f.pages[va&^(PageSize-1)] }
+func (f *fakeCloak) killApp(app uint64, reason string) error {
+	f.killed = append(f.killed, fmt.Sprintf("%d: %s", app, reason))
+	return nil
+}
+
+// TestPageProtCloakedAppHooks: once cloaking is connected, a cloaked app may protect
+// its cloaked pages (and nothing else), the shadow page tables see the rights through
+// Lookup, and a kill on its range ends the app through the cloaking layer, not the VM.
+func TestPageProtCloakedAppHooks(t *testing.T) {
+	requireKVM(t)
+	v, err := New(Config{Image: testELF(guestSpin, testLoad, 0), MemorySize: 4 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	fc := &fakeCloak{pages: map[uint64]bool{0x400000: true}}
+	v.connectPageProtCloak(fc)
+	x, svc := v.pageProtExt(), v.PageProt()
+	app := pageprot.Context{CPL: 3, AddressSpace: 0x5000, App: 7}
+	mem := &fakeBatchMem{}
+	call := func(es ...pageprot.Entry) int64 {
+		mem.b = pageprot.EncodeBatch(es)
+		return svc.Call(context.Background(), app, mem, pageprot.CallSet, [6]uint64{0x1000, uint64(len(mem.b))}).Value
+	}
+	if r := call(ppEntry(0x401000, 1, pageprot.DenyWrite, pageprot.ActionKill, 0)); r != pageprot.EPERM.Result() {
+		t.Fatalf("protecting a page that is not cloaked: %d", r)
+	}
+	if r := call(ppEntry(0x400000, 1, pageprot.DenyWrite|pageprot.DenyExec, pageprot.ActionKill, 0)); r < 0 {
+		t.Fatalf("protecting a cloaked page with deny-exec: %d", r)
+	}
+	if e, ok := svc.Lookup(pageprot.Space(7), 0x400123); !ok || e.Deny != pageprot.DenyWrite|pageprot.DenyExec {
+		t.Fatalf("Lookup for the shadow tables: %+v %v", e, ok)
+	}
+	out := svc.Violation(context.Background(), pageprot.Fault{Space: pageprot.Space(7), Addr: 0x400010, Access: pageprot.AccessWrite, Context: app})
+	if out.Kill == nil || out.Kill.App != 7 {
+		t.Fatalf("outcome %+v", out)
+	}
+	if err := x.kill(out.Record, pageprot.Owner{Kind: pageprot.OwnerApp, ID: 7}, out.Kill); err != nil || len(fc.killed) != 1 {
+		t.Fatalf("kill of an app range: err %v, cloaking told %q", err, fc.killed)
+	}
+}
+
+// fakeBatchMem serves one batch at 0x1000 (an app's memory, for the Service).
+type fakeBatchMem struct{ b []byte }
+
+func (m *fakeBatchMem) Translate(uint64) (pageprot.Mapping, error) {
+	return pageprot.Mapping{}, errors.New("not used")
+}
+func (m *fakeBatchMem) Read(gva uint64, p []byte) error {
+	if gva != 0x1000 || len(p) > len(m.b) {
+		return errors.New("outside the batch")
+	}
+	copy(p, m.b)
+	return nil
+}
+func (m *fakeBatchMem) Write(uint64, []byte) error { return nil }
