@@ -303,7 +303,10 @@ func (x *pageProt) policy(ctx context.Context, req pageprot.Request) pageprot.De
 	case pageprot.OwnerKernel:
 		app.Name = "guest-kernel"
 	case pageprot.OwnerApp:
-		app.Name = "cloaked-app" // TODO(cloak): the registered app's name and measurement
+		if x.cloak == nil {
+			return pageprot.Decision{Allow: false, Reason: "no cloaking layer knows app identities"}
+		}
+		app = x.cloak.appPolicy(req.Owner.ID)
 	}
 	// One decision per protection asked for in the batch.
 	byProt := map[string][]policy.Range{}
@@ -629,6 +632,9 @@ type pageProtCloak interface {
 	// killApp ends cloaked app app (not the VM) for a page-protection kill; an error
 	// ends the run.
 	killApp(app uint64, reason string) error
+	// appPolicy is the app's identity for the policy input (registered name and
+	// measurement).
+	appPolicy(app uint64) policy.App
 }
 
 // connectPageProtCloak connects the cloaking layer to page protection.

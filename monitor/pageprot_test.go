@@ -13,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/umbra-cc/umbra/pageprot"
+	"github.com/umbra-cc/umbra/policy"
 )
 
 // guestPageProt (sources in the comment; GNU as). Memory: code at 0x100000; batch 1
@@ -437,6 +438,9 @@ type fakeCloak struct {
 }
 
 func (f *fakeCloak) IsCloaked(app, va uint64) bool { return app == 7 && f.pages[va&^(PageSize-1)] }
+func (f *fakeCloak) appPolicy(uint64) policy.App {
+	return policy.App{Name: "app7", Measurement: strings.Repeat("7", 64)}
+}
 func (f *fakeCloak) killApp(app uint64, reason string) error {
 	f.killed = append(f.killed, fmt.Sprintf("%d: %s", app, reason))
 	return nil
