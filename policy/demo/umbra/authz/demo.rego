@@ -29,6 +29,15 @@ deny contains {"code": "snapshot.not_allowed", "message": "the demo policy refus
 deny contains {"code": "cloak.app_not_listed", "message": sprintf("application %q is not the demo app", [input.request.app.name]), "rule": "demo.rego:cloak"} if {
 	input.action in {"cloak_register", "pageprot_change"}
 	input.request.app.measurement != demo_app
+	not guest_of_this_image
+}
+
+# The VM's own guest kernel and processes (the monitor names them and measures them
+# as the launched image) may protect their own memory, e.g. lock kernel text.
+guest_of_this_image if {
+	input.action == "pageprot_change"
+	input.request.app.name in {"guest-kernel", "guest-process"}
+	input.request.app.measurement == input.vm.spec.image
 }
 
 deny contains {"code": "pageprot.not_own_memory", "message": "page protection only on the app's own memory", "rule": "demo.rego:pageprot"} if {
