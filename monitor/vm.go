@@ -489,6 +489,7 @@ func (r vcpuVirtReader) readVirt(gva uint64, buf []byte, user bool) error {
 		}
 		as.Mem = cloakGuardedMem{c: c, cpl: s.CPL(), cr3: as.CR3}
 	}
+	as.Mem = r.v.withPageProt(as.Mem)
 	if err := as.Read(gva, buf, acc); err != nil {
 		return fmt.Errorf("%w: %w", errGuestFault, err)
 	}
