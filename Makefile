@@ -45,5 +45,14 @@ deps:
 test: deps fmt-check guest-check vet policy-test
 	UMBRA_REQUIRE_KVM=1 UMBRA_REQUIRE_SWTPM=1 $(GO) test -timeout 15m -count=1 ./...
 
+# Run every fuzz target for FUZZTIME each (their seed corpora also run in make test).
+FUZZTIME ?= 10s
+fuzz-smoke:
+	@set -e; for t in $$(grep -rl --include='*_test.go' '^func Fuzz' . | xargs grep -h -o '^func Fuzz[A-Za-z0-9_]*' /dev/null | sort -u | sed 's/func //'); do \
+		pkg=$$(grep -rl --include='*_test.go' "^func $$t(" . | head -1 | xargs dirname); \
+		echo "fuzz $$pkg $$t"; \
+		$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 2s $$pkg >/dev/null; \
+	done
+
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 2000x ./...
