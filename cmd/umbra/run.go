@@ -204,6 +204,9 @@ func reportRun(env *cliEnv, name string, rep *monitor.LaunchReport, err error, j
 	} else if rep != nil && rep.Result != nil {
 		fmt.Fprintf(env.stderr, "umbra: VM %s: %s\n", name, rep.Result.Reason)
 	}
+	if rep != nil && rep.Result != nil {
+		reportCloakedApps(env, rep.Result.CloakedApps)
+	}
 	return code
 }
 
@@ -244,4 +247,19 @@ func writeEvidence(path string, rep *monitor.LaunchReport) error {
 		return fmt.Errorf("write evidence: %w", err)
 	}
 	return nil
+}
+
+// reportCloakedApps lists each cloaked app: identity, pages, transitions, how it ended.
+func reportCloakedApps(env *cliEnv, apps []monitor.CloakedAppSummary) {
+	for _, a := range apps {
+		ended := a.Ended
+		if a.Ended == "exited" || a.Ended == "killed" {
+			ended = fmt.Sprintf("%s (status %d)", a.Ended, a.Status)
+		}
+		if a.Reason != "" {
+			ended += ": " + a.Reason
+		}
+		fmt.Fprintf(env.stderr, "umbra: cloaked app %d %s identity %.16s… pages %d, to-cipher %d, to-plain %d, syscalls %d, faults %d, preemptions %d; %s\n",
+			a.Seq, a.Name, a.Identity, a.Pages, a.ToCipher, a.ToPlain, a.Syscalls, a.Faults, a.Preempted, ended)
+	}
 }
