@@ -12,6 +12,7 @@ package monitor
 import (
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -41,6 +42,19 @@ type needFaultError struct {
 
 func (e *needFaultError) Error() string {
 	return fmt.Sprintf("page %#x is not mapped (write %v)", e.va, e.write)
+}
+
+// materialize makes sure the frame exists in guest RAM's memfd, with a write through
+// the monitor's own mapping. A frame the guest never wrote can be a hole in the
+// memfd: a system access to a hole is a missing-page fault, which MINOR mode does
+// not report, so a plain page there would reach the kernel without a transition.
+// (Zero-filling, decrypting and scrubbing write the frame and need no help.)
+func (c *cloaking) materialize(gpa uint64) {
+	b, err := c.v.mem.Slice(gpa, 4)
+	if err != nil {
+		return
+	}
+	atomic.AddUint32((*uint32)(unsafe.Pointer(&b[0])), 0)
 }
 
 // zapSys drops the system VM's host mapping of a frame: its next access faults.
@@ -294,6 +308,7 @@ func (c *cloaking) adopt(x *cloakApp, as appcontext.AddressSpace, regions []appc
 		if err := c.zapSys(frame); err != nil {
 			return err
 		}
+		c.materialize(frame)
 		if err := x.sm.AddPage(id, frame); err != nil {
 			return err
 		}

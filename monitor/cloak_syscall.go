@@ -91,6 +91,7 @@ func (c *cloaking) serveFault(x *cloakApp, acc appcontext.Access) {
 	}
 	switch st {
 	case accOK:
+		c.faultAround(x, p.va)
 		c.resumeApp(x)
 	case accNeedFault:
 		if p.retries >= maxForwardRetries {
@@ -107,6 +108,36 @@ func (c *cloaking) serveFault(x *cloakApp, acc appcontext.Access) {
 		c.integrityKill(x, p.va, err)
 	default:
 		c.crash(x, fmt.Sprintf("page fault at %#x rip %#x: %v", p.va, x.thread.regs.RIP, err), 128+11)
+	}
+}
+
+// faultAroundPages is the aligned block of pages an app page fault resolves at once.
+const faultAroundPages = 16
+
+// faultAround resolves, after a page fault at va, the other pages of va's aligned
+// block in the same cloaked region that the guest maps and the monitor holds as
+// ciphertext: one appVM exit then pays for several app-view transitions (as Linux's
+// fault-around does for page-cache pages). A page that does not verify is left
+// alone: the app is ended only if it touches it.
+func (c *cloaking) faultAround(x *cloakApp, va uint64) {
+	r, res, ok := x.layout.Lookup(va)
+	if !ok {
+		return
+	}
+	block := uint64(faultAroundPages * PageSize)
+	lo, hi := max(va&^(block-1), r.VA), min((va&^(block-1))+block, r.End())
+	for p := lo; p < hi && !x.ended; p += PageSize {
+		if p == va&^(PageSize-1) {
+			continue
+		}
+		if _, ok := x.mapped[p]; ok {
+			continue
+		}
+		info, tracked := x.sm.Page(shadowmem.PageID{Resource: res, Index: uint32((p - r.VA) / PageSize)})
+		if !tracked || info.State != shadowmem.Cipher {
+			continue
+		}
+		c.appAccess(x, p, appcontext.UserRead, true)
 	}
 }
 

@@ -4,6 +4,7 @@
  *
  *   spin:N      N million iterations of pure computation (no system calls):
  *               only a time slice can take the CPU from it
+ *   getpid:N    N getpid calls; prints the time per call (for benchmarks)
  *   files       openat/write/lseek/read/fstat/close of a file in /tmp, with
  *               every buffer in cloaked memory
  *   enosys      a system call the monitor does not forward
@@ -110,6 +111,13 @@ int main(int argc, char **argv)
 		printf("cloakprobe: spin start\n");
 		u64 x = spin(n);
 		printf("cloakprobe: spin done x=0x%lx\n", x);
+	} else if (!strcmp(mode, "getpid")) {
+		long n = argc > 2 ? atol(argv[2]) : 100;
+		u64 t0 = now_ns();
+		for (long i = 0; i < n; i++)
+			sys_getpid();
+		u64 t1 = now_ns();
+		printf("cloakprobe: getpid n=%ld ns=%lu\n", n, (t1 - t0) / (u64)n);
 	} else if (!strcmp(mode, "files")) {
 		return files();
 	} else if (!strcmp(mode, "enosys")) {
