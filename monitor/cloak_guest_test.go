@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/umbra-cc/umbra/guestimage"
+	"github.com/umbra-cc/umbra/policy"
 )
 
 type auditRec struct {
@@ -508,4 +509,49 @@ func TestCloakFourAppsAndSwap(t *testing.T) {
 	}
 	t.Logf("1 MiB under swap: %d evictions, %d swap-ins into other frames; %d encryptions, %d verified decryptions; %v wall (uncloaked without swap %v)",
 		st.swapout, st.swapin, a.ToCipher, a.ToPlain, s.wall, ref.wall)
+}
+
+// TestCloakRegistrationPolicy: the policy decides which images may be cloaked, by
+// their measured identity; a refused app learns it as -EACCES and runs uncloaked.
+func TestCloakRegistrationPolicy(t *testing.T) {
+	requireGuestKVM(t)
+	id := runCloakGuest(t, "run=cloaksecret:x:cloak").app(t, "cloaksecret").Identity
+	env := newGuardEnv(t, hostA, wed10)
+	env.engine.Activate(writePolicy(t, `
+default decision := {"allow": false, "deny": [{"code": "cloak.unknown_image", "message": "image not approved for cloaking"}]}
+decision := {"allow": true} if input.action != "cloak_register"
+decision := {"allow": true} if {
+	input.action == "cloak_register"
+	input.request.app.measurement == "`+id+`"
+}`))
+	var console lockedBuffer
+	res, err := Run(context.Background(), Config{
+		Image: guestimage.Image(), MemorySize: 64 << 20, Cmdline: "run=cloaksecret:x:cloak,cloakprobe:files:cloak",
+		Console: &console, Timeout: 20 * time.Second,
+		Hooks: &Hooks{Guard: env.guard, VM: financeVM},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := console.String()
+	if !strings.Contains(out, "cloaksecret: cloaked") || !strings.Contains(out, "cloakprobe: cloak_init=-13") {
+		t.Fatalf("want cloaksecret cloaked and cloakprobe refused with -EACCES:\n%s", out)
+	}
+	if len(res.CloakedApps) != 1 || res.CloakedApps[0].Identity != id {
+		t.Fatalf("cloaked apps %+v", res.CloakedApps)
+	}
+	var allowed, denied int
+	for _, r := range env.audit.all() {
+		if r.Action != string(policy.ActionCloakRegister) {
+			continue
+		}
+		if r.Allow {
+			allowed++
+		} else {
+			denied++
+		}
+	}
+	if allowed != 1 || denied != 1 {
+		t.Fatalf("policy decisions on cloak_register: %d allowed, %d denied; want 1 and 1", allowed, denied)
+	}
 }

@@ -72,6 +72,9 @@ func (x *cloakApp) unmapVA(va uint64) {
 	if x.shadow != nil {
 		x.shadow.unmapPage(va)
 	}
+	if x.c.av == nil {
+		return
+	}
 	if err := x.c.av.invalidate(m.gpa); err != nil {
 		x.c.fatalLocked(fmt.Errorf("cloak: invalidate appVM mapping of %#x: %w", m.gpa, err))
 	}
