@@ -22,6 +22,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"log/slog"
 	"sync"
 	"time"
 
@@ -548,7 +549,9 @@ func (c *cloaking) resume(x *cloakApp, call Call, e *kvm.ExitMMIO) (uint64, bool
 		return appcontext.SysExitGroup, false, c.exitNowLocked(x)
 	}
 	c.parked = e
-	c.v.log.Debug("cloak: resume", "app", x.seq, "pending", x.pending.kind, "stage", x.pending.stage, "rdi", call.Args[0])
+	if c.v.log.Enabled(c.ctx(), slog.LevelDebug) {
+		c.v.log.Debug("cloak: resume", "app", x.seq, "pending", x.pending.kind, "stage", x.pending.stage, "rdi", call.Args[0])
+	}
 	c.checkMappings(x)
 	switch x.pending.kind {
 	case pendNone:
@@ -591,7 +594,9 @@ func (c *cloaking) setSysAction(rax uint64, args [6]uint64) {
 // act ends the app's turn in appVM: the trampoline, stopped at its CLOAK_RESUME,
 // receives rax (a system call number or trampPark/trampTouch) with the arguments.
 func (c *cloaking) act(x *cloakApp, rax uint64, args [6]uint64) {
-	c.v.log.Debug("cloak: to kernel", "app", x.seq, "rax", int64(rax), "rdi", args[0], "rsi", args[1])
+	if c.v.log.Enabled(c.ctx(), slog.LevelDebug) {
+		c.v.log.Debug("cloak: to kernel", "app", x.seq, "rax", int64(rax), "rdi", args[0], "rsi", args[1])
+	}
 	c.setSysAction(rax, args)
 	c.parked.SetReadData(rax)
 	c.parked = nil

@@ -58,7 +58,7 @@ var benchAppLoop = []byte{
 }
 
 const (
-	benchFrames = 0x800000  // the 64 pages' frames
+	benchFrames = 0x800000   // the 64 pages' frames
 	benchVA     = 0x10000000 // their address in the app
 )
 
