@@ -383,6 +383,12 @@ func (c *cloaking) register(call Call, e *kvm.ExitMMIO) appcontext.Errno {
 	if err != nil {
 		return refuse(err)
 	}
+	// appVM and the userfaultfd come with the first registration; a host that
+	// cannot give them cannot cloak: the app learns it and may run uncloaked.
+	if err := c.ensureInfrastructure(); err != nil {
+		v.log.Error("cloak: cannot cloak on this host", "err", err)
+		return refuse(&appcontext.ABIError{Errno: appcontext.EOPNOTSUPP, Field: "host", Err: err})
+	}
 	idHex := hex.EncodeToString(id[:])
 	name := req.Name
 	if name == "" {
@@ -413,10 +419,6 @@ func (c *cloaking) register(call Call, e *kvm.ExitMMIO) appcontext.Errno {
 	regs := *v.cpu.SyncedRegs()
 	xs, err := v.cpu.XSAVE()
 	if err != nil {
-		c.setFatal(err)
-		return appcontext.EINVAL
-	}
-	if err := c.ensureInfrastructure(); err != nil {
 		c.setFatal(err)
 		return appcontext.EINVAL
 	}
