@@ -279,7 +279,7 @@ func (x *cloakApp) describe() map[string]any {
 
 // addressSpace is the app's guest address space as the monitor walks it.
 func (x *cloakApp) addressSpace() appcontext.AddressSpace {
-	return appcontext.AddressSpace{Mem: x.c.v.mem, CR3: x.cr3, Paging: x.paging}
+	return appcontext.AddressSpace{Mem: guestPhys{x.c.v.mem}, CR3: x.cr3, Paging: x.paging}
 }
 
 // cloaked reports whether [va, va+size) touches the app's cloaked regions.
@@ -353,7 +353,7 @@ func (c *cloaking) register(call Call, e *kvm.ExitMMIO) appcontext.Errno {
 	v := c.v
 	sregs := *v.cpu.SyncedSregs()
 	as := appcontext.AddressSpace{
-		Mem: v.mem, CR3: call.CR3 & cr3AddrMask,
+		Mem: guestPhys{v.mem}, CR3: call.CR3 & cr3AddrMask,
 		Paging: appcontext.Paging{MaxPhysAddr: v.maxPhysAddr, NXE: sregs.EFER&eferNXE != 0, WP: sregs.CR0&cr0WP != 0},
 	}
 	refuse := func(err error) appcontext.Errno {

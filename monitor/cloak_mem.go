@@ -10,6 +10,7 @@ package monitor
 // never in a shadow table as a cloaked page.
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"sync/atomic"
@@ -238,7 +239,7 @@ func (c *cloaking) installLocked(x *cloakApp, page, frame uint64, writable, noEx
 // app was parked); the app's next access resolves it again, which detects a page
 // moved to a frame that does not hold its ciphertext.
 func (c *cloaking) checkMappings(x *cloakApp) {
-	mem := x.c.v.mem
+	mem := guestPhys{x.c.v.mem}
 	for va, m := range x.mapped {
 		c.stats.ResumeChecks++
 		t, err := x.paging.Walk(mem, x.cr3, va, appcontext.UserRead)
@@ -363,7 +364,7 @@ func (c *cloaking) copySys(x *cloakApp, va uint64, buf []byte, write bool) error
 	}
 	for len(buf) > 0 {
 		n := min(uint64(len(buf)), PageSize-va%PageSize)
-		t, err := x.paging.Walk(c.v.mem, x.cr3, va, acc)
+		t, err := x.paging.Walk(guestPhys{c.v.mem}, x.cr3, va, acc)
 		if err != nil {
 			var f *appcontext.Fault
 			if errors.As(err, &f) && f.Kind == appcontext.FaultNotPresent {
@@ -519,4 +520,17 @@ func (m cloakGuardedMem) ReadPhys(gpa uint64, buf []byte) error {
 	}
 	c.mu.Unlock()
 	return c.v.mem.ReadPhys(gpa, buf)
+}
+
+// guestPhys gives the page walker guest RAM with its 8-byte fast path (every app
+// fault, every resume check and the registration survey walk the guest's tables).
+type guestPhys struct{ m *GuestMemory }
+
+func (g guestPhys) ReadPhys(gpa uint64, buf []byte) error { return g.m.ReadPhys(gpa, buf) }
+
+func (g guestPhys) ReadPhysUint64(gpa uint64) (uint64, error) {
+	if gpa > g.m.size || g.m.size-gpa < 8 {
+		return 0, fmt.Errorf("%w: [%#x, +8) with %#x bytes of RAM", ErrOutsideRAM, gpa, g.m.size)
+	}
+	return binary.LittleEndian.Uint64(g.m.monitor[gpa:]), nil
 }
