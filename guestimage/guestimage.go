@@ -10,8 +10,9 @@ import _ "embed"
 var image []byte
 
 // DemoCmdline is the command line `umbra run` uses for its built-in demo:
-// four processes that print under preemption and all exit 0.
-const DemoCmdline = "run=hello:umbra:demo,counter:a:4:3,counter:b:4:3,compute:4:3"
+// four processes that print under preemption, one of them cloaked (its memory and
+// registers hidden from the guest kernel), and all exit 0.
+const DemoCmdline = "run=hello:umbra:demo,counter:a:4:3,counter:b:4:3,cloakcompute:4:3:cloak"
 
 // Image returns a copy of the test guest's ELF image (boot protocol in
 // docs/boot.md, command line in testdata/guest/README.md).

@@ -8,6 +8,7 @@ import (
 
 	"github.com/umbra-cc/umbra/appcontext"
 	"github.com/umbra-cc/umbra/guestimage"
+	"github.com/umbra-cc/umbra/policy"
 )
 
 // TestCloakIdentityComputedOffline: the identity an administrator computes from the app
@@ -41,5 +42,21 @@ func TestCloakIdentityComputedOffline(t *testing.T) {
 	}
 	if _, err := appcontext.ImageIdentity(apps["hello"]); err == nil {
 		t.Fatal("an app without the cloaking shim got an identity")
+	}
+}
+
+// TestDemoPolicyListsTheDemoCloakedApp: the built-in demo policy lets exactly the
+// demo's cloaked app cloak; rebuilding the guest must keep the two in step.
+func TestDemoPolicyListsTheDemoCloakedApp(t *testing.T) {
+	apps, err := guestimage.Apps(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := appcontext.ImageIdentity(apps["cloakcompute"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := hex.EncodeToString(id[:]); got != policy.DemoAppMeasurement {
+		t.Fatalf("cloakcompute's identity is %s but the demo policy lists %s: update policy/demo.go and policy/demo/umbra/authz/demo.rego", got, policy.DemoAppMeasurement)
 	}
 }

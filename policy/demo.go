@@ -10,10 +10,11 @@ import (
 var demoFS embed.FS
 
 // DemoVMID is the VM id the demo policy allows; DemoAppMeasurement is the one
-// application identity it lets cloak.
+// application identity it lets cloak: the test guest's cloakcompute app (`umbra cloak
+// identity cloakcompute`; a test in monitor keeps them equal).
 const (
 	DemoVMID           = "demo"
-	DemoAppMeasurement = "d3d0a5b1e1c1a0f7a1b2c3d4e5f60718293a4b5c6d7e8f90112233445566778f"
+	DemoAppMeasurement = "0b60ebead71619a604a0a952db917a48435a3d0ab354e33e42ab92ccd8d71143"
 )
 
 // DemoPolicy compiles the built-in demo policy that `umbra run` uses when it is

@@ -7,7 +7,7 @@
 #   made both ways and audited. Copy it as a starting point, never ship it.
 package umbra.authz
 
-demo_app := "d3d0a5b1e1c1a0f7a1b2c3d4e5f60718293a4b5c6d7e8f90112233445566778f"
+demo_app := "0b60ebead71619a604a0a952db917a48435a3d0ab354e33e42ab92ccd8d71143"
 
 allowed_actions := {"launch", "resume", "modify_spec", "console_open", "cloak_register", "pageprot_change", "delete"}
 
