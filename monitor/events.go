@@ -28,7 +28,8 @@ type Hooks struct {
 	Audit func(ctx context.Context, kind string, details any) error
 	// Measure extends the measured-launch PCR with an event (cloak registrations and
 	// page-protection locks) and appends it to the event log; an error refuses the
-	// action.
+	// action. For EventCloakRegister, data is the app identity, which is recorded as
+	// the measured value itself.
 	Measure func(ctx context.Context, kind, description string, data []byte) error
 }
 

@@ -70,8 +70,12 @@ func journey(t *testing.T, tpm string) {
 	keyID := strings.Fields(out)[2]
 	policyDir := at(admin, "policy")
 	copyTree(t, "../../testdata/e2e/policy", policyDir)
+	// The payroll app is cloaked inside the VM: the administrator lists its identity,
+	// computed from the binary before it ever runs.
+	out, _ = mustRun(0, "cloak", "identity", "cloakcompute")
+	appID := strings.Fields(out)[0]
 	writeJSON(t, filepath.Join(policyDir, "umbra", "payroll", "data.json"), map[string]any{
-		"operators": []string{operator.ID}, "hosts": []string{fingerprint},
+		"operators": []string{operator.ID}, "hosts": []string{fingerprint}, "cloak_apps": []string{appID},
 	})
 	mustRun(0, "policy", "test", policyDir)
 	mustRun(0, "policy", "build", policyDir, "--signing-key", at(admin, "admin.pem"), "--key-id", keyID, "-o", at(admin, "policy.tar.gz"))
@@ -101,7 +105,8 @@ func journey(t *testing.T, tpm string) {
 	rand.Read(nonceBytes)
 	nonce := hex.EncodeToString(nonceBytes)
 	out, errs = mustRun(0, append(append([]string{"run"}, hostFlags...), "--attest-nonce", nonce, "--evidence", at(host, "evidence.json"), at(host, "payroll.umbra"))...)
-	if !strings.Contains(out, "hello: pid 1 argc 3 payroll run") || !strings.Contains(errs, "allowed launch of VM payroll") {
+	if !strings.Contains(out, "hello: pid 1 argc 3 payroll run") || !strings.Contains(errs, "allowed launch of VM payroll") ||
+		!strings.Contains(errs, "cloaked app 1 cloakcompute identity "+appID[:16]) || !strings.Contains(errs, "exited (status 0)") {
 		t.Fatalf("sealed VM did not run as sealed:\nstdout:\n%s\nstderr:\n%s", out, errs)
 	}
 
@@ -131,7 +136,12 @@ measurements:
     expected: %s
   - type: launch-complete
     any: true
-`, fingerprint, hex.EncodeToString(self[:]), sum(guestimage.Image()), sum([]byte("run=hello:payroll:run,compute:4:3")), sum(spec), sum(pol))
+  - type: cloak-register
+    expected: %s
+  - type: pageprot-lock
+    optional: true
+    any: true
+`, fingerprint, hex.EncodeToString(self[:]), sum(guestimage.Image()), sum([]byte("run=hello:payroll:run,cloakcompute:4:3:cloak")), sum(spec), sum(pol), appID)
 	if err := os.WriteFile(at(dir, "ref.yaml"), []byte(ref), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -149,7 +159,7 @@ measurements:
 		t.Fatalf("audit verify:\n%s", out)
 	}
 	out, _ = mustRun(0, "audit", "show", auditLog, "--json")
-	var refused, allowed, launched, stopped bool
+	var refused, allowed, launched, stopped, cloaked bool
 	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
 		var rec struct {
 			Kind    string          `json:"kind"`
@@ -172,10 +182,12 @@ measurements:
 			launched = true
 		case rec.Kind == "stop":
 			stopped = true
+		case rec.Kind == "cloak-register":
+			cloaked = true
 		}
 	}
-	if !refused || !allowed || !launched || !stopped {
-		t.Fatalf("audit log lacks the journey (refused %v, allowed %v, launched %v, stopped %v):\n%s", refused, allowed, launched, stopped, out)
+	if !refused || !allowed || !launched || !stopped || !cloaked {
+		t.Fatalf("audit log lacks the journey (refused %v, allowed %v, launched %v, stopped %v, cloaked %v):\n%s", refused, allowed, launched, stopped, cloaked, out)
 	}
 	// Tampering with one audit record is detected and named.
 	raw, _ := os.ReadFile(auditLog)

@@ -253,7 +253,7 @@ func writeEvidence(path string, rep *monitor.LaunchReport) error {
 func reportCloakedApps(env *cliEnv, apps []monitor.CloakedAppSummary) {
 	for _, a := range apps {
 		ended := a.Ended
-		if a.Ended == "exited" || a.Ended == "killed" {
+		if a.Ended == "exited" || a.Ended == "killed" || a.Ended == "released" {
 			ended = fmt.Sprintf("%s (status %d)", a.Ended, a.Status)
 		}
 		if a.Reason != "" {
