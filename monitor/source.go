@@ -49,7 +49,7 @@ func (s *LaunchSource) Wipe() {
 func (s *LaunchSource) Config() Config {
 	mem, _ := s.Spec.MemoryBytes()
 	timeout, _ := s.Spec.TimeoutDuration()
-	return Config{Image: s.Image, MemorySize: mem, Cmdline: s.Spec.Guest.Cmdline, Timeout: timeout}
+	return Config{Image: s.Image, MemorySize: mem, Cmdline: s.Spec.Guest.Cmdline, Timeout: timeout, CloakSecret: s.CloakSecret}
 }
 
 // DemoSource is the built-in demo: the test guest running its demo programs under
