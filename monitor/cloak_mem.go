@@ -507,19 +507,37 @@ type cloakGuardedMem struct {
 }
 
 func (m cloakGuardedMem) ReadPhys(gpa uint64, buf []byte) error {
-	c := m.c
+	if err := m.c.refusePlain(gpa, uint64(len(buf)), m.cpl, m.cr3); err != nil {
+		return err
+	}
+	return m.c.v.mem.ReadPhys(gpa, buf)
+}
+
+// refusePlain refuses (and audits) a system-VM hypercall's access to [gpa, gpa+n) if a
+// frame there holds a cloaked page's plaintext.
+func (c *cloaking) refusePlain(gpa, n uint64, cpl uint8, cr3 uint64) error {
 	c.mu.Lock()
-	for p := gpa &^ (PageSize - 1); p < gpa+uint64(len(buf)); p += PageSize {
+	defer c.mu.Unlock()
+	for p := gpa &^ (PageSize - 1); p < gpa+n; p += PageSize {
 		if o, ok := c.plain[p]; ok {
 			d := o.app.describe()
-			d["why"], d["cpl"], d["cr3"], d["frame"] = "hypercall buffer in a frame holding cloaked plaintext", m.cpl, m.cr3, p
+			d["why"], d["cpl"], d["cr3"], d["frame"] = "hypercall buffer in a frame holding cloaked plaintext", cpl, cr3, p
 			c.audit(EventCloakViolation, d)
-			c.mu.Unlock()
 			return errCloakedBuffer
 		}
 	}
-	c.mu.Unlock()
-	return c.v.mem.ReadPhys(gpa, buf)
+	return nil
+}
+
+// sealForSystem encrypts the cloaked plaintext in the frames of [gpa, gpa+n) before
+// the monitor carries out a system-VM access there itself (an emulated access to a
+// protected frame): the system view of a cloaked page is its ciphertext.
+func (c *cloaking) sealForSystem(gpa, n uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for p := gpa &^ (PageSize - 1); p < gpa+n; p += PageSize {
+		c.encryptLocked(p)
+	}
 }
 
 // guestPhys gives the page walker guest RAM with its 8-byte fast path (every app

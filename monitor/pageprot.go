@@ -153,9 +153,12 @@ func (x *pageProt) caller(s *kvm.Sregs) pageprot.Context {
 
 const cr3AddrMask = 0x000f_ffff_ffff_f000
 
-// space returns the address space the vCPU runs in.
+// space returns the address space the system VM's vCPU runs in. Once cloaking has
+// started, walks and reads through it never reach a frame holding a cloaked app's
+// plaintext (cloakGuardedMem): the monitor reads nothing of a cloaked app for the
+// kernel or another process.
 func (x *pageProt) space(s *kvm.Sregs) appcontext.AddressSpace {
-	return appcontext.AddressSpace{
+	as := appcontext.AddressSpace{
 		Mem: x.v.mem,
 		CR3: s.CR3 & cr3AddrMask,
 		Paging: appcontext.Paging{
@@ -164,6 +167,16 @@ func (x *pageProt) space(s *kvm.Sregs) appcontext.AddressSpace {
 			WP:          s.CR0&cr0WP != 0,
 		},
 	}
+	if c := x.v.cloak; c != nil {
+		as.Mem = cloakGuardedMem{c: c, cpl: s.CPL(), cr3: as.CR3}
+	}
+	return as
+}
+
+// sysMem is the caller's view of guest memory for a page-protection call from the
+// system VM.
+func (x *pageProt) sysMem(s *kvm.Sregs) *callerMem {
+	return &callerMem{x: x, as: x.space(s), user: s.CPL() == 3, cloak: x.v.cloak, sregs: *s}
 }
 
 // hypercall handles the page-protection calls.
@@ -174,8 +187,7 @@ func (x *pageProt) hypercall(v *VM, c Call) (uint64, bool, error) {
 	x.stats.Calls++
 	sregs := v.cpu.SyncedSregs()
 	who := x.caller(sregs)
-	mem := &callerMem{x: x, as: x.space(sregs), user: c.CPL == 3}
-	res := x.svc.Call(x.ctx, who, mem, c.Nr, c.Args)
+	res := x.svc.Call(x.ctx, who, x.sysMem(sregs), c.Nr, c.Args)
 	if x.hookErr != nil {
 		return 0, true, x.hookErr
 	}
@@ -563,8 +575,7 @@ func (x *pageProt) mmio(v *VM, e *kvm.ExitMMIO) (bool, error) {
 		return true, err
 	}
 	if out.Frame != nil {
-		mem := &callerMem{x: x, as: x.space(sregs), user: who.CPL == 3}
-		if err := mem.Write(out.FrameAddr, out.Frame); err != nil {
+		if err := x.sysMem(sregs).Write(out.FrameAddr, out.Frame); err != nil {
 			return true, x.kill(out.Record, owner, &pageprot.Kill{Reason: fmt.Sprintf(
 				"page protection: cannot write the upcall frame at %#x: %v", out.FrameAddr, err)})
 		}
@@ -651,8 +662,13 @@ func (x *pageProt) IsCloaked(app, va uint64) bool {
 }
 
 // carryOut performs the exit's access on guest RAM through the monitor's mapping: a
-// store lands, a load gets the real bytes (also returned).
+// store lands, a load gets the real bytes (also returned). It is a system-VM access:
+// a frame holding a cloaked app's plaintext is encrypted first, as any system access
+// to it would be, so the monitor neither shows the plaintext nor changes it unseen.
 func (x *pageProt) carryOut(e *kvm.ExitMMIO) (uint64, error) {
+	if c := x.v.cloak; c != nil {
+		c.sealForSystem(e.Addr, uint64(e.Len))
+	}
 	if e.IsWrite {
 		return 0, x.v.mem.WritePhys(e.Addr, e.Data[:e.Len])
 	}
@@ -723,18 +739,38 @@ func kvmRegs(r pageprot.Regs) kvm.Regs {
 // (user pages only from CPL 3, writable pages only for writes) that also respect page
 // protection, so a call never makes the monitor read a deny-read or write a
 // deny-write page for the guest.
+//
+// Once cloaking has started (cloak set), a system-VM caller can name neither a cloaked
+// app's memory by its addresses in the app's address space (checkSysBuffer) nor a
+// frame that holds a cloaked page's plaintext by any mapping (the kernel's direct
+// map): batches, bad_index, upcall frames and the pages of PP_SET and PP_QUERY are
+// refused there (EFAULT) and the attempt is audited (cloak-violation), so the kernel
+// cannot have the monitor read, write or protect a cloaked app's plaintext.
 type callerMem struct {
-	x    *pageProt
-	as   appcontext.AddressSpace
-	user bool
+	x     *pageProt
+	as    appcontext.AddressSpace
+	user  bool
+	cloak *cloaking
+	sregs kvm.Sregs
 }
 
 func (m *callerMem) Translate(gva uint64) (pageprot.Mapping, error) {
+	if m.cloak != nil {
+		if err := m.cloak.checkSysBuffer(&m.sregs, gva, PageSize); err != nil {
+			return pageprot.Mapping{}, err
+		}
+	}
 	t, err := m.as.Paging.Walk(m.as.Mem, m.as.CR3, gva, 0)
 	if err != nil {
 		return pageprot.Mapping{}, err
 	}
-	return pageprot.Mapping{GPA: t.GPA &^ (PageSize - 1), User: t.User, Writable: t.Writable, Executable: !t.NoExec}, nil
+	gpa := t.GPA &^ (PageSize - 1)
+	if m.cloak != nil {
+		if err := m.cloak.refusePlain(gpa, PageSize, m.sregs.CPL(), m.as.CR3); err != nil {
+			return pageprot.Mapping{}, err
+		}
+	}
+	return pageprot.Mapping{GPA: gpa, User: t.User, Writable: t.Writable, Executable: !t.NoExec}, nil
 }
 
 func (m *callerMem) access(gva uint64, p []byte, write bool) error {
@@ -747,11 +783,21 @@ func (m *callerMem) access(gva uint64, p []byte, write bool) error {
 		acc |= appcontext.AccessWrite
 		deny = pageprot.DenyWrite
 	}
+	if m.cloak != nil {
+		if err := m.cloak.checkSysBuffer(&m.sregs, gva, uint64(len(p))); err != nil {
+			return err
+		}
+	}
 	off := uint64(0)
 	return m.as.Paging.WalkRange(m.as.Mem, m.as.CR3, gva, uint64(len(p)), acc, func(va, gpa, n uint64) error {
 		for pg := gpa &^ (PageSize - 1); pg < gpa+n; pg += PageSize {
 			if r, ok := m.x.svc.Lookup(pageprot.SysSpace, pg); ok && r.Deny&deny != 0 {
 				return fmt.Errorf("guest-physical page %#x (at %#x) is protected (%v)", pg, va, r.Deny)
+			}
+		}
+		if m.cloak != nil {
+			if err := m.cloak.refusePlain(gpa, n, m.sregs.CPL(), m.as.CR3); err != nil {
+				return err
 			}
 		}
 		var err error
