@@ -22,6 +22,12 @@ func (v *VM) runApp(runCtx context.Context) error {
 	start := time.Now()
 	timer := time.AfterFunc(c.slice, c.av.cpu.Kick)
 	defer timer.Stop()
+	// reload is false after a kick that landed inside a stub: the stub must run on
+	// with the registers it has. Loading the thread's saved registers there would
+	// throw away what the app did since its last exit (its exception or SYSCALL
+	// would be lost and the app would run again from older registers over newer
+	// memory).
+	reload := true
 	for {
 		c.mu.Lock()
 		if c.fatal != nil {
@@ -33,7 +39,10 @@ func (v *VM) runApp(runCtx context.Context) error {
 			c.mu.Unlock()
 			return nil
 		}
-		err := c.av.load(x)
+		var err error
+		if reload {
+			err = c.av.load(x)
+		}
 		c.mu.Unlock()
 		if err != nil {
 			return fmt.Errorf("appVM: %w", err)
@@ -51,8 +60,12 @@ func (v *VM) runApp(runCtx context.Context) error {
 		if v.log.Enabled(runCtx, slog.LevelDebug) {
 			v.log.Debug("cloak: appVM exit", "app", x.seq, "kind", tr.kind, "vector", tr.vector, "cr2", tr.cr2, "err", tr.errCode, "rip", x.thread.regs.RIP, "rax", x.thread.regs.RAX)
 		}
+		reload = tr.kind != trapInStub
 		switch tr.kind {
 		case trapInStub:
+			// The kick (the slice's end, or the run stopping) was spent inside the
+			// stub: kick again shortly, so that it lands in user code.
+			timer.Reset(50 * time.Microsecond)
 		case trapPreempt:
 			if err := v.interrupted(runCtx); err != nil {
 				c.mu.Unlock()
