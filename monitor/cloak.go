@@ -28,6 +28,7 @@ import (
 
 	"github.com/umbra-cc/umbra/appcontext"
 	"github.com/umbra-cc/umbra/kvm"
+	"github.com/umbra-cc/umbra/pageprot"
 	"github.com/umbra-cc/umbra/policy"
 	"github.com/umbra-cc/umbra/shadowmem"
 )
@@ -94,11 +95,13 @@ type plainOwner struct {
 	va   uint64
 }
 
-// shadowMap is one installed shadow entry.
+// shadowMap is one installed shadow entry: the frame and rights the guest's tables
+// give the page, and the app's page protection the entry enforces on top of them.
 type shadowMap struct {
 	gpa      uint64
 	writable bool
 	noExec   bool
+	deny     pageprot.Deny
 }
 
 // pendingKind is what a parked app waits for at its next CLOAK_RESUME.
@@ -148,7 +151,8 @@ type cloakApp struct {
 	mapped   map[uint64]shadowMap // shadow entries by page VA
 	thread   appThread
 	pending  pendingOp
-	brk      uint64 // last break the kernel reported (0: unknown)
+	brk      uint64  // last break the kernel reported (0: unknown)
+	ppStep   *ppStep // a logged page-protection access in progress (cloak_pageprot.go)
 
 	ended     bool
 	endKind   string
@@ -173,6 +177,7 @@ type cloaking struct {
 	sysView []byte
 	uffd    *cloakUffd
 	av      *appVM
+	pp      *pageProt     // the VM's page protection (cloak_pageprot.go); nil without it
 	running *cloakApp     // the app appVM runs; nil: the system VM runs
 	parked  *kvm.ExitMMIO // the system VM's CLOAK_RESUME exit the running app came from
 	slice   time.Duration
@@ -217,6 +222,7 @@ func (v *VM) cloakState() (*cloaking, error) {
 		v: v, sm: sm, sysView: sysView, slice: slice,
 		byCR3: map[uint64]*cloakApp{}, plain: map[uint64]plainOwner{},
 	}
+	v.cloak.connectPageProt()
 	return v.cloak, nil
 }
 
@@ -683,6 +689,11 @@ func (c *cloaking) endApp(x *cloakApp, kind, reason string, status int) {
 		c.av.loadedApp = nil
 	}
 	x.sm.Drop()
+	if c.pp != nil {
+		// Unlocked ranges and the handler go; locked ranges stay until the VM is
+		// reset (the app's id is never reused).
+		c.pp.svc.DropOwner(x.ppOwner())
+	}
 	x.thread = appThread{}
 	x.ended, x.endKind, x.reason, x.status = true, kind, reason, status
 	x.sum.Ended, x.sum.Reason, x.sum.Status = kind, reason, status

@@ -20,6 +20,7 @@ import (
 
 	"github.com/umbra-cc/umbra/appcontext"
 	"github.com/umbra-cc/umbra/kvm"
+	"github.com/umbra-cc/umbra/pageprot"
 	"github.com/umbra-cc/umbra/shadowmem"
 )
 
@@ -222,15 +223,25 @@ func (c *cloaking) appAccess(x *cloakApp, va uint64, acc appcontext.Access, inst
 	return frame, accOK, nil
 }
 
+// installLocked maps page to frame in the app's shadow tables with the rights the
+// guest's tables give (writable, noExec), restricted by the app's page protection:
+// deny-write clears R/W, deny-exec sets NX, deny-read leaves the entry not present
+// (docs/pageprot.md).
 func (c *cloaking) installLocked(x *cloakApp, page, frame uint64, writable, noExec bool) error {
-	if m, ok := x.mapped[page]; ok && m == (shadowMap{frame, writable, noExec}) {
+	deny := c.ppDeny(x, page)
+	if deny&pageprot.DenyRead != 0 {
+		x.unmapVA(page)
 		return nil
 	}
-	if err := x.shadow.mapPage(page, frame, writable, noExec); err != nil {
+	want := shadowMap{gpa: frame, writable: writable, noExec: noExec, deny: deny}
+	if m, ok := x.mapped[page]; ok && m == want {
+		return nil
+	}
+	if err := x.shadow.mapPage(page, frame, writable && deny&pageprot.DenyWrite == 0, noExec || deny&pageprot.DenyExec != 0); err != nil {
 		c.fatalLocked(err)
 		return err
 	}
-	x.mapped[page] = shadowMap{gpa: frame, writable: writable, noExec: noExec}
+	x.mapped[page] = want
 	return nil
 }
 
@@ -337,6 +348,9 @@ func (c *cloaking) copyApp(x *cloakApp, va uint64, buf []byte, write bool) error
 	}
 	for len(buf) > 0 {
 		n := min(uint64(len(buf)), PageSize-va%PageSize)
+		if err := c.ppCheckCopy(x, va, write); err != nil {
+			return &appAccessError{st: accSegv, err: err}
+		}
 		frame, st, err := c.appAccess(x, va, acc, true)
 		if st != accOK {
 			return &appAccessError{st: st, err: err}

@@ -9,6 +9,7 @@ import (
 
 	"github.com/umbra-cc/umbra/appcontext"
 	"github.com/umbra-cc/umbra/kvm"
+	"github.com/umbra-cc/umbra/pageprot"
 	"github.com/umbra-cc/umbra/shadowmem"
 )
 
@@ -66,6 +67,12 @@ func excName(v int) string {
 
 // appException handles a CPU exception of cloaked code.
 func (c *cloaking) appException(x *cloakApp, tr appTrap) {
+	if tr.vector == 1 && c.ppStepDone(x) {
+		return // a logged access has retired
+	}
+	if tr.vector == 14 && c.ppFault(x, tr) {
+		return // a page-protection violation, handled
+	}
 	if tr.vector != 14 {
 		c.crash(x, fmt.Sprintf("%s at rip %#x", excName(tr.vector), x.thread.regs.RIP), 128+excSignal(tr.vector))
 		return
@@ -432,6 +439,12 @@ func (c *cloaking) appHypercall(x *cloakApp, e *kvm.ExitMMIO) {
 		return
 	default:
 		ret = negErrno(errnoENOSYS)
+		if nr >= pageprot.CallVersionCaps && nr <= 0x2FF {
+			var done bool
+			if ret, done = c.appPageProtCall(x, nr, a); done {
+				return
+			}
+		}
 	}
 	// Finish the load now, so the saved registers are the app's after the call
 	// (rax = the result, rip past the load) and the next entry may set them all.

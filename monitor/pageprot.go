@@ -266,9 +266,13 @@ func (x *pageProt) beforeApply(ctx context.Context, req pageprot.Request, sys []
 		x.pending = plan
 	}
 	var locked []ppLockEvent
+	var identity string
+	if req.Owner.Kind == pageprot.OwnerApp && x.cloak != nil {
+		identity = x.cloak.appPolicy(req.Owner.ID).Measurement
+	}
 	for _, r := range req.Resolved {
 		if r.Lock {
-			locked = append(locked, ppLockEvent{Owner: req.Owner.String(), Space: uint64(r.Space),
+			locked = append(locked, ppLockEvent{Owner: req.Owner.String(), Identity: identity, Space: uint64(r.Space),
 				Start: r.Start, End: r.End, Deny: r.Deny.String(), Action: r.Action.String()})
 		}
 	}
@@ -288,12 +292,13 @@ func (x *pageProt) beforeApply(ctx context.Context, req pageprot.Request, sys []
 
 // ppLockEvent is the measured content of one locked range.
 type ppLockEvent struct {
-	Owner  string `json:"owner"`
-	Space  uint64 `json:"space"` // 0: guest-physical (sysVM); else the cloaked app
-	Start  uint64 `json:"start"`
-	End    uint64 `json:"end"`
-	Deny   string `json:"deny"`
-	Action string `json:"action"`
+	Owner    string `json:"owner"`
+	Identity string `json:"identity,omitempty"` // a cloaked app's measured identity
+	Space    uint64 `json:"space"`              // 0: guest-physical (sysVM); else the cloaked app
+	Start    uint64 `json:"start"`
+	End      uint64 `json:"end"`
+	Deny     string `json:"deny"`
+	Action   string `json:"action"`
 }
 
 // policy puts every PP_SET to the Guard (policy action pageprot_change). Other calls
@@ -340,10 +345,17 @@ func (x *pageProt) policy(ctx context.Context, req pageprot.Request) pageprot.De
 }
 
 // owned is what the monitor's own records say the requester owns, for the policy
-// input: the kernel its kernel memory (the loaded image); a process or app the pages
-// the monitor has just found to be its own by walking its page tables (present, user
-// at every level, not kernel memory) or in the cloaking records.
+// input: the kernel its kernel memory (the loaded image); a process the pages the
+// monitor has just found to be its own by walking its page tables (present, user at
+// every level, not kernel memory); a cloaked app its cloaked regions, from the
+// cloaking records.
 func (x *pageProt) owned(req pageprot.Request, asked []policy.Range) []policy.Range {
+	if req.Owner.Kind == pageprot.OwnerApp {
+		if x.cloak == nil {
+			return nil
+		}
+		return x.cloak.appOwned(req.Owner.ID)
+	}
 	if req.Owner.Kind == pageprot.OwnerKernel {
 		var out []policy.Range
 		for _, s := range x.kernel {
@@ -646,6 +658,9 @@ type pageProtCloak interface {
 	// appPolicy is the app's identity for the policy input (registered name and
 	// measurement).
 	appPolicy(app uint64) policy.App
+	// appOwned is the memory the cloaking records give the app (its cloaked
+	// regions, by virtual address), for the policy input.
+	appOwned(app uint64) []policy.Range
 }
 
 // connectPageProtCloak connects the cloaking layer to page protection.

@@ -441,6 +441,9 @@ func (f *fakeCloak) IsCloaked(app, va uint64) bool { return app == 7 && f.pages[
 func (f *fakeCloak) appPolicy(uint64) policy.App {
 	return policy.App{Name: "app7", Measurement: strings.Repeat("7", 64)}
 }
+func (f *fakeCloak) appOwned(uint64) []policy.Range {
+	return []policy.Range{{Start: 0x400000, Length: 0x1000}}
+}
 func (f *fakeCloak) killApp(app uint64, reason string) error {
 	f.killed = append(f.killed, fmt.Sprintf("%d: %s", app, reason))
 	return nil

@@ -401,6 +401,11 @@ func (s *Service) set(ctx context.Context, req Request, c Context, mem GuestMemo
 		if e.Deny&^caps.Deny != 0 {
 			return fail(errAt(i, ENOTSUP, "deny %v is not enforceable for this caller (enforceable: %v)", e.Deny&^caps.Deny, caps.Deny))
 		}
+		if c.App != 0 && e.Deny&DenyRead != 0 && e.Deny != denyAll {
+			// A shadow entry that is not present cannot be written or executed either
+			// (x86 paging has no write-only or execute-only pages).
+			return fail(errAt(i, ENOTSUP, "deny %v: in appVM deny-read is enforceable only with deny-write and deny-exec (rwx)", e.Deny))
+		}
 		if e.Deny != 0 && !caps.Has(e.Action) {
 			return fail(errAt(i, ENOTSUP, "action %v is not available", e.Action))
 		}

@@ -129,6 +129,15 @@ func TestWhoMayProtectWhat(t *testing.T) {
 	// Process 1 may unprotect its own page; the app may deny exec on its cloaked page.
 	mustOK(t, first(w.set(w.u1, Entry{Addr: userVA, Pages: 1})), "unprotect own")
 	mustOK(t, first(w.set(w.actx, Entry{Addr: appPageVA, Pages: 2, Deny: DenyExec | DenyWrite, Action: ActionKill})), "app deny exec")
+	// In appVM deny-read leaves the shadow entry not present, so it comes with
+	// deny-write and deny-exec; anything else with it is refused, not weakened.
+	for _, d := range []Deny{DenyRead, DenyRead | DenyWrite, DenyRead | DenyExec} {
+		r, idx := w.set(w.actx, Entry{Addr: appPageVA + 2*PageSize, Pages: 1, Deny: d, Action: ActionKill})
+		if r.Value != ENOTSUP.Result() || idx != 0 {
+			t.Errorf("app deny %v: result %d index %d, want -EOPNOTSUPP at 0", d, r.Value, idx)
+		}
+	}
+	mustOK(t, first(w.set(w.actx, Entry{Addr: appPageVA + 2*PageSize, Pages: 1, Deny: denyAll, Action: ActionKill})), "app deny rwx")
 	if x, ok := w.svc.Lookup(Space(app1), appPageVA+PageSize); !ok || x.Deny != DenyExec|DenyWrite {
 		t.Fatalf("app lookup = %+v %v", x, ok)
 	}

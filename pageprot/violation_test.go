@@ -125,7 +125,7 @@ func TestViolationActions(t *testing.T) {
 	mustOK(t, first(w.set(w.actx,
 		Entry{Addr: appPageVA, Pages: 1, Deny: DenyWrite, Action: ActionSkip},
 		Entry{Addr: appPageVA + PageSize, Pages: 1, Deny: DenyExec | DenyWrite, Action: ActionInjectPF},
-		Entry{Addr: appPageVA + 2*PageSize, Pages: 1, Deny: DenyRead, Action: ActionKill},
+		Entry{Addr: appPageVA + 2*PageSize, Pages: 1, Deny: denyAll, Action: ActionKill},
 	)), "app")
 	mustOK(t, first(w.set(w.kctx,
 		Entry{Addr: kernBase + 30*PageSize, Pages: 1, Deny: DenyWrite, Action: ActionInjectGP, Flags: FlagPhys},
