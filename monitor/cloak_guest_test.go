@@ -50,9 +50,18 @@ func (r *cloakRun) audited(kind string) []map[string]any {
 // events; a guest kernel panic or a monitor error fails the test.
 func runCloakGuest(t *testing.T, cmdline string) *cloakRun {
 	t.Helper()
+	return runCloakGuestHooks(t, cmdline, &Hooks{})
+}
+
+// runCloakGuestHooks is runCloakGuest with hooks (a Guard, say); their Audit and
+// Measure are replaced by the recorders.
+func runCloakGuestHooks(t *testing.T, cmdline string, hooks *Hooks) *cloakRun {
+	t.Helper()
 	requireGuestKVM(t)
 	r := &cloakRun{}
-	hooks := &Hooks{
+	*hooks = Hooks{
+		Guard: hooks.Guard,
+		VM:    hooks.VM,
 		Audit: func(_ context.Context, kind string, details any) error {
 			raw, err := json.Marshal(details)
 			if err != nil {

@@ -5,8 +5,21 @@ package monitor
 // cloaked app protects its own cloaked pages, enforced in appVM's shadow page tables.
 
 import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/umbra-cc/umbra/appcontext"
+	"github.com/umbra-cc/umbra/guestimage"
+	"github.com/umbra-cc/umbra/policy"
 )
 
 // TestPageProtKernelCannotNameCloakedPages: page-protection calls from the kernel
@@ -51,4 +64,231 @@ func TestPageProtKernelCannotNameCloakedPages(t *testing.T) {
 	if refused != 3 {
 		t.Errorf("%d page-protection calls refused for cloaked memory, want 3: %v", refused, g.audited(EventPageProtChange))
 	}
+}
+
+// ppAppLines are what cloakprobe:pp prints when every check passes (docs/pageprot.md,
+// "appVM"): read, write and execute are enforceable, the lock holds against the app
+// itself, a write and a read each run the handler with their record, skip discards
+// a store and log lets two stores land, each one audited.
+// Range ids are global to the VM, so they are matched as numbers.
+var ppAppLines = []string{
+	`cloakprobe: pp: caps deny=0x7 actions=0x7e flags=0x1`,
+	`cloakprobe: pp: set-handler=0 protect=\d+ query deny=2 locked=1 action=5 owner=2`,
+	`cloakprobe: pp: write handled=1 value=0x0 record ok`,
+	`cloakprobe: pp: lock unprotect=-1 relax=-1 set-handler=-1 unregister=-1 stray-return=-22 second-write handled=2 value=0x0`,
+	`cloakprobe: pp: read handled=3 got=0x5e5e record ok unprotect=\d+ then=0x1234`,
+	`cloakprobe: pp: skip=1 value=0x3 log=1 values=0x8,0x9 handled=3`,
+	`cloakprobe: pp: refused not-cloaked=-1 deny-read-alone=-95`,
+}
+
+// wantPPAppLines checks every line of ppAppLines in out.
+func wantPPAppLines(t *testing.T, out string) {
+	t.Helper()
+	for _, l := range ppAppLines {
+		if !regexp.MustCompile(`(?m)^` + strings.ReplaceAll(regexp.QuoteMeta(l), `\\d\+`, `\d+`) + `$`).MatchString(out) {
+			t.Errorf("want %q in:\n%s", l, out)
+		}
+	}
+}
+
+var ppHandlerRE = regexp.MustCompile(`cloakprobe: pp: handler size=64/64 access=(\d) addr=(0x[0-9a-f]+) gpa=0x0 rip=(0x[0-9a-f]+) id=(\d+) action=5 flags=0x0\n`)
+
+// appViolations returns the audited page-protection violations of app seq.
+func appViolations(g *cloakRun, seq int) []map[string]any {
+	var out []map[string]any
+	for _, d := range g.audited(EventPageProtViolation) {
+		if a, _ := d["app"].(float64); int(a) == seq {
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
+// TestPageProtCloakedApp: a cloaked app protects its own cloaked pages, enforced in
+// appVM's shadow page tables. A locked read-only page with an upcall handler: the
+// app's write runs the handler with the record (address, access, RIP at the store),
+// the store is discarded and the lock cannot be lifted by the app; a page denied
+// everything reports a load before it retires; skip and log do what they say; every
+// violation is audited with the app as owner and context, and the lock is measured
+// with the app's identity. A second app denies execution of a cloaked page of code it
+// ran before: running it again ends that app alone (status 137, audited), and the VM
+// and other processes go on.
+func TestPageProtCloakedApp(t *testing.T) {
+	g := runCloakGuest(t, "run=cloakprobe:pp:cloak,cloakprobe:ppexec:cloak,hello")
+	wantPPAppLines(t, g.out)
+	var pp, exec CloakedAppSummary
+	for _, a := range g.res.CloakedApps {
+		if a.Ended == "exited" {
+			pp = a
+		} else {
+			exec = a
+		}
+	}
+	if pp.Status != 0 || pp.Seq == 0 {
+		t.Fatalf("cloakprobe:pp did not exit cleanly: %+v", g.res.CloakedApps)
+	}
+
+	// The handler's records and the audit agree with the accesses.
+	hs := ppHandlerRE.FindAllStringSubmatch(g.out, -1)
+	if len(hs) != 3 || hs[0][1] != "2" || hs[1][1] != "2" || hs[2][1] != "1" {
+		t.Fatalf("handler records %q, want write, write, read:\n%s", hs, g.out)
+	}
+	vs := appViolations(g, pp.Seq)
+	var kinds []string
+	for _, v := range vs {
+		kinds = append(kinds, fmt.Sprintf("%v/%v", v["access"], v["action"]))
+		if v["owner"] != fmt.Sprintf("app:%#x", pp.Seq) || v["cpl"] != float64(3) || v["gpa"] != float64(0) {
+			t.Errorf("violation audited with owner %v, cpl %v, gpa %v: %v", v["owner"], v["cpl"], v["gpa"], v)
+		}
+	}
+	if want := "write/upcall write/upcall read/upcall write/skip write/log write/log"; strings.Join(kinds, " ") != want {
+		t.Fatalf("audited violations %q, want %q", strings.Join(kinds, " "), want)
+	}
+	for i, h := range hs {
+		addr, _ := strconv.ParseUint(h[2], 0, 64)
+		rip, _ := strconv.ParseUint(h[3], 0, 64)
+		id, _ := strconv.ParseUint(h[4], 0, 64)
+		if vs[i]["address"] != float64(addr) || vs[i]["rip"] != float64(rip) || vs[i]["range_id"] != float64(id) {
+			t.Errorf("violation %d audited as %v, handler saw addr=%#x rip=%#x id=%d", i, vs[i], addr, rip, id)
+		}
+	}
+
+	// The lock was measured before it applied, naming the app's identity.
+	var measured int
+	for _, m := range g.measures {
+		if strings.HasPrefix(m, EventPageProtLock+" page-protection lock by app:") {
+			data, _ := hex.DecodeString(m[strings.LastIndexByte(m, ' ')+1:])
+			if !strings.Contains(string(data), `"identity":"`+pp.Identity+`"`) || !strings.Contains(string(data), `"action":"upcall"`) {
+				t.Errorf("lock measured as %s", data)
+			}
+			measured++
+		}
+	}
+	if measured != 1 {
+		t.Errorf("%d app locks measured, want 1: %q", measured, g.measures)
+	}
+
+	// Execute denied: the app alone ends, with the status of a cloaking kill.
+	if exec.Ended != "killed" || exec.Status != cloakKillStatus || !strings.Contains(exec.Reason, "page protection: execute of") {
+		t.Fatalf("cloakprobe:ppexec: %+v, want killed by page protection", exec)
+	}
+	if !regexp.MustCompile(`cloakprobe: ppexec: add=4 first=42 protect=\d+\n`).MatchString(g.out) || strings.Contains(g.out, "FAIL survived") {
+		t.Fatalf("ppexec output:\n%s", g.out)
+	}
+	if ev := appViolations(g, exec.Seq); len(ev) != 1 || ev[0]["access"] != "exec" || ev[0]["action"] != "kill" {
+		t.Errorf("exec violation audited as %v", ev)
+	}
+	var ended bool
+	for _, d := range g.audited(EventCloakEnd) {
+		ended = ended || d["kill"] == true && d["seq"] == float64(exec.Seq) && d["why"] == "page protection"
+	}
+	if !ended {
+		t.Errorf("no cloak-end audit record for the page-protection kill: %v", g.audited(EventCloakEnd))
+	}
+	if !strings.Contains(g.out, "hello: pid ") || strings.Count(g.out, "kernel: exit pid=") != 3 {
+		t.Errorf("the VM did not go on after the app's kill:\n%s", g.out)
+	}
+	for _, st := range []procStats{g.procExit(t, "hello")} {
+		if st.status != 0 {
+			t.Errorf("hello exited with %d", st.status)
+		}
+	}
+}
+
+// loadPolicySource compiles a complete Rego module (package line included).
+func loadPolicySource(t *testing.T, src string) *policy.Policy {
+	t.Helper()
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "p.rego"), []byte(src), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p, err := policy.LoadDir(context.Background(), dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// TestPageProtCloakedAppPolicy: a cloaked app's page-protection change is put to the
+// policy with the app's registered name and measured identity, and its cloaked
+// regions as the memory it owns. The built-in demo policy's rules, listing the app's
+// identity, allow it (the app's ranges lie in what it owns); the same rules with
+// cloaking open to any app but page protection only for the demo app refuse it
+// (-EACCES), and nothing applies.
+func TestPageProtCloakedAppPolicy(t *testing.T) {
+	requireGuestKVM(t)
+	apps, err := guestimage.Apps(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := appcontext.ImageIdentity(apps["cloakprobe"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	idHex := hex.EncodeToString(id[:])
+	demo, err := policy.DemoSource()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(guestimage.Image())
+	run := func(t *testing.T, src string) (*cloakRun, *memAudit) {
+		sink := &memAudit{}
+		guard, err := NewGuard(GuardConfig{Engine: loadPolicySource(t, src), Audit: sink,
+			Host: policy.Host{ID: "localhost", Attestation: "unverified"}, Clock: &fakeClock{now: wed10},
+			Logger: slog.New(slog.DiscardHandler)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		vm := policy.VM{ID: policy.DemoVMID, Labels: map[string]string{}, Spec: policy.Spec{MemoryMiB: 64, VCPUs: 1,
+			Image: hex.EncodeToString(sum[:])}, State: "running", Devices: []policy.Device{}, Networks: []policy.Network{}}
+		g := runCloakGuestHooks(t, "run=cloakprobe:pp:cloak", &Hooks{Guard: guard, VM: func() policy.VM { return vm }})
+		return g, sink
+	}
+	decisions := func(sink *memAudit) (allowed, denied []AuditRecord) {
+		for _, r := range sink.all() {
+			if r.Action != string(policy.ActionPageProtChange) {
+				continue
+			}
+			if r.Allow {
+				allowed = append(allowed, r)
+			} else {
+				denied = append(denied, r)
+			}
+		}
+		return allowed, denied
+	}
+
+	t.Run("listed", func(t *testing.T) {
+		g, sink := run(t, strings.ReplaceAll(string(demo), policy.DemoAppMeasurement, idHex))
+		wantPPAppLines(t, g.out)
+		allowed, denied := decisions(sink)
+		// Kernel lock; the app's page 0, its unprotect and relax attempts (allowed by
+		// policy, refused by the lock), page 1 and its unprotect, skip, log.
+		if len(allowed) != 8 || len(denied) != 0 {
+			t.Errorf("pageprot_change decisions: %d allowed, %d denied; want 8 and 0: %+v", len(allowed), len(denied), sink.all())
+		}
+	})
+	t.Run("unlisted", func(t *testing.T) {
+		src := strings.Replace(string(demo), `input.action in {"cloak_register", "pageprot_change"}`, `input.action == "pageprot_change"`, 1)
+		if src == string(demo) {
+			t.Fatal("the demo policy's app rule changed; update this test")
+		}
+		g, sink := run(t, src)
+		if !strings.Contains(g.out, "cloakprobe: cloak_init=0\n") ||
+			!strings.Contains(g.out, "cloakprobe: pp: set-handler=0 protect=-13 query deny=0 locked=0 action=0 owner=0\n") {
+			t.Fatalf("want the app cloaked and its protection refused by policy:\n%s", g.out)
+		}
+		if strings.Contains(g.out, "cloakprobe: pp: handler") {
+			t.Errorf("a refused protection was enforced:\n%s", g.out)
+		}
+		_, denied := decisions(sink)
+		if len(denied) == 0 || !hasCode(policy.Decision{Deny: denied[0].Reasons}, "cloak.app_not_listed") {
+			t.Errorf("denied decisions %+v, want cloak.app_not_listed", denied)
+		}
+		for _, m := range g.measures {
+			if strings.Contains(m, "lock by app:") {
+				t.Errorf("a refused lock was measured: %s", m)
+			}
+		}
+	})
 }

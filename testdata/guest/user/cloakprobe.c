@@ -15,9 +15,16 @@
  *   region      cloak_mmap, CLOAK_REGION_REMOVE, munmap of cloaked memory
  *   refusals    requests the monitor refuses, each with its errno, then a
  *               good one
+ *   pp          page protection of its own cloaked pages (docs/pageprot.md):
+ *               a locked read-only page with an upcall handler that checks
+ *               its record, the lock held against the app itself, a
+ *               read-denied page (upcall at the load), skip and log, refusals
+ *   ppexec      runs code in a cloaked page, denies executing it (kill) and
+ *               runs it again: the monitor ends the app there
  */
 #include "libc.h"
 #include "../shim/cloak.h"
+#include "../kernel/pageprot_abi.h"
 
 static u64 spin(long millions)
 {
@@ -91,6 +98,132 @@ static long raw_register(int what)
 	return cloak_call(CLOAK_REGISTER, (long)&q, 0, 0);
 }
 
+/* ---- page protection (modes pp, ppexec) ---- */
+
+static u8 pp_pages[4][4096] __attribute__((aligned(4096)));
+static u8 pp_stack[8192] __attribute__((aligned(4096)));
+static struct {
+	struct pp_batch_header h;
+	struct pp_range r[1];
+} pp_batch;
+
+static long pp_protect(void *addr, int deny, int action, int flags)
+{
+	pp_batch.h = (struct pp_batch_header){.magic = PP_BATCH_MAGIC, .version = PP_VERSION_MAJOR, .count = 1,
+					      .bad_index = PP_NO_INDEX};
+	pp_batch.r[0] = (struct pp_range){.addr = (u64)addr, .pages = 1, .deny = (unsigned char)deny,
+					  .action = (unsigned char)action, .flags = (unsigned short)flags};
+	return cloak_call(PP_SET, (long)&pp_batch, sizeof pp_batch, 0);
+}
+
+/* pp_store writes v at p (pp_store_at: the store); pp_load reads *p into a
+ * register that holds 0x5e5e before (pp_load_at: the load), so a discarded
+ * load returns 0x5e5e. */
+extern char pp_store_at[], pp_load_at[];
+static __attribute__((noinline)) void pp_store(volatile u64 *p, u64 v)
+{
+	__asm__ volatile(".globl pp_store_at\npp_store_at: movq %1, (%0)" ::"r"(p), "r"(v) : "memory");
+}
+static __attribute__((noinline)) u64 pp_load(volatile u64 *p)
+{
+	u64 v;
+	__asm__ volatile("movq $0x5e5e, %0\n.globl pp_load_at\npp_load_at: movq (%1), %0" : "=&r"(v) : "r"(p) : "memory");
+	return v;
+}
+
+static volatile int pp_handled;
+static struct pp_violation pp_seen;
+
+__attribute__((noreturn, used)) static void pp_handler(struct pp_violation *v, unsigned long size)
+{
+	memcpy(&pp_seen, v, sizeof pp_seen);
+	pp_handled++;
+	printf("cloakprobe: pp: handler size=%u/%lu access=%u addr=0x%lx gpa=0x%lx rip=0x%lx id=%lu action=%u flags=0x%x\n",
+	       v->size, size, v->access, v->addr, v->gpa, v->rip, v->range_id, v->action, v->flags);
+	cloak_call(PP_UPCALL_RETURN, PP_RET_RESUME, 0, 0);
+	printf("cloakprobe: pp: FAIL PP_UPCALL_RETURN returned\n");
+	sys_exit_group(99);
+}
+
+/* pp_record_ok checks the last record the handler saw. */
+static int pp_record_ok(int access, void *addr, void *rip, long id)
+{
+	return pp_seen.size == sizeof pp_seen && pp_seen.version == 1 && pp_seen.access == access &&
+	       pp_seen.addr == (u64)addr && pp_seen.gpa == 0 && pp_seen.rip == (u64)rip && (long)pp_seen.range_id == id &&
+	       pp_seen.action == PP_ACT_UPCALL && pp_seen.flags == 0;
+}
+
+static int pp(void)
+{
+	long caps = cloak_call(PP_VERSION_CAPS, 0, 0, 0);
+	printf("cloakprobe: pp: caps deny=0x%x actions=0x%x flags=0x%x\n", PP_CAPS_DENY(caps), PP_CAPS_ACTIONS(caps),
+	       PP_CAPS_FLAGS(caps));
+	for (unsigned i = 0; i < sizeof pp_stack; i += 4096)
+		pp_stack[i] = 0;
+	for (int i = 0; i < 4; i++)
+		pp_pages[i][0] = (u8)(i + 1);
+	long r = cloak_call(PP_SET_HANDLER, (long)pp_handler, (long)(pp_stack + sizeof pp_stack), sizeof pp_stack);
+	/* Page 0: read-only, locked, upcall. */
+	long id = pp_protect(pp_pages[0], PP_DENY_WRITE, PP_ACT_UPCALL, PP_F_LOCK);
+	long q = cloak_call(PP_QUERY, (long)pp_pages[0], 0, 0);
+	printf("cloakprobe: pp: set-handler=%ld protect=%ld query deny=%u locked=%d action=%u owner=%u\n", r, id,
+	       PP_Q_DENY(q), (q & PP_Q_LOCKED) != 0, PP_Q_ACTION(q), PP_Q_OWNER(q));
+	volatile u64 *w = (volatile u64 *)(pp_pages[0] + 8);
+	pp_store(w, 0xc0ffee);
+	int ok = pp_handled == 1 && pp_record_ok(PP_DENY_WRITE, (void *)w, pp_store_at, id) && *w == 0;
+	printf("cloakprobe: pp: write handled=%d value=0x%lx record %s\n", pp_handled, *w, ok ? "ok" : "FAIL");
+	/* The lock holds against the app itself. */
+	long unprot = pp_protect(pp_pages[0], 0, 0, 0);
+	long relax = pp_protect(pp_pages[0], PP_DENY_WRITE, PP_ACT_LOG, PP_F_LOCK);
+	long rehandle = cloak_call(PP_SET_HANDLER, (long)pp, (long)(pp_stack + sizeof pp_stack), sizeof pp_stack);
+	long unhandle = cloak_call(PP_SET_HANDLER, 0, 0, 0);
+	long stray = cloak_call(PP_UPCALL_RETURN, PP_RET_RESUME, 0, 0);
+	pp_store(w, 0xc0ffee);
+	printf("cloakprobe: pp: lock unprotect=%ld relax=%ld set-handler=%ld unregister=%ld stray-return=%ld "
+	       "second-write handled=%d value=0x%lx\n",
+	       unprot, relax, rehandle, unhandle, stray, pp_handled, *w);
+	/* Page 1: no access at all; a load is reported before it retires. */
+	volatile u64 *rd = (volatile u64 *)(pp_pages[1] + 16);
+	*rd = 0x1234;
+	long id1 = pp_protect(pp_pages[1], PP_DENY_READ | PP_DENY_WRITE | PP_DENY_EXEC, PP_ACT_UPCALL, 0);
+	u64 got = pp_load(rd);
+	ok = pp_handled == 3 && pp_record_ok(PP_DENY_READ, (void *)rd, pp_load_at, id1) && got == 0x5e5e;
+	long unprot1 = pp_protect(pp_pages[1], 0, 0, 0);
+	u64 again = pp_load(rd);
+	printf("cloakprobe: pp: read handled=%d got=0x%lx record %s unprotect=%ld then=0x%lx\n", pp_handled, got,
+	       ok ? "ok" : "FAIL", unprot1, again);
+	/* Page 2: skip discards stores; page 3: log lets them land. */
+	volatile u64 *sk = (volatile u64 *)pp_pages[2], *lg = (volatile u64 *)pp_pages[3];
+	long s1 = pp_protect(pp_pages[2], PP_DENY_WRITE, PP_ACT_SKIP, 0);
+	pp_store(sk, 7);
+	long s2 = pp_protect(pp_pages[3], PP_DENY_WRITE, PP_ACT_LOG, 0);
+	pp_store(lg, 8);
+	pp_store(lg + 1, 9);
+	printf("cloakprobe: pp: skip=%ld value=0x%lx log=%ld values=0x%lx,0x%lx handled=%d\n", s1 > 0, *sk, s2 > 0,
+	       lg[0], lg[1], pp_handled);
+	/* Refused: a page that is not cloaked, deny-read alone. */
+	long notcloaked = pp_protect((void *)0x7fe000000000UL, PP_DENY_WRITE, PP_ACT_KILL, 0);
+	long readonly = pp_protect(pp_pages[2], PP_DENY_READ, PP_ACT_KILL, 0);
+	printf("cloakprobe: pp: refused not-cloaked=%ld deny-read-alone=%ld\n", notcloaked, readonly);
+	return 0;
+}
+
+static int ppexec(void)
+{
+	u8 *code = sys_mmap(NULL, 4096, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if ((long)code < 0 && (long)code > -4096)
+		return printf("cloakprobe: ppexec: mmap %ld\n", (long)code), 1;
+	static const u8 fn[] = {0xb8, 42, 0, 0, 0, 0xc3}; /* mov $42, %eax; ret */
+	memcpy(code, fn, sizeof fn);
+	long add = cloak_call(CLOAK_REGION_ADD, (long)code, 4096, CLOAK_REGION_ANON);
+	int (*f)(void) = (int (*)(void))code;
+	int first = f();
+	long prot = pp_protect(code, PP_DENY_EXEC, PP_ACT_KILL, 0);
+	printf("cloakprobe: ppexec: add=%ld first=%d protect=%ld\n", add, first, prot);
+	printf("cloakprobe: ppexec: FAIL survived=%d\n", f());
+	return 1;
+}
+
 int main(int argc, char **argv)
 {
 	const char *mode = argc > 1 ? argv[1] : "";
@@ -146,6 +279,10 @@ int main(int argc, char **argv)
 		       again, unmap, image, rm, unmap2);
 	} else if (!strcmp(mode, "refusals")) {
 		printf("cloakprobe: refusals: done\n");
+	} else if (!strcmp(mode, "pp")) {
+		return pp();
+	} else if (!strcmp(mode, "ppexec")) {
+		return ppexec();
 	}
 	return 0;
 }
