@@ -433,6 +433,9 @@ func (a *appVM) load(x *cloakApp) error {
 		if err := a.cpu.SetSregs(s); err != nil {
 			return err
 		}
+		// Keep the synced copy in step: a kick can make Run return before the vCPU
+		// enters, and run() then reads the state from it.
+		*a.cpu.SyncedSregs() = s
 		a.SregsLoads++
 		a.loadedRoot, a.needFlush = x.shadow.root, false
 		if a.loadedApp != x && t.xsave != nil {
@@ -455,7 +458,14 @@ func (a *appVM) load(x *cloakApp) error {
 		r.RIP, r.RSP, r.RFLAGS = avPrivVA+avStubIretq, avPrivVA+frame, 2
 	}
 	if a.fresh {
-		return a.cpu.SetRegs(r)
+		// Before the first KVM_RUN the synced area holds nothing; a kick that makes
+		// Run return before the vCPU enters must find the loaded registers there, or
+		// the thread would be saved as all zeros (and resume at address 0).
+		if err := a.cpu.SetRegs(r); err != nil {
+			return err
+		}
+		*a.cpu.SyncedRegs() = r
+		return nil
 	}
 	*a.cpu.SyncedRegs() = r
 	a.cpu.MarkRegsDirty()
