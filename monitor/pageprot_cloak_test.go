@@ -7,18 +7,22 @@ package monitor
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
 
 	"github.com/umbra-cc/umbra/appcontext"
 	"github.com/umbra-cc/umbra/guestimage"
+	"github.com/umbra-cc/umbra/kvm"
+	"github.com/umbra-cc/umbra/pageprot"
 	"github.com/umbra-cc/umbra/policy"
 )
 
@@ -291,4 +295,118 @@ func TestPageProtCloakedAppPolicy(t *testing.T) {
 			}
 		}
 	})
+}
+
+// BenchmarkPageProtCloakedViolation measures one page-protection violation of a
+// cloaked app in appVM (a store to a page the app protected against writes: #PF
+// through the monitor's IDT stub, appVM exit, Service.Violation with the
+// instruction's length, the action, resume) against the raw appVM fault round trip
+// measured in the same run, interleaved: the same loop storing to a page without a
+// shadow entry, each fault answered by moving RIP past the store and nothing else.
+// skip is one such round trip plus the decision; log lets the store land by mapping
+// the page for one single-stepped instruction (a second exit, the #DB) and dropping
+// the entry again.
+func BenchmarkPageProtCloakedViolation(b *testing.B) {
+	requireKVM(b)
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	const stores = 16
+	// start: 16 x mov %al,(%rbx); syscall; jmp start
+	var code []byte
+	for range stores {
+		code = append(code, 0x88, 0x03)
+	}
+	code = append(code, 0x0f, 0x05)
+	code = append(code, 0xeb, byte(-(len(code) + 2)))
+	for _, tc := range []struct {
+		name   string
+		action pageprot.Action
+		exits  int
+	}{{"skip", pageprot.ActionSkip, stores}, {"log", pageprot.ActionLog, 2 * stores}} {
+		b.Run(tc.name, func(b *testing.B) {
+			v := newCloakBenchVM(b)
+			c, x := benchCloakApp(b, v, true)
+			v.mem.WritePhys(0x900000, code)
+			// The guest's tables map the code too (the monitor reads the faulting
+			// instruction as the app sees it): PD entry 2 -> a PT at 0xC04000.
+			for gpa, val := range map[uint64]uint64{0xC02000 + 2*8: 0xC04000 | 7, 0xC04000: 0x900000 | 5} {
+				v.mem.WritePhys(gpa, binary.LittleEndian.AppendUint64(nil, val))
+			}
+			if err := x.shadow.mapPage(0x400000, 0x900000, false, false); err != nil {
+				b.Fatal(err)
+			}
+			x.thread.regs = kvm.Regs{RIP: 0x400000, RSP: 0x7ff000, RFLAGS: 0x202, RBX: benchVA}
+			mem := &fakeBatchMem{b: pageprot.EncodeBatch([]pageprot.Entry{ppEntry(benchVA, 1, pageprot.DenyWrite, tc.action, 0)})}
+			c.mu.Lock()
+			r := c.pp.svc.Call(context.Background(), x.ppContext(), mem, pageprot.CallSet, [6]uint64{0x1000, uint64(len(mem.b))})
+			c.mu.Unlock()
+			if r.Value < 0 {
+				b.Fatalf("PP_SET: %d", r.Value)
+			}
+			// The raw primitive: another address space with the same code and no
+			// entry for the page.
+			rx := &cloakApp{c: c, seq: 99, name: "raw", sm: x.sm, layout: x.layout, cr3: x.cr3, paging: x.paging,
+				mapped: map[uint64]shadowMap{}}
+			var err error
+			if rx.shadow, err = c.av.newShadow(); err != nil {
+				b.Fatal(err)
+			}
+			if err := rx.shadow.mapPage(0x400000, 0x900000, false, false); err != nil {
+				b.Fatal(err)
+			}
+			rx.thread.regs = x.thread.regs
+			iter := func(t *cloakApp, fault func(appTrap)) int {
+				n, reload := 0, true
+				for {
+					if reload {
+						if err := c.av.load(t); err != nil {
+							b.Fatal(err)
+						}
+					}
+					tr, err := c.av.run(&t.thread)
+					if err != nil {
+						b.Fatal(err)
+					}
+					reload = tr.kind != trapInStub
+					switch tr.kind {
+					case trapSyscall:
+						t.thread.regs.RCX, t.thread.regs.R11 = t.thread.regs.RIP, t.thread.regs.RFLAGS
+						return n
+					case trapException:
+						fault(tr)
+						n++
+					case trapInStub, trapPreempt:
+					default:
+						b.Fatalf("appVM trap %+v", tr)
+					}
+				}
+			}
+			ours := func() {
+				if n := iter(x, func(tr appTrap) {
+					c.mu.Lock()
+					c.appException(x, tr)
+					c.mu.Unlock()
+				}); n != tc.exits || x.ended {
+					b.Fatalf("%d exceptions, want %d; app %+v", n, tc.exits, x.sum)
+				}
+			}
+			raw := func() {
+				if n := iter(rx, func(tr appTrap) {
+					if tr.vector != 14 {
+						b.Fatalf("raw: vector %d", tr.vector)
+					}
+					rx.thread.regs.RIP += 2
+				}); n != stores {
+					b.Fatalf("raw: %d faults", n)
+				}
+			}
+			ourNs, rawNs := interleave(b, ours, raw)
+			b.ReportMetric(rawNs/stores, "raw-appfault-ns")
+			b.ReportMetric(ourNs/stores, "violation-ns")
+			b.ReportMetric(ourNs/rawNs, "violation/raw")
+			if st := v.PageProtStats(); st.Violations == 0 {
+				b.Fatalf("no violations counted: %+v", st)
+			}
+		})
+	}
 }
