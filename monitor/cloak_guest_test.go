@@ -85,7 +85,7 @@ func runCloakGuestHooks(t *testing.T, cmdline string, hooks *Hooks) *cloakRun {
 	start := time.Now()
 	res, err := Run(context.Background(), Config{
 		Image: guestimage.Image(), MemorySize: 64 << 20, Cmdline: cmdline,
-		Console: &console, Timeout: 20 * time.Second, Hooks: hooks,
+		Console: &console, Timeout: 120 * time.Second, Hooks: hooks,
 	})
 	r.wall = time.Since(start)
 	if err != nil {
@@ -536,7 +536,7 @@ decision := {"allow": true} if {
 	var console lockedBuffer
 	res, err := Run(context.Background(), Config{
 		Image: guestimage.Image(), MemorySize: 64 << 20, Cmdline: "run=cloaksecret:x:cloak,cloakprobe:files:cloak",
-		Console: &console, Timeout: 20 * time.Second,
+		Console: &console, Timeout: 120 * time.Second,
 		Hooks: &Hooks{Guard: env.guard, VM: financeVM},
 	})
 	if err != nil {
