@@ -69,7 +69,7 @@ func runPPGuest(t *testing.T, cmdline string, hooks *Hooks) *ppGuest {
 	}
 	var console lockedBuffer
 	v, err := New(Config{Image: guestimage.Image(), MemorySize: 64 << 20, Cmdline: cmdline, Console: &console,
-		Timeout: 20e9, Hooks: hooks})
+		Timeout: 60e9, Hooks: hooks})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -88,7 +88,7 @@ func runGuestMayPanic(t *testing.T, cmdline string) guestRun {
 		MemorySize: 64 << 20,
 		Cmdline:    cmdline,
 		Console:    &console,
-		Timeout:    20 * time.Second,
+		Timeout:    60 * time.Second,
 	})
 	wall := time.Since(start)
 	if err != nil {
