@@ -5,7 +5,7 @@
 #define PAGEPROT_H
 
 #include "kernel.h"
-#include "pageprot_abi.h"
+#include "../../../docs/pageprot_abi.h"
 
 /* The shared address at which attack=share maps the victim's data page 0 into
  * every other process (the test app pp looks for it there). */

@@ -24,7 +24,7 @@
  */
 #include "libc.h"
 #include "../shim/cloak.h"
-#include "../kernel/pageprot_abi.h"
+#include "../../../docs/pageprot_abi.h"
 
 static u64 spin(long millions)
 {

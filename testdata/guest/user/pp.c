@@ -19,7 +19,7 @@
  * Output lines start with "pp: ".
  */
 #include "libc.h"
-#include "../kernel/pageprot_abi.h"
+#include "../../../docs/pageprot_abi.h"
 
 #define PP_SHARE_VA 0x7fe000000000UL /* kernel/pageprot.h */
 
