@@ -4,7 +4,6 @@ import (
 	"context"
 	"runtime"
 	"testing"
-	"time"
 
 	"github.com/umbra-cc/umbra/kvm"
 )
@@ -50,34 +49,12 @@ func BenchmarkHypercallVsBareMMIO(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
-	// Warm both up (first entries fault in guest pages), then alternate in chunks so
-	// drift on this shared machine hits both sides alike.
-	for i := 0; i < 50; i++ {
-		bareExit()
-		monitorCall()
-	}
-	const chunk = 64
-	var tBare, tMon time.Duration
-	b.ResetTimer()
-	for done := 0; done < b.N; done += chunk {
-		n := min(chunk, b.N-done)
-		t0 := time.Now()
-		for i := 0; i < n; i++ {
-			bareExit()
-		}
-		t1 := time.Now()
-		for i := 0; i < n; i++ {
-			monitorCall()
-		}
-		tMon += time.Since(t1)
-		tBare += t1.Sub(t0)
-	}
-	b.StopTimer()
+	// Warm-up and chunked alternation (so drift on this shared machine hits both
+	// sides alike) are interleave's.
+	bareNs, monNs := interleave(b, bareExit, monitorCall)
 	if mon.counter.Hypercalls < uint64(b.N) {
 		b.Fatalf("only %d hypercalls dispatched", mon.counter.Hypercalls)
 	}
-	bareNs := float64(tBare.Nanoseconds()) / float64(b.N)
-	monNs := float64(tMon.Nanoseconds()) / float64(b.N)
 	b.ReportMetric(bareNs, "bare-ns/exit")
 	b.ReportMetric(monNs, "hypercall-ns/call")
 	b.ReportMetric(monNs/bareNs, "ratio")
