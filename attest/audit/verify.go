@@ -67,7 +67,7 @@ func Scan(r io.Reader, fn func(rec *Record, hash string) error) *Result {
 	prevHash := zeroHash
 	var lastSeq uint64
 	for line := 1; ; line++ {
-		b, err := readLine(br, MaxLineBytes)
+		b, err := eventlog.ReadLine(br, MaxLineBytes)
 		if err == io.EOF && len(b) == 0 {
 			break
 		}
@@ -241,23 +241,4 @@ func strictDecode(b []byte, v any) error {
 		return errors.New("trailing data after the JSON object")
 	}
 	return nil
-}
-
-func readLine(br *bufio.Reader, limit int) ([]byte, error) {
-	var line []byte
-	for {
-		chunk, err := br.ReadSlice('\n')
-		if len(line)+len(chunk) > limit+1 {
-			return nil, fmt.Errorf("line longer than %d bytes", limit)
-		}
-		line = append(line, chunk...)
-		switch {
-		case err == nil:
-			return line[:len(line)-1], nil
-		case errors.Is(err, bufio.ErrBufferFull):
-			continue
-		default:
-			return line, err
-		}
-	}
 }

@@ -222,7 +222,7 @@ var ErrTornTail = errors.New("event log ends in an incomplete record (the writer
 func ParseLines(r io.Reader) (recs []Record, goodLen int64, err error) {
 	br := bufio.NewReaderSize(r, 64<<10)
 	for {
-		line, rerr := readLine(br, MaxRecordBytes)
+		line, rerr := ReadLine(br, MaxRecordBytes)
 		if rerr == io.EOF && len(line) == 0 {
 			break
 		}
@@ -251,9 +251,9 @@ func ParseLines(r io.Reader) (recs []Record, goodLen int64, err error) {
 	return recs, goodLen, nil
 }
 
-// readLine returns one line without its newline; io.EOF with a non-empty line means
-// the line had no newline.
-func readLine(br *bufio.Reader, limit int) ([]byte, error) {
+// ReadLine returns one line of at most limit bytes without its newline; io.EOF with a
+// non-empty line means the line had no newline (a torn tail). The audit log shares it.
+func ReadLine(br *bufio.Reader, limit int) ([]byte, error) {
 	var line []byte
 	for {
 		chunk, err := br.ReadSlice('\n')
