@@ -258,3 +258,36 @@ func (u *Userfaultfd) Wake(mem []byte) error {
 	_, err := ioctlPtr(u.fd, "UFFDIO_WAKE", ioctlUffdWake, unsafe.Pointer(&r))
 	return err
 }
+
+// Serve reads faults and passes each to handle until stop is closed (it returns nil
+// then) or reading or handle fails (it returns that error). It checks stop at least
+// every pollMs milliseconds; handle must resolve the fault (Continue, Copy, ...) or
+// the faulting thread stays blocked.
+func (u *Userfaultfd) Serve(stop <-chan struct{}, pollMs int, handle func(UffdFault) error) error {
+	for {
+		select {
+		case <-stop:
+			return nil
+		default:
+		}
+		ok, err := u.WaitFault(pollMs)
+		if err != nil {
+			return err
+		}
+		if !ok {
+			continue
+		}
+		for {
+			f, err := u.ReadFault()
+			if errors.Is(err, ErrNoFault) {
+				break
+			}
+			if err != nil {
+				return err
+			}
+			if err := handle(f); err != nil {
+				return err
+			}
+		}
+	}
+}

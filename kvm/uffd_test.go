@@ -1,6 +1,7 @@
 package kvm
 
 import (
+	"fmt"
 	"testing"
 	"unsafe"
 
@@ -14,33 +15,15 @@ func serveFaults(t *testing.T, u *Userfaultfd, stop <-chan struct{}, resolve fun
 	faults := make(chan UffdFault, 16)
 	go func() {
 		defer close(faults)
-		for {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			ok, err := u.WaitFault(20)
-			if err != nil {
-				t.Errorf("wait: %v", err)
-				return
-			}
-			if !ok {
-				continue
-			}
-			f, err := u.ReadFault()
-			if err == ErrNoFault {
-				continue
-			}
-			if err != nil {
-				t.Errorf("read fault: %v", err)
-				return
-			}
+		err := u.Serve(stop, 20, func(f UffdFault) error {
 			faults <- f
 			if err := resolve(f); err != nil {
-				t.Errorf("resolve fault at %#x: %v", f.Address, err)
-				return
+				return fmt.Errorf("resolve fault at %#x: %w", f.Address, err)
 			}
+			return nil
+		})
+		if err != nil {
+			t.Errorf("serve: %v", err)
 		}
 	}()
 	return faults

@@ -197,28 +197,7 @@ func rawUffd(b *testing.B, mem *GuestMemory, view []byte, open bool) func() {
 	stop, done := make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(done)
-		for {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			ok, err := u.WaitFault(20)
-			if err != nil {
-				b.Errorf("raw uffd: %v", err)
-				return
-			}
-			if !ok {
-				continue
-			}
-			f, err := u.ReadFault()
-			if err != nil {
-				if err != kvm.ErrNoFault {
-					b.Errorf("raw uffd: %v", err)
-					return
-				}
-				continue
-			}
+		err := u.Serve(stop, 20, func(f kvm.UffdFault) error {
 			off := (f.Address - base) &^ (PageSize - 1)
 			// Seal in place through the monitor's own mapping (the registered one
 			// would fault again, on this thread).
@@ -232,10 +211,10 @@ func rawUffd(b *testing.B, mem *GuestMemory, view []byte, open bool) func() {
 				out := aead.Seal(scratch[:0], nonce, page, aad)
 				copy(page, out[:PageSize])
 			}
-			if err := u.Continue(view[off : off+PageSize]); err != nil {
-				b.Errorf("raw uffd: %v", err)
-				return
-			}
+			return u.Continue(view[off : off+PageSize])
+		})
+		if err != nil {
+			b.Errorf("raw uffd: %v", err)
 		}
 	}()
 	return func() { close(stop); <-done; u.Close() }

@@ -445,34 +445,8 @@ func (f *cloakUffd) close() error {
 
 func (f *cloakUffd) serve() {
 	defer close(f.done)
-	for {
-		select {
-		case <-f.stop:
-			return
-		default:
-		}
-		ok, err := f.u.WaitFault(50)
-		if err != nil {
-			f.c.setFatal(err)
-			return
-		}
-		if !ok {
-			continue
-		}
-		for {
-			flt, err := f.u.ReadFault()
-			if errors.Is(err, kvm.ErrNoFault) {
-				break
-			}
-			if err != nil {
-				f.c.setFatal(err)
-				return
-			}
-			if err := f.handle(flt); err != nil {
-				f.c.setFatal(err)
-				return
-			}
-		}
+	if err := f.u.Serve(f.stop, 50, f.handle); err != nil {
+		f.c.setFatal(err)
 	}
 }
 
