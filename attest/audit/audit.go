@@ -146,7 +146,7 @@ func Open(path string, logger *slog.Logger) (*Log, error) {
 			f.Close()
 			return nil, err
 		}
-		if err := syncDir(path); err != nil {
+		if err := eventlog.SyncDir(path); err != nil {
 			f.Close()
 			return nil, err
 		}
@@ -294,18 +294,6 @@ func checkKind(k string) error {
 		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '.' || c == '_') {
 			return fmt.Errorf("kind %q: only a-z, 0-9, '-', '.', '_' allowed", k)
 		}
-	}
-	return nil
-}
-
-func syncDir(path string) error {
-	d, err := os.Open(filepath.Dir(path))
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("fsync %s: %w", filepath.Dir(path), err)
 	}
 	return nil
 }

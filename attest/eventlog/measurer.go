@@ -104,7 +104,7 @@ func (m *Measurer) recover(path string) error {
 		}
 		m.f = f
 		m.recs = nil
-		if err := syncDir(path); err != nil {
+		if err := SyncDir(path); err != nil {
 			return err
 		}
 	default:
@@ -228,7 +228,9 @@ func ReadPCR(tpm transport.TPM, pcr int) ([]byte, error) {
 	return rsp.PCRValues.Digests[0].Buffer, nil
 }
 
-func syncDir(path string) error {
+// SyncDir fsyncs the directory holding path, so a file created or renamed there
+// survives a crash. The audit log shares it.
+func SyncDir(path string) error {
 	d, err := os.Open(filepath.Dir(path))
 	if err != nil {
 		return err
