@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/google/go-tpm/tpm2"
@@ -45,14 +46,13 @@ func FileDigest(path string) ([32]byte, error) {
 	return d, nil
 }
 
-// SelfDigest returns the SHA-256 of the running executable.
-func SelfDigest() ([32]byte, error) {
-	exe, err := os.Executable()
-	if err != nil {
-		return [32]byte{}, err
-	}
-	return FileDigest(exe)
-}
+// SelfDigest returns the SHA-256 of the running executable. It reads /proc/self/exe,
+// the file the process was started from even if its path was replaced since (a path
+// from os.Executable could name a different file by now), once per process: the
+// binary (tens of MiB) is measured for sealing and again for the launch event log.
+var SelfDigest = sync.OnceValues(func() ([32]byte, error) {
+	return FileDigest("/proc/self/exe")
+})
 
 // ReadPCRs reads SHA-256 PCR values.
 func ReadPCRs(t transport.TPM, pcrs ...int) (map[int][32]byte, error) {
