@@ -406,7 +406,7 @@ func (c *cloaking) register(call Call, e *kvm.ExitMMIO) appcontext.Errno {
 			return refuse(&appcontext.ABIError{Errno: appcontext.EACCES, Field: "policy", Detail: "cloak-register", Err: err})
 		}
 	}
-	if err := h.measure(c.ctx(), EventCloakRegister, "cloaked app "+name, id[:]); err != nil {
+	if err := h.measure(c.ctx(), Measurement{Kind: EventCloakRegister, Description: "cloaked app " + name, Digest: id[:]}); err != nil {
 		return refuse(&appcontext.ABIError{Errno: appcontext.EACCES, Field: "measurement", Err: err})
 	}
 	if err := h.audit(c.ctx(), EventCloakRegister, map[string]any{

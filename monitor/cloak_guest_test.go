@@ -74,9 +74,9 @@ func runCloakGuestHooks(t *testing.T, cmdline string, hooks *Hooks) *cloakRun {
 			r.mu.Unlock()
 			return nil
 		},
-		Measure: func(_ context.Context, kind, description string, data []byte) error {
+		Measure: func(_ context.Context, m Measurement) error {
 			r.mu.Lock()
-			r.measures = append(r.measures, kind+" "+description+" "+hex.EncodeToString(data))
+			r.measures = append(r.measures, m.Kind+" "+m.Description+" "+hex.EncodeToString(append(m.Data, m.Digest...)))
 			r.mu.Unlock()
 			return nil
 		},

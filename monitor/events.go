@@ -28,9 +28,16 @@ type Hooks struct {
 	Audit func(ctx context.Context, kind string, details any) error
 	// Measure extends the measured-launch PCR with an event (cloak registrations and
 	// page-protection locks) and appends it to the event log; an error refuses the
-	// action. For EventCloakRegister, data is the app identity, which is recorded as
-	// the measured value itself.
-	Measure func(ctx context.Context, kind, description string, data []byte) error
+	// action.
+	Measure func(ctx context.Context, m Measurement) error
+}
+
+// Measurement is one runtime event for the measured-launch log. Exactly one of Data
+// (recorded, and its SHA-256 is the measured value) and Digest (a value that is
+// itself a SHA-256, such as an app identity, measured as is) is set.
+type Measurement struct {
+	Kind, Description string
+	Data, Digest      []byte
 }
 
 func (h *Hooks) audit(ctx context.Context, kind string, details any) error {
@@ -40,9 +47,9 @@ func (h *Hooks) audit(ctx context.Context, kind string, details any) error {
 	return h.Audit(ctx, kind, details)
 }
 
-func (h *Hooks) measure(ctx context.Context, kind, description string, data []byte) error {
+func (h *Hooks) measure(ctx context.Context, m Measurement) error {
 	if h == nil || h.Measure == nil {
 		return nil
 	}
-	return h.Measure(ctx, kind, description, data)
+	return h.Measure(ctx, m)
 }

@@ -208,14 +208,8 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 			_, err = auditLog.Append(ctx, audit.Record{Kind: kind, VM: lc.Spec.Name, Actor: "umbra/monitor", Details: raw})
 			return err
 		},
-		Measure: func(ctx context.Context, kind, description string, data []byte) error {
-			ev := eventlog.Event{Type: kind, Description: description, Data: data}
-			if kind == EventCloakRegister && len(data) == sha256.Size {
-				// An app identity is already a SHA-256: it is the measured value itself,
-				// so auditors list identities (umbra cloak identity) as reference values.
-				ev.Data, ev.Digest = nil, data
-			}
-			_, err := measurer.Measure(ctx, ev)
+		Measure: func(ctx context.Context, m Measurement) error {
+			_, err := measurer.Measure(ctx, eventlog.Event{Type: m.Kind, Description: m.Description, Data: m.Data, Digest: m.Digest})
 			return err
 		},
 	}

@@ -282,7 +282,7 @@ func (x *pageProt) beforeApply(ctx context.Context, req pageprot.Request, sys []
 			return err
 		}
 		desc := fmt.Sprintf("page-protection lock by %v: %d range(s)", req.Owner, len(locked))
-		if err := x.hooks.measure(ctx, EventPageProtLock, desc, data); err != nil {
+		if err := x.hooks.measure(ctx, Measurement{Kind: EventPageProtLock, Description: desc, Data: data}); err != nil {
 			x.pending = nil
 			return fmt.Errorf("measure the lock: %w", err)
 		}

@@ -60,10 +60,10 @@ func runPPGuest(t *testing.T, cmdline string, hooks *Hooks) *ppGuest {
 		hooks.Audit = g.record
 	}
 	if hooks.Measure == nil {
-		hooks.Measure = func(_ context.Context, kind, desc string, data []byte) error {
+		hooks.Measure = func(_ context.Context, m Measurement) error {
 			g.mu.Lock()
 			defer g.mu.Unlock()
-			g.measured = append(g.measured, kind+": "+desc+" "+string(data))
+			g.measured = append(g.measured, m.Kind+": "+m.Description+" "+string(m.Data))
 			return nil
 		}
 	}
