@@ -122,3 +122,27 @@ func TestEveryCommandHasHelp(t *testing.T) {
 		})
 	}
 }
+
+// TestRunJSONListsCloakedApps: the --json summary lists each cloaked app with its
+// identity, pages, transitions and how it ended, as the human output does.
+func TestRunJSONListsCloakedApps(t *testing.T) {
+	requireKVMForCLI(t)
+	code, out, errs := runUmbra(t, "run", "--state-dir", t.TempDir(), "--json")
+	if code != 0 {
+		t.Fatalf("exit %d\n%s", code, errs)
+	}
+	var sum runSummary
+	if err := json.Unmarshal([]byte(out), &sum); err != nil {
+		t.Fatalf("stdout is not the JSON summary: %v\n%s", err, out)
+	}
+	if sum.Launch == nil || sum.Launch.Result == nil || len(sum.Launch.Result.CloakedApps) != 1 {
+		t.Fatalf("summary lists no cloaked app: %s", out)
+	}
+	a := sum.Launch.Result.CloakedApps[0]
+	if a.Name != "cloakcompute" || len(a.Identity) != 64 || a.Pages == 0 || a.Ended != "exited" || a.Status != 0 {
+		t.Fatalf("cloaked app %+v, want cloakcompute with an identity, pages, exited 0", a)
+	}
+	if !strings.Contains(errs, "cloaked app 1 cloakcompute identity "+a.Identity[:16]) {
+		t.Fatalf("human listing lacks the cloaked app:\n%s", errs)
+	}
+}
