@@ -69,20 +69,18 @@ type Syscall struct {
 	OutOnEINTR bool
 }
 
-func scalar() ArgSpec                { return ArgSpec{Kind: ArgScalar, LenArg: -1} }
-func in(lenArg int) ArgSpec          { return ArgSpec{Kind: ArgIn, LenArg: lenArg} }
-func out(lenArg int) ArgSpec         { return ArgSpec{Kind: ArgOut, LenArg: lenArg} }
-func outFixed(n uint64) ArgSpec      { return ArgSpec{Kind: ArgOut, LenArg: -1, Fixed: n} }
-func inFixed(n uint64) ArgSpec       { return ArgSpec{Kind: ArgIn, LenArg: -1, Fixed: n} }
-func nullable(a ArgSpec) ArgSpec     { a.Nullable = true; return a }
-func path() ArgSpec                  { return ArgSpec{Kind: ArgPath, LenArg: -1} }
-func args(a ...ArgSpec) []ArgSpec    { return a }
-func scalars(n int) []ArgSpec        { return make([]ArgSpec, n) }
-func (s *Syscall) String() string    { return fmt.Sprintf("%s(%d)", s.Name, s.Nr) }
-func (s *Syscall) arg(i int) ArgSpec { return s.Args[i] }
-func (s *Syscall) nargs() int        { return len(s.Args) }
-func (a ArgSpec) isBuffer() bool     { return a.Kind == ArgIn || a.Kind == ArgOut }
-func (a ArgSpec) isPointer() bool    { return a.Kind != ArgScalar }
+func scalar() ArgSpec             { return ArgSpec{Kind: ArgScalar, LenArg: -1} }
+func in(lenArg int) ArgSpec       { return ArgSpec{Kind: ArgIn, LenArg: lenArg} }
+func out(lenArg int) ArgSpec      { return ArgSpec{Kind: ArgOut, LenArg: lenArg} }
+func outFixed(n uint64) ArgSpec   { return ArgSpec{Kind: ArgOut, LenArg: -1, Fixed: n} }
+func inFixed(n uint64) ArgSpec    { return ArgSpec{Kind: ArgIn, LenArg: -1, Fixed: n} }
+func nullable(a ArgSpec) ArgSpec  { a.Nullable = true; return a }
+func path() ArgSpec               { return ArgSpec{Kind: ArgPath, LenArg: -1} }
+func args(a ...ArgSpec) []ArgSpec { return a }
+func scalars(n int) []ArgSpec     { return make([]ArgSpec, n) }
+func (s *Syscall) String() string { return fmt.Sprintf("%s(%d)", s.Name, s.Nr) }
+func (s *Syscall) nargs() int     { return len(s.Args) }
+func (a ArgSpec) isBuffer() bool  { return a.Kind == ArgIn || a.Kind == ArgOut }
 func (a ArgSpec) fixedOrLen(r [6]uint64) uint64 {
 	if a.LenArg >= 0 {
 		return r[a.LenArg]

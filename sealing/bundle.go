@@ -112,12 +112,6 @@ func ParseEnvelope(data []byte) (*Envelope, error) {
 	return e, nil
 }
 
-// marshalSigned returns the signed part of a bundle.
-func marshalSigned(header, ciphertext []byte) []byte {
-	b := make([]byte, 0, prefixSize+len(header)+8+len(ciphertext)+2+MaxSignatureSize)
-	return append(appendPrefix(b, header, uint64(len(ciphertext))), ciphertext...)
-}
-
 // appendPrefix appends magic, format version, header length, header and
 // ciphertext length: the signed part up to the ciphertext.
 func appendPrefix(b, header []byte, ctLen uint64) []byte {
@@ -237,8 +231,6 @@ type body struct {
 const cloakSecretSize = 32
 
 func (b *body) size() int { return 12 + len(b.spec) + len(b.policy) + len(b.secret) }
-
-func (b *body) marshal() []byte { return b.appendTo(make([]byte, 0, b.size())) }
 
 func (b *body) appendTo(out []byte) []byte {
 	for _, f := range [][]byte{b.spec, b.policy, b.secret} {
