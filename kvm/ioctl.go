@@ -54,6 +54,7 @@ var (
 	ioctlGetMSRs             = kvmIOWR(0x88, 8)
 	ioctlSetMSRs             = kvmIOW(0x89, 8)
 	ioctlGetFPU              = kvmIOR(0x8c, sizeOf[FPU]())
+	ioctlGetLAPIC            = kvmIOR(0x8e, sizeOf[LAPICState]())
 	ioctlSetFPU              = kvmIOW(0x8d, sizeOf[FPU]())
 	ioctlSetCPUID2           = kvmIOW(0x90, 8)
 	ioctlSetGuestDebug       = kvmIOW(0x9b, sizeOf[guestDebug]())

@@ -54,9 +54,10 @@ const (
 	cloakKillStatus = 128 + 9 // integrity failure, forged call, protocol violation, Iago lie
 )
 
-// DefaultCloakSlice is how long a cloaked app runs in appVM before the system VM gets
-// the CPU back, so the guest kernel keeps scheduling.
-const DefaultCloakSlice = time.Millisecond
+// DefaultCloakSlice is the longest a cloaked app runs in appVM before the system VM
+// gets the CPU back, so the guest kernel keeps scheduling even with its own timer
+// masked; the app is stopped sooner, when the kernel's timer is due (cloak_slice.go).
+const DefaultCloakSlice = 10 * time.Millisecond
 
 // Security event kinds of cloaking (beyond EventCloakRegister and
 // EventIntegrityViolation).
@@ -180,8 +181,10 @@ type cloaking struct {
 	pp      *pageProt     // the VM's page protection (cloak_pageprot.go); nil without it
 	running *cloakApp     // the app appVM runs; nil: the system VM runs
 	parked  *kvm.ExitMMIO // the system VM's CLOAK_RESUME exit the running app came from
-	slice   time.Duration
+	slice   time.Duration // the longest slice (Config.CloakSlice)
 	stats   CloakStats
+	// timerWarned is set once the guest's timer could not be read (logged once).
+	timerWarned bool
 	// fatal is a monitor failure found by the userfaultfd goroutine; it ends the run.
 	fatal error
 }

@@ -19,8 +19,9 @@ func cryptoRandRead(b []byte) (int, error) { return rand.Read(b) }
 func (v *VM) runApp(runCtx context.Context) error {
 	c := v.cloak
 	x := c.running
+	slice := c.appSlice()
 	start := time.Now()
-	timer := time.AfterFunc(c.slice, c.av.cpu.Kick)
+	timer := time.AfterFunc(slice, c.av.cpu.Kick)
 	defer timer.Stop()
 	// reload is false after a kick that landed inside a stub: the stub must run on
 	// with the registers it has. Loading the thread's saved registers there would
@@ -71,7 +72,7 @@ func (v *VM) runApp(runCtx context.Context) error {
 				c.mu.Unlock()
 				return err
 			}
-			if time.Since(start) >= c.slice {
+			if time.Since(start) >= slice {
 				x.sum.Preempted++
 				c.act(x, trampPark, [6]uint64{})
 			}

@@ -34,8 +34,9 @@ type Config struct {
 	// CloakSecret is the VM's cloak master secret (32 bytes, from a sealed bundle);
 	// a fresh random one is used if nil.
 	CloakSecret []byte
-	// CloakSlice is how long a cloaked app runs before the guest kernel gets the CPU
-	// back (DefaultCloakSlice if zero).
+	// CloakSlice is the longest a cloaked app runs before the guest kernel gets the
+	// CPU back (DefaultCloakSlice if zero); it gets it sooner, when its own timer
+	// would interrupt the app (docs/cloak.md, "Preemption").
 	CloakSlice time.Duration
 }
 
@@ -115,6 +116,8 @@ type VM struct {
 	counter Counters
 	// maxPhysAddr is the guest's MAXPHYADDR, for page walks.
 	maxPhysAddr uint8
+	// tscKHz is the guest's TSC frequency (for its TSC-deadline timer).
+	tscKHz uint64
 
 	stopReason atomic.Pointer[error]
 
@@ -213,6 +216,7 @@ func New(cfg Config) (_ *VM, err error) {
 	if err != nil {
 		return nil, err
 	}
+	v.tscKHz = tsc
 	if err = writeBootState(v.mem, bootParams{image: v.image, cmdline: cfg.Cmdline, tscKHz: tsc, doorbell: DoorbellGPA}); err != nil {
 		return nil, err
 	}
