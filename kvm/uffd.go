@@ -260,22 +260,43 @@ func (u *Userfaultfd) Wake(mem []byte) error {
 }
 
 // Serve reads faults and passes each to handle until stop is closed (it returns nil
-// then) or reading or handle fails (it returns that error). It checks stop at least
-// every pollMs milliseconds; handle must resolve the fault (Continue, Copy, ...) or
-// the faulting thread stays blocked.
+// then) or reading or handle fails (it returns that error). Closing stop wakes it at
+// once (an eventfd beside the userfaultfd in its poll); pollMs bounds each wait all
+// the same (-1: no bound). handle must resolve the fault (Continue, Copy, ...) or the
+// faulting thread stays blocked.
 func (u *Userfaultfd) Serve(stop <-chan struct{}, pollMs int, handle func(UffdFault) error) error {
+	wake, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		return fmt.Errorf("userfaultfd serve: eventfd: %w", err)
+	}
+	served := make(chan struct{})
+	woke := make(chan struct{})
+	go func() {
+		defer close(woke)
+		select {
+		case <-stop:
+			one := [8]byte{1}
+			unix.Write(wake, one[:]) // cannot fail short of a bad fd: the counter is far from full
+		case <-served:
+		}
+	}()
+	defer func() { close(served); <-woke; unix.Close(wake) }()
+	fds := []unix.PollFd{{Fd: int32(u.fd), Events: unix.POLLIN}, {Fd: int32(wake), Events: unix.POLLIN}}
 	for {
 		select {
 		case <-stop:
 			return nil
 		default:
 		}
-		ok, err := u.WaitFault(pollMs)
-		if err != nil {
-			return err
+		fds[0].Revents, fds[1].Revents = 0, 0
+		if _, err := unix.Poll(fds, pollMs); err != nil {
+			if errors.Is(err, unix.EINTR) {
+				continue
+			}
+			return fmt.Errorf("userfaultfd poll: %w", err)
 		}
-		if !ok {
-			continue
+		if fds[0].Revents&unix.POLLIN == 0 {
+			continue // woken (stop is closed) or the bound passed
 		}
 		for {
 			f, err := u.ReadFault()

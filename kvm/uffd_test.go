@@ -3,6 +3,7 @@ package kvm
 import (
 	"fmt"
 	"testing"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -163,6 +164,33 @@ func TestUffdRejectsBadRanges(t *testing.T) {
 	}
 	if _, err := u.ReadFault(); err != ErrNoFault {
 		t.Fatalf("ReadFault with nothing pending = %v, want ErrNoFault", err)
+	}
+}
+
+// TestUffdServeWakesOnStop shows that closing stop ends Serve at once, even with no
+// bound on its poll: shutting a VM down does not wait out a poll timeout.
+func TestUffdServeWakesOnStop(t *testing.T) {
+	u, err := NewUserfaultfd(0)
+	if err != nil {
+		t.Skipf("userfaultfd: %v", err)
+	}
+	defer u.Close()
+	for _, pollMs := range []int{-1, 60_000} {
+		stop := make(chan struct{})
+		done := make(chan error, 1)
+		go func() { done <- u.Serve(stop, pollMs, func(UffdFault) error { return nil }) }()
+		time.Sleep(10 * time.Millisecond) // let it block in poll
+		closed := time.Now()
+		close(stop)
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("pollMs %d: Serve: %v", pollMs, err)
+			}
+			t.Logf("pollMs %d: Serve returned %v after stop", pollMs, time.Since(closed))
+		case <-time.After(5 * time.Second):
+			t.Fatalf("pollMs %d: Serve still running 5 s after stop was closed", pollMs)
+		}
 	}
 }
 

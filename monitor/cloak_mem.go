@@ -445,7 +445,7 @@ func (f *cloakUffd) close() error {
 
 func (f *cloakUffd) serve() {
 	defer close(f.done)
-	if err := f.u.Serve(f.stop, 50, f.handle); err != nil {
+	if err := f.u.Serve(f.stop, -1, f.handle); err != nil { // close wakes it
 		f.c.setFatal(err)
 	}
 }
