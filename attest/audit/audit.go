@@ -21,6 +21,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -101,8 +102,10 @@ type Log struct {
 }
 
 // Open opens the audit log at path, creating it (with a log-start record) if it does
-// not exist. An existing log is verified in full; an incomplete last line (a crash
-// mid-append: that record was never acknowledged) is cut off. A log that fails
+// not exist. An existing log is verified from its checkpoint (checkpoint.go: the
+// checkpointed record must be there unchanged, every record after it is verified),
+// or in full if it has none; an incomplete last line (a crash mid-append: that record
+// was never acknowledged) is cut off. A log that fails
 // verification otherwise is not appended to: move it away (keep it as evidence) and
 // open a new one.
 func Open(path string, logger *slog.Logger) (*Log, error) {
@@ -117,7 +120,11 @@ func Open(path string, logger *slog.Logger) (*Log, error) {
 		return nil, fmt.Errorf("open audit log: %w", err)
 	}
 	l := &Log{f: f, path: path, log: logger}
-	res := Verify(f, nil)
+	res, full, err := verifyAtOpen(f, path, logger)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("open audit log %s: %w", path, err)
+	}
 	switch {
 	case res.FirstBad != nil:
 		f.Close()
@@ -138,6 +145,9 @@ func Open(path string, logger *slog.Logger) (*Log, error) {
 		return nil, fmt.Errorf("open audit log: %w", err)
 	}
 	l.head = res.Head
+	if full {
+		l.saveCheckpoint(res.Head, res.GoodBytes)
+	}
 	if res.Records == 0 {
 		id := make([]byte, 16)
 		rand.Read(id)
@@ -275,7 +285,8 @@ func (l *Log) AnchorEvery(ctx context.Context, m Measurer, interval time.Duratio
 	}
 }
 
-// Close closes the file. Anchor first (at stop) so the final head is committed.
+// Close writes the checkpoint and closes the file. Anchor first (at stop) so the final
+// head is committed.
 func (l *Log) Close() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -283,6 +294,9 @@ func (l *Log) Close() error {
 		return nil
 	}
 	l.closed = true
+	if end, err := l.f.Seek(0, io.SeekCurrent); err == nil {
+		l.saveCheckpoint(l.head, end)
+	}
 	return l.f.Close()
 }
 

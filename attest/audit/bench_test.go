@@ -1,11 +1,14 @@
 package audit_test
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/umbra-cc/umbra/attest/audit"
 )
@@ -55,4 +58,81 @@ func BenchmarkAppend(b *testing.B) {
 			}
 		}
 	})
+}
+
+// synthLog writes a valid log of n records after log-start, as Append would write
+// them but without an fsync per record, and opens and closes it once so that it has
+// a checkpoint.
+func synthLog(b *testing.B, dir string, n int) string {
+	b.Helper()
+	path := filepath.Join(dir, fmt.Sprintf("audit-%d.jsonl", n))
+	l, err := audit.Open(path, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	h := l.Head()
+	l.Close()
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		b.Fatal(err)
+	}
+	w := bufio.NewWriter(f)
+	prev := h.Hash
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	for i := range n {
+		rec := audit.Record{Seq: h.Seq + 1 + uint64(i), Time: t0.Add(time.Duration(i) * time.Second), Kind: audit.KindDecision,
+			VM: "demo-vm", Actor: "operator", Details: benchDetails, Prev: prev}
+		raw, _ := json.Marshal(&rec)
+		prev = audit.HashRecord(raw)
+		line, _ := json.Marshal(audit.Entry{Record: raw, Hash: prev})
+		w.Write(append(line, '\n'))
+	}
+	if err := w.Flush(); err != nil {
+		b.Fatal(err)
+	}
+	f.Close()
+	os.Remove(audit.CheckpointPath(path))
+	if l, err = audit.Open(path, nil); err != nil { // full verification, then a checkpoint
+		b.Fatal(err)
+	}
+	l.Close()
+	return path
+}
+
+// BenchmarkOpenHistory shows what opening the log at launch costs per prior record:
+// the same logs (log-start alone, and 100k decision records more) opened from their
+// checkpoint and in full (checkpoint removed), interleaved. Each Open appends nothing
+// and its Close rewrites the checkpoint, as a launch does.
+func BenchmarkOpenHistory(b *testing.B) {
+	const n = 100_000
+	dir := b.TempDir()
+	empty, full := synthLog(b, dir, 0), synthLog(b, dir, n)
+	open := func(path string, keep bool) time.Duration {
+		if !keep {
+			os.Remove(audit.CheckpointPath(path))
+		}
+		start := time.Now()
+		l, err := audit.Open(path, nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		d := time.Since(start)
+		l.Close()
+		return d
+	}
+	var cp0, cpN, full0, fullN time.Duration
+	for b.Loop() {
+		cp0 += open(empty, true)
+		cpN += open(full, true)
+		full0 += open(empty, false)
+		fullN += open(full, false)
+	}
+	per := func(d time.Duration) float64 { return float64(d.Microseconds()) / float64(b.N) }
+	b.ReportMetric(per(cp0), "checkpoint-0-µs")
+	b.ReportMetric(per(cpN), "checkpoint-100k-µs")
+	b.ReportMetric(per(fullN), "full-100k-µs")
+	b.ReportMetric(float64(cpN)/float64(cp0), "checkpoint-100k/0")
+	b.ReportMetric(float64(fullN)/float64(full0), "full-100k/0")
+	b.ReportMetric(float64(cpN-cp0)/float64(b.N)/n, "checkpoint-ns/record")
+	b.ReportMetric(float64(fullN-full0)/float64(b.N)/n, "full-ns/record")
 }

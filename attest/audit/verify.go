@@ -62,11 +62,21 @@ type Result struct {
 // calls fn with every verified record (fn may be nil). It stops at the first bad
 // record. It is the one parser of audit log files.
 func Scan(r io.Reader, fn func(rec *Record, hash string) error) *Result {
-	res := &Result{OK: true}
+	return scanFrom(r, Head{}, 0, fn)
+}
+
+// scanFrom is Scan of the rest of a log whose first records, up to and including
+// head, ending at byte offset goodBytes, are already verified (checkpoint.go). The
+// result counts them.
+func scanFrom(r io.Reader, head Head, goodBytes int64, fn func(rec *Record, hash string) error) *Result {
+	res := &Result{OK: true, Head: head, Records: int(head.Seq), GoodBytes: goodBytes}
 	br := bufio.NewReaderSize(r, 64<<10)
 	prevHash := zeroHash
-	var lastSeq uint64
-	for line := 1; ; line++ {
+	if head.Seq > 0 {
+		prevHash = head.Hash
+	}
+	lastSeq := head.Seq
+	for line := int(head.Seq) + 1; ; line++ {
 		b, err := eventlog.ReadLine(br, MaxLineBytes)
 		if err == io.EOF && len(b) == 0 {
 			break

@@ -1,0 +1,235 @@
+package audit
+
+// Incremental verification at Open: the monitor keeps, beside the log, a checkpoint
+// naming the last record it verified or wrote (its seq, hash and where its line
+// ends). Open checks that this record is still there, unchanged, and verifies only the
+// records after it; docs/audit.md ("Checkpoint") argues why that is as strong as
+// re-verifying the whole log. Verify, and so `umbra audit verify`, stays a full
+// verification.
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+
+	"github.com/umbra-cc/umbra/attest/eventlog"
+)
+
+// CheckpointSuffix names a log's checkpoint file: <log path> + CheckpointSuffix.
+const CheckpointSuffix = ".checkpoint"
+
+// maxCheckpointBytes bounds the checkpoint file (a few hundred bytes when valid).
+const maxCheckpointBytes = 4096
+
+// Checkpoint names the newest record of a log that the monitor verified or wrote.
+type Checkpoint struct {
+	Version int    `json:"version"` // 1
+	LogID   string `json:"log_id"`
+	Seq     uint64 `json:"seq"`
+	Hash    string `json:"hash"`
+	// Offset is the byte offset just past that record's line.
+	Offset int64 `json:"offset"`
+}
+
+// CheckpointPath returns the path of the checkpoint of the log at logPath.
+func CheckpointPath(logPath string) string { return logPath + CheckpointSuffix }
+
+func (c *Checkpoint) validate() error {
+	if c.Version != 1 {
+		return fmt.Errorf("version %d, want 1", c.Version)
+	}
+	if b, err := hex.DecodeString(c.LogID); err != nil || len(b) != 16 {
+		return errors.New("log_id is not 32 hex digits")
+	}
+	if b, err := hex.DecodeString(c.Hash); err != nil || len(b) != 32 {
+		return errors.New("hash is not a 32-byte hex hash")
+	}
+	if c.Seq == 0 || c.Offset <= 0 || uint64(c.Offset) < c.Seq {
+		return fmt.Errorf("seq %d at offset %d is impossible", c.Seq, c.Offset)
+	}
+	return nil
+}
+
+// ReadCheckpoint reads and checks the checkpoint of the log at logPath. It returns an
+// error wrapping fs.ErrNotExist if there is none.
+func ReadCheckpoint(logPath string) (*Checkpoint, error) {
+	f, err := os.Open(CheckpointPath(logPath))
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, maxCheckpointBytes+1))
+	if err != nil {
+		return nil, fmt.Errorf("read audit checkpoint: %w", err)
+	}
+	if len(b) > maxCheckpointBytes {
+		return nil, fmt.Errorf("audit checkpoint %s is over %d bytes", CheckpointPath(logPath), maxCheckpointBytes)
+	}
+	c, err := parseCheckpoint(b)
+	if err != nil {
+		return nil, fmt.Errorf("audit checkpoint %s: %w", CheckpointPath(logPath), err)
+	}
+	return c, nil
+}
+
+func parseCheckpoint(b []byte) (*Checkpoint, error) {
+	var c Checkpoint
+	if err := strictDecode(b, &c); err != nil {
+		return nil, err
+	}
+	if err := c.validate(); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+// writeCheckpoint replaces the checkpoint atomically (a new file renamed over it), so
+// a crash or a concurrent writer leaves one whole checkpoint or the other.
+func writeCheckpoint(logPath string, c Checkpoint) error {
+	b, err := json.Marshal(c)
+	if err != nil {
+		return err
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(logPath), filepath.Base(logPath)+".checkpoint-*")
+	if err != nil {
+		return fmt.Errorf("write audit checkpoint: %w", err)
+	}
+	defer os.Remove(tmp.Name()) // after the rename, a no-op
+	_, err = tmp.Write(append(b, '\n'))
+	if err == nil {
+		err = tmp.Sync()
+	}
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp.Name(), CheckpointPath(logPath))
+	}
+	if err == nil {
+		err = eventlog.SyncDir(logPath)
+	}
+	if err != nil {
+		return fmt.Errorf("write audit checkpoint: %w", err)
+	}
+	return nil
+}
+
+// checkpointedLine checks that the line of f ending at c.Offset is record c.Seq with
+// hash c.Hash: that record, and through the hash chain every record before it, is
+// what was there when the checkpoint was written.
+func checkpointedLine(f io.ReaderAt, c *Checkpoint) error {
+	n := min(c.Offset, MaxLineBytes+1)
+	buf := make([]byte, n)
+	if _, err := f.ReadAt(buf, c.Offset-n); err != nil {
+		if errors.Is(err, io.EOF) {
+			return errors.New("the log is shorter than the checkpoint: records were removed from its end")
+		}
+		return err
+	}
+	if buf[n-1] != '\n' {
+		return errors.New("no line ends where the checkpointed record did: records were removed or rewritten")
+	}
+	line := buf[:n-1]
+	if i := bytes.LastIndexByte(line, '\n'); i >= 0 {
+		line = line[i+1:]
+	} else if c.Offset-n != 0 {
+		return errors.New("the line ending at the checkpoint is too long: records were rewritten")
+	}
+	var e Entry
+	if err := strictDecode(line, &e); err != nil {
+		return fmt.Errorf("the line ending at the checkpoint is not an audit log line (%v): records were removed or rewritten", err)
+	}
+	if e.Hash != c.Hash || HashRecord(e.Record) != c.Hash {
+		return errors.New("the record at the checkpoint is not the one checkpointed: the log was rewritten")
+	}
+	var rec Record
+	if err := strictDecode(e.Record, &rec); err != nil || rec.Seq != c.Seq {
+		return errors.New("the record at the checkpoint has another seq: the log was rewritten")
+	}
+	return nil
+}
+
+// firstLogID returns the log_id of the log-start record on f's first line, or "" if
+// the first line is not one.
+func firstLogID(f io.ReaderAt) string {
+	br := bufio.NewReader(io.NewSectionReader(f, 0, MaxLineBytes+1))
+	b, err := eventlog.ReadLine(br, MaxLineBytes)
+	if err != nil {
+		return ""
+	}
+	var e Entry
+	var rec Record
+	var d struct {
+		LogID string `json:"log_id"`
+	}
+	if strictDecode(b, &e) != nil || strictDecode(e.Record, &rec) != nil || rec.Kind != KindLogStart || json.Unmarshal(rec.Details, &d) != nil {
+		return ""
+	}
+	return d.LogID
+}
+
+// verifyAtOpen verifies the log Open has opened: from its checkpoint if there is a
+// usable one, in full otherwise. full reports a full verification (worth a new
+// checkpoint). A checkpointed record that is gone or changed fails the log, as a
+// broken chain does.
+func verifyAtOpen(f *os.File, path string, logger *slog.Logger) (res *Result, full bool, err error) {
+	fullVerify := func() (*Result, bool, error) {
+		if _, err := f.Seek(0, io.SeekStart); err != nil {
+			return nil, false, err
+		}
+		return Verify(f, nil), true, nil
+	}
+	c, err := ReadCheckpoint(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return fullVerify()
+	case err != nil:
+		logger.Warn("audit log: ignoring an unusable checkpoint; verifying the whole log", "path", path, "err", err)
+		return fullVerify()
+	}
+	if id := firstLogID(f); id != c.LogID {
+		// Moved away and started anew (as a failed Open advises), or replaced:
+		// the checkpoint is of another log. The whole log is verified.
+		logger.Info("audit log: the checkpoint is of another log; verifying the whole log", "path", path, "checkpoint_log_id", c.LogID, "log_id", id)
+		return fullVerify()
+	}
+	if err := checkpointedLine(f, c); err != nil {
+		return &Result{FirstBad: &Bad{Line: int(c.Seq), Seq: c.Seq, Reason: fmt.Sprintf(
+			"%v (the monitor verified or wrote record %d, ending at byte %d, per %s)", err, c.Seq, c.Offset, CheckpointPath(path))}}, false, nil
+	}
+	if _, err := f.Seek(c.Offset, io.SeekStart); err != nil {
+		return nil, false, err
+	}
+	res = scanFrom(f, Head{LogID: c.LogID, Seq: c.Seq, Hash: c.Hash}, c.Offset, nil)
+	logger.Debug("audit log: verified from its checkpoint", "path", path, "checkpoint_seq", c.Seq, "records", res.Records)
+	return res, false, nil
+}
+
+// saveCheckpoint records head, whose line ends at offset, as the log's checkpoint,
+// after checking that it does (so that a checkpoint never names a record the file
+// does not hold where it says). A failure only costs a full verification at the next
+// Open, so it is logged, not returned.
+func (l *Log) saveCheckpoint(head Head, offset int64) {
+	if head.Seq == 0 || head.LogID == "" {
+		return
+	}
+	c := Checkpoint{Version: 1, LogID: head.LogID, Seq: head.Seq, Hash: head.Hash, Offset: offset}
+	err := c.validate()
+	if err == nil {
+		err = checkpointedLine(l.f, &c)
+	}
+	if err == nil {
+		err = writeCheckpoint(l.path, c)
+	}
+	if err != nil {
+		l.log.Warn("audit log: no checkpoint written; the next open verifies the whole log", "path", l.path, "seq", head.Seq, "err", err)
+	}
+}
