@@ -1,9 +1,7 @@
 package audit_test
 
 import (
-	"bufio"
 	"context"
-	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -11,9 +9,10 @@ import (
 	"time"
 
 	"github.com/umbra-cc/umbra/attest/audit"
+	"github.com/umbra-cc/umbra/attest/audit/audittest"
 )
 
-var benchDetails = json.RawMessage(`{"action":"console","allow":false,"reasons":["console access is forbidden outside maintenance windows"],"subject":"operator@example"}`)
+var benchDetails = audittest.Details
 
 // BenchmarkAppend compares audit.Append (JSON encoding, hash chain, write, fsync)
 // with raw fsync'd appends of a line of the same size, in the same directory.
@@ -60,42 +59,13 @@ func BenchmarkAppend(b *testing.B) {
 	})
 }
 
-// synthLog writes a valid log of n records after log-start, as Append would write
-// them but without an fsync per record, and opens and closes it once so that it has
-// a checkpoint.
+// synthLog writes a log of n records after log-start, checkpointed at its head.
 func synthLog(b *testing.B, dir string, n int) string {
 	b.Helper()
 	path := filepath.Join(dir, fmt.Sprintf("audit-%d.jsonl", n))
-	l, err := audit.Open(path, nil)
-	if err != nil {
+	if err := audittest.Extend(path, n); err != nil {
 		b.Fatal(err)
 	}
-	h := l.Head()
-	l.Close()
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0o600)
-	if err != nil {
-		b.Fatal(err)
-	}
-	w := bufio.NewWriter(f)
-	prev := h.Hash
-	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	for i := range n {
-		rec := audit.Record{Seq: h.Seq + 1 + uint64(i), Time: t0.Add(time.Duration(i) * time.Second), Kind: audit.KindDecision,
-			VM: "demo-vm", Actor: "operator", Details: benchDetails, Prev: prev}
-		raw, _ := json.Marshal(&rec)
-		prev = audit.HashRecord(raw)
-		line, _ := json.Marshal(audit.Entry{Record: raw, Hash: prev})
-		w.Write(append(line, '\n'))
-	}
-	if err := w.Flush(); err != nil {
-		b.Fatal(err)
-	}
-	f.Close()
-	os.Remove(audit.CheckpointPath(path))
-	if l, err = audit.Open(path, nil); err != nil { // full verification, then a checkpoint
-		b.Fatal(err)
-	}
-	l.Close()
 	return path
 }
 

@@ -126,22 +126,9 @@ func writeCheckpoint(logPath string, c Checkpoint) error {
 // hash c.Hash: that record, and through the hash chain every record before it, is
 // what was there when the checkpoint was written.
 func checkpointedLine(f io.ReaderAt, c *Checkpoint) error {
-	n := min(c.Offset, MaxLineBytes+1)
-	buf := make([]byte, n)
-	if _, err := f.ReadAt(buf, c.Offset-n); err != nil {
-		if errors.Is(err, io.EOF) {
-			return errors.New("the log is shorter than the checkpoint: records were removed from its end")
-		}
+	line, err := lineEndingAt(f, c.Offset)
+	if err != nil {
 		return err
-	}
-	if buf[n-1] != '\n' {
-		return errors.New("no line ends where the checkpointed record did: records were removed or rewritten")
-	}
-	line := buf[:n-1]
-	if i := bytes.LastIndexByte(line, '\n'); i >= 0 {
-		line = line[i+1:]
-	} else if c.Offset-n != 0 {
-		return errors.New("the line ending at the checkpoint is too long: records were rewritten")
 	}
 	var e Entry
 	if err := strictDecode(line, &e); err != nil {
@@ -155,6 +142,33 @@ func checkpointedLine(f io.ReaderAt, c *Checkpoint) error {
 		return errors.New("the record at the checkpoint has another seq: the log was rewritten")
 	}
 	return nil
+}
+
+// lineEndingAt returns the line whose newline is the byte before off, reading back
+// from off in growing chunks (most lines are a few hundred bytes; none is longer
+// than MaxLineBytes).
+func lineEndingAt(f io.ReaderAt, off int64) ([]byte, error) {
+	for n := min(off, 4096); ; n = min(off, 4*n, MaxLineBytes+1) {
+		buf := make([]byte, n)
+		if _, err := f.ReadAt(buf, off-n); err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil, errors.New("the log is shorter than the checkpoint: records were removed from its end")
+			}
+			return nil, err
+		}
+		if buf[n-1] != '\n' {
+			return nil, errors.New("no line ends where the checkpointed record did: records were removed or rewritten")
+		}
+		if i := bytes.LastIndexByte(buf[:n-1], '\n'); i >= 0 {
+			return buf[i+1 : n-1], nil
+		}
+		if n == off {
+			return buf[:n-1], nil // the first line
+		}
+		if n > MaxLineBytes {
+			return nil, errors.New("the line ending at the checkpoint is too long: records were rewritten")
+		}
+	}
 }
 
 // firstLogID returns the log_id of the log-start record on f's first line, or "" if
