@@ -11,7 +11,7 @@ import (
 	"github.com/umbra-cc/umbra/kvm"
 )
 
-func requireKVMForCLI(t *testing.T) {
+func requireKVMForCLI(t testing.TB) {
 	t.Helper()
 	if err := kvm.Available(); err != nil {
 		if os.Getenv("UMBRA_REQUIRE_KVM") != "" {
