@@ -33,6 +33,9 @@ type Attester struct {
 	ak    *tpm2.CreatePrimaryResponse
 	ekPub []byte
 	akPub []byte
+	// ekCert is the EK certificate read from NV at NewAttester (nil if none): it is
+	// fixed for the TPM's life, so it is not read again per quote.
+	ekCert []byte
 }
 
 // AKTemplate is the attestation key template (go-tpm-tools client.AKTemplateRSA).
@@ -71,7 +74,7 @@ func NewAttester(tpm transport.TPM) (*Attester, error) {
 	// one transient object the attester keeps loaded.
 	ekPub := ek.OutPublic.Bytes()
 	tpm2.FlushContext{FlushHandle: ek.ObjectHandle}.Execute(tpm)
-	a := &Attester{tpm: tpm, ekPub: ekPub}
+	a := &Attester{tpm: tpm, ekPub: ekPub, ekCert: readEKCert(tpm)}
 	ak, err := tpm2.CreatePrimary{
 		PrimaryHandle: tpm2.TPMRHOwner,
 		InPublic:      tpm2.New2B(AKTemplate),
@@ -153,9 +156,24 @@ func (a *Attester) Collect(ctx context.Context, opts Options) (*Evidence, error)
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	attestBytes, sig, values, err := a.consistentQuote(opts.Nonce, pcrs)
-	if err != nil {
-		return nil, fmt.Errorf("collect evidence: %w", err)
+	var attestBytes, sig []byte
+	var values [][]byte
+	var recs []eventlog.Record
+	var err error
+	if opts.ReadLog != nil && slices.Equal(pcrs, logPCRs) {
+		// Every quoted PCR is accounted for by the log: its values are those of
+		// the log prefix that hashes to the quote's pcrDigest (quotefromlog.go),
+		// with no PCR_Read; if none does, read them back.
+		attestBytes, sig, values, recs, err = a.quoteFromLog(opts.Nonce, pcrs, opts.ReadLog)
+		if err != nil {
+			return nil, fmt.Errorf("collect evidence: %w", err)
+		}
+	}
+	if values == nil {
+		attestBytes, sig, values, err = a.consistentQuote(opts.Nonce, pcrs)
+		if err != nil {
+			return nil, fmt.Errorf("collect evidence: %w", err)
+		}
 	}
 	ev := &Evidence{
 		Version:         Version,
@@ -163,7 +181,7 @@ func (a *Attester) Collect(ctx context.Context, opts Options) (*Evidence, error)
 		Nonce:           hex.EncodeToString(opts.Nonce),
 		HostFingerprint: attest.HostFingerprint(a.ekPub),
 		EKPublic:        a.ekPub,
-		EKCert:          readEKCert(a.tpm),
+		EKCert:          a.ekCert,
 		AKPublic:        a.akPub,
 		Quote:           Quote{Attest: attestBytes, Signature: sig},
 		LogPCRs:         logPCRs,
@@ -174,9 +192,10 @@ func (a *Attester) Collect(ctx context.Context, opts Options) (*Evidence, error)
 		ev.Quote.PCRs = append(ev.Quote.PCRs, PCRValue{Index: p, Value: hex.EncodeToString(values[i])})
 	}
 	if opts.ReadLog != nil {
-		recs, err := opts.ReadLog()
-		if err != nil {
-			return nil, fmt.Errorf("collect evidence: read event log: %w", err)
+		if recs == nil {
+			if recs, err = opts.ReadLog(); err != nil {
+				return nil, fmt.Errorf("collect evidence: read event log: %w", err)
+			}
 		}
 		ev.EventLog, err = matchingPrefix(recs, logPCRs, quoted)
 		if err != nil {
