@@ -645,4 +645,3 @@ func fileLines(b *testing.B, path string) []string {
 	}
 	return strings.Split(strings.TrimSuffix(string(data), "\n"), "\n")
 }
-
