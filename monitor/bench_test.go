@@ -64,26 +64,36 @@ func BenchmarkHypercallVsBareMMIO(b *testing.B) {
 // interleave runs a and c alternately in chunks (so drift on this shared machine
 // hits both alike) and returns their mean costs in ns.
 func interleave(b *testing.B, a, c func()) (aNs, cNs float64) {
+	ns := interleaveN(b, a, c)
+	return ns[0], ns[1]
+}
+
+// interleaveN is interleave of any number of sides: after a warm-up, chunks of 64
+// calls of each in turn, so that the load of a shared machine hits all alike. It
+// returns each side's ns per call.
+func interleaveN(b *testing.B, fs ...func()) []float64 {
 	for i := 0; i < 50; i++ {
-		a()
-		c()
+		for _, f := range fs {
+			f()
+		}
 	}
 	const chunk = 64
-	var ta, tc time.Duration
+	t := make([]time.Duration, len(fs))
 	b.ResetTimer()
 	for done := 0; done < b.N; done += chunk {
 		n := min(chunk, b.N-done)
-		t0 := time.Now()
-		for i := 0; i < n; i++ {
-			a()
+		for k, f := range fs {
+			t0 := time.Now()
+			for i := 0; i < n; i++ {
+				f()
+			}
+			t[k] += time.Since(t0)
 		}
-		t1 := time.Now()
-		for i := 0; i < n; i++ {
-			c()
-		}
-		tc += time.Since(t1)
-		ta += t1.Sub(t0)
 	}
 	b.StopTimer()
-	return float64(ta.Nanoseconds()) / float64(b.N), float64(tc.Nanoseconds()) / float64(b.N)
+	ns := make([]float64, len(fs))
+	for k := range t {
+		ns[k] = float64(t[k].Nanoseconds()) / float64(b.N)
+	}
+	return ns
 }

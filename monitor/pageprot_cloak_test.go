@@ -400,10 +400,19 @@ func BenchmarkPageProtCloakedViolation(b *testing.B) {
 					b.Fatalf("raw: %d faults", n)
 				}
 			}
-			ourNs, rawNs := interleave(b, ours, raw)
+			bareExit := bareMMIOExit(b)
+			bare := func() {
+				for range stores {
+					bareExit()
+				}
+			}
+			ns := interleaveN(b, ours, raw, bare)
+			ourNs, rawNs, bareNs := ns[0], ns[1], ns[2]
 			b.ReportMetric(rawNs/stores, "raw-appfault-ns")
+			b.ReportMetric(bareNs/stores, "bare-mmio-exit-ns")
 			b.ReportMetric(ourNs/stores, "violation-ns")
-			b.ReportMetric(ourNs/rawNs, "violation/raw")
+			b.ReportMetric(ourNs/rawNs, "violation/raw-appfault")
+			b.ReportMetric(ourNs/bareNs, "violation/bare-mmio-exit")
 			if st := v.PageProtStats(); st.Violations == 0 {
 				b.Fatalf("no violations counted: %+v", st)
 			}
