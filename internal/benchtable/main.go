@@ -1,0 +1,177 @@
+// Command benchtable reads `go test -bench` output on stdin and prints the table of
+// docs/performance.md: each ratio against its target, with the benchmark that
+// measures it. `make bench` runs the benchmarks and pipes them here. A benchmark run
+// several times (-count) shows the range of its figures; the row meets its target
+// only if every run did. It exits 1 if a target is missed, 2 if a row has no figure.
+package main
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"os"
+	"slices"
+	"regexp"
+	"strconv"
+	"strings"
+)
+
+// row is one line of the table: the metric a benchmark reports, and its target.
+type row struct {
+	what   string
+	bench  string  // the benchmark's full name, without the -GOMAXPROCS suffix
+	metric string  // the b.ReportMetric unit
+	target float64 // the most the ratio may be; 0: no target (shown for context)
+}
+
+var rows = []row{
+	{"compute-only cloaked app (`cloakprobe:spin`) vs uncloaked, computation", "BenchmarkCloakCompute", "cloaked/uncloaked", 1.1},
+	{"compute-only cloaked app vs uncloaked, whole run (CPU time)", "BenchmarkCloakCompute", "run-cpu-cloaked/uncloaked", 1.1},
+	{"the same, with the old fixed 1 ms slice (whole run, CPU)", "BenchmarkCloakCompute", "run-cpu-cloaked-1ms/uncloaked", 0},
+	{"fault-bound cloaked app run (`BenchmarkCloakAppRun`)", "BenchmarkCloakAppRun", "cloaked/uncloaked", 1.1},
+	{"demo `umbra run`, cloaked vs not (CPU time)", "BenchmarkRunCloaked", "cpu-cloaked/uncloaked", 1.1},
+	{"`umbra run` CPU time, 100k prior audit records vs 0", "BenchmarkRunHistory", "cpu-100k/0", 1.1},
+	{"the same, verifying the whole log at open (as before)", "BenchmarkRunHistory", "cpu-100k-full-verify/0", 0},
+	{"seal vs bare go-tpm (simulator)", "BenchmarkSealing/sim/seal", "umbra/bare", 1.2},
+	{"seal vs bare go-tpm (swtpm)", "BenchmarkSealing/swtpm/seal", "umbra/bare", 1.2},
+	{"quote + verify vs bare quote + signature check (simulator)", "BenchmarkQuote/simulator", "umbra/bare", 1.2},
+	{"quote + verify vs bare quote + signature check (swtpm)", "BenchmarkQuote/swtpm", "umbra/bare", 1.2},
+	{"page-protection upcall round trip vs one bare MMIO exit", "BenchmarkPageProtViolation/upcall", "ratio", 2},
+	{"the same per exit (two bare MMIO exits)", "BenchmarkPageProtViolation/upcall", "ratio-per-exit", 0},
+	{"page-protection `skip` violation vs bare MMIO exit", "BenchmarkPageProtViolation/skip", "ratio", 0},
+	{"cloaked-app page-protection `log` vs raw appVM fault", "BenchmarkPageProtCloakedViolation/log", "violation/raw-appfault", 2},
+	{"cloaked-app page-protection `log` vs bare MMIO exit", "BenchmarkPageProtCloakedViolation/log", "violation/bare-mmio-exit", 0},
+	{"cloaked-app page-protection `skip` vs raw appVM fault", "BenchmarkPageProtCloakedViolation/skip", "violation/raw-appfault", 0},
+	{"system-view transition vs userfaultfd + GCM, per page", "BenchmarkCloakTransitions", "sys/raw", 0},
+	{"app-view transition vs raw appVM fault + GCM, per page", "BenchmarkCloakTransitions", "app/raw-appfault-per-page", 0},
+	{"app-view transition vs raw appVM fault + GCM, per exit", "BenchmarkCloakTransitions", "app/raw-appfault-per-exit", 0},
+	{"Guard decision + audit append vs bare OPA + write+fsync", "BenchmarkGuardDecision", "guard/bare", 0},
+	{"audit open from checkpoint, 100k records vs 0", "BenchmarkOpenHistory", "checkpoint-100k/0", 0},
+}
+
+// scalingRows are the growth rates: absolute costs per unit, shown without targets.
+var scalingRows = []row{
+	{"audit open from its checkpoint, per prior record", "BenchmarkOpenHistory", "checkpoint-ns/record", 0},
+	{"audit open verifying in full, per prior record", "BenchmarkOpenHistory", "full-ns/record", 0},
+	{"policy decision, per deny rule that does not fire", "BenchmarkDecisionPerRule", "ns/rule", 0},
+	{"cloaking, per first-touched cloaked page (over the same run uncloaked)", "BenchmarkCloakScaling/per-page", "cloaking-ns/page", 0},
+	{"cloaking, per cloaked app (over the same apps uncloaked)", "BenchmarkCloakScaling/per-app", "cloaking-ns/app", 0},
+	{"a cloaked run, per GiB of guest RAM", "BenchmarkCloakScaling/per-GiB", "cloaked-ms/GiB", 0},
+	{"an uncloaked run, per GiB of guest RAM", "BenchmarkCloakScaling/per-GiB", "uncloaked-ms/GiB", 0},
+}
+
+var (
+	benchLine = regexp.MustCompile(`^(Benchmark\S+?)(?:-\d+)?\s+\d+\s+(.*)$`)
+	benchName = regexp.MustCompile(`^(Benchmark\S+?)(?:-\d+)?\s`)
+	// contLine is a result printed on a line of its own, after the benchmark's logs.
+	contLine = regexp.MustCompile(`^\s+\d+\s+(\d.*ns/op.*)$`)
+)
+
+// parse returns every value of every metric of every benchmark in the output.
+func parse(r io.Reader) (map[string]map[string][]float64, error) {
+	out := map[string]map[string][]float64{}
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	last := "" // a benchmark whose name was printed before its logs
+	for sc.Scan() {
+		m := benchLine.FindStringSubmatch(sc.Text())
+		if m == nil {
+			if n := benchName.FindStringSubmatch(sc.Text()); n != nil {
+				last = n[1]
+			} else if c := contLine.FindStringSubmatch(sc.Text()); c != nil && last != "" {
+				m = []string{"", last, c[1]}
+			}
+		}
+		if m == nil {
+			continue
+		}
+		last = ""
+		f := strings.Fields(m[2])
+		for i := 0; i+1 < len(f); i += 2 {
+			v, err := strconv.ParseFloat(f[i], 64)
+			if err != nil {
+				break // a log line interleaved with the figures: keep what was read
+			}
+			if out[m[1]] == nil {
+				out[m[1]] = map[string][]float64{}
+			}
+			out[m[1]][f[i+1]] = append(out[m[1]][f[i+1]], v)
+		}
+	}
+	return out, sc.Err()
+}
+
+// render writes the table and reports whether every target was met and every row
+// had a figure.
+func render(w io.Writer, got map[string]map[string][]float64) (met, complete bool) {
+	met, complete = true, true
+	fmt.Fprintln(w, "| measure | target | measured (min–max) | runs | | benchmark |")
+	fmt.Fprintln(w, "| --- | --- | --- | --- | --- | --- |")
+	for _, r := range rows {
+		if !line(w, r, got[r.bench][r.metric], &met) {
+			complete = false
+		}
+	}
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "| growth | per unit (min–max) | runs | benchmark |")
+	fmt.Fprintln(w, "| --- | --- | --- | --- |")
+	for _, r := range scalingRows {
+		vs := got[r.bench][r.metric]
+		if len(vs) == 0 {
+			complete = false
+		}
+		fmt.Fprintf(w, "| %s | %s | %d | `%s` %s |\n", r.what, figure(vs, "%.4g"), len(vs), r.bench, r.metric)
+	}
+	return met, complete
+}
+
+// figure formats the range of vs.
+func figure(vs []float64, format string) string {
+	if len(vs) == 0 {
+		return "no figure"
+	}
+	lo, hi := vs[0], vs[0]
+	for _, v := range vs {
+		lo, hi = min(lo, v), max(hi, v)
+	}
+	if len(vs) == 1 {
+		return fmt.Sprintf(format, lo)
+	}
+	return fmt.Sprintf(format+"–"+format, lo, hi)
+}
+
+// line writes one ratio row; it returns false if the row has no figure and clears
+// *met if the row misses its target.
+func line(w io.Writer, r row, vs []float64, met *bool) bool {
+	target, verdict := "—", ""
+	if r.target > 0 {
+		target = fmt.Sprintf("≤ %g", r.target)
+	}
+	switch {
+	case len(vs) == 0:
+		verdict = "not run"
+	case r.target == 0:
+	case slices.Max(vs) <= r.target:
+		verdict = "met"
+	default:
+		verdict, *met = "not met", false
+	}
+	fmt.Fprintf(w, "| %s | %s | %s | %d | %s | `%s` %s |\n", r.what, target, figure(vs, "%.3g"), len(vs), verdict, r.bench, r.metric)
+	return len(vs) > 0
+}
+
+func main() {
+	got, err := parse(os.Stdin)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "benchtable: reading the benchmark output:", err)
+		os.Exit(2)
+	}
+	met, complete := render(os.Stdout, got)
+	switch {
+	case !complete:
+		fmt.Fprintln(os.Stderr, "benchtable: some rows have no figure (a benchmark skipped, failed or was not run)")
+		os.Exit(2)
+	case !met:
+		os.Exit(1)
+	}
+}
