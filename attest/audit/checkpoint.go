@@ -9,7 +9,6 @@ package audit
 
 import (
 	"bufio"
-	"bytes"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -18,7 +17,6 @@ import (
 	"io/fs"
 	"log/slog"
 	"os"
-	"path/filepath"
 
 	"github.com/umbra-cc/umbra/attest/eventlog"
 )
@@ -61,17 +59,9 @@ func (c *Checkpoint) validate() error {
 // ReadCheckpoint reads and checks the checkpoint of the log at logPath. It returns an
 // error wrapping fs.ErrNotExist if there is none.
 func ReadCheckpoint(logPath string) (*Checkpoint, error) {
-	f, err := os.Open(CheckpointPath(logPath))
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, maxCheckpointBytes+1))
+	b, err := eventlog.ReadSmallFile(CheckpointPath(logPath), maxCheckpointBytes)
 	if err != nil {
 		return nil, fmt.Errorf("read audit checkpoint: %w", err)
-	}
-	if len(b) > maxCheckpointBytes {
-		return nil, fmt.Errorf("audit checkpoint %s is over %d bytes", CheckpointPath(logPath), maxCheckpointBytes)
 	}
 	c, err := parseCheckpoint(b)
 	if err != nil {
@@ -91,30 +81,12 @@ func parseCheckpoint(b []byte) (*Checkpoint, error) {
 	return &c, nil
 }
 
-// writeCheckpoint replaces the checkpoint atomically (a new file renamed over it), so
-// a crash or a concurrent writer leaves one whole checkpoint or the other.
+// writeCheckpoint replaces the checkpoint atomically, so a crash or a concurrent
+// writer leaves one whole checkpoint or the other.
 func writeCheckpoint(logPath string, c Checkpoint) error {
 	b, err := json.Marshal(c)
-	if err != nil {
-		return err
-	}
-	tmp, err := os.CreateTemp(filepath.Dir(logPath), filepath.Base(logPath)+".checkpoint-*")
-	if err != nil {
-		return fmt.Errorf("write audit checkpoint: %w", err)
-	}
-	defer os.Remove(tmp.Name()) // after the rename, a no-op
-	_, err = tmp.Write(append(b, '\n'))
 	if err == nil {
-		err = tmp.Sync()
-	}
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp.Name(), CheckpointPath(logPath))
-	}
-	if err == nil {
-		err = eventlog.SyncDir(logPath)
+		err = eventlog.WriteFileAtomic(CheckpointPath(logPath), append(b, '\n'))
 	}
 	if err != nil {
 		return fmt.Errorf("write audit checkpoint: %w", err)
@@ -126,7 +98,7 @@ func writeCheckpoint(logPath string, c Checkpoint) error {
 // hash c.Hash: that record, and through the hash chain every record before it, is
 // what was there when the checkpoint was written.
 func checkpointedLine(f io.ReaderAt, c *Checkpoint) error {
-	line, err := lineEndingAt(f, c.Offset)
+	line, err := eventlog.LineEndingAt(f, c.Offset, MaxLineBytes)
 	if err != nil {
 		return err
 	}
@@ -142,33 +114,6 @@ func checkpointedLine(f io.ReaderAt, c *Checkpoint) error {
 		return errors.New("the record at the checkpoint has another seq: the log was rewritten")
 	}
 	return nil
-}
-
-// lineEndingAt returns the line whose newline is the byte before off, reading back
-// from off in growing chunks (most lines are a few hundred bytes; none is longer
-// than MaxLineBytes).
-func lineEndingAt(f io.ReaderAt, off int64) ([]byte, error) {
-	for n := min(off, 4096); ; n = min(off, 4*n, MaxLineBytes+1) {
-		buf := make([]byte, n)
-		if _, err := f.ReadAt(buf, off-n); err != nil {
-			if errors.Is(err, io.EOF) {
-				return nil, errors.New("the log is shorter than the checkpoint: records were removed from its end")
-			}
-			return nil, err
-		}
-		if buf[n-1] != '\n' {
-			return nil, errors.New("no line ends where the checkpointed record did: records were removed or rewritten")
-		}
-		if i := bytes.LastIndexByte(buf[:n-1], '\n'); i >= 0 {
-			return buf[i+1 : n-1], nil
-		}
-		if n == off {
-			return buf[:n-1], nil // the first line
-		}
-		if n > MaxLineBytes {
-			return nil, errors.New("the line ending at the checkpoint is too long: records were rewritten")
-		}
-	}
 }
 
 // firstLogID returns the log_id of the log-start record on f's first line, or "" if

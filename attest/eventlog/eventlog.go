@@ -220,6 +220,12 @@ var ErrTornTail = errors.New("event log ends in an incomplete record (the writer
 // last line is incomplete it also returns the byte offset where the complete records
 // end and an error wrapping ErrTornTail.
 func ParseLines(r io.Reader) (recs []Record, goodLen int64, err error) {
+	return parseLinesFrom(r, 0)
+}
+
+// parseLinesFrom is ParseLines of the rest of a log whose first `first` records are
+// already read (checkpoint.go): the first line read must be record number first.
+func parseLinesFrom(r io.Reader, first uint64) (recs []Record, goodLen int64, err error) {
 	br := bufio.NewReaderSize(r, 64<<10)
 	for {
 		line, rerr := ReadLine(br, MaxRecordBytes)
@@ -227,22 +233,22 @@ func ParseLines(r io.Reader) (recs []Record, goodLen int64, err error) {
 			break
 		}
 		if rerr != nil && rerr != io.EOF {
-			return recs, goodLen, fmt.Errorf("event log line %d: %w", len(recs)+1, rerr)
+			return recs, goodLen, fmt.Errorf("event log line %d: %w", first+uint64(len(recs))+1, rerr)
 		}
 		if rerr == io.EOF { // no trailing newline
-			return recs, goodLen, fmt.Errorf("line %d: %w", len(recs)+1, ErrTornTail)
+			return recs, goodLen, fmt.Errorf("line %d: %w", first+uint64(len(recs))+1, ErrTornTail)
 		}
 		var rec Record
 		if err := decodeStrict(line, &rec); err != nil {
-			return recs, goodLen, fmt.Errorf("event log line %d: %w", len(recs)+1, err)
+			return recs, goodLen, fmt.Errorf("event log line %d: %w", first+uint64(len(recs))+1, err)
 		}
-		if rec.RecNum != uint64(len(recs)) {
-			return recs, goodLen, fmt.Errorf("event log line %d has recnum %d, want %d: a record was removed, inserted or reordered", len(recs)+1, rec.RecNum, len(recs))
+		if want := first + uint64(len(recs)); rec.RecNum != want {
+			return recs, goodLen, fmt.Errorf("event log line %d has recnum %d, want %d: a record was removed, inserted or reordered", want+1, rec.RecNum, want)
 		}
 		if err := rec.Validate(); err != nil {
-			return recs, goodLen, fmt.Errorf("event log line %d: %w", len(recs)+1, err)
+			return recs, goodLen, fmt.Errorf("event log line %d: %w", first+uint64(len(recs))+1, err)
 		}
-		if len(recs) >= MaxRecords {
+		if first+uint64(len(recs)) >= MaxRecords {
 			return recs, goodLen, fmt.Errorf("event log has more than %d records", MaxRecords)
 		}
 		recs = append(recs, rec)

@@ -37,8 +37,14 @@ type Measurer struct {
 	tpm  transport.TPM
 	pcr  int
 	f    *os.File
-	recs []Record
-	log  *slog.Logger
+	path string
+	// recs are the records read at Open and written since; base records before
+	// them were taken on trust of the checkpoint (checkpoint.go) and are not held,
+	// baseReplay being what they replay the PCR to.
+	recs       []Record
+	base       uint64
+	baseReplay []byte
+	log        *slog.Logger
 }
 
 // ErrPCRMismatch reports that the TPM's PCR does not equal the replay of the log.
@@ -65,7 +71,7 @@ func Open(ctx context.Context, tpm transport.TPM, path string, pcr int, logger *
 	if err != nil {
 		return nil, fmt.Errorf("open event log: %w", err)
 	}
-	m := &Measurer{tpm: tpm, pcr: pcr, f: f, log: logger}
+	m := &Measurer{tpm: tpm, pcr: pcr, f: f, path: path, log: logger}
 	if err := m.recover(path); err != nil {
 		f.Close()
 		return nil, err
@@ -74,6 +80,9 @@ func Open(ctx context.Context, tpm transport.TPM, path string, pcr int, logger *
 }
 
 func (m *Measurer) recover(path string) error {
+	if ok, err := m.openFromCheckpoint(path); ok || err != nil {
+		return err
+	}
 	recs, good, err := ParseLines(m.f)
 	if errors.Is(err, ErrTornTail) {
 		m.log.Warn("event log: cutting off an incomplete last record", "path", path, "keep_bytes", good)
@@ -131,11 +140,19 @@ func onlyPCR(recs []Record, pcr int) []Record {
 // PCR returns the PCR index the measurer extends.
 func (m *Measurer) PCR() int { return m.pcr }
 
-// Records returns a copy of the records written so far.
+// Records returns a copy of the records written so far. Those before the checkpoint
+// Open started from are read from the file again; if that fails (the file changed
+// under the measurer) the error is logged and only the later records are returned,
+// which no quote will match.
 func (m *Measurer) Records() []Record {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return append([]Record(nil), m.recs...)
+	recs, err := m.allRecords()
+	if err != nil {
+		m.log.Error("event log: cannot read the records before the checkpoint", "path", m.path, "err", err)
+		return append([]Record(nil), m.recs...)
+	}
+	return recs
 }
 
 // Measure appends a record for ev to the log (fsync'd) and then extends the PCR with
@@ -163,7 +180,7 @@ func (m *Measurer) Measure(ctx context.Context, ev Event) (Record, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	rec := Record{
-		RecNum:      uint64(len(m.recs)),
+		RecNum:      m.base + uint64(len(m.recs)),
 		PCR:         m.pcr,
 		Digests:     []Digest{{HashAlg: HashAlg, Digest: hex.EncodeToString(digest)}},
 		ContentType: ContentType,
@@ -193,10 +210,11 @@ func (m *Measurer) Measure(ctx context.Context, ev Event) (Record, error) {
 	return rec, nil
 }
 
-// Close closes the log file. It does not touch the PCR.
+// Close writes the checkpoint and closes the log file. It does not touch the PCR.
 func (m *Measurer) Close() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	m.saveCheckpoint()
 	return m.f.Close()
 }
 

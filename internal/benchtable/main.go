@@ -10,8 +10,8 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"slices"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -53,6 +53,8 @@ var rows = []row{
 var scalingRows = []row{
 	{"audit open from its checkpoint, per prior record", "BenchmarkOpenHistory", "checkpoint-ns/record", 0},
 	{"audit open verifying in full, per prior record", "BenchmarkOpenHistory", "full-ns/record", 0},
+	{"event log open from its checkpoint, per prior record", "BenchmarkOpenEventLog", "checkpoint-ns/record", 0},
+	{"event log open replaying in full, per prior record", "BenchmarkOpenEventLog", "full-ns/record", 0},
 	{"policy decision, per deny rule that does not fire", "BenchmarkDecisionPerRule", "ns/rule", 0},
 	{"cloaking, per first-touched cloaked page (over the same run uncloaked)", "BenchmarkCloakScaling/per-page", "cloaking-ns/page", 0},
 	{"cloaking, per cloaked app (over the same apps uncloaked)", "BenchmarkCloakScaling/per-app", "cloaking-ns/app", 0},
