@@ -68,16 +68,16 @@ func interleave(b *testing.B, a, c func()) (aNs, cNs float64) {
 	return ns[0], ns[1]
 }
 
-// interleaveN is interleave of any number of sides: after a warm-up, chunks of 64
-// calls of each in turn, so that the load of a shared machine hits all alike. It
-// returns each side's ns per call.
+// interleaveN is interleave of any number of sides: after a warm-up, chunks of 8
+// calls of each in turn (short, so that a burst of load on the shared machine hits
+// all sides alike). It returns each side's ns per call.
 func interleaveN(b *testing.B, fs ...func()) []float64 {
 	for i := 0; i < 50; i++ {
 		for _, f := range fs {
 			f()
 		}
 	}
-	const chunk = 64
+	const chunk = 8
 	t := make([]time.Duration, len(fs))
 	b.ResetTimer()
 	for done := 0; done < b.N; done += chunk {
