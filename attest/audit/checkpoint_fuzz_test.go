@@ -7,10 +7,10 @@ import (
 	"testing"
 )
 
-// FuzzCheckpoint feeds hostile checkpoints and logs to the checkpoint parser, the
+// FuzzAuditCheckpoint feeds hostile checkpoints and logs to the checkpoint parser, the
 // check of the checkpointed line and the verification of the rest: none may panic,
 // and a log accepted from a checkpoint must end in a chain that continues from it.
-func FuzzCheckpoint(f *testing.F) {
+func FuzzAuditCheckpoint(f *testing.F) {
 	good := `{"record":{"seq":1,"time":"2026-01-01T00:00:00Z","kind":"log-start","actor":"umbra","details":{"log_id":"0123456789abcdef0123456789abcdef"},"prev":"` + zeroHash + `"},"hash":"x"}`
 	rec := good[len(`{"record":`):strings.LastIndex(good, `,"hash"`)]
 	h := HashRecord([]byte(rec))

@@ -5,10 +5,10 @@ import (
 	"testing"
 )
 
-// FuzzCheckpoint feeds hostile checkpoints and log bytes to the checkpoint parser and
+// FuzzEventLogCheckpoint feeds hostile checkpoints and log bytes to the checkpoint parser and
 // the read-back of the line before the checkpoint: neither may panic, and a line it
 // returns must lie inside the log and end just before the checkpoint's offset.
-func FuzzCheckpoint(f *testing.F) {
+func FuzzEventLogCheckpoint(f *testing.F) {
 	f.Add([]byte(`{"version":1,"pcr":15,"records":1,"offset":4,"replay":"`+string(bytes.Repeat([]byte("00"), 32))+`"}`), []byte("abc\n"))
 	f.Add([]byte(`{"version":1,"pcr":15,"records":2,"offset":6,"replay":"`+string(bytes.Repeat([]byte("ab"), 32))+`"}`), []byte("a\nbcd\n"))
 	f.Add([]byte(`{"version":1}`), []byte("\n"))
