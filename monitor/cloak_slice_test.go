@@ -87,7 +87,7 @@ func spinBeside(t *testing.T, cmdline string, slice time.Duration) (during int, 
 // whatever its timer says.
 func TestCloakSliceFairness(t *testing.T) {
 	requireGuestKVM(t)
-	const run = "run=cloakprobe:spin:300:cloak,counter:a:30:3,counter:b:30:3"
+	const run = "run=cloakprobe:spin:300:cloak,counter:a:100:4,counter:b:100:4"
 	for _, tc := range []struct {
 		name           string
 		cmdline        string
@@ -96,8 +96,10 @@ func TestCloakSliceFairness(t *testing.T) {
 		minPre, maxPre uint64 // preemptions of the cloaked app
 	}{
 		{"kernel tick 2 ms, bound 1 h", run, time.Hour, true, 20, 1 << 20},
-		{"kernel tick 1 s, bound 1 h", run + " tick_us=1000000", time.Hour, false, 0, 1},
-		{"kernel tick 1 s, default bound", run + " tick_us=1000000", 0, false, 5, 1 << 20},
+		// Preempted only at the kernel's 1 s ticks that land in the spin (which
+		// shares the CPU with the counters): a handful, against one per 10 ms.
+		{"kernel tick 1 s, bound 1 h", run + " tick_us=1000000", time.Hour, false, 0, 8},
+		{"kernel tick 1 s, default bound", run + " tick_us=1000000", 0, false, 20, 1 << 20},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
