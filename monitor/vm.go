@@ -19,7 +19,11 @@ import (
 
 // Config describes one VM run.
 type Config struct {
-	Image      []byte    // guest image, an ELF64 x86-64 executable (docs/boot.md)
+	Image      []byte    // guest image: an ELF64 x86-64 executable (docs/boot.md), or the Linux kernel when Boot is BootLinux
+	// Boot is the boot protocol: BootUmbra (the zero value) or BootLinux (docs/linux.md).
+	Boot string
+	// Initrd is the initramfs of a Linux boot (a newc cpio archive, plain or gzip); none if nil.
+	Initrd     []byte
 	MemorySize uint64    // bytes of guest RAM; DefaultMemorySize if zero
 	Cmdline    string    // guest command line
 	Console    io.Writer // receives serial output and CONSOLE_WRITE hypercalls; discarded if nil
@@ -158,6 +162,12 @@ func New(cfg Config) (_ *VM, err error) {
 	if len(cfg.Image) == 0 {
 		return nil, errors.New("no guest image given")
 	}
+	if cfg.Boot != BootUmbra && cfg.Boot != BootLinux {
+		return nil, fmt.Errorf("boot protocol %q: want %q or %q", cfg.Boot, BootUmbra, BootLinux)
+	}
+	if cfg.Boot != BootLinux && len(cfg.Initrd) > 0 {
+		return nil, errors.New("an initramfs is only for a Linux boot")
+	}
 	if cfg.Timeout == 0 {
 		cfg.Timeout = DefaultTimeout
 	}
@@ -180,7 +190,12 @@ func New(cfg Config) (_ *VM, err error) {
 	if v.mem, err = NewGuestMemory(cfg.MemorySize); err != nil {
 		return nil, err
 	}
-	if v.image, err = LoadELF(v.mem, cfg.Image); err != nil {
+	setCPU := func(c *kvm.VCPU) error { return setBootCPUState(c, v.image.Entry) }
+	if cfg.Boot == BootLinux {
+		if v.image, setCPU, err = loadLinux(v.mem, cfg.Image, cfg.Initrd, cfg.Cmdline); err != nil {
+			return nil, fmt.Errorf("load Linux kernel: %w", err)
+		}
+	} else if v.image, err = LoadELF(v.mem, cfg.Image); err != nil {
 		return nil, fmt.Errorf("load guest image: %w", err)
 	}
 	if v.kvm, err = v.sys.CreateVM(); err != nil {
@@ -191,6 +206,12 @@ func New(cfg Config) (_ *VM, err error) {
 	}
 	if err = v.kvm.CreateIRQChip(); err != nil {
 		return nil, err
+	}
+	if cfg.Boot == BootLinux {
+		// Linux calibrates its local APIC timer against the PIT.
+		if err = v.kvm.CreatePIT2(); err != nil {
+			return nil, err
+		}
 	}
 	sysView, err := v.mem.View("sys")
 	if err != nil {
@@ -209,6 +230,7 @@ func New(cfg Config) (_ *VM, err error) {
 	if err != nil {
 		return nil, err
 	}
+	cpuid = guestCPUID(cpuid, cfg.Boot)
 	if err = v.cpu.SetCPUID(cpuid); err != nil {
 		return nil, err
 	}
@@ -222,10 +244,14 @@ func New(cfg Config) (_ *VM, err error) {
 	if err != nil {
 		return nil, err
 	}
-	if err = writeBootState(v.mem, bootParams{image: v.image, cmdline: cfg.Cmdline, tscKHz: tsc, doorbell: DoorbellGPA}); err != nil {
+	if cfg.Boot == BootLinux {
+		if err = setLinuxMSRs(v.cpu); err != nil {
+			return nil, err
+		}
+	} else if err = writeBootState(v.mem, bootParams{image: v.image, cmdline: cfg.Cmdline, tscKHz: tsc, doorbell: DoorbellGPA}); err != nil {
 		return nil, err
 	}
-	if err = setBootCPUState(v.cpu, v.image.Entry); err != nil {
+	if err = setCPU(v.cpu); err != nil {
 		return nil, err
 	}
 	v.cpu.EnableSyncRegs(kvm.SyncRegs | kvm.SyncSregs)
