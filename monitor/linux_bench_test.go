@@ -82,7 +82,7 @@ func BenchmarkLinuxBootVsQEMU(b *testing.B) {
 	for i := 0; i < b.N; i++ {
 		// umbra
 		w := &markWriter{start: time.Now(), marker: marker}
-		v, err := New(Config{Image: kern, Boot: BootLinux, Initrd: initrd, MemorySize: linuxTestMemory, Cmdline: cmdline, Console: w, Timeout: 170 * time.Second})
+		v, err := New(Config{Image: kern, Boot: BootLinux, Initrd: initrd, MemorySize: linuxTestMemory, Cmdline: cmdline, Console: w, Timeout: linuxTestTimeout})
 		if err != nil {
 			b.Fatal(err)
 		}
