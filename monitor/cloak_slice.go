@@ -21,7 +21,6 @@ const (
 	apicLVTTimer   = 0x320
 	apicTimerCount = 0x390 // current count
 	apicTimerDiv   = 0x3E0
-	msrTSC         = 0x10
 	msrTSCDeadline = 0x6E0
 )
 
