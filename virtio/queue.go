@@ -38,6 +38,7 @@ type Queue struct {
 	eventIdx bool // VIRTIO_F_EVENT_IDX negotiated
 
 	mem                 Memory
+	rings               [3][2]uint64 // [start, end) of the three areas, in guest addresses
 	desc, avail, used   []byte
 	lastAvail, nextUsed uint16
 	broken              error
@@ -84,7 +85,7 @@ func (q *Queue) setup(mem Memory, features uint64) error {
 		{"available ring", q.DriverAddr, 6 + 2*n, 2, &q.avail},
 		{"used ring", q.DeviceAddr, 6 + 8*n, 4, &q.used},
 	}
-	for _, a := range areas {
+	for i, a := range areas {
 		if a.addr%a.align != 0 {
 			return driverErr("%s at %#x is not %d-byte aligned", a.name, a.addr, a.align)
 		}
@@ -93,6 +94,12 @@ func (q *Queue) setup(mem Memory, features uint64) error {
 			return driverErr("%s: %v", a.name, err)
 		}
 		*a.dst = b
+		q.rings[i] = [2]uint64{a.addr, a.addr + a.size}
+		for j := range i {
+			if overlaps(q.rings[j], a.addr, a.size) {
+				return driverErr("%s at %#x overlaps the %s", a.name, a.addr, areas[j].name)
+			}
+		}
 	}
 	q.mem = mem
 	q.indirect = features&(1<<FeatureIndirectDesc) != 0
@@ -210,6 +217,13 @@ func (q *Queue) walk(head uint16) (*Chain, error) {
 			return nil, driverErr("chain at head %d is longer than 4 GiB", head)
 		}
 		if d.flags&descFWrite != 0 {
+			// A device write into the rings would let the device publish to itself: a
+			// driver could make it loop forever, or corrupt the used ring under it.
+			for _, r := range q.rings {
+				if overlaps(r, d.addr, uint64(d.len)) {
+					return nil, driverErr("chain at head %d: device-writable descriptor %d at %#x overlaps the queue's rings", head, idx, d.addr)
+				}
+			}
 			c.Writable = append(c.Writable, buf)
 		} else {
 			if len(c.Writable) != 0 {
@@ -280,4 +294,8 @@ func (q *Queue) Process(h Handler) (interrupt bool, err error) {
 			return q.needInterrupt(old), err
 		}
 	}
+}
+
+func overlaps(r [2]uint64, addr, n uint64) bool {
+	return n != 0 && addr < r[1] && r[0] < addr+n
 }

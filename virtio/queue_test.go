@@ -147,6 +147,10 @@ func TestQueueRejectsHostileChains(t *testing.T) {
 			r.setDesc(0, ramBase+bufOff, 16, descFIndirect, 0)
 			r.publish(0)
 		}},
+		{"writable buffer over the available ring", 0, func(r *testRing) {
+			r.setDesc(0, ramBase+availOff, 8, descFWrite, 0)
+			r.publish(0)
+		}},
 		{"available index far ahead", 0, func(r *testRing) { r.setAvailIdx(100) }},
 		{"available index moved back", 0, func(r *testRing) { r.setAvailIdx(0xffff) }},
 	}
@@ -190,6 +194,7 @@ func TestQueueSetupRejectsBadGeometry(t *testing.T) {
 		{Size: 6, DescAddr: ramBase, DriverAddr: ramBase + 0x1000, DeviceAddr: ramBase + 0x2000},
 		{Size: 8, DescAddr: ramBase + 8, DriverAddr: ramBase + 0x1000, DeviceAddr: ramBase + 0x2000},
 		{Size: 8, DescAddr: ramBase, DriverAddr: ramBase + 0x1000, DeviceAddr: ramBase + 0x3ff0},
+		{Size: 8, DescAddr: ramBase, DriverAddr: ramBase + 0x40, DeviceAddr: ramBase + 0x2000},
 		{Size: 1024, DescAddr: ramBase, DriverAddr: ramBase + 0x1000, DeviceAddr: ramBase + 0x2000},
 	} {
 		if err := q.setup(mem, 0); !errors.Is(err, ErrDriver) {
