@@ -27,8 +27,9 @@ policy-test:
 	$(GO) run ./cmd/umbra policy test testdata/e2e/policy
 
 # Debian packages the tests need: gcc/make/binutils build the test guest, libssl-dev the
-# TPM simulator (cgo), swtpm and tpm2-tools the real-TPM and independent-verifier tests.
-DEB_PACKAGES = gcc make binutils libssl-dev swtpm swtpm-tools tpm2-tools
+# TPM simulator (cgo), swtpm and tpm2-tools the real-TPM and independent-verifier tests,
+# qemu-utils (qemu-img, qemu-io) the qcow2 tests that check umbra's images with QEMU.
+DEB_PACKAGES = gcc make binutils libssl-dev swtpm swtpm-tools tpm2-tools qemu-utils
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
