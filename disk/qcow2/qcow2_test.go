@@ -228,8 +228,8 @@ func FuzzOpen(f *testing.F) {
 			return
 		}
 		defer im.Close()
-		buf := make([]byte, im.Size())
+		buf := make([]byte, min(im.Size(), 1<<20))
 		_, _ = im.ReadAt(buf, 0)
-		_, _ = im.WriteAt(buf[:1000], 300)
+		_, _ = im.WriteAt(buf[:min(len(buf), 1000)], 300)
 	})
 }
