@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/umbra-cc/umbra/disk"
 	"github.com/umbra-cc/umbra/disk/protdisk"
 	"github.com/umbra-cc/umbra/virtio"
@@ -31,7 +33,8 @@ const benchDiskSize = 64 << 20
 
 // BenchmarkRequest is the device's cost per request (virtio-blk processing and the backend)
 // against raw pread/pwrite of the same size on a raw file, in the same run, interleaved.
-// ratio-vs-pread is the device's time over the raw syscall's.
+// ratio-vs-syscall is the device's time over the raw syscall's; write+flush adds a FLUSH
+// request against fdatasync.
 func BenchmarkRequest(b *testing.B) {
 	dir := b.TempDir()
 	rawPath := filepath.Join(dir, "ref.img")
@@ -66,7 +69,7 @@ func BenchmarkRequest(b *testing.B) {
 	}{{"raw", raw}, {"protected", prot}} {
 		dev, _ := New(be.d, "bench", nil)
 		for _, size := range []int{4 << 10, 1 << 20} {
-			for _, op := range []string{"read", "write"} {
+			for _, op := range []string{"read", "write", "write+flush"} {
 				b.Run(fmt.Sprintf("%s/%s/%dKiB", be.name, op, size>>10), func(b *testing.B) {
 					buf := make([]byte, size)
 					status := []byte{0}
@@ -79,13 +82,27 @@ func BenchmarkRequest(b *testing.B) {
 						chain = &virtio.Chain{Readable: [][]byte{header(reqOut, 0), buf}, Writable: [][]byte{status}}
 						sys = func() { ref.WriteAt(buf, 0) }
 					}
-					b.SetBytes(int64(size))
-					b.ResetTimer()
-					devNs, sysNs := interleave(b, func() {
+					handle := func() {
 						if _, err := dev.Handle(chain); err != nil || status[0] != statusOK {
 							b.Fatalf("request: %v, status %d", err, status[0])
 						}
-					}, sys)
+					}
+					req := handle
+					if op == "write+flush" {
+						// A write the guest then flushes, against pwrite + fdatasync.
+						flush := &virtio.Chain{Readable: [][]byte{header(reqFlush, 0)}, Writable: [][]byte{status}}
+						req = func() {
+							handle()
+							if _, err := dev.Handle(flush); err != nil || status[0] != statusOK {
+								b.Fatalf("flush: %v, status %d", err, status[0])
+							}
+						}
+						write := sys
+						sys = func() { write(); unix.Fdatasync(int(ref.Fd())) }
+					}
+					b.SetBytes(int64(size))
+					b.ResetTimer()
+					devNs, sysNs := interleave(b, req, sys)
 					b.ReportMetric(devNs, "device-ns/op")
 					b.ReportMetric(sysNs, "syscall-ns/op")
 					b.ReportMetric(devNs/sysNs, "ratio-vs-syscall")
