@@ -101,7 +101,8 @@ type Device interface {
 }
 
 // MMIO is the virtio-mmio transport of one device: the register model a driver programs
-// through MMIO exits. Read and Write are safe for concurrent use.
+// through MMIO exits, a bus.Device for the VM's MMIO bus. Read and Write are safe for
+// concurrent use.
 type MMIO struct {
 	mu        sync.Mutex
 	dev       Device
@@ -118,6 +119,7 @@ type MMIO struct {
 	interruptState uint32
 	configGen      uint32
 	failure        error
+	rejected       uint64
 }
 
 // NewMMIO puts dev behind a virtio-mmio transport over guest memory mem. interrupt raises the
@@ -148,11 +150,45 @@ func (t *MMIO) Status() uint32 {
 	return t.status
 }
 
-// Read serves a driver read of len(p) bytes at offset off in the register window. An error
-// is an access the spec does not allow (a bad width or offset); p then reads as zero.
+// Read serves a driver read of len(p) bytes at offset off in the register window (it is a
+// bus.Device). Nothing a guest does makes it fail: an access the spec does not allow reads as
+// zero and is logged, a protocol breach sets DEVICE_NEEDS_RESET (see Failure), and the VM
+// runs on, since only the driver's own device is affected.
 func (t *MMIO) Read(off uint64, p []byte) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	t.reject(t.read(off, p))
+	return nil
+}
+
+// Write serves a driver write; like Read, it never fails on the guest's account.
+func (t *MMIO) Write(off uint64, p []byte) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.reject(t.write(off, p))
+	return nil
+}
+
+// Rejected is how many guest accesses the transport refused or that broke the device.
+func (t *MMIO) Rejected() uint64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.rejected
+}
+
+// reject counts and logs a refused access; the log is thinned (the first 8, then powers of
+// two) so that a guest cannot flood the monitor's log.
+func (t *MMIO) reject(err error) {
+	if err == nil {
+		return
+	}
+	t.rejected++
+	if n := t.rejected; n <= 8 || n&(n-1) == 0 {
+		t.log.Warn("virtio-mmio: guest access refused", "device", t.dev.DeviceID(), "err", err, "refused_so_far", n)
+	}
+}
+
+func (t *MMIO) read(off uint64, p []byte) error {
 	clear(p)
 	if off >= regConfig {
 		if len(p) != 1 && len(p) != 2 && len(p) != 4 && len(p) != 8 {
@@ -214,11 +250,9 @@ func (t *MMIO) selected() *Queue {
 	return &t.queues[t.queueSel]
 }
 
-// Write serves a driver write. An error is either an access the spec does not allow (which
-// changes nothing) or a driver error that set DEVICE_NEEDS_RESET (see Failure).
-func (t *MMIO) Write(off uint64, p []byte) error {
-	t.mu.Lock()
-	defer t.mu.Unlock()
+// write is Write's logic: an error is either an access the spec does not allow (which
+// changes nothing) or a driver error that set DEVICE_NEEDS_RESET.
+func (t *MMIO) write(off uint64, p []byte) error {
 	if off >= regConfig {
 		return t.dev.WriteConfig(off-regConfig, p)
 	}

@@ -80,10 +80,15 @@ func (d *Driver) BringUp(want uint64, size uint16) error {
 	d.write(0x80, RAMBase+descOff)
 	d.write(0x90, RAMBase+availOff)
 	d.write(0xa0, RAMBase+usedOff)
-	if err := d.write(0x44, 1); err != nil {
+	d.write(0x44, 1)
+	d.write(0x70, 15)
+	if err := d.MMIO.Failure(); err != nil {
 		return err
 	}
-	return d.write(0x70, 15)
+	if d.read(0x70) != 15 {
+		return fmt.Errorf("device status %#x after bring-up", d.read(0x70))
+	}
+	return nil
 }
 
 // Submit puts one chain on the queue — readable buffers, then writable buffers of the given
@@ -125,7 +130,8 @@ func (d *Driver) Submit(readable [][]byte, writable []int) (uint32, [][]byte, er
 	binary.LittleEndian.PutUint16(d.Mem.Data[availOff+4+2*int(d.size):], d.usedIdx)
 	d.availIdx++
 	binary.LittleEndian.PutUint16(d.Mem.Data[availOff+2:], d.availIdx)
-	if err := d.write(0x50, 0); err != nil {
+	d.write(0x50, 0)
+	if err := d.MMIO.Failure(); err != nil {
 		return 0, nil, err
 	}
 	if got := binary.LittleEndian.Uint16(d.Mem.Data[usedOff+2:]); got != d.usedIdx+1 {
