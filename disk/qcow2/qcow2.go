@@ -511,7 +511,9 @@ func (im *Image) setRefcount(off int64, v uint16, fresh bool) error {
 	perBlock := uint64(im.cs / 2)
 	rti := ci / perBlock
 	if rti >= uint64(len(im.rt)) {
-		return fmt.Errorf("the refcount table is full at %d entries; growing it is not implemented (create the image with a larger cluster size)", len(im.rt))
+		if err := im.growRefcountTable(rti); err != nil {
+			return err
+		}
 	}
 	if im.rt[rti] == 0 {
 		blk := im.fileEnd
@@ -595,4 +597,64 @@ func (im *Image) zeroCluster(off int64) error {
 		return err
 	}
 	return unix.Fallocate(int(im.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, host, im.cs)
+}
+
+// growRefcountTable moves the refcount table to a larger one at the end of the file that
+// covers entry need and the new table itself. Order: the new table's refcounts and contents,
+// fdatasync, the header's two fields in one write, fdatasync, then the old table's clusters
+// are freed. A crash before the header write leaks the new table, after it the old one.
+func (im *Image) growRefcountTable(need uint64) error {
+	perCluster := uint64(im.cs / 8)
+	perBlock := uint64(im.cs / 2)
+	entries := max(2*uint64(len(im.rt)), need+1)
+	for {
+		clusters := (entries + perCluster - 1) / perCluster
+		// The table, and the refcount blocks its own clusters may need, must be covered too.
+		end := uint64(im.fileEnd)/uint64(im.cs) + clusters + clusters/perBlock + 2
+		if (end+perBlock-1)/perBlock <= entries {
+			break
+		}
+		entries *= 2
+	}
+	clusters := (entries + perCluster - 1) / perCluster
+	if clusters*uint64(im.cs) > maxRefTableBytes {
+		return fmt.Errorf("the refcount table would grow past %d bytes", maxRefTableBytes)
+	}
+	oldOff, oldClusters := int64(im.h.RefcountTableOffset), int64(im.h.RefcountTableCluster)
+	newOff := im.fileEnd
+	im.fileEnd += int64(clusters) * im.cs
+	rt := make([]uint64, clusters*perCluster)
+	copy(rt, im.rt)
+	im.rt = rt
+	im.h.RefcountTableOffset, im.h.RefcountTableCluster = uint64(newOff), uint32(clusters)
+	for c := int64(0); c < int64(clusters); c++ {
+		if err := im.setRefcount(newOff+c*im.cs, 1, true); err != nil {
+			return fmt.Errorf("growing the refcount table: %w", err)
+		}
+	}
+	b := make([]byte, len(im.rt)*8)
+	for i, e := range im.rt {
+		binary.BigEndian.PutUint64(b[i*8:], e)
+	}
+	if _, err := im.f.WriteAt(b, newOff); err != nil {
+		return err
+	}
+	if err := unix.Fdatasync(int(im.f.Fd())); err != nil {
+		return err
+	}
+	var hdr [12]byte
+	binary.BigEndian.PutUint64(hdr[:], uint64(newOff))
+	binary.BigEndian.PutUint32(hdr[8:], uint32(clusters))
+	if _, err := im.f.WriteAt(hdr[:], 48); err != nil {
+		return err
+	}
+	if err := unix.Fdatasync(int(im.f.Fd())); err != nil {
+		return err
+	}
+	for c := int64(0); c < oldClusters; c++ {
+		if err := im.setRefcount(oldOff+c*im.cs, 0, false); err != nil {
+			return err
+		}
+	}
+	return nil
 }

@@ -233,3 +233,37 @@ func FuzzOpen(f *testing.F) {
 		_, _ = im.WriteAt(buf[:min(len(buf), 1000)], 300)
 	})
 }
+
+// An image whose file outgrows its refcount table (512-byte clusters: qemu-img's one-cluster
+// table covers 8 MiB of file) gets a larger table; qemu-img still finds it clean and equal.
+func TestRefcountTableGrows(t *testing.T) {
+	requireQemuImg(t)
+	dir := t.TempDir()
+	img := filepath.Join(dir, "g.qcow2")
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", img, "1M")
+	// Free space up to the table's reach, as if clusters had been allocated and discarded.
+	if err := os.Truncate(img, 8<<20); err != nil {
+		t.Fatal(err)
+	}
+	im, err := Open(img, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := im.Header().RefcountTableCluster
+	data := bytes.Repeat([]byte("grow"), 4096) // 16 KiB: 32 clusters past the table's reach
+	if _, err := im.WriteAt(data, 5000); err != nil {
+		t.Fatal(err)
+	}
+	after := im.Header().RefcountTableCluster
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if after <= before {
+		t.Fatalf("refcount table %d clusters, was %d: it did not grow", after, before)
+	}
+	t.Log(run(t, "qemu-img", "check", img))
+	want := make([]byte, 1<<20)
+	copy(want[5000:], data)
+	os.WriteFile(filepath.Join(dir, "want.raw"), want, 0o600)
+	run(t, "qemu-img", "compare", "-f", "qcow2", "-F", "raw", img, filepath.Join(dir, "want.raw"))
+}
