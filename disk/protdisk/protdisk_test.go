@@ -323,7 +323,7 @@ func TestParseHeaderErrors(t *testing.T) {
 	}
 }
 
-func FuzzParseHeader(f *testing.F) {
+func FuzzProtdiskHeader(f *testing.F) {
 	f.Add((&Header{Blocks: 4, JournalCap: 8}).marshal())
 	f.Fuzz(func(t *testing.T, b []byte) {
 		h, err := ParseHeader(b)
@@ -333,9 +333,9 @@ func FuzzParseHeader(f *testing.F) {
 	})
 }
 
-// FuzzOpen patches arbitrary bytes into a committed image; Open and reads must either work
+// FuzzProtdiskOpen patches arbitrary bytes into a committed image; Open and reads must either work
 // on authentic data or fail, never panic, and never serve other data.
-func FuzzOpen(f *testing.F) {
+func FuzzProtdiskOpen(f *testing.F) {
 	dir := f.TempDir()
 	base := filepath.Join(dir, "base.img")
 	a := &memAnchor{}

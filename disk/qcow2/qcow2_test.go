@@ -198,16 +198,16 @@ func TestOpenRejectsCorruptTables(t *testing.T) {
 	}
 }
 
-func FuzzParseHeader(f *testing.F) {
+func FuzzQcow2Header(f *testing.F) {
 	f.Add(validHeader(f))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		_, _ = ParseHeader(b)
 	})
 }
 
-// FuzzOpen patches an image made by qemu-img and reads all of it; errors are fine, panics
+// FuzzQcow2Open patches an image made by qemu-img and reads all of it; errors are fine, panics
 // and hangs are not.
-func FuzzOpen(f *testing.F) {
+func FuzzQcow2Open(f *testing.F) {
 	requireQemuImg(f)
 	dir := f.TempDir()
 	img := filepath.Join(dir, "f.qcow2")
