@@ -460,7 +460,7 @@ func (d *Disk) usable() error {
 }
 
 // ReadAt reads decrypted, authenticated bytes; a block that fails authentication is an error,
-// never data.
+// never data. The ciphertext of the whole span is read with one pread.
 func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -470,15 +470,34 @@ func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
 	if err := disk.CheckRange(off, int64(len(p)), d.Size()); err != nil {
 		return 0, err
 	}
+	if len(p) == 0 {
+		return 0, nil
+	}
+	first, last := uint64(off/BlockSize), uint64((off+int64(len(p))-1)/BlockSize)
+	span := make([]byte, (last-first+1)*BlockSize)
+	if _, err := d.f.ReadAt(span, d.lay.data+int64(first)*BlockSize); err != nil {
+		return 0, fmt.Errorf("reading blocks %d to %d: %w", first, last, err)
+	}
+	scratch := make([]byte, BlockSize+tagSize)
 	n := 0
-	for n < len(p) {
+	for i := first; i <= last; i++ {
 		pos := off + int64(n)
-		i, in := uint64(pos/BlockSize), int(pos%BlockSize)
-		b, err := d.readBlock(i)
-		if err != nil {
-			return n, err
+		in := int(pos % BlockSize)
+		var plain []byte
+		if db, ok := d.dirty[i]; ok {
+			plain = db.plain
+		} else if m := &d.meta[i]; m.version == 0 {
+			plain = scratch[:BlockSize]
+			clear(plain)
+		} else {
+			copy(scratch, span[(i-first)*BlockSize:(i-first+1)*BlockSize])
+			copy(scratch[BlockSize:], m.tag[:])
+			var err error
+			if plain, err = d.aead.Open(scratch[:0], m.nonce[:], scratch, d.aad(i, m.version)); err != nil {
+				return n, fmt.Errorf("block %d (version %d): %w", i, m.version, ErrTampered)
+			}
 		}
-		n += copy(p[n:], b[in:])
+		n += copy(p[n:], plain[in:])
 	}
 	return n, nil
 }
@@ -616,14 +635,16 @@ func (d *Disk) doCommit() error {
 	copy(hdr, journalMagic)
 	binary.LittleEndian.PutUint32(hdr[8:], uint32(len(blocks)))
 	copy(hdr[16:48], newRoot[:])
+	cts := make([]byte, len(blocks)*BlockSize)
 	for k, i := range blocks {
 		entries[k] = journalEntry{block: i, meta: d.meta[i], ct: d.dirty[i].ct}
 		e := hdr[BlockSize+k*entrySize:]
 		binary.LittleEndian.PutUint64(e, i)
 		d.meta[i].put(e[8:])
-		if _, err := d.f.WriteAt(entries[k].ct, d.lay.journalCT+int64(k)*BlockSize); err != nil {
-			return fmt.Errorf("writing the journal: %w", err)
-		}
+		copy(cts[k*BlockSize:], entries[k].ct)
+	}
+	if _, err := d.f.WriteAt(cts, d.lay.journalCT); err != nil {
+		return fmt.Errorf("writing the journal: %w", err)
 	}
 	if _, err := d.f.WriteAt(hdr, d.lay.journal); err != nil {
 		return fmt.Errorf("writing the journal: %w", err)
@@ -646,15 +667,28 @@ func (d *Disk) doCommit() error {
 }
 
 func (d *Disk) applyJournal(entries []journalEntry) error {
-	rec := make([]byte, metaSize)
-	for _, e := range entries {
-		if _, err := d.f.WriteAt(e.ct, d.lay.data+int64(e.block)*BlockSize); err != nil {
-			return fmt.Errorf("writing block %d: %w", e.block, err)
+	// Entries are in increasing block order; runs of consecutive blocks go in one write each
+	// for the data and for the metadata.
+	for start := 0; start < len(entries); {
+		end := start + 1
+		for end < len(entries) && entries[end].block == entries[end-1].block+1 {
+			end++
 		}
-		e.meta.put(rec)
-		if _, err := d.f.WriteAt(rec, d.lay.meta+int64(e.block)*metaSize); err != nil {
-			return fmt.Errorf("writing block %d's metadata: %w", e.block, err)
+		run := entries[start:end]
+		data := make([]byte, len(run)*BlockSize)
+		recs := make([]byte, len(run)*metaSize)
+		for k, e := range run {
+			copy(data[k*BlockSize:], e.ct)
+			e.meta.put(recs[k*metaSize:])
 		}
+		b0 := int64(run[0].block)
+		if _, err := d.f.WriteAt(data, d.lay.data+b0*BlockSize); err != nil {
+			return fmt.Errorf("writing blocks from %d: %w", b0, err)
+		}
+		if _, err := d.f.WriteAt(recs, d.lay.meta+b0*metaSize); err != nil {
+			return fmt.Errorf("writing metadata from block %d: %w", b0, err)
+		}
+		start = end
 	}
 	if err := unix.Fdatasync(int(d.f.Fd())); err != nil {
 		return fmt.Errorf("fdatasync of the applied commit: %w", err)
