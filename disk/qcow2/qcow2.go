@@ -357,9 +357,11 @@ func (im *Image) readCluster(p []byte, off int64) error {
 	case e&oflagZero != 0:
 		clear(p)
 	case host != 0:
-		if _, err := im.f.ReadAt(p, host+off%im.cs); err != nil && err != io.EOF {
+		n, err := im.f.ReadAt(p, host+off%im.cs)
+		if err != nil && err != io.EOF {
 			return err
 		}
+		clear(p[n:]) // a last cluster the file ends inside reads as zeros past the end
 	default:
 		return im.readBacking(p, off)
 	}
