@@ -367,3 +367,46 @@ func FuzzProtdiskOpen(f *testing.F) {
 		}
 	})
 }
+
+// Concurrent writers, readers and flushers keep the disk consistent (run with -race).
+func TestConcurrentUse(t *testing.T) {
+	path, d, a := newTestDisk(t)
+	done := make(chan error, 4)
+	for w := 0; w < 3; w++ {
+		go func(w int) {
+			for i := 0; i < 40; i++ {
+				off := int64((w*16 + i%16) * BlockSize)
+				if _, err := d.WriteAt(pattern(byte(w), BlockSize), off); err != nil {
+					done <- err
+					return
+				}
+				if _, err := d.ReadAt(make([]byte, 100), off+7); err != nil {
+					done <- err
+					return
+				}
+				if i%10 == 0 {
+					if err := d.Flush(); err != nil {
+						done <- err
+						return
+					}
+				}
+			}
+			done <- nil
+		}(w)
+	}
+	for range 3 {
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+	d.Close()
+	d = reopen(t, path, a)
+	defer d.Close()
+	got := make([]byte, BlockSize)
+	for w := 0; w < 3; w++ {
+		d.ReadAt(got, int64(w*16*BlockSize))
+		if !bytes.Equal(got, pattern(byte(w), BlockSize)) {
+			t.Fatalf("writer %d's block lost", w)
+		}
+	}
+}
