@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"testing"
+
+	"github.com/umbra-cc/umbra/bus"
 )
 
 // echoDevice completes every chain with the length of its writable part.
@@ -208,4 +210,27 @@ func FuzzMMIO(f *testing.F) {
 			ops = ops[6:]
 		}
 	})
+}
+
+// The transport is a device for the VM's MMIO bus, and a guest that breaks the protocol
+// through the bus gets NEEDS_RESET, not an error that would end the VM's run.
+func TestMMIOOnTheDeviceBus(t *testing.T) {
+	d, ring, _ := newMMIODriver(t)
+	var b bus.Bus
+	const base = 0xd0000000
+	if err := b.Insert("virtio-blk0", base, MMIOSize, d.m); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.bringUp(1 << FeatureVersion1); err != nil {
+		t.Fatal(err)
+	}
+	ring.setDesc(0, ramBase+bufOff, 8, descFNext, 0) // a loop
+	ring.publish(0)
+	var v [4]byte
+	if ok, err := b.Write(base+regQueueNotify, v[:]); !ok || err != nil {
+		t.Fatalf("bus write = %v, %v; a guest driver error must not end the VM", ok, err)
+	}
+	if ok, err := b.Read(base+regStatus, v[:]); !ok || err != nil || binary.LittleEndian.Uint32(v[:])&StatusDeviceNeedsReset == 0 {
+		t.Fatalf("status through the bus: %#x, %v, %v", v, ok, err)
+	}
 }
