@@ -104,11 +104,11 @@ type Device interface {
 // through MMIO exits, a bus.Device for the VM's MMIO bus. Read and Write are safe for
 // concurrent use.
 type MMIO struct {
-	mu        sync.Mutex
-	dev       Device
-	mem       Memory
-	interrupt func() error
-	log       *slog.Logger
+	mu  sync.Mutex
+	dev Device
+	mem Memory
+	irq IRQ
+	log *slog.Logger
 
 	status         uint32
 	devFeaturesSel uint32
@@ -122,14 +122,26 @@ type MMIO struct {
 	rejected       uint64
 }
 
-// NewMMIO puts dev behind a virtio-mmio transport over guest memory mem. interrupt raises the
-// device's interrupt line (an irqfd write, for KVM); it is called with the transport's lock
+// IRQ is the device's interrupt line, level-triggered as virtio-mmio's is: the transport holds
+// it high while InterruptStatus has a bit set, and drops it when the driver acknowledges the
+// last one (monitor's in-kernel irqchip line has this method).
+type IRQ interface {
+	SetLevel(high bool) error
+}
+
+// IRQFunc adapts a function to IRQ.
+type IRQFunc func(high bool) error
+
+func (f IRQFunc) SetLevel(high bool) error { return f(high) }
+
+// NewMMIO puts dev behind a virtio-mmio transport over guest memory mem, signalling on irq
+// (nil: no interrupts, for tests that poll). irq is called with the transport's lock
 // held, so it must not call back into the transport.
-func NewMMIO(dev Device, mem Memory, interrupt func() error, log *slog.Logger) *MMIO {
+func NewMMIO(dev Device, mem Memory, irq IRQ, log *slog.Logger) *MMIO {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &MMIO{dev: dev, mem: mem, interrupt: interrupt, log: log, queues: make([]Queue, len(dev.QueueMaxSizes()))}
+	return &MMIO{dev: dev, mem: mem, irq: irq, log: log, queues: make([]Queue, len(dev.QueueMaxSizes()))}
 }
 
 func (t *MMIO) offeredFeatures() uint64 {
@@ -289,7 +301,11 @@ func (t *MMIO) writeReg(off uint64, v uint32) error {
 	case regQueueNotify:
 		return t.notify(v)
 	case regInterruptACK:
+		was := t.interruptState
 		t.interruptState &^= v
+		if was != 0 && t.interruptState == 0 {
+			t.setLine(false)
+		}
 		return nil
 	case regStatus:
 		return t.writeStatus(v)
@@ -431,10 +447,15 @@ func (t *MMIO) notify(v uint32) error {
 
 func (t *MMIO) raise(bits uint32) {
 	t.interruptState |= bits
-	if t.interrupt != nil {
-		if err := t.interrupt(); err != nil {
-			t.log.Error("virtio-mmio: raising the interrupt failed", "device", t.dev.DeviceID(), "err", err)
-		}
+	t.setLine(true)
+}
+
+func (t *MMIO) setLine(high bool) {
+	if t.irq == nil {
+		return
+	}
+	if err := t.irq.SetLevel(high); err != nil {
+		t.log.Error("virtio-mmio: setting the interrupt line failed", "device", t.dev.DeviceID(), "high", high, "err", err)
 	}
 }
 
@@ -459,6 +480,9 @@ func (t *MMIO) reset() {
 		t.queues[i].reset()
 	}
 	t.status, t.devFeaturesSel, t.drvFeaturesSel, t.driverFeatures = 0, 0, 0, 0
+	if t.interruptState != 0 {
+		t.setLine(false)
+	}
 	t.queueSel, t.interruptState, t.failure = 0, 0, nil
 	t.configGen++
 }

@@ -28,9 +28,10 @@ func (d *echoDevice) Notify(i int) (bool, error) {
 }
 
 type mmioDriver struct {
-	t   *testing.T
-	m   *MMIO
-	irq int
+	t     *testing.T
+	m     *MMIO
+	irq   int  // rising edges
+	level bool // the line now
 }
 
 func (d *mmioDriver) w(off uint64, v uint32) error {
@@ -51,7 +52,13 @@ func newMMIODriver(t *testing.T) (*mmioDriver, *testRing, *echoDevice) {
 	ring := newTestRing(t, 8, 0)
 	dev := &echoDevice{}
 	d := &mmioDriver{t: t}
-	d.m = NewMMIO(dev, ring.mem, func() error { d.irq++; return nil }, nil)
+	d.m = NewMMIO(dev, ring.mem, IRQFunc(func(high bool) error {
+		if high && !d.level {
+			d.irq++
+		}
+		d.level = high
+		return nil
+	}), nil)
 	return d, ring, dev
 }
 
@@ -100,9 +107,12 @@ func TestMMIOBringUpAndRequest(t *testing.T) {
 	if _, n := ring.used(0); n != 32 {
 		t.Errorf("used len = %d", n)
 	}
+	if !d.level {
+		t.Error("interrupt line low with a used buffer pending")
+	}
 	d.w(regInterruptACK, InterruptUsedBuffer)
-	if d.r(regInterruptStatus) != 0 {
-		t.Error("ACK did not clear the interrupt")
+	if d.r(regInterruptStatus) != 0 || d.level {
+		t.Error("ACK did not clear the interrupt and drop the line")
 	}
 	var b [4]byte
 	if err := d.m.read(regConfig+2, b[:2]); err != nil || b[0] != 3 || b[1] != 4 {

@@ -25,7 +25,8 @@ const (
 type Driver struct {
 	MMIO       *virtio.MMIO
 	Mem        *virtio.FlatMemory
-	Interrupts int
+	Interrupts int // rising edges of the interrupt line
+	level      bool
 	size       uint16
 	availIdx   uint16
 	usedIdx    uint16
@@ -34,7 +35,13 @@ type Driver struct {
 // New puts dev behind a virtio-mmio transport over fresh guest RAM.
 func New(dev virtio.Device) *Driver {
 	d := &Driver{Mem: &virtio.FlatMemory{Base: RAMBase, Data: make([]byte, RAMSize)}}
-	d.MMIO = virtio.NewMMIO(dev, d.Mem, func() error { d.Interrupts++; return nil }, nil)
+	d.MMIO = virtio.NewMMIO(dev, d.Mem, virtio.IRQFunc(func(high bool) error {
+		if high && !d.level {
+			d.Interrupts++
+		}
+		d.level = high
+		return nil
+	}), nil)
 	return d
 }
 
@@ -139,6 +146,7 @@ func (d *Driver) Submit(readable [][]byte, writable []int) (uint32, [][]byte, er
 	}
 	e := d.Mem.Data[usedOff+4+8*int(d.usedIdx%d.size):]
 	d.usedIdx++
+	d.write(0x64, d.read(0x60)) // the interrupt handler acknowledges
 	bufs := make([][]byte, len(writable))
 	for i, off := range out {
 		bufs[i] = append([]byte(nil), d.Mem.Data[off:off+uint64(writable[i])]...)
