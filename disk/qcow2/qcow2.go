@@ -178,6 +178,16 @@ type Image struct {
 	rt        []uint64
 	fileEnd   int64
 	backing   disk.Backend
+
+	// Links of clusters allocated by the WriteAt under way, written after one fdatasync at
+	// its end: L2 entries, then new L2 tables into the L1 table.
+	pendingL2 []link
+	pendingL1 map[uint64]int64
+}
+
+type link struct {
+	at  int64
+	val uint64
 }
 
 // Open opens a qcow2 v3 image; its backing file (if any) is opened read-only, relative to the
@@ -327,7 +337,9 @@ func (im *Image) l2Entry(off int64) (entry uint64, at int64, err error) {
 	l1i := uint64(off) >> (im.h.ClusterBits + im.h.ClusterBits - 3)
 	l2t := int64(im.l1[l1i] & offsetMask)
 	if l2t == 0 {
-		return 0, 0, nil
+		if l2t = im.pendingL1[l1i]; l2t == 0 {
+			return 0, 0, nil
+		}
 	}
 	at = l2t + int64((uint64(off)>>im.h.ClusterBits)&(im.l2Entries-1))*8
 	var b [8]byte
@@ -412,18 +424,50 @@ func (im *Image) WriteAt(p []byte, off int64) (int, error) {
 		pos := off + int64(n)
 		c := int(min(int64(len(p)-n), im.cs-pos%im.cs))
 		if err := im.writeCluster(p[n:n+c], pos); err != nil {
+			// Link what was fully written; the rest leaks at worst.
+			if lerr := im.linkPending(); lerr != nil {
+				err = errors.Join(err, lerr)
+			}
 			return n, fmt.Errorf("qcow2: %w", err)
 		}
 		n += c
 	}
+	if err := im.linkPending(); err != nil {
+		return 0, fmt.Errorf("qcow2: %w", err)
+	}
 	return n, nil
+}
+
+// linkPending makes the clusters this write allocated durable (one fdatasync for all of
+// them), then links them: L2 entries, then L1 entries.
+func (im *Image) linkPending() error {
+	if len(im.pendingL2) == 0 && len(im.pendingL1) == 0 {
+		return nil
+	}
+	defer func() { im.pendingL2, im.pendingL1 = im.pendingL2[:0], nil }()
+	if err := unix.Fdatasync(int(im.f.Fd())); err != nil {
+		return fmt.Errorf("fdatasync before linking new clusters: %w", err)
+	}
+	for _, l := range im.pendingL2 {
+		if err := im.writeU64(l.at, l.val); err != nil {
+			return err
+		}
+	}
+	for l1i, t := range im.pendingL1 {
+		if err := im.writeU64(int64(im.h.L1Offset)+int64(l1i)*8, uint64(t)|oflagCopied); err != nil {
+			return err
+		}
+		im.l1[l1i] = uint64(t) | oflagCopied
+	}
+	return nil
 }
 
 // writeCluster writes p within one guest cluster. A cluster that is not yet this image's own
 // is allocated in this order: refcounts, then the data (the old contents — backing file or
-// zeros — with p over them), then fdatasync, then the L2 entry, then the L1 entry. A crash
-// at any point leaks at most a cluster (qemu-img check calls that a leak, and -r leaks
-// repairs it), never leaves an entry pointing at a cluster with refcount 0.
+// zeros — with p over them); at the end of the WriteAt one fdatasync, then the L2 entries,
+// then the L1 entries (linkPending). A crash at any point leaks clusters at worst (qemu-img
+// check calls that a leak, and -r leaks repairs it), never leaves an entry pointing at a
+// cluster with refcount 0.
 func (im *Image) writeCluster(p []byte, off int64) error {
 	e, at, err := im.l2Entry(off)
 	if err != nil {
@@ -448,15 +492,18 @@ func (im *Image) writeCluster(p []byte, off int64) error {
 		}
 		return im.writeU64(at, uint64(host)|oflagCopied)
 	}
-	l1i := uint64(off) >> (im.h.ClusterBits + im.h.ClusterBits - 3)
-	newL2 := int64(0)
 	if at == 0 {
-		if newL2, err = im.alloc(); err != nil {
+		newL2, err := im.alloc()
+		if err != nil {
 			return err
 		}
 		if _, err := im.f.WriteAt(make([]byte, im.cs), newL2); err != nil {
 			return err
 		}
+		if im.pendingL1 == nil {
+			im.pendingL1 = map[uint64]int64{}
+		}
+		im.pendingL1[uint64(off)>>(im.h.ClusterBits+im.h.ClusterBits-3)] = newL2
 		at = newL2 + int64((uint64(off)>>im.h.ClusterBits)&(im.l2Entries-1))*8
 	}
 	data := make([]byte, im.cs)
@@ -474,18 +521,7 @@ func (im *Image) writeCluster(p []byte, off int64) error {
 	if _, err := im.f.WriteAt(data, host); err != nil {
 		return err
 	}
-	if err := unix.Fdatasync(int(im.f.Fd())); err != nil {
-		return fmt.Errorf("fdatasync before linking a new cluster: %w", err)
-	}
-	if err := im.writeU64(at, uint64(host)|oflagCopied); err != nil {
-		return err
-	}
-	if newL2 != 0 {
-		if err := im.writeU64(int64(im.h.L1Offset)+int64(l1i)*8, uint64(newL2)|oflagCopied); err != nil {
-			return err
-		}
-		im.l1[l1i] = uint64(newL2) | oflagCopied
-	}
+	im.pendingL2 = append(im.pendingL2, link{at, uint64(host) | oflagCopied})
 	return nil
 }
 
