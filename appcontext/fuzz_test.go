@@ -153,7 +153,7 @@ func FuzzPlan(f *testing.F) {
 				t.Fatalf("copy-in %+v outside bounce [%#x,+%#x) or caller buffer", c, bva, bsize)
 			}
 		}
-		comp, err := pl.Complete(ret, pp.Cloaked)
+		comp, err := pl.Complete(ret, Owned{Cloaked: pp.Cloaked})
 		if err != nil {
 			return
 		}

@@ -116,7 +116,7 @@ func TestPlan(t *testing.T) {
 			if got := pl.In[:pl.NIn]; !equalCopies(got, tt.in) {
 				t.Errorf("in = %+v, want %+v", got, tt.in)
 			}
-			c, err := pl.Complete(tt.outRet, p.Cloaked)
+			c, err := pl.Complete(tt.outRet, Owned{Cloaked: p.Cloaked})
 			if tt.iago {
 				if !errors.Is(err, ErrIago) {
 					t.Fatalf("Complete = %v, want Iago", err)
