@@ -585,6 +585,12 @@ func (c *cloaking) resume(x *cloakApp, call Call, e *kvm.ExitMMIO) (uint64, bool
 		c.v.log.Debug("cloak: resume", "app", x.seq, "pending", x.pending.kind, "stage", x.pending.stage, "rdi", call.Args[0])
 	}
 	c.checkMappings(x)
+	if x.ended {
+		// The check ended the app (its tables reach a frame the monitor refuses to
+		// walk): this CLOAK_RESUME hands the trampoline exit_group.
+		c.parked = nil
+		return appcontext.SysExitGroup, false, c.exitNowLocked(x)
+	}
 	switch x.pending.kind {
 	case pendNone:
 		c.running = x

@@ -174,7 +174,9 @@ func TestCloakNothingCloakedInLogs(t *testing.T) {
 	var log lockedBuffer
 	hooks := &Hooks{}
 	g := runCloakGuestConfig(t, "run=cloaksecret:"+secret+":cloak,counter:x:3:2 attack=regs victim=cloaksecret", hooks,
-		func(c *Config) { c.Logger = slog.New(slog.NewTextHandler(&log, &slog.HandlerOptions{Level: slog.LevelDebug})) })
+		func(c *Config) {
+			c.Logger = slog.New(slog.NewTextHandler(&log, &slog.HandlerOptions{Level: slog.LevelDebug}))
+		})
 	if len(g.lines("cloaksecret: cloaked")) != 1 {
 		t.Fatalf("victim did not run cloaked:\n%s", g.out)
 	}
@@ -193,5 +195,37 @@ func TestCloakNothingCloakedInLogs(t *testing.T) {
 		if strings.Contains(l, "cloak: appVM exit") && (strings.Contains(l, "rip=") || strings.Contains(l, "rax=") || strings.Contains(l, "cr2=")) {
 			t.Fatalf("an appVM exit record carries the app's registers: %s", l)
 		}
+	}
+}
+
+// TestCloakPageTableInPlaintext: the kernel points the page directory entry of the
+// cloaked victim's stack at the frame holding the victim's plaintext (attack=ptwalk),
+// so the monitor's next walk of the stack would read the app's data as page-table
+// entries and react to it (a forwarded touch, a zero fill or decryption at a frame
+// taken from a plaintext qword, or a kill): an oracle on cloaked data. The walk is
+// refused before it reads the frame; the app is killed, audited with the frame, and
+// the kernel learns nothing from the contents.
+func TestCloakPageTableInPlaintext(t *testing.T) {
+	t.Parallel()
+	g := runCloakGuest(t, "run=cloaksecret:"+randomSecret(t)+":cloak,counter:x:3:2 attack=ptwalk victim=cloaksecret")
+	m := regexp.MustCompile(`attack ptwalk: victim=cloaksecret stack=0x[0-9a-f]+ table=(0x[0-9a-f]+) `).FindStringSubmatch(g.out)
+	if m == nil {
+		t.Fatalf("the ptwalk attack did not run:\n%s", g.out)
+	}
+	frame, _ := strconv.ParseUint(m[1], 0, 64)
+	a := g.app(t, "cloaksecret")
+	if a.Ended != "killed" || a.Status != cloakKillStatus {
+		t.Fatalf("cloaked victim: %+v, want killed\n%s", a, g.out)
+	}
+	var refused bool
+	for _, d := range g.audited(EventGuardRefused) {
+		f, _ := d["frame"].(float64)
+		refused = refused || d["purpose"] == "page-table walk" && uint64(f) == frame && d["identity"] == a.Identity
+	}
+	if !refused {
+		t.Fatalf("no audited refusal of the walk through frame %#x: %v", frame, g.audited(EventGuardRefused))
+	}
+	if _, _, ok := finalClasses(t, g.guestRun); ok {
+		t.Fatalf("victim ran on:\n%s", g.out)
 	}
 }

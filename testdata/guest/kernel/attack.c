@@ -154,6 +154,42 @@ static void attack_forge(struct proc *p)
 	kprintf("\nattack forge: victim=%s call=CONSOLE_WRITE ret=%ld\n", p->name, r);
 }
 
+/*
+ * attack=ptwalk (victim cloaksecret): at the second yield the kernel points the
+ * page directory entry of the victim's stack at the frame of its data page 0,
+ * which holds the victim's plaintext while the kernel leaves it alone. Whoever
+ * walks the victim's stack through the guest's tables next reads that
+ * plaintext as page-table entries. The entry is put back at the victim's exit.
+ */
+static u64 *ptwalk_pde, ptwalk_saved;
+
+static void attack_ptwalk(struct proc *p)
+{
+	u64 va = data_page(p, 0), pa;
+	u64 *pte = va ? pte_lookup(p, va, 0) : NULL;
+	if (!pte || !(*pte & PTE_P)) {
+		kprintf("attack ptwalk: victim=%s no data page\n", p->name);
+		return;
+	}
+	pa = *pte & PTE_ADDR; /* from the table: the frame itself is not touched */
+	u64 sva = USER_STACK_TOP - PAGE_SIZE, table = p->pml4;
+	u64 *e = NULL;
+	for (int level = 3; level >= 2; level--) {
+		e = (u64 *)P2V(table) + ((sva >> (12 + 9 * level)) & 511);
+		if (!(*e & PTE_P)) {
+			kprintf("attack ptwalk: victim=%s no stack tables\n", p->name);
+			return;
+		}
+		table = *e & PTE_ADDR;
+	}
+	e = (u64 *)P2V(table) + ((sva >> 21) & 511);
+	ptwalk_pde = e;
+	ptwalk_saved = *e;
+	*e = pa | PTE_P | PTE_W | PTE_U;
+	write_cr3(read_cr3());
+	kprintf("attack ptwalk: victim=%s stack=0x%lx table=0x%lx (data page 0x%lx)\n", p->name, sva, pa, va);
+}
+
 void attack_on_yield(struct proc *p)
 {
 	if (!is_victim(p))
@@ -170,6 +206,10 @@ void attack_on_yield(struct proc *p)
 		return;
 	if (pp_attack(p))
 		return;
+	if (!strcmp(cfg.attack, "ptwalk")) {
+		attack_ptwalk(p);
+		return;
+	}
 	if (!strcmp(cfg.attack, "read"))
 		attack_read(p);
 	else if (!strcmp(cfg.attack, "tamper"))
@@ -325,6 +365,10 @@ long attack_on_result(struct proc *p, u64 nr, u64 a1, long r)
 
 void attack_on_exit(struct proc *p)
 {
+	if (is_victim(p) && ptwalk_pde) {
+		*ptwalk_pde = ptwalk_saved;
+		ptwalk_pde = NULL;
+	}
 	if (!is_victim(p) || !deputy_mode() || !dep.va)
 		return;
 	int changed = 0;
