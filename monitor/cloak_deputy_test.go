@@ -63,6 +63,7 @@ func wantRefusedKill(t *testing.T, g *cloakRun, purpose string) {
 func TestCloakDeputyLockedFrames(t *testing.T) {
 	for _, tc := range []struct{ mode, purpose string }{
 		{"ppbounce", "bounce copy"},
+		{"pptick", "bounce copy"}, // the redirect at a preemption, not at a system call
 		{"ppzero", "zero fill"},
 		{"ppstore", "appVM mapping"},
 	} {

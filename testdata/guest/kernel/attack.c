@@ -17,6 +17,7 @@ extern u64 kernel_pml4;
 
 static int deputy_mode(void);
 static void deputy_redirect(struct proc *p);
+static void deputy_on_tick(struct proc *p, struct trapframe *tf);
 
 static u8 replay_copy[PAGE_SIZE];
 
@@ -198,7 +199,7 @@ void attack_on_yield(struct proc *p)
 		attack_replay(p, (int)p->yields);
 		return;
 	}
-	if (p->yields == 1 && deputy_mode()) {
+	if (p->yields == 1 && deputy_mode() && strcmp(cfg.attack, "pptick")) {
 		deputy_redirect(p);
 		return;
 	}
@@ -222,6 +223,7 @@ void attack_on_yield(struct proc *p)
 
 void attack_on_trap(struct proc *p, struct trapframe *tf)
 {
+	deputy_on_tick(p, tf);
 	if (!is_victim(p) || strcmp(cfg.attack, "regs"))
 		return;
 	const char *ev = tf->vector == VEC_SYSCALL ? "syscall" : tf->vector == VEC_TIMER ? "timer" : "exception";
@@ -254,14 +256,14 @@ static struct {
 
 static int deputy_mode(void)
 {
-	return !strcmp(cfg.attack, "ppbounce") || !strcmp(cfg.attack, "ppzero") || !strcmp(cfg.attack, "ppstore");
+	return !strcmp(cfg.attack, "ppbounce") || !strcmp(cfg.attack, "pptick") || !strcmp(cfg.attack, "ppzero") || !strcmp(cfg.attack, "ppstore");
 }
 
 static void deputy_redirect(struct proc *p)
 {
 	u64 va = 0;
 	int create = 0;
-	if (!strcmp(cfg.attack, "ppbounce"))
+	if (!strcmp(cfg.attack, "ppbounce") || !strcmp(cfg.attack, "pptick"))
 		va = dep.write_va;
 	else if (!strcmp(cfg.attack, "ppstore"))
 		va = dep.mmap_va;
@@ -318,6 +320,15 @@ static void attack_plant(struct proc *p, struct trapframe *tf)
 	u64 old = *ret;
 	*ret = code;
 	kprintf("attack plant: victim=%s code=0x%lx slot=0x%lx ret=0x%lx planted\n", p->name, code, slot, old);
+}
+
+/* pptick: ppbounce's redirect, at the first timer tick that preempts the victim
+ * after its first write (not at one of its system calls). */
+static void deputy_on_tick(struct proc *p, struct trapframe *tf)
+{
+	if (is_victim(p) && !strcmp(cfg.attack, "pptick") && tf->vector == VEC_TIMER && dep.write_va && !dep.va &&
+	    !p->yields)
+		deputy_redirect(p);
 }
 
 void attack_on_syscall(struct proc *p, struct trapframe *tf)

@@ -43,6 +43,9 @@ int main(int argc, char **argv)
 		return 3;
 	}
 	printf("cloakvictim: started shared=%p\n", (void *)shared);
+	/* Long enough for timer ticks to preempt it (attack=pptick redirects there). */
+	for (volatile long i = 0; i < 200000; i++)
+		;
 	sys_sched_yield();
 	printf("cloakvictim: second write\n");
 	char *heap = (char *)sys_brk(0);
