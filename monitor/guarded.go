@@ -83,7 +83,7 @@ func (c *cloaking) plainApp(frame uint64) (uint64, bool) {
 func (c *cloaking) guardLocked(v memguard.View, r memguard.Request, details func() map[string]any) error {
 	d := v.Check(r)
 	if d.Verdict == memguard.Seal {
-		for f := r.GPA &^ (PageSize - 1); f < r.GPA+max(r.Len, 1); f += PageSize {
+		for _, f := range memguard.Frames(r.GPA, r.Len) {
 			if o, ok := c.plain[f]; ok && (r.Purpose != memguard.AppMap || o.app.ppID() != r.App) {
 				c.encryptLocked(f)
 			}

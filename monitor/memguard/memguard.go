@@ -152,7 +152,7 @@ func (v View) Check(r Request) Decision {
 		return Decision{Verdict: Refuse, Frame: r.GPA &^ (PageSize - 1), Why: "range wraps around the address space"}
 	}
 	var out Decision
-	for f := r.GPA &^ (PageSize - 1); f < end; f += PageSize {
+	for _, f := range Frames(r.GPA, n) {
 		d := v.frame(r, f)
 		if d.Verdict > out.Verdict {
 			out = d
@@ -162,6 +162,23 @@ func (v View) Check(r Request) Decision {
 		}
 	}
 	return out
+}
+
+// Frames returns the frames [gpa, gpa+n) touches (n 0: one byte), none if the range
+// wraps. It never loops past the top of the address space.
+func Frames(gpa, n uint64) []uint64 {
+	n = max(n, 1)
+	if gpa+n < gpa {
+		return nil
+	}
+	first, last := gpa&^(PageSize-1), (gpa+n-1)&^(PageSize-1)
+	out := make([]uint64, 0, (last-first)/PageSize+1)
+	for f := first; ; f += PageSize {
+		out = append(out, f)
+		if f == last {
+			return out
+		}
+	}
 }
 
 // denies is the page-protection bit an access needs clear.

@@ -75,6 +75,7 @@ func TestCheck(t *testing.T) {
 		{"adopt locked text", Request{Purpose: Adopt, Access: Write, GPA: text, Len: PageSize, App: 1}, Refuse, "protected"},
 		{"adopt free frame", Request{Purpose: Adopt, Access: Write, GPA: free, Len: PageSize, App: 1}, Allow, ""},
 		{"wrapping range", Request{Purpose: Bounce, Access: Read, GPA: ^uint64(0) - 4, Len: 16, App: 1}, Refuse, "wraps"},
+		{"last page of the address space ends", Request{Purpose: Bounce, Access: Read, GPA: ^uint64(0) - 0xfff, Len: 0x10, App: 1}, Allow, ""},
 		{"no purpose", Request{Access: Read, GPA: free}, Refuse, "purpose"},
 		{"zero length is one byte", Request{Purpose: Bounce, Access: Write, GPA: text}, Refuse, "denies"},
 	} {
@@ -111,4 +112,43 @@ func BenchmarkCheck(b *testing.B) {
 	for i := 0; i < b.N; i++ {
 		v.Check(Request{Purpose: Walk, Access: Read, GPA: 0x7ff000, Len: 8, App: 1})
 	}
+}
+
+// FuzzCheck: for any request (the guest chooses the frames), the rule never allows a
+// write to a frame locked against writes, a read of one locked against reads, or a
+// walk, hypercall buffer or adoption touching cloaked plaintext, and never panics.
+func FuzzCheck(f *testing.F) {
+	f.Add(uint8(Bounce), uint8(Write), uint64(0x100000), uint64(16), uint64(1))
+	f.Add(uint8(Walk), uint8(Read), uint64(0x200018), uint64(8), uint64(0))
+	f.Add(uint8(AppMap), uint8(Read|Write|Exec), ^uint64(0)-8, uint64(64), uint64(2))
+	v := View{
+		Locks: []pageprot.PhysRange{
+			{Start: 0x100000, End: 0x104000, Deny: pageprot.DenyWrite},
+			{Start: 0x190000, End: 0x191000, Deny: pageprot.DenyRead | pageprot.DenyWrite},
+		},
+		Plain: func(f uint64) (uint64, bool) { return 1 + f>>12&1, f >= 0x200000 && f < 0x208000 },
+	}
+	f.Fuzz(func(t *testing.T, p, a uint8, gpa, n, app uint64) {
+		r := Request{Purpose: Purpose(p % 10), Access: Access(a & 7), GPA: gpa, Len: n % (1 << 20), App: app % 4}
+		d := v.Check(r)
+		if d.Verdict == Refuse {
+			return
+		}
+		for _, fr := range Frames(r.GPA, r.Len) {
+			deny := v.Deny(fr)
+			owner, plain := v.Plain(fr)
+			switch {
+			case r.Purpose == Encrypt || r.Purpose == Scrub:
+				if !plain || owner != r.App {
+					t.Fatalf("%+v: %v of a frame without the app's plaintext", r, d)
+				}
+			case plain && (r.Purpose == Walk || r.Purpose == HypercallBuffer || r.Purpose == Adopt):
+				t.Fatalf("%+v: %v through plaintext at %#x", r, d, fr)
+			case !plain && r.Access&Write != 0 && deny&pageprot.DenyWrite != 0:
+				t.Fatalf("%+v: %v of a write-locked frame %#x", r, d, fr)
+			case !plain && r.Access&Read != 0 && deny&pageprot.DenyRead != 0:
+				t.Fatalf("%+v: %v of a read-locked frame %#x", r, d, fr)
+			}
+		}
+	})
 }
