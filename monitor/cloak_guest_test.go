@@ -376,7 +376,7 @@ func TestCloakAttacks(t *testing.T) {
 // TestCloakPreemption shows that a cloaked app that never makes a system call is
 // preempted on its time slice: the kernel keeps running other processes meanwhile.
 func TestCloakPreemption(t *testing.T) {
-	g := runCloakGuest(t, "run=cloakprobe:spin:200:cloak,counter:a:8:10,counter:b:8:10")
+	g := runCloakGuest(t, "run=cloakprobe:spin:200:cloak,counter:a:16:10,counter:b:16:10")
 	g.wantStatus(t, 0)
 	lines := strings.Split(g.out, "\n")
 	start, done := -1, -1
