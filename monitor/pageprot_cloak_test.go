@@ -340,6 +340,13 @@ func BenchmarkPageProtCloakedViolation(b *testing.B) {
 			if err := x.shadow.mapPage(0x400000, 0x900000, false, false); err != nil {
 				b.Fatal(err)
 			}
+			// The code page is measured code of the app (appVM fetches only those,
+			// and the monitor reads the faulting instruction only from them).
+			x.layout = appcontext.NewLayout(&appcontext.RegisterRequest{
+				Segments:   []appcontext.Segment{{VA: 0x400000, Size: PageSize, Kind: appcontext.SegmentCode}},
+				Regions:    []appcontext.Region{{VA: benchVA, Size: benchPages * PageSize, Kind: appcontext.RegionAnon}},
+				Trampoline: 0x7000000, BounceVA: 0x7100000, BounceSize: PageSize,
+			})
 			x.thread.regs = kvm.Regs{RIP: 0x400000, RSP: 0x7ff000, RFLAGS: 0x202, RBX: benchVA}
 			mem := &fakeBatchMem{b: pageprot.EncodeBatch([]pageprot.Entry{ppEntry(benchVA, 1, pageprot.DenyWrite, tc.action, 0)})}
 			c.mu.Lock()
@@ -363,6 +370,9 @@ func BenchmarkPageProtCloakedViolation(b *testing.B) {
 			iter := func(t *cloakApp, fault func(appTrap)) int {
 				n, reload := 0, true
 				for {
+					if t.ended {
+						b.Fatalf("%s ended: %+v", t.name, t.sum)
+					}
 					if reload {
 						if err := c.av.load(t); err != nil {
 							b.Fatal(err)
