@@ -494,7 +494,7 @@ func (c *cloaking) ensureInfrastructure() error {
 		if err != nil {
 			return err
 		}
-		if c.av, err = newAppVM(c.v.sys, c.v.mem, cpuid); err != nil {
+		if c.av, err = newAppVM(c.v.sys, c.v.mem, guestCPUID(cpuid)); err != nil {
 			return err
 		}
 		c.v.appCPU.Store(c.av.cpu)

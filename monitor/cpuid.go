@@ -32,8 +32,9 @@ const (
 	cpuid1EDXHTT     = 1 << 28
 )
 
-// guestCPUID returns the CPUID table for vCPU 0.
-func guestCPUID(supported []kvm.CPUIDEntry, boot string) []kvm.CPUIDEntry {
+// guestCPUID returns the CPUID table of the VM's vCPUs (the system VM's and appVM's alike,
+// so a cloaked app sees the same CPU wherever it runs).
+func guestCPUID(supported []kvm.CPUIDEntry) []kvm.CPUIDEntry {
 	out := make([]kvm.CPUIDEntry, 0, len(supported))
 	for _, e := range supported {
 		switch e.Function {

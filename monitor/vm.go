@@ -249,7 +249,7 @@ func New(cfg Config) (_ *VM, err error) {
 	if err != nil {
 		return nil, err
 	}
-	cpuid = guestCPUID(cpuid, cfg.Boot)
+	cpuid = guestCPUID(cpuid)
 	if err = v.cpu.SetCPUID(cpuid); err != nil {
 		return nil, err
 	}
