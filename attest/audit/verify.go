@@ -62,10 +62,20 @@ type Result struct {
 // calls fn with every verified record (fn may be nil). It stops at the first bad
 // record. It is the one parser of audit log files.
 func Scan(r io.Reader, fn func(rec *Record, hash string) error) *Result {
-	res := &Result{OK: true}
+	return scanFrom(r, Head{}, fn)
+}
+
+// scanFrom is Scan of a log's continuation: r holds the lines after the record
+// from (the zero Head for a whole log), which the first line must chain to. Line
+// numbers and counts in the result are relative to that point.
+func scanFrom(r io.Reader, from Head, fn func(rec *Record, hash string) error) *Result {
+	res := &Result{OK: true, Head: from}
 	br := bufio.NewReaderSize(r, 64<<10)
 	prevHash := zeroHash
-	var lastSeq uint64
+	if from.Seq > 0 {
+		prevHash = from.Hash
+	}
+	lastSeq := from.Seq
 	for line := 1; ; line++ {
 		b, err := eventlog.ReadLine(br, MaxLineBytes)
 		if err == io.EOF && len(b) == 0 {

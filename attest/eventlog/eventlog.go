@@ -220,6 +220,12 @@ var ErrTornTail = errors.New("event log ends in an incomplete record (the writer
 // last line is incomplete it also returns the byte offset where the complete records
 // end and an error wrapping ErrTornTail.
 func ParseLines(r io.Reader) (recs []Record, goodLen int64, err error) {
+	return parseFrom(r, 0)
+}
+
+// parseFrom is ParseLines of a log's continuation whose first record has recnum
+// first; the returned records are only the new ones.
+func parseFrom(r io.Reader, first uint64) (recs []Record, goodLen int64, err error) {
 	br := bufio.NewReaderSize(r, 64<<10)
 	for {
 		line, rerr := ReadLine(br, MaxRecordBytes)
@@ -236,13 +242,13 @@ func ParseLines(r io.Reader) (recs []Record, goodLen int64, err error) {
 		if err := decodeStrict(line, &rec); err != nil {
 			return recs, goodLen, fmt.Errorf("event log line %d: %w", len(recs)+1, err)
 		}
-		if rec.RecNum != uint64(len(recs)) {
-			return recs, goodLen, fmt.Errorf("event log line %d has recnum %d, want %d: a record was removed, inserted or reordered", len(recs)+1, rec.RecNum, len(recs))
+		if want := first + uint64(len(recs)); rec.RecNum != want {
+			return recs, goodLen, fmt.Errorf("event log record %d has recnum %d: a record was removed, inserted or reordered", want, rec.RecNum)
 		}
 		if err := rec.Validate(); err != nil {
 			return recs, goodLen, fmt.Errorf("event log line %d: %w", len(recs)+1, err)
 		}
-		if len(recs) >= MaxRecords {
+		if first+uint64(len(recs)) >= MaxRecords {
 			return recs, goodLen, fmt.Errorf("event log has more than %d records", MaxRecords)
 		}
 		recs = append(recs, rec)

@@ -5,9 +5,11 @@ import (
 	"context"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/umbra-cc/umbra/attest/eventlog"
@@ -134,9 +136,20 @@ func TestOpenAfterHostReset(t *testing.T) {
 	if n := len(m.Records()); n != 0 {
 		t.Fatalf("new log has %d records, want 0", n)
 	}
-	prev, _ := filepath.Glob(path + ".*.prev")
+	prev, _ := filepath.Glob(path + ".prev.*")
 	if len(prev) != 1 {
 		t.Fatalf("previous log not kept: %v", prev)
+	}
+	// A second reset archives under a new name: archives never overwrite each other.
+	m.Close()
+	os.WriteFile(path, buf.Bytes(), 0o600)
+	m2, err := eventlog.Open(ctx, tpm, path, 15, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m2.Close()
+	if prev, _ = filepath.Glob(path + ".prev.*"); len(prev) != 2 {
+		t.Fatalf("second archive: %v, want two distinct files", prev)
 	}
 }
 
@@ -230,4 +243,107 @@ func FuzzParseLines(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestTornMeasurementIsRepaired: a record fsynced but never extended (its writer was
+// killed between the two) is recognised, extended late and stated in a record of its
+// own, so the log replays again; without the repair the log does not replay.
+func TestTornMeasurementIsRepaired(t *testing.T) {
+	tpm := tpmtest.Simulator(t)
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "events.jsonl")
+	m, err := eventlog.Open(ctx, tpm, path, 15, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	evs := launchEvents()
+	for _, ev := range evs[:2] {
+		if _, err := m.Measure(ctx, ev); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m.Close()
+	torn := mkRecord(2, evs[2].Type, evs[2].Description, nil, evs[2].Data)
+	line, _ := eventlog.Encode(&torn)
+	f, _ := os.OpenFile(path, os.O_APPEND|os.O_WRONLY, 0)
+	f.Write(line)
+	f.Close()
+	recs := readLog(t, path)
+	if pcr, _ := eventlog.ReadPCR(tpm, 15); bytes.Equal(pcr, eventlog.ReplayPCR(recs, 15)) {
+		t.Fatal("the torn record replays already: the test sets up nothing")
+	}
+
+	m, err = eventlog.Open(ctx, tpm, path, 15, nil)
+	if err != nil {
+		t.Fatalf("Open after a torn measurement: %v", err)
+	}
+	defer m.Close()
+	rec := m.TakeRecovered()
+	if len(rec) != 1 || rec[0].RecNum != 2 || rec[0].StatementRecNum != 3 {
+		t.Fatalf("recovered = %+v, want record 2 stated by record 3", rec)
+	}
+	recs = readLog(t, path)
+	if len(recs) != 4 || recs[3].Content.Type != eventlog.TypeTornRecovered {
+		t.Fatalf("log after repair has %d records (last %q)", len(recs), recs[len(recs)-1].Content.Type)
+	}
+	pcr, _ := eventlog.ReadPCR(tpm, 15)
+	if !bytes.Equal(pcr, eventlog.ReplayPCR(recs, 15)) {
+		t.Fatal("the repaired log does not replay to the PCR")
+	}
+}
+
+// TestConcurrentMeasurersInterleave: measurers with their own file descriptions on
+// one log and one TPM (as separate monitors have) interleave whole records in one
+// order that replays to the PCR.
+func TestConcurrentMeasurersInterleave(t *testing.T) {
+	tpm := tpmtest.Simulator(t)
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "events.jsonl")
+	const writers, each = 4, 25
+	var wg sync.WaitGroup
+	errs := make(chan error, writers)
+	for w := 0; w < writers; w++ {
+		m, err := eventlog.Open(ctx, tpm, path, 15, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer m.Close()
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < each; i++ {
+				if _, err := m.Measure(ctx, eventlog.Event{Type: "test", Description: fmt.Sprintf("writer %d event %d", w, i), Data: []byte{byte(w), byte(i)}}); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	recs := readLog(t, path)
+	if len(recs) != writers*each {
+		t.Fatalf("log has %d records, want %d", len(recs), writers*each)
+	}
+	pcr, _ := eventlog.ReadPCR(tpm, 15)
+	if !bytes.Equal(pcr, eventlog.ReplayPCR(recs, 15)) {
+		t.Fatal("the interleaved log does not replay to the PCR")
+	}
+}
+
+func readLog(t *testing.T, path string) []eventlog.Record {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	recs, _, err := eventlog.ParseLines(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return recs
 }
