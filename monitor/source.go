@@ -10,7 +10,6 @@ import (
 	"encoding/pem"
 	"fmt"
 	"log/slog"
-	"os"
 	"os/user"
 	"path/filepath"
 
@@ -20,6 +19,7 @@ import (
 	"github.com/umbra-cc/umbra/guestimage"
 	"github.com/umbra-cc/umbra/policy"
 	"github.com/umbra-cc/umbra/sealing"
+	"github.com/umbra-cc/umbra/userfile"
 )
 
 // LaunchSource is what a launch runs and under which policy: resolved from the
@@ -82,21 +82,21 @@ func DemoSource(ctx context.Context) (*LaunchSource, error) {
 // SpecSource reads a VM spec file and its guest image, and loads the signed policy
 // bundle that governs it, verified with key.
 func SpecSource(ctx context.Context, specPath, bundlePath string, key policy.VerifyKey) (*LaunchSource, error) {
-	raw, err := os.ReadFile(specPath)
+	raw, err := userfile.Read(ctx, specPath, "VM spec", userfile.MaxSpecBytes)
 	if err != nil {
-		return nil, fmt.Errorf("read VM spec: %w", err)
+		return nil, fmt.Errorf("%w: %w", ErrInvalidInput, err)
 	}
 	spec, err := ParseSpec(raw)
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", specPath, err)
+		return nil, fmt.Errorf("%w: %s: %w", ErrInvalidInput, specPath, err)
 	}
-	img, err := os.ReadFile(spec.ImagePath(filepath.Dir(specPath)))
+	img, err := userfile.Read(ctx, spec.ImagePath(filepath.Dir(specPath)), "guest image", userfile.MaxImageBytes)
 	if err != nil {
-		return nil, fmt.Errorf("%s: guest.image: %w", specPath, err)
+		return nil, fmt.Errorf("%w: %s: guest.image: %w", ErrInvalidInput, specPath, err)
 	}
-	bundle, err := os.ReadFile(bundlePath)
+	bundle, err := userfile.Read(ctx, bundlePath, "policy bundle", userfile.MaxBundleBytes)
 	if err != nil {
-		return nil, fmt.Errorf("read policy bundle: %w", err)
+		return nil, fmt.Errorf("%w: %w", ErrInvalidInput, err)
 	}
 	p, err := policy.LoadSignedBundle(ctx, bytes.NewReader(bundle), bundlePath, key)
 	if err != nil {
@@ -113,9 +113,9 @@ func SpecSource(ctx context.Context, specPath, bundlePath string, key policy.Ver
 // from the path in the sealed spec, relative to the bundle file, and its digest is
 // part of the policy input so a policy can pin it.
 func SealedSource(ctx context.Context, tpm transport.TPM, stateDir, bundlePath string, log *slog.Logger) (*LaunchSource, error) {
-	data, err := os.ReadFile(bundlePath)
+	data, err := userfile.Read(ctx, bundlePath, "sealed bundle", userfile.MaxBundleBytes)
 	if err != nil {
-		return nil, fmt.Errorf("read sealed bundle: %w", err)
+		return nil, fmt.Errorf("%w: %w", ErrInvalidInput, err)
 	}
 	if !sealing.IsBundle(data) {
 		return nil, fmt.Errorf("%s is not a sealed VM bundle", bundlePath)
@@ -146,11 +146,11 @@ func SealedSource(ctx context.Context, tpm transport.TPM, stateDir, bundlePath s
 	}
 	spec, err := ParseSpec(opened.Spec)
 	if err != nil {
-		return fail(fmt.Errorf("spec sealed in %s: %w", bundlePath, err))
+		return fail(fmt.Errorf("%w: spec sealed in %s: %w", ErrInvalidInput, bundlePath, err))
 	}
 	src.Spec, src.SpecBytes = spec, opened.Spec
-	if src.Image, err = os.ReadFile(spec.ImagePath(filepath.Dir(bundlePath))); err != nil {
-		return fail(fmt.Errorf("guest image named by the sealed spec: %w", err))
+	if src.Image, err = userfile.Read(ctx, spec.ImagePath(filepath.Dir(bundlePath)), "guest image", userfile.MaxImageBytes); err != nil {
+		return fail(fmt.Errorf("%w: guest image named by the sealed spec: %w", ErrInvalidInput, err))
 	}
 	admin, err := adminKey(admins, opened.Header.AdminKeyID)
 	if err != nil {

@@ -34,9 +34,17 @@ import (
 
 // Record kinds umbra writes. Other kinds (a-z, 0-9, '-', '.', '_') are accepted.
 const (
-	KindLogStart           = "log-start"
-	KindLaunch             = "launch"
-	KindStop               = "stop"
+	KindLogStart = "log-start"
+	KindLaunch   = "launch"
+	KindStop     = "stop"
+	// KindLaunchFailed closes a launch that never ran (details.error says why).
+	KindLaunchFailed = "launch-failed"
+	// KindLost closes a launch whose monitor died before recording the outcome;
+	// a later monitor writes it.
+	KindLost = "lost"
+	// KindTornMeasurement records the repair of an event-log record that was
+	// logged but never extended into the PCR (eventlog.Recovery).
+	KindTornMeasurement    = "torn-measurement"
 	KindDecision           = "decision"
 	KindCloakRegister      = "cloak-register"
 	KindIntegrityViolation = "integrity-violation"

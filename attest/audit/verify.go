@@ -52,10 +52,88 @@ type Result struct {
 	// Unanchored is the number of records after the last anchor: not yet committed
 	// to by the TPM, so their truncation would not be detectable.
 	Unanchored int `json:"unanchored"`
+	// Launches is the number of launch records; OpenLaunches those of them that no
+	// outcome record (stop, launch-failed, lost) closes yet: VMs still running, or
+	// whose monitor was killed and that no later monitor has recorded as lost.
+	Launches     int          `json:"launches"`
+	OpenLaunches []OpenLaunch `json:"open_launches,omitempty"`
 	// Problems lists every failure as a sentence.
 	Problems []string `json:"problems,omitempty"`
 	// Warnings lists non-failures an auditor should know about.
 	Warnings []string `json:"warnings,omitempty"`
+}
+
+// OpenLaunch is a launch record without an outcome.
+type OpenLaunch struct {
+	Seq      uint64 `json:"seq"`
+	VM       string `json:"vm"`
+	LaunchID string `json:"launch_id"`
+}
+
+// IsOutcome reports whether kind closes a launch.
+func IsOutcome(kind string) bool {
+	return kind == KindStop || kind == KindLaunchFailed || kind == KindLost
+}
+
+// outcomes pairs launch records with their outcome records by launch_id (records
+// without one, from before launch ids, are not paired).
+type outcomes struct {
+	open     map[string]OpenLaunch
+	closed   map[string]uint64
+	order    []string
+	launches int
+	warnings []string
+}
+
+func (o *outcomes) see(rec *Record) error {
+	if rec.Kind != KindLaunch && !IsOutcome(rec.Kind) {
+		return nil
+	}
+	var d struct {
+		LaunchID string `json:"launch_id"`
+	}
+	json.Unmarshal(rec.Details, &d)
+	if d.LaunchID == "" {
+		return nil
+	}
+	if rec.Kind == KindLaunch {
+		if _, dup := o.open[d.LaunchID]; dup || o.closed[d.LaunchID] != 0 {
+			return fmt.Errorf("launch id %s is used by a second launch record", d.LaunchID)
+		}
+		o.launches++
+		o.open[d.LaunchID] = OpenLaunch{Seq: rec.Seq, VM: rec.VM, LaunchID: d.LaunchID}
+		o.order = append(o.order, d.LaunchID)
+		return nil
+	}
+	if seq := o.closed[d.LaunchID]; seq != 0 {
+		return fmt.Errorf("a second outcome (%s) for launch %s, already closed at seq %d", rec.Kind, d.LaunchID, seq)
+	}
+	l, ok := o.open[d.LaunchID]
+	switch {
+	case !ok && rec.Kind == KindLost:
+		// The monitor died after marking the VM running but before its launch
+		// record: nothing ran.
+		o.warnings = append(o.warnings, fmt.Sprintf("seq %d: lost record for launch %s of VM %s, whose monitor died before auditing the launch itself", rec.Seq, d.LaunchID, rec.VM))
+		return nil
+	case !ok:
+		return fmt.Errorf("%s record for launch %s, which no launch record before it opened", rec.Kind, d.LaunchID)
+	case l.VM != rec.VM:
+		return fmt.Errorf("%s record of VM %q closes launch %s of VM %q", rec.Kind, rec.VM, d.LaunchID, l.VM)
+	}
+	delete(o.open, d.LaunchID)
+	o.closed[d.LaunchID] = rec.Seq
+	return nil
+}
+
+func (o *outcomes) finish(res *Result) {
+	res.Launches = o.launches
+	res.Warnings = append(res.Warnings, o.warnings...)
+	for _, id := range o.order {
+		if l, ok := o.open[id]; ok {
+			res.OpenLaunches = append(res.OpenLaunches, l)
+			res.Warnings = append(res.Warnings, fmt.Sprintf("launch of VM %s at seq %d (launch %s) has no outcome record: the VM is still running, or its monitor was killed (the next monitor on the host records it as lost)", l.VM, l.Seq, l.LaunchID))
+		}
+	}
 }
 
 // Scan reads a log line by line, checking each line's hash and its chaining, and
@@ -150,12 +228,14 @@ func Verify(r io.Reader, anchors []Head) *Result {
 	for _, a := range anchors {
 		want[a.Seq] = true
 	}
+	o := &outcomes{open: map[string]OpenLaunch{}, closed: map[string]uint64{}}
 	res := Scan(r, func(rec *Record, hash string) error {
 		if want[rec.Seq] {
 			hashes[rec.Seq] = hash
 		}
-		return nil
+		return o.see(rec)
 	})
+	o.finish(res)
 	if anchors == nil {
 		return res
 	}

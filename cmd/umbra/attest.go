@@ -6,7 +6,6 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -56,38 +55,6 @@ func runAttest(ctx context.Context, env *cliEnv, args []string) int {
 	}
 	fs.Usage()
 	return 2
-}
-
-// parseMixed parses flags that may come after positional arguments
-// ("verify evidence.json --nonce N"): it moves the positional arguments last.
-func parseMixed(env *cliEnv, fs *flag.FlagSet, args []string) (code int, done bool) {
-	var flags, pos []string
-	for i := 0; i < len(args); i++ {
-		a := args[i]
-		if a == "--" {
-			pos = append(pos, args[i+1:]...)
-			break
-		}
-		if len(a) < 2 || a[0] != '-' {
-			pos = append(pos, a)
-			continue
-		}
-		flags = append(flags, a)
-		name := strings.TrimLeft(a, "-")
-		if strings.Contains(name, "=") {
-			continue
-		}
-		if f := fs.Lookup(name); f != nil {
-			if bf, ok := f.Value.(interface{ IsBoolFlag() bool }); ok && bf.IsBoolFlag() {
-				continue
-			}
-			if i+1 < len(args) {
-				flags = append(flags, args[i+1])
-				i++
-			}
-		}
-	}
-	return parseFlags(env, fs, append(append(flags, "--"), pos...))
 }
 
 func parseNonce(s string) ([]byte, error) {
@@ -144,7 +111,7 @@ func attestQuote(ctx context.Context, env *cliEnv, args []string) int {
 	pcrs := fs.String("pcrs", "", "extra PCRs to quote, comma-separated (e.g. 0,7,13)")
 	pcr := fs.Int("pcr", attest.DefaultPCR, "the PCR umbra measures into")
 	logPath := fs.String("event-log", "", "event log (default STATE_DIR/"+attest.EventLogFile+")")
-	if code, done := parseMixed(env, fs, args); done {
+	if code, done := parseFlags(env, fs, args); done {
 		return code
 	}
 	if fs.NArg() != 0 {
@@ -219,7 +186,7 @@ func attestVerify(env *cliEnv, args []string) int {
 	nonceHex := fs.String("nonce", "", "the nonce you gave the host, hex")
 	refPath := fs.String("reference", "", "reference values file (YAML, see docs/attestation.md)")
 	asJSON := fs.Bool("json", false, "print the report as JSON")
-	if code, done := parseMixed(env, fs, args); done {
+	if code, done := parseFlags(env, fs, args); done {
 		return code
 	}
 	if fs.NArg() != 1 || *refPath == "" {
@@ -265,7 +232,7 @@ func attestMeasure(ctx context.Context, env *cliEnv, args []string) int {
 	digest := fs.String("digest", "", "measure this SHA-256 (hex)")
 	pcr := fs.Int("pcr", attest.DefaultPCR, "the PCR umbra measures into")
 	logPath := fs.String("event-log", "", "event log (default STATE_DIR/"+attest.EventLogFile+")")
-	if code, done := parseMixed(env, fs, args); done {
+	if code, done := parseFlags(env, fs, args); done {
 		return code
 	}
 	n := 0
@@ -326,7 +293,7 @@ func attestExport(env *cliEnv, args []string) int {
 	fs := newFlagSet(env, "attest export-tpm2", "EVIDENCE", "Write the evidence's quote as tpm2_checkquote input files and print the command that checks it.")
 	nonceHex := fs.String("nonce", "", "the nonce you gave the host, hex")
 	dir := fs.String("dir", "", "directory to write ak.pem, quote.msg, quote.sig, pcrs.bin")
-	if code, done := parseMixed(env, fs, args); done {
+	if code, done := parseFlags(env, fs, args); done {
 		return code
 	}
 	if fs.NArg() != 1 || *dir == "" {

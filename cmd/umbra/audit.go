@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -51,7 +52,7 @@ func auditVerify(env *cliEnv, args []string) int {
 	evPath := fs.String("evidence", "", "evidence from 'umbra attest quote' whose event log holds the log's anchors")
 	nonceHex := fs.String("nonce", "", "the nonce the evidence was made for (hex); without it freshness is not checked")
 	asJSON := fs.Bool("json", false, "print the result as JSON")
-	if code, done := parseMixed(env, fs, args); done {
+	if code, done := parseFlags(env, fs, args); done {
 		return code
 	}
 	if fs.NArg() != 1 {
@@ -116,6 +117,7 @@ func printAuditResult(env *cliEnv, path string, res *audit.Result, qr *verify.Re
 	if qr != nil {
 		fmt.Fprintf(w, "unanchored records after the last anchor: %d\n", res.Unanchored)
 	}
+	fmt.Fprintf(w, "launches: %d, %d without an outcome record\n", res.Launches, len(res.OpenLaunches))
 	if res.FirstBad != nil {
 		fmt.Fprintf(w, "FIRST BAD RECORD: %s\n", res.FirstBad)
 	}
@@ -149,11 +151,11 @@ func parseWhen(s string, now time.Time) (time.Time, error) {
 func auditShow(env *cliEnv, args []string) int {
 	fs := newFlagSet(env, "audit show", "LOG", "Print audit records readably. The chain is checked while reading; output stops at the first bad record.")
 	vm := fs.String("vm", "", "only records of this VM")
-	kinds := fs.String("kind", "", "only these kinds, comma-separated (decision, launch, stop, cloak-register, integrity-violation, pageprot-change, pageprot-violation)")
+	kinds := fs.String("kind", "", "only these kinds, comma-separated ("+strings.Join(audit.Kinds, ", ")+")")
 	since := fs.String("since", "", "only records at or after this time (RFC 3339, or a duration ago like 2h)")
 	until := fs.String("until", "", "only records at or before this time")
 	asJSON := fs.Bool("json", false, "print one JSON record per line")
-	if code, done := parseMixed(env, fs, args); done {
+	if code, done := parseFlags(env, fs, args); done {
 		return code
 	}
 	if fs.NArg() != 1 {
@@ -171,6 +173,10 @@ func auditShow(env *cliEnv, args []string) int {
 	}
 	for _, k := range strings.Split(*kinds, ",") {
 		if k = strings.TrimSpace(k); k != "" {
+			if !slices.Contains(audit.Kinds, k) {
+				fmt.Fprintf(env.stderr, "umbra audit show: --kind %q is not a record kind; kinds: %s\n", k, strings.Join(audit.Kinds, ", "))
+				return exitUsage
+			}
 			flt.Kinds = append(flt.Kinds, k)
 		}
 	}

@@ -13,6 +13,7 @@ import (
 	"strings"
 
 	"github.com/umbra-cc/umbra/sealing"
+	"github.com/umbra-cc/umbra/statefile"
 )
 
 func init() {
@@ -171,12 +172,19 @@ administrator then open under that monitor, without being resealed.`)
 func runSealKeygen(env *cliEnv, args []string) int {
 	fs := newFlagSet(env, "seal keygen", "", "Generate an administrator ECDSA P-256 key pair (private PEM to -o, public PEM to -o.pub).")
 	out := fs.String("o", "", "private key output file (required); the public key goes to FILE.pub")
+	force := fs.Bool("force", false, "overwrite existing key files (the old private key is lost)")
 	if code, done := parseFlags(env, fs, args); done {
 		return code
 	}
 	if *out == "" || fs.NArg() != 0 {
 		fmt.Fprintln(env.stderr, "umbra seal keygen: -o is required")
-		return 2
+		return exitUsage
+	}
+	for _, p := range []string{*out, *out + ".pub"} {
+		if err := checkOutputPath(p, *force); err != nil {
+			fmt.Fprintf(env.stderr, "umbra seal keygen: %v\n", err)
+			return exitUsage
+		}
 	}
 	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -190,10 +198,10 @@ func runSealKeygen(env *cliEnv, args []string) int {
 	if err != nil {
 		return fail(env, err)
 	}
-	if err := os.WriteFile(*out, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
+	if err := statefile.WriteAtomic(*out, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
 		return fail(env, err)
 	}
-	if err := os.WriteFile(*out+".pub", pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: pub}), 0o644); err != nil {
+	if err := statefile.WriteAtomic(*out+".pub", pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: pub}), 0o644); err != nil {
 		return fail(env, err)
 	}
 	fmt.Fprintf(env.stdout, "administrator key %s -> %s, %s.pub\n", sealing.KeyID(&k.PublicKey), *out, *out)

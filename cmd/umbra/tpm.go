@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/google/go-tpm/tpm2/transport"
 	"github.com/umbra-cc/umbra/sealing"
@@ -24,11 +25,13 @@ func init() {
 type tpmFlags struct {
 	spec     string
 	stateDir string
+	timeout  time.Duration
 }
 
 func addTPMFlags(fs *flag.FlagSet) *tpmFlags {
 	f := &tpmFlags{}
 	fs.StringVar(&f.spec, "tpm", sealing.DefaultTPMSpec, "TPM back end: sim (in-process simulator, NOT secure), swtpm:SOCKET or device:/dev/tpmrm0")
+	fs.DurationVar(&f.timeout, "tpm-timeout", sealing.DefaultTPMTimeout, "how long one TPM command may take before umbra gives up (swtpm and device back ends)")
 	fs.StringVar(&f.stateDir, "state-dir", "", "umbra state directory (default $UMBRA_STATE_DIR, $XDG_STATE_HOME/umbra or ~/.local/state/umbra)")
 	return f
 }
@@ -46,7 +49,7 @@ func (f *tpmFlags) open(env *cliEnv) (transport.TPMCloser, string, error) {
 	if err != nil {
 		return nil, "", err
 	}
-	t, err := sealing.OpenTPM(f.spec, dir)
+	t, err := sealing.OpenTPMTimeout(f.spec, dir, f.timeout)
 	if err != nil {
 		return nil, "", err
 	}

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"flag"
 	"fmt"
 
 	"github.com/umbra-cc/umbra/sealing"
@@ -25,11 +24,7 @@ rollback counter is left alone. Exit status 0 if the bundle would open, 1 if not
 	if code, done := parseFlags(env, fs, args); done {
 		return code
 	}
-	// Flags may also follow the bundle: umbra unseal --check B --tpm sim.
-	pos, err := interspersed(fs, fs.Args())
-	if err != nil {
-		return 2
-	}
+	pos := fs.Args()
 	if !*check || len(pos) != 1 {
 		fmt.Fprintln(env.stderr, "Usage: umbra unseal --check BUNDLE (use 'umbra run BUNDLE' to open and run it)")
 		return 2
@@ -88,26 +83,4 @@ rollback counter is left alone. Exit status 0 if the bundle would open, 1 if not
 	h := rep.Header
 	fmt.Fprintf(env.stdout, "bundle %s opens on this host: series %q version %d\n", bundle, h.Series, h.Version)
 	return 0
-}
-
-// interspersed parses flags that follow positional arguments (the flag
-// package stops at the first one) and returns the positional arguments.
-// Everything after "--" is positional.
-func interspersed(fs *flag.FlagSet, args []string) ([]string, error) {
-	var pos []string
-	for len(args) > 0 {
-		if args[0] == "--" {
-			return append(pos, args[1:]...), nil
-		}
-		pos = append(pos, args[0])
-		if err := fs.Parse(args[1:]); err != nil {
-			return nil, err
-		}
-		rest := fs.Args()
-		if n := len(args) - 1 - len(rest); n > 0 && args[n] == "--" {
-			return append(pos, rest...), nil
-		}
-		args = rest
-	}
-	return pos, nil
 }

@@ -1,0 +1,206 @@
+package main
+
+import (
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/umbra-cc/umbra/guestimage"
+)
+
+// runUmbraBounded is runUmbra that fails the test instead of hanging forever (the
+// inputs below used to hang the CLI).
+func runUmbraBounded(t *testing.T, d time.Duration, args ...string) (int, string, string) {
+	t.Helper()
+	type result struct {
+		code     int
+		out, err string
+	}
+	done := make(chan result, 1)
+	go func() {
+		c, o, e := runUmbra(t, args...)
+		done <- result{c, o, e}
+	}()
+	select {
+	case r := <-done:
+		return r.code, r.out, r.err
+	case <-time.After(d):
+		t.Fatalf("umbra %s still running after %s", strings.Join(args, " "), d)
+		return 0, "", ""
+	}
+}
+
+// TestCLIConventions: flags anywhere, exit status 2 for usage errors and for inputs
+// refused before anything acts, flags without effect refused, and the exit-status
+// table in --help.
+func TestCLIConventions(t *testing.T) {
+	dir := t.TempDir()
+	state := filepath.Join(dir, "state")
+	spec := filepath.Join(dir, "vm.yaml")
+	os.WriteFile(spec, []byte("apiVersion: umbra.dev/v1\nname: x\nguest:\n  image: g.elf\ncpus: 2\n"), 0o600)
+	bundle := filepath.Join(dir, "b.umbra")
+	os.WriteFile(bundle, []byte("not really"), 0o600)
+	tests := []struct {
+		name string
+		args []string
+		code int
+		want string
+	}{
+		// The form run --help shows: the spec first, flags after it. The spec's own
+		// error proves the flags were taken as flags, not as 7 arguments.
+		{"flags after the spec", []string{"run", spec, "--state-dir", state, "--policy", spec, "--policy-key", spec, "--policy-key-id", "k"}, exitUsage, "field cpus not found"},
+		{"spec error is a usage error", []string{"run", "--state-dir", state, "--policy", spec, "--policy-key", spec, "--policy-key-id", "k", spec}, exitUsage, "field cpus not found"},
+		{"policy flags with the demo", []string{"run", "--state-dir", state, "--policy", spec}, exitUsage, "--policy has no effect here: the built-in demo"},
+		{"policy key id with the demo", []string{"run", "--state-dir", state, "--policy-key-id", "k"}, exitUsage, "--policy-key-id has no effect"},
+		{"negative timeout", []string{"run", "--state-dir", state, "--timeout", "-5s"}, exitUsage, "--timeout -5s"},
+		{"zero timeout", []string{"run", "--state-dir", state, "--timeout", "0s"}, exitUsage, "positive duration"},
+		{"force without evidence", []string{"run", "--state-dir", state, "--force"}, exitUsage, "--force has no effect without --evidence"},
+		{"evidence into a missing directory", []string{"run", "--state-dir", state, "--attest-nonce", strings.Repeat("ab", 16), "--evidence", filepath.Join(dir, "missing", "ev.json")}, exitUsage, "--evidence: directory"},
+		{"evidence over an existing file", []string{"run", "--state-dir", state, "--attest-nonce", strings.Repeat("ab", 16), "--evidence", spec}, exitUsage, "pass --force"},
+		{"audit show unknown kind", []string{"audit", "show", filepath.Join(dir, "none.jsonl"), "--kind", "nosuchkind"}, exitUsage, `--kind "nosuchkind" is not a record kind`},
+		{"audit verify flag after the log", []string{"audit", "verify", filepath.Join(dir, "none.jsonl"), "--bogus"}, exitUsage, "flag provided but not defined"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			code, _, errs := runUmbraBounded(t, time.Minute, tt.args...)
+			if code != tt.code || !strings.Contains(errs, tt.want) {
+				t.Fatalf("exit %d (want %d), stderr:\n%s\nwant it to mention %q", code, tt.code, errs, tt.want)
+			}
+		})
+	}
+	// Nothing ran for any of them: no audit log was started.
+	if _, err := os.Stat(filepath.Join(state, "audit.jsonl")); err == nil {
+		t.Error("a refused invocation started the audit log: something acted before the input was checked")
+	}
+	code, out, _ := runUmbra(t, "--help")
+	if code != 0 || !strings.Contains(out, "Exit status:") || !strings.Contains(out, "125  umbra run: the VM did not end by itself") {
+		t.Fatalf("umbra --help lacks the exit-status table:\n%s", out)
+	}
+	code, out, _ = runUmbra(t, "run", "--help")
+	if code != 0 || !strings.Contains(out, "Exit status:") {
+		t.Fatalf("umbra run --help lacks the exit-status table:\n%s", out)
+	}
+}
+
+// TestInputsThatUsedToHang: a guest image that is /dev/zero or a FIFO, and a spec
+// that is a FIFO, are refused at once with a clear error (they grew memory or
+// blocked forever, deaf to signals).
+func TestInputsThatUsedToHang(t *testing.T) {
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "fifo")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	key := filepath.Join(dir, "key.pem")
+	os.WriteFile(key, []byte("-----BEGIN PUBLIC KEY-----\n-----END PUBLIC KEY-----\n"), 0o600)
+	mkSpec := func(name, image string) string {
+		p := filepath.Join(dir, name+".yaml")
+		os.WriteFile(p, []byte("apiVersion: umbra.dev/v1\nname: "+name+"\nguest:\n  image: "+image+"\n"), 0o600)
+		return p
+	}
+	tests := []struct {
+		name, spec, want string
+	}{
+		{"image /dev/zero", mkSpec("zero", "/dev/zero"), "guest image /dev/zero is not a regular file (a character device)"},
+		{"image FIFO", mkSpec("fifo", fifo), "is not a regular file (a FIFO)"},
+		{"spec FIFO", fifo, "VM spec " + fifo + " is not a regular file (a FIFO)"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			code, _, errs := runUmbraBounded(t, 30*time.Second, "run", tt.spec, "--state-dir", filepath.Join(dir, "state"),
+				"--policy", key, "--policy-key", key, "--policy-key-id", "k")
+			if code != exitUsage || !strings.Contains(errs, tt.want) {
+				t.Fatalf("exit %d (want 2), stderr:\n%s\nwant %q", code, errs, tt.want)
+			}
+		})
+	}
+}
+
+// TestKeygenOverwritesOnlyWithForce: an existing private key is never replaced
+// unless --force says so.
+func TestKeygenOverwritesOnlyWithForce(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "admin.pem")
+	if code, _, errs := runUmbra(t, "seal", "keygen", "-o", p); code != 0 {
+		t.Fatalf("keygen: %d %s", code, errs)
+	}
+	first, _ := os.ReadFile(p)
+	code, _, errs := runUmbra(t, "seal", "keygen", "-o", p)
+	if code != exitUsage || !strings.Contains(errs, "pass --force") {
+		t.Fatalf("second keygen: exit %d, want 2 and a --force hint:\n%s", code, errs)
+	}
+	if again, _ := os.ReadFile(p); string(again) != string(first) {
+		t.Fatal("the existing private key was overwritten")
+	}
+	if code, _, errs := runUmbra(t, "seal", "keygen", "-o", p, "--force"); code != 0 {
+		t.Fatalf("keygen --force: %d %s", code, errs)
+	}
+	if again, _ := os.ReadFile(p); string(again) == string(first) {
+		t.Fatal("--force did not write a new key")
+	}
+}
+
+// TestTPMThatNeverAnswersTimesOut: a swtpm socket that accepts connections and
+// never replies makes a command fail with an error naming the back end, within the
+// timeout, instead of hanging forever.
+func TestTPMThatNeverAnswersTimesOut(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "mute.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close() // read nothing, answer nothing
+		}
+	}()
+	start := time.Now()
+	code, _, errs := runUmbraBounded(t, time.Minute, "tpm", "info", "--tpm", "swtpm:"+sock, "--tpm-timeout", "500ms", "--state-dir", t.TempDir())
+	if code != exitFailed || !strings.Contains(errs, "TPM command timed out") || !strings.Contains(errs, sock) {
+		t.Fatalf("exit %d, stderr:\n%s\nwant 1 and a timeout naming %s", code, errs, sock)
+	}
+	if el := time.Since(start); el > 20*time.Second {
+		t.Fatalf("took %s for a 500ms timeout", el)
+	}
+}
+
+// TestConsoleFileOnlyNew: console: file:PATH never appends to an existing file nor
+// writes through a symlink (the monitor may run as root), and says so before the VM
+// starts.
+func TestConsoleFileOnlyNew(t *testing.T) {
+	dir := t.TempDir()
+	priv, pub := writeTestKeys(t, dir, "test-only-signer")
+	bundle := filepath.Join(dir, "policy.tar.gz")
+	if code, out, errs := runUmbra(t, "policy", "build", policyDir, "--signing-key", priv, "--key-id", "admin-1", "-o", bundle); code != 0 {
+		t.Fatalf("policy build: %d\n%s%s", code, out, errs)
+	}
+	os.WriteFile(filepath.Join(dir, "guest.elf"), guestimage.Image(), 0o644)
+	victim := filepath.Join(dir, "victim")
+	os.WriteFile(victim, []byte("keep\n"), 0o600)
+	link := filepath.Join(dir, "link")
+	os.Symlink(filepath.Join(dir, "not-yet"), link)
+	for name, target := range map[string]string{"existing file": victim, "symlink": link} {
+		t.Run(name, func(t *testing.T) {
+			spec := filepath.Join(dir, "vm.yaml")
+			os.WriteFile(spec, []byte("apiVersion: umbra.dev/v1\nname: c\nguest:\n  image: guest.elf\nconsole: file:"+target+"\n"), 0o600)
+			code, _, errs := runUmbra(t, "run", spec, "--state-dir", filepath.Join(dir, "state"), "--policy", bundle, "--policy-key", pub, "--policy-key-id", "admin-1")
+			if code != exitUsage || !strings.Contains(errs, "already exists") {
+				t.Fatalf("exit %d, stderr:\n%s\nwant 2 and 'already exists'", code, errs)
+			}
+		})
+	}
+	if b, _ := os.ReadFile(victim); string(b) != "keep\n" {
+		t.Fatalf("victim file changed: %q", b)
+	}
+	if _, err := os.Lstat(filepath.Join(dir, "not-yet")); err == nil {
+		t.Fatal("the symlink was followed")
+	}
+}
