@@ -125,3 +125,45 @@ func TestLaunchRefusesExpiredVM(t *testing.T) {
 		t.Fatalf("audit kinds %s, want only the refused decision", got)
 	}
 }
+
+// TestLaunchFailureAfterTheDecisionIsAnOutcome: a launch the policy allowed that
+// cannot start (here KVM cannot be opened) is closed by a launch-failed record with
+// the reason, and launch-complete is not measured, since nothing ran.
+func TestLaunchFailureAfterTheDecisionIsAnOutcome(t *testing.T) {
+	lc, auditPath := launchFixture(t, time.Now().Add(time.Hour))
+	lc.Run.KVMDevice = filepath.Join(t.TempDir(), "no-kvm")
+	rep, err := Launch(context.Background(), lc)
+	if err == nil || !errors.Is(err, ErrLaunchRefused) || !strings.Contains(err.Error(), "build the VM") {
+		t.Fatalf("Launch = %v, want a refusal naming the VM build", err)
+	}
+	kinds := strings.Join(auditKinds(t, auditPath), ",")
+	if !strings.HasSuffix(kinds, "launch,launch-failed") {
+		t.Fatalf("audit kinds %s, want the launch closed by launch-failed", kinds)
+	}
+	f, _ := os.Open(auditPath)
+	defer f.Close()
+	if res := audit.Verify(f, nil); len(res.OpenLaunches) != 0 || res.Launches != 1 {
+		t.Fatalf("verify: %d launches, open %v", res.Launches, res.OpenLaunches)
+	}
+	if rep.Measurements != 5 {
+		t.Fatalf("%d measurements, want the 5 before launch-complete", rep.Measurements)
+	}
+	if _, err := os.Stat(filepath.Join(lc.StateDir, "vms", "expiring", "running")); err == nil {
+		t.Fatal("the running marker outlived the outcome")
+	}
+}
+
+// TestLaunchRefusesBadImageBeforeTheDecision: an image that is not an ELF64
+// executable is refused before the policy is asked, so no launch is audited.
+func TestLaunchRefusesBadImageBeforeTheDecision(t *testing.T) {
+	lc, auditPath := launchFixture(t, time.Now().Add(time.Hour))
+	for name, img := range map[string][]byte{"not ELF": []byte("MZ not an ELF"), "empty": {}} {
+		lc.Run.Image = img
+		if _, err := Launch(context.Background(), lc); !errors.Is(err, ErrInvalidInput) {
+			t.Fatalf("%s: Launch = %v, want ErrInvalidInput", name, err)
+		}
+	}
+	if _, err := os.Stat(auditPath); err == nil {
+		t.Fatalf("audit log written: %v", auditKinds(t, auditPath))
+	}
+}
