@@ -139,26 +139,50 @@ func SealedSource(ctx context.Context, tpm transport.TPM, stateDir, bundlePath s
 	if err != nil {
 		return nil, err
 	}
-	src := &LaunchSource{Sealed: opened, CloakSecret: opened.CloakMasterSecret}
-	fail := func(err error) (*LaunchSource, error) {
-		src.Wipe()
+	src, err := sealedContents(ctx, opened, admins, bundlePath)
+	if err != nil {
+		opened.Wipe()
 		return nil, err
 	}
+	return src, nil
+}
+
+// CheckSealedContents is what SealedSource checks after the bundle opened (the spec,
+// the guest image it names, the policy and its signer), for 'umbra unseal --check':
+// the same code, in memory, nothing kept.
+func CheckSealedContents(admins []*ecdsa.PublicKey, bundlePath string) sealing.CheckContents {
+	return func(ctx context.Context, o *sealing.Opened) (string, error) {
+		src, err := sealedContents(ctx, o, admins, bundlePath)
+		if err != nil {
+			return "", err
+		}
+		return fmt.Sprintf("VM %s: spec valid, guest image %s is an ELF64 executable that fits, policy revision %s signed by the bundle's administrator", src.Spec.Name, src.Spec.ImagePath(filepath.Dir(bundlePath)), src.Policy.Revision()), nil
+	}
+}
+
+// sealedContents turns an opened bundle into a launch source: the sealed spec,
+// the guest image it names (relative to the bundle), checked as Launch will check
+// it, and the sealed policy, which must be signed by the bundle's administrator.
+func sealedContents(ctx context.Context, opened *sealing.Opened, admins []*ecdsa.PublicKey, bundlePath string) (*LaunchSource, error) {
+	src := &LaunchSource{Sealed: opened, CloakSecret: opened.CloakMasterSecret}
 	spec, err := ParseSpec(opened.Spec)
 	if err != nil {
-		return fail(fmt.Errorf("%w: spec sealed in %s: %w", ErrInvalidInput, bundlePath, err))
+		return nil, fmt.Errorf("%w: spec sealed in %s: %w", ErrInvalidInput, bundlePath, err)
 	}
 	src.Spec, src.SpecBytes = spec, opened.Spec
 	if src.Image, err = userfile.Read(ctx, spec.ImagePath(filepath.Dir(bundlePath)), "guest image", userfile.MaxImageBytes); err != nil {
-		return fail(fmt.Errorf("%w: guest image named by the sealed spec: %w", ErrInvalidInput, err))
+		return nil, fmt.Errorf("%w: guest image named by the sealed spec: %w", ErrInvalidInput, err)
+	}
+	if err := CheckConfig(src.Config()); err != nil {
+		return nil, fmt.Errorf("%w: VM sealed in %s: %w", ErrInvalidInput, bundlePath, err)
 	}
 	admin, err := adminKey(admins, opened.Header.AdminKeyID)
 	if err != nil {
-		return fail(err)
+		return nil, err
 	}
 	src.Policy, err = policy.LoadSignedBundle(ctx, bytes.NewReader(opened.PolicyBundle), bundlePath+"#policy", policy.VerifyKey{ID: opened.Header.AdminKeyID, PEM: admin})
 	if err != nil {
-		return fail(fmt.Errorf("policy sealed in %s (must be signed by the bundle's administrator with key id %s): %w", bundlePath, opened.Header.AdminKeyID, err))
+		return nil, fmt.Errorf("policy sealed in %s (must be signed by the bundle's administrator with key id %s): %w", bundlePath, opened.Header.AdminKeyID, err)
 	}
 	src.PolicyDigest = opened.Header.PolicySHA256
 	return src, nil

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -12,6 +13,8 @@ import (
 	"os"
 	"strings"
 
+	"github.com/umbra-cc/umbra/monitor"
+	"github.com/umbra-cc/umbra/policy"
 	"github.com/umbra-cc/umbra/sealing"
 	"github.com/umbra-cc/umbra/statefile"
 )
@@ -67,6 +70,12 @@ The target is this host's TPM (--tpm) or the host whose EK public key --for-host
 	if o.PolicyBundle, err = readFile(*policy, maxInput); err != nil {
 		return fail(env, err)
 	}
+	// Seal only what 'umbra run' will accept: a valid spec and a policy the bundle's
+	// administrator signed (the checks are the ones run makes after opening).
+	if err := validateSealInputs(ctx, admin, o.Spec, o.PolicyBundle, *spec, *policy); err != nil {
+		fmt.Fprintf(env.stderr, "umbra seal: %v\n", err)
+		return exitUsage
+	}
 	for _, p := range approvals {
 		b, err := readFile(p, 1<<20)
 		if err != nil {
@@ -113,6 +122,22 @@ The target is this host's TPM (--tpm) or the host whose EK public key --for-host
 	}
 	fmt.Fprintf(env.stdout, "sealed %s version %d for host %s -> %s\n", *series, *version, sealing.Fingerprint(o.HostEK), *out)
 	return 0
+}
+
+func validateSealInputs(ctx context.Context, admin *ecdsa.PrivateKey, spec, pol []byte, specPath, polPath string) error {
+	if _, err := monitor.ParseSpec(spec); err != nil {
+		return fmt.Errorf("%s: %w", specPath, err)
+	}
+	der, err := x509.MarshalPKIXPublicKey(&admin.PublicKey)
+	if err != nil {
+		return err
+	}
+	id := sealing.KeyID(&admin.PublicKey)
+	key := policy.VerifyKey{ID: id, PEM: pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})}
+	if _, err := policy.LoadSignedBundle(ctx, bytes.NewReader(pol), polPath, key); err != nil {
+		return fmt.Errorf("%s must be signed by the sealing administrator with key id %s (umbra policy build --signing-key ADMIN --key-id %s): %w", polPath, id, id, err)
+	}
+	return nil
 }
 
 func approveBinary(admin *ecdsa.PrivateKey, path, comment string) (*sealing.Approval, error) {
