@@ -130,8 +130,11 @@ func (r *Record) Validate() error {
 		return fmt.Errorf("record %d: want exactly one %s digest, have %d digests", r.RecNum, HashAlg, len(r.Digests))
 	}
 	d, err := hex.DecodeString(r.Digests[0].Digest)
-	if err != nil || len(d) != sha256.Size {
-		return fmt.Errorf("record %d: digest is not %d bytes of hex", r.RecNum, sha256.Size)
+	if err != nil || len(d) != sha256.Size || !isLowerHex(r.Digests[0].Digest) {
+		return fmt.Errorf("record %d: digest is not %d bytes of lower-case hex", r.RecNum, sha256.Size)
+	}
+	if !isLowerHex(r.Content.Value) {
+		return fmt.Errorf("record %d: content.value is not lower-case hex", r.RecNum)
 	}
 	if err := checkType(r.Content.Type); err != nil {
 		return fmt.Errorf("record %d: %w", r.RecNum, err)
@@ -156,6 +159,17 @@ func (r *Record) Validate() error {
 		return fmt.Errorf("record %d (%s): the digest does not bind the entry's type, description and value: the entry was edited", r.RecNum, r.Content.Type)
 	}
 	return nil
+}
+
+// isLowerHex reports whether s uses only 0-9 and a-f: one spelling per value, so
+// an entry cannot be re-encoded without being refused.
+func isLowerHex(s string) bool {
+	for _, c := range s {
+		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+			return false
+		}
+	}
+	return true
 }
 
 func checkType(t string) error {

@@ -184,6 +184,15 @@ func checkAK(r *Report, b []byte) *rsa.PublicKey {
 		r.add("attestation key", "", Fail, "ak_public is not a TPMT_PUBLIC: %v", err)
 		return nil
 	}
+	// Every field but the key itself is the AK template's: nameAlg (which the AK's
+	// name depends on), the attribute bits, the scheme and the key size. A public
+	// area that differs in any of them is not umbra's AK, whatever it can verify.
+	shape := *pub
+	shape.Unique = evidence.AKTemplate.Unique
+	if !bytes.Equal(tpm2.Marshal(shape), tpm2.Marshal(evidence.AKTemplate)) {
+		r.add("attestation key", r.AKName, Fail, "ak_public is not umbra's attestation key template (name algorithm, attributes, scheme or key size differ; see evidence.AKTemplate)")
+		return nil
+	}
 	a := pub.ObjectAttributes
 	if !a.FixedTPM || !a.FixedParent || !a.SensitiveDataOrigin || !a.Restricted || !a.SignEncrypt || a.Decrypt {
 		r.add("attestation key", r.AKName, Fail, "ak_public is not a restricted, TPM-generated, non-duplicable signing key: its quotes prove nothing")

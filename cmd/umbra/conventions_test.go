@@ -204,3 +204,35 @@ func TestConsoleFileOnlyNew(t *testing.T) {
 		t.Fatal("the symlink was followed")
 	}
 }
+
+// TestPolicyInputDecodedStrictly: a case-folded or duplicated key, or a missing
+// required member, in a policy input file is refused through the CLI (encoding/json
+// took "Action" as "action" and kept the last of two "action" members).
+func TestPolicyInputDecodedStrictly(t *testing.T) {
+	good, err := os.ReadFile(filepath.Join(inputsDir, "launch-alice.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	g := string(good)
+	for name, tc := range map[string]struct{ doc, want string }{
+		"case-folded key": {strings.Replace(g, `"action"`, `"Action"`, 1), `"Action"`},
+		"duplicate key":   {strings.Replace(g, `"action":`, `"action": "stop", "action":`, 1), "duplicate"},
+		"no request":      {strings.Replace(g, `"request"`, `"_request"`, 1), ""},
+	} {
+		t.Run(name, func(t *testing.T) {
+			if tc.doc == g {
+				t.Fatal("test setup: nothing changed")
+			}
+			p := filepath.Join(dir, strings.ReplaceAll(name, " ", "-")+".json")
+			os.WriteFile(p, []byte(tc.doc), 0o600)
+			code, out, errs := runUmbra(t, "policy", "eval", policyDir, "--input", p)
+			if code == 0 || !strings.Contains(errs, tc.want) {
+				t.Fatalf("exit %d\nstdout:\n%s\nstderr:\n%s\nwant a refusal mentioning %q", code, out, errs, tc.want)
+			}
+		})
+	}
+	if code, _, errs := runUmbra(t, "policy", "eval", policyDir, "--input", filepath.Join(inputsDir, "launch-alice.json")); code != 0 {
+		t.Fatalf("the unedited input: exit %d %s", code, errs)
+	}
+}
