@@ -152,10 +152,7 @@ func recordLost(ctx context.Context, stateDir, vm string, l *audit.Log, log *slo
 
 // auditRecoveries audits the torn measurements the measurer repaired.
 func auditRecoveries(ctx context.Context, l *audit.Log, m *eventlog.Measurer, log *slog.Logger) {
-	for _, r := range m.TakeRecovered() {
-		raw, _ := json.Marshal(r)
-		if _, err := l.Append(ctx, audit.Record{Kind: audit.KindTornMeasurement, Actor: "umbra/system", Details: raw}); err != nil {
-			log.Error("audit a repaired torn measurement", "err", err, "recnum", r.RecNum)
-		}
+	if err := l.RecordRecoveries(ctx, m.TakeRecovered()); err != nil {
+		log.Error("audit a repaired torn measurement", "err", err)
 	}
 }

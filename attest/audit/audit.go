@@ -375,3 +375,19 @@ func checkKind(k string) error {
 	}
 	return nil
 }
+
+// RecordRecoveries appends a torn-measurement record for each torn event-log
+// measurement a measurer repaired (eventlog.Measurer.TakeRecovered), so the repair
+// is in the audit trail as well as in the event log.
+func (l *Log) RecordRecoveries(ctx context.Context, recs []eventlog.Recovery) error {
+	for _, r := range recs {
+		raw, err := json.Marshal(r)
+		if err != nil {
+			return err
+		}
+		if _, err := l.Append(ctx, Record{Kind: KindTornMeasurement, Actor: "umbra/system", Details: raw}); err != nil {
+			return fmt.Errorf("audit the repair of torn event-log record %d: %w", r.RecNum, err)
+		}
+	}
+	return nil
+}

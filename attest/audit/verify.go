@@ -34,9 +34,22 @@ type AnchorCheck struct {
 	Detail string `json:"detail"`
 }
 
+// Verdicts of Result.Verdict.
+const (
+	VerdictPass = "pass"
+	// VerdictPassUnanchored: the chain verifies and the TPM anchors match, but
+	// records after the last anchor are committed to by nothing; their removal
+	// from the end would not be detected.
+	VerdictPassUnanchored = "pass-unanchored"
+	VerdictFail           = "fail"
+)
+
 // Result is the outcome of verifying a log.
 type Result struct {
 	OK bool `json:"ok"`
+	// Verdict is VerdictPass, VerdictPassUnanchored (only when anchors were
+	// checked) or VerdictFail.
+	Verdict string `json:"verdict"`
 	// Records is the number of records that verified (the first Records records).
 	Records int  `json:"records"`
 	Head    Head `json:"head"`
@@ -237,6 +250,10 @@ func Verify(r io.Reader, anchors []Head) *Result {
 	})
 	o.finish(res)
 	if anchors == nil {
+		res.Verdict = VerdictFail
+		if res.OK {
+			res.Verdict = VerdictPass
+		}
 		return res
 	}
 	var mine []Head
@@ -248,6 +265,7 @@ func Verify(r io.Reader, anchors []Head) *Result {
 	if len(mine) == 0 {
 		res.Warnings = append(res.Warnings, "the evidence holds no anchor of this log: nothing in it is committed to by the TPM")
 		res.Unanchored = res.Records
+		res.setVerdict()
 		return res
 	}
 	var last uint64
@@ -274,7 +292,19 @@ func Verify(r io.Reader, anchors []Head) *Result {
 	if res.Head.Seq > last {
 		res.Unanchored = int(res.Head.Seq - last)
 	}
+	res.setVerdict()
 	return res
+}
+
+func (res *Result) setVerdict() {
+	switch {
+	case !res.OK:
+		res.Verdict = VerdictFail
+	case res.Unanchored > 0:
+		res.Verdict = VerdictPassUnanchored
+	default:
+		res.Verdict = VerdictPass
+	}
 }
 
 // AnchorsFrom returns the audit anchors recorded in an event log. Only use it on an

@@ -14,6 +14,7 @@ import (
 	"strings"
 
 	"github.com/umbra-cc/umbra/attest"
+	"github.com/umbra-cc/umbra/attest/audit"
 	"github.com/umbra-cc/umbra/attest/eventlog"
 	"github.com/umbra-cc/umbra/attest/evidence"
 	"github.com/umbra-cc/umbra/attest/verify"
@@ -284,6 +285,19 @@ func attestMeasure(ctx context.Context, env *cliEnv, args []string) int {
 	rec, err := m.Measure(ctx, ev)
 	if err != nil {
 		return attestFail(env, err)
+	}
+	if recs := m.TakeRecovered(); len(recs) > 0 {
+		for _, r := range recs {
+			fmt.Fprintf(env.stderr, "umbra: event log record %d (%s) was logged but never extended into PCR %d (its writer stopped between the two); extended it late and stated so in record %d\n", r.RecNum, r.Type, *pcr, r.StatementRecNum)
+		}
+		l, err := audit.Open(filepath.Join(dir, attest.AuditLogFile), nil)
+		if err == nil {
+			err = l.RecordRecoveries(ctx, recs)
+			l.Close()
+		}
+		if err != nil {
+			return attestFail(env, err)
+		}
 	}
 	fmt.Fprintf(env.stdout, "record %d: %s %s = %s (PCR %d)\n", rec.RecNum, rec.Content.Type, rec.Content.Description, rec.Content.Value, rec.PCR)
 	return 0

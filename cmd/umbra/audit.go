@@ -124,7 +124,11 @@ func printAuditResult(env *cliEnv, path string, res *audit.Result, qr *verify.Re
 	for _, s := range res.Warnings {
 		fmt.Fprintf(w, "warning:  %s\n", s)
 	}
-	if res.OK {
+	switch res.Verdict {
+	case audit.VerdictPassUnanchored:
+		fmt.Fprintf(w, "RESULT: PASS, %d UNANCHORED (the chain and every TPM anchor verify, but the last %d records come after the last anchor: nothing commits to them, so their removal would go unnoticed)\n", res.Unanchored, res.Unanchored)
+		return
+	case audit.VerdictPass:
 		fmt.Fprintln(w, "RESULT: PASS")
 		return
 	}

@@ -1,6 +1,9 @@
 package main
 
 import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"net"
 	"os"
 	"path/filepath"
@@ -9,7 +12,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/umbra-cc/umbra/attest/eventlog"
+	"github.com/umbra-cc/umbra/attest/evidence"
 	"github.com/umbra-cc/umbra/guestimage"
+	"github.com/umbra-cc/umbra/sealing/swtpmtest"
 )
 
 // runUmbraBounded is runUmbra that fails the test instead of hanging forever (the
@@ -234,5 +240,62 @@ func TestPolicyInputDecodedStrictly(t *testing.T) {
 	}
 	if code, _, errs := runUmbra(t, "policy", "eval", policyDir, "--input", filepath.Join(inputsDir, "launch-alice.json")); code != 0 {
 		t.Fatalf("the unedited input: exit %d %s", code, errs)
+	}
+}
+
+// TestTornMeasurementRecoveredAndUnanchoredReported: an event-log record logged but
+// never extended (a writer killed between the two) no longer blocks every later
+// measurement with "another component extends PCR 15": the next measurement repairs
+// it (late extend, a statement record, an audit record), the log replays into the
+// quote, and audit records after the last anchor are reported as UNANCHORED.
+func TestTornMeasurementRecoveredAndUnanchoredReported(t *testing.T) {
+	if !swtpmtest.Available() {
+		if os.Getenv("UMBRA_REQUIRE_SWTPM") != "" {
+			t.Fatal("UMBRA_REQUIRE_SWTPM is set but swtpm is not installed")
+		}
+		t.Skip("skipping: swtpm is not installed")
+	}
+	sw := swtpmtest.Start(t)
+	state := t.TempDir()
+	host := []string{"--tpm", "swtpm:" + sw.Socket, "--state-dir", state}
+	if code, _, errs := runUmbra(t, append([]string{"attest", "measure", "--type", "first", "--data", "a"}, host...)...); code != 0 {
+		t.Fatalf("measure: %d %s", code, errs)
+	}
+	// A writer that died between fsync and PCR_Extend left this record.
+	val := sha256.Sum256([]byte("torn"))
+	torn := eventlog.Record{RecNum: 1, PCR: 15, ContentType: eventlog.ContentType,
+		Digests: []eventlog.Digest{{HashAlg: eventlog.HashAlg, Digest: hex.EncodeToString(eventlog.EventDigest("torn", "", val[:]))}},
+		Content: eventlog.Content{Type: "torn", Value: hex.EncodeToString(val[:]), Data: []byte("torn")}}
+	line, _ := eventlog.Encode(&torn)
+	f, _ := os.OpenFile(filepath.Join(state, "eventlog.jsonl"), os.O_APPEND|os.O_WRONLY, 0)
+	f.Write(line)
+	f.Close()
+
+	code, _, errs := runUmbra(t, append([]string{"attest", "measure", "--type", "second", "--data", "b"}, host...)...)
+	if code != 0 || !strings.Contains(errs, "record 1 (torn) was logged but never extended") {
+		t.Fatalf("measure after a torn record: exit %d\n%s", code, errs)
+	}
+	nonce := strings.Repeat("5a", 16)
+	ev := filepath.Join(t.TempDir(), "ev.json")
+	if code, _, errs := runUmbra(t, append([]string{"attest", "quote", "--nonce", nonce, "-o", ev}, host...)...); code != 0 {
+		t.Fatalf("quote: %d %s", code, errs)
+	}
+	b, _ := os.ReadFile(ev)
+	e, err := evidence.Parse(bytes.NewReader(b))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := len(e.EventLog); n != 4 || e.EventLog[2].Content.Type != eventlog.TypeTornRecovered {
+		t.Fatalf("quoted event log has %d records, want first, torn, its recovery statement, second", n)
+	}
+	// The repair is audited; nothing anchored the audit log, so its records are
+	// reported as unanchored, not as a plain pass.
+	code, out, _ := runUmbra(t, "audit", "verify", filepath.Join(state, "audit.jsonl"), "--evidence", ev, "--nonce", nonce)
+	if code != 0 || !strings.Contains(out, "UNANCHORED") || strings.Contains(out, "RESULT: PASS\n") {
+		t.Fatalf("audit verify: exit %d\n%s", code, out)
+	}
+	code, out, _ = runUmbra(t, "audit", "show", filepath.Join(state, "audit.jsonl"), "--kind", "torn-measurement")
+	if code != 0 || !strings.Contains(out, "torn-measurement") {
+		t.Fatalf("audit show: exit %d\n%s", code, out)
 	}
 }
