@@ -248,15 +248,26 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	}
 
 	running := policyVM(lc.Spec, lc.Run, hex.EncodeToString(imageDigest[:]), "running", firstLaunch)
+	// Once an app is registered cloaked (and that is audited), the VM runs cloaked
+	// apps whatever its spec says: a fact the monitor knows.
+	var cloakRegistered atomic.Bool
+	runningVM := func() policy.VM {
+		vm := running
+		vm.Spec.Cloak = vm.Spec.Cloak || cloakRegistered.Load()
+		return vm
+	}
 	lc.Run.Hooks = &Hooks{
 		Guard: guard,
-		VM:    func() policy.VM { return running },
+		VM:    runningVM,
 		Audit: func(ctx context.Context, kind string, details any) error {
 			raw, err := json.Marshal(details)
 			if err != nil {
 				return err
 			}
 			_, err = auditLog.Append(ctx, audit.Record{Kind: kind, VM: lc.Spec.Name, Actor: "umbra/monitor", Details: raw})
+			if err == nil && kind == audit.KindCloakRegister {
+				cloakRegistered.Store(true)
+			}
 			return err
 		},
 		Measure: func(ctx context.Context, m Measurement) error {
@@ -280,7 +291,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		lc.Started(rep)
 	}
 	var enforced atomic.Pointer[Enforcement]
-	cancelSupervision := guard.Supervise(ctx, d, func() policy.VM { return running }, func(_ context.Context, e Enforcement) {
+	cancelSupervision := guard.Supervise(ctx, d, runningVM, func(_ context.Context, e Enforcement) {
 		// Suspension is not implemented yet, so a suspend obligation stops the VM:
 		// failing closed keeps the restriction.
 		enforced.Store(&e)
@@ -377,7 +388,7 @@ func policyVM(s *Spec, cfg Config, imageDigest, state string, firstLaunch time.T
 			MemoryMiB: cfg.MemorySize >> 20,
 			VCPUs:     1,
 			Image:     imageDigest,
-			Cloak:     strings.Contains(cfg.Cmdline, "cloak"),
+			Cloak:     s.Cloak != nil && len(s.Cloak.Apps) > 0,
 		},
 		State:         state,
 		Devices:       []policy.Device{{Type: "serial", ID: "com1"}},

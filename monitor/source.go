@@ -62,6 +62,7 @@ func DemoSource(ctx context.Context) (*LaunchSource, error) {
 		Guest:      GuestSpec{Image: "builtin:testguest", Cmdline: guestimage.DemoCmdline},
 		Memory:     "64MiB",
 		Timeout:    "60s",
+		Cloak:      &CloakSpec{Apps: []string{"cloakcompute"}},
 	}
 	raw, err := yaml.Marshal(spec)
 	if err != nil {

@@ -27,7 +27,22 @@ type Spec struct {
 	Memory     string            `yaml:"memory,omitempty" json:"memory,omitempty"`   // e.g. "64MiB"
 	Console    string            `yaml:"console,omitempty" json:"console,omitempty"` // stdout, stderr, none, file:PATH
 	Timeout    string            `yaml:"timeout,omitempty" json:"timeout,omitempty"` // Go duration, e.g. "30s"
+	// Cloak names the apps the VM is expected to run cloaked; the policy input's
+	// vm.spec.cloak is true when it names any (or once an app registered).
+	Cloak *CloakSpec `yaml:"cloak,omitempty" json:"cloak,omitempty"`
 }
+
+// CloakSpec is the spec's cloak section.
+type CloakSpec struct {
+	// Apps are app names (as on the guest command line) or their 64-hex-digit
+	// identities (umbra cloak identity).
+	Apps []string `yaml:"apps" json:"apps"`
+}
+
+// MaxCloakApps bounds the cloak section.
+const MaxCloakApps = 64
+
+var cloakAppRE = regexp.MustCompile(`^([a-z0-9][a-z0-9_-]{0,31}|[0-9a-f]{64})$`)
 
 // GuestSpec names the guest image and its command line.
 type GuestSpec struct {
@@ -89,6 +104,21 @@ func (s *Spec) Validate() error {
 	case strings.HasPrefix(c, "file:") && len(c) > len("file:"):
 	default:
 		return fmt.Errorf("VM spec: console %q must be stdout, stderr, none or file:PATH", c)
+	}
+	if c := s.Cloak; c != nil {
+		if len(c.Apps) == 0 || len(c.Apps) > MaxCloakApps {
+			return fmt.Errorf("VM spec: cloak.apps must name 1-%d apps (names or identities); leave the cloak section out for a VM without cloaked apps", MaxCloakApps)
+		}
+		seen := map[string]bool{}
+		for _, a := range c.Apps {
+			if !cloakAppRE.MatchString(a) {
+				return fmt.Errorf("VM spec: cloak.apps entry %q is neither an app name (lowercase letters, digits, '-', '_', at most 32) nor a 64-hex-digit identity", a)
+			}
+			if seen[a] {
+				return fmt.Errorf("VM spec: cloak.apps names %q twice", a)
+			}
+			seen[a] = true
+		}
 	}
 	for k, v := range s.Labels {
 		if k == "" || len(k) > 63 || len(v) > 253 {

@@ -299,3 +299,48 @@ func TestTornMeasurementRecoveredAndUnanchoredReported(t *testing.T) {
 		t.Fatalf("audit show: exit %d\n%s", code, out)
 	}
 }
+
+// cloakPolicy lets a VM launch only if it runs cloaked apps.
+const cloakPolicy = `package umbra.authz
+
+default allow := false
+
+allow if {
+	count(deny) == 0
+	input.action in {"launch", "cloak_register", "pageprot_change"}
+}
+
+deny contains {"code": "cloak.required", "message": "this VM must run cloaked apps", "rule": "cloak.rego"} if {
+	input.action == "launch"
+	not input.vm.spec.cloak
+}
+
+decision := {"allow": allow, "deny": deny, "warn": set(), "obligations": {}}
+`
+
+// TestPolicyInputCloakIsAFact: vm.spec.cloak comes from the spec's cloak section,
+// not from the word "cloak" in the command line, which used to be enough.
+func TestPolicyInputCloakIsAFact(t *testing.T) {
+	requireKVMForCLI(t)
+	dir := t.TempDir()
+	os.MkdirAll(filepath.Join(dir, "policy", "umbra", "authz"), 0o755)
+	os.WriteFile(filepath.Join(dir, "policy", "umbra", "authz", "cloak.rego"), []byte(cloakPolicy), 0o644)
+	priv, pub := writeTestKeys(t, dir, "test-only-signer")
+	bundle := filepath.Join(dir, "policy.tar.gz")
+	if code, out, errs := runUmbra(t, "policy", "build", filepath.Join(dir, "policy"), "--signing-key", priv, "--key-id", "k1", "-o", bundle); code != 0 {
+		t.Fatalf("policy build: %d\n%s%s", code, out, errs)
+	}
+	os.WriteFile(filepath.Join(dir, "guest.elf"), guestimage.Image(), 0o644)
+	run := func(name, extra string) (int, string) {
+		spec := filepath.Join(dir, name+".yaml")
+		os.WriteFile(spec, []byte("apiVersion: umbra.dev/v1\nname: "+name+"\nguest:\n  image: guest.elf\n  cmdline: \"run=cloakcompute:4:3:cloak\"\nconsole: none\n"+extra), 0o600)
+		code, _, errs := runUmbra(t, "run", spec, "--state-dir", filepath.Join(dir, "state"), "--policy", bundle, "--policy-key", pub, "--policy-key-id", "k1")
+		return code, errs
+	}
+	if code, errs := run("substring", ""); code != exitNoGuestStatus || !strings.Contains(errs, "cloak.required") {
+		t.Fatalf("a command line containing \"cloak\" without a cloak section: exit %d, want 125 and cloak.required:\n%s", code, errs)
+	}
+	if code, errs := run("declared", "cloak:\n  apps: [cloakcompute]\n"); code != 0 {
+		t.Fatalf("a spec with a cloak section: exit %d:\n%s", code, errs)
+	}
+}
