@@ -53,11 +53,13 @@ type Measurement struct {
 
 // Report is the result of verifying evidence.
 type Report struct {
-	OK              bool          `json:"ok"`
-	HostFingerprint string        `json:"host_fingerprint"`
-	AKName          string        `json:"ak_name"`
-	Checks          []Check       `json:"checks"`
-	Measurements    []Measurement `json:"measurements"`
+	OK              bool   `json:"ok"`
+	HostFingerprint string `json:"host_fingerprint"`
+	AKName          string `json:"ak_name"`
+	// AKActivated: the verifier bound the AK to the EK by credential activation.
+	AKActivated  bool          `json:"ak_activated,omitempty"`
+	Checks       []Check       `json:"checks"`
+	Measurements []Measurement `json:"measurements"`
 }
 
 // Failures lists every failed check and measurement, in report order.
@@ -261,7 +263,15 @@ func countPCR(recs []eventlog.Record, p int) int {
 
 // Verify checks evidence against the verifier's nonce and reference values.
 func Verify(ev *evidence.Evidence, nonce []byte, ref *Reference) *Report {
+	return VerifyActivated(ev, nonce, ref, false)
+}
+
+// VerifyActivated is Verify for a verifier that has also bound the evidence's AK to
+// its EK by credential activation (evidence.MakeChallenge, answered correctly by the
+// host): the AK is then trusted for an enrolled host without a pinned ak_name.
+func VerifyActivated(ev *evidence.Evidence, nonce []byte, ref *Reference, akActivated bool) *Report {
 	r := Quote(ev, nonce)
+	r.AKActivated = akActivated
 	if nonce == nil {
 		r.add("nonce", "", Fail, "a nonce is required to verify evidence")
 	}
@@ -310,8 +320,12 @@ func checkHost(r *Report, ref *Reference) {
 			return
 		}
 		detail := fmt.Sprintf("enrolled host %q", h.Name)
+		if h.AKName == "" && r.AKActivated {
+			r.add("host", r.HostFingerprint, Pass, "%s; the AK is bound to its EK by credential activation", detail)
+			return
+		}
 		if h.AKName == "" {
-			r.add("host", r.HostFingerprint, Warn, "%s matched by EK only; pin ak_name to bind the AK to this host", detail)
+			r.add("host", r.HostFingerprint, Warn, "%s matched by EK only; pin ak_name, or bind the AK by credential activation (umbra attest challenge / activate, then verify --activation), to bind the AK to this host", detail)
 			return
 		}
 		r.add("host", r.HostFingerprint, Pass, "%s, AK matches", detail)

@@ -30,7 +30,12 @@ const attestUsage = `Subcommands:
                                            check evidence offline; exit 1 if it fails
   measure --type T [--description D] (--data S | --file F | --digest HEX)
                                            extend the umbra PCR and append to the event log
-  export-tpm2 EVIDENCE --nonce HEX --dir D write the quote in tpm2_checkquote's format`
+  export-tpm2 EVIDENCE --nonce HEX --dir D write the quote in tpm2_checkquote's format
+  challenge EVIDENCE -o CHALLENGE --keep SECRET
+                                           verifier: bind the AK to the EK by credential activation ...
+  activate CHALLENGE                       host: ... answer it with this TPM (prints the answer)
+  verify ... --activation SECRET --answer ANSWER
+                                           ... and trust the AK without a pinned ak_name`
 
 func runAttest(ctx context.Context, env *cliEnv, args []string) int {
 	sub := ""
@@ -46,6 +51,10 @@ func runAttest(ctx context.Context, env *cliEnv, args []string) int {
 		return attestMeasure(ctx, env, args)
 	case "export-tpm2":
 		return attestExport(env, args)
+	case "challenge":
+		return attestChallenge(env, args)
+	case "activate":
+		return attestActivate(ctx, env, args)
 	}
 	fs := newFlagSet(env, "attest SUBCOMMAND", "", attestUsage)
 	if code, done := parseFlags(env, fs, args); done {
@@ -187,6 +196,8 @@ func attestVerify(env *cliEnv, args []string) int {
 	nonceHex := fs.String("nonce", "", "the nonce you gave the host, hex")
 	refPath := fs.String("reference", "", "reference values file (YAML, see docs/attestation.md)")
 	asJSON := fs.Bool("json", false, "print the report as JSON")
+	keep := fs.String("activation", "", "the secret 'attest challenge --keep' wrote for this evidence (with --answer)")
+	answer := fs.String("answer", "", "the host's answer from 'attest activate' (with --activation)")
 	if code, done := parseFlags(env, fs, args); done {
 		return code
 	}
@@ -194,6 +205,10 @@ func attestVerify(env *cliEnv, args []string) int {
 		fmt.Fprintln(env.stderr, "umbra attest verify: need EVIDENCE and --reference")
 		fs.Usage()
 		return 2
+	}
+	if (*keep == "") != (*answer == "") {
+		fmt.Fprintln(env.stderr, "umbra attest verify: --activation and --answer go together")
+		return exitUsage
 	}
 	nonce, err := parseNonce(*nonceHex)
 	if err != nil {
@@ -211,7 +226,14 @@ func attestVerify(env *cliEnv, args []string) int {
 	if err != nil {
 		return attestFail(env, fmt.Errorf("%s: %w", *refPath, err))
 	}
-	rep := verify.Verify(ev, nonce, ref)
+	activated := false
+	if *keep != "" {
+		if err := checkActivation(ev, *keep, *answer); err != nil {
+			return attestFail(env, err)
+		}
+		activated = true
+	}
+	rep := verify.VerifyActivated(ev, nonce, ref, activated)
 	if *asJSON {
 		rep.WriteJSON(env.stdout)
 	} else {
