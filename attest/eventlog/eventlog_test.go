@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -346,4 +348,54 @@ func readLog(t *testing.T, path string) []eventlog.Record {
 		t.Fatal(err)
 	}
 	return recs
+}
+
+// TestExportPCClientReadByTpm2Eventlog: tpm2-tools, which knows nothing of umbra,
+// parses the exported log, and the PCR 15 it replays is the one umbra replays and
+// the TPM holds; each digest is SHA-256 of its event data.
+func TestExportPCClientReadByTpm2Eventlog(t *testing.T) {
+	bin, err := exec.LookPath("tpm2_eventlog")
+	if err != nil {
+		if os.Getenv("UMBRA_REQUIRE_SWTPM") != "" {
+			t.Fatal("tpm2_eventlog (tpm2-tools) is not installed")
+		}
+		t.Skip("skipping: tpm2_eventlog (tpm2-tools) is not installed")
+	}
+	tpm := tpmtest.Simulator(t)
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "events.jsonl")
+	m, err := eventlog.Open(ctx, tpm, path, 15, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	for _, ev := range launchEvents() {
+		if _, err := m.Measure(ctx, ev); err != nil {
+			t.Fatal(err)
+		}
+	}
+	recs := m.Records()
+	for _, r := range recs {
+		if sum := sha256.Sum256(eventlog.EventData(&r)); !bytes.Equal(sum[:], r.SHA256()) {
+			t.Fatalf("record %d: digest is not SHA-256 of the event data", r.RecNum)
+		}
+	}
+	b, err := eventlog.ExportPCClient(recs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(t.TempDir(), "binary_bios_measurements")
+	os.WriteFile(out, b, 0o600)
+	yaml, err := exec.Command(bin, out).CombinedOutput()
+	if err != nil {
+		t.Fatalf("tpm2_eventlog: %v\n%s", err, yaml)
+	}
+	t.Logf("tpm2_eventlog:\n%s", yaml)
+	if n := strings.Count(string(yaml), "EV_EVENT_TAG"); n != len(recs) {
+		t.Fatalf("tpm2_eventlog parsed %d of the %d events", n, len(recs))
+	}
+	pcr, _ := eventlog.ReadPCR(tpm, 15)
+	if !strings.Contains(strings.ToLower(string(yaml)), hex.EncodeToString(pcr)) {
+		t.Fatalf("tpm2_eventlog's replay lacks PCR 15 = %x:\n%s", pcr, yaml)
+	}
 }

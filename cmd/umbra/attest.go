@@ -18,6 +18,8 @@ import (
 	"github.com/umbra-cc/umbra/attest/eventlog"
 	"github.com/umbra-cc/umbra/attest/evidence"
 	"github.com/umbra-cc/umbra/attest/verify"
+	"github.com/umbra-cc/umbra/sealing"
+	"github.com/umbra-cc/umbra/statefile"
 )
 
 func init() {
@@ -31,6 +33,7 @@ const attestUsage = `Subcommands:
   measure --type T [--description D] (--data S | --file F | --digest HEX)
                                            extend the umbra PCR and append to the event log
   export-tpm2 EVIDENCE --nonce HEX --dir D write the quote in tpm2_checkquote's format
+  export-log [--event-log L] -o FILE       write the event log as a TCG PC Client binary log (tpm2_eventlog reads it)
   challenge EVIDENCE -o CHALLENGE --keep SECRET
                                            verifier: bind the AK to the EK by credential activation ...
   activate CHALLENGE                       host: ... answer it with this TPM (prints the answer)
@@ -51,6 +54,8 @@ func runAttest(ctx context.Context, env *cliEnv, args []string) int {
 		return attestMeasure(ctx, env, args)
 	case "export-tpm2":
 		return attestExport(env, args)
+	case "export-log":
+		return attestExportLog(env, args)
 	case "challenge":
 		return attestChallenge(env, args)
 	case "activate":
@@ -357,4 +362,45 @@ func attestExport(env *cliEnv, args []string) int {
 func attestFail(env *cliEnv, err error) int {
 	fmt.Fprintf(env.stderr, "umbra: %v\n", err)
 	return 1
+}
+
+func attestExportLog(env *cliEnv, args []string) int {
+	fs := newFlagSet(env, "attest export-log", "", "Write the event log in the TCG PC Client binary event log format (PCCLIENT_STD events\nof type EV_EVENT_TAG whose data is each digest's preimage; docs/attestation.md), which\nstandard tools read: tpm2_eventlog FILE replays PCR 15.")
+	stateDir := fs.String("state-dir", "", "umbra state directory (default as for the other commands)")
+	logPath := fs.String("event-log", "", "event log (default STATE_DIR/"+attest.EventLogFile+")")
+	out := fs.String("o", "", "output file (required, a new file)")
+	if code, done := parseFlags(env, fs, args); done {
+		return code
+	}
+	if fs.NArg() != 0 || *out == "" {
+		fmt.Fprintln(env.stderr, "umbra attest export-log: need -o FILE")
+		return exitUsage
+	}
+	if err := checkOutputPath(*out, false); err != nil {
+		fmt.Fprintf(env.stderr, "umbra attest export-log: %v\n", err)
+		return exitUsage
+	}
+	if *logPath == "" {
+		dir := *stateDir
+		if dir == "" {
+			var err error
+			if dir, err = sealing.DefaultStateDir(); err != nil {
+				return attestFail(env, err)
+			}
+		}
+		*logPath = filepath.Join(dir, attest.EventLogFile)
+	}
+	recs, err := readEventLog(*logPath)
+	if err != nil {
+		return attestFail(env, err)
+	}
+	b, err := eventlog.ExportPCClient(recs)
+	if err != nil {
+		return attestFail(env, err)
+	}
+	if err := statefile.WriteAtomic(*out, b, 0o644); err != nil {
+		return attestFail(env, err)
+	}
+	fmt.Fprintf(env.stderr, "umbra: wrote %d events of %s to %s (tpm2_eventlog %s)\n", len(recs), *logPath, *out, *out)
+	return exitOK
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/hex"
 	"encoding/json"
 	"os"
 	"os/exec"
@@ -200,5 +201,49 @@ func TestActivationTrustsAKWithoutPinnedName(t *testing.T) {
 		if code, out, _ := cli(t, append([]string{"attest", "activate", ch2}, host...)...); code == 0 {
 			t.Fatalf("%s answered a challenge for A's EK and B's AK: %s", name, out)
 		}
+	}
+}
+
+// TestExportLogReadByStandardTools: the CLI's export is a TCG PC Client binary log
+// that tpm2_eventlog parses and replays to the PCR the TPM quotes.
+func TestExportLogReadByStandardTools(t *testing.T) {
+	bin, err := exec.LookPath("tpm2_eventlog")
+	if err != nil {
+		if os.Getenv("UMBRA_REQUIRE_SWTPM") != "" {
+			t.Fatal("tpm2_eventlog (tpm2-tools) is not installed")
+		}
+		t.Skip("skipping: tpm2_eventlog is not installed")
+	}
+	_, sw := tpmtest.StartSwtpm(t)
+	dir := t.TempDir()
+	host := []string{"--tpm=swtpm:" + sw.Socket, "--state-dir=" + dir}
+	for _, d := range []string{"a", "b", "c"} {
+		if code, _, errs := cli(t, append([]string{"attest", "measure", "--type", "cmdline", "--data", d}, host...)...); code != 0 {
+			t.Fatalf("measure: %s", errs)
+		}
+	}
+	out := filepath.Join(dir, "binary_bios_measurements")
+	if code, _, errs := cli(t, "attest", "export-log", "--state-dir", dir, "-o", out); code != 0 {
+		t.Fatalf("export-log: %d %s", code, errs)
+	}
+	yaml, err := exec.Command(bin, out).CombinedOutput()
+	if err != nil {
+		t.Fatalf("tpm2_eventlog: %v\n%s", err, yaml)
+	}
+	nonce := "00112233445566778899aabbccddeeff"
+	evPath := filepath.Join(dir, "ev.json")
+	if code, _, errs := cli(t, append([]string{"attest", "quote", "--nonce", nonce, "-o", evPath}, host...)...); code != 0 {
+		t.Fatalf("quote: %s", errs)
+	}
+	ev, err := evidence.Parse(bytes.NewReader(must(os.ReadFile(evPath))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pcr15 := hex.EncodeToString(ev.PCRMap()[15])
+	if strings.Count(string(yaml), "EV_EVENT_TAG") != 3 || !strings.Contains(strings.ToLower(string(yaml)), pcr15) {
+		t.Fatalf("tpm2_eventlog did not read 3 events replaying to the quoted PCR 15 %s:\n%s", pcr15, yaml)
+	}
+	if code, _, _ := cli(t, "attest", "export-log", "--state-dir", dir, "-o", out); code != exitUsage {
+		t.Fatalf("export-log over an existing file: exit %d, want 2", code)
 	}
 }
