@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -165,5 +166,16 @@ func TestLaunchRefusesBadImageBeforeTheDecision(t *testing.T) {
 	}
 	if _, err := os.Stat(auditPath); err == nil {
 		t.Fatalf("audit log written: %v", auditKinds(t, auditPath))
+	}
+}
+
+// TestAuditKindsListTheMonitorsEvents: umbra audit show --kind accepts only the
+// kinds in audit.Kinds, so every kind the monitor writes must be there.
+func TestAuditKindsListTheMonitorsEvents(t *testing.T) {
+	for _, k := range []string{EventCloakRegister, EventIntegrityViolation, EventPageProtChange, EventPageProtViolation,
+		EventPageProtLock, EventCloakViolation, EventCloakSyscall, EventCloakEnd, "policy-obligation"} {
+		if !slices.Contains(audit.Kinds, k) {
+			t.Errorf("audit.Kinds lacks the monitor's event kind %q", k)
+		}
 	}
 }

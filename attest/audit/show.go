@@ -64,9 +64,11 @@ func Show(w io.Writer, r io.Reader, f Filter, asJSON bool) *Result {
 }
 
 // Kinds lists the record kinds umbra writes, for validating filters.
+// The monitor's own event kinds are listed here too (a monitor test checks they
+// are all present).
 var Kinds = []string{KindLogStart, KindDecision, KindLaunch, KindStop, KindLaunchFailed, KindLost,
 	KindTornMeasurement, KindCloakRegister, KindIntegrityViolation, KindPageProtChange, KindPageProtViolation,
-	"policy-obligation"}
+	"pageprot-lock", "cloak-violation", "cloak-syscall-denied", "cloak-end", "policy-obligation"}
 
 // Summarize returns a record's verdict column (ALLOW or DENY for a decision, "-"
 // otherwise) and a one-line summary of its details: for a decision the action and
