@@ -133,7 +133,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	}
 	defer vmLock.Close()
 
-	auditLog, err := audit.Open(rep.AuditLog, log)
+	auditLog, err := audit.OpenContext(ctx, rep.AuditLog, log)
 	if err != nil {
 		return nil, fmt.Errorf("open audit log: %w", err)
 	}

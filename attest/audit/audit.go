@@ -121,6 +121,12 @@ type Log struct {
 // verification otherwise is not appended to: move it away (keep it as evidence) and
 // open a new one.
 func Open(path string, logger *slog.Logger) (*Log, error) {
+	return OpenContext(context.Background(), path, logger)
+}
+
+// OpenContext is Open that stops waiting for the log's lock when ctx is done (a
+// signal while another process holds the lock).
+func OpenContext(ctx context.Context, path string, logger *slog.Logger) (*Log, error) {
 	if logger == nil {
 		logger = slog.Default()
 	}
@@ -132,7 +138,7 @@ func Open(path string, logger *slog.Logger) (*Log, error) {
 		return nil, fmt.Errorf("open audit log: %w", err)
 	}
 	l := &Log{f: f, path: path, log: logger}
-	if err := l.lock(context.Background()); err != nil {
+	if err := l.lock(ctx); err != nil {
 		f.Close()
 		return nil, err
 	}
