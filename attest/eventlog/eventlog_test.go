@@ -14,6 +14,8 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/google/go-tpm/tpm2/transport"
+
 	"github.com/umbra-cc/umbra/attest/eventlog"
 	"github.com/umbra-cc/umbra/attest/tpmtest"
 )
@@ -92,22 +94,13 @@ func TestMeasureReplaysToPCR(t *testing.T) {
 func TestOpenCutsTornTail(t *testing.T) {
 	tpm := tpmtest.Simulator(t)
 	ctx := context.Background()
-	path := filepath.Join(t.TempDir(), "events.jsonl")
-	m, err := eventlog.Open(ctx, tpm, path, 15, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, ev := range launchEvents()[:2] {
-		if _, err := m.Measure(ctx, ev); err != nil {
-			t.Fatal(err)
-		}
-	}
+	m, path := measuredLog(t, tpm, launchEvents()[:2])
 	m.Close()
 	// A crash mid-append leaves half a line (and no PCR extend).
 	f, _ := os.OpenFile(path, os.O_APPEND|os.O_WRONLY, 0)
 	f.WriteString(`{"recnum":2,"pcr":15,"dig`)
 	f.Close()
-	m, err = eventlog.Open(ctx, tpm, path, 15, nil)
+	m, err := eventlog.Open(ctx, tpm, path, 15, nil)
 	if err != nil {
 		t.Fatalf("Open with torn tail: %v", err)
 	}
@@ -253,17 +246,8 @@ func FuzzParseLines(f *testing.F) {
 func TestTornMeasurementIsRepaired(t *testing.T) {
 	tpm := tpmtest.Simulator(t)
 	ctx := context.Background()
-	path := filepath.Join(t.TempDir(), "events.jsonl")
-	m, err := eventlog.Open(ctx, tpm, path, 15, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
 	evs := launchEvents()
-	for _, ev := range evs[:2] {
-		if _, err := m.Measure(ctx, ev); err != nil {
-			t.Fatal(err)
-		}
-	}
+	m, path := measuredLog(t, tpm, evs[:2])
 	m.Close()
 	torn := mkRecord(2, evs[2].Type, evs[2].Description, nil, evs[2].Data)
 	line, _ := eventlog.Encode(&torn)
@@ -275,7 +259,7 @@ func TestTornMeasurementIsRepaired(t *testing.T) {
 		t.Fatal("the torn record replays already: the test sets up nothing")
 	}
 
-	m, err = eventlog.Open(ctx, tpm, path, 15, nil)
+	m, err := eventlog.Open(ctx, tpm, path, 15, nil)
 	if err != nil {
 		t.Fatalf("Open after a torn measurement: %v", err)
 	}
@@ -362,18 +346,8 @@ func TestExportPCClientReadByTpm2Eventlog(t *testing.T) {
 		t.Skip("skipping: tpm2_eventlog (tpm2-tools) is not installed")
 	}
 	tpm := tpmtest.Simulator(t)
-	ctx := context.Background()
-	path := filepath.Join(t.TempDir(), "events.jsonl")
-	m, err := eventlog.Open(ctx, tpm, path, 15, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	m, _ := measuredLog(t, tpm, launchEvents())
 	defer m.Close()
-	for _, ev := range launchEvents() {
-		if _, err := m.Measure(ctx, ev); err != nil {
-			t.Fatal(err)
-		}
-	}
 	recs := m.Records()
 	for _, r := range recs {
 		if sum := sha256.Sum256(eventlog.EventData(&r)); !bytes.Equal(sum[:], r.SHA256()) {
@@ -398,4 +372,20 @@ func TestExportPCClientReadByTpm2Eventlog(t *testing.T) {
 	if !strings.Contains(strings.ToLower(string(yaml)), hex.EncodeToString(pcr)) {
 		t.Fatalf("tpm2_eventlog's replay lacks PCR 15 = %x:\n%s", pcr, yaml)
 	}
+}
+
+// measuredLog opens a new event log on tpm and measures evs into PCR 15.
+func measuredLog(t *testing.T, tpm transport.TPM, evs []eventlog.Event) (*eventlog.Measurer, string) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "events.jsonl")
+	m, err := eventlog.Open(context.Background(), tpm, path, 15, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ev := range evs {
+		if _, err := m.Measure(context.Background(), ev); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return m, path
 }
