@@ -101,7 +101,7 @@ func SpecSource(ctx context.Context, specPath, bundlePath string, key policy.Ver
 	}
 	p, err := policy.LoadSignedBundle(ctx, bytes.NewReader(bundle), bundlePath, key)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%w: %w", ErrInvalidInput, err)
 	}
 	sum := sha256.Sum256(bundle)
 	return &LaunchSource{Spec: spec, SpecBytes: raw, Image: img, Policy: p, PolicyDigest: hex.EncodeToString(sum[:])}, nil

@@ -345,3 +345,24 @@ func TestPolicyInputCloakIsAFact(t *testing.T) {
 		t.Fatalf("a spec with a cloak section: exit %d:\n%s", code, errs)
 	}
 }
+
+// TestWrongPolicyKeyIDRefused: the right key under a wrong --policy-key-id used to
+// verify (OPA fell back to the configured key); now the signature must name the id.
+func TestWrongPolicyKeyIDRefused(t *testing.T) {
+	dir := t.TempDir()
+	priv, pub := writeTestKeys(t, dir, "test-only-signer")
+	bundle := filepath.Join(dir, "policy.tar.gz")
+	if code, out, errs := runUmbra(t, "policy", "build", policyDir, "--signing-key", priv, "--key-id", "admin-1", "-o", bundle); code != 0 {
+		t.Fatalf("policy build: %d\n%s%s", code, out, errs)
+	}
+	os.WriteFile(filepath.Join(dir, "guest.elf"), guestimage.Image(), 0o644)
+	spec := filepath.Join(dir, "vm.yaml")
+	os.WriteFile(spec, []byte("apiVersion: umbra.dev/v1\nname: k\nguest:\n  image: guest.elf\n"), 0o600)
+	code, _, errs := runUmbra(t, "run", spec, "--state-dir", filepath.Join(dir, "state"), "--policy", bundle, "--policy-key", pub, "--policy-key-id", "admin-2")
+	if code != exitUsage || !strings.Contains(errs, `names key id "admin-1", not the expected "admin-2"`) {
+		t.Fatalf("exit %d, want 2 and the key id mismatch:\n%s", code, errs)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "state", "audit.jsonl")); err == nil {
+		t.Fatal("the refused policy reached the audit log: something acted")
+	}
+}
