@@ -366,3 +366,24 @@ func TestWrongPolicyKeyIDRefused(t *testing.T) {
 		t.Fatal("the refused policy reached the audit log: something acted")
 	}
 }
+
+// TestResetArchivesNeverCollide: every simulator process is a new boot, so each
+// measurement finds PCR 15 zero and archives the previous log; archives made in the
+// same second used to share a name and overwrite each other.
+func TestResetArchivesNeverCollide(t *testing.T) {
+	state := t.TempDir()
+	for _, d := range []string{"a", "b", "c"} {
+		if code, _, errs := runUmbra(t, "attest", "measure", "--tpm", "sim", "--state-dir", state, "--type", "cmdline", "--data", d); code != 0 {
+			t.Fatalf("measure: %d %s", code, errs)
+		}
+	}
+	prev, _ := filepath.Glob(filepath.Join(state, "eventlog.jsonl.prev.*"))
+	if len(prev) != 2 {
+		t.Fatalf("archives %v, want the two earlier logs", prev)
+	}
+	a, _ := os.ReadFile(prev[0])
+	b, _ := os.ReadFile(prev[1])
+	if bytes.Equal(a, b) {
+		t.Fatal("the two archives hold the same log")
+	}
+}
