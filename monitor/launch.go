@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -114,7 +115,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		// The simulator's PCRs live and die with this process, so its measurements
 		// go to an event log of this process's own: a shared log could match only
 		// one process's PCRs (docs/attestation.md, "Concurrent launches").
-		rep.EventLog = filepath.Join(lc.StateDir, "sim-eventlogs", fmt.Sprintf("%s-%d.jsonl", time.Now().UTC().Format("20060102T150405.000000000"), os.Getpid()))
+		rep.EventLog = filepath.Join(lc.StateDir, "sim-eventlogs", simEventLogName())
 	}
 	fp, err := sealing.HostID(lc.TPM)
 	if err != nil {
@@ -152,7 +153,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		}
 	}()
 	auditRecoveries(ctx, auditLog, measurer, log)
-	if err := recordLostVMs(ctx, lc.StateDir, lc.Spec.Name, vmLock, auditLog, log); err != nil {
+	if err := recordLostVMs(ctx, lc.StateDir, lc.Spec.Name, rep.AuditLog, auditLog, log); err != nil {
 		return nil, err
 	}
 
@@ -203,7 +204,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	// The launch record. The running marker goes first, so a monitor killed at any
 	// point after the record leaves a marker for the next monitor to find.
 	launchID := newLaunchID()
-	if err := writeRunningMarker(lc.StateDir, lc.Spec.Name, launchID); err != nil {
+	if err := writeRunningMarker(lc.StateDir, lc.Spec.Name, launchID, rep.AuditLog); err != nil {
 		return rep, fmt.Errorf("%w: %w", ErrLaunchRefused, err)
 	}
 	launchDetails, _ := json.Marshal(map[string]any{
@@ -324,6 +325,12 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	}
 	return rep, runErr
 }
+
+// simEventLogName names this process's simulator event log: one per process, as
+// the simulator's PCRs are.
+var simEventLogName = sync.OnceValue(func() string {
+	return fmt.Sprintf("%s-%d.jsonl", time.Now().UTC().Format("20060102T150405.000000000"), os.Getpid())
+})
 
 // CheckConfig checks a run configuration without building anything: memory size,
 // the guest image (an ELF64 x86-64 executable that fits) and the command line. New

@@ -2,6 +2,7 @@ package monitor
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
@@ -177,5 +178,47 @@ func TestAuditKindsListTheMonitorsEvents(t *testing.T) {
 		if !slices.Contains(audit.Kinds, k) {
 			t.Errorf("audit.Kinds lacks the monitor's event kind %q", k)
 		}
+	}
+}
+
+// TestLostIsNotWrittenForAClosedLaunch: a monitor killed after auditing the outcome
+// but before removing its running marker leaves a marker for a closed launch; the
+// next monitor must not close it a second time (audit verify would fail on it).
+func TestLostIsNotWrittenForAClosedLaunch(t *testing.T) {
+	lc, auditPath := launchFixture(t, time.Now().Add(time.Hour))
+	lc.Run.KVMDevice = filepath.Join(t.TempDir(), "no-kvm")
+	Launch(context.Background(), lc)
+	var launchID string
+	f, _ := os.Open(auditPath)
+	audit.Scan(f, func(rec *audit.Record, _ string) error {
+		if rec.Kind == audit.KindLaunch {
+			var d struct {
+				LaunchID string `json:"launch_id"`
+			}
+			json.Unmarshal(rec.Details, &d)
+			launchID = d.LaunchID
+		}
+		return nil
+	})
+	f.Close()
+	if launchID == "" {
+		t.Fatal("no launch record")
+	}
+	// The dead monitor's marker, still there after its outcome.
+	if err := writeRunningMarker(lc.StateDir, lc.Spec.Name, launchID, filepath.Join(t.TempDir(), "none")); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Launch(context.Background(), lc)
+	kinds := strings.Join(auditKinds(t, auditPath), ",")
+	if err == nil || !strings.Contains(err.Error(), "build the VM") {
+		t.Fatalf("second launch: %v, want it to get as far as building the VM", err)
+	}
+	if strings.Contains(kinds, "lost") {
+		t.Fatalf("a closed launch was recorded as lost: %s", kinds)
+	}
+	f, _ = os.Open(auditPath)
+	defer f.Close()
+	if res := audit.Verify(f, nil); !res.OK || len(res.OpenLaunches) != 0 {
+		t.Fatalf("verify: %v open %v", res.Problems, res.OpenLaunches)
 	}
 }

@@ -68,12 +68,19 @@ type runningMarker struct {
 	LaunchID string    `json:"launch_id"`
 	PID      int       `json:"pid"`
 	Started  time.Time `json:"started"`
+	// AuditOffset is the audit log's size when the marker was written: the launch
+	// record and its outcome, if any, lie after it.
+	AuditOffset int64 `json:"audit_offset"`
 }
 
 func markerPath(stateDir, vm string) string { return filepath.Join(vmDir(stateDir, vm), "running") }
 
-func writeRunningMarker(stateDir, vm, launchID string) error {
-	b, _ := json.Marshal(runningMarker{LaunchID: launchID, PID: os.Getpid(), Started: time.Now().UTC()})
+func writeRunningMarker(stateDir, vm, launchID, auditPath string) error {
+	var off int64
+	if st, err := os.Stat(auditPath); err == nil {
+		off = st.Size()
+	}
+	b, _ := json.Marshal(runningMarker{LaunchID: launchID, PID: os.Getpid(), Started: time.Now().UTC(), AuditOffset: off})
 	if err := statefile.WriteAtomic(markerPath(stateDir, vm), b, 0o600); err != nil {
 		return fmt.Errorf("mark VM %s running: %w", vm, err)
 	}
@@ -105,12 +112,12 @@ func newLaunchID() string {
 // recordLostVMs appends a lost record for every launch whose monitor died before it
 // audited the outcome: a running marker whose VM lock nobody holds. own is this
 // monitor's VM, whose lock it already holds.
-func recordLostVMs(ctx context.Context, stateDir, own string, ownLock *os.File, l *audit.Log, log *slog.Logger) error {
+func recordLostVMs(ctx context.Context, stateDir, own, auditPath string, l *audit.Log, log *slog.Logger) error {
 	markers, _ := filepath.Glob(filepath.Join(stateDir, "vms", "*", "running"))
 	for _, p := range markers {
 		vm := filepath.Base(filepath.Dir(p))
 		if vm == own {
-			if err := recordLost(ctx, stateDir, vm, l, log); err != nil {
+			if err := recordLost(ctx, stateDir, vm, auditPath, l, log); err != nil {
 				return err
 			}
 			continue
@@ -120,7 +127,7 @@ func recordLostVMs(ctx context.Context, stateDir, own string, ownLock *os.File, 
 			continue
 		}
 		if statefile.TryLock(f) == nil {
-			err = recordLost(ctx, stateDir, vm, l, log)
+			err = recordLost(ctx, stateDir, vm, auditPath, l, log)
 		}
 		f.Close() // drops the lock
 		if err != nil {
@@ -130,10 +137,19 @@ func recordLostVMs(ctx context.Context, stateDir, own string, ownLock *os.File, 
 	return nil
 }
 
-func recordLost(ctx context.Context, stateDir, vm string, l *audit.Log, log *slog.Logger) error {
+func recordLost(ctx context.Context, stateDir, vm, auditPath string, l *audit.Log, log *slog.Logger) error {
 	m, err := readRunningMarker(stateDir, vm)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil // recorded by another monitor meanwhile
+	}
+	if err == nil {
+		// The monitor may have died after auditing the outcome but before removing
+		// the marker: then the launch is closed already.
+		closed, herr := audit.HasOutcome(auditPath, m.AuditOffset, m.LaunchID)
+		if herr == nil && closed {
+			removeRunningMarker(stateDir, vm)
+			return nil
+		}
 	}
 	details := map[string]any{"reason": "the monitor stopped without recording how the VM ended (killed, or the host went down)"}
 	if err != nil {

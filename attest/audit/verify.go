@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 
 	"github.com/umbra-cc/umbra/attest/eventlog"
 )
@@ -361,4 +362,40 @@ func strictDecode(b []byte, v any) error {
 		return errors.New("trailing data after the JSON object")
 	}
 	return nil
+}
+
+// HasOutcome reports whether the log at path holds an outcome record (IsOutcome)
+// for launchID at or after byte offset from (a line boundary at or before the
+// launch record). It parses entries without checking the chain (Verify does that):
+// it serves the crash recovery that must not close a launch twice.
+func HasOutcome(path string, from int64, launchID string) (bool, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	if _, err := f.Seek(from, io.SeekStart); err != nil {
+		return false, err
+	}
+	br := bufio.NewReaderSize(f, 64<<10)
+	for {
+		b, err := eventlog.ReadLine(br, MaxLineBytes)
+		if err == io.EOF {
+			return false, nil
+		}
+		if err != nil {
+			return false, fmt.Errorf("audit log %s: %w", path, err)
+		}
+		var e Entry
+		var rec Record
+		if json.Unmarshal(b, &e) != nil || json.Unmarshal(e.Record, &rec) != nil || !IsOutcome(rec.Kind) {
+			continue
+		}
+		var d struct {
+			LaunchID string `json:"launch_id"`
+		}
+		if json.Unmarshal(rec.Details, &d) == nil && d.LaunchID == launchID {
+			return true, nil
+		}
+	}
 }
