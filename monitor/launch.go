@@ -73,6 +73,10 @@ type LaunchReport struct {
 	Evidence *evidence.Evidence `json:"-"`
 }
 
+// TypeGuestInitrd is the event-log type of a Linux initramfs measurement (its SHA-256,
+// what sha256sum prints for the file).
+const TypeGuestInitrd = "guest-initrd"
+
 // ErrLaunchRefused wraps every refusal before the guest starts.
 var ErrLaunchRefused = errors.New("launch refused")
 
@@ -200,6 +204,14 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 			return rep, fmt.Errorf("%w: %w", ErrLaunchRefused, err)
 		}
 	}
+	imageWhat := "guest image of VM "
+	if lc.Run.Boot == BootLinux {
+		imageWhat = "Linux kernel of VM "
+	}
+	var initrdDigest [sha256.Size]byte
+	if lc.Run.Initrd != nil {
+		initrdDigest = sha256.Sum256(lc.Run.Initrd)
+	}
 
 	// The launch record. The running marker goes first, so a monitor killed at any
 	// point after the record leaves a marker for the next monitor to find.
@@ -207,11 +219,18 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	if err := writeRunningMarker(lc.StateDir, lc.Spec.Name, launchID, rep.AuditLog); err != nil {
 		return rep, fmt.Errorf("%w: %w", ErrLaunchRefused, err)
 	}
-	launchDetails, _ := json.Marshal(map[string]any{
+	details := map[string]any{
 		"launch_id":    launchID,
 		"image_sha256": hex.EncodeToString(imageDigest[:]), "cmdline": lc.Run.Cmdline,
 		"memory_bytes": lc.Run.MemorySize, "policy_revision": lc.Policy.Revision(), "pcr": lc.PCR,
-	})
+	}
+	if lc.Run.Boot == BootLinux {
+		details["boot"] = BootLinux
+	}
+	if lc.Run.Initrd != nil {
+		details["initrd_sha256"] = hex.EncodeToString(initrdDigest[:])
+	}
+	launchDetails, _ := json.Marshal(details)
 	if _, err := auditLog.Append(ctx, audit.Record{Kind: audit.KindLaunch, VM: lc.Spec.Name, Actor: lc.Principal.ID, Details: launchDetails}); err != nil {
 		removeRunningMarker(lc.StateDir, lc.Spec.Name)
 		return rep, fmt.Errorf("%w: audit the launch: %w", ErrLaunchRefused, err)
@@ -233,14 +252,19 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 
 	// Measure, in order, what is about to run; a failed measurement stops the launch.
 	// The policy's measurement is the SHA-256 of the signed bundle it came from, which
-	// an auditor computes with sha256sum.
+	// an auditor computes with sha256sum. launch-complete follows once the VM is built.
 	events := []eventlog.Event{
 		{Type: eventlog.TypeMonitor, Description: "umbra monitor", Digest: self[:]},
-		{Type: eventlog.TypeGuestImage, Description: "guest image of VM " + lc.Spec.Name, Digest: imageDigest[:]},
+		{Type: eventlog.TypeGuestImage, Description: imageWhat + lc.Spec.Name, Digest: imageDigest[:]},
+	}
+	if lc.Run.Initrd != nil {
+		events = append(events, eventlog.Event{Type: TypeGuestInitrd, Description: "Linux initramfs of VM " + lc.Spec.Name, Digest: initrdDigest[:]})
+	}
+	events = append(events, []eventlog.Event{
 		{Type: eventlog.TypeCmdline, Description: "guest command line", Data: []byte(lc.Run.Cmdline)},
 		{Type: eventlog.TypeVMSpec, Description: "VM spec " + lc.Spec.Name, Data: lc.SpecBytes},
 		{Type: eventlog.TypePolicy, Description: "revision " + lc.Policy.Revision(), Digest: policyDigest},
-	}
+	}...)
 	for _, ev := range events {
 		if _, err := measurer.Measure(ctx, ev); err != nil {
 			return failed(fmt.Errorf("%w: measure %s: %w", ErrLaunchRefused, ev.Type, err))
@@ -304,6 +328,10 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	rep.Enforced = enforced.Load()
 
 	stop := map[string]any{"error": errString(runErr)}
+	var crash *CrashError
+	if errors.As(runErr, &crash) {
+		stop["crash"] = crash.Summary()
+	}
 	if res != nil {
 		stop["exit_status"], stop["reason"], stop["counters"] = res.ExitStatus, res.Reason, res.Counters
 	}
@@ -333,7 +361,8 @@ var simEventLogName = sync.OnceValue(func() string {
 })
 
 // CheckConfig checks a run configuration without building anything: memory size,
-// the guest image (an ELF64 x86-64 executable that fits) and the command line. New
+// the guest image (an ELF64 x86-64 executable that fits, or a Linux kernel that
+// parses) and the command line. New
 // fails on the same inputs, but only after it opened KVM; Launch calls this before
 // the policy is asked, so a bad input never reaches the audit log as a launch.
 func CheckConfig(cfg Config) error {
@@ -347,11 +376,26 @@ func CheckConfig(cfg Config) error {
 	if len(cfg.Image) == 0 {
 		return errors.New("the guest image is empty")
 	}
-	if _, _, err := parseELF(cfg.Image, mem); err != nil {
-		return err
-	}
-	if len(cfg.Cmdline) > maxCmdlineLen || strings.IndexByte(cfg.Cmdline, 0) >= 0 {
-		return fmt.Errorf("guest command line is %d bytes or holds a NUL byte; the limit is %d bytes without NUL", len(cfg.Cmdline), maxCmdlineLen)
+	switch cfg.Boot {
+	case BootLinux:
+		if _, err := parseLinuxKernel(cfg.Image); err != nil {
+			return fmt.Errorf("guest kernel: %w", err)
+		}
+		if len(cfg.Cmdline) > linuxMaxCmdline || strings.IndexByte(cfg.Cmdline, 0) >= 0 {
+			return fmt.Errorf("Linux command line is %d bytes or holds a NUL byte; the limit is %d bytes without NUL", len(cfg.Cmdline), linuxMaxCmdline)
+		}
+	case BootUmbra:
+		if len(cfg.Initrd) > 0 {
+			return errors.New("an initramfs is only for a Linux boot")
+		}
+		if _, _, err := parseELF(cfg.Image, mem); err != nil {
+			return err
+		}
+		if len(cfg.Cmdline) > maxCmdlineLen || strings.IndexByte(cfg.Cmdline, 0) >= 0 {
+			return fmt.Errorf("guest command line is %d bytes or holds a NUL byte; the limit is %d bytes without NUL", len(cfg.Cmdline), maxCmdlineLen)
+		}
+	default:
+		return fmt.Errorf("boot protocol %q: want %q or %q", cfg.Boot, BootUmbra, BootLinux)
 	}
 	if cfg.Timeout < 0 {
 		return fmt.Errorf("timeout %s is negative", cfg.Timeout)

@@ -27,7 +27,8 @@ import (
 type LaunchSource struct {
 	Spec         *Spec
 	SpecBytes    []byte
-	Image        []byte
+	Image        []byte // the guest image, or the Linux kernel
+	Initrd       []byte // the Linux initramfs, if the spec names one
 	Policy       *policy.Policy
 	PolicyDigest string // SHA-256 (hex) of the signed policy bundle (of the Rego source when built in)
 	// CloakSecret is the VM's cloak master secret from a sealed bundle, nil otherwise
@@ -49,7 +50,7 @@ func (s *LaunchSource) Wipe() {
 func (s *LaunchSource) Config() Config {
 	mem, _ := s.Spec.MemoryBytes()
 	timeout, _ := s.Spec.TimeoutDuration()
-	return Config{Image: s.Image, MemorySize: mem, Cmdline: s.Spec.Guest.Cmdline, Timeout: timeout, CloakSecret: s.CloakSecret}
+	return Config{Image: s.Image, Boot: s.Spec.Boot(), Initrd: s.Initrd, MemorySize: mem, Cmdline: s.Spec.Guest.Cmdline, Timeout: timeout, CloakSecret: s.CloakSecret}
 }
 
 // DemoSource is the built-in demo: the test guest running its demo programs under
@@ -91,9 +92,9 @@ func SpecSource(ctx context.Context, specPath, bundlePath string, key policy.Ver
 	if err != nil {
 		return nil, fmt.Errorf("%w: %s: %w", ErrInvalidInput, specPath, err)
 	}
-	img, err := userfile.Read(ctx, spec.ImagePath(filepath.Dir(specPath)), "guest image", userfile.MaxImageBytes)
+	img, initrd, err := spec.ReadGuestFiles(ctx, filepath.Dir(specPath))
 	if err != nil {
-		return nil, fmt.Errorf("%w: %s: guest.image: %w", ErrInvalidInput, specPath, err)
+		return nil, fmt.Errorf("%w: %s: %w", ErrInvalidInput, specPath, err)
 	}
 	bundle, err := userfile.Read(ctx, bundlePath, "policy bundle", userfile.MaxBundleBytes)
 	if err != nil {
@@ -104,7 +105,7 @@ func SpecSource(ctx context.Context, specPath, bundlePath string, key policy.Ver
 		return nil, fmt.Errorf("%w: %w", ErrInvalidInput, err)
 	}
 	sum := sha256.Sum256(bundle)
-	return &LaunchSource{Spec: spec, SpecBytes: raw, Image: img, Policy: p, PolicyDigest: hex.EncodeToString(sum[:])}, nil
+	return &LaunchSource{Spec: spec, SpecBytes: raw, Image: img, Initrd: initrd, Policy: p, PolicyDigest: hex.EncodeToString(sum[:])}, nil
 }
 
 // SealedSource opens a sealed VM bundle on this host's TPM: it measures this monitor
@@ -157,7 +158,7 @@ func CheckSealedContents(admins []*ecdsa.PublicKey, bundlePath string) sealing.C
 		if err != nil {
 			return "", err
 		}
-		return fmt.Sprintf("VM %s: spec valid, guest image %s is an ELF64 executable that fits, policy revision %s signed by the bundle's administrator", src.Spec.Name, src.Spec.ImagePath(filepath.Dir(bundlePath)), src.Policy.Revision()), nil
+		return fmt.Sprintf("VM %s: spec valid, guest %s loads (%s boot), policy revision %s signed by the bundle's administrator", src.Spec.Name, src.Spec.ImagePath(filepath.Dir(bundlePath)), src.Spec.Boot(), src.Policy.Revision()), nil
 	}
 }
 
@@ -171,8 +172,8 @@ func sealedContents(ctx context.Context, opened *sealing.Opened, admins []*ecdsa
 		return nil, fmt.Errorf("%w: spec sealed in %s: %w", ErrInvalidInput, bundlePath, err)
 	}
 	src.Spec, src.SpecBytes = spec, opened.Spec
-	if src.Image, err = userfile.Read(ctx, spec.ImagePath(filepath.Dir(bundlePath)), "guest image", userfile.MaxImageBytes); err != nil {
-		return nil, fmt.Errorf("%w: guest image named by the sealed spec: %w", ErrInvalidInput, err)
+	if src.Image, src.Initrd, err = spec.ReadGuestFiles(ctx, filepath.Dir(bundlePath)); err != nil {
+		return nil, fmt.Errorf("%w: guest files named by the sealed spec: %w", ErrInvalidInput, err)
 	}
 	if err := CheckConfig(src.Config()); err != nil {
 		return nil, fmt.Errorf("%w: VM sealed in %s: %w", ErrInvalidInput, bundlePath, err)

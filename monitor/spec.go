@@ -2,6 +2,7 @@ package monitor
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -13,6 +14,8 @@ import (
 	"time"
 
 	"go.yaml.in/yaml/v3"
+
+	"github.com/umbra-cc/umbra/userfile"
 )
 
 // SpecVersion is the VM spec format this monitor reads (docs/spec.md).
@@ -44,10 +47,22 @@ const MaxCloakApps = 64
 
 var cloakAppRE = regexp.MustCompile(`^([a-z0-9][a-z0-9_-]{0,31}|[0-9a-f]{64})$`)
 
-// GuestSpec names the guest image and its command line.
+// GuestSpec names what the guest boots: an umbra guest image, or a Linux kernel with an
+// optional initramfs; and its command line. Paths are relative to the spec file's
+// directory.
 type GuestSpec struct {
-	Image   string `yaml:"image" json:"image"` // path, relative to the spec file's directory
+	Image   string `yaml:"image,omitempty" json:"image,omitempty"`
+	Kernel  string `yaml:"kernel,omitempty" json:"kernel,omitempty"` // vmlinux (PVH) or bzImage (docs/linux.md)
+	Initrd  string `yaml:"initrd,omitempty" json:"initrd,omitempty"` // initramfs, with kernel only
 	Cmdline string `yaml:"cmdline,omitempty" json:"cmdline,omitempty"`
+}
+
+// Boot is the boot protocol the spec asks for: BootLinux when it names a kernel.
+func (s *Spec) Boot() string {
+	if s.Guest.Kernel != "" {
+		return BootLinux
+	}
+	return BootUmbra
 }
 
 const maxSpecBytes = 1 << 20
@@ -87,11 +102,20 @@ func (s *Spec) Validate() error {
 	if !specNameRE.MatchString(s.Name) {
 		return fmt.Errorf("VM spec: name %q must be 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit", s.Name)
 	}
-	if s.Guest.Image == "" {
-		return errors.New("VM spec: guest.image is required (path to an ELF guest image)")
+	switch g := s.Guest; {
+	case g.Image == "" && g.Kernel == "":
+		return errors.New("VM spec: guest.image (an umbra ELF guest image) or guest.kernel (a Linux vmlinux or bzImage) is required")
+	case g.Image != "" && g.Kernel != "":
+		return errors.New("VM spec: guest.image and guest.kernel are exclusive: name an umbra guest image or a Linux kernel")
+	case g.Initrd != "" && g.Kernel == "":
+		return errors.New("VM spec: guest.initrd needs guest.kernel (an initramfs is for a Linux boot)")
 	}
-	if len(s.Guest.Cmdline) > maxCmdlineLen || strings.IndexByte(s.Guest.Cmdline, 0) >= 0 {
-		return fmt.Errorf("VM spec: guest.cmdline must be at most %d bytes without NUL", maxCmdlineLen)
+	limit := maxCmdlineLen
+	if s.Guest.Kernel != "" {
+		limit = linuxMaxCmdline
+	}
+	if len(s.Guest.Cmdline) > limit || strings.IndexByte(s.Guest.Cmdline, 0) >= 0 {
+		return fmt.Errorf("VM spec: guest.cmdline must be at most %d bytes without NUL", limit)
 	}
 	if _, err := s.MemoryBytes(); err != nil {
 		return err
@@ -180,10 +204,44 @@ func LoadSpecFile(path string) (*Spec, error) {
 	return s, nil
 }
 
-// ImagePath resolves guest.image relative to the directory of the spec file.
+// ImagePath resolves what the guest boots (guest.image, or guest.kernel for Linux)
+// relative to the directory of the spec file.
 func (s *Spec) ImagePath(specDir string) string {
-	if filepath.IsAbs(s.Guest.Image) {
-		return s.Guest.Image
+	if s.Guest.Kernel != "" {
+		return specPath(specDir, s.Guest.Kernel)
 	}
-	return filepath.Join(specDir, s.Guest.Image)
+	return specPath(specDir, s.Guest.Image)
+}
+
+// InitrdPath resolves guest.initrd; empty when the spec has none.
+func (s *Spec) InitrdPath(specDir string) string {
+	if s.Guest.Initrd == "" {
+		return ""
+	}
+	return specPath(specDir, s.Guest.Initrd)
+}
+
+func specPath(dir, p string) string {
+	if filepath.IsAbs(p) {
+		return p
+	}
+	return filepath.Join(dir, p)
+}
+
+// ReadGuestFiles reads the image (or kernel) and the initramfs the spec names, relative to
+// specDir; the error names the field.
+func (s *Spec) ReadGuestFiles(ctx context.Context, specDir string) (image, initrd []byte, err error) {
+	field := "guest.image"
+	if s.Guest.Kernel != "" {
+		field = "guest.kernel"
+	}
+	if image, err = userfile.Read(ctx, s.ImagePath(specDir), field, userfile.MaxImageBytes); err != nil {
+		return nil, nil, err
+	}
+	if p := s.InitrdPath(specDir); p != "" {
+		if initrd, err = userfile.Read(ctx, p, "guest.initrd", userfile.MaxImageBytes); err != nil {
+			return nil, nil, err
+		}
+	}
+	return image, initrd, nil
 }
