@@ -158,7 +158,11 @@ func CheckSealedContents(admins []*ecdsa.PublicKey, bundlePath string) sealing.C
 		if err != nil {
 			return "", err
 		}
-		return fmt.Sprintf("VM %s: spec valid, guest %s loads (%s boot), policy revision %s signed by the bundle's administrator", src.Spec.Name, src.Spec.ImagePath(filepath.Dir(bundlePath)), src.Spec.Boot(), src.Policy.Revision()), nil
+		what := "guest image"
+		if src.Spec.Boot() == BootLinux {
+			what = "Linux kernel"
+		}
+		return fmt.Sprintf("VM %s: spec valid, %s %s checked, policy revision %s signed by the bundle's administrator", src.Spec.Name, what, src.Spec.ImagePath(filepath.Dir(bundlePath)), src.Policy.Revision()), nil
 	}
 }
 
