@@ -112,7 +112,7 @@ func TestInputsThatUsedToHang(t *testing.T) {
 	tests := []struct {
 		name, spec, want string
 	}{
-		{"image /dev/zero", mkSpec("zero", "/dev/zero"), "guest image /dev/zero is not a regular file (a character device)"},
+		{"image /dev/zero", mkSpec("zero", "/dev/zero"), "guest.image /dev/zero is not a regular file (a character device)"},
 		{"image FIFO", mkSpec("fifo", fifo), "is not a regular file (a FIFO)"},
 		{"spec FIFO", fifo, "VM spec " + fifo + " is not a regular file (a FIFO)"},
 	}
