@@ -64,6 +64,8 @@ func TestCLIConventions(t *testing.T) {
 		{"policy key id with the demo", []string{"run", "--state-dir", state, "--policy-key-id", "k"}, exitUsage, "--policy-key-id has no effect"},
 		{"negative timeout", []string{"run", "--state-dir", state, "--timeout", "-5s"}, exitUsage, "--timeout -5s"},
 		{"zero timeout", []string{"run", "--state-dir", state, "--timeout", "0s"}, exitUsage, "positive duration"},
+		{"unknown TPM back end", []string{"run", "--state-dir", state, "--tpm", "bogus"}, exitUsage, "--tpm: tpm back end"},
+		{"zero TPM timeout", []string{"run", "--state-dir", state, "--tpm-timeout", "0s"}, exitUsage, "--tpm-timeout 0s"},
 		{"command line over 4095 bytes", []string{"run", "--state-dir", state, "--guest-cmdline", strings.Repeat("a", 4096)}, exitUsage, "guest command line is 4096 bytes"},
 		{"force without evidence", []string{"run", "--state-dir", state, "--force"}, exitUsage, "--force has no effect without --evidence"},
 		{"evidence into a missing directory", []string{"run", "--state-dir", state, "--attest-nonce", strings.Repeat("ab", 16), "--evidence", filepath.Join(dir, "missing", "ev.json")}, exitUsage, "--evidence: directory"},

@@ -79,6 +79,9 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 	} else if *policyPath == "" || *policyKey == "" || *policyKeyID == "" {
 		return usageErr("a VM spec runs only under a signed policy: pass --policy BUNDLE --policy-key PEM --policy-key-id ID (umbra policy build makes one), or run a sealed bundle")
 	}
+	if err := tf.check(); err != nil {
+		return usageErr("%v", err)
+	}
 	if set["timeout"] && *timeout <= 0 {
 		return usageErr("--timeout %s: give a positive duration such as 30s (leave it out for the spec's)", *timeout)
 	}

@@ -36,6 +36,18 @@ func addTPMFlags(fs *flag.FlagSet) *tpmFlags {
 	return f
 }
 
+// check validates the flags without opening anything (a usage error if they are
+// wrong).
+func (f *tpmFlags) check() error {
+	if _, err := sealing.ParseTPMSpec(f.spec); err != nil {
+		return fmt.Errorf("--tpm: %w", err)
+	}
+	if f.timeout <= 0 {
+		return fmt.Errorf("--tpm-timeout %s: give a positive duration", f.timeout)
+	}
+	return nil
+}
+
 func (f *tpmFlags) dir() (string, error) {
 	if f.stateDir != "" {
 		return f.stateDir, nil
