@@ -30,9 +30,10 @@ policy-test:
 # Debian packages the tests need: gcc/make/binutils build the test guest, libssl-dev the
 # TPM simulator (cgo), swtpm and tpm2-tools the real-TPM and independent-verifier tests;
 # linux-source-6.1 and the kernel's build tools (bc bison flex libelf-dev cpio xz-utils)
-# the test Linux guest (testdata/linux).
+# the test Linux guest (testdata/linux); qemu-utils (qemu-img, qemu-io) the qcow2 tests that
+# check umbra's images with QEMU.
 DEB_PACKAGES = gcc make binutils libssl-dev swtpm swtpm-tools tpm2-tools \
-	linux-source-6.1 bc bison flex libelf-dev cpio xz-utils
+	linux-source-6.1 bc bison flex libelf-dev cpio xz-utils qemu-utils
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
