@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -191,11 +190,11 @@ func (s *Spec) TimeoutDuration() (time.Duration, error) {
 	return d, nil
 }
 
-// LoadSpecFile reads and parses a VM spec file.
+// LoadSpecFile reads (a regular file, at most 1 MiB) and parses a VM spec file.
 func LoadSpecFile(path string) (*Spec, error) {
-	data, err := os.ReadFile(path)
+	data, err := userfile.Read(context.Background(), path, "VM spec", userfile.MaxSpecBytes)
 	if err != nil {
-		return nil, fmt.Errorf("read VM spec: %w", err)
+		return nil, err
 	}
 	s, err := ParseSpec(data)
 	if err != nil {
