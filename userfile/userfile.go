@@ -65,6 +65,25 @@ func Read(ctx context.Context, path, what string, limit int64) ([]byte, error) {
 	}
 }
 
+// Open opens the regular file at path for streaming (a log to verify), refusing at
+// once what is not a regular file, as Read does; it sets no size limit.
+func Open(path, what string) (*os.File, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", what, err)
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("open %s %s: %w", what, path, err)
+	}
+	if !st.Mode().IsRegular() {
+		f.Close()
+		return nil, fmt.Errorf("%s %s is not a regular file (%s): give the path of a file", what, path, fileKind(st.Mode()))
+	}
+	return f, nil
+}
+
 // Peek returns the first n bytes (fewer if the file is shorter) of the regular file
 // at path, without blocking on a FIFO; ok is false if it is not a regular file that
 // can be read.

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"os"
 	"slices"
 	"strings"
 	"time"
@@ -12,6 +11,7 @@ import (
 	"github.com/umbra-cc/umbra/attest/audit"
 	"github.com/umbra-cc/umbra/attest/evidence"
 	"github.com/umbra-cc/umbra/attest/verify"
+	"github.com/umbra-cc/umbra/userfile"
 )
 
 func init() {
@@ -72,7 +72,7 @@ func auditVerify(env *cliEnv, args []string) int {
 			}
 		}
 	}
-	f, err := os.Open(fs.Arg(0))
+	f, err := userfile.Open(fs.Arg(0), "audit log")
 	if err != nil {
 		return attestFail(env, err)
 	}
@@ -184,7 +184,7 @@ func auditShow(env *cliEnv, args []string) int {
 			flt.Kinds = append(flt.Kinds, k)
 		}
 	}
-	f, err := os.Open(fs.Arg(0))
+	f, err := userfile.Open(fs.Arg(0), "audit log")
 	if err != nil {
 		return attestFail(env, err)
 	}

@@ -389,3 +389,29 @@ func TestResetArchivesNeverCollide(t *testing.T) {
 		t.Fatal("the two archives hold the same log")
 	}
 }
+
+// TestVerifiersRefuseFIFOs: evidence, reference and key paths are read as regular
+// files; a FIFO used to block the command forever.
+func TestVerifiersRefuseFIFOs(t *testing.T) {
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "fifo")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{
+		{"attest", "verify", fifo, "--nonce", strings.Repeat("ab", 16), "--reference", fifo},
+		{"audit", "verify", filepath.Join(dir, "none.jsonl"), "--evidence", fifo},
+		{"audit", "verify", fifo},
+		{"audit", "show", fifo},
+		{"seal", "keygen", "-o", filepath.Join(dir, "k.pem")},
+	} {
+		code, _, errs := runUmbraBounded(t, 30*time.Second, args...)
+		if args[0] != "seal" && (code == 0 || !strings.Contains(errs, "not a regular file (a FIFO)")) {
+			t.Fatalf("umbra %s: exit %d\n%s", strings.Join(args, " "), code, errs)
+		}
+	}
+	code, _, errs := runUmbraBounded(t, 30*time.Second, "seal", "--spec", fifo, "--policy", fifo, "--series", "s", "--version", "1", "--admin-key", filepath.Join(dir, "k.pem"), "-o", filepath.Join(dir, "b"))
+	if code == 0 || !strings.Contains(errs, "not a regular file (a FIFO)") {
+		t.Fatalf("seal with a FIFO spec: exit %d\n%s", code, errs)
+	}
+}

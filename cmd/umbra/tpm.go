@@ -8,13 +8,13 @@ import (
 	"encoding/hex"
 	"flag"
 	"fmt"
-	"os"
 	"strings"
 	"time"
 
 	"github.com/google/go-tpm/tpm2/transport"
 	"github.com/umbra-cc/umbra/sealing"
 	_ "github.com/umbra-cc/umbra/sealing/tpmsim" // registers the "sim" back end
+	"github.com/umbra-cc/umbra/userfile"
 )
 
 func init() {
@@ -168,23 +168,8 @@ func fail(env *cliEnv, err error) int {
 	return 1
 }
 
-// readFile reads a user-named file with a size cap.
+// readFile reads a user-named file with a size cap: a regular file only, so a FIFO
+// or a device is refused at once instead of hanging the command (userfile.Read).
 func readFile(path string, max int64) ([]byte, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	if st.Size() > max {
-		return nil, fmt.Errorf("%s: %d bytes, more than the %d allowed", path, st.Size(), max)
-	}
-	b := make([]byte, st.Size())
-	if _, err := f.ReadAt(b, 0); err != nil && st.Size() > 0 {
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	return b, nil
+	return userfile.Read(context.Background(), path, "input", max)
 }
