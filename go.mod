@@ -3,6 +3,7 @@ module github.com/umbra-cc/umbra
 go 1.26.8
 
 require (
+	github.com/go-json-experiment/json v1.27.2
 	github.com/google/go-tpm v0.9.8
 	github.com/google/go-tpm-tools v0.4.10
 	github.com/open-policy-agent/opa v1.22.0

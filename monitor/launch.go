@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -22,6 +23,7 @@ import (
 	"github.com/umbra-cc/umbra/attest/evidence"
 	"github.com/umbra-cc/umbra/policy"
 	"github.com/umbra-cc/umbra/sealing"
+	"github.com/umbra-cc/umbra/statefile"
 )
 
 // This file is the protected launch: every VM umbra starts goes through Launch, which
@@ -78,8 +80,17 @@ const TypeGuestInitrd = "guest-initrd"
 // ErrLaunchRefused wraps every refusal before the guest starts.
 var ErrLaunchRefused = errors.New("launch refused")
 
+// ErrInvalidInput wraps an input (spec, image, bundle file, run configuration) that
+// was refused before the launch began: nothing was decided, measured or audited.
+var ErrInvalidInput = errors.New("invalid input")
+
 // Launch performs a protected launch. The report is non-nil whenever the policy was
 // asked; err says why the VM did not run to its own EXIT.
+//
+// Once the launch record is in the audit log, exactly one outcome record follows it,
+// whatever fails: stop (the VM ran; how it ended), launch-failed (it never started;
+// why), or lost (written by a later monitor when this one was killed first). The
+// launch-complete measurement is made only when the VM is built and about to run.
 func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	if lc.Spec == nil || lc.Policy == nil || lc.TPM == nil || lc.StateDir == "" {
 		return nil, errors.New("monitor: launch needs a spec, a policy, a TPM and a state directory")
@@ -91,6 +102,10 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	if lc.PCR == 0 {
 		lc.PCR = attest.DefaultPCR
 	}
+	// Everything the VM is made of is checked before anything acts.
+	if err := CheckConfig(lc.Run); err != nil {
+		return nil, fmt.Errorf("%w: %w: %w", ErrLaunchRefused, ErrInvalidInput, err)
+	}
 	if err := os.MkdirAll(lc.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("state directory: %w", err)
 	}
@@ -99,6 +114,12 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		AuditLog: filepath.Join(lc.StateDir, attest.AuditLogFile),
 		EventLog: filepath.Join(lc.StateDir, attest.EventLogFile),
 		PCR:      lc.PCR,
+	}
+	if sealing.IsSimulator(lc.TPM) {
+		// The simulator's PCRs live and die with this process, so its measurements
+		// go to an event log of this process's own: a shared log could match only
+		// one process's PCRs (docs/attestation.md, "Concurrent launches").
+		rep.EventLog = filepath.Join(lc.StateDir, "sim-eventlogs", simEventLogName())
 	}
 	fp, err := sealing.HostID(lc.TPM)
 	if err != nil {
@@ -109,8 +130,15 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	if hostname == "" {
 		hostname = "localhost"
 	}
+	// One monitor per VM name: the lock is held until Launch returns, and the kernel
+	// drops it if this process dies.
+	vmLock, err := lockVM(ctx, lc.StateDir, lc.Spec.Name)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrLaunchRefused, err)
+	}
+	defer vmLock.Close()
 
-	auditLog, err := audit.Open(rep.AuditLog, log)
+	auditLog, err := audit.OpenContext(ctx, rep.AuditLog, log)
 	if err != nil {
 		return nil, fmt.Errorf("open audit log: %w", err)
 	}
@@ -123,10 +151,15 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	// Whatever happens from here on, the audit head is anchored into the PCR at the
 	// end, so a quote commits to every record of this launch.
 	defer func() {
+		auditRecoveries(context.WithoutCancel(ctx), auditLog, measurer, log)
 		if aerr := auditLog.Anchor(context.WithoutCancel(ctx), measurer); aerr != nil {
 			log.Error("anchor audit log", "err", aerr)
 		}
 	}()
+	auditRecoveries(ctx, auditLog, measurer, log)
+	if err := recordLostVMs(ctx, lc.StateDir, lc.Spec.Name, rep.AuditLog, auditLog, log); err != nil {
+		return nil, err
+	}
 
 	guard, err := NewGuard(GuardConfig{
 		Engine: lc.Policy,
@@ -158,15 +191,6 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 			return rep, fmt.Errorf("%w: overriding the guest command line modifies the VM: %w", ErrLaunchRefused, err)
 		}
 	}
-	if firstLaunch.IsZero() {
-		if err := recordFirstLaunch(lc.StateDir, lc.Spec.Name, time.Now().UTC()); err != nil {
-			return rep, fmt.Errorf("%w: %w", ErrLaunchRefused, err)
-		}
-	}
-
-	// Measure, in order, what is about to run; a failed measurement stops the launch.
-	// The policy's measurement is the SHA-256 of the signed bundle it came from, which
-	// an auditor computes with sha256sum.
 	policyDigest, err := hex.DecodeString(lc.PolicyDigest)
 	if err != nil || len(policyDigest) != sha256.Size {
 		return rep, fmt.Errorf("%w: policy digest %q is not a hex SHA-256", ErrLaunchRefused, lc.PolicyDigest)
@@ -175,35 +199,28 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	if err != nil {
 		return rep, fmt.Errorf("%w: measure the monitor binary: %w", ErrLaunchRefused, err)
 	}
+	if firstLaunch.IsZero() {
+		if err := recordFirstLaunch(lc.StateDir, lc.Spec.Name, time.Now().UTC()); err != nil {
+			return rep, fmt.Errorf("%w: %w", ErrLaunchRefused, err)
+		}
+	}
 	imageWhat := "guest image of VM "
 	if lc.Run.Boot == BootLinux {
 		imageWhat = "Linux kernel of VM "
 	}
-	events := []eventlog.Event{
-		{Type: eventlog.TypeMonitor, Description: "umbra monitor", Digest: self[:]},
-		{Type: eventlog.TypeGuestImage, Description: imageWhat + lc.Spec.Name, Digest: imageDigest[:]},
-	}
 	var initrdDigest [sha256.Size]byte
 	if lc.Run.Initrd != nil {
 		initrdDigest = sha256.Sum256(lc.Run.Initrd)
-		events = append(events, eventlog.Event{Type: TypeGuestInitrd, Description: "Linux initramfs of VM " + lc.Spec.Name, Digest: initrdDigest[:]})
 	}
-	events = append(events, []eventlog.Event{
-		{Type: eventlog.TypeCmdline, Description: "guest command line", Data: []byte(lc.Run.Cmdline)},
-		{Type: eventlog.TypeVMSpec, Description: "VM spec " + lc.Spec.Name, Data: lc.SpecBytes},
-		{Type: eventlog.TypePolicy, Description: "revision " + lc.Policy.Revision(), Digest: policyDigest},
-		{Type: eventlog.TypeLaunchComplete, Description: "launch of VM " + lc.Spec.Name},
-	}...)
-	for _, ev := range events {
-		if ev.Data == nil && ev.Digest == nil {
-			ev.Data = []byte{}
-		}
-		if _, err := measurer.Measure(ctx, ev); err != nil {
-			return rep, fmt.Errorf("%w: measure %s: %w", ErrLaunchRefused, ev.Type, err)
-		}
-		rep.Measurements++
+
+	// The launch record. The running marker goes first, so a monitor killed at any
+	// point after the record leaves a marker for the next monitor to find.
+	launchID := newLaunchID()
+	if err := writeRunningMarker(lc.StateDir, lc.Spec.Name, launchID, rep.AuditLog); err != nil {
+		return rep, fmt.Errorf("%w: %w", ErrLaunchRefused, err)
 	}
 	details := map[string]any{
+		"launch_id":    launchID,
 		"image_sha256": hex.EncodeToString(imageDigest[:]), "cmdline": lc.Run.Cmdline,
 		"memory_bytes": lc.Run.MemorySize, "policy_revision": lc.Policy.Revision(), "pcr": lc.PCR,
 	}
@@ -215,19 +232,67 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	}
 	launchDetails, _ := json.Marshal(details)
 	if _, err := auditLog.Append(ctx, audit.Record{Kind: audit.KindLaunch, VM: lc.Spec.Name, Actor: lc.Principal.ID, Details: launchDetails}); err != nil {
+		removeRunningMarker(lc.StateDir, lc.Spec.Name)
 		return rep, fmt.Errorf("%w: audit the launch: %w", ErrLaunchRefused, err)
+	}
+	bg := context.WithoutCancel(ctx)
+	// outcome closes the launch record: exactly once, then the marker goes.
+	outcome := func(kind string, details map[string]any) error {
+		details["launch_id"] = launchID
+		raw, _ := json.Marshal(details)
+		if _, err := auditLog.Append(bg, audit.Record{Kind: kind, VM: lc.Spec.Name, Actor: "umbra/system", Details: raw}); err != nil {
+			return fmt.Errorf("audit the %s: %w (the running marker stays, so the next monitor records this launch as lost)", kind, err)
+		}
+		removeRunningMarker(lc.StateDir, lc.Spec.Name)
+		return nil
+	}
+	failed := func(err error) (*LaunchReport, error) {
+		return rep, errors.Join(err, outcome(audit.KindLaunchFailed, map[string]any{"error": err.Error()}))
+	}
+
+	// Measure, in order, what is about to run; a failed measurement stops the launch.
+	// The policy's measurement is the SHA-256 of the signed bundle it came from, which
+	// an auditor computes with sha256sum. launch-complete follows once the VM is built.
+	events := []eventlog.Event{
+		{Type: eventlog.TypeMonitor, Description: "umbra monitor", Digest: self[:]},
+		{Type: eventlog.TypeGuestImage, Description: imageWhat + lc.Spec.Name, Digest: imageDigest[:]},
+	}
+	if lc.Run.Initrd != nil {
+		events = append(events, eventlog.Event{Type: TypeGuestInitrd, Description: "Linux initramfs of VM " + lc.Spec.Name, Digest: initrdDigest[:]})
+	}
+	events = append(events, []eventlog.Event{
+		{Type: eventlog.TypeCmdline, Description: "guest command line", Data: []byte(lc.Run.Cmdline)},
+		{Type: eventlog.TypeVMSpec, Description: "VM spec " + lc.Spec.Name, Data: lc.SpecBytes},
+		{Type: eventlog.TypePolicy, Description: "revision " + lc.Policy.Revision(), Digest: policyDigest},
+	}...)
+	for _, ev := range events {
+		if _, err := measurer.Measure(ctx, ev); err != nil {
+			return failed(fmt.Errorf("%w: measure %s: %w", ErrLaunchRefused, ev.Type, err))
+		}
+		rep.Measurements++
 	}
 
 	running := policyVM(lc.Spec, lc.Run, hex.EncodeToString(imageDigest[:]), "running", firstLaunch)
+	// Once an app is registered cloaked (and that is audited), the VM runs cloaked
+	// apps whatever its spec says: a fact the monitor knows.
+	var cloakRegistered atomic.Bool
+	runningVM := func() policy.VM {
+		vm := running
+		vm.Spec.Cloak = vm.Spec.Cloak || cloakRegistered.Load()
+		return vm
+	}
 	lc.Run.Hooks = &Hooks{
 		Guard: guard,
-		VM:    func() policy.VM { return running },
+		VM:    runningVM,
 		Audit: func(ctx context.Context, kind string, details any) error {
 			raw, err := json.Marshal(details)
 			if err != nil {
 				return err
 			}
 			_, err = auditLog.Append(ctx, audit.Record{Kind: kind, VM: lc.Spec.Name, Actor: "umbra/monitor", Details: raw})
+			if err == nil && kind == audit.KindCloakRegister {
+				cloakRegistered.Store(true)
+			}
 			return err
 		},
 		Measure: func(ctx context.Context, m Measurement) error {
@@ -237,14 +302,21 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	}
 	vm, err := New(lc.Run)
 	if err != nil {
-		return rep, err
+		return failed(fmt.Errorf("%w: build the VM: %w", ErrLaunchRefused, err))
 	}
 	defer vm.Close()
+	if err := ctx.Err(); err != nil {
+		return failed(fmt.Errorf("%w: interrupted before the guest ran: %w", ErrLaunchRefused, err))
+	}
+	if _, err := measurer.Measure(ctx, eventlog.Event{Type: eventlog.TypeLaunchComplete, Description: "launch of VM " + lc.Spec.Name, Data: []byte{}}); err != nil {
+		return failed(fmt.Errorf("%w: measure %s: %w", ErrLaunchRefused, eventlog.TypeLaunchComplete, err))
+	}
+	rep.Measurements++
 	if lc.Started != nil {
 		lc.Started(rep)
 	}
 	var enforced atomic.Pointer[Enforcement]
-	cancelSupervision := guard.Supervise(ctx, d, func() policy.VM { return running }, func(_ context.Context, e Enforcement) {
+	cancelSupervision := guard.Supervise(ctx, d, runningVM, func(_ context.Context, e Enforcement) {
 		// Suspension is not implemented yet, so a suspend obligation stops the VM:
 		// failing closed keeps the restriction.
 		enforced.Store(&e)
@@ -266,10 +338,8 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	if rep.Enforced != nil {
 		stop["enforced"] = rep.Enforced.Verdict
 	}
-	stopDetails, _ := json.Marshal(stop)
-	bg := context.WithoutCancel(ctx)
-	if _, err := auditLog.Append(bg, audit.Record{Kind: audit.KindStop, VM: lc.Spec.Name, Actor: "umbra/system", Details: stopDetails}); err != nil {
-		runErr = errors.Join(runErr, fmt.Errorf("audit the stop: %w", err))
+	if err := outcome(audit.KindStop, stop); err != nil {
+		runErr = errors.Join(runErr, err)
 	}
 	if err := auditLog.Anchor(bg, measurer); err != nil {
 		runErr = errors.Join(runErr, fmt.Errorf("anchor the audit log: %w", err))
@@ -282,6 +352,55 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		rep.Evidence = ev
 	}
 	return rep, runErr
+}
+
+// simEventLogName names this process's simulator event log: one per process, as
+// the simulator's PCRs are.
+var simEventLogName = sync.OnceValue(func() string {
+	return fmt.Sprintf("%s-%d.jsonl", time.Now().UTC().Format("20060102T150405.000000000"), os.Getpid())
+})
+
+// CheckConfig checks a run configuration without building anything: memory size,
+// the guest image (an ELF64 x86-64 executable that fits, or a Linux kernel that
+// parses) and the command line. New
+// fails on the same inputs, but only after it opened KVM; Launch calls this before
+// the policy is asked, so a bad input never reaches the audit log as a launch.
+func CheckConfig(cfg Config) error {
+	mem := cfg.MemorySize
+	if mem == 0 {
+		mem = DefaultMemorySize
+	}
+	if mem < minGuestRAM || mem > maxGuestRAM || mem%PageSize != 0 {
+		return fmt.Errorf("guest memory size %d bytes: must be a multiple of 4 KiB between %d MiB and %d GiB", mem, minGuestRAM>>20, maxGuestRAM>>30)
+	}
+	if len(cfg.Image) == 0 {
+		return errors.New("the guest image is empty")
+	}
+	switch cfg.Boot {
+	case BootLinux:
+		if _, err := parseLinuxKernel(cfg.Image); err != nil {
+			return fmt.Errorf("guest kernel: %w", err)
+		}
+		if len(cfg.Cmdline) > linuxMaxCmdline || strings.IndexByte(cfg.Cmdline, 0) >= 0 {
+			return fmt.Errorf("Linux command line is %d bytes or holds a NUL byte; the limit is %d bytes without NUL", len(cfg.Cmdline), linuxMaxCmdline)
+		}
+	case BootUmbra:
+		if len(cfg.Initrd) > 0 {
+			return errors.New("an initramfs is only for a Linux boot")
+		}
+		if _, _, err := parseELF(cfg.Image, mem); err != nil {
+			return err
+		}
+		if len(cfg.Cmdline) > maxCmdlineLen || strings.IndexByte(cfg.Cmdline, 0) >= 0 {
+			return fmt.Errorf("guest command line is %d bytes or holds a NUL byte; the limit is %d bytes without NUL", len(cfg.Cmdline), maxCmdlineLen)
+		}
+	default:
+		return fmt.Errorf("boot protocol %q: want %q or %q", cfg.Boot, BootUmbra, BootLinux)
+	}
+	if cfg.Timeout < 0 {
+		return fmt.Errorf("timeout %s is negative", cfg.Timeout)
+	}
+	return nil
 }
 
 func collectEvidence(ctx context.Context, tpm transport.TPM, m *eventlog.Measurer, pcr int, nonce []byte) (*evidence.Evidence, error) {
@@ -320,7 +439,7 @@ func policyVM(s *Spec, cfg Config, imageDigest, state string, firstLaunch time.T
 			MemoryMiB: cfg.MemorySize >> 20,
 			VCPUs:     1,
 			Image:     imageDigest,
-			Cloak:     strings.Contains(cfg.Cmdline, "cloak"),
+			Cloak:     s.Cloak != nil && len(s.Cloak.Apps) > 0,
 		},
 		State:         state,
 		Devices:       []policy.Device{{Type: "serial", ID: "com1"}},
@@ -354,11 +473,10 @@ func recordFirstLaunch(stateDir, vm string, t time.Time) error {
 	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
 		return fmt.Errorf("record first launch: %w", err)
 	}
-	tmp := p + ".tmp"
-	if err := os.WriteFile(tmp, []byte(t.Format(time.RFC3339Nano)+"\n"), 0o600); err != nil {
+	if err := statefile.WriteAtomic(p, []byte(t.Format(time.RFC3339Nano)+"\n"), 0o600); err != nil {
 		return fmt.Errorf("record first launch: %w", err)
 	}
-	return os.Rename(tmp, p)
+	return nil
 }
 
 // auditSink adapts the tamper-evident audit log to the Guard.

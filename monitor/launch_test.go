@@ -2,9 +2,11 @@ package monitor
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -140,5 +142,100 @@ func TestLaunchRefusesExpiredVM(t *testing.T) {
 	}
 	if got := strings.Join(auditKinds(t, auditPath), ","); got != "log-start,decision" {
 		t.Fatalf("audit kinds %s, want only the refused decision", got)
+	}
+}
+
+// TestLaunchFailureAfterTheDecisionIsAnOutcome: a launch the policy allowed that
+// cannot start (here KVM cannot be opened) is closed by a launch-failed record with
+// the reason, and launch-complete is not measured, since nothing ran.
+func TestLaunchFailureAfterTheDecisionIsAnOutcome(t *testing.T) {
+	lc, auditPath := launchFixture(t, time.Now().Add(time.Hour))
+	lc.Run.KVMDevice = filepath.Join(t.TempDir(), "no-kvm")
+	rep, err := Launch(context.Background(), lc)
+	if err == nil || !errors.Is(err, ErrLaunchRefused) || !strings.Contains(err.Error(), "build the VM") {
+		t.Fatalf("Launch = %v, want a refusal naming the VM build", err)
+	}
+	kinds := strings.Join(auditKinds(t, auditPath), ",")
+	if !strings.HasSuffix(kinds, "launch,launch-failed") {
+		t.Fatalf("audit kinds %s, want the launch closed by launch-failed", kinds)
+	}
+	f, _ := os.Open(auditPath)
+	defer f.Close()
+	if res := audit.Verify(f, nil); len(res.OpenLaunches) != 0 || res.Launches != 1 {
+		t.Fatalf("verify: %d launches, open %v", res.Launches, res.OpenLaunches)
+	}
+	if rep.Measurements != 5 {
+		t.Fatalf("%d measurements, want the 5 before launch-complete", rep.Measurements)
+	}
+	if _, err := os.Stat(filepath.Join(lc.StateDir, "vms", "expiring", "running")); err == nil {
+		t.Fatal("the running marker outlived the outcome")
+	}
+}
+
+// TestLaunchRefusesBadImageBeforeTheDecision: an image that is not an ELF64
+// executable is refused before the policy is asked, so no launch is audited.
+func TestLaunchRefusesBadImageBeforeTheDecision(t *testing.T) {
+	lc, auditPath := launchFixture(t, time.Now().Add(time.Hour))
+	for name, img := range map[string][]byte{"not ELF": []byte("MZ not an ELF"), "empty": {}} {
+		lc.Run.Image = img
+		if _, err := Launch(context.Background(), lc); !errors.Is(err, ErrInvalidInput) {
+			t.Fatalf("%s: Launch = %v, want ErrInvalidInput", name, err)
+		}
+	}
+	if _, err := os.Stat(auditPath); err == nil {
+		t.Fatalf("audit log written: %v", auditKinds(t, auditPath))
+	}
+}
+
+// TestAuditKindsListTheMonitorsEvents: umbra audit show --kind accepts only the
+// kinds in audit.Kinds, so every kind the monitor writes must be there.
+func TestAuditKindsListTheMonitorsEvents(t *testing.T) {
+	for _, k := range []string{EventCloakRegister, EventIntegrityViolation, EventPageProtChange, EventPageProtViolation,
+		EventPageProtLock, EventCloakViolation, EventCloakSyscall, EventCloakEnd, "policy-obligation"} {
+		if !slices.Contains(audit.Kinds, k) {
+			t.Errorf("audit.Kinds lacks the monitor's event kind %q", k)
+		}
+	}
+}
+
+// TestLostIsNotWrittenForAClosedLaunch: a monitor killed after auditing the outcome
+// but before removing its running marker leaves a marker for a closed launch; the
+// next monitor must not close it a second time (audit verify would fail on it).
+func TestLostIsNotWrittenForAClosedLaunch(t *testing.T) {
+	lc, auditPath := launchFixture(t, time.Now().Add(time.Hour))
+	lc.Run.KVMDevice = filepath.Join(t.TempDir(), "no-kvm")
+	Launch(context.Background(), lc)
+	var launchID string
+	f, _ := os.Open(auditPath)
+	audit.Scan(f, func(rec *audit.Record, _ string) error {
+		if rec.Kind == audit.KindLaunch {
+			var d struct {
+				LaunchID string `json:"launch_id"`
+			}
+			json.Unmarshal(rec.Details, &d)
+			launchID = d.LaunchID
+		}
+		return nil
+	})
+	f.Close()
+	if launchID == "" {
+		t.Fatal("no launch record")
+	}
+	// The dead monitor's marker, still there after its outcome.
+	if err := writeRunningMarker(lc.StateDir, lc.Spec.Name, launchID, filepath.Join(t.TempDir(), "none")); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Launch(context.Background(), lc)
+	kinds := strings.Join(auditKinds(t, auditPath), ",")
+	if err == nil || !strings.Contains(err.Error(), "build the VM") {
+		t.Fatalf("second launch: %v, want it to get as far as building the VM", err)
+	}
+	if strings.Contains(kinds, "lost") {
+		t.Fatalf("a closed launch was recorded as lost: %s", kinds)
+	}
+	f, _ = os.Open(auditPath)
+	defer f.Close()
+	if res := audit.Verify(f, nil); !res.OK || len(res.OpenLaunches) != 0 {
+		t.Fatalf("verify: %v open %v", res.Problems, res.OpenLaunches)
 	}
 }

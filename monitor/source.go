@@ -10,7 +10,6 @@ import (
 	"encoding/pem"
 	"fmt"
 	"log/slog"
-	"os"
 	"os/user"
 	"path/filepath"
 
@@ -20,6 +19,7 @@ import (
 	"github.com/umbra-cc/umbra/guestimage"
 	"github.com/umbra-cc/umbra/policy"
 	"github.com/umbra-cc/umbra/sealing"
+	"github.com/umbra-cc/umbra/userfile"
 )
 
 // LaunchSource is what a launch runs and under which policy: resolved from the
@@ -63,6 +63,7 @@ func DemoSource(ctx context.Context) (*LaunchSource, error) {
 		Guest:      GuestSpec{Image: "builtin:testguest", Cmdline: guestimage.DemoCmdline},
 		Memory:     "64MiB",
 		Timeout:    "60s",
+		Cloak:      &CloakSpec{Apps: []string{"cloakcompute"}},
 	}
 	raw, err := yaml.Marshal(spec)
 	if err != nil {
@@ -83,25 +84,25 @@ func DemoSource(ctx context.Context) (*LaunchSource, error) {
 // SpecSource reads a VM spec file and its guest image, and loads the signed policy
 // bundle that governs it, verified with key.
 func SpecSource(ctx context.Context, specPath, bundlePath string, key policy.VerifyKey) (*LaunchSource, error) {
-	raw, err := os.ReadFile(specPath)
+	raw, err := userfile.Read(ctx, specPath, "VM spec", userfile.MaxSpecBytes)
 	if err != nil {
-		return nil, fmt.Errorf("read VM spec: %w", err)
+		return nil, fmt.Errorf("%w: %w", ErrInvalidInput, err)
 	}
 	spec, err := ParseSpec(raw)
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", specPath, err)
+		return nil, fmt.Errorf("%w: %s: %w", ErrInvalidInput, specPath, err)
 	}
-	img, initrd, err := spec.ReadGuestFiles(filepath.Dir(specPath))
+	img, initrd, err := spec.ReadGuestFiles(ctx, filepath.Dir(specPath))
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", specPath, err)
+		return nil, fmt.Errorf("%w: %s: %w", ErrInvalidInput, specPath, err)
 	}
-	bundle, err := os.ReadFile(bundlePath)
+	bundle, err := userfile.Read(ctx, bundlePath, "policy bundle", userfile.MaxBundleBytes)
 	if err != nil {
-		return nil, fmt.Errorf("read policy bundle: %w", err)
+		return nil, fmt.Errorf("%w: %w", ErrInvalidInput, err)
 	}
 	p, err := policy.LoadSignedBundle(ctx, bytes.NewReader(bundle), bundlePath, key)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%w: %w", ErrInvalidInput, err)
 	}
 	sum := sha256.Sum256(bundle)
 	return &LaunchSource{Spec: spec, SpecBytes: raw, Image: img, Initrd: initrd, Policy: p, PolicyDigest: hex.EncodeToString(sum[:])}, nil
@@ -114,9 +115,9 @@ func SpecSource(ctx context.Context, specPath, bundlePath string, key policy.Ver
 // from the path in the sealed spec, relative to the bundle file, and its digest is
 // part of the policy input so a policy can pin it.
 func SealedSource(ctx context.Context, tpm transport.TPM, stateDir, bundlePath string, log *slog.Logger) (*LaunchSource, error) {
-	data, err := os.ReadFile(bundlePath)
+	data, err := userfile.Read(ctx, bundlePath, "sealed bundle", userfile.MaxBundleBytes)
 	if err != nil {
-		return nil, fmt.Errorf("read sealed bundle: %w", err)
+		return nil, fmt.Errorf("%w: %w", ErrInvalidInput, err)
 	}
 	if !sealing.IsBundle(data) {
 		return nil, fmt.Errorf("%s is not a sealed VM bundle", bundlePath)
@@ -140,26 +141,54 @@ func SealedSource(ctx context.Context, tpm transport.TPM, stateDir, bundlePath s
 	if err != nil {
 		return nil, err
 	}
-	src := &LaunchSource{Sealed: opened, CloakSecret: opened.CloakMasterSecret}
-	fail := func(err error) (*LaunchSource, error) {
-		src.Wipe()
+	src, err := sealedContents(ctx, opened, admins, bundlePath)
+	if err != nil {
+		opened.Wipe()
 		return nil, err
 	}
+	return src, nil
+}
+
+// CheckSealedContents is what SealedSource checks after the bundle opened (the spec,
+// the guest image it names, the policy and its signer), for 'umbra unseal --check':
+// the same code, in memory, nothing kept.
+func CheckSealedContents(admins []*ecdsa.PublicKey, bundlePath string) sealing.CheckContents {
+	return func(ctx context.Context, o *sealing.Opened) (string, error) {
+		src, err := sealedContents(ctx, o, admins, bundlePath)
+		if err != nil {
+			return "", err
+		}
+		what := "guest image"
+		if src.Spec.Boot() == BootLinux {
+			what = "Linux kernel"
+		}
+		return fmt.Sprintf("VM %s: spec valid, %s %s checked, policy revision %s signed by the bundle's administrator", src.Spec.Name, what, src.Spec.ImagePath(filepath.Dir(bundlePath)), src.Policy.Revision()), nil
+	}
+}
+
+// sealedContents turns an opened bundle into a launch source: the sealed spec,
+// the guest image it names (relative to the bundle), checked as Launch will check
+// it, and the sealed policy, which must be signed by the bundle's administrator.
+func sealedContents(ctx context.Context, opened *sealing.Opened, admins []*ecdsa.PublicKey, bundlePath string) (*LaunchSource, error) {
+	src := &LaunchSource{Sealed: opened, CloakSecret: opened.CloakMasterSecret}
 	spec, err := ParseSpec(opened.Spec)
 	if err != nil {
-		return fail(fmt.Errorf("spec sealed in %s: %w", bundlePath, err))
+		return nil, fmt.Errorf("%w: spec sealed in %s: %w", ErrInvalidInput, bundlePath, err)
 	}
 	src.Spec, src.SpecBytes = spec, opened.Spec
-	if src.Image, src.Initrd, err = spec.ReadGuestFiles(filepath.Dir(bundlePath)); err != nil {
-		return fail(fmt.Errorf("guest files named by the sealed spec: %w", err))
+	if src.Image, src.Initrd, err = spec.ReadGuestFiles(ctx, filepath.Dir(bundlePath)); err != nil {
+		return nil, fmt.Errorf("%w: guest files named by the sealed spec: %w", ErrInvalidInput, err)
+	}
+	if err := CheckConfig(src.Config()); err != nil {
+		return nil, fmt.Errorf("%w: VM sealed in %s: %w", ErrInvalidInput, bundlePath, err)
 	}
 	admin, err := adminKey(admins, opened.Header.AdminKeyID)
 	if err != nil {
-		return fail(err)
+		return nil, err
 	}
 	src.Policy, err = policy.LoadSignedBundle(ctx, bytes.NewReader(opened.PolicyBundle), bundlePath+"#policy", policy.VerifyKey{ID: opened.Header.AdminKeyID, PEM: admin})
 	if err != nil {
-		return fail(fmt.Errorf("policy sealed in %s (must be signed by the bundle's administrator with key id %s): %w", bundlePath, opened.Header.AdminKeyID, err))
+		return nil, fmt.Errorf("policy sealed in %s (must be signed by the bundle's administrator with key id %s): %w", bundlePath, opened.Header.AdminKeyID, err)
 	}
 	src.PolicyDigest = opened.Header.PolicySHA256
 	return src, nil

@@ -2,10 +2,10 @@ package monitor
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"go.yaml.in/yaml/v3"
+
+	"github.com/umbra-cc/umbra/userfile"
 )
 
 // SpecVersion is the VM spec format this monitor reads (docs/spec.md).
@@ -27,7 +29,22 @@ type Spec struct {
 	Memory     string            `yaml:"memory,omitempty" json:"memory,omitempty"`   // e.g. "64MiB"
 	Console    string            `yaml:"console,omitempty" json:"console,omitempty"` // stdout, stderr, none, file:PATH
 	Timeout    string            `yaml:"timeout,omitempty" json:"timeout,omitempty"` // Go duration, e.g. "30s"
+	// Cloak names the apps the VM is expected to run cloaked; the policy input's
+	// vm.spec.cloak is true when it names any (or once an app registered).
+	Cloak *CloakSpec `yaml:"cloak,omitempty" json:"cloak,omitempty"`
 }
+
+// CloakSpec is the spec's cloak section.
+type CloakSpec struct {
+	// Apps are app names (as on the guest command line) or their 64-hex-digit
+	// identities (umbra cloak identity).
+	Apps []string `yaml:"apps" json:"apps"`
+}
+
+// MaxCloakApps bounds the cloak section.
+const MaxCloakApps = 64
+
+var cloakAppRE = regexp.MustCompile(`^([a-z0-9][a-z0-9_-]{0,31}|[0-9a-f]{64})$`)
 
 // GuestSpec names what the guest boots: an umbra guest image, or a Linux kernel with an
 // optional initramfs; and its command line. Paths are relative to the spec file's
@@ -111,6 +128,21 @@ func (s *Spec) Validate() error {
 	default:
 		return fmt.Errorf("VM spec: console %q must be stdout, stderr, none or file:PATH", c)
 	}
+	if c := s.Cloak; c != nil {
+		if len(c.Apps) == 0 || len(c.Apps) > MaxCloakApps {
+			return fmt.Errorf("VM spec: cloak.apps must name 1-%d apps (names or identities); leave the cloak section out for a VM without cloaked apps", MaxCloakApps)
+		}
+		seen := map[string]bool{}
+		for _, a := range c.Apps {
+			if !cloakAppRE.MatchString(a) {
+				return fmt.Errorf("VM spec: cloak.apps entry %q is neither an app name (lowercase letters, digits, '-', '_', at most 32) nor a 64-hex-digit identity", a)
+			}
+			if seen[a] {
+				return fmt.Errorf("VM spec: cloak.apps names %q twice", a)
+			}
+			seen[a] = true
+		}
+	}
 	for k, v := range s.Labels {
 		if k == "" || len(k) > 63 || len(v) > 253 {
 			return fmt.Errorf("VM spec: label %q: keys must be 1-63 bytes and values at most 253", k)
@@ -158,11 +190,11 @@ func (s *Spec) TimeoutDuration() (time.Duration, error) {
 	return d, nil
 }
 
-// LoadSpecFile reads and parses a VM spec file.
+// LoadSpecFile reads (a regular file, at most 1 MiB) and parses a VM spec file.
 func LoadSpecFile(path string) (*Spec, error) {
-	data, err := os.ReadFile(path)
+	data, err := userfile.Read(context.Background(), path, "VM spec", userfile.MaxSpecBytes)
 	if err != nil {
-		return nil, fmt.Errorf("read VM spec: %w", err)
+		return nil, err
 	}
 	s, err := ParseSpec(data)
 	if err != nil {
@@ -197,17 +229,17 @@ func specPath(dir, p string) string {
 
 // ReadGuestFiles reads the image (or kernel) and the initramfs the spec names, relative to
 // specDir; the error names the field.
-func (s *Spec) ReadGuestFiles(specDir string) (image, initrd []byte, err error) {
+func (s *Spec) ReadGuestFiles(ctx context.Context, specDir string) (image, initrd []byte, err error) {
 	field := "guest.image"
 	if s.Guest.Kernel != "" {
 		field = "guest.kernel"
 	}
-	if image, err = os.ReadFile(s.ImagePath(specDir)); err != nil {
-		return nil, nil, fmt.Errorf("%s: %w", field, err)
+	if image, err = userfile.Read(ctx, s.ImagePath(specDir), field, userfile.MaxImageBytes); err != nil {
+		return nil, nil, err
 	}
 	if p := s.InitrdPath(specDir); p != "" {
-		if initrd, err = os.ReadFile(p); err != nil {
-			return nil, nil, fmt.Errorf("guest.initrd: %w", err)
+		if initrd, err = userfile.Read(ctx, p, "guest.initrd", userfile.MaxImageBytes); err != nil {
+			return nil, nil, err
 		}
 	}
 	return image, initrd, nil

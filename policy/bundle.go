@@ -154,6 +154,14 @@ func ReadSignedBundle(r io.Reader, key VerifyKey) (*bundle.Bundle, error) {
 	if len(b.Signatures.Signatures) == 0 {
 		return nil, errors.New("bundle is not signed (no .signatures.json); sign it with umbra policy build --signing-key")
 	}
+	// OPA looks the key up by the id the signature names and falls back to the
+	// configured key when it names none or an unknown one, so a wrong key id with
+	// the right key verified. The id is part of what the operator pinned: check it.
+	for _, sig := range b.Signatures.Signatures {
+		if kid, _ := jwtClaims(sig); kid != key.ID {
+			return nil, fmt.Errorf("bundle signature names key id %q, not the expected %q: pass the signer's key id (umbra policy inspect shows it)", kid, key.ID)
+		}
+	}
 	if b.Manifest.Revision == "" {
 		return nil, errors.New("bundle manifest has no revision; build it with umbra policy build")
 	}

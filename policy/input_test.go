@@ -76,7 +76,10 @@ func TestInputASTMatchesJSON(t *testing.T) {
 
 // TestSchemaAgreesWithValidate checks inputs against the JSON Schema with OPA's
 // json.match_schema and requires Validate to agree.
-func TestSchemaAgreesWithValidate(t *testing.T) {
+// schemaMatch returns a check of a document against the input JSON Schema by OPA's
+// json.match_schema: whether it matches, and the errors as JSON.
+func schemaMatch(t *testing.T) func(v any) (bool, string) {
+	t.Helper()
 	var schema any
 	if err := util.UnmarshalJSON(InputSchema(), &schema); err != nil {
 		t.Fatal(err)
@@ -85,11 +88,7 @@ func TestSchemaAgreesWithValidate(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	match := func(doc []byte) (bool, string) {
-		var v any
-		if err := util.UnmarshalJSON(doc, &v); err != nil {
-			t.Fatal(err)
-		}
+	return func(v any) (bool, string) {
 		rs, err := pq.Eval(context.Background(), rego.EvalInput(map[string]any{"doc": v, "schema": schema}))
 		if err != nil || len(rs) != 1 {
 			t.Fatalf("match_schema: %v %v", rs, err)
@@ -97,6 +96,17 @@ func TestSchemaAgreesWithValidate(t *testing.T) {
 		res := rs[0].Bindings["x"].([]any)
 		b, _ := json.Marshal(res[1])
 		return res[0].(bool), string(b)
+	}
+}
+
+func TestSchemaAgreesWithValidate(t *testing.T) {
+	matchValue := schemaMatch(t)
+	match := func(doc []byte) (bool, string) {
+		var v any
+		if err := util.UnmarshalJSON(doc, &v); err != nil {
+			t.Fatal(err)
+		}
+		return matchValue(v)
 	}
 	type mutation struct {
 		name string
@@ -149,8 +159,8 @@ func TestParseInput(t *testing.T) {
 		t.Fatal(err)
 	}
 	tests := []struct{ name, doc, says string }{
-		{"unknown field", strings.Replace(string(good), `"action"`, `"admin":true,"action"`, 1), "unknown field"},
-		{"trailing", string(good) + "{}", "after the JSON object"},
+		{"unknown field", strings.Replace(string(good), `"action"`, `"admin":true,"action"`, 1), "unknown object member name \"admin\""},
+		{"trailing", string(good) + "{}", "after top-level value"},
 		{"wrong type", strings.Replace(string(good), `"vcpus":2`, `"vcpus":"2"`, 1), "vcpus"},
 		{"schema", strings.Replace(string(good), `"verified"`, `"trust-me"`, 1), "host.attestation"},
 		{"empty", "", "not valid"},
@@ -196,4 +206,76 @@ func FuzzParseInput(f *testing.F) {
 			t.Fatalf("inconsistent decision %+v", d)
 		}
 	})
+}
+
+// TestParseInputIsStrict: what encoding/json's defaults let through is refused.
+func TestParseInputIsStrict(t *testing.T) {
+	good, _ := financeInput(ActionLaunch).CanonicalJSON()
+	g := string(good)
+	for _, tc := range []struct{ name, doc, says string }{
+		{"case-folded key", strings.Replace(g, `"action"`, `"Action"`, 1), `"Action"`},
+		{"duplicate key", strings.Replace(g, `"action":"launch"`, `"action":"stop","action":"launch"`, 1), "duplicate"},
+		{"no vm.spec", strings.Replace(g, `"spec":`, `"_":`, 1), ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.doc == g {
+				t.Fatal("test setup: the edit changed nothing")
+			}
+			_, err := ParseInput(strings.NewReader(tc.doc))
+			if err == nil || !strings.Contains(err.Error(), tc.says) {
+				t.Fatalf("err = %v, want it to mention %q", err, tc.says)
+			}
+		})
+	}
+}
+
+// TestParseInputAgreesWithSchemaOnRequired deletes every member of every sample
+// input, at every depth, one at a time: ParseInput must refuse exactly the
+// documents the JSON Schema (checked by OPA's json.match_schema) refuses.
+func TestParseInputAgreesWithSchemaOnRequired(t *testing.T) {
+	match := schemaMatch(t)
+	schemaOK := func(v any) bool {
+		ok, _ := match(v)
+		return ok
+	}
+	// paths lists the member paths of a generic document.
+	var paths func(v any, p []string, out *[][]string)
+	paths = func(v any, p []string, out *[][]string) {
+		if m, ok := v.(map[string]any); ok {
+			for k, sub := range m {
+				q := append(append([]string(nil), p...), k)
+				*out = append(*out, q)
+				paths(sub, q, out)
+			}
+		}
+	}
+	checked, refused := 0, 0
+	for _, in := range sampleInputs() {
+		b, _ := in.CanonicalJSON()
+		var all [][]string
+		var doc any
+		json.Unmarshal(b, &doc)
+		paths(doc, nil, &all)
+		for _, p := range all {
+			var v any
+			json.Unmarshal(b, &v)
+			m := v.(map[string]any)
+			for _, k := range p[:len(p)-1] {
+				m = m[k].(map[string]any)
+			}
+			delete(m, p[len(p)-1])
+			edited, _ := json.Marshal(v)
+			_, perr := ParseInput(bytes.NewReader(edited))
+			if want := schemaOK(v); want != (perr == nil) {
+				t.Errorf("%s without %s: schema ok=%v, ParseInput err=%v", in.Action, strings.Join(p, "."), want, perr)
+			}
+			checked++
+			if perr != nil {
+				refused++
+			}
+		}
+	}
+	if checked == 0 || refused == 0 {
+		t.Fatalf("checked %d deletions, %d refused: the test shows nothing", checked, refused)
+	}
 }

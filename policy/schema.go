@@ -1,16 +1,16 @@
 package policy
 
 import (
-	"bytes"
 	"embed"
-	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
+	"sort"
 	"sync"
 
 	"github.com/open-policy-agent/opa/v1/ast"
 	"github.com/open-policy-agent/opa/v1/util"
+
+	"github.com/umbra-cc/umbra/strictjson"
 )
 
 //go:embed schema/input.schema.json schema/decision.schema.json
@@ -61,17 +61,75 @@ func ParseInput(r io.Reader) (*Input, error) {
 	if len(b) > maxInputFileBytes {
 		return nil, fmt.Errorf("policy input is larger than %d bytes", maxInputFileBytes)
 	}
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.DisallowUnknownFields()
+	// Strictly (exact member names, no duplicates, no unknown members, nothing
+	// after the object), then every member the schema requires must be present:
+	// the decoder would fill a missing one with its zero value.
 	var in Input
-	if err := dec.Decode(&in); err != nil {
+	if err := strictjson.Decode(b, &in); err != nil {
 		return nil, fmt.Errorf("policy input is not valid (see docs/policy.md for the schema): %w", err)
 	}
-	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
-		return nil, errors.New("policy input has data after the JSON object")
+	doc, err := strictjson.DecodeAny(b)
+	if err != nil {
+		return nil, fmt.Errorf("policy input is not valid: %w", err)
+	}
+	schema, err := inputSchemaDoc()
+	if err != nil {
+		return nil, err
+	}
+	if err := requirePresent(schema, doc, "input"); err != nil {
+		return nil, fmt.Errorf("policy input does not match the schema: %w", err)
 	}
 	if err := in.Validate(); err != nil {
 		return nil, fmt.Errorf("policy input does not match the schema:\n%w", err)
 	}
 	return &in, nil
+}
+
+var inputSchemaDoc = sync.OnceValues(func() (map[string]any, error) {
+	v, err := strictjson.DecodeAny(InputSchema())
+	m, ok := v.(map[string]any)
+	if err != nil || !ok {
+		return nil, fmt.Errorf("policy: embedded input schema: %v", err)
+	}
+	return m, nil
+})
+
+// requirePresent checks that doc has every member the JSON Schema schema marks
+// "required", at every depth (properties, items); the schema is the one source of
+// what is required, so decoder and schema cannot disagree on it. Types, ranges and
+// the per-action (allOf) requirements are Validate's.
+func requirePresent(schema map[string]any, doc any, path string) error {
+	switch d := doc.(type) {
+	case map[string]any:
+		if req, ok := schema["required"].([]any); ok {
+			for _, r := range req {
+				name, _ := r.(string)
+				if _, ok := d[name]; !ok {
+					return fmt.Errorf("%s.%s is required", path, name)
+				}
+			}
+		}
+		props, _ := schema["properties"].(map[string]any)
+		names := make([]string, 0, len(d))
+		for k := range d {
+			names = append(names, k)
+		}
+		sort.Strings(names)
+		for _, k := range names {
+			if sub, ok := props[k].(map[string]any); ok {
+				if err := requirePresent(sub, d[k], path+"."+k); err != nil {
+					return err
+				}
+			}
+		}
+	case []any:
+		if items, ok := schema["items"].(map[string]any); ok {
+			for i, v := range d {
+				if err := requirePresent(items, v, fmt.Sprintf("%s[%d]", path, i)); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	return nil
 }

@@ -16,6 +16,8 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
+
+	"github.com/umbra-cc/umbra/statefile"
 )
 
 // Rollback counters. Each bundle series owns two NV indices in the owner range
@@ -511,11 +513,10 @@ func (s *simTPM) writeSnapshot(m map[string]uint64) error {
 	if err != nil {
 		return err
 	}
-	tmp := filepath.Join(s.stateDir, simCountersFile+".tmp")
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+	if err := statefile.WriteAtomic(filepath.Join(s.stateDir, simCountersFile), b, 0o600); err != nil {
 		return fmt.Errorf("save simulator counters: %w", err)
 	}
-	return os.Rename(tmp, filepath.Join(s.stateDir, simCountersFile))
+	return nil
 }
 
 // saveCounter records that the series reached version: one append to the

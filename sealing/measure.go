@@ -2,6 +2,7 @@ package sealing
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -16,6 +17,8 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
+
+	"github.com/umbra-cc/umbra/statefile"
 )
 
 // MonitorPCR is the PCR that holds the umbra monitor measurement: one SHA-256
@@ -103,6 +106,15 @@ const measureLog = "measurements.jsonl"
 // If the PCR already holds another value it returns ErrPCRMismatch: a different
 // monitor was measured this boot, or something else uses the PCR.
 func MeasureMonitor(t transport.TPM, digest [32]byte, stateDir, comment string) (extended bool, err error) {
+	if stateDir != "" {
+		// Monitors starting together must not both see an unmeasured PCR and both
+		// extend it (the PCR would then match no approval until a reboot).
+		unlock, err := lockMeasure(stateDir)
+		if err != nil {
+			return false, err
+		}
+		defer unlock()
+	}
 	cur, err := ReadPCRs(t, MonitorPCR)
 	if err != nil {
 		return false, err
@@ -129,6 +141,22 @@ func MeasureMonitor(t transport.TPM, digest [32]byte, stateDir, comment string) 
 		}
 	}
 	return true, nil
+}
+
+// lockMeasure takes the state directory's measurement lock (STATE/measure.lock).
+func lockMeasure(stateDir string) (func(), error) {
+	if err := os.MkdirAll(stateDir, 0o700); err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(filepath.Join(stateDir, "measure.lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("measure the monitor: %w", err)
+	}
+	if err := statefile.Lock(context.Background(), f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("measure the monitor: %w", err)
+	}
+	return func() { f.Close() }, nil
 }
 
 func bootID(t transport.TPM) string {

@@ -224,6 +224,34 @@ func CheckBundle(ctx context.Context, t transport.TPM, data []byte, opts OpenOpt
 	return rep, err
 }
 
+// CheckContents is a check of what a sealed bundle holds, run on the opened
+// contents in memory: it returns a detail for the report, or why the contents would
+// be refused.
+type CheckContents func(ctx context.Context, o *Opened) (detail string, err error)
+
+// CheckBundleWith is CheckBundle followed by check on the opened contents (in
+// memory, wiped after), reported as the step named name: so a dry run refuses what
+// the real open's caller would refuse, through the same code.
+func CheckBundleWith(ctx context.Context, t transport.TPM, data []byte, opts OpenOptions, name string, check CheckContents) (*Report, error) {
+	opts.DryRun = true
+	rep := &Report{}
+	o, err := open(ctx, t, data, opts, rep)
+	if o == nil || err != nil {
+		if o != nil {
+			o.Wipe()
+		}
+		return rep, err
+	}
+	defer o.Wipe()
+	detail, err := check(ctx, o)
+	if err != nil {
+		rep.Steps = append(rep.Steps, Step{Check: name, Detail: err.Error()})
+		return rep, err
+	}
+	rep.Steps = append(rep.Steps, Step{Check: name, OK: true, Detail: detail})
+	return rep, nil
+}
+
 func open(ctx context.Context, t transport.TPM, data []byte, opts OpenOptions, rep *Report) (*Opened, error) {
 	log := opts.Logger
 	if log == nil {

@@ -4,16 +4,20 @@ import (
 	"bytes"
 	"context"
 	"crypto/ecdsa"
+	"crypto/sha256"
 	"errors"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
 	"github.com/umbra-cc/umbra/sealing"
+	"github.com/umbra-cc/umbra/sealing/swtpmtest"
 )
 
 // secretMarker is in every test spec and policy; no file may ever contain it.
@@ -217,4 +221,56 @@ func assertNoPlaintext(t *testing.T, dir string) {
 		}
 		return nil
 	})
+}
+
+// TestMeasureMonitorConcurrentlyExtendsOnce: monitors starting together on one
+// state directory and TPM measure the monitor once; without the lock two of them
+// could both find the PCR unmeasured and extend it twice.
+func TestMeasureMonitorConcurrentlyExtendsOnce(t *testing.T) {
+	if !swtpmtest.Available() && os.Getenv("UMBRA_REQUIRE_SWTPM") == "" {
+		t.Skip("skipping: swtpm is not installed")
+	}
+	sw := swtpmtest.Start(t)
+	dir := t.TempDir()
+	tpm, err := sealing.OpenTPM("swtpm:"+sw.Socket, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tpm.Close()
+	// Every command's answer arrives 20 ms late, as under load, so that without
+	// the lock the monitors all read the PCR before any of them extends it.
+	slow := slowTPM{tpm}
+	d := sha256.Sum256([]byte("monitor"))
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, err := sealing.MeasureMonitor(slow, d, dir, "test")
+			errs <- err
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	pcrs, err := sealing.ReadPCRs(tpm, sealing.MonitorPCR)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pcrs[sealing.MonitorPCR] != sealing.MonitorPCRValue(d) {
+		t.Fatal("PCR 13 was extended more than once")
+	}
+}
+
+type slowTPM struct{ transport.TPM }
+
+func (s slowTPM) Send(cmd []byte) ([]byte, error) {
+	rsp, err := s.TPM.Send(cmd)
+	time.Sleep(20 * time.Millisecond)
+	return rsp, err
 }

@@ -8,6 +8,8 @@ import (
 	"net"
 	"os"
 	"sync"
+	"syscall"
+	"time"
 
 	"github.com/google/go-tpm/tpm2/transport"
 )
@@ -19,13 +21,20 @@ import (
 // command, so an open that sends twenty commands spent a third of its time
 // connecting.
 //
-// swtpm serves one connection at a time: while a swtpmConn is open, other
-// clients of the same socket wait. Close it when done (every umbra command
-// does, before it exits).
+// swtpm serves one connection at a time: while a connection is open, other
+// clients of the same socket wait. So that many monitors can share one swtpm
+// (each holds its transport for the whole run of its VM), the connection is
+// closed after swtpmIdle without a command and dialled again on the next one;
+// a burst of commands still uses one connection. Every exchange has a deadline
+// (timeout): a TPM that accepts and never answers is an error naming the
+// socket, not a hang.
 type swtpmConn struct {
-	path string
-	mu   sync.Mutex
-	conn net.Conn
+	path    string
+	timeout time.Duration // for one command's exchange
+	mu      sync.Mutex
+	conn    net.Conn
+	lastUse time.Time
+	idle    *time.Timer
 	// dials counts successful connections. A reconnection means swtpm may have
 	// been restarted (a "reboot"), so caches tied to TPM state are dropped.
 	dials uint64
@@ -36,7 +45,10 @@ type swtpmConn struct {
 // swtpm's is 4 KiB, hardware TPMs' are smaller).
 const maxResponse = 64 << 10
 
-func openSwtpm(path string) (*swtpmConn, error) {
+// swtpmIdle is how long an unused connection stays open.
+const swtpmIdle = 20 * time.Millisecond
+
+func openSwtpm(path string, timeout time.Duration) (*swtpmConn, error) {
 	fi, err := os.Stat(path)
 	if err != nil {
 		return nil, err
@@ -44,7 +56,7 @@ func openSwtpm(path string) (*swtpmConn, error) {
 	if fi.Mode()&os.ModeSocket == 0 {
 		return nil, fmt.Errorf("%s is not a unix socket (%s)", path, fi.Mode())
 	}
-	s := &swtpmConn{path: path}
+	s := &swtpmConn{path: path, timeout: timeout}
 	if err := s.dial(); err != nil {
 		return nil, err
 	}
@@ -52,7 +64,23 @@ func openSwtpm(path string) (*swtpmConn, error) {
 }
 
 func (s *swtpmConn) dial() error {
-	c, err := net.Dial("unix", s.path)
+	// swtpm listens with a short backlog; while it serves another client, a
+	// connect can fail with EAGAIN. Retry until the timeout.
+	deadline := time.Now().Add(s.timeout)
+	delay := time.Millisecond
+	var c net.Conn
+	var err error
+	for {
+		c, err = net.DialTimeout("unix", s.path, time.Until(deadline))
+		if !errors.Is(err, syscall.EAGAIN) || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(delay)
+		delay = min(2*delay, 50*time.Millisecond)
+	}
+	if errors.Is(err, syscall.EAGAIN) {
+		return fmt.Errorf("%w: swtpm %s accepted no connection within %s (busy with another client): %w", ErrTPMTimeout, s.path, s.timeout, err)
+	}
 	if err != nil {
 		return err
 	}
@@ -72,16 +100,45 @@ func (s *swtpmConn) dial() error {
 func (s *swtpmConn) Send(cmd []byte) ([]byte, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	rsp, err := s.send(cmd)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		err = fmt.Errorf("%w: the TPM did not answer within %s (%w); is swtpm %s stuck, or another client holding its only connection?", ErrTPMTimeout, s.timeout, err, s.path)
+	}
+	s.lastUse = time.Now()
+	if s.idle == nil {
+		s.idle = time.AfterFunc(swtpmIdle, s.closeIdle)
+	} else {
+		s.idle.Reset(swtpmIdle)
+	}
+	return rsp, err
+}
+
+// closeIdle closes the connection if no command used it for swtpmIdle, letting
+// other clients of the socket in.
+func (s *swtpmConn) closeIdle() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.conn != nil && time.Since(s.lastUse) >= swtpmIdle {
+		s.drop()
+	}
+}
+
+func (s *swtpmConn) send(cmd []byte) ([]byte, error) {
+	if s.conn != nil {
+		s.conn.SetDeadline(time.Now().Add(s.timeout))
+	}
 	if s.conn == nil {
 		if err := s.dial(); err != nil {
 			return nil, fmt.Errorf("swtpm %s: connect: %w", s.path, err)
 		}
+		s.conn.SetDeadline(time.Now().Add(s.timeout))
 	}
 	if _, err := s.conn.Write(cmd); err != nil {
 		s.drop()
 		if err := s.dial(); err != nil {
 			return nil, fmt.Errorf("swtpm %s: reconnect: %w", s.path, err)
 		}
+		s.conn.SetDeadline(time.Now().Add(s.timeout))
 		if _, err := s.conn.Write(cmd); err != nil {
 			s.drop()
 			return nil, fmt.Errorf("swtpm %s: send command: %w", s.path, err)
@@ -136,6 +193,9 @@ func (s *swtpmConn) drop() {
 func (s *swtpmConn) Close() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.idle != nil {
+		s.idle.Stop()
+	}
 	if s.conn == nil {
 		return nil
 	}
@@ -149,10 +209,43 @@ func (s *swtpmConn) Close() error {
 
 func (s *swtpmConn) tpmCache() *tpmCache { return &s.cache }
 
-// deviceTPM is the hardware back end; it only adds the cache.
+// deviceTPM is the hardware back end; it adds the cache and a deadline on every
+// exchange. A character device read cannot be given a deadline, so the exchange
+// runs in a goroutine; after a timeout the transport is marked broken (the
+// abandoned exchange may still complete), and every later command fails at once.
 type deviceTPM struct {
 	transport.TPMCloser
-	cache tpmCache
+	path    string
+	timeout time.Duration
+	mu      sync.Mutex
+	broken  error
+	cache   tpmCache
+}
+
+func (d *deviceTPM) Send(cmd []byte) ([]byte, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.broken != nil {
+		return nil, d.broken
+	}
+	type result struct {
+		rsp []byte
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		rsp, err := d.TPMCloser.Send(cmd)
+		done <- result{rsp, err}
+	}()
+	t := time.NewTimer(d.timeout)
+	defer t.Stop()
+	select {
+	case r := <-done:
+		return r.rsp, r.err
+	case <-t.C:
+		d.broken = fmt.Errorf("%w: TPM device %s did not answer within %s; reopen it (restart umbra) once the TPM responds", ErrTPMTimeout, d.path, d.timeout)
+		return nil, d.broken
+	}
 }
 
 func (d *deviceTPM) tpmCache() *tpmCache { return &d.cache }

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/google/go-tpm/tpm2/transport"
 	"github.com/google/go-tpm/tpm2/transport/linuxtpm"
@@ -72,9 +73,26 @@ func RegisterSimulator(open SimulatorOpener) {
 // ErrNoSimulator is returned for the sim back end when no simulator is linked in.
 var ErrNoSimulator = errors.New("the TPM simulator is not linked into this build (import github.com/umbra-cc/umbra/sealing/tpmsim, which needs cgo and libssl); use --tpm device:/dev/tpmrm0 or --tpm swtpm:SOCKET")
 
+// DefaultTPMTimeout bounds one TPM command's exchange (send and response) on the
+// swtpm and device back ends. The slowest commands umbra sends (primary key
+// creation on a hardware TPM) take a few seconds.
+const DefaultTPMTimeout = 30 * time.Second
+
+// ErrTPMTimeout reports that a TPM did not answer a command in time.
+var ErrTPMTimeout = errors.New("TPM command timed out")
+
 // OpenTPM opens the back end named by spec ("sim", "swtpm:PATH", "device:PATH").
 // stateDir holds the simulator's persistent state and is unused otherwise.
 func OpenTPM(spec, stateDir string) (transport.TPMCloser, error) {
+	return OpenTPMTimeout(spec, stateDir, DefaultTPMTimeout)
+}
+
+// OpenTPMTimeout is OpenTPM with the deadline for one command's exchange (the
+// in-process simulator cannot hang and has none).
+func OpenTPMTimeout(spec, stateDir string, timeout time.Duration) (transport.TPMCloser, error) {
+	if timeout <= 0 {
+		return nil, fmt.Errorf("TPM timeout %s: must be positive", timeout)
+	}
 	s, err := ParseTPMSpec(spec)
 	if err != nil {
 		return nil, err
@@ -85,9 +103,9 @@ func OpenTPM(spec, stateDir string) (transport.TPMCloser, error) {
 		if err != nil {
 			return nil, fmt.Errorf("open TPM device %s: %w (is the kernel resource manager /dev/tpmrm0 present and readable by this user?)", s.Path, err)
 		}
-		return &deviceTPM{TPMCloser: t}, nil
+		return &deviceTPM{TPMCloser: t, path: s.Path, timeout: timeout}, nil
 	case KindSwtpm:
-		t, err := openSwtpm(s.Path)
+		t, err := openSwtpm(s.Path, timeout)
 		if err != nil {
 			return nil, fmt.Errorf("open swtpm socket %s: %w (start swtpm with --server type=unixio,path=%s --flags not-need-init,startup-clear)", s.Path, err, s.Path)
 		}

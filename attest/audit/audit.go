@@ -29,13 +29,22 @@ import (
 	"time"
 
 	"github.com/umbra-cc/umbra/attest/eventlog"
+	"github.com/umbra-cc/umbra/statefile"
 )
 
 // Record kinds umbra writes. Other kinds (a-z, 0-9, '-', '.', '_') are accepted.
 const (
-	KindLogStart           = "log-start"
-	KindLaunch             = "launch"
-	KindStop               = "stop"
+	KindLogStart = "log-start"
+	KindLaunch   = "launch"
+	KindStop     = "stop"
+	// KindLaunchFailed closes a launch that never ran (details.error says why).
+	KindLaunchFailed = "launch-failed"
+	// KindLost closes a launch whose monitor died before recording the outcome;
+	// a later monitor writes it.
+	KindLost = "lost"
+	// KindTornMeasurement records the repair of an event-log record that was
+	// logged but never extended into the PCR (eventlog.Recovery).
+	KindTornMeasurement    = "torn-measurement"
 	KindDecision           = "decision"
 	KindCloakRegister      = "cloak-register"
 	KindIntegrityViolation = "integrity-violation"
@@ -90,25 +99,34 @@ type Measurer interface {
 	Measure(ctx context.Context, ev eventlog.Event) (eventlog.Record, error)
 }
 
-// Log is an open audit log. It is safe for concurrent use.
+// Log is an open audit log. It is safe for concurrent use, within a process and
+// across processes: every append takes an exclusive flock on the log file, first
+// reads and verifies the records other processes appended since this one last
+// looked (so its own record chains to the true head), then writes and fsyncs its
+// line, all before releasing the lock. Any number of monitors can share one log.
 type Log struct {
 	mu       sync.Mutex
 	f        *os.File
 	path     string
 	head     Head
+	size     int64 // end of the verified records this process has read or written
 	anchored uint64
 	log      *slog.Logger
 	closed   bool
 }
 
 // Open opens the audit log at path, creating it (with a log-start record) if it does
-// not exist. An existing log is verified from its checkpoint (checkpoint.go: the
-// checkpointed record must be there unchanged, every record after it is verified),
-// or in full if it has none; an incomplete last line (a crash mid-append: that record
-// was never acknowledged) is cut off. A log that fails
+// not exist. An existing log is verified in full; an incomplete last line (a crash
+// mid-append: that record was never acknowledged) is cut off. A log that fails
 // verification otherwise is not appended to: move it away (keep it as evidence) and
 // open a new one.
 func Open(path string, logger *slog.Logger) (*Log, error) {
+	return OpenContext(context.Background(), path, logger)
+}
+
+// OpenContext is Open that stops waiting for the log's lock when ctx is done (a
+// signal while another process holds the lock).
+func OpenContext(ctx context.Context, path string, logger *slog.Logger) (*Log, error) {
 	if logger == nil {
 		logger = slog.Default()
 	}
@@ -120,39 +138,20 @@ func Open(path string, logger *slog.Logger) (*Log, error) {
 		return nil, fmt.Errorf("open audit log: %w", err)
 	}
 	l := &Log{f: f, path: path, log: logger}
-	res, full, err := verifyAtOpen(f, path, logger)
-	if err != nil {
+	if err := l.lock(ctx); err != nil {
 		f.Close()
-		return nil, fmt.Errorf("open audit log %s: %w", path, err)
+		return nil, err
 	}
-	switch {
-	case res.FirstBad != nil:
+	defer statefile.Unlock(f)
+	if err := l.catchUp(); err != nil {
 		f.Close()
-		return nil, fmt.Errorf("open audit log %s: %s; move it away to start a new log", path, res.FirstBad)
-	case res.TornTail:
-		logger.Warn("audit log: cutting off an incomplete last line (crash during append)", "path", path, "keep_bytes", res.GoodBytes)
-		if err := f.Truncate(res.GoodBytes); err != nil {
-			f.Close()
-			return nil, fmt.Errorf("open audit log: cut torn tail: %w", err)
-		}
-		if err := f.Sync(); err != nil {
-			f.Close()
-			return nil, fmt.Errorf("open audit log: %w", err)
-		}
+		return nil, err
 	}
-	if _, err := f.Seek(res.GoodBytes, 0); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("open audit log: %w", err)
-	}
-	l.head = res.Head
-	if full {
-		l.saveCheckpoint(res.Head, res.GoodBytes)
-	}
-	if res.Records == 0 {
+	if l.head.Seq == 0 {
 		id := make([]byte, 16)
 		rand.Read(id)
 		d, _ := json.Marshal(map[string]string{"log_id": hex.EncodeToString(id)})
-		if _, err := l.Append(context.Background(), Record{Kind: KindLogStart, Actor: "umbra", Details: d}); err != nil {
+		if _, err := l.appendLocked(Record{Kind: KindLogStart, Actor: "umbra", Details: d, Time: time.Now().UTC()}); err != nil {
 			f.Close()
 			return nil, err
 		}
@@ -162,6 +161,56 @@ func Open(path string, logger *slog.Logger) (*Log, error) {
 		}
 	}
 	return l, nil
+}
+
+// lock takes the cross-process lock and checks that the file is still the log at
+// l.path (not moved away while this process had it open).
+func (l *Log) lock(ctx context.Context) error {
+	if err := statefile.Lock(ctx, l.f); err != nil {
+		return fmt.Errorf("audit log: %w", err)
+	}
+	same, err := statefile.SameFile(l.f, l.path)
+	if err == nil && !same {
+		err = errors.New("the file was moved away or replaced while this process had it open; reopen it")
+	}
+	if err != nil {
+		statefile.Unlock(l.f)
+		return fmt.Errorf("audit log %s: %w", l.path, err)
+	}
+	return nil
+}
+
+// catchUp reads and verifies the records appended after l.size (by other processes),
+// chaining them to l.head, and cuts off an incomplete last line: the lock is held, so
+// no live writer is mid-append and the line's writer died before acknowledging it.
+// The caller holds the lock.
+func (l *Log) catchUp() error {
+	st, err := l.f.Stat()
+	if err != nil {
+		return fmt.Errorf("audit log %s: %w", l.path, err)
+	}
+	if st.Size() == l.size {
+		return nil
+	}
+	if st.Size() < l.size {
+		return fmt.Errorf("audit log %s: the file shrank from %d to %d bytes while open: it was truncated", l.path, l.size, st.Size())
+	}
+	res := scanFrom(io.NewSectionReader(l.f, l.size, st.Size()-l.size), l.head, nil)
+	if res.FirstBad != nil {
+		return fmt.Errorf("open audit log %s: after seq %d: %s; move it away to start a new log", l.path, l.head.Seq, res.FirstBad)
+	}
+	good := l.size + res.GoodBytes
+	if res.TornTail {
+		l.log.Warn("audit log: cutting off an incomplete last line (a writer died during an append)", "path", l.path, "keep_bytes", good)
+		if err := l.f.Truncate(good); err != nil {
+			return fmt.Errorf("audit log %s: cut torn tail: %w", l.path, err)
+		}
+		if err := l.f.Sync(); err != nil {
+			return fmt.Errorf("audit log %s: %w", l.path, err)
+		}
+	}
+	l.head, l.size = res.Head, good
+	return nil
 }
 
 // Append writes rec as the next record and fsyncs it; when it returns nil the record
@@ -200,6 +249,18 @@ func (l *Log) Append(ctx context.Context, rec Record) (uint64, error) {
 	if l.closed {
 		return 0, errors.New("audit append: log is closed")
 	}
+	if err := l.lock(ctx); err != nil {
+		return 0, fmt.Errorf("audit append: %w", err)
+	}
+	defer statefile.Unlock(l.f)
+	if err := l.catchUp(); err != nil {
+		return 0, fmt.Errorf("audit append: %w", err)
+	}
+	return l.appendLocked(rec)
+}
+
+// appendLocked writes rec after l.head; the caller holds both locks and has caught up.
+func (l *Log) appendLocked(rec Record) (uint64, error) {
 	rec.Seq = l.head.Seq + 1
 	rec.Prev = l.head.Hash
 	if rec.Seq == 1 {
@@ -215,7 +276,7 @@ func (l *Log) Append(ctx context.Context, rec Record) (uint64, error) {
 		return 0, fmt.Errorf("audit append: %w", err)
 	}
 	line = append(line, '\n')
-	if _, err := l.f.Write(line); err != nil {
+	if _, err := l.f.WriteAt(line, l.size); err != nil {
 		return 0, fmt.Errorf("audit append to %s: %w", l.path, err)
 	}
 	if err := l.f.Sync(); err != nil {
@@ -229,6 +290,7 @@ func (l *Log) Append(ctx context.Context, rec Record) (uint64, error) {
 		l.head.LogID = d.LogID
 	}
 	l.head.Seq, l.head.Hash = rec.Seq, hash
+	l.size += int64(len(line))
 	return rec.Seq, nil
 }
 
@@ -244,6 +306,18 @@ func (l *Log) Head() Head {
 // returns, any quote over that PCR commits to every record up to the head.
 func (l *Log) Anchor(ctx context.Context, m Measurer) error {
 	l.mu.Lock()
+	// Anchor the newest head, other processes' records included. The audit lock is
+	// released before measuring: the two logs' locks are never held together.
+	if !l.closed {
+		if err := l.lock(ctx); err == nil {
+			err = l.catchUp()
+			statefile.Unlock(l.f)
+			if err != nil {
+				l.mu.Unlock()
+				return fmt.Errorf("anchor audit log: %w", err)
+			}
+		}
+	}
 	h := l.head
 	done := l.anchored == h.Seq
 	l.mu.Unlock()
@@ -285,8 +359,7 @@ func (l *Log) AnchorEvery(ctx context.Context, m Measurer, interval time.Duratio
 	}
 }
 
-// Close writes the checkpoint and closes the file. Anchor first (at stop) so the final
-// head is committed.
+// Close closes the file. Anchor first (at stop) so the final head is committed.
 func (l *Log) Close() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -294,9 +367,6 @@ func (l *Log) Close() error {
 		return nil
 	}
 	l.closed = true
-	if end, err := l.f.Seek(0, io.SeekCurrent); err == nil {
-		l.saveCheckpoint(l.head, end)
-	}
 	return l.f.Close()
 }
 
@@ -307,6 +377,22 @@ func checkKind(k string) error {
 	for _, c := range k {
 		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '.' || c == '_') {
 			return fmt.Errorf("kind %q: only a-z, 0-9, '-', '.', '_' allowed", k)
+		}
+	}
+	return nil
+}
+
+// RecordRecoveries appends a torn-measurement record for each torn event-log
+// measurement a measurer repaired (eventlog.Measurer.TakeRecovered), so the repair
+// is in the audit trail as well as in the event log.
+func (l *Log) RecordRecoveries(ctx context.Context, recs []eventlog.Recovery) error {
+	for _, r := range recs {
+		raw, err := json.Marshal(r)
+		if err != nil {
+			return err
+		}
+		if _, err := l.Append(ctx, Record{Kind: KindTornMeasurement, Actor: "umbra/system", Details: raw}); err != nil {
+			return fmt.Errorf("audit the repair of torn event-log record %d: %w", r.RecNum, err)
 		}
 	}
 	return nil

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -318,4 +319,45 @@ func FuzzScan(f *testing.F) {
 		}
 		audit.Show(&bytes.Buffer{}, bytes.NewReader(b), audit.Filter{}, false)
 	})
+}
+
+// TestConcurrentLogsShareOneChain: logs opened separately on one file (as separate
+// monitors open it) append whole records into one chain that verifies. Without the
+// lock and catch-up each would chain to its own stale head.
+func TestConcurrentLogsShareOneChain(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.jsonl")
+	const writers, each = 6, 30
+	var wg sync.WaitGroup
+	errs := make(chan error, writers)
+	for w := 0; w < writers; w++ {
+		l, err := audit.Open(path, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < each; i++ {
+				if _, err := l.Append(context.Background(), audit.Record{Kind: "test", VM: fmt.Sprintf("vm%d", w)}); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	res := audit.Verify(f, nil)
+	if !res.OK || res.Records != 1+writers*each {
+		t.Fatalf("verify: ok=%v records=%d (want %d) %v", res.OK, res.Records, 1+writers*each, res.Problems)
+	}
 }

@@ -42,7 +42,7 @@ func Show(w io.Writer, r io.Reader, f Filter, asJSON bool) *Result {
 	var tw *tabwriter.Writer
 	if !asJSON {
 		tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "SEQ\tTIME\tKIND\tVM\tACTOR\tDETAILS")
+		fmt.Fprintln(tw, "SEQ\tTIME\tKIND\tVM\tACTOR\tVERDICT\tDETAILS")
 	}
 	enc := json.NewEncoder(w)
 	res := Scan(r, func(rec *Record, _ string) error {
@@ -52,14 +52,76 @@ func Show(w io.Writer, r io.Reader, f Filter, asJSON bool) *Result {
 		if asJSON {
 			return enc.Encode(rec)
 		}
-		_, err := fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\n", rec.Seq, rec.Time.Format(time.RFC3339Nano),
-			rec.Kind, printable(rec.VM), printable(rec.Actor), printable(string(rec.Details)))
+		verdict, summary := Summarize(rec)
+		_, err := fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\n", rec.Seq, rec.Time.Format(time.RFC3339Nano),
+			rec.Kind, printable(rec.VM), printable(rec.Actor), verdict, printable(summary))
 		return err
 	})
 	if tw != nil {
 		tw.Flush()
 	}
 	return res
+}
+
+// Kinds lists the record kinds umbra writes, for validating filters.
+// The monitor's own event kinds are listed here too (a monitor test checks they
+// are all present).
+var Kinds = []string{KindLogStart, KindDecision, KindLaunch, KindStop, KindLaunchFailed, KindLost,
+	KindTornMeasurement, KindCloakRegister, KindIntegrityViolation, KindPageProtChange, KindPageProtViolation,
+	"pageprot-lock", "cloak-violation", "cloak-syscall-denied", "cloak-end", "policy-obligation"}
+
+// Summarize returns a record's verdict column (ALLOW or DENY for a decision, "-"
+// otherwise) and a one-line summary of its details: for a decision the action and
+// the deny reasons, for an outcome how the VM ended, else the details' JSON.
+func Summarize(rec *Record) (verdict, summary string) {
+	verdict, summary = "-", string(rec.Details)
+	switch rec.Kind {
+	case KindDecision:
+		var d struct {
+			Action  string `json:"action"`
+			Allow   bool   `json:"allow"`
+			Reasons []struct {
+				Code    string `json:"code"`
+				Message string `json:"message"`
+			} `json:"reasons"`
+			Revision string `json:"revision"`
+		}
+		if json.Unmarshal(rec.Details, &d) != nil {
+			return
+		}
+		verdict = "DENY"
+		if d.Allow {
+			verdict = "ALLOW"
+		}
+		var b strings.Builder
+		fmt.Fprintf(&b, "%s (policy %s)", d.Action, d.Revision)
+		for _, r := range d.Reasons {
+			fmt.Fprintf(&b, "; %s: %s", r.Code, r.Message)
+		}
+		summary = b.String()
+	case KindStop, KindLaunchFailed, KindLost:
+		var d struct {
+			ExitStatus *int   `json:"exit_status"`
+			Reason     string `json:"reason"`
+			Error      string `json:"error"`
+		}
+		if json.Unmarshal(rec.Details, &d) != nil {
+			return
+		}
+		var parts []string
+		if d.ExitStatus != nil {
+			parts = append(parts, fmt.Sprintf("exit status %d", *d.ExitStatus))
+		}
+		for _, s := range []string{d.Reason, d.Error} {
+			if s != "" {
+				parts = append(parts, s)
+			}
+		}
+		if len(parts) > 0 {
+			summary = strings.Join(parts, "; ")
+		}
+	}
+	return
 }
 
 // printable keeps terminal control characters in hostile fields off the terminal.

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 
 	"github.com/umbra-cc/umbra/attest/eventlog"
 )
@@ -34,9 +35,22 @@ type AnchorCheck struct {
 	Detail string `json:"detail"`
 }
 
+// Verdicts of Result.Verdict.
+const (
+	VerdictPass = "pass"
+	// VerdictPassUnanchored: the chain verifies and the TPM anchors match, but
+	// records after the last anchor are committed to by nothing; their removal
+	// from the end would not be detected.
+	VerdictPassUnanchored = "pass-unanchored"
+	VerdictFail           = "fail"
+)
+
 // Result is the outcome of verifying a log.
 type Result struct {
 	OK bool `json:"ok"`
+	// Verdict is VerdictPass, VerdictPassUnanchored (only when anchors were
+	// checked) or VerdictFail.
+	Verdict string `json:"verdict"`
 	// Records is the number of records that verified (the first Records records).
 	Records int  `json:"records"`
 	Head    Head `json:"head"`
@@ -52,31 +66,109 @@ type Result struct {
 	// Unanchored is the number of records after the last anchor: not yet committed
 	// to by the TPM, so their truncation would not be detectable.
 	Unanchored int `json:"unanchored"`
+	// Launches is the number of launch records; OpenLaunches those of them that no
+	// outcome record (stop, launch-failed, lost) closes yet: VMs still running, or
+	// whose monitor was killed and that no later monitor has recorded as lost.
+	Launches     int          `json:"launches"`
+	OpenLaunches []OpenLaunch `json:"open_launches,omitempty"`
 	// Problems lists every failure as a sentence.
 	Problems []string `json:"problems,omitempty"`
 	// Warnings lists non-failures an auditor should know about.
 	Warnings []string `json:"warnings,omitempty"`
 }
 
+// OpenLaunch is a launch record without an outcome.
+type OpenLaunch struct {
+	Seq      uint64 `json:"seq"`
+	VM       string `json:"vm"`
+	LaunchID string `json:"launch_id"`
+}
+
+// IsOutcome reports whether kind closes a launch.
+func IsOutcome(kind string) bool {
+	return kind == KindStop || kind == KindLaunchFailed || kind == KindLost
+}
+
+// outcomes pairs launch records with their outcome records by launch_id (records
+// without one, from before launch ids, are not paired).
+type outcomes struct {
+	open     map[string]OpenLaunch
+	closed   map[string]uint64
+	order    []string
+	launches int
+	warnings []string
+}
+
+func (o *outcomes) see(rec *Record) error {
+	if rec.Kind != KindLaunch && !IsOutcome(rec.Kind) {
+		return nil
+	}
+	var d struct {
+		LaunchID string `json:"launch_id"`
+	}
+	json.Unmarshal(rec.Details, &d)
+	if d.LaunchID == "" {
+		return nil
+	}
+	if rec.Kind == KindLaunch {
+		if _, dup := o.open[d.LaunchID]; dup || o.closed[d.LaunchID] != 0 {
+			return fmt.Errorf("launch id %s is used by a second launch record", d.LaunchID)
+		}
+		o.launches++
+		o.open[d.LaunchID] = OpenLaunch{Seq: rec.Seq, VM: rec.VM, LaunchID: d.LaunchID}
+		o.order = append(o.order, d.LaunchID)
+		return nil
+	}
+	if seq := o.closed[d.LaunchID]; seq != 0 {
+		return fmt.Errorf("a second outcome (%s) for launch %s, already closed at seq %d", rec.Kind, d.LaunchID, seq)
+	}
+	l, ok := o.open[d.LaunchID]
+	switch {
+	case !ok && rec.Kind == KindLost:
+		// The monitor died after marking the VM running but before its launch
+		// record: nothing ran.
+		o.warnings = append(o.warnings, fmt.Sprintf("seq %d: lost record for launch %s of VM %s, whose monitor died before auditing the launch itself", rec.Seq, d.LaunchID, rec.VM))
+		return nil
+	case !ok:
+		return fmt.Errorf("%s record for launch %s, which no launch record before it opened", rec.Kind, d.LaunchID)
+	case l.VM != rec.VM:
+		return fmt.Errorf("%s record of VM %q closes launch %s of VM %q", rec.Kind, rec.VM, d.LaunchID, l.VM)
+	}
+	delete(o.open, d.LaunchID)
+	o.closed[d.LaunchID] = rec.Seq
+	return nil
+}
+
+func (o *outcomes) finish(res *Result) {
+	res.Launches = o.launches
+	res.Warnings = append(res.Warnings, o.warnings...)
+	for _, id := range o.order {
+		if l, ok := o.open[id]; ok {
+			res.OpenLaunches = append(res.OpenLaunches, l)
+			res.Warnings = append(res.Warnings, fmt.Sprintf("launch of VM %s at seq %d (launch %s) has no outcome record: the VM is still running, or its monitor was killed (the next monitor on the host records it as lost)", l.VM, l.Seq, l.LaunchID))
+		}
+	}
+}
+
 // Scan reads a log line by line, checking each line's hash and its chaining, and
 // calls fn with every verified record (fn may be nil). It stops at the first bad
 // record. It is the one parser of audit log files.
 func Scan(r io.Reader, fn func(rec *Record, hash string) error) *Result {
-	return scanFrom(r, Head{}, 0, fn)
+	return scanFrom(r, Head{}, fn)
 }
 
-// scanFrom is Scan of the rest of a log whose first records, up to and including
-// head, ending at byte offset goodBytes, are already verified (checkpoint.go). The
-// result counts them.
-func scanFrom(r io.Reader, head Head, goodBytes int64, fn func(rec *Record, hash string) error) *Result {
-	res := &Result{OK: true, Head: head, Records: int(head.Seq), GoodBytes: goodBytes}
+// scanFrom is Scan of a log's continuation: r holds the lines after the record
+// from (the zero Head for a whole log), which the first line must chain to. Line
+// numbers and counts in the result are relative to that point.
+func scanFrom(r io.Reader, from Head, fn func(rec *Record, hash string) error) *Result {
+	res := &Result{OK: true, Head: from}
 	br := bufio.NewReaderSize(r, 64<<10)
 	prevHash := zeroHash
-	if head.Seq > 0 {
-		prevHash = head.Hash
+	if from.Seq > 0 {
+		prevHash = from.Hash
 	}
-	lastSeq := head.Seq
-	for line := int(head.Seq) + 1; ; line++ {
+	lastSeq := from.Seq
+	for line := 1; ; line++ {
 		b, err := eventlog.ReadLine(br, MaxLineBytes)
 		if err == io.EOF && len(b) == 0 {
 			break
@@ -150,13 +242,19 @@ func Verify(r io.Reader, anchors []Head) *Result {
 	for _, a := range anchors {
 		want[a.Seq] = true
 	}
+	o := &outcomes{open: map[string]OpenLaunch{}, closed: map[string]uint64{}}
 	res := Scan(r, func(rec *Record, hash string) error {
 		if want[rec.Seq] {
 			hashes[rec.Seq] = hash
 		}
-		return nil
+		return o.see(rec)
 	})
+	o.finish(res)
 	if anchors == nil {
+		res.Verdict = VerdictFail
+		if res.OK {
+			res.Verdict = VerdictPass
+		}
 		return res
 	}
 	var mine []Head
@@ -168,6 +266,7 @@ func Verify(r io.Reader, anchors []Head) *Result {
 	if len(mine) == 0 {
 		res.Warnings = append(res.Warnings, "the evidence holds no anchor of this log: nothing in it is committed to by the TPM")
 		res.Unanchored = res.Records
+		res.setVerdict()
 		return res
 	}
 	var last uint64
@@ -194,7 +293,19 @@ func Verify(r io.Reader, anchors []Head) *Result {
 	if res.Head.Seq > last {
 		res.Unanchored = int(res.Head.Seq - last)
 	}
+	res.setVerdict()
 	return res
+}
+
+func (res *Result) setVerdict() {
+	switch {
+	case !res.OK:
+		res.Verdict = VerdictFail
+	case res.Unanchored > 0:
+		res.Verdict = VerdictPassUnanchored
+	default:
+		res.Verdict = VerdictPass
+	}
 }
 
 // AnchorsFrom returns the audit anchors recorded in an event log. Only use it on an
@@ -251,4 +362,40 @@ func strictDecode(b []byte, v any) error {
 		return errors.New("trailing data after the JSON object")
 	}
 	return nil
+}
+
+// HasOutcome reports whether the log at path holds an outcome record (IsOutcome)
+// for launchID at or after byte offset from (a line boundary at or before the
+// launch record). It parses entries without checking the chain (Verify does that):
+// it serves the crash recovery that must not close a launch twice.
+func HasOutcome(path string, from int64, launchID string) (bool, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	if _, err := f.Seek(from, io.SeekStart); err != nil {
+		return false, err
+	}
+	br := bufio.NewReaderSize(f, 64<<10)
+	for {
+		b, err := eventlog.ReadLine(br, MaxLineBytes)
+		if err == io.EOF {
+			return false, nil
+		}
+		if err != nil {
+			return false, fmt.Errorf("audit log %s: %w", path, err)
+		}
+		var e Entry
+		var rec Record
+		if json.Unmarshal(b, &e) != nil || json.Unmarshal(e.Record, &rec) != nil || !IsOutcome(rec.Kind) {
+			continue
+		}
+		var d struct {
+			LaunchID string `json:"launch_id"`
+		}
+		if json.Unmarshal(rec.Details, &d) == nil && d.LaunchID == launchID {
+			return true, nil
+		}
+	}
 }

@@ -130,8 +130,11 @@ func (r *Record) Validate() error {
 		return fmt.Errorf("record %d: want exactly one %s digest, have %d digests", r.RecNum, HashAlg, len(r.Digests))
 	}
 	d, err := hex.DecodeString(r.Digests[0].Digest)
-	if err != nil || len(d) != sha256.Size {
-		return fmt.Errorf("record %d: digest is not %d bytes of hex", r.RecNum, sha256.Size)
+	if err != nil || len(d) != sha256.Size || !isLowerHex(r.Digests[0].Digest) {
+		return fmt.Errorf("record %d: digest is not %d bytes of lower-case hex", r.RecNum, sha256.Size)
+	}
+	if !isLowerHex(r.Content.Value) {
+		return fmt.Errorf("record %d: content.value is not lower-case hex", r.RecNum)
 	}
 	if err := checkType(r.Content.Type); err != nil {
 		return fmt.Errorf("record %d: %w", r.RecNum, err)
@@ -156,6 +159,17 @@ func (r *Record) Validate() error {
 		return fmt.Errorf("record %d (%s): the digest does not bind the entry's type, description and value: the entry was edited", r.RecNum, r.Content.Type)
 	}
 	return nil
+}
+
+// isLowerHex reports whether s uses only 0-9 and a-f: one spelling per value, so
+// an entry cannot be re-encoded without being refused.
+func isLowerHex(s string) bool {
+	for _, c := range s {
+		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+			return false
+		}
+	}
+	return true
 }
 
 func checkType(t string) error {
@@ -220,12 +234,12 @@ var ErrTornTail = errors.New("event log ends in an incomplete record (the writer
 // last line is incomplete it also returns the byte offset where the complete records
 // end and an error wrapping ErrTornTail.
 func ParseLines(r io.Reader) (recs []Record, goodLen int64, err error) {
-	return parseLinesFrom(r, 0)
+	return parseFrom(r, 0)
 }
 
-// parseLinesFrom is ParseLines of the rest of a log whose first `first` records are
-// already read (checkpoint.go): the first line read must be record number first.
-func parseLinesFrom(r io.Reader, first uint64) (recs []Record, goodLen int64, err error) {
+// parseFrom is ParseLines of a log's continuation whose first record has recnum
+// first; the returned records are only the new ones.
+func parseFrom(r io.Reader, first uint64) (recs []Record, goodLen int64, err error) {
 	br := bufio.NewReaderSize(r, 64<<10)
 	for {
 		line, rerr := ReadLine(br, MaxRecordBytes)
@@ -233,20 +247,20 @@ func parseLinesFrom(r io.Reader, first uint64) (recs []Record, goodLen int64, er
 			break
 		}
 		if rerr != nil && rerr != io.EOF {
-			return recs, goodLen, fmt.Errorf("event log line %d: %w", first+uint64(len(recs))+1, rerr)
+			return recs, goodLen, fmt.Errorf("event log line %d: %w", len(recs)+1, rerr)
 		}
 		if rerr == io.EOF { // no trailing newline
-			return recs, goodLen, fmt.Errorf("line %d: %w", first+uint64(len(recs))+1, ErrTornTail)
+			return recs, goodLen, fmt.Errorf("line %d: %w", len(recs)+1, ErrTornTail)
 		}
 		var rec Record
 		if err := decodeStrict(line, &rec); err != nil {
-			return recs, goodLen, fmt.Errorf("event log line %d: %w", first+uint64(len(recs))+1, err)
+			return recs, goodLen, fmt.Errorf("event log line %d: %w", len(recs)+1, err)
 		}
 		if want := first + uint64(len(recs)); rec.RecNum != want {
-			return recs, goodLen, fmt.Errorf("event log line %d has recnum %d, want %d: a record was removed, inserted or reordered", want+1, rec.RecNum, want)
+			return recs, goodLen, fmt.Errorf("event log record %d has recnum %d: a record was removed, inserted or reordered", want, rec.RecNum)
 		}
 		if err := rec.Validate(); err != nil {
-			return recs, goodLen, fmt.Errorf("event log line %d: %w", first+uint64(len(recs))+1, err)
+			return recs, goodLen, fmt.Errorf("event log line %d: %w", len(recs)+1, err)
 		}
 		if first+uint64(len(recs)) >= MaxRecords {
 			return recs, goodLen, fmt.Errorf("event log has more than %d records", MaxRecords)

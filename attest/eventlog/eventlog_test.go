@@ -4,11 +4,17 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/hex"
 	"errors"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
+
+	"github.com/google/go-tpm/tpm2/transport"
 
 	"github.com/umbra-cc/umbra/attest/eventlog"
 	"github.com/umbra-cc/umbra/attest/tpmtest"
@@ -88,22 +94,13 @@ func TestMeasureReplaysToPCR(t *testing.T) {
 func TestOpenCutsTornTail(t *testing.T) {
 	tpm := tpmtest.Simulator(t)
 	ctx := context.Background()
-	path := filepath.Join(t.TempDir(), "events.jsonl")
-	m, err := eventlog.Open(ctx, tpm, path, 15, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, ev := range launchEvents()[:2] {
-		if _, err := m.Measure(ctx, ev); err != nil {
-			t.Fatal(err)
-		}
-	}
+	m, path := measuredLog(t, tpm, launchEvents()[:2])
 	m.Close()
 	// A crash mid-append leaves half a line (and no PCR extend).
 	f, _ := os.OpenFile(path, os.O_APPEND|os.O_WRONLY, 0)
 	f.WriteString(`{"recnum":2,"pcr":15,"dig`)
 	f.Close()
-	m, err = eventlog.Open(ctx, tpm, path, 15, nil)
+	m, err := eventlog.Open(ctx, tpm, path, 15, nil)
 	if err != nil {
 		t.Fatalf("Open with torn tail: %v", err)
 	}
@@ -134,9 +131,20 @@ func TestOpenAfterHostReset(t *testing.T) {
 	if n := len(m.Records()); n != 0 {
 		t.Fatalf("new log has %d records, want 0", n)
 	}
-	prev, _ := filepath.Glob(path + ".*.prev")
+	prev, _ := filepath.Glob(path + ".prev.*")
 	if len(prev) != 1 {
 		t.Fatalf("previous log not kept: %v", prev)
+	}
+	// A second reset archives under a new name: archives never overwrite each other.
+	m.Close()
+	os.WriteFile(path, buf.Bytes(), 0o600)
+	m2, err := eventlog.Open(ctx, tpm, path, 15, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m2.Close()
+	if prev, _ = filepath.Glob(path + ".prev.*"); len(prev) != 2 {
+		t.Fatalf("second archive: %v, want two distinct files", prev)
 	}
 }
 
@@ -230,4 +238,154 @@ func FuzzParseLines(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestTornMeasurementIsRepaired: a record fsynced but never extended (its writer was
+// killed between the two) is recognised, extended late and stated in a record of its
+// own, so the log replays again; without the repair the log does not replay.
+func TestTornMeasurementIsRepaired(t *testing.T) {
+	tpm := tpmtest.Simulator(t)
+	ctx := context.Background()
+	evs := launchEvents()
+	m, path := measuredLog(t, tpm, evs[:2])
+	m.Close()
+	torn := mkRecord(2, evs[2].Type, evs[2].Description, nil, evs[2].Data)
+	line, _ := eventlog.Encode(&torn)
+	f, _ := os.OpenFile(path, os.O_APPEND|os.O_WRONLY, 0)
+	f.Write(line)
+	f.Close()
+	recs := readLog(t, path)
+	if pcr, _ := eventlog.ReadPCR(tpm, 15); bytes.Equal(pcr, eventlog.ReplayPCR(recs, 15)) {
+		t.Fatal("the torn record replays already: the test sets up nothing")
+	}
+
+	m, err := eventlog.Open(ctx, tpm, path, 15, nil)
+	if err != nil {
+		t.Fatalf("Open after a torn measurement: %v", err)
+	}
+	defer m.Close()
+	rec := m.TakeRecovered()
+	if len(rec) != 1 || rec[0].RecNum != 2 || rec[0].StatementRecNum != 3 {
+		t.Fatalf("recovered = %+v, want record 2 stated by record 3", rec)
+	}
+	recs = readLog(t, path)
+	if len(recs) != 4 || recs[3].Content.Type != eventlog.TypeTornRecovered {
+		t.Fatalf("log after repair has %d records (last %q)", len(recs), recs[len(recs)-1].Content.Type)
+	}
+	pcr, _ := eventlog.ReadPCR(tpm, 15)
+	if !bytes.Equal(pcr, eventlog.ReplayPCR(recs, 15)) {
+		t.Fatal("the repaired log does not replay to the PCR")
+	}
+}
+
+// TestConcurrentMeasurersInterleave: measurers with their own file descriptions on
+// one log and one TPM (as separate monitors have) interleave whole records in one
+// order that replays to the PCR.
+func TestConcurrentMeasurersInterleave(t *testing.T) {
+	tpm := tpmtest.Simulator(t)
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "events.jsonl")
+	const writers, each = 4, 25
+	var wg sync.WaitGroup
+	errs := make(chan error, writers)
+	for w := 0; w < writers; w++ {
+		m, err := eventlog.Open(ctx, tpm, path, 15, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer m.Close()
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < each; i++ {
+				if _, err := m.Measure(ctx, eventlog.Event{Type: "test", Description: fmt.Sprintf("writer %d event %d", w, i), Data: []byte{byte(w), byte(i)}}); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	recs := readLog(t, path)
+	if len(recs) != writers*each {
+		t.Fatalf("log has %d records, want %d", len(recs), writers*each)
+	}
+	pcr, _ := eventlog.ReadPCR(tpm, 15)
+	if !bytes.Equal(pcr, eventlog.ReplayPCR(recs, 15)) {
+		t.Fatal("the interleaved log does not replay to the PCR")
+	}
+}
+
+func readLog(t *testing.T, path string) []eventlog.Record {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	recs, _, err := eventlog.ParseLines(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return recs
+}
+
+// TestExportPCClientReadByTpm2Eventlog: tpm2-tools, which knows nothing of umbra,
+// parses the exported log, and the PCR 15 it replays is the one umbra replays and
+// the TPM holds; each digest is SHA-256 of its event data.
+func TestExportPCClientReadByTpm2Eventlog(t *testing.T) {
+	bin, err := exec.LookPath("tpm2_eventlog")
+	if err != nil {
+		if os.Getenv("UMBRA_REQUIRE_SWTPM") != "" {
+			t.Fatal("tpm2_eventlog (tpm2-tools) is not installed")
+		}
+		t.Skip("skipping: tpm2_eventlog (tpm2-tools) is not installed")
+	}
+	tpm := tpmtest.Simulator(t)
+	m, _ := measuredLog(t, tpm, launchEvents())
+	defer m.Close()
+	recs := m.Records()
+	for _, r := range recs {
+		if sum := sha256.Sum256(eventlog.EventData(&r)); !bytes.Equal(sum[:], r.SHA256()) {
+			t.Fatalf("record %d: digest is not SHA-256 of the event data", r.RecNum)
+		}
+	}
+	b, err := eventlog.ExportPCClient(recs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(t.TempDir(), "binary_bios_measurements")
+	os.WriteFile(out, b, 0o600)
+	yaml, err := exec.Command(bin, out).CombinedOutput()
+	if err != nil {
+		t.Fatalf("tpm2_eventlog: %v\n%s", err, yaml)
+	}
+	t.Logf("tpm2_eventlog:\n%s", yaml)
+	if n := strings.Count(string(yaml), "EV_EVENT_TAG"); n != len(recs) {
+		t.Fatalf("tpm2_eventlog parsed %d of the %d events", n, len(recs))
+	}
+	pcr, _ := eventlog.ReadPCR(tpm, 15)
+	if !strings.Contains(strings.ToLower(string(yaml)), hex.EncodeToString(pcr)) {
+		t.Fatalf("tpm2_eventlog's replay lacks PCR 15 = %x:\n%s", pcr, yaml)
+	}
+}
+
+// measuredLog opens a new event log on tpm and measures evs into PCR 15.
+func measuredLog(t *testing.T, tpm transport.TPM, evs []eventlog.Event) (*eventlog.Measurer, string) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "events.jsonl")
+	m, err := eventlog.Open(context.Background(), tpm, path, 15, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ev := range evs {
+		if _, err := m.Measure(context.Background(), ev); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return m, path
 }

@@ -15,9 +15,13 @@ import (
 	"fmt"
 	"io"
 	"sort"
+	"strings"
 	"time"
 
+	"github.com/google/go-tpm/tpm2"
+
 	"github.com/umbra-cc/umbra/attest/eventlog"
+	"github.com/umbra-cc/umbra/strictjson"
 )
 
 // Version is the evidence format version this package writes and reads.
@@ -113,19 +117,71 @@ func Parse(r io.Reader) (*Evidence, error) {
 	if len(b) > MaxFileBytes {
 		return nil, fmt.Errorf("evidence is larger than %d bytes", MaxFileBytes)
 	}
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.DisallowUnknownFields()
 	var e Evidence
-	if err := dec.Decode(&e); err != nil {
+	if err := strictjson.Decode(b, &e); err != nil {
 		return nil, fmt.Errorf("evidence is not valid JSON of the umbra evidence format: %w", err)
-	}
-	if dec.More() {
-		return nil, errors.New("evidence has trailing data after the JSON object")
 	}
 	if err := e.Validate(); err != nil {
 		return nil, err
 	}
+	// Only one encoding of a given evidence is accepted, the one Marshal writes:
+	// hex case, base64 padding, member order or spacing that the verifier would
+	// not look at cannot vary without the file being refused.
+	canon, err := e.Marshal()
+	if err != nil {
+		return nil, err
+	}
+	if !bytes.Equal(bytes.TrimRight(b, "\n"), bytes.TrimRight(canon, "\n")) {
+		return nil, fmt.Errorf("evidence is not in the canonical encoding umbra writes (first difference at byte %d): a field was re-encoded (hex case, base64 padding, spacing or member order); use the file as 'umbra attest quote' or 'umbra run --evidence' wrote it", firstDiff(b, canon))
+	}
 	return &e, nil
+}
+
+func firstDiff(a, b []byte) int {
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return min(len(a), len(b))
+}
+
+// exactTPM checks that b is exactly one TPM structure: reencode decodes it and
+// encodes it again, which must give the same bytes (nothing appended, nothing in a
+// non-canonical form).
+func exactTPM(name string, b []byte, reencode func([]byte) ([]byte, error)) error {
+	re, err := reencode(b)
+	if err != nil {
+		return fmt.Errorf("evidence field %s: %w", name, err)
+	}
+	if !bytes.Equal(re, b) {
+		return fmt.Errorf("evidence field %s is %d bytes but the structure it holds is %d: trailing or non-canonical bytes", name, len(b), len(re))
+	}
+	return nil
+}
+
+func reencodePublic(b []byte) ([]byte, error) {
+	v, err := tpm2.Unmarshal[tpm2.TPMTPublic](b)
+	if err != nil {
+		return nil, err
+	}
+	return tpm2.Marshal(*v), nil
+}
+
+func reencodeAttest(b []byte) ([]byte, error) {
+	v, err := tpm2.Unmarshal[tpm2.TPMSAttest](b)
+	if err != nil {
+		return nil, err
+	}
+	return tpm2.Marshal(*v), nil
+}
+
+func reencodeSignature(b []byte) ([]byte, error) {
+	v, err := tpm2.Unmarshal[tpm2.TPMTSignature](b)
+	if err != nil {
+		return nil, err
+	}
+	return tpm2.Marshal(*v), nil
 }
 
 // Validate checks field presence and sizes.
@@ -133,8 +189,8 @@ func (e *Evidence) Validate() error {
 	if e.Version != Version {
 		return fmt.Errorf("evidence version %d, this umbra reads version %d", e.Version, Version)
 	}
-	if n, err := hex.DecodeString(e.Nonce); err != nil || len(n) < MinNonce || len(n) > MaxNonce {
-		return fmt.Errorf("evidence nonce must be %d-%d bytes of hex", MinNonce, MaxNonce)
+	if n, err := hex.DecodeString(e.Nonce); err != nil || len(n) < MinNonce || len(n) > MaxNonce || e.Nonce != strings.ToLower(e.Nonce) {
+		return fmt.Errorf("evidence nonce must be %d-%d bytes of lower-case hex", MinNonce, MaxNonce)
 	}
 	for _, f := range []struct {
 		name string
@@ -163,8 +219,8 @@ func (e *Evidence) Validate() error {
 		if i > 0 && p.Index <= e.Quote.PCRs[i-1].Index {
 			return errors.New("evidence PCRs must be listed once each, ascending by index")
 		}
-		if v, err := hex.DecodeString(p.Value); err != nil || len(v) != sha256.Size {
-			return fmt.Errorf("evidence PCR %d: value is not %d bytes of hex", p.Index, sha256.Size)
+		if v, err := hex.DecodeString(p.Value); err != nil || len(v) != sha256.Size || p.Value != strings.ToLower(p.Value) {
+			return fmt.Errorf("evidence PCR %d: value is not %d bytes of lower-case hex", p.Index, sha256.Size)
 		}
 	}
 	if len(e.LogPCRs) > eventlog.MaxPCR+1 {
@@ -180,6 +236,16 @@ func (e *Evidence) Validate() error {
 	}
 	if err := eventlog.ValidateLog(e.EventLog); err != nil {
 		return fmt.Errorf("evidence event log: %w", err)
+	}
+	for _, err := range []error{
+		exactTPM("ek_public", e.EKPublic, reencodePublic),
+		exactTPM("ak_public", e.AKPublic, reencodePublic),
+		exactTPM("quote.attest", e.Quote.Attest, reencodeAttest),
+		exactTPM("quote.signature", e.Quote.Signature, reencodeSignature),
+	} {
+		if err != nil {
+			return err
+		}
 	}
 	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/base64"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -87,7 +88,10 @@ func TestParseRejects(t *testing.T) {
 	good, _ := ev.Marshal()
 	tests := []struct{ name, old, new, want string }{
 		{"version", `"version": 1`, `"version": 2`, "version 2"},
-		{"unknown field", `"version": 1`, `"version": 1, "extra": 1`, "unknown field"},
+		{"unknown field", `"version": 1`, `"version": 1, "extra": 1`, `unknown object member name "extra"`},
+		{"case-folded key", `"version": 1`, `"Version": 1`, `"Version"`},
+		{"duplicate key", `"version": 1`, `"version": 1, "version": 1`, "duplicate"},
+		{"hex case", `"nonce": "`, `"nonce": "AB`, "nonce"},
 		{"nonce", `"nonce": "`, `"nonce": "zz`, "nonce"},
 		{"pcr order", `"index": 0`, `"index": 16`, "ascending"},
 		{"pcr value", `"sha256": "`, `"sha256": "ab`, "not 32 bytes"},
@@ -132,4 +136,41 @@ func FuzzParse(f *testing.F) {
 		ev.PCRMap()
 		ev.AKName()
 	})
+}
+
+// TestParseAcceptsOneEncodingOnly: fields the verifier would not look at closely
+// (hex case, base64 padding, a byte after the signature) cannot vary.
+func TestParseAcceptsOneEncodingOnly(t *testing.T) {
+	ev := collect(t, "simulator", []byte("parse-test-nonce"))
+	good, _ := ev.Marshal()
+	if _, err := evidence.Parse(bytes.NewReader(good)); err != nil {
+		t.Fatal(err)
+	}
+	upper := strings.Replace(string(good), `"nonce": "`+ev.Nonce, `"nonce": "`+strings.ToUpper(ev.Nonce), 1)
+	long := *ev
+	long.Quote.Signature = append(append([]byte(nil), ev.Quote.Signature...), 0)
+	longSig, _ := long.Marshal()
+	unpadded := string(good)
+	for _, b := range [][]byte{ev.EKPublic, ev.AKPublic, ev.Quote.Attest, ev.Quote.Signature} {
+		if std := base64.StdEncoding.EncodeToString(b); strings.HasSuffix(std, "=") {
+			unpadded = strings.Replace(unpadded, `"`+std+`"`, `"`+base64.RawStdEncoding.EncodeToString(b)+`"`, 1)
+			break
+		}
+	}
+	spaced := strings.Replace(string(good), `"version": 1`, `"version":  1`, 1)
+	for name, tc := range map[string]struct{ doc, want string }{
+		"upper-case hex":           {upper, "lower-case hex"},
+		"base64 without padding":   {unpadded, "base64"},
+		"byte after the signature": {string(longSig), "quote.signature"},
+		"spacing":                  {spaced, "canonical"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			if tc.doc == string(good) {
+				t.Fatal("test setup: nothing changed")
+			}
+			if _, err := evidence.Parse(strings.NewReader(tc.doc)); err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want %q", err, tc.want)
+			}
+		})
+	}
 }

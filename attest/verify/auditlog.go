@@ -20,14 +20,14 @@ func AuditLog(log io.Reader, ev *evidence.Evidence, nonce []byte) (*audit.Result
 	qr := Quote(ev, nonce)
 	if !qr.OK {
 		res := audit.Verify(log, nil)
-		res.OK = false
+		res.OK, res.Verdict = false, audit.VerdictFail
 		res.Problems = append(res.Problems, "the evidence does not verify, so its anchors cannot be trusted: "+fmt.Sprint(qr.Failures()))
 		return res, qr
 	}
 	anchors, err := audit.AnchorsFrom(ev.EventLog)
 	if err != nil {
 		res := audit.Verify(log, nil)
-		res.OK = false
+		res.OK, res.Verdict = false, audit.VerdictFail
 		res.Problems = append(res.Problems, err.Error())
 		return res, qr
 	}

@@ -53,11 +53,13 @@ type Measurement struct {
 
 // Report is the result of verifying evidence.
 type Report struct {
-	OK              bool          `json:"ok"`
-	HostFingerprint string        `json:"host_fingerprint"`
-	AKName          string        `json:"ak_name"`
-	Checks          []Check       `json:"checks"`
-	Measurements    []Measurement `json:"measurements"`
+	OK              bool   `json:"ok"`
+	HostFingerprint string `json:"host_fingerprint"`
+	AKName          string `json:"ak_name"`
+	// AKActivated: the verifier bound the AK to the EK by credential activation.
+	AKActivated  bool          `json:"ak_activated,omitempty"`
+	Checks       []Check       `json:"checks"`
+	Measurements []Measurement `json:"measurements"`
 }
 
 // Failures lists every failed check and measurement, in report order.
@@ -184,6 +186,15 @@ func checkAK(r *Report, b []byte) *rsa.PublicKey {
 		r.add("attestation key", "", Fail, "ak_public is not a TPMT_PUBLIC: %v", err)
 		return nil
 	}
+	// Every field but the key itself is the AK template's: nameAlg (which the AK's
+	// name depends on), the attribute bits, the scheme and the key size. A public
+	// area that differs in any of them is not umbra's AK, whatever it can verify.
+	shape := *pub
+	shape.Unique = evidence.AKTemplate.Unique
+	if !bytes.Equal(tpm2.Marshal(shape), tpm2.Marshal(evidence.AKTemplate)) {
+		r.add("attestation key", r.AKName, Fail, "ak_public is not umbra's attestation key template (name algorithm, attributes, scheme or key size differ; see evidence.AKTemplate)")
+		return nil
+	}
 	a := pub.ObjectAttributes
 	if !a.FixedTPM || !a.FixedParent || !a.SensitiveDataOrigin || !a.Restricted || !a.SignEncrypt || a.Decrypt {
 		r.add("attestation key", r.AKName, Fail, "ak_public is not a restricted, TPM-generated, non-duplicable signing key: its quotes prove nothing")
@@ -252,7 +263,15 @@ func countPCR(recs []eventlog.Record, p int) int {
 
 // Verify checks evidence against the verifier's nonce and reference values.
 func Verify(ev *evidence.Evidence, nonce []byte, ref *Reference) *Report {
+	return VerifyActivated(ev, nonce, ref, false)
+}
+
+// VerifyActivated is Verify for a verifier that has also bound the evidence's AK to
+// its EK by credential activation (evidence.MakeChallenge, answered correctly by the
+// host): the AK is then trusted for an enrolled host without a pinned ak_name.
+func VerifyActivated(ev *evidence.Evidence, nonce []byte, ref *Reference, akActivated bool) *Report {
 	r := Quote(ev, nonce)
+	r.AKActivated = akActivated
 	if nonce == nil {
 		r.add("nonce", "", Fail, "a nonce is required to verify evidence")
 	}
@@ -301,8 +320,12 @@ func checkHost(r *Report, ref *Reference) {
 			return
 		}
 		detail := fmt.Sprintf("enrolled host %q", h.Name)
+		if h.AKName == "" && r.AKActivated {
+			r.add("host", r.HostFingerprint, Pass, "%s; the AK is bound to its EK by credential activation", detail)
+			return
+		}
 		if h.AKName == "" {
-			r.add("host", r.HostFingerprint, Warn, "%s matched by EK only; pin ak_name to bind the AK to this host", detail)
+			r.add("host", r.HostFingerprint, Warn, "%s matched by EK only; pin ak_name, or bind the AK by credential activation (umbra attest challenge / activate, then verify --activation), to bind the AK to this host", detail)
 			return
 		}
 		r.add("host", r.HostFingerprint, Pass, "%s, AK matches", detail)

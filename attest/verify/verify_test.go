@@ -1,6 +1,8 @@
 package verify_test
 
 import (
+	"github.com/google/go-tpm/tpm2"
+
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -194,6 +196,26 @@ func TestVerifyNamesTheCause(t *testing.T) {
 			l[0].RecNum, l[1].RecNum = 0, 1
 			return nonce
 		}, "event log replay PCR 15"},
+		// The signature checks only the modulus: an AK public area with other
+		// attributes, name algorithm or scheme still verifies the quote.
+		{"AK public area with other attributes", func(ev *evidence.Evidence, _ *verify.Reference) []byte {
+			pub, err := tpm2.Unmarshal[tpm2.TPMTPublic](ev.AKPublic)
+			if err != nil {
+				t.Fatal(err)
+			}
+			pub.ObjectAttributes.NoDA = !pub.ObjectAttributes.NoDA
+			ev.AKPublic = tpm2.Marshal(pub)
+			return nonce
+		}, "not umbra's attestation key template"},
+		{"AK public area with another name algorithm", func(ev *evidence.Evidence, _ *verify.Reference) []byte {
+			pub, err := tpm2.Unmarshal[tpm2.TPMTPublic](ev.AKPublic)
+			if err != nil {
+				t.Fatal(err)
+			}
+			pub.NameAlg = tpm2.TPMAlgSHA384
+			ev.AKPublic = tpm2.Marshal(pub)
+			return nonce
+		}, "not umbra's attestation key template"},
 		{"edited PCR value", func(ev *evidence.Evidence, _ *verify.Reference) []byte {
 			ev.Quote.PCRs[0].Value = strings.Repeat("11", 32)
 			return nonce

@@ -6,7 +6,6 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -15,9 +14,12 @@ import (
 	"strings"
 
 	"github.com/umbra-cc/umbra/attest"
+	"github.com/umbra-cc/umbra/attest/audit"
 	"github.com/umbra-cc/umbra/attest/eventlog"
 	"github.com/umbra-cc/umbra/attest/evidence"
 	"github.com/umbra-cc/umbra/attest/verify"
+	"github.com/umbra-cc/umbra/sealing"
+	"github.com/umbra-cc/umbra/statefile"
 )
 
 func init() {
@@ -30,7 +32,13 @@ const attestUsage = `Subcommands:
                                            check evidence offline; exit 1 if it fails
   measure --type T [--description D] (--data S | --file F | --digest HEX)
                                            extend the umbra PCR and append to the event log
-  export-tpm2 EVIDENCE --nonce HEX --dir D write the quote in tpm2_checkquote's format`
+  export-tpm2 EVIDENCE --nonce HEX --dir D write the quote in tpm2_checkquote's format
+  export-log [--event-log L] -o FILE       write the event log as a TCG PC Client binary log (tpm2_eventlog reads it)
+  challenge EVIDENCE -o CHALLENGE --keep SECRET
+                                           verifier: bind the AK to the EK by credential activation ...
+  activate CHALLENGE                       host: ... answer it with this TPM (prints the answer)
+  verify ... --activation SECRET --answer ANSWER
+                                           ... and trust the AK without a pinned ak_name`
 
 func runAttest(ctx context.Context, env *cliEnv, args []string) int {
 	sub := ""
@@ -46,6 +54,12 @@ func runAttest(ctx context.Context, env *cliEnv, args []string) int {
 		return attestMeasure(ctx, env, args)
 	case "export-tpm2":
 		return attestExport(env, args)
+	case "export-log":
+		return attestExportLog(env, args)
+	case "challenge":
+		return attestChallenge(env, args)
+	case "activate":
+		return attestActivate(ctx, env, args)
 	}
 	fs := newFlagSet(env, "attest SUBCOMMAND", "", attestUsage)
 	if code, done := parseFlags(env, fs, args); done {
@@ -56,38 +70,6 @@ func runAttest(ctx context.Context, env *cliEnv, args []string) int {
 	}
 	fs.Usage()
 	return 2
-}
-
-// parseMixed parses flags that may come after positional arguments
-// ("verify evidence.json --nonce N"): it moves the positional arguments last.
-func parseMixed(env *cliEnv, fs *flag.FlagSet, args []string) (code int, done bool) {
-	var flags, pos []string
-	for i := 0; i < len(args); i++ {
-		a := args[i]
-		if a == "--" {
-			pos = append(pos, args[i+1:]...)
-			break
-		}
-		if len(a) < 2 || a[0] != '-' {
-			pos = append(pos, a)
-			continue
-		}
-		flags = append(flags, a)
-		name := strings.TrimLeft(a, "-")
-		if strings.Contains(name, "=") {
-			continue
-		}
-		if f := fs.Lookup(name); f != nil {
-			if bf, ok := f.Value.(interface{ IsBoolFlag() bool }); ok && bf.IsBoolFlag() {
-				continue
-			}
-			if i+1 < len(args) {
-				flags = append(flags, args[i+1])
-				i++
-			}
-		}
-	}
-	return parseFlags(env, fs, append(append(flags, "--"), pos...))
 }
 
 func parseNonce(s string) ([]byte, error) {
@@ -144,7 +126,7 @@ func attestQuote(ctx context.Context, env *cliEnv, args []string) int {
 	pcrs := fs.String("pcrs", "", "extra PCRs to quote, comma-separated (e.g. 0,7,13)")
 	pcr := fs.Int("pcr", attest.DefaultPCR, "the PCR umbra measures into")
 	logPath := fs.String("event-log", "", "event log (default STATE_DIR/"+attest.EventLogFile+")")
-	if code, done := parseMixed(env, fs, args); done {
+	if code, done := parseFlags(env, fs, args); done {
 		return code
 	}
 	if fs.NArg() != 0 {
@@ -219,13 +201,19 @@ func attestVerify(env *cliEnv, args []string) int {
 	nonceHex := fs.String("nonce", "", "the nonce you gave the host, hex")
 	refPath := fs.String("reference", "", "reference values file (YAML, see docs/attestation.md)")
 	asJSON := fs.Bool("json", false, "print the report as JSON")
-	if code, done := parseMixed(env, fs, args); done {
+	keep := fs.String("activation", "", "the secret 'attest challenge --keep' wrote for this evidence (with --answer)")
+	answer := fs.String("answer", "", "the host's answer from 'attest activate' (with --activation)")
+	if code, done := parseFlags(env, fs, args); done {
 		return code
 	}
 	if fs.NArg() != 1 || *refPath == "" {
 		fmt.Fprintln(env.stderr, "umbra attest verify: need EVIDENCE and --reference")
 		fs.Usage()
 		return 2
+	}
+	if (*keep == "") != (*answer == "") {
+		fmt.Fprintln(env.stderr, "umbra attest verify: --activation and --answer go together")
+		return exitUsage
 	}
 	nonce, err := parseNonce(*nonceHex)
 	if err != nil {
@@ -243,7 +231,14 @@ func attestVerify(env *cliEnv, args []string) int {
 	if err != nil {
 		return attestFail(env, fmt.Errorf("%s: %w", *refPath, err))
 	}
-	rep := verify.Verify(ev, nonce, ref)
+	activated := false
+	if *keep != "" {
+		if err := checkActivation(ev, *keep, *answer); err != nil {
+			return attestFail(env, err)
+		}
+		activated = true
+	}
+	rep := verify.VerifyActivated(ev, nonce, ref, activated)
 	if *asJSON {
 		rep.WriteJSON(env.stdout)
 	} else {
@@ -265,7 +260,7 @@ func attestMeasure(ctx context.Context, env *cliEnv, args []string) int {
 	digest := fs.String("digest", "", "measure this SHA-256 (hex)")
 	pcr := fs.Int("pcr", attest.DefaultPCR, "the PCR umbra measures into")
 	logPath := fs.String("event-log", "", "event log (default STATE_DIR/"+attest.EventLogFile+")")
-	if code, done := parseMixed(env, fs, args); done {
+	if code, done := parseFlags(env, fs, args); done {
 		return code
 	}
 	n := 0
@@ -318,6 +313,19 @@ func attestMeasure(ctx context.Context, env *cliEnv, args []string) int {
 	if err != nil {
 		return attestFail(env, err)
 	}
+	if recs := m.TakeRecovered(); len(recs) > 0 {
+		for _, r := range recs {
+			fmt.Fprintf(env.stderr, "umbra: event log record %d (%s) was logged but never extended into PCR %d (its writer stopped between the two); extended it late and stated so in record %d\n", r.RecNum, r.Type, *pcr, r.StatementRecNum)
+		}
+		l, err := audit.Open(filepath.Join(dir, attest.AuditLogFile), nil)
+		if err == nil {
+			err = l.RecordRecoveries(ctx, recs)
+			l.Close()
+		}
+		if err != nil {
+			return attestFail(env, err)
+		}
+	}
 	fmt.Fprintf(env.stdout, "record %d: %s %s = %s (PCR %d)\n", rec.RecNum, rec.Content.Type, rec.Content.Description, rec.Content.Value, rec.PCR)
 	return 0
 }
@@ -326,7 +334,7 @@ func attestExport(env *cliEnv, args []string) int {
 	fs := newFlagSet(env, "attest export-tpm2", "EVIDENCE", "Write the evidence's quote as tpm2_checkquote input files and print the command that checks it.")
 	nonceHex := fs.String("nonce", "", "the nonce you gave the host, hex")
 	dir := fs.String("dir", "", "directory to write ak.pem, quote.msg, quote.sig, pcrs.bin")
-	if code, done := parseMixed(env, fs, args); done {
+	if code, done := parseFlags(env, fs, args); done {
 		return code
 	}
 	if fs.NArg() != 1 || *dir == "" {
@@ -354,4 +362,45 @@ func attestExport(env *cliEnv, args []string) int {
 func attestFail(env *cliEnv, err error) int {
 	fmt.Fprintf(env.stderr, "umbra: %v\n", err)
 	return 1
+}
+
+func attestExportLog(env *cliEnv, args []string) int {
+	fs := newFlagSet(env, "attest export-log", "", "Write the event log in the TCG PC Client binary event log format (PCCLIENT_STD events\nof type EV_EVENT_TAG whose data is each digest's preimage; docs/attestation.md), which\nstandard tools read: tpm2_eventlog FILE replays PCR 15.")
+	stateDir := fs.String("state-dir", "", "umbra state directory (default as for the other commands)")
+	logPath := fs.String("event-log", "", "event log (default STATE_DIR/"+attest.EventLogFile+")")
+	out := fs.String("o", "", "output file (required, a new file)")
+	if code, done := parseFlags(env, fs, args); done {
+		return code
+	}
+	if fs.NArg() != 0 || *out == "" {
+		fmt.Fprintln(env.stderr, "umbra attest export-log: need -o FILE")
+		return exitUsage
+	}
+	if err := checkOutputPath(*out, false); err != nil {
+		fmt.Fprintf(env.stderr, "umbra attest export-log: %v\n", err)
+		return exitUsage
+	}
+	if *logPath == "" {
+		dir := *stateDir
+		if dir == "" {
+			var err error
+			if dir, err = sealing.DefaultStateDir(); err != nil {
+				return attestFail(env, err)
+			}
+		}
+		*logPath = filepath.Join(dir, attest.EventLogFile)
+	}
+	recs, err := readEventLog(*logPath)
+	if err != nil {
+		return attestFail(env, err)
+	}
+	b, err := eventlog.ExportPCClient(recs)
+	if err != nil {
+		return attestFail(env, err)
+	}
+	if err := statefile.WriteAtomic(*out, b, 0o644); err != nil {
+		return attestFail(env, err)
+	}
+	fmt.Fprintf(env.stderr, "umbra: wrote %d events of %s to %s (tpm2_eventlog %s)\n", len(recs), *logPath, *out, *out)
+	return exitOK
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/hex"
 	"encoding/json"
 	"os"
 	"os/exec"
@@ -135,4 +136,114 @@ func must(b []byte, err error) []byte {
 		panic(err)
 	}
 	return b
+}
+
+// TestActivationTrustsAKWithoutPinnedName: with credential activation the verifier
+// trusts the AK of an enrolled host whose ak_name it never pinned; evidence from
+// another TPM dressed up with this host's EK cannot answer the challenge.
+func TestActivationTrustsAKWithoutPinnedName(t *testing.T) {
+	_, swA := tpmtest.StartSwtpm(t)
+	_, swB := tpmtest.StartSwtpm(t)
+	dir := t.TempDir()
+	hostA := []string{"--tpm=swtpm:" + swA.Socket, "--state-dir=" + filepath.Join(dir, "a")}
+	hostB := []string{"--tpm=swtpm:" + swB.Socket, "--state-dir=" + filepath.Join(dir, "b")}
+	nonce := "00112233445566778899aabbccddeeff"
+	quote := func(host []string, name string) (string, *evidence.Evidence) {
+		t.Helper()
+		if code, _, errs := cli(t, append([]string{"attest", "measure", "--type", "cmdline", "--data", "x"}, host...)...); code != 0 {
+			t.Fatalf("measure: %s", errs)
+		}
+		p := filepath.Join(dir, name)
+		if code, _, errs := cli(t, append([]string{"attest", "quote", "--nonce", nonce, "-o", p}, host...)...); code != 0 {
+			t.Fatalf("quote: %s", errs)
+		}
+		ev, err := evidence.Parse(bytes.NewReader(must(os.ReadFile(p))))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p, ev
+	}
+	evPath, ev := quote(hostA, "a.json")
+	ref := filepath.Join(dir, "ref.yaml")
+	os.WriteFile(ref, []byte("version: 1\nhosts:\n  - name: a\n    fingerprint: "+ev.HostFingerprint+"\nmeasurements:\n  - type: cmdline\n    any: true\n"), 0o644)
+
+	code, out, _ := cli(t, "attest", "verify", evPath, "--nonce", nonce, "--reference", ref)
+	if !strings.Contains(out, "matched by EK only") {
+		t.Fatalf("without activation the AK should only be matched by EK: %d\n%s", code, out)
+	}
+	ch, keep, answer := filepath.Join(dir, "ch.json"), filepath.Join(dir, "keep.json"), filepath.Join(dir, "answer")
+	if code, _, errs := cli(t, "attest", "challenge", evPath, "-o", ch, "--keep", keep); code != 0 {
+		t.Fatalf("challenge: %d %s", code, errs)
+	}
+	code, out, errs := cli(t, append([]string{"attest", "activate", ch}, hostA...)...)
+	if code != 0 {
+		t.Fatalf("activate: %d %s", code, errs)
+	}
+	os.WriteFile(answer, []byte(out), 0o600)
+	code, out, _ = cli(t, "attest", "verify", evPath, "--nonce", nonce, "--reference", ref, "--activation", keep, "--answer", answer)
+	if code != 0 || !strings.Contains(out, "bound to its EK by credential activation") || !strings.Contains(out, "RESULT: PASS") {
+		t.Fatalf("verify with activation: %d\n%s", code, out)
+	}
+
+	// Host B's quote, presented with host A's EK: the challenge is encrypted to A's
+	// EK, so B's TPM cannot answer it, and A's TPM holds no AK of B's name.
+	_, evB := quote(hostB, "b.json")
+	forged := *evB
+	forged.EKPublic, forged.HostFingerprint = ev.EKPublic, ev.HostFingerprint
+	fb, _ := forged.Marshal()
+	forgedPath := filepath.Join(dir, "forged.json")
+	os.WriteFile(forgedPath, fb, 0o644)
+	ch2, keep2 := filepath.Join(dir, "ch2.json"), filepath.Join(dir, "keep2.json")
+	if code, _, errs := cli(t, "attest", "challenge", forgedPath, "-o", ch2, "--keep", keep2); code != 0 {
+		t.Fatalf("challenge: %d %s", code, errs)
+	}
+	for name, host := range map[string][]string{"host B": hostB, "host A": hostA} {
+		if code, out, _ := cli(t, append([]string{"attest", "activate", ch2}, host...)...); code == 0 {
+			t.Fatalf("%s answered a challenge for A's EK and B's AK: %s", name, out)
+		}
+	}
+}
+
+// TestExportLogReadByStandardTools: the CLI's export is a TCG PC Client binary log
+// that tpm2_eventlog parses and replays to the PCR the TPM quotes.
+func TestExportLogReadByStandardTools(t *testing.T) {
+	bin, err := exec.LookPath("tpm2_eventlog")
+	if err != nil {
+		if os.Getenv("UMBRA_REQUIRE_SWTPM") != "" {
+			t.Fatal("tpm2_eventlog (tpm2-tools) is not installed")
+		}
+		t.Skip("skipping: tpm2_eventlog is not installed")
+	}
+	_, sw := tpmtest.StartSwtpm(t)
+	dir := t.TempDir()
+	host := []string{"--tpm=swtpm:" + sw.Socket, "--state-dir=" + dir}
+	for _, d := range []string{"a", "b", "c"} {
+		if code, _, errs := cli(t, append([]string{"attest", "measure", "--type", "cmdline", "--data", d}, host...)...); code != 0 {
+			t.Fatalf("measure: %s", errs)
+		}
+	}
+	out := filepath.Join(dir, "binary_bios_measurements")
+	if code, _, errs := cli(t, "attest", "export-log", "--state-dir", dir, "-o", out); code != 0 {
+		t.Fatalf("export-log: %d %s", code, errs)
+	}
+	yaml, err := exec.Command(bin, out).CombinedOutput()
+	if err != nil {
+		t.Fatalf("tpm2_eventlog: %v\n%s", err, yaml)
+	}
+	nonce := "00112233445566778899aabbccddeeff"
+	evPath := filepath.Join(dir, "ev.json")
+	if code, _, errs := cli(t, append([]string{"attest", "quote", "--nonce", nonce, "-o", evPath}, host...)...); code != 0 {
+		t.Fatalf("quote: %s", errs)
+	}
+	ev, err := evidence.Parse(bytes.NewReader(must(os.ReadFile(evPath))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pcr15 := hex.EncodeToString(ev.PCRMap()[15])
+	if strings.Count(string(yaml), "EV_EVENT_TAG") != 3 || !strings.Contains(strings.ToLower(string(yaml)), pcr15) {
+		t.Fatalf("tpm2_eventlog did not read 3 events replaying to the quoted PCR 15 %s:\n%s", pcr15, yaml)
+	}
+	if code, _, _ := cli(t, "attest", "export-log", "--state-dir", dir, "-o", out); code != exitUsage {
+		t.Fatalf("export-log over an existing file: exit %d, want 2", code)
+	}
 }

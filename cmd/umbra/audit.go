@@ -4,13 +4,14 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"os"
+	"slices"
 	"strings"
 	"time"
 
 	"github.com/umbra-cc/umbra/attest/audit"
 	"github.com/umbra-cc/umbra/attest/evidence"
 	"github.com/umbra-cc/umbra/attest/verify"
+	"github.com/umbra-cc/umbra/userfile"
 )
 
 func init() {
@@ -51,7 +52,7 @@ func auditVerify(env *cliEnv, args []string) int {
 	evPath := fs.String("evidence", "", "evidence from 'umbra attest quote' whose event log holds the log's anchors")
 	nonceHex := fs.String("nonce", "", "the nonce the evidence was made for (hex); without it freshness is not checked")
 	asJSON := fs.Bool("json", false, "print the result as JSON")
-	if code, done := parseMixed(env, fs, args); done {
+	if code, done := parseFlags(env, fs, args); done {
 		return code
 	}
 	if fs.NArg() != 1 {
@@ -71,7 +72,7 @@ func auditVerify(env *cliEnv, args []string) int {
 			}
 		}
 	}
-	f, err := os.Open(fs.Arg(0))
+	f, err := userfile.Open(fs.Arg(0), "audit log")
 	if err != nil {
 		return attestFail(env, err)
 	}
@@ -116,13 +117,18 @@ func printAuditResult(env *cliEnv, path string, res *audit.Result, qr *verify.Re
 	if qr != nil {
 		fmt.Fprintf(w, "unanchored records after the last anchor: %d\n", res.Unanchored)
 	}
+	fmt.Fprintf(w, "launches: %d, %d without an outcome record\n", res.Launches, len(res.OpenLaunches))
 	if res.FirstBad != nil {
 		fmt.Fprintf(w, "FIRST BAD RECORD: %s\n", res.FirstBad)
 	}
 	for _, s := range res.Warnings {
 		fmt.Fprintf(w, "warning:  %s\n", s)
 	}
-	if res.OK {
+	switch res.Verdict {
+	case audit.VerdictPassUnanchored:
+		fmt.Fprintf(w, "RESULT: PASS, %d UNANCHORED (the chain and every TPM anchor verify, but the last %d records come after the last anchor: nothing commits to them, so their removal would go unnoticed)\n", res.Unanchored, res.Unanchored)
+		return
+	case audit.VerdictPass:
 		fmt.Fprintln(w, "RESULT: PASS")
 		return
 	}
@@ -149,11 +155,11 @@ func parseWhen(s string, now time.Time) (time.Time, error) {
 func auditShow(env *cliEnv, args []string) int {
 	fs := newFlagSet(env, "audit show", "LOG", "Print audit records readably. The chain is checked while reading; output stops at the first bad record.")
 	vm := fs.String("vm", "", "only records of this VM")
-	kinds := fs.String("kind", "", "only these kinds, comma-separated (decision, launch, stop, cloak-register, integrity-violation, pageprot-change, pageprot-violation)")
+	kinds := fs.String("kind", "", "only these kinds, comma-separated ("+strings.Join(audit.Kinds, ", ")+")")
 	since := fs.String("since", "", "only records at or after this time (RFC 3339, or a duration ago like 2h)")
 	until := fs.String("until", "", "only records at or before this time")
 	asJSON := fs.Bool("json", false, "print one JSON record per line")
-	if code, done := parseMixed(env, fs, args); done {
+	if code, done := parseFlags(env, fs, args); done {
 		return code
 	}
 	if fs.NArg() != 1 {
@@ -171,10 +177,14 @@ func auditShow(env *cliEnv, args []string) int {
 	}
 	for _, k := range strings.Split(*kinds, ",") {
 		if k = strings.TrimSpace(k); k != "" {
+			if !slices.Contains(audit.Kinds, k) {
+				fmt.Fprintf(env.stderr, "umbra audit show: --kind %q is not a record kind; kinds: %s\n", k, strings.Join(audit.Kinds, ", "))
+				return exitUsage
+			}
 			flt.Kinds = append(flt.Kinds, k)
 		}
 	}
-	f, err := os.Open(fs.Arg(0))
+	f, err := userfile.Open(fs.Arg(0), "audit log")
 	if err != nil {
 		return attestFail(env, err)
 	}

@@ -77,5 +77,6 @@ func usage(w io.Writer) {
 	for _, n := range names {
 		fmt.Fprintf(w, "  %-10s %s\n", n, commands[n].summary)
 	}
-	fmt.Fprintln(w, "\nRun 'umbra COMMAND --help' for a command's flags.")
+	fmt.Fprintln(w, "\nRun 'umbra COMMAND --help' for a command's flags. Flags may come before or after\narguments; everything after -- is an argument.")
+	fmt.Fprintln(w, "\n"+exitTable)
 }

@@ -9,17 +9,17 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"strings"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/umbra-cc/umbra/monitor"
 	"github.com/umbra-cc/umbra/policy"
 	"github.com/umbra-cc/umbra/sealing"
+	"github.com/umbra-cc/umbra/statefile"
+	"github.com/umbra-cc/umbra/userfile"
 )
-
-// exitNoGuestStatus is the CLI's status when the VM did not end through its own EXIT
-// call (crash, timeout, refusal, monitor error), so it cannot be confused with a guest
-// status in scripts. Guest statuses are 0-255 but the demo and test guests use 0-127.
-const exitNoGuestStatus = 125
 
 func init() {
 	register(&command{name: "run", summary: "run a protected VM (the built-in demo without arguments)", run: runRun})
@@ -33,8 +33,9 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 			"  umbra run vm.yaml --policy B --policy-key K --policy-key-id ID\n"+
 			"                               a VM spec (docs/spec.md) under a signed policy bundle\n"+
 			"  umbra run vm.umbra           a sealed VM bundle (docs/bundle.md)\n\n"+
-			"The CLI exits with the guest's exit status, or 125 when the VM did not exit by\n"+
-			"itself (refused, crashed, timed out, stopped by policy).")
+			"The CLI exits with the guest's exit status, 2 for a usage error or an input refused\n"+
+			"before the launch, or 125 when the VM did not exit by itself (refused, crashed,\n"+
+			"timed out, stopped by policy); the table below has every status.")
 	tf := addTPMFlags(fs)
 	cmdline := fs.String("guest-cmdline", "", "override the guest command line of the spec or demo")
 	jsonOut := fs.Bool("json", false, "print a JSON summary on stdout (the console then goes to stderr)")
@@ -45,15 +46,62 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 	verbose := fs.Bool("v", false, "log monitor events to stderr")
 	nonceHex := fs.String("attest-nonce", "", "after the VM stops, quote the launch PCR over this verifier nonce (hex) ...")
 	evidenceOut := fs.String("evidence", "", "... and write the evidence here (for umbra attest verify)")
+	force := fs.Bool("force", false, "overwrite an existing --evidence file")
 	if code, done := parseFlags(env, fs, args); done {
 		return code
 	}
-	if fs.NArg() > 1 {
-		fmt.Fprintf(env.stderr, "umbra run: expected at most one SPEC or BUNDLE, got %d arguments\n", fs.NArg())
-		return 2
+	usageErr := func(format string, a ...any) int {
+		fmt.Fprintf(env.stderr, "umbra run: "+format+"\n", a...)
+		return exitUsage
 	}
-	cmdlineSet := false
-	fs.Visit(func(f *flag.Flag) { cmdlineSet = cmdlineSet || f.Name == "guest-cmdline" })
+	if fs.NArg() > 1 {
+		return usageErr("expected at most one SPEC or BUNDLE, got %d arguments", fs.NArg())
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	mode := "spec"
+	switch {
+	case fs.NArg() == 0:
+		mode = "demo"
+	case isSealedBundle(fs.Arg(0)):
+		mode = "bundle"
+	}
+	if mode != "spec" {
+		for _, f := range []string{"policy", "policy-key", "policy-key-id"} {
+			if set[f] {
+				what := "the built-in demo runs under the built-in demo policy"
+				if mode == "bundle" {
+					what = "a sealed bundle carries its own signed policy"
+				}
+				return usageErr("--%s has no effect here: %s", f, what)
+			}
+		}
+	} else if *policyPath == "" || *policyKey == "" || *policyKeyID == "" {
+		return usageErr("a VM spec runs only under a signed policy: pass --policy BUNDLE --policy-key PEM --policy-key-id ID (umbra policy build makes one), or run a sealed bundle")
+	}
+	if err := tf.check(); err != nil {
+		return usageErr("%v", err)
+	}
+	if set["timeout"] && *timeout <= 0 {
+		return usageErr("--timeout %s: give a positive duration such as 30s (leave it out for the spec's)", *timeout)
+	}
+	if set["force"] && *evidenceOut == "" {
+		return usageErr("--force has no effect without --evidence")
+	}
+	var nonce []byte
+	if (*nonceHex == "") != (*evidenceOut == "") {
+		return usageErr("--attest-nonce and --evidence go together")
+	}
+	if *nonceHex != "" {
+		var err error
+		if nonce, err = parseNonce(*nonceHex); err != nil {
+			return usageErr("--attest-nonce: %v", err)
+		}
+		// The evidence must have somewhere to go before the VM runs, or it is lost.
+		if err := checkOutputPath(*evidenceOut, *force); err != nil {
+			return usageErr("--evidence: %v", err)
+		}
+	}
 	log := slog.New(slog.DiscardHandler)
 	if *verbose {
 		log = slog.New(slog.NewTextHandler(env.stderr, nil))
@@ -66,23 +114,24 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 	defer tpm.Close()
 
 	var src *monitor.LaunchSource
-	switch {
-	case fs.NArg() == 0:
+	switch mode {
+	case "demo":
 		src, err = monitor.DemoSource(ctx)
-	case isSealedBundle(fs.Arg(0)):
+	case "bundle":
 		src, err = monitor.SealedSource(ctx, tpm, stateDir, fs.Arg(0), log)
 	default:
-		if *policyPath == "" || *policyKey == "" || *policyKeyID == "" {
-			fmt.Fprintln(env.stderr, "umbra run: a VM spec runs only under a signed policy: pass --policy BUNDLE --policy-key PEM --policy-key-id ID (umbra policy build makes one), or run a sealed bundle")
-			return 2
-		}
 		var pemKey []byte
-		if pemKey, err = os.ReadFile(*policyKey); err == nil {
+		if pemKey, err = userfile.Read(ctx, *policyKey, "policy key", userfile.MaxKeyBytes); err == nil {
 			src, err = monitor.SpecSource(ctx, fs.Arg(0), *policyPath, policy.VerifyKey{ID: *policyKeyID, PEM: pemKey})
+		} else {
+			err = fmt.Errorf("%w: %w", monitor.ErrInvalidInput, err)
 		}
 	}
 	if err != nil {
 		fmt.Fprintf(env.stderr, "umbra run: %v\n", err)
+		if errors.Is(err, monitor.ErrInvalidInput) {
+			return exitUsage
+		}
 		return exitNoGuestStatus
 	}
 	defer src.Wipe()
@@ -98,30 +147,25 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 	case c == "none":
 		cfg.Console = io.Discard
 	case strings.HasPrefix(c, "file:"):
-		f, err := os.OpenFile(strings.TrimPrefix(c, "file:"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+		// Guest output goes only to a new regular file: never appended to an
+		// existing file, never through a symlink (the monitor may run as root).
+		f, err := userfile.CreateNew(strings.TrimPrefix(c, "file:"), 0o600)
 		if err != nil {
 			fmt.Fprintf(env.stderr, "umbra run: console: %v\n", err)
-			return exitNoGuestStatus
+			return exitUsage
 		}
 		defer f.Close()
 		cfg.Console = f
 	}
-	if cmdlineSet {
+	if set["guest-cmdline"] {
 		cfg.Cmdline = *cmdline
 	}
 	if *timeout != 0 {
 		cfg.Timeout = *timeout
 	}
-	var nonce []byte
-	if (*nonceHex == "") != (*evidenceOut == "") {
-		fmt.Fprintln(env.stderr, "umbra run: --attest-nonce and --evidence go together")
-		return 2
-	}
-	if *nonceHex != "" {
-		if nonce, err = parseNonce(*nonceHex); err != nil {
-			fmt.Fprintf(env.stderr, "umbra run: --attest-nonce: %v\n", err)
-			return 2
-		}
+	if err := monitor.CheckConfig(cfg); err != nil {
+		fmt.Fprintf(env.stderr, "umbra run: VM %s: %v\n", src.Spec.Name, err)
+		return exitUsage
 	}
 	principal, err := monitor.LocalPrincipal()
 	if err != nil {
@@ -135,7 +179,7 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 		EvidenceNonce: nonce,
 	})
 	if rep != nil && rep.Evidence != nil {
-		if werr := writeEvidence(*evidenceOut, rep); werr != nil {
+		if werr := writeEvidence(*evidenceOut, rep, *force); werr != nil {
 			fmt.Fprintf(env.stderr, "umbra run: %v\n", werr)
 			if err == nil {
 				err = werr
@@ -150,15 +194,38 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 	return reportRun(env, src.Spec.Name, rep, err, *jsonOut)
 }
 
-func isSealedBundle(path string) bool {
-	f, err := os.Open(path)
+// checkOutputPath checks, before anything runs, that path can be created: its
+// directory exists, and nothing is there unless force is given (a symlink is
+// never written through).
+func checkOutputPath(path string, force bool) error {
+	dir := filepath.Dir(path)
+	st, err := os.Stat(dir)
 	if err != nil {
-		return false
+		return fmt.Errorf("directory %s: %w", dir, err)
 	}
-	defer f.Close()
-	head := make([]byte, 16)
-	n, _ := io.ReadFull(f, head)
-	return sealing.IsBundle(head[:n])
+	if !st.IsDir() {
+		return fmt.Errorf("%s is not a directory", dir)
+	}
+	if unix.Access(dir, unix.W_OK) != nil {
+		return fmt.Errorf("directory %s is not writable", dir)
+	}
+	fi, err := os.Lstat(path)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return nil
+	case err != nil:
+		return err
+	case !fi.Mode().IsRegular():
+		return fmt.Errorf("%s exists and is not a regular file (%s)", path, fi.Mode().Type())
+	case !force:
+		return fmt.Errorf("%s exists: pass --force to overwrite it", path)
+	}
+	return nil
+}
+
+func isSealedBundle(path string) bool {
+	head, ok := userfile.Peek(path, 16)
+	return ok && sealing.IsBundle(head)
 }
 
 // runSummary is the --json output of umbra run.
@@ -238,12 +305,15 @@ func reportDecision(env *cliEnv, name string, rep *monitor.LaunchReport) {
 	fmt.Fprintf(env.stderr, "umbra: audit log %s\n", rep.AuditLog)
 }
 
-func writeEvidence(path string, rep *monitor.LaunchReport) error {
+func writeEvidence(path string, rep *monitor.LaunchReport, force bool) error {
 	b, err := rep.Evidence.Marshal()
 	if err != nil {
 		return fmt.Errorf("encode evidence: %w", err)
 	}
-	if err := os.WriteFile(path, b, 0o644); err != nil {
+	if err := checkOutputPath(path, force); err != nil {
+		return fmt.Errorf("write evidence: %w", err)
+	}
+	if err := statefile.WriteAtomic(path, b, 0o644); err != nil {
 		return fmt.Errorf("write evidence: %w", err)
 	}
 	return nil

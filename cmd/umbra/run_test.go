@@ -98,7 +98,7 @@ func TestRunRefusesBadInput(t *testing.T) {
 		want string
 	}{
 		{"spec without policy", []string{"run", "--state-dir", dir, spec}, 2, "runs only under a signed policy"},
-		{"unknown spec field", []string{"run", "--state-dir", dir, "--policy", spec, "--policy-key", spec, "--policy-key-id", "k", spec}, exitNoGuestStatus, "field cpus not found"},
+		{"unknown spec field", []string{"run", "--state-dir", dir, "--policy", spec, "--policy-key", spec, "--policy-key-id", "k", spec}, exitUsage, "field cpus not found"},
 		{"two arguments", []string{"run", "a", "b"}, 2, "at most one"},
 		{"bad flag", []string{"run", "--nope"}, 2, "flag provided but not defined"},
 	}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -12,7 +13,10 @@ import (
 	"os"
 	"strings"
 
+	"github.com/umbra-cc/umbra/monitor"
+	"github.com/umbra-cc/umbra/policy"
 	"github.com/umbra-cc/umbra/sealing"
+	"github.com/umbra-cc/umbra/statefile"
 )
 
 func init() {
@@ -66,6 +70,12 @@ The target is this host's TPM (--tpm) or the host whose EK public key --for-host
 	if o.PolicyBundle, err = readFile(*policy, maxInput); err != nil {
 		return fail(env, err)
 	}
+	// Seal only what 'umbra run' will accept: a valid spec and a policy the bundle's
+	// administrator signed (the checks are the ones run makes after opening).
+	if err := validateSealInputs(ctx, admin, o.Spec, o.PolicyBundle, *spec, *policy); err != nil {
+		fmt.Fprintf(env.stderr, "umbra seal: %v\n", err)
+		return exitUsage
+	}
 	for _, p := range approvals {
 		b, err := readFile(p, 1<<20)
 		if err != nil {
@@ -112,6 +122,22 @@ The target is this host's TPM (--tpm) or the host whose EK public key --for-host
 	}
 	fmt.Fprintf(env.stdout, "sealed %s version %d for host %s -> %s\n", *series, *version, sealing.Fingerprint(o.HostEK), *out)
 	return 0
+}
+
+func validateSealInputs(ctx context.Context, admin *ecdsa.PrivateKey, spec, pol []byte, specPath, polPath string) error {
+	if _, err := monitor.ParseSpec(spec); err != nil {
+		return fmt.Errorf("%s: %w", specPath, err)
+	}
+	der, err := x509.MarshalPKIXPublicKey(&admin.PublicKey)
+	if err != nil {
+		return err
+	}
+	id := sealing.KeyID(&admin.PublicKey)
+	key := policy.VerifyKey{ID: id, PEM: pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})}
+	if _, err := policy.LoadSignedBundle(ctx, bytes.NewReader(pol), polPath, key); err != nil {
+		return fmt.Errorf("%s must be signed by the sealing administrator with key id %s (umbra policy build --signing-key ADMIN --key-id %s): %w", polPath, id, id, err)
+	}
+	return nil
 }
 
 func approveBinary(admin *ecdsa.PrivateKey, path, comment string) (*sealing.Approval, error) {
@@ -171,12 +197,19 @@ administrator then open under that monitor, without being resealed.`)
 func runSealKeygen(env *cliEnv, args []string) int {
 	fs := newFlagSet(env, "seal keygen", "", "Generate an administrator ECDSA P-256 key pair (private PEM to -o, public PEM to -o.pub).")
 	out := fs.String("o", "", "private key output file (required); the public key goes to FILE.pub")
+	force := fs.Bool("force", false, "overwrite existing key files (the old private key is lost)")
 	if code, done := parseFlags(env, fs, args); done {
 		return code
 	}
 	if *out == "" || fs.NArg() != 0 {
 		fmt.Fprintln(env.stderr, "umbra seal keygen: -o is required")
-		return 2
+		return exitUsage
+	}
+	for _, p := range []string{*out, *out + ".pub"} {
+		if err := checkOutputPath(p, *force); err != nil {
+			fmt.Fprintf(env.stderr, "umbra seal keygen: %v\n", err)
+			return exitUsage
+		}
 	}
 	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -190,10 +223,10 @@ func runSealKeygen(env *cliEnv, args []string) int {
 	if err != nil {
 		return fail(env, err)
 	}
-	if err := os.WriteFile(*out, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
+	if err := statefile.WriteAtomic(*out, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
 		return fail(env, err)
 	}
-	if err := os.WriteFile(*out+".pub", pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: pub}), 0o644); err != nil {
+	if err := statefile.WriteAtomic(*out+".pub", pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: pub}), 0o644); err != nil {
 		return fail(env, err)
 	}
 	fmt.Fprintf(env.stdout, "administrator key %s -> %s, %s.pub\n", sealing.KeyID(&k.PublicKey), *out, *out)

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/umbra-cc/umbra/guestimage"
 	"github.com/umbra-cc/umbra/sealing"
 )
 
@@ -52,9 +53,11 @@ type sealWorld struct {
 func newSealWorld(t *testing.T) *sealWorld {
 	w := &sealWorld{in: t.TempDir(), out: t.TempDir(), a: newSealHost(t), b: newSealHost(t)}
 	w.adminKey = filepath.Join(w.in, "admin.pem")
-	if code, _, stderr := umbraSeal(t, "seal", "keygen", "-o", w.adminKey); code != 0 {
+	code, keyOut, stderr := umbraSeal(t, "seal", "keygen", "-o", w.adminKey)
+	if code != 0 {
 		t.Fatalf("seal keygen: exit %d: %s", code, stderr)
 	}
+	keyID := strings.Fields(keyOut)[2]
 	for _, h := range []*sealHost{w.a, w.b} {
 		dir := sealing.TrustedAdminsDir(h.dir)
 		if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -75,8 +78,16 @@ func newSealWorld(t *testing.T) *sealWorld {
 		}
 		return p
 	}
-	spec := write("vm.json", `{"name":"vm1","note":"`+sealMarker+`"}`)
-	pol := write("policy.tar.gz", "policy "+sealMarker)
+	// A real VM (its image beside the bundles) under a policy the administrator
+	// signed: unseal --check and seal refuse anything less.
+	spec := write("vm.yaml", "apiVersion: umbra.dev/v1\nname: vm1\nlabels:\n  note: "+sealMarker+"\nguest:\n  image: guest.elf\n")
+	if err := os.WriteFile(filepath.Join(w.out, "guest.elf"), guestimage.Image(), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	pol := filepath.Join(w.in, "policy.tar.gz")
+	if code, _, stderr := umbraSeal(t, "policy", "build", policyDir, "--signing-key", w.adminKey, "--key-id", keyID, "-o", pol); code != 0 {
+		t.Fatalf("policy build: exit %d: %s", code, stderr)
+	}
 	seal := func(h *sealHost, version, name string, extra ...string) string {
 		out := filepath.Join(w.out, name)
 		args := append([]string{"seal", "--spec", spec, "--policy", pol, "--series", "vm1", "--version", version,
@@ -256,4 +267,75 @@ func writeOtherAdmin(t *testing.T) string {
 		t.Fatalf("keygen: %s", stderr)
 	}
 	return p + ".pub"
+}
+
+// TestSealAndUnsealCheckRefuseWhatRunRefuses: a spec run refuses (1 TiB of memory)
+// and a policy another key signed are refused by seal, and, in a bundle sealed
+// without that check, by unseal --check: it no longer says "opens on this host" for
+// a bundle run will refuse.
+func TestSealAndUnsealCheckRefuseWhatRunRefuses(t *testing.T) {
+	w := newSealWorld(t)
+	badSpec := filepath.Join(w.in, "big.yaml")
+	os.WriteFile(badSpec, []byte("apiVersion: umbra.dev/v1\nname: vm1\nguest:\n  image: guest.elf\nmemory: 1024GiB\n"), 0o600)
+	goodSpec := filepath.Join(w.in, "vm.yaml")
+	goodPol := filepath.Join(w.in, "policy.tar.gz")
+	otherPriv, _ := writeTestKeys(t, w.in, "test-only-other")
+	otherPol := filepath.Join(w.in, "other.tar.gz")
+	if code, _, errs := umbraSeal(t, "policy", "build", policyDir, "--signing-key", otherPriv, "--key-id", "other", "-o", otherPol); code != 0 {
+		t.Fatalf("policy build: %s", errs)
+	}
+	sealArgs := func(spec, pol string) []string {
+		return w.a.args("seal", "--spec", spec, "--policy", pol, "--series", "vm1", "--version", "9", "--admin-key", w.adminKey, "-o", filepath.Join(w.out, "x.bundle"))
+	}
+	for name, tc := range map[string]struct{ spec, pol, want string }{
+		"invalid spec":          {badSpec, goodPol, "memory"},
+		"policy of another key": {goodSpec, otherPol, "must be signed by the sealing administrator"},
+	} {
+		t.Run("seal "+name, func(t *testing.T) {
+			code, _, errs := umbraSeal(t, sealArgs(tc.spec, tc.pol)...)
+			if code != exitUsage || !strings.Contains(errs, tc.want) {
+				t.Fatalf("exit %d, stderr:\n%s\nwant 2 and %q", code, errs, tc.want)
+			}
+		})
+	}
+
+	// The same inputs sealed through the package, which does not look inside.
+	keyPEM, _ := os.ReadFile(w.adminKey)
+	admin, err := sealing.ParseAdminPrivatePEM(keyPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tpm, err := sealing.OpenTPM("sim", w.a.dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ek, err := sealing.ReadEKPublic(tpm)
+	tpm.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	self, _ := sealing.SelfDigest()
+	appr, err := sealing.ApproveMonitor(admin, self, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, tc := range map[string]struct{ spec, pol, want string }{
+		"invalid spec":          {badSpec, goodPol, "memory"},
+		"policy of another key": {goodSpec, otherPol, "must be signed by the bundle's administrator"},
+	} {
+		t.Run("unseal --check "+name, func(t *testing.T) {
+			spec, _ := os.ReadFile(tc.spec)
+			pol, _ := os.ReadFile(tc.pol)
+			b, err := sealing.Seal(sealing.SealOptions{Spec: spec, PolicyBundle: pol, Series: "vm1", Version: 9, HostEK: ek, Admin: admin, Approvals: []*sealing.Approval{appr}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			p := filepath.Join(w.out, strings.ReplaceAll(name, " ", "-")+".bundle")
+			os.WriteFile(p, b, 0o600)
+			code, out, errs := umbraSeal(t, w.a.args("unseal", "--check", p)...)
+			if code != exitFailed || !strings.Contains(out, "FAIL contents") || !strings.Contains(out, tc.want) || strings.Contains(out, "opens on this host") {
+				t.Fatalf("exit %d, stdout:\n%s\nstderr:\n%s\nwant 1, FAIL contents and %q", code, out, errs, tc.want)
+			}
+		})
+	}
 }

@@ -8,12 +8,13 @@ import (
 	"encoding/hex"
 	"flag"
 	"fmt"
-	"os"
 	"strings"
+	"time"
 
 	"github.com/google/go-tpm/tpm2/transport"
 	"github.com/umbra-cc/umbra/sealing"
 	_ "github.com/umbra-cc/umbra/sealing/tpmsim" // registers the "sim" back end
+	"github.com/umbra-cc/umbra/userfile"
 )
 
 func init() {
@@ -24,13 +25,27 @@ func init() {
 type tpmFlags struct {
 	spec     string
 	stateDir string
+	timeout  time.Duration
 }
 
 func addTPMFlags(fs *flag.FlagSet) *tpmFlags {
 	f := &tpmFlags{}
 	fs.StringVar(&f.spec, "tpm", sealing.DefaultTPMSpec, "TPM back end: sim (in-process simulator, NOT secure), swtpm:SOCKET or device:/dev/tpmrm0")
+	fs.DurationVar(&f.timeout, "tpm-timeout", sealing.DefaultTPMTimeout, "how long one TPM command may take before umbra gives up (swtpm and device back ends)")
 	fs.StringVar(&f.stateDir, "state-dir", "", "umbra state directory (default $UMBRA_STATE_DIR, $XDG_STATE_HOME/umbra or ~/.local/state/umbra)")
 	return f
+}
+
+// check validates the flags without opening anything (a usage error if they are
+// wrong).
+func (f *tpmFlags) check() error {
+	if _, err := sealing.ParseTPMSpec(f.spec); err != nil {
+		return fmt.Errorf("--tpm: %w", err)
+	}
+	if f.timeout <= 0 {
+		return fmt.Errorf("--tpm-timeout %s: give a positive duration", f.timeout)
+	}
+	return nil
 }
 
 func (f *tpmFlags) dir() (string, error) {
@@ -46,7 +61,7 @@ func (f *tpmFlags) open(env *cliEnv) (transport.TPMCloser, string, error) {
 	if err != nil {
 		return nil, "", err
 	}
-	t, err := sealing.OpenTPM(f.spec, dir)
+	t, err := sealing.OpenTPMTimeout(f.spec, dir, f.timeout)
 	if err != nil {
 		return nil, "", err
 	}
@@ -153,23 +168,8 @@ func fail(env *cliEnv, err error) int {
 	return 1
 }
 
-// readFile reads a user-named file with a size cap.
+// readFile reads a user-named file with a size cap: a regular file only, so a FIFO
+// or a device is refused at once instead of hanging the command (userfile.Read).
 func readFile(path string, max int64) ([]byte, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	if st.Size() > max {
-		return nil, fmt.Errorf("%s: %d bytes, more than the %d allowed", path, st.Size(), max)
-	}
-	b := make([]byte, st.Size())
-	if _, err := f.ReadAt(b, 0); err != nil && st.Size() > 0 {
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	return b, nil
+	return userfile.Read(context.Background(), path, "input", max)
 }

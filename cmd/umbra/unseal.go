@@ -2,10 +2,11 @@ package main
 
 import (
 	"context"
-	"flag"
 	"fmt"
 
+	"github.com/umbra-cc/umbra/monitor"
 	"github.com/umbra-cc/umbra/sealing"
+	"github.com/umbra-cc/umbra/userfile"
 )
 
 func init() {
@@ -15,29 +16,31 @@ func init() {
 func runUnseal(ctx context.Context, env *cliEnv, args []string) int {
 	fs := newFlagSet(env, "unseal", "--check BUNDLE", `Run every check 'umbra run' makes before opening a sealed VM bundle (format,
 administrator signature, host, rollback, monitor approval, TPM unseal, decryption),
-in memory, and print each outcome. Nothing is started, nothing is written, and the
-rollback counter is left alone. Exit status 0 if the bundle would open, 1 if not.`)
+in memory, then the checks 'umbra run' makes on what it holds (the spec, the guest
+image it names, the policy and its signer), through the same code, and print each
+outcome. Nothing is started and the rollback counter is left alone. The one thing it
+may write is what 'umbra run' does first: on a boot where no monitor was measured
+yet, it measures this umbra binary into PCR 13 and notes it in the state directory
+(--no-measure skips that; the TPM unseal step then fails on such a boot).
+Exit status 0 if the bundle would open and run, 1 if not.`)
 	tf := addTPMFlags(fs)
 	check := fs.Bool("check", false, "check only (required: umbra never writes a bundle's plaintext out)")
-	noMeasure := fs.Bool("no-measure", false, "do not measure this umbra binary into PCR 13 first (it is a no-op if it was measured this boot)")
+	noMeasure := fs.Bool("no-measure", false, "write nothing: do not measure this umbra binary into PCR 13 on a boot where no monitor was measured yet")
 	var admins multiFlag
 	fs.Var(&admins, "admin-pub", "trusted administrator public key PEM (repeatable; default: STATE/trusted-admins/*.pem)")
 	if code, done := parseFlags(env, fs, args); done {
 		return code
 	}
-	// Flags may also follow the bundle: umbra unseal --check B --tpm sim.
-	pos, err := interspersed(fs, fs.Args())
-	if err != nil {
-		return 2
-	}
+	pos := fs.Args()
 	if !*check || len(pos) != 1 {
 		fmt.Fprintln(env.stderr, "Usage: umbra unseal --check BUNDLE (use 'umbra run BUNDLE' to open and run it)")
 		return 2
 	}
 	bundle := pos[0]
-	data, err := readFile(bundle, sealing.MaxCiphertextSize+sealing.MaxHeaderSize+1024)
+	data, err := userfile.Read(ctx, bundle, "sealed bundle", sealing.MaxCiphertextSize+sealing.MaxHeaderSize+1024)
 	if err != nil {
-		return fail(env, err)
+		fmt.Fprintf(env.stderr, "umbra unseal: %v\n", err)
+		return exitUsage
 	}
 	t, dir, err := tf.open(env)
 	if err != nil {
@@ -64,7 +67,8 @@ rollback counter is left alone. Exit status 0 if the bundle would open, 1 if not
 		return fail(env, err)
 	}
 	if !*noMeasure {
-		// Idempotent within a boot; on the simulator every process is a new boot.
+		// What umbra run does first; idempotent within a boot (on the simulator
+		// every process is a new boot).
 		d, err := sealing.SelfDigest()
 		if err == nil {
 			_, err = sealing.MeasureMonitor(t, d, dir, "umbra unseal --check")
@@ -73,7 +77,7 @@ rollback counter is left alone. Exit status 0 if the bundle would open, 1 if not
 			fmt.Fprintf(env.stderr, "umbra: measuring this monitor: %v\n", err)
 		}
 	}
-	rep, err := sealing.CheckBundle(ctx, t, data, opts)
+	rep, err := sealing.CheckBundleWith(ctx, t, data, opts, "contents", monitor.CheckSealedContents(opts.TrustedAdmins, bundle))
 	for _, s := range rep.Steps {
 		mark := "ok  "
 		if !s.OK {
@@ -88,26 +92,4 @@ rollback counter is left alone. Exit status 0 if the bundle would open, 1 if not
 	h := rep.Header
 	fmt.Fprintf(env.stdout, "bundle %s opens on this host: series %q version %d\n", bundle, h.Series, h.Version)
 	return 0
-}
-
-// interspersed parses flags that follow positional arguments (the flag
-// package stops at the first one) and returns the positional arguments.
-// Everything after "--" is positional.
-func interspersed(fs *flag.FlagSet, args []string) ([]string, error) {
-	var pos []string
-	for len(args) > 0 {
-		if args[0] == "--" {
-			return append(pos, args[1:]...), nil
-		}
-		pos = append(pos, args[0])
-		if err := fs.Parse(args[1:]); err != nil {
-			return nil, err
-		}
-		rest := fs.Args()
-		if n := len(args) - 1 - len(rest); n > 0 && args[n] == "--" {
-			return append(pos, rest...), nil
-		}
-		args = rest
-	}
-	return pos, nil
 }

@@ -51,15 +51,19 @@ func newFlagSet(env *cliEnv, name, argsUsage, description string) *flag.FlagSet 
 		hasFlags := false
 		fs.VisitAll(func(*flag.Flag) { hasFlags = true })
 		if hasFlags {
-			fmt.Fprintln(w, "\nFlags:")
+			fmt.Fprintln(w, "\nFlags: (before or after the arguments; everything after -- is an argument)")
 			fs.PrintDefaults()
 		}
+		fmt.Fprintln(w, "\n"+exitTable)
 	}
 	return fs
 }
 
-// parseFlags parses args; done is true when the command must return code at once
-// (help was asked for: 0, or the flags were wrong: 2).
+// parseFlags parses args, flags and positional arguments in any order (everything
+// after "--" is positional), leaving the positional ones in fs.Args(); done is true
+// when the command must return code at once (help was asked for: 0, or the flags
+// were wrong: exitUsage). Every command and subcommand parses through it, so a new
+// verb gets the same conventions.
 func parseFlags(env *cliEnv, fs *flag.FlagSet, args []string) (code int, done bool) {
 	for _, a := range args {
 		if a == "--" {
@@ -71,8 +75,35 @@ func parseFlags(env *cliEnv, fs *flag.FlagSet, args []string) (code int, done bo
 			return 0, true
 		}
 	}
-	if err := fs.Parse(args); err != nil {
-		return 2, true
+	pos, err := interspersed(fs, args)
+	if err != nil {
+		return exitUsage, true
+	}
+	// Leave the positional arguments in fs.Args(); the flags are set already.
+	if err := fs.Parse(append([]string{"--"}, pos...)); err != nil {
+		return exitUsage, true
 	}
 	return 0, false
+}
+
+// interspersed parses flags wherever they are among the positional arguments (the
+// flag package alone stops at the first positional one) and returns the positional
+// arguments in order. Everything after "--" is positional.
+func interspersed(fs *flag.FlagSet, args []string) ([]string, error) {
+	var pos []string
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	for rest := fs.Args(); len(rest) > 0; rest = fs.Args() {
+		// fs.Parse stopped at a positional argument, or consumed a "--".
+		if n := len(args) - len(rest); n > 0 && args[n-1] == "--" {
+			return append(pos, rest...), nil
+		}
+		pos = append(pos, rest[0])
+		args = rest[1:]
+		if err := fs.Parse(args); err != nil {
+			return nil, err
+		}
+	}
+	return pos, nil
 }

@@ -1,0 +1,65 @@
+package eventlog_test
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/umbra-cc/umbra/attest/eventlog"
+	"github.com/umbra-cc/umbra/attest/tpmtest"
+)
+
+// BenchmarkMeasureShared is the cost of sharing the event log between monitors: two
+// measurers with their own file descriptions on one log and one TPM measure in turn,
+// so each measurement takes the flock, reads the other's record, re-reads the PCR,
+// appends, fsyncs and extends. The raw primitive, interleaved in the same loop, is an
+// fsync'd append of a line of the same size plus one PCR_Extend; x-raw is the ratio.
+func BenchmarkMeasureShared(b *testing.B) {
+	tpm := tpmtest.Simulator(b)
+	ctx := context.Background()
+	dir := b.TempDir()
+	path := filepath.Join(dir, "events.jsonl")
+	m1, err := eventlog.Open(ctx, tpm, path, 15, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer m1.Close()
+	m2, err := eventlog.Open(ctx, tpm, path, 15, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer m2.Close()
+	raw, err := os.OpenFile(filepath.Join(dir, "raw"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer raw.Close()
+	ev := eventlog.Event{Type: "bench", Description: "a measurement", Data: []byte("console=ttyS0 run=hello")}
+	rec, _ := m1.Measure(ctx, ev)
+	line, _ := eventlog.Encode(&rec)
+	digest := rec.SHA256()
+	var shared, rawT time.Duration
+	for b.Loop() {
+		t0 := time.Now()
+		if _, err := m2.Measure(ctx, ev); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := m1.Measure(ctx, ev); err != nil {
+			b.Fatal(err)
+		}
+		t1 := time.Now()
+		for range 2 {
+			raw.Write(line)
+			raw.Sync()
+			if err := eventlog.Extend(tpm, 16, digest); err != nil {
+				b.Fatal(err)
+			}
+		}
+		shared += t1.Sub(t0)
+		rawT += time.Since(t1)
+	}
+	b.ReportMetric(float64(shared)/float64(rawT), "x-raw")
+	b.ReportMetric(float64(shared.Nanoseconds())/float64(2*b.N), "ns/shared-measure")
+}
