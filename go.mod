@@ -8,6 +8,7 @@ require (
 	github.com/open-policy-agent/opa v1.22.0
 	go.yaml.in/yaml/v3 v3.0.5
 	golang.org/x/sys v0.49.0
+	golang.org/x/term v0.46.0
 )
 
 require (

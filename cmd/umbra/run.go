@@ -45,12 +45,22 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 	verbose := fs.Bool("v", false, "log monitor events to stderr")
 	nonceHex := fs.String("attest-nonce", "", "after the VM stops, quote the launch PCR over this verifier nonce (hex) ...")
 	evidenceOut := fs.String("evidence", "", "... and write the evidence here (for umbra attest verify)")
+	detach := fs.Bool("detach", false, "run the VM in a monitor process of its own and return once it is launched; control it with ps, inspect, pause, resume, stop, console (docs/api.md)")
+	operatorGroup := fs.String("operator-group", "", "with --detach: the group besides the owner that may connect to the control socket")
 	if code, done := parseFlags(env, fs, args); done {
 		return code
 	}
 	if fs.NArg() > 1 {
 		fmt.Fprintf(env.stderr, "umbra run: expected at most one SPEC or BUNDLE, got %d arguments\n", fs.NArg())
 		return 2
+	}
+	if *detach && !inDetachedMonitor() {
+		dir, err := tf.dir()
+		if err != nil {
+			fmt.Fprintf(env.stderr, "umbra run: %v\n", err)
+			return exitNoGuestStatus
+		}
+		return spawnDetached(ctx, env, dir, args, *jsonOut)
 	}
 	cmdlineSet := false
 	fs.Visit(func(f *flag.Flag) { cmdlineSet = cmdlineSet || f.Name == "guest-cmdline" })
@@ -64,6 +74,17 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 		return exitNoGuestStatus
 	}
 	defer tpm.Close()
+	var dm *detachedMonitor
+	if *detach {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithCancel(ctx)
+		defer cancel()
+		if dm, err = newDetachedMonitor(env, stateDir, *operatorGroup, log, cancel); err != nil {
+			fmt.Fprintf(env.stderr, "umbra run: %v\n", err)
+			return 2
+		}
+		defer dm.finish()
+	}
 
 	var src *monitor.LaunchSource
 	switch {
@@ -106,6 +127,12 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 		defer f.Close()
 		cfg.Console = f
 	}
+	if dm != nil {
+		cfg.Console = dm.hub
+		if *timeout == 0 && src.Spec.Timeout == "" {
+			cfg.Timeout = -1 // a detached VM runs until stopped unless its spec says otherwise
+		}
+	}
 	if cmdlineSet {
 		cfg.Cmdline = *cmdline
 	}
@@ -133,6 +160,7 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 		Principal: principal, TPM: tpm, StateDir: stateDir, Logger: log,
 		Started:       func(rep *monitor.LaunchReport) { reportDecision(env, src.Spec.Name, rep) },
 		EvidenceNonce: nonce,
+		Attach:        dm.attachFunc(),
 	})
 	if rep != nil && rep.Evidence != nil {
 		if werr := writeEvidence(*evidenceOut, rep); werr != nil {
