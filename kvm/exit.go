@@ -78,6 +78,13 @@ func (e *ExitMMIO) SetReadData(v uint64) {
 	copy(e.run.Exit[8:16], b[:])
 }
 
+// ReadBuffer returns the bytes a guest load receives, aliasing the vCPU's run structure:
+// a device fills it in place, as SetReadData does. It is Len bytes long (at most 8), and
+// valid until the vCPU runs again.
+func (e *ExitMMIO) ReadBuffer() []byte {
+	return e.run.Exit[8 : 8+min(max(e.Len, 0), 8)]
+}
+
 func lenMask(n int) uint64 {
 	if n >= 8 || n <= 0 {
 		return ^uint64(0)

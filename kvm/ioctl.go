@@ -45,6 +45,8 @@ var (
 	ioctlSetTSSAddr          = kvmIO(0x47)
 	ioctlSetIdentityMapAddr  = kvmIOW(0x48, 8)
 	ioctlCreateIRQChip       = kvmIO(0x60)
+	ioctlIRQLine             = kvmIOW(0x61, 8)
+	ioctlCreatePIT2          = kvmIOW(0x77, 64)
 	ioctlRun                 = kvmIO(0x80)
 	ioctlGetRegs             = kvmIOR(0x81, sizeOf[Regs]())
 	ioctlSetRegs             = kvmIOW(0x82, sizeOf[Regs]())

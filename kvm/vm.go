@@ -102,6 +102,31 @@ func (vm *VM) CreateIRQChip() error {
 	return err
 }
 
+// IRQLine sets the level of interrupt line irq of the in-kernel irqchip (KVM_IRQ_LINE):
+// with the default routing, ISA lines 0-15 drive both the PIC and the IOAPIC pin of the
+// same number. Edge-triggered inputs see an interrupt on each low-to-high change. Safe to
+// call from any goroutine while vCPUs run; a halted vCPU wakes for the interrupt.
+func (vm *VM) IRQLine(irq uint32, high bool) error {
+	arg := struct{ IRQ, Level uint32 }{IRQ: irq}
+	if high {
+		arg.Level = 1
+	}
+	_, err := ioctlPtr(vm.fd, "KVM_IRQ_LINE", ioctlIRQLine, unsafe.Pointer(&arg))
+	return err
+}
+
+// CreatePIT2 creates the in-kernel i8254 interval timer (ports 0x40-0x43, with a dummy
+// speaker port 0x61), whose channel 0 drives IRQ 0. Call it after CreateIRQChip.
+func (vm *VM) CreatePIT2() error {
+	const pitSpeakerDummy = 1 // KVM_PIT_SPEAKER_DUMMY: port 0x61 reads back, no sound
+	arg := struct {
+		Flags uint32
+		Pad   [15]uint32
+	}{Flags: pitSpeakerDummy}
+	_, err := ioctlPtr(vm.fd, "KVM_CREATE_PIT2", ioctlCreatePIT2, unsafe.Pointer(&arg))
+	return err
+}
+
 // SetTSSAddr sets the three-page region Intel VMX needs for real-mode emulation.
 func (vm *VM) SetTSSAddr(gpa uint64) error {
 	_, err := ioctlVal(vm.fd, "KVM_SET_TSS_ADDR", ioctlSetTSSAddr, uintptr(gpa))

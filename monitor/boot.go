@@ -83,8 +83,31 @@ func writeBootState(mem *GuestMemory, p bootParams) error {
 	if err := mem.WritePhys(bootGDTAddr, gdt); err != nil {
 		return err
 	}
-	// Page tables: PML4[0] and PML4[256] -> one PDPT whose four entries -> four PDs of
-	// 2 MiB pages covering 4 GiB.
+	if err := writeBootPageTables(mem); err != nil {
+		return err
+	}
+	cmd := append([]byte(p.cmdline), 0)
+	if err := mem.WritePhys(bootCmdlineAddr, cmd); err != nil {
+		return err
+	}
+	info := make([]byte, 72)
+	le.PutUint32(info[0:], bootInfoMagic)
+	le.PutUint32(info[4:], bootInfoVersion)
+	le.PutUint64(info[8:], mem.Size())
+	le.PutUint64(info[16:], bootCmdlineAddr)
+	le.PutUint64(info[24:], uint64(len(p.cmdline)))
+	le.PutUint64(info[32:], p.doorbell)
+	le.PutUint64(info[40:], p.image.Start)
+	le.PutUint64(info[48:], p.image.End)
+	le.PutUint64(info[56:], p.tscKHz)
+	le.PutUint64(info[64:], apicTimerHz)
+	return mem.WritePhys(bootInfoAddr, info)
+}
+
+// writeBootPageTables writes the boot page tables: PML4[0] and PML4[256] -> one PDPT
+// whose four entries -> four PDs of 2 MiB pages covering 4 GiB.
+func writeBootPageTables(mem *GuestMemory) error {
+	le := binary.LittleEndian
 	pml4 := make([]byte, PageSize)
 	le.PutUint64(pml4[0:], bootPDPTAddr|pteP|pteW)
 	le.PutUint64(pml4[256*8:], bootPDPTAddr|pteP|pteW)
@@ -104,22 +127,7 @@ func writeBootState(mem *GuestMemory, p bootParams) error {
 			return err
 		}
 	}
-	cmd := append([]byte(p.cmdline), 0)
-	if err := mem.WritePhys(bootCmdlineAddr, cmd); err != nil {
-		return err
-	}
-	info := make([]byte, 72)
-	le.PutUint32(info[0:], bootInfoMagic)
-	le.PutUint32(info[4:], bootInfoVersion)
-	le.PutUint64(info[8:], mem.Size())
-	le.PutUint64(info[16:], bootCmdlineAddr)
-	le.PutUint64(info[24:], uint64(len(p.cmdline)))
-	le.PutUint64(info[32:], p.doorbell)
-	le.PutUint64(info[40:], p.image.Start)
-	le.PutUint64(info[48:], p.image.End)
-	le.PutUint64(info[56:], p.tscKHz)
-	le.PutUint64(info[64:], apicTimerHz)
-	return mem.WritePhys(bootInfoAddr, info)
+	return nil
 }
 
 // setBootCPUState puts vCPU 0 in 64-bit mode at the image entry (docs/boot.md).

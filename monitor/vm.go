@@ -12,12 +12,18 @@ import (
 	"time"
 
 	"github.com/umbra-cc/umbra/appcontext"
+	"github.com/umbra-cc/umbra/bus"
 	"github.com/umbra-cc/umbra/kvm"
+	"github.com/umbra-cc/umbra/serial"
 )
 
 // Config describes one VM run.
 type Config struct {
-	Image      []byte    // guest image, an ELF64 x86-64 executable (docs/boot.md)
+	Image      []byte    // guest image: an ELF64 x86-64 executable (docs/boot.md), or the Linux kernel when Boot is BootLinux
+	// Boot is the boot protocol: BootUmbra (the zero value) or BootLinux (docs/linux.md).
+	Boot string
+	// Initrd is the initramfs of a Linux boot (a newc cpio archive, plain or gzip); none if nil.
+	Initrd     []byte
 	MemorySize uint64    // bytes of guest RAM; DefaultMemorySize if zero
 	Cmdline    string    // guest command line
 	Console    io.Writer // receives serial output and CONSOLE_WRITE hypercalls; discarded if nil
@@ -111,8 +117,13 @@ type VM struct {
 	cpu     *kvm.VCPU
 	mem     *GuestMemory
 	image   Image
-	serial  serial16550
 	counter Counters
+	// pio and mmio route port I/O and MMIO exits to devices (devices.go); uart is COM1.
+	pio, mmio bus.Bus
+	uart      *serial.UART
+	// curMMIO is the MMIO exit being handled, for devices that need more than its data
+	// (the doorbell).
+	curMMIO *kvm.ExitMMIO
 	// maxPhysAddr is the guest's MAXPHYADDR, for page walks.
 	maxPhysAddr uint8
 
@@ -153,6 +164,12 @@ func New(cfg Config) (_ *VM, err error) {
 	if len(cfg.Image) == 0 {
 		return nil, errors.New("no guest image given")
 	}
+	if cfg.Boot != BootUmbra && cfg.Boot != BootLinux {
+		return nil, fmt.Errorf("boot protocol %q: want %q or %q", cfg.Boot, BootUmbra, BootLinux)
+	}
+	if cfg.Boot != BootLinux && len(cfg.Initrd) > 0 {
+		return nil, errors.New("an initramfs is only for a Linux boot")
+	}
 	if cfg.Timeout == 0 {
 		cfg.Timeout = DefaultTimeout
 	}
@@ -162,7 +179,6 @@ func New(cfg Config) (_ *VM, err error) {
 	}
 	v := &VM{cfg: cfg, log: log}
 	v.ctl.init()
-	v.serial.out = cfg.Console
 	defer func() {
 		if err != nil {
 			v.Close()
@@ -177,7 +193,12 @@ func New(cfg Config) (_ *VM, err error) {
 	if v.mem, err = NewGuestMemory(cfg.MemorySize); err != nil {
 		return nil, err
 	}
-	if v.image, err = LoadELF(v.mem, cfg.Image); err != nil {
+	setCPU := func(c *kvm.VCPU) error { return setBootCPUState(c, v.image.Entry) }
+	if cfg.Boot == BootLinux {
+		if v.image, setCPU, err = loadLinux(v.mem, cfg.Image, cfg.Initrd, cfg.Cmdline); err != nil {
+			return nil, fmt.Errorf("load Linux kernel: %w", err)
+		}
+	} else if v.image, err = LoadELF(v.mem, cfg.Image); err != nil {
 		return nil, fmt.Errorf("load guest image: %w", err)
 	}
 	if v.kvm, err = v.sys.CreateVM(); err != nil {
@@ -189,12 +210,21 @@ func New(cfg Config) (_ *VM, err error) {
 	if err = v.kvm.CreateIRQChip(); err != nil {
 		return nil, err
 	}
+	if cfg.Boot == BootLinux {
+		// Linux calibrates its local APIC timer against the PIT.
+		if err = v.kvm.CreatePIT2(); err != nil {
+			return nil, err
+		}
+	}
 	sysView, err := v.mem.View("sys")
 	if err != nil {
 		return nil, err
 	}
 	if err = v.kvm.SetMemoryRegion(kvm.MemoryRegion{Slot: 0, GuestPhys: 0, Host: sysView}); err != nil {
 		return nil, fmt.Errorf("map guest RAM into the VM: %w", err)
+	}
+	if err = v.installDevices(); err != nil {
+		return nil, err
 	}
 	if v.cpu, err = v.kvm.CreateVCPU(0); err != nil {
 		return nil, err
@@ -203,6 +233,7 @@ func New(cfg Config) (_ *VM, err error) {
 	if err != nil {
 		return nil, err
 	}
+	cpuid = guestCPUID(cpuid, cfg.Boot)
 	if err = v.cpu.SetCPUID(cpuid); err != nil {
 		return nil, err
 	}
@@ -216,10 +247,14 @@ func New(cfg Config) (_ *VM, err error) {
 	if err != nil {
 		return nil, err
 	}
-	if err = writeBootState(v.mem, bootParams{image: v.image, cmdline: cfg.Cmdline, tscKHz: tsc, doorbell: DoorbellGPA}); err != nil {
+	if cfg.Boot == BootLinux {
+		if err = setLinuxMSRs(v.cpu); err != nil {
+			return nil, err
+		}
+	} else if err = writeBootState(v.mem, bootParams{image: v.image, cmdline: cfg.Cmdline, tscKHz: tsc, doorbell: DoorbellGPA}); err != nil {
 		return nil, err
 	}
-	if err = setBootCPUState(v.cpu, v.image.Entry); err != nil {
+	if err = setCPU(v.cpu); err != nil {
 		return nil, err
 	}
 	v.cpu.EnableSyncRegs(kvm.SyncRegs | kvm.SyncSregs)
@@ -355,11 +390,10 @@ func (v *VM) handleExit(runCtx context.Context, exit kvm.Exit) (*guestExit, erro
 	switch e := exit.(type) {
 	case *kvm.ExitMMIO:
 		v.counter.MMIOExits++
-		return v.handleMMIO(e)
+		return deviceResult(v.handleMMIO(e))
 	case *kvm.ExitIO:
 		v.counter.IOExits++
-		v.handleIO(e)
-		return nil, nil
+		return deviceResult(v.handleIO(e))
 	case *kvm.ExitInterrupted:
 		v.counter.Interrupts++
 		return nil, v.interrupted(runCtx)
@@ -370,6 +404,16 @@ func (v *VM) handleExit(runCtx context.Context, exit kvm.Exit) (*guestExit, erro
 	default:
 		return nil, v.crash(exit.String())
 	}
+}
+
+// deviceResult separates a guest's power-off, which devices return as a *guestExit error,
+// from errors that end the run otherwise.
+func deviceResult(err error) (*guestExit, error) {
+	var ge *guestExit
+	if errors.As(err, &ge) {
+		return ge, nil
+	}
+	return nil, err
 }
 
 // where describes the vCPU's position for timeout messages.
@@ -393,79 +437,57 @@ func (v *VM) crash(reason string) error {
 	return e
 }
 
-func (v *VM) handleIO(e *kvm.ExitIO) {
+func (v *VM) handleIO(e *kvm.ExitIO) error {
 	for i := 0; i < e.Count; i++ {
-		for b := 0; b < e.Size; b++ {
-			port := e.Port + uint16(b)
-			idx := i*e.Size + b
-			if !v.serial.handles(port) {
-				v.counter.UnhandledIO++
-				if e.In {
-					e.Data[idx] = 0xff // nothing there, as on a real bus
-				}
-				continue
-			}
+		data := e.Data[i*e.Size : (i+1)*e.Size]
+		var handled bool
+		var err error
+		if e.In {
+			handled, err = v.pio.Read(uint64(e.Port), data)
+		} else {
+			handled, err = v.pio.Write(uint64(e.Port), data)
+		}
+		if err != nil {
+			return err
+		}
+		if !handled {
+			v.counter.UnhandledIO++
 			if e.In {
-				e.Data[idx] = v.serial.in8(port)
-			} else {
-				v.serial.out8(port, e.Data[idx])
+				for j := range data {
+					data[j] = 0xff // nothing there, as on a real bus
+				}
 			}
 		}
 	}
+	return nil
 }
 
-func (v *VM) handleMMIO(e *kvm.ExitMMIO) (*guestExit, error) {
-	if e.Addr < DoorbellGPA || e.Addr >= DoorbellGPA+PageSize {
-		for _, x := range v.extensions {
-			handled, err := x.mmio(v, e)
-			if err != nil {
-				return nil, err
-			}
-			if handled {
-				return nil, nil
-			}
-		}
-		return nil, v.crash(fmt.Sprintf("access to unmapped guest-physical address (%v)", e))
+func (v *VM) handleMMIO(e *kvm.ExitMMIO) error {
+	if e.Len <= 0 || e.Len > 8 {
+		return v.crash(fmt.Sprintf("MMIO access of %d bytes (%v)", e.Len, e))
 	}
-	regs, sregs := v.cpu.SyncedRegs(), v.cpu.SyncedSregs()
-	call, err := decodeDoorbell(e.Addr-DoorbellGPA, e.Len, e.IsWrite, regs, sregs)
-	if err != nil {
-		v.counter.DoorbellViolations++
-		if sregs.CPL() == 0 {
-			return nil, fmt.Errorf("guest kernel: %w", err)
-		}
-		v.log.Warn("discarded doorbell protocol violation from user mode", "err", err)
-		if !e.IsWrite {
-			e.SetReadData(negErrno(errnoEINVAL))
-		}
-		return nil, nil
+	v.curMMIO = e
+	defer func() { v.curMMIO = nil }()
+	var handled bool
+	var err error
+	if e.IsWrite {
+		handled, err = v.mmio.Write(e.Addr, e.Data[:e.Len])
+	} else {
+		handled, err = v.mmio.Read(e.Addr, e.ReadBuffer())
 	}
-	v.counter.Hypercalls++
-	if call.Nr >= appcontext.CallRegister && call.Nr <= callLast {
-		ret, deferred, err := v.cloakHypercall(call, e)
+	if handled || err != nil {
+		return err
+	}
+	for _, x := range v.extensions {
+		handled, err := x.mmio(v, e)
 		if err != nil {
-			return nil, err
+			return err
 		}
-		if !deferred {
-			e.SetReadData(ret)
-		}
-		return nil, nil
-	}
-	if call.Nr > HypercallExit {
-		for _, x := range v.extensions {
-			ret, handled, err := x.hypercall(v, call)
-			if err != nil {
-				return nil, err
-			}
-			if handled {
-				e.SetReadData(ret)
-				return nil, nil
-			}
+		if handled {
+			return nil
 		}
 	}
-	ret, exit := dispatchCore(call, vcpuVirtReader{v}, v.cfg.Console, &v.counter)
-	e.SetReadData(ret)
-	return exit, nil
+	return v.crash(fmt.Sprintf("access to unmapped guest-physical address (%v)", e))
 }
 
 // vcpuVirtReader reads guest-virtual memory as the vCPU's current address space maps
