@@ -33,6 +33,10 @@ type Control struct {
 	stopping bool
 }
 
+// consoleInputWait bounds how long console input waits for room in the UART's
+// receive FIFO.
+const consoleInputWait = 10 * time.Second
+
 // ErrStopRequested is wrapped by the run error of a VM stopped through its control
 // surface.
 var ErrStopRequested = errors.New("stopped by a control request")

@@ -1,6 +1,7 @@
 package monitor
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -229,6 +230,16 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		lc.Attach(&Control{
 			vm: vm, guard: guard, spec: lc.Spec, revision: lc.Policy.Revision(), launched: time.Now().UTC(),
 			launcher: lc.Principal.ID, auditSeq: func() uint64 { return auditLog.Head().Seq },
+			input: func(b []byte) error {
+				// Wait for the guest to make room, but not forever: a guest that
+				// never reads its serial port must not pin the caller.
+				ictx, cancel := context.WithTimeout(ctx, consoleInputWait)
+				defer cancel()
+				if err := vm.Serial().InputFrom(ictx, bytes.NewReader(b)); err != nil {
+					return fmt.Errorf("serial input: the guest did not take it within %v (%w)", consoleInputWait, err)
+				}
+				return nil
+			},
 			policyVM: func(state string) policy.VM {
 				return policyVM(lc.Spec, lc.Run, hex.EncodeToString(imageDigest[:]), state, firstLaunch)
 			},

@@ -20,5 +20,6 @@ app_\name\()_end:
 	APP cloaksecret
 	APP cloakcompute
 	APP cloakprobe
+	APP chat
 
 	.section .note.GNU-stack, "", @progbits
