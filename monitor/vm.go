@@ -19,7 +19,7 @@ import (
 
 // Config describes one VM run.
 type Config struct {
-	Image      []byte    // guest image: an ELF64 x86-64 executable (docs/boot.md), or the Linux kernel when Boot is BootLinux
+	Image []byte // guest image: an ELF64 x86-64 executable (docs/boot.md), or the Linux kernel when Boot is BootLinux
 	// Boot is the boot protocol: BootUmbra (the zero value) or BootLinux (docs/linux.md).
 	Boot string
 	// Initrd is the initramfs of a Linux boot (a newc cpio archive, plain or gzip); none if nil.
