@@ -164,6 +164,14 @@ func newDetachedMonitor(env *cliEnv, stateDir, operatorGroup string, log *slog.L
 // attach serves c's control API and tells the waiting command the VM is up.
 func (d *detachedMonitor) attach(c *monitor.Control) {
 	path := controlSocket(d.stateDir, c.Name())
+	if d.gid >= 0 {
+		// The operator group reaches the socket through vms/ (which it may not list).
+		if err := os.Chmod(filepath.Dir(filepath.Dir(path)), 0o711); err != nil {
+			d.fail(fmt.Errorf("control socket: %w", err))
+			d.cancel()
+			return
+		}
+	}
 	l, err := control.Listen(path, d.gid)
 	if err != nil {
 		d.fail(fmt.Errorf("control socket: %w", err))
