@@ -7,7 +7,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"path/filepath"
 	"sort"
@@ -124,8 +123,8 @@ type psEntry struct {
 
 func runPs(ctx context.Context, env *cliEnv, args []string) int {
 	fs := newFlagSet(env, "ps", "", "List the VMs of the state directory: running and paused ones (their monitors answer on\n"+
-		"their control sockets), stopped ones, and lost ones (a control socket nobody serves: the\n"+
-		"monitor died; the next launch of that name cleans it up). Inspecting each running VM is a\n"+
+		"their control sockets), stopped ones, and lost ones (the monitor died: the first ps that\n"+
+		"finds it records it in the audit log and removes its socket). Inspecting each running VM is a\n"+
 		"guarded action: a VM whose policy refuses you shows as running with the refusal.")
 	f := addControlFlags(fs, true)
 	if code, done := parseFlags(env, fs, args); done {
@@ -143,12 +142,16 @@ func runPs(ctx context.Context, env *cliEnv, args []string) int {
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fail(env, err)
 	}
+	me, err := monitor.LocalPrincipal()
+	if err != nil {
+		return fail(env, err)
+	}
 	list := []psEntry{}
 	for _, e := range ents {
 		if !e.IsDir() {
 			continue
 		}
-		list = append(list, psOne(ctx, dir, e.Name()))
+		list = append(list, psOne(ctx, dir, e.Name(), me.ID))
 	}
 	sort.Slice(list, func(i, j int) bool { return list[i].VM < list[j].VM })
 	if f.json {
@@ -175,8 +178,15 @@ func dash(s string) string {
 	return s
 }
 
-func psOne(ctx context.Context, dir, name string) psEntry {
+func psOne(ctx context.Context, dir, name, actor string) psEntry {
 	p := psEntry{VM: name, State: "stopped"}
+	if lost, err := control.Lost(ctx, dir, name, actor); err != nil {
+		p.State, p.Note = "unknown", err.Error()
+		return p
+	} else if lost {
+		p.State, p.Note = "lost", "its monitor died (recorded in the audit log); launch it again to replace it"
+		return p
+	}
 	sock := controlSocket(dir, name)
 	fi, err := os.Lstat(sock)
 	if errors.Is(err, os.ErrNotExist) {
@@ -195,7 +205,7 @@ func psOne(ctx context.Context, dir, name string) psEntry {
 		var api *control.APIError
 		switch {
 		case errors.Is(err, syscall.ECONNREFUSED):
-			p.State, p.Note = "lost", "its monitor died; the next launch of this name cleans up"
+			p.State, p.Note = "unknown", "its monitor is starting or ending"
 		case errors.As(err, &api):
 			p.State, p.Note = "unknown", api.Body.Error
 		default:
@@ -313,22 +323,20 @@ func verbAction(verb string) func(context.Context, *cliEnv, []string) int {
 	}
 }
 
-// waitGone waits until no monitor serves the socket any more.
+// waitGone waits until the monitor has ended: its socket is gone or its lock is free.
 func waitGone(ctx context.Context, sock string, d time.Duration) error {
 	deadline := time.Now().Add(d)
 	for {
-		c, err := net.DialTimeout("unix", sock, time.Second)
-		if err != nil {
-			return nil // removed, or nobody accepts: the monitor has ended
+		if _, err := os.Lstat(sock); errors.Is(err, os.ErrNotExist) || !control.Alive(filepath.Dir(sock)) {
+			return nil
 		}
-		c.Close()
 		if time.Now().After(deadline) {
-			return fmt.Errorf("the monitor still serves %s after %v", sock, d)
+			return fmt.Errorf("the monitor still runs %v after the stop request", d)
 		}
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case <-time.After(50 * time.Millisecond):
+		case <-time.After(20 * time.Millisecond):
 		}
 	}
 }

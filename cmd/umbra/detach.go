@@ -13,10 +13,12 @@ import (
 	"os/user"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/umbra-cc/umbra/control"
+	"github.com/umbra-cc/umbra/jail"
 	"github.com/umbra-cc/umbra/monitor"
 )
 
@@ -36,6 +38,14 @@ type detachReady struct {
 	Log    string `json:"log"`
 	Error  string `json:"error,omitempty"`
 }
+
+// jailExtraEnv lists system calls (comma-separated) the monitor's seccomp filter allows
+// beyond jail.Allowed, for a feature that needs one before the list is extended.
+const jailExtraEnv = "UMBRA_JAIL_EXTRA_SYSCALLS"
+
+// jailDenyEnv lists system calls (comma-separated) removed from the filter: the tests
+// use it to make the monitor meet a forbidden call.
+const jailDenyEnv = "UMBRA_JAIL_DENY_SYSCALLS"
 
 func inDetachedMonitor() bool { return os.Getenv(detachedEnv) != "" }
 
@@ -142,15 +152,34 @@ type detachedMonitor struct {
 	serveErr chan error
 	reported bool
 	cancel   context.CancelFunc // ends the launch
+	jail     *jail.Config       // nil: not jailed (--no-jail)
+	lock     *os.File           // the VM's monitor lock
 }
 
-func newDetachedMonitor(env *cliEnv, stateDir, operatorGroup string, log *slog.Logger, cancel context.CancelFunc) (*detachedMonitor, error) {
+func newDetachedMonitor(env *cliEnv, stateDir, operatorGroup, jailUser string, log *slog.Logger, cancel context.CancelFunc) (*detachedMonitor, error) {
 	fd, err := strconv.Atoi(os.Getenv(detachedEnv))
 	if err != nil || fd < 3 {
 		return nil, fmt.Errorf("%s=%q is not a descriptor number", detachedEnv, os.Getenv(detachedEnv))
 	}
 	os.Unsetenv(detachedEnv)
 	d := &detachedMonitor{env: env, stateDir: stateDir, gid: -1, log: log, ready: os.NewFile(uintptr(fd), "ready"), hub: control.NewConsoleHub(), cancel: cancel}
+	if jailUser != "" {
+		abs, err := filepath.Abs(stateDir)
+		if err != nil {
+			return nil, err
+		}
+		uid, gid, err := jail.LookupUser(jailUser)
+		if err != nil {
+			return nil, fmt.Errorf("--jail-user: %w (or pass --no-jail)", err)
+		}
+		d.jail = &jail.Config{StateDir: abs, UID: uid, GID: gid, Seccomp: true}
+		if extra := os.Getenv(jailExtraEnv); extra != "" {
+			d.jail.Extra = strings.Split(extra, ",")
+		}
+		if deny := os.Getenv(jailDenyEnv); deny != "" {
+			d.jail.Deny = strings.Split(deny, ",")
+		}
+	}
 	if operatorGroup != "" {
 		g, err := user.LookupGroup(operatorGroup)
 		if err != nil {
@@ -164,6 +193,13 @@ func newDetachedMonitor(env *cliEnv, stateDir, operatorGroup string, log *slog.L
 // attach serves c's control API and tells the waiting command the VM is up.
 func (d *detachedMonitor) attach(c *monitor.Control) {
 	path := controlSocket(d.stateDir, c.Name())
+	lock, err := control.HoldMonitorLock(filepath.Dir(path))
+	if err != nil {
+		d.fail(err)
+		d.cancel()
+		return
+	}
+	d.lock = lock // held until the process ends, however it ends
 	if d.gid >= 0 {
 		// The operator group reaches the socket through vms/ (which it may not list).
 		if err := os.Chmod(filepath.Dir(filepath.Dir(path)), 0o711); err != nil {
@@ -177,6 +213,30 @@ func (d *detachedMonitor) attach(c *monitor.Control) {
 		d.fail(fmt.Errorf("control socket: %w", err))
 		d.cancel() // a VM nobody can control does not run
 		return
+	}
+	if d.jail != nil {
+		// The jailed monitor removes its socket when it ends: it needs its directory,
+		// and to pass through the state directory and vms/ (not to list them).
+		err := os.Chown(filepath.Dir(path), d.jail.UID, -1)
+		for _, dir := range []string{d.jail.StateDir, filepath.Join(d.jail.StateDir, "vms")} {
+			if err != nil {
+				break
+			}
+			var fi os.FileInfo
+			if fi, err = os.Stat(dir); err == nil {
+				err = os.Chmod(dir, fi.Mode().Perm()|0o001)
+			}
+		}
+		if err == nil {
+			err = jail.Enter(*d.jail)
+		}
+		if err != nil {
+			l.Close()
+			d.fail(err)
+			d.cancel()
+			return
+		}
+		fmt.Fprintf(d.env.stderr, "umbra: monitor jailed: uid %d gid %d, mount view of %s, no new privileges, seccomp filter %v\n", d.jail.UID, d.jail.GID, d.stateDir, d.jail.Seccomp)
 	}
 	d.srv = &control.Server{Target: c, Console: d.hub, Logger: d.log}
 	d.serveErr = make(chan error, 1)

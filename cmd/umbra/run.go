@@ -47,11 +47,17 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 	evidenceOut := fs.String("evidence", "", "... and write the evidence here (for umbra attest verify)")
 	detach := fs.Bool("detach", false, "run the VM in a monitor process of its own and return once it is launched; control it with ps, inspect, pause, resume, stop, console (docs/api.md)")
 	operatorGroup := fs.String("operator-group", "", "with --detach: the group besides the owner that may connect to the control socket")
+	jailUser := fs.String("jail-user", "nobody", "with --detach: the user the monitor runs as once the VM is set up (its jail: docs/api.md)")
+	noJail := fs.Bool("no-jail", false, "with --detach: keep the monitor unjailed (root, all system calls); needed for cloaked VMs where unprivileged userfaultfd is off")
 	if code, done := parseFlags(env, fs, args); done {
 		return code
 	}
 	if fs.NArg() > 1 {
 		fmt.Fprintf(env.stderr, "umbra run: expected at most one SPEC or BUNDLE, got %d arguments\n", fs.NArg())
+		return 2
+	}
+	if *detach && *evidenceOut != "" {
+		fmt.Fprintln(env.stderr, "umbra run: --evidence does not go with --detach (the monitor's jail cannot write outside the state directory); quote the launch with umbra attest")
 		return 2
 	}
 	if *detach && !inDetachedMonitor() {
@@ -79,7 +85,11 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithCancel(ctx)
 		defer cancel()
-		if dm, err = newDetachedMonitor(env, stateDir, *operatorGroup, log, cancel); err != nil {
+		ju := *jailUser
+		if *noJail {
+			ju = ""
+		}
+		if dm, err = newDetachedMonitor(env, stateDir, *operatorGroup, ju, log, cancel); err != nil {
 			fmt.Fprintf(env.stderr, "umbra run: %v\n", err)
 			return 2
 		}
