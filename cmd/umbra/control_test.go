@@ -65,8 +65,9 @@ func (f *controlFixture) path(p ...string) string {
 // state is VM name's state directory.
 func (f *controlFixture) state(name string) string { return f.path("state-" + name) }
 
-// launch starts VM name detached with cmdline and returns once it is up.
-func (f *controlFixture) launch(name, cmdline string, extra ...string) {
+// launch starts VM name detached with cmdline, returns once it is up, and returns the
+// monitor's pid.
+func (f *controlFixture) launch(name, cmdline string, extra ...string) int {
 	t := f.t
 	t.Helper()
 	spec := fmt.Sprintf("apiVersion: umbra.dev/v1\nname: %s\nguest:\n  image: %s\n  cmdline: %q\nmemory: 16MiB\n", name, f.path("guest.elf"), cmdline)
@@ -85,6 +86,14 @@ func (f *controlFixture) launch(name, cmdline string, extra ...string) {
 	}
 	// Whatever the test does, no monitor outlives it.
 	t.Cleanup(func() { f.kill(name) })
+	var pid int
+	if i := strings.Index(errs, "monitor pid "); i >= 0 {
+		fmt.Sscanf(errs[i:], "monitor pid %d", &pid)
+	}
+	if pid <= 0 {
+		t.Fatalf("no monitor pid in:\n%s", errs)
+	}
+	return pid
 }
 
 // kill ends VM name's monitor if it still runs.

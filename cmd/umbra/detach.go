@@ -96,8 +96,6 @@ func spawnDetached(ctx context.Context, env *cliEnv, stateDir string, args []str
 		return exitNoGuestStatus
 	}
 	wr.Close()
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
 	lines := make(chan detachReady, 1)
 	go func() {
 		var r detachReady
@@ -116,6 +114,8 @@ func spawnDetached(ctx context.Context, env *cliEnv, stateDir string, args []str
 	}
 	if r.Error != "" {
 		// The monitor is ending (or ended) by itself; wait briefly for its log.
+		exited := make(chan error, 1)
+		go func() { exited <- cmd.Wait() }()
 		select {
 		case <-exited:
 		case <-time.After(5 * time.Second):
@@ -126,6 +126,7 @@ func spawnDetached(ctx context.Context, env *cliEnv, stateDir string, args []str
 		}
 		return exitNoGuestStatus
 	}
+	cmd.Process.Release() // it outlives this command
 	r.Log = logPath
 	if jsonOut {
 		enc := json.NewEncoder(env.stdout)
