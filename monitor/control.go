@@ -140,25 +140,45 @@ func (c *Control) Resume(ctx context.Context, p policy.Principal) error {
 	return c.vm.Resume()
 }
 
-// Stop ends the VM (action stop): the vCPU leaves the guest at its next exit, or
-// where it is parked if paused. force is decided separately by the policy (the example
-// policy keeps it for administrators). Stop returns once the stop is requested; the
-// VM's end is audited by Launch.
+// GracefulStopTimeout is how long a graceful stop waits for the guest to end by itself
+// before the monitor ends it.
+const GracefulStopTimeout = 10 * time.Second
+
+// Stop ends the VM (action stop). A graceful stop asks the guest first: the serial
+// line hangs up (the UART's carrier drops), a paused VM is resumed so it can act, and
+// the guest has GracefulStopTimeout to end by itself before the monitor ends it. A
+// forced stop ends it at once, where it is, paused or not. The policy decides force
+// separately (the example policy keeps it for administrators). Stop returns once the
+// stop is under way; Launch audits how the VM ended.
 func (c *Control) Stop(ctx context.Context, p policy.Principal, force bool) error {
 	if err := c.check(ctx, p, policy.ActionStop, policy.Request{Stop: &policy.Stop{Force: force}}); err != nil {
 		return err
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if force {
+		c.stopping = true
+		c.vm.stopIfRunning(fmt.Errorf("%w (forced, by %s)", ErrStopRequested, p.ID))
+		return nil
+	}
 	if c.stopping {
 		return nil
 	}
 	c.stopping = true
-	how := "graceful"
-	if force {
-		how = "forced"
+	if c.vm.paused() {
+		if err := c.vm.Resume(); err != nil {
+			c.vm.stopIfRunning(fmt.Errorf("%w (graceful, by %s; resume failed: %w)", ErrStopRequested, p.ID, err))
+			return nil
+		}
 	}
-	c.vm.Stop(fmt.Errorf("%w (%s, by %s)", ErrStopRequested, how, p.ID))
+	c.vm.Serial().SetCarrier(false)
+	go func() {
+		select {
+		case <-time.After(GracefulStopTimeout):
+			c.vm.stopIfRunning(fmt.Errorf("%w (graceful, by %s: the guest did not end within %v of the hangup)", ErrStopRequested, p.ID, GracefulStopTimeout))
+		case <-c.vm.ctl.ended:
+		}
+	}()
 	return nil
 }
 
@@ -178,6 +198,18 @@ func (c *Control) ConsoleInput(b []byte) error {
 
 // Ended is closed when the VM's run has ended.
 func (c *Control) Ended() <-chan struct{} { return c.vm.ctl.ended }
+
+// stopIfRunning stops a VM whose run has not ended; holding the mailbox lock keeps Run
+// from ending (and the vCPU from being closed) while it kicks.
+func (v *VM) stopIfRunning(err error) {
+	v.ctl.mu.Lock()
+	defer v.ctl.mu.Unlock()
+	select {
+	case <-v.ctl.ended:
+	default:
+		v.Stop(err)
+	}
+}
 
 func (v *VM) paused() bool {
 	v.ctl.mu.Lock()

@@ -3,7 +3,8 @@
  * serial console (stdin: the kernel hands over what the UART has received, or 0 bytes
  * when nothing has, as a Linux tty with VMIN=0 VTIME=0), polling every POLL_MS
  * milliseconds (default 10), and answers each line with "chat: got LINE (line N)".
- * The line "quit" ends it with status 0. Lines end with CR or LF; at most 127 bytes.
+ * The line "quit", or a hangup (the carrier dropping: umbra stop), ends it with status
+ * 0. Lines end with CR or LF; at most 127 bytes.
  */
 #include "libc.h"
 
@@ -18,6 +19,10 @@ int main(int argc, char **argv)
 	for (;;) {
 		char buf[64];
 		long n = sys_read(0, buf, sizeof buf);
+		if (n == -5) { /* -EIO: the line hung up (the monitor's graceful stop) */
+			printf("chat: hangup after %ld lines\n", lines);
+			return 0;
+		}
 		if (n < 0) {
 			printf("chat: read: error %ld\n", n);
 			return 1;
