@@ -60,6 +60,8 @@ var Allowed = []string{
 	"openat", "newfstatat", "fstat", "lseek", "pread64", "pwrite64", "readv", "writev",
 	"fsync", "fdatasync", "fcntl", "dup", "dup3", "pipe2", "unlinkat", "getdents64", "ftruncate",
 	"fallocate", "memfd_create", "userfaultfd",
+	// cloaking: the userfaultfd serving loop (kvm.Userfaultfd.Serve)
+	"ppoll", "poll",
 	// the network poller and the control socket
 	"epoll_create1", "epoll_ctl", "epoll_pwait", "epoll_wait", "eventfd2",
 	"accept4", "getsockname", "getpeername", "getsockopt", "setsockopt", "shutdown",

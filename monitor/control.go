@@ -216,3 +216,14 @@ func (v *VM) paused() bool {
 	defer v.ctl.mu.Unlock()
 	return v.ctl.paused
 }
+
+// PrepareCloaking creates the cloaking infrastructure (appVM and the userfaultfd that
+// serves the system view) now instead of at the first registration, for a monitor that
+// is about to give up the privileges creating it needs (its jail). Call it before Run.
+func (c *Control) PrepareCloaking() error {
+	cs, err := c.vm.cloakState()
+	if err != nil {
+		return err
+	}
+	return cs.ensureInfrastructure()
+}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -151,5 +152,34 @@ func TestControlMonitorJailAndDeath(t *testing.T) {
 	}
 	if p := f.ps("vm-j"); p.State != "stopped" {
 		t.Fatalf("ps after stop: %+v", p)
+	}
+}
+
+// TestControlJailedCloakedVM: the built-in demo, whose app is cloaked, runs to its end
+// in a jailed monitor (cloaking's userfaultfd and appVM are made before the jail).
+func TestControlJailedCloakedVM(t *testing.T) {
+	requireKVMForCLI(t)
+	state := t.TempDir()
+	code, out, errs := runUmbra(t, "run", "--detach", "--state-dir", state)
+	if code != 0 || strings.TrimSpace(out) != "demo" {
+		t.Fatalf("umbra run --detach = %d %q\n%s", code, out, errs)
+	}
+	var pid int
+	if i := strings.Index(errs, "monitor pid "); i >= 0 {
+		fmt.Sscanf(errs[i:], "monitor pid %d", &pid)
+	}
+	if pid <= 0 {
+		t.Fatalf("no pid in %s", errs)
+	}
+	if ws := waitExit(t, pid); ws.ExitStatus() != 0 {
+		t.Fatalf("jailed demo monitor ended with %v", ws)
+	}
+	logs, _ := filepath.Glob(filepath.Join(state, "logs", "monitor-*.log"))
+	if len(logs) != 1 {
+		t.Fatalf("monitor logs %v", logs)
+	}
+	b, _ := os.ReadFile(logs[0])
+	if !strings.Contains(string(b), "monitor jailed: uid 65534") || !strings.Contains(string(b), "cloaked app 1 cloakcompute") || !strings.Contains(string(b), "exited (status 0)") {
+		t.Fatalf("the cloaked app did not run to its end in the jail:\n%s", b)
 	}
 }

@@ -219,6 +219,12 @@ func (d *detachedMonitor) attach(c *monitor.Control) {
 		// The jailed monitor removes its socket when it ends: it needs its directory,
 		// and to pass through the state directory and vms/ (not to list them).
 		err := os.Chown(filepath.Dir(path), d.jail.UID, -1)
+		if err == nil {
+			// Cloaking's userfaultfd cannot be created without privilege later.
+			if err = c.PrepareCloaking(); err != nil {
+				err = fmt.Errorf("prepare cloaking before the jail: %w", err)
+			}
+		}
 		for _, dir := range []string{d.jail.StateDir, filepath.Join(d.jail.StateDir, "vms")} {
 			if err != nil {
 				break

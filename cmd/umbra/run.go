@@ -48,7 +48,7 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 	detach := fs.Bool("detach", false, "run the VM in a monitor process of its own and return once it is launched; control it with ps, inspect, pause, resume, stop, console (docs/api.md)")
 	operatorGroup := fs.String("operator-group", "", "with --detach: the group besides the owner that may connect to the control socket")
 	jailUser := fs.String("jail-user", "nobody", "with --detach: the user the monitor runs as once the VM is set up (its jail: docs/api.md)")
-	noJail := fs.Bool("no-jail", false, "with --detach: keep the monitor unjailed (root, all system calls); needed for cloaked VMs where unprivileged userfaultfd is off")
+	noJail := fs.Bool("no-jail", false, "with --detach: keep the monitor unjailed (root, all system calls), for diagnosis")
 	if code, done := parseFlags(env, fs, args); done {
 		return code
 	}
