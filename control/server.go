@@ -96,10 +96,7 @@ type Server struct {
 	Target  Target
 	Console *ConsoleHub // nil: the console endpoint answers 404
 	Logger  *slog.Logger
-	// Bare, for benchmarks only, answers every request with the ping response without
-	// asking the policy: the cost of the socket and HTTP alone.
-	Bare bool
-	srv  *http.Server
+	srv     *http.Server
 }
 
 type peerKey struct{}
@@ -169,10 +166,6 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 	if pr.err != nil {
 		s.Logger.Error("control: cannot identify the peer; refusing", "err", pr.err)
 		writeError(w, http.StatusForbidden, "internal", "the caller's identity could not be read from the socket: "+pr.err.Error(), nil)
-		return
-	}
-	if s.Bare {
-		writeJSON(w, http.StatusOK, PingResult{VM: s.Target.Name(), PID: os.Getpid()})
 		return
 	}
 	req, err := DecodeRequest(r)
