@@ -262,6 +262,16 @@ func (d *detachedMonitor) report(r detachReady) {
 
 func (d *detachedMonitor) fail(err error) { d.report(detachReady{Error: err.Error()}) }
 
+// recordPrevious records a previous monitor of the VM that died unnoticed (no ps
+// looked since), before this launch opens the audit log and replaces its socket.
+func (d *detachedMonitor) recordPrevious(ctx context.Context, name string) {
+	if lost, err := control.Lost(ctx, d.stateDir, name, "umbra/monitor"); err != nil {
+		fmt.Fprintf(d.env.stderr, "umbra: %v\n", err)
+	} else if lost {
+		fmt.Fprintf(d.env.stderr, "umbra: the previous monitor of VM %s had died; recorded as lost in the audit log\n", name)
+	}
+}
+
 // attachFunc is attach as a LaunchConfig.Attach, nil without a detached monitor.
 func (d *detachedMonitor) attachFunc() func(*monitor.Control) {
 	if d == nil {

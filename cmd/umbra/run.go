@@ -117,6 +117,9 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 		return exitNoGuestStatus
 	}
 	defer src.Wipe()
+	if dm != nil {
+		dm.recordPrevious(ctx, src.Spec.Name)
+	}
 
 	cfg := src.Config()
 	cfg.Console, cfg.Logger = env.stdout, log
