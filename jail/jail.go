@@ -74,9 +74,11 @@ var Allowed = []string{
 // name-service cache daemon's socket before the files, and a refusal there is expected.
 var Refused = []string{"socket", "connect"}
 
-// Enter jails the calling process. It must be called from a process in a mount
-// namespace of its own (the monitor is started with CLONE_NEWNS); it locks the calling
-// goroutine to its thread while it works. On error the process may be partly jailed
+// Enter jails the calling process. As root it must be called from a process in a
+// mount namespace of its own (the monitor is started with CLONE_NEWNS); started by an
+// unprivileged user, the monitor keeps that user's ids and the host's mount view, and
+// gets no_new_privs and the filter. It locks the calling goroutine to its thread while
+// it works. On error the process may be partly jailed
 // and must not go on.
 func Enter(cfg Config) error {
 	if cfg.UID <= 0 || cfg.GID <= 0 {
@@ -90,12 +92,18 @@ func Enter(cfg Config) error {
 	// Name lookups load glibc's NSS modules on first use; do it while they can be read.
 	user.LookupId("0")
 	user.LookupGroupId("0")
-	if err := mountView(cfg.StateDir); err != nil {
-		return fmt.Errorf("jail: mount view: %w", err)
+	if os.Geteuid() == 0 {
+		if err := mountView(cfg.StateDir); err != nil {
+			return fmt.Errorf("jail: mount view: %w", err)
+		}
+		if err := dropRoot(cfg.UID, cfg.GID); err != nil {
+			return fmt.Errorf("jail: drop root: %w", err)
+		}
+	} else if os.Geteuid() != cfg.UID || os.Getegid() != cfg.GID {
+		return fmt.Errorf("jail: a monitor running as uid %d cannot become uid %d gid %d", os.Geteuid(), cfg.UID, cfg.GID)
 	}
-	if err := dropRoot(cfg.UID, cfg.GID); err != nil {
-		return fmt.Errorf("jail: drop root: %w", err)
-	}
+	// An unprivileged monitor keeps its ids and the host's mount view (it may not make
+	// one); no_new_privs and the filter still apply.
 	if !cfg.Seccomp {
 		return unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
 	}

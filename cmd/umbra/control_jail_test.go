@@ -180,7 +180,7 @@ func TestControlJailedCloakedVM(t *testing.T) {
 		t.Fatalf("monitor logs %v", logs)
 	}
 	b, _ := os.ReadFile(logs[0])
-	if !strings.Contains(string(b), "monitor jailed: uid 65534") || !strings.Contains(string(b), "cloaked app 1 cloakcompute") || !strings.Contains(string(b), "exited (status 0)") {
+	if !strings.Contains(string(b), "monitor jailed: uid 65534 gid 65534, mount view of "+state) || !strings.Contains(string(b), "cloaked app 1 cloakcompute") || !strings.Contains(string(b), "exited (status 0)") {
 		t.Fatalf("the cloaked app did not run to its end in the jail:\n%s", b)
 	}
 }

@@ -89,7 +89,10 @@ func spawnDetached(ctx context.Context, env *cliEnv, stateDir string, args []str
 	cmd.Dir = "/"
 	// A session of its own: the monitor outlives this command and its terminal; a
 	// mount namespace of its own, which the jail narrows to what the monitor needs.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Unshareflags: syscall.CLONE_NEWNS}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if os.Geteuid() == 0 {
+		cmd.SysProcAttr.Unshareflags = syscall.CLONE_NEWNS
+	}
 	if err := cmd.Start(); err != nil {
 		wr.Close()
 		fmt.Fprintf(env.stderr, "umbra run: start the monitor: %v\n", err)
@@ -169,9 +172,12 @@ func newDetachedMonitor(env *cliEnv, stateDir, operatorGroup, jailUser string, l
 		if err != nil {
 			return nil, err
 		}
-		uid, gid, err := jail.LookupUser(jailUser)
-		if err != nil {
-			return nil, fmt.Errorf("--jail-user: %w (or pass --no-jail)", err)
+		uid, gid := os.Getuid(), os.Getgid() // an unprivileged monitor keeps its ids
+		if os.Geteuid() == 0 {
+			var err error
+			if uid, gid, err = jail.LookupUser(jailUser); err != nil {
+				return nil, fmt.Errorf("--jail-user: %w (or pass --no-jail)", err)
+			}
 		}
 		d.jail = &jail.Config{StateDir: abs, UID: uid, GID: gid, Seccomp: true}
 		if extra := os.Getenv(jailExtraEnv); extra != "" {
@@ -216,11 +222,18 @@ func (d *detachedMonitor) attach(c *monitor.Control) {
 		return
 	}
 	if d.jail != nil {
+		view := "mount view of " + d.jail.StateDir
+		if os.Geteuid() != 0 {
+			view = "the host's mount view (unprivileged monitor)"
+		}
 		// The jailed monitor removes its socket when it ends: it needs its directory,
 		// and to pass through the state directory and vms/ (not to list them).
 		err := os.Chown(filepath.Dir(path), d.jail.UID, -1)
-		if err == nil {
-			// Cloaking's userfaultfd cannot be created without privilege later.
+		if err == nil && os.Geteuid() == 0 {
+			// Cloaking's userfaultfd cannot be created without privilege later. (An
+			// unprivileged monitor cannot create it at all where unprivileged
+			// userfaultfd is off; cloaking then fails at registration, as in the
+			// foreground.)
 			if err = c.PrepareCloaking(); err != nil {
 				err = fmt.Errorf("prepare cloaking before the jail: %w", err)
 			}
@@ -243,7 +256,7 @@ func (d *detachedMonitor) attach(c *monitor.Control) {
 			d.cancel()
 			return
 		}
-		fmt.Fprintf(d.env.stderr, "umbra: monitor jailed: uid %d gid %d, mount view of %s, no new privileges, seccomp filter %v\n", d.jail.UID, d.jail.GID, d.stateDir, d.jail.Seccomp)
+		fmt.Fprintf(d.env.stderr, "umbra: monitor jailed: uid %d gid %d, %s, no new privileges, seccomp filter %v\n", d.jail.UID, d.jail.GID, view, d.jail.Seccomp)
 	}
 	d.srv = &control.Server{Target: c, Console: d.hub, Logger: d.log}
 	d.serveErr = make(chan error, 1)
