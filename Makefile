@@ -1,7 +1,7 @@
 # umbra's build and test entry points. `make test` is what CI runs (.ci/run).
 GO ?= go
 
-.PHONY: all deps build test guest guest-check fmt-check vet policy-test fuzz-smoke bench
+.PHONY: all deps build test guest guest-check fmt-check vet policy-test fuzz-smoke bench linux
 
 all: build
 
@@ -25,11 +25,16 @@ vet:
 policy-test:
 	$(GO) run ./cmd/umbra policy test testdata/policies
 	$(GO) run ./cmd/umbra policy test testdata/e2e/policy
+	$(GO) run ./cmd/umbra policy test testdata/e2e/linux/policy
 	$(GO) run ./cmd/umbra policy test testdata/control/policy
 
 # Debian packages the tests need: gcc/make/binutils build the test guest, libssl-dev the
-# TPM simulator (cgo), swtpm and tpm2-tools the real-TPM and independent-verifier tests.
-DEB_PACKAGES = gcc make binutils libssl-dev swtpm swtpm-tools tpm2-tools
+# TPM simulator (cgo), swtpm and tpm2-tools the real-TPM and independent-verifier tests;
+# linux-source-6.1 and the kernel's build tools (bc bison flex libelf-dev cpio xz-utils)
+# the test Linux guest (testdata/linux); qemu-utils (qemu-img, qemu-io) the qcow2 tests that
+# check umbra's images with QEMU.
+DEB_PACKAGES = gcc make binutils libssl-dev swtpm swtpm-tools tpm2-tools \
+	linux-source-6.1 bc bison flex libelf-dev cpio xz-utils qemu-utils
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
@@ -40,11 +45,28 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
+# The test Linux guest (testdata/linux): built once per change of its inputs into a cache
+# outside the clone, keyed by the SHA-256 of the build script, config fragment, patches,
+# init, the linux-source package version and the compiler, and linked at
+# testdata/linux/out. A fresh cache costs one kernel build (about 4 minutes on 2 CPUs).
+LINUX_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/umbra/linux
+linux: deps
+	@set -e; key=$$( { cat testdata/linux/build.sh testdata/linux/config.fragment testdata/linux/init.c testdata/linux/patches/*.patch; \
+		dpkg-query -W -f='$${Version}' linux-source-6.1; gcc --version | head -1; } | sha256sum | cut -c1-16); \
+	dir="$(LINUX_CACHE)/$$key"; \
+	if [ ! -f "$$dir/done" ]; then \
+		echo "building the test Linux kernel into $$dir"; \
+		rm -rf "$$dir.tmp"; testdata/linux/build.sh "$$dir.tmp"; touch "$$dir.tmp/done"; \
+		rm -rf "$$dir"; mv "$$dir.tmp" "$$dir"; \
+	fi; \
+	ln -sfn "$$dir" testdata/linux/out; echo "test Linux kernel: $$dir"
+
 # Every test, KVM ones included: UMBRA_REQUIRE_KVM makes a missing /dev/kvm a failure
-# instead of a skip, UMBRA_REQUIRE_SWTPM likewise for swtpm.
+# instead of a skip, UMBRA_REQUIRE_SWTPM likewise for swtpm, UMBRA_REQUIRE_LINUX for the
+# test Linux kernel (make linux).
 # The Go tests run last so that their summary closes the output.
-test: deps fmt-check guest-check vet policy-test
-	UMBRA_REQUIRE_KVM=1 UMBRA_REQUIRE_SWTPM=1 $(GO) test -timeout 15m -count=1 ./...
+test: deps fmt-check guest-check vet policy-test linux
+	UMBRA_REQUIRE_KVM=1 UMBRA_REQUIRE_SWTPM=1 UMBRA_REQUIRE_LINUX=1 $(GO) test -timeout 15m -count=1 ./...
 
 # Run every fuzz target for FUZZTIME each (their seed corpora also run in make test).
 FUZZTIME ?= 10s

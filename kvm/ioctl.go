@@ -63,6 +63,7 @@ var (
 	ioctlSetVCPUEvents       = kvmIOW(0xa0, sizeOf[VCPUEvents]())
 	ioctlGetTSCKHz           = kvmIO(0xa3)
 	ioctlGetXSAVE            = kvmIOR(0xa4, sizeOf[XSAVE]())
+	ioctlGetStatsFD          = kvmIO(0xce)
 	ioctlSetXSAVE            = kvmIOW(0xa5, sizeOf[XSAVE]())
 )
 

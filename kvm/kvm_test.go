@@ -400,3 +400,27 @@ func TestMemorySlotMoveAndDelete(t *testing.T) {
 		t.Fatal("unaligned slot accepted")
 	}
 }
+
+func TestVCPUStatExits(t *testing.T) {
+	sys, err := Open("")
+	if err != nil {
+		t.Skipf("skipping: %v", err)
+	}
+	defer sys.Close()
+	vm, err := sys.CreateVM()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer vm.Close()
+	cpu, err := vm.CreateVCPU(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cpu.Close()
+	if _, err := cpu.Stat("exits"); err != nil {
+		t.Fatalf("exits: %v", err)
+	}
+	if _, err := cpu.Stat("no-such-stat"); err == nil {
+		t.Fatal("an unknown statistic was found")
+	}
+}

@@ -51,7 +51,7 @@ func ParseVmlinux(b []byte) (*Vmlinux, error) {
 	}
 	f, err := elf.NewFile(bytes.NewReader(b))
 	if err != nil {
-		return nil, fmt.Errorf("vmlinux: %w", err)
+		return nil, fmt.Errorf("vmlinux: ELF headers unreadable in %d bytes (file truncated or corrupt): %w", len(b), err)
 	}
 	if f.Class != elf.ELFCLASS64 || f.Machine != elf.EM_X86_64 || f.Data != elf.ELFDATA2LSB {
 		return nil, fmt.Errorf("vmlinux: %v %v %v, want a little-endian ELF64 for x86-64", f.Class, f.Data, f.Machine)

@@ -6,7 +6,7 @@ import (
 	"github.com/umbra-cc/umbra/kvm"
 )
 
-// What the guest is told about its CPU is the monitor's choice (docs/boot.md, "CPU"):
+// What the guest is told about its CPU is the monitor's choice (docs/linux.md, "CPU"):
 // KVM's supported CPUID, edited so that the guest sees one virtual CPU of a VM.
 //
 //   - leaf 1: the hypervisor bit is set; APIC ID 0 and one logical processor; MONITOR/MWAIT

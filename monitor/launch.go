@@ -76,6 +76,10 @@ type LaunchReport struct {
 	Evidence *evidence.Evidence `json:"-"`
 }
 
+// TypeGuestInitrd is the event-log type of a Linux initramfs measurement (its SHA-256,
+// what sha256sum prints for the file).
+const TypeGuestInitrd = "guest-initrd"
+
 // ErrLaunchRefused wraps every refusal before the guest starts.
 var ErrLaunchRefused = errors.New("launch refused")
 
@@ -176,14 +180,25 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	if err != nil {
 		return rep, fmt.Errorf("%w: measure the monitor binary: %w", ErrLaunchRefused, err)
 	}
+	imageWhat := "guest image of VM "
+	if lc.Run.Boot == BootLinux {
+		imageWhat = "Linux kernel of VM "
+	}
 	events := []eventlog.Event{
 		{Type: eventlog.TypeMonitor, Description: "umbra monitor", Digest: self[:]},
-		{Type: eventlog.TypeGuestImage, Description: "guest image of VM " + lc.Spec.Name, Digest: imageDigest[:]},
+		{Type: eventlog.TypeGuestImage, Description: imageWhat + lc.Spec.Name, Digest: imageDigest[:]},
+	}
+	var initrdDigest [sha256.Size]byte
+	if lc.Run.Initrd != nil {
+		initrdDigest = sha256.Sum256(lc.Run.Initrd)
+		events = append(events, eventlog.Event{Type: TypeGuestInitrd, Description: "Linux initramfs of VM " + lc.Spec.Name, Digest: initrdDigest[:]})
+	}
+	events = append(events, []eventlog.Event{
 		{Type: eventlog.TypeCmdline, Description: "guest command line", Data: []byte(lc.Run.Cmdline)},
 		{Type: eventlog.TypeVMSpec, Description: "VM spec " + lc.Spec.Name, Data: lc.SpecBytes},
 		{Type: eventlog.TypePolicy, Description: "revision " + lc.Policy.Revision(), Digest: policyDigest},
 		{Type: eventlog.TypeLaunchComplete, Description: "launch of VM " + lc.Spec.Name},
-	}
+	}...)
 	for _, ev := range events {
 		if ev.Data == nil && ev.Digest == nil {
 			ev.Data = []byte{}
@@ -193,10 +208,17 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		}
 		rep.Measurements++
 	}
-	launchDetails, _ := json.Marshal(map[string]any{
+	details := map[string]any{
 		"image_sha256": hex.EncodeToString(imageDigest[:]), "cmdline": lc.Run.Cmdline,
 		"memory_bytes": lc.Run.MemorySize, "policy_revision": lc.Policy.Revision(), "pcr": lc.PCR,
-	})
+	}
+	if lc.Run.Boot == BootLinux {
+		details["boot"] = BootLinux
+	}
+	if lc.Run.Initrd != nil {
+		details["initrd_sha256"] = hex.EncodeToString(initrdDigest[:])
+	}
+	launchDetails, _ := json.Marshal(details)
 	if _, err := auditLog.Append(ctx, audit.Record{Kind: audit.KindLaunch, VM: lc.Spec.Name, Actor: lc.Principal.ID, Details: launchDetails}); err != nil {
 		return rep, fmt.Errorf("%w: audit the launch: %w", ErrLaunchRefused, err)
 	}
@@ -258,6 +280,10 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	rep.Enforced = enforced.Load()
 
 	stop := map[string]any{"error": errString(runErr)}
+	var crash *CrashError
+	if errors.As(runErr, &crash) {
+		stop["crash"] = crash.Summary()
+	}
 	if res != nil {
 		stop["exit_status"], stop["reason"], stop["counters"] = res.ExitStatus, res.Reason, res.Counters
 	}

@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-tpm/tpm2/transport"
+
 	"github.com/umbra-cc/umbra/attest/audit"
 	"github.com/umbra-cc/umbra/policy"
 	"github.com/umbra-cc/umbra/sealing"
@@ -35,26 +37,41 @@ deny contains {"code": "vm.expired", "message": "the VM expired", "rule": "expir
 decision := {"allow": allow, "deny": deny, "warn": set(), "obligations": {"stop_at": input.vm.labels.expires}}
 `
 
-func launchFixture(t *testing.T, expires time.Time) (LaunchConfig, string) {
+// testPolicy loads a policy of one Rego file.
+func testPolicy(t *testing.T, file, rego string) *policy.Policy {
 	t.Helper()
-	requireKVM(t)
 	dir := t.TempDir()
-	if err := os.MkdirAll(filepath.Join(dir, "policy", "umbra", "authz"), 0o755); err != nil {
+	if err := os.MkdirAll(filepath.Join(dir, "umbra", "authz"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(dir, "policy", "umbra", "authz", "expiry.rego"), []byte(expiryPolicy), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, "umbra", "authz", file), []byte(rego), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	pol, err := policy.LoadDir(context.Background(), filepath.Join(dir, "policy"))
+	pol, err := policy.LoadDir(context.Background(), dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	state := filepath.Join(dir, "state")
+	return pol
+}
+
+// policyFixture loads a policy of one Rego file and opens a simulator TPM in a fresh
+// state directory (one per test: the simulator is a process-wide singleton).
+func policyFixture(t *testing.T, file, rego string) (*policy.Policy, transport.TPM, string) {
+	t.Helper()
+	requireKVM(t)
+	pol := testPolicy(t, file, rego)
+	state := filepath.Join(t.TempDir(), "state")
 	tpm, err := sealing.OpenTPM("sim", state)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { tpm.Close() })
+	return pol, tpm, state
+}
+
+func launchFixture(t *testing.T, expires time.Time) (LaunchConfig, string) {
+	t.Helper()
+	pol, tpm, state := policyFixture(t, "expiry.rego", expiryPolicy)
 	spec := &Spec{APIVersion: SpecVersion, Name: "expiring", Labels: map[string]string{"expires": expires.UTC().Format(time.RFC3339Nano)}, Guest: GuestSpec{Image: "spin.elf"}}
 	return LaunchConfig{
 		Run:          Config{Image: testELF(guestSpin, testLoad, 0), MemorySize: 4 << 20, Timeout: 30 * time.Second},

@@ -87,14 +87,14 @@ func loadLinux(mem *GuestMemory, kernel, initrd []byte, cmdline string) (Image, 
 	}
 	var initrdAddr uint64
 	if len(initrd) > 0 {
-		if _, err := linuxboot.CheckInitramfs(initrd); err != nil {
-			return Image{}, nil, err
-		}
 		maxAddr := uint64(0xffff_ffff)
 		if k.bz != nil {
 			maxAddr = uint64(k.bz.InitrdAddrMax)
 		}
 		if initrdAddr, err = linuxboot.PlaceInitrd(ram, img.End, uint64(len(initrd)), maxAddr); err != nil {
+			return Image{}, nil, err
+		}
+		if _, err := linuxboot.CheckInitramfs(initrd); err != nil {
 			return Image{}, nil, err
 		}
 		if err := mem.WritePhys(initrdAddr, initrd); err != nil {

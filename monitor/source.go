@@ -27,7 +27,8 @@ import (
 type LaunchSource struct {
 	Spec         *Spec
 	SpecBytes    []byte
-	Image        []byte
+	Image        []byte // the guest image, or the Linux kernel
+	Initrd       []byte // the Linux initramfs, if the spec names one
 	Policy       *policy.Policy
 	PolicyDigest string // SHA-256 (hex) of the signed policy bundle (of the Rego source when built in)
 	// CloakSecret is the VM's cloak master secret from a sealed bundle, nil otherwise
@@ -49,7 +50,7 @@ func (s *LaunchSource) Wipe() {
 func (s *LaunchSource) Config() Config {
 	mem, _ := s.Spec.MemoryBytes()
 	timeout, _ := s.Spec.TimeoutDuration()
-	return Config{Image: s.Image, MemorySize: mem, Cmdline: s.Spec.Guest.Cmdline, Timeout: timeout, CloakSecret: s.CloakSecret}
+	return Config{Image: s.Image, Boot: s.Spec.Boot(), Initrd: s.Initrd, MemorySize: mem, Cmdline: s.Spec.Guest.Cmdline, Timeout: timeout, CloakSecret: s.CloakSecret}
 }
 
 // DemoSource is the built-in demo: the test guest running its demo programs under
@@ -90,9 +91,9 @@ func SpecSource(ctx context.Context, specPath, bundlePath string, key policy.Ver
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", specPath, err)
 	}
-	img, err := os.ReadFile(spec.ImagePath(filepath.Dir(specPath)))
+	img, initrd, err := spec.ReadGuestFiles(filepath.Dir(specPath))
 	if err != nil {
-		return nil, fmt.Errorf("%s: guest.image: %w", specPath, err)
+		return nil, fmt.Errorf("%s: %w", specPath, err)
 	}
 	bundle, err := os.ReadFile(bundlePath)
 	if err != nil {
@@ -103,7 +104,7 @@ func SpecSource(ctx context.Context, specPath, bundlePath string, key policy.Ver
 		return nil, err
 	}
 	sum := sha256.Sum256(bundle)
-	return &LaunchSource{Spec: spec, SpecBytes: raw, Image: img, Policy: p, PolicyDigest: hex.EncodeToString(sum[:])}, nil
+	return &LaunchSource{Spec: spec, SpecBytes: raw, Image: img, Initrd: initrd, Policy: p, PolicyDigest: hex.EncodeToString(sum[:])}, nil
 }
 
 // SealedSource opens a sealed VM bundle on this host's TPM: it measures this monitor
@@ -149,8 +150,8 @@ func SealedSource(ctx context.Context, tpm transport.TPM, stateDir, bundlePath s
 		return fail(fmt.Errorf("spec sealed in %s: %w", bundlePath, err))
 	}
 	src.Spec, src.SpecBytes = spec, opened.Spec
-	if src.Image, err = os.ReadFile(spec.ImagePath(filepath.Dir(bundlePath))); err != nil {
-		return fail(fmt.Errorf("guest image named by the sealed spec: %w", err))
+	if src.Image, src.Initrd, err = spec.ReadGuestFiles(filepath.Dir(bundlePath)); err != nil {
+		return fail(fmt.Errorf("guest files named by the sealed spec: %w", err))
 	}
 	admin, err := adminKey(admins, opened.Header.AdminKeyID)
 	if err != nil {

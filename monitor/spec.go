@@ -29,10 +29,22 @@ type Spec struct {
 	Timeout    string            `yaml:"timeout,omitempty" json:"timeout,omitempty"` // Go duration, e.g. "30s"
 }
 
-// GuestSpec names the guest image and its command line.
+// GuestSpec names what the guest boots: an umbra guest image, or a Linux kernel with an
+// optional initramfs; and its command line. Paths are relative to the spec file's
+// directory.
 type GuestSpec struct {
-	Image   string `yaml:"image" json:"image"` // path, relative to the spec file's directory
+	Image   string `yaml:"image,omitempty" json:"image,omitempty"`
+	Kernel  string `yaml:"kernel,omitempty" json:"kernel,omitempty"` // vmlinux (PVH) or bzImage (docs/linux.md)
+	Initrd  string `yaml:"initrd,omitempty" json:"initrd,omitempty"` // initramfs, with kernel only
 	Cmdline string `yaml:"cmdline,omitempty" json:"cmdline,omitempty"`
+}
+
+// Boot is the boot protocol the spec asks for: BootLinux when it names a kernel.
+func (s *Spec) Boot() string {
+	if s.Guest.Kernel != "" {
+		return BootLinux
+	}
+	return BootUmbra
 }
 
 const maxSpecBytes = 1 << 20
@@ -80,11 +92,20 @@ func (s *Spec) Validate() error {
 	if err := ValidVMName(s.Name); err != nil {
 		return fmt.Errorf("VM spec: %w", err)
 	}
-	if s.Guest.Image == "" {
-		return errors.New("VM spec: guest.image is required (path to an ELF guest image)")
+	switch g := s.Guest; {
+	case g.Image == "" && g.Kernel == "":
+		return errors.New("VM spec: guest.image (an umbra ELF guest image) or guest.kernel (a Linux vmlinux or bzImage) is required")
+	case g.Image != "" && g.Kernel != "":
+		return errors.New("VM spec: guest.image and guest.kernel are exclusive: name an umbra guest image or a Linux kernel")
+	case g.Initrd != "" && g.Kernel == "":
+		return errors.New("VM spec: guest.initrd needs guest.kernel (an initramfs is for a Linux boot)")
 	}
-	if len(s.Guest.Cmdline) > maxCmdlineLen || strings.IndexByte(s.Guest.Cmdline, 0) >= 0 {
-		return fmt.Errorf("VM spec: guest.cmdline must be at most %d bytes without NUL", maxCmdlineLen)
+	limit := maxCmdlineLen
+	if s.Guest.Kernel != "" {
+		limit = linuxMaxCmdline
+	}
+	if len(s.Guest.Cmdline) > limit || strings.IndexByte(s.Guest.Cmdline, 0) >= 0 {
+		return fmt.Errorf("VM spec: guest.cmdline must be at most %d bytes without NUL", limit)
 	}
 	if _, err := s.MemoryBytes(); err != nil {
 		return err
@@ -158,10 +179,44 @@ func LoadSpecFile(path string) (*Spec, error) {
 	return s, nil
 }
 
-// ImagePath resolves guest.image relative to the directory of the spec file.
+// ImagePath resolves what the guest boots (guest.image, or guest.kernel for Linux)
+// relative to the directory of the spec file.
 func (s *Spec) ImagePath(specDir string) string {
-	if filepath.IsAbs(s.Guest.Image) {
-		return s.Guest.Image
+	if s.Guest.Kernel != "" {
+		return specPath(specDir, s.Guest.Kernel)
 	}
-	return filepath.Join(specDir, s.Guest.Image)
+	return specPath(specDir, s.Guest.Image)
+}
+
+// InitrdPath resolves guest.initrd; empty when the spec has none.
+func (s *Spec) InitrdPath(specDir string) string {
+	if s.Guest.Initrd == "" {
+		return ""
+	}
+	return specPath(specDir, s.Guest.Initrd)
+}
+
+func specPath(dir, p string) string {
+	if filepath.IsAbs(p) {
+		return p
+	}
+	return filepath.Join(dir, p)
+}
+
+// ReadGuestFiles reads the image (or kernel) and the initramfs the spec names, relative to
+// specDir; the error names the field.
+func (s *Spec) ReadGuestFiles(specDir string) (image, initrd []byte, err error) {
+	field := "guest.image"
+	if s.Guest.Kernel != "" {
+		field = "guest.kernel"
+	}
+	if image, err = os.ReadFile(s.ImagePath(specDir)); err != nil {
+		return nil, nil, fmt.Errorf("%s: %w", field, err)
+	}
+	if p := s.InitrdPath(specDir); p != "" {
+		if initrd, err = os.ReadFile(p); err != nil {
+			return nil, nil, fmt.Errorf("guest.initrd: %w", err)
+		}
+	}
+	return image, initrd, nil
 }

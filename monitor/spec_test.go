@@ -18,7 +18,10 @@ func TestParseSpec(t *testing.T) {
 		name, yaml, want string
 	}{
 		{"unknown field", good + "cpus: 4\n", "field cpus not found"},
-		{"unknown nested field", strings.Replace(good, "  cmdline", "  kernel: x\n  cmdline", 1), "field kernel not found"},
+		{"unknown nested field", strings.Replace(good, "  cmdline", "  bootloader: x\n  cmdline", 1), "field bootloader not found"},
+		{"image and kernel", strings.Replace(good, "  cmdline", "  kernel: vmlinux\n  cmdline", 1), "exclusive"},
+		{"initrd without kernel", strings.Replace(good, "  cmdline", "  initrd: initramfs.cpio.gz\n  cmdline", 1), "guest.initrd needs guest.kernel"},
+		{"linux cmdline too long", strings.Replace(strings.Replace(good, "image: guest.elf", "kernel: vmlinux", 1), "run=hello", strings.Repeat("x", 2048), 1), "at most 2047"},
 		{"wrong version", strings.Replace(good, "umbra.dev/v1", "v2", 1), "apiVersion"},
 		{"bad name", strings.Replace(good, "name: demo", "name: Demo_VM", 1), "name"},
 		{"no image", strings.Replace(good, "image: guest.elf", "image: ''", 1), "guest.image"},

@@ -89,10 +89,26 @@ type CrashError struct {
 	Reason string
 	Regs   kvm.Regs
 	Sregs  kvm.Sregs
+	// Insn holds up to 15 bytes at RIP when the monitor could read them (always tried
+	// for a KVM internal error); nil otherwise.
+	Insn []byte
 }
 
 func (e *CrashError) Error() string {
-	return "guest crashed: " + e.Reason + "\n" + RegisterDump(&e.Regs, &e.Sregs)
+	s := "guest crashed: " + e.Reason + "\n" + RegisterDump(&e.Regs, &e.Sregs)
+	if e.Insn != nil {
+		s += fmt.Sprintf("\n  instruction bytes at rip: % x", e.Insn)
+	}
+	return s
+}
+
+// Summary is the crash as the audit log records it.
+func (e *CrashError) Summary() map[string]any {
+	m := map[string]any{"reason": e.Reason, "rip": fmt.Sprintf("%#x", e.Regs.RIP), "cpl": e.Sregs.CPL()}
+	if e.Insn != nil {
+		m["insn"] = fmt.Sprintf("%x", e.Insn)
+	}
+	return m
 }
 
 // RegisterDump formats registers the way a crash report shows them.
@@ -397,6 +413,8 @@ func (v *VM) handleExit(runCtx context.Context, exit kvm.Exit) (*guestExit, erro
 	case *kvm.ExitInterrupted:
 		v.counter.Interrupts++
 		return nil, v.interrupted(runCtx)
+	case *kvm.ExitInternalError:
+		return nil, v.internalError(e)
 	case *kvm.ExitShutdown:
 		return nil, v.crash("triple fault (the guest took an exception it could not deliver)")
 	case *kvm.ExitHLT:
@@ -424,6 +442,29 @@ func (v *VM) where() string {
 		return "registers unavailable"
 	}
 	return "guest was at rip " + fmt.Sprintf("%#x cpl %d", r.RIP, s.CPL())
+}
+
+// internalError ends the run on KVM_EXIT_INTERNAL_ERROR (KVM could not emulate an
+// instruction, or could not deliver an event): the error names the suberror and carries
+// the registers and the instruction bytes at RIP, read through the guest's page tables.
+func (v *VM) internalError(e *kvm.ExitInternalError) error {
+	err := v.crash(e.String()).(*CrashError)
+	err.Insn = v.insnBytes(err.Regs.RIP)
+	return err
+}
+
+// insnBytes reads up to 15 bytes at the guest-virtual rip (nil if it is unmapped).
+func (v *VM) insnBytes(rip uint64) []byte {
+	tr, terr := v.cpu.Translate(rip)
+	if terr != nil || !tr.Valid {
+		return nil
+	}
+	n := min(15, PageSize-int(tr.Physical%PageSize)) // stay within the page
+	buf := make([]byte, n)
+	if err := v.mem.ReadPhys(tr.Physical, buf); err != nil {
+		return nil
+	}
+	return buf
 }
 
 func (v *VM) crash(reason string) error {

@@ -35,24 +35,37 @@ func TestJourney(t *testing.T) {
 	})
 }
 
-func journey(t *testing.T, tpm string) {
-	dir := t.TempDir()
-	admin, host := filepath.Join(dir, "admin"), filepath.Join(dir, "host")
+// journeyDirs makes the administrator's and the host's directories of a journey and
+// returns them with the host's TPM and state flags.
+func journeyDirs(t *testing.T, tpm string) (dir, admin, host string, hostFlags []string) {
+	dir = t.TempDir()
+	admin, host = filepath.Join(dir, "admin"), filepath.Join(dir, "host")
 	for _, d := range []string{admin, host} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			t.Fatal(err)
 		}
 	}
-	at := func(d, f string) string { return filepath.Join(d, f) }
+	return dir, admin, host, []string{"--tpm", tpm, "--state-dir", host}
+}
+
+func at(d, f string) string { return filepath.Join(d, f) }
+
+// mustRunUmbra runs the CLI and fails the test unless it exits with want.
+func mustRunUmbra(t *testing.T, want int, args ...string) (string, string) {
+	t.Helper()
+	code, out, errs := runUmbra(t, args...)
+	if code != want {
+		t.Fatalf("umbra %s = %d, want %d\nstdout:\n%s\nstderr:\n%s", strings.Join(args, " "), code, want, out, errs)
+	}
+	return out, errs
+}
+
+func journey(t *testing.T, tpm string) {
+	dir, admin, host, hostFlags := journeyDirs(t, tpm)
 	mustRun := func(want int, args ...string) (string, string) {
 		t.Helper()
-		code, out, errs := runUmbra(t, args...)
-		if code != want {
-			t.Fatalf("umbra %s = %d, want %d\nstdout:\n%s\nstderr:\n%s", strings.Join(args, " "), code, want, out, errs)
-		}
-		return out, errs
+		return mustRunUmbra(t, want, args...)
 	}
-	hostFlags := []string{"--tpm", tpm, "--state-dir", host}
 
 	// Host: its identity, exported for the administrator.
 	out, _ := mustRun(0, append([]string{"host", "id", "--ek-pub", at(host, "ek.pem")}, hostFlags...)...)
