@@ -38,7 +38,7 @@ func BenchmarkPlan(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				if _, err := pl.Complete(bc.ret, p.Cloaked); err != nil {
+				if _, err := pl.Complete(bc.ret, Owned{Cloaked: p.Cloaked}); err != nil {
 					b.Fatal(err)
 				}
 			}

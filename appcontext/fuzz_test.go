@@ -153,9 +153,23 @@ func FuzzPlan(f *testing.F) {
 				t.Fatalf("copy-in %+v outside bounce [%#x,+%#x) or caller buffer", c, bva, bsize)
 			}
 		}
-		comp, err := pl.Complete(ret, pp.Cloaked)
+		// The break before the call: a3 stands in for it (a1 ^ a2 for the heap), so
+		// the brk checks meet arbitrary old breaks too.
+		own := Owned{Cloaked: pp.Cloaked, Reserved: func(va, size uint64) bool { return overlaps(va, size, bva, bsize) },
+			Break: a3, Heap: Region{VA: (a1 ^ a2) &^ (PageSize - 1), Size: 1 << 20, Kind: RegionHeap}}
+		comp, err := pl.Complete(ret, own)
 		if err != nil {
 			return
+		}
+		switch pl.Call.Result {
+		case ResultBreak:
+			if own.Break != 0 && ret != own.Break && ret != orig[0] {
+				t.Fatalf("break %#x accepted, old %#x, asked %#x", ret, own.Break, orig[0])
+			}
+		case ResultAddr:
+			if int64(ret) >= 0 && own.Reserved(ret, PageSize) {
+				t.Fatalf("mapping at %#x in the bounce area accepted", ret)
+			}
 		}
 		for _, c := range comp.Out[:comp.NOut] {
 			if !inBounce(c) || !inCaller(c) || pl.Args[c.Arg] != c.Bounce {

@@ -373,6 +373,9 @@ type Layout struct {
 	Trampoline uint64
 	BounceVA   uint64
 	BounceSize uint64
+	// code is the measured code segments (ascending): the only memory cloaked code
+	// may execute (Executable).
+	code []Segment
 }
 
 type layoutRegion struct {
@@ -388,7 +391,25 @@ func NewLayout(req *RegisterRequest) *Layout {
 		l.nextRes++
 		l.regions = append(l.regions, layoutRegion{r, l.nextRes})
 	}
+	for _, s := range req.Segments {
+		if s.Kind == SegmentCode {
+			l.code = append(l.code, s)
+		}
+	}
 	return l
+}
+
+// Executable reports whether the page of va holds measured code: part of a code
+// segment of the registered image. Nothing else may run as the app (W^X for cloaked
+// control flow: such a page is also never writable in the app's shadow tables).
+func (l *Layout) Executable(va uint64) bool {
+	page := va &^ (PageSize - 1)
+	for _, s := range l.code {
+		if overlaps(page, PageSize, s.VA, s.Size) {
+			return true
+		}
+	}
+	return false
 }
 
 // Lookup returns the region containing va and its resource id.

@@ -154,6 +154,27 @@ type Planner struct {
 	// kernel that places a new mapping over it is lying. Nil means no
 	// region is cloaked.
 	Cloaked func(va, size uint64) bool
+	// Reserved reports whether [va, va+size) touches memory set aside for the
+	// app's dealings with the kernel (the trampoline page, the bounce area):
+	// refused to mmap with MAP_FIXED and munmap like cloaked memory. Nil: none.
+	Reserved func(va, size uint64) bool
+}
+
+// Owned is what the app owns, for checking the kernel's results against it: a
+// result that hands the app memory it already has, or moves its break where it
+// did not ask, is a lie (an Iago attack), never a silent change.
+type Owned struct {
+	// Cloaked reports whether [va, va+size) touches the app's cloaked regions.
+	Cloaked func(va, size uint64) bool
+	// Reserved reports whether [va, va+size) touches the trampoline page or the
+	// bounce area: never fresh memory.
+	Reserved func(va, size uint64) bool
+	// Break is the program break the kernel last reported (0: not known yet).
+	Break uint64
+	// Heap is the app's cloaked heap region (Size 0: none); a break the monitor
+	// does not know yet must lie in it (or one page below, the initial break being
+	// unaligned), unless the app asked for exactly that break.
+	Heap Region
 }
 
 // Plan is the marshalling of one forwarded syscall.
@@ -263,15 +284,21 @@ func (p *Planner) Plan(regs *Regs) (Plan, error) {
 			pl.NIn++
 		}
 	}
-	if p.Cloaked != nil {
+	for _, set := range []struct {
+		in   func(va, size uint64) bool
+		what string
+	}{{p.Cloaked, "cloaked; remove the region first"}, {p.Reserved, "the trampoline or bounce area"}} {
+		if set.in == nil {
+			continue
+		}
 		switch nr {
 		case SysMunmap:
-			if a[1] != 0 && p.Cloaked(a[0], a[1]) {
-				return Plan{}, abiErr(EBUSY, "munmap", "[%#x, +%#x) is cloaked; remove the region first", a[0], a[1])
+			if a[1] != 0 && set.in(a[0], a[1]) {
+				return Plan{}, abiErr(EBUSY, "munmap", "[%#x, +%#x) is %s", a[0], a[1], set.what)
 			}
 		case SysMmap:
-			if a[3]&mapFixed != 0 && a[1] != 0 && p.Cloaked(a[0], a[1]) {
-				return Plan{}, abiErr(EBUSY, "mmap", "MAP_FIXED over cloaked [%#x, +%#x)", a[0], a[1])
+			if a[3]&mapFixed != 0 && a[1] != 0 && set.in(a[0], a[1]) {
+				return Plan{}, abiErr(EBUSY, "mmap", "MAP_FIXED over [%#x, +%#x), which is %s", a[0], a[1], set.what)
 			}
 		}
 	}
@@ -328,10 +355,11 @@ type Completion struct {
 	NOut   int
 }
 
-// Complete checks the kernel's result ret against what the call allows and
-// returns the copy-back plan. Copies never exceed the buffers the caller
-// passed nor the bounce slots the kernel was given.
-func (pl *Plan) Complete(ret uint64, cloaked func(va, size uint64) bool) (Completion, error) {
+// Complete checks the kernel's result ret against what the call allows, what
+// the app asked for and what it owns, and returns the copy-back plan. Copies
+// never exceed the buffers the caller passed nor the bounce slots the kernel
+// was given.
+func (pl *Plan) Complete(ret uint64, own Owned) (Completion, error) {
 	r := int64(ret)
 	sc := pl.Call
 	lie := func(format string, args ...any) (Completion, error) {
@@ -383,12 +411,27 @@ func (pl *Plan) Complete(ret uint64, cloaked func(va, size uint64) bool) (Comple
 		if ret%PageSize != 0 || ret < PageSize || ret+n < ret || ret+n > UserTop {
 			return lie("[%#x, +%#x) is not a page-aligned user range", ret, n)
 		}
-		if cloaked != nil && cloaked(ret, n) {
+		if own.Cloaked != nil && own.Cloaked(ret, n) {
 			return lie("new mapping [%#x, +%#x) overlaps cloaked memory", ret, n)
+		}
+		if own.Reserved != nil && own.Reserved(ret, n) {
+			return lie("new mapping [%#x, +%#x) overlaps the trampoline or bounce area", ret, n)
 		}
 	case ResultBreak:
 		if ret >= UserTop {
 			return lie("break outside the user half")
+		}
+		// brk(addr) returns addr when it moved the break there, the old break
+		// otherwise: any other move is a lie (a lower break would have the monitor
+		// forget the app's heap pages above it).
+		asked := pl.orig[0]
+		switch {
+		case own.Break != 0 && ret < own.Break && ret != asked:
+			return lie("break lowered from %#x, asked %#x", own.Break, asked)
+		case own.Break != 0 && ret > own.Break && ret != asked:
+			return lie("break raised from %#x, asked %#x", own.Break, asked)
+		case own.Break == 0 && own.Heap.Size != 0 && ret != asked && (ret+PageSize < own.Heap.VA || ret > own.Heap.End()):
+			return lie("first break outside the heap [%#x, %#x)", own.Heap.VA, own.Heap.End())
 		}
 	case ResultPID:
 		if r < 1 || r > PIDMax {

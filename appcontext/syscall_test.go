@@ -116,7 +116,7 @@ func TestPlan(t *testing.T) {
 			if got := pl.In[:pl.NIn]; !equalCopies(got, tt.in) {
 				t.Errorf("in = %+v, want %+v", got, tt.in)
 			}
-			c, err := pl.Complete(tt.outRet, p.Cloaked)
+			c, err := pl.Complete(tt.outRet, Owned{Cloaked: p.Cloaked})
 			if tt.iago {
 				if !errors.Is(err, ErrIago) {
 					t.Fatalf("Complete = %v, want Iago", err)
@@ -205,4 +205,58 @@ func allZero(b []byte) bool {
 		}
 	}
 	return true
+}
+
+// TestCompleteMemoryResults: brk and mmap results are checked against what the app
+// asked for and what it owns: a break moves only where asked (a lower one only
+// when asked), a first break lies in the heap, a new mapping overlaps neither
+// cloaked memory nor the trampoline or bounce area; the app's own MAP_FIXED or
+// munmap there is refused.
+func TestCompleteMemoryResults(t *testing.T) {
+	const tramp = 0x700000
+	p := testPlanner(t)
+	p.Reserved = func(va, size uint64) bool {
+		return overlaps(va, size, tramp, PageSize) || overlaps(va, size, bounceVA, bounceSize)
+	}
+	heap := Region{VA: 0x800000, Size: 0x100000, Kind: RegionHeap}
+	own := func(brk uint64) Owned { return Owned{Cloaked: p.Cloaked, Reserved: p.Reserved, Break: brk, Heap: heap} }
+	tests := []struct {
+		name string
+		regs Regs
+		own  Owned
+		ret  uint64
+		iago bool
+		plan Errno
+	}{
+		{"brk query, first break in heap", Regs{RAX: SysBrk}, own(0), 0x800123, false, 0},
+		{"brk query, first break below heap", Regs{RAX: SysBrk}, own(0), 0x300000, true, 0},
+		{"brk query, first break a page below heap", Regs{RAX: SysBrk}, own(0), 0x7ff010, false, 0},
+		{"brk grow as asked", Regs{RAX: SysBrk, RDI: 0x803000}, own(0x801000), 0x803000, false, 0},
+		{"brk grow refused", Regs{RAX: SysBrk, RDI: 0x803000}, own(0x801000), 0x801000, false, 0},
+		{"brk lowered when asked", Regs{RAX: SysBrk, RDI: 0x800000}, own(0x803000), 0x800000, false, 0},
+		{"brk lowered when growth asked", Regs{RAX: SysBrk, RDI: 0x804000}, own(0x803000), 0x800000, true, 0},
+		{"brk raised beyond the ask", Regs{RAX: SysBrk, RDI: 0x804000}, own(0x803000), 0x805000, true, 0},
+		{"brk query answered with a lower break", Regs{RAX: SysBrk}, own(0x803000), 0x801000, true, 0},
+		{"mmap fresh", Regs{RAX: SysMmap, RSI: PageSize}, own(0), 0x10000000, false, 0},
+		{"mmap returns the bounce area", Regs{RAX: SysMmap, RSI: PageSize}, own(0), bounceVA + PageSize, true, 0},
+		{"mmap returns the trampoline", Regs{RAX: SysMmap, RSI: 2 * PageSize}, own(0), tramp - PageSize, true, 0},
+		{"mmap returns cloaked memory", Regs{RAX: SysMmap, RSI: PageSize}, own(0), 0x600000, true, 0},
+		{"MAP_FIXED over the bounce area", Regs{RAX: SysMmap, RDI: bounceVA, RSI: PageSize, R10: mapFixed}, own(0), 0, false, EBUSY},
+		{"munmap of the trampoline", Regs{RAX: SysMunmap, RDI: tramp, RSI: PageSize}, own(0), 0, false, EBUSY},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			pl, err := p.Plan(&tt.regs)
+			if tt.plan != 0 || err != nil {
+				if ErrnoOf(err) != tt.plan {
+					t.Fatalf("Plan = %v, want %v", err, tt.plan)
+				}
+				return
+			}
+			_, err = pl.Complete(tt.ret, tt.own)
+			if got := errors.Is(err, ErrIago); got != tt.iago {
+				t.Fatalf("Complete(%#x) = %v, want a lie %v", tt.ret, err, tt.iago)
+			}
+		})
+	}
 }

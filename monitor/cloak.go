@@ -102,6 +102,7 @@ type shadowMap struct {
 	writable bool
 	noExec   bool
 	deny     pageprot.Deny
+	sys      pageprot.Deny // the system VM's page protection of the frame at install
 }
 
 // pendingKind is what a parked app waits for at its next CLOAK_RESUME.
@@ -285,11 +286,33 @@ func (x *cloakApp) describe() map[string]any {
 
 // addressSpace is the app's guest address space as the monitor walks it.
 func (x *cloakApp) addressSpace() appcontext.AddressSpace {
-	return appcontext.AddressSpace{Mem: guestPhys{x.c.v.mem}, CR3: x.cr3, Paging: x.paging}
+	return appcontext.AddressSpace{Mem: x.c.walkMem(x), CR3: x.cr3, Paging: x.paging}
 }
 
 // cloaked reports whether [va, va+size) touches the app's cloaked regions.
 func (x *cloakApp) cloaked(va, size uint64) bool { return x.layout.Overlaps(va, size) }
+
+// reserved reports whether [va, va+size) touches the trampoline page or the bounce
+// area.
+func (x *cloakApp) reserved(va, size uint64) bool {
+	l := x.layout
+	return overlap(va, size, l.Trampoline, PageSize) || overlap(va, size, l.BounceVA, l.BounceSize)
+}
+
+func overlap(a, an, b, bn uint64) bool { return an != 0 && bn != 0 && a < b+bn && b < a+an }
+
+// owned is what the app owns, for the kernel's result of a call made with the
+// break at brk (0: not known yet).
+func (x *cloakApp) owned(brk uint64) appcontext.Owned {
+	o := appcontext.Owned{Cloaked: x.cloaked, Reserved: x.reserved, Break: brk}
+	for _, r := range x.layout.Regions() {
+		if r.Kind == appcontext.RegionHeap {
+			o.Heap = r
+			break
+		}
+	}
+	return o
+}
 
 // ---- hypercalls ----
 
@@ -359,7 +382,7 @@ func (c *cloaking) register(call Call, e *kvm.ExitMMIO) appcontext.Errno {
 	v := c.v
 	sregs := *v.cpu.SyncedSregs()
 	as := appcontext.AddressSpace{
-		Mem: guestPhys{v.mem}, CR3: call.CR3 & cr3AddrMask,
+		Mem: sysGuardedMem{v: v, cpl: call.CPL, cr3: call.CR3 & cr3AddrMask}, CR3: call.CR3 & cr3AddrMask,
 		Paging: appcontext.Paging{MaxPhysAddr: v.maxPhysAddr, NXE: sregs.EFER&eferNXE != 0, WP: sregs.CR0&cr0WP != 0},
 	}
 	refuse := func(err error) appcontext.Errno {
@@ -505,8 +528,9 @@ func (c *cloaking) newApp(name string, id appcontext.Identity, req *appcontext.R
 	}
 	x.planner = appcontext.Planner{
 		BounceVA: req.BounceVA, BounceSize: req.BounceSize,
-		Mem:     appMemReader{x},
-		Cloaked: x.cloaked,
+		Mem:      appMemReader{x},
+		Cloaked:  x.cloaked,
+		Reserved: x.reserved,
 	}
 	x.sum = CloakedAppSummary{
 		Seq: x.seq, Name: name, Identity: hex.EncodeToString(id[:]), Instance: sm.Instance(),
@@ -561,6 +585,12 @@ func (c *cloaking) resume(x *cloakApp, call Call, e *kvm.ExitMMIO) (uint64, bool
 		c.v.log.Debug("cloak: resume", "app", x.seq, "pending", x.pending.kind, "stage", x.pending.stage, "rdi", call.Args[0])
 	}
 	c.checkMappings(x)
+	if x.ended {
+		// The check ended the app (its tables reach a frame the monitor refuses to
+		// walk): this CLOAK_RESUME hands the trampoline exit_group.
+		c.parked = nil
+		return appcontext.SysExitGroup, false, c.exitNowLocked(x)
+	}
 	switch x.pending.kind {
 	case pendNone:
 		c.running = x
@@ -667,10 +697,7 @@ func (c *cloaking) endApp(x *cloakApp, kind, reason string, status int) {
 		if o.app != x {
 			continue
 		}
-		if b, err := c.v.mem.Slice(gpa, PageSize); err == nil {
-			clear(b)
-		}
-		delete(c.plain, gpa)
+		c.scrubLocked(x, gpa)
 	}
 	for va, m := range x.mapped {
 		if c.av != nil {

@@ -57,6 +57,12 @@ func runCloakGuest(t *testing.T, cmdline string) *cloakRun {
 // Measure are replaced by the recorders.
 func runCloakGuestHooks(t *testing.T, cmdline string, hooks *Hooks) *cloakRun {
 	t.Helper()
+	return runCloakGuestConfig(t, cmdline, hooks, nil)
+}
+
+// runCloakGuestConfig is runCloakGuestHooks with edit applied to the Config.
+func runCloakGuestConfig(t *testing.T, cmdline string, hooks *Hooks, edit func(*Config)) *cloakRun {
+	t.Helper()
 	requireGuestKVM(t)
 	r := &cloakRun{}
 	*hooks = Hooks{
@@ -83,10 +89,14 @@ func runCloakGuestHooks(t *testing.T, cmdline string, hooks *Hooks) *cloakRun {
 	}
 	var console lockedBuffer
 	start := time.Now()
-	res, err := Run(context.Background(), Config{
+	cfg := Config{
 		Image: guestimage.Image(), MemorySize: 64 << 20, Cmdline: cmdline,
 		Console: &console, Timeout: 120 * time.Second, Hooks: hooks,
-	})
+	}
+	if edit != nil {
+		edit(&cfg)
+	}
+	res, err := Run(context.Background(), cfg)
 	r.wall = time.Since(start)
 	if err != nil {
 		t.Fatalf("guest %q: %v\nconsole:\n%s", cmdline, err, console.String())
@@ -366,7 +376,7 @@ func TestCloakAttacks(t *testing.T) {
 // TestCloakPreemption shows that a cloaked app that never makes a system call is
 // preempted on its time slice: the kernel keeps running other processes meanwhile.
 func TestCloakPreemption(t *testing.T) {
-	g := runCloakGuest(t, "run=cloakprobe:spin:200:cloak,counter:a:8:10,counter:b:8:10")
+	g := runCloakGuest(t, "run=cloakprobe:spin:200:cloak,counter:a:16:10,counter:b:16:10")
 	g.wantStatus(t, 0)
 	lines := strings.Split(g.out, "\n")
 	start, done := -1, -1

@@ -10,7 +10,6 @@ package monitor
 // never in a shadow table as a cloaked page.
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"sync/atomic"
@@ -20,6 +19,7 @@ import (
 
 	"github.com/umbra-cc/umbra/appcontext"
 	"github.com/umbra-cc/umbra/kvm"
+	"github.com/umbra-cc/umbra/monitor/memguard"
 	"github.com/umbra-cc/umbra/pageprot"
 	"github.com/umbra-cc/umbra/shadowmem"
 )
@@ -33,6 +33,7 @@ const (
 	accSegv                   // the guest's tables forbid the access: the app's own fault
 	accIntegrity              // the page failed verification (err is *shadowmem.IntegrityError)
 	accBad                    // the guest maps the page outside RAM
+	accRefused                // the guarded accessor refused (audited): the kernel named a frame the app may not have
 )
 
 // needFaultError is returned through appcontext readers when a page the monitor
@@ -96,7 +97,11 @@ func (c *cloaking) encryptLocked(gpa uint64) {
 		return
 	}
 	o.app.unmapVA(o.va)
-	buf, err := c.v.mem.Slice(gpa, PageSize)
+	err := c.appGuard(o.app, memguard.Encrypt, memguard.Write, gpa, PageSize)
+	var buf []byte
+	if err == nil {
+		buf, err = c.v.mem.Slice(gpa, PageSize)
+	}
 	if err == nil {
 		err = o.app.sm.EncryptPage(o.page, gpa, buf)
 	}
@@ -122,6 +127,9 @@ func (c *cloaking) appAccess(x *cloakApp, va uint64, acc appcontext.Access, inst
 	t, err := x.paging.Walk(as.Mem, x.cr3, va, acc|appcontext.AccessUser)
 	if err != nil {
 		var f *appcontext.Fault
+		if isGuardRefusal(err) {
+			return 0, accRefused, err
+		}
 		if !errors.As(err, &f) {
 			return 0, accBad, err
 		}
@@ -143,6 +151,16 @@ func (c *cloaking) appAccess(x *cloakApp, va uint64, acc appcontext.Access, inst
 	}
 	frame := t.GPA &^ (PageSize - 1)
 	region, res, cloaked := x.layout.Lookup(va)
+	if acc&appcontext.AccessExec != 0 && !x.layout.Executable(va) {
+		// W^X for cloaked control flow: only measured code runs as the app. The
+		// kernel's code in uncloaked memory (the trampoline page, say) or in adopted
+		// data (the stack) reached through a planted return address ends here.
+		return 0, accRefused, fmt.Errorf("page %#x: %w", page, errUnmeasuredExec)
+	}
+	if acc&appcontext.AccessWrite != 0 && x.layout.Executable(va) {
+		// Measured code is never writable in appVM, whatever the guest's tables say.
+		return 0, accSegv, fmt.Errorf("page %#x holds measured code: not writable", page)
+	}
 	if frame >= c.v.mem.Size() || frame+PageSize > c.v.mem.Size() {
 		if frame == DoorbellGPA && !cloaked {
 			if install {
@@ -154,8 +172,12 @@ func (c *cloaking) appAccess(x *cloakApp, va uint64, acc appcontext.Access, inst
 	}
 	if !cloaked {
 		// Uncloaked memory the app shares with the kernel. A frame holding some
-		// cloaked page's plaintext is encrypted first, as any system access would.
-		c.encryptLocked(frame)
+		// cloaked page's plaintext is encrypted first, as any system access would
+		// (the rule's Seal); a frame the system's page protection denies the access
+		// is refused.
+		if err := c.appGuard(x, memguard.AppMap, guardAccess(acc), frame, PageSize); err != nil {
+			return 0, accRefused, err
+		}
 		if install {
 			err = c.installLocked(x, page, frame, t.Writable, t.NoExec)
 		}
@@ -179,6 +201,9 @@ func (c *cloaking) appAccess(x *cloakApp, va uint64, acc appcontext.Access, inst
 	case tracked && info.State == shadowmem.Plain:
 		// Already plain in this frame.
 	case tracked:
+		if err := c.appGuard(x, memguard.Decrypt, memguard.Write, frame, PageSize); err != nil {
+			return 0, accRefused, err
+		}
 		if err := c.zapSys(frame); err != nil {
 			c.fatalLocked(err)
 			return 0, accBad, err
@@ -201,6 +226,9 @@ func (c *cloaking) appAccess(x *cloakApp, va uint64, acc appcontext.Access, inst
 		if region.Kind != appcontext.RegionImage && !t.Writable {
 			return 0, accNeedFault, &needFaultError{va: va, write: true}
 		}
+		if err := c.appGuard(x, memguard.ZeroFill, memguard.Write, frame, PageSize); err != nil {
+			return 0, accRefused, err
+		}
 		if err := c.zapSys(frame); err != nil {
 			c.fatalLocked(err)
 			return 0, accBad, err
@@ -215,6 +243,12 @@ func (c *cloaking) appAccess(x *cloakApp, va uint64, acc appcontext.Access, inst
 		x.sum.ZeroFills++
 		x.sum.Pages++
 	}
+	// The app's own access to the frame it now holds in plaintext: refused if the
+	// system's page protection denies it (no lock may cover plaintext, but a frame
+	// the walk found could be one of the kernel's).
+	if err := c.appGuard(x, memguard.AppMap, guardAccess(acc), frame, PageSize); err != nil {
+		return 0, accRefused, err
+	}
 	if install {
 		if err := c.installLocked(x, page, frame, t.Writable, t.NoExec); err != nil {
 			return 0, accBad, err
@@ -223,21 +257,40 @@ func (c *cloaking) appAccess(x *cloakApp, va uint64, acc appcontext.Access, inst
 	return frame, accOK, nil
 }
 
+// guardAccess is the rule's access for an app access.
+func guardAccess(acc appcontext.Access) memguard.Access {
+	a := memguard.Read
+	if acc&appcontext.AccessWrite != 0 {
+		a |= memguard.Write
+	}
+	if acc&appcontext.AccessExec != 0 {
+		a |= memguard.Exec
+	}
+	return a
+}
+
 // installLocked maps page to frame in the app's shadow tables with the rights the
 // guest's tables give (writable, noExec), restricted by the app's page protection:
 // deny-write clears R/W, deny-exec sets NX, deny-read leaves the entry not present
 // (docs/pageprot.md).
+//
+// The system VM's page protection of the frame restricts the entry too (appVM honours
+// page protection: cloaked code never writes a frame the kernel locked against
+// writes, nor runs one locked against execution, nor sees one locked against reads);
+// checkMappings drops an entry whose frame's protection changed.
 func (c *cloaking) installLocked(x *cloakApp, page, frame uint64, writable, noExec bool) error {
 	deny := c.ppDeny(x, page)
-	if deny&pageprot.DenyRead != 0 {
+	sys := c.guardView().Deny(frame)
+	if deny&pageprot.DenyRead != 0 || sys&pageprot.DenyRead != 0 {
 		x.unmapVA(page)
 		return nil
 	}
-	want := shadowMap{gpa: frame, writable: writable, noExec: noExec, deny: deny}
+	want := shadowMap{gpa: frame, writable: writable, noExec: noExec, deny: deny, sys: sys}
 	if m, ok := x.mapped[page]; ok && m == want {
 		return nil
 	}
-	if err := x.shadow.mapPage(page, frame, writable && deny&pageprot.DenyWrite == 0, noExec || deny&pageprot.DenyExec != 0); err != nil {
+	w, nx := shadowRights(x, page, writable, noExec, deny|sys)
+	if err := x.shadow.mapPage(page, frame, w, nx); err != nil {
 		c.fatalLocked(err)
 		return err
 	}
@@ -245,16 +298,33 @@ func (c *cloaking) installLocked(x *cloakApp, page, frame uint64, writable, noEx
 	return nil
 }
 
+// errUnmeasuredExec refuses an instruction fetch by cloaked code outside its measured
+// code segments.
+var errUnmeasuredExec = errors.New("execution outside the app's measured code")
+
+// shadowRights are the rights of a shadow entry for page: the guest's (writable,
+// noExec) restricted by the protection deny (the app's and the system's) and by W^X:
+// a page of measured code is executable and never writable, every other page is
+// never executable.
+func shadowRights(x *cloakApp, page uint64, writable, noExec bool, deny pageprot.Deny) (w, nx bool) {
+	code := x.layout.Executable(page)
+	return writable && deny&pageprot.DenyWrite == 0 && !code, noExec || deny&pageprot.DenyExec != 0 || !code
+}
+
 // checkMappings drops every shadow entry of app x that no longer agrees with the
 // guest's tables (the kernel remapped, unmapped or re-protected the page while the
 // app was parked); the app's next access resolves it again, which detects a page
 // moved to a frame that does not hold its ciphertext.
 func (c *cloaking) checkMappings(x *cloakApp) {
-	mem := guestPhys{x.c.v.mem}
+	mem := c.walkMem(x)
 	for va, m := range x.mapped {
 		c.stats.ResumeChecks++
 		t, err := x.paging.Walk(mem, x.cr3, va, appcontext.UserRead)
-		if err == nil && t.GPA&^(PageSize-1) == m.gpa && t.Writable == m.writable && t.NoExec == m.noExec {
+		if isGuardRefusal(err) {
+			c.refusedKill(x, va, err)
+			return
+		}
+		if err == nil && t.GPA&^(PageSize-1) == m.gpa && t.Writable == m.writable && t.NoExec == m.noExec && mem.view.Deny(m.gpa) == m.sys {
 			continue
 		}
 		c.stats.Stale++
@@ -271,9 +341,10 @@ func (c *cloaking) checkMappings(x *cloakApp) {
 func (c *cloaking) presentPages(as appcontext.AddressSpace, regions []appcontext.Region, deadBelow uint64) ([][3]uint64, error) {
 	var out [][3]uint64 // va, frame, region index
 	seen := map[uint64]bool{}
+	mem := c.walkMem(nil) // the walk too: no table in cloaked plaintext (c.mu is held)
 	for ri, r := range regions {
 		for va := r.VA; va < r.End(); {
-			t, err := as.Paging.Walk(as.Mem, as.CR3, va, appcontext.UserRead)
+			t, err := as.Paging.Walk(mem, as.CR3, va, appcontext.UserRead)
 			if err != nil {
 				var f *appcontext.Fault
 				if errors.As(err, &f) && f.Kind == appcontext.FaultNotPresent {
@@ -295,8 +366,13 @@ func (c *cloaking) presentPages(as appcontext.AddressSpace, regions []appcontext
 			if t.PageSize != PageSize || frame+PageSize > c.v.mem.Size() {
 				return nil, &appcontext.ABIError{Errno: appcontext.EFAULT, Field: fmt.Sprintf("regions[%d]", ri), Detail: fmt.Sprintf("page %#x maps %#x (size %#x): not a 4 KiB page of RAM", va, t.GPA, t.PageSize)}
 			}
-			if _, ok := c.plain[frame]; ok || seen[frame] {
-				return nil, &appcontext.ABIError{Errno: appcontext.EBUSY, Field: fmt.Sprintf("regions[%d]", ri), Detail: fmt.Sprintf("page %#x is in frame %#x, which holds cloaked memory", va, frame)}
+			if seen[frame] {
+				return nil, &appcontext.ABIError{Errno: appcontext.EBUSY, Field: fmt.Sprintf("regions[%d]", ri), Detail: fmt.Sprintf("page %#x is in frame %#x, which another page of the app maps too", va, frame)}
+			}
+			// A frame holding cloaked plaintext, or one the system's page protection
+			// covers, is not the app's to take (the rule audits the refusal).
+			if err := c.guardLocked(mem.view, memguard.Request{Purpose: memguard.Adopt, Access: memguard.Write, GPA: frame, Len: PageSize}, func() map[string]any { return map[string]any{"cr3": as.CR3} }); err != nil {
+				return nil, &appcontext.ABIError{Errno: appcontext.EBUSY, Field: fmt.Sprintf("regions[%d]", ri), Detail: fmt.Sprintf("page %#x is in frame %#x", va, frame), Err: err}
 			}
 			seen[frame] = true
 			out = append(out, [3]uint64{va, frame, uint64(ri)})
@@ -378,7 +454,10 @@ func (c *cloaking) copySys(x *cloakApp, va uint64, buf []byte, write bool) error
 	}
 	for len(buf) > 0 {
 		n := min(uint64(len(buf)), PageSize-va%PageSize)
-		t, err := x.paging.Walk(guestPhys{c.v.mem}, x.cr3, va, acc)
+		t, err := x.paging.Walk(c.walkMem(x), x.cr3, va, acc)
+		if isGuardRefusal(err) {
+			return &appAccessError{st: accRefused, err: err}
+		}
 		if err != nil {
 			var f *appcontext.Fault
 			if errors.As(err, &f) && f.Kind == appcontext.FaultNotPresent {
@@ -390,7 +469,15 @@ func (c *cloaking) copySys(x *cloakApp, va uint64, buf []byte, write bool) error
 		if frame+PageSize > c.v.mem.Size() {
 			return &appAccessError{st: accBad, err: fmt.Errorf("bounce page %#x maps %#x, outside RAM", va, t.GPA)}
 		}
-		c.encryptLocked(frame) // never write a cloaked page's plaintext in place
+		// Never a cloaked page's plaintext in place (sealed first), never a frame the
+		// system's page protection denies the copy.
+		ga := memguard.Read
+		if write {
+			ga = memguard.Write
+		}
+		if err := c.appGuard(x, memguard.Bounce, ga, t.GPA, n); err != nil {
+			return &appAccessError{st: accRefused, err: err}
+		}
 		b, _ := c.v.mem.Slice(t.GPA, int(n))
 		if write {
 			copy(b, buf[:n])
@@ -486,37 +573,6 @@ func (c *cloaking) checkSysBuffer(s *kvm.Sregs, va, n uint64) error {
 	return errCloakedBuffer
 }
 
-// cloakGuardedMem reads guest-physical memory for system-VM hypercalls, refusing
-// frames that hold a cloaked page's plaintext.
-type cloakGuardedMem struct {
-	c   *cloaking
-	cpl uint8
-	cr3 uint64
-}
-
-func (m cloakGuardedMem) ReadPhys(gpa uint64, buf []byte) error {
-	if err := m.c.refusePlain(gpa, uint64(len(buf)), m.cpl, m.cr3); err != nil {
-		return err
-	}
-	return m.c.v.mem.ReadPhys(gpa, buf)
-}
-
-// refusePlain refuses (and audits) a system-VM hypercall's access to [gpa, gpa+n) if a
-// frame there holds a cloaked page's plaintext.
-func (c *cloaking) refusePlain(gpa, n uint64, cpl uint8, cr3 uint64) error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for p := gpa &^ (PageSize - 1); p < gpa+n; p += PageSize {
-		if o, ok := c.plain[p]; ok {
-			d := o.app.describe()
-			d["why"], d["cpl"], d["cr3"], d["frame"] = "hypercall buffer in a frame holding cloaked plaintext", cpl, cr3, p
-			c.audit(EventCloakViolation, d)
-			return errCloakedBuffer
-		}
-	}
-	return nil
-}
-
 // sealForSystem encrypts the cloaked plaintext in the frames of [gpa, gpa+n) before
 // the monitor carries out a system-VM access there itself (an emulated access to a
 // protected frame): the system view of a cloaked page is its ciphertext.
@@ -526,17 +582,4 @@ func (c *cloaking) sealForSystem(gpa, n uint64) {
 	for p := gpa &^ (PageSize - 1); p < gpa+n; p += PageSize {
 		c.encryptLocked(p)
 	}
-}
-
-// guestPhys gives the page walker guest RAM with its 8-byte fast path (every app
-// fault, every resume check and the registration survey walk the guest's tables).
-type guestPhys struct{ m *GuestMemory }
-
-func (g guestPhys) ReadPhys(gpa uint64, buf []byte) error { return g.m.ReadPhys(gpa, buf) }
-
-func (g guestPhys) ReadPhysUint64(gpa uint64) (uint64, error) {
-	if gpa > g.m.size || g.m.size-gpa < 8 {
-		return 0, fmt.Errorf("%w: [%#x, +8) with %#x bytes of RAM", ErrOutsideRAM, gpa, g.m.size)
-	}
-	return binary.LittleEndian.Uint64(g.m.monitor[gpa:]), nil
 }

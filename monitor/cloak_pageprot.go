@@ -160,7 +160,7 @@ type appPageProtMem struct {
 }
 
 func (m *appPageProtMem) Translate(gva uint64) (pageprot.Mapping, error) {
-	t, err := m.x.paging.Walk(guestPhys{m.c.v.mem}, m.x.cr3, gva, appcontext.UserRead)
+	t, err := m.x.paging.Walk(m.c.walkMem(m.x), m.x.cr3, gva, appcontext.UserRead)
 	if err != nil {
 		return pageprot.Mapping{}, err
 	}
@@ -322,7 +322,12 @@ func (c *cloaking) ppAllowOnce(x *cloakApp, va uint64, acc pageprot.Access) {
 		return
 	}
 	page := va &^ (PageSize - 1)
-	t, err := x.paging.Walk(guestPhys{c.v.mem}, x.cr3, page, appcontext.UserRead)
+	mem := c.walkMem(x)
+	t, err := x.paging.Walk(mem, x.cr3, page, appcontext.UserRead)
+	if isGuardRefusal(err) {
+		c.refusedKill(x, va, err)
+		return
+	}
 	if err != nil {
 		c.crash(x, fmt.Sprintf("page fault at %#x rip %#x: %v", va, x.thread.regs.RIP, err), 128+11)
 		return
@@ -330,11 +335,14 @@ func (c *cloaking) ppAllowOnce(x *cloakApp, va uint64, acc pageprot.Access) {
 	if s := x.ppStep; s != nil && s.page != page {
 		x.unmapVA(s.page)
 	}
-	if err := x.shadow.mapPage(page, frame, t.Writable, t.NoExec); err != nil {
+	// The guest's rights, within the system's page protection of the frame.
+	sys := mem.view.Deny(frame)
+	w, nx := shadowRights(x, page, t.Writable, t.NoExec, sys)
+	if err := x.shadow.mapPage(page, frame, w, nx); err != nil {
 		c.fatalLocked(err)
 		return
 	}
-	x.mapped[page] = shadowMap{gpa: frame, writable: t.Writable, noExec: t.NoExec, deny: ppTemporary}
+	x.mapped[page] = shadowMap{gpa: frame, writable: t.Writable, noExec: t.NoExec, deny: ppTemporary, sys: sys}
 	step := &ppStep{page: page, keepTF: x.thread.regs.RFLAGS&rflagsTF != 0}
 	if x.ppStep != nil && x.ppStep.page == page {
 		step.keepTF = x.ppStep.keepTF

@@ -58,7 +58,8 @@ func (v *VM) runApp(runCtx context.Context) error {
 		c.mu.Lock()
 		x.sum.AppExits++
 		if v.log.Enabled(runCtx, slog.LevelDebug) {
-			v.log.Debug("cloak: appVM exit", "app", x.seq, "kind", tr.kind, "vector", tr.vector, "cr2", tr.cr2, "err", tr.errCode, "rip", x.thread.regs.RIP, "rax", x.thread.regs.RAX)
+			// Never the app's registers or fault addresses: they are cloaked state.
+			v.log.Debug("cloak: appVM exit", "app", x.seq, "kind", tr.kind, "vector", tr.vector)
 		}
 		reload = tr.kind != trapInStub
 		switch tr.kind {

@@ -113,6 +113,8 @@ func (c *cloaking) serveFault(x *cloakApp, acc appcontext.Access) {
 		c.touch(x, p.va, p.write)
 	case accIntegrity:
 		c.integrityKill(x, p.va, err)
+	case accRefused:
+		c.refusedKill(x, p.va, err)
 	default:
 		c.crash(x, fmt.Sprintf("page fault at %#x rip %#x: %v", p.va, x.thread.regs.RIP, err), 128+11)
 	}
@@ -296,6 +298,8 @@ func (c *cloaking) copyFailed(x *cloakApp, err error) {
 		c.touch(x, nf.va, nf.write)
 	case accIntegrity:
 		c.integrityKill(x, 0, ae.err)
+	case accRefused:
+		c.refusedKill(x, 0, ae.err)
 	default:
 		if p.stage == stageCopyOut || p.stage == stageKernel {
 			c.finishSyscall(x, appcontext.EFAULT.Result())
@@ -318,7 +322,7 @@ func (c *cloaking) continueSyscall(x *cloakApp, ret uint64) {
 		c.advanceSyscall(x)
 		return
 	}
-	comp, err := p.plan.Complete(ret, x.cloaked)
+	comp, err := p.plan.Complete(ret, x.owned(p.oldBrk))
 	if err != nil {
 		d := x.describe()
 		d["syscall"], d["result"] = p.plan.Call.Name, int64(ret)
@@ -370,10 +374,7 @@ func (c *cloaking) forgetPage(x *cloakApp, id shadowmem.PageID, va uint64) {
 	x.unmapVA(va)
 	if info.State == shadowmem.Plain {
 		if o, ok := c.plain[info.Frame]; ok && o.app == x && o.page == id {
-			if b, err := c.v.mem.Slice(info.Frame, PageSize); err == nil {
-				clear(b)
-			}
-			delete(c.plain, info.Frame)
+			c.scrubLocked(x, info.Frame)
 		}
 	}
 	if err := x.sm.RemovePage(id); err != nil {

@@ -21,6 +21,7 @@ import (
 
 	"github.com/umbra-cc/umbra/appcontext"
 	"github.com/umbra-cc/umbra/kvm"
+	"github.com/umbra-cc/umbra/monitor/memguard"
 	"github.com/umbra-cc/umbra/pageprot"
 	"github.com/umbra-cc/umbra/policy"
 )
@@ -76,6 +77,8 @@ type pageProt struct {
 	layout []pageprot.Slot
 	// cloak is the cloaking layer once it has connected itself (connectPageProtCloak).
 	cloak pageProtCloak
+	// guard caches the system space's ranges for the guarded accessor (guarded.go).
+	guard guardLocks
 	stats PageProtStats
 }
 
@@ -153,22 +156,18 @@ func (x *pageProt) caller(s *kvm.Sregs) pageprot.Context {
 
 const cr3AddrMask = 0x000f_ffff_ffff_f000
 
-// space returns the address space the system VM's vCPU runs in. Once cloaking has
-// started, walks and reads through it never reach a frame holding a cloaked app's
-// plaintext (cloakGuardedMem): the monitor reads nothing of a cloaked app for the
-// kernel or another process.
+// space returns the address space the system VM's vCPU runs in. Walks and reads
+// through it go through the guarded accessor (sysGuardedMem): they never reach a
+// frame holding a cloaked app's plaintext or one the guest protected against reads.
 func (x *pageProt) space(s *kvm.Sregs) appcontext.AddressSpace {
 	as := appcontext.AddressSpace{
-		Mem: x.v.mem,
+		Mem: sysGuardedMem{v: x.v, cpl: s.CPL(), cr3: s.CR3 & cr3AddrMask},
 		CR3: s.CR3 & cr3AddrMask,
 		Paging: appcontext.Paging{
 			MaxPhysAddr: x.v.maxPhysAddr,
 			NXE:         s.EFER&eferNXE != 0,
 			WP:          s.CR0&cr0WP != 0,
 		},
-	}
-	if c := x.v.cloak; c != nil {
-		as.Mem = cloakGuardedMem{c: c, cpl: s.CPL(), cr3: as.CR3}
 	}
 	return as
 }
@@ -251,6 +250,7 @@ func (x *pageProt) enforce() error {
 		x.stats.SlotOps += uint64(plan.Ops())
 	}
 	x.applied = gen
+	x.guard.set(x.svc.PhysRanges())
 	return nil
 }
 
@@ -780,10 +780,8 @@ func (m *callerMem) Translate(gva uint64) (pageprot.Mapping, error) {
 		return pageprot.Mapping{}, err
 	}
 	gpa := t.GPA &^ (PageSize - 1)
-	if m.cloak != nil {
-		if err := m.cloak.refusePlain(gpa, PageSize, m.sregs.CPL(), m.as.CR3); err != nil {
-			return pageprot.Mapping{}, err
-		}
+	if err := m.x.v.guardSys(memguard.Request{Purpose: memguard.HypercallBuffer, Access: memguard.Name, GPA: gpa, Len: PageSize}, m.sregs.CPL(), m.as.CR3); err != nil {
+		return pageprot.Mapping{}, err
 	}
 	return pageprot.Mapping{GPA: gpa, User: t.User, Writable: t.Writable, Executable: !t.NoExec}, nil
 }
@@ -793,10 +791,10 @@ func (m *callerMem) access(gva uint64, p []byte, write bool) error {
 	if m.user {
 		acc |= appcontext.AccessUser
 	}
-	deny := pageprot.DenyRead
+	gacc := memguard.Read
 	if write {
 		acc |= appcontext.AccessWrite
-		deny = pageprot.DenyWrite
+		gacc = memguard.Write
 	}
 	if m.cloak != nil {
 		if err := m.cloak.checkSysBuffer(&m.sregs, gva, uint64(len(p))); err != nil {
@@ -805,15 +803,8 @@ func (m *callerMem) access(gva uint64, p []byte, write bool) error {
 	}
 	off := uint64(0)
 	return m.as.Paging.WalkRange(m.as.Mem, m.as.CR3, gva, uint64(len(p)), acc, func(va, gpa, n uint64) error {
-		for pg := gpa &^ (PageSize - 1); pg < gpa+n; pg += PageSize {
-			if r, ok := m.x.svc.Lookup(pageprot.SysSpace, pg); ok && r.Deny&deny != 0 {
-				return fmt.Errorf("guest-physical page %#x (at %#x) is protected (%v)", pg, va, r.Deny)
-			}
-		}
-		if m.cloak != nil {
-			if err := m.cloak.refusePlain(gpa, n, m.sregs.CPL(), m.as.CR3); err != nil {
-				return err
-			}
+		if err := m.x.v.guardSys(memguard.Request{Purpose: memguard.HypercallBuffer, Access: gacc, GPA: gpa, Len: n}, m.sregs.CPL(), m.as.CR3); err != nil {
+			return err
 		}
 		var err error
 		if write {

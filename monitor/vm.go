@@ -539,7 +539,7 @@ type vcpuVirtReader struct{ v *VM }
 func (r vcpuVirtReader) readVirt(gva uint64, buf []byte, user bool) error {
 	s := r.v.cpu.SyncedSregs()
 	as := appcontext.AddressSpace{
-		Mem: r.v.mem,
+		Mem: sysGuardedMem{v: r.v, cpl: s.CPL(), cr3: s.CR3 &^ 0xfff},
 		CR3: s.CR3 &^ 0xfff,
 		Paging: appcontext.Paging{
 			MaxPhysAddr: r.v.maxPhysAddr,
@@ -557,9 +557,8 @@ func (r vcpuVirtReader) readVirt(gva uint64, buf []byte, user bool) error {
 		if err := c.checkSysBuffer(s, gva, uint64(len(buf))); err != nil {
 			return fmt.Errorf("%w: %w", errGuestFault, err)
 		}
-		as.Mem = cloakGuardedMem{c: c, cpl: s.CPL(), cr3: as.CR3}
 	}
-	as.Mem = r.v.withPageProt(as.Mem)
+	// Frames: through the guarded accessor (no cloaked plaintext, no deny-read frame).
 	if err := as.Read(gva, buf, acc); err != nil {
 		return fmt.Errorf("%w: %w", errGuestFault, err)
 	}

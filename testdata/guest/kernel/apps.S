@@ -20,6 +20,7 @@ app_\name\()_end:
 	APP cloaksecret
 	APP cloakcompute
 	APP cloakprobe
+	APP cloakvictim
 	APP chat
 
 	.section .note.GNU-stack, "", @progbits

@@ -15,6 +15,10 @@
 
 extern u64 kernel_pml4;
 
+static int deputy_mode(void);
+static void deputy_redirect(struct proc *p);
+static void deputy_on_tick(struct proc *p, struct trapframe *tf);
+
 static u8 replay_copy[PAGE_SIZE];
 
 static int is_victim(struct proc *p)
@@ -151,6 +155,42 @@ static void attack_forge(struct proc *p)
 	kprintf("\nattack forge: victim=%s call=CONSOLE_WRITE ret=%ld\n", p->name, r);
 }
 
+/*
+ * attack=ptwalk (victim cloaksecret): at the second yield the kernel points the
+ * page directory entry of the victim's stack at the frame of its data page 0,
+ * which holds the victim's plaintext while the kernel leaves it alone. Whoever
+ * walks the victim's stack through the guest's tables next reads that
+ * plaintext as page-table entries. The entry is put back at the victim's exit.
+ */
+static u64 *ptwalk_pde, ptwalk_saved;
+
+static void attack_ptwalk(struct proc *p)
+{
+	u64 va = data_page(p, 0), pa;
+	u64 *pte = va ? pte_lookup(p, va, 0) : NULL;
+	if (!pte || !(*pte & PTE_P)) {
+		kprintf("attack ptwalk: victim=%s no data page\n", p->name);
+		return;
+	}
+	pa = *pte & PTE_ADDR; /* from the table: the frame itself is not touched */
+	u64 sva = USER_STACK_TOP - PAGE_SIZE, table = p->pml4;
+	u64 *e = NULL;
+	for (int level = 3; level >= 2; level--) {
+		e = (u64 *)P2V(table) + ((sva >> (12 + 9 * level)) & 511);
+		if (!(*e & PTE_P)) {
+			kprintf("attack ptwalk: victim=%s no stack tables\n", p->name);
+			return;
+		}
+		table = *e & PTE_ADDR;
+	}
+	e = (u64 *)P2V(table) + ((sva >> 21) & 511);
+	ptwalk_pde = e;
+	ptwalk_saved = *e;
+	*e = pa | PTE_P | PTE_W | PTE_U;
+	write_cr3(read_cr3());
+	kprintf("attack ptwalk: victim=%s stack=0x%lx table=0x%lx (data page 0x%lx)\n", p->name, sva, pa, va);
+}
+
 void attack_on_yield(struct proc *p)
 {
 	if (!is_victim(p))
@@ -159,10 +199,18 @@ void attack_on_yield(struct proc *p)
 		attack_replay(p, (int)p->yields);
 		return;
 	}
+	if (p->yields == 1 && deputy_mode() && strcmp(cfg.attack, "pptick")) {
+		deputy_redirect(p);
+		return;
+	}
 	if (p->yields != 2)
 		return;
 	if (pp_attack(p))
 		return;
+	if (!strcmp(cfg.attack, "ptwalk")) {
+		attack_ptwalk(p);
+		return;
+	}
 	if (!strcmp(cfg.attack, "read"))
 		attack_read(p);
 	else if (!strcmp(cfg.attack, "tamper"))
@@ -175,6 +223,7 @@ void attack_on_yield(struct proc *p)
 
 void attack_on_trap(struct proc *p, struct trapframe *tf)
 {
+	deputy_on_tick(p, tf);
 	if (!is_victim(p) || strcmp(cfg.attack, "regs"))
 		return;
 	const char *ev = tf->vector == VEC_SYSCALL ? "syscall" : tf->vector == VEC_TIMER ? "timer" : "exception";
@@ -183,4 +232,166 @@ void attack_on_trap(struct proc *p, struct trapframe *tf)
 		"r12=0x%lx r13=0x%lx r14=0x%lx r15=0x%lx\n",
 		p->name, ev, tf->vector, tf->rip, tf->rsp, tf->rflags, tf->rax, tf->rbx, tf->rcx, tf->rdx, tf->rsi,
 		tf->rdi, tf->rbp, tf->r8, tf->r9, tf->r10, tf->r11, tf->r12, tf->r13, tf->r14, tf->r15);
+}
+
+/*
+ * The monitor as the kernel's deputy (attack=ppbounce, ppzero, ppstore,
+ * brklie; victim cloakvictim). The kernel cannot write its own locked
+ * rodata, so it points a page of the victim at the locked frame of canary
+ * and waits for someone else to write it: the monitor's bounce copy of the
+ * victim's write() (ppbounce: the page of the victim's first write buffer),
+ * the monitor's zero fill of the victim's first heap page (ppzero), or the
+ * victim's own store in appVM to uncloaked memory (ppstore: the page of the
+ * victim's first mmap). The redirect happens at the victim's first
+ * sched_yield, between syscalls; at the victim's exit the kernel says how
+ * many bytes of the canary changed and puts the victim's page back.
+ * brklie answers the victim's second growing brk with its first break, a
+ * lower one it did not ask for (an Iago lie; the kernel unmaps nothing).
+ */
+static const u8 canary[PAGE_SIZE] __attribute__((aligned(PAGE_SIZE))) = "umbra-locked-canary";
+static struct {
+	u64 write_va, mmap_va, va, saved;
+	int grows;
+} dep;
+
+static int deputy_mode(void)
+{
+	return !strcmp(cfg.attack, "ppbounce") || !strcmp(cfg.attack, "pptick") || !strcmp(cfg.attack, "ppzero") || !strcmp(cfg.attack, "ppstore");
+}
+
+static void deputy_redirect(struct proc *p)
+{
+	u64 va = 0;
+	int create = 0;
+	if (!strcmp(cfg.attack, "ppbounce") || !strcmp(cfg.attack, "pptick"))
+		va = dep.write_va;
+	else if (!strcmp(cfg.attack, "ppstore"))
+		va = dep.mmap_va;
+	else {
+		va = PAGE_UP(p->brk);
+		create = 1;
+	}
+	u64 *e = va ? pte_lookup(p, va & ~(PAGE_SIZE - 1), create) : NULL;
+	if (!e) {
+		kprintf("attack %s: victim=%s no page to redirect\n", cfg.attack, p->name);
+		return;
+	}
+	dep.va = va & ~(PAGE_SIZE - 1);
+	dep.saved = *e;
+	u64 flags = *e & PTE_P ? *e & ~PTE_ADDR : PTE_P | PTE_W | PTE_U | PTE_NX;
+	*e = flags | KIMG2P(canary);
+	invlpg(dep.va);
+	kprintf("attack %s: victim=%s va=0x%lx frame=0x%lx redirected\n", cfg.attack, p->name, dep.va, KIMG2P(canary));
+}
+
+/*
+ * attack=plant (victim cloakvictim): before the victim registers, the kernel
+ * plants code of its own in the victim's trampoline page (the page of its
+ * executable mmap) and points the return address of the function making the
+ * next mmap (cloak_init, through its frame pointer: the libc's sys_mmap has
+ * no frame) at it. The planted code prints a line and exits with 42; run as
+ * the cloaked app it would see the app's plaintext.
+ */
+extern const u8 plant_start[], plant_end[];
+__asm__(".pushsection .rodata.plant, \"a\"\n"
+	"plant_start:\n"
+	"lea plant_msg(%rip), %rsi\n"
+	"mov $1, %edi\n"
+	"mov $(plant_end - plant_msg), %edx\n"
+	"mov $1, %eax\n"
+	"syscall\n"
+	"mov $42, %edi\n"
+	"mov $231, %eax\n"
+	"syscall\n"
+	"plant_msg: .ascii \"attack plant: PLANTED code ran in the app\\n\"\n"
+	"plant_end:\n"
+	".popsection");
+#define PLANT_OFF 0x800
+
+static void attack_plant(struct proc *p, struct trapframe *tf)
+{
+	u64 slot = tf->rbp + 8, code = dep.mmap_va + PLANT_OFF, pa_code, pa_slot;
+	if (user_page_ensure(p, code, 1, &pa_code) || user_page_ensure(p, slot, 1, &pa_slot)) {
+		kprintf("attack plant: victim=%s no trampoline or stack page\n", p->name);
+		return;
+	}
+	memcpy(P2V(pa_code), plant_start, (size_t)(plant_end - plant_start));
+	u64 *ret = P2V(pa_slot);
+	u64 old = *ret;
+	*ret = code;
+	kprintf("attack plant: victim=%s code=0x%lx slot=0x%lx ret=0x%lx planted\n", p->name, code, slot, old);
+}
+
+/* pptick: ppbounce's redirect, at the first timer tick that preempts the victim
+ * after its first write (not at one of its system calls). */
+static void deputy_on_tick(struct proc *p, struct trapframe *tf)
+{
+	if (is_victim(p) && !strcmp(cfg.attack, "pptick") && tf->vector == VEC_TIMER && dep.write_va && !dep.va &&
+	    !p->yields)
+		deputy_redirect(p);
+}
+
+void attack_on_syscall(struct proc *p, struct trapframe *tf)
+{
+	if (!is_victim(p))
+		return;
+	if (deputy_mode() && tf->rax == 1 && !dep.write_va)
+		dep.write_va = tf->rsi;
+	if (!strcmp(cfg.attack, "plant") && tf->rax == 9) {
+		if (tf->rdx & 4)
+			dep.grows = -1; /* the next result is the trampoline page */
+		else if (dep.mmap_va && dep.grows == 0) {
+			dep.grows = 1;
+			attack_plant(p, tf);
+		}
+	}
+}
+
+long attack_on_result(struct proc *p, u64 nr, u64 a1, long r)
+{
+	if (!is_victim(p))
+		return r;
+	if (nr == 9 && !strcmp(cfg.attack, "plant") && dep.grows == -1 && r > 0) {
+		dep.mmap_va = (u64)r;
+		dep.grows = 0;
+	}
+	if (nr == 9 && !dep.mmap_va && r > 0 && deputy_mode())
+		dep.mmap_va = (u64)r;
+	if (nr == 9 && !strcmp(cfg.attack, "mmaplie") && r > 0 && ++dep.grows <= 4) {
+		/* The third mapping is the bounce area (cloaked) or its stand-in: hand it
+		 * out again as the fourth, fresh one. */
+		if (dep.grows == 3)
+			dep.mmap_va = (u64)r;
+		else if (dep.grows == 4) {
+			kprintf("attack mmaplie: victim=%s mapped=0x%lx returned=0x%lx\n", p->name, (u64)r, dep.mmap_va);
+			return (long)dep.mmap_va;
+		}
+	}
+	if (nr == 12 && !strcmp(cfg.attack, "brklie") && a1 && (u64)r == a1 && a1 > p->brk_start && ++dep.grows == 2) {
+		kprintf("attack brklie: victim=%s asked=0x%lx returned=0x%lx\n", p->name, a1, p->brk_start);
+		return (long)p->brk_start;
+	}
+	return r;
+}
+
+void attack_on_exit(struct proc *p)
+{
+	if (is_victim(p) && ptwalk_pde) {
+		*ptwalk_pde = ptwalk_saved;
+		ptwalk_pde = NULL;
+	}
+	if (!is_victim(p) || !deputy_mode() || !dep.va)
+		return;
+	int changed = 0;
+	for (size_t i = 0; i < PAGE_SIZE; i++) {
+		u8 want = i < sizeof "umbra-locked-canary" - 1 ? (u8) "umbra-locked-canary"[i] : 0;
+		changed += canary[i] != want;
+	}
+	u64 *e = pte_lookup(p, dep.va, 0);
+	if (e) {
+		*e = dep.saved; /* never free the kernel's frame with the victim's pages */
+		invlpg(dep.va);
+	}
+	kprintf("attack %s: victim=%s canary changed=%d\n", cfg.attack, p->name, changed);
+	dep.va = 0;
 }

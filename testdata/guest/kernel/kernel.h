@@ -238,5 +238,8 @@ struct config {
 extern struct config cfg;
 void attack_on_trap(struct proc *p, struct trapframe *tf);
 void attack_on_yield(struct proc *p);
+void attack_on_syscall(struct proc *p, struct trapframe *tf);
+long attack_on_result(struct proc *p, u64 nr, u64 a1, long r);
+void attack_on_exit(struct proc *p);
 
 #endif

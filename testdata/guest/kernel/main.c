@@ -75,7 +75,9 @@ static void parse_and_spawn(void)
 			set_name(cfg.victim, v, "victim");
 		else if (!strcmp(tok[i], "attack")) {
 			if (strcmp(v, "read") && strcmp(v, "tamper") && strcmp(v, "remap") && strcmp(v, "replay") &&
-			    strcmp(v, "regs") && strcmp(v, "forge") && strcmp(v, "share"))
+			    strcmp(v, "regs") && strcmp(v, "forge") && strcmp(v, "share") && strcmp(v, "ppbounce") &&
+			    strcmp(v, "ppzero") && strcmp(v, "ppstore") && strcmp(v, "brklie") && strcmp(v, "plant") &&
+			    strcmp(v, "mmaplie") && strcmp(v, "ptwalk") && strcmp(v, "pptick"))
 				cmdline_error("unknown attack", v);
 			set_name(cfg.attack, v, "attack");
 		} else if (!strcmp(tok[i], "selftest")) {

@@ -239,6 +239,7 @@ void proc_exit(struct proc *p, int status)
 	write_cr3(kernel_pml4);
 	fds_close_all(p);
 	cloak_release(p);
+	attack_on_exit(p);
 	free_address_space(p);
 	p->state = P_ZOMBIE;
 }

@@ -129,9 +129,10 @@ struct trapframe *syscall_trap(struct trapframe *tf)
 	p->tf = tf;
 	p->syscalls++;
 	attack_on_trap(p, tf);
-	u64 a1 = tf->rdi, a2 = tf->rsi, a3 = tf->rdx, a4 = tf->r10;
+	u64 nr = tf->rax, a1 = tf->rdi, a2 = tf->rsi, a3 = tf->rdx, a4 = tf->r10;
+	attack_on_syscall(p, tf);
 	long r;
-	switch (tf->rax) {
+	switch (nr) {
 	case SYS_read:
 		r = sys_read(p, (int)a1, a2, a3);
 		break;
@@ -193,6 +194,6 @@ struct trapframe *syscall_trap(struct trapframe *tf)
 	default:
 		r = -ENOSYS;
 	}
-	tf->rax = (u64)r;
+	tf->rax = (u64)attack_on_result(p, nr, a1, r);
 	return tf;
 }

@@ -19,8 +19,8 @@
  *               a locked read-only page with an upcall handler that checks
  *               its record, the lock held against the app itself, a
  *               read-denied page (upcall at the load), skip and log, refusals
- *   ppexec      runs code in a cloaked page, denies executing it (kill) and
- *               runs it again: the monitor ends the app there
+ *   ppexec      runs code in a page of its image, denies executing it (kill)
+ *               and runs it again: the monitor ends the app there
  */
 #include "libc.h"
 #include "../shim/cloak.h"
@@ -208,18 +208,25 @@ static int pp(void)
 	return 0;
 }
 
+/* ppexec_fn returns 42, alone in a page of the image's text: a page of int3
+ * on either side (no alignment, which would move the text segment), so denying
+ * the execution of its page stops nothing else. Cloaked code runs only its
+ * measured code: code copied into anonymous memory would not run at all. */
+extern int ppexec_fn(void);
+__asm__(".pushsection .text.ppexec, \"ax\"\n"
+	".fill 4096, 1, 0xcc\n"
+	".globl ppexec_fn\n"
+	"ppexec_fn: mov $42, %eax\n"
+	"ret\n"
+	".fill 4096, 1, 0xcc\n"
+	".popsection");
+
 static int ppexec(void)
 {
-	u8 *code = sys_mmap(NULL, 4096, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if ((long)code < 0 && (long)code > -4096)
-		return printf("cloakprobe: ppexec: mmap %ld\n", (long)code), 1;
-	static const u8 fn[] = {0xb8, 42, 0, 0, 0, 0xc3}; /* mov $42, %eax; ret */
-	memcpy(code, fn, sizeof fn);
-	long add = cloak_call(CLOAK_REGION_ADD, (long)code, 4096, CLOAK_REGION_ANON);
-	int (*f)(void) = (int (*)(void))code;
+	int (*volatile f)(void) = ppexec_fn;
 	int first = f();
-	long prot = pp_protect(code, PP_DENY_EXEC, PP_ACT_KILL, 0);
-	printf("cloakprobe: ppexec: add=%ld first=%d protect=%ld\n", add, first, prot);
+	long prot = pp_protect((void *)((u64)ppexec_fn & ~4095UL), PP_DENY_EXEC, PP_ACT_KILL, 0);
+	printf("cloakprobe: ppexec: first=%d protect=%ld\n", first, prot);
 	printf("cloakprobe: ppexec: FAIL survived=%d\n", f());
 	return 1;
 }

@@ -1,0 +1,232 @@
+package monitor
+
+import (
+	"encoding/binary"
+	"fmt"
+	"log/slog"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+// deputyRun runs cloakvictim under attack mode with the kernel's boot-time lock
+// action pp (kill, or off: no lock, the defence absent) and returns the run and how
+// many bytes of the kernel's locked canary changed (-1: the kernel did not say).
+func deputyRun(t *testing.T, mode, pp string, cloak bool) (*cloakRun, int) {
+	t.Helper()
+	arg := "cloakvictim"
+	if cloak {
+		arg += ":cloak"
+	}
+	g := runCloakGuest(t, fmt.Sprintf("run=%s,counter:x:3:2 attack=%s victim=cloakvictim pp=%s", arg, mode, pp))
+	if len(g.lines("attack "+mode+": victim=cloakvictim")) == 0 {
+		t.Fatalf("the %s attack did not run:\n%s", mode, g.out)
+	}
+	m := regexp.MustCompile(`attack ` + mode + `: victim=cloakvictim canary changed=(\d+)`).FindStringSubmatch(g.out)
+	if m == nil {
+		return g, -1
+	}
+	n, _ := strconv.Atoi(m[1])
+	return g, n
+}
+
+// wantRefusedKill checks that the cloaked victim was killed after an audited refusal
+// of the guarded accessor for purpose.
+func wantRefusedKill(t *testing.T, g *cloakRun, purpose string) {
+	t.Helper()
+	a := g.app(t, "cloakvictim")
+	if a.Ended != "killed" || a.Status != cloakKillStatus {
+		t.Fatalf("cloaked victim: %+v, want killed\n%s", a, g.out)
+	}
+	if st := g.procExit(t, "cloakvictim"); st.status != cloakKillStatus {
+		t.Fatalf("kernel reports the victim's status as %d", st.status)
+	}
+	var refused, kill bool
+	for _, d := range g.audited(EventGuardRefused) {
+		refused = refused || d["purpose"] == purpose && d["identity"] == a.Identity
+	}
+	for _, d := range g.audited(EventCloakViolation) {
+		kill = kill || d["kill"] == true && d["identity"] == a.Identity && d["purpose"] == purpose
+	}
+	if !refused || !kill {
+		t.Fatalf("refusal audited %v, kill audited %v, want both for %q: %v", refused, kill, purpose, g.audits)
+	}
+}
+
+// TestCloakDeputyLockedFrames: the kernel points a page of a cloaked app at a frame of
+// its own locked (deny-write) rodata and lets the monitor or the app write it: the
+// bounce copy of a write() buffer, the zero fill of a heap page's first touch, the
+// app's own store in appVM to uncloaked memory. With the lock off (pp=off) each
+// write lands in the kernel's frame; with it on, the guarded accessor refuses, the
+// app is killed, both audited, and the frame is unchanged.
+func TestCloakDeputyLockedFrames(t *testing.T) {
+	for _, tc := range []struct{ mode, purpose string }{
+		{"ppbounce", "bounce copy"},
+		{"pptick", "bounce copy"}, // the redirect at a preemption, not at a system call
+		{"ppzero", "zero fill"},
+		{"ppstore", "appVM mapping"},
+	} {
+		t.Run(tc.mode, func(t *testing.T) {
+			t.Parallel()
+			g, n := deputyRun(t, tc.mode, "off", true)
+			if n <= 0 {
+				t.Fatalf("pp=off: the monitor did not write the kernel's frame (changed=%d):\n%s", n, g.out)
+			}
+			g, n = deputyRun(t, tc.mode, "kill", true)
+			if n != 0 {
+				t.Fatalf("locked: %d bytes of the locked frame changed:\n%s", n, g.out)
+			}
+			wantRefusedKill(t, g, tc.purpose)
+		})
+	}
+}
+
+// TestCloakPlantedCode: before the victim registers, the kernel plants code in its
+// trampoline page and points a return address on its stack at it (attack=plant).
+// Uncloaked, the planted code runs (it prints and exits 42). Cloaked, the app
+// returns into it after registration, in appVM: only measured code executes there
+// (uncloaked pages and adopted data are never executable), so the app is killed at
+// the first fetch, audited, and the planted code never runs.
+func TestCloakPlantedCode(t *testing.T) {
+	t.Parallel()
+	const ran = "attack plant: PLANTED code ran in the app"
+	g, _ := deputyRun(t, "plant", "kill", false)
+	if len(g.lines(ran)) != 1 || g.procExit(t, "cloakvictim").status != 42 {
+		t.Fatalf("uncloaked: the planted code did not run:\n%s", g.out)
+	}
+	g, _ = deputyRun(t, "plant", "kill", true)
+	if len(g.lines(ran)) != 0 {
+		t.Fatalf("cloaked: the planted code ran:\n%s", g.out)
+	}
+	a := g.app(t, "cloakvictim")
+	if a.Ended != "killed" || a.Status != cloakKillStatus || g.procExit(t, "cloakvictim").status != cloakKillStatus {
+		t.Fatalf("cloaked victim: %+v, want killed\n%s", a, g.out)
+	}
+	var kill bool
+	for _, d := range g.audited(EventCloakViolation) {
+		kill = kill || d["kill"] == true && d["identity"] == a.Identity && d["purpose"] == "execute"
+	}
+	if !kill {
+		t.Fatalf("no audited kill for executing unmeasured code: %v", g.audits)
+	}
+}
+
+// TestCloakIagoMemoryResults: the kernel lies about memory-shaping results.
+// brklie answers a growing brk with a break below the old one, which the app did
+// not ask for: the uncloaked app is unharmed (its heap stays), and before the
+// check the cloaked app's heap pages were forgotten and read back as zeros, the app
+// running on; now the lie ends it, audited. mmaplie hands out the app's bounce
+// area (uncloaked: another of its mappings) as a fresh mapping: the uncloaked app
+// takes it; the cloaked app is ended, audited.
+func TestCloakIagoMemoryResults(t *testing.T) {
+	t.Run("brklie", func(t *testing.T) {
+		t.Parallel()
+		g, _ := deputyRun(t, "brklie", "kill", false)
+		if len(g.lines("cloakvictim: brk=other heap intact=1")) != 1 {
+			t.Fatalf("uncloaked: want the lie seen and the heap intact:\n%s", g.out)
+		}
+		g, _ = deputyRun(t, "brklie", "kill", true)
+		wantIagoKill(t, g, "brk")
+		if len(g.lines("cloakvictim: brk=")) != 0 {
+			t.Fatalf("cloaked victim ran on after the lie:\n%s", g.out)
+		}
+	})
+	t.Run("mmaplie", func(t *testing.T) {
+		t.Parallel()
+		g, _ := deputyRun(t, "mmaplie", "kill", false)
+		m := regexp.MustCompile(`attack mmaplie: victim=cloakvictim mapped=0x[0-9a-f]+ returned=(0x[0-9a-f]+)`).FindStringSubmatch(g.out)
+		if m == nil || len(g.lines("cloakvictim: mmap="+m[1])) != 1 {
+			t.Fatalf("uncloaked: the app did not take the lie:\n%s", g.out)
+		}
+		g, _ = deputyRun(t, "mmaplie", "kill", true)
+		wantIagoKill(t, g, "mmap")
+		if len(g.lines("cloakvictim: mmap=")) != 0 {
+			t.Fatalf("cloaked victim ran on after the lie:\n%s", g.out)
+		}
+	})
+}
+
+func wantIagoKill(t *testing.T, g *cloakRun, call string) {
+	t.Helper()
+	a := g.app(t, "cloakvictim")
+	if a.Ended != "killed" || a.Status != cloakKillStatus || !strings.Contains(a.Reason, "Iago lie") {
+		t.Fatalf("cloaked victim: %+v, want killed for an Iago lie\n%s", a, g.out)
+	}
+	var found bool
+	for _, d := range g.audited(EventCloakViolation) {
+		found = found || d["kill"] == true && d["identity"] == a.Identity && d["syscall"] == call
+	}
+	if !found {
+		t.Fatalf("no audited kill for the %s lie: %v", call, g.audits)
+	}
+}
+
+// TestCloakNothingCloakedInLogs: with the monitor logging at debug level, a cloaked
+// app's registers never reach the log: not the secret the victim holds in r12/r13
+// while the kernel dumps registers at every trap (attack=regs), not its instruction
+// pointer (any address of its image) at an appVM exit. Before, every appVM exit
+// logged the app's rip and rax.
+func TestCloakNothingCloakedInLogs(t *testing.T) {
+	t.Parallel()
+	secret := randomSecret(t)
+	var w [16]byte
+	copy(w[:], secret)
+	var log lockedBuffer
+	hooks := &Hooks{}
+	g := runCloakGuestConfig(t, "run=cloaksecret:"+secret+":cloak,counter:x:3:2 attack=regs victim=cloaksecret", hooks,
+		func(c *Config) {
+			c.Logger = slog.New(slog.NewTextHandler(&log, &slog.HandlerOptions{Level: slog.LevelDebug}))
+		})
+	if len(g.lines("cloaksecret: cloaked")) != 1 {
+		t.Fatalf("victim did not run cloaked:\n%s", g.out)
+	}
+	out := log.String()
+	if !strings.Contains(out, "cloak: appVM exit") {
+		t.Fatalf("no debug records of appVM exits in the log:\n%.2000s", out)
+	}
+	for _, word := range []uint64{binary.LittleEndian.Uint64(w[:8]), binary.LittleEndian.Uint64(w[8:])} {
+		for _, f := range []string{"%d", "%#x", "%x"} {
+			if s := fmt.Sprintf(f, word); strings.Contains(out, s) {
+				t.Fatalf("the secret register word %s is in the log", s)
+			}
+		}
+	}
+	for _, l := range strings.Split(out, "\n") {
+		if strings.Contains(l, "cloak: appVM exit") && (strings.Contains(l, "rip=") || strings.Contains(l, "rax=") || strings.Contains(l, "cr2=")) {
+			t.Fatalf("an appVM exit record carries the app's registers: %s", l)
+		}
+	}
+}
+
+// TestCloakPageTableInPlaintext: the kernel points the page directory entry of the
+// cloaked victim's stack at the frame holding the victim's plaintext (attack=ptwalk),
+// so the monitor's next walk of the stack would read the app's data as page-table
+// entries and react to it (a forwarded touch, a zero fill or decryption at a frame
+// taken from a plaintext qword, or a kill): an oracle on cloaked data. The walk is
+// refused before it reads the frame; the app is killed, audited with the frame, and
+// the kernel learns nothing from the contents.
+func TestCloakPageTableInPlaintext(t *testing.T) {
+	t.Parallel()
+	g := runCloakGuest(t, "run=cloaksecret:"+randomSecret(t)+":cloak,counter:x:3:2 attack=ptwalk victim=cloaksecret")
+	m := regexp.MustCompile(`attack ptwalk: victim=cloaksecret stack=0x[0-9a-f]+ table=(0x[0-9a-f]+) `).FindStringSubmatch(g.out)
+	if m == nil {
+		t.Fatalf("the ptwalk attack did not run:\n%s", g.out)
+	}
+	frame, _ := strconv.ParseUint(m[1], 0, 64)
+	a := g.app(t, "cloaksecret")
+	if a.Ended != "killed" || a.Status != cloakKillStatus {
+		t.Fatalf("cloaked victim: %+v, want killed\n%s", a, g.out)
+	}
+	var refused bool
+	for _, d := range g.audited(EventGuardRefused) {
+		f, _ := d["frame"].(float64)
+		refused = refused || d["purpose"] == "page-table walk" && uint64(f) == frame && d["identity"] == a.Identity
+	}
+	if !refused {
+		t.Fatalf("no audited refusal of the walk through frame %#x: %v", frame, g.audited(EventGuardRefused))
+	}
+	if _, _, ok := finalClasses(t, g.guestRun); ok {
+		t.Fatalf("victim ran on:\n%s", g.out)
+	}
+}

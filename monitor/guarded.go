@@ -1,0 +1,226 @@
+package monitor
+
+// The guarded accessor: every access the monitor makes to guest memory on someone's
+// behalf (a hypercall buffer, a bounce copy, a zero fill, in-place encryption and
+// decryption, a scrub, a page-table walk for the system VM or for appVM, a frame put
+// in a cloaked app's shadow tables) is decided by memguard's rule, from the system
+// VM's page protection and the frames that hold cloaked plaintext. A refusal is
+// audited (EventGuardRefused) and returned as *guardRefusal; the caller then ends
+// whoever asked (a cloaked app is killed; a system-VM hypercall fails). The raw
+// accesses that remain are listed in docs/cloak.md, "The guarded accessor".
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/umbra-cc/umbra/monitor/memguard"
+	"github.com/umbra-cc/umbra/pageprot"
+)
+
+// EventGuardRefused is the audit kind of an access the guarded accessor refused.
+const EventGuardRefused = "guarded-access-refused"
+
+// guardRefusal is the error of a refused access.
+type guardRefusal struct {
+	req memguard.Request
+	d   memguard.Decision
+}
+
+func (e *guardRefusal) Error() string {
+	return fmt.Sprintf("monitor refuses the %s (%v) of guest-physical %#x: %s", e.req.Purpose, e.req.Access, e.d.Frame, e.d.Why)
+}
+
+func isGuardRefusal(err error) bool {
+	var r *guardRefusal
+	return errors.As(err, &r)
+}
+
+// guardLocks is the system VM's page protection as the memory slots enforce it, for
+// the rule: enforce sets it each time it brings the slots in line with the table. It
+// has its own lock because the rule runs on the userfaultfd goroutine too, and never
+// calls into the Service, whose lock may be held by the caller (DropStale's walks).
+type guardLocks struct {
+	mu     sync.Mutex
+	ranges []pageprot.PhysRange
+}
+
+func (g *guardLocks) set(r []pageprot.PhysRange) {
+	g.mu.Lock()
+	g.ranges = r
+	g.mu.Unlock()
+}
+
+// locks returns the system VM's page protection in force.
+func (x *pageProt) locks() []pageprot.PhysRange {
+	if x == nil {
+		return nil
+	}
+	x.guard.mu.Lock()
+	defer x.guard.mu.Unlock()
+	return x.guard.ranges
+}
+
+// guardView is the rule's view of guest memory (c.mu held).
+func (c *cloaking) guardView() memguard.View {
+	return memguard.View{Locks: c.v.pageProtExt().locks(), Plain: c.plainApp}
+}
+
+func (c *cloaking) plainApp(frame uint64) (uint64, bool) {
+	o, ok := c.plain[frame]
+	if !ok {
+		return 0, false
+	}
+	return o.app.ppID(), true
+}
+
+// guardLocked applies the rule to r with view v (c.mu held): a Seal verdict encrypts
+// the plaintext in the request's frames first (the system view of a cloaked page is
+// its ciphertext) and checks again; a refusal is audited with details (who asked)
+// and returned.
+func (c *cloaking) guardLocked(v memguard.View, r memguard.Request, details func() map[string]any) error {
+	d := v.Check(r)
+	if d.Verdict == memguard.Seal {
+		for _, f := range memguard.Frames(r.GPA, r.Len) {
+			if o, ok := c.plain[f]; ok && (r.Purpose != memguard.AppMap || o.app.ppID() != r.App) {
+				c.encryptLocked(f)
+			}
+		}
+		d = v.Check(r)
+		if d.Verdict == memguard.Seal {
+			d = memguard.Decision{Verdict: memguard.Refuse, Frame: d.Frame, Why: "plaintext stayed after sealing: " + d.Why}
+		}
+	}
+	if d.Verdict == memguard.Allow {
+		return nil
+	}
+	return c.v.refused(r, d, details)
+}
+
+// refused audits a refusal and returns its error.
+func (v *VM) refused(r memguard.Request, d memguard.Decision, who func() map[string]any) error {
+	details := map[string]any{}
+	if who != nil {
+		details = who()
+	}
+	details["purpose"], details["access"], details["frame"], details["why"] = r.Purpose.String(), r.Access.String(), d.Frame, d.Why
+	if err := v.cfg.Hooks.audit(v.ctxOrBackground(), EventGuardRefused, details); err != nil {
+		v.log.Error("guarded access: audit record could not be written", "err", err)
+	}
+	return &guardRefusal{req: r, d: d}
+}
+
+// guardSys applies the rule to a system-VM request (the kernel or an uncloaked
+// process asked; cpl and cr3 say which), taking the cloaking lock if cloaking runs.
+func (v *VM) guardSys(r memguard.Request, cpl uint8, cr3 uint64) error {
+	details := func() map[string]any { return map[string]any{"cpl": cpl, "cr3": cr3} }
+	if c := v.cloak; c != nil {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.guardLocked(c.guardView(), r, details)
+	}
+	d := memguard.View{Locks: v.pageProtExt().locks()}.Check(r)
+	if d.Verdict == memguard.Allow {
+		return nil
+	}
+	return v.refused(r, d, details)
+}
+
+// sysGuardedMem reads guest-physical memory for a system-VM caller (hypercall
+// buffers and the walks that find them) through the rule.
+type sysGuardedMem struct {
+	v   *VM
+	cpl uint8
+	cr3 uint64
+}
+
+func (m sysGuardedMem) ReadPhys(gpa uint64, buf []byte) error {
+	if err := m.v.guardSys(memguard.Request{Purpose: memguard.HypercallBuffer, Access: memguard.Read, GPA: gpa, Len: uint64(len(buf))}, m.cpl, m.cr3); err != nil {
+		return err
+	}
+	return m.v.mem.ReadPhys(gpa, buf)
+}
+
+// appWalkMem is guest RAM as the monitor reads it to walk page tables for cloaked app
+// x (app nil: for a registration, before the app exists) with view v taken once per
+// walk (c.mu held): no table may be a frame of cloaked plaintext or a deny-read frame.
+type appWalkMem struct {
+	c    *cloaking
+	x    *cloakApp
+	view memguard.View
+}
+
+func (c *cloaking) walkMem(x *cloakApp) appWalkMem {
+	return appWalkMem{c: c, x: x, view: c.guardView()}
+}
+
+func (m appWalkMem) check(gpa, n uint64) error {
+	r := memguard.Request{Purpose: memguard.Walk, Access: memguard.Read, GPA: gpa, Len: n}
+	var details func() map[string]any
+	if m.x != nil {
+		r.App = m.x.ppID()
+		details = m.x.describe
+	}
+	return m.c.guardLocked(m.view, r, details)
+}
+
+func (m appWalkMem) ReadPhys(gpa uint64, buf []byte) error {
+	if err := m.check(gpa, uint64(len(buf))); err != nil {
+		return err
+	}
+	return m.c.v.mem.ReadPhys(gpa, buf)
+}
+
+func (m appWalkMem) ReadPhysUint64(gpa uint64) (uint64, error) {
+	g := m.c.v.mem
+	if gpa > g.size || g.size-gpa < 8 {
+		return 0, fmt.Errorf("%w: [%#x, +8) with %#x bytes of RAM", ErrOutsideRAM, gpa, g.size)
+	}
+	if err := m.check(gpa, 8); err != nil {
+		return 0, err
+	}
+	return binary.LittleEndian.Uint64(g.monitor[gpa:]), nil
+}
+
+// appGuard applies the rule to an access the monitor makes for app x (c.mu held).
+func (c *cloaking) appGuard(x *cloakApp, p memguard.Purpose, a memguard.Access, gpa, n uint64) error {
+	return c.guardLocked(c.guardView(), memguard.Request{Purpose: p, Access: a, GPA: gpa, Len: n, App: x.ppID()}, x.describe)
+}
+
+func (v *VM) ctxOrBackground() context.Context {
+	if v.runCtx != nil {
+		return v.runCtx
+	}
+	return context.Background()
+}
+
+// scrubLocked clears the plaintext app x holds in frame gpa and forgets it (c.mu
+// held). A refusal (the frame holds no plaintext of x) is a monitor bug: the run ends.
+func (c *cloaking) scrubLocked(x *cloakApp, gpa uint64) {
+	if err := c.appGuard(x, memguard.Scrub, memguard.Write, gpa, PageSize); err != nil {
+		c.fatalLocked(fmt.Errorf("cloak: scrub: %w", err))
+		return
+	}
+	if b, err := c.v.mem.Slice(gpa, PageSize); err == nil {
+		clear(b)
+	}
+	delete(c.plain, gpa)
+}
+
+// refusedKill ends app x after the guarded accessor refused an access on its behalf:
+// the kernel named a frame the app may not have (a locked frame, another app's
+// plaintext as a page table), which an honest kernel never does.
+func (c *cloaking) refusedKill(x *cloakApp, va uint64, err error) {
+	d := x.describe()
+	d["va"] = va
+	var r *guardRefusal
+	switch {
+	case errors.As(err, &r):
+		d["purpose"], d["frame"], d["why"] = r.req.Purpose.String(), r.d.Frame, r.d.Why
+	case errors.Is(err, errUnmeasuredExec):
+		d["purpose"], d["why"] = "execute", errUnmeasuredExec.Error()
+	}
+	c.killLocked(x, "refused access", err.Error(), EventCloakViolation, d)
+}
