@@ -26,6 +26,7 @@ policy-test:
 	$(GO) run ./cmd/umbra policy test testdata/policies
 	$(GO) run ./cmd/umbra policy test testdata/e2e/policy
 	$(GO) run ./cmd/umbra policy test testdata/e2e/linux/policy
+	$(GO) run ./cmd/umbra policy test testdata/control/policy
 
 # Debian packages the tests need: gcc/make/binutils build the test guest, libssl-dev the
 # TPM simulator (cgo), swtpm and tpm2-tools the real-TPM and independent-verifier tests;

@@ -76,6 +76,11 @@ func (v *VM) runApp(runCtx context.Context) error {
 			if time.Since(start) >= slice {
 				x.sum.Preempted++
 				c.act(x, trampPark, [6]uint64{})
+			} else if v.ctl.pending.Load() {
+				// A control request (pause, snapshot) is served by the run loop; the
+				// thread's registers are saved, so the app resumes where it was.
+				c.mu.Unlock()
+				return nil
 			}
 		case trapSyscall:
 			c.startSyscall(x)

@@ -175,6 +175,21 @@ func (g *Guard) Resume(ctx context.Context, p policy.Principal, vm policy.VM) (p
 	return g.Check(ctx, p, vm, policy.ActionResume, policy.Request{})
 }
 
+// Pause checks freezing a running VM's vCPUs.
+func (g *Guard) Pause(ctx context.Context, p policy.Principal, vm policy.VM) (policy.Decision, error) {
+	return g.Check(ctx, p, vm, policy.ActionPause, policy.Request{})
+}
+
+// StopVM checks stopping a running VM; force skips the guest's grace period.
+func (g *Guard) StopVM(ctx context.Context, p policy.Principal, vm policy.VM, force bool) (policy.Decision, error) {
+	return g.Check(ctx, p, vm, policy.ActionStop, policy.Request{Stop: &policy.Stop{Force: force}})
+}
+
+// Inspect checks reading a running VM's state and counters.
+func (g *Guard) Inspect(ctx context.Context, p policy.Principal, vm policy.VM) (policy.Decision, error) {
+	return g.Check(ctx, p, vm, policy.ActionInspect, policy.Request{})
+}
+
 // ModifySpec checks replacing the VM's spec with spec.
 func (g *Guard) ModifySpec(ctx context.Context, p policy.Principal, vm policy.VM, spec policy.Spec) (policy.Decision, error) {
 	return g.Check(ctx, p, vm, policy.ActionModifySpec, policy.Request{Spec: &spec})

@@ -1,6 +1,7 @@
 package monitor
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -48,6 +49,10 @@ type LaunchConfig struct {
 	// Started, if set, is called once the launch is allowed, measured and audited,
 	// just before the guest runs (the CLI reports the decision there).
 	Started func(*LaunchReport)
+	// Attach, if set, is called with the VM's guarded control surface just before the
+	// guest runs (a detached monitor serves its control API with it); the surface
+	// answers ErrNotRunning once the run has ended.
+	Attach func(*Control)
 	// EvidenceNonce, if set, makes Launch quote the measured-launch PCR with the host's
 	// attestation key once the VM has stopped and its audit head is anchored, and
 	// return the evidence in the report (for back ends whose PCRs do not outlive the
@@ -314,6 +319,25 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	rep.Measurements++
 	if lc.Started != nil {
 		lc.Started(rep)
+	}
+	if lc.Attach != nil {
+		lc.Attach(&Control{
+			vm: vm, guard: guard, spec: lc.Spec, revision: lc.Policy.Revision(), launched: time.Now().UTC(),
+			launcher: lc.Principal.ID, auditSeq: func() uint64 { return auditLog.Head().Seq },
+			input: func(b []byte) error {
+				// Wait for the guest to make room, but not forever: a guest that
+				// never reads its serial port must not pin the caller.
+				ictx, cancel := context.WithTimeout(ctx, consoleInputWait)
+				defer cancel()
+				if err := vm.Serial().InputFrom(ictx, bytes.NewReader(b)); err != nil {
+					return fmt.Errorf("serial input: the guest did not take it within %v (%w)", consoleInputWait, err)
+				}
+				return nil
+			},
+			policyVM: func(state string) policy.VM {
+				return policyVM(lc.Spec, lc.Run, hex.EncodeToString(imageDigest[:]), state, firstLaunch)
+			},
+		})
 	}
 	var enforced atomic.Pointer[Enforcement]
 	cancelSupervision := guard.Supervise(ctx, d, runningVM, func(_ context.Context, e Enforcement) {

@@ -93,13 +93,21 @@ func ParseSpec(data []byte) (*Spec, error) {
 	return &s, nil
 }
 
+// ValidVMName checks a VM name (it names the VM's directory in the state directory).
+func ValidVMName(name string) error {
+	if !specNameRE.MatchString(name) {
+		return fmt.Errorf("name %q must be 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit", name)
+	}
+	return nil
+}
+
 // Validate checks every field and says which one is wrong and how to fix it.
 func (s *Spec) Validate() error {
 	if s.APIVersion != SpecVersion {
 		return fmt.Errorf("VM spec: apiVersion is %q, want %q", s.APIVersion, SpecVersion)
 	}
-	if !specNameRE.MatchString(s.Name) {
-		return fmt.Errorf("VM spec: name %q must be 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit", s.Name)
+	if err := ValidVMName(s.Name); err != nil {
+		return fmt.Errorf("VM spec: %w", err)
 	}
 	switch g := s.Guest; {
 	case g.Image == "" && g.Kernel == "":

@@ -158,6 +158,8 @@ type VM struct {
 	appCPU atomic.Pointer[kvm.VCPU]
 	// runCtx is the context of the running Run, for hooks called from exit handlers.
 	runCtx context.Context
+	// ctl is the run loop's mailbox for pause, resume and snapshots (pause.go).
+	ctl vcpuMailbox
 }
 
 // extension is a feature wired into the exit path.
@@ -195,6 +197,7 @@ func New(cfg Config) (_ *VM, err error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	v := &VM{cfg: cfg, log: log}
+	v.ctl.init()
 	defer func() {
 		if err != nil {
 			v.Close()
@@ -313,7 +316,7 @@ func (v *VM) Close() error {
 // Stop makes a running Run return with err (wrapped); safe from any goroutine.
 func (v *VM) Stop(err error) {
 	v.stopReason.CompareAndSwap(nil, &err)
-	v.kickAll()
+	v.kickForControl()
 }
 
 // kickAll kicks the system VM's vCPU and, if cloaking created it, appVM's.
@@ -331,6 +334,7 @@ func (v *VM) Run(ctx context.Context) (*Result, error) {
 	start := time.Now()
 	res := &Result{ExitStatus: -1}
 	finish := func(err error) (*Result, error) {
+		v.endControl()
 		res.Duration = time.Since(start)
 		if v.cloak != nil {
 			if v.cloak.av != nil {
@@ -371,6 +375,9 @@ func (v *VM) Run(ctx context.Context) (*Result, error) {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	for {
+		if v.ctl.pending.Load() {
+			v.serveControl(runCtx)
+		}
 		if v.cloak != nil && v.cloak.running != nil {
 			if err := v.runApp(runCtx); err != nil {
 				return finish(err)

@@ -32,6 +32,12 @@ const (
 	ActionDelete         Action = "delete"
 	ActionCloakRegister  Action = "cloak_register"
 	ActionPageProtChange Action = "pageprot_change"
+	// ActionPause freezes a running VM's vCPUs; resume continues it.
+	ActionPause Action = "pause"
+	// ActionStop ends a running VM (request.stop.force: without a grace period).
+	ActionStop Action = "stop"
+	// ActionInspect reads a running VM's state and counters (control API).
+	ActionInspect Action = "inspect"
 )
 
 // Actions lists every guarded action, in a stable order.
@@ -41,7 +47,7 @@ func Actions() []Action {
 		ActionConnectNetwork, ActionConsoleOpen, ActionSnapshotCreate,
 		ActionSnapshotRevert, ActionFileTransfer, ActionClipboard, ActionMigrate,
 		ActionClone, ActionExport, ActionDelete, ActionCloakRegister,
-		ActionPageProtChange,
+		ActionPageProtChange, ActionPause, ActionStop, ActionInspect,
 	}
 }
 
@@ -123,6 +129,7 @@ type Request struct {
 	Device    *Device    `json:"device,omitempty"`
 	Network   *Network   `json:"network,omitempty"`
 	Console   *Console   `json:"console,omitempty"`
+	Stop      *Stop      `json:"stop,omitempty"`
 	Snapshot  *Snapshot  `json:"snapshot,omitempty"`
 	Transfer  *Transfer  `json:"transfer,omitempty"`
 	Clipboard *Clipboard `json:"clipboard,omitempty"`
@@ -135,6 +142,11 @@ type Request struct {
 // Console is a console-open request: "serial" or "graphical".
 type Console struct {
 	Kind string `json:"kind"`
+}
+
+// Stop is a stop request: Force ends the VM without asking the guest first.
+type Stop struct {
+	Force bool `json:"force"`
 }
 
 // Snapshot names the snapshot created or reverted to.
@@ -313,6 +325,8 @@ func (in *Input) Validate() error {
 		need("network", r.Network != nil)
 	case ActionConsoleOpen:
 		need("console", r.Console != nil)
+	case ActionStop:
+		need("stop", r.Stop != nil)
 	case ActionSnapshotCreate, ActionSnapshotRevert:
 		need("snapshot", r.Snapshot != nil)
 	case ActionFileTransfer:

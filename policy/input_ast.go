@@ -125,6 +125,9 @@ func requestTerm(r *Request) *ast.Term {
 	if r.Console != nil {
 		items = append(items, item("console", ast.ObjectTerm(item("kind", ast.StringTerm(r.Console.Kind)))))
 	}
+	if r.Stop != nil {
+		items = append(items, item("stop", ast.ObjectTerm(item("force", ast.BooleanTerm(r.Stop.Force)))))
+	}
 	if r.Snapshot != nil {
 		items = append(items, item("snapshot", ast.ObjectTerm(item("name", ast.StringTerm(r.Snapshot.Name)))))
 	}

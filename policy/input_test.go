@@ -29,6 +29,8 @@ func sampleInputs() []*Input {
 			r.Network = &Network{ID: "net1", Mode: "nat"}
 		case ActionConsoleOpen:
 			r.Console = &Console{Kind: "serial"}
+		case ActionStop:
+			r.Stop = &Stop{Force: true}
 		case ActionSnapshotCreate, ActionSnapshotRevert:
 			r.Snapshot = &Snapshot{Name: "s1"}
 		case ActionFileTransfer:

@@ -189,6 +189,20 @@ func (u *UART) InputFrom(ctx context.Context, r io.Reader) error {
 	}
 }
 
+// SetCarrier raises or drops the carrier detect line (MSR.DCD) the guest sees, setting
+// the delta bit (and the modem-status interrupt, if enabled) as the hardware does.
+// Dropping the carrier is a hangup: umbra's graceful stop asks the guest to end this way.
+func (u *UART) SetCarrier(on bool) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if (u.msr&msrDCD != 0) == on {
+		return
+	}
+	u.msr ^= msrDCD
+	u.msr |= msrDDCD
+	u.updateIRQ()
+}
+
 // Read implements bus.Device: a guest load from register offset off.
 func (u *UART) Read(off uint64, data []byte) error {
 	u.mu.Lock()

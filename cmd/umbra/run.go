@@ -47,6 +47,10 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 	nonceHex := fs.String("attest-nonce", "", "after the VM stops, quote the launch PCR over this verifier nonce (hex) ...")
 	evidenceOut := fs.String("evidence", "", "... and write the evidence here (for umbra attest verify)")
 	force := fs.Bool("force", false, "overwrite an existing --evidence file")
+	detach := fs.Bool("detach", false, "run the VM in a monitor process of its own and return once it is launched; control it with ps, inspect, pause, resume, stop, console (docs/api.md)")
+	operatorGroup := fs.String("operator-group", "", "with --detach: the group besides the owner that may connect to the control socket")
+	jailUser := fs.String("jail-user", "nobody", "with --detach: the user the monitor runs as once the VM is set up (its jail: docs/api.md)")
+	noJail := fs.Bool("no-jail", false, "with --detach: keep the monitor unjailed (root, all system calls), for diagnosis")
 	if code, done := parseFlags(env, fs, args); done {
 		return code
 	}
@@ -102,6 +106,18 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 			return usageErr("--evidence: %v", err)
 		}
 	}
+	if *detach && *evidenceOut != "" {
+		fmt.Fprintln(env.stderr, "umbra run: --evidence does not go with --detach (the monitor's jail cannot write outside the state directory); quote the launch with umbra attest")
+		return exitUsage
+	}
+	if *detach && !inDetachedMonitor() {
+		dir, err := tf.dir()
+		if err != nil {
+			fmt.Fprintf(env.stderr, "umbra run: %v\n", err)
+			return exitNoGuestStatus
+		}
+		return spawnDetached(ctx, env, dir, args, *jsonOut)
+	}
 	log := slog.New(slog.DiscardHandler)
 	if *verbose {
 		log = slog.New(slog.NewTextHandler(env.stderr, nil))
@@ -112,6 +128,21 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 		return exitNoGuestStatus
 	}
 	defer tpm.Close()
+	var dm *detachedMonitor
+	if *detach {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithCancel(ctx)
+		defer cancel()
+		ju := *jailUser
+		if *noJail {
+			ju = ""
+		}
+		if dm, err = newDetachedMonitor(env, stateDir, *operatorGroup, ju, log, cancel); err != nil {
+			fmt.Fprintf(env.stderr, "umbra run: %v\n", err)
+			return 2
+		}
+		defer dm.finish()
+	}
 
 	var src *monitor.LaunchSource
 	switch mode {
@@ -135,6 +166,9 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 		return exitNoGuestStatus
 	}
 	defer src.Wipe()
+	if dm != nil {
+		dm.recordPrevious(ctx, src.Spec.Name)
+	}
 
 	cfg := src.Config()
 	cfg.Console, cfg.Logger = env.stdout, log
@@ -157,6 +191,12 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 		defer f.Close()
 		cfg.Console = f
 	}
+	if dm != nil {
+		cfg.Console = dm.hub
+		if *timeout == 0 && src.Spec.Timeout == "" {
+			cfg.Timeout = -1 // a detached VM runs until stopped unless its spec says otherwise
+		}
+	}
 	if set["guest-cmdline"] {
 		cfg.Cmdline = *cmdline
 	}
@@ -177,6 +217,7 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 		Principal: principal, TPM: tpm, StateDir: stateDir, Logger: log,
 		Started:       func(rep *monitor.LaunchReport) { reportDecision(env, src.Spec.Name, rep) },
 		EvidenceNonce: nonce,
+		Attach:        dm.attachFunc(),
 	})
 	if rep != nil && rep.Evidence != nil {
 		if werr := writeEvidence(*evidenceOut, rep, *force); werr != nil {

@@ -21,5 +21,6 @@ app_\name\()_end:
 	APP cloakcompute
 	APP cloakprobe
 	APP cloakvictim
+	APP chat
 
 	.section .note.GNU-stack, "", @progbits

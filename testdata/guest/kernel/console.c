@@ -77,3 +77,25 @@ __attribute__((noreturn)) void panic(const char *fmt, ...)
 	serial_puts("\n");
 	guest_exit(STATUS_PANIC);
 }
+
+/*
+ * serial_read is the console's receive side: it takes what the 16550 at 0x3F8 has
+ * received (polling LSR.DR, at most 64 bytes a call) and returns 0 when nothing has
+ * arrived, as a Linux tty with VMIN=0 VTIME=0: callers poll. Once the carrier (MSR.DCD)
+ * drops, the line is hung up and reads fail with -EIO, as on Linux: that is how the
+ * monitor's graceful stop asks the console's programs to end.
+ */
+long serial_read(struct proc *p, u64 buf, u64 n)
+{
+	u8 tmp[64];
+	u64 got = 0;
+	if (!(inb(0x3f8 + 6) & 0x80))
+		return -EIO;
+	if (n > sizeof tmp)
+		n = sizeof tmp;
+	while (got < n && (inb(0x3f8 + 5) & 0x01))
+		tmp[got++] = inb(0x3f8);
+	if (got && copy_to_user(p, buf, tmp, got))
+		return -EFAULT;
+	return (long)got;
+}

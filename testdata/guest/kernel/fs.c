@@ -239,7 +239,7 @@ long sys_read(struct proc *p, int fd, u64 buf, u64 n)
 	if (!f || (f->flags & O_ACCMODE) == O_WRONLY)
 		return -EBADF;
 	if (f->kind == F_CONSOLE)
-		return 0; /* no console input: end of file */
+		return serial_read(p, buf, n);
 	struct node *nd = f->node;
 	if (nd->is_dir)
 		return -EISDIR;

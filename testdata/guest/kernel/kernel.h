@@ -100,6 +100,8 @@ int snprintf(char *buf, size_t n, const char *fmt, ...);
 long hypercall(u64 nr, u64 a1, u64 a2);
 void serial_puts(const char *s);
 void console_write(const char *s, size_t n);
+struct proc;
+long serial_read(struct proc *p, u64 buf, u64 n);
 void kprintf(const char *fmt, ...);
 __attribute__((noreturn)) void panic(const char *fmt, ...);
 __attribute__((noreturn)) void guest_exit(int status);
@@ -111,6 +113,7 @@ void timer_init(u64 apic_hz, u64 tick_us);
 void lapic_eoi(void);
 void set_kernel_stack(u64 top);
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
+static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
 static inline u64 read_cr2(void) { u64 v; __asm__ volatile("mov %%cr2, %0" : "=r"(v)); return v; }
 static inline u64 read_cr3(void) { u64 v; __asm__ volatile("mov %%cr3, %0" : "=r"(v)); return v; }
 static inline void write_cr3(u64 v) { __asm__ volatile("mov %0, %%cr3" ::"r"(v) : "memory"); }

@@ -9,7 +9,7 @@ package umbra.authz
 
 demo_app := "0b60ebead71619a604a0a952db917a48435a3d0ab354e33e42ab92ccd8d71143"
 
-allowed_actions := {"launch", "resume", "modify_spec", "console_open", "cloak_register", "pageprot_change", "delete"}
+allowed_actions := {"launch", "resume", "modify_spec", "console_open", "cloak_register", "pageprot_change", "delete", "pause", "stop", "inspect"}
 
 default allow := false
 

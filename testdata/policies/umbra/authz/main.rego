@@ -35,7 +35,7 @@ deny contains reason(
 
 # Actions that people use, that change the VM, and that the guest itself asks
 # for through hypercalls (the monitor is then the principal, auth "system").
-use_actions := {"launch", "resume", "console_open", "file_transfer", "clipboard", "snapshot_create", "snapshot_revert"}
+use_actions := {"launch", "resume", "console_open", "file_transfer", "clipboard", "snapshot_create", "snapshot_revert", "pause", "stop", "inspect"}
 
 admin_actions := {"modify_spec", "attach_device", "connect_network", "migrate", "clone", "export", "delete"}
 

@@ -1,0 +1,330 @@
+package control
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/umbra-cc/umbra/monitor"
+	"github.com/umbra-cc/umbra/policy"
+)
+
+// Target is what the server controls; *monitor.Control implements it. Every method but
+// Name and ConsoleInput asks the policy for the principal it is given.
+type Target interface {
+	Name() string
+	Inspect(ctx context.Context, p policy.Principal) (*monitor.Status, error)
+	Pause(ctx context.Context, p policy.Principal) (time.Duration, error)
+	Resume(ctx context.Context, p policy.Principal) error
+	Stop(ctx context.Context, p policy.Principal, force bool) error
+	OpenConsole(ctx context.Context, p policy.Principal) error
+	ConsoleInput(b []byte) error
+	Ended() <-chan struct{}
+}
+
+// SocketName is the control socket's name in the VM's state directory.
+const SocketName = "control.sock"
+
+// ErrInUse is returned by Listen when a live monitor already serves the socket.
+var ErrInUse = errors.New("a running monitor already serves this control socket")
+
+// Listen creates the control socket at path, mode 0660 (0600 without an operator
+// group): only the owner and the operator group gid (-1: none) may connect. A socket
+// left by a monitor that died (nothing accepts on it) is removed first; one a live
+// monitor serves is never touched (ErrInUse).
+func Listen(path string, gid int) (*net.UnixListener, error) {
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode().Type() != os.ModeSocket {
+			return nil, fmt.Errorf("control socket %s exists and is not a socket; move it away", path)
+		}
+		c, derr := net.DialTimeout("unix", path, time.Second)
+		if derr == nil {
+			c.Close()
+			return nil, fmt.Errorf("%s: %w", path, ErrInUse)
+		}
+		if !errors.Is(derr, syscall.ECONNREFUSED) {
+			return nil, fmt.Errorf("control socket %s exists and cannot be probed (%w); not removing it", path, derr)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("remove the stale control socket of a dead monitor: %w", err)
+		}
+	}
+	// The directory is private while the socket is created, so nobody can connect
+	// before its mode is set.
+	dir := filepath.Dir(path)
+	if err := os.Chmod(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("control socket directory: %w", err)
+	}
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	l.SetUnlinkOnClose(true)
+	mode, dirMode := os.FileMode(0o600), os.FileMode(0o700)
+	if gid >= 0 {
+		mode, dirMode = 0o660, 0o750
+		if err := os.Lchown(path, -1, gid); err == nil {
+			err = os.Chown(dir, -1, gid)
+		}
+		if err != nil {
+			l.Close()
+			return nil, fmt.Errorf("control socket: give it to the operator group: %w", err)
+		}
+	}
+	if err := os.Chmod(path, mode); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	if err := os.Chmod(dir, dirMode); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("control socket directory: %w", err)
+	}
+	return l, nil
+}
+
+// Server serves a Target's control API.
+type Server struct {
+	Target  Target
+	Console *ConsoleHub // nil: the console endpoint answers 404
+	Logger  *slog.Logger
+	srv     *http.Server
+}
+
+type peerKey struct{}
+
+type peerResult struct {
+	peer Peer
+	err  error
+}
+
+// Serve serves l until Close. It returns http.ErrServerClosed after Close.
+func (s *Server) Serve(l *net.UnixListener) error {
+	if s.Logger == nil {
+		s.Logger = slog.New(slog.DiscardHandler)
+	}
+	s.srv = &http.Server{
+		Handler:           http.HandlerFunc(s.handle),
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       10 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       60 * time.Second,
+		MaxHeaderBytes:    MaxHeaderBytes,
+		ErrorLog:          slog.NewLogLogger(s.Logger.Handler(), slog.LevelDebug),
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			uc, ok := c.(*net.UnixConn)
+			if !ok {
+				return context.WithValue(ctx, peerKey{}, peerResult{err: errors.New("not a Unix socket")})
+			}
+			p, err := PeerOf(uc)
+			return context.WithValue(ctx, peerKey{}, peerResult{peer: p, err: err})
+		},
+	}
+	return s.srv.Serve(l)
+}
+
+// Close stops serving and closes every connection.
+func (s *Server) Close() error {
+	if s.srv == nil {
+		return nil
+	}
+	return s.srv.Close()
+}
+
+// ErrorBody is the JSON body of every error response.
+type ErrorBody struct {
+	Error    string           `json:"error"`
+	Code     string           `json:"code"` // bad_request, denied, audit_failed, conflict, not_running, internal
+	Decision *policy.Decision `json:"decision,omitempty"`
+}
+
+// ActionResult is the body of a successful POST /v1/vm/actions.
+type ActionResult struct {
+	VM     string `json:"vm"`
+	Action string `json:"action"`
+	// PauseLatency is, for pause, the time from the request reaching the VM to its
+	// vCPU being parked.
+	PauseLatency time.Duration `json:"pause_latency_ns,omitempty"`
+}
+
+// PingResult is the body of GET /v1/ping.
+type PingResult struct {
+	VM  string `json:"vm"`
+	PID int    `json:"pid"`
+}
+
+func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
+	pr, _ := r.Context().Value(peerKey{}).(peerResult)
+	if pr.err != nil {
+		s.Logger.Error("control: cannot identify the peer; refusing", "err", pr.err)
+		writeError(w, http.StatusForbidden, "internal", "the caller's identity could not be read from the socket: "+pr.err.Error(), nil)
+		return
+	}
+	req, err := DecodeRequest(r)
+	if err != nil {
+		var be *BadRequestError
+		errors.As(err, &be)
+		writeError(w, be.Status, "bad_request", be.Msg, nil)
+		return
+	}
+	principal := pr.peer.Principal()
+	ctx := r.Context()
+	s.Logger.Debug("control request", "endpoint", r.URL.Path, "principal", principal.ID, "pid", pr.peer.PID)
+	switch req.Endpoint {
+	case EndpointPing:
+		writeJSON(w, http.StatusOK, PingResult{VM: s.Target.Name(), PID: os.Getpid()})
+	case EndpointInspect, EndpointMetrics:
+		st, err := s.Target.Inspect(ctx, principal)
+		if err != nil {
+			writeTargetError(w, err)
+			return
+		}
+		if req.Endpoint == EndpointInspect {
+			writeJSON(w, http.StatusOK, st)
+			return
+		}
+		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+		if err := WriteMetrics(w, st); err != nil {
+			s.Logger.Debug("control: write metrics", "err", err)
+		}
+	case EndpointAction:
+		res := ActionResult{VM: s.Target.Name(), Action: req.Action.Action}
+		switch req.Action.Action {
+		case "pause":
+			res.PauseLatency, err = s.Target.Pause(ctx, principal)
+		case "resume":
+			err = s.Target.Resume(ctx, principal)
+		case "stop":
+			err = s.Target.Stop(ctx, principal, req.Action.Force)
+		}
+		if err != nil {
+			writeTargetError(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, res)
+	case EndpointConsole:
+		s.console(w, r, principal)
+	}
+}
+
+func writeTargetError(w http.ResponseWriter, err error) {
+	var denied *monitor.DeniedError
+	switch {
+	case errors.As(err, &denied):
+		writeError(w, http.StatusForbidden, "denied", err.Error(), &denied.Decision)
+	case errors.Is(err, monitor.ErrAuditFailed):
+		writeError(w, http.StatusServiceUnavailable, "audit_failed", err.Error(), nil)
+	case errors.Is(err, monitor.ErrPauseState):
+		writeError(w, http.StatusConflict, "conflict", err.Error(), nil)
+	case errors.Is(err, monitor.ErrNotRunning):
+		writeError(w, http.StatusGone, "not_running", err.Error(), nil)
+	default:
+		writeError(w, http.StatusInternalServerError, "internal", err.Error(), nil)
+	}
+}
+
+func writeError(w http.ResponseWriter, status int, code, msg string, d *policy.Decision) {
+	writeJSON(w, status, ErrorBody{Error: msg, Code: code, Decision: d})
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	enc := json.NewEncoder(w)
+	enc.Encode(v)
+}
+
+// ConsoleUpgrade is the Upgrade token of the console stream.
+const ConsoleUpgrade = "umbra-console"
+
+// console attaches the caller to the serial console: after a 101 response the
+// connection carries the guest's output to the client and the client's bytes to the
+// guest's serial input, until either side closes or the VM ends.
+func (s *Server) console(w http.ResponseWriter, r *http.Request, p policy.Principal) {
+	if s.Console == nil {
+		writeError(w, http.StatusNotFound, "bad_request", "this monitor has no console to attach to", nil)
+		return
+	}
+	if r.Header.Get("Upgrade") != ConsoleUpgrade {
+		writeError(w, http.StatusBadRequest, "bad_request", "the console endpoint needs Connection: Upgrade and Upgrade: "+ConsoleUpgrade, nil)
+		return
+	}
+	if err := s.Target.OpenConsole(r.Context(), p); err != nil {
+		writeTargetError(w, err)
+		return
+	}
+	hj, ok := w.(http.Hijacker)
+	if !ok {
+		writeError(w, http.StatusInternalServerError, "internal", "connection cannot be taken over", nil)
+		return
+	}
+	conn, brw, err := hj.Hijack()
+	if err != nil {
+		return
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Time{})
+	if _, err := io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: "+ConsoleUpgrade+"\r\n\r\n"); err != nil {
+		return
+	}
+	backlog, sub, detach := s.Console.attach()
+	defer detach()
+	inputDone := make(chan struct{})
+	go func() {
+		defer close(inputDone)
+		buf := make([]byte, 4096)
+		for {
+			n, err := brw.Reader.Read(buf)
+			if n > 0 {
+				if ierr := s.Target.ConsoleInput(buf[:n]); ierr != nil {
+					fmt.Fprintf(conn, "\r\n[umbra: console input refused: %v]\r\n", ierr)
+					return
+				}
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	if _, err := conn.Write(backlog); err != nil {
+		return
+	}
+	for {
+		select {
+		case b, ok := <-sub.ch:
+			if !ok {
+				if s.Console.wasOverrun(sub) {
+					io.WriteString(conn, "\r\n[umbra: console detached: it fell too far behind the guest's output]\r\n")
+				}
+				return
+			}
+			if _, err := conn.Write(b); err != nil {
+				return
+			}
+		case <-inputDone:
+			return
+		case <-s.Target.Ended():
+			// Drain what the VM wrote before it ended.
+			for {
+				select {
+				case b, ok := <-sub.ch:
+					if !ok {
+						return
+					}
+					conn.Write(b)
+				default:
+					io.WriteString(conn, "\r\n[umbra: the VM has stopped]\r\n")
+					return
+				}
+			}
+		}
+	}
+}
