@@ -143,9 +143,18 @@ func OpenContext(ctx context.Context, path string, logger *slog.Logger) (*Log, e
 		return nil, err
 	}
 	defer statefile.Unlock(f)
+	// Verify from the checkpoint the last monitor left (checkpoint.go), or in full.
+	if l.head, l.size, err = seedFromCheckpoint(f, path, logger); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("open audit log %s: %w; move it away to start a new log", path, err)
+	}
+	full := l.size == 0
 	if err := l.catchUp(); err != nil {
 		f.Close()
 		return nil, err
+	}
+	if full && l.head.Seq > 0 {
+		l.saveCheckpoint(l.head, l.size)
 	}
 	if l.head.Seq == 0 {
 		id := make([]byte, 16)
@@ -197,7 +206,9 @@ func (l *Log) catchUp() error {
 	}
 	res := scanFrom(io.NewSectionReader(l.f, l.size, st.Size()-l.size), l.head, nil)
 	if res.FirstBad != nil {
-		return fmt.Errorf("open audit log %s: after seq %d: %s; move it away to start a new log", l.path, l.head.Seq, res.FirstBad)
+		// scanFrom numbers lines from l.head; one record per line makes them absolute.
+		res.FirstBad.Line += int(l.head.Seq)
+		return fmt.Errorf("open audit log %s: %s; move it away to start a new log", l.path, res.FirstBad)
 	}
 	good := l.size + res.GoodBytes
 	if res.TornTail {
@@ -367,6 +378,7 @@ func (l *Log) Close() error {
 		return nil
 	}
 	l.closed = true
+	l.saveCheckpoint(l.head, l.size)
 	return l.f.Close()
 }
 
