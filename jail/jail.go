@@ -60,6 +60,8 @@ var Allowed = []string{
 	"openat", "newfstatat", "fstat", "lseek", "pread64", "pwrite64", "readv", "writev",
 	"fsync", "fdatasync", "fcntl", "dup", "dup3", "pipe2", "unlinkat", "getdents64", "ftruncate",
 	"fallocate", "memfd_create", "userfaultfd",
+	// The state directory's cross-process locks and atomic files (statefile).
+	"flock", "renameat", "renameat2", "mkdirat",
 	// cloaking: the userfaultfd serving loop (kvm.Userfaultfd.Serve)
 	"ppoll", "poll",
 	// the network poller and the control socket

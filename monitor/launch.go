@@ -421,9 +421,8 @@ func CheckConfig(cfg Config) error {
 	default:
 		return fmt.Errorf("boot protocol %q: want %q or %q", cfg.Boot, BootUmbra, BootLinux)
 	}
-	if cfg.Timeout < 0 {
-		return fmt.Errorf("timeout %s is negative", cfg.Timeout)
-	}
+	// A negative Timeout is "no limit" (Config.Timeout): a detached VM runs until it is
+	// stopped. What a user writes is checked where it is parsed (--timeout, the spec).
 	return nil
 }
 

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net/http"
 	"os"
@@ -238,12 +239,19 @@ func (d *detachedMonitor) attach(c *monitor.Control) {
 				err = fmt.Errorf("prepare cloaking before the jail: %w", err)
 			}
 		}
-		for _, dir := range []string{d.jail.StateDir, filepath.Join(d.jail.StateDir, "vms")} {
+		// The logs' cross-process locks check by path that an open log is still the
+		// file at its path (statefile.SameFile), so the directories holding them must
+		// be searchable too: the state directory, and the simulator's per-process
+		// event logs.
+		for _, dir := range []string{d.jail.StateDir, filepath.Join(d.jail.StateDir, "vms"), filepath.Join(d.jail.StateDir, "sim-eventlogs")} {
 			if err != nil {
 				break
 			}
 			var fi os.FileInfo
-			if fi, err = os.Stat(dir); err == nil {
+			if fi, err = os.Stat(dir); errors.Is(err, fs.ErrNotExist) && dir != d.jail.StateDir {
+				err = nil
+				continue
+			} else if err == nil {
 				err = os.Chmod(dir, fi.Mode().Perm()|0o001)
 			}
 		}
