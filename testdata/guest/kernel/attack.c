@@ -191,6 +191,30 @@ static void attack_ptwalk(struct proc *p)
 	kprintf("attack ptwalk: victim=%s stack=0x%lx table=0x%lx (data page 0x%lx)\n", p->name, sva, pa, va);
 }
 
+/*
+ * ptwalk_on_fault: a fault of the victim under the planted stack table. The
+ * walk that faulted read the victim's data frame as page-table entries; the
+ * kernel reads the same entries through its own walk of the planted table
+ * and prints the first 32 bytes of that "table" (for an uncloaked victim, its
+ * plaintext) and the entry the faulting address selected. Then it puts the
+ * entry back, so the fault is retried through the real table and the victim
+ * runs on. A cloaked victim never gets here: the monitor refuses the walk.
+ */
+static void ptwalk_on_fault(struct proc *p, struct trapframe *tf)
+{
+	u64 va = read_cr2();
+	if (!ptwalk_pde || tf->vector != 14 || (va >> 21) != ((USER_STACK_TOP - PAGE_SIZE) >> 21))
+		return;
+	const u64 *table = (const u64 *)P2V(*ptwalk_pde & PTE_ADDR);
+	char h[65];
+	hex(h, (const u8 *)table, 32);
+	kprintf("attack ptwalk: victim=%s fault=0x%lx err=0x%lx entry=0x%lx entries=%s\n", p->name, va, tf->err,
+		table[(va >> 12) & 511], h);
+	*ptwalk_pde = ptwalk_saved;
+	ptwalk_pde = NULL;
+	write_cr3(read_cr3());
+}
+
 void attack_on_yield(struct proc *p)
 {
 	if (!is_victim(p))
@@ -224,6 +248,8 @@ void attack_on_yield(struct proc *p)
 void attack_on_trap(struct proc *p, struct trapframe *tf)
 {
 	deputy_on_tick(p, tf);
+	if (is_victim(p) && !strcmp(cfg.attack, "ptwalk"))
+		ptwalk_on_fault(p, tf);
 	if (!is_victim(p) || strcmp(cfg.attack, "regs"))
 		return;
 	const char *ev = tf->vector == VEC_SYSCALL ? "syscall" : tf->vector == VEC_TIMER ? "timer" : "exception";
