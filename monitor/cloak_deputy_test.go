@@ -13,18 +13,25 @@ import (
 
 // deputyRun runs cloakvictim under attack mode with the kernel's boot-time lock
 // action pp (kill, or off: no lock, the defence absent) and returns the run and how
-// many bytes of the kernel's locked canary changed (-1: the kernel did not say).
+// many bytes of the frame the kernel pointed the victim at (its locked canary)
+// changed (-1: the kernel did not say).
 func deputyRun(t *testing.T, mode, pp string, cloak bool) (*cloakRun, int) {
 	t.Helper()
 	arg := "cloakvictim"
 	if cloak {
 		arg += ":cloak"
 	}
-	g := runCloakGuest(t, fmt.Sprintf("run=%s,counter:x:3:2 attack=%s victim=cloakvictim pp=%s", arg, mode, pp))
+	return deputyRunList(t, mode, pp, arg+",counter:x:3:2")
+}
+
+// deputyRunList is deputyRun with the run= list given whole.
+func deputyRunList(t *testing.T, mode, pp, run string) (*cloakRun, int) {
+	t.Helper()
+	g := runCloakGuest(t, fmt.Sprintf("run=%s attack=%s victim=cloakvictim pp=%s", run, mode, pp))
 	if len(g.lines("attack "+mode+": victim=cloakvictim")) == 0 {
 		t.Fatalf("the %s attack did not run:\n%s", mode, g.out)
 	}
-	m := regexp.MustCompile(`attack ` + mode + `: victim=cloakvictim canary changed=(\d+)`).FindStringSubmatch(g.out)
+	m := regexp.MustCompile(`attack ` + mode + `: victim=cloakvictim frame changed=(\d+)`).FindStringSubmatch(g.out)
 	if m == nil {
 		return g, -1
 	}
@@ -79,6 +86,42 @@ func TestCloakDeputyLockedFrames(t *testing.T) {
 				t.Fatalf("locked: %d bytes of the locked frame changed:\n%s", n, g.out)
 			}
 			wantRefusedKill(t, g, tc.purpose)
+		})
+	}
+}
+
+// TestCloakDeputyOtherProcess: the kernel points the cloaked victim's bounce page at
+// a frame another process protects against writes (data page 0 of pp:owner) and
+// waits for the monitor's bounce copy of the victim's write() (attack=ppother).
+// With the owner's page left open (pp:owner:open, the defence absent) the copy
+// lands in the owner's frame; protected, the guarded accessor refuses it, the
+// victim is killed, both audited, and the owner's page is unchanged.
+func TestCloakDeputyOtherProcess(t *testing.T) {
+	for _, tc := range []struct {
+		name, owner string
+		protected   bool
+	}{{"open", "pp:owner:open", false}, {"protected", "pp:owner", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			// The owner first, so that its page is protected before the redirect.
+			g, n := deputyRunList(t, "ppother", "kill", tc.owner+",cloakvictim:cloak")
+			owned, redirected := strings.Index(g.out, "pp: owner protect="), strings.Index(g.out, "attack ppother: victim=cloakvictim va=")
+			if owned < 0 || redirected < owned {
+				t.Fatalf("the redirect did not follow the owner's protection:\n%s", g.out)
+			}
+			if !tc.protected {
+				if n <= 0 {
+					t.Fatalf("open: the bounce copy did not land in the owner's frame (changed=%d):\n%s", n, g.out)
+				}
+				return
+			}
+			if n != 0 {
+				t.Fatalf("protected: %d bytes of the owner's frame changed:\n%s", n, g.out)
+			}
+			wantRefusedKill(t, g, "bounce copy")
+			if len(g.lines("pp: owner end page0=0x4f574e4552 ")) != 1 {
+				t.Fatalf("the owner's page changed:\n%s", g.out)
+			}
 		})
 	}
 }
