@@ -2,6 +2,7 @@ package monitor
 
 import (
 	"encoding/binary"
+	"encoding/hex"
 	"fmt"
 	"log/slog"
 	"regexp"
@@ -12,18 +13,25 @@ import (
 
 // deputyRun runs cloakvictim under attack mode with the kernel's boot-time lock
 // action pp (kill, or off: no lock, the defence absent) and returns the run and how
-// many bytes of the kernel's locked canary changed (-1: the kernel did not say).
+// many bytes of the frame the kernel pointed the victim at (its locked canary)
+// changed (-1: the kernel did not say).
 func deputyRun(t *testing.T, mode, pp string, cloak bool) (*cloakRun, int) {
 	t.Helper()
 	arg := "cloakvictim"
 	if cloak {
 		arg += ":cloak"
 	}
-	g := runCloakGuest(t, fmt.Sprintf("run=%s,counter:x:3:2 attack=%s victim=cloakvictim pp=%s", arg, mode, pp))
+	return deputyRunList(t, mode, pp, arg+",counter:x:3:2")
+}
+
+// deputyRunList is deputyRun with the run= list given whole.
+func deputyRunList(t *testing.T, mode, pp, run string) (*cloakRun, int) {
+	t.Helper()
+	g := runCloakGuest(t, fmt.Sprintf("run=%s attack=%s victim=cloakvictim pp=%s", run, mode, pp))
 	if len(g.lines("attack "+mode+": victim=cloakvictim")) == 0 {
 		t.Fatalf("the %s attack did not run:\n%s", mode, g.out)
 	}
-	m := regexp.MustCompile(`attack ` + mode + `: victim=cloakvictim canary changed=(\d+)`).FindStringSubmatch(g.out)
+	m := regexp.MustCompile(`attack ` + mode + `: victim=cloakvictim frame changed=(\d+)`).FindStringSubmatch(g.out)
 	if m == nil {
 		return g, -1
 	}
@@ -78,6 +86,42 @@ func TestCloakDeputyLockedFrames(t *testing.T) {
 				t.Fatalf("locked: %d bytes of the locked frame changed:\n%s", n, g.out)
 			}
 			wantRefusedKill(t, g, tc.purpose)
+		})
+	}
+}
+
+// TestCloakDeputyOtherProcess: the kernel points the cloaked victim's bounce page at
+// a frame another process protects against writes (data page 0 of pp:owner) and
+// waits for the monitor's bounce copy of the victim's write() (attack=ppother).
+// With the owner's page left open (pp:owner:open, the defence absent) the copy
+// lands in the owner's frame; protected, the guarded accessor refuses it, the
+// victim is killed, both audited, and the owner's page is unchanged.
+func TestCloakDeputyOtherProcess(t *testing.T) {
+	for _, tc := range []struct {
+		name, owner string
+		protected   bool
+	}{{"open", "pp:owner:open", false}, {"protected", "pp:owner", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			// The owner first, so that its page is protected before the redirect.
+			g, n := deputyRunList(t, "ppother", "kill", tc.owner+",cloakvictim:cloak")
+			owned, redirected := strings.Index(g.out, "pp: owner protect="), strings.Index(g.out, "attack ppother: victim=cloakvictim va=")
+			if owned < 0 || redirected < owned {
+				t.Fatalf("the redirect did not follow the owner's protection:\n%s", g.out)
+			}
+			if !tc.protected {
+				if n <= 0 {
+					t.Fatalf("open: the bounce copy did not land in the owner's frame (changed=%d):\n%s", n, g.out)
+				}
+				return
+			}
+			if n != 0 {
+				t.Fatalf("protected: %d bytes of the owner's frame changed:\n%s", n, g.out)
+			}
+			wantRefusedKill(t, g, "bounce copy")
+			if len(g.lines("pp: owner end page0=0x4f574e4552 ")) != 1 {
+				t.Fatalf("the owner's page changed:\n%s", g.out)
+			}
 		})
 	}
 }
@@ -162,71 +206,138 @@ func wantIagoKill(t *testing.T, g *cloakRun, call string) {
 	}
 }
 
-// TestCloakNothingCloakedInLogs: with the monitor logging at debug level, a cloaked
-// app's registers never reach the log: not the secret the victim holds in r12/r13
-// while the kernel dumps registers at every trap (attack=regs), not its instruction
-// pointer (any address of its image) at an appVM exit. Before, every appVM exit
-// logged the app's rip and rax.
+// bothVictims runs an attack on cloaksecret twice: uncloaked, where the defence is
+// absent and the attack must succeed, and cloaked, where it must fail.
+var bothVictims = []victimKind{{"uncloaked", false}, {"cloaked", true}}
+
+type victimKind struct {
+	name  string
+	cloak bool
+}
+
+// arg is the victim's run= entry holding secret.
+func (v victimKind) arg(secret string) string {
+	if v.cloak {
+		return "cloaksecret:" + secret + ":cloak"
+	}
+	return "cloaksecret:" + secret
+}
+
+// TestCloakNothingCloakedInLogs: with the monitor logging at debug level and the
+// kernel dumping the victim's registers at every trap (attack=regs), the secret the
+// victim holds in r12/r13 shows where the kernel or the operator can read it: the
+// console (the kernel's dumps) and the monitor's log. Uncloaked, the kernel's dumps
+// carry it (the attack succeeds). Cloaked, it is in neither, and no appVM exit record
+// carries the app's instruction pointer, rax or cr2 (before this change every appVM
+// exit logged rip and rax). Nothing is audited: there is no attempt to refuse, only
+// a record that must not carry the words.
 func TestCloakNothingCloakedInLogs(t *testing.T) {
-	t.Parallel()
-	secret := randomSecret(t)
-	var w [16]byte
-	copy(w[:], secret)
-	var log lockedBuffer
-	hooks := &Hooks{}
-	g := runCloakGuestConfig(t, "run=cloaksecret:"+secret+":cloak,counter:x:3:2 attack=regs victim=cloaksecret", hooks,
-		func(c *Config) {
-			c.Logger = slog.New(slog.NewTextHandler(&log, &slog.HandlerOptions{Level: slog.LevelDebug}))
-		})
-	if len(g.lines("cloaksecret: cloaked")) != 1 {
-		t.Fatalf("victim did not run cloaked:\n%s", g.out)
-	}
-	out := log.String()
-	if !strings.Contains(out, "cloak: appVM exit") {
-		t.Fatalf("no debug records of appVM exits in the log:\n%.2000s", out)
-	}
-	for _, word := range []uint64{binary.LittleEndian.Uint64(w[:8]), binary.LittleEndian.Uint64(w[8:])} {
-		for _, f := range []string{"%d", "%#x", "%x"} {
-			if s := fmt.Sprintf(f, word); strings.Contains(out, s) {
-				t.Fatalf("the secret register word %s is in the log", s)
+	for _, tc := range bothVictims {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			secret := randomSecret(t)
+			arg := tc.arg(secret)
+			var w [16]byte
+			copy(w[:], secret)
+			var log lockedBuffer
+			g := runCloakGuestConfig(t, "run="+arg+",counter:x:3:2 attack=regs victim=cloaksecret", &Hooks{},
+				func(c *Config) {
+					c.Logger = slog.New(slog.NewTextHandler(&log, &slog.HandlerOptions{Level: slog.LevelDebug}))
+				})
+			if cloaked := len(g.lines("cloaksecret: cloaked")) == 1; cloaked != tc.cloak {
+				t.Fatalf("victim cloaked=%v, want %v:\n%s", cloaked, tc.cloak, g.out)
 			}
-		}
-	}
-	for _, l := range strings.Split(out, "\n") {
-		if strings.Contains(l, "cloak: appVM exit") && (strings.Contains(l, "rip=") || strings.Contains(l, "rax=") || strings.Contains(l, "cr2=")) {
-			t.Fatalf("an appVM exit record carries the app's registers: %s", l)
-		}
+			out := log.String()
+			if tc.cloak && !strings.Contains(out, "cloak: appVM exit") {
+				t.Fatalf("no debug records of appVM exits in the log:\n%.2000s", out)
+			}
+			var found []string
+			for _, word := range []uint64{binary.LittleEndian.Uint64(w[:8]), binary.LittleEndian.Uint64(w[8:])} {
+				for _, f := range []string{"%d", "%#x", "%x"} {
+					s := fmt.Sprintf(f, word)
+					if strings.Contains(out, s) {
+						found = append(found, "monitor log: "+s)
+					}
+					if strings.Contains(g.out, s) {
+						found = append(found, "console: "+s)
+					}
+				}
+			}
+			if !tc.cloak {
+				if len(found) == 0 {
+					t.Fatalf("uncloaked: the kernel's register dumps do not carry the secret words:\n%s", g.out)
+				}
+				return
+			}
+			if len(found) > 0 {
+				t.Fatalf("cloaked: secret register words visible: %v", found)
+			}
+			for _, l := range strings.Split(out, "\n") {
+				if strings.Contains(l, "cloak: appVM exit") && (strings.Contains(l, "rip=") || strings.Contains(l, "rax=") || strings.Contains(l, "cr2=")) {
+					t.Fatalf("an appVM exit record carries the app's registers: %s", l)
+				}
+			}
+		})
 	}
 }
 
 // TestCloakPageTableInPlaintext: the kernel points the page directory entry of the
-// cloaked victim's stack at the frame holding the victim's plaintext (attack=ptwalk),
-// so the monitor's next walk of the stack would read the app's data as page-table
-// entries and react to it (a forwarded touch, a zero fill or decryption at a frame
-// taken from a plaintext qword, or a kill): an oracle on cloaked data. The walk is
-// refused before it reads the frame; the app is killed, audited with the frame, and
-// the kernel learns nothing from the contents.
+// victim's stack at the frame holding the victim's plaintext data page
+// (attack=ptwalk), so the next walk of the stack reads the app's data as
+// page-table entries and reacts to it: an oracle on the data. Uncloaked, the walk
+// that faults is the CPU's, and the kernel reads through its planted table the
+// entries the walk used: the victim's plaintext (the attack succeeds; the kernel
+// then puts the entry back and the victim runs on). Cloaked, the monitor walks the
+// victim's tables for it (a forwarded touch, a zero fill or decryption at a frame
+// taken from a plaintext qword, or a kill would each react to the contents): the
+// walk is refused before it reads the frame, the app is killed, audited with the
+// frame, and the kernel learns nothing.
 func TestCloakPageTableInPlaintext(t *testing.T) {
-	t.Parallel()
-	g := runCloakGuest(t, "run=cloaksecret:"+randomSecret(t)+":cloak,counter:x:3:2 attack=ptwalk victim=cloaksecret")
-	m := regexp.MustCompile(`attack ptwalk: victim=cloaksecret stack=0x[0-9a-f]+ table=(0x[0-9a-f]+) `).FindStringSubmatch(g.out)
-	if m == nil {
-		t.Fatalf("the ptwalk attack did not run:\n%s", g.out)
-	}
-	frame, _ := strconv.ParseUint(m[1], 0, 64)
-	a := g.app(t, "cloaksecret")
-	if a.Ended != "killed" || a.Status != cloakKillStatus {
-		t.Fatalf("cloaked victim: %+v, want killed\n%s", a, g.out)
-	}
-	var refused bool
-	for _, d := range g.audited(EventGuardRefused) {
-		f, _ := d["frame"].(float64)
-		refused = refused || d["purpose"] == "page-table walk" && uint64(f) == frame && d["identity"] == a.Identity
-	}
-	if !refused {
-		t.Fatalf("no audited refusal of the walk through frame %#x: %v", frame, g.audited(EventGuardRefused))
-	}
-	if _, _, ok := finalClasses(t, g.guestRun); ok {
-		t.Fatalf("victim ran on:\n%s", g.out)
+	planted := regexp.MustCompile(`attack ptwalk: victim=cloaksecret stack=0x[0-9a-f]+ table=(0x[0-9a-f]+) `)
+	learned := regexp.MustCompile(`attack ptwalk: victim=cloaksecret fault=0x[0-9a-f]+ err=0x[0-9a-f]+ entry=0x[0-9a-f]+ entries=([0-9a-f]+)`)
+	for _, tc := range bothVictims {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			secret := randomSecret(t)
+			arg := tc.arg(secret)
+			g := runCloakGuest(t, "run="+arg+",counter:x:3:2 attack=ptwalk victim=cloaksecret")
+			m := planted.FindStringSubmatch(g.out)
+			if m == nil {
+				t.Fatalf("the ptwalk attack did not run:\n%s", g.out)
+			}
+			var leaked bool
+			for _, l := range learned.FindAllStringSubmatch(g.out, -1) {
+				b, _ := hex.DecodeString(l[1])
+				leaked = leaked || strings.Contains(string(b), "v2:"+secret[:13])
+			}
+			if !tc.cloak {
+				if !leaked {
+					t.Fatalf("uncloaked: the walk through the planted table did not reach the plaintext:\n%s", g.out)
+				}
+				if p0, p1, ok := finalClasses(t, g.guestRun); !ok || p0 != "v2" || p1 != "decoy" {
+					t.Fatalf("uncloaked victim did not run on: page0=%q page1=%q\n%s", p0, p1, g.out)
+				}
+				return
+			}
+			if leaked {
+				t.Fatalf("cloaked: the kernel read the plaintext through its planted table:\n%s", g.out)
+			}
+			frame, _ := strconv.ParseUint(m[1], 0, 64)
+			a := g.app(t, "cloaksecret")
+			if a.Ended != "killed" || a.Status != cloakKillStatus {
+				t.Fatalf("cloaked victim: %+v, want killed\n%s", a, g.out)
+			}
+			var refused bool
+			for _, d := range g.audited(EventGuardRefused) {
+				f, _ := d["frame"].(float64)
+				refused = refused || d["purpose"] == "page-table walk" && uint64(f) == frame && d["identity"] == a.Identity
+			}
+			if !refused {
+				t.Fatalf("no audited refusal of the walk through frame %#x: %v", frame, g.audited(EventGuardRefused))
+			}
+			if _, _, ok := finalClasses(t, g.guestRun); ok {
+				t.Fatalf("victim ran on:\n%s", g.out)
+			}
+		})
 	}
 }

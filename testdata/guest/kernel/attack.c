@@ -191,8 +191,71 @@ static void attack_ptwalk(struct proc *p)
 	kprintf("attack ptwalk: victim=%s stack=0x%lx table=0x%lx (data page 0x%lx)\n", p->name, sva, pa, va);
 }
 
+/*
+ * ptwalk_on_fault: a fault of the victim under the planted stack table. The
+ * walk that faulted read the victim's data frame as page-table entries; the
+ * kernel reads the same entries through its own walk of the planted table
+ * and prints the first 32 bytes of that "table" (for an uncloaked victim, its
+ * plaintext) and the entry the faulting address selected. Then it puts the
+ * entry back, so the fault is retried through the real table and the victim
+ * runs on. A cloaked victim never gets here: the monitor refuses the walk.
+ */
+static void ptwalk_on_fault(struct proc *p, struct trapframe *tf)
+{
+	u64 va = read_cr2();
+	if (!ptwalk_pde || tf->vector != 14 || (va >> 21) != ((USER_STACK_TOP - PAGE_SIZE) >> 21))
+		return;
+	const u64 *table = (const u64 *)P2V(*ptwalk_pde & PTE_ADDR);
+	char h[65];
+	hex(h, (const u8 *)table, 32);
+	kprintf("attack ptwalk: victim=%s fault=0x%lx err=0x%lx entry=0x%lx entries=%s\n", p->name, va, tf->err,
+		table[(va >> 12) & 511], h);
+	*ptwalk_pde = ptwalk_saved;
+	ptwalk_pde = NULL;
+	write_cr3(read_cr3());
+}
+
+/*
+ * ppother: the redirect needs the owner's page protected first. The owner
+ * yields only after protecting it, so a victim that reaches its first yield
+ * before the owner's first is held asleep and redirected at the owner's
+ * first yield.
+ */
+static struct proc *ppother_held;
+
+static struct proc *ppother_owner(void)
+{
+	for (int i = 0; i < MAX_PROCS; i++)
+		if ((procs[i].state == P_RUNNABLE || procs[i].state == P_SLEEPING) && !strcmp(procs[i].name, "pp"))
+			return &procs[i];
+	return NULL;
+}
+
+static void ppother_on_yield(struct proc *p)
+{
+	struct proc *owner = ppother_owner();
+	if (is_victim(p) && p->yields == 1) {
+		if (owner && !owner->yields) {
+			ppother_held = p;
+			p->wake_ns = ~0UL / 2;
+			p->state = P_SLEEPING;
+			return;
+		}
+		deputy_redirect(p);
+	} else if (p == owner && p->yields == 1 && ppother_held) {
+		deputy_redirect(ppother_held);
+		ppother_held->state = P_RUNNABLE;
+		ppother_held->tf->rax = 0;
+		ppother_held = NULL;
+	}
+}
+
 void attack_on_yield(struct proc *p)
 {
+	if (!strcmp(cfg.attack, "ppother")) {
+		ppother_on_yield(p);
+		return;
+	}
 	if (!is_victim(p))
 		return;
 	if (!strcmp(cfg.attack, "replay") && (p->yields == 1 || p->yields == 2)) {
@@ -224,6 +287,8 @@ void attack_on_yield(struct proc *p)
 void attack_on_trap(struct proc *p, struct trapframe *tf)
 {
 	deputy_on_tick(p, tf);
+	if (is_victim(p) && !strcmp(cfg.attack, "ptwalk"))
+		ptwalk_on_fault(p, tf);
 	if (!is_victim(p) || strcmp(cfg.attack, "regs"))
 		return;
 	const char *ev = tf->vector == VEC_SYSCALL ? "syscall" : tf->vector == VEC_TIMER ? "timer" : "exception";
@@ -242,28 +307,55 @@ void attack_on_trap(struct proc *p, struct trapframe *tf)
  * victim's write() (ppbounce: the page of the victim's first write buffer),
  * the monitor's zero fill of the victim's first heap page (ppzero), or the
  * victim's own store in appVM to uncloaked memory (ppstore: the page of the
- * victim's first mmap). The redirect happens at the victim's first
- * sched_yield, between syscalls; at the victim's exit the kernel says how
- * many bytes of the canary changed and puts the victim's page back.
+ * victim's first mmap). ppother points the bounce page at a frame another
+ * process protects instead: data page 0 of the process named "pp" (pp:owner).
+ * The redirect happens at the victim's first sched_yield, between syscalls;
+ * at the victim's exit the kernel says how many bytes of the target frame
+ * changed since the redirect and puts the victim's page back.
  * brklie answers the victim's second growing brk with its first break, a
  * lower one it did not ask for (an Iago lie; the kernel unmaps nothing).
  */
 static const u8 canary[PAGE_SIZE] __attribute__((aligned(PAGE_SIZE))) = "umbra-locked-canary";
 static struct {
-	u64 write_va, mmap_va, va, saved;
+	u64 write_va, mmap_va, va, saved, target;
 	int grows;
 } dep;
+static u8 dep_before[PAGE_SIZE]; /* the target frame at the redirect */
 
 static int deputy_mode(void)
 {
-	return !strcmp(cfg.attack, "ppbounce") || !strcmp(cfg.attack, "pptick") || !strcmp(cfg.attack, "ppzero") || !strcmp(cfg.attack, "ppstore");
+	return !strcmp(cfg.attack, "ppbounce") || !strcmp(cfg.attack, "pptick") || !strcmp(cfg.attack, "ppzero") || !strcmp(cfg.attack, "ppstore") ||
+	       !strcmp(cfg.attack, "ppother");
+}
+
+/* other_frame is the frame of data page 0 of the process named "pp" (pp:owner,
+ * which protects that page), or 0. */
+static u64 other_frame(struct proc *p)
+{
+	for (int i = 0; i < MAX_PROCS; i++) {
+		struct proc *q = &procs[i];
+		u64 va, pa;
+		if (q == p || !q->pml4 || (q->state != P_RUNNABLE && q->state != P_SLEEPING) || strcmp(q->name, "pp"))
+			continue;
+		va = data_page(q, 0);
+		if (va && !user_page_ensure(q, va, 0, &pa))
+			return pa & PTE_ADDR;
+	}
+	return 0;
 }
 
 static void deputy_redirect(struct proc *p)
 {
-	u64 va = 0;
+	u64 va = 0, target = KIMG2P(canary);
 	int create = 0;
-	if (!strcmp(cfg.attack, "ppbounce") || !strcmp(cfg.attack, "pptick"))
+	if (!strcmp(cfg.attack, "ppother")) {
+		va = dep.write_va;
+		target = other_frame(p);
+		if (!target) {
+			kprintf("attack %s: victim=%s no other process's page\n", cfg.attack, p->name);
+			return;
+		}
+	} else if (!strcmp(cfg.attack, "ppbounce") || !strcmp(cfg.attack, "pptick"))
 		va = dep.write_va;
 	else if (!strcmp(cfg.attack, "ppstore"))
 		va = dep.mmap_va;
@@ -278,10 +370,12 @@ static void deputy_redirect(struct proc *p)
 	}
 	dep.va = va & ~(PAGE_SIZE - 1);
 	dep.saved = *e;
+	dep.target = target;
+	memcpy(dep_before, P2V(target), PAGE_SIZE);
 	u64 flags = *e & PTE_P ? *e & ~PTE_ADDR : PTE_P | PTE_W | PTE_U | PTE_NX;
-	*e = flags | KIMG2P(canary);
+	*e = flags | target;
 	invlpg(dep.va);
-	kprintf("attack %s: victim=%s va=0x%lx frame=0x%lx redirected\n", cfg.attack, p->name, dep.va, KIMG2P(canary));
+	kprintf("attack %s: victim=%s va=0x%lx frame=0x%lx redirected\n", cfg.attack, p->name, dep.va, target);
 }
 
 /*
@@ -383,15 +477,14 @@ void attack_on_exit(struct proc *p)
 	if (!is_victim(p) || !deputy_mode() || !dep.va)
 		return;
 	int changed = 0;
-	for (size_t i = 0; i < PAGE_SIZE; i++) {
-		u8 want = i < sizeof "umbra-locked-canary" - 1 ? (u8) "umbra-locked-canary"[i] : 0;
-		changed += canary[i] != want;
-	}
+	const u8 *now = P2V(dep.target);
+	for (size_t i = 0; i < PAGE_SIZE; i++)
+		changed += now[i] != dep_before[i];
 	u64 *e = pte_lookup(p, dep.va, 0);
 	if (e) {
 		*e = dep.saved; /* never free the kernel's frame with the victim's pages */
 		invlpg(dep.va);
 	}
-	kprintf("attack %s: victim=%s canary changed=%d\n", cfg.attack, p->name, changed);
+	kprintf("attack %s: victim=%s frame changed=%d\n", cfg.attack, p->name, changed);
 	dep.va = 0;
 }

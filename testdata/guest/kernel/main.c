@@ -77,7 +77,8 @@ static void parse_and_spawn(void)
 			if (strcmp(v, "read") && strcmp(v, "tamper") && strcmp(v, "remap") && strcmp(v, "replay") &&
 			    strcmp(v, "regs") && strcmp(v, "forge") && strcmp(v, "share") && strcmp(v, "ppbounce") &&
 			    strcmp(v, "ppzero") && strcmp(v, "ppstore") && strcmp(v, "brklie") && strcmp(v, "plant") &&
-			    strcmp(v, "mmaplie") && strcmp(v, "ptwalk") && strcmp(v, "pptick"))
+			    strcmp(v, "mmaplie") && strcmp(v, "ptwalk") && strcmp(v, "pptick") &&
+			    strcmp(v, "ppother"))
 				cmdline_error("unknown attack", v);
 			set_name(cfg.attack, v, "attack");
 		} else if (!strcmp(tok[i], "selftest")) {

@@ -12,7 +12,9 @@
  *             protect data page 0 read-only with that action, then write it
  *   read      deny reads of data page 0: a skipped load reads zeros, an upcall
  *             reports the load (not yet retired), then inject-gp faults at it
- *   owner     protect data page 0 read-only, then yield for a while
+ *   owner[:open]
+ *             protect data page 0 read-only (open: leave it unprotected, the
+ *             defence absent), then yield for a while
  *   intruder  wait for attack=share to map another process's data page 0 at
  *             PP_SHARE_VA, then try to change its protection and write it
  *
@@ -204,11 +206,11 @@ static int readmode(void)
 	return 1;
 }
 
-static int owner(void)
+static int owner(int open)
 {
 	touch();
 	*(volatile u64 *)page = 0x4f574e4552; /* "RENWO" */
-	long id = protect((u64)page, PP_DENY_WRITE, PP_ACT_SKIP, 0);
+	long id = open ? 0 : protect((u64)page, PP_DENY_WRITE, PP_ACT_SKIP, 0);
 	printf("pp: owner protect=%ld page=0x%lx\n", id, (u64)page);
 	for (int i = 0; i < 40; i++)
 		sys_sched_yield();
@@ -249,7 +251,7 @@ int main(int argc, char **argv)
 	if (!strcmp(m, "refuse"))
 		return refuse();
 	if (!strcmp(m, "owner"))
-		return owner();
+		return owner(argc > 2 && !strcmp(argv[2], "open"));
 	if (!strcmp(m, "read"))
 		return readmode();
 	if (!strcmp(m, "intruder"))
