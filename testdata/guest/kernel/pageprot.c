@@ -164,10 +164,24 @@ static void tamper_kernel(struct proc *p)
 		(u64)d, o, n);
 }
 
-/* attack=share: map the victim's data page 0 into every other process. */
+/*
+ * attack=share: map the victim's data page 0 into every other process, once. When
+ * several processes run the victim's program, the victim is the first one started
+ * (the lowest pid still alive): which of them yields first is up to the scheduler.
+ */
 static void attack_share(struct proc *p)
 {
+	static int done;
 	u64 va = 0, pa;
+	if (done)
+		return;
+	for (int i = 0; i < MAX_PROCS; i++) {
+		struct proc *q = &procs[i];
+		if (q != p && q->pml4 && q->pid < p->pid && !strcmp(q->name, p->name) &&
+		    (q->state == P_RUNNABLE || q->state == P_SLEEPING))
+			return;
+	}
+	done = 1;
 	for (int i = 0; i < p->nvma; i++) {
 		struct vma *v = &p->vmas[i];
 		if (v->kind == VMA_IMAGE && (v->prot & 2) && (!va || v->start < va))
