@@ -32,6 +32,7 @@ type monitorProc struct {
 	code           int
 }
 
+// lockedBuffer is a bytes.Buffer safe for a writer goroutine and a polling reader.
 type lockedBuffer struct {
 	mu sync.Mutex
 	b  bytes.Buffer

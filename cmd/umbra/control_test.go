@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -9,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -159,31 +157,13 @@ func (f *controlFixture) waitIOProgress(name string, from uint64) uint64 {
 	}
 }
 
-// syncBuffer is a bytes.Buffer safe for a writer goroutine and a polling reader.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // console attaches `umbra console` to VM name, types line, waits for want in the
 // guest's output, and detaches with Ctrl-].
 func (f *controlFixture) console(name, line, want string) string {
 	t := f.t
 	t.Helper()
 	in, inW := io.Pipe()
-	var out, errs syncBuffer
+	var out, errs lockedBuffer
 	done := make(chan int, 1)
 	go func() {
 		done <- runCLI(context.Background(), &cliEnv{stdin: in, stdout: &out, stderr: &errs}, []string{"console", "--state-dir", f.state(name), name})
