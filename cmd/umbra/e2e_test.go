@@ -100,10 +100,7 @@ func journey(t *testing.T, tpm string) {
 		"--version", "1", "--admin-key", at(admin, "admin.pem"), "--for-host", at(host, "ek.pem"), "-o", at(admin, "payroll.umbra"))
 
 	// Host: trusts the administrator; the operator receives the bundle and the image.
-	if err := os.MkdirAll(sealing.TrustedAdminsDir(host), 0o700); err != nil {
-		t.Fatal(err)
-	}
-	copyFile(t, at(admin, "admin.pem.pub"), filepath.Join(sealing.TrustedAdminsDir(host), "admin.pem"))
+	trustAdmin(t, host, at(admin, "admin.pem.pub"))
 	copyFile(t, at(admin, "payroll.umbra"), at(host, "payroll.umbra"))
 	copyFile(t, at(admin, "guest.elf"), at(host, "guest.elf"))
 	mustRun(0, append([]string{"unseal", "--check", at(host, "payroll.umbra")}, hostFlags...)...)
@@ -250,4 +247,14 @@ func writeJSON(t *testing.T, path string, v any) {
 	if err := os.WriteFile(path, b, 0o644); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// trustAdmin installs the administrator's public key in the host's trusted-admins
+// directory, as the host operator does in the README's journeys.
+func trustAdmin(t *testing.T, host, pub string) {
+	t.Helper()
+	if err := os.MkdirAll(sealing.TrustedAdminsDir(host), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	copyFile(t, pub, filepath.Join(sealing.TrustedAdminsDir(host), "admin.pem"))
 }

@@ -74,13 +74,13 @@ func TestLinuxJourney(t *testing.T) {
 		"--version", "1", "--admin-key", at(admin, "admin.pem"), "--for-host", at(host, "ek.pem"), "-o", at(admin, "linux.umbra"))
 
 	// Host: trusts the administrator, receives the bundle, the kernel and the initramfs.
-	if err := os.MkdirAll(sealing.TrustedAdminsDir(host), 0o700); err != nil {
-		t.Fatal(err)
-	}
-	copyFile(t, at(admin, "admin.pem.pub"), filepath.Join(sealing.TrustedAdminsDir(host), "admin.pem"))
+	trustAdmin(t, host, at(admin, "admin.pem.pub"))
 	copyFile(t, at(admin, "linux.umbra"), at(host, "linux.umbra"))
-	os.WriteFile(at(host, "vmlinux"), kernel, 0o644)
-	os.WriteFile(at(host, "initramfs.cpio.gz"), initrd, 0o644)
+	for name, b := range map[string][]byte{"vmlinux": kernel, "initramfs.cpio.gz": initrd} {
+		if err := os.WriteFile(at(host, name), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
 
 	// Operator: runs it; umbra run exits with the init's status.
 	nonceBytes := make([]byte, 16)
