@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"sync"
 
+	"github.com/umbra-cc/umbra/appcontext"
 	"github.com/umbra-cc/umbra/monitor/memguard"
 	"github.com/umbra-cc/umbra/pageprot"
 )
@@ -223,4 +224,38 @@ func (c *cloaking) refusedKill(x *cloakApp, va uint64, err error) {
 		d["purpose"], d["why"] = "execute", errUnmeasuredExec.Error()
 	}
 	c.killLocked(x, "refused access", err.Error(), EventCloakViolation, d)
+}
+
+// vcpuVirtReader reads guest-virtual memory as the vCPU's current address space maps
+// it, walking the guest's page tables in the monitor (KVM_TRANSLATE does not report
+// the user/supervisor bit on x86, so it cannot check user access).
+type vcpuVirtReader struct{ v *VM }
+
+func (r vcpuVirtReader) readVirt(gva uint64, buf []byte, user bool) error {
+	s := r.v.cpu.SyncedSregs()
+	as := appcontext.AddressSpace{
+		Mem: sysGuardedMem{v: r.v, cpl: s.CPL(), cr3: s.CR3 &^ 0xfff},
+		CR3: s.CR3 &^ 0xfff,
+		Paging: appcontext.Paging{
+			MaxPhysAddr: r.v.maxPhysAddr,
+			NXE:         s.EFER&eferNXE != 0,
+			WP:          s.CR0&cr0WP != 0,
+		},
+	}
+	acc := appcontext.Access(0)
+	if user {
+		acc = appcontext.UserRead
+	}
+	if c := r.v.cloak; c != nil {
+		// The kernel (or any process) never gets a cloaked app's memory through the
+		// monitor: not by naming the app's addresses, not by naming its frames.
+		if err := c.checkSysBuffer(s, gva, uint64(len(buf))); err != nil {
+			return fmt.Errorf("%w: %w", errGuestFault, err)
+		}
+	}
+	// Frames: through the guarded accessor (no cloaked plaintext, no deny-read frame).
+	if err := as.Read(gva, buf, acc); err != nil {
+		return fmt.Errorf("%w: %w", errGuestFault, err)
+	}
+	return nil
 }

@@ -58,6 +58,8 @@ type PageProtStats struct {
 
 // pageProt is the page-protection extension of one VM.
 type pageProt struct {
+	noExtensionHooks
+
 	v       *VM
 	svc     *pageprot.Service
 	planner *pageprot.SlotPlanner
@@ -116,7 +118,36 @@ func (v *VM) installPageProt() error {
 	}
 	x.applied = x.svc.Generation()
 	x.layout = x.planner.Current()
-	v.extensions = append(v.extensions, x)
+	return v.addExtension(x)
+}
+
+// routes registers the page-protection call range and guest RAM on the MMIO bus: an
+// MMIO exit inside RAM is an access a page-protection slot refused, or no one's.
+func (x *pageProt) routes(r exitRoutes) error {
+	if err := r.hypercalls.register("pageprot", 0x200, 0x2FF, func(c Call, _ *kvm.ExitMMIO) (uint64, bool, error) {
+		ret, _, err := x.hypercall(x.v, c)
+		return ret, false, err
+	}); err != nil {
+		return err
+	}
+	return r.mmio.Insert("pageprot-ram", 0, x.ramSize, pageProtRAM{x})
+}
+
+// pageProtRAM is guest RAM as an MMIO bus entry; like the doorbell it works on the
+// exit being handled (v.curMMIO).
+type pageProtRAM struct{ x *pageProt }
+
+func (d pageProtRAM) Read(uint64, []byte) error  { return d.access() }
+func (d pageProtRAM) Write(uint64, []byte) error { return d.access() }
+
+func (d pageProtRAM) access() error {
+	handled, err := d.x.mmio(d.x.v, d.x.v.curMMIO)
+	if err != nil {
+		return &verbatimError{err}
+	}
+	if !handled {
+		return errNotMine
+	}
 	return nil
 }
 
