@@ -3,23 +3,15 @@ package appcontext
 import (
 	"encoding/binary"
 	"fmt"
+
+	"github.com/umbra-cc/umbra/x86"
 )
 
-// Regs are the general-purpose registers in the field order of KVM's
-// struct kvm_regs, so converting is a field-by-field copy.
-type Regs struct {
-	RAX, RBX, RCX, RDX, RSI, RDI, RSP, RBP uint64
-	R8, R9, R10, R11, R12, R13, R14, R15   uint64
-	RIP, RFLAGS                            uint64
-}
+// Regs are the general-purpose registers (package x86's, KVM's layout).
+type Regs = x86.Regs
 
-// RFLAGS values.
-const (
-	rflagsFixed = 1 << 1 // bit 1 always reads 1
-	rflagsIF    = 1 << 9
-	// ScrubbedRFLAGS is what the kernel sees: interrupts on, nothing else.
-	ScrubbedRFLAGS = rflagsFixed | rflagsIF
-)
+// ScrubbedRFLAGS is what the kernel sees: interrupts on, nothing else.
+const ScrubbedRFLAGS = x86.RFLAGSFixed | x86.RFLAGSIF
 
 // Trampoline entry points, as offsets in the trampoline page
 // (docs/cloak.md). Neither uses the stack.

@@ -24,6 +24,7 @@ import (
 	"github.com/umbra-cc/umbra/monitor/authz"
 	"github.com/umbra-cc/umbra/monitor/memguard"
 	"github.com/umbra-cc/umbra/pageprot"
+	"github.com/umbra-cc/umbra/x86"
 )
 
 // Memory slots of sysVM that page protection manages: guest RAM starts as slot 0
@@ -185,7 +186,7 @@ func (x *pageProt) caller(s *kvm.Sregs) pageprot.Context {
 	return pageprot.Context{CPL: s.CPL(), AddressSpace: s.CR3 & cr3AddrMask}
 }
 
-const cr3AddrMask = 0x000f_ffff_ffff_f000
+const cr3AddrMask = x86.CR3AddrMask
 
 // space returns the address space the system VM's vCPU runs in. Walks and reads
 // through it go through the guarded accessor (sysGuardedMem): they never reach a
@@ -235,7 +236,7 @@ func (x *pageProt) hypercall(v *VM, c Call) (uint64, bool, error) {
 		if err := v.cpu.CompleteMMIO(res.Regs.RAX); err != nil {
 			return 0, true, err
 		}
-		*v.cpu.SyncedRegs() = kvmRegs(*res.Regs)
+		*v.cpu.SyncedRegs() = *res.Regs
 		v.cpu.MarkRegsDirty()
 		return res.Regs.RAX, true, nil
 	}
@@ -567,7 +568,7 @@ func (x *pageProt) mmio(v *VM, e *kvm.ExitMMIO) (bool, error) {
 	if !e.IsWrite {
 		insn = x.fetchInsn(sregs, regs.RIP)
 	}
-	f, err := pageprot.MMIOFault(e.Addr, e.IsWrite, e.Data[:e.Len], who, ppRegs(*regs), insn)
+	f, err := pageprot.MMIOFault(e.Addr, e.IsWrite, e.Data[:e.Len], who, *regs, insn)
 	if err != nil {
 		return true, err
 	}
@@ -620,7 +621,7 @@ func (x *pageProt) mmio(v *VM, e *kvm.ExitMMIO) (bool, error) {
 		}
 	}
 	if out.Regs != nil {
-		*v.cpu.SyncedRegs() = kvmRegs(*out.Regs)
+		*v.cpu.SyncedRegs() = *out.Regs
 		v.cpu.MarkRegsDirty()
 	}
 	if out.Inject != nil {
@@ -764,16 +765,6 @@ func (x *pageProt) fetchInsn(s *kvm.Sregs, rip uint64) []byte {
 		n = 15
 	}
 	return buf[:n]
-}
-
-func ppRegs(r kvm.Regs) pageprot.Regs {
-	return pageprot.Regs{RAX: r.RAX, RBX: r.RBX, RCX: r.RCX, RDX: r.RDX, RSI: r.RSI, RDI: r.RDI, RSP: r.RSP, RBP: r.RBP,
-		R8: r.R8, R9: r.R9, R10: r.R10, R11: r.R11, R12: r.R12, R13: r.R13, R14: r.R14, R15: r.R15, RIP: r.RIP, RFLAGS: r.RFLAGS}
-}
-
-func kvmRegs(r pageprot.Regs) kvm.Regs {
-	return kvm.Regs{RAX: r.RAX, RBX: r.RBX, RCX: r.RCX, RDX: r.RDX, RSI: r.RSI, RDI: r.RDI, RSP: r.RSP, RBP: r.RBP,
-		R8: r.R8, R9: r.R9, R10: r.R10, R11: r.R11, R12: r.R12, R13: r.R13, R14: r.R14, R15: r.R15, RIP: r.RIP, RFLAGS: r.RFLAGS}
 }
 
 // callerMem is a caller's view of guest memory for pageprot (pageprot.GuestMemory):
