@@ -44,7 +44,7 @@ type Sregs struct {
 }
 
 // CPL returns the current privilege level, the RPL of CS.
-func (s *Sregs) CPL() uint8 { return uint8(s.CS.Selector & 3) }
+func (s *Sregs) CPL() uint8 { return x86.SelectorRPL(s.CS.Selector) }
 
 // FPU is struct kvm_fpu: the legacy x87 and SSE state.
 type FPU struct {

@@ -1,7 +1,8 @@
 // Package x86 declares, once, the x86-64 architectural structures and bits the rest of
 // umbra uses: the general-purpose register set, control-register, EFER and RFLAGS
-// bits, page-table entry bits, exception vectors and #PF error-code bits, and segment
-// selectors. It is a leaf: it imports nothing, and knows nothing of KVM or umbra.
+// bits, page-table entry bits, exception vectors and #PF error-code bits, and the
+// privilege level a segment selector carries. It is a leaf: it imports nothing, and
+// knows nothing of KVM or umbra.
 package x86
 
 // Regs are the general-purpose registers, in the field order of KVM's struct
@@ -88,8 +89,6 @@ const (
 	PFFetch   = 1 << 4
 )
 
-// Selector returns the segment selector of GDT entry index at privilege level rpl.
-func Selector(index, rpl uint16) uint16 { return index<<3 | rpl&3 }
-
-// SelectorRPL returns the requested privilege level of selector s.
+// SelectorRPL returns the requested privilege level of segment selector s (for CS,
+// the current privilege level).
 func SelectorRPL(s uint16) uint8 { return uint8(s & 3) }
