@@ -192,16 +192,7 @@ const cr3AddrMask = x86.CR3AddrMask
 // through it go through the guarded accessor (sysGuardedMem): they never reach a
 // frame holding a cloaked app's plaintext or one the guest protected against reads.
 func (x *pageProt) space(s *kvm.Sregs) appcontext.AddressSpace {
-	as := appcontext.AddressSpace{
-		Mem: sysGuardedMem{v: x.v, cpl: s.CPL(), cr3: s.CR3 & cr3AddrMask},
-		CR3: s.CR3 & cr3AddrMask,
-		Paging: appcontext.Paging{
-			MaxPhysAddr: x.v.maxPhysAddr,
-			NXE:         s.EFER&eferNXE != 0,
-			WP:          s.CR0&cr0WP != 0,
-		},
-	}
-	return as
+	return x.v.sysSpace(s.CPL(), s.CR3, s)
 }
 
 // sysMem is the caller's view of guest memory for a page-protection call from the
