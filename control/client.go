@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/umbra-cc/umbra/launch"
+	"github.com/umbra-cc/umbra/policy"
 )
 
 // maxResponseBytes bounds a response the client reads (inspect of a VM with many
@@ -22,7 +23,10 @@ const maxResponseBytes = 4 << 20
 // Client talks to one VM's control socket.
 type Client struct {
 	Path string
-	hc   *http.Client
+	// Delegate, if set, is the principal the requests are made for (DelegateHeader);
+	// the monitor honours it only from its own user.
+	Delegate *policy.Principal
+	hc       *http.Client
 }
 
 // NewClient returns a client of the control socket at path.
@@ -69,6 +73,9 @@ func (c *Client) do(ctx context.Context, method, path string, body any, out any)
 	}
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
+	}
+	if c.Delegate != nil {
+		req.Header.Set(DelegateHeader, EncodeDelegate(*c.Delegate))
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {
@@ -137,7 +144,11 @@ func (c *Client) Console(ctx context.Context) (net.Conn, *bufio.Reader, error) {
 		return nil, nil, err
 	}
 	conn.SetDeadline(time.Now().Add(30 * time.Second))
-	if _, err := fmt.Fprintf(conn, "POST %s HTTP/1.1\r\nHost: umbra\r\nConnection: Upgrade\r\nUpgrade: %s\r\nContent-Length: 0\r\n\r\n", PathConsole, ConsoleUpgrade); err != nil {
+	delegate := ""
+	if c.Delegate != nil {
+		delegate = DelegateHeader + ": " + EncodeDelegate(*c.Delegate) + "\r\n"
+	}
+	if _, err := fmt.Fprintf(conn, "POST %s HTTP/1.1\r\nHost: umbra\r\nConnection: Upgrade\r\nUpgrade: %s\r\n%sContent-Length: 0\r\n\r\n", PathConsole, ConsoleUpgrade, delegate); err != nil {
 		return fail(err)
 	}
 	br := bufio.NewReader(conn)

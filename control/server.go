@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"syscall"
 	"time"
 
@@ -98,7 +99,18 @@ type Server struct {
 	Target  Target
 	Console *ConsoleHub // nil: the console endpoint answers 404
 	Logger  *slog.Logger
-	srv     *http.Server
+	// Delegators are the peer uids whose DelegateHeader is honoured; nil: only the
+	// monitor's own effective uid.
+	Delegators []uint32
+	srv        *http.Server
+}
+
+// canDelegate says whether peer may act for another principal.
+func (s *Server) canDelegate(peer Peer) bool {
+	if s.Delegators == nil {
+		return peer.UID == uint32(os.Geteuid())
+	}
+	return slices.Contains(s.Delegators, peer.UID)
 }
 
 type peerKey struct{}
@@ -178,6 +190,24 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	principal := pr.peer.Principal()
+	if v, ok := r.Header[DelegateHeader]; ok {
+		if !s.canDelegate(pr.peer) {
+			s.Logger.Warn("control: delegation refused", "peer", principal.ID, "pid", pr.peer.PID)
+			writeError(w, http.StatusForbidden, "denied", errDelegateRefused.Error(), nil)
+			return
+		}
+		if len(v) != 1 {
+			writeError(w, http.StatusBadRequest, "bad_request", DelegateHeader+" appears more than once", nil)
+			return
+		}
+		d, err := ParseDelegate(v[0])
+		if err != nil {
+			writeError(w, http.StatusBadRequest, "bad_request", err.Error(), nil)
+			return
+		}
+		s.Logger.Info("control: delegated request", "peer", principal.ID, "pid", pr.peer.PID, "for", d.ID, "auth", d.Auth)
+		principal = d
+	}
 	ctx := r.Context()
 	s.Logger.Debug("control request", "endpoint", r.URL.Path, "principal", principal.ID, "pid", pr.peer.PID)
 	switch req.Endpoint {
