@@ -68,7 +68,16 @@ func Show(w io.Writer, r io.Reader, f Filter, asJSON bool) *Result {
 // are all present).
 var Kinds = []string{KindLogStart, KindDecision, KindLaunch, KindStop, KindLaunchFailed, KindLost,
 	KindTornMeasurement, KindCloakRegister, KindIntegrityViolation, KindPageProtChange, KindPageProtViolation,
-	"pageprot-lock", "cloak-violation", "cloak-syscall-denied", "cloak-end", "policy-obligation"}
+	"pageprot-lock", "cloak-violation", "cloak-syscall-denied", "cloak-end", "policy-obligation",
+	KindConsoleTicketIssue, KindConsoleTicketRefused, KindConsoleSessionOpen, KindConsoleSessionEnd}
+
+// Kinds umbra serve writes (package serve) for remote consoles.
+const (
+	KindConsoleTicketIssue   = "console-ticket-issue"
+	KindConsoleTicketRefused = "console-ticket-refused"
+	KindConsoleSessionOpen   = "console-session-open"
+	KindConsoleSessionEnd    = "console-session-end"
+)
 
 // Summarize returns a record's verdict column (ALLOW or DENY for a decision, "-"
 // otherwise) and a one-line summary of its details: for a decision the action and
@@ -99,6 +108,20 @@ func Summarize(rec *Record) (verdict, summary string) {
 			fmt.Fprintf(&b, "; %s: %s", r.Code, r.Message)
 		}
 		summary = b.String()
+	case KindConsoleTicketIssue, KindConsoleSessionOpen, KindConsoleTicketRefused:
+		verdict = "ALLOW"
+		if rec.Kind == KindConsoleTicketRefused {
+			verdict = "DENY"
+		}
+		var d struct {
+			Step   string `json:"step"`
+			Kind   string `json:"ticket_kind"`
+			Ticket string `json:"ticket"`
+			Reason string `json:"reason"`
+		}
+		if json.Unmarshal(rec.Details, &d) == nil {
+			summary = strings.TrimSpace(fmt.Sprintf("%s %s ticket %s %s", d.Step, d.Kind, d.Ticket, d.Reason))
+		}
 	case KindStop, KindLaunchFailed, KindLost:
 		var d struct {
 			ExitStatus *int   `json:"exit_status"`
