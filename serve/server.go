@@ -46,8 +46,8 @@ const (
 	maxHeaderBytes = 16 << 10
 	maxWSMessage   = 64 << 10
 	// IssueRate and IssueBurst bound host-ticket requests per principal.
-	IssueRate  = rate.Limit(1) // per second
-	IssueBurst = 5
+	IssueRate  = rate.Limit(2) // per second
+	IssueBurst = 10
 )
 
 // Config configures a Server.

@@ -150,6 +150,7 @@ type detachedMonitor struct {
 	env      *cliEnv
 	stateDir string
 	gid      int
+	owner    uint32 // the uid that started the monitor: the one delegator
 	log      *slog.Logger
 	ready    *os.File
 	hub      *control.ConsoleHub
@@ -167,7 +168,7 @@ func newDetachedMonitor(env *cliEnv, stateDir, operatorGroup, jailUser string, l
 		return nil, fmt.Errorf("%s=%q is not a descriptor number", detachedEnv, os.Getenv(detachedEnv))
 	}
 	os.Unsetenv(detachedEnv)
-	d := &detachedMonitor{env: env, stateDir: stateDir, gid: -1, log: log, ready: os.NewFile(uintptr(fd), "ready"), hub: control.NewConsoleHub(), cancel: cancel}
+	d := &detachedMonitor{env: env, stateDir: stateDir, gid: -1, log: log, ready: os.NewFile(uintptr(fd), "ready"), hub: control.NewConsoleHub(), cancel: cancel, owner: uint32(os.Getuid())}
 	if jailUser != "" {
 		abs, err := filepath.Abs(stateDir)
 		if err != nil {
@@ -266,7 +267,9 @@ func (d *detachedMonitor) attach(c *launch.Control) {
 		}
 		fmt.Fprintf(d.env.stderr, "umbra: monitor jailed: uid %d gid %d, %s, no new privileges, seccomp filter %v\n", d.jail.UID, d.jail.GID, view, d.jail.Seccomp)
 	}
-	d.srv = &control.Server{Target: c, Console: d.hub, Logger: d.log}
+	// Only the user who started the monitor (not the jail's) may act for a remote
+	// principal (umbra serve, control.DelegateHeader).
+	d.srv = &control.Server{Target: c, Console: d.hub, Logger: d.log, Delegators: []uint32{d.owner}}
 	d.serveErr = make(chan error, 1)
 	go func() { d.serveErr <- d.srv.Serve(l) }()
 	d.report(detachReady{VM: c.Name(), PID: os.Getpid(), Socket: path})

@@ -1,0 +1,141 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"strings"
+
+	"github.com/umbra-cc/umbra/serve"
+)
+
+// `umbra serve` is the HTTPS management and console-proxy server of this host's VMs
+// (package serve, docs/serve.md); `umbra serve token NAME` issues an access token.
+
+func init() {
+	register(&command{name: "serve", summary: "serve the VMs' consoles (two tickets), a VM list and the audit timeline over HTTPS", run: runServe})
+}
+
+func runServe(ctx context.Context, env *cliEnv, args []string) int {
+	if len(args) > 0 && args[0] == "token" {
+		return runServeToken(env, args[1:])
+	}
+	fs := newFlagSet(env, "serve", "", "Serve HTTPS (loopback by default): log in with an access token, open a VM's console\n"+
+		"through two single-use tickets (the VM's policy decides console_open for you), view\n"+
+		"the VMs and the audit timeline. Add tokens with: umbra serve token NAME --tokens FILE.")
+	f := addControlFlags(fs, false)
+	addr := fs.String("listen", "127.0.0.1:8443", "address to listen on")
+	tokens := fs.String("tokens", "", "tokens file (required; hashes only)")
+	certFile := fs.String("cert", "", "TLS certificate (PEM); default: a self-signed one, written to --cert-out")
+	keyFile := fs.String("key", "", "TLS key (PEM) for --cert")
+	certOut := fs.String("cert-out", "", "write the generated certificate here (for clients to trust)")
+	host := fs.String("host", "", "this host's name in tickets (default: the hostname)")
+	ttl := fs.Duration("ticket-ttl", 0, "tickets' lifetime (default 30s, at most 1m)")
+	if code, done := parseFlags(env, fs, args); done {
+		return code
+	}
+	if fs.NArg() != 0 || *tokens == "" {
+		fmt.Fprintln(env.stderr, "umbra serve: --tokens FILE is required and no arguments are taken")
+		return exitUsage
+	}
+	dir, err := f.dir()
+	if err != nil {
+		fmt.Fprintf(env.stderr, "umbra serve: %v\n", err)
+		return exitUsage
+	}
+	tk, err := serve.LoadTokens(*tokens)
+	if err != nil {
+		fmt.Fprintf(env.stderr, "umbra serve: %v\n", err)
+		return exitUsage
+	}
+	cfg := serve.Config{StateDir: dir, Host: *host, Tokens: tk, TicketTTL: *ttl, Logger: slog.New(slog.NewTextHandler(env.stderr, nil))}
+	if *certFile != "" {
+		c, err := tls.LoadX509KeyPair(*certFile, *keyFile)
+		if err != nil {
+			fmt.Fprintf(env.stderr, "umbra serve: TLS key pair: %v\n", err)
+			return exitUsage
+		}
+		cfg.TLS = &c
+	}
+	s, err := serve.New(cfg)
+	if err != nil {
+		fmt.Fprintf(env.stderr, "umbra serve: %v\n", err)
+		return exitNoGuestStatus
+	}
+	defer s.Close()
+	if *certOut != "" && s.CertPEM() != nil {
+		if err := os.WriteFile(*certOut, s.CertPEM(), 0o644); err != nil {
+			fmt.Fprintf(env.stderr, "umbra serve: %v\n", err)
+			return exitNoGuestStatus
+		}
+	}
+	l, err := net.Listen("tcp", *addr)
+	if err != nil {
+		fmt.Fprintf(env.stderr, "umbra serve: %v\n", err)
+		return exitNoGuestStatus
+	}
+	fmt.Fprintf(env.stderr, "umbra serve: https://%s/ for the VMs of %s\n", l.Addr(), dir)
+	go func() {
+		<-ctx.Done()
+		s.Close()
+	}()
+	if err := s.Serve(l); err != nil && ctx.Err() == nil && !errors.Is(err, net.ErrClosed) && !strings.Contains(err.Error(), "Server closed") {
+		fmt.Fprintf(env.stderr, "umbra serve: %v\n", err)
+		return exitNoGuestStatus
+	}
+	return 0
+}
+
+// runServeToken adds a token to the tokens file and prints it (the file keeps only
+// its hash).
+func runServeToken(env *cliEnv, args []string) int {
+	fs := newFlagSet(env, "serve token", "NAME", "Issue an access token for principal token:NAME, print it once, keep its SHA-256.")
+	tokens := fs.String("tokens", "", "tokens file (created if missing)")
+	groups := fs.String("groups", "", "comma-separated groups (\"auditors\" may read the audit log)")
+	if code, done := parseFlags(env, fs, args); done {
+		return code
+	}
+	if fs.NArg() != 1 || *tokens == "" {
+		fmt.Fprintln(env.stderr, "umbra serve token: want NAME and --tokens FILE")
+		return exitUsage
+	}
+	var gs []string
+	if *groups != "" {
+		gs = strings.Split(*groups, ",")
+	}
+	tok, entry, err := serve.NewToken(fs.Arg(0), gs)
+	if err != nil {
+		fmt.Fprintf(env.stderr, "umbra serve token: %v\n", err)
+		return exitUsage
+	}
+	var file serve.TokensFile
+	if b, err := os.ReadFile(*tokens); err == nil {
+		if _, err := serve.ParseTokens(b); err != nil {
+			fmt.Fprintf(env.stderr, "umbra serve token: %v\n", err)
+			return exitUsage
+		}
+		json.Unmarshal(b, &file)
+	} else if !errors.Is(err, os.ErrNotExist) {
+		fmt.Fprintf(env.stderr, "umbra serve token: %v\n", err)
+		return exitUsage
+	}
+	for _, e := range file.Tokens {
+		if e.Principal == entry.Principal {
+			fmt.Fprintf(env.stderr, "umbra serve token: %s already has a token\n", entry.Principal)
+			return exitUsage
+		}
+	}
+	file.Tokens = append(file.Tokens, entry)
+	b, _ := json.MarshalIndent(file, "", "  ")
+	if err := os.WriteFile(*tokens, append(b, '\n'), 0o600); err != nil {
+		fmt.Fprintf(env.stderr, "umbra serve token: %v\n", err)
+		return exitNoGuestStatus
+	}
+	fmt.Fprintln(env.stdout, tok)
+	return 0
+}
