@@ -23,7 +23,9 @@ const auditUsage = `Subcommands:
         check the hash chain and report the first bad record; with evidence, check
         that the log holds every head the TPM anchored (no truncation, no rewrite)
   show LOG [--vm ID] [--kind K1,K2] [--since T] [--until T] [--json]
-        print records readably (T is RFC 3339 or a duration ago, e.g. 2h)`
+        print records readably (T is RFC 3339 or a duration ago, e.g. 2h)
+  report LOG -o FILE.html [--evidence E [--nonce HEX]]
+        the verification of 'verify' and the timeline as one self-contained HTML file`
 
 func runAudit(ctx context.Context, env *cliEnv, args []string) int {
 	sub := ""
@@ -35,6 +37,8 @@ func runAudit(ctx context.Context, env *cliEnv, args []string) int {
 		return auditVerify(env, args)
 	case "show":
 		return auditShow(env, args)
+	case "report":
+		return auditReport(env, args)
 	}
 	fs := newFlagSet(env, "audit SUBCOMMAND", "", auditUsage)
 	if code, done := parseFlags(env, fs, args); done {

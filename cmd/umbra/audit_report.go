@@ -1,0 +1,71 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/umbra-cc/umbra/attest/audit"
+	"github.com/umbra-cc/umbra/attest/evidence"
+	"github.com/umbra-cc/umbra/attest/verify"
+	"github.com/umbra-cc/umbra/serve"
+	"github.com/umbra-cc/umbra/userfile"
+)
+
+// auditReport is `umbra audit report`: the verification of `umbra audit verify`
+// (its exact text and verdict) and the timeline, as one self-contained HTML file.
+func auditReport(env *cliEnv, args []string) int {
+	fs := newFlagSet(env, "audit report", "LOG", "Write a self-contained HTML report of an audit log: the same verification as\n"+
+		"'umbra audit verify' (with --evidence, its TPM anchors too) and the timeline. Exit 0 pass, 1 fail, 2 usage.")
+	evPath := fs.String("evidence", "", "evidence from 'umbra attest quote' whose event log holds the log's anchors")
+	nonceHex := fs.String("nonce", "", "the nonce the evidence was made for (hex)")
+	out := fs.String("o", "", "the HTML file to write (required)")
+	if code, done := parseFlags(env, fs, args); done {
+		return code
+	}
+	if fs.NArg() != 1 || *out == "" {
+		fs.Usage()
+		return 2
+	}
+	var ev *evidence.Evidence
+	var nonce []byte
+	var err error
+	if *evPath != "" {
+		if ev, err = loadEvidence(*evPath); err != nil {
+			return attestFail(env, err)
+		}
+		if *nonceHex != "" {
+			if nonce, err = parseNonce(*nonceHex); err != nil {
+				return attestFail(env, err)
+			}
+		}
+	}
+	f, err := userfile.Open(fs.Arg(0), "audit log")
+	if err != nil {
+		return attestFail(env, err)
+	}
+	res, qr := verify.AuditLog(f, ev, nonce)
+	f.Close()
+	if ev != nil && nonce == nil {
+		res.Warnings = append(res.Warnings, "no --nonce: the evidence may be old, so later truncation is not excluded")
+	}
+	var text bytes.Buffer
+	printAuditResult(&cliEnv{stdout: &text}, fs.Arg(0), res, qr)
+	view, err := serve.ReadAudit(fs.Arg(0), audit.Filter{}, "", 1<<30)
+	if err != nil {
+		return attestFail(env, err)
+	}
+	var html bytes.Buffer
+	if err := serve.WriteReport(&html, &serve.Report{Log: fs.Arg(0), Generated: time.Now(), Verdict: res.Verdict, OK: res.OK, VerifyText: text.String(), Entries: view.Entries}); err != nil {
+		return attestFail(env, err)
+	}
+	if err := os.WriteFile(*out, html.Bytes(), 0o644); err != nil {
+		return attestFail(env, err)
+	}
+	fmt.Fprintf(env.stderr, "umbra audit report: %s (%s)\n", *out, res.Verdict)
+	if !res.OK {
+		return 1
+	}
+	return 0
+}

@@ -1,0 +1,62 @@
+package main
+
+import (
+	"context"
+	"html"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/umbra-cc/umbra/attest/audit"
+)
+
+// TestAuditReportSameVerdictAsVerify writes a report of an intact log and of the same
+// log with one record edited: each report carries verify's verdict and exact text.
+func TestAuditReportSameVerdictAsVerify(t *testing.T) {
+	dir := t.TempDir()
+	good := filepath.Join(dir, "audit.jsonl")
+	l, err := audit.Open(good, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range []audit.Record{
+		{Kind: audit.KindDecision, VM: "demo", Actor: "token:alice", Details: []byte(`{"action":"console_open","allow":true,"revision":"r1"}`)},
+		{Kind: audit.KindDecision, VM: "demo", Actor: "token:mallory", Details: []byte(`{"action":"console_open","allow":false,"revision":"r1","reasons":[{"code":"principal.not_user","message":"<script>alert(1)</script>"}]}`)},
+		{Kind: audit.KindConsoleSessionEnd, VM: "demo", Actor: "token:alice", Details: []byte(`{"ticket":"0011","reason":"client detached"}`)},
+	} {
+		if _, err := l.Append(context.Background(), r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l.Close()
+	b, _ := os.ReadFile(good)
+	bad := filepath.Join(dir, "edited.jsonl")
+	os.WriteFile(bad, []byte(strings.Replace(string(b), `"allow":false`, `"allow":true `, 1)), 0o600)
+	for _, tc := range []struct {
+		log     string
+		code    int
+		verdict string
+	}{{good, 0, audit.VerdictPass}, {bad, 1, audit.VerdictFail}} {
+		vcode, vout, _ := runUmbra(t, "audit", "verify", tc.log)
+		out := tc.log + ".html"
+		rcode, _, rerr := runUmbra(t, "audit", "report", tc.log, "-o", out)
+		if rcode != vcode || rcode != tc.code {
+			t.Fatalf("%s: report exit %d, verify exit %d, want %d: %s", tc.log, rcode, vcode, tc.code, rerr)
+		}
+		page, err := os.ReadFile(out)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := string(page)
+		if !strings.Contains(p, `<span id="verdict" class="`+tc.verdict+`">`+tc.verdict+`</span>`) {
+			t.Errorf("%s: report verdict is not %s", tc.log, tc.verdict)
+		}
+		if !strings.Contains(p, "<pre id=\"verify\">"+html.EscapeString(vout)+"</pre>") {
+			t.Errorf("%s: report does not carry verify's output:\n%s", tc.log, vout)
+		}
+		if strings.Contains(p, "<script>alert") || strings.Contains(p, "<script") {
+			t.Errorf("%s: hostile record text reached the report as markup", tc.log)
+		}
+	}
+}
