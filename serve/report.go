@@ -4,7 +4,6 @@ import (
 	"html/template"
 	"io"
 	"time"
-
 )
 
 // Report is the content of `umbra audit report`: the verification an auditor gets
@@ -36,7 +35,7 @@ func WriteReport(w io.Writer, r *Report) error {
 }
 
 var reportTmpl = template.Must(template.New("report").Funcs(template.FuncMap{
-	"ts": func(t time.Time) string { return t.UTC().Format(time.RFC3339) },
+	"ts":  func(t time.Time) string { return t.UTC().Format(time.RFC3339) },
 	"str": func(b []byte) string { return string(b) },
 }).Parse(`<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
