@@ -338,9 +338,11 @@ func (s *Server) authenticate(r *http.Request) (authInfo, error) {
 }
 
 // sameOrigin: a browser request's Origin (or, without one, Sec-Fetch-Site) must be
-// this server's. Requests without either come from non-browser clients.
+// this server's. Requests without either come from non-browser clients (GET only).
+// A browser sends "Origin: null" for a form POST under Referrer-Policy no-referrer;
+// Sec-Fetch-Site (which pages cannot set) then decides.
 func sameOrigin(r *http.Request) bool {
-	if o := r.Header.Get("Origin"); o != "" {
+	if o := r.Header.Get("Origin"); o != "" && o != "null" {
 		return o == "https://"+r.Host
 	}
 	if sf := r.Header.Get("Sec-Fetch-Site"); sf != "" {

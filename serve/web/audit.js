@@ -2,6 +2,11 @@
 (async () => {
   const s = await umbra.init();
   if (!s) return;
+  // The filters come from the URL too (the form is a plain GET form without script).
+  const initial = new URLSearchParams(location.search);
+  for (const [k, id] of [["vm", "f-vm"], ["kind", "f-kind"], ["verdict", "f-verdict"]]) {
+    if (initial.has(k)) document.getElementById(id).value = initial.get(k);
+  }
   const load = async () => {
     const q = new URLSearchParams();
     for (const [k, id] of [["vm", "f-vm"], ["kind", "f-kind"], ["verdict", "f-verdict"]]) {

@@ -8,7 +8,7 @@
   const vm = new URLSearchParams(location.search).get("vm") || "";
   document.getElementById("vm").textContent = vm;
   const status = document.getElementById("status");
-  const term = new Terminal({convertEol: false, cursorBlink: true, rows: 30, cols: 100});
+  const term = new Terminal({convertEol: true, cursorBlink: true, rows: 30, cols: 100});
   term.open(document.getElementById("term"));
   const ws = new WebSocket("wss://" + location.host + "/api/v1/console");
   ws.binaryType = "arraybuffer";
