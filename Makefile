@@ -33,7 +33,7 @@ policy-test:
 # linux-source-6.1 and the kernel's build tools (bc bison flex libelf-dev cpio xz-utils)
 # the test Linux guest (testdata/linux); qemu-utils (qemu-img, qemu-io) the qcow2 tests that
 # check umbra's images with QEMU.
-DEB_PACKAGES = gcc make binutils libssl-dev swtpm swtpm-tools tpm2-tools \
+DEB_PACKAGES = gcc make binutils libssl-dev swtpm swtpm-tools tpm2-tools chromium \
 	linux-source-6.1 bc bison flex libelf-dev cpio xz-utils qemu-utils
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do \

@@ -71,7 +71,7 @@ func TestServeBrowserConsole(t *testing.T) {
 	defer cancel()
 	shot := func(name string) chromedp.Action[chromedp.Void] {
 		return chromedp.Func(func(ctx context.Context, tg *chromedp.Target) error {
-			b, err := chromedp.FullScreenshot(90)(ctx, tg)
+			b, err := chromedp.FullScreenshot(100)(ctx, tg) // quality 100: PNG
 			if err != nil {
 				return err
 			}
