@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"github.com/umbra-cc/umbra/attest/audit"
+	"github.com/umbra-cc/umbra/attest/celtest"
+	"github.com/umbra-cc/umbra/attest/evidence"
 	"github.com/umbra-cc/umbra/attest/verify"
 	"github.com/umbra-cc/umbra/guestimage"
 	"github.com/umbra-cc/umbra/monitor"
@@ -264,6 +266,32 @@ func TestManyMonitorsShareOneStateDirectory(t *testing.T) {
 	for vm, k := range want {
 		if outcomes[vm] != k {
 			t.Errorf("VM %s: outcomes %q, want %q", vm, outcomes[vm], k)
+		}
+	}
+	// The interleaved measurements of all those launches replay through parsers that
+	// are not umbra's too: the quoted log exported as CEL TLV (go-eventlog) and as
+	// CEL-JSON (the schema-checked reader) replays to the quoted PCR 15.
+	evb, _ := os.ReadFile(at("evidence.json"))
+	quoted, err := evidence.Parse(bytes.NewReader(evb))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pcr15 := quoted.PCRMap()[15]
+	for _, format := range []string{"cel-tlv", "cel-json"} {
+		p := at("quoted." + format)
+		mustRun(0, "attest", "export-log", "--evidence", at("evidence.json"), "--format", format, "-o", p)
+		b, _ := os.ReadFile(p)
+		switch format {
+		case "cel-tlv":
+			if n, err := celtest.ReplayTLV(b, 15, pcr15); err != nil || n < len(want) {
+				t.Errorf("go-eventlog on the quoted log: %d records, %v", n, err)
+			}
+		case "cel-json":
+			out, err := celtest.CheckJSON(p, 15, pcr15)
+			celtest.RequireJSONReader(t, err)
+			if err != nil {
+				t.Errorf("CEL-JSON reader on the quoted log: %v %s", err, out)
+			}
 		}
 	}
 }
