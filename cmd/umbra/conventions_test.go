@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"net"
 	"os"
 	"path/filepath"
@@ -15,6 +16,7 @@ import (
 	"github.com/umbra-cc/umbra/attest/eventlog"
 	"github.com/umbra-cc/umbra/attest/evidence"
 	"github.com/umbra-cc/umbra/guestimage"
+	"github.com/umbra-cc/umbra/sealing"
 	"github.com/umbra-cc/umbra/sealing/swtpmtest"
 )
 
@@ -49,7 +51,7 @@ func TestCLIConventions(t *testing.T) {
 	spec := filepath.Join(dir, "vm.yaml")
 	os.WriteFile(spec, []byte("apiVersion: umbra.dev/v1\nname: x\nguest:\n  image: g.elf\ncpus: 2\n"), 0o600)
 	bundle := filepath.Join(dir, "b.umbra")
-	os.WriteFile(bundle, []byte("not really"), 0o600)
+	os.WriteFile(bundle, append(bytes.Clone(sealing.Magic), "not really a bundle"...), 0o600)
 	tests := []struct {
 		name string
 		args []string
@@ -61,6 +63,8 @@ func TestCLIConventions(t *testing.T) {
 		{"flags after the spec", []string{"run", spec, "--state-dir", state, "--policy", spec, "--policy-key", spec, "--policy-key-id", "k"}, exitUsage, "field cpus not found"},
 		{"spec error is a usage error", []string{"run", "--state-dir", state, "--policy", spec, "--policy-key", spec, "--policy-key-id", "k", spec}, exitUsage, "field cpus not found"},
 		{"policy flags with the demo", []string{"run", "--state-dir", state, "--policy", spec}, exitUsage, "--policy has no effect here: the built-in demo"},
+		{"policy flags with a sealed bundle", []string{"run", bundle, "--state-dir", state, "--policy", spec}, exitUsage, "--policy has no effect here: a sealed bundle carries its own signed policy"},
+		{"policy key with a sealed bundle", []string{"run", "--state-dir", state, "--policy-key", spec, bundle}, exitUsage, "--policy-key has no effect here: a sealed bundle"},
 		{"policy key id with the demo", []string{"run", "--state-dir", state, "--policy-key-id", "k"}, exitUsage, "--policy-key-id has no effect"},
 		{"negative timeout", []string{"run", "--state-dir", state, "--timeout", "-5s"}, exitUsage, "--timeout -5s"},
 		{"zero timeout", []string{"run", "--state-dir", state, "--timeout", "0s"}, exitUsage, "positive duration"},
@@ -345,6 +349,25 @@ func TestPolicyInputCloakIsAFact(t *testing.T) {
 	}
 	if code, errs := run("declared", "cloak:\n  apps: [cloakcompute]\n"); code != 0 {
 		t.Fatalf("a spec with a cloak section: exit %d:\n%s", code, errs)
+	}
+	// audit show reads at a glance: a verdict column and the reasons, not raw JSON.
+	code, out, _ := runUmbra(t, "audit", "show", filepath.Join(dir, "state", "audit.jsonl"), "--kind", "decision")
+	var deny, allow bool
+	for _, l := range strings.Split(out, "\n") {
+		deny = deny || strings.Contains(l, "DENY") && strings.Contains(l, "launch (policy") && strings.Contains(l, "cloak.required: this VM must run cloaked apps")
+		allow = allow || strings.Contains(l, "ALLOW") && strings.Contains(l, "launch (policy")
+	}
+	if code != 0 || !deny || !allow || strings.Contains(out, `{"action"`) {
+		t.Fatalf("audit show --kind decision: exit %d, want a DENY line with its reason and an ALLOW line, no raw JSON:\n%s", code, out)
+	}
+	code, out, _ = runUmbra(t, "audit", "show", filepath.Join(dir, "state", "audit.jsonl"), "--kind", "decision", "--json")
+	for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+		var rec struct {
+			Kind string `json:"kind"`
+		}
+		if err := json.Unmarshal([]byte(l), &rec); err != nil || rec.Kind != "decision" {
+			t.Fatalf("audit show --json: exit %d, line %q is not a decision record (%v)", code, l, err)
+		}
 	}
 }
 
