@@ -1,6 +1,7 @@
 package sealing
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -39,6 +41,13 @@ type swtpmConn struct {
 	// been restarted (a "reboot"), so caches tied to TPM state are dropped.
 	dials uint64
 	cache tpmCache
+	// ctx ends every exchange when it is done (a signal): interrupt sets the
+	// deadline of the connection in use to now, so a read that waits on a TPM that
+	// does not answer returns at once.
+	ctx         context.Context
+	stopCtx     func() bool
+	interrupted atomic.Bool
+	active      atomic.Pointer[net.Conn]
 }
 
 // maxResponse bounds a TPM response (TPM 2.0 Part 2 leaves it to the TPM;
@@ -48,7 +57,7 @@ const maxResponse = 64 << 10
 // swtpmIdle is how long an unused connection stays open.
 const swtpmIdle = 20 * time.Millisecond
 
-func openSwtpm(path string, timeout time.Duration) (*swtpmConn, error) {
+func openSwtpm(ctx context.Context, path string, timeout time.Duration) (*swtpmConn, error) {
 	fi, err := os.Stat(path)
 	if err != nil {
 		return nil, err
@@ -56,11 +65,25 @@ func openSwtpm(path string, timeout time.Duration) (*swtpmConn, error) {
 	if fi.Mode()&os.ModeSocket == 0 {
 		return nil, fmt.Errorf("%s is not a unix socket (%s)", path, fi.Mode())
 	}
-	s := &swtpmConn{path: path, timeout: timeout}
+	s := &swtpmConn{path: path, timeout: timeout, ctx: ctx}
+	s.stopCtx = context.AfterFunc(ctx, s.interrupt)
 	if err := s.dial(); err != nil {
+		s.stopCtx()
 		return nil, err
 	}
 	return s, nil
+}
+
+// interrupt ends the exchange under way, if any, and every later one.
+func (s *swtpmConn) interrupt() {
+	s.interrupted.Store(true)
+	if c := s.active.Load(); c != nil {
+		(*c).SetDeadline(time.Now())
+	}
+}
+
+func (s *swtpmConn) interruptedErr() error {
+	return fmt.Errorf("%w: swtpm %s: %w", ErrTPMInterrupted, s.path, context.Cause(s.ctx))
 }
 
 func (s *swtpmConn) dial() error {
@@ -72,7 +95,7 @@ func (s *swtpmConn) dial() error {
 	var err error
 	for {
 		c, err = net.DialTimeout("unix", s.path, time.Until(deadline))
-		if !errors.Is(err, syscall.EAGAIN) || time.Now().After(deadline) {
+		if !errors.Is(err, syscall.EAGAIN) || time.Now().After(deadline) || s.interrupted.Load() {
 			break
 		}
 		time.Sleep(delay)
@@ -100,7 +123,15 @@ func (s *swtpmConn) dial() error {
 func (s *swtpmConn) Send(cmd []byte) ([]byte, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.interrupted.Load() {
+		return nil, s.interruptedErr()
+	}
 	rsp, err := s.send(cmd)
+	s.active.Store(nil)
+	if err != nil && s.interrupted.Load() {
+		s.drop()
+		return nil, s.interruptedErr()
+	}
 	if errors.Is(err, os.ErrDeadlineExceeded) {
 		err = fmt.Errorf("%w: the TPM did not answer within %s (%w); is swtpm %s stuck, or another client holding its only connection?", ErrTPMTimeout, s.timeout, err, s.path)
 	}
@@ -123,22 +154,33 @@ func (s *swtpmConn) closeIdle() {
 	}
 }
 
+// arm gives the connection its deadline and makes it the one interrupt ends; if
+// the interrupt came first, the deadline is now.
+func (s *swtpmConn) arm() {
+	c := s.conn
+	c.SetDeadline(time.Now().Add(s.timeout))
+	s.active.Store(&c)
+	if s.interrupted.Load() {
+		c.SetDeadline(time.Now())
+	}
+}
+
 func (s *swtpmConn) send(cmd []byte) ([]byte, error) {
 	if s.conn != nil {
-		s.conn.SetDeadline(time.Now().Add(s.timeout))
+		s.arm()
 	}
 	if s.conn == nil {
 		if err := s.dial(); err != nil {
 			return nil, fmt.Errorf("swtpm %s: connect: %w", s.path, err)
 		}
-		s.conn.SetDeadline(time.Now().Add(s.timeout))
+		s.arm()
 	}
 	if _, err := s.conn.Write(cmd); err != nil {
 		s.drop()
 		if err := s.dial(); err != nil {
 			return nil, fmt.Errorf("swtpm %s: reconnect: %w", s.path, err)
 		}
-		s.conn.SetDeadline(time.Now().Add(s.timeout))
+		s.arm()
 		if _, err := s.conn.Write(cmd); err != nil {
 			s.drop()
 			return nil, fmt.Errorf("swtpm %s: send command: %w", s.path, err)
@@ -193,6 +235,9 @@ func (s *swtpmConn) drop() {
 func (s *swtpmConn) Close() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.stopCtx != nil {
+		s.stopCtx()
+	}
 	if s.idle != nil {
 		s.idle.Stop()
 	}
@@ -217,6 +262,7 @@ type deviceTPM struct {
 	transport.TPMCloser
 	path    string
 	timeout time.Duration
+	ctx     context.Context // nil: no interruption
 	mu      sync.Mutex
 	broken  error
 	cache   tpmCache
@@ -239,9 +285,16 @@ func (d *deviceTPM) Send(cmd []byte) ([]byte, error) {
 	}()
 	t := time.NewTimer(d.timeout)
 	defer t.Stop()
+	var interrupted <-chan struct{}
+	if d.ctx != nil {
+		interrupted = d.ctx.Done()
+	}
 	select {
 	case r := <-done:
 		return r.rsp, r.err
+	case <-interrupted:
+		d.broken = fmt.Errorf("%w: TPM device %s: %w", ErrTPMInterrupted, d.path, context.Cause(d.ctx))
+		return nil, d.broken
 	case <-t.C:
 		d.broken = fmt.Errorf("%w: TPM device %s did not answer within %s; reopen it (restart umbra) once the TPM responds", ErrTPMTimeout, d.path, d.timeout)
 		return nil, d.broken

@@ -1,6 +1,7 @@
 package sealing
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -81,6 +82,10 @@ const DefaultTPMTimeout = 30 * time.Second
 // ErrTPMTimeout reports that a TPM did not answer a command in time.
 var ErrTPMTimeout = errors.New("TPM command timed out")
 
+// ErrTPMInterrupted reports that a TPM exchange was abandoned because the command
+// was interrupted (SIGINT, SIGTERM).
+var ErrTPMInterrupted = errors.New("TPM command interrupted")
+
 // OpenTPM opens the back end named by spec ("sim", "swtpm:PATH", "device:PATH").
 // stateDir holds the simulator's persistent state and is unused otherwise.
 func OpenTPM(spec, stateDir string) (transport.TPMCloser, error) {
@@ -90,6 +95,13 @@ func OpenTPM(spec, stateDir string) (transport.TPMCloser, error) {
 // OpenTPMTimeout is OpenTPM with the deadline for one command's exchange (the
 // in-process simulator cannot hang and has none).
 func OpenTPMTimeout(spec, stateDir string, timeout time.Duration) (transport.TPMCloser, error) {
+	return OpenTPMContext(context.Background(), spec, stateDir, timeout)
+}
+
+// OpenTPMContext is OpenTPMTimeout whose exchanges also end when ctx is done (a
+// signal): a command waiting on a TPM that does not answer then fails at once with
+// an error wrapping ErrTPMInterrupted and ctx's cause, and so does every later one.
+func OpenTPMContext(ctx context.Context, spec, stateDir string, timeout time.Duration) (transport.TPMCloser, error) {
 	if timeout <= 0 {
 		return nil, fmt.Errorf("TPM timeout %s: must be positive", timeout)
 	}
@@ -103,9 +115,9 @@ func OpenTPMTimeout(spec, stateDir string, timeout time.Duration) (transport.TPM
 		if err != nil {
 			return nil, fmt.Errorf("open TPM device %s: %w (is the kernel resource manager /dev/tpmrm0 present and readable by this user?)", s.Path, err)
 		}
-		return &deviceTPM{TPMCloser: t, path: s.Path, timeout: timeout}, nil
+		return &deviceTPM{TPMCloser: t, path: s.Path, timeout: timeout, ctx: ctx}, nil
 	case KindSwtpm:
-		t, err := openSwtpm(s.Path, timeout)
+		t, err := openSwtpm(ctx, s.Path, timeout)
 		if err != nil {
 			return nil, fmt.Errorf("open swtpm socket %s: %w (start swtpm with --server type=unixio,path=%s --flags not-need-init,startup-clear)", s.Path, err, s.Path)
 		}

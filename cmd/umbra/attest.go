@@ -142,7 +142,7 @@ func attestQuote(ctx context.Context, env *cliEnv, args []string) int {
 	if err != nil {
 		return attestFail(env, err)
 	}
-	t, dir, err := tf.open(env)
+	t, dir, err := tf.open(ctx, env)
 	if err != nil {
 		return attestFail(env, err)
 	}
@@ -297,7 +297,7 @@ func attestMeasure(ctx context.Context, env *cliEnv, args []string) int {
 		}
 		ev.Digest = d
 	}
-	t, dir, err := tf.open(env)
+	t, dir, err := tf.open(ctx, env)
 	if err != nil {
 		return attestFail(env, err)
 	}

@@ -160,21 +160,7 @@ func TestKeygenOverwritesOnlyWithForce(t *testing.T) {
 // never replies makes a command fail with an error naming the back end, within the
 // timeout, instead of hanging forever.
 func TestTPMThatNeverAnswersTimesOut(t *testing.T) {
-	sock := filepath.Join(t.TempDir(), "mute.sock")
-	l, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			defer c.Close() // read nothing, answer nothing
-		}
-	}()
+	sock := muteTPMSocket(t)
 	start := time.Now()
 	code, _, errs := runUmbraBounded(t, time.Minute, "tpm", "info", "--tpm", "swtpm:"+sock, "--tpm-timeout", "500ms", "--state-dir", t.TempDir())
 	if code != exitFailed || !strings.Contains(errs, "TPM command timed out") || !strings.Contains(errs, sock) {
@@ -183,6 +169,34 @@ func TestTPMThatNeverAnswersTimesOut(t *testing.T) {
 	if el := time.Since(start); el > 20*time.Second {
 		t.Fatalf("took %s for a 500ms timeout", el)
 	}
+}
+
+// muteTPMSocket is a unix socket that accepts connections and never answers: a TPM
+// that stopped responding.
+func muteTPMSocket(t *testing.T) string {
+	t.Helper()
+	sock := filepath.Join(t.TempDir(), "mute.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		var held []net.Conn // read nothing, answer nothing
+		defer func() {
+			for _, c := range held {
+				c.Close()
+			}
+		}()
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			held = append(held, c)
+		}
+	}()
+	return sock
 }
 
 // TestConsoleFileOnlyNew: console: file:PATH never appends to an existing file nor

@@ -46,7 +46,7 @@ Exit status 0 if the bundle would open and run, 1 if not.`)
 		fmt.Fprintf(env.stderr, "umbra unseal: %v\n", err)
 		return exitUsage
 	}
-	t, dir, err := tf.open(env)
+	t, dir, err := tf.open(ctx, env)
 	if err != nil {
 		return fail(env, err)
 	}
