@@ -18,6 +18,7 @@ import (
 	"github.com/umbra-cc/umbra/guestimage"
 	"github.com/umbra-cc/umbra/sealing"
 	"github.com/umbra-cc/umbra/sealing/swtpmtest"
+	"github.com/umbra-cc/umbra/userfile"
 )
 
 // runUmbraBounded is runUmbra that fails the test instead of hanging forever (the
@@ -115,9 +116,19 @@ func TestInputsThatUsedToHang(t *testing.T) {
 		os.WriteFile(p, []byte("apiVersion: umbra.dev/v1\nname: "+name+"\nguest:\n  image: "+image+"\n"), 0o600)
 		return p
 	}
+	// Regular files over the size limits (sparse: nothing is written) are refused by
+	// their size, before a byte is read.
+	bigImage := filepath.Join(dir, "big.elf")
+	os.WriteFile(bigImage, nil, 0o600)
+	os.Truncate(bigImage, userfile.MaxImageBytes+1)
+	bigSpec := filepath.Join(dir, "big.yaml")
+	os.WriteFile(bigSpec, nil, 0o600)
+	os.Truncate(bigSpec, userfile.MaxSpecBytes+1)
 	tests := []struct {
 		name, spec, want string
 	}{
+		{"image over the size limit", mkSpec("bigimage", bigImage), "bytes, more than the"},
+		{"spec over the size limit", bigSpec, "bytes, more than the"},
 		{"image /dev/zero", mkSpec("zero", "/dev/zero"), "guest.image /dev/zero is not a regular file (a character device)"},
 		{"image FIFO", mkSpec("fifo", fifo), "is not a regular file (a FIFO)"},
 		{"spec FIFO", fifo, "VM spec " + fifo + " is not a regular file (a FIFO)"},
