@@ -257,6 +257,7 @@ func TestPolicyInputDecodedStrictly(t *testing.T) {
 		"case-folded key": {strings.Replace(g, `"action"`, `"Action"`, 1), `"Action"`},
 		"duplicate key":   {strings.Replace(g, `"action":`, `"action": "stop", "action":`, 1), "duplicate"},
 		"no request":      {strings.Replace(g, `"request"`, `"_request"`, 1), ""},
+		"no vm.spec":      {strings.Replace(g, `"spec": {`, `"_spec": {`, 1), ""},
 	} {
 		t.Run(name, func(t *testing.T) {
 			if tc.doc == g {
