@@ -118,7 +118,7 @@ func TestUnsealCheckWritesNothing(t *testing.T) {
 				t.Fatalf("tpm info prints no PCR 13 line:\n%s", out)
 				return ""
 			}
-			check := func(wantCode int, want ...string) {
+			check := func(bundle string, wantCode int, want ...string) {
 				t.Helper()
 				before, pcrBefore := dirSnapshot(t, state), pcr13()
 				code, out, errs := runUmbra(t, append([]string{"unseal", "--check", bundle}, host...)...)
@@ -140,10 +140,15 @@ func TestUnsealCheckWritesNothing(t *testing.T) {
 				}
 			}
 			if tc.fresh {
-				check(exitFailed, "FAIL monitor approval", "does NOT open", "umbra tpm measure")
+				// A bundle that approves another monitor binary: the prediction says no.
+				other := at(tc.name + "-other.umbra")
+				mustRun(0, "seal", "--spec", at("vm.yaml"), "--policy", at("policy.tar.gz"), "--series", "ro-other", "--version", "1",
+					"--admin-key", at("admin.pem"), "--for-host", at(tc.name+".ek.pem"), "--monitor", "/bin/true", "-o", other)
+				check(other, exitFailed, "does NOT open", "even once it is measured the bundle would not open")
+				check(bundle, exitFailed, "FAIL monitor approval", "does NOT open", "once it is measured, approval of monitor", "umbra tpm measure")
 				mustRun(0, append([]string{"tpm", "measure"}, host...)...)
 			}
-			check(0, "ok   TPM unseal", "ok   contents", "opens on this host")
+			check(bundle, 0, "ok   TPM unseal", "ok   contents", "opens on this host")
 		})
 	}
 }

@@ -84,8 +84,16 @@ Exit status 0 if the bundle would open and run, 1 if not.`)
 	}
 	if err != nil {
 		fmt.Fprintf(env.stdout, "bundle %s does NOT open on this host\n", bundle)
-		if unmeasured {
-			fmt.Fprintln(env.stdout, "(no monitor is measured into PCR 13 on this boot and --check writes nothing: 'umbra run' measures this binary first;\n run 'umbra tpm measure' or 'umbra unseal --check --measure' and check again)")
+		if unmeasured && rep.Header != nil {
+			fmt.Fprintln(env.stdout, "no monitor is measured into PCR 13 on this boot, and --check writes nothing; 'umbra run' measures this binary first.")
+			if d, derr := sealing.SelfDigest(); derr == nil {
+				if a, perr := sealing.PredictApproval(t, rep.Header, opts.TrustedAdmins, opts.Approvals, d); perr == nil {
+					fmt.Fprintf(env.stdout, "once it is measured, approval of monitor %s (%s) matches (checked in software, not by the TPM);\n", a.Monitor, a.Comment)
+				} else {
+					fmt.Fprintf(env.stdout, "even once it is measured the bundle would not open: %v\n", perr)
+				}
+			}
+			fmt.Fprintln(env.stdout, "run 'umbra tpm measure' (at boot) or 'umbra unseal --check --measure', then check again for the TPM unseal and the contents.")
 		}
 		return 1
 	}
