@@ -231,30 +231,8 @@ func PredictApproval(t transport.TPM, h *Header, admins []*ecdsa.PublicKey, host
 	if admin == nil {
 		return nil, fmt.Errorf("%w: no trusted administrator has key id %s", ErrBadApproval, h.AdminKeyID)
 	}
-	var cands []*Approval
-	for i := range h.Approvals {
-		cands = append(cands, &h.Approvals[i])
-	}
-	for _, a := range hostApprovals {
-		if a.AdminKeyID == h.AdminKeyID {
-			cands = append(cands, a)
-		}
-	}
-	seen := map[int]bool{MonitorPCR: true}
-	var idx []int
-	var valid []*Approval
-	for _, a := range cands {
-		if a.Verify(admin) != nil {
-			continue
-		}
-		valid = append(valid, a)
-		for _, p := range a.PCRs {
-			if !seen[p.Index] {
-				seen[p.Index] = true
-				idx = append(idx, p.Index)
-			}
-		}
-	}
+	valid, all, _ := validApprovals(admin, approvalCandidates(h, h.AdminKeyID, hostApprovals))
+	idx := slices.DeleteFunc(all, func(i int) bool { return i == MonitorPCR })
 	cur := map[int][32]byte{}
 	if len(idx) > 0 {
 		var err error
