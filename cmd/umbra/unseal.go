@@ -5,7 +5,7 @@ import (
 	"fmt"
 
 	"github.com/google/go-tpm/tpm2/transport"
-	"github.com/umbra-cc/umbra/monitor"
+	"github.com/umbra-cc/umbra/launch"
 	"github.com/umbra-cc/umbra/sealing"
 	"github.com/umbra-cc/umbra/userfile"
 )
@@ -74,7 +74,7 @@ Exit status 0 if the bundle would open and run, 1 if not.`)
 	if err != nil {
 		return fail(env, err)
 	}
-	rep, err := sealing.CheckBundleWith(ctx, t, data, opts, "contents", monitor.CheckSealedContents(opts.TrustedAdmins, bundle))
+	rep, err := sealing.CheckBundleWith(ctx, t, data, opts, "contents", launch.CheckSealedContents(opts.TrustedAdmins, bundle))
 	for _, s := range rep.Steps {
 		mark := "ok  "
 		if !s.OK {
