@@ -41,13 +41,26 @@ type swtpmConn struct {
 	// been restarted (a "reboot"), so caches tied to TPM state are dropped.
 	dials uint64
 	cache tpmCache
-	// ctx ends every exchange when it is done (a signal): interrupt sets the
-	// deadline of the connection in use to now, so a read that waits on a TPM that
-	// does not answer returns at once.
+	// Once ctx is done (a signal), every exchange, the one under way included, has
+	// at most interruptGrace left: a TPM that answers still serves the monitor's
+	// last records (the outcome, the audit anchor); one that does not, no longer
+	// holds the command for the whole timeout.
 	ctx         context.Context
 	stopCtx     func() bool
 	interrupted atomic.Bool
 	active      atomic.Pointer[net.Conn]
+	armedUntil  atomic.Int64 // the active connection's deadline, Unix ns
+}
+
+// interruptGrace is what an exchange has left once the command is interrupted.
+const interruptGrace = 2 * time.Second
+
+// exchangeDeadline is the deadline of an exchange that starts now.
+func exchangeDeadline(timeout time.Duration, interrupted bool) time.Time {
+	if interrupted {
+		timeout = min(timeout, interruptGrace)
+	}
+	return time.Now().Add(timeout)
 }
 
 // maxResponse bounds a TPM response (TPM 2.0 Part 2 leaves it to the TPM;
@@ -74,28 +87,25 @@ func openSwtpm(ctx context.Context, path string, timeout time.Duration) (*swtpmC
 	return s, nil
 }
 
-// interrupt ends the exchange under way, if any, and every later one.
+// interrupt cuts the exchange under way, if any, to interruptGrace.
 func (s *swtpmConn) interrupt() {
 	s.interrupted.Store(true)
-	if c := s.active.Load(); c != nil {
-		(*c).SetDeadline(time.Now())
+	d := time.Now().Add(interruptGrace)
+	if c := s.active.Load(); c != nil && d.UnixNano() < s.armedUntil.Load() {
+		(*c).SetDeadline(d)
 	}
-}
-
-func (s *swtpmConn) interruptedErr() error {
-	return fmt.Errorf("%w: swtpm %s: %w", ErrTPMInterrupted, s.path, context.Cause(s.ctx))
 }
 
 func (s *swtpmConn) dial() error {
 	// swtpm listens with a short backlog; while it serves another client, a
 	// connect can fail with EAGAIN. Retry until the timeout.
-	deadline := time.Now().Add(s.timeout)
+	deadline := exchangeDeadline(s.timeout, s.interrupted.Load())
 	delay := time.Millisecond
 	var c net.Conn
 	var err error
 	for {
 		c, err = net.DialTimeout("unix", s.path, time.Until(deadline))
-		if !errors.Is(err, syscall.EAGAIN) || time.Now().After(deadline) || s.interrupted.Load() {
+		if !errors.Is(err, syscall.EAGAIN) || time.Now().After(deadline) {
 			break
 		}
 		time.Sleep(delay)
@@ -123,16 +133,11 @@ func (s *swtpmConn) dial() error {
 func (s *swtpmConn) Send(cmd []byte) ([]byte, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.interrupted.Load() {
-		return nil, s.interruptedErr()
-	}
 	rsp, err := s.send(cmd)
 	s.active.Store(nil)
-	if err != nil && s.interrupted.Load() {
-		s.drop()
-		return nil, s.interruptedErr()
-	}
-	if errors.Is(err, os.ErrDeadlineExceeded) {
+	if errors.Is(err, os.ErrDeadlineExceeded) && s.interrupted.Load() {
+		err = fmt.Errorf("%w: swtpm %s did not answer within %s of the interruption (%w)", ErrTPMInterrupted, s.path, interruptGrace, context.Cause(s.ctx))
+	} else if errors.Is(err, os.ErrDeadlineExceeded) {
 		err = fmt.Errorf("%w: the TPM did not answer within %s (%w); is swtpm %s stuck, or another client holding its only connection?", ErrTPMTimeout, s.timeout, err, s.path)
 	}
 	s.lastUse = time.Now()
@@ -154,14 +159,18 @@ func (s *swtpmConn) closeIdle() {
 	}
 }
 
-// arm gives the connection its deadline and makes it the one interrupt ends; if
-// the interrupt came first, the deadline is now.
+// arm gives the connection its deadline and makes it the one interrupt cuts short;
+// if the interrupt came first, the deadline is already short.
 func (s *swtpmConn) arm() {
 	c := s.conn
-	c.SetDeadline(time.Now().Add(s.timeout))
+	d := exchangeDeadline(s.timeout, s.interrupted.Load())
+	c.SetDeadline(d)
+	s.armedUntil.Store(d.UnixNano())
 	s.active.Store(&c)
 	if s.interrupted.Load() {
-		c.SetDeadline(time.Now())
+		if short := exchangeDeadline(s.timeout, true); short.Before(d) {
+			c.SetDeadline(short)
+		}
 	}
 }
 
@@ -283,22 +292,34 @@ func (d *deviceTPM) Send(cmd []byte) ([]byte, error) {
 		rsp, err := d.TPMCloser.Send(cmd)
 		done <- result{rsp, err}
 	}()
-	t := time.NewTimer(d.timeout)
-	defer t.Stop()
 	var interrupted <-chan struct{}
-	if d.ctx != nil {
+	if d.ctx != nil && d.ctx.Err() == nil {
 		interrupted = d.ctx.Done()
 	}
-	select {
-	case r := <-done:
-		return r.rsp, r.err
-	case <-interrupted:
-		d.broken = fmt.Errorf("%w: TPM device %s: %w", ErrTPMInterrupted, d.path, context.Cause(d.ctx))
-		return nil, d.broken
-	case <-t.C:
-		d.broken = fmt.Errorf("%w: TPM device %s did not answer within %s; reopen it (restart umbra) once the TPM responds", ErrTPMTimeout, d.path, d.timeout)
+	deadline := exchangeDeadline(d.timeout, d.ctx != nil && d.ctx.Err() != nil)
+	t := time.NewTimer(time.Until(deadline))
+	defer t.Stop()
+	for {
+		select {
+		case r := <-done:
+			return r.rsp, r.err
+		case <-interrupted:
+			interrupted = nil
+			if short := exchangeDeadline(d.timeout, true); short.Before(deadline) {
+				deadline = short
+				t.Reset(time.Until(deadline))
+			}
+			continue
+		case <-t.C:
+		}
+		break
+	}
+	if d.ctx != nil && d.ctx.Err() != nil {
+		d.broken = fmt.Errorf("%w: TPM device %s did not answer within %s of the interruption (%w)", ErrTPMInterrupted, d.path, interruptGrace, context.Cause(d.ctx))
 		return nil, d.broken
 	}
+	d.broken = fmt.Errorf("%w: TPM device %s did not answer within %s; reopen it (restart umbra) once the TPM responds", ErrTPMTimeout, d.path, d.timeout)
+	return nil, d.broken
 }
 
 func (d *deviceTPM) tpmCache() *tpmCache { return &d.cache }

@@ -98,9 +98,12 @@ func OpenTPMTimeout(spec, stateDir string, timeout time.Duration) (transport.TPM
 	return OpenTPMContext(context.Background(), spec, stateDir, timeout)
 }
 
-// OpenTPMContext is OpenTPMTimeout whose exchanges also end when ctx is done (a
-// signal): a command waiting on a TPM that does not answer then fails at once with
-// an error wrapping ErrTPMInterrupted and ctx's cause, and so does every later one.
+// OpenTPMContext is OpenTPMTimeout whose exchanges are cut short once ctx is done
+// (a signal): from then on every exchange, the one under way included, has at most
+// a short grace (2 s) instead of the timeout. A TPM that answers still serves what
+// the command does on its way out (a monitor's outcome and audit anchor); one that
+// does not no longer holds the command for the whole timeout, and the error wraps
+// ErrTPMInterrupted and ctx's cause.
 func OpenTPMContext(ctx context.Context, spec, stateDir string, timeout time.Duration) (transport.TPMCloser, error) {
 	if timeout <= 0 {
 		return nil, fmt.Errorf("TPM timeout %s: must be positive", timeout)
