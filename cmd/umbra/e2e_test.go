@@ -162,6 +162,17 @@ measurements:
 	if !strings.Contains(out, "PASS") {
 		t.Fatalf("attest verify report:\n%s", out)
 	}
+	// The reference pins no ak_name (as the README's does not): the auditor binds the
+	// AK to the host's EK by credential activation, and the host is then trusted by
+	// its EK alone.
+	mustRun(0, "attest", "challenge", at(host, "evidence.json"), "-o", at(dir, "challenge.json"), "--keep", at(dir, "activation.secret"))
+	answer, _ := mustRun(0, append([]string{"attest", "activate", at(dir, "challenge.json")}, hostFlags...)...)
+	os.WriteFile(at(dir, "answer"), []byte(answer), 0o600)
+	out, _ = mustRun(0, "attest", "verify", at(host, "evidence.json"), "--nonce", nonce, "--reference", at(dir, "ref.yaml"),
+		"--activation", at(dir, "activation.secret"), "--answer", at(dir, "answer"))
+	if !strings.Contains(out, "bound to its EK by credential activation") || !strings.Contains(out, "RESULT: PASS") {
+		t.Fatalf("attest verify with credential activation:\n%s", out)
+	}
 	// A replayed quote (another nonce) is refused.
 	other := strings.Repeat("ab", 16)
 	mustRun(1, "attest", "verify", at(host, "evidence.json"), "--nonce", other, "--reference", at(dir, "ref.yaml"))
