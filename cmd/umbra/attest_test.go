@@ -215,7 +215,7 @@ func TestExportLogReadByStandardTools(t *testing.T) {
 		}
 		t.Skip("skipping: tpm2_eventlog is not installed")
 	}
-	dir, _, quoted := quotedThreeMeasurements(t)
+	dir, evPath, quoted := quotedThreeMeasurements(t)
 	out := filepath.Join(dir, "binary_bios_measurements")
 	if code, _, errs := cli(t, "attest", "export-log", "--state-dir", dir, "-o", out); code != 0 {
 		t.Fatalf("export-log: %d %s", code, errs)
@@ -230,6 +230,15 @@ func TestExportLogReadByStandardTools(t *testing.T) {
 	}
 	if code, _, _ := cli(t, "attest", "export-log", "--state-dir", dir, "-o", out); code != exitUsage {
 		t.Fatalf("export-log over an existing file: exit %d, want 2", code)
+	}
+	// The log the quote covers, exported from the evidence (what the README does),
+	// is the same file.
+	fromEv := filepath.Join(dir, "from-evidence.bin")
+	if code, _, errs := cli(t, "attest", "export-log", "--evidence", evPath, "-o", fromEv); code != 0 {
+		t.Fatalf("export-log --evidence: %d %s", code, errs)
+	}
+	if !bytes.Equal(must(os.ReadFile(fromEv)), must(os.ReadFile(out))) {
+		t.Fatal("the export of the evidence's log differs from the export of the state directory's")
 	}
 }
 
