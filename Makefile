@@ -32,9 +32,10 @@ policy-test:
 # TPM simulator (cgo), swtpm and tpm2-tools the real-TPM and independent-verifier tests;
 # linux-source-6.1 and the kernel's build tools (bc bison flex libelf-dev cpio xz-utils)
 # the test Linux guest (testdata/linux); qemu-utils (qemu-img, qemu-io) the qcow2 tests that
-# check umbra's images with QEMU.
+# check umbra's images with QEMU; python3-jsonschema the CEL-JSON reader that checks
+# umbra's CEL-JSON export (testdata/cel).
 DEB_PACKAGES = gcc make binutils libssl-dev swtpm swtpm-tools tpm2-tools \
-	linux-source-6.1 bc bison flex libelf-dev cpio xz-utils qemu-utils
+	linux-source-6.1 bc bison flex libelf-dev cpio xz-utils qemu-utils python3-jsonschema
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \

@@ -50,26 +50,32 @@ func ReplayTLV(b []byte, pcr int, want []byte) (int, error) {
 var ErrNoReader = errors.New("the CEL-JSON reader needs python3 with python-jsonschema")
 
 // CheckJSON runs the independent CEL-JSON reader on the file at path and checks that
-// PCR pcr replays to want. It returns the reader's output.
+// PCR pcr replays to want. It returns the reader's output. It takes the first python3
+// with python-jsonschema: the one on PATH, else the system's (make deps installs
+// Debian's python3-jsonschema for it).
 func CheckJSON(path string, pcr int, want []byte) (string, error) {
 	_, self, _, _ := runtime.Caller(0)
 	script := filepath.Join(filepath.Dir(self), "..", "..", "testdata", "cel", "celjson_check.py")
-	py, err := exec.LookPath("python3")
-	if err != nil {
-		return "", ErrNoReader
+	var pythons []string
+	if py, err := exec.LookPath("python3"); err == nil {
+		pythons = append(pythons, py)
 	}
-	cmd := exec.Command(py, script, path, "--pcr", fmt.Sprint(pcr), "--expect", fmt.Sprintf("%x", want))
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	err = cmd.Run()
-	var ee *exec.ExitError
-	if errors.As(err, &ee) && ee.ExitCode() == 3 {
-		return "", ErrNoReader
+	pythons = append(pythons, "/usr/bin/python3")
+	for _, py := range pythons {
+		cmd := exec.Command(py, script, path, "--pcr", fmt.Sprint(pcr), "--expect", fmt.Sprintf("%x", want))
+		var out, errb bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &errb
+		err := cmd.Run()
+		var ee *exec.ExitError
+		if errors.Is(err, exec.ErrNotFound) || errors.Is(err, os.ErrNotExist) || errors.As(err, &ee) && ee.ExitCode() == 3 {
+			continue // no such python, or one without jsonschema
+		}
+		if err != nil {
+			return out.String(), fmt.Errorf("celjson_check: %v: %s", err, strings.TrimSpace(errb.String()))
+		}
+		return out.String(), nil
 	}
-	if err != nil {
-		return out.String(), fmt.Errorf("celjson_check: %v: %s", err, strings.TrimSpace(errb.String()))
-	}
-	return out.String(), nil
+	return "", ErrNoReader
 }
 
 // RequireJSONReader skips t when the CEL-JSON reader cannot run, unless CI is set
