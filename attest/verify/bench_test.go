@@ -10,7 +10,6 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
-	"github.com/umbra-cc/umbra/attest/eventlog"
 	"github.com/umbra-cc/umbra/attest/evidence"
 	"github.com/umbra-cc/umbra/attest/tpmtest"
 	"github.com/umbra-cc/umbra/attest/verify"
@@ -33,7 +32,7 @@ func BenchmarkQuote(b *testing.B) {
 			defer a.Close()
 			ev := collect(b, tpm, m, nonce)
 			ref := reference(b, ev)
-			opts := evidence.Options{Nonce: nonce, ReadLog: func() ([]eventlog.Record, error) { return m.Records(), nil }}
+			opts := evidence.Options{Nonce: nonce, ReadLog: m.Records}
 			pub, _ := tpm2.Unmarshal[tpm2.TPMTPublic](ev.AKPublic)
 			parms, _ := pub.Parameters.RSADetail()
 			uniq, _ := pub.Unique.RSA()

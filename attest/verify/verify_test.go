@@ -58,7 +58,7 @@ func collect(t testing.TB, tpm transport.TPM, m *eventlog.Measurer, n []byte) *e
 		t.Fatal(err)
 	}
 	defer a.Close()
-	ev, err := a.Collect(context.Background(), evidence.Options{Nonce: n, ReadLog: func() ([]eventlog.Record, error) { return m.Records(), nil }})
+	ev, err := a.Collect(context.Background(), evidence.Options{Nonce: n, ReadLog: m.Records})
 	if err != nil {
 		t.Fatal(err)
 	}
