@@ -45,7 +45,7 @@ var rows = []row{
 	{"cloaked-app page-protection `skip` vs raw appVM fault", "BenchmarkPageProtCloakedViolation/skip", "violation/raw-appfault", 0},
 	{"system-view transition vs userfaultfd + GCM, per page", "BenchmarkCloakTransitions", "sys/raw", 0},
 	{"app-view transition vs raw appVM fault + GCM, per page", "BenchmarkCloakTransitions", "app/raw-appfault-per-page", 0},
-	{"app-view transition vs raw appVM fault + GCM, per exit", "BenchmarkCloakTransitions", "app/raw-appfault-per-exit", 0},
+	{"app-view transition vs raw appVM fault-around (16 pages of walk + GCM + entry per exit), per exit", "BenchmarkCloakTransitions", "app/raw-appfault-per-exit", 0},
 	{"Guard decision + audit append vs bare OPA + write+fsync", "BenchmarkGuardDecision", "guard/bare", 0},
 	{"audit open from checkpoint, 100k records vs 0", "BenchmarkOpenHistory", "checkpoint-100k/0", 0},
 	{"event log open from checkpoint, 100k records vs 1", "BenchmarkOpenEventLog", "checkpoint-100k/0", 0},
