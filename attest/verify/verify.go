@@ -8,10 +8,12 @@ import (
 	"bytes"
 	"crypto/rsa"
 	"crypto/subtle"
+	"encoding/binary"
 	"encoding/hex"
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
 
 	pb "github.com/google/go-tpm-tools/proto/tpm"
 	tpmquote "github.com/google/go-tpm-tools/quote"
@@ -180,6 +182,18 @@ func checkEK(r *Report, b []byte) {
 	r.add("endorsement key", r.HostFingerprint, Pass, "host fingerprint = SHA-256 of the EK public area")
 }
 
+// akShape is the encoding of evidence.AKTemplate without its last field, unique (the
+// RSA modulus: a 2-byte size and its bytes). It is computed once: go-tpm marshals by
+// reflection, which was most of the cost of a verification.
+var akShape = sync.OnceValue(func() []byte {
+	u, err := evidence.AKTemplate.Unique.RSA()
+	if err != nil {
+		panic("evidence.AKTemplate is not an RSA template: " + err.Error())
+	}
+	full := tpm2.Marshal(evidence.AKTemplate)
+	return full[:len(full)-2-len(u.Buffer)]
+})
+
 func checkAK(r *Report, b []byte) *rsa.PublicKey {
 	pub, err := tpm2.Unmarshal[tpm2.TPMTPublic](b)
 	if err != nil {
@@ -189,9 +203,10 @@ func checkAK(r *Report, b []byte) *rsa.PublicKey {
 	// Every field but the key itself is the AK template's: nameAlg (which the AK's
 	// name depends on), the attribute bits, the scheme and the key size. A public
 	// area that differs in any of them is not umbra's AK, whatever it can verify.
-	shape := *pub
-	shape.Unique = evidence.AKTemplate.Unique
-	if !bytes.Equal(tpm2.Marshal(shape), tpm2.Marshal(evidence.AKTemplate)) {
+	// TPMT_PUBLIC ends with the key (unique, a TPM2B): what comes before it must be
+	// the template's encoding byte for byte, and the key must end the area.
+	shape := akShape()
+	if !bytes.HasPrefix(b, shape) || len(b) < len(shape)+2 || len(b) != len(shape)+2+int(binary.BigEndian.Uint16(b[len(shape):])) {
 		r.add("attestation key", r.AKName, Fail, "ak_public is not umbra's attestation key template (name algorithm, attributes, scheme or key size differ; see evidence.AKTemplate)")
 		return nil
 	}

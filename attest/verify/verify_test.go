@@ -216,6 +216,10 @@ func TestVerifyNamesTheCause(t *testing.T) {
 			ev.AKPublic = tpm2.Marshal(pub)
 			return nonce
 		}, "not umbra's attestation key template"},
+		{"AK public area with bytes after the key", func(ev *evidence.Evidence, _ *verify.Reference) []byte {
+			ev.AKPublic = append(ev.AKPublic, 0)
+			return nonce
+		}, "not umbra's attestation key template"},
 		{"edited PCR value", func(ev *evidence.Evidence, _ *verify.Reference) []byte {
 			ev.Quote.PCRs[0].Value = strings.Repeat("11", 32)
 			return nonce
