@@ -36,6 +36,7 @@ var rows = []row{
 	{"seal vs bare go-tpm (simulator)", "BenchmarkSealing/sim/seal", "umbra/bare", 1.2},
 	{"seal vs bare go-tpm (swtpm)", "BenchmarkSealing/swtpm/seal", "umbra/bare", 1.2},
 	{"quote + verify vs bare quote + signature check (simulator)", "BenchmarkQuote/simulator", "umbra/bare", 1.2},
+	{"the same, process CPU time (the simulator runs in process)", "BenchmarkQuote/simulator", "cpu-umbra/bare", 1.2},
 	{"quote + verify vs bare quote + signature check (swtpm)", "BenchmarkQuote/swtpm", "umbra/bare", 1.2},
 	{"page-protection upcall round trip vs one bare MMIO exit", "BenchmarkPageProtViolation/upcall", "ratio", 2},
 	{"the same per exit (two bare MMIO exits)", "BenchmarkPageProtViolation/upcall", "ratio-per-exit", 0},
