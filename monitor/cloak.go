@@ -415,6 +415,10 @@ func (c *cloaking) register(call Call, e *kvm.ExitMMIO) appcontext.Errno {
 	if err != nil {
 		return refuse(err)
 	}
+	// W^X: the trampoline the process will run is not writable.
+	if err := appcontext.CheckTrampoline(as, req.Trampoline); err != nil {
+		return refuse(err)
+	}
 	// appVM and the userfaultfd come with the first registration; a host that
 	// cannot give them cannot cloak: the app learns it and may run uncloaked.
 	if err := c.ensureInfrastructure(); err != nil {

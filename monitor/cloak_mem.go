@@ -161,6 +161,10 @@ func (c *cloaking) appAccess(x *cloakApp, va uint64, acc appcontext.Access, inst
 		// Measured code is never writable in appVM, whatever the guest's tables say.
 		return 0, accSegv, fmt.Errorf("page %#x holds measured code: not writable", page)
 	}
+	if acc&appcontext.AccessWrite != 0 && page == x.layout.Trampoline {
+		// Nor is the trampoline the kernel runs in the app's process (W^X).
+		return 0, accSegv, fmt.Errorf("page %#x is the trampoline: not writable", page)
+	}
 	if frame >= c.v.mem.Size() || frame+PageSize > c.v.mem.Size() {
 		if frame == DoorbellGPA && !cloaked {
 			if install {
@@ -305,10 +309,10 @@ var errUnmeasuredExec = errors.New("execution outside the app's measured code")
 // shadowRights are the rights of a shadow entry for page: the guest's (writable,
 // noExec) restricted by the protection deny (the app's and the system's) and by W^X:
 // a page of measured code is executable and never writable, every other page is
-// never executable.
+// never executable, and the trampoline page is never writable either.
 func shadowRights(x *cloakApp, page uint64, writable, noExec bool, deny pageprot.Deny) (w, nx bool) {
 	code := x.layout.Executable(page)
-	return writable && deny&pageprot.DenyWrite == 0 && !code, noExec || deny&pageprot.DenyExec != 0 || !code
+	return writable && deny&pageprot.DenyWrite == 0 && !code && page != x.layout.Trampoline, noExec || deny&pageprot.DenyExec != 0 || !code
 }
 
 // checkMappings drops every shadow entry of app x that no longer agrees with the
