@@ -176,6 +176,7 @@ type cloaking struct {
 	apps    []*cloakApp
 	byCR3   map[uint64]*cloakApp
 	plain   map[uint64]plainOwner
+	plainFn func(uint64) (uint64, bool) // c.plainApp, for the rule's views (guardView)
 	sysView []byte
 	uffd    *cloakUffd
 	av      *appVM
