@@ -94,6 +94,7 @@ bench:
 	b ./monitor '^BenchmarkCloakCompute$$' 5x; \
 	b ./monitor '^BenchmarkCloakAppRun$$' 5x; \
 	b ./monitor '^BenchmarkCloakTransitions$$' 200x; \
+	b ./monitor '^BenchmarkCloakServeExit$$' 1000x; \
 	b ./monitor '^BenchmarkPageProt(Cloaked)?Violation$$' 2000x; \
 	b ./guard '^BenchmarkGuardDecision$$' 200x; \
 	b ./cmd/umbra '^BenchmarkRun(History|Cloaked)$$' 5x; \

@@ -47,6 +47,8 @@ var rows = []row{
 	{"system-view transition vs userfaultfd + GCM, per page", "BenchmarkCloakTransitions", "sys/raw", 0},
 	{"app-view transition vs raw appVM fault + GCM, per page", "BenchmarkCloakTransitions", "app/raw-appfault-per-page", 0},
 	{"app-view transition vs raw appVM fault-around (16 pages of walk + GCM + entry per exit), per exit", "BenchmarkCloakTransitions", "app/raw-appfault-per-exit", 0},
+	{"the same per page, in thread CPU time (less disturbed by the host's load)", "BenchmarkCloakTransitions", "app/raw-appfault-per-page-cpu", 0},
+	{"the monitor's own work per app-view transition (rule checks included) vs its raw primitives, CPU", "BenchmarkCloakServeExit", "ours/raw", 0},
 	{"Guard decision + audit append vs bare OPA + write+fsync", "BenchmarkGuardDecision", "guard/bare", 0},
 	{"audit open from checkpoint, 100k records vs 0", "BenchmarkOpenHistory", "checkpoint-100k/0", 0},
 	{"event log open from checkpoint, 100k records vs 1", "BenchmarkOpenEventLog", "checkpoint-100k/0", 0},
