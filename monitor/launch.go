@@ -53,6 +53,8 @@ type LaunchConfig struct {
 	// guest runs (a detached monitor serves its control API with it); the surface
 	// answers ErrNotRunning once the run has ended.
 	Attach func(*Control)
+	// Disks says where the spec's disks are and how protected ones open (disks.go).
+	Disks DiskEnv
 	// EvidenceNonce, if set, makes Launch quote the measured-launch PCR with the host's
 	// attestation key once the VM has stopped and its audit head is anchored, and
 	// return the evidence in the report (for back ends whose PCRs do not outlive the
@@ -109,6 +111,13 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	}
 	// Everything the VM is made of is checked before anything acts.
 	if err := CheckConfig(lc.Run); err != nil {
+		return nil, fmt.Errorf("%w: %w: %w", ErrLaunchRefused, ErrInvalidInput, err)
+	}
+	// Each disk's identity (path, format, read-only, contents digest or protected root)
+	// goes into the policy input and the event log; nothing is written before the policy
+	// allowed the disk.
+	disks, err := IdentifyDisks(ctx, lc.Spec.Disks, lc.Disks)
+	if err != nil {
 		return nil, fmt.Errorf("%w: %w: %w", ErrLaunchRefused, ErrInvalidInput, err)
 	}
 	if err := os.MkdirAll(lc.StateDir, 0o700); err != nil {
@@ -181,7 +190,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	if err != nil {
 		return rep, err
 	}
-	vmState := policyVM(lc.Spec, lc.Run, hex.EncodeToString(imageDigest[:]), "defined", firstLaunch)
+	vmState := policyVM(lc.Spec, lc.Run, hex.EncodeToString(imageDigest[:]), "defined", firstLaunch, disks)
 	d, err := guard.Launch(ctx, lc.Principal, vmState)
 	rep.Action, rep.Decision = policy.ActionLaunch, d
 	if err != nil {
@@ -194,6 +203,12 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		if err != nil {
 			rep.Action, rep.Decision = policy.ActionModifySpec, md
 			return rep, fmt.Errorf("%w: overriding the guest command line modifies the VM: %w", ErrLaunchRefused, err)
+		}
+	}
+	for _, dev := range disks {
+		if ad, err := guard.AttachDevice(ctx, lc.Principal, vmState, dev); err != nil {
+			rep.Action, rep.Decision = policy.ActionAttachDevice, ad
+			return rep, fmt.Errorf("%w: disk %s: %w", ErrLaunchRefused, dev.ID, err)
 		}
 	}
 	policyDigest, err := hex.DecodeString(lc.PolicyDigest)
@@ -270,6 +285,9 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		{Type: eventlog.TypeVMSpec, Description: "VM spec " + lc.Spec.Name, Data: lc.SpecBytes},
 		{Type: eventlog.TypePolicy, Description: "revision " + lc.Policy.Revision(), Digest: policyDigest},
 	}...)
+	for _, dev := range disks {
+		events = append(events, eventlog.Event{Type: TypeGuestDisk, Description: "disk " + dev.ID + " of VM " + lc.Spec.Name, Data: DiskMeasurement(dev)})
+	}
 	for _, ev := range events {
 		if _, err := measurer.Measure(ctx, ev); err != nil {
 			return failed(fmt.Errorf("%w: measure %s: %w", ErrLaunchRefused, ev.Type, err))
@@ -277,7 +295,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		rep.Measurements++
 	}
 
-	running := policyVM(lc.Spec, lc.Run, hex.EncodeToString(imageDigest[:]), "running", firstLaunch)
+	running := policyVM(lc.Spec, lc.Run, hex.EncodeToString(imageDigest[:]), "running", firstLaunch, disks)
 	// Once an app is registered cloaked (and that is audited), the VM runs cloaked
 	// apps whatever its spec says: a fact the monitor knows.
 	var cloakRegistered atomic.Bool
@@ -305,6 +323,14 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 			return err
 		},
 	}
+	if lc.Run.Disks, err = OpenDisks(ctx, lc.Spec.Disks, lc.Disks); err != nil {
+		return failed(fmt.Errorf("%w: %w", ErrLaunchRefused, err))
+	}
+	defer func() {
+		if cerr := CloseDisks(lc.Run.Disks); cerr != nil {
+			log.Error("closing the VM's disks", "err", cerr)
+		}
+	}()
 	vm, err := New(lc.Run)
 	if err != nil {
 		return failed(fmt.Errorf("%w: build the VM: %w", ErrLaunchRefused, err))
@@ -335,7 +361,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 				return nil
 			},
 			policyVM: func(state string) policy.VM {
-				return policyVM(lc.Spec, lc.Run, hex.EncodeToString(imageDigest[:]), state, firstLaunch)
+				return policyVM(lc.Spec, lc.Run, hex.EncodeToString(imageDigest[:]), state, firstLaunch, disks)
 			},
 		})
 	}
@@ -348,6 +374,12 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	})
 	res, runErr := vm.Run(ctx)
 	cancelSupervision()
+	// The disks are closed before the stop record, so a protected disk's last commit
+	// failing is part of how the run ended.
+	if cerr := CloseDisks(lc.Run.Disks); cerr != nil {
+		runErr = errors.Join(runErr, cerr)
+	}
+	lc.Run.Disks = nil
 	rep.Result = res
 	rep.Enforced = enforced.Load()
 
@@ -450,7 +482,7 @@ func errString(err error) string {
 }
 
 // policyVM is the VM as the monitor knows it, for policy input.
-func policyVM(s *Spec, cfg Config, imageDigest, state string, firstLaunch time.Time) policy.VM {
+func policyVM(s *Spec, cfg Config, imageDigest, state string, firstLaunch time.Time, disks []policy.Device) policy.VM {
 	labels := map[string]string{}
 	for k, v := range s.Labels {
 		labels[k] = v
@@ -465,7 +497,7 @@ func policyVM(s *Spec, cfg Config, imageDigest, state string, firstLaunch time.T
 			Cloak:     s.Cloak != nil && len(s.Cloak.Apps) > 0,
 		},
 		State:         state,
-		Devices:       []policy.Device{{Type: "serial", ID: "com1"}},
+		Devices:       append([]policy.Device{{Type: "serial", ID: "com1"}}, disks...),
 		Networks:      []policy.Network{},
 		FirstLaunchAt: firstLaunch,
 	}

@@ -214,7 +214,7 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 	}
 	rep, err := monitor.Launch(ctx, monitor.LaunchConfig{
 		Run: cfg, Spec: src.Spec, SpecBytes: src.SpecBytes, Policy: src.Policy, PolicyDigest: src.PolicyDigest,
-		Principal: principal, TPM: tpm, StateDir: stateDir, Logger: log,
+		Principal: principal, TPM: tpm, StateDir: stateDir, Logger: log, Disks: src.DiskEnv(),
 		Started:       func(rep *monitor.LaunchReport) { reportDecision(env, src.Spec.Name, rep) },
 		EvidenceNonce: nonce,
 		Attach:        dm.attachFunc(),
