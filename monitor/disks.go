@@ -12,6 +12,7 @@ import (
 	"strings"
 
 	"github.com/umbra-cc/umbra/disk"
+	"github.com/umbra-cc/umbra/disk/protdisk"
 	"github.com/umbra-cc/umbra/disk/qcow2"
 	"github.com/umbra-cc/umbra/monitor/memguard"
 	"github.com/umbra-cc/umbra/policy"
@@ -35,6 +36,9 @@ type DiskSpec struct {
 	// Protected makes it a protected disk (disk/protdisk): the host sees only ciphertext
 	// and cannot roll it back. Its key comes from the sealed bundle.
 	Protected bool `yaml:"protected,omitempty" json:"protected,omitempty"`
+	// Seed is a raw plaintext image a protected disk is made from at its first launch
+	// (its size and contents); later launches do not read it.
+	Seed string `yaml:"seed,omitempty" json:"seed,omitempty"`
 }
 
 // Device types and formats as the policy input names them.
@@ -79,6 +83,10 @@ func validateDisks(disks []DiskSpec) error {
 			return fmt.Errorf("%s (%s): path %q is already another disk's; a disk image can back one disk", where, d.Name, d.Path)
 		case d.Protected && d.Format != "":
 			return fmt.Errorf("%s (%s): a protected disk has its own format (docs/disk.md); leave format out", where, d.Name)
+		case d.Seed != "" && !d.Protected:
+			return fmt.Errorf("%s (%s): seed is for a protected disk; an unprotected disk is its image", where, d.Name)
+		case len(d.Seed) > 4096 || strings.IndexByte(d.Seed, 0) >= 0:
+			return fmt.Errorf("%s (%s): seed must be at most 4096 bytes without NUL", where, d.Name)
 		case d.Format != "" && d.Format != FormatRaw && d.Format != FormatQcow2:
 			return fmt.Errorf("%s (%s): format %q must be raw or qcow2", where, d.Name, d.Format)
 		}
@@ -109,17 +117,9 @@ type Disk struct {
 type DiskEnv struct {
 	// Dir is the directory relative paths are resolved against.
 	Dir string
-	// Protected opens protected disks; nil refuses them (a VM run from a plain spec has
-	// no sealed key for them).
-	Protected ProtectedDisks
-}
-
-// ProtectedDisks opens protected disks with keys and anchors bound to the VM.
-type ProtectedDisks interface {
-	// Root returns the anchored root the disk must match.
-	Root(ctx context.Context, d DiskSpec) (string, error)
-	// Open opens the disk at path against its anchored root.
-	Open(ctx context.Context, d DiskSpec, path string) (disk.Backend, error)
+	// Protected opens protected disks (protdisks.go); nil refuses them (a VM run from a
+	// plain spec has no sealed key for them).
+	Protected *ProtectedDiskEnv
 }
 
 // ErrNoDiskKey is returned for a protected disk without a sealed key.
@@ -137,11 +137,25 @@ func IdentifyDisks(ctx context.Context, disks []DiskSpec, env DiskEnv) ([]policy
 			if env.Protected == nil {
 				return nil, fmt.Errorf("disk %s: %w", d.Name, ErrNoDiskKey)
 			}
-			root, err := env.Protected.Root(ctx, d)
+			p, err := env.Protected.disk(d.Name)
 			if err != nil {
 				return nil, fmt.Errorf("disk %s: %w", d.Name, err)
 			}
-			dev.Root = root
+			if dev.Root, err = p.root(); err != nil {
+				return nil, err
+			}
+			if dev.Root == "" && d.Seed != "" {
+				// Not made yet: what it will be made from.
+				seed, err := openPlainDisk(d, specPath(env.Dir, d.Seed), true)
+				if err != nil {
+					return nil, fmt.Errorf("seed of %w", err)
+				}
+				dev.Digest, err = contentDigest(ctx, seed)
+				seed.Close()
+				if err != nil {
+					return nil, fmt.Errorf("disk %s: digest of its seed: %w", d.Name, err)
+				}
+			}
 		} else {
 			be, err := openPlainDisk(d, dev.Path, true)
 			if err != nil {
@@ -175,7 +189,13 @@ func OpenDisks(ctx context.Context, disks []DiskSpec, env DiskEnv) (_ []Disk, er
 			if env.Protected == nil {
 				return nil, fmt.Errorf("disk %s: %w", d.Name, ErrNoDiskKey)
 			}
-			be, err = env.Protected.Open(ctx, d, path)
+			var p *protectedDisk
+			if p, err = env.Protected.disk(d.Name); err == nil {
+				be, err = p.open(ctx, d, path, specPath(env.Dir, d.Seed))
+			}
+			if err != nil {
+				err = fmt.Errorf("disk %s: %w", d.Name, err)
+			}
 		} else {
 			be, err = openPlainDisk(d, path, d.ReadOnly)
 		}
@@ -201,7 +221,7 @@ func CloseDisks(disks []Disk) error {
 func openPlainDisk(d DiskSpec, path string, readOnly bool) (disk.Backend, error) {
 	var be disk.Backend
 	var err error
-	if d.format() == FormatQcow2 {
+	if d.format() == FormatQcow2 && !d.Protected {
 		be, err = qcow2.Open(path, readOnly)
 	} else {
 		be, err = disk.OpenRaw(path, readOnly)
@@ -247,7 +267,11 @@ func (v *VM) installDisks() error {
 		if i >= MaxDisks {
 			return fmt.Errorf("%d disks: at most %d are supported", len(v.cfg.Disks), MaxDisks)
 		}
-		dev, err := blk.New(d.Backend, d.Name, v.log.With("disk", d.Name))
+		be := d.Backend
+		if pd, ok := be.(*protdisk.Disk); ok {
+			be = watchedProtDisk{Disk: pd, v: v, name: d.Name}
+		}
+		dev, err := blk.New(be, d.Name, v.log.With("disk", d.Name))
 		if err != nil {
 			return fmt.Errorf("disk %s: %w", d.Name, err)
 		}
@@ -258,6 +282,35 @@ func (v *VM) installDisks() error {
 		v.virtio = append(v.virtio, t)
 	}
 	return nil
+}
+
+// EventDiskTampered is the audit kind of a protected disk block that failed
+// authentication: the host modified, swapped, tore or rolled back what the guest wrote.
+const EventDiskTampered = "disk-tampered"
+
+// ErrDiskTampered is wrapped by the error of a run stopped because a protected disk's
+// block failed authentication.
+var ErrDiskTampered = errors.New("protected disk tampered with")
+
+// watchedProtDisk is a protected disk whose authentication failures are audited and
+// stop the VM: the guest gets an I/O error for the request, never the data, and the
+// operator learns that the host's copy is not what the guest wrote.
+type watchedProtDisk struct {
+	*protdisk.Disk
+	v    *VM
+	name string
+}
+
+func (w watchedProtDisk) ReadAt(p []byte, off int64) (int, error) {
+	n, err := w.Disk.ReadAt(p, off)
+	if errors.Is(err, protdisk.ErrTampered) {
+		details := map[string]any{"disk": w.name, "offset": off, "length": len(p), "error": err.Error()}
+		if aerr := w.v.cfg.Hooks.audit(w.v.ctxOrBackground(), EventDiskTampered, details); aerr != nil {
+			w.v.log.Error("protected disk tampering: audit record could not be written", "err", aerr)
+		}
+		w.v.Stop(fmt.Errorf("%w: disk %s, read of %d bytes at %d: %w", ErrDiskTampered, w.name, len(p), off, err))
+	}
+	return n, err
 }
 
 // VirtioFailures returns, for each virtio device that needs a reset, why (a driver

@@ -2,11 +2,13 @@ package monitor
 
 import (
 	"context"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/umbra-cc/umbra/disk"
+	"github.com/umbra-cc/umbra/disk/qcow2"
 	"github.com/umbra-cc/umbra/internal/disktest"
 )
 
@@ -63,20 +65,37 @@ func TestValidateDisks(t *testing.T) {
 // virtio-blk disk: the guest writes a file and powers off; the host reads the file with
 // debugfs and finds the filesystem clean; a second boot reads the file back.
 func TestLinuxVirtioBlkRootDisk(t *testing.T) {
+	for _, format := range []string{"raw", "qcow2"} {
+		t.Run(format, func(t *testing.T) { testLinuxRootDisk(t, format) })
+	}
+}
+
+func testLinuxRootDisk(t *testing.T, format string) {
 	t.Parallel()
 	kern, _ := linuxTestFiles(t, "vmlinux")
 	img := filepath.Join(t.TempDir(), "root.img")
 	disktest.RootImage(t, "../testdata/linux/diskinit.c", img, 16<<20, map[string]string{"prepared.txt": "made by mke2fs\n"})
+	if format == "qcow2" {
+		if b, err := exec.Command("qemu-img", "convert", "-f", "raw", "-O", "qcow2", img, img+".qcow2").CombinedOutput(); err != nil {
+			t.Skipf("skipping: qemu-img convert: %v %s", err, b)
+		}
+	}
 	boot := func(args string, want int) string {
 		t.Helper()
-		be, err := disk.OpenRaw(img, false)
+		var be disk.Backend
+		var err error
+		if format == "qcow2" {
+			be, err = qcow2.Open(img+".qcow2", false)
+		} else {
+			be, err = disk.OpenRaw(img, false)
+		}
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer be.Close()
 		var out syncBuffer
 		res, err := Run(context.Background(), Config{Image: kern, Boot: BootLinux, MemorySize: linuxTestMemory,
-			Cmdline: linuxTestCmdline + " " + disktest.Cmdline + " -- " + args, Console: &out, Timeout: linuxTestTimeout,
+			Cmdline: strings.Replace(linuxTestCmdline, " quiet", "", 1) + " " + disktest.Cmdline + " -- " + args, Console: &out, Timeout: linuxTestTimeout,
 			Disks: []Disk{{Name: "root", Backend: be}}})
 		if err != nil || res.ExitStatus != want {
 			t.Fatalf("boot with %q: %v, result %+v\nconsole:\n%s", args, err, res, out.String())
@@ -87,6 +106,11 @@ func TestLinuxVirtioBlkRootDisk(t *testing.T) {
 	out := boot("get=prepared.txt put=hello.txt:written-by-the-guest exit=3", 3)
 	if !strings.Contains(out, "UMBRA-DISK: prepared.txt=made by mke2fs") {
 		t.Fatalf("the guest did not read the prepared file:\n%s", out)
+	}
+	if format == "qcow2" {
+		if b, err := exec.Command("qemu-img", "convert", "-f", "qcow2", "-O", "raw", img+".qcow2", img).CombinedOutput(); err != nil {
+			t.Fatalf("qemu-img convert: %v %s", err, b)
+		}
 	}
 	if got := disktest.DebugfsCat(t, img, "hello.txt"); got != "written-by-the-guest\n" {
 		t.Fatalf("host reads %q from the guest's file", got)

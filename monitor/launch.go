@@ -113,13 +113,6 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	if err := CheckConfig(lc.Run); err != nil {
 		return nil, fmt.Errorf("%w: %w: %w", ErrLaunchRefused, ErrInvalidInput, err)
 	}
-	// Each disk's identity (path, format, read-only, contents digest or protected root)
-	// goes into the policy input and the event log; nothing is written before the policy
-	// allowed the disk.
-	disks, err := IdentifyDisks(ctx, lc.Spec.Disks, lc.Disks)
-	if err != nil {
-		return nil, fmt.Errorf("%w: %w: %w", ErrLaunchRefused, ErrInvalidInput, err)
-	}
 	if err := os.MkdirAll(lc.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("state directory: %w", err)
 	}
@@ -140,6 +133,16 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		return nil, fmt.Errorf("host identity from the TPM: %w", err)
 	}
 	rep.HostFingerprint = fp
+	// Each disk's identity (path, format, read-only, contents digest or protected root)
+	// goes into the policy input and the event log; nothing is written before the policy
+	// allowed the disk.
+	if p := lc.Disks.Protected; p != nil {
+		lc.Disks.Protected = &ProtectedDiskEnv{Secret: p.Secret, TPM: lc.TPM, Host: fp, StateDir: lc.StateDir, VM: lc.Spec.Name}
+	}
+	disks, err := IdentifyDisks(ctx, lc.Spec.Disks, lc.Disks)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w: %w", ErrLaunchRefused, ErrInvalidInput, err)
+	}
 	hostname, _ := os.Hostname()
 	if hostname == "" {
 		hostname = "localhost"

@@ -42,7 +42,13 @@ type LaunchSource struct {
 
 // DiskEnv is where the source's disks are and how its protected disks open.
 func (s *LaunchSource) DiskEnv() DiskEnv {
-	return DiskEnv{Dir: s.Dir}
+	env := DiskEnv{Dir: s.Dir}
+	if s.Sealed != nil && len(s.CloakSecret) > 0 {
+		// A sealed VM's disks are keyed from its bundle's secret; Launch adds the TPM
+		// and the state directory that anchor them.
+		env.Protected = &ProtectedDiskEnv{Secret: s.CloakSecret}
+	}
+	return env
 }
 
 // Wipe clears the secret material.

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
@@ -11,6 +12,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/umbra-cc/umbra/disk/protdisk"
 	"github.com/umbra-cc/umbra/disk/qcow2"
 	"github.com/umbra-cc/umbra/internal/disktest"
 	"github.com/umbra-cc/umbra/monitor"
@@ -24,9 +26,9 @@ const linuxDiskCmdline = "console=ttyS0 panic=-1 reboot=k quiet noxsave noint3te
 // diskFixture is a host with the test kernel and a signed disk policy (testdata/e2e/disk)
 // that allows the disks in allowed (name: formats).
 type diskFixture struct {
-	dir, host   string
-	hostFlags   []string
-	policyFlags []string
+	dir, admin, host string
+	hostFlags        []string
+	policyFlags      []string
 }
 
 func newDiskFixture(t *testing.T, allowed map[string]any) *diskFixture {
@@ -34,7 +36,7 @@ func newDiskFixture(t *testing.T, allowed map[string]any) *diskFixture {
 	requireKVMForCLI(t)
 	kdir := linuxTestKernelDir(t)
 	dir, admin, host, hostFlags := journeyDirs(t, "sim")
-	f := &diskFixture{dir: dir, host: host, hostFlags: hostFlags}
+	f := &diskFixture{dir: dir, admin: admin, host: host, hostFlags: hostFlags}
 	operator, err := monitor.LocalPrincipal()
 	if err != nil {
 		t.Fatal(err)
@@ -63,7 +65,11 @@ func sha256Hex(b []byte) string { s := sha256.Sum256(b); return hex.EncodeToStri
 // spec writes the VM spec disk-vm with the given disks section and init arguments.
 func (f *diskFixture) spec(t *testing.T, disks, initArgs string) string {
 	t.Helper()
-	p := at(f.host, "vm.yaml")
+	return f.specAt(t, at(f.host, "vm.yaml"), disks, initArgs)
+}
+
+func (f *diskFixture) specAt(t *testing.T, p, disks, initArgs string) string {
+	t.Helper()
 	y := fmt.Sprintf("apiVersion: umbra.dev/v1\nname: disk-vm\nguest:\n  kernel: vmlinux\n  cmdline: %q\nmemory: 64MiB\nconsole: stdout\ntimeout: 5m\ndisks:\n%s",
 		linuxDiskCmdline+" -- "+initArgs, disks)
 	if err := os.WriteFile(p, []byte(y), 0o644); err != nil {
@@ -210,4 +216,133 @@ func randHex(n int) string {
 	b := make([]byte, n)
 	rand.Read(b)
 	return hex.EncodeToString(b)
+}
+
+// seal seals the spec for the host (series disk-vm, version 1) with the fixture's policy,
+// trusts the administrator on the host and returns the bundle's path on the host.
+func (f *diskFixture) seal(t *testing.T, spec string) string {
+	t.Helper()
+	mustRunUmbra(t, 0, append([]string{"host", "id", "--ek-pub", at(f.host, "ek.pem")}, f.hostFlags...)...)
+	bundle := at(f.host, "disk-vm.umbra")
+	mustRunUmbra(t, 0, "seal", "--spec", spec, "--policy", at(f.admin, "policy.tar.gz"), "--series", "disk-vm",
+		"--version", "1", "--admin-key", at(f.admin, "admin.pem"), "--for-host", at(f.host, "ek.pem"), "-o", bundle)
+	trustAdmin(t, f.host, at(f.admin, "admin.pem.pub"))
+	return bundle
+}
+
+func (f *diskFixture) runBundle(t *testing.T, want int, bundle string) (string, string) {
+	t.Helper()
+	return mustRunUmbra(t, want, append(append([]string{"run"}, f.hostFlags...), bundle)...)
+}
+
+// TestProtectedDiskJourney is issue 17's protected variant through the CLI: a sealed VM's
+// protected root disk, made at first launch from a plaintext seed image with a key from
+// the bundle, is written by the guest and read back at the next boot; the host's file
+// holds none of the plaintext. Then the host attacks it, each attack on a copy of the host:
+// the whole image replaced by an older copy and the anchor with it are refused at launch;
+// a flipped bit, two swapped blocks and an older block are refused at the guest's first
+// read of them, which stops the VM. Every refusal is audited.
+func TestProtectedDiskJourney(t *testing.T) {
+	f := newDiskFixture(t, map[string]any{"root": map[string]any{"formats": []string{"protected"}}})
+	disktest.RootImage(t, "../../testdata/linux/diskinit.c", at(f.host, "seed.raw"), 16<<20, map[string]string{"prepared.txt": "made by mke2fs\n"})
+	token := "guest-secret-" + randHex(8)
+	disks := "  - name: root\n    path: root.pd\n    protected: true\n    seed: seed.raw\n"
+	bundle := f.seal(t, f.specAt(t, at(f.admin, "vm.yaml"), disks, "get=prepared.txt keep=hello.txt:"+token))
+
+	out, errs := f.runBundle(t, 0, bundle)
+	if !strings.Contains(out, "UMBRA-DISK: prepared.txt=made by mke2fs") || !strings.Contains(out, "UMBRA-DISK: wrote /hello.txt") {
+		t.Fatalf("first boot:\nstdout:\n%s\nstderr:\n%s", out, errs)
+	}
+	img := at(f.host, "root.pd")
+	anchor := at(f.host, "vms/disk-vm/disks/root.anchor")
+	first, _ := os.ReadFile(img)
+	firstAnchor, _ := os.ReadFile(anchor)
+	for _, plain := range []string{token, "made by mke2fs", "UMBRA-DISK"} {
+		if strings.Contains(string(first), plain) {
+			t.Fatalf("the host's file holds plaintext %q", plain)
+		}
+	}
+	out, errs = f.runBundle(t, 0, bundle)
+	if !strings.Contains(out, "UMBRA-DISK: hello.txt="+token) {
+		t.Fatalf("second boot did not read the file back:\nstdout:\n%s\nstderr:\n%s", out, errs)
+	}
+	current, _ := os.ReadFile(img)
+	if bytes.Contains(current, []byte(token)) {
+		t.Fatal("the host's file holds the guest's plaintext")
+	}
+	hdr, err := protdisk.ParseHeader(current)
+	if err != nil {
+		t.Fatal(err)
+	}
+	blockAt := func(b []byte, i uint64) []byte { o := hdr.BlockOffset(i); return b[o : o+protdisk.BlockSize] }
+	if bytes.Equal(blockAt(first, 0), blockAt(current, 0)) {
+		t.Fatal("block 0 (the ext2 superblock) did not change between the boots; the older-block attack needs it to")
+	}
+
+	// Refused at launch: the whole image older than its anchor, or image and anchor both
+	// older than the TPM's counter.
+	for _, tc := range []struct {
+		name       string
+		image, anc []byte
+		want       string
+	}{
+		{"older image", first, nil, "does not match its anchored root"},
+		{"older image and anchor", first, firstAnchor, "restored an older anchor"},
+	} {
+		os.WriteFile(img, tc.image, 0o600)
+		if tc.anc != nil {
+			os.WriteFile(anchor, tc.anc, 0o600)
+		}
+		out, errs := f.runBundle(t, exitNoGuestStatus, bundle)
+		if !strings.Contains(errs, tc.want) || strings.Contains(out, "UMBRA-DISK") {
+			t.Errorf("%s: not refused at launch (want %q):\nstdout:\n%s\nstderr:\n%s", tc.name, tc.want, out, errs)
+		}
+		if a := f.stateFiles(t, "audit*"); !strings.Contains(a, tc.want) {
+			t.Errorf("%s: the refusal is not in the audit log", tc.name)
+		}
+	}
+	os.WriteFile(anchor, mustRead(t, anchor, firstAnchor), 0o600)
+
+	// Refused at the first read: each on its own copy of the host.
+	good := current
+	for _, tc := range []struct {
+		name   string
+		tamper func(b []byte)
+	}{
+		{"bit flip", func(b []byte) { blockAt(b, 0)[1024+56] ^= 0x01 }},
+		{"swapped blocks", func(b []byte) {
+			x := append([]byte(nil), blockAt(b, 0)...)
+			copy(blockAt(b, 0), blockAt(b, 1))
+			copy(blockAt(b, 1), x)
+		}},
+		{"older block", func(b []byte) { copy(blockAt(b, 0), blockAt(first, 0)) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			g := *f
+			g.host = t.TempDir()
+			copyTree(t, f.host, g.host)
+			g.hostFlags = []string{"--tpm", "sim", "--state-dir", g.host}
+			b := append([]byte(nil), good...)
+			tc.tamper(b)
+			os.WriteFile(at(g.host, "root.pd"), b, 0o600)
+			out, errs := g.runBundle(t, exitNoGuestStatus, at(g.host, "disk-vm.umbra"))
+			if !strings.Contains(errs, "protected disk tampered with") || strings.Contains(out, "UMBRA-DISK: hello.txt") {
+				t.Fatalf("not refused:\nstdout:\n%s\nstderr:\n%s", out, errs)
+			}
+			if a := g.stateFiles(t, "audit*"); !strings.Contains(a, monitor.EventDiskTampered) {
+				t.Errorf("no %s record in the audit log", monitor.EventDiskTampered)
+			}
+		})
+	}
+}
+
+// mustRead returns the file's contents, or def if it cannot be read.
+func mustRead(t *testing.T, path string, def []byte) []byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return def
+	}
+	return b
 }

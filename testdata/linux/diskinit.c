@@ -7,6 +7,8 @@
  * Arguments (after "--" on the kernel command line), done in order:
  *   put=NAME:TEXT  write TEXT and a newline to /NAME (created or truncated), fsync it
  *   get=NAME       print "UMBRA-DISK: NAME=<contents without the trailing newline>"
+ *   keep=NAME:TEXT get=NAME if /NAME exists, else put=NAME:TEXT (one command line for a
+ *                  first boot that writes and later boots that read back)
  *   exit=N         the power-off status (default 0)
  * Then the root filesystem is synced and remounted read-only (so the host's e2fsck finds it
  * clean) and the VM powers off through umbra's power register. Any failure prints
@@ -94,6 +96,19 @@ static void get(const char *arg)
 	puts_("\n");
 }
 
+static void keep(const char *arg)
+{
+	char p[128];
+	path(p, sizeof p, arg, ':');
+	long fd = sc(SYS_open, p, 0, 0);
+	if (fd < 0) {
+		put(arg);
+		return;
+	}
+	sc(SYS_close, fd, 0, 0);
+	get(p + 1);
+}
+
 void init_main(long *sp);
 void init_main(long *sp)
 {
@@ -106,6 +121,8 @@ void init_main(long *sp)
 			put(argv[i] + 4);
 		else if (prefix(argv[i], "get="))
 			get(argv[i] + 4);
+		else if (prefix(argv[i], "keep="))
+			keep(argv[i] + 5);
 		else if (prefix(argv[i], "exit=")) {
 			status = 0;
 			for (const char *d = argv[i] + 5; *d >= '0' && *d <= '9'; d++)

@@ -1,0 +1,19 @@
+package sealing
+
+import "github.com/google/go-tpm/tpm2/transport"
+
+// Monotonic versions for other state than bundles (the protected disks' anchors, docs/
+// disk.md): a named series of this TPM's rollback counters (counter.go), which only ever
+// grows. host is the TPM's EK fingerprint (HostID), which keys the anchor cache.
+
+// SeriesVersion returns the series' high-water version on this TPM, 0 if it has none.
+func SeriesVersion(t transport.TPM, host, series string) (uint64, error) {
+	_, hw, err := rollbackState(t, host, series)
+	return hw, err
+}
+
+// AdvanceSeries raises the series' high-water version to version (at most 4096 above
+// it); it fails with ErrRolledBack if the TPM already records a newer one.
+func AdvanceSeries(t transport.TPM, host, series string, version uint64) error {
+	return advanceCounter(t, host, series, version)
+}
