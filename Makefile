@@ -92,6 +92,7 @@ bench:
 		$(GO) test -run '^$$' -bench "$$pat" -benchtime "$$n" -count $(BENCH_COUNT) -timeout 60m $$pkg 2>&1 | tee -a $(BENCH_OUT); \
 		test $${PIPESTATUS[0]} -eq 0; }; \
 	b ./monitor '^BenchmarkCloakCompute$$' 5x; \
+	b ./virtio/blk '^BenchmarkRequest$$' 200x; \
 	b ./monitor '^BenchmarkCloakAppRun$$' 5x; \
 	b ./monitor '^BenchmarkCloakTransitions$$' 200x; \
 	b ./monitor '^BenchmarkPageProt(Cloaked)?Violation$$' 2000x; \
