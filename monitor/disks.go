@@ -354,7 +354,7 @@ func virtioCmdline(cmdline string, n int) string {
 }
 
 // dmaMemory is guest RAM as a virtio device reaches it: every range goes through the
-// guarded accessor, so a driver cannot point a device at a cloaked app's plaintext or
+// guarded accessor (memguard.DMA, refused like a hypercall buffer), so a driver cannot point a device at a cloaked app's plaintext or
 // at a frame the system's page protection locks (a disk read into locked kernel text,
 // a disk write of a deny-read frame). A refusal fails the request (DEVICE_NEEDS_RESET)
 // and is audited.
@@ -367,7 +367,7 @@ func (m dmaMemory) Slice(gpa, n uint64) ([]byte, error) {
 	if n > m.v.mem.Size() {
 		return nil, fmt.Errorf("%w: %d bytes at %#x", ErrOutsideRAM, n, gpa)
 	}
-	if err := m.v.guardSys(memguard.Request{Purpose: memguard.HypercallBuffer, Access: memguard.Read | memguard.Write, GPA: gpa, Len: n}, 0, 0); err != nil {
+	if err := m.v.guardSys(memguard.Request{Purpose: memguard.DMA, Access: memguard.Read | memguard.Write, GPA: gpa, Len: n}, 0, 0); err != nil {
 		return nil, fmt.Errorf("virtio %s: %w", m.device, err)
 	}
 	return m.v.mem.Slice(gpa, int(n))

@@ -10,6 +10,7 @@ import (
 
 	"github.com/umbra-cc/umbra/disk"
 	"github.com/umbra-cc/umbra/guestimage"
+	"github.com/umbra-cc/umbra/pageprot"
 	"github.com/umbra-cc/umbra/virtio"
 )
 
@@ -111,7 +112,8 @@ func (d *busDriver) validRead() byte {
 // guest RAM: descriptors past RAM, a loop in a chain, a length that wraps, an index racing
 // ahead, rings outside RAM. Each ends in a device error that says what the driver did
 // (DEVICE_NEEDS_RESET, virtio.ErrDriver), never an error that would end the VM's run, and
-// after a reset the same device serves a valid request.
+// after a reset the same device serves a valid request. A read into a frame the page
+// protection locks is refused by the guarded accessor.
 func TestVirtioHostileDriverOnAVM(t *testing.T) {
 	requireKVM(t)
 	img := filepath.Join(t.TempDir(), "d.img")
@@ -182,5 +184,34 @@ func TestVirtioHostileDriverOnAVM(t *testing.T) {
 		if st := d.validRead(); st != 0 || len(v.VirtioFailures()) != 0 {
 			t.Errorf("%s: after a reset a valid read completes with status %d, failures %v", tc.name, st, v.VirtioFailures())
 		}
+	}
+
+	// DMA goes through the guarded accessor: with the frame of the read's data buffer
+	// locked against writes by the system's page protection (as the kernel locks its
+	// text), a disk read into it is refused, not done.
+	x := v.pageProtExt()
+	if x == nil {
+		t.Fatal("no page-protection extension on the VM")
+	}
+	data := uint64(hostileBufs + 0x100)
+	marker := []byte("locked frame contents")
+	d.phys(data, marker)
+	x.guard.set([]pageprot.PhysRange{{Start: data &^ (PageSize - 1), End: data&^(PageSize-1) + PageSize, Deny: pageprot.DenyWrite}})
+	d.bringUp(q, q+0x1000, q+0x2000)
+	d.validRead()
+	errs := v.VirtioFailures()
+	if len(errs) != 1 || !strings.Contains(errs[0].Error(), "page protection denies") {
+		t.Fatalf("disk read into a write-locked frame: failures %v, want a guarded-access refusal", errs)
+	}
+	got := make([]byte, len(marker))
+	v.Memory().ReadPhys(data, got)
+	if string(got) != string(marker) {
+		t.Fatalf("the locked frame was written: %q", got)
+	}
+	t.Logf("locked frame: %v", errs[0])
+	x.guard.set(nil)
+	d.bringUp(q, q+0x1000, q+0x2000)
+	if st := d.validRead(); st != 0 {
+		t.Fatalf("without the lock the read completes with status %d", st)
 	}
 }
