@@ -29,8 +29,8 @@ import (
 	"strings"
 
 	"github.com/umbra-cc/umbra/appcontext"
+	"github.com/umbra-cc/umbra/monitor/authz"
 	"github.com/umbra-cc/umbra/pageprot"
-	"github.com/umbra-cc/umbra/policy"
 )
 
 // ppID is the app's identity in page protection: its sequence number in the run
@@ -71,24 +71,24 @@ func (c *cloaking) IsCloaked(app, va uint64) bool {
 }
 
 // appPolicy is the app's identity for the policy input (c.mu held).
-func (c *cloaking) appPolicy(app uint64) policy.App {
+func (c *cloaking) appPolicy(app uint64) authz.App {
 	x := c.appBySeq(app)
 	if x == nil {
-		return policy.App{Name: fmt.Sprintf("app-%d", app)}
+		return authz.App{Name: fmt.Sprintf("app-%d", app)}
 	}
-	return policy.App{Name: x.name, Measurement: hex.EncodeToString(x.identity[:])}
+	return authz.App{Name: x.name, Measurement: hex.EncodeToString(x.identity[:])}
 }
 
 // appOwned is the memory the monitor's records give the app, for the policy input:
 // its cloaked regions, by virtual address (c.mu held).
-func (c *cloaking) appOwned(app uint64) []policy.Range {
+func (c *cloaking) appOwned(app uint64) []authz.Range {
 	x := c.appBySeq(app)
 	if x == nil || x.ended {
 		return nil
 	}
-	var out []policy.Range
+	var out []authz.Range
 	for _, r := range x.layout.Regions() {
-		out = append(out, policy.Range{Start: r.VA, Length: r.Size})
+		out = append(out, authz.Range{Start: r.VA, Length: r.Size})
 	}
 	return out
 }

@@ -21,9 +21,9 @@ import (
 
 	"github.com/umbra-cc/umbra/appcontext"
 	"github.com/umbra-cc/umbra/kvm"
+	"github.com/umbra-cc/umbra/monitor/authz"
 	"github.com/umbra-cc/umbra/monitor/memguard"
 	"github.com/umbra-cc/umbra/pageprot"
-	"github.com/umbra-cc/umbra/policy"
 )
 
 // Memory slots of sysVM that page protection manages: guest RAM starts as slot 0
@@ -301,21 +301,17 @@ type ppLockEvent struct {
 	Action   string `json:"action"`
 }
 
-// policy puts every PP_SET to the Guard (policy action pageprot_change). Other calls
+// policy puts every PP_SET to the Authorizer (policy action pageprot_change). Other calls
 // change no protection and are only audited.
 func (x *pageProt) policy(ctx context.Context, req pageprot.Request) pageprot.Decision {
 	if req.Call != pageprot.CallSet {
 		return pageprot.Decision{Allow: true, Reason: "changes no protection"}
 	}
 	h := x.hooks
-	if h == nil || h.Guard == nil {
+	if h == nil || h.Authorize == nil {
 		return pageprot.Decision{Allow: true, Reason: "no policy configured"}
 	}
-	var vm policy.VM
-	if h.VM != nil {
-		vm = h.VM()
-	}
-	app := policy.App{Name: "guest-process", Measurement: x.digest}
+	app := authz.App{Name: "guest-process", Measurement: x.digest}
 	switch req.Owner.Kind {
 	case pageprot.OwnerKernel:
 		app.Name = "guest-kernel"
@@ -326,7 +322,7 @@ func (x *pageProt) policy(ctx context.Context, req pageprot.Request) pageprot.De
 		app = x.cloak.appPolicy(req.Owner.ID)
 	}
 	// One decision per protection asked for in the batch.
-	byProt := map[string][]policy.Range{}
+	byProt := map[string][]authz.Range{}
 	var prots []string
 	for _, r := range req.Resolved {
 		p := policyProt(r.Deny)
@@ -336,8 +332,8 @@ func (x *pageProt) policy(ctx context.Context, req pageprot.Request) pageprot.De
 		byProt[p] = appendRange(byProt[p], r.Start, r.End)
 	}
 	for _, p := range prots {
-		pages := policy.Pages{Prot: p, Ranges: byProt[p], Owned: x.owned(req, byProt[p])}
-		if _, err := h.Guard.ChangePageProt(ctx, vm, app, pages); err != nil {
+		pages := authz.Pages{Prot: p, Ranges: byProt[p], Owned: x.owned(req, byProt[p])}
+		if err := h.Authorize.ChangePageProt(ctx, app, pages); err != nil {
 			return pageprot.Decision{Allow: false, Reason: err.Error()}
 		}
 	}
@@ -349,7 +345,7 @@ func (x *pageProt) policy(ctx context.Context, req pageprot.Request) pageprot.De
 // monitor has just found to be its own by walking its page tables (present, user at
 // every level, not kernel memory); a cloaked app its cloaked regions, from the
 // cloaking records.
-func (x *pageProt) owned(req pageprot.Request, asked []policy.Range) []policy.Range {
+func (x *pageProt) owned(req pageprot.Request, asked []authz.Range) []authz.Range {
 	if req.Owner.Kind == pageprot.OwnerApp {
 		if x.cloak == nil {
 			return nil
@@ -357,21 +353,21 @@ func (x *pageProt) owned(req pageprot.Request, asked []policy.Range) []policy.Ra
 		return x.cloak.appOwned(req.Owner.ID)
 	}
 	if req.Owner.Kind == pageprot.OwnerKernel {
-		var out []policy.Range
+		var out []authz.Range
 		for _, s := range x.kernel {
-			out = append(out, policy.Range{Start: s.Start, Length: s.End - s.Start})
+			out = append(out, authz.Range{Start: s.Start, Length: s.End - s.Start})
 		}
 		return out
 	}
 	return slices.Clone(asked)
 }
 
-func appendRange(rs []policy.Range, start, end uint64) []policy.Range {
+func appendRange(rs []authz.Range, start, end uint64) []authz.Range {
 	if n := len(rs); n > 0 && rs[n-1].Start+rs[n-1].Length == start {
 		rs[n-1].Length += end - start
 		return rs
 	}
-	return append(rs, policy.Range{Start: start, Length: end - start})
+	return append(rs, authz.Range{Start: start, Length: end - start})
 }
 
 // policyProt names the access a range leaves, in the policy schema's terms (none, r,
@@ -657,10 +653,10 @@ type pageProtCloak interface {
 	killApp(app uint64, reason string) error
 	// appPolicy is the app's identity for the policy input (registered name and
 	// measurement).
-	appPolicy(app uint64) policy.App
+	appPolicy(app uint64) authz.App
 	// appOwned is the memory the cloaking records give the app (its cloaked
 	// regions, by virtual address), for the policy input.
-	appOwned(app uint64) []policy.Range
+	appOwned(app uint64) []authz.Range
 }
 
 // connectPageProtCloak connects the cloaking layer to page protection.

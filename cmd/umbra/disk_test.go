@@ -15,6 +15,7 @@ import (
 	"github.com/umbra-cc/umbra/disk/protdisk"
 	"github.com/umbra-cc/umbra/disk/qcow2"
 	"github.com/umbra-cc/umbra/internal/disktest"
+	"github.com/umbra-cc/umbra/launch"
 	"github.com/umbra-cc/umbra/monitor"
 )
 
@@ -37,7 +38,7 @@ func newDiskFixture(t *testing.T, allowed map[string]any) *diskFixture {
 	kdir := linuxTestKernelDir(t)
 	dir, admin, host, hostFlags := journeyDirs(t, "sim")
 	f := &diskFixture{dir: dir, admin: admin, host: host, hostFlags: hostFlags}
-	operator, err := monitor.LocalPrincipal()
+	operator, err := launch.LocalPrincipal()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,4 +1,4 @@
-package monitor
+package launch
 
 import (
 	"bytes"
@@ -22,6 +22,8 @@ import (
 	"github.com/umbra-cc/umbra/attest/audit"
 	"github.com/umbra-cc/umbra/attest/eventlog"
 	"github.com/umbra-cc/umbra/attest/evidence"
+	"github.com/umbra-cc/umbra/guard"
+	"github.com/umbra-cc/umbra/monitor"
 	"github.com/umbra-cc/umbra/policy"
 	"github.com/umbra-cc/umbra/sealing"
 	"github.com/umbra-cc/umbra/statefile"
@@ -33,9 +35,9 @@ import (
 
 // LaunchConfig is everything a protected launch needs.
 type LaunchConfig struct {
-	Run       Config // the VM to run
-	Spec      *Spec  // its spec; its name is the VM id
-	SpecBytes []byte // the spec as given, measured into the event log
+	Run       monitor.Config // the VM to run
+	Spec      *monitor.Spec  // its spec; its name is the VM id
+	SpecBytes []byte         // the spec as given, measured into the event log
 	// Policy is the policy in force; PolicyDigest the SHA-256 (hex) of the signed
 	// bundle it came from (of its source for a built-in policy), measured at launch.
 	Policy       *policy.Policy
@@ -44,7 +46,7 @@ type LaunchConfig struct {
 	TPM          transport.TPM
 	StateDir     string
 	PCR          int // measured-launch PCR; attest.DefaultPCR if zero
-	Clock        GuardClock
+	Clock        guard.Clock
 	Logger       *slog.Logger
 	// Started, if set, is called once the launch is allowed, measured and audited,
 	// just before the guest runs (the CLI reports the decision there).
@@ -54,7 +56,7 @@ type LaunchConfig struct {
 	// answers ErrNotRunning once the run has ended.
 	Attach func(*Control)
 	// Disks says where the spec's disks are and how protected ones open (disks.go).
-	Disks DiskEnv
+	Disks monitor.DiskEnv
 	// EvidenceNonce, if set, makes Launch quote the measured-launch PCR with the host's
 	// attestation key once the VM has stopped and its audit head is anchored, and
 	// return the evidence in the report (for back ends whose PCRs do not outlive the
@@ -68,14 +70,14 @@ type LaunchReport struct {
 	HostFingerprint string `json:"host_fingerprint"`
 	// Action is the guarded action Decision answered (launch, or modify_spec when the
 	// run changes the spec).
-	Action       policy.Action   `json:"action"`
-	Decision     policy.Decision `json:"decision"`
-	AuditLog     string          `json:"audit_log"`
-	EventLog     string          `json:"event_log"`
-	PCR          int             `json:"pcr"`
-	Measurements int             `json:"measurements"`
-	Result       *Result         `json:"result,omitempty"`
-	Enforced     *Enforcement    `json:"enforced,omitempty"`
+	Action       policy.Action      `json:"action"`
+	Decision     policy.Decision    `json:"decision"`
+	AuditLog     string             `json:"audit_log"`
+	EventLog     string             `json:"event_log"`
+	PCR          int                `json:"pcr"`
+	Measurements int                `json:"measurements"`
+	Result       *monitor.Result    `json:"result,omitempty"`
+	Enforced     *guard.Enforcement `json:"enforced,omitempty"`
 	// Evidence is the quote taken after the run when LaunchConfig.EvidenceNonce is set.
 	Evidence *evidence.Evidence `json:"-"`
 }
@@ -110,7 +112,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		lc.PCR = attest.DefaultPCR
 	}
 	// Everything the VM is made of is checked before anything acts.
-	if err := CheckConfig(lc.Run); err != nil {
+	if err := monitor.CheckConfig(lc.Run); err != nil {
 		return nil, fmt.Errorf("%w: %w: %w", ErrLaunchRefused, ErrInvalidInput, err)
 	}
 	if err := os.MkdirAll(lc.StateDir, 0o700); err != nil {
@@ -137,9 +139,9 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	// goes into the policy input and the event log; nothing is written before the policy
 	// allowed the disk.
 	if p := lc.Disks.Protected; p != nil {
-		lc.Disks.Protected = &ProtectedDiskEnv{Secret: p.Secret, TPM: lc.TPM, Host: fp, StateDir: lc.StateDir, VM: lc.Spec.Name}
+		lc.Disks.Protected = &monitor.ProtectedDiskEnv{Secret: p.Secret, TPM: lc.TPM, Host: fp, StateDir: lc.StateDir, VM: lc.Spec.Name}
 	}
-	disks, err := IdentifyDisks(ctx, lc.Spec.Disks, lc.Disks)
+	disks, err := monitor.IdentifyDisks(ctx, lc.Spec.Disks, lc.Disks)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w: %w", ErrLaunchRefused, ErrInvalidInput, err)
 	}
@@ -178,9 +180,9 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		return nil, err
 	}
 
-	guard, err := NewGuard(GuardConfig{
+	g, err := guard.New(guard.Config{
 		Engine: lc.Policy,
-		Audit:  auditSink{auditLog},
+		Audit:  guard.AuditLog{Log: auditLog},
 		Host:   policy.Host{ID: hostname, Fingerprint: fp, Attestation: "unverified"},
 		Clock:  lc.Clock,
 		Logger: log,
@@ -194,7 +196,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		return rep, err
 	}
 	vmState := policyVM(lc.Spec, lc.Run, hex.EncodeToString(imageDigest[:]), "defined", firstLaunch, disks)
-	d, err := guard.Launch(ctx, lc.Principal, vmState)
+	d, err := g.Launch(ctx, lc.Principal, vmState)
 	rep.Action, rep.Decision = policy.ActionLaunch, d
 	if err != nil {
 		return rep, fmt.Errorf("%w: %w", ErrLaunchRefused, err)
@@ -202,14 +204,14 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	// Running with another command line than the spec's is a modification of the VM,
 	// which the policy must allow separately (a sealed VM's policy usually refuses it).
 	if lc.Run.Cmdline != lc.Spec.Guest.Cmdline {
-		md, err := guard.ModifySpec(ctx, lc.Principal, vmState, vmState.Spec)
+		md, err := g.ModifySpec(ctx, lc.Principal, vmState, vmState.Spec)
 		if err != nil {
 			rep.Action, rep.Decision = policy.ActionModifySpec, md
 			return rep, fmt.Errorf("%w: overriding the guest command line modifies the VM: %w", ErrLaunchRefused, err)
 		}
 	}
 	for _, dev := range disks {
-		if ad, err := guard.AttachDevice(ctx, lc.Principal, vmState, dev); err != nil {
+		if ad, err := g.AttachDevice(ctx, lc.Principal, vmState, dev); err != nil {
 			rep.Action, rep.Decision = policy.ActionAttachDevice, ad
 			return rep, fmt.Errorf("%w: disk %s: %w", ErrLaunchRefused, dev.ID, err)
 		}
@@ -228,7 +230,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		}
 	}
 	imageWhat := "guest image of VM "
-	if lc.Run.Boot == BootLinux {
+	if lc.Run.Boot == monitor.BootLinux {
 		imageWhat = "Linux kernel of VM "
 	}
 	var initrdDigest [sha256.Size]byte
@@ -247,8 +249,8 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		"image_sha256": hex.EncodeToString(imageDigest[:]), "cmdline": lc.Run.Cmdline,
 		"memory_bytes": lc.Run.MemorySize, "policy_revision": lc.Policy.Revision(), "pcr": lc.PCR,
 	}
-	if lc.Run.Boot == BootLinux {
-		details["boot"] = BootLinux
+	if lc.Run.Boot == monitor.BootLinux {
+		details["boot"] = monitor.BootLinux
 	}
 	if lc.Run.Initrd != nil {
 		details["initrd_sha256"] = hex.EncodeToString(initrdDigest[:])
@@ -289,7 +291,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		{Type: eventlog.TypePolicy, Description: "revision " + lc.Policy.Revision(), Digest: policyDigest},
 	}...)
 	for _, dev := range disks {
-		events = append(events, eventlog.Event{Type: TypeGuestDisk, Description: "disk " + dev.ID + " of VM " + lc.Spec.Name, Data: DiskMeasurement(dev)})
+		events = append(events, eventlog.Event{Type: monitor.TypeGuestDisk, Description: "disk " + dev.ID + " of VM " + lc.Spec.Name, Data: monitor.DiskMeasurement(dev)})
 	}
 	for _, ev := range events {
 		if _, err := measurer.Measure(ctx, ev); err != nil {
@@ -307,9 +309,8 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		vm.Spec.Cloak = vm.Spec.Cloak || cloakRegistered.Load()
 		return vm
 	}
-	lc.Run.Hooks = &Hooks{
-		Guard: guard,
-		VM:    runningVM,
+	lc.Run.Hooks = &monitor.Hooks{
+		Authorize: g.ForVM(runningVM),
 		Audit: func(ctx context.Context, kind string, details any) error {
 			raw, err := json.Marshal(details)
 			if err != nil {
@@ -321,20 +322,20 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 			}
 			return err
 		},
-		Measure: func(ctx context.Context, m Measurement) error {
+		Measure: func(ctx context.Context, m monitor.Measurement) error {
 			_, err := measurer.Measure(ctx, eventlog.Event{Type: m.Kind, Description: m.Description, Data: m.Data, Digest: m.Digest})
 			return err
 		},
 	}
-	if lc.Run.Disks, err = OpenDisks(ctx, lc.Spec.Disks, lc.Disks); err != nil {
+	if lc.Run.Disks, err = monitor.OpenDisks(ctx, lc.Spec.Disks, lc.Disks); err != nil {
 		return failed(fmt.Errorf("%w: %w", ErrLaunchRefused, err))
 	}
 	defer func() {
-		if cerr := CloseDisks(lc.Run.Disks); cerr != nil {
+		if cerr := monitor.CloseDisks(lc.Run.Disks); cerr != nil {
 			log.Error("closing the VM's disks", "err", cerr)
 		}
 	}()
-	vm, err := New(lc.Run)
+	vm, err := monitor.New(lc.Run)
 	if err != nil {
 		return failed(fmt.Errorf("%w: build the VM: %w", ErrLaunchRefused, err))
 	}
@@ -351,7 +352,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	}
 	if lc.Attach != nil {
 		lc.Attach(&Control{
-			vm: vm, guard: guard, spec: lc.Spec, revision: lc.Policy.Revision(), launched: time.Now().UTC(),
+			vm: vm, guard: g, spec: lc.Spec, revision: lc.Policy.Revision(), launched: time.Now().UTC(),
 			launcher: lc.Principal.ID, auditSeq: func() uint64 { return auditLog.Head().Seq },
 			input: func(b []byte) error {
 				// Wait for the guest to make room, but not forever: a guest that
@@ -368,8 +369,8 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 			},
 		})
 	}
-	var enforced atomic.Pointer[Enforcement]
-	cancelSupervision := guard.Supervise(ctx, d, runningVM, func(_ context.Context, e Enforcement) {
+	var enforced atomic.Pointer[guard.Enforcement]
+	cancelSupervision := g.Supervise(ctx, d, runningVM, func(_ context.Context, e guard.Enforcement) {
 		// Suspension is not implemented yet, so a suspend obligation stops the VM:
 		// failing closed keeps the restriction.
 		enforced.Store(&e)
@@ -379,7 +380,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	cancelSupervision()
 	// The disks are closed before the stop record, so a protected disk's last commit
 	// failing is part of how the run ended.
-	if cerr := CloseDisks(lc.Run.Disks); cerr != nil {
+	if cerr := monitor.CloseDisks(lc.Run.Disks); cerr != nil {
 		runErr = errors.Join(runErr, cerr)
 	}
 	lc.Run.Disks = nil
@@ -387,7 +388,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	rep.Enforced = enforced.Load()
 
 	stop := map[string]any{"error": errString(runErr)}
-	var crash *CrashError
+	var crash *monitor.CrashError
 	if errors.As(runErr, &crash) {
 		stop["crash"] = crash.Summary()
 	}
@@ -419,48 +420,6 @@ var simEventLogName = sync.OnceValue(func() string {
 	return fmt.Sprintf("%s-%d.jsonl", time.Now().UTC().Format("20060102T150405.000000000"), os.Getpid())
 })
 
-// CheckConfig checks a run configuration without building anything: memory size,
-// the guest image (an ELF64 x86-64 executable that fits, or a Linux kernel that
-// parses) and the command line. New
-// fails on the same inputs, but only after it opened KVM; Launch calls this before
-// the policy is asked, so a bad input never reaches the audit log as a launch.
-func CheckConfig(cfg Config) error {
-	mem := cfg.MemorySize
-	if mem == 0 {
-		mem = DefaultMemorySize
-	}
-	if mem < minGuestRAM || mem > maxGuestRAM || mem%PageSize != 0 {
-		return fmt.Errorf("guest memory size %d bytes: must be a multiple of 4 KiB between %d MiB and %d GiB", mem, minGuestRAM>>20, maxGuestRAM>>30)
-	}
-	if len(cfg.Image) == 0 {
-		return errors.New("the guest image is empty")
-	}
-	switch cfg.Boot {
-	case BootLinux:
-		if _, err := parseLinuxKernel(cfg.Image); err != nil {
-			return fmt.Errorf("guest kernel: %w", err)
-		}
-		if len(cfg.Cmdline) > linuxMaxCmdline || strings.IndexByte(cfg.Cmdline, 0) >= 0 {
-			return fmt.Errorf("Linux command line is %d bytes or holds a NUL byte; the limit is %d bytes without NUL", len(cfg.Cmdline), linuxMaxCmdline)
-		}
-	case BootUmbra:
-		if len(cfg.Initrd) > 0 {
-			return errors.New("an initramfs is only for a Linux boot")
-		}
-		if _, _, err := parseELF(cfg.Image, mem); err != nil {
-			return err
-		}
-		if len(cfg.Cmdline) > maxCmdlineLen || strings.IndexByte(cfg.Cmdline, 0) >= 0 {
-			return fmt.Errorf("guest command line is %d bytes or holds a NUL byte; the limit is %d bytes without NUL", len(cfg.Cmdline), maxCmdlineLen)
-		}
-	default:
-		return fmt.Errorf("boot protocol %q: want %q or %q", cfg.Boot, BootUmbra, BootLinux)
-	}
-	// A negative Timeout is "no limit" (Config.Timeout): a detached VM runs until it is
-	// stopped. What a user writes is checked where it is parsed (--timeout, the spec).
-	return nil
-}
-
 func collectEvidence(ctx context.Context, tpm transport.TPM, m *eventlog.Measurer, pcr int, nonce []byte) (*evidence.Evidence, error) {
 	a, err := evidence.NewAttester(tpm)
 	if err != nil {
@@ -485,7 +444,7 @@ func errString(err error) string {
 }
 
 // policyVM is the VM as the monitor knows it, for policy input.
-func policyVM(s *Spec, cfg Config, imageDigest, state string, firstLaunch time.Time, disks []policy.Device) policy.VM {
+func policyVM(s *monitor.Spec, cfg monitor.Config, imageDigest, state string, firstLaunch time.Time, disks []policy.Device) policy.VM {
 	labels := map[string]string{}
 	for k, v := range s.Labels {
 		labels[k] = v
@@ -535,20 +494,4 @@ func recordFirstLaunch(stateDir, vm string, t time.Time) error {
 		return fmt.Errorf("record first launch: %w", err)
 	}
 	return nil
-}
-
-// auditSink adapts the tamper-evident audit log to the Guard.
-type auditSink struct{ log *audit.Log }
-
-func (s auditSink) Append(ctx context.Context, rec AuditRecord) error {
-	details, err := json.Marshal(rec)
-	if err != nil {
-		return err
-	}
-	kind := audit.KindDecision
-	if rec.Kind != "policy.decision" {
-		kind = strings.ReplaceAll(rec.Kind, "policy.", "policy-")
-	}
-	_, err = s.log.Append(ctx, audit.Record{Time: rec.Time, Kind: kind, VM: rec.VMID, Actor: rec.Principal, Details: details})
-	return err
 }

@@ -1,4 +1,4 @@
-package monitor
+package launch
 
 import (
 	"context"
@@ -8,6 +8,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/umbra-cc/umbra/guard"
+	"github.com/umbra-cc/umbra/monitor"
 	"github.com/umbra-cc/umbra/policy"
 )
 
@@ -19,9 +21,9 @@ import (
 // Control is the control surface of one VM started by Launch. It is safe for
 // concurrent use.
 type Control struct {
-	vm       *VM
-	guard    *Guard
-	spec     *Spec
+	vm       *monitor.VM
+	guard    *guard.Guard
+	spec     *monitor.Spec
 	policyVM func(state string) policy.VM
 	revision string
 	launched time.Time
@@ -52,7 +54,7 @@ type Status struct {
 	PolicyRevision string        `json:"policy_revision"`
 	Spec           StatusSpec    `json:"spec"`
 	AuditSeq       uint64        `json:"audit_seq"` // sequence number of the audit log's newest record
-	Snapshot
+	monitor.Snapshot
 }
 
 // StatusSpec is the running VM's configuration.
@@ -70,7 +72,7 @@ func (c *Control) stateLocked() string {
 	switch {
 	case c.stopping:
 		return "stopping"
-	case c.vm.paused():
+	case c.vm.Paused():
 		return "suspended"
 	}
 	return "running"
@@ -111,7 +113,7 @@ func (c *Control) status(ctx context.Context) (*Status, error) {
 	return &Status{
 		VM: c.spec.Name, State: st, PID: os.Getpid(), LaunchedAt: c.launched, Uptime: time.Since(c.launched),
 		LaunchedBy: c.launcher, PolicyRevision: c.revision, AuditSeq: c.auditSeq(),
-		Spec:     StatusSpec{MemoryMiB: vm.Spec.MemoryMiB, VCPUs: int(vm.Spec.VCPUs), Image: vm.Spec.Image, Cmdline: c.vm.cfg.Cmdline},
+		Spec:     StatusSpec{MemoryMiB: vm.Spec.MemoryMiB, VCPUs: int(vm.Spec.VCPUs), Image: vm.Spec.Image, Cmdline: c.vm.Cmdline()},
 		Snapshot: *snap,
 	}, nil
 }
@@ -125,7 +127,7 @@ func (c *Control) Pause(ctx context.Context, p policy.Principal) (time.Duration,
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.stopping {
-		return 0, fmt.Errorf("%w: the VM is stopping", ErrNotRunning)
+		return 0, fmt.Errorf("%w: the VM is stopping", monitor.ErrNotRunning)
 	}
 	return c.vm.Pause(ctx)
 }
@@ -158,16 +160,16 @@ func (c *Control) Stop(ctx context.Context, p policy.Principal, force bool) erro
 	defer c.mu.Unlock()
 	if force {
 		c.stopping = true
-		c.vm.stopIfRunning(fmt.Errorf("%w (forced, by %s)", ErrStopRequested, p.ID))
+		c.vm.StopIfRunning(fmt.Errorf("%w (forced, by %s)", ErrStopRequested, p.ID))
 		return nil
 	}
 	if c.stopping {
 		return nil
 	}
 	c.stopping = true
-	if c.vm.paused() {
+	if c.vm.Paused() {
 		if err := c.vm.Resume(); err != nil {
-			c.vm.stopIfRunning(fmt.Errorf("%w (graceful, by %s; resume failed: %w)", ErrStopRequested, p.ID, err))
+			c.vm.StopIfRunning(fmt.Errorf("%w (graceful, by %s; resume failed: %w)", ErrStopRequested, p.ID, err))
 			return nil
 		}
 	}
@@ -175,8 +177,8 @@ func (c *Control) Stop(ctx context.Context, p policy.Principal, force bool) erro
 	go func() {
 		select {
 		case <-time.After(GracefulStopTimeout):
-			c.vm.stopIfRunning(fmt.Errorf("%w (graceful, by %s: the guest did not end within %v of the hangup)", ErrStopRequested, p.ID, GracefulStopTimeout))
-		case <-c.vm.ctl.ended:
+			c.vm.StopIfRunning(fmt.Errorf("%w (graceful, by %s: the guest did not end within %v of the hangup)", ErrStopRequested, p.ID, GracefulStopTimeout))
+		case <-c.vm.Ended():
 		}
 	}()
 	return nil
@@ -197,33 +199,11 @@ func (c *Control) ConsoleInput(b []byte) error {
 }
 
 // Ended is closed when the VM's run has ended.
-func (c *Control) Ended() <-chan struct{} { return c.vm.ctl.ended }
-
-// stopIfRunning stops a VM whose run has not ended; holding the mailbox lock keeps Run
-// from ending (and the vCPU from being closed) while it kicks.
-func (v *VM) stopIfRunning(err error) {
-	v.ctl.mu.Lock()
-	defer v.ctl.mu.Unlock()
-	select {
-	case <-v.ctl.ended:
-	default:
-		v.Stop(err)
-	}
-}
-
-func (v *VM) paused() bool {
-	v.ctl.mu.Lock()
-	defer v.ctl.mu.Unlock()
-	return v.ctl.paused
-}
+func (c *Control) Ended() <-chan struct{} { return c.vm.Ended() }
 
 // PrepareCloaking creates the cloaking infrastructure (appVM and the userfaultfd that
 // serves the system view) now instead of at the first registration, for a monitor that
 // is about to give up the privileges creating it needs (its jail). Call it before Run.
 func (c *Control) PrepareCloaking() error {
-	cs, err := c.vm.cloakState()
-	if err != nil {
-		return err
-	}
-	return cs.ensureInfrastructure()
+	return c.vm.PrepareCloaking()
 }
