@@ -245,6 +245,7 @@ func (f *diskFixture) runBundle(t *testing.T, want int, bundle string) (string, 
 // a flipped bit, two swapped blocks and an older block are refused at the guest's first
 // read of them, which stops the VM. Every refusal is audited.
 func TestProtectedDiskJourney(t *testing.T) {
+	t.Parallel()
 	f := newDiskFixture(t, map[string]any{"root": map[string]any{"formats": []string{"protected"}}})
 	disktest.RootImage(t, "../../testdata/linux/diskinit.c", at(f.host, "seed.raw"), 16<<20, map[string]string{"prepared.txt": "made by mke2fs\n"})
 	token := "guest-secret-" + randHex(8)
