@@ -1,14 +1,18 @@
 package monitor
 
 import (
+	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/umbra-cc/umbra/disk"
+	"github.com/umbra-cc/umbra/disk/protdisk"
 	"github.com/umbra-cc/umbra/guestimage"
 	"github.com/umbra-cc/umbra/pageprot"
 	"github.com/umbra-cc/umbra/virtio"
@@ -214,4 +218,67 @@ func TestVirtioHostileDriverOnAVM(t *testing.T) {
 	if st := d.validRead(); st != 0 {
 		t.Fatalf("without the lock the read completes with status %d", st)
 	}
+}
+
+// TestProtectedDiskTamperStopsTheVM: a protected disk block the host modified after launch
+// reaches the guest's read as an I/O error, never as data; the monitor audits it
+// (disk-tampered) and stops the VM with ErrDiskTampered.
+func TestProtectedDiskTamperStopsTheVM(t *testing.T) {
+	requireKVM(t)
+	path := filepath.Join(t.TempDir(), "p.pd")
+	key := bytes.Repeat([]byte{3}, protdisk.KeySize)
+	pd, err := protdisk.Create(path, key, 1<<20, protdisk.AnchorFunc(func(protdisk.Root) error { return nil }))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pd.Close()
+	if _, err := pd.WriteAt(bytes.Repeat([]byte("secret!!"), 512), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := pd.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	var audited []string
+	v, err := New(Config{Image: guestimage.Image(), MemorySize: 16 << 20, Disks: []Disk{{Name: "p", Backend: pd}},
+		Hooks: &Hooks{Audit: func(_ context.Context, kind string, details any) error {
+			audited = append(audited, fmt.Sprintf("%s %v", kind, details))
+			return nil
+		}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	d := &busDriver{t: t, v: v}
+	q := uint64(hostileQueue)
+	d.bringUp(q, q+0x1000, q+0x2000)
+	if st := d.validRead(); st != 0 || v.stopReason.Load() != nil {
+		t.Fatalf("untampered read: status %d, stop %v", st, v.stopReason.Load())
+	}
+	// The host flips one bit of block 0's ciphertext.
+	img, _ := os.ReadFile(path)
+	hdr, err := protdisk.ParseHeader(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, _ := os.OpenFile(path, os.O_RDWR, 0)
+	b := []byte{img[hdr.BlockOffset(0)+100] ^ 0x10}
+	f.WriteAt(b, hdr.BlockOffset(0)+100)
+	f.Close()
+	got := make([]byte, 8)
+	d.v.Memory().WritePhys(hostileBufs+0x100, make([]byte, 512))
+	if st := d.validRead(); st != 1 {
+		t.Fatalf("tampered read: status %d, want IOERR (1)", st)
+	}
+	d.v.Memory().ReadPhys(hostileBufs+0x100, got)
+	if bytes.Contains(got, []byte("secret")) {
+		t.Fatal("the guest got data from a tampered block")
+	}
+	stop := v.stopReason.Load()
+	if stop == nil || !errors.Is(*stop, ErrDiskTampered) || !errors.Is(*stop, protdisk.ErrTampered) {
+		t.Fatalf("the VM is not stopped for tampering: %v", stop)
+	}
+	if len(audited) != 1 || !strings.HasPrefix(audited[0], EventDiskTampered) {
+		t.Fatalf("audit records %q, want one %s", audited, EventDiskTampered)
+	}
+	t.Logf("stopped: %v; audited: %s", *stop, audited[0])
 }
