@@ -79,7 +79,7 @@ func (e *ProtectedDiskEnv) disk(name string) (*protectedDisk, error) {
 	}
 	return &protectedDisk{env: e, name: name, key: key, macKey: macKey,
 		path:   filepath.Join(e.StateDir, "vms", e.VM, "disks", name+".anchor"),
-		series: "disk/" + e.VM + "/" + name}, nil
+		series: "umbra-disk." + e.VM + "." + name}, nil
 }
 
 func (p *protectedDisk) mac(version uint64, root string) string {
