@@ -78,21 +78,22 @@ func (c *Control) stateLocked() string {
 	return "running"
 }
 
-// check asks the policy about action for p with the VM in its current state.
-func (c *Control) check(ctx context.Context, p policy.Principal, action policy.Action, req policy.Request) error {
+// check asks the policy, through the Guard's action method decide, about an action
+// on the VM in its current state.
+func (c *Control) check(decide func(vm policy.VM) (policy.Decision, error)) error {
 	c.mu.Lock()
 	st := c.stateLocked()
 	c.mu.Unlock()
 	if st == "stopping" {
 		st = "running"
 	}
-	_, err := c.guard.Check(ctx, p, c.policyVM(st), action, req)
+	_, err := decide(c.policyVM(st))
 	return err
 }
 
 // Inspect returns the VM's status (action inspect).
 func (c *Control) Inspect(ctx context.Context, p policy.Principal) (*Status, error) {
-	if err := c.check(ctx, p, policy.ActionInspect, policy.Request{}); err != nil {
+	if err := c.check(func(vm policy.VM) (policy.Decision, error) { return c.guard.Inspect(ctx, p, vm) }); err != nil {
 		return nil, err
 	}
 	return c.status(ctx)
@@ -121,7 +122,7 @@ func (c *Control) status(ctx context.Context) (*Status, error) {
 // Pause freezes the VM (action pause) and returns the latency from the request
 // reaching the VM to its vCPU being parked.
 func (c *Control) Pause(ctx context.Context, p policy.Principal) (time.Duration, error) {
-	if err := c.check(ctx, p, policy.ActionPause, policy.Request{}); err != nil {
+	if err := c.check(func(vm policy.VM) (policy.Decision, error) { return c.guard.Pause(ctx, p, vm) }); err != nil {
 		return 0, err
 	}
 	c.mu.Lock()
@@ -134,7 +135,7 @@ func (c *Control) Pause(ctx context.Context, p policy.Principal) (time.Duration,
 
 // Resume continues a paused VM (action resume).
 func (c *Control) Resume(ctx context.Context, p policy.Principal) error {
-	if err := c.check(ctx, p, policy.ActionResume, policy.Request{}); err != nil {
+	if err := c.check(func(vm policy.VM) (policy.Decision, error) { return c.guard.Resume(ctx, p, vm) }); err != nil {
 		return err
 	}
 	c.mu.Lock()
@@ -153,7 +154,7 @@ const GracefulStopTimeout = 10 * time.Second
 // separately (the example policy keeps it for administrators). Stop returns once the
 // stop is under way; Launch audits how the VM ended.
 func (c *Control) Stop(ctx context.Context, p policy.Principal, force bool) error {
-	if err := c.check(ctx, p, policy.ActionStop, policy.Request{Stop: &policy.Stop{Force: force}}); err != nil {
+	if err := c.check(func(vm policy.VM) (policy.Decision, error) { return c.guard.StopVM(ctx, p, vm, force) }); err != nil {
 		return err
 	}
 	c.mu.Lock()
@@ -186,7 +187,7 @@ func (c *Control) Stop(ctx context.Context, p policy.Principal, force bool) erro
 
 // OpenConsole decides a serial console attach (action console_open).
 func (c *Control) OpenConsole(ctx context.Context, p policy.Principal) error {
-	return c.check(ctx, p, policy.ActionConsoleOpen, policy.Request{Console: &policy.Console{Kind: "serial"}})
+	return c.check(func(vm policy.VM) (policy.Decision, error) { return c.guard.OpenConsole(ctx, p, vm, "serial") })
 }
 
 // ConsoleInput sends bytes to the guest's serial port. The caller must have been

@@ -31,6 +31,7 @@ import (
 	"github.com/umbra-cc/umbra/appcontext"
 	"github.com/umbra-cc/umbra/monitor/authz"
 	"github.com/umbra-cc/umbra/pageprot"
+	"github.com/umbra-cc/umbra/x86"
 )
 
 // ppID is the app's identity in page protection: its sequence number in the run
@@ -218,7 +219,7 @@ func (c *cloaking) appPageProtCall(x *cloakApp, nr uint64, a [6]uint64) (ret uin
 			c.fatalLocked(err)
 			return 0, true
 		}
-		x.thread.regs = kvmRegs(*res.Regs)
+		x.thread.regs = *res.Regs
 		return 0, true
 	}
 	if nr == pageprot.CallSet && res.Value >= 0 {
@@ -235,7 +236,7 @@ func (c *cloaking) appPageProtCall(x *cloakApp, nr uint64, a [6]uint64) (ret uin
 const ppTemporary pageprot.Deny = 0x80
 
 // rflagsTF is the trap flag: the CPU raises #DB after the next instruction.
-const rflagsTF = 1 << 8
+const rflagsTF = x86.RFLAGSTF
 
 // ppStep is a logged access in progress: the page is mapped with the guest's rights
 // until the instruction has retired (#DB from the trap flag).
@@ -264,7 +265,7 @@ func (c *cloaking) ppFault(x *cloakApp, tr appTrap) bool {
 		return false
 	}
 	regs := x.thread.regs
-	f := pageprot.Fault{Space: x.ppSpace(), Addr: va, Access: acc, Context: x.ppContext(), Regs: ppRegs(regs),
+	f := pageprot.Fault{Space: x.ppSpace(), Addr: va, Access: acc, Context: x.ppContext(), Regs: regs,
 		Insn: c.appInsn(x, regs.RIP)}
 	out := c.pp.svc.Violation(c.pp.ctx, f)
 	if c.pp.hookErr != nil {
@@ -295,7 +296,7 @@ func (c *cloaking) ppFault(x *cloakApp, tr appTrap) bool {
 			}
 		}
 		if out.Regs != nil {
-			x.thread.regs = kvmRegs(*out.Regs)
+			x.thread.regs = *out.Regs
 		}
 		c.resumeApp(x)
 	}
