@@ -21,7 +21,10 @@ func TestExportCELReadByIndependentParsers(t *testing.T) {
 	tpm := tpmtest.Simulator(t)
 	m, _ := measuredLog(t, tpm, launchEvents())
 	defer m.Close()
-	recs := m.Records()
+	recs, err := m.Records()
+	if err != nil {
+		t.Fatal(err)
+	}
 	pcr, err := eventlog.ReadPCR(tpm, 15)
 	if err != nil {
 		t.Fatal(err)
