@@ -100,11 +100,12 @@ func (c *Claims) Ref() string { return fmt.Sprintf("%x", c.ID[:8]) }
 
 // Issuer signs and redeems tickets. It is safe for concurrent use.
 type Issuer struct {
-	key  []byte
-	TTL  time.Duration    // 0: DefaultTTL; capped at MaxTTL
-	Now  func() time.Time // nil: time.Now
-	mu   sync.Mutex
-	used map[[idLen]byte]time.Time // redeemed ids until they expire
+	key   []byte
+	TTL   time.Duration    // 0: DefaultTTL; capped at MaxTTL
+	Now   func() time.Time // nil: time.Now
+	mu    sync.Mutex
+	used  map[[idLen]byte]time.Time // redeemed ids until they expire
+	swept time.Time                 // when used was last swept of expired ids
 }
 
 // NewIssuer returns an issuer with a fresh random key.
@@ -277,10 +278,15 @@ func (i *Issuer) Redeem(tok string, want Want) (Claims, error) {
 		return c, fmt.Errorf("%w: issued in the future", ErrMalformed)
 	}
 	i.mu.Lock()
-	for id, exp := range i.used {
-		if !now.Before(exp) {
-			delete(i.used, id)
+	// Expired ids are dropped at most once a second, so a redeem costs O(1)
+	// amortized however many tickets are outstanding.
+	if now.Sub(i.swept) >= time.Second {
+		for id, exp := range i.used {
+			if !now.Before(exp) {
+				delete(i.used, id)
+			}
 		}
+		i.swept = now
 	}
 	_, seen := i.used[c.ID]
 	if !seen {
