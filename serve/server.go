@@ -297,7 +297,7 @@ func (s *Server) headers(h http.Handler) http.Handler {
 		hd.Set("Strict-Transport-Security", "max-age=31536000")
 		hd.Set("Cross-Origin-Opener-Policy", "same-origin")
 		hd.Set("Cross-Origin-Resource-Policy", "same-origin")
-		if r.URL.RawQuery != "" && strings.Contains(strings.ToLower(r.URL.RawQuery), "ticket") {
+		if q := r.URL.Query(); q.Has("ticket") || strings.Contains(r.URL.RawQuery, "ut1.") || strings.Contains(q.Encode(), "ut1.") {
 			// Tickets never travel in URLs (they would reach logs and histories).
 			httpError(w, http.StatusBadRequest, "tickets are sent in request bodies, never in the URL")
 			return
@@ -409,6 +409,11 @@ func (s *Server) login(w http.ResponseWriter, r *http.Request) {
 	}
 	if err := r.ParseForm(); err != nil {
 		httpError(w, http.StatusBadRequest, "login form: "+err.Error())
+		return
+	}
+	host, _, _ := net.SplitHostPort(r.RemoteAddr)
+	if !s.limiter("login:" + host).Allow() {
+		httpError(w, http.StatusTooManyRequests, "too many login attempts; wait a second")
 		return
 	}
 	p, ok := s.cfg.Tokens.Lookup(r.PostForm.Get("token"))

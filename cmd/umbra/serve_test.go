@@ -366,6 +366,12 @@ func TestServeTicketRefusals(t *testing.T) {
 			t.Fatalf("ticket in URL: %v %v", err, resp)
 		}
 		resp.Body.Close()
+		// A filter naming a ticket kind is no ticket.
+		resp, err = c.hc.Get(s.base + "/api/v1/audit?kind=console-ticket-refused")
+		if err != nil || resp.StatusCode != 200 {
+			t.Fatalf("audit filter by a ticket kind: %v %v", err, resp)
+		}
+		resp.Body.Close()
 	})
 	t.Run("request size limit", func(t *testing.T) {
 		code, _ := a.post("/api/v1/tickets", "alice", map[string]string{"vm": strings.Repeat("x", 8<<10)})
