@@ -356,6 +356,14 @@ func (s *Server) authed(h func(http.ResponseWriter, *http.Request, authInfo)) ht
 		a, err := s.authenticate(r)
 		if err != nil {
 			s.log.Info("serve: unauthenticated request refused", "path", r.URL.Path, "remote", r.RemoteAddr, "why", err.Error())
+			// A refused ticket request is audited (as often as the address's rate
+			// allows, so it cannot flood the log).
+			host, _, _ := net.SplitHostPort(r.RemoteAddr)
+			if strings.HasPrefix(r.URL.Path, "/api/v1/tickets") || r.URL.Path == "/api/v1/console" {
+				if s.limiter("unauth:" + host).Allow() {
+					s.record(r.Context(), KindTicketRefused, "", "", map[string]any{"step": "authenticate", "reason": err.Error(), "path": r.URL.Path, "remote": r.RemoteAddr})
+				}
+			}
 			httpError(w, http.StatusUnauthorized, err.Error())
 			return
 		}

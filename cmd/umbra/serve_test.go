@@ -373,6 +373,14 @@ func TestServeTicketRefusals(t *testing.T) {
 		}
 		resp.Body.Close()
 	})
+	t.Run("unknown token", func(t *testing.T) {
+		c := s.conn("alice")
+		c.s.tokens["nobody"] = "umbra_tok_forged"
+		if code, _ := c.issue("nobody", "demo"); code != http.StatusUnauthorized {
+			t.Fatalf("unknown token: %d", code)
+		}
+		waitAudit(t, s, func(v *serve.AuditView) bool { return count(v, audit.KindConsoleTicketRefused, "unknown token") > 0 })
+	})
 	t.Run("request size limit", func(t *testing.T) {
 		code, _ := a.post("/api/v1/tickets", "alice", map[string]string{"vm": strings.Repeat("x", 8<<10)})
 		if code != http.StatusBadRequest {
