@@ -63,6 +63,11 @@ type Config struct {
 	Logger *slog.Logger
 	// TicketTTL is the tickets' lifetime (default ticket.DefaultTTL, at most a minute).
 	TicketTTL time.Duration
+	// ClientCAs, if set, authenticates clients by certificate (mutual TLS): a
+	// certificate they issued, for client authentication, makes the principal
+	// "mtls:" + its subject's common name (a-z, 0-9, '-', '_', '.'), groups its
+	// organizational units. Clients without a certificate use tokens.
+	ClientCAs *x509.CertPool
 }
 
 // Server is umbra serve.
@@ -87,7 +92,7 @@ func New(cfg Config) (*Server, error) {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	if cfg.Tokens == nil {
-		return nil, errors.New("umbra serve needs a tokens file (umbra serve token add NAME --tokens FILE)")
+		return nil, errors.New("umbra serve needs a tokens file (umbra serve token NAME --tokens FILE)")
 	}
 	if cfg.Host == "" {
 		h, err := os.Hostname()
@@ -149,6 +154,10 @@ func (s *Server) Serve(l net.Listener) error {
 		MinVersion:   tls.VersionTLS13, // the channel binding is a TLS 1.3 exporter
 		Certificates: []tls.Certificate{s.cert},
 		NextProtos:   []string{"http/1.1"}, // WebSockets need HTTP/1.1
+	}
+	if s.cfg.ClientCAs != nil {
+		tcfg.ClientCAs = s.cfg.ClientCAs
+		tcfg.ClientAuth = tls.VerifyClientCertIfGiven
 	}
 	s.srv = &http.Server{
 		Handler:           s.routes(),
@@ -313,6 +322,14 @@ const sessionCookie = "__Host-umbra_session"
 // (then a state-changing request must carry the session's CSRF token and come from
 // this server's own origin).
 func (s *Server) authenticate(r *http.Request) (authInfo, error) {
+	if r.TLS != nil && len(r.TLS.VerifiedChains) > 0 {
+		// A browser sends its certificate to any page's requests: only this
+		// server's own pages may use it.
+		if (r.Header.Get("Origin") != "" || r.Header.Get("Sec-Fetch-Site") != "") && !sameOrigin(r) {
+			return authInfo{}, errors.New("request from another origin")
+		}
+		return certPrincipal(r.TLS.VerifiedChains[0][0])
+	}
 	if h := r.Header.Get("Authorization"); h != "" {
 		tok, ok := strings.CutPrefix(h, "Bearer ")
 		if p, found := s.cfg.Tokens.Lookup(tok); ok && found {
@@ -335,6 +352,20 @@ func (s *Server) authenticate(r *http.Request) (authInfo, error) {
 		return authInfo{}, errors.New("missing or wrong CSRF token")
 	}
 	return authInfo{p: sess.p, sess: sess}, nil
+}
+
+// certPrincipal is the principal of a verified client certificate.
+func certPrincipal(c *x509.Certificate) (authInfo, error) {
+	if !validName(c.Subject.CommonName) {
+		return authInfo{}, errors.New("client certificate's common name must be 1-64 of a-z, 0-9, '-', '_', '.'")
+	}
+	groups := []string{}
+	for _, ou := range c.Subject.OrganizationalUnit {
+		if validName(ou) && len(groups) < 64 {
+			groups = append(groups, ou)
+		}
+	}
+	return authInfo{p: policy.Principal{ID: "mtls:" + c.Subject.CommonName, Groups: groups, Auth: "mtls"}}, nil
 }
 
 // sameOrigin: a browser request's Origin (or, without one, Sec-Fetch-Site) must be

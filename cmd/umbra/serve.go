@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -36,6 +37,7 @@ func runServe(ctx context.Context, env *cliEnv, args []string) int {
 	certOut := fs.String("cert-out", "", "write the generated certificate here (for clients to trust)")
 	host := fs.String("host", "", "this host's name in tickets (default: the hostname)")
 	ttl := fs.Duration("ticket-ttl", 0, "tickets' lifetime (default 30s, at most 1m)")
+	clientCA := fs.String("client-ca", "", "CA certificates (PEM) whose client certificates authenticate as mtls:CN (mutual TLS)")
 	if code, done := parseFlags(env, fs, args); done {
 		return code
 	}
@@ -61,6 +63,15 @@ func runServe(ctx context.Context, env *cliEnv, args []string) int {
 			return exitUsage
 		}
 		cfg.TLS = &c
+	}
+	if *clientCA != "" {
+		b, err := os.ReadFile(*clientCA)
+		pool := x509.NewCertPool()
+		if err != nil || !pool.AppendCertsFromPEM(b) {
+			fmt.Fprintf(env.stderr, "umbra serve: --client-ca %s: no PEM certificate (%v)\n", *clientCA, err)
+			return exitUsage
+		}
+		cfg.ClientCAs = pool
 	}
 	s, err := serve.New(cfg)
 	if err != nil {

@@ -35,9 +35,9 @@ type serveFixture struct {
 	stopped chan int
 }
 
-func newServeFixture(t *testing.T, ttl time.Duration) *serveFixture {
+func newServeFixture(t *testing.T, ttl time.Duration, extra ...string) *serveFixture {
 	requireKVMForCLI(t)
-	vms := map[string]any{"demo": map[string]any{"launchers": []string{"unix:root"}, "users": []string{"unix:root", "token:alice"}, "viewer_groups": []string{"ops"}, "admins": []string{"unix:root"}}}
+	vms := map[string]any{"demo": map[string]any{"launchers": []string{"unix:root"}, "users": []string{"unix:root", "token:alice", "mtls:carol"}, "viewer_groups": []string{"ops"}, "admins": []string{"unix:root"}}}
 	f := newControlFixture(t, vms)
 	f.launch("demo", "run=chat")
 	s := &serveFixture{t: t, f: f, tokens: map[string]string{}, stderr: &lockedBuffer{}, stopped: make(chan int, 1)}
@@ -58,6 +58,7 @@ func newServeFixture(t *testing.T, ttl time.Duration) *serveFixture {
 	if ttl > 0 {
 		args = append(args, "--ticket-ttl", ttl.String())
 	}
+	args = append(args, extra...)
 	go func() {
 		s.stopped <- runCLI(ctx, &cliEnv{stdin: strings.NewReader(""), stdout: io.Discard, stderr: s.stderr}, args)
 	}()
