@@ -119,6 +119,7 @@ measurements:
 	if code != 0 || !strings.Contains(out, "anchor:   OK   seq 3") {
 		t.Fatalf("audit verify: %d\n%s", code, out)
 	}
+	reportMatchesVerify(t, logPath, code, out, "--evidence", evPath, "--nonce", nonce)
 	code, out, _ = cli(t, "audit", "show", logPath, "--kind", "decision", "--vm", "demo")
 	if code != 0 || !strings.Contains(out, "snapshots are forbidden") || strings.Contains(out, "launch") {
 		t.Fatalf("audit show: %d\n%s", code, out)
@@ -130,6 +131,7 @@ measurements:
 	if code != 1 || !strings.Contains(out, "truncated") {
 		t.Fatalf("audit verify of a truncated log: %d\n%s", code, out)
 	}
+	reportMatchesVerify(t, logPath, code, out, "--evidence", evPath, "--nonce", nonce)
 }
 
 func must(b []byte, err error) []byte {

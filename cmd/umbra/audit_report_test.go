@@ -60,3 +60,15 @@ func TestAuditReportSameVerdictAsVerify(t *testing.T) {
 		}
 	}
 }
+
+// reportMatchesVerify writes `umbra audit report` of log with args and checks that it
+// exits as verify did (code) and carries verify's output (out) verbatim.
+func reportMatchesVerify(t *testing.T, log string, code int, out string, args ...string) {
+	t.Helper()
+	report := log + ".report.html"
+	rcode, _, errs := runUmbra(t, append([]string{"audit", "report", log, "-o", report}, args...)...)
+	page, err := os.ReadFile(report)
+	if rcode != code || err != nil || !strings.Contains(string(page), "<pre id=\"verify\">"+html.EscapeString(out)+"</pre>") {
+		t.Fatalf("audit report %v: exit %d (verify %d) %v %s\nverify said:\n%s", args, rcode, code, err, errs, out)
+	}
+}
