@@ -15,9 +15,13 @@ type Report struct {
 	OK        bool
 	// VerifyText is `umbra audit verify`'s output for the same log and evidence.
 	VerifyText string
-	Entries    []AuditEntry
-	Allow      int
-	Deny       int
+	// EvidenceText and EvidenceVerdict ("pass", "fail"; "" if not asked) are
+	// `umbra attest verify`'s output for the evidence against reference values.
+	EvidenceText    string
+	EvidenceVerdict string
+	Entries         []AuditEntry
+	Allow           int
+	Deny            int
 }
 
 // WriteReport writes r as one self-contained HTML file: no script, no external
@@ -52,7 +56,10 @@ pre{background:#f4f4f4;padding:.5em;white-space:pre-wrap}
 <h2>Verification: <span id="verdict" class="{{.Verdict}}">{{.Verdict}}</span></h2>
 <p>The same check and output as <code>umbra audit verify</code>:</p>
 <pre id="verify">{{.VerifyText}}</pre>
-<h2>Timeline</h2>
+{{if .EvidenceVerdict}}<h2>Evidence against reference values: <span id="evidence-verdict" class="{{.EvidenceVerdict}}">{{.EvidenceVerdict}}</span></h2>
+<p>The same check and output as <code>umbra attest verify</code>:</p>
+<pre id="evidence">{{.EvidenceText}}</pre>
+{{end}}<h2>Timeline</h2>
 <p>{{len .Entries}} records: {{.Allow}} ALLOW, {{.Deny}} DENY.</p>
 <table id="timeline"><thead><tr><th>Seq</th><th>Time</th><th>Kind</th><th>VM</th><th>Actor</th><th>Verdict</th><th>Summary</th></tr></thead><tbody>
 {{range .Entries}}<tr><td>{{.Seq}}</td><td>{{ts .Time}}</td><td>{{.Kind}}</td><td>{{.VM}}</td><td>{{.Actor}}</td><td class="{{.Verdict}}">{{.Verdict}}</td><td>{{.Summary}}</td></tr>

@@ -88,10 +88,12 @@ measurements:
 	if code != 0 || !strings.Contains(out, "RESULT: PASS") || !strings.Contains(out, "audit-anchor") {
 		t.Fatalf("verify good evidence: %d\n%s%s", code, out, errs)
 	}
+	evidenceReportMatches(t, logPath, out, "pass", "--evidence", evPath, "--nonce", nonce, "--reference", ref)
 	code, out, _ = cli(t, "attest", "verify", evPath, "--nonce", "ffffffffffffffffffffffffffffffff", "--reference", ref)
 	if code != 1 || !strings.Contains(out, "nonce: the quote was made for nonce") {
 		t.Fatalf("verify with wrong nonce: exit %d\n%s", code, out)
 	}
+	evidenceReportMatches(t, logPath, out, "fail", "--evidence", evPath, "--nonce", "ffffffffffffffffffffffffffffffff", "--reference", ref)
 	code, out, _ = cli(t, "attest", "verify", "--json", evPath, "--nonce", nonce, "--reference", ref)
 	var rep struct{ OK bool }
 	if code != 0 || json.Unmarshal([]byte(out), &rep) != nil || !rep.OK {

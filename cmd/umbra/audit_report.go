@@ -20,11 +20,12 @@ func auditReport(env *cliEnv, args []string) int {
 		"'umbra audit verify' (with --evidence, its TPM anchors too) and the timeline. Exit 0 pass, 1 fail, 2 usage.")
 	evPath := fs.String("evidence", "", "evidence from 'umbra attest quote' whose event log holds the log's anchors")
 	nonceHex := fs.String("nonce", "", "the nonce the evidence was made for (hex)")
+	refPath := fs.String("reference", "", "with --evidence: also verify the evidence against these reference values, as 'umbra attest verify' does")
 	out := fs.String("o", "", "the HTML file to write (required)")
 	if code, done := parseFlags(env, fs, args); done {
 		return code
 	}
-	if fs.NArg() != 1 || *out == "" {
+	if fs.NArg() != 1 || *out == "" || (*refPath != "" && *evPath == "") {
 		fs.Usage()
 		return 2
 	}
@@ -56,15 +57,25 @@ func auditReport(env *cliEnv, args []string) int {
 	if err != nil {
 		return attestFail(env, err)
 	}
+	rep := &serve.Report{Log: fs.Arg(0), Generated: time.Now(), Verdict: res.Verdict, OK: res.OK, VerifyText: text.String(), Entries: view.Entries}
+	if *refPath != "" {
+		// The evidence's verdict is exactly `umbra attest verify`'s: the same code.
+		var evText bytes.Buffer
+		code := attestVerify(&cliEnv{stdout: &evText, stderr: &evText}, []string{*evPath, "--nonce", *nonceHex, "--reference", *refPath})
+		rep.EvidenceText, rep.EvidenceVerdict = evText.String(), "pass"
+		if code != 0 {
+			rep.EvidenceVerdict, rep.OK = "fail", false
+		}
+	}
 	var html bytes.Buffer
-	if err := serve.WriteReport(&html, &serve.Report{Log: fs.Arg(0), Generated: time.Now(), Verdict: res.Verdict, OK: res.OK, VerifyText: text.String(), Entries: view.Entries}); err != nil {
+	if err := serve.WriteReport(&html, rep); err != nil {
 		return attestFail(env, err)
 	}
 	if err := os.WriteFile(*out, html.Bytes(), 0o644); err != nil {
 		return attestFail(env, err)
 	}
 	fmt.Fprintf(env.stderr, "umbra audit report: %s (%s)\n", *out, res.Verdict)
-	if !res.OK {
+	if !rep.OK {
 		return 1
 	}
 	return 0

@@ -72,3 +72,16 @@ func reportMatchesVerify(t *testing.T, log string, code int, out string, args ..
 		t.Fatalf("audit report %v: exit %d (verify %d) %v %s\nverify said:\n%s", args, rcode, code, err, errs, out)
 	}
 }
+
+// evidenceReportMatches writes a report with --reference and checks that its evidence
+// section carries `umbra attest verify`'s verdict and output (out) verbatim.
+func evidenceReportMatches(t *testing.T, log, out, verdict string, args ...string) {
+	t.Helper()
+	report := log + ".evidence.html"
+	runUmbra(t, append([]string{"audit", "report", log, "-o", report}, args...)...)
+	page, err := os.ReadFile(report)
+	p := string(page)
+	if err != nil || !strings.Contains(p, `<span id="evidence-verdict" class="`+verdict+`">`) || !strings.Contains(p, "<pre id=\"evidence\">"+html.EscapeString(out)+"</pre>") {
+		t.Fatalf("report %v: %v, want evidence verdict %s and attest verify's output:\n%s", args, err, verdict, out)
+	}
+}
