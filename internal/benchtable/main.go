@@ -47,9 +47,19 @@ var rows = []row{
 	{"system-view transition vs userfaultfd + GCM, per page", "BenchmarkCloakTransitions", "sys/raw", 0},
 	{"app-view transition vs raw appVM fault + GCM, per page", "BenchmarkCloakTransitions", "app/raw-appfault-per-page", 0},
 	{"app-view transition vs raw appVM fault-around (16 pages of walk + GCM + entry per exit), per exit", "BenchmarkCloakTransitions", "app/raw-appfault-per-exit", 0},
+	{"the same per page, in thread CPU time (less disturbed by the host's load)", "BenchmarkCloakTransitions", "app/raw-appfault-per-page-cpu", 0},
+	{"the monitor's own work per app-view transition (rule checks included) vs its raw primitives, CPU", "BenchmarkCloakServeExit", "ours/raw", 0},
 	{"Guard decision + audit append vs bare OPA + write+fsync", "BenchmarkGuardDecision", "guard/bare", 0},
 	{"audit open from checkpoint, 100k records vs 0", "BenchmarkOpenHistory", "checkpoint-100k/0", 0},
 	{"event log open from checkpoint, 100k records vs 1", "BenchmarkOpenEventLog", "checkpoint-100k/0", 0},
+	{"virtio-blk 4 KiB read request, raw disk, vs pread", "BenchmarkRequest/raw/read/4KiB", "ratio-vs-syscall", 0},
+	{"virtio-blk 1 MiB read request, raw disk, vs pread", "BenchmarkRequest/raw/read/1024KiB", "ratio-vs-syscall", 0},
+	{"virtio-blk 4 KiB write + flush request, raw disk, vs pwrite + fdatasync", "BenchmarkRequest/raw/write+flush/4KiB", "ratio-vs-syscall", 0},
+	{"virtio-blk 1 MiB write + flush request, raw disk, vs pwrite + fdatasync", "BenchmarkRequest/raw/write+flush/1024KiB", "ratio-vs-syscall", 0},
+	{"virtio-blk 4 KiB read request, protected disk, vs pread", "BenchmarkRequest/protected/read/4KiB", "ratio-vs-syscall", 0},
+	{"virtio-blk 1 MiB read request, protected disk, vs pread", "BenchmarkRequest/protected/read/1024KiB", "ratio-vs-syscall", 0},
+	{"virtio-blk 4 KiB write + flush request, protected disk, vs pwrite + fdatasync", "BenchmarkRequest/protected/write+flush/4KiB", "ratio-vs-syscall", 0},
+	{"virtio-blk 1 MiB write + flush request, protected disk, vs pwrite + fdatasync", "BenchmarkRequest/protected/write+flush/1024KiB", "ratio-vs-syscall", 0},
 }
 
 // scalingRows are the growth rates: absolute costs per unit, shown without targets.
