@@ -428,7 +428,7 @@ func collectEvidence(ctx context.Context, tpm transport.TPM, m *eventlog.Measure
 	defer a.Close()
 	ev, err := a.Collect(ctx, evidence.Options{
 		Nonce: nonce, PCRs: []int{pcr}, LogPCRs: []int{pcr},
-		ReadLog: func() ([]eventlog.Record, error) { return m.Records(), nil },
+		ReadLog: m.Records,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("attest the launch: %w", err)

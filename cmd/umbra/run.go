@@ -123,7 +123,7 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 	if *verbose {
 		log = slog.New(slog.NewTextHandler(env.stderr, nil))
 	}
-	tpm, stateDir, err := tf.open(env)
+	tpm, stateDir, err := tf.open(ctx, env)
 	if err != nil {
 		fmt.Fprintf(env.stderr, "umbra run: TPM: %v\n", err)
 		return exitNoGuestStatus
