@@ -18,7 +18,7 @@ const (
 
 	// HeaderSize, BlockHeaderSize and TrailerSize are the fixed structures' sizes.
 	HeaderSize      = 128
-	BlockHeaderSize = 64
+	BlockHeaderSize = 80
 	TrailerSize     = 48
 	// TagSize is the AES-GCM tag at the end of every sealed payload.
 	TagSize = 16
@@ -132,8 +132,8 @@ func parseHeader(b []byte) (*Header, error) {
 }
 
 // blockHeader is the cleartext header of one sealed storage block. It is the
-// block's additional data, with the file header, so none of it can change unnoticed;
-// it is cleartext so a reader can name what is wrong before it authenticates.
+// block's additional data, so none of it can change unnoticed; it is cleartext so a
+// reader can name what is wrong (a block of another snapshot, a block moved here).
 type blockHeader struct {
 	Zstd      bool
 	Index     uint32 // position of the block in the file, from 0
@@ -141,6 +141,7 @@ type blockHeader struct {
 	FirstPage uint64 // page frame number of the block's first page slot
 	Mask      uint64 // bit i: page FirstPage+i is stored in the block
 	ID        ID     // the snapshot this block was sealed for
+	Parent    ID     // that snapshot's parent (zero for a full snapshot)
 	Gen       uint64 // that snapshot's generation
 }
 
@@ -159,9 +160,10 @@ func (bh *blockHeader) marshal(b []byte) {
 	le.PutUint64(b[16:], bh.FirstPage)
 	le.PutUint64(b[24:], bh.Mask)
 	copy(b[32:48], bh.ID[:])
-	le.PutUint64(b[48:], bh.Gen)
-	le.PutUint32(b[56:], uint32(bh.plainLen()))
-	le.PutUint32(b[60:], 0)
+	copy(b[48:64], bh.Parent[:])
+	le.PutUint64(b[64:], bh.Gen)
+	le.PutUint32(b[72:], uint32(bh.plainLen()))
+	le.PutUint32(b[76:], 0)
 }
 
 // parseBlockHeader checks a block header on its own; checkBlockPlacement checks it
@@ -177,16 +179,17 @@ func parseBlockHeader(b []byte, pagesPerBlock int) (*blockHeader, error) {
 	if string(b[0:4]) != blockMagic {
 		return nil, fmt.Errorf("%w: block magic %q, want %q", ErrMalformed, b[0:4], blockMagic)
 	}
-	if b[4]&^blockFlagZstd != 0 || !allZero(b[5:8]) || !allZero(b[60:64]) {
+	if b[4]&^blockFlagZstd != 0 || !allZero(b[5:8]) || !allZero(b[76:80]) {
 		return nil, fmt.Errorf("%w: unknown block flags %#x or reserved bytes not zero", ErrMalformed, b[4])
 	}
 	bh := &blockHeader{Zstd: b[4]&blockFlagZstd != 0, Index: le.Uint32(b[8:]), StoredLen: le.Uint32(b[12:]),
-		FirstPage: le.Uint64(b[16:]), Mask: le.Uint64(b[24:]), Gen: le.Uint64(b[48:])}
+		FirstPage: le.Uint64(b[16:]), Mask: le.Uint64(b[24:]), Gen: le.Uint64(b[64:])}
 	copy(bh.ID[:], b[32:48])
+	copy(bh.Parent[:], b[48:64])
 	if err := checkBlockShape(bh.FirstPage, bh.Mask, bh.StoredLen, bh.Zstd, pagesPerBlock); err != nil {
 		return nil, fmt.Errorf("block %d: %w", bh.Index, err)
 	}
-	if pl := le.Uint32(b[56:]); int(pl) != bh.plainLen() {
+	if pl := le.Uint32(b[72:]); int(pl) != bh.plainLen() {
 		return nil, fmt.Errorf("%w: block %d says %d plaintext bytes, its mask %d pages", ErrMalformed, bh.Index, pl, bits.OnesCount64(bh.Mask))
 	}
 	return bh, nil

@@ -74,11 +74,3 @@ func nonce(domain byte, index uint64) []byte {
 func (s *sealer) headerTag(hdr []byte) []byte {
 	return s.aead.Seal(nil, nonce(domainHeader, 0), nil, hdr[:headerAuthLen])
 }
-
-// blockAD is the additional data of a block: the whole file header (snapshot ID,
-// parent ID, generations, key ID, header tag) and the block's own header (index,
-// first page, mask, lengths, ID, generation).
-func blockAD(dst, fileHeader, blockHdr []byte) []byte {
-	dst = append(dst[:0], fileHeader...)
-	return append(dst, blockHdr...)
-}

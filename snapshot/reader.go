@@ -18,8 +18,8 @@ import (
 // A Reader is safe for concurrent use (a lazy restore serves several faults at once).
 type Reader struct {
 	ra       io.ReaderAt
+	key      []byte // to name a block of another snapshot under the same key
 	s        *sealer
-	hdrBytes []byte
 	hdr      *Header
 	info     Info
 	blocks   []BlockInfo // page order
@@ -46,7 +46,7 @@ func Open(ra io.ReaderAt, size int64, key []byte) (*Reader, error) {
 		return nil, err
 	}
 	if keyID != h.KeyID {
-		return nil, fmt.Errorf("%w: snapshot %s was sealed under key %x, this host's key is %x", ErrWrongKey, h.ID, h.KeyID, keyID)
+		return nil, fmt.Errorf("%w: snapshot %s was sealed under key %x, this host's key is %x (a snapshot for another host, or its key-ID field was changed)", ErrWrongKey, h.ID, h.KeyID, keyID)
 	}
 	s, err := newSealer(key, h.ID)
 	if err != nil {
@@ -63,21 +63,26 @@ func Open(ra io.ReaderAt, size int64, key []byte) (*Reader, error) {
 	if err != nil {
 		return nil, err
 	}
-	if t.ID != h.ID {
-		return nil, fmt.Errorf("%w: the trailer is of snapshot %s, the header of %s (the end of another snapshot's file was attached)", ErrForeignBlock, t.ID, h.ID)
-	}
 	end := t.ManifestOffset + uint64(t.ManifestLen)
 	if t.ManifestOffset < HeaderSize || end != uint64(size-TrailerSize) {
-		if end > uint64(size-TrailerSize) {
-			return nil, fmt.Errorf("%w: the manifest ends at %d, past the trailer at %d", ErrTruncated, end, size-TrailerSize)
-		}
-		return nil, fmt.Errorf("%w: the manifest at %d+%d does not end where the trailer starts (%d): bytes were cut out or inserted", ErrTampered, t.ManifestOffset, t.ManifestLen, size-TrailerSize)
+		return nil, fmt.Errorf("%w: the trailer places the manifest at %d+%d, but the trailer itself is at %d: bytes were cut out or inserted, or the trailer was changed",
+			ErrTampered, t.ManifestOffset, t.ManifestLen, size-TrailerSize)
 	}
 	sealed := make([]byte, t.ManifestLen)
 	if err := readFull(ra, sealed, int64(t.ManifestOffset)); err != nil {
 		return nil, fmt.Errorf("snapshot manifest: %w", err)
 	}
-	plain, err := s.aead.Open(sealed[:0], nonce(domainManifest, 0), sealed, manifestAD(hb, tb))
+	if t.ID != h.ID {
+		// The end of another snapshot's file under the same key authenticates under
+		// that snapshot's key; anything else is a modified trailer.
+		if other, err := newSealer(key, t.ID); err == nil {
+			if _, err := other.aead.Open(nil, nonce(domainManifest, 0), sealed, tb); err == nil {
+				return nil, fmt.Errorf("%w: the trailer and manifest are of snapshot %s, the header of %s (the end of another snapshot's file was attached)", ErrForeignBlock, t.ID, h.ID)
+			}
+		}
+		return nil, fmt.Errorf("%w: the trailer names snapshot %s, the header %s, and does not authenticate", ErrTampered, t.ID, h.ID)
+	}
+	plain, err := s.aead.Open(sealed[:0], nonce(domainManifest, 0), sealed, tb)
 	if err != nil {
 		return nil, fmt.Errorf("%w: the manifest or trailer of snapshot %s does not authenticate", ErrTampered, h.ID)
 	}
@@ -92,7 +97,7 @@ func Open(ra io.ReaderAt, size int64, key []byte) (*Reader, error) {
 	if uint32(len(m.Blocks)) != t.Blocks || pages != t.Pages {
 		return nil, fmt.Errorf("%w: trailer says %d blocks and %d pages, the manifest has %d and %d", ErrMalformed, t.Blocks, t.Pages, len(m.Blocks), pages)
 	}
-	r := &Reader{ra: ra, s: s, hdrBytes: hb, hdr: h, blocks: m.Blocks, sections: m.Sections,
+	r := &Reader{ra: ra, key: bytes.Clone(key), s: s, hdr: h, blocks: m.Blocks, sections: m.Sections,
 		info: Info{ID: h.ID, Parent: h.Parent, Generation: h.Generation, ParentGeneration: h.ParentGeneration,
 			PagesPerBlock: h.PagesPerBlock, Compressed: h.Compressed, Blocks: len(m.Blocks), Pages: pages, Size: size}}
 	maxRecord := BlockHeaderSize + h.PagesPerBlock*PageSize + TagSize
@@ -174,8 +179,7 @@ func (r *Reader) ReadBlock(b BlockInfo, dst []byte) ([]byte, error) {
 		return nil, fmt.Errorf("snapshot block %d at offset %d: %w", b.Index, b.Offset, err)
 	}
 	if bh.ID != r.info.ID {
-		return nil, fmt.Errorf("%w: offset %d, where block %d (pages %d+) belongs, holds a block of snapshot %s generation %d, not of %s (or that block's ID field was modified)",
-			ErrForeignBlock, b.Offset, b.Index, b.FirstPage, bh.ID, bh.Gen, r.info.ID)
+		return nil, r.foreignBlock(b, bh, rec)
 	}
 	if int(bh.StoredLen) != b.StoredLen { // a block of another size was moved here: read it whole
 		if BlockHeaderSize+int(bh.StoredLen) > len(*bp) {
@@ -189,8 +193,7 @@ func (r *Reader) ReadBlock(b BlockInfo, dst []byte) ([]byte, error) {
 	// Authenticate the record as what it claims to be (its own index is its nonce),
 	// then check that it is what belongs here: so a modified block is named as
 	// tampered and an intact block in the wrong place as misplaced.
-	ad := blockAD(make([]byte, 0, HeaderSize+BlockHeaderSize), r.hdrBytes, rec[:BlockHeaderSize])
-	payload, err := r.s.aead.Open(rec[BlockHeaderSize:BlockHeaderSize], nonce(domainBlock, uint64(bh.Index)), rec[BlockHeaderSize:], ad)
+	payload, err := r.s.aead.Open(rec[BlockHeaderSize:BlockHeaderSize], nonce(domainBlock, uint64(bh.Index)), rec[BlockHeaderSize:], rec[:BlockHeaderSize])
 	if err != nil {
 		return nil, fmt.Errorf("%w: block %d (pages %d+, offset %d) of snapshot %s", ErrTampered, b.Index, b.FirstPage, b.Offset, r.info.ID)
 	}
@@ -198,8 +201,8 @@ func (r *Reader) ReadBlock(b BlockInfo, dst []byte) ([]byte, error) {
 		return nil, fmt.Errorf("%w: offset %d holds block %d (pages %d+), the table wants block %d (pages %d+) there",
 			ErrMisplaced, b.Offset, bh.Index, bh.FirstPage, b.Index, b.FirstPage)
 	}
-	if bh.Gen != r.info.Generation { // authentic under this snapshot's key: a writer bug
-		return nil, fmt.Errorf("%w: block %d has generation %d in snapshot generation %d", ErrMalformed, b.Index, bh.Gen, r.info.Generation)
+	if bh.Gen != r.info.Generation || bh.Parent != r.info.Parent { // authentic under this snapshot's key: a writer bug
+		return nil, fmt.Errorf("%w: block %d has generation %d, parent %s in snapshot generation %d, parent %s", ErrMalformed, b.Index, bh.Gen, bh.Parent, r.info.Generation, r.info.Parent)
 	}
 	plainLen := bh.plainLen()
 	if cap(dst) < plainLen {
@@ -219,6 +222,25 @@ func (r *Reader) ReadBlock(b BlockInfo, dst []byte) ([]byte, error) {
 		return nil, fmt.Errorf("%w: block %d decompresses to %d bytes, want %d: %v", ErrMalformed, b.Index, len(out), plainLen, err)
 	}
 	return out, nil
+}
+
+// foreignBlock names what a block that claims another snapshot's ID is: a block of
+// that snapshot under the same key (it authenticates under that snapshot's key), or a
+// modified block (it does not).
+func (r *Reader) foreignBlock(b BlockInfo, bh *blockHeader, rec []byte) error {
+	if n := BlockHeaderSize + int(bh.StoredLen); n <= cap(rec) {
+		rec = rec[:n]
+		if err := readFull(r.ra, rec[BlockHeaderSize:], b.Offset+BlockHeaderSize); err == nil {
+			if other, err := newSealer(r.key, bh.ID); err == nil {
+				if _, err := other.aead.Open(nil, nonce(domainBlock, uint64(bh.Index)), rec[BlockHeaderSize:], rec[:BlockHeaderSize]); err == nil {
+					return fmt.Errorf("%w: offset %d, where block %d (pages %d+) belongs, holds block %d of snapshot %s generation %d, not of %s",
+						ErrForeignBlock, b.Offset, b.Index, b.FirstPage, bh.Index, bh.ID, bh.Gen, r.info.ID)
+				}
+			}
+		}
+	}
+	return fmt.Errorf("%w: block %d (pages %d+, offset %d) claims to be of snapshot %s and does not authenticate",
+		ErrTampered, b.Index, b.FirstPage, b.Offset, bh.ID)
 }
 
 // ReadPage copies page into dst (PageSize bytes) and reports whether this snapshot

@@ -45,7 +45,6 @@ type Info struct {
 type Writer struct {
 	w      io.Writer
 	s      *sealer
-	hdr    []byte // the marshalled file header, part of every block's AD
 	info   Info
 	enc    *zstd.Encoder
 	ppb    int
@@ -66,7 +65,6 @@ type Writer struct {
 	sectSeen map[sectionKey]bool
 	record   []byte // block header + sealed payload, reused
 	comp     []byte // compressed payload, reused
-	ad       []byte
 }
 
 // NewWriter starts a snapshot sealed under key and writes its header to w.
@@ -104,7 +102,7 @@ func NewWriter(w io.Writer, key []byte, opt Options) (*Writer, error) {
 	}
 	hdr := h.marshal()
 	copy(hdr[headerAuthLen:], s.headerTag(hdr))
-	sw := &Writer{w: w, s: s, hdr: hdr, ppb: ppb, written: map[uint64]bool{}, sectSeen: map[sectionKey]bool{},
+	sw := &Writer{w: w, s: s, ppb: ppb, written: map[uint64]bool{}, sectSeen: map[sectionKey]bool{},
 		stage: make([]byte, ppb*PageSize),
 		info: Info{ID: h.ID, Parent: h.Parent, Generation: h.Generation, ParentGeneration: h.ParentGeneration,
 			PagesPerBlock: ppb, Compressed: opt.Compress}}
@@ -200,15 +198,14 @@ func (sw *Writer) flush() error {
 		}
 	}
 	bh := blockHeader{Zstd: zst, Index: uint32(len(sw.blocks)), StoredLen: uint32(len(payload) + TagSize),
-		FirstPage: sw.stageFirst, Mask: sw.stageMask, ID: sw.info.ID, Gen: sw.info.Generation}
+		FirstPage: sw.stageFirst, Mask: sw.stageMask, ID: sw.info.ID, Parent: sw.info.Parent, Gen: sw.info.Generation}
 	need := BlockHeaderSize + len(payload) + TagSize
 	if cap(sw.record) < need {
 		sw.record = make([]byte, need)
 	}
 	rec := sw.record[:need]
 	bh.marshal(rec[:BlockHeaderSize])
-	sw.ad = blockAD(sw.ad, sw.hdr, rec[:BlockHeaderSize])
-	sw.s.aead.Seal(rec[BlockHeaderSize:BlockHeaderSize], nonce(domainBlock, uint64(bh.Index)), payload, sw.ad)
+	sw.s.aead.Seal(rec[BlockHeaderSize:BlockHeaderSize], nonce(domainBlock, uint64(bh.Index)), payload, rec[:BlockHeaderSize])
 	offset := sw.offset
 	if err := sw.write(rec); err != nil {
 		return err
@@ -261,7 +258,7 @@ func (sw *Writer) Close() (Info, error) {
 	t := trailer{ManifestOffset: uint64(sw.offset), ManifestLen: uint32(len(plain) + TagSize),
 		Blocks: uint32(len(sw.blocks)), ID: sw.info.ID, Pages: sw.info.Pages}
 	tb := t.marshal()
-	sealed := sw.s.aead.Seal(nil, nonce(domainManifest, 0), plain, manifestAD(sw.hdr, tb))
+	sealed := sw.s.aead.Seal(nil, nonce(domainManifest, 0), plain, tb)
 	if err := sw.write(sealed); err != nil {
 		return Info{}, err
 	}
@@ -272,8 +269,4 @@ func (sw *Writer) Close() (Info, error) {
 	sw.info.Blocks = len(sw.blocks)
 	sw.info.Size = sw.offset
 	return sw.info, nil
-}
-
-func manifestAD(fileHeader, trailerBytes []byte) []byte {
-	return append(append([]byte(nil), fileHeader...), trailerBytes...)
 }
