@@ -185,8 +185,9 @@ func (sw *Writer) flush() error {
 	plain := sw.stage[:0:len(sw.stage)]
 	packed := 0
 	for m := sw.stageMask; m != 0; m &= m - 1 {
-		slot := bits.TrailingZeros64(m)
-		copy(sw.stage[packed*PageSize:(packed+1)*PageSize], sw.stage[slot*PageSize:(slot+1)*PageSize])
+		if slot := bits.TrailingZeros64(m); slot != packed {
+			copy(sw.stage[packed*PageSize:(packed+1)*PageSize], sw.stage[slot*PageSize:(slot+1)*PageSize])
+		}
 		packed++
 	}
 	plain = plain[:packed*PageSize]
