@@ -157,4 +157,3 @@ func BenchmarkBlockOpen(b *testing.B) {
 		})
 	}
 }
-
