@@ -342,6 +342,19 @@ func (c *Chain) ReadPage(page uint64, dst []byte) (bool, error) {
 	return r.ReadPage(page, dst)
 }
 
+// Replay calls fn for every page every snapshot of the chain stores, oldest snapshot
+// first, so the last call for a page gives its newest contents: an eager restore
+// writes each call into guest RAM. Each block is read (and authenticated) once; data
+// is valid only during the call. A block that fails stops the replay with its error.
+func (c *Chain) Replay(fn func(page uint64, data []byte) error) error {
+	for _, r := range c.links {
+		if err := r.EachPage(fn); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // pageSet returns every page the chain stores, ascending.
 func (c *Chain) pageSet() []uint64 {
 	var pages []uint64

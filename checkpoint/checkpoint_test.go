@@ -1,0 +1,281 @@
+package checkpoint
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"os"
+	"runtime"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/umbra-cc/umbra/kvm"
+	"github.com/umbra-cc/umbra/snapshot"
+)
+
+const ramSize = 2 << 20
+
+// counterCode keeps a counter in XMM0 and in memory at 0x3000 and reports its low byte
+// on port 0x10 (assembly in kvm/state_test.go, guestXMMCounter): a restored machine
+// continues the count only if its RAM, registers and FPU state all came back.
+var counterCode = []byte{
+	0xf3, 0x0f, 0x7f, 0x04, 0x25, 0x00, 0x30, 0x00, 0x00,
+	0x48, 0xff, 0x04, 0x25, 0x00, 0x30, 0x00, 0x00,
+	0xf3, 0x0f, 0x6f, 0x04, 0x25, 0x00, 0x30, 0x00, 0x00,
+	0x8a, 0x04, 0x25, 0x00, 0x30, 0x00, 0x00,
+	0xe6, 0x10,
+	0xeb, 0xdb,
+}
+
+func openKVM(t *testing.T) *kvm.System {
+	t.Helper()
+	if _, err := os.Stat(kvm.DevicePath); err != nil {
+		if os.Getenv("UMBRA_REQUIRE_KVM") != "" {
+			t.Fatalf("UMBRA_REQUIRE_KVM is set but KVM is unavailable: %v", err)
+		}
+		t.Skipf("skipping: %s is not available: %v", kvm.DevicePath, err)
+	}
+	sys, err := kvm.Open("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sys.Close() })
+	return sys
+}
+
+// newMachine makes a one-vCPU machine with 2 MiB of zeroed RAM, the in-kernel irqchip
+// and PIT, and CPUID set. With boot it loads the counter guest and puts the vCPU in
+// long mode at it; without, it is an empty machine to restore into. With dirty, RAM
+// logs dirty pages with manual protection.
+func newMachine(t *testing.T, sys *kvm.System, boot, dirty bool) *Machine {
+	t.Helper()
+	vm, err := sys.CreateVM()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { vm.Close() })
+	if err := vm.CreateIRQChip(); err != nil {
+		t.Fatal(err)
+	}
+	if err := vm.CreatePIT2(); err != nil {
+		t.Fatal(err)
+	}
+	var flags uint32
+	if dirty {
+		if err := vm.EnableManualDirtyLog(kvm.DirtyLogManualProtect | kvm.DirtyLogInitiallySet); err != nil {
+			t.Fatal(err)
+		}
+		flags = kvm.MemLogDirtyPages
+	}
+	mem, err := unix.Mmap(-1, 0, ramSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Munmap(mem) })
+	if err := vm.SetMemoryRegion(kvm.MemoryRegion{Slot: 0, Flags: flags, Host: mem}); err != nil {
+		t.Fatal(err)
+	}
+	cpu, err := vm.CreateVCPU(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cpu.Close() })
+	cpuid, err := sys.SupportedCPUID()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cpu.SetCPUID(cpuid); err != nil {
+		t.Fatal(err)
+	}
+	m := &Machine{VM: vm, VCPUs: []*kvm.VCPU{cpu}, RAM: []Region{{0, mem}}, IRQChip: true, PIT: true}
+	if !boot {
+		return m
+	}
+	le := binary.LittleEndian
+	le.PutUint64(mem[0x8000:], 0x9000|3)
+	le.PutUint64(mem[0x9000:], 0xa000|3)
+	le.PutUint64(mem[0xa000:], 0x80|3) // one 2 MiB page at 0
+	copy(mem[0x1000:], counterCode)
+	s, err := cpu.Sregs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	code := kvm.Segment{Limit: 0xffffffff, Selector: 8, Type: 11, Present: 1, S: 1, L: 1, G: 1}
+	data := kvm.Segment{Limit: 0xffffffff, Selector: 16, Type: 3, Present: 1, S: 1, DB: 1, G: 1}
+	s.CS, s.DS, s.ES, s.FS, s.GS, s.SS = code, data, data, data, data, data
+	s.CR3, s.CR4, s.EFER = 0x8000, 1<<5|1<<9|1<<10, 1<<8|1<<10
+	s.CR0 = 1 | 1<<4 | 1<<31
+	if err := cpu.SetSregs(s); err != nil {
+		t.Fatal(err)
+	}
+	if err := cpu.SetRegs(kvm.Regs{RIP: 0x1000, RFLAGS: 2}); err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+func count(t *testing.T, m *Machine) byte {
+	t.Helper()
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	e, err := m.VCPUs[0].Run()
+	if err != nil {
+		t.Fatal(err)
+	}
+	io, ok := e.(*kvm.ExitIO)
+	if !ok || io.Port != 0x10 {
+		t.Fatalf("exit %v, want out to port 0x10", e)
+	}
+	return io.Data[0]
+}
+
+func expectCounts(t *testing.T, m *Machine, from, to byte) {
+	t.Helper()
+	for want := from; want <= to; want++ {
+		if got := count(t, m); got != want {
+			t.Fatalf("counted %d, want %d", got, want)
+		}
+	}
+}
+
+var key = bytes.Repeat([]byte{0x5a}, snapshot.KeySize)
+
+func save(t *testing.T, m *Machine, sup kvm.StateSupport, opt snapshot.Options, dirty Pages) ([]byte, snapshot.Info, uint64) {
+	t.Helper()
+	var buf bytes.Buffer
+	w, err := snapshot.NewWriter(&buf, key, opt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := Save(w, m, sup, dirty)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := w.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes(), info, n
+}
+
+func openSnap(t *testing.T, b []byte) *snapshot.Reader {
+	t.Helper()
+	r, err := snapshot.Open(bytes.NewReader(b), int64(len(b)), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// TestSaveRestoreContinues checkpoints a running machine into a snapshot file, then
+// an incremental one from KVM's dirty log, and restores each into a new machine, which
+// continues the guest's count where the saved one was.
+func TestSaveRestoreContinues(t *testing.T) {
+	sys := openKVM(t)
+	sup, err := sys.StateSupport()
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := newMachine(t, sys, true, true)
+	expectCounts(t, a, 1, 3)
+
+	full, fullInfo, n := save(t, a, sup, snapshot.Options{Generation: 1, Compress: true}, nil)
+	t.Logf("full checkpoint: %d non-zero pages of %d, %d bytes", n, ramSize/snapshot.PageSize, len(full))
+	if n == 0 || n > 8 {
+		t.Fatalf("full checkpoint saved %d pages; the guest uses code, page tables and one data page", n)
+	}
+	if bytes.Contains(full, counterCode) {
+		t.Fatal("the snapshot file contains the guest's code in plaintext")
+	}
+	// Reference point: clear the dirty log, run on, save what changed.
+	slot := uint32(0)
+	pages := uint32(ramSize / snapshot.PageSize)
+	all := make([]uint64, pages/64)
+	for i := range all {
+		all[i] = ^uint64(0)
+	}
+	if err := a.VM.ClearDirtyLog(slot, 0, pages, all); err != nil {
+		t.Fatal(err)
+	}
+	expectCounts(t, a, 4, 5)
+	bitmap, err := a.VM.DirtyLog(slot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dirty := func(_ int, p uint64) bool { return bitmap[p/64]&(1<<(p%64)) != 0 }
+	inc, incInfo, dirtied := save(t, a, sup, snapshot.Options{Generation: 2, Parent: &fullInfo}, dirty)
+	t.Logf("incremental checkpoint: %d dirtied pages (%d bytes), file %d bytes", dirtied, dirtied*snapshot.PageSize, len(inc))
+	if dirtied != 1 || incInfo.Pages != 1 {
+		t.Fatalf("incremental checkpoint saved %d pages, want 1 (the guest writes only 0x3000)", dirtied)
+	}
+
+	// Restore the full checkpoint: the count goes on from 3.
+	b := newMachine(t, sys, false, false)
+	chain, err := snapshot.NewChain(openSnap(t, full))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Restore(chain, b); err != nil {
+		t.Fatal(err)
+	}
+	expectCounts(t, b, 4, 4)
+
+	// Restore the chain: from 5.
+	c := newMachine(t, sys, false, false)
+	chain2, err := snapshot.NewChain(openSnap(t, full), openSnap(t, inc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Restore(chain2, c); err != nil {
+		t.Fatal(err)
+	}
+	expectCounts(t, c, 6, 7)
+	// The original is unaffected by either.
+	expectCounts(t, a, 6, 6)
+}
+
+func TestRestoreRefusesAnotherMachine(t *testing.T) {
+	sys := openKVM(t)
+	sup, err := sys.StateSupport()
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := newMachine(t, sys, true, false)
+	expectCounts(t, a, 1, 1)
+	file, _, _ := save(t, a, sup, snapshot.Options{Generation: 1}, nil)
+	chain, err := snapshot.NewChain(openSnap(t, file))
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := newMachine(t, sys, false, false)
+	other.RAM[0].Host = other.RAM[0].Host[:ramSize/2]
+	if err := Restore(chain, other); err == nil || !strings.Contains(err.Error(), "RAM layout") {
+		t.Fatalf("restore into a machine with half the RAM: %v", err)
+	}
+	noChip := newMachine(t, sys, false, false)
+	noChip.IRQChip = false
+	if err := Restore(chain, noChip); err == nil || !strings.Contains(err.Error(), "in-kernel devices") {
+		t.Fatalf("restore into a machine without irqchip: %v", err)
+	}
+	// A tampered block stops the restore before its pages reach RAM.
+	bad := bytes.Clone(file)
+	r := openSnap(t, file)
+	blk := r.Blocks()[0]
+	bad[blk.Offset+snapshot.BlockHeaderSize+10] ^= 1
+	badChain, err := snapshot.NewChain(openSnap(t, bad))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fresh := newMachine(t, sys, false, false)
+	if err := Restore(badChain, fresh); !errors.Is(err, snapshot.ErrTampered) {
+		t.Fatalf("restore of a tampered snapshot: %v, want ErrTampered", err)
+	}
+	for i := int64(0); i < int64(blk.Pages()); i++ {
+		p := blk.FirstPage + uint64(i)
+		if !bytes.Equal(fresh.RAM[0].Host[p*4096:(p+1)*4096], make([]byte, 4096)) {
+			t.Fatalf("page %d of the tampered block reached RAM", p)
+		}
+	}
+}
