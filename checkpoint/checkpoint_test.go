@@ -11,23 +11,17 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/umbra-cc/umbra/internal/tinyguest"
 	"github.com/umbra-cc/umbra/kvm"
 	"github.com/umbra-cc/umbra/snapshot"
 )
 
 const ramSize = 2 << 20
 
-// counterCode keeps a counter in XMM0 and in memory at 0x3000 and reports its low byte
-// on port 0x10 (assembly in kvm/state_test.go, guestXMMCounter): a restored machine
-// continues the count only if its RAM, registers and FPU state all came back.
-var counterCode = []byte{
-	0xf3, 0x0f, 0x7f, 0x04, 0x25, 0x00, 0x30, 0x00, 0x00,
-	0x48, 0xff, 0x04, 0x25, 0x00, 0x30, 0x00, 0x00,
-	0xf3, 0x0f, 0x6f, 0x04, 0x25, 0x00, 0x30, 0x00, 0x00,
-	0x8a, 0x04, 0x25, 0x00, 0x30, 0x00, 0x00,
-	0xe6, 0x10,
-	0xeb, 0xdb,
-}
+// counterCode keeps a counter in XMM0 and at 0x3000 and reports it on port 0x10: a
+// restored machine continues the count only if its RAM, registers and FPU state all
+// came back.
+var counterCode = tinyguest.XMMCounter
 
 func openKVM(t *testing.T) *kvm.System {
 	t.Helper()

@@ -6,6 +6,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/umbra-cc/umbra/internal/tinyguest"
 )
 
 func TestStateUAPISizes(t *testing.T) {
@@ -259,22 +261,9 @@ func TestVMStateIoctlsRoundTrip(t *testing.T) {
 	}
 }
 
-// guestXMMCounter keeps a counter in XMM0 (KVM's emulator has no MOVQ between XMM and
-// general registers, so it goes through memory at 0x3000) and reports its low byte on
-// port 0x10:
-//
-//	1: movdqu %xmm0,0x3000; incq 0x3000; movdqu 0x3000,%xmm0; mov 0x3000,%al; out %al,$0x10; jmp 1b
-//
-// A restored vCPU continues the count only if its registers, FPU/XSAVE state and
-// control registers all came back.
-var guestXMMCounter = []byte{
-	0xf3, 0x0f, 0x7f, 0x04, 0x25, 0x00, 0x30, 0x00, 0x00,
-	0x48, 0xff, 0x04, 0x25, 0x00, 0x30, 0x00, 0x00,
-	0xf3, 0x0f, 0x6f, 0x04, 0x25, 0x00, 0x30, 0x00, 0x00,
-	0x8a, 0x04, 0x25, 0x00, 0x30, 0x00, 0x00,
-	0xe6, 0x10,
-	0xeb, 0xdb,
-}
+// guestXMMCounter keeps a counter in XMM0 and reports it on port 0x10
+// (tinyguest.XMMCounter).
+var guestXMMCounter = tinyguest.XMMCounter
 
 func nextCount(t *testing.T, v *testVM) byte {
 	t.Helper()
