@@ -193,35 +193,50 @@ func (r *Reader) ReadBlock(b BlockInfo, dst []byte) ([]byte, error) {
 	// Authenticate the record as what it claims to be (its own index is its nonce),
 	// then check that it is what belongs here: so a modified block is named as
 	// tampered and an intact block in the wrong place as misplaced.
-	payload, err := r.s.aead.Open(rec[BlockHeaderSize:BlockHeaderSize], nonce(domainBlock, uint64(bh.Index)), rec[BlockHeaderSize:], rec[:BlockHeaderSize])
-	if err != nil {
-		return nil, fmt.Errorf("%w: block %d (pages %d+, offset %d) of snapshot %s", ErrTampered, b.Index, b.FirstPage, b.Offset, r.info.ID)
-	}
-	if int(bh.Index) != b.Index || bh.FirstPage != b.FirstPage || bh.Mask != b.Mask || bh.Zstd != b.Zstd || int(bh.StoredLen) != b.StoredLen {
-		return nil, fmt.Errorf("%w: offset %d holds block %d (pages %d+), the table wants block %d (pages %d+) there",
-			ErrMisplaced, b.Offset, bh.Index, bh.FirstPage, b.Index, b.FirstPage)
-	}
-	if bh.Gen != r.info.Generation || bh.Parent != r.info.Parent { // authentic under this snapshot's key: a writer bug
-		return nil, fmt.Errorf("%w: block %d has generation %d, parent %s in snapshot generation %d, parent %s", ErrMalformed, b.Index, bh.Gen, bh.Parent, r.info.Generation, r.info.Parent)
-	}
 	plainLen := bh.plainLen()
 	if cap(dst) < plainLen {
 		dst = make([]byte, plainLen)
 	}
 	dst = dst[:plainLen]
+	// An uncompressed block decrypts straight into dst; a compressed one in place.
+	out := rec[BlockHeaderSize:BlockHeaderSize]
 	if !bh.Zstd {
-		copy(dst, payload)
+		out = dst[:0]
+	}
+	payload, err := r.s.aead.Open(out, nonce(domainBlock, uint64(bh.Index)), rec[BlockHeaderSize:], rec[:BlockHeaderSize])
+	if err != nil {
+		clear(dst)
+		return nil, fmt.Errorf("%w: block %d (pages %d+, offset %d) of snapshot %s", ErrTampered, b.Index, b.FirstPage, b.Offset, r.info.ID)
+	}
+	if err := r.checkAuthentic(b, bh); err != nil {
+		clear(dst) // an authentic block that does not belong here is not returned either
+		return nil, err
+	}
+	if !bh.Zstd {
 		return dst, nil
 	}
 	if r.dec == nil {
 		return nil, fmt.Errorf("%w: block %d is compressed in a snapshot whose header says none are", ErrMalformed, b.Index)
 	}
-	out, err := r.dec.DecodeAll(payload, dst[:0])
-	if err != nil || len(out) != plainLen {
+	got, err := r.dec.DecodeAll(payload, dst[:0])
+	if err != nil || len(got) != plainLen {
 		// Authentic but undecodable: the writer was faulty, not the host.
-		return nil, fmt.Errorf("%w: block %d decompresses to %d bytes, want %d: %v", ErrMalformed, b.Index, len(out), plainLen, err)
+		clear(dst)
+		return nil, fmt.Errorf("%w: block %d decompresses to %d bytes, want %d: %v", ErrMalformed, b.Index, len(got), plainLen, err)
 	}
-	return out, nil
+	return got, nil
+}
+
+// checkAuthentic checks that an authenticated block is the one the table wants here.
+func (r *Reader) checkAuthentic(b BlockInfo, bh *blockHeader) error {
+	if int(bh.Index) != b.Index || bh.FirstPage != b.FirstPage || bh.Mask != b.Mask || bh.Zstd != b.Zstd || int(bh.StoredLen) != b.StoredLen {
+		return fmt.Errorf("%w: offset %d holds block %d (pages %d+), the table wants block %d (pages %d+) there",
+			ErrMisplaced, b.Offset, bh.Index, bh.FirstPage, b.Index, b.FirstPage)
+	}
+	if bh.Gen != r.info.Generation || bh.Parent != r.info.Parent { // authentic under this snapshot's key: a writer bug
+		return fmt.Errorf("%w: block %d has generation %d, parent %s in snapshot generation %d, parent %s", ErrMalformed, b.Index, bh.Gen, bh.Parent, r.info.Generation, r.info.Parent)
+	}
+	return nil
 }
 
 // foreignBlock names what a block that claims another snapshot's ID is: a block of

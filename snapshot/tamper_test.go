@@ -178,3 +178,23 @@ func TestEveryBitFlipIsRefused(t *testing.T) {
 		})
 	}
 }
+
+// TestRefusedBlockLeavesNothingInTheBuffer: a block that authenticates but does not
+// belong where it is (swapped) decrypts, but the caller's buffer is cleared before the
+// error returns, so a caller that ignores the error still gets none of it.
+func TestRefusedBlockLeavesNothingInTheBuffer(t *testing.T) {
+	f := newTamperFixture(t)
+	b0, b1 := f.blocks[0], f.blocks[1]
+	file := bytes.Clone(f.file)
+	r0, r1 := bytes.Clone(f.record(file, b0)), bytes.Clone(f.record(file, b1))
+	copy(file[b0.Offset:], r1)
+	copy(file[b1.Offset:], r0)
+	r := open(t, file, f.key)
+	dst := bytes.Repeat([]byte{0xee}, b0.Pages()*PageSize)
+	if _, err := r.ReadBlock(b0, dst); !errors.Is(err, ErrMisplaced) {
+		t.Fatalf("ReadBlock of a swapped block: %v, want ErrMisplaced", err)
+	}
+	if !bytes.Equal(dst, make([]byte, len(dst))) {
+		t.Fatal("the refused block's plaintext is left in the caller's buffer")
+	}
+}
