@@ -102,4 +102,6 @@ bench:
 	b ./attest/eventlog '^BenchmarkOpenEventLog$$' 20x; \
 	b ./policy '^BenchmarkDecisionPerRule$$' 300x; \
 	b ./monitor '^BenchmarkCloakScaling$$' 3x; \
+	b ./snapshot '^BenchmarkBlock(Seal|Open)$$' 300x; \
+	b ./kvm '^BenchmarkMarkCOW$$' 3x; \
 	echo; $(GO) run ./internal/benchtable < $(BENCH_OUT)

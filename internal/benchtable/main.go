@@ -48,6 +48,10 @@ var rows = []row{
 	{"app-view transition vs raw appVM fault + GCM, per exit", "BenchmarkCloakTransitions", "app/raw-appfault-per-exit", 0},
 	{"Guard decision + audit append vs bare OPA + write+fsync", "BenchmarkGuardDecision", "guard/bare", 0},
 	{"audit open from checkpoint, 100k records vs 0", "BenchmarkOpenHistory", "checkpoint-100k/0", 0},
+	{"snapshot storage block seal (64 pages, no zstd) vs raw AES-256-GCM", "BenchmarkBlockSeal/raw-mixed", "ratio", 0},
+	{"snapshot storage block seal with zstd vs raw AES-256-GCM", "BenchmarkBlockSeal/zstd-mixed", "ratio", 0},
+	{"snapshot storage block read (no zstd) vs raw AES-256-GCM open", "BenchmarkBlockOpen/raw-mixed", "ratio", 0},
+	{"snapshot storage block read with zstd vs raw AES-256-GCM open", "BenchmarkBlockOpen/zstd-mixed", "ratio", 0},
 }
 
 // scalingRows are the growth rates: absolute costs per unit, shown without targets.
@@ -61,6 +65,10 @@ var scalingRows = []row{
 	{"cloaking, per cloaked app (over the same apps uncloaked)", "BenchmarkCloakScaling/per-app", "cloaking-ns/app", 0},
 	{"a cloaked run, per GiB of guest RAM", "BenchmarkCloakScaling/per-GiB", "cloaked-ms/GiB", 0},
 	{"an uncloaked run, per GiB of guest RAM", "BenchmarkCloakScaling/per-GiB", "uncloaked-ms/GiB", 0},
+	{"userfaultfd write-protect of all guest RAM, 64 MiB (ns)", "BenchmarkMarkCOW/64MiB", "uffd-wp-ns", 0},
+	{"userfaultfd write-protect of all guest RAM, 1 GiB (ns)", "BenchmarkMarkCOW/1024MiB", "uffd-wp-ns", 0},
+	{"KVM dirty log on, manual protect, 64 MiB (ns)", "BenchmarkMarkCOW/64MiB", "dirtylog-manual-ns", 0},
+	{"KVM dirty log on, manual protect, 1 GiB (ns)", "BenchmarkMarkCOW/1024MiB", "dirtylog-manual-ns", 0},
 }
 
 var (
