@@ -105,10 +105,28 @@ func Save(w *snapshot.Writer, m *Machine, sup kvm.StateSupport, dirty Pages) (ui
 // zeroed and whose vCPUs have not run. Every block is authenticated before any of it is
 // written to RAM; on an error the machine is half restored and must be discarded.
 func Restore(chain *snapshot.Chain, m *Machine) error {
+	if err := checkTarget(chain.Top(), m); err != nil {
+		return err
+	}
+	err := chain.Replay(func(page uint64, data []byte) error {
+		dst, err := m.pageAt(page)
+		if err != nil {
+			return err
+		}
+		copy(dst, data)
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("checkpoint: restore RAM: %w", err)
+	}
+	return restoreState(chain.Top(), m)
+}
+
+// checkTarget checks that m is shaped like the machine top was taken of.
+func checkTarget(top *snapshot.Reader, m *Machine) error {
 	if err := m.check(); err != nil {
 		return err
 	}
-	top := chain.Top()
 	mm, ok := top.Section(snapshot.SectionMemoryMap, sectionMemoryMap)
 	if !ok {
 		return errors.New("checkpoint: the snapshot has no memory map: not a checkpoint of a machine")
@@ -122,17 +140,11 @@ func Restore(chain *snapshot.Chain, m *Machine) error {
 			return fmt.Errorf("checkpoint: the snapshot's vCPU count differs from this machine's %d", len(m.VCPUs))
 		}
 	}
-	err := chain.Replay(func(page uint64, data []byte) error {
-		dst, err := m.pageAt(page)
-		if err != nil {
-			return err
-		}
-		copy(dst, data)
-		return nil
-	})
-	if err != nil {
-		return fmt.Errorf("checkpoint: restore RAM: %w", err)
-	}
+	return nil
+}
+
+// restoreState puts the VM and vCPU sections of top into m.
+func restoreState(top *snapshot.Reader, m *Machine) error {
 	vb, _ := top.Section(snapshot.SectionVM, sectionVM)
 	var vs kvm.VMState
 	if err := vs.UnmarshalBinary(vb); err != nil {

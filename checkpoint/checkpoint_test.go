@@ -45,6 +45,12 @@ func openKVM(t *testing.T) *kvm.System {
 // logs dirty pages with manual protection.
 func newMachine(t *testing.T, sys *kvm.System, boot, dirty bool) *Machine {
 	t.Helper()
+	return newMachineOn(t, sys, boot, dirty, nil)
+}
+
+// newMachineOn is newMachine with the given RAM (ramSize bytes; nil: fresh anonymous).
+func newMachineOn(t *testing.T, sys *kvm.System, boot, dirty bool, mem []byte) *Machine {
+	t.Helper()
 	vm, err := sys.CreateVM()
 	if err != nil {
 		t.Fatal(err)
@@ -63,11 +69,13 @@ func newMachine(t *testing.T, sys *kvm.System, boot, dirty bool) *Machine {
 		}
 		flags = kvm.MemLogDirtyPages
 	}
-	mem, err := unix.Mmap(-1, 0, ramSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
-	if err != nil {
-		t.Fatal(err)
+	if mem == nil {
+		mem, err = unix.Mmap(-1, 0, ramSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { unix.Munmap(mem) })
 	}
-	t.Cleanup(func() { unix.Munmap(mem) })
 	if err := vm.SetMemoryRegion(kvm.MemoryRegion{Slot: 0, Flags: flags, Host: mem}); err != nil {
 		t.Fatal(err)
 	}

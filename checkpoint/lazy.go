@@ -1,0 +1,190 @@
+package checkpoint
+
+import (
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"unsafe"
+
+	"github.com/umbra-cc/umbra/kvm"
+	"github.com/umbra-cc/umbra/snapshot"
+)
+
+// Lazy is a restore whose RAM comes in on demand: the vCPU and VM state are restored
+// at once, and each guest access to a page not yet there faults to Serve, which reads
+// the page's whole storage block range (authenticated), installs it in one
+// UFFDIO_COPY and wakes the vCPU, so the block's other pages cost no further fault.
+//
+// UFFDIO_COPY rather than writing through another view and UFFDIO_CONTINUE: it
+// installs fully written pages atomically, so neither the guest nor a concurrent
+// background fill can see a half-copied page (docs/snapshot.md §4.3).
+type Lazy struct {
+	chain *snapshot.Chain
+	m     *Machine
+	uffd  *kvm.Userfaultfd
+	ppb   uint64
+
+	mu        sync.Mutex
+	installed map[uint64]bool // first page of each installed block range
+	stage     []byte          // one block range, assembled
+
+	faults, ranges atomic.Uint64
+}
+
+// StartLazy restores chain's vCPU and VM state into m and registers m's RAM with uffd
+// for MISSING faults. m's RAM must be memory the process has not touched yet (a fresh
+// anonymous or memfd mapping), so every first access faults. Serve must run before
+// m's vCPUs do.
+func StartLazy(chain *snapshot.Chain, m *Machine, uffd *kvm.Userfaultfd) (*Lazy, error) {
+	top := chain.Top()
+	if err := checkTarget(top, m); err != nil {
+		return nil, err
+	}
+	ppb := uint64(top.Info().PagesPerBlock)
+	l := &Lazy{chain: chain, m: m, uffd: uffd, ppb: ppb, installed: map[uint64]bool{},
+		stage: make([]byte, ppb*snapshot.PageSize)}
+	for i, r := range m.RAM {
+		if err := uffd.Register(r.Host, kvm.UffdRegisterMissing); err != nil {
+			return nil, fmt.Errorf("checkpoint: lazy restore of RAM region %d: %w", i, err)
+		}
+	}
+	if err := restoreState(top, m); err != nil {
+		return nil, err
+	}
+	return l, nil
+}
+
+// Stats returns how many faults were served and how many block ranges installed.
+func (l *Lazy) Stats() (faults, ranges uint64) { return l.faults.Load(), l.ranges.Load() }
+
+// Serve resolves faults until stop is closed. If a fault cannot be served (a block
+// that fails authentication, a read error, a fault outside RAM), Serve calls onFail
+// with the error — the caller kicks every vCPU there and never runs them again — and
+// from then on resolves every fault, that one included, with zero pages: a vCPU
+// blocked on a fault cannot be interrupted by a signal (KVM waits killably), so it
+// must be released, and zeros reveal nothing and the guest runs at most the faulting
+// instruction before the kick takes it out of KVM_RUN. Serve returns that first error
+// (or nil) once stop is closed.
+//
+// The fault server is a goroutine of the monitor, not a separate process: if it
+// died, the userfaultfd would close and the guest would read zeros silently; here it
+// cannot die without the process, which ends the VM with it.
+func (l *Lazy) Serve(stop <-chan struct{}, onFail func(error)) error {
+	var first error
+	err := l.uffd.Serve(stop, 100, func(f kvm.UffdFault) error {
+		if first == nil {
+			err := l.resolve(f)
+			if err == nil {
+				return nil
+			}
+			first = err
+			if onFail != nil {
+				onFail(err)
+			}
+		}
+		return l.release(f)
+	})
+	if err != nil && first == nil {
+		first = err
+	}
+	return first
+}
+
+// release resolves a fault with a zero page, after a failure.
+func (l *Lazy) release(f kvm.UffdFault) error {
+	ri, off, ok := l.m.hostOffset(f.Address)
+	if !ok {
+		return fmt.Errorf("checkpoint: lazy restore: fault at host address %#x outside guest RAM", f.Address)
+	}
+	var zero [snapshot.PageSize]byte
+	return l.uffd.Copy(l.m.RAM[ri].Host[off:off+snapshot.PageSize], zero[:])
+}
+
+func (l *Lazy) resolve(f kvm.UffdFault) error {
+	l.faults.Add(1)
+	ri, off, ok := l.m.hostOffset(f.Address)
+	if !ok {
+		return fmt.Errorf("checkpoint: lazy restore: fault at host address %#x outside guest RAM", f.Address)
+	}
+	r := l.m.RAM[ri]
+	page := (r.GuestPhys + off) / snapshot.PageSize
+	first := page - page%l.ppb
+	// The block range, clipped to the region.
+	lo := max(first*snapshot.PageSize, r.GuestPhys)
+	hi := min((first+l.ppb)*snapshot.PageSize, r.GuestPhys+uint64(len(r.Host)))
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	dst := r.Host[lo-r.GuestPhys : hi-r.GuestPhys]
+	if l.installed[first] {
+		return l.uffd.Wake(dst) // a second fault in a range being or just installed
+	}
+	stage := l.stage[:hi-lo]
+	clear(stage)
+	var cache blockRead
+	for gpa := lo; gpa < hi; gpa += snapshot.PageSize {
+		p := gpa / snapshot.PageSize
+		src, b, ok := l.chain.Resolve(p)
+		if !ok {
+			continue // stored nowhere: zero
+		}
+		data, err := cache.page(src, b, p)
+		if err != nil {
+			return fmt.Errorf("checkpoint: lazy restore of page %#x: %w", gpa, err)
+		}
+		copy(stage[gpa-lo:], data)
+	}
+	// Counted before the copy, which wakes the vCPU: a failed copy ends the restore.
+	l.installed[first] = true
+	l.ranges.Add(1)
+	if err := l.uffd.Copy(dst, stage); err != nil {
+		return fmt.Errorf("checkpoint: lazy restore: install pages %#x-%#x: %w", lo, hi-1, err)
+	}
+	return nil
+}
+
+// blockRead keeps the blocks one fault has read (a range of an incremental chain can
+// take pages from several snapshots' blocks).
+type blockRead struct{ reads []readBlock }
+
+type readBlock struct {
+	r    *snapshot.Reader
+	b    snapshot.BlockInfo
+	data []byte
+}
+
+func (c *blockRead) page(r *snapshot.Reader, b snapshot.BlockInfo, page uint64) ([]byte, error) {
+	for _, e := range c.reads {
+		if e.r == r && e.b.Index == b.Index {
+			return pageOf(e.data, b, page), nil
+		}
+	}
+	data, err := r.ReadBlock(b, nil)
+	if err != nil {
+		return nil, err
+	}
+	c.reads = append(c.reads, readBlock{r, b, data})
+	return pageOf(data, b, page), nil
+}
+
+// pageOf returns page's bytes in the packed pages of block b.
+func pageOf(data []byte, b snapshot.BlockInfo, page uint64) []byte {
+	slot := page - b.FirstPage
+	i := 0
+	for m := b.Mask & (1<<slot - 1); m != 0; m &= m - 1 {
+		i++
+	}
+	return data[i*snapshot.PageSize : (i+1)*snapshot.PageSize]
+}
+
+// hostOffset finds the RAM region holding host address addr and the offset in it.
+func (m *Machine) hostOffset(addr uint64) (int, uint64, bool) {
+	for i, r := range m.RAM {
+		base := hostAddr(r.Host)
+		if addr >= base && addr-base < uint64(len(r.Host)) {
+			return i, (addr - base) &^ (snapshot.PageSize - 1), true
+		}
+	}
+	return 0, 0, false
+}
+
+func hostAddr(b []byte) uint64 { return uint64(uintptr(unsafe.Pointer(&b[0]))) }
