@@ -119,6 +119,14 @@ func (l *Lazy) resolve(f kvm.UffdFault) error {
 		return l.uffd.Wake(dst) // a second fault in a range being or just installed
 	}
 	stage := l.stage[:hi-lo]
+	// The usual case: the newest snapshot holding the range's first page stores the
+	// whole range in one block, which then decrypts straight into the staging buffer.
+	if src, b, ok := l.chain.Resolve(first); ok && b.FirstPage == first && b.Pages() == int(l.ppb) && uint64(len(stage)) == l.ppb*snapshot.PageSize {
+		if _, err := src.ReadBlock(b, stage); err != nil {
+			return fmt.Errorf("checkpoint: lazy restore of page %#x: %w", page*snapshot.PageSize, err)
+		}
+		return l.install(first, dst, stage, lo, hi)
+	}
 	clear(stage)
 	var cache blockRead
 	for gpa := lo; gpa < hi; gpa += snapshot.PageSize {
@@ -133,6 +141,11 @@ func (l *Lazy) resolve(f kvm.UffdFault) error {
 		}
 		copy(stage[gpa-lo:], data)
 	}
+	return l.install(first, dst, stage, lo, hi)
+}
+
+// install copies the assembled range into RAM and wakes the faulting vCPUs.
+func (l *Lazy) install(first uint64, dst, stage []byte, lo, hi uint64) error {
 	// Counted before the copy, which wakes the vCPU: a failed copy ends the restore.
 	l.installed[first] = true
 	l.ranges.Add(1)
