@@ -94,7 +94,7 @@ bench:
 	b ./monitor '^BenchmarkCloakAppRun$$' 5x; \
 	b ./monitor '^BenchmarkCloakTransitions$$' 200x; \
 	b ./monitor '^BenchmarkPageProt(Cloaked)?Violation$$' 2000x; \
-	b ./monitor '^BenchmarkGuardDecision$$' 200x; \
+	b ./guard '^BenchmarkGuardDecision$$' 200x; \
 	b ./cmd/umbra '^BenchmarkRun(History|Cloaked)$$' 5x; \
 	b ./sealing '^BenchmarkSealing$$//^seal$$' 50x; \
 	b ./attest/verify '^BenchmarkQuote$$' 100x; \

@@ -14,8 +14,9 @@
 //   - the syscall marshalling table and planner that copy buffer arguments
 //     between cloaked memory and an uncloaked bounce area, and check the
 //     kernel's results for lies;
-//   - cloaked thread contexts and the register scrubbing that decides what
-//     the kernel sees of a thread that makes a system call.
+//   - the register set (Regs) and the RFLAGS the kernel sees of a parked app
+//     (ScrubbedRFLAGS). The monitor keeps a cloaked thread's registers and
+//     XSAVE state itself (monitor/cloak*.go).
 //
 // Every byte and register value that comes from the guest is treated as
 // hostile: decoders validate everything, never panic, and return errors that

@@ -128,12 +128,6 @@ var syscallTable = map[uint64]*Syscall{
 	SysOpenat:       {Nr: SysOpenat, Name: "openat", Args: args(scalar(), path(), scalar(), scalar()), Result: ResultFD},
 }
 
-// LookupSyscall returns the table entry for nr.
-func LookupSyscall(nr uint64) (*Syscall, bool) {
-	s, ok := syscallTable[nr]
-	return s, ok
-}
-
 // Copy is one buffer copy between the caller's memory and the bounce area.
 type Copy struct {
 	Arg    int    // which argument

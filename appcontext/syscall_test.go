@@ -148,65 +148,6 @@ func equalCopies(a, b []Copy) bool {
 	return true
 }
 
-func TestScrub(t *testing.T) {
-	p := testPlanner(t)
-	app := Regs{RAX: SysWrite, RBX: 0xb, RCX: 0xc, RDI: 1, RSI: 0x600100, RDX: 5, RSP: 0x7ff000007000,
-		RBP: 0xbb, R8: 8, R9: 9, R10: 10, R11: 11, R12: 12, R13: 13, R14: 14, R15: 15, RIP: 0x401234, RFLAGS: 0x246}
-	pl, err := p.Plan(&app)
-	if err != nil {
-		t.Fatal(err)
-	}
-	got := ScrubForSyscall(&pl, 0x500000)
-	want := Regs{RAX: SysWrite, RDI: 1, RSI: bounceVA, RDX: 5, RIP: 0x500000, RSP: 0x501000, RFLAGS: ScrubbedRFLAGS}
-	if got != want {
-		t.Fatalf("scrubbed = %+v\nwant %+v", got, want)
-	}
-	if f := ScrubForFault(0x600123, true, 0x500000); f != (Regs{RDI: 0x600123, RSI: 1, RIP: 0x500040, RSP: 0x501000, RFLAGS: ScrubbedRFLAGS}) {
-		t.Fatalf("fault regs = %+v", f)
-	}
-
-	ctx, err := NewThreadContext(1024)
-	if err != nil {
-		t.Fatal(err)
-	}
-	xs := make([]byte, 1024)
-	xs[160] = 0x42 // an XMM register byte
-	if err := ctx.Save(&app, 0x7000, 0x8000, xs); err != nil {
-		t.Fatal(err)
-	}
-	r := ctx.ResumeAfterSyscall(5)
-	if r.RAX != 5 || r.RCX != app.RIP || r.R11 != app.RFLAGS || r.RBX != 0xb || r.R15 != 15 || r.RSP != app.RSP {
-		t.Fatalf("resume regs = %+v", r)
-	}
-	if err := ctx.Save(&app, 0, 0, make([]byte, 512)); err == nil {
-		t.Fatal("Save accepted a short XSAVE area")
-	}
-	for _, n := range []int{0, 512, 1000, MaxXSaveSize + 64} {
-		if _, err := NewThreadContext(n); err == nil {
-			t.Errorf("NewThreadContext(%d) succeeded", n)
-		}
-	}
-	if err := ScrubbedXSave(xs); err != nil || xs[160] != 0 || xs[0] != 0x7f || xs[24] != 0x80 || xs[25] != 0x1f {
-		t.Fatalf("ScrubbedXSave: %v", err)
-	}
-	if ScrubbedXSave(xs[:100]) == nil {
-		t.Fatal("ScrubbedXSave accepted a short area")
-	}
-	ctx.Zeroize()
-	if ctx.Regs != (Regs{}) || ctx.FSBase != 0 || !allZero(ctx.XSave) {
-		t.Fatal("Zeroize left state")
-	}
-}
-
-func allZero(b []byte) bool {
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
-}
-
 // TestCompleteMemoryResults: brk and mmap results are checked against what the app
 // asked for and what it owns: a break moves only where asked (a lower one only
 // when asked), a first break lies in the heap, a new mapping overlaps neither

@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+
+	"github.com/umbra-cc/umbra/x86"
 )
 
 // PhysReader reads guest-physical memory. It fails for addresses outside
@@ -38,12 +40,12 @@ const (
 
 // Page-table entry bits.
 const (
-	pteP   = 1 << 0
-	pteRW  = 1 << 1
-	pteUS  = 1 << 2
-	ptePS  = 1 << 7
-	pteNX  = 1 << 63
-	pteMax = 1<<52 - 1 // bits an address field may ever use
+	pteP   = x86.PTEPresent
+	pteRW  = x86.PTEWrite
+	pteUS  = x86.PTEUser
+	ptePS  = x86.PTEPageSize
+	pteNX  = x86.PTENX
+	pteMax = x86.PTEMaxAddr // bits an address field may ever use
 )
 
 // Paging describes the guest's paging configuration (from CR0, CR4, EFER and

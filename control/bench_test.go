@@ -8,7 +8,7 @@ import (
 	"time"
 
 	"github.com/umbra-cc/umbra/kvm"
-	"github.com/umbra-cc/umbra/monitor"
+	"github.com/umbra-cc/umbra/launch"
 	"github.com/umbra-cc/umbra/sealing/tpmsim"
 )
 
@@ -30,26 +30,26 @@ func launchServed(b *testing.B) *Client {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { tpm.Close() })
-	src, err := monitor.DemoSource(ctx)
+	src, err := launch.DemoSource(ctx)
 	if err != nil {
 		b.Fatal(err)
 	}
-	principal, err := monitor.LocalPrincipal()
+	principal, err := launch.LocalPrincipal()
 	if err != nil {
 		b.Fatal(err)
 	}
 	cfg := src.Config()
 	cfg.Cmdline, cfg.Timeout = "run=chat", -1
-	attached := make(chan *monitor.Control, 1)
+	attached := make(chan *launch.Control, 1)
 	ended := make(chan error, 1)
 	go func() {
-		_, err := monitor.Launch(ctx, monitor.LaunchConfig{
+		_, err := launch.Launch(ctx, launch.LaunchConfig{
 			Run: cfg, Spec: src.Spec, SpecBytes: src.SpecBytes, Policy: src.Policy, PolicyDigest: src.PolicyDigest,
-			Principal: principal, TPM: tpm, StateDir: dir, Attach: func(c *monitor.Control) { attached <- c },
+			Principal: principal, TPM: tpm, StateDir: dir, Attach: func(c *launch.Control) { attached <- c },
 		})
 		ended <- err
 	}()
-	var c *monitor.Control
+	var c *launch.Control
 	select {
 	case c = <-attached:
 	case err := <-ended:

@@ -12,7 +12,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/umbra-cc/umbra/monitor"
+	"github.com/umbra-cc/umbra/launch"
 )
 
 // maxResponseBytes bounds a response the client reads (inspect of a VM with many
@@ -107,8 +107,8 @@ func (c *Client) Ping(ctx context.Context) (*PingResult, error) {
 }
 
 // Inspect returns the VM's status.
-func (c *Client) Inspect(ctx context.Context) (*monitor.Status, error) {
-	var st monitor.Status
+func (c *Client) Inspect(ctx context.Context) (*launch.Status, error) {
+	var st launch.Status
 	return &st, c.do(ctx, http.MethodGet, PathVM, nil, &st)
 }
 

@@ -5,11 +5,11 @@ import (
 	"io"
 	"strings"
 
-	"github.com/umbra-cc/umbra/monitor"
+	"github.com/umbra-cc/umbra/launch"
 )
 
 // WriteMetrics writes st in the Prometheus text exposition format (version 0.0.4).
-func WriteMetrics(w io.Writer, st *monitor.Status) error {
+func WriteMetrics(w io.Writer, st *launch.Status) error {
 	vm := `vm="` + escapeLabel(st.VM) + `"`
 	var b strings.Builder
 	metric := func(name, typ, help string, samples ...sample) {

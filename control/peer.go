@@ -80,7 +80,7 @@ func peerGroups(fd int) ([]uint32, error) {
 }
 
 // Principal is the policy principal of a peer: "unix:NAME" for its uid (as
-// monitor.LocalPrincipal names the user who launches), and the names of its primary
+// launch.LocalPrincipal names the user who launches), and the names of its primary
 // and supplementary groups, authenticated "unix-peer". IDs without a name in the
 // host's user or group database are given as "uid:N" and "gid:N".
 func (p Peer) Principal() policy.Principal {

@@ -14,15 +14,17 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/umbra-cc/umbra/guard"
+	"github.com/umbra-cc/umbra/launch"
 	"github.com/umbra-cc/umbra/monitor"
 	"github.com/umbra-cc/umbra/policy"
 )
 
-// Target is what the server controls; *monitor.Control implements it. Every method but
+// Target is what the server controls; *launch.Control implements it. Every method but
 // Name and ConsoleInput asks the policy for the principal it is given.
 type Target interface {
 	Name() string
-	Inspect(ctx context.Context, p policy.Principal) (*monitor.Status, error)
+	Inspect(ctx context.Context, p policy.Principal) (*launch.Status, error)
 	Pause(ctx context.Context, p policy.Principal) (time.Duration, error)
 	Resume(ctx context.Context, p policy.Principal) error
 	Stop(ctx context.Context, p policy.Principal, force bool) error
@@ -216,11 +218,11 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 }
 
 func writeTargetError(w http.ResponseWriter, err error) {
-	var denied *monitor.DeniedError
+	var denied *guard.DeniedError
 	switch {
 	case errors.As(err, &denied):
 		writeError(w, http.StatusForbidden, "denied", err.Error(), &denied.Decision)
-	case errors.Is(err, monitor.ErrAuditFailed):
+	case errors.Is(err, guard.ErrAuditFailed):
 		writeError(w, http.StatusServiceUnavailable, "audit_failed", err.Error(), nil)
 	case errors.Is(err, monitor.ErrPauseState):
 		writeError(w, http.StatusConflict, "conflict", err.Error(), nil)

@@ -9,4 +9,7 @@
 //
 // The package knows nothing about the program using it: no policy, no crypto, no
 // guest formats. Every ioctl error is returned wrapped with the ioctl's name.
+//
+// It is built only for linux && amd64, and all its unsafe code (pointers to ioctl
+// arguments, the mapped run page, count-prefixed ABI arrays) is in kvm_unsafe.go.
 package kvm

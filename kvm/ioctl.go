@@ -1,8 +1,9 @@
+//go:build linux && amd64
+
 package kvm
 
 import (
 	"fmt"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -31,7 +32,6 @@ func kvmIOW(nr, size uintptr) uintptr    { return iow(kvmio, nr, size) }
 func kvmIOWR(nr, size uintptr) uintptr   { return iowr(kvmio, nr, size) }
 func uffdIOR(nr, size uintptr) uintptr   { return ior(uffdio, nr, size) }
 func uffdIOWR(nr, size uintptr) uintptr  { return iowr(uffdio, nr, size) }
-func sizeOf[T any]() uintptr             { var v T; return unsafe.Sizeof(v) }
 
 var (
 	ioctlGetAPIVersion       = kvmIO(0x00)
@@ -67,20 +67,6 @@ var (
 	ioctlGetStatsFD          = kvmIO(0xce)
 	ioctlSetXSAVE            = kvmIOW(0xa5, sizeOf[XSAVE]())
 )
-
-// ioctlPtr issues an ioctl whose argument is a pointer and names it in the error.
-func ioctlPtr(fd int, name string, req uintptr, arg unsafe.Pointer) (int, error) {
-	for {
-		r, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, uintptr(arg))
-		if errno == unix.EINTR {
-			continue
-		}
-		if errno != 0 {
-			return int(r), fmt.Errorf("%s: %w", name, errno)
-		}
-		return int(r), nil
-	}
-}
 
 // ioctlVal issues an ioctl whose argument is an integer.
 func ioctlVal(fd int, name string, req uintptr, arg uintptr) (int, error) {

@@ -1,8 +1,9 @@
+//go:build linux && amd64
+
 package kvm
 
 import (
 	"encoding/binary"
-	"unsafe"
 )
 
 // LAPICState is struct kvm_lapic_state: the local APIC's 4 KiB register page, of
@@ -26,6 +27,6 @@ func (s *LAPICState) Reg(off int) uint32 {
 // at the call, so it says how long the guest's own timer has left to run.
 func (c *VCPU) LAPIC() (*LAPICState, error) {
 	s := new(LAPICState)
-	_, err := ioctlPtr(c.fd, "KVM_GET_LAPIC", ioctlGetLAPIC, unsafe.Pointer(s))
+	_, err := ioctlArg(c.fd, "KVM_GET_LAPIC", ioctlGetLAPIC, s)
 	return s, err
 }

@@ -1,10 +1,11 @@
+//go:build linux && amd64
+
 package kvm
 
 import (
 	"encoding/binary"
 	"fmt"
 	"sync/atomic"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -26,7 +27,7 @@ func (c *VCPU) CompleteMMIO(data uint64) error {
 	if r.Exit[20] == 0 { // a load: supply its data
 		binary.LittleEndian.PutUint64(r.Exit[8:16], data)
 	}
-	word := (*uint32)(unsafe.Pointer(r))
+	word := immediateExit(r)
 	atomic.StoreUint32(word, 1<<8) // immediate_exit = 1
 	_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(c.fd), ioctlRun, 0)
 	// A concurrent Kick also sets kicked, which the next Run honours, so clearing

@@ -1,3 +1,5 @@
+//go:build linux && amd64
+
 package kvm
 
 import (
@@ -5,7 +7,6 @@ import (
 	"fmt"
 	"os"
 	"strings"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -116,7 +117,7 @@ func Open(path string) (*System, error) {
 		unix.Close(fd)
 		return nil, err
 	}
-	if n < int(unsafe.Sizeof(runHeader{})) {
+	if n < int(sizeOf[runHeader]()) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("kvm: vCPU mmap size %d is smaller than struct kvm_run", n)
 	}
@@ -166,18 +167,18 @@ func (s *System) Require(caps ...Capability) error {
 // SupportedCPUID returns KVM_GET_SUPPORTED_CPUID: the CPUID leaves KVM can present.
 func (s *System) SupportedCPUID() ([]CPUIDEntry, error) {
 	for n := 64; n <= 4096; n *= 2 {
-		buf := make([]byte, 8+n*int(unsafe.Sizeof(CPUIDEntry{})))
-		*(*uint32)(unsafe.Pointer(&buf[0])) = uint32(n)
-		_, err := ioctlPtr(s.fd, "KVM_GET_SUPPORTED_CPUID", ioctlGetSupportedCPUID, unsafe.Pointer(&buf[0]))
+		buf := make([]byte, 8+n*int(sizeOf[CPUIDEntry]()))
+		setCount(buf, n)
+		_, err := ioctlArg(s.fd, "KVM_GET_SUPPORTED_CPUID", ioctlGetSupportedCPUID, &buf[0])
 		if errors.Is(err, unix.E2BIG) {
 			continue
 		}
 		if err != nil {
 			return nil, err
 		}
-		got := int(*(*uint32)(unsafe.Pointer(&buf[0])))
+		got := count(buf)
 		entries := make([]CPUIDEntry, got)
-		copy(entries, unsafe.Slice((*CPUIDEntry)(unsafe.Pointer(&buf[8])), got))
+		copy(entries, entriesAt[CPUIDEntry](buf, 8, got))
 		return entries, nil
 	}
 	return nil, errors.New("KVM_GET_SUPPORTED_CPUID: more than 4096 entries")

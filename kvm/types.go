@@ -1,11 +1,12 @@
+//go:build linux && amd64
+
 package kvm
 
-// Regs is struct kvm_regs: the general-purpose registers, RIP and RFLAGS.
-type Regs struct {
-	RAX, RBX, RCX, RDX, RSI, RDI, RSP, RBP uint64
-	R8, R9, R10, R11, R12, R13, R14, R15   uint64
-	RIP, RFLAGS                            uint64
-}
+import "github.com/umbra-cc/umbra/x86"
+
+// Regs is struct kvm_regs: the general-purpose registers, RIP and RFLAGS, declared
+// once in package x86.
+type Regs = x86.Regs
 
 // Segment is struct kvm_segment.
 type Segment struct {
@@ -43,7 +44,7 @@ type Sregs struct {
 }
 
 // CPL returns the current privilege level, the RPL of CS.
-func (s *Sregs) CPL() uint8 { return uint8(s.CS.Selector & 3) }
+func (s *Sregs) CPL() uint8 { return x86.SelectorRPL(s.CS.Selector) }
 
 // FPU is struct kvm_fpu: the legacy x87 and SSE state.
 type FPU struct {

@@ -1,9 +1,10 @@
+//go:build linux && amd64
+
 package kvm
 
 import (
 	"errors"
 	"fmt"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -84,7 +85,7 @@ func NewUserfaultfd(features uint64) (*Userfaultfd, error) {
 		return nil, fmt.Errorf("userfaultfd: %w", errno)
 	}
 	api := struct{ API, Features, Ioctls uint64 }{API: uffdAPI, Features: features}
-	if _, err := ioctlPtr(int(fd), "UFFDIO_API", ioctlUffdAPI, unsafe.Pointer(&api)); err != nil {
+	if _, err := ioctlArg(int(fd), "UFFDIO_API", ioctlUffdAPI, &api); err != nil {
 		unix.Close(int(fd))
 		return nil, fmt.Errorf("%w (requested features %#x)", err, features)
 	}
@@ -103,7 +104,7 @@ func (u *Userfaultfd) FD() int { return u.fd }
 func (u *Userfaultfd) Close() error { return unix.Close(u.fd) }
 
 func rangeOf(mem []byte) (start, length uint64) {
-	return uint64(uintptr(unsafe.Pointer(&mem[0]))), uint64(len(mem))
+	return addrOf(mem), uint64(len(mem))
 }
 
 func checkRange(op string, mem []byte) error {
@@ -125,7 +126,7 @@ func (u *Userfaultfd) Register(mem []byte, modes uint64) error {
 	}
 	start, n := rangeOf(mem)
 	reg := struct{ Start, Len, Mode, Ioctls uint64 }{start, n, modes, 0}
-	_, err := ioctlPtr(u.fd, fmt.Sprintf("UFFDIO_REGISTER %#x+%#x modes %#x", start, n, modes), ioctlUffdRegister, unsafe.Pointer(&reg))
+	_, err := ioctlArg(u.fd, fmt.Sprintf("UFFDIO_REGISTER %#x+%#x modes %#x", start, n, modes), ioctlUffdRegister, &reg)
 	return err
 }
 
@@ -136,7 +137,7 @@ func (u *Userfaultfd) Unregister(mem []byte) error {
 	}
 	start, n := rangeOf(mem)
 	r := struct{ Start, Len uint64 }{start, n}
-	_, err := ioctlPtr(u.fd, "UFFDIO_UNREGISTER", ioctlUffdUnregister, unsafe.Pointer(&r))
+	_, err := ioctlArg(u.fd, "UFFDIO_UNREGISTER", ioctlUffdUnregister, &r)
 	return err
 }
 
@@ -147,7 +148,7 @@ var ErrNoFault = errors.New("userfaultfd: no fault pending")
 // none is pending. Non-fault events (fork, remap, remove, unmap) are skipped.
 func (u *Userfaultfd) ReadFault() (UffdFault, error) {
 	var msg uffdMsg
-	buf := unsafe.Slice((*byte)(unsafe.Pointer(&msg)), unsafe.Sizeof(msg))
+	buf := bytesOf(&msg)
 	for {
 		n, err := unix.Read(u.fd, buf)
 		if errors.Is(err, unix.EAGAIN) {
@@ -196,7 +197,7 @@ func (u *Userfaultfd) Continue(mem []byte) error {
 		Start, Len, Mode uint64
 		Mapped           int64
 	}{Start: start, Len: n}
-	_, err := ioctlPtr(u.fd, fmt.Sprintf("UFFDIO_CONTINUE %#x+%#x", start, n), ioctlUffdContinue, unsafe.Pointer(&c))
+	_, err := ioctlArg(u.fd, fmt.Sprintf("UFFDIO_CONTINUE %#x+%#x", start, n), ioctlUffdContinue, &c)
 	if errors.Is(err, unix.EEXIST) {
 		// Another fault on the same page was resolved first: the page is mapped.
 		return u.Wake(mem)
@@ -225,8 +226,8 @@ func (u *Userfaultfd) copy(dst, src []byte, mode uint64) error {
 	c := struct {
 		Dst, Src, Len, Mode uint64
 		Copied              int64
-	}{Dst: start, Src: uint64(uintptr(unsafe.Pointer(&src[0]))), Len: n, Mode: mode}
-	_, err := ioctlPtr(u.fd, fmt.Sprintf("UFFDIO_COPY %#x+%#x mode %#x", start, n, mode), ioctlUffdCopy, unsafe.Pointer(&c))
+	}{Dst: start, Src: addrOf(src), Len: n, Mode: mode}
+	_, err := ioctlArg(u.fd, fmt.Sprintf("UFFDIO_COPY %#x+%#x mode %#x", start, n, mode), ioctlUffdCopy, &c)
 	if errors.Is(err, unix.EEXIST) {
 		return u.Wake(dst) // resolved by a concurrent fault: the page is there
 	}
@@ -244,7 +245,7 @@ func (u *Userfaultfd) WriteProtect(mem []byte, protect bool) error {
 	if protect {
 		w.Mode = uffdWPModeWP
 	}
-	_, err := ioctlPtr(u.fd, fmt.Sprintf("UFFDIO_WRITEPROTECT %#x+%#x wp=%v", start, n, protect), ioctlUffdWriteProtect, unsafe.Pointer(&w))
+	_, err := ioctlArg(u.fd, fmt.Sprintf("UFFDIO_WRITEPROTECT %#x+%#x wp=%v", start, n, protect), ioctlUffdWriteProtect, &w)
 	return err
 }
 
@@ -255,7 +256,7 @@ func (u *Userfaultfd) Wake(mem []byte) error {
 	}
 	start, n := rangeOf(mem)
 	r := struct{ Start, Len uint64 }{start, n}
-	_, err := ioctlPtr(u.fd, "UFFDIO_WAKE", ioctlUffdWake, unsafe.Pointer(&r))
+	_, err := ioctlArg(u.fd, "UFFDIO_WAKE", ioctlUffdWake, &r)
 	return err
 }
 

@@ -1,10 +1,11 @@
+//go:build linux && amd64
+
 package kvm
 
 import (
 	"fmt"
 	"testing"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -31,7 +32,7 @@ func serveFaults(t *testing.T, u *Userfaultfd, stop <-chan struct{}, resolve fun
 }
 
 func pageAt(mem []byte, addr uint64) []byte {
-	base := uint64(uintptr(unsafePointer(mem)))
+	base := addrOf(mem)
 	off := (addr - base) &^ 0xfff
 	return mem[off : off+4096]
 }
@@ -88,7 +89,7 @@ func TestUffdMinorFaultOnGuestAccess(t *testing.T) {
 	if out.Data[0] != 0x99 {
 		t.Fatalf("guest read %#x, want 0x99 written by the fault handler", out.Data[0])
 	}
-	want := uint64(uintptr(unsafePointer(guestView))) + 0x2000
+	want := addrOf(guestView) + 0x2000
 	if len(got) != 1 || got[0].Address != want || got[0].Flags&UffdFaultMinor == 0 {
 		t.Fatalf("faults = %+v, want one MINOR fault at %#x", got, want)
 	}
@@ -193,5 +194,3 @@ func TestUffdServeWakesOnStop(t *testing.T) {
 		}
 	}
 }
-
-func unsafePointer(b []byte) unsafe.Pointer { return unsafe.Pointer(&b[0]) }

@@ -1,10 +1,11 @@
+//go:build linux && amd64
+
 package kvm
 
 import (
 	"errors"
 	"fmt"
 	"sync/atomic"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -92,7 +93,7 @@ func (c *VCPU) Kick() {
 	c.kicked.Store(true)
 	// immediate_exit makes a KVM_RUN that has not entered the guest yet return EINTR;
 	// the signal interrupts one that has.
-	atomic.StoreUint32((*uint32)(unsafe.Pointer(c.run)), 1<<8)
+	atomic.StoreUint32(immediateExit(c.run), 1<<8)
 	if tid := c.tid.Load(); tid != 0 {
 		_ = unix.Tgkill(unix.Getpid(), int(tid), unix.SIGURG)
 	}
@@ -104,7 +105,7 @@ func (c *VCPU) Kick() {
 func (c *VCPU) EnableSyncRegs(sets uint64) { c.run.ValidRegs = sets }
 
 func (c *VCPU) sync() *syncRegs {
-	return (*syncRegs)(unsafe.Pointer(&c.runMem[unsafe.Sizeof(runHeader{})]))
+	return syncRegsOf(c.runMem)
 }
 
 // SyncedRegs returns the general registers KVM stored at the last exit; valid only with
@@ -121,65 +122,65 @@ func (c *VCPU) MarkRegsDirty() { c.run.DirtyRegs |= SyncRegs }
 // Regs reads the general registers.
 func (c *VCPU) Regs() (Regs, error) {
 	var r Regs
-	_, err := ioctlPtr(c.fd, "KVM_GET_REGS", ioctlGetRegs, unsafe.Pointer(&r))
+	_, err := ioctlArg(c.fd, "KVM_GET_REGS", ioctlGetRegs, &r)
 	return r, err
 }
 
 // SetRegs writes the general registers.
 func (c *VCPU) SetRegs(r Regs) error {
-	_, err := ioctlPtr(c.fd, "KVM_SET_REGS", ioctlSetRegs, unsafe.Pointer(&r))
+	_, err := ioctlArg(c.fd, "KVM_SET_REGS", ioctlSetRegs, &r)
 	return err
 }
 
 // Sregs reads the special registers.
 func (c *VCPU) Sregs() (Sregs, error) {
 	var s Sregs
-	_, err := ioctlPtr(c.fd, "KVM_GET_SREGS", ioctlGetSregs, unsafe.Pointer(&s))
+	_, err := ioctlArg(c.fd, "KVM_GET_SREGS", ioctlGetSregs, &s)
 	return s, err
 }
 
 // SetSregs writes the special registers.
 func (c *VCPU) SetSregs(s Sregs) error {
-	_, err := ioctlPtr(c.fd, "KVM_SET_SREGS", ioctlSetSregs, unsafe.Pointer(&s))
+	_, err := ioctlArg(c.fd, "KVM_SET_SREGS", ioctlSetSregs, &s)
 	return err
 }
 
 // FPU reads the x87/SSE state.
 func (c *VCPU) FPU() (FPU, error) {
 	var f FPU
-	_, err := ioctlPtr(c.fd, "KVM_GET_FPU", ioctlGetFPU, unsafe.Pointer(&f))
+	_, err := ioctlArg(c.fd, "KVM_GET_FPU", ioctlGetFPU, &f)
 	return f, err
 }
 
 // SetFPU writes the x87/SSE state.
 func (c *VCPU) SetFPU(f FPU) error {
-	_, err := ioctlPtr(c.fd, "KVM_SET_FPU", ioctlSetFPU, unsafe.Pointer(&f))
+	_, err := ioctlArg(c.fd, "KVM_SET_FPU", ioctlSetFPU, &f)
 	return err
 }
 
 // XSAVE reads the XSAVE area (all extended state components).
 func (c *VCPU) XSAVE() (*XSAVE, error) {
 	x := new(XSAVE)
-	_, err := ioctlPtr(c.fd, "KVM_GET_XSAVE", ioctlGetXSAVE, unsafe.Pointer(x))
+	_, err := ioctlArg(c.fd, "KVM_GET_XSAVE", ioctlGetXSAVE, x)
 	return x, err
 }
 
 // SetXSAVE writes the XSAVE area.
 func (c *VCPU) SetXSAVE(x *XSAVE) error {
-	_, err := ioctlPtr(c.fd, "KVM_SET_XSAVE", ioctlSetXSAVE, unsafe.Pointer(x))
+	_, err := ioctlArg(c.fd, "KVM_SET_XSAVE", ioctlSetXSAVE, x)
 	return err
 }
 
 // Events reads pending and injected events.
 func (c *VCPU) Events() (VCPUEvents, error) {
 	var e VCPUEvents
-	_, err := ioctlPtr(c.fd, "KVM_GET_VCPU_EVENTS", ioctlGetVCPUEvents, unsafe.Pointer(&e))
+	_, err := ioctlArg(c.fd, "KVM_GET_VCPU_EVENTS", ioctlGetVCPUEvents, &e)
 	return e, err
 }
 
 // SetEvents writes pending and injected events (for example to inject an exception).
 func (c *VCPU) SetEvents(e VCPUEvents) error {
-	_, err := ioctlPtr(c.fd, "KVM_SET_VCPU_EVENTS", ioctlSetVCPUEvents, unsafe.Pointer(&e))
+	_, err := ioctlArg(c.fd, "KVM_SET_VCPU_EVENTS", ioctlSetVCPUEvents, &e)
 	return err
 }
 
@@ -189,12 +190,12 @@ func (c *VCPU) MSRs(indices ...uint32) ([]MSR, error) {
 		return nil, nil
 	}
 	buf := make([]byte, 8+16*len(indices))
-	*(*uint32)(unsafe.Pointer(&buf[0])) = uint32(len(indices))
-	entries := unsafe.Slice((*msrEntry)(unsafe.Pointer(&buf[8])), len(indices))
+	setCount(buf, len(indices))
+	entries := entriesAt[msrEntry](buf, 8, len(indices))
 	for i, idx := range indices {
 		entries[i].Index = idx
 	}
-	n, err := ioctlPtr(c.fd, "KVM_GET_MSRS", ioctlGetMSRs, unsafe.Pointer(&buf[0]))
+	n, err := ioctlArg(c.fd, "KVM_GET_MSRS", ioctlGetMSRs, &buf[0])
 	if err != nil {
 		return nil, err
 	}
@@ -214,12 +215,12 @@ func (c *VCPU) SetMSRs(msrs ...MSR) error {
 		return nil
 	}
 	buf := make([]byte, 8+16*len(msrs))
-	*(*uint32)(unsafe.Pointer(&buf[0])) = uint32(len(msrs))
-	entries := unsafe.Slice((*msrEntry)(unsafe.Pointer(&buf[8])), len(msrs))
+	setCount(buf, len(msrs))
+	entries := entriesAt[msrEntry](buf, 8, len(msrs))
 	for i, m := range msrs {
 		entries[i] = msrEntry{Index: m.Index, Data: m.Data}
 	}
-	n, err := ioctlPtr(c.fd, "KVM_SET_MSRS", ioctlSetMSRs, unsafe.Pointer(&buf[0]))
+	n, err := ioctlArg(c.fd, "KVM_SET_MSRS", ioctlSetMSRs, &buf[0])
 	if err != nil {
 		return err
 	}
@@ -234,10 +235,10 @@ func (c *VCPU) SetCPUID(entries []CPUIDEntry) error {
 	if len(entries) == 0 {
 		return errors.New("KVM_SET_CPUID2: no entries")
 	}
-	buf := make([]byte, 8+len(entries)*int(unsafe.Sizeof(CPUIDEntry{})))
-	*(*uint32)(unsafe.Pointer(&buf[0])) = uint32(len(entries))
-	copy(unsafe.Slice((*CPUIDEntry)(unsafe.Pointer(&buf[8])), len(entries)), entries)
-	_, err := ioctlPtr(c.fd, "KVM_SET_CPUID2", ioctlSetCPUID2, unsafe.Pointer(&buf[0]))
+	buf := make([]byte, 8+len(entries)*int(sizeOf[CPUIDEntry]()))
+	setCount(buf, len(entries))
+	copy(entriesAt[CPUIDEntry](buf, 8, len(entries)), entries)
+	_, err := ioctlArg(c.fd, "KVM_SET_CPUID2", ioctlSetCPUID2, &buf[0])
 	return err
 }
 
@@ -245,7 +246,7 @@ func (c *VCPU) SetCPUID(entries []CPUIDEntry) error {
 // dr7 in dr[7]). Control 0 turns debugging off.
 func (c *VCPU) SetGuestDebug(control uint32, dr [8]uint64) error {
 	d := guestDebug{Control: control, DebugReg: dr}
-	_, err := ioctlPtr(c.fd, "KVM_SET_GUEST_DEBUG", ioctlSetGuestDebug, unsafe.Pointer(&d))
+	_, err := ioctlArg(c.fd, "KVM_SET_GUEST_DEBUG", ioctlSetGuestDebug, &d)
 	return err
 }
 
@@ -266,7 +267,7 @@ type Translation struct {
 // Translate asks KVM to translate a guest-virtual address with the vCPU's current paging.
 func (c *VCPU) Translate(gva uint64) (Translation, error) {
 	t := translation{LinearAddress: gva}
-	if _, err := ioctlPtr(c.fd, "KVM_TRANSLATE", ioctlTranslate, unsafe.Pointer(&t)); err != nil {
+	if _, err := ioctlArg(c.fd, "KVM_TRANSLATE", ioctlTranslate, &t); err != nil {
 		return Translation{}, err
 	}
 	return Translation{Physical: t.PhysicalAddress, Valid: t.Valid != 0, Writeable: t.Writeable != 0, User: t.Usermode != 0}, nil

@@ -1,8 +1,9 @@
+//go:build linux && amd64
+
 package kvm
 
 import (
 	"fmt"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -46,10 +47,10 @@ func (vm *VM) SetMemoryRegion(r MemoryRegion) error {
 		Flags:         r.Flags,
 		GuestPhysAddr: r.GuestPhys,
 		MemorySize:    uint64(len(r.Host)),
-		UserspaceAddr: uint64(uintptr(unsafe.Pointer(&r.Host[0]))),
+		UserspaceAddr: addrOf(r.Host),
 	}
-	if _, err := ioctlPtr(vm.fd, fmt.Sprintf("KVM_SET_USER_MEMORY_REGION slot %d gpa %#x size %#x", r.Slot, r.GuestPhys, len(r.Host)),
-		ioctlSetUserMemoryRegion, unsafe.Pointer(&m)); err != nil {
+	if _, err := ioctlArg(vm.fd, fmt.Sprintf("KVM_SET_USER_MEMORY_REGION slot %d gpa %#x size %#x", r.Slot, r.GuestPhys, len(r.Host)),
+		ioctlSetUserMemoryRegion, &m); err != nil {
 		return err
 	}
 	vm.slots[r.Slot] = r
@@ -59,7 +60,7 @@ func (vm *VM) SetMemoryRegion(r MemoryRegion) error {
 // DeleteMemoryRegion removes a slot.
 func (vm *VM) DeleteMemoryRegion(slot uint32) error {
 	m := userspaceMemoryRegion{Slot: slot}
-	if _, err := ioctlPtr(vm.fd, fmt.Sprintf("KVM_SET_USER_MEMORY_REGION delete slot %d", slot), ioctlSetUserMemoryRegion, unsafe.Pointer(&m)); err != nil {
+	if _, err := ioctlArg(vm.fd, fmt.Sprintf("KVM_SET_USER_MEMORY_REGION delete slot %d", slot), ioctlSetUserMemoryRegion, &m); err != nil {
 		return err
 	}
 	delete(vm.slots, slot)
@@ -92,8 +93,8 @@ func (vm *VM) DirtyLog(slot uint32) ([]uint64, error) {
 		Slot   uint32
 		_      uint32
 		Bitmap uint64
-	}{Slot: slot, Bitmap: uint64(uintptr(unsafe.Pointer(&bitmap[0])))}
-	if _, err := ioctlPtr(vm.fd, "KVM_GET_DIRTY_LOG", ioctlGetDirtyLog, unsafe.Pointer(&arg)); err != nil {
+	}{Slot: slot, Bitmap: addrOf(bitmap)}
+	if _, err := ioctlArg(vm.fd, "KVM_GET_DIRTY_LOG", ioctlGetDirtyLog, &arg); err != nil {
 		return nil, err
 	}
 	return bitmap, nil
@@ -115,7 +116,7 @@ func (vm *VM) IRQLine(irq uint32, high bool) error {
 	if high {
 		arg.Level = 1
 	}
-	_, err := ioctlPtr(vm.fd, "KVM_IRQ_LINE", ioctlIRQLine, unsafe.Pointer(&arg))
+	_, err := ioctlArg(vm.fd, "KVM_IRQ_LINE", ioctlIRQLine, &arg)
 	return err
 }
 
@@ -127,7 +128,7 @@ func (vm *VM) CreatePIT2() error {
 		Flags uint32
 		Pad   [15]uint32
 	}{Flags: pitSpeakerDummy}
-	_, err := ioctlPtr(vm.fd, "KVM_CREATE_PIT2", ioctlCreatePIT2, unsafe.Pointer(&arg))
+	_, err := ioctlArg(vm.fd, "KVM_CREATE_PIT2", ioctlCreatePIT2, &arg)
 	return err
 }
 
@@ -139,7 +140,7 @@ func (vm *VM) SetTSSAddr(gpa uint64) error {
 
 // SetIdentityMapAddr sets the one-page region Intel VMX needs for real-mode emulation.
 func (vm *VM) SetIdentityMapAddr(gpa uint64) error {
-	_, err := ioctlPtr(vm.fd, "KVM_SET_IDENTITY_MAP_ADDR", ioctlSetIdentityMapAddr, unsafe.Pointer(&gpa))
+	_, err := ioctlArg(vm.fd, "KVM_SET_IDENTITY_MAP_ADDR", ioctlSetIdentityMapAddr, &gpa)
 	return err
 }
 
@@ -155,5 +156,5 @@ func (vm *VM) CreateVCPU(id int) (*VCPU, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("mmap kvm_run of vCPU %d: %w", id, err)
 	}
-	return &VCPU{id: id, fd: fd, runMem: mem, run: (*runHeader)(unsafe.Pointer(&mem[0]))}, nil
+	return &VCPU{id: id, fd: fd, runMem: mem, run: runHeaderOf(mem)}, nil
 }

@@ -28,6 +28,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/umbra-cc/umbra/kvm"
+	"github.com/umbra-cc/umbra/x86"
 )
 
 // appVM layout. Guest-physical: RAM identity from 0 (slot 0), the private region
@@ -68,21 +69,15 @@ const (
 )
 
 // Exceptions that push an error code.
-func vectorHasErrorCode(v int) bool {
-	switch v {
-	case 8, 10, 11, 12, 13, 14, 17, 21, 29, 30:
-		return true
-	}
-	return false
-}
+func vectorHasErrorCode(v int) bool { return x86.HasErrorCode(v) }
 
 // Shadow page-table entry bits.
 const (
-	sptP  = 1 << 0
-	sptW  = 1 << 1
-	sptU  = 1 << 2
-	sptNX = 1 << 63
-	sptPA = 0x000f_ffff_ffff_f000
+	sptP  = x86.PTEPresent
+	sptW  = x86.PTEWrite
+	sptU  = x86.PTEUser
+	sptNX = x86.PTENX
+	sptPA = x86.PTEAddrMask
 )
 
 // appVM is the application VM: one vCPU that runs one cloaked app at a time.

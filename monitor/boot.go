@@ -5,6 +5,7 @@ import (
 	"fmt"
 
 	"github.com/umbra-cc/umbra/kvm"
+	"github.com/umbra-cc/umbra/x86"
 )
 
 // Boot protocol version 1 (docs/boot.md).
@@ -26,26 +27,26 @@ const (
 	minGuestRAM       = 2 << 20
 	segCode64         = 0x08
 	segData           = 0x10
-	pteP, pteW, ptePS = 1, 2, 0x80
+	pteP, pteW, ptePS = x86.PTEPresent, x86.PTEWrite, x86.PTEPageSize
 )
 
 // x86 control-register and EFER bits.
 const (
-	cr0PE = 1 << 0
-	cr0MP = 1 << 1
-	cr0ET = 1 << 4
-	cr0NE = 1 << 5
-	cr0WP = 1 << 16
-	cr0PG = 1 << 31
+	cr0PE = x86.CR0PE
+	cr0MP = x86.CR0MP
+	cr0ET = x86.CR0ET
+	cr0NE = x86.CR0NE
+	cr0WP = x86.CR0WP
+	cr0PG = x86.CR0PG
 
-	cr4PAE        = 1 << 5
-	cr4OSFXSR     = 1 << 9
-	cr4OSXMMEXCPT = 1 << 10
+	cr4PAE        = x86.CR4PAE
+	cr4OSFXSR     = x86.CR4OSFXSR
+	cr4OSXMMEXCPT = x86.CR4OSXMMEXCPT
 
-	eferSCE = 1 << 0
-	eferLME = 1 << 8
-	eferLMA = 1 << 10
-	eferNXE = 1 << 11
+	eferSCE = x86.EFERSCE
+	eferLME = x86.EFERLME
+	eferLMA = x86.EFERLMA
+	eferNXE = x86.EFERNXE
 )
 
 // bootParams is what writeBootState needs beyond guest memory.

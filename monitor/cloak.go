@@ -28,8 +28,8 @@ import (
 
 	"github.com/umbra-cc/umbra/appcontext"
 	"github.com/umbra-cc/umbra/kvm"
+	"github.com/umbra-cc/umbra/monitor/authz"
 	"github.com/umbra-cc/umbra/pageprot"
-	"github.com/umbra-cc/umbra/policy"
 	"github.com/umbra-cc/umbra/shadowmem"
 )
 
@@ -427,8 +427,8 @@ func (c *cloaking) register(call Call, e *kvm.ExitMMIO) appcontext.Errno {
 		name = "app-" + idHex[:8]
 	}
 	h := c.hooks()
-	if h != nil && h.Guard != nil && h.VM != nil {
-		if _, err := h.Guard.RegisterCloak(c.ctx(), h.VM(), policy.App{Name: name, Measurement: idHex}); err != nil {
+	if h != nil && h.Authorize != nil {
+		if err := h.Authorize.RegisterCloak(c.ctx(), authz.App{Name: name, Measurement: idHex}); err != nil {
 			return refuse(&appcontext.ABIError{Errno: appcontext.EACCES, Field: "policy", Detail: "cloak-register", Err: err})
 		}
 	}

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/umbra-cc/umbra/guestimage"
+	"github.com/umbra-cc/umbra/internal/guardtest"
 	"github.com/umbra-cc/umbra/policy"
 )
 
@@ -66,8 +67,7 @@ func runCloakGuestConfig(t *testing.T, cmdline string, hooks *Hooks, edit func(*
 	requireGuestKVM(t)
 	r := &cloakRun{}
 	*hooks = Hooks{
-		Guard: hooks.Guard,
-		VM:    hooks.VM,
+		Authorize: hooks.Authorize,
 		Audit: func(_ context.Context, kind string, details any) error {
 			raw, err := json.Marshal(details)
 			if err != nil {
@@ -535,8 +535,8 @@ func TestCloakFourAppsAndSwap(t *testing.T) {
 func TestCloakRegistrationPolicy(t *testing.T) {
 	requireGuestKVM(t)
 	id := runCloakGuest(t, "run=cloaksecret:x:cloak").app(t, "cloaksecret").Identity
-	env := newGuardEnv(t, hostA, wed10)
-	env.engine.Activate(writePolicy(t, `
+	env := guardtest.NewEnv(t, guardtest.HostA, guardtest.Wed10)
+	env.Engine.Activate(guardtest.WritePolicy(t, `
 default decision := {"allow": false, "deny": [{"code": "cloak.unknown_image", "message": "image not approved for cloaking"}]}
 decision := {"allow": true} if input.action != "cloak_register"
 decision := {"allow": true} if {
@@ -547,7 +547,7 @@ decision := {"allow": true} if {
 	res, err := Run(context.Background(), Config{
 		Image: guestimage.Image(), MemorySize: 64 << 20, Cmdline: "run=cloaksecret:x:cloak,cloakprobe:files:cloak",
 		Console: &console, Timeout: 120 * time.Second,
-		Hooks: &Hooks{Guard: env.guard, VM: financeVM},
+		Hooks: &Hooks{Authorize: env.Guard.ForVM(guardtest.FinanceVM)},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -560,7 +560,7 @@ decision := {"allow": true} if {
 		t.Fatalf("cloaked apps %+v", res.CloakedApps)
 	}
 	var allowed, denied int
-	for _, r := range env.audit.all() {
+	for _, r := range env.Audit.All() {
 		if r.Action != string(policy.ActionCloakRegister) {
 			continue
 		}

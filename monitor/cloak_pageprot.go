@@ -29,8 +29,9 @@ import (
 	"strings"
 
 	"github.com/umbra-cc/umbra/appcontext"
+	"github.com/umbra-cc/umbra/monitor/authz"
 	"github.com/umbra-cc/umbra/pageprot"
-	"github.com/umbra-cc/umbra/policy"
+	"github.com/umbra-cc/umbra/x86"
 )
 
 // ppID is the app's identity in page protection: its sequence number in the run
@@ -71,24 +72,24 @@ func (c *cloaking) IsCloaked(app, va uint64) bool {
 }
 
 // appPolicy is the app's identity for the policy input (c.mu held).
-func (c *cloaking) appPolicy(app uint64) policy.App {
+func (c *cloaking) appPolicy(app uint64) authz.App {
 	x := c.appBySeq(app)
 	if x == nil {
-		return policy.App{Name: fmt.Sprintf("app-%d", app)}
+		return authz.App{Name: fmt.Sprintf("app-%d", app)}
 	}
-	return policy.App{Name: x.name, Measurement: hex.EncodeToString(x.identity[:])}
+	return authz.App{Name: x.name, Measurement: hex.EncodeToString(x.identity[:])}
 }
 
 // appOwned is the memory the monitor's records give the app, for the policy input:
 // its cloaked regions, by virtual address (c.mu held).
-func (c *cloaking) appOwned(app uint64) []policy.Range {
+func (c *cloaking) appOwned(app uint64) []authz.Range {
 	x := c.appBySeq(app)
 	if x == nil || x.ended {
 		return nil
 	}
-	var out []policy.Range
+	var out []authz.Range
 	for _, r := range x.layout.Regions() {
-		out = append(out, policy.Range{Start: r.VA, Length: r.Size})
+		out = append(out, authz.Range{Start: r.VA, Length: r.Size})
 	}
 	return out
 }
@@ -218,7 +219,7 @@ func (c *cloaking) appPageProtCall(x *cloakApp, nr uint64, a [6]uint64) (ret uin
 			c.fatalLocked(err)
 			return 0, true
 		}
-		x.thread.regs = kvmRegs(*res.Regs)
+		x.thread.regs = *res.Regs
 		return 0, true
 	}
 	if nr == pageprot.CallSet && res.Value >= 0 {
@@ -235,7 +236,7 @@ func (c *cloaking) appPageProtCall(x *cloakApp, nr uint64, a [6]uint64) (ret uin
 const ppTemporary pageprot.Deny = 0x80
 
 // rflagsTF is the trap flag: the CPU raises #DB after the next instruction.
-const rflagsTF = 1 << 8
+const rflagsTF = x86.RFLAGSTF
 
 // ppStep is a logged access in progress: the page is mapped with the guest's rights
 // until the instruction has retired (#DB from the trap flag).
@@ -264,7 +265,7 @@ func (c *cloaking) ppFault(x *cloakApp, tr appTrap) bool {
 		return false
 	}
 	regs := x.thread.regs
-	f := pageprot.Fault{Space: x.ppSpace(), Addr: va, Access: acc, Context: x.ppContext(), Regs: ppRegs(regs),
+	f := pageprot.Fault{Space: x.ppSpace(), Addr: va, Access: acc, Context: x.ppContext(), Regs: regs,
 		Insn: c.appInsn(x, regs.RIP)}
 	out := c.pp.svc.Violation(c.pp.ctx, f)
 	if c.pp.hookErr != nil {
@@ -295,7 +296,7 @@ func (c *cloaking) ppFault(x *cloakApp, tr appTrap) bool {
 			}
 		}
 		if out.Regs != nil {
-			x.thread.regs = kvmRegs(*out.Regs)
+			x.thread.regs = *out.Regs
 		}
 		c.resumeApp(x)
 	}

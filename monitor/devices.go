@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 
-	"github.com/umbra-cc/umbra/appcontext"
 	"github.com/umbra-cc/umbra/bus"
 	"github.com/umbra-cc/umbra/kvm"
 	"github.com/umbra-cc/umbra/serial"
@@ -36,7 +35,8 @@ func (g *guestExit) Error() string { return fmt.Sprintf("guest powered off with 
 
 // installDevices puts the monitor's devices on the VM's buses: COM1 (interrupting through
 // the in-kernel irqchip), the i8042 reset line, the hypercall doorbell and the power
-// register. Feature code adds its own devices to v.pio and v.mmio.
+// register, and the core hypercall range. Feature code adds its own entries through
+// an extension (dispatch.go).
 func (v *VM) installDevices() error {
 	v.uart = serial.New(v.cfg.Console, irqLine{vm: v.kvm, irq: serial.COM1IRQ})
 	for _, d := range []struct {
@@ -55,7 +55,7 @@ func (v *VM) installDevices() error {
 			return err
 		}
 	}
-	return nil
+	return v.hypercalls.register("core", HypercallVersion, HypercallExit, v.coreHypercall)
 }
 
 // Serial returns the VM's COM1 UART, for feeding console input (QueueInput, InputFrom).
@@ -136,34 +136,20 @@ func (v *VM) doorbell(off uint64, data []byte, isWrite bool) error {
 		return nil
 	}
 	v.counter.Hypercalls++
-	if call.Nr >= appcontext.CallRegister && call.Nr <= callLast {
-		ret, deferred, err := v.cloakHypercall(call, e)
-		if err != nil {
-			return err
-		}
-		if !deferred {
-			putReply(data, ret)
-		}
-		return nil
+	ret, deferred, err := dispatchHypercall(&v.hypercalls, call, e)
+	if !deferred {
+		putReply(data, ret)
 	}
-	if call.Nr > HypercallExit {
-		for _, x := range v.extensions {
-			ret, handled, err := x.hypercall(v, call)
-			if err != nil {
-				return err
-			}
-			if handled {
-				putReply(data, ret)
-				return nil
-			}
-		}
-	}
-	ret, exit := dispatchCore(call, vcpuVirtReader{v}, v.cfg.Console, &v.counter)
-	putReply(data, ret)
+	return err
+}
+
+// coreHypercall handles the core calls (version, console write, exit).
+func (v *VM) coreHypercall(c Call, _ *kvm.ExitMMIO) (uint64, bool, error) {
+	ret, exit := dispatchCore(c, vcpuVirtReader{v}, v.cfg.Console, &v.counter)
 	if exit != nil {
-		return exit
+		return ret, false, exit
 	}
-	return nil
+	return ret, false, nil
 }
 
 // putReply stores a call's return value in a load's buffer (8 bytes for a valid call).

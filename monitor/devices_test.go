@@ -65,7 +65,9 @@ func TestSerialOutputGoesThroughTheBus(t *testing.T) {
 	for _, r := range append(v.PIOBus().Ranges(), v.MMIOBus().Ranges()...) {
 		names = append(names, r.Name)
 	}
-	if got := strings.Join(names, ","); got != "i8042-data,i8042-command,com1,doorbell,power" {
+	// Page protection owns guest RAM on the MMIO bus (an exit there is an access its
+	// slots refused): issue 14 made its ranges bus entries.
+	if got := strings.Join(names, ","); got != "i8042-data,i8042-command,com1,pageprot-ram,doorbell,power" {
 		t.Errorf("devices %s", got)
 	}
 }

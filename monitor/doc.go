@@ -3,6 +3,8 @@
 // vCPU loop, emulates the few devices a protected guest needs (a 16550 transmitter and
 // the hypercall doorbell) and dispatches hypercalls.
 //
-// Feature packages (cloaking, page protection, policy, sealing, attestation) are wired
-// in here; the kvm package below knows nothing of them.
+// Cloaking and page protection are wired in here; policy, sealing and attestation are
+// not: a running VM asks an authz.Authorizer before the guest actions policy restricts
+// and reports events through Hooks, and package launch connects those to the policy
+// Guard, the audit log and the TPM. The kvm package below knows nothing of umbra.
 package monitor

@@ -3,7 +3,7 @@ package monitor
 import (
 	"context"
 
-	"github.com/umbra-cc/umbra/policy"
+	"github.com/umbra-cc/umbra/monitor/authz"
 )
 
 // Security event kinds a running VM reports (they match the audit log's kinds).
@@ -19,10 +19,9 @@ const (
 // log. Every field may be nil (tests of the bare monitor): then actions are allowed,
 // events are dropped and nothing is measured.
 type Hooks struct {
-	// Guard is asked before cloak registrations and page-protection changes; VM
-	// returns the VM as the policy input must describe it.
-	Guard *Guard
-	VM    func() policy.VM
+	// Authorize is asked before cloak registrations and page-protection changes
+	// (Launch sets it to the policy Guard, bound to this VM).
+	Authorize authz.Authorizer
 	// Audit records a security event durably before the action it describes takes
 	// effect; an error refuses the action (fail closed).
 	Audit func(ctx context.Context, kind string, details any) error

@@ -16,6 +16,8 @@ import (
 	"fmt"
 	"sync"
 
+	"github.com/umbra-cc/umbra/appcontext"
+	"github.com/umbra-cc/umbra/kvm"
 	"github.com/umbra-cc/umbra/monitor/memguard"
 	"github.com/umbra-cc/umbra/pageprot"
 )
@@ -223,4 +225,47 @@ func (c *cloaking) refusedKill(x *cloakApp, va uint64, err error) {
 		d["purpose"], d["why"] = "execute", errUnmeasuredExec.Error()
 	}
 	c.killLocked(x, "refused access", err.Error(), EventCloakViolation, d)
+}
+
+// sysSpace is the system VM's address space for a caller at cpl whose CR3 register
+// holds cr3 (its flag bits are masked off), with the paging mode of s. Every walk and
+// read through it goes through the guarded accessor (sysGuardedMem): it never reaches
+// a frame holding a cloaked app's plaintext or one the guest protected against reads.
+func (v *VM) sysSpace(cpl uint8, cr3 uint64, s *kvm.Sregs) appcontext.AddressSpace {
+	root := cr3 & cr3AddrMask
+	return appcontext.AddressSpace{
+		Mem: sysGuardedMem{v: v, cpl: cpl, cr3: root},
+		CR3: root,
+		Paging: appcontext.Paging{
+			MaxPhysAddr: v.maxPhysAddr,
+			NXE:         s.EFER&eferNXE != 0,
+			WP:          s.CR0&cr0WP != 0,
+		},
+	}
+}
+
+// vcpuVirtReader reads guest-virtual memory as the vCPU's current address space maps
+// it, walking the guest's page tables in the monitor (KVM_TRANSLATE does not report
+// the user/supervisor bit on x86, so it cannot check user access).
+type vcpuVirtReader struct{ v *VM }
+
+func (r vcpuVirtReader) readVirt(gva uint64, buf []byte, user bool) error {
+	s := r.v.cpu.SyncedSregs()
+	as := r.v.sysSpace(s.CPL(), s.CR3, s)
+	acc := appcontext.Access(0)
+	if user {
+		acc = appcontext.UserRead
+	}
+	if c := r.v.cloak; c != nil {
+		// The kernel (or any process) never gets a cloaked app's memory through the
+		// monitor: not by naming the app's addresses, not by naming its frames.
+		if err := c.checkSysBuffer(s, gva, uint64(len(buf))); err != nil {
+			return fmt.Errorf("%w: %w", errGuestFault, err)
+		}
+	}
+	// Frames: through the guarded accessor (no cloaked plaintext, no deny-read frame).
+	if err := as.Read(gva, buf, acc); err != nil {
+		return fmt.Errorf("%w: %w", errGuestFault, err)
+	}
+	return nil
 }

@@ -21,9 +21,10 @@ import (
 
 	"github.com/umbra-cc/umbra/appcontext"
 	"github.com/umbra-cc/umbra/kvm"
+	"github.com/umbra-cc/umbra/monitor/authz"
 	"github.com/umbra-cc/umbra/monitor/memguard"
 	"github.com/umbra-cc/umbra/pageprot"
-	"github.com/umbra-cc/umbra/policy"
+	"github.com/umbra-cc/umbra/x86"
 )
 
 // Memory slots of sysVM that page protection manages: guest RAM starts as slot 0
@@ -58,6 +59,8 @@ type PageProtStats struct {
 
 // pageProt is the page-protection extension of one VM.
 type pageProt struct {
+	noExtensionHooks
+
 	v       *VM
 	svc     *pageprot.Service
 	planner *pageprot.SlotPlanner
@@ -116,7 +119,36 @@ func (v *VM) installPageProt() error {
 	}
 	x.applied = x.svc.Generation()
 	x.layout = x.planner.Current()
-	v.extensions = append(v.extensions, x)
+	return v.addExtension(x)
+}
+
+// routes registers the page-protection call range and guest RAM on the MMIO bus: an
+// MMIO exit inside RAM is an access a page-protection slot refused, or no one's.
+func (x *pageProt) routes(r exitRoutes) error {
+	if err := r.hypercalls.register("pageprot", 0x200, 0x2FF, func(c Call, _ *kvm.ExitMMIO) (uint64, bool, error) {
+		ret, _, err := x.hypercall(x.v, c)
+		return ret, false, err
+	}); err != nil {
+		return err
+	}
+	return r.mmio.Insert("pageprot-ram", 0, x.ramSize, pageProtRAM{x})
+}
+
+// pageProtRAM is guest RAM as an MMIO bus entry; like the doorbell it works on the
+// exit being handled (v.curMMIO).
+type pageProtRAM struct{ x *pageProt }
+
+func (d pageProtRAM) Read(uint64, []byte) error  { return d.access() }
+func (d pageProtRAM) Write(uint64, []byte) error { return d.access() }
+
+func (d pageProtRAM) access() error {
+	handled, err := d.x.mmio(d.x.v, d.x.v.curMMIO)
+	if err != nil {
+		return &verbatimError{err}
+	}
+	if !handled {
+		return errNotMine
+	}
 	return nil
 }
 
@@ -154,22 +186,13 @@ func (x *pageProt) caller(s *kvm.Sregs) pageprot.Context {
 	return pageprot.Context{CPL: s.CPL(), AddressSpace: s.CR3 & cr3AddrMask}
 }
 
-const cr3AddrMask = 0x000f_ffff_ffff_f000
+const cr3AddrMask = x86.CR3AddrMask
 
 // space returns the address space the system VM's vCPU runs in. Walks and reads
 // through it go through the guarded accessor (sysGuardedMem): they never reach a
 // frame holding a cloaked app's plaintext or one the guest protected against reads.
 func (x *pageProt) space(s *kvm.Sregs) appcontext.AddressSpace {
-	as := appcontext.AddressSpace{
-		Mem: sysGuardedMem{v: x.v, cpl: s.CPL(), cr3: s.CR3 & cr3AddrMask},
-		CR3: s.CR3 & cr3AddrMask,
-		Paging: appcontext.Paging{
-			MaxPhysAddr: x.v.maxPhysAddr,
-			NXE:         s.EFER&eferNXE != 0,
-			WP:          s.CR0&cr0WP != 0,
-		},
-	}
-	return as
+	return x.v.sysSpace(s.CPL(), s.CR3, s)
 }
 
 // sysMem is the caller's view of guest memory for a page-protection call from the
@@ -204,7 +227,7 @@ func (x *pageProt) hypercall(v *VM, c Call) (uint64, bool, error) {
 		if err := v.cpu.CompleteMMIO(res.Regs.RAX); err != nil {
 			return 0, true, err
 		}
-		*v.cpu.SyncedRegs() = kvmRegs(*res.Regs)
+		*v.cpu.SyncedRegs() = *res.Regs
 		v.cpu.MarkRegsDirty()
 		return res.Regs.RAX, true, nil
 	}
@@ -301,21 +324,17 @@ type ppLockEvent struct {
 	Action   string `json:"action"`
 }
 
-// policy puts every PP_SET to the Guard (policy action pageprot_change). Other calls
+// policy puts every PP_SET to the Authorizer (policy action pageprot_change). Other calls
 // change no protection and are only audited.
 func (x *pageProt) policy(ctx context.Context, req pageprot.Request) pageprot.Decision {
 	if req.Call != pageprot.CallSet {
 		return pageprot.Decision{Allow: true, Reason: "changes no protection"}
 	}
 	h := x.hooks
-	if h == nil || h.Guard == nil {
+	if h == nil || h.Authorize == nil {
 		return pageprot.Decision{Allow: true, Reason: "no policy configured"}
 	}
-	var vm policy.VM
-	if h.VM != nil {
-		vm = h.VM()
-	}
-	app := policy.App{Name: "guest-process", Measurement: x.digest}
+	app := authz.App{Name: "guest-process", Measurement: x.digest}
 	switch req.Owner.Kind {
 	case pageprot.OwnerKernel:
 		app.Name = "guest-kernel"
@@ -326,7 +345,7 @@ func (x *pageProt) policy(ctx context.Context, req pageprot.Request) pageprot.De
 		app = x.cloak.appPolicy(req.Owner.ID)
 	}
 	// One decision per protection asked for in the batch.
-	byProt := map[string][]policy.Range{}
+	byProt := map[string][]authz.Range{}
 	var prots []string
 	for _, r := range req.Resolved {
 		p := policyProt(r.Deny)
@@ -336,8 +355,8 @@ func (x *pageProt) policy(ctx context.Context, req pageprot.Request) pageprot.De
 		byProt[p] = appendRange(byProt[p], r.Start, r.End)
 	}
 	for _, p := range prots {
-		pages := policy.Pages{Prot: p, Ranges: byProt[p], Owned: x.owned(req, byProt[p])}
-		if _, err := h.Guard.ChangePageProt(ctx, vm, app, pages); err != nil {
+		pages := authz.Pages{Prot: p, Ranges: byProt[p], Owned: x.owned(req, byProt[p])}
+		if err := h.Authorize.ChangePageProt(ctx, app, pages); err != nil {
 			return pageprot.Decision{Allow: false, Reason: err.Error()}
 		}
 	}
@@ -349,7 +368,7 @@ func (x *pageProt) policy(ctx context.Context, req pageprot.Request) pageprot.De
 // monitor has just found to be its own by walking its page tables (present, user at
 // every level, not kernel memory); a cloaked app its cloaked regions, from the
 // cloaking records.
-func (x *pageProt) owned(req pageprot.Request, asked []policy.Range) []policy.Range {
+func (x *pageProt) owned(req pageprot.Request, asked []authz.Range) []authz.Range {
 	if req.Owner.Kind == pageprot.OwnerApp {
 		if x.cloak == nil {
 			return nil
@@ -357,21 +376,21 @@ func (x *pageProt) owned(req pageprot.Request, asked []policy.Range) []policy.Ra
 		return x.cloak.appOwned(req.Owner.ID)
 	}
 	if req.Owner.Kind == pageprot.OwnerKernel {
-		var out []policy.Range
+		var out []authz.Range
 		for _, s := range x.kernel {
-			out = append(out, policy.Range{Start: s.Start, Length: s.End - s.Start})
+			out = append(out, authz.Range{Start: s.Start, Length: s.End - s.Start})
 		}
 		return out
 	}
 	return slices.Clone(asked)
 }
 
-func appendRange(rs []policy.Range, start, end uint64) []policy.Range {
+func appendRange(rs []authz.Range, start, end uint64) []authz.Range {
 	if n := len(rs); n > 0 && rs[n-1].Start+rs[n-1].Length == start {
 		rs[n-1].Length += end - start
 		return rs
 	}
-	return append(rs, policy.Range{Start: start, Length: end - start})
+	return append(rs, authz.Range{Start: start, Length: end - start})
 }
 
 // policyProt names the access a range leaves, in the policy schema's terms (none, r,
@@ -540,7 +559,7 @@ func (x *pageProt) mmio(v *VM, e *kvm.ExitMMIO) (bool, error) {
 	if !e.IsWrite {
 		insn = x.fetchInsn(sregs, regs.RIP)
 	}
-	f, err := pageprot.MMIOFault(e.Addr, e.IsWrite, e.Data[:e.Len], who, ppRegs(*regs), insn)
+	f, err := pageprot.MMIOFault(e.Addr, e.IsWrite, e.Data[:e.Len], who, *regs, insn)
 	if err != nil {
 		return true, err
 	}
@@ -593,7 +612,7 @@ func (x *pageProt) mmio(v *VM, e *kvm.ExitMMIO) (bool, error) {
 		}
 	}
 	if out.Regs != nil {
-		*v.cpu.SyncedRegs() = kvmRegs(*out.Regs)
+		*v.cpu.SyncedRegs() = *out.Regs
 		v.cpu.MarkRegsDirty()
 	}
 	if out.Inject != nil {
@@ -657,10 +676,10 @@ type pageProtCloak interface {
 	killApp(app uint64, reason string) error
 	// appPolicy is the app's identity for the policy input (registered name and
 	// measurement).
-	appPolicy(app uint64) policy.App
+	appPolicy(app uint64) authz.App
 	// appOwned is the memory the cloaking records give the app (its cloaked
 	// regions, by virtual address), for the policy input.
-	appOwned(app uint64) []policy.Range
+	appOwned(app uint64) []authz.Range
 }
 
 // connectPageProtCloak connects the cloaking layer to page protection.
@@ -737,16 +756,6 @@ func (x *pageProt) fetchInsn(s *kvm.Sregs, rip uint64) []byte {
 		n = 15
 	}
 	return buf[:n]
-}
-
-func ppRegs(r kvm.Regs) pageprot.Regs {
-	return pageprot.Regs{RAX: r.RAX, RBX: r.RBX, RCX: r.RCX, RDX: r.RDX, RSI: r.RSI, RDI: r.RDI, RSP: r.RSP, RBP: r.RBP,
-		R8: r.R8, R9: r.R9, R10: r.R10, R11: r.R11, R12: r.R12, R13: r.R13, R14: r.R14, R15: r.R15, RIP: r.RIP, RFLAGS: r.RFLAGS}
-}
-
-func kvmRegs(r pageprot.Regs) kvm.Regs {
-	return kvm.Regs{RAX: r.RAX, RBX: r.RBX, RCX: r.RCX, RDX: r.RDX, RSI: r.RSI, RDI: r.RDI, RSP: r.RSP, RBP: r.RBP,
-		R8: r.R8, R9: r.R9, R10: r.R10, R11: r.R11, R12: r.R12, R13: r.R13, R14: r.R14, R15: r.R15, RIP: r.RIP, RFLAGS: r.RFLAGS}
 }
 
 // callerMem is a caller's view of guest memory for pageprot (pageprot.GuestMemory):

@@ -20,7 +20,9 @@ import (
 	"testing"
 
 	"github.com/umbra-cc/umbra/appcontext"
+	"github.com/umbra-cc/umbra/guard"
 	"github.com/umbra-cc/umbra/guestimage"
+	"github.com/umbra-cc/umbra/internal/guardtest"
 	"github.com/umbra-cc/umbra/kvm"
 	"github.com/umbra-cc/umbra/pageprot"
 	"github.com/umbra-cc/umbra/policy"
@@ -240,21 +242,21 @@ func TestPageProtCloakedAppPolicy(t *testing.T) {
 		t.Fatal(err)
 	}
 	sum := sha256.Sum256(guestimage.Image())
-	run := func(t *testing.T, src string) (*cloakRun, *memAudit) {
-		sink := &memAudit{}
-		guard, err := NewGuard(GuardConfig{Engine: loadPolicySource(t, src), Audit: sink,
-			Host: policy.Host{ID: "localhost", Attestation: "unverified"}, Clock: &fakeClock{now: wed10},
+	run := func(t *testing.T, src string) (*cloakRun, *guardtest.MemAudit) {
+		sink := &guardtest.MemAudit{}
+		gd, err := guard.New(guard.Config{Engine: loadPolicySource(t, src), Audit: sink,
+			Host: policy.Host{ID: "localhost", Attestation: "unverified"}, Clock: guardtest.NewClock(guardtest.Wed10),
 			Logger: slog.New(slog.DiscardHandler)})
 		if err != nil {
 			t.Fatal(err)
 		}
 		vm := policy.VM{ID: policy.DemoVMID, Labels: map[string]string{}, Spec: policy.Spec{MemoryMiB: 64, VCPUs: 1,
 			Image: hex.EncodeToString(sum[:])}, State: "running", Devices: []policy.Device{}, Networks: []policy.Network{}}
-		g := runCloakGuestHooks(t, "run=cloakprobe:pp:cloak", &Hooks{Guard: guard, VM: func() policy.VM { return vm }})
+		g := runCloakGuestHooks(t, "run=cloakprobe:pp:cloak", &Hooks{Authorize: gd.ForVM(func() policy.VM { return vm })})
 		return g, sink
 	}
-	decisions := func(sink *memAudit) (allowed, denied []AuditRecord) {
-		for _, r := range sink.all() {
+	decisions := func(sink *guardtest.MemAudit) (allowed, denied []guard.AuditRecord) {
+		for _, r := range sink.All() {
 			if r.Action != string(policy.ActionPageProtChange) {
 				continue
 			}
@@ -274,7 +276,7 @@ func TestPageProtCloakedAppPolicy(t *testing.T) {
 		// Kernel lock; the app's page 0, its unprotect and relax attempts (allowed by
 		// policy, refused by the lock), page 1 and its unprotect, skip, log.
 		if len(allowed) != 8 || len(denied) != 0 {
-			t.Errorf("pageprot_change decisions: %d allowed, %d denied; want 8 and 0: %+v", len(allowed), len(denied), sink.all())
+			t.Errorf("pageprot_change decisions: %d allowed, %d denied; want 8 and 0: %+v", len(allowed), len(denied), sink.All())
 		}
 	})
 	t.Run("unlisted", func(t *testing.T) {
@@ -291,7 +293,7 @@ func TestPageProtCloakedAppPolicy(t *testing.T) {
 			t.Errorf("a refused protection was enforced:\n%s", g.out)
 		}
 		_, denied := decisions(sink)
-		if len(denied) == 0 || !hasCode(policy.Decision{Deny: denied[0].Reasons}, "cloak.app_not_listed") {
+		if len(denied) == 0 || !guardtest.HasCode(policy.Decision{Deny: denied[0].Reasons}, "cloak.app_not_listed") {
 			t.Errorf("denied decisions %+v, want cloak.app_not_listed", denied)
 		}
 		for _, m := range g.measures {

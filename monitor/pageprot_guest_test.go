@@ -23,7 +23,9 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/umbra-cc/umbra/guard"
 	"github.com/umbra-cc/umbra/guestimage"
+	"github.com/umbra-cc/umbra/internal/guardtest"
 	"github.com/umbra-cc/umbra/pageprot"
 	"github.com/umbra-cc/umbra/policy"
 )
@@ -474,28 +476,28 @@ decision := {"allow": allow, "deny": deny}
 func TestGuestPageProtPolicyAuditMeasure(t *testing.T) {
 	ctx := context.Background()
 	image := guestimage.Image()
-	newHooks := func(t *testing.T, eng PolicyEngine, imageDigest string) (*Hooks, *memAudit) {
-		sink := &memAudit{}
-		g, err := NewGuard(GuardConfig{Engine: eng, Audit: sink, Host: policy.Host{ID: "localhost", Attestation: "unverified"}, Clock: &fakeClock{now: wed10},
+	newHooks := func(t *testing.T, eng guard.PolicyEngine, imageDigest string) (*Hooks, *guardtest.MemAudit) {
+		sink := &guardtest.MemAudit{}
+		g, err := guard.New(guard.Config{Engine: eng, Audit: sink, Host: policy.Host{ID: "localhost", Attestation: "unverified"}, Clock: guardtest.NewClock(guardtest.Wed10),
 			Logger: slog.New(slog.DiscardHandler)})
 		if err != nil {
 			t.Fatal(err)
 		}
 		vm := policy.VM{ID: policy.DemoVMID, Labels: map[string]string{}, Spec: policy.Spec{MemoryMiB: 64, VCPUs: 1, Image: imageDigest},
 			State: "running", Devices: []policy.Device{}, Networks: []policy.Network{}}
-		return &Hooks{Guard: g, VM: func() policy.VM { return vm }}, sink
+		return &Hooks{Authorize: g.ForVM(func() policy.VM { return vm })}, sink
 	}
 	sum := sha256.Sum256(image)
 	digest := hex.EncodeToString(sum[:])
 
 	t.Run("allowed", func(t *testing.T) {
-		hooks, sink := newHooks(t, writePolicy(t, ppPolicy), digest)
+		hooks, sink := newHooks(t, guardtest.WritePolicy(t, ppPolicy), digest)
 		g := runPPGuest(t, "run=pp:upcall", hooks)
 		g.wantStatus(t, 0)
 		g.kernelLocks(t, "kill")
 		g.wantLine(t, "pp: after upcall handled=1 page=0x0 record ok")
-		var decisions []AuditRecord
-		for _, r := range sink.all() {
+		var decisions []guard.AuditRecord
+		for _, r := range sink.All() {
 			if r.Action == string(policy.ActionPageProtChange) {
 				decisions = append(decisions, r)
 			}
@@ -517,7 +519,7 @@ func TestGuestPageProtPolicyAuditMeasure(t *testing.T) {
 	})
 	t.Run("denied", func(t *testing.T) {
 		// The policy is for another image: the kernel's lock and the app's protection are refused.
-		hooks, sink := newHooks(t, writePolicy(t, ppPolicy), strings.Repeat("ab", 32))
+		hooks, sink := newHooks(t, guardtest.WritePolicy(t, ppPolicy), strings.Repeat("ab", 32))
 		g := runPPGuest(t, "run=pp:upcall,secret:x attack=tamper target=kernel-text victim=secret", hooks)
 		g.wantLine(t, "kernel: pageprot: locking kernel memory refused: -13 (entry -1)")
 		g.wantLine(t, "pp: protect=-13 query deny=0 locked=0 action=0 owner=0 id=0")
@@ -528,7 +530,7 @@ func TestGuestPageProtPolicyAuditMeasure(t *testing.T) {
 			t.Errorf("refused locks were measured: %q", g.measured)
 		}
 		denied := 0
-		for _, r := range sink.all() {
+		for _, r := range sink.All() {
 			if r.Action == string(policy.ActionPageProtChange) && !r.Allow {
 				denied++
 			}

@@ -12,8 +12,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/umbra-cc/umbra/monitor/authz"
 	"github.com/umbra-cc/umbra/pageprot"
-	"github.com/umbra-cc/umbra/policy"
 )
 
 // guestPageProt (sources in the comment; GNU as). Memory: code at 0x100000; batch 1
@@ -438,11 +438,11 @@ type fakeCloak struct {
 }
 
 func (f *fakeCloak) IsCloaked(app, va uint64) bool { return app == 7 && f.pages[va&^(PageSize-1)] }
-func (f *fakeCloak) appPolicy(uint64) policy.App {
-	return policy.App{Name: "app7", Measurement: strings.Repeat("7", 64)}
+func (f *fakeCloak) appPolicy(uint64) authz.App {
+	return authz.App{Name: "app7", Measurement: strings.Repeat("7", 64)}
 }
-func (f *fakeCloak) appOwned(uint64) []policy.Range {
-	return []policy.Range{{Start: 0x400000, Length: 0x1000}}
+func (f *fakeCloak) appOwned(uint64) []authz.Range {
+	return []authz.Range{{Start: 0x400000, Length: 0x1000}}
 }
 func (f *fakeCloak) killApp(app uint64, reason string) error {
 	f.killed = append(f.killed, fmt.Sprintf("%d: %s", app, reason))

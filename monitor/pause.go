@@ -241,3 +241,39 @@ func (v *VM) TakeSnapshot(ctx context.Context) (*Snapshot, error) {
 	m.mu.Unlock()
 	return s, nil
 }
+
+// StopIfRunning stops a VM whose run has not ended; holding the mailbox lock keeps Run
+// from ending (and the vCPU from being closed) while it kicks.
+func (v *VM) StopIfRunning(err error) {
+	v.ctl.mu.Lock()
+	defer v.ctl.mu.Unlock()
+	select {
+	case <-v.ctl.ended:
+	default:
+		v.Stop(err)
+	}
+}
+
+// Paused reports whether the VM's vCPU is parked by Pause.
+func (v *VM) Paused() bool {
+	v.ctl.mu.Lock()
+	defer v.ctl.mu.Unlock()
+	return v.ctl.paused
+}
+
+// Ended is closed when the VM's run has ended.
+func (v *VM) Ended() <-chan struct{} { return v.ctl.ended }
+
+// Cmdline returns the guest command line the VM runs with.
+func (v *VM) Cmdline() string { return v.cfg.Cmdline }
+
+// PrepareCloaking creates the cloaking infrastructure (appVM and the userfaultfd that
+// serves the system view) now instead of at the first registration, for a monitor that
+// is about to give up the privileges creating it needs (its jail). Call it before Run.
+func (v *VM) PrepareCloaking() error {
+	cs, err := v.cloakState()
+	if err != nil {
+		return err
+	}
+	return cs.ensureInfrastructure()
+}

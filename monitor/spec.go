@@ -198,19 +198,6 @@ func (s *Spec) TimeoutDuration() (time.Duration, error) {
 	return d, nil
 }
 
-// LoadSpecFile reads (a regular file, at most 1 MiB) and parses a VM spec file.
-func LoadSpecFile(path string) (*Spec, error) {
-	data, err := userfile.Read(context.Background(), path, "VM spec", userfile.MaxSpecBytes)
-	if err != nil {
-		return nil, err
-	}
-	s, err := ParseSpec(data)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	return s, nil
-}
-
 // ImagePath resolves what the guest boots (guest.image, or guest.kernel for Linux)
 // relative to the directory of the spec file.
 func (s *Spec) ImagePath(specDir string) string {

@@ -19,12 +19,11 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/umbra-cc/umbra/guestimage"
-	"github.com/umbra-cc/umbra/kvm"
+	"github.com/umbra-cc/umbra/internal/testenv"
 )
 
 // Exit statuses of the test guest (testdata/guest/README.md).
@@ -33,33 +32,10 @@ const (
 	guestStatusPanic   = 255
 )
 
-func requireGuestKVM(t testing.TB) {
-	t.Helper()
-	if _, err := os.Stat(kvm.DevicePath); err != nil {
-		if os.Getenv("UMBRA_REQUIRE_KVM") != "" {
-			t.Fatalf("UMBRA_REQUIRE_KVM is set but KVM is unavailable: %v", err)
-		}
-		t.Skipf("skipping: %s is not available on this host: %v", kvm.DevicePath, err)
-	}
-}
+var requireGuestKVM = testenv.RequireKVM
 
 // lockedBuffer is a console that may be written while the test reads it.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
+type lockedBuffer = testenv.Buffer
 
 type guestRun struct {
 	out  string

@@ -11,7 +11,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/umbra-cc/umbra/appcontext"
 	"github.com/umbra-cc/umbra/bus"
 	"github.com/umbra-cc/umbra/kvm"
 	"github.com/umbra-cc/umbra/serial"
@@ -148,8 +147,10 @@ type VM struct {
 
 	stopReason atomic.Pointer[error]
 
-	// extensions handle hypercalls outside the core range and MMIO exits outside the
-	// doorbell, in order; features (page protection, cloaking) install themselves here.
+	// hypercalls routes hypercalls by registered number ranges (dispatch.go).
+	hypercalls hypercallTable
+	// extensions are the features wired into the VM (page protection, cloaking),
+	// through the extension seam (dispatch.go).
 	extensions []extension
 
 	// cloak is the cloaking state, created at the first cloaking call (cloak.go);
@@ -160,15 +161,6 @@ type VM struct {
 	runCtx context.Context
 	// ctl is the run loop's mailbox for pause, resume and snapshots (pause.go).
 	ctl vcpuMailbox
-}
-
-// extension is a feature wired into the exit path.
-type extension interface {
-	// hypercall handles call c if it belongs to the extension; handled reports whether
-	// it did. A non-nil error ends the run.
-	hypercall(v *VM, c Call) (ret uint64, handled bool, err error)
-	// mmio handles an MMIO exit outside the doorbell page if it is the extension's.
-	mmio(v *VM, e *kvm.ExitMMIO) (handled bool, err error)
 }
 
 // New creates the VM: guest memory, the KVM VM with its in-kernel irqchip, vCPU 0, the
@@ -281,6 +273,9 @@ func New(cfg Config) (_ *VM, err error) {
 	if err = v.installPageProt(); err != nil {
 		return nil, err
 	}
+	if err = v.addExtension(cloakExtension{v}); err != nil {
+		return nil, err
+	}
 	return v, nil
 }
 
@@ -290,10 +285,10 @@ func (v *VM) Memory() *GuestMemory { return v.mem }
 // Close releases the vCPU, the VM and guest memory.
 func (v *VM) Close() error {
 	var errs []error
-	if v.cloak != nil {
-		errs = append(errs, v.cloak.close())
-		v.cloak = nil
+	for i := len(v.extensions) - 1; i >= 0; i-- {
+		errs = append(errs, v.extensions[i].close())
 	}
+	v.extensions = nil
 	if v.cpu != nil {
 		errs = append(errs, v.cpu.Close())
 		v.cpu = nil
@@ -319,11 +314,12 @@ func (v *VM) Stop(err error) {
 	v.kickForControl()
 }
 
-// kickAll kicks the system VM's vCPU and, if cloaking created it, appVM's.
+// kickAll kicks the system VM's vCPU and the extensions' (appVM's, once cloaking
+// created it).
 func (v *VM) kickAll() {
 	v.cpu.Kick()
-	if a := v.appCPU.Load(); a != nil {
-		a.Kick()
+	for _, x := range v.extensions {
+		x.kick()
 	}
 }
 
@@ -336,13 +332,11 @@ func (v *VM) Run(ctx context.Context) (*Result, error) {
 	finish := func(err error) (*Result, error) {
 		v.endControl()
 		res.Duration = time.Since(start)
-		if v.cloak != nil {
-			if v.cloak.av != nil {
-				v.counter.AppVMExits = v.cloak.av.Exits
-			}
-			res.CloakedApps = v.cloak.summaries()
-		}
 		res.Counters = v.counter
+		for _, x := range v.extensions {
+			x.finish(res)
+		}
+		v.counter = res.Counters
 		if err != nil && res.Reason == "" {
 			res.Reason = err.Error()
 		}
@@ -374,15 +368,19 @@ func (v *VM) Run(ctx context.Context) (*Result, error) {
 	v.runCtx = runCtx
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
+run:
 	for {
 		if v.ctl.pending.Load() {
 			v.serveControl(runCtx)
 		}
-		if v.cloak != nil && v.cloak.running != nil {
-			if err := v.runApp(runCtx); err != nil {
+		for _, x := range v.extensions {
+			ran, err := x.step(runCtx)
+			if err != nil {
 				return finish(err)
 			}
-			continue
+			if ran {
+				continue run
+			}
 		}
 		exit, err := v.cpu.Run()
 		if err != nil {
@@ -513,60 +511,15 @@ func (v *VM) handleMMIO(e *kvm.ExitMMIO) error {
 	}
 	v.curMMIO = e
 	defer func() { v.curMMIO = nil }()
-	var handled bool
-	var err error
-	if e.IsWrite {
-		handled, err = v.mmio.Write(e.Addr, e.Data[:e.Len])
-	} else {
-		handled, err = v.mmio.Read(e.Addr, e.ReadBuffer())
+	data := e.Data[:e.Len]
+	if !e.IsWrite {
+		data = e.ReadBuffer()
 	}
-	if handled || err != nil {
+	claimed, err := dispatchMMIO(&v.mmio, e.Addr, data, e.IsWrite)
+	if claimed || err != nil {
 		return err
 	}
-	for _, x := range v.extensions {
-		handled, err := x.mmio(v, e)
-		if err != nil {
-			return err
-		}
-		if handled {
-			return nil
-		}
-	}
 	return v.crash(fmt.Sprintf("access to unmapped guest-physical address (%v)", e))
-}
-
-// vcpuVirtReader reads guest-virtual memory as the vCPU's current address space maps
-// it, walking the guest's page tables in the monitor (KVM_TRANSLATE does not report
-// the user/supervisor bit on x86, so it cannot check user access).
-type vcpuVirtReader struct{ v *VM }
-
-func (r vcpuVirtReader) readVirt(gva uint64, buf []byte, user bool) error {
-	s := r.v.cpu.SyncedSregs()
-	as := appcontext.AddressSpace{
-		Mem: sysGuardedMem{v: r.v, cpl: s.CPL(), cr3: s.CR3 &^ 0xfff},
-		CR3: s.CR3 &^ 0xfff,
-		Paging: appcontext.Paging{
-			MaxPhysAddr: r.v.maxPhysAddr,
-			NXE:         s.EFER&eferNXE != 0,
-			WP:          s.CR0&cr0WP != 0,
-		},
-	}
-	acc := appcontext.Access(0)
-	if user {
-		acc = appcontext.UserRead
-	}
-	if c := r.v.cloak; c != nil {
-		// The kernel (or any process) never gets a cloaked app's memory through the
-		// monitor: not by naming the app's addresses, not by naming its frames.
-		if err := c.checkSysBuffer(s, gva, uint64(len(buf))); err != nil {
-			return fmt.Errorf("%w: %w", errGuestFault, err)
-		}
-	}
-	// Frames: through the guarded accessor (no cloaked plaintext, no deny-read frame).
-	if err := as.Read(gva, buf, acc); err != nil {
-		return fmt.Errorf("%w: %w", errGuestFault, err)
-	}
-	return nil
 }
 
 // Run creates a VM from cfg, runs it and releases it.

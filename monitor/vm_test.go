@@ -4,12 +4,11 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"os"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/umbra-cc/umbra/kvm"
+	"github.com/umbra-cc/umbra/internal/testenv"
 )
 
 const testLoad = 0x100000
@@ -38,15 +37,8 @@ var (
 	guestCallLoop = []byte{0x49, 0xbb, 0x00, 0x00, 0x00, 0xe0, 0x00, 0x00, 0x00, 0x00, 0x31, 0xc0, 0x49, 0x8b, 0x03, 0xeb, 0xf9}
 )
 
-func requireKVM(t testing.TB) {
-	t.Helper()
-	if _, err := os.Stat(kvm.DevicePath); err != nil {
-		if os.Getenv("UMBRA_REQUIRE_KVM") != "" {
-			t.Fatalf("UMBRA_REQUIRE_KVM is set but KVM is unavailable: %v", err)
-		}
-		t.Skipf("skipping: %s is not available on this host: %v", kvm.DevicePath, err)
-	}
-}
+// requireKVM skips a test that needs KVM where it is absent (testenv.RequireKVM).
+var requireKVM = testenv.RequireKVM
 
 func TestRunHelloGuest(t *testing.T) {
 	requireKVM(t)

@@ -6,15 +6,12 @@ import (
 	"fmt"
 
 	"github.com/umbra-cc/umbra/pageprot/insnlen"
+	"github.com/umbra-cc/umbra/x86"
 )
 
-// Regs are the general-purpose registers the violation logic reads and changes; the
-// monitor converts them from and to KVM's register set.
-type Regs struct {
-	RAX, RBX, RCX, RDX, RSI, RDI, RSP, RBP uint64
-	R8, R9, R10, R11, R12, R13, R14, R15   uint64
-	RIP, RFLAGS                            uint64
-}
+// Regs are the general-purpose registers the violation logic reads and changes
+// (package x86's, which KVM's register set also is).
+type Regs = x86.Regs
 
 // Exception is an exception to deliver to the guest (KVM_SET_VCPU_EVENTS).
 type Exception struct {
@@ -28,13 +25,13 @@ type Exception struct {
 
 // Exception vectors and #PF error-code bits.
 const (
-	VectorGP = 13
-	VectorPF = 14
+	VectorGP = x86.VectorGP
+	VectorPF = x86.VectorPF
 
-	pfPresent = 1 << 0
-	pfWrite   = 1 << 1
-	pfUser    = 1 << 2
-	pfFetch   = 1 << 4
+	pfPresent = x86.PFPresent
+	pfWrite   = x86.PFWrite
+	pfUser    = x86.PFUser
+	pfFetch   = x86.PFFetch
 )
 
 // Kill ends the VM (App == 0) or one cloaked app.

@@ -13,14 +13,11 @@ import (
 	"github.com/umbra-cc/umbra/strictjson"
 )
 
-//go:embed schema/input.schema.json schema/decision.schema.json
+//go:embed schema/input.schema.json
 var schemaFS embed.FS
 
 // InputSchema returns the JSON Schema of the policy input (draft-07).
 func InputSchema() []byte { return mustRead("schema/input.schema.json") }
-
-// DecisionSchema returns the JSON Schema of the value of data.umbra.authz.decision.
-func DecisionSchema() []byte { return mustRead("schema/decision.schema.json") }
 
 func mustRead(name string) []byte {
 	b, err := schemaFS.ReadFile(name)

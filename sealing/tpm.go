@@ -30,13 +30,6 @@ type TPMSpec struct {
 	Path string // socket or device path; empty for KindSim
 }
 
-func (s TPMSpec) String() string {
-	if s.Kind == KindSim {
-		return KindSim
-	}
-	return s.Kind + ":" + s.Path
-}
-
 // ParseTPMSpec parses "sim", "swtpm:PATH" or "device:PATH".
 func ParseTPMSpec(spec string) (TPMSpec, error) {
 	if spec == "" || spec == KindSim {

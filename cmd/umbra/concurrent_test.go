@@ -18,7 +18,7 @@ import (
 	"github.com/umbra-cc/umbra/attest/audit"
 	"github.com/umbra-cc/umbra/attest/verify"
 	"github.com/umbra-cc/umbra/guestimage"
-	"github.com/umbra-cc/umbra/monitor"
+	"github.com/umbra-cc/umbra/launch"
 	"github.com/umbra-cc/umbra/sealing"
 	"github.com/umbra-cc/umbra/sealing/swtpmtest"
 )
@@ -129,7 +129,7 @@ func TestManyMonitorsShareOneStateDirectory(t *testing.T) {
 
 	// The administrator's policy names this operator and host; a bundle is sealed.
 	fingerprint := strings.TrimSpace(mustRun(0, append([]string{"host", "id", "--ek-pub", at("ek.pem")}, host...)...))
-	operator, err := monitor.LocalPrincipal()
+	operator, err := launch.LocalPrincipal()
 	if err != nil {
 		t.Fatal(err)
 	}

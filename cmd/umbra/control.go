@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/umbra-cc/umbra/control"
+	"github.com/umbra-cc/umbra/launch"
 	"github.com/umbra-cc/umbra/monitor"
 	"github.com/umbra-cc/umbra/sealing"
 )
@@ -142,7 +143,7 @@ func runPs(ctx context.Context, env *cliEnv, args []string) int {
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fail(env, err)
 	}
-	me, err := monitor.LocalPrincipal()
+	me, err := launch.LocalPrincipal()
 	if err != nil {
 		return fail(env, err)
 	}

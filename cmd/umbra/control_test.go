@@ -14,8 +14,9 @@ import (
 
 	"github.com/umbra-cc/umbra/attest/audit"
 	"github.com/umbra-cc/umbra/control"
+	"github.com/umbra-cc/umbra/guard"
 	"github.com/umbra-cc/umbra/guestimage"
-	"github.com/umbra-cc/umbra/monitor"
+	"github.com/umbra-cc/umbra/launch"
 )
 
 // controlFixture is a signed control-plane policy, the test guest and one spec per VM,
@@ -120,9 +121,9 @@ func (f *controlFixture) mustUmbra(name string, args ...string) string {
 	return out
 }
 
-func (f *controlFixture) inspect(name string) *monitor.Status {
+func (f *controlFixture) inspect(name string) *launch.Status {
 	f.t.Helper()
-	var st monitor.Status
+	var st launch.Status
 	out := f.mustUmbra(name, "inspect", "--json", name)
 	if err := json.Unmarshal([]byte(out), &st); err != nil {
 		f.t.Fatalf("inspect --json: %v\n%s", err, out)
@@ -214,7 +215,7 @@ func (f *controlFixture) auditDecisions(name string) []string {
 		if rec.Kind != audit.KindDecision {
 			return nil
 		}
-		var d monitor.AuditRecord
+		var d guard.AuditRecord
 		if err := json.Unmarshal(rec.Details, &d); err != nil {
 			return err
 		}

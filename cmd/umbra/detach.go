@@ -20,7 +20,7 @@ import (
 
 	"github.com/umbra-cc/umbra/control"
 	"github.com/umbra-cc/umbra/jail"
-	"github.com/umbra-cc/umbra/monitor"
+	"github.com/umbra-cc/umbra/launch"
 )
 
 // `umbra run --detach` starts the monitor as its own process (a new session, its own
@@ -199,7 +199,7 @@ func newDetachedMonitor(env *cliEnv, stateDir, operatorGroup, jailUser string, l
 }
 
 // attach serves c's control API and tells the waiting command the VM is up.
-func (d *detachedMonitor) attach(c *monitor.Control) {
+func (d *detachedMonitor) attach(c *launch.Control) {
 	path := controlSocket(d.stateDir, c.Name())
 	lock, err := control.HoldMonitorLock(filepath.Dir(path))
 	if err != nil {
@@ -294,7 +294,7 @@ func (d *detachedMonitor) recordPrevious(ctx context.Context, name string) {
 }
 
 // attachFunc is attach as a LaunchConfig.Attach, nil without a detached monitor.
-func (d *detachedMonitor) attachFunc() func(*monitor.Control) {
+func (d *detachedMonitor) attachFunc() func(*launch.Control) {
 	if d == nil {
 		return nil
 	}

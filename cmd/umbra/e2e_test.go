@@ -12,7 +12,7 @@ import (
 	"testing"
 
 	"github.com/umbra-cc/umbra/guestimage"
-	"github.com/umbra-cc/umbra/monitor"
+	"github.com/umbra-cc/umbra/launch"
 	"github.com/umbra-cc/umbra/sealing"
 	"github.com/umbra-cc/umbra/sealing/swtpmtest"
 )
@@ -73,7 +73,7 @@ func journey(t *testing.T, tpm string) {
 	if len(fingerprint) != 64 {
 		t.Fatalf("host id printed %q", out)
 	}
-	operator, err := monitor.LocalPrincipal()
+	operator, err := launch.LocalPrincipal()
 	if err != nil {
 		t.Fatal(err)
 	}

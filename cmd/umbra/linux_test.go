@@ -10,6 +10,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/umbra-cc/umbra/launch"
 	"github.com/umbra-cc/umbra/monitor"
 	"github.com/umbra-cc/umbra/sealing"
 )
@@ -46,7 +47,7 @@ func TestLinuxJourney(t *testing.T) {
 	}
 	out, _ := mustRun(0, append([]string{"host", "id", "--ek-pub", at(host, "ek.pem")}, hostFlags...)...)
 	fingerprint := strings.TrimSpace(out)
-	operator, err := monitor.LocalPrincipal()
+	operator, err := launch.LocalPrincipal()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -14,6 +14,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/umbra-cc/umbra/launch"
 	"github.com/umbra-cc/umbra/monitor"
 	"github.com/umbra-cc/umbra/policy"
 	"github.com/umbra-cc/umbra/sealing"
@@ -144,23 +145,23 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 		defer dm.finish()
 	}
 
-	var src *monitor.LaunchSource
+	var src *launch.LaunchSource
 	switch mode {
 	case "demo":
-		src, err = monitor.DemoSource(ctx)
+		src, err = launch.DemoSource(ctx)
 	case "bundle":
-		src, err = monitor.SealedSource(ctx, tpm, stateDir, fs.Arg(0), log)
+		src, err = launch.SealedSource(ctx, tpm, stateDir, fs.Arg(0), log)
 	default:
 		var pemKey []byte
 		if pemKey, err = userfile.Read(ctx, *policyKey, "policy key", userfile.MaxKeyBytes); err == nil {
-			src, err = monitor.SpecSource(ctx, fs.Arg(0), *policyPath, policy.VerifyKey{ID: *policyKeyID, PEM: pemKey})
+			src, err = launch.SpecSource(ctx, fs.Arg(0), *policyPath, policy.VerifyKey{ID: *policyKeyID, PEM: pemKey})
 		} else {
-			err = fmt.Errorf("%w: %w", monitor.ErrInvalidInput, err)
+			err = fmt.Errorf("%w: %w", launch.ErrInvalidInput, err)
 		}
 	}
 	if err != nil {
 		fmt.Fprintf(env.stderr, "umbra run: %v\n", err)
-		if errors.Is(err, monitor.ErrInvalidInput) {
+		if errors.Is(err, launch.ErrInvalidInput) {
 			return exitUsage
 		}
 		return exitNoGuestStatus
@@ -207,15 +208,15 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 		fmt.Fprintf(env.stderr, "umbra run: VM %s: %v\n", src.Spec.Name, err)
 		return exitUsage
 	}
-	principal, err := monitor.LocalPrincipal()
+	principal, err := launch.LocalPrincipal()
 	if err != nil {
 		fmt.Fprintf(env.stderr, "umbra run: %v\n", err)
 		return exitNoGuestStatus
 	}
-	rep, err := monitor.Launch(ctx, monitor.LaunchConfig{
+	rep, err := launch.Launch(ctx, launch.LaunchConfig{
 		Run: cfg, Spec: src.Spec, SpecBytes: src.SpecBytes, Policy: src.Policy, PolicyDigest: src.PolicyDigest,
 		Principal: principal, TPM: tpm, StateDir: stateDir, Logger: log,
-		Started:       func(rep *monitor.LaunchReport) { reportDecision(env, src.Spec.Name, rep) },
+		Started:       func(rep *launch.LaunchReport) { reportDecision(env, src.Spec.Name, rep) },
 		EvidenceNonce: nonce,
 		Attach:        dm.attachFunc(),
 	})
@@ -271,14 +272,14 @@ func isSealedBundle(path string) bool {
 
 // runSummary is the --json output of umbra run.
 type runSummary struct {
-	VM         string                `json:"vm"`
-	ExitStatus *int                  `json:"exit_status"`
-	Reason     string                `json:"reason"`
-	Error      string                `json:"error,omitempty"`
-	Launch     *monitor.LaunchReport `json:"launch,omitempty"`
+	VM         string               `json:"vm"`
+	ExitStatus *int                 `json:"exit_status"`
+	Reason     string               `json:"reason"`
+	Error      string               `json:"error,omitempty"`
+	Launch     *launch.LaunchReport `json:"launch,omitempty"`
 }
 
-func reportRun(env *cliEnv, name string, rep *monitor.LaunchReport, err error, jsonOut bool) int {
+func reportRun(env *cliEnv, name string, rep *launch.LaunchReport, err error, jsonOut bool) int {
 	code := exitNoGuestStatus
 	sum := runSummary{VM: name, Launch: rep}
 	if rep != nil {
@@ -327,7 +328,7 @@ func firstLine(s string) string {
 
 // reportDecision tells the operator what the policy decided and where the launch was
 // measured and audited.
-func reportDecision(env *cliEnv, name string, rep *monitor.LaunchReport) {
+func reportDecision(env *cliEnv, name string, rep *launch.LaunchReport) {
 	d := rep.Decision
 	verdict := "refused"
 	if d.Allow {
@@ -346,7 +347,7 @@ func reportDecision(env *cliEnv, name string, rep *monitor.LaunchReport) {
 	fmt.Fprintf(env.stderr, "umbra: audit log %s\n", rep.AuditLog)
 }
 
-func writeEvidence(path string, rep *monitor.LaunchReport, force bool) error {
+func writeEvidence(path string, rep *launch.LaunchReport, force bool) error {
 	b, err := rep.Evidence.Marshal()
 	if err != nil {
 		return fmt.Errorf("encode evidence: %w", err)

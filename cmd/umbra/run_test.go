@@ -8,18 +8,10 @@ import (
 	"testing"
 
 	"github.com/umbra-cc/umbra/attest/audit"
-	"github.com/umbra-cc/umbra/kvm"
+	"github.com/umbra-cc/umbra/internal/testenv"
 )
 
-func requireKVMForCLI(t testing.TB) {
-	t.Helper()
-	if err := kvm.Available(); err != nil {
-		if os.Getenv("UMBRA_REQUIRE_KVM") != "" {
-			t.Fatalf("UMBRA_REQUIRE_KVM is set but KVM is unavailable: %v", err)
-		}
-		t.Skipf("skipping: KVM is not available: %v", err)
-	}
-}
+var requireKVMForCLI = testenv.RequireKVM
 
 func TestRunDemoIsAllowedMeasuredAndAudited(t *testing.T) {
 	requireKVMForCLI(t)

@@ -4,7 +4,7 @@ import (
 	"context"
 	"fmt"
 
-	"github.com/umbra-cc/umbra/monitor"
+	"github.com/umbra-cc/umbra/launch"
 	"github.com/umbra-cc/umbra/sealing"
 	"github.com/umbra-cc/umbra/userfile"
 )
@@ -77,7 +77,7 @@ Exit status 0 if the bundle would open and run, 1 if not.`)
 			fmt.Fprintf(env.stderr, "umbra: measuring this monitor: %v\n", err)
 		}
 	}
-	rep, err := sealing.CheckBundleWith(ctx, t, data, opts, "contents", monitor.CheckSealedContents(opts.TrustedAdmins, bundle))
+	rep, err := sealing.CheckBundleWith(ctx, t, data, opts, "contents", launch.CheckSealedContents(opts.TrustedAdmins, bundle))
 	for _, s := range rep.Steps {
 		mark := "ok  "
 		if !s.OK {

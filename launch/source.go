@@ -1,4 +1,4 @@
-package monitor
+package launch
 
 import (
 	"bytes"
@@ -17,6 +17,7 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"github.com/umbra-cc/umbra/guestimage"
+	"github.com/umbra-cc/umbra/monitor"
 	"github.com/umbra-cc/umbra/policy"
 	"github.com/umbra-cc/umbra/sealing"
 	"github.com/umbra-cc/umbra/userfile"
@@ -25,7 +26,7 @@ import (
 // LaunchSource is what a launch runs and under which policy: resolved from the
 // built-in demo, a spec file with a signed policy bundle, or a sealed VM bundle.
 type LaunchSource struct {
-	Spec         *Spec
+	Spec         *monitor.Spec
 	SpecBytes    []byte
 	Image        []byte // the guest image, or the Linux kernel
 	Initrd       []byte // the Linux initramfs, if the spec names one
@@ -47,23 +48,23 @@ func (s *LaunchSource) Wipe() {
 }
 
 // Config returns the run configuration for the source.
-func (s *LaunchSource) Config() Config {
+func (s *LaunchSource) Config() monitor.Config {
 	mem, _ := s.Spec.MemoryBytes()
 	timeout, _ := s.Spec.TimeoutDuration()
-	return Config{Image: s.Image, Boot: s.Spec.Boot(), Initrd: s.Initrd, MemorySize: mem, Cmdline: s.Spec.Guest.Cmdline, Timeout: timeout, CloakSecret: s.CloakSecret}
+	return monitor.Config{Image: s.Image, Boot: s.Spec.Boot(), Initrd: s.Initrd, MemorySize: mem, Cmdline: s.Spec.Guest.Cmdline, Timeout: timeout, CloakSecret: s.CloakSecret}
 }
 
 // DemoSource is the built-in demo: the test guest running its demo programs under
 // the built-in demo policy.
 func DemoSource(ctx context.Context) (*LaunchSource, error) {
-	spec := &Spec{
-		APIVersion: SpecVersion,
+	spec := &monitor.Spec{
+		APIVersion: monitor.SpecVersion,
 		Name:       policy.DemoVMID,
 		Labels:     map[string]string{"purpose": "demo"},
-		Guest:      GuestSpec{Image: "builtin:testguest", Cmdline: guestimage.DemoCmdline},
+		Guest:      monitor.GuestSpec{Image: "builtin:testguest", Cmdline: guestimage.DemoCmdline},
 		Memory:     "64MiB",
 		Timeout:    "60s",
-		Cloak:      &CloakSpec{Apps: []string{"cloakcompute"}},
+		Cloak:      &monitor.CloakSpec{Apps: []string{"cloakcompute"}},
 	}
 	raw, err := yaml.Marshal(spec)
 	if err != nil {
@@ -88,7 +89,7 @@ func SpecSource(ctx context.Context, specPath, bundlePath string, key policy.Ver
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalidInput, err)
 	}
-	spec, err := ParseSpec(raw)
+	spec, err := monitor.ParseSpec(raw)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %s: %w", ErrInvalidInput, specPath, err)
 	}
@@ -159,7 +160,7 @@ func CheckSealedContents(admins []*ecdsa.PublicKey, bundlePath string) sealing.C
 			return "", err
 		}
 		what := "guest image"
-		if src.Spec.Boot() == BootLinux {
+		if src.Spec.Boot() == monitor.BootLinux {
 			what = "Linux kernel"
 		}
 		return fmt.Sprintf("VM %s: spec valid, %s %s checked, policy revision %s signed by the bundle's administrator", src.Spec.Name, what, src.Spec.ImagePath(filepath.Dir(bundlePath)), src.Policy.Revision()), nil
@@ -171,7 +172,7 @@ func CheckSealedContents(admins []*ecdsa.PublicKey, bundlePath string) sealing.C
 // it, and the sealed policy, which must be signed by the bundle's administrator.
 func sealedContents(ctx context.Context, opened *sealing.Opened, admins []*ecdsa.PublicKey, bundlePath string) (*LaunchSource, error) {
 	src := &LaunchSource{Sealed: opened, CloakSecret: opened.CloakMasterSecret}
-	spec, err := ParseSpec(opened.Spec)
+	spec, err := monitor.ParseSpec(opened.Spec)
 	if err != nil {
 		return nil, fmt.Errorf("%w: spec sealed in %s: %w", ErrInvalidInput, bundlePath, err)
 	}
@@ -179,7 +180,7 @@ func sealedContents(ctx context.Context, opened *sealing.Opened, admins []*ecdsa
 	if src.Image, src.Initrd, err = spec.ReadGuestFiles(ctx, filepath.Dir(bundlePath)); err != nil {
 		return nil, fmt.Errorf("%w: guest files named by the sealed spec: %w", ErrInvalidInput, err)
 	}
-	if err := CheckConfig(src.Config()); err != nil {
+	if err := monitor.CheckConfig(src.Config()); err != nil {
 		return nil, fmt.Errorf("%w: VM sealed in %s: %w", ErrInvalidInput, bundlePath, err)
 	}
 	admin, err := adminKey(admins, opened.Header.AdminKeyID)

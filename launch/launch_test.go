@@ -1,4 +1,4 @@
-package monitor
+package launch
 
 import (
 	"context"
@@ -14,6 +14,8 @@ import (
 	"github.com/google/go-tpm/tpm2/transport"
 
 	"github.com/umbra-cc/umbra/attest/audit"
+	"github.com/umbra-cc/umbra/guard"
+	"github.com/umbra-cc/umbra/monitor"
 	"github.com/umbra-cc/umbra/policy"
 	"github.com/umbra-cc/umbra/sealing"
 	_ "github.com/umbra-cc/umbra/sealing/tpmsim" // the in-process TPM simulator back end
@@ -74,9 +76,9 @@ func policyFixture(t *testing.T, file, rego string) (*policy.Policy, transport.T
 func launchFixture(t *testing.T, expires time.Time) (LaunchConfig, string) {
 	t.Helper()
 	pol, tpm, state := policyFixture(t, "expiry.rego", expiryPolicy)
-	spec := &Spec{APIVersion: SpecVersion, Name: "expiring", Labels: map[string]string{"expires": expires.UTC().Format(time.RFC3339Nano)}, Guest: GuestSpec{Image: "spin.elf"}}
+	spec := &monitor.Spec{APIVersion: monitor.SpecVersion, Name: "expiring", Labels: map[string]string{"expires": expires.UTC().Format(time.RFC3339Nano)}, Guest: monitor.GuestSpec{Image: "spin.elf"}}
 	return LaunchConfig{
-		Run:          Config{Image: testELF(guestSpin, testLoad, 0), MemorySize: 4 << 20, Timeout: 30 * time.Second},
+		Run:          monitor.Config{Image: testELF(guestSpin, testLoad, 0), MemorySize: 4 << 20, Timeout: 30 * time.Second},
 		Spec:         spec,
 		SpecBytes:    []byte("test spec"),
 		Policy:       pol,
@@ -112,13 +114,13 @@ func TestLaunchStopsRunningVMAtExpiry(t *testing.T) {
 	lc, auditPath := launchFixture(t, time.Now().Add(700*time.Millisecond))
 	start := time.Now()
 	rep, err := Launch(context.Background(), lc)
-	if !errors.Is(err, ErrInterrupted) || !strings.Contains(err.Error(), "policy obligation stop") {
+	if !errors.Is(err, monitor.ErrInterrupted) || !strings.Contains(err.Error(), "policy obligation stop") {
 		t.Fatalf("Launch err = %v, want the VM stopped by the policy's stop obligation", err)
 	}
 	if d := time.Since(start); d > 10*time.Second {
 		t.Fatalf("stopping at expiry took %v", d)
 	}
-	if rep.Enforced == nil || rep.Enforced.Verdict != VerdictStop || rep.Result == nil {
+	if rep.Enforced == nil || rep.Enforced.Verdict != guard.VerdictStop || rep.Result == nil {
 		t.Fatalf("report %+v, want an enforced stop and a result", rep)
 	}
 	got := strings.Join(auditKinds(t, auditPath), ",")
@@ -133,7 +135,7 @@ func TestLaunchRefusesExpiredVM(t *testing.T) {
 	var console strings.Builder
 	lc.Run.Console = &console
 	rep, err := Launch(context.Background(), lc)
-	var denied *DeniedError
+	var denied *guard.DeniedError
 	if !errors.Is(err, ErrLaunchRefused) || !errors.As(err, &denied) {
 		t.Fatalf("Launch err = %v, want a policy refusal", err)
 	}
@@ -190,8 +192,8 @@ func TestLaunchRefusesBadImageBeforeTheDecision(t *testing.T) {
 // TestAuditKindsListTheMonitorsEvents: umbra audit show --kind accepts only the
 // kinds in audit.Kinds, so every kind the monitor writes must be there.
 func TestAuditKindsListTheMonitorsEvents(t *testing.T) {
-	for _, k := range []string{EventCloakRegister, EventIntegrityViolation, EventPageProtChange, EventPageProtViolation,
-		EventPageProtLock, EventCloakViolation, EventCloakSyscall, EventCloakEnd, "policy-obligation"} {
+	for _, k := range []string{monitor.EventCloakRegister, monitor.EventIntegrityViolation, monitor.EventPageProtChange, monitor.EventPageProtViolation,
+		monitor.EventPageProtLock, monitor.EventCloakViolation, monitor.EventCloakSyscall, monitor.EventCloakEnd, "policy-obligation"} {
 		if !slices.Contains(audit.Kinds, k) {
 			t.Errorf("audit.Kinds lacks the monitor's event kind %q", k)
 		}

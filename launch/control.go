@@ -1,4 +1,4 @@
-package monitor
+package launch
 
 import (
 	"context"
@@ -8,6 +8,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/umbra-cc/umbra/guard"
+	"github.com/umbra-cc/umbra/monitor"
 	"github.com/umbra-cc/umbra/policy"
 )
 
@@ -19,9 +21,9 @@ import (
 // Control is the control surface of one VM started by Launch. It is safe for
 // concurrent use.
 type Control struct {
-	vm       *VM
-	guard    *Guard
-	spec     *Spec
+	vm       *monitor.VM
+	guard    *guard.Guard
+	spec     *monitor.Spec
 	policyVM func(state string) policy.VM
 	revision string
 	launched time.Time
@@ -52,7 +54,7 @@ type Status struct {
 	PolicyRevision string        `json:"policy_revision"`
 	Spec           StatusSpec    `json:"spec"`
 	AuditSeq       uint64        `json:"audit_seq"` // sequence number of the audit log's newest record
-	Snapshot
+	monitor.Snapshot
 }
 
 // StatusSpec is the running VM's configuration.
@@ -70,27 +72,28 @@ func (c *Control) stateLocked() string {
 	switch {
 	case c.stopping:
 		return "stopping"
-	case c.vm.paused():
+	case c.vm.Paused():
 		return "suspended"
 	}
 	return "running"
 }
 
-// check asks the policy about action for p with the VM in its current state.
-func (c *Control) check(ctx context.Context, p policy.Principal, action policy.Action, req policy.Request) error {
+// check asks the policy, through the Guard's action method decide, about an action
+// on the VM in its current state.
+func (c *Control) check(decide func(vm policy.VM) (policy.Decision, error)) error {
 	c.mu.Lock()
 	st := c.stateLocked()
 	c.mu.Unlock()
 	if st == "stopping" {
 		st = "running"
 	}
-	_, err := c.guard.Check(ctx, p, c.policyVM(st), action, req)
+	_, err := decide(c.policyVM(st))
 	return err
 }
 
 // Inspect returns the VM's status (action inspect).
 func (c *Control) Inspect(ctx context.Context, p policy.Principal) (*Status, error) {
-	if err := c.check(ctx, p, policy.ActionInspect, policy.Request{}); err != nil {
+	if err := c.check(func(vm policy.VM) (policy.Decision, error) { return c.guard.Inspect(ctx, p, vm) }); err != nil {
 		return nil, err
 	}
 	return c.status(ctx)
@@ -111,7 +114,7 @@ func (c *Control) status(ctx context.Context) (*Status, error) {
 	return &Status{
 		VM: c.spec.Name, State: st, PID: os.Getpid(), LaunchedAt: c.launched, Uptime: time.Since(c.launched),
 		LaunchedBy: c.launcher, PolicyRevision: c.revision, AuditSeq: c.auditSeq(),
-		Spec:     StatusSpec{MemoryMiB: vm.Spec.MemoryMiB, VCPUs: int(vm.Spec.VCPUs), Image: vm.Spec.Image, Cmdline: c.vm.cfg.Cmdline},
+		Spec:     StatusSpec{MemoryMiB: vm.Spec.MemoryMiB, VCPUs: int(vm.Spec.VCPUs), Image: vm.Spec.Image, Cmdline: c.vm.Cmdline()},
 		Snapshot: *snap,
 	}, nil
 }
@@ -119,20 +122,20 @@ func (c *Control) status(ctx context.Context) (*Status, error) {
 // Pause freezes the VM (action pause) and returns the latency from the request
 // reaching the VM to its vCPU being parked.
 func (c *Control) Pause(ctx context.Context, p policy.Principal) (time.Duration, error) {
-	if err := c.check(ctx, p, policy.ActionPause, policy.Request{}); err != nil {
+	if err := c.check(func(vm policy.VM) (policy.Decision, error) { return c.guard.Pause(ctx, p, vm) }); err != nil {
 		return 0, err
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.stopping {
-		return 0, fmt.Errorf("%w: the VM is stopping", ErrNotRunning)
+		return 0, fmt.Errorf("%w: the VM is stopping", monitor.ErrNotRunning)
 	}
 	return c.vm.Pause(ctx)
 }
 
 // Resume continues a paused VM (action resume).
 func (c *Control) Resume(ctx context.Context, p policy.Principal) error {
-	if err := c.check(ctx, p, policy.ActionResume, policy.Request{}); err != nil {
+	if err := c.check(func(vm policy.VM) (policy.Decision, error) { return c.guard.Resume(ctx, p, vm) }); err != nil {
 		return err
 	}
 	c.mu.Lock()
@@ -151,23 +154,23 @@ const GracefulStopTimeout = 10 * time.Second
 // separately (the example policy keeps it for administrators). Stop returns once the
 // stop is under way; Launch audits how the VM ended.
 func (c *Control) Stop(ctx context.Context, p policy.Principal, force bool) error {
-	if err := c.check(ctx, p, policy.ActionStop, policy.Request{Stop: &policy.Stop{Force: force}}); err != nil {
+	if err := c.check(func(vm policy.VM) (policy.Decision, error) { return c.guard.StopVM(ctx, p, vm, force) }); err != nil {
 		return err
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if force {
 		c.stopping = true
-		c.vm.stopIfRunning(fmt.Errorf("%w (forced, by %s)", ErrStopRequested, p.ID))
+		c.vm.StopIfRunning(fmt.Errorf("%w (forced, by %s)", ErrStopRequested, p.ID))
 		return nil
 	}
 	if c.stopping {
 		return nil
 	}
 	c.stopping = true
-	if c.vm.paused() {
+	if c.vm.Paused() {
 		if err := c.vm.Resume(); err != nil {
-			c.vm.stopIfRunning(fmt.Errorf("%w (graceful, by %s; resume failed: %w)", ErrStopRequested, p.ID, err))
+			c.vm.StopIfRunning(fmt.Errorf("%w (graceful, by %s; resume failed: %w)", ErrStopRequested, p.ID, err))
 			return nil
 		}
 	}
@@ -175,8 +178,8 @@ func (c *Control) Stop(ctx context.Context, p policy.Principal, force bool) erro
 	go func() {
 		select {
 		case <-time.After(GracefulStopTimeout):
-			c.vm.stopIfRunning(fmt.Errorf("%w (graceful, by %s: the guest did not end within %v of the hangup)", ErrStopRequested, p.ID, GracefulStopTimeout))
-		case <-c.vm.ctl.ended:
+			c.vm.StopIfRunning(fmt.Errorf("%w (graceful, by %s: the guest did not end within %v of the hangup)", ErrStopRequested, p.ID, GracefulStopTimeout))
+		case <-c.vm.Ended():
 		}
 	}()
 	return nil
@@ -184,7 +187,7 @@ func (c *Control) Stop(ctx context.Context, p policy.Principal, force bool) erro
 
 // OpenConsole decides a serial console attach (action console_open).
 func (c *Control) OpenConsole(ctx context.Context, p policy.Principal) error {
-	return c.check(ctx, p, policy.ActionConsoleOpen, policy.Request{Console: &policy.Console{Kind: "serial"}})
+	return c.check(func(vm policy.VM) (policy.Decision, error) { return c.guard.OpenConsole(ctx, p, vm, "serial") })
 }
 
 // ConsoleInput sends bytes to the guest's serial port. The caller must have been
@@ -197,33 +200,11 @@ func (c *Control) ConsoleInput(b []byte) error {
 }
 
 // Ended is closed when the VM's run has ended.
-func (c *Control) Ended() <-chan struct{} { return c.vm.ctl.ended }
-
-// stopIfRunning stops a VM whose run has not ended; holding the mailbox lock keeps Run
-// from ending (and the vCPU from being closed) while it kicks.
-func (v *VM) stopIfRunning(err error) {
-	v.ctl.mu.Lock()
-	defer v.ctl.mu.Unlock()
-	select {
-	case <-v.ctl.ended:
-	default:
-		v.Stop(err)
-	}
-}
-
-func (v *VM) paused() bool {
-	v.ctl.mu.Lock()
-	defer v.ctl.mu.Unlock()
-	return v.ctl.paused
-}
+func (c *Control) Ended() <-chan struct{} { return c.vm.Ended() }
 
 // PrepareCloaking creates the cloaking infrastructure (appVM and the userfaultfd that
 // serves the system view) now instead of at the first registration, for a monitor that
 // is about to give up the privileges creating it needs (its jail). Call it before Run.
 func (c *Control) PrepareCloaking() error {
-	cs, err := c.vm.cloakState()
-	if err != nil {
-		return err
-	}
-	return cs.ensureInfrastructure()
+	return c.vm.PrepareCloaking()
 }

@@ -1,4 +1,4 @@
-package monitor
+package launch
 
 import (
 	"bytes"
@@ -22,6 +22,8 @@ import (
 	"github.com/umbra-cc/umbra/attest/audit"
 	"github.com/umbra-cc/umbra/attest/eventlog"
 	"github.com/umbra-cc/umbra/attest/evidence"
+	"github.com/umbra-cc/umbra/guard"
+	"github.com/umbra-cc/umbra/monitor"
 	"github.com/umbra-cc/umbra/policy"
 	"github.com/umbra-cc/umbra/sealing"
 	"github.com/umbra-cc/umbra/statefile"
@@ -33,9 +35,9 @@ import (
 
 // LaunchConfig is everything a protected launch needs.
 type LaunchConfig struct {
-	Run       Config // the VM to run
-	Spec      *Spec  // its spec; its name is the VM id
-	SpecBytes []byte // the spec as given, measured into the event log
+	Run       monitor.Config // the VM to run
+	Spec      *monitor.Spec  // its spec; its name is the VM id
+	SpecBytes []byte         // the spec as given, measured into the event log
 	// Policy is the policy in force; PolicyDigest the SHA-256 (hex) of the signed
 	// bundle it came from (of its source for a built-in policy), measured at launch.
 	Policy       *policy.Policy
@@ -44,7 +46,7 @@ type LaunchConfig struct {
 	TPM          transport.TPM
 	StateDir     string
 	PCR          int // measured-launch PCR; attest.DefaultPCR if zero
-	Clock        GuardClock
+	Clock        guard.Clock
 	Logger       *slog.Logger
 	// Started, if set, is called once the launch is allowed, measured and audited,
 	// just before the guest runs (the CLI reports the decision there).
@@ -66,14 +68,14 @@ type LaunchReport struct {
 	HostFingerprint string `json:"host_fingerprint"`
 	// Action is the guarded action Decision answered (launch, or modify_spec when the
 	// run changes the spec).
-	Action       policy.Action   `json:"action"`
-	Decision     policy.Decision `json:"decision"`
-	AuditLog     string          `json:"audit_log"`
-	EventLog     string          `json:"event_log"`
-	PCR          int             `json:"pcr"`
-	Measurements int             `json:"measurements"`
-	Result       *Result         `json:"result,omitempty"`
-	Enforced     *Enforcement    `json:"enforced,omitempty"`
+	Action       policy.Action      `json:"action"`
+	Decision     policy.Decision    `json:"decision"`
+	AuditLog     string             `json:"audit_log"`
+	EventLog     string             `json:"event_log"`
+	PCR          int                `json:"pcr"`
+	Measurements int                `json:"measurements"`
+	Result       *monitor.Result    `json:"result,omitempty"`
+	Enforced     *guard.Enforcement `json:"enforced,omitempty"`
 	// Evidence is the quote taken after the run when LaunchConfig.EvidenceNonce is set.
 	Evidence *evidence.Evidence `json:"-"`
 }
@@ -108,7 +110,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		lc.PCR = attest.DefaultPCR
 	}
 	// Everything the VM is made of is checked before anything acts.
-	if err := CheckConfig(lc.Run); err != nil {
+	if err := monitor.CheckConfig(lc.Run); err != nil {
 		return nil, fmt.Errorf("%w: %w: %w", ErrLaunchRefused, ErrInvalidInput, err)
 	}
 	if err := os.MkdirAll(lc.StateDir, 0o700); err != nil {
@@ -166,9 +168,9 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		return nil, err
 	}
 
-	guard, err := NewGuard(GuardConfig{
+	g, err := guard.New(guard.Config{
 		Engine: lc.Policy,
-		Audit:  auditSink{auditLog},
+		Audit:  guard.AuditLog{Log: auditLog},
 		Host:   policy.Host{ID: hostname, Fingerprint: fp, Attestation: "unverified"},
 		Clock:  lc.Clock,
 		Logger: log,
@@ -182,7 +184,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		return rep, err
 	}
 	vmState := policyVM(lc.Spec, lc.Run, hex.EncodeToString(imageDigest[:]), "defined", firstLaunch)
-	d, err := guard.Launch(ctx, lc.Principal, vmState)
+	d, err := g.Launch(ctx, lc.Principal, vmState)
 	rep.Action, rep.Decision = policy.ActionLaunch, d
 	if err != nil {
 		return rep, fmt.Errorf("%w: %w", ErrLaunchRefused, err)
@@ -190,7 +192,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	// Running with another command line than the spec's is a modification of the VM,
 	// which the policy must allow separately (a sealed VM's policy usually refuses it).
 	if lc.Run.Cmdline != lc.Spec.Guest.Cmdline {
-		md, err := guard.ModifySpec(ctx, lc.Principal, vmState, vmState.Spec)
+		md, err := g.ModifySpec(ctx, lc.Principal, vmState, vmState.Spec)
 		if err != nil {
 			rep.Action, rep.Decision = policy.ActionModifySpec, md
 			return rep, fmt.Errorf("%w: overriding the guest command line modifies the VM: %w", ErrLaunchRefused, err)
@@ -210,7 +212,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		}
 	}
 	imageWhat := "guest image of VM "
-	if lc.Run.Boot == BootLinux {
+	if lc.Run.Boot == monitor.BootLinux {
 		imageWhat = "Linux kernel of VM "
 	}
 	var initrdDigest [sha256.Size]byte
@@ -229,8 +231,8 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		"image_sha256": hex.EncodeToString(imageDigest[:]), "cmdline": lc.Run.Cmdline,
 		"memory_bytes": lc.Run.MemorySize, "policy_revision": lc.Policy.Revision(), "pcr": lc.PCR,
 	}
-	if lc.Run.Boot == BootLinux {
-		details["boot"] = BootLinux
+	if lc.Run.Boot == monitor.BootLinux {
+		details["boot"] = monitor.BootLinux
 	}
 	if lc.Run.Initrd != nil {
 		details["initrd_sha256"] = hex.EncodeToString(initrdDigest[:])
@@ -286,9 +288,8 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		vm.Spec.Cloak = vm.Spec.Cloak || cloakRegistered.Load()
 		return vm
 	}
-	lc.Run.Hooks = &Hooks{
-		Guard: guard,
-		VM:    runningVM,
+	lc.Run.Hooks = &monitor.Hooks{
+		Authorize: g.ForVM(runningVM),
 		Audit: func(ctx context.Context, kind string, details any) error {
 			raw, err := json.Marshal(details)
 			if err != nil {
@@ -300,12 +301,12 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 			}
 			return err
 		},
-		Measure: func(ctx context.Context, m Measurement) error {
+		Measure: func(ctx context.Context, m monitor.Measurement) error {
 			_, err := measurer.Measure(ctx, eventlog.Event{Type: m.Kind, Description: m.Description, Data: m.Data, Digest: m.Digest})
 			return err
 		},
 	}
-	vm, err := New(lc.Run)
+	vm, err := monitor.New(lc.Run)
 	if err != nil {
 		return failed(fmt.Errorf("%w: build the VM: %w", ErrLaunchRefused, err))
 	}
@@ -322,7 +323,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	}
 	if lc.Attach != nil {
 		lc.Attach(&Control{
-			vm: vm, guard: guard, spec: lc.Spec, revision: lc.Policy.Revision(), launched: time.Now().UTC(),
+			vm: vm, guard: g, spec: lc.Spec, revision: lc.Policy.Revision(), launched: time.Now().UTC(),
 			launcher: lc.Principal.ID, auditSeq: func() uint64 { return auditLog.Head().Seq },
 			input: func(b []byte) error {
 				// Wait for the guest to make room, but not forever: a guest that
@@ -339,8 +340,8 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 			},
 		})
 	}
-	var enforced atomic.Pointer[Enforcement]
-	cancelSupervision := guard.Supervise(ctx, d, runningVM, func(_ context.Context, e Enforcement) {
+	var enforced atomic.Pointer[guard.Enforcement]
+	cancelSupervision := g.Supervise(ctx, d, runningVM, func(_ context.Context, e guard.Enforcement) {
 		// Suspension is not implemented yet, so a suspend obligation stops the VM:
 		// failing closed keeps the restriction.
 		enforced.Store(&e)
@@ -352,7 +353,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	rep.Enforced = enforced.Load()
 
 	stop := map[string]any{"error": errString(runErr)}
-	var crash *CrashError
+	var crash *monitor.CrashError
 	if errors.As(runErr, &crash) {
 		stop["crash"] = crash.Summary()
 	}
@@ -384,48 +385,6 @@ var simEventLogName = sync.OnceValue(func() string {
 	return fmt.Sprintf("%s-%d.jsonl", time.Now().UTC().Format("20060102T150405.000000000"), os.Getpid())
 })
 
-// CheckConfig checks a run configuration without building anything: memory size,
-// the guest image (an ELF64 x86-64 executable that fits, or a Linux kernel that
-// parses) and the command line. New
-// fails on the same inputs, but only after it opened KVM; Launch calls this before
-// the policy is asked, so a bad input never reaches the audit log as a launch.
-func CheckConfig(cfg Config) error {
-	mem := cfg.MemorySize
-	if mem == 0 {
-		mem = DefaultMemorySize
-	}
-	if mem < minGuestRAM || mem > maxGuestRAM || mem%PageSize != 0 {
-		return fmt.Errorf("guest memory size %d bytes: must be a multiple of 4 KiB between %d MiB and %d GiB", mem, minGuestRAM>>20, maxGuestRAM>>30)
-	}
-	if len(cfg.Image) == 0 {
-		return errors.New("the guest image is empty")
-	}
-	switch cfg.Boot {
-	case BootLinux:
-		if _, err := parseLinuxKernel(cfg.Image); err != nil {
-			return fmt.Errorf("guest kernel: %w", err)
-		}
-		if len(cfg.Cmdline) > linuxMaxCmdline || strings.IndexByte(cfg.Cmdline, 0) >= 0 {
-			return fmt.Errorf("Linux command line is %d bytes or holds a NUL byte; the limit is %d bytes without NUL", len(cfg.Cmdline), linuxMaxCmdline)
-		}
-	case BootUmbra:
-		if len(cfg.Initrd) > 0 {
-			return errors.New("an initramfs is only for a Linux boot")
-		}
-		if _, _, err := parseELF(cfg.Image, mem); err != nil {
-			return err
-		}
-		if len(cfg.Cmdline) > maxCmdlineLen || strings.IndexByte(cfg.Cmdline, 0) >= 0 {
-			return fmt.Errorf("guest command line is %d bytes or holds a NUL byte; the limit is %d bytes without NUL", len(cfg.Cmdline), maxCmdlineLen)
-		}
-	default:
-		return fmt.Errorf("boot protocol %q: want %q or %q", cfg.Boot, BootUmbra, BootLinux)
-	}
-	// A negative Timeout is "no limit" (Config.Timeout): a detached VM runs until it is
-	// stopped. What a user writes is checked where it is parsed (--timeout, the spec).
-	return nil
-}
-
 func collectEvidence(ctx context.Context, tpm transport.TPM, m *eventlog.Measurer, pcr int, nonce []byte) (*evidence.Evidence, error) {
 	a, err := evidence.NewAttester(tpm)
 	if err != nil {
@@ -450,7 +409,7 @@ func errString(err error) string {
 }
 
 // policyVM is the VM as the monitor knows it, for policy input.
-func policyVM(s *Spec, cfg Config, imageDigest, state string, firstLaunch time.Time) policy.VM {
+func policyVM(s *monitor.Spec, cfg monitor.Config, imageDigest, state string, firstLaunch time.Time) policy.VM {
 	labels := map[string]string{}
 	for k, v := range s.Labels {
 		labels[k] = v
@@ -500,20 +459,4 @@ func recordFirstLaunch(stateDir, vm string, t time.Time) error {
 		return fmt.Errorf("record first launch: %w", err)
 	}
 	return nil
-}
-
-// auditSink adapts the tamper-evident audit log to the Guard.
-type auditSink struct{ log *audit.Log }
-
-func (s auditSink) Append(ctx context.Context, rec AuditRecord) error {
-	details, err := json.Marshal(rec)
-	if err != nil {
-		return err
-	}
-	kind := audit.KindDecision
-	if rec.Kind != "policy.decision" {
-		kind = strings.ReplaceAll(rec.Kind, "policy.", "policy-")
-	}
-	_, err = s.log.Append(ctx, audit.Record{Time: rec.Time, Kind: kind, VM: rec.VMID, Actor: rec.Principal, Details: details})
-	return err
 }

@@ -1,21 +1,26 @@
-package monitor
+// Package guard is the guarded-action layer between umbra's commands and the VMs
+// they run: before every action that policy restricts it builds the full policy
+// input (principal, host, VM, request, trusted time), asks the policy engine,
+// writes an audit record of the decision and refuses the action unless the policy
+// allowed it and the record was written (fail closed). It also enforces a
+// decision's obligations (stop, suspend, recheck) on a running VM, and binds itself
+// to one VM as the monitor's authz.Authorizer (ForVM).
+package guard
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 
+	"github.com/umbra-cc/umbra/attest/audit"
+	"github.com/umbra-cc/umbra/monitor/authz"
 	"github.com/umbra-cc/umbra/policy"
 )
-
-// This file is the guarded-action layer: the VM lifecycle calls a Guard before
-// every action that policy restricts. The Guard builds the full policy input
-// (principal, host, VM, request, trusted time), asks the policy engine, writes an
-// audit record of the decision and refuses the action unless the policy allowed
-// it and the audit record was written (fail closed).
 
 // AuditRecord is one audited policy decision or enforced obligation.
 type AuditRecord struct {
@@ -48,9 +53,9 @@ type PolicyEngine interface {
 	Decide(ctx context.Context, in *policy.Input) policy.Decision
 }
 
-// GuardClock is the trusted clock decisions and obligations use. Tests inject
+// Clock is the trusted clock decisions and obligations use. Tests inject
 // a fake one; production uses SystemClock.
-type GuardClock interface {
+type Clock interface {
 	Now() time.Time
 	// AfterFunc calls f in its own goroutine once d has elapsed; stop cancels
 	// it and reports whether it did so before f was called.
@@ -66,13 +71,13 @@ func (SystemClock) Now() time.Time { return time.Now().UTC() }
 // AfterFunc is time.AfterFunc.
 func (SystemClock) AfterFunc(d time.Duration, f func()) func() bool { return time.AfterFunc(d, f).Stop }
 
-// GuardConfig configures a Guard. Engine, Audit and Host are required.
-type GuardConfig struct {
+// Config configures a Guard. Engine, Audit and Host are required.
+type Config struct {
 	Engine PolicyEngine
 	Audit  AuditSink
 	// Host is this host's identity, TPM fingerprint and attestation status.
 	Host   policy.Host
-	Clock  GuardClock   // nil means SystemClock
+	Clock  Clock        // nil means SystemClock
 	Logger *slog.Logger // nil means slog.Default()
 }
 
@@ -82,19 +87,19 @@ type Guard struct {
 	engine PolicyEngine
 	audit  AuditSink
 	host   policy.Host
-	clock  GuardClock
+	clock  Clock
 	log    *slog.Logger
 }
 
-// NewGuard returns a Guard for cfg.
-func NewGuard(cfg GuardConfig) (*Guard, error) {
+// New returns a Guard for cfg.
+func New(cfg Config) (*Guard, error) {
 	switch {
 	case cfg.Engine == nil:
 		return nil, errors.New("monitor: guard needs a policy engine")
 	case cfg.Audit == nil:
 		return nil, errors.New("monitor: guard needs an audit sink; decisions must be audited")
 	case cfg.Host.ID == "":
-		return nil, errors.New("monitor: guard needs the host identity (GuardConfig.Host.ID)")
+		return nil, errors.New("monitor: guard needs the host identity (Config.Host.ID)")
 	}
 	g := &Guard{engine: cfg.Engine, audit: cfg.Audit, host: cfg.Host, clock: cfg.Clock, log: cfg.Logger}
 	if g.clock == nil {
@@ -400,4 +405,53 @@ func (s *supervision) enforce(vm policy.VM, e Enforcement) {
 	}
 	s.g.log.Info("policy obligation enforced", "vm", vm.ID, "verdict", e.Verdict, "reason", e.Reason)
 	s.act(s.ctx, e)
+}
+
+// AuditLog adapts the tamper-evident audit log to the Guard: each record is
+// appended as a policy-decision (or policy-obligation) record of the log.
+type AuditLog struct{ Log *audit.Log }
+
+// Append appends rec to the log.
+func (s AuditLog) Append(ctx context.Context, rec AuditRecord) error {
+	details, err := json.Marshal(rec)
+	if err != nil {
+		return err
+	}
+	kind := audit.KindDecision
+	if rec.Kind != "policy.decision" {
+		kind = strings.ReplaceAll(rec.Kind, "policy.", "policy-")
+	}
+	_, err = s.Log.Append(ctx, audit.Record{Time: rec.Time, Kind: kind, VM: rec.VMID, Actor: rec.Principal, Details: details})
+	return err
+}
+
+// ForVM binds the Guard to one VM as the monitor's Authorizer: vm returns the VM
+// as the policy input must describe it at the time of each request.
+func (g *Guard) ForVM(vm func() policy.VM) authz.Authorizer { return vmAuthorizer{g: g, vm: vm} }
+
+type vmAuthorizer struct {
+	g  *Guard
+	vm func() policy.VM
+}
+
+func (a vmAuthorizer) RegisterCloak(ctx context.Context, app authz.App) error {
+	_, err := a.g.RegisterCloak(ctx, a.vm(), policy.App{Name: app.Name, Measurement: app.Measurement})
+	return err
+}
+
+func (a vmAuthorizer) ChangePageProt(ctx context.Context, app authz.App, pages authz.Pages) error {
+	_, err := a.g.ChangePageProt(ctx, a.vm(), policy.App{Name: app.Name, Measurement: app.Measurement},
+		policy.Pages{Prot: pages.Prot, Ranges: policyRanges(pages.Ranges), Owned: policyRanges(pages.Owned)})
+	return err
+}
+
+func policyRanges(rs []authz.Range) []policy.Range {
+	if rs == nil {
+		return nil
+	}
+	out := make([]policy.Range, len(rs))
+	for i, r := range rs {
+		out[i] = policy.Range{Start: r.Start, Length: r.Length}
+	}
+	return out
 }
