@@ -97,7 +97,7 @@ func BenchmarkLazyRestoreFault(b *testing.B) {
 		if err != nil {
 			b.Skipf("skipping: %v", err)
 		}
-		l, err := StartLazy(chain, m, u)
+		l, err := StartLazy(chain, m, u, sup)
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -104,7 +104,10 @@ func Save(w *snapshot.Writer, m *Machine, sup kvm.StateSupport, dirty Pages) (ui
 // (same RAM layout, same vCPU count, same devices, CPUID already set) whose RAM is
 // zeroed and whose vCPUs have not run. Every block is authenticated before any of it is
 // written to RAM; on an error the machine is half restored and must be discarded.
-func Restore(chain *snapshot.Chain, m *Machine) error {
+//
+// sup is this host's kvm.StateSupport: a vCPU section that sets an MSR outside its
+// list is refused.
+func Restore(chain *snapshot.Chain, m *Machine, sup kvm.StateSupport) error {
 	if err := checkTarget(chain.Top(), m); err != nil {
 		return err
 	}
@@ -119,7 +122,7 @@ func Restore(chain *snapshot.Chain, m *Machine) error {
 	if err != nil {
 		return fmt.Errorf("checkpoint: restore RAM: %w", err)
 	}
-	return restoreState(chain.Top(), m)
+	return restoreState(chain.Top(), m, sup)
 }
 
 // checkTarget checks that m is shaped like the machine top was taken of.
@@ -144,7 +147,7 @@ func checkTarget(top *snapshot.Reader, m *Machine) error {
 }
 
 // restoreState puts the VM and vCPU sections of top into m.
-func restoreState(top *snapshot.Reader, m *Machine) error {
+func restoreState(top *snapshot.Reader, m *Machine, sup kvm.StateSupport) error {
 	vb, _ := top.Section(snapshot.SectionVM, sectionVM)
 	var vs kvm.VMState
 	if err := vs.UnmarshalBinary(vb); err != nil {
@@ -161,6 +164,9 @@ func restoreState(top *snapshot.Reader, m *Machine) error {
 		var st kvm.VCPUState
 		if err := st.UnmarshalBinary(b); err != nil {
 			return fmt.Errorf("checkpoint: vCPU %d state: %w", i, err)
+		}
+		if err := st.CheckMSRs(sup.MSRs); err != nil {
+			return fmt.Errorf("checkpoint: vCPU %d: %w", i, err)
 		}
 		if (st.LAPIC != nil) != m.IRQChip {
 			return fmt.Errorf("checkpoint: vCPU %d was saved with irqchip %v, this machine has %v", i, st.LAPIC != nil, m.IRQChip)

@@ -219,7 +219,7 @@ func TestSaveRestoreContinues(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := Restore(chain, b); err != nil {
+	if err := Restore(chain, b, sup); err != nil {
 		t.Fatal(err)
 	}
 	expectCounts(t, b, 4, 4)
@@ -230,7 +230,7 @@ func TestSaveRestoreContinues(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := Restore(chain2, c); err != nil {
+	if err := Restore(chain2, c, sup); err != nil {
 		t.Fatal(err)
 	}
 	expectCounts(t, c, 6, 7)
@@ -253,12 +253,17 @@ func TestRestoreRefusesAnotherMachine(t *testing.T) {
 	}
 	other := newMachine(t, sys, false, false)
 	other.RAM[0].Host = other.RAM[0].Host[:ramSize/2]
-	if err := Restore(chain, other); err == nil || !strings.Contains(err.Error(), "RAM layout") {
+	if err := Restore(chain, other, sup); err == nil || !strings.Contains(err.Error(), "RAM layout") {
 		t.Fatalf("restore into a machine with half the RAM: %v", err)
+	}
+	narrow := sup
+	narrow.MSRs = narrow.MSRs[1:] // a host that does not save the first MSR
+	if err := Restore(chain, newMachine(t, sys, false, false), narrow); err == nil || !strings.Contains(err.Error(), "not among") {
+		t.Fatalf("restore setting an MSR outside the host's list: %v", err)
 	}
 	noChip := newMachine(t, sys, false, false)
 	noChip.IRQChip = false
-	if err := Restore(chain, noChip); err == nil || !strings.Contains(err.Error(), "in-kernel devices") {
+	if err := Restore(chain, noChip, sup); err == nil || !strings.Contains(err.Error(), "in-kernel devices") {
 		t.Fatalf("restore into a machine without irqchip: %v", err)
 	}
 	// A tampered block stops the restore before its pages reach RAM.
@@ -271,7 +276,7 @@ func TestRestoreRefusesAnotherMachine(t *testing.T) {
 		t.Fatal(err)
 	}
 	fresh := newMachine(t, sys, false, false)
-	if err := Restore(badChain, fresh); !errors.Is(err, snapshot.ErrTampered) {
+	if err := Restore(badChain, fresh, sup); !errors.Is(err, snapshot.ErrTampered) {
 		t.Fatalf("restore of a tampered snapshot: %v, want ErrTampered", err)
 	}
 	for i := int64(0); i < int64(blk.Pages()); i++ {

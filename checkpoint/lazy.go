@@ -31,11 +31,11 @@ type Lazy struct {
 	faults, ranges atomic.Uint64
 }
 
-// StartLazy restores chain's vCPU and VM state into m and registers m's RAM with uffd
+// StartLazy restores chain's vCPU and VM state into m (sup as for Restore) and registers m's RAM with uffd
 // for MISSING faults. m's RAM must be memory the process has not touched yet (a fresh
 // anonymous or memfd mapping), so every first access faults. Serve must run before
 // m's vCPUs do.
-func StartLazy(chain *snapshot.Chain, m *Machine, uffd *kvm.Userfaultfd) (*Lazy, error) {
+func StartLazy(chain *snapshot.Chain, m *Machine, uffd *kvm.Userfaultfd, sup kvm.StateSupport) (*Lazy, error) {
 	top := chain.Top()
 	if err := checkTarget(top, m); err != nil {
 		return nil, err
@@ -48,7 +48,7 @@ func StartLazy(chain *snapshot.Chain, m *Machine, uffd *kvm.Userfaultfd) (*Lazy,
 			return nil, fmt.Errorf("checkpoint: lazy restore of RAM region %d: %w", i, err)
 		}
 	}
-	if err := restoreState(top, m); err != nil {
+	if err := restoreState(top, m, sup); err != nil {
 		return nil, err
 	}
 	return l, nil

@@ -74,7 +74,11 @@ func startLazy(t *testing.T, sys *kvm.System, file []byte) (*Machine, *lazyRun) 
 		t.Skipf("skipping: userfaultfd on shmem: %v", err)
 	}
 	t.Cleanup(func() { u.Close() })
-	l, err := StartLazy(chain, m, u)
+	sup, err := sys.StateSupport()
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := StartLazy(chain, m, u, sup)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,9 +1,11 @@
+//go:build linux && amd64
+
 package kvm
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -126,11 +128,25 @@ type IOAPICState struct {
 	Redirect    [24]uint64
 }
 
-// PIC returns the chip's state read as an i8259 (ChipID 0 or 1).
-func (c *IRQChip) PIC() *PICState { return (*PICState)(unsafe.Pointer(&c.Data[0])) }
+// PIC returns the chip's state decoded as an i8259 (ChipID 0 or 1).
+func (c *IRQChip) PIC() PICState {
+	var p PICState
+	binary.Decode(c.Data[:], binary.LittleEndian, &p) // fixed size, fits: cannot fail
+	return p
+}
 
-// IOAPIC returns the chip's state read as the IOAPIC (ChipID 2).
-func (c *IRQChip) IOAPIC() *IOAPICState { return (*IOAPICState)(unsafe.Pointer(&c.Data[0])) }
+// SetPIC stores p as the chip's state (ChipID 0 or 1).
+func (c *IRQChip) SetPIC(p PICState) { binary.Encode(c.Data[:], binary.LittleEndian, &p) }
+
+// IOAPIC returns the chip's state decoded as the IOAPIC (ChipID 2).
+func (c *IRQChip) IOAPIC() IOAPICState {
+	var s IOAPICState
+	binary.Decode(c.Data[:], binary.LittleEndian, &s)
+	return s
+}
+
+// SetIOAPIC stores s as the chip's state (ChipID 2).
+func (c *IRQChip) SetIOAPIC(s IOAPICState) { binary.Encode(c.Data[:], binary.LittleEndian, &s) }
 
 // PITChannel is struct kvm_pit_channel_state.
 type PITChannel struct {
@@ -214,7 +230,7 @@ var (
 // example when the CPUID set hides their feature); ReadMSRList skips those.
 func (s *System) MSRIndexList() ([]uint32, error) {
 	var probe [1]uint32 // nmsrs = 0: KVM answers E2BIG with the count
-	_, err := ioctlPtr(s.fd, "KVM_GET_MSR_INDEX_LIST", ioctlGetMSRIndexList, unsafe.Pointer(&probe[0]))
+	_, err := ioctlArg(s.fd, "KVM_GET_MSR_INDEX_LIST", ioctlGetMSRIndexList, &probe[0])
 	if err != nil && !errors.Is(err, unix.E2BIG) {
 		return nil, err
 	}
@@ -224,7 +240,7 @@ func (s *System) MSRIndexList() ([]uint32, error) {
 		}
 		buf := make([]uint32, 1+n)
 		buf[0] = uint32(n)
-		_, err := ioctlPtr(s.fd, "KVM_GET_MSR_INDEX_LIST", ioctlGetMSRIndexList, unsafe.Pointer(&buf[0]))
+		_, err := ioctlArg(s.fd, "KVM_GET_MSR_INDEX_LIST", ioctlGetMSRIndexList, &buf[0])
 		if errors.Is(err, unix.E2BIG) {
 			continue
 		}
@@ -246,12 +262,12 @@ func (c *VCPU) ReadMSRList(indices []uint32) (msrs []MSR, refused []uint32, err 
 	rest := indices
 	for len(rest) > 0 {
 		buf := make([]byte, 8+16*len(rest))
-		*(*uint32)(unsafe.Pointer(&buf[0])) = uint32(len(rest))
-		entries := unsafe.Slice((*msrEntry)(unsafe.Pointer(&buf[8])), len(rest))
+		setCount(buf, len(rest))
+		entries := entriesAt[msrEntry](buf, 8, len(rest))
 		for i, idx := range rest {
 			entries[i].Index = idx
 		}
-		n, err := ioctlPtr(c.fd, "KVM_GET_MSRS", ioctlGetMSRs, unsafe.Pointer(&buf[0]))
+		n, err := ioctlArg(c.fd, "KVM_GET_MSRS", ioctlGetMSRs, &buf[0])
 		if err != nil {
 			return nil, nil, err
 		}
@@ -273,20 +289,20 @@ func (c *VCPU) ReadMSRList(indices []uint32) (msrs []MSR, refused []uint32, err 
 // Sregs2 reads the special registers with KVM_GET_SREGS2 (needs CapSregs2).
 func (c *VCPU) Sregs2() (Sregs2, error) {
 	var s Sregs2
-	_, err := ioctlPtr(c.fd, "KVM_GET_SREGS2", ioctlGetSregs2, unsafe.Pointer(&s))
+	_, err := ioctlArg(c.fd, "KVM_GET_SREGS2", ioctlGetSregs2, &s)
 	return s, err
 }
 
 // SetSregs2 writes the special registers with KVM_SET_SREGS2 (needs CapSregs2).
 func (c *VCPU) SetSregs2(s Sregs2) error {
-	_, err := ioctlPtr(c.fd, "KVM_SET_SREGS2", ioctlSetSregs2, unsafe.Pointer(&s))
+	_, err := ioctlArg(c.fd, "KVM_SET_SREGS2", ioctlSetSregs2, &s)
 	return err
 }
 
 // XCRs reads the extended control registers (needs CapXCRS).
 func (c *VCPU) XCRs() (XCRs, error) {
 	var x XCRs
-	_, err := ioctlPtr(c.fd, "KVM_GET_XCRS", ioctlGetXCRS, unsafe.Pointer(&x))
+	_, err := ioctlArg(c.fd, "KVM_GET_XCRS", ioctlGetXCRS, &x)
 	if err == nil && x.N > uint32(len(x.XCRs)) {
 		return x, fmt.Errorf("KVM_GET_XCRS: KVM reported %d XCRs, the structure holds %d", x.N, len(x.XCRs))
 	}
@@ -298,42 +314,42 @@ func (c *VCPU) SetXCRs(x XCRs) error {
 	if x.N > uint32(len(x.XCRs)) {
 		return fmt.Errorf("KVM_SET_XCRS: %d XCRs, at most %d", x.N, len(x.XCRs))
 	}
-	_, err := ioctlPtr(c.fd, "KVM_SET_XCRS", ioctlSetXCRS, unsafe.Pointer(&x))
+	_, err := ioctlArg(c.fd, "KVM_SET_XCRS", ioctlSetXCRS, &x)
 	return err
 }
 
 // SetLAPIC writes the in-kernel local APIC's registers (KVM_SET_LAPIC). Call it after
 // the special registers, whose APIC base it depends on.
 func (c *VCPU) SetLAPIC(s *LAPICState) error {
-	_, err := ioctlPtr(c.fd, "KVM_SET_LAPIC", ioctlSetLAPIC, unsafe.Pointer(s))
+	_, err := ioctlArg(c.fd, "KVM_SET_LAPIC", ioctlSetLAPIC, s)
 	return err
 }
 
 // MPState reads the vCPU's multiprocessing state (needs an in-kernel irqchip).
 func (c *VCPU) MPState() (MPState, error) {
 	var m uint32
-	_, err := ioctlPtr(c.fd, "KVM_GET_MP_STATE", ioctlGetMPState, unsafe.Pointer(&m))
+	_, err := ioctlArg(c.fd, "KVM_GET_MP_STATE", ioctlGetMPState, &m)
 	return MPState(m), err
 }
 
 // SetMPState writes the vCPU's multiprocessing state.
 func (c *VCPU) SetMPState(m MPState) error {
 	v := uint32(m)
-	_, err := ioctlPtr(c.fd, "KVM_SET_MP_STATE", ioctlSetMPState, unsafe.Pointer(&v))
+	_, err := ioctlArg(c.fd, "KVM_SET_MP_STATE", ioctlSetMPState, &v)
 	return err
 }
 
 // DebugRegs reads the guest's debug registers (needs CapDebugRegs).
 func (c *VCPU) DebugRegs() (DebugRegs, error) {
 	var d DebugRegs
-	_, err := ioctlPtr(c.fd, "KVM_GET_DEBUGREGS", ioctlGetDebugRegs, unsafe.Pointer(&d))
+	_, err := ioctlArg(c.fd, "KVM_GET_DEBUGREGS", ioctlGetDebugRegs, &d)
 	return d, err
 }
 
 // SetDebugRegs writes the guest's debug registers.
 func (c *VCPU) SetDebugRegs(d DebugRegs) error {
 	d.Flags = 0 // KVM refuses any flag on set
-	_, err := ioctlPtr(c.fd, "KVM_SET_DEBUGREGS", ioctlSetDebugRegs, unsafe.Pointer(&d))
+	_, err := ioctlArg(c.fd, "KVM_SET_DEBUGREGS", ioctlSetDebugRegs, &d)
 	return err
 }
 
@@ -348,34 +364,34 @@ func (c *VCPU) SetTSCKHz(khz uint64) error {
 // IRQChipPICSlave or IRQChipIOAPIC).
 func (vm *VM) IRQChip(chip uint32) (*IRQChip, error) {
 	c := &IRQChip{ChipID: chip}
-	_, err := ioctlPtr(vm.fd, fmt.Sprintf("KVM_GET_IRQCHIP chip %d", chip), ioctlGetIRQChip, unsafe.Pointer(c))
+	_, err := ioctlArg(vm.fd, fmt.Sprintf("KVM_GET_IRQCHIP chip %d", chip), ioctlGetIRQChip, c)
 	return c, err
 }
 
 // SetIRQChip writes the state of the in-kernel interrupt controller c.ChipID names.
 func (vm *VM) SetIRQChip(c *IRQChip) error {
-	_, err := ioctlPtr(vm.fd, fmt.Sprintf("KVM_SET_IRQCHIP chip %d", c.ChipID), ioctlSetIRQChip, unsafe.Pointer(c))
+	_, err := ioctlArg(vm.fd, fmt.Sprintf("KVM_SET_IRQCHIP chip %d", c.ChipID), ioctlSetIRQChip, c)
 	return err
 }
 
 // PIT2 reads the in-kernel i8254's state (after CreatePIT2).
 func (vm *VM) PIT2() (PITState2, error) {
 	var p PITState2
-	_, err := ioctlPtr(vm.fd, "KVM_GET_PIT2", ioctlGetPIT2, unsafe.Pointer(&p))
+	_, err := ioctlArg(vm.fd, "KVM_GET_PIT2", ioctlGetPIT2, &p)
 	return p, err
 }
 
 // SetPIT2 writes the in-kernel i8254's state. KVM reloads each channel's count as of
 // the call, so a restored timer restarts its period rather than resuming mid-count.
 func (vm *VM) SetPIT2(p PITState2) error {
-	_, err := ioctlPtr(vm.fd, "KVM_SET_PIT2", ioctlSetPIT2, unsafe.Pointer(&p))
+	_, err := ioctlArg(vm.fd, "KVM_SET_PIT2", ioctlSetPIT2, &p)
 	return err
 }
 
 // Clock reads the VM's kvmclock (needs CapAdjustClock).
 func (vm *VM) Clock() (ClockData, error) {
 	var c ClockData
-	_, err := ioctlPtr(vm.fd, "KVM_GET_CLOCK", ioctlGetClock, unsafe.Pointer(&c))
+	_, err := ioctlArg(vm.fd, "KVM_GET_CLOCK", ioctlGetClock, &c)
 	return c, err
 }
 
@@ -384,7 +400,7 @@ func (vm *VM) Clock() (ClockData, error) {
 // c.Realtime); the others are cleared here because KVM refuses them.
 func (vm *VM) SetClock(c ClockData) error {
 	c.Flags &= ClockRealtime
-	_, err := ioctlPtr(vm.fd, "KVM_SET_CLOCK", ioctlSetClock, unsafe.Pointer(&c))
+	_, err := ioctlArg(vm.fd, "KVM_SET_CLOCK", ioctlSetClock, &c)
 	return err
 }
 
@@ -404,7 +420,7 @@ func (vm *VM) EnableManualDirtyLog(modes uint64) error {
 		return errors.New("kvm: manual dirty log: DirtyLogManualProtect is required")
 	}
 	e := enableCap{Cap: uint32(CapManualDirtyLog2), Args: [4]uint64{modes}}
-	if _, err := ioctlPtr(vm.fd, "KVM_ENABLE_CAP KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2", ioctlEnableCap, unsafe.Pointer(&e)); err != nil {
+	if _, err := ioctlArg(vm.fd, "KVM_ENABLE_CAP KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2", ioctlEnableCap, &e); err != nil {
 		return err
 	}
 	vm.manualDirty = true
@@ -432,7 +448,7 @@ func (vm *VM) ClearDirtyLog(slot uint32, firstPage uint64, numPages uint32, bitm
 	if numPages == 0 {
 		return nil
 	}
-	arg := clearDirtyLog{Slot: slot, NumPages: numPages, FirstPage: firstPage, Bitmap: uint64(uintptr(unsafe.Pointer(&bitmap[0])))}
-	_, err := ioctlPtr(vm.fd, fmt.Sprintf("KVM_CLEAR_DIRTY_LOG slot %d pages %d+%d", slot, firstPage, numPages), ioctlClearDirtyLog, unsafe.Pointer(&arg))
+	arg := clearDirtyLog{Slot: slot, NumPages: numPages, FirstPage: firstPage, Bitmap: addrOf(bitmap)}
+	_, err := ioctlArg(vm.fd, fmt.Sprintf("KVM_CLEAR_DIRTY_LOG slot %d pages %d+%d", slot, firstPage, numPages), ioctlClearDirtyLog, &arg)
 	return err
 }

@@ -1,10 +1,11 @@
+//go:build linux && amd64
+
 package kvm
 
 import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"unsafe"
 )
 
 // Binary encodings of VCPUState and VMState, for a checkpoint file. Each is a small
@@ -39,10 +40,6 @@ const (
 
 // ErrBadState is wrapped by every error of UnmarshalBinary.
 var ErrBadState = errors.New("kvm: malformed encoded state")
-
-func bytesOf[T any](p *T) []byte {
-	return unsafe.Slice((*byte)(unsafe.Pointer(p)), unsafe.Sizeof(*p))
-}
 
 func stateHeader(magic string, flags uint16) []byte {
 	b := make([]byte, stateHdrSize)
@@ -145,7 +142,7 @@ func (r *stateReader) take(n int, what string) []byte {
 
 func readInto[T any](r *stateReader, what string) *T {
 	v := new(T)
-	if src := r.take(int(unsafe.Sizeof(*v)), what); src != nil {
+	if src := r.take(int(sizeOf[T]()), what); src != nil {
 		copy(bytesOf(v), src)
 	}
 	return v

@@ -1,3 +1,5 @@
+//go:build linux && amd64
+
 package kvm
 
 import (
@@ -304,4 +306,16 @@ func (st *VCPUState) MSR(index uint32) (uint64, bool) {
 		return 0, false
 	}
 	return st.MSRs[i].Data, true
+}
+
+// CheckMSRs refuses state that would set an MSR outside allowed (in a restore: the
+// host's KVM_GET_MSR_INDEX_LIST, the MSRs a capture takes), so a state section cannot
+// become a way to set arbitrary MSRs.
+func (st *VCPUState) CheckMSRs(allowed []uint32) error {
+	for _, m := range st.MSRs {
+		if !slices.Contains(allowed, m.Index) {
+			return fmt.Errorf("kvm: vCPU state sets MSR %#x, which is not among the %d MSRs KVM saves and restores", m.Index, len(allowed))
+		}
+	}
+	return nil
 }
