@@ -103,5 +103,6 @@ bench:
 	b ./policy '^BenchmarkDecisionPerRule$$' 300x; \
 	b ./monitor '^BenchmarkCloakScaling$$' 3x; \
 	b ./snapshot '^BenchmarkBlock(Seal|Open)$$' 300x; \
-	b ./kvm '^BenchmarkMarkCOW$$' 3x; \
+	b ./kvm '^BenchmarkMarkCOW$$' 7x; \
+	b ./checkpoint '^BenchmarkLazyRestoreFault$$' 10x; \
 	echo; $(GO) run ./internal/benchtable < $(BENCH_OUT)

@@ -48,6 +48,7 @@ var rows = []row{
 	{"app-view transition vs raw appVM fault + GCM, per exit", "BenchmarkCloakTransitions", "app/raw-appfault-per-exit", 0},
 	{"Guard decision + audit append vs bare OPA + write+fsync", "BenchmarkGuardDecision", "guard/bare", 0},
 	{"audit open from checkpoint, 100k records vs 0", "BenchmarkOpenHistory", "checkpoint-100k/0", 0},
+	{"lazy restore, per fault (one 256 KiB block) vs raw userfaultfd install + AES-GCM open", "BenchmarkLazyRestoreFault", "lazy/raw", 1.5},
 	{"snapshot storage block seal (64 pages, no zstd) vs raw AES-256-GCM", "BenchmarkBlockSeal/raw-mixed", "ratio", 0},
 	{"snapshot storage block seal with zstd vs raw AES-256-GCM", "BenchmarkBlockSeal/zstd-mixed", "ratio", 0},
 	{"snapshot storage block read (no zstd) vs raw AES-256-GCM open", "BenchmarkBlockOpen/raw-mixed", "ratio", 0},
