@@ -10,8 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/umbra-cc/umbra/kvm"
 	"github.com/umbra-cc/umbra/snapshot"
 )
@@ -87,7 +85,7 @@ func BenchmarkLazyRestoreFault(b *testing.B) {
 	var faults uint64
 	for i := 0; i < b.N; i++ {
 		// Lazy side.
-		m := benchMachine(b, sys, memfd(b))
+		m := benchMachine(b, sys, memfdViews(b, benchRAM, 1)[0])
 		r, err := snapshot.Open(bytes.NewReader(file.Bytes()), int64(file.Len()), key)
 		if err != nil {
 			b.Fatal(err)
@@ -116,7 +114,7 @@ func BenchmarkLazyRestoreFault(b *testing.B) {
 
 		// Raw side: the same faults, each a 256 KiB UFFDIO_COPY of plaintext plus one
 		// AES-GCM open of 256 KiB.
-		m2 := benchMachine(b, sys, memfd(b))
+		m2 := benchMachine(b, sys, memfdViews(b, benchRAM, 1)[0])
 		if err := kvm.RestoreVCPU(m2.VCPUs[0], state); err != nil {
 			b.Fatal(err)
 		}
@@ -161,86 +159,14 @@ func medianOf(d []time.Duration) time.Duration {
 	return s[len(s)/2]
 }
 
-func memfd(b *testing.B) []byte {
-	fd, err := unix.MemfdCreate("lazy-bench", unix.MFD_CLOEXEC)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { unix.Close(fd) })
-	if err := unix.Ftruncate(fd, benchRAM); err != nil {
-		b.Fatal(err)
-	}
-	m, err := unix.Mmap(fd, 0, benchRAM, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { unix.Munmap(m) })
-	return m
-}
-
 // benchMachine is a machine with benchRAM of RAM; without mem, it is booted with the
-// stride loop (page tables mapping 16 MiB with 2 MiB pages).
+// stride loop.
 func benchMachine(b *testing.B, sys *kvm.System, mem []byte) *Machine {
-	vm, err := sys.CreateVM()
-	if err != nil {
-		b.Fatal(err)
+	ms := machineSpec{size: benchRAM, mem: mem}
+	if mem == nil {
+		ms.code, ms.rsi = strideCode, benchRAM
 	}
-	b.Cleanup(func() { vm.Close() })
-	if err := vm.CreateIRQChip(); err != nil {
-		b.Fatal(err)
-	}
-	if err := vm.CreatePIT2(); err != nil {
-		b.Fatal(err)
-	}
-	boot := mem == nil
-	if boot {
-		if mem, err = unix.Mmap(-1, 0, benchRAM, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS); err != nil {
-			b.Fatal(err)
-		}
-		b.Cleanup(func() { unix.Munmap(mem) })
-	}
-	if err := vm.SetMemoryRegion(kvm.MemoryRegion{Slot: 0, Host: mem}); err != nil {
-		b.Fatal(err)
-	}
-	cpu, err := vm.CreateVCPU(0)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { cpu.Close() })
-	cpuid, err := sys.SupportedCPUID()
-	if err != nil {
-		b.Fatal(err)
-	}
-	if err := cpu.SetCPUID(cpuid); err != nil {
-		b.Fatal(err)
-	}
-	m := &Machine{VM: vm, VCPUs: []*kvm.VCPU{cpu}, RAM: []Region{{0, mem}}, IRQChip: true, PIT: true}
-	if !boot {
-		return m
-	}
-	le := binary.LittleEndian
-	le.PutUint64(mem[0x8000:], 0x9000|3)
-	le.PutUint64(mem[0x9000:], 0xa000|3)
-	for i := 0; i < benchRAM>>21; i++ {
-		le.PutUint64(mem[0xa000+8*i:], uint64(i)<<21|0x80|3)
-	}
-	copy(mem[0x1000:], strideCode)
-	s, err := cpu.Sregs()
-	if err != nil {
-		b.Fatal(err)
-	}
-	code := kvm.Segment{Limit: 0xffffffff, Selector: 8, Type: 11, Present: 1, S: 1, L: 1, G: 1}
-	data := kvm.Segment{Limit: 0xffffffff, Selector: 16, Type: 3, Present: 1, S: 1, DB: 1, G: 1}
-	s.CS, s.DS, s.ES, s.FS, s.GS, s.SS = code, data, data, data, data, data
-	s.CR3, s.CR4, s.EFER = 0x8000, 1<<5, 1<<8|1<<10
-	s.CR0 = 1 | 1<<4 | 1<<31
-	if err := cpu.SetSregs(s); err != nil {
-		b.Fatal(err)
-	}
-	if err := cpu.SetRegs(kvm.Regs{RIP: 0x1000, RFLAGS: 2, RSI: benchRAM}); err != nil {
-		b.Fatal(err)
-	}
-	return m
+	return buildMachine(b, sys, ms)
 }
 
 func runToEnd(b *testing.B, m *Machine) time.Duration {

@@ -51,69 +51,91 @@ func newMachine(t *testing.T, sys *kvm.System, boot, dirty bool) *Machine {
 // newMachineOn is newMachine with the given RAM (ramSize bytes; nil: fresh anonymous).
 func newMachineOn(t *testing.T, sys *kvm.System, boot, dirty bool, mem []byte) *Machine {
 	t.Helper()
+	var code []byte
+	if boot {
+		code = counterCode
+	}
+	return buildMachine(t, sys, machineSpec{size: ramSize, mem: mem, code: code, dirty: dirty})
+}
+
+// machineSpec shapes a test machine: RAM of size bytes (mem, or fresh anonymous
+// memory), and with code, the vCPU in long mode at 0x1000 running it, RAM identity
+// mapped with 2 MiB pages and RSI = rsi.
+type machineSpec struct {
+	size  int
+	mem   []byte
+	code  []byte
+	rsi   uint64
+	dirty bool
+}
+
+func buildMachine(tb testing.TB, sys *kvm.System, ms machineSpec) *Machine {
+	tb.Helper()
 	vm, err := sys.CreateVM()
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
-	t.Cleanup(func() { vm.Close() })
+	tb.Cleanup(func() { vm.Close() })
 	if err := vm.CreateIRQChip(); err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	if err := vm.CreatePIT2(); err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	var flags uint32
-	if dirty {
+	if ms.dirty {
 		if err := vm.EnableManualDirtyLog(kvm.DirtyLogManualProtect | kvm.DirtyLogInitiallySet); err != nil {
-			t.Fatal(err)
+			tb.Fatal(err)
 		}
 		flags = kvm.MemLogDirtyPages
 	}
+	mem := ms.mem
 	if mem == nil {
-		mem, err = unix.Mmap(-1, 0, ramSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
-		if err != nil {
-			t.Fatal(err)
+		if mem, err = unix.Mmap(-1, 0, ms.size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS); err != nil {
+			tb.Fatal(err)
 		}
-		t.Cleanup(func() { unix.Munmap(mem) })
+		tb.Cleanup(func() { unix.Munmap(mem) })
 	}
 	if err := vm.SetMemoryRegion(kvm.MemoryRegion{Slot: 0, Flags: flags, Host: mem}); err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	cpu, err := vm.CreateVCPU(0)
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
-	t.Cleanup(func() { cpu.Close() })
+	tb.Cleanup(func() { cpu.Close() })
 	cpuid, err := sys.SupportedCPUID()
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	if err := cpu.SetCPUID(cpuid); err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	m := &Machine{VM: vm, VCPUs: []*kvm.VCPU{cpu}, RAM: []Region{{0, mem}}, IRQChip: true, PIT: true}
-	if !boot {
+	if ms.code == nil {
 		return m
 	}
 	le := binary.LittleEndian
 	le.PutUint64(mem[0x8000:], 0x9000|3)
 	le.PutUint64(mem[0x9000:], 0xa000|3)
-	le.PutUint64(mem[0xa000:], 0x80|3) // one 2 MiB page at 0
-	copy(mem[0x1000:], counterCode)
+	for i := 0; i < max(1, ms.size>>21); i++ {
+		le.PutUint64(mem[0xa000+8*i:], uint64(i)<<21|0x80|3) // 2 MiB pages
+	}
+	copy(mem[0x1000:], ms.code)
 	s, err := cpu.Sregs()
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	code := kvm.Segment{Limit: 0xffffffff, Selector: 8, Type: 11, Present: 1, S: 1, L: 1, G: 1}
 	data := kvm.Segment{Limit: 0xffffffff, Selector: 16, Type: 3, Present: 1, S: 1, DB: 1, G: 1}
 	s.CS, s.DS, s.ES, s.FS, s.GS, s.SS = code, data, data, data, data, data
-	s.CR3, s.CR4, s.EFER = 0x8000, 1<<5|1<<9|1<<10, 1<<8|1<<10
+	s.CR3, s.CR4, s.EFER = 0x8000, 1<<5|1<<9|1<<10, 1<<8|1<<10 // PAE, OSFXSR, OSXMMEXCPT; LME, LMA
 	s.CR0 = 1 | 1<<4 | 1<<31
 	if err := cpu.SetSregs(s); err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
-	if err := cpu.SetRegs(kvm.Regs{RIP: 0x1000, RFLAGS: 2}); err != nil {
-		t.Fatal(err)
+	if err := cpu.SetRegs(kvm.Regs{RIP: 0x1000, RFLAGS: 2, RSI: ms.rsi}); err != nil {
+		tb.Fatal(err)
 	}
 	return m
 }

@@ -13,29 +13,29 @@ import (
 	"github.com/umbra-cc/umbra/snapshot"
 )
 
-// memfdRAM is guest RAM as umbra has it: a memfd mapped shared, not yet touched, and
-// a second view of it for the test to look through (reading the first, registered
-// with userfaultfd, would fault to the server and block the test's thread).
-func memfdRAM(t *testing.T) (ram, view []byte) {
-	t.Helper()
+// memfdViews is guest RAM as umbra has it: a memfd of size bytes, not yet touched,
+// mapped shared n times. Tests look through a second view: reading the first,
+// registered with userfaultfd, would fault to the server and block the test's thread.
+func memfdViews(tb testing.TB, size, n int) [][]byte {
+	tb.Helper()
 	fd, err := unix.MemfdCreate("lazy-restore", unix.MFD_CLOEXEC)
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
-	t.Cleanup(func() { unix.Close(fd) })
-	if err := unix.Ftruncate(fd, ramSize); err != nil {
-		t.Fatal(err)
+	tb.Cleanup(func() { unix.Close(fd) })
+	if err := unix.Ftruncate(fd, int64(size)); err != nil {
+		tb.Fatal(err)
 	}
-	views := make([][]byte, 2)
+	views := make([][]byte, n)
 	for i := range views {
-		m, err := unix.Mmap(fd, 0, ramSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+		m, err := unix.Mmap(fd, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 		if err != nil {
-			t.Fatal(err)
+			tb.Fatal(err)
 		}
-		t.Cleanup(func() { unix.Munmap(m) })
+		tb.Cleanup(func() { unix.Munmap(m) })
 		views[i] = m
 	}
-	return views[0], views[1]
+	return views
 }
 
 // savedCounter runs the counter guest to 3 and returns its full checkpoint.
@@ -63,7 +63,8 @@ type lazyRun struct {
 // fault server; the caller then runs the vCPU.
 func startLazy(t *testing.T, sys *kvm.System, file []byte) (*Machine, *lazyRun) {
 	t.Helper()
-	ram, view := memfdRAM(t)
+	views := memfdViews(t, ramSize, 2)
+	ram, view := views[0], views[1]
 	m := newMachineOn(t, sys, false, false, ram)
 	chain, err := snapshot.NewChain(openSnap(t, file))
 	if err != nil {
