@@ -23,7 +23,8 @@ type DiffResult struct {
 	Removed []PageRange // pages A has and B does not
 	Changed []PageRange // pages both have, with different contents
 	// Compared is how many pages both have; Decrypted how many of them had to be read
-	// (pages both chains take from the same storage block are equal without reading).
+	// (pages both chains take from the same block of the same open Reader are equal
+	// without reading; chains built from separately opened files are compared in full).
 	Compared, Decrypted uint64
 }
 
@@ -84,7 +85,7 @@ func Diff(a, b *Chain) (*DiffResult, error) {
 			d.Compared++
 			ra, ba, _ := a.Resolve(page)
 			rb, bb, _ := b.Resolve(page)
-			if ra.info.ID == rb.info.ID && ba.Index == bb.Index {
+			if ra == rb && ba.Index == bb.Index { // the same block of the same open file
 				continue
 			}
 			d.Decrypted++

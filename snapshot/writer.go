@@ -23,6 +23,9 @@ type Options struct {
 	// Parent makes an incremental snapshot: only the pages written to it are stored,
 	// the rest come from the parent (Info of the parent, as Close or Reader.Info gave).
 	Parent *Info
+
+	// id, when set (by Reseal only), is the new snapshot's ID instead of a random one.
+	id ID
 }
 
 // Info describes a finished or opened snapshot.
@@ -89,7 +92,9 @@ func NewWriter(w io.Writer, key []byte, opt Options) (*Writer, error) {
 		}
 		h.Parent, h.ParentGeneration = opt.Parent.ID, opt.Parent.Generation
 	}
-	if _, err := rand.Read(h.ID[:]); err != nil {
+	if !opt.id.IsZero() {
+		h.ID = opt.id
+	} else if _, err := rand.Read(h.ID[:]); err != nil {
 		return nil, fmt.Errorf("snapshot ID: %w", err)
 	}
 	var err error
