@@ -2,8 +2,10 @@ package checkpoint
 
 import (
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 	"unsafe"
 
 	"github.com/umbra-cc/umbra/kvm"
@@ -25,8 +27,8 @@ type Lazy struct {
 	ppb   uint64
 
 	mu        sync.Mutex
-	installed map[uint64]bool // first page of each installed block range
-	stage     []byte          // one block range, assembled
+	installed map[rangeKey]bool // the installed block ranges
+	stage     []byte            // one block range, assembled
 
 	faults, ranges atomic.Uint64
 }
@@ -41,7 +43,7 @@ func StartLazy(chain *snapshot.Chain, m *Machine, uffd *kvm.Userfaultfd, sup kvm
 		return nil, err
 	}
 	ppb := uint64(top.Info().PagesPerBlock)
-	l := &Lazy{chain: chain, m: m, uffd: uffd, ppb: ppb, installed: map[uint64]bool{},
+	l := &Lazy{chain: chain, m: m, uffd: uffd, ppb: ppb, installed: map[rangeKey]bool{},
 		stage: make([]byte, ppb*snapshot.PageSize)}
 	for i, r := range m.RAM {
 		if err := uffd.Register(r.Host, kvm.UffdRegisterMissing); err != nil {
@@ -106,16 +108,30 @@ func (l *Lazy) resolve(f kvm.UffdFault) error {
 	if !ok {
 		return fmt.Errorf("checkpoint: lazy restore: fault at host address %#x outside guest RAM", f.Address)
 	}
+	page := (l.m.RAM[ri].GuestPhys + off) / snapshot.PageSize
+	return l.installRange(ri, page-page%l.ppb)
+}
+
+// rangeKey names one storage-block range of one RAM region.
+type rangeKey struct {
+	region int
+	first  uint64
+}
+
+// installRange installs the storage-block range starting at page first, clipped to
+// RAM region ri, unless it is installed already (then it only wakes its waiters).
+func (l *Lazy) installRange(ri int, first uint64) error {
 	r := l.m.RAM[ri]
-	page := (r.GuestPhys + off) / snapshot.PageSize
-	first := page - page%l.ppb
-	// The block range, clipped to the region.
 	lo := max(first*snapshot.PageSize, r.GuestPhys)
 	hi := min((first+l.ppb)*snapshot.PageSize, r.GuestPhys+uint64(len(r.Host)))
+	if lo >= hi {
+		return nil
+	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	dst := r.Host[lo-r.GuestPhys : hi-r.GuestPhys]
-	if l.installed[first] {
+	key := rangeKey{ri, first}
+	if l.installed[key] {
 		return l.uffd.Wake(dst) // a second fault in a range being or just installed
 	}
 	stage := l.stage[:hi-lo]
@@ -123,9 +139,9 @@ func (l *Lazy) resolve(f kvm.UffdFault) error {
 	// whole range in one block, which then decrypts straight into the staging buffer.
 	if src, b, ok := l.chain.Resolve(first); ok && b.FirstPage == first && b.Pages() == int(l.ppb) && uint64(len(stage)) == l.ppb*snapshot.PageSize {
 		if _, err := src.ReadBlock(b, stage); err != nil {
-			return fmt.Errorf("checkpoint: lazy restore of page %#x: %w", page*snapshot.PageSize, err)
+			return fmt.Errorf("checkpoint: lazy restore of page %#x: %w", first*snapshot.PageSize, err)
 		}
-		return l.install(first, dst, stage, lo, hi)
+		return l.install(key, dst, stage, lo, hi)
 	}
 	clear(stage)
 	var cache blockRead
@@ -141,13 +157,47 @@ func (l *Lazy) resolve(f kvm.UffdFault) error {
 		}
 		copy(stage[gpa-lo:], data)
 	}
-	return l.install(first, dst, stage, lo, hi)
+	return l.install(key, dst, stage, lo, hi)
+}
+
+// Fill installs every storage-block range the chain stores that no fault has brought
+// in yet, in page order, pausing pace between ranges (0: none), until done or stop is
+// closed: the background half of a lazy restore, so it completes without pulling
+// everything in at once. After Fill returns nil, every page that is not zero is in RAM
+// and the pages left are zero, so the RAM may be unregistered from the userfaultfd
+// (their first touch then gets a zero page from the kernel, which is their content).
+// It runs beside Serve; a block that fails stops it with the error, which the caller
+// handles as Serve's onFail.
+func (l *Lazy) Fill(stop <-chan struct{}, pace time.Duration) error {
+	var firsts []uint64
+	for _, r := range l.chain.Links() {
+		for _, b := range r.Blocks() {
+			firsts = append(firsts, b.FirstPage)
+		}
+	}
+	slices.Sort(firsts)
+	for _, first := range slices.Compact(firsts) {
+		for ri := range l.m.RAM {
+			select {
+			case <-stop:
+				return nil
+			default:
+			}
+			if err := l.installRange(ri, first); err != nil {
+				return err
+			}
+		}
+		if pace > 0 {
+			time.Sleep(pace)
+		}
+	}
+	return nil
 }
 
 // install copies the assembled range into RAM and wakes the faulting vCPUs.
-func (l *Lazy) install(first uint64, dst, stage []byte, lo, hi uint64) error {
+func (l *Lazy) install(key rangeKey, dst, stage []byte, lo, hi uint64) error {
 	// Counted before the copy, which wakes the vCPU: a failed copy ends the restore.
-	l.installed[first] = true
+	l.installed[key] = true
 	l.ranges.Add(1)
 	if err := l.uffd.Copy(dst, stage); err != nil {
 		return fmt.Errorf("checkpoint: lazy restore: install pages %#x-%#x: %w", lo, hi-1, err)

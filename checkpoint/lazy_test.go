@@ -53,6 +53,7 @@ func savedCounter(t *testing.T, sys *kvm.System) []byte {
 
 type lazyRun struct {
 	l      *Lazy
+	uffd   *kvm.Userfaultfd
 	view   []byte     // the RAM, through a view userfaultfd does not watch
 	served chan error // Serve's result, after stop
 	failed chan error // the error onFail was called with
@@ -83,7 +84,7 @@ func startLazy(t *testing.T, sys *kvm.System, file []byte) (*Machine, *lazyRun) 
 	if err != nil {
 		t.Fatal(err)
 	}
-	lr := &lazyRun{l: l, view: view, served: make(chan error, 1), failed: make(chan error, 1), stop: make(chan struct{})}
+	lr := &lazyRun{l: l, uffd: u, view: view, served: make(chan error, 1), failed: make(chan error, 1), stop: make(chan struct{})}
 	go func() {
 		lr.served <- l.Serve(lr.stop, func(err error) {
 			// What the monitor does on a fault-server failure: stop the vCPUs.
@@ -171,5 +172,28 @@ func TestLazyRestoreFailureEndsTheVM(t *testing.T) {
 		if !bytes.Equal(lr.view[off:off+snapshot.PageSize], make([]byte, snapshot.PageSize)) {
 			t.Fatalf("page %#x of the refused block reached RAM", off)
 		}
+	}
+}
+
+// TestLazyFillCompletesTheRestore: the background fill installs every stored range
+// before the guest touches it, so the guest then runs without a fault, and the RAM can
+// be unregistered from the userfaultfd once the fill is done.
+func TestLazyFillCompletesTheRestore(t *testing.T) {
+	sys := openKVM(t)
+	file := savedCounter(t, sys)
+	m, lr := startLazy(t, sys, file)
+	if err := lr.l.Fill(lr.stop, 0); err != nil {
+		t.Fatal(err)
+	}
+	_, ranges := lr.l.Stats()
+	if want := len(openSnap(t, file).Blocks()); int(ranges) != want {
+		t.Fatalf("fill installed %d ranges, the snapshot stores %d blocks", ranges, want)
+	}
+	if err := lr.uffd.Unregister(m.RAM[0].Host); err != nil {
+		t.Fatal(err)
+	}
+	expectCounts(t, m, 4, 6)
+	if faults, _ := lr.l.Stats(); faults != 0 {
+		t.Fatalf("%d faults after the fill, want 0", faults)
 	}
 }

@@ -335,6 +335,9 @@ func NewChain(snaps ...*Reader) (*Chain, error) {
 	return &Chain{links: slices.Clone(snaps)}, nil
 }
 
+// Links returns the chain's snapshots, oldest first.
+func (c *Chain) Links() []*Reader { return slices.Clone(c.links) }
+
 // Top returns the newest snapshot of the chain.
 func (c *Chain) Top() *Reader { return c.links[len(c.links)-1] }
 
