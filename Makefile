@@ -105,4 +105,5 @@ bench:
 	b ./snapshot '^BenchmarkBlock(Seal|Open)$$' 300x; \
 	b ./kvm '^BenchmarkMarkCOW$$' 7x; \
 	b ./checkpoint '^BenchmarkLazyRestoreFault$$' 10x; \
+	b ./checkpoint '^BenchmarkTimeToFirstInstruction$$' 10x; \
 	echo; $(GO) run ./internal/benchtable < $(BENCH_OUT)

@@ -140,7 +140,7 @@ func buildMachine(tb testing.TB, sys *kvm.System, ms machineSpec) *Machine {
 	return m
 }
 
-func count(t *testing.T, m *Machine) byte {
+func count(t testing.TB, m *Machine) byte {
 	t.Helper()
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()

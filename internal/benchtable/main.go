@@ -66,6 +66,7 @@ var scalingRows = []row{
 	{"cloaking, per cloaked app (over the same apps uncloaked)", "BenchmarkCloakScaling/per-app", "cloaking-ns/app", 0},
 	{"a cloaked run, per GiB of guest RAM", "BenchmarkCloakScaling/per-GiB", "cloaked-ms/GiB", 0},
 	{"an uncloaked run, per GiB of guest RAM", "BenchmarkCloakScaling/per-GiB", "uncloaked-ms/GiB", 0},
+	{"lazy restore of 512 MiB, open to the guest's first exit (ms)", "BenchmarkTimeToFirstInstruction", "ms-to-first-exit", 0},
 	{"userfaultfd write-protect of all guest RAM, 64 MiB (ns)", "BenchmarkMarkCOW/64MiB", "uffd-wp-ns", 0},
 	{"userfaultfd write-protect of all guest RAM, 1 GiB (ns)", "BenchmarkMarkCOW/1024MiB", "uffd-wp-ns", 0},
 	{"KVM dirty log on, manual protect, 64 MiB (ns)", "BenchmarkMarkCOW/64MiB", "dirtylog-manual-ns", 0},
