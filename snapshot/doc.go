@@ -11,7 +11,7 @@
 // in. Every modification of the file (a flipped bit, swapped or moved blocks, a block
 // of another snapshot, a truncation, another host's key) is refused with an error that
 // names the cause; see the Err* values. Diff compares the page sets of two snapshot
-// chains.
+// chains; Reseal moves a snapshot to another key (another host).
 //
 // The package knows nothing of KVM or of how sections are encoded; the format is
 // described byte by byte in docs/snapshot.md.
