@@ -106,4 +106,5 @@ bench:
 	b ./kvm '^BenchmarkMarkCOW$$' 7x; \
 	b ./checkpoint '^BenchmarkLazyRestoreFault$$' 10x; \
 	b ./checkpoint '^BenchmarkTimeToFirstInstruction$$' 10x; \
+	b ./checkpoint '^BenchmarkIncrementalSize$$' 1x; \
 	echo; $(GO) run ./internal/benchtable < $(BENCH_OUT)

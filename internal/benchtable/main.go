@@ -49,6 +49,8 @@ var rows = []row{
 	{"Guard decision + audit append vs bare OPA + write+fsync", "BenchmarkGuardDecision", "guard/bare", 0},
 	{"audit open from checkpoint, 100k records vs 0", "BenchmarkOpenHistory", "checkpoint-100k/0", 0},
 	{"lazy restore, per fault (one 256 KiB block) vs raw userfaultfd install + AES-GCM open", "BenchmarkLazyRestoreFault", "lazy/raw", 1.5},
+	{"incremental snapshot bytes vs dirtied bytes, 1024 contiguous pages", "BenchmarkIncrementalSize/contiguous-1024", "bytes/dirtied", 0},
+	{"incremental snapshot bytes vs dirtied bytes, one page per storage block", "BenchmarkIncrementalSize/scattered-48", "bytes/dirtied", 0},
 	{"snapshot storage block seal (64 pages, no zstd) vs raw AES-256-GCM", "BenchmarkBlockSeal/raw-mixed", "ratio", 0},
 	{"snapshot storage block seal with zstd vs raw AES-256-GCM", "BenchmarkBlockSeal/zstd-mixed", "ratio", 0},
 	{"snapshot storage block read (no zstd) vs raw AES-256-GCM open", "BenchmarkBlockOpen/raw-mixed", "ratio", 0},
