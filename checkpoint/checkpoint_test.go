@@ -67,6 +67,7 @@ type machineSpec struct {
 	code  []byte
 	rsi   uint64
 	dirty bool
+	vcpus int // 0: one
 }
 
 func buildMachine(tb testing.TB, sys *kvm.System, ms machineSpec) *Machine {
@@ -99,19 +100,23 @@ func buildMachine(tb testing.TB, sys *kvm.System, ms machineSpec) *Machine {
 	if err := vm.SetMemoryRegion(kvm.MemoryRegion{Slot: 0, Flags: flags, Host: mem}); err != nil {
 		tb.Fatal(err)
 	}
-	cpu, err := vm.CreateVCPU(0)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(func() { cpu.Close() })
 	cpuid, err := sys.SupportedCPUID()
 	if err != nil {
 		tb.Fatal(err)
 	}
-	if err := cpu.SetCPUID(cpuid); err != nil {
-		tb.Fatal(err)
+	var cpus []*kvm.VCPU
+	for id := range max(1, ms.vcpus) {
+		cpu, err := vm.CreateVCPU(id)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		tb.Cleanup(func() { cpu.Close() })
+		if err := cpu.SetCPUID(cpuid); err != nil {
+			tb.Fatal(err)
+		}
+		cpus = append(cpus, cpu)
 	}
-	m := &Machine{VM: vm, VCPUs: []*kvm.VCPU{cpu}, RAM: []Region{{0, mem}}, IRQChip: true, PIT: true}
+	m := &Machine{VM: vm, VCPUs: cpus, RAM: []Region{{0, mem}}, IRQChip: true, PIT: true}
 	if ms.code == nil {
 		return m
 	}
@@ -122,29 +127,38 @@ func buildMachine(tb testing.TB, sys *kvm.System, ms machineSpec) *Machine {
 		le.PutUint64(mem[0xa000+8*i:], uint64(i)<<21|0x80|3) // 2 MiB pages
 	}
 	copy(mem[0x1000:], ms.code)
-	s, err := cpu.Sregs()
-	if err != nil {
-		tb.Fatal(err)
-	}
-	code := kvm.Segment{Limit: 0xffffffff, Selector: 8, Type: 11, Present: 1, S: 1, L: 1, G: 1}
-	data := kvm.Segment{Limit: 0xffffffff, Selector: 16, Type: 3, Present: 1, S: 1, DB: 1, G: 1}
-	s.CS, s.DS, s.ES, s.FS, s.GS, s.SS = code, data, data, data, data, data
-	s.CR3, s.CR4, s.EFER = 0x8000, 1<<5|1<<9|1<<10, 1<<8|1<<10 // PAE, OSFXSR, OSXMMEXCPT; LME, LMA
-	s.CR0 = 1 | 1<<4 | 1<<31
-	if err := cpu.SetSregs(s); err != nil {
-		tb.Fatal(err)
-	}
-	if err := cpu.SetRegs(kvm.Regs{RIP: 0x1000, RFLAGS: 2, RSI: ms.rsi}); err != nil {
-		tb.Fatal(err)
+	for _, cpu := range cpus {
+		s, err := cpu.Sregs()
+		if err != nil {
+			tb.Fatal(err)
+		}
+		code := kvm.Segment{Limit: 0xffffffff, Selector: 8, Type: 11, Present: 1, S: 1, L: 1, G: 1}
+		data := kvm.Segment{Limit: 0xffffffff, Selector: 16, Type: 3, Present: 1, S: 1, DB: 1, G: 1}
+		s.CS, s.DS, s.ES, s.FS, s.GS, s.SS = code, data, data, data, data, data
+		s.CR3, s.CR4, s.EFER = 0x8000, 1<<5|1<<9|1<<10, 1<<8|1<<10 // PAE, OSFXSR, OSXMMEXCPT; LME, LMA
+		s.CR0 = 1 | 1<<4 | 1<<31
+		if err := cpu.SetSregs(s); err != nil {
+			tb.Fatal(err)
+		}
+		if err := cpu.SetRegs(kvm.Regs{RIP: 0x1000, RFLAGS: 2, RSI: ms.rsi}); err != nil {
+			tb.Fatal(err)
+		}
+		// An application processor starts waiting for INIT/SIPI; this one runs at once.
+		if err := cpu.SetMPState(kvm.MPStateRunnable); err != nil {
+			tb.Fatal(err)
+		}
 	}
 	return m
 }
 
-func count(t testing.TB, m *Machine) byte {
+func count(t testing.TB, m *Machine) byte { t.Helper(); return countOn(t, m, 0) }
+
+// countOn runs vCPU i to its next report and returns it.
+func countOn(t testing.TB, m *Machine, i int) byte {
 	t.Helper()
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
-	e, err := m.VCPUs[0].Run()
+	e, err := m.VCPUs[i].Run()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -306,5 +320,46 @@ func TestRestoreRefusesAnotherMachine(t *testing.T) {
 		if !bytes.Equal(fresh.RAM[0].Host[p*4096:(p+1)*4096], make([]byte, 4096)) {
 			t.Fatalf("page %d of the tampered block reached RAM", p)
 		}
+	}
+}
+
+// TestEachVCPUGetsItsOwnState: two vCPUs run the counter guest to different counts
+// (one at a time, so their shared scratch word does not race); after a save and a
+// restore each continues from its own count, so sections went to the right vCPU.
+func TestEachVCPUGetsItsOwnState(t *testing.T) {
+	sys := openKVM(t)
+	sup, err := sys.StateSupport()
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := buildMachine(t, sys, machineSpec{size: ramSize, code: counterCode, vcpus: 2})
+	for want := byte(1); want <= 7; want++ {
+		if got := countOn(t, a, 1); got != want {
+			t.Fatalf("vCPU 1 counted %d, want %d", got, want)
+		}
+		if want <= 3 {
+			if got := countOn(t, a, 0); got != want {
+				t.Fatalf("vCPU 0 counted %d, want %d", got, want)
+			}
+		}
+	}
+	file, _, _ := save(t, a, sup, snapshot.Options{Generation: 1}, nil)
+	chain, err := snapshot.NewChain(openSnap(t, file))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := buildMachine(t, sys, machineSpec{size: ramSize, vcpus: 2})
+	if err := Restore(chain, b, sup); err != nil {
+		t.Fatal(err)
+	}
+	if got := countOn(t, b, 0); got != 4 {
+		t.Fatalf("restored vCPU 0 counted %d, want 4", got)
+	}
+	if got := countOn(t, b, 1); got != 8 {
+		t.Fatalf("restored vCPU 1 counted %d, want 8", got)
+	}
+	one := buildMachine(t, sys, machineSpec{size: ramSize})
+	if err := Restore(chain, one, sup); err == nil || !strings.Contains(err.Error(), "vCPU count") {
+		t.Fatalf("restore of two vCPUs into a one-vCPU machine: %v", err)
 	}
 }
