@@ -26,15 +26,19 @@ policy-test:
 	$(GO) run ./cmd/umbra policy test testdata/policies
 	$(GO) run ./cmd/umbra policy test testdata/e2e/policy
 	$(GO) run ./cmd/umbra policy test testdata/e2e/linux/policy
+	$(GO) run ./cmd/umbra policy test testdata/e2e/disk/policy
 	$(GO) run ./cmd/umbra policy test testdata/control/policy
 
 # Debian packages the tests need: gcc/make/binutils build the test guest, libssl-dev the
 # TPM simulator (cgo), swtpm and tpm2-tools the real-TPM and independent-verifier tests;
 # linux-source-6.1 and the kernel's build tools (bc bison flex libelf-dev cpio xz-utils)
 # the test Linux guest (testdata/linux); qemu-utils (qemu-img, qemu-io) the qcow2 tests that
-# check umbra's images with QEMU.
+# check umbra's images with QEMU; python3-jsonschema the CEL-JSON reader that checks
+# umbra's CEL-JSON export (testdata/cel); e2fsprogs (mke2fs -d, debugfs, e2fsck) the disk
+# journeys.
 DEB_PACKAGES = gcc make binutils libssl-dev swtpm swtpm-tools tpm2-tools \
-	linux-source-6.1 bc bison flex libelf-dev cpio xz-utils qemu-utils
+	linux-source-6.1 bc bison flex libelf-dev cpio xz-utils qemu-utils python3-jsonschema \
+	e2fsprogs
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
@@ -91,15 +95,17 @@ bench:
 		$(GO) test -run '^$$' -bench "$$pat" -benchtime "$$n" -count $(BENCH_COUNT) -timeout 60m $$pkg 2>&1 | tee -a $(BENCH_OUT); \
 		test $${PIPESTATUS[0]} -eq 0; }; \
 	b ./monitor '^BenchmarkCloakCompute$$' 5x; \
+	b ./virtio/blk '^BenchmarkRequest$$' 200x; \
 	b ./monitor '^BenchmarkCloakAppRun$$' 5x; \
 	b ./monitor '^BenchmarkCloakTransitions$$' 200x; \
+	b ./monitor '^BenchmarkCloakServeExit$$' 1000x; \
 	b ./monitor '^BenchmarkPageProt(Cloaked)?Violation$$' 2000x; \
 	b ./guard '^BenchmarkGuardDecision$$' 200x; \
 	b ./cmd/umbra '^BenchmarkRun(History|Cloaked)$$' 5x; \
 	b ./sealing '^BenchmarkSealing$$//^seal$$' 50x; \
 	b ./attest/verify '^BenchmarkQuote$$' 100x; \
 	b ./attest/audit '^BenchmarkOpenHistory$$' 5x; \
-	b ./attest/eventlog '^BenchmarkOpenEventLog$$' 20x; \
+	b ./attest/eventlog '^BenchmarkOpenEventLog$$' 3x; \
 	b ./policy '^BenchmarkDecisionPerRule$$' 300x; \
 	b ./monitor '^BenchmarkCloakScaling$$' 3x; \
 	b ./snapshot '^BenchmarkBlock(Seal|Open)$$' 300x; \

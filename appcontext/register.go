@@ -3,6 +3,7 @@ package appcontext
 import (
 	"crypto/sha256"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"slices"
 )
@@ -362,6 +363,29 @@ func Measure(mem VirtReader, req *RegisterRequest) (Identity, error) {
 	var id Identity
 	h.Sum(id[:0])
 	return id, nil
+}
+
+// CheckTrampoline checks the app's own mapping of its trampoline page at
+// registration: user, executable and not writable. The trampoline is never
+// writable and executable at once (W^X): the shim writes it and then makes it
+// read+execute before it registers; a writable or non-executable mapping is
+// EINVAL. A page that is not present (the kernel paged it out) has no rights to
+// check and passes: the check holds the app's shim to W^X, not the kernel, which
+// can change the mapping at any time (the trampoline runs in the system VM only,
+// and never as the app: docs/cloak.md).
+func CheckTrampoline(as AddressSpace, va uint64) error {
+	t, err := as.Paging.Walk(as.Mem, as.CR3, va, UserRead|AccessExec)
+	if err != nil {
+		var f *Fault
+		if errors.As(err, &f) && f.Kind == FaultNotPresent {
+			return nil
+		}
+		return &ABIError{Errno: EINVAL, Field: "trampoline_va", Detail: fmt.Sprintf("page %#x must be mapped user, read+execute", va), Err: err}
+	}
+	if t.Writable {
+		return abiErr(EINVAL, "trampoline_va", "page %#x is mapped writable and executable: W^X, make it read+execute after writing it", va)
+	}
+	return nil
 }
 
 // Layout is the cloaked part of one app's address space: its regions (each

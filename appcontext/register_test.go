@@ -269,3 +269,39 @@ func TestCheckAvailableAndLayout(t *testing.T) {
 		t.Fatal("region still present")
 	}
 }
+
+// TestCheckTrampoline: the trampoline page must be mapped user, read+execute and
+// not writable at registration (W^X), else EINVAL; a page not present passes.
+func TestCheckTrampoline(t *testing.T) {
+	const va = 0x7000000
+	for _, tc := range []struct {
+		name  string
+		leaf  uint64 // 0: not mapped
+		errno Errno  // 0: accepted
+	}{
+		{"read+exec", fP | fUS, 0},
+		{"writable+exec", fUW, EINVAL},
+		{"not executable", fP | fUS | fNX, EINVAL},
+		{"writable, not executable", fUW | fNX, EINVAL},
+		{"supervisor", fP, EINVAL},
+		{"not present", 0, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			as, m := imageSpace(t, nil)
+			if tc.leaf != 0 {
+				m.mapPage(as.CR3, va, 0x1c0000, 1, fUW, tc.leaf)
+			}
+			err := CheckTrampoline(as, va)
+			if tc.errno == 0 {
+				if err != nil {
+					t.Fatalf("refused: %v", err)
+				}
+				return
+			}
+			var ae *ABIError
+			if !errors.As(err, &ae) || ae.Errno != tc.errno || ae.Field != "trampoline_va" {
+				t.Fatalf("got %v, want %v on trampoline_va", err, tc.errno)
+			}
+		})
+	}
+}

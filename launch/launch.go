@@ -55,6 +55,8 @@ type LaunchConfig struct {
 	// guest runs (a detached monitor serves its control API with it); the surface
 	// answers ErrNotRunning once the run has ended.
 	Attach func(*Control)
+	// Disks says where the spec's disks are and how protected ones open (disks.go).
+	Disks monitor.DiskEnv
 	// EvidenceNonce, if set, makes Launch quote the measured-launch PCR with the host's
 	// attestation key once the VM has stopped and its audit head is anchored, and
 	// return the evidence in the report (for back ends whose PCRs do not outlive the
@@ -133,6 +135,16 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		return nil, fmt.Errorf("host identity from the TPM: %w", err)
 	}
 	rep.HostFingerprint = fp
+	// Each disk's identity (path, format, read-only, contents digest or protected root)
+	// goes into the policy input and the event log; nothing is written before the policy
+	// allowed the disk.
+	if p := lc.Disks.Protected; p != nil {
+		lc.Disks.Protected = &monitor.ProtectedDiskEnv{Secret: p.Secret, TPM: lc.TPM, Host: fp, StateDir: lc.StateDir, VM: lc.Spec.Name}
+	}
+	disks, err := monitor.IdentifyDisks(ctx, lc.Spec.Disks, lc.Disks)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w: %w", ErrLaunchRefused, ErrInvalidInput, err)
+	}
 	hostname, _ := os.Hostname()
 	if hostname == "" {
 		hostname = "localhost"
@@ -183,7 +195,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	if err != nil {
 		return rep, err
 	}
-	vmState := policyVM(lc.Spec, lc.Run, hex.EncodeToString(imageDigest[:]), "defined", firstLaunch)
+	vmState := policyVM(lc.Spec, lc.Run, hex.EncodeToString(imageDigest[:]), "defined", firstLaunch, disks)
 	d, err := g.Launch(ctx, lc.Principal, vmState)
 	rep.Action, rep.Decision = policy.ActionLaunch, d
 	if err != nil {
@@ -196,6 +208,12 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		if err != nil {
 			rep.Action, rep.Decision = policy.ActionModifySpec, md
 			return rep, fmt.Errorf("%w: overriding the guest command line modifies the VM: %w", ErrLaunchRefused, err)
+		}
+	}
+	for _, dev := range disks {
+		if ad, err := g.AttachDevice(ctx, lc.Principal, vmState, dev); err != nil {
+			rep.Action, rep.Decision = policy.ActionAttachDevice, ad
+			return rep, fmt.Errorf("%w: disk %s: %w", ErrLaunchRefused, dev.ID, err)
 		}
 	}
 	policyDigest, err := hex.DecodeString(lc.PolicyDigest)
@@ -272,6 +290,9 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		{Type: eventlog.TypeVMSpec, Description: "VM spec " + lc.Spec.Name, Data: lc.SpecBytes},
 		{Type: eventlog.TypePolicy, Description: "revision " + lc.Policy.Revision(), Digest: policyDigest},
 	}...)
+	for _, dev := range disks {
+		events = append(events, eventlog.Event{Type: monitor.TypeGuestDisk, Description: "disk " + dev.ID + " of VM " + lc.Spec.Name, Data: monitor.DiskMeasurement(dev)})
+	}
 	for _, ev := range events {
 		if _, err := measurer.Measure(ctx, ev); err != nil {
 			return failed(fmt.Errorf("%w: measure %s: %w", ErrLaunchRefused, ev.Type, err))
@@ -279,7 +300,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		rep.Measurements++
 	}
 
-	running := policyVM(lc.Spec, lc.Run, hex.EncodeToString(imageDigest[:]), "running", firstLaunch)
+	running := policyVM(lc.Spec, lc.Run, hex.EncodeToString(imageDigest[:]), "running", firstLaunch, disks)
 	// Once an app is registered cloaked (and that is audited), the VM runs cloaked
 	// apps whatever its spec says: a fact the monitor knows.
 	var cloakRegistered atomic.Bool
@@ -306,6 +327,14 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 			return err
 		},
 	}
+	if lc.Run.Disks, err = monitor.OpenDisks(ctx, lc.Spec.Disks, lc.Disks); err != nil {
+		return failed(fmt.Errorf("%w: %w", ErrLaunchRefused, err))
+	}
+	defer func() {
+		if cerr := monitor.CloseDisks(lc.Run.Disks); cerr != nil {
+			log.Error("closing the VM's disks", "err", cerr)
+		}
+	}()
 	vm, err := monitor.New(lc.Run)
 	if err != nil {
 		return failed(fmt.Errorf("%w: build the VM: %w", ErrLaunchRefused, err))
@@ -336,7 +365,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 				return nil
 			},
 			policyVM: func(state string) policy.VM {
-				return policyVM(lc.Spec, lc.Run, hex.EncodeToString(imageDigest[:]), state, firstLaunch)
+				return policyVM(lc.Spec, lc.Run, hex.EncodeToString(imageDigest[:]), state, firstLaunch, disks)
 			},
 		})
 	}
@@ -349,6 +378,12 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	})
 	res, runErr := vm.Run(ctx)
 	cancelSupervision()
+	// The disks are closed before the stop record, so a protected disk's last commit
+	// failing is part of how the run ended.
+	if cerr := monitor.CloseDisks(lc.Run.Disks); cerr != nil {
+		runErr = errors.Join(runErr, cerr)
+	}
+	lc.Run.Disks = nil
 	rep.Result = res
 	rep.Enforced = enforced.Load()
 
@@ -393,7 +428,7 @@ func collectEvidence(ctx context.Context, tpm transport.TPM, m *eventlog.Measure
 	defer a.Close()
 	ev, err := a.Collect(ctx, evidence.Options{
 		Nonce: nonce, PCRs: []int{pcr}, LogPCRs: []int{pcr},
-		ReadLog: func() ([]eventlog.Record, error) { return m.Records(), nil },
+		ReadLog: m.Records,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("attest the launch: %w", err)
@@ -409,7 +444,7 @@ func errString(err error) string {
 }
 
 // policyVM is the VM as the monitor knows it, for policy input.
-func policyVM(s *monitor.Spec, cfg monitor.Config, imageDigest, state string, firstLaunch time.Time) policy.VM {
+func policyVM(s *monitor.Spec, cfg monitor.Config, imageDigest, state string, firstLaunch time.Time, disks []policy.Device) policy.VM {
 	labels := map[string]string{}
 	for k, v := range s.Labels {
 		labels[k] = v
@@ -424,7 +459,7 @@ func policyVM(s *monitor.Spec, cfg monitor.Config, imageDigest, state string, fi
 			Cloak:     s.Cloak != nil && len(s.Cloak.Apps) > 0,
 		},
 		State:         state,
-		Devices:       []policy.Device{{Type: "serial", ID: "com1"}},
+		Devices:       append([]policy.Device{{Type: "serial", ID: "com1"}}, disks...),
 		Networks:      []policy.Network{},
 		FirstLaunchAt: firstLaunch,
 	}

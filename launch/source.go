@@ -37,6 +37,19 @@ type LaunchSource struct {
 	CloakSecret []byte
 	// Sealed describes the sealed bundle the launch came from, if any.
 	Sealed *sealing.Opened
+	// Dir is the directory the spec's relative paths (guest files, disks) resolve against.
+	Dir string
+}
+
+// DiskEnv is where the source's disks are and how its protected disks open.
+func (s *LaunchSource) DiskEnv() monitor.DiskEnv {
+	env := monitor.DiskEnv{Dir: s.Dir}
+	if s.Sealed != nil && len(s.CloakSecret) > 0 {
+		// A sealed VM's disks are keyed from its bundle's secret; Launch adds the TPM
+		// and the state directory that anchor them.
+		env.Protected = &monitor.ProtectedDiskEnv{Secret: s.CloakSecret}
+	}
+	return env
 }
 
 // Wipe clears the secret material.
@@ -106,7 +119,7 @@ func SpecSource(ctx context.Context, specPath, bundlePath string, key policy.Ver
 		return nil, fmt.Errorf("%w: %w", ErrInvalidInput, err)
 	}
 	sum := sha256.Sum256(bundle)
-	return &LaunchSource{Spec: spec, SpecBytes: raw, Image: img, Initrd: initrd, Policy: p, PolicyDigest: hex.EncodeToString(sum[:])}, nil
+	return &LaunchSource{Spec: spec, SpecBytes: raw, Image: img, Initrd: initrd, Policy: p, PolicyDigest: hex.EncodeToString(sum[:]), Dir: filepath.Dir(specPath)}, nil
 }
 
 // SealedSource opens a sealed VM bundle on this host's TPM: it measures this monitor
@@ -171,7 +184,7 @@ func CheckSealedContents(admins []*ecdsa.PublicKey, bundlePath string) sealing.C
 // the guest image it names (relative to the bundle), checked as Launch will check
 // it, and the sealed policy, which must be signed by the bundle's administrator.
 func sealedContents(ctx context.Context, opened *sealing.Opened, admins []*ecdsa.PublicKey, bundlePath string) (*LaunchSource, error) {
-	src := &LaunchSource{Sealed: opened, CloakSecret: opened.CloakMasterSecret}
+	src := &LaunchSource{Sealed: opened, CloakSecret: opened.CloakMasterSecret, Dir: filepath.Dir(bundlePath)}
 	spec, err := monitor.ParseSpec(opened.Spec)
 	if err != nil {
 		return nil, fmt.Errorf("%w: spec sealed in %s: %w", ErrInvalidInput, bundlePath, err)

@@ -32,7 +32,7 @@ func TestSpecCloakSection(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			vm := policyVM(s, monitor.Config{Cmdline: s.Guest.Cmdline, MemorySize: 64 << 20}, "", "defined", time.Time{})
+			vm := policyVM(s, monitor.Config{Cmdline: s.Guest.Cmdline, MemorySize: 64 << 20}, "", "defined", time.Time{}, nil)
 			if vm.Spec.Cloak != tc.cloak {
 				t.Fatalf("vm.spec.cloak = %v, want %v", vm.Spec.Cloak, tc.cloak)
 			}

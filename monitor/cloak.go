@@ -176,6 +176,7 @@ type cloaking struct {
 	apps    []*cloakApp
 	byCR3   map[uint64]*cloakApp
 	plain   map[uint64]plainOwner
+	plainFn func(uint64) (uint64, bool) // c.plainApp, for the rule's views (guardView)
 	sysView []byte
 	uffd    *cloakUffd
 	av      *appVM
@@ -413,6 +414,10 @@ func (c *cloaking) register(call Call, e *kvm.ExitMMIO) appcontext.Errno {
 	}
 	id, err := appcontext.Measure(as, req)
 	if err != nil {
+		return refuse(err)
+	}
+	// W^X: the trampoline the process will run is not writable.
+	if err := appcontext.CheckTrampoline(as, req.Trampoline); err != nil {
 		return refuse(err)
 	}
 	// appVM and the userfaultfd come with the first registration; a host that

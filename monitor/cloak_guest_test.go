@@ -419,7 +419,8 @@ func TestCloakProbes(t *testing.T) {
 		"cloakprobe: region: add-again=-16 munmap-cloaked=-16 remove-image=-22 remove=0 munmap=0",
 		"cloakprobe: refusals: overlap=-17", "cloakprobe: refusals: kernel-half=-34",
 		"cloakprobe: refusals: trampoline-in-region=-98", "cloakprobe: refusals: magic=-74",
-		"cloakprobe: refusals: unreadable-image=-14", "cloakprobe: refusals: done",
+		"cloakprobe: refusals: unreadable-image=-14", "cloakprobe: refusals: trampoline-writable=-22",
+		"cloakprobe: refusals: done",
 		"hello: pid ",
 	} {
 		if !strings.Contains(g.out, want) {
@@ -464,14 +465,19 @@ func TestCloakProbes(t *testing.T) {
 	if denied != 1 || len(g.audited(EventCloakSyscall)) != 1 {
 		t.Errorf("%d denied system calls, audit %v", denied, g.audited(EventCloakSyscall))
 	}
-	refused := 0
+	refused, wx := 0, false
 	for _, d := range g.audited(EventCloakRegister) {
 		if d["allow"] == false {
 			refused++
+			e, _ := d["error"].(string)
+			wx = wx || strings.Contains(e, "trampoline_va") && strings.Contains(e, "W^X")
 		}
 	}
-	if refused != 6 { // five bad requests and the second registration
-		t.Errorf("%d refused registrations audited, want 6", refused)
+	if !wx {
+		t.Errorf("no refusal of the writable trampoline audited: %v", g.audited(EventCloakRegister))
+	}
+	if refused != 7 { // six bad requests and the second registration
+		t.Errorf("%d refused registrations audited, want 7", refused)
 	}
 	if len(g.audited(EventCloakEnd)) < 4 {
 		t.Errorf("cloak-end audit records: %v", g.audited(EventCloakEnd))

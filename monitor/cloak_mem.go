@@ -123,8 +123,10 @@ func (c *cloaking) encryptLocked(gpa uint64) {
 // entry if install is set. It returns the frame.
 func (c *cloaking) appAccess(x *cloakApp, va uint64, acc appcontext.Access, install bool) (uint64, accessStatus, error) {
 	page := va &^ (PageSize - 1)
-	as := x.addressSpace()
-	t, err := x.paging.Walk(as.Mem, x.cr3, va, acc|appcontext.AccessUser)
+	// One view of the rule for the whole access: the walk's and every check below.
+	mem := c.walkMem(x)
+	view := mem.view
+	t, err := x.paging.Walk(mem, x.cr3, va, acc|appcontext.AccessUser)
 	if err != nil {
 		var f *appcontext.Fault
 		if isGuardRefusal(err) {
@@ -141,7 +143,7 @@ func (c *cloaking) appAccess(x *cloakApp, va uint64, acc appcontext.Access, inst
 			// gets a chance (the caller bounds the retries); anything else is the
 			// app's fault.
 			if acc&appcontext.AccessWrite != 0 && acc&appcontext.AccessExec == 0 {
-				if _, err2 := x.paging.Walk(as.Mem, x.cr3, va, appcontext.UserRead); err2 == nil {
+				if _, err2 := x.paging.Walk(mem, x.cr3, va, appcontext.UserRead); err2 == nil {
 					return 0, accNeedFault, &needFaultError{va: va, write: true}
 				}
 			}
@@ -161,10 +163,14 @@ func (c *cloaking) appAccess(x *cloakApp, va uint64, acc appcontext.Access, inst
 		// Measured code is never writable in appVM, whatever the guest's tables say.
 		return 0, accSegv, fmt.Errorf("page %#x holds measured code: not writable", page)
 	}
+	if acc&appcontext.AccessWrite != 0 && page == x.layout.Trampoline {
+		// Nor is the trampoline the kernel runs in the app's process (W^X).
+		return 0, accSegv, fmt.Errorf("page %#x is the trampoline: not writable", page)
+	}
 	if frame >= c.v.mem.Size() || frame+PageSize > c.v.mem.Size() {
 		if frame == DoorbellGPA && !cloaked {
 			if install {
-				err = c.installLocked(x, page, frame, false, true)
+				err = c.installLocked(view, x, page, frame, false, true)
 			}
 			return frame, accOK, err
 		}
@@ -175,11 +181,11 @@ func (c *cloaking) appAccess(x *cloakApp, va uint64, acc appcontext.Access, inst
 		// cloaked page's plaintext is encrypted first, as any system access would
 		// (the rule's Seal); a frame the system's page protection denies the access
 		// is refused.
-		if err := c.appGuard(x, memguard.AppMap, guardAccess(acc), frame, PageSize); err != nil {
+		if err := c.appGuardView(view, x, memguard.AppMap, guardAccess(acc), frame, PageSize); err != nil {
 			return 0, accRefused, err
 		}
 		if install {
-			err = c.installLocked(x, page, frame, t.Writable, t.NoExec)
+			err = c.installLocked(view, x, page, frame, t.Writable, t.NoExec)
 		}
 		return frame, accOK, err
 	}
@@ -201,7 +207,7 @@ func (c *cloaking) appAccess(x *cloakApp, va uint64, acc appcontext.Access, inst
 	case tracked && info.State == shadowmem.Plain:
 		// Already plain in this frame.
 	case tracked:
-		if err := c.appGuard(x, memguard.Decrypt, memguard.Write, frame, PageSize); err != nil {
+		if err := c.appGuardView(view, x, memguard.Decrypt, memguard.Write, frame, PageSize); err != nil {
 			return 0, accRefused, err
 		}
 		if err := c.zapSys(frame); err != nil {
@@ -226,7 +232,7 @@ func (c *cloaking) appAccess(x *cloakApp, va uint64, acc appcontext.Access, inst
 		if region.Kind != appcontext.RegionImage && !t.Writable {
 			return 0, accNeedFault, &needFaultError{va: va, write: true}
 		}
-		if err := c.appGuard(x, memguard.ZeroFill, memguard.Write, frame, PageSize); err != nil {
+		if err := c.appGuardView(view, x, memguard.ZeroFill, memguard.Write, frame, PageSize); err != nil {
 			return 0, accRefused, err
 		}
 		if err := c.zapSys(frame); err != nil {
@@ -246,11 +252,11 @@ func (c *cloaking) appAccess(x *cloakApp, va uint64, acc appcontext.Access, inst
 	// The app's own access to the frame it now holds in plaintext: refused if the
 	// system's page protection denies it (no lock may cover plaintext, but a frame
 	// the walk found could be one of the kernel's).
-	if err := c.appGuard(x, memguard.AppMap, guardAccess(acc), frame, PageSize); err != nil {
+	if err := c.appGuardView(view, x, memguard.AppMap, guardAccess(acc), frame, PageSize); err != nil {
 		return 0, accRefused, err
 	}
 	if install {
-		if err := c.installLocked(x, page, frame, t.Writable, t.NoExec); err != nil {
+		if err := c.installLocked(view, x, page, frame, t.Writable, t.NoExec); err != nil {
 			return 0, accBad, err
 		}
 	}
@@ -277,10 +283,11 @@ func guardAccess(acc appcontext.Access) memguard.Access {
 // The system VM's page protection of the frame restricts the entry too (appVM honours
 // page protection: cloaked code never writes a frame the kernel locked against
 // writes, nor runs one locked against execution, nor sees one locked against reads);
-// checkMappings drops an entry whose frame's protection changed.
-func (c *cloaking) installLocked(x *cloakApp, page, frame uint64, writable, noExec bool) error {
+// checkMappings drops an entry whose frame's protection changed. view is the rule's
+// view the caller took for this access (c.mu held).
+func (c *cloaking) installLocked(view memguard.View, x *cloakApp, page, frame uint64, writable, noExec bool) error {
 	deny := c.ppDeny(x, page)
-	sys := c.guardView().Deny(frame)
+	sys := view.Deny(frame)
 	if deny&pageprot.DenyRead != 0 || sys&pageprot.DenyRead != 0 {
 		x.unmapVA(page)
 		return nil
@@ -305,10 +312,10 @@ var errUnmeasuredExec = errors.New("execution outside the app's measured code")
 // shadowRights are the rights of a shadow entry for page: the guest's (writable,
 // noExec) restricted by the protection deny (the app's and the system's) and by W^X:
 // a page of measured code is executable and never writable, every other page is
-// never executable.
+// never executable, and the trampoline page is never writable either.
 func shadowRights(x *cloakApp, page uint64, writable, noExec bool, deny pageprot.Deny) (w, nx bool) {
 	code := x.layout.Executable(page)
-	return writable && deny&pageprot.DenyWrite == 0 && !code, noExec || deny&pageprot.DenyExec != 0 || !code
+	return writable && deny&pageprot.DenyWrite == 0 && !code && page != x.layout.Trampoline, noExec || deny&pageprot.DenyExec != 0 || !code
 }
 
 // checkMappings drops every shadow entry of app x that no longer agrees with the

@@ -347,17 +347,23 @@ func (c *cloaking) finishSyscall(x *cloakApp, result int64) {
 
 // afterBrk forgets the heap pages above a break the kernel lowered: their frames went
 // back to the kernel (which touched them, so they are ciphertext, or are scrubbed
-// here), and a page that comes back is a new zero page.
+// here), and a page that comes back is a new zero page. Only pages of the heap region
+// (a lower break is accepted only when the app asked for it, Complete): a break
+// asked below the heap, into the image say, forgets nothing outside the heap.
 func (c *cloaking) afterBrk(x *cloakApp, newBrk uint64) {
 	old := x.brk
 	x.brk = newBrk
 	if old == 0 || newBrk >= old {
 		return
 	}
-	lo := (newBrk + PageSize - 1) &^ (PageSize - 1)
-	for va := lo; va < old; va += PageSize {
+	heap := x.owned(0).Heap
+	if heap.Size == 0 {
+		return
+	}
+	lo := max((newBrk+PageSize-1)&^(PageSize-1), heap.VA)
+	for va := lo; va < min(old, heap.End()); va += PageSize {
 		r, res, ok := x.layout.Lookup(va)
-		if !ok {
+		if !ok || r.Kind != appcontext.RegionHeap {
 			continue
 		}
 		c.forgetPage(x, shadowmem.PageID{Resource: res, Index: uint32((va - r.VA) / PageSize)}, va)

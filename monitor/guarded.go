@@ -14,7 +14,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"sync"
+	"sync/atomic"
 
 	"github.com/umbra-cc/umbra/appcontext"
 	"github.com/umbra-cc/umbra/kvm"
@@ -44,30 +44,34 @@ func isGuardRefusal(err error) bool {
 // the rule: enforce sets it each time it brings the slots in line with the table. It
 // has its own lock because the rule runs on the userfaultfd goroutine too, and never
 // calls into the Service, whose lock may be held by the caller (DropStale's walks).
+//
+// The ranges are published whole (a new slice each time, never changed after), so
+// a reader needs no lock: the transition path reads them several times per page.
 type guardLocks struct {
-	mu     sync.Mutex
-	ranges []pageprot.PhysRange
+	ranges atomic.Pointer[[]pageprot.PhysRange]
 }
 
-func (g *guardLocks) set(r []pageprot.PhysRange) {
-	g.mu.Lock()
-	g.ranges = r
-	g.mu.Unlock()
-}
+func (g *guardLocks) set(r []pageprot.PhysRange) { g.ranges.Store(&r) }
 
 // locks returns the system VM's page protection in force.
 func (x *pageProt) locks() []pageprot.PhysRange {
 	if x == nil {
 		return nil
 	}
-	x.guard.mu.Lock()
-	defer x.guard.mu.Unlock()
-	return x.guard.ranges
+	if r := x.guard.ranges.Load(); r != nil {
+		return *r
+	}
+	return nil
 }
 
-// guardView is the rule's view of guest memory (c.mu held).
+// guardView is the rule's view of guest memory (c.mu held). The lock ranges are a
+// snapshot (they change only on the system VM's vCPU, between its exits: a view
+// taken for one app exit or one walk stays current); Plain reads c.plain live.
 func (c *cloaking) guardView() memguard.View {
-	return memguard.View{Locks: c.v.pageProtExt().locks(), Plain: c.plainApp}
+	if c.plainFn == nil {
+		c.plainFn = c.plainApp // one method value, not one per view
+	}
+	return memguard.View{Locks: c.v.pageProtExt().locks(), Plain: c.plainFn}
 }
 
 func (c *cloaking) plainApp(frame uint64) (uint64, bool) {
@@ -188,7 +192,12 @@ func (m appWalkMem) ReadPhysUint64(gpa uint64) (uint64, error) {
 
 // appGuard applies the rule to an access the monitor makes for app x (c.mu held).
 func (c *cloaking) appGuard(x *cloakApp, p memguard.Purpose, a memguard.Access, gpa, n uint64) error {
-	return c.guardLocked(c.guardView(), memguard.Request{Purpose: p, Access: a, GPA: gpa, Len: n, App: x.ppID()}, x.describe)
+	return c.appGuardView(c.guardView(), x, p, a, gpa, n)
+}
+
+// appGuardView is appGuard with a view the caller took (for the same app exit).
+func (c *cloaking) appGuardView(v memguard.View, x *cloakApp, p memguard.Purpose, a memguard.Access, gpa, n uint64) error {
+	return c.guardLocked(v, memguard.Request{Purpose: p, Access: a, GPA: gpa, Len: n, App: x.ppID()}, x.describe)
 }
 
 func (v *VM) ctxOrBackground() context.Context {

@@ -49,6 +49,12 @@ type loadSegment struct {
 
 // parseELF checks the image and returns its loadable segments sorted by address.
 func parseELF(image []byte, ramSize uint64) ([]loadSegment, uint64, error) {
+	// The identification bytes first, so an ELF32 or big-endian image is named as
+	// such rather than by whatever its headers mean when read the wrong way.
+	if len(image) > elf.EI_DATA && bytes.HasPrefix(image, []byte(elf.ELFMAG)) &&
+		(elf.Class(image[elf.EI_CLASS]) != elf.ELFCLASS64 || elf.Data(image[elf.EI_DATA]) != elf.ELFDATA2LSB) {
+		return nil, 0, fmt.Errorf("guest image is %v %v, want a little-endian ELF64 for x86-64", elf.Class(image[elf.EI_CLASS]), elf.Data(image[elf.EI_DATA]))
+	}
 	f, err := elf.NewFile(bytes.NewReader(image))
 	if err != nil {
 		return nil, 0, fmt.Errorf("guest image is not a valid ELF file: %w", err)

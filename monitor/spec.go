@@ -32,6 +32,8 @@ type Spec struct {
 	// Cloak names the apps the VM is expected to run cloaked; the policy input's
 	// vm.spec.cloak is true when it names any (or once an app registered).
 	Cloak *CloakSpec `yaml:"cloak,omitempty" json:"cloak,omitempty"`
+	// Disks are the VM's virtio-blk disks (docs/spec.md, docs/disk.md).
+	Disks []DiskSpec `yaml:"disks,omitempty" json:"disks,omitempty"`
 }
 
 // CloakSpec is the spec's cloak section.
@@ -150,6 +152,9 @@ func (s *Spec) Validate() error {
 			}
 			seen[a] = true
 		}
+	}
+	if err := validateDisks(s.Disks); err != nil {
+		return err
 	}
 	for k, v := range s.Labels {
 		if k == "" || len(k) > 63 || len(v) > 253 {

@@ -48,6 +48,7 @@ func TestParseSpec(t *testing.T) {
 func FuzzParseSpec(f *testing.F) {
 	f.Add([]byte("apiVersion: umbra.dev/v1\nname: demo\nguest:\n  image: g.elf\nmemory: 64MiB\n"))
 	f.Add([]byte("name: [1, 2"))
+	f.Add([]byte("apiVersion: umbra.dev/v1\nname: d\nguest: {kernel: k}\ndisks:\n- {name: root, path: r.img, format: qcow2, read_only: true}\n- {name: p, path: p.pd, protected: true, seed: s.raw}\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		s, err := ParseSpec(data)
 		if err != nil {

@@ -14,6 +14,7 @@ import (
 	"github.com/umbra-cc/umbra/bus"
 	"github.com/umbra-cc/umbra/kvm"
 	"github.com/umbra-cc/umbra/serial"
+	"github.com/umbra-cc/umbra/virtio"
 )
 
 // Config describes one VM run.
@@ -43,6 +44,8 @@ type Config struct {
 	// CPU back (DefaultCloakSlice if zero); it gets it sooner, when its own timer
 	// would interrupt the app (docs/cloak.md, "Preemption").
 	CloakSlice time.Duration
+	// Disks are served as virtio-blk devices (disks.go); the caller opens and closes them.
+	Disks []Disk
 }
 
 // Defaults for Config.
@@ -137,6 +140,7 @@ type VM struct {
 	// pio and mmio route port I/O and MMIO exits to devices (devices.go); uart is COM1.
 	pio, mmio bus.Bus
 	uart      *serial.UART
+	virtio    []*virtio.MMIO // the disks' transports (disks.go)
 	// curMMIO is the MMIO exit being handled, for devices that need more than its data
 	// (the doorbell).
 	curMMIO *kvm.ExitMMIO
@@ -206,7 +210,7 @@ func New(cfg Config) (_ *VM, err error) {
 	}
 	setCPU := func(c *kvm.VCPU) error { return setBootCPUState(c, v.image.Entry) }
 	if cfg.Boot == BootLinux {
-		if v.image, setCPU, err = loadLinux(v.mem, cfg.Image, cfg.Initrd, cfg.Cmdline); err != nil {
+		if v.image, setCPU, err = loadLinux(v.mem, cfg.Image, cfg.Initrd, virtioCmdline(cfg.Cmdline, len(cfg.Disks))); err != nil {
 			return nil, fmt.Errorf("load Linux kernel: %w", err)
 		}
 	} else if v.image, err = LoadELF(v.mem, cfg.Image); err != nil {
@@ -235,6 +239,9 @@ func New(cfg Config) (_ *VM, err error) {
 		return nil, fmt.Errorf("map guest RAM into the VM: %w", err)
 	}
 	if err = v.installDevices(); err != nil {
+		return nil, err
+	}
+	if err = v.installDisks(); err != nil {
 		return nil, err
 	}
 	if v.cpu, err = v.kvm.CreateVCPU(0); err != nil {
@@ -462,6 +469,11 @@ func (v *VM) insnBytes(rip uint64) []byte {
 		return nil
 	}
 	n := min(15, PageSize-int(tr.Physical%PageSize)) // stay within the page
+	if v.cloak != nil {
+		// The system view of a cloaked page is its ciphertext: never plaintext in a
+		// crash report (the kernel can point its rip anywhere).
+		v.cloak.sealForSystem(tr.Physical, uint64(n))
+	}
 	buf := make([]byte, n)
 	if err := v.mem.ReadPhys(tr.Physical, buf); err != nil {
 		return nil

@@ -14,7 +14,7 @@ var demoFS embed.FS
 // identity cloakcompute`; a test in monitor keeps them equal).
 const (
 	DemoVMID           = "demo"
-	DemoAppMeasurement = "0b60ebead71619a604a0a952db917a48435a3d0ab354e33e42ab92ccd8d71143"
+	DemoAppMeasurement = "790b0b0a528fb47ac44e6c8737ebd426b6d8eecc3901bb121d388841ae61950c"
 )
 
 // DemoPolicy compiles the built-in demo policy that `umbra run` uses when it is

@@ -107,10 +107,18 @@ type Spec struct {
 }
 
 // Device is a virtual device: its type (e.g. "virtio-blk", "serial") and its id in
-// the VM spec.
+// the VM spec (a disk's name). A disk also carries its identity: the image path as the
+// spec resolves it, its format, whether the guest may write it, and what it holds at
+// launch: the SHA-256 of its guest-visible contents, or for a protected disk the
+// anchored Merkle root (docs/disk.md).
 type Device struct {
-	Type string `json:"type"`
-	ID   string `json:"id"`
+	Type     string `json:"type"`
+	ID       string `json:"id"`
+	Path     string `json:"path,omitempty"`
+	Format   string `json:"format,omitempty"` // raw, qcow2 or protected
+	Digest   string `json:"digest,omitempty"`
+	Root     string `json:"root,omitempty"`
+	ReadOnly bool   `json:"read_only,omitempty"`
 }
 
 // Network is a network attachment and its mode: "none", "isolated", "nat",
@@ -299,8 +307,7 @@ func (in *Input) Validate() error {
 		bad("vm.devices", "more than %d devices", maxListLen)
 	}
 	for i, d := range in.VM.Devices {
-		id(fmt.Sprintf("vm.devices[%d].type", i), d.Type, true)
-		id(fmt.Sprintf("vm.devices[%d].id", i), d.ID, true)
+		validateDevice(fmt.Sprintf("vm.devices[%d]", i), &d, bad, id, hexDigest)
 	}
 	if len(in.VM.Networks) > maxListLen {
 		bad("vm.networks", "more than %d networks", maxListLen)
@@ -350,8 +357,7 @@ func (in *Input) Validate() error {
 		validateSpec(*r.Spec, "request.spec", bad, hexDigest)
 	}
 	if r.Device != nil {
-		id("request.device.type", r.Device.Type, true)
-		id("request.device.id", r.Device.ID, true)
+		validateDevice("request.device", r.Device, bad, id, hexDigest)
 	}
 	if r.Network != nil {
 		id("request.network.id", r.Network.ID, true)
@@ -407,6 +413,25 @@ func validateSpec(s Spec, field string, bad func(string, string, ...any), hexDig
 		bad(field+".vcpus", "%d is more than 1024", s.VCPUs)
 	}
 	hexDigest(field+".image", s.Image, false)
+}
+
+// deviceFormats are the disk formats a device may name (empty: not a disk).
+var deviceFormats = set("", "raw", "qcow2", "protected")
+
+func validateDevice(field string, d *Device, bad func(string, string, ...any), id func(string, string, bool), hexDigest func(string, string, bool)) {
+	id(field+".type", d.Type, true)
+	id(field+".id", d.ID, true)
+	switch {
+	case len(d.Path) > maxPathLen:
+		bad(field+".path", "longer than %d bytes", maxPathLen)
+	case !printable(d.Path):
+		bad(field+".path", "must be printable UTF-8")
+	}
+	if !deviceFormats[d.Format] {
+		bad(field+".format", "%q is not one of raw, qcow2, protected", d.Format)
+	}
+	hexDigest(field+".digest", d.Digest, false)
+	hexDigest(field+".root", d.Root, false)
 }
 
 func validateRanges(field string, rs []Range, bad func(string, string, ...any)) {

@@ -58,7 +58,16 @@ func specTerm(s *Spec) *ast.Term {
 }
 
 func deviceTerm(d *Device) *ast.Term {
-	return ast.ObjectTerm(item("type", ast.StringTerm(d.Type)), item("id", ast.StringTerm(d.ID)))
+	items := [][2]*ast.Term{item("type", ast.StringTerm(d.Type)), item("id", ast.StringTerm(d.ID))}
+	for _, f := range []struct{ k, v string }{{"path", d.Path}, {"format", d.Format}, {"digest", d.Digest}, {"root", d.Root}} {
+		if f.v != "" {
+			items = append(items, item(f.k, ast.StringTerm(f.v)))
+		}
+	}
+	if d.ReadOnly {
+		items = append(items, item("read_only", ast.BooleanTerm(true)))
+	}
+	return ast.ObjectTerm(items...)
 }
 
 func networkTerm(n *Network) *ast.Term {

@@ -3,6 +3,7 @@ package sealing
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -211,4 +212,39 @@ func ExplainMonitorPCR(stateDir string, value [32]byte) string {
 		}
 	}
 	return "the measurement log has no record of this value (the PCR was extended by something other than umbra, or more than once)"
+}
+
+// PredictApproval answers, without writing anything, whether a bundle would pass the
+// monitor-approval check once this boot's monitor is measured: on a boot where
+// PCR 13 holds no measurement yet, it reads the other PCRs the candidate approvals
+// name, takes PCR 13 to be MonitorPCRValue(monitorDigest) (what `umbra run` extends
+// first), and returns the first approval by the bundle's administrator (one of
+// admins, by h.AdminKeyID) that verifies in software and matches. The TPM itself
+// decides at the real open; this only predicts it.
+func PredictApproval(t transport.TPM, h *Header, admins []*ecdsa.PublicKey, hostApprovals []*Approval, monitorDigest [32]byte) (*Approval, error) {
+	var admin *ecdsa.PublicKey
+	for _, a := range admins {
+		if KeyID(a) == h.AdminKeyID {
+			admin = a
+		}
+	}
+	if admin == nil {
+		return nil, fmt.Errorf("%w: no trusted administrator has key id %s", ErrBadApproval, h.AdminKeyID)
+	}
+	valid, all, _ := validApprovals(admin, approvalCandidates(h, h.AdminKeyID, hostApprovals))
+	idx := slices.DeleteFunc(all, func(i int) bool { return i == MonitorPCR })
+	cur := map[int][32]byte{}
+	if len(idx) > 0 {
+		var err error
+		if cur, err = ReadPCRs(t, idx...); err != nil {
+			return nil, err
+		}
+	}
+	cur[MonitorPCR] = MonitorPCRValue(monitorDigest)
+	for _, a := range valid {
+		if a.Matches(cur) {
+			return a, nil
+		}
+	}
+	return nil, fmt.Errorf("%w: none of the %d valid approvals matches PCR %d = %x, the measurement of this monitor %x", ErrPCRMismatch, len(valid), MonitorPCR, cur[MonitorPCR], monitorDigest)
 }

@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"time"
 
 	"github.com/google/go-tpm/tpm2"
@@ -373,27 +374,11 @@ func verifySignature(env *Envelope, admins []*ecdsa.PublicKey) (*ecdsa.PublicKey
 // refused them all: it verifies the approvals in software and compares them
 // with the PCR values it reads. tpmErrs are the TPM's refusals.
 func explainApprovals(t transport.TPM, h *Header, admin *ecdsa.PublicKey, cands []*Approval, stateDir string, tpmErrs []string) error {
-	var bad []string
-	var idx []int
-	seen := map[int]bool{}
-	var valid []*Approval
-	for _, a := range cands {
-		if err := a.Verify(admin); err != nil {
-			bad = append(bad, err.Error())
-			continue
-		}
-		valid = append(valid, a)
-		for _, p := range a.PCRs {
-			if !seen[p.Index] {
-				seen[p.Index] = true
-				idx = append(idx, p.Index)
-			}
-		}
-	}
+	valid, idx, bad := validApprovals(admin, cands)
 	if len(valid) == 0 {
 		return fmt.Errorf("%w: no valid approval signed by the bundle's administrator: %v", ErrBadApproval, bad)
 	}
-	if !seen[MonitorPCR] {
+	if !slices.Contains(idx, MonitorPCR) {
 		idx = append(idx, MonitorPCR)
 	}
 	cur, err := ReadPCRs(t, idx...)
@@ -412,6 +397,39 @@ func explainApprovals(t transport.TPM, h *Header, admin *ecdsa.PublicKey, cands 
 	v := cur[MonitorPCR]
 	return fmt.Errorf("%w: PCR %d is %x (%s); approved monitors: %v; the administrator must approve this monitor (umbra seal approve) or the host must run an approved one",
 		ErrPCRMismatch, MonitorPCR, v, ExplainMonitorPCR(stateDir, v), monitors)
+}
+
+// approvalCandidates lists a bundle's approvals, then the host's approvals by the
+// same administrator (others are for other administrators' bundles).
+func approvalCandidates(h *Header, adminID string, host []*Approval) []*Approval {
+	var cands []*Approval
+	for i := range h.Approvals {
+		cands = append(cands, &h.Approvals[i])
+	}
+	for _, a := range host {
+		if a.AdminKeyID == adminID {
+			cands = append(cands, a)
+		}
+	}
+	return cands
+}
+
+// validApprovals returns the candidates admin signed, the PCRs they name (each
+// once) and why the others are invalid.
+func validApprovals(admin *ecdsa.PublicKey, cands []*Approval) (valid []*Approval, pcrs []int, bad []string) {
+	for _, a := range cands {
+		if err := a.Verify(admin); err != nil {
+			bad = append(bad, err.Error())
+			continue
+		}
+		valid = append(valid, a)
+		for _, p := range a.PCRs {
+			if !slices.Contains(pcrs, p.Index) {
+				pcrs = append(pcrs, p.Index)
+			}
+		}
+	}
+	return valid, pcrs, bad
 }
 
 func ekPolicy(t transport.TPM, handle tpm2.TPMISHPolicy, nonceTPM tpm2.TPM2BNonce) error {
@@ -456,15 +474,7 @@ func (u *unsealer) close() {
 // signed it). Candidates are the bundle's approvals, then the host's
 // approvals by the same administrator.
 func (u *unsealer) approve(h *Header, adminID string, opts OpenOptions) (*Approval, error) {
-	var cands []*Approval
-	for i := range h.Approvals {
-		cands = append(cands, &h.Approvals[i])
-	}
-	for _, a := range opts.Approvals {
-		if a.AdminKeyID == adminID {
-			cands = append(cands, a) // others are for other administrators' bundles
-		}
-	}
+	cands := approvalCandidates(h, adminID, opts.Approvals)
 	var tpmErrs []string
 	dirty := false
 	for i, a := range cands {

@@ -1,6 +1,7 @@
 package sealing
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -39,6 +41,26 @@ type swtpmConn struct {
 	// been restarted (a "reboot"), so caches tied to TPM state are dropped.
 	dials uint64
 	cache tpmCache
+	// Once ctx is done (a signal), every exchange, the one under way included, has
+	// at most interruptGrace left: a TPM that answers still serves the monitor's
+	// last records (the outcome, the audit anchor); one that does not, no longer
+	// holds the command for the whole timeout.
+	ctx         context.Context
+	stopCtx     func() bool
+	interrupted atomic.Bool
+	active      atomic.Pointer[net.Conn]
+	armedUntil  atomic.Int64 // the active connection's deadline, Unix ns
+}
+
+// interruptGrace is what an exchange has left once the command is interrupted.
+const interruptGrace = 2 * time.Second
+
+// exchangeDeadline is the deadline of an exchange that starts now.
+func exchangeDeadline(timeout time.Duration, interrupted bool) time.Time {
+	if interrupted {
+		timeout = min(timeout, interruptGrace)
+	}
+	return time.Now().Add(timeout)
 }
 
 // maxResponse bounds a TPM response (TPM 2.0 Part 2 leaves it to the TPM;
@@ -48,7 +70,7 @@ const maxResponse = 64 << 10
 // swtpmIdle is how long an unused connection stays open.
 const swtpmIdle = 20 * time.Millisecond
 
-func openSwtpm(path string, timeout time.Duration) (*swtpmConn, error) {
+func openSwtpm(ctx context.Context, path string, timeout time.Duration) (*swtpmConn, error) {
 	fi, err := os.Stat(path)
 	if err != nil {
 		return nil, err
@@ -56,17 +78,28 @@ func openSwtpm(path string, timeout time.Duration) (*swtpmConn, error) {
 	if fi.Mode()&os.ModeSocket == 0 {
 		return nil, fmt.Errorf("%s is not a unix socket (%s)", path, fi.Mode())
 	}
-	s := &swtpmConn{path: path, timeout: timeout}
+	s := &swtpmConn{path: path, timeout: timeout, ctx: ctx}
+	s.stopCtx = context.AfterFunc(ctx, s.interrupt)
 	if err := s.dial(); err != nil {
+		s.stopCtx()
 		return nil, err
 	}
 	return s, nil
 }
 
+// interrupt cuts the exchange under way, if any, to interruptGrace.
+func (s *swtpmConn) interrupt() {
+	s.interrupted.Store(true)
+	d := time.Now().Add(interruptGrace)
+	if c := s.active.Load(); c != nil && d.UnixNano() < s.armedUntil.Load() {
+		(*c).SetDeadline(d)
+	}
+}
+
 func (s *swtpmConn) dial() error {
 	// swtpm listens with a short backlog; while it serves another client, a
 	// connect can fail with EAGAIN. Retry until the timeout.
-	deadline := time.Now().Add(s.timeout)
+	deadline := exchangeDeadline(s.timeout, s.interrupted.Load())
 	delay := time.Millisecond
 	var c net.Conn
 	var err error
@@ -101,7 +134,10 @@ func (s *swtpmConn) Send(cmd []byte) ([]byte, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	rsp, err := s.send(cmd)
-	if errors.Is(err, os.ErrDeadlineExceeded) {
+	s.active.Store(nil)
+	if errors.Is(err, os.ErrDeadlineExceeded) && s.interrupted.Load() {
+		err = fmt.Errorf("%w: swtpm %s did not answer within %s of the interruption (%w)", ErrTPMInterrupted, s.path, interruptGrace, context.Cause(s.ctx))
+	} else if errors.Is(err, os.ErrDeadlineExceeded) {
 		err = fmt.Errorf("%w: the TPM did not answer within %s (%w); is swtpm %s stuck, or another client holding its only connection?", ErrTPMTimeout, s.timeout, err, s.path)
 	}
 	s.lastUse = time.Now()
@@ -123,22 +159,37 @@ func (s *swtpmConn) closeIdle() {
 	}
 }
 
+// arm gives the connection its deadline and makes it the one interrupt cuts short;
+// if the interrupt came first, the deadline is already short.
+func (s *swtpmConn) arm() {
+	c := s.conn
+	d := exchangeDeadline(s.timeout, s.interrupted.Load())
+	c.SetDeadline(d)
+	s.armedUntil.Store(d.UnixNano())
+	s.active.Store(&c)
+	if s.interrupted.Load() {
+		if short := exchangeDeadline(s.timeout, true); short.Before(d) {
+			c.SetDeadline(short)
+		}
+	}
+}
+
 func (s *swtpmConn) send(cmd []byte) ([]byte, error) {
 	if s.conn != nil {
-		s.conn.SetDeadline(time.Now().Add(s.timeout))
+		s.arm()
 	}
 	if s.conn == nil {
 		if err := s.dial(); err != nil {
 			return nil, fmt.Errorf("swtpm %s: connect: %w", s.path, err)
 		}
-		s.conn.SetDeadline(time.Now().Add(s.timeout))
+		s.arm()
 	}
 	if _, err := s.conn.Write(cmd); err != nil {
 		s.drop()
 		if err := s.dial(); err != nil {
 			return nil, fmt.Errorf("swtpm %s: reconnect: %w", s.path, err)
 		}
-		s.conn.SetDeadline(time.Now().Add(s.timeout))
+		s.arm()
 		if _, err := s.conn.Write(cmd); err != nil {
 			s.drop()
 			return nil, fmt.Errorf("swtpm %s: send command: %w", s.path, err)
@@ -193,6 +244,9 @@ func (s *swtpmConn) drop() {
 func (s *swtpmConn) Close() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.stopCtx != nil {
+		s.stopCtx()
+	}
 	if s.idle != nil {
 		s.idle.Stop()
 	}
@@ -217,6 +271,7 @@ type deviceTPM struct {
 	transport.TPMCloser
 	path    string
 	timeout time.Duration
+	ctx     context.Context // nil: no interruption
 	mu      sync.Mutex
 	broken  error
 	cache   tpmCache
@@ -237,15 +292,34 @@ func (d *deviceTPM) Send(cmd []byte) ([]byte, error) {
 		rsp, err := d.TPMCloser.Send(cmd)
 		done <- result{rsp, err}
 	}()
-	t := time.NewTimer(d.timeout)
+	var interrupted <-chan struct{}
+	if d.ctx != nil && d.ctx.Err() == nil {
+		interrupted = d.ctx.Done()
+	}
+	deadline := exchangeDeadline(d.timeout, d.ctx != nil && d.ctx.Err() != nil)
+	t := time.NewTimer(time.Until(deadline))
 	defer t.Stop()
-	select {
-	case r := <-done:
-		return r.rsp, r.err
-	case <-t.C:
-		d.broken = fmt.Errorf("%w: TPM device %s did not answer within %s; reopen it (restart umbra) once the TPM responds", ErrTPMTimeout, d.path, d.timeout)
+	for {
+		select {
+		case r := <-done:
+			return r.rsp, r.err
+		case <-interrupted:
+			interrupted = nil
+			if short := exchangeDeadline(d.timeout, true); short.Before(deadline) {
+				deadline = short
+				t.Reset(time.Until(deadline))
+			}
+			continue
+		case <-t.C:
+		}
+		break
+	}
+	if d.ctx != nil && d.ctx.Err() != nil {
+		d.broken = fmt.Errorf("%w: TPM device %s did not answer within %s of the interruption (%w)", ErrTPMInterrupted, d.path, interruptGrace, context.Cause(d.ctx))
 		return nil, d.broken
 	}
+	d.broken = fmt.Errorf("%w: TPM device %s did not answer within %s; reopen it (restart umbra) once the TPM responds", ErrTPMTimeout, d.path, d.timeout)
+	return nil, d.broken
 }
 
 func (d *deviceTPM) tpmCache() *tpmCache { return &d.cache }

@@ -1,6 +1,7 @@
 package sealing
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -74,6 +75,10 @@ const DefaultTPMTimeout = 30 * time.Second
 // ErrTPMTimeout reports that a TPM did not answer a command in time.
 var ErrTPMTimeout = errors.New("TPM command timed out")
 
+// ErrTPMInterrupted reports that a TPM exchange was abandoned because the command
+// was interrupted (SIGINT, SIGTERM).
+var ErrTPMInterrupted = errors.New("TPM command interrupted")
+
 // OpenTPM opens the back end named by spec ("sim", "swtpm:PATH", "device:PATH").
 // stateDir holds the simulator's persistent state and is unused otherwise.
 func OpenTPM(spec, stateDir string) (transport.TPMCloser, error) {
@@ -83,6 +88,16 @@ func OpenTPM(spec, stateDir string) (transport.TPMCloser, error) {
 // OpenTPMTimeout is OpenTPM with the deadline for one command's exchange (the
 // in-process simulator cannot hang and has none).
 func OpenTPMTimeout(spec, stateDir string, timeout time.Duration) (transport.TPMCloser, error) {
+	return OpenTPMContext(context.Background(), spec, stateDir, timeout)
+}
+
+// OpenTPMContext is OpenTPMTimeout whose exchanges are cut short once ctx is done
+// (a signal): from then on every exchange, the one under way included, has at most
+// a short grace (2 s) instead of the timeout. A TPM that answers still serves what
+// the command does on its way out (a monitor's outcome and audit anchor); one that
+// does not no longer holds the command for the whole timeout, and the error wraps
+// ErrTPMInterrupted and ctx's cause.
+func OpenTPMContext(ctx context.Context, spec, stateDir string, timeout time.Duration) (transport.TPMCloser, error) {
 	if timeout <= 0 {
 		return nil, fmt.Errorf("TPM timeout %s: must be positive", timeout)
 	}
@@ -96,9 +111,9 @@ func OpenTPMTimeout(spec, stateDir string, timeout time.Duration) (transport.TPM
 		if err != nil {
 			return nil, fmt.Errorf("open TPM device %s: %w (is the kernel resource manager /dev/tpmrm0 present and readable by this user?)", s.Path, err)
 		}
-		return &deviceTPM{TPMCloser: t, path: s.Path, timeout: timeout}, nil
+		return &deviceTPM{TPMCloser: t, path: s.Path, timeout: timeout, ctx: ctx}, nil
 	case KindSwtpm:
-		t, err := openSwtpm(s.Path, timeout)
+		t, err := openSwtpm(ctx, s.Path, timeout)
 		if err != nil {
 			return nil, fmt.Errorf("open swtpm socket %s: %w (start swtpm with --server type=unixio,path=%s --flags not-need-init,startup-clear)", s.Path, err, s.Path)
 		}

@@ -178,8 +178,8 @@ func TestAnchorInQuote(t *testing.T) {
 			if err := l.Anchor(ctx, m); err != nil { // unchanged head: no new event
 				t.Fatal(err)
 			}
-			if n := len(m.Records()); n != 1 {
-				t.Fatalf("%d anchor events, want 1", n)
+			if recs, err := m.Records(); err != nil || len(recs) != 1 {
+				t.Fatalf("%d anchor events (%v), want 1", len(recs), err)
 			}
 			l.Append(ctx, audit.Record{Kind: audit.KindStop, VM: "demo"})
 			l.Close()
@@ -188,7 +188,7 @@ func TestAnchorInQuote(t *testing.T) {
 				t.Fatal(err)
 			}
 			nonce := []byte("audit-nonce-0001")
-			ev, err := a.Collect(ctx, evidence.Options{Nonce: nonce, ReadLog: func() ([]eventlog.Record, error) { return m.Records(), nil }})
+			ev, err := a.Collect(ctx, evidence.Options{Nonce: nonce, ReadLog: m.Records})
 			a.Close()
 			if err != nil {
 				t.Fatal(err)

@@ -9,7 +9,6 @@ package audit
 
 import (
 	"bufio"
-	"bytes"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -100,7 +99,7 @@ func writeCheckpoint(logPath string, c Checkpoint) error {
 // hash c.Hash: that record, and through the hash chain every record before it, is
 // what was there when the checkpoint was written.
 func checkpointedLine(f io.ReaderAt, c *Checkpoint) error {
-	line, err := lineEndingAt(f, c.Offset, MaxLineBytes)
+	line, err := eventlog.LineEndingAt(f, c.Offset, MaxLineBytes)
 	if err != nil {
 		return err
 	}
@@ -199,33 +198,4 @@ func readSmallFile(path string, limit int) ([]byte, error) {
 		return nil, fmt.Errorf("%s is over %d bytes", path, limit)
 	}
 	return b, nil
-}
-
-// lineEndingAt returns the line whose newline is the byte before off, reading back
-// from off in growing chunks up to limit bytes.
-func lineEndingAt(f io.ReaderAt, off int64, limit int) ([]byte, error) {
-	if off <= 0 {
-		return nil, errors.New("no line ends at offset 0")
-	}
-	for n := min(off, 4096); ; n = min(off, 4*n, int64(limit)+1) {
-		buf := make([]byte, n)
-		if _, err := f.ReadAt(buf, off-n); err != nil {
-			if errors.Is(err, io.EOF) {
-				return nil, errors.New("the log is shorter than the checkpoint: records were removed from its end")
-			}
-			return nil, err
-		}
-		if buf[n-1] != '\n' {
-			return nil, errors.New("no line ends where the checkpointed record did: records were removed or rewritten")
-		}
-		if i := bytes.LastIndexByte(buf[:n-1], '\n'); i >= 0 {
-			return buf[i+1 : n-1], nil
-		}
-		if n == off {
-			return buf[:n-1], nil // the first line
-		}
-		if n > int64(limit) {
-			return nil, fmt.Errorf("the line ending at the checkpoint is longer than %d bytes: records were rewritten", limit)
-		}
-	}
 }

@@ -41,16 +41,24 @@ type Event struct {
 // order of records in the file is the order of extensions in the PCR, and the log
 // replays whatever the interleaving of concurrent monitors.
 type Measurer struct {
-	mu       sync.Mutex
-	tpm      transport.TPM
-	pcr      int
-	path     string
-	f        *os.File
-	recs     []Record
-	size     int64  // end of the records in recs
-	replayed []byte // replay of recs for pcr
-	checked  bool   // the PCR was compared with replayed since the last catch-up
-	log      *slog.Logger
+	mu   sync.Mutex
+	tpm  transport.TPM
+	pcr  int
+	path string
+	f    *os.File
+	recs []Record
+	size int64 // end of the records in recs
+	// base records precede recs in the file, up to byte baseSize, replaying the PCR
+	// to baseReplay: the checkpoint catch-up started from (checkpoint.go). They are
+	// read again only for evidence (Records).
+	base       uint64
+	baseSize   int64
+	baseReplay []byte
+	// fullReplay is set once the checkpoint of the open file was set aside.
+	fullReplay bool
+	replayed   []byte // replay of recs for pcr
+	checked    bool   // the PCR was compared with replayed since the last catch-up
+	log        *slog.Logger
 	// recovered holds the torn measurements this process repaired, for the caller to
 	// audit (TakeRecovered).
 	recovered []Recovery
@@ -118,8 +126,16 @@ func (m *Measurer) reopen() error {
 	if err != nil {
 		return fmt.Errorf("open event log: %w", err)
 	}
-	m.f, m.recs, m.size, m.replayed, m.checked = f, nil, 0, make([]byte, sha256.Size), false
+	m.f, m.fullReplay = f, false
+	m.restart()
 	return nil
+}
+
+// restart forgets what the measurer read, so that its next catch-up starts from the
+// beginning of the file (or its checkpoint).
+func (m *Measurer) restart() {
+	m.recs, m.size, m.replayed, m.checked = nil, 0, make([]byte, sha256.Size), false
+	m.base, m.baseSize, m.baseReplay = 0, 0, nil
 }
 
 // lock takes the log's flock and brings the measurer up to date with the file and
@@ -148,15 +164,35 @@ func (m *Measurer) lock(ctx context.Context) (func(), error) {
 		}
 	}
 	unlock := func() { statefile.Unlock(m.f) }
-	if err := m.catchUp(); err != nil {
-		unlock()
-		return nil, err
-	}
-	if err := m.reconcile(); err != nil {
+	if err := m.sync(); err != nil {
 		unlock()
 		return nil, err
 	}
 	return unlock, nil
+}
+
+// sync brings the measurer up to date with the file and the PCR: a measurer that has
+// read nothing starts from the log's checkpoint, if it has a usable one; if the
+// records after it do not lead to the PCR, the checkpoint is set aside and the whole
+// log is read and replayed, so every verdict (torn measurement, host reset,
+// mismatch) is the full replay's. The caller holds the lock.
+func (m *Measurer) sync() error {
+	if m.size == 0 && !m.fullReplay {
+		m.seedFromCheckpoint()
+	}
+	err := m.catchUp()
+	if err == nil {
+		err = m.reconcile()
+	}
+	if err != nil && m.base > 0 {
+		m.log.Info("event log: the records after the checkpoint do not lead to the PCR; replaying the whole log", "path", m.path, "reason", err)
+		m.restart()
+		m.fullReplay = true
+		if err = m.catchUp(); err == nil {
+			err = m.reconcile()
+		}
+	}
+	return err
 }
 
 // catchUp reads the records appended after m.size. The caller holds the lock, so an
@@ -173,7 +209,7 @@ func (m *Measurer) catchUp() error {
 	if st.Size() < m.size {
 		return fmt.Errorf("event log %s shrank from %d to %d bytes while open: it was truncated", m.path, m.size, st.Size())
 	}
-	recs, good, err := parseFrom(io.NewSectionReader(m.f, m.size, st.Size()-m.size), uint64(len(m.recs)))
+	recs, good, err := parseFrom(io.NewSectionReader(m.f, m.size, st.Size()-m.size), m.base+uint64(len(m.recs)))
 	if errors.Is(err, ErrTornTail) {
 		m.log.Warn("event log: cutting off an incomplete last record (its writer died mid-append)", "path", m.path, "keep_bytes", m.size+good)
 		if err := m.f.Truncate(m.size + good); err != nil {
@@ -217,6 +253,10 @@ func (m *Measurer) reconcile() error {
 	if bytes.Equal(cur, m.replayed) {
 		m.checked = true
 		return nil
+	}
+	if m.base > 0 {
+		// Started from a checkpoint: the verdict is the full replay's (sync).
+		return fmt.Errorf("PCR %d is %x but the checkpoint and the %d records after it replay to %x", m.pcr, cur, len(m.recs), m.replayed)
 	}
 	zero := make([]byte, sha256.Size)
 	if bytes.Equal(cur, zero) && len(m.recs) > 0 {
@@ -302,12 +342,25 @@ func onlyPCR(recs []Record, pcr int) []Record {
 // PCR returns the PCR index the measurer extends.
 func (m *Measurer) PCR() int { return m.pcr }
 
-// Records returns a copy of the records this measurer has seen: its own and those of
-// other processes up to its last measurement. ReadAll reads the newest.
-func (m *Measurer) Records() []Record {
+// Records returns every record this measurer has seen: its own and those of other
+// processes up to its last measurement. ReadAll reads the newest. The records before
+// the checkpoint it opened from are read back from the file and must still replay to
+// the checkpointed value.
+func (m *Measurer) Records() ([]Record, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return append([]Record(nil), m.recs...)
+	return m.allRecords()
+}
+
+func (m *Measurer) allRecords() ([]Record, error) {
+	if m.base == 0 {
+		return append([]Record(nil), m.recs...), nil
+	}
+	prefix, err := m.prefix()
+	if err != nil {
+		return nil, err
+	}
+	return append(prefix, m.recs...), nil
 }
 
 // ReadAll brings the measurer up to date with the log file (under its lock) and
@@ -320,7 +373,7 @@ func (m *Measurer) ReadAll(ctx context.Context) ([]Record, error) {
 		return nil, err
 	}
 	defer unlock()
-	return append([]Record(nil), m.recs...), nil
+	return m.allRecords()
 }
 
 // Measure appends a record for ev to the log (fsync'd) and then extends the PCR with
@@ -359,7 +412,7 @@ func (m *Measurer) appendAndExtend(ev Event) (Record, error) {
 	}
 	digest := EventDigest(ev.Type, ev.Description, value)
 	rec := Record{
-		RecNum:      uint64(len(m.recs)),
+		RecNum:      m.base + uint64(len(m.recs)),
 		PCR:         m.pcr,
 		Digests:     []Digest{{HashAlg: HashAlg, Digest: hex.EncodeToString(digest)}},
 		ContentType: ContentType,
@@ -402,10 +455,12 @@ func (m *Measurer) appendAndExtend(ev Event) (Record, error) {
 	return rec, nil
 }
 
-// Close closes the log file. It does not touch the PCR.
+// Close writes the log's checkpoint (the next measurer's catch-up starts there) and
+// closes the log file. It does not touch the PCR.
 func (m *Measurer) Close() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	m.saveCheckpoint()
 	return m.f.Close()
 }
 

@@ -40,7 +40,7 @@ func TestQuoteValuesFromLog(t *testing.T) {
 	ev, err := a.Collect(ctx, evidence.Options{Nonce: nonce, PCRs: []int{15}, ReadLog: func() ([]eventlog.Record, error) {
 		late := sha256.Sum256([]byte("late"))
 		m.Measure(ctx, eventlog.Event{Type: eventlog.TypeCloakRegister, Digest: late[:]})
-		return m.Records(), nil
+		return m.Records()
 	}})
 	if err != nil {
 		t.Fatal(err)
@@ -53,7 +53,7 @@ func TestQuoteValuesFromLog(t *testing.T) {
 	if err := eventlog.Extend(tpm, 15, make([]byte, 32)); err != nil {
 		t.Fatal(err)
 	}
-	_, err = a.Collect(ctx, evidence.Options{Nonce: nonce, PCRs: []int{15}, ReadLog: func() ([]eventlog.Record, error) { return m.Records(), nil }})
+	_, err = a.Collect(ctx, evidence.Options{Nonce: nonce, PCRs: []int{15}, ReadLog: m.Records})
 	if err == nil || !strings.Contains(err.Error(), "no prefix of the event log") {
 		t.Fatalf("collect after a foreign extend: %v, want no matching prefix", err)
 	}

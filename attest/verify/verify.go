@@ -8,10 +8,12 @@ import (
 	"bytes"
 	"crypto/rsa"
 	"crypto/subtle"
+	"encoding/binary"
 	"encoding/hex"
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
 
 	pb "github.com/google/go-tpm-tools/proto/tpm"
 	tpmquote "github.com/google/go-tpm-tools/quote"
@@ -180,41 +182,46 @@ func checkEK(r *Report, b []byte) {
 	r.add("endorsement key", r.HostFingerprint, Pass, "host fingerprint = SHA-256 of the EK public area")
 }
 
-func checkAK(r *Report, b []byte) *rsa.PublicKey {
-	pub, err := tpm2.Unmarshal[tpm2.TPMTPublic](b)
+// akShape is the encoding of evidence.AKTemplate without its last field, unique (the
+// RSA modulus: a 2-byte size and its bytes), and the template's RSA parameters. They
+// are computed once: go-tpm marshals and unmarshals by reflection, which was most of
+// the cost of a verification.
+var akShape = sync.OnceValues(func() ([]byte, *tpm2.TPMSRSAParms) {
+	u, err := evidence.AKTemplate.Unique.RSA()
 	if err != nil {
-		r.add("attestation key", "", Fail, "ak_public is not a TPMT_PUBLIC: %v", err)
-		return nil
+		panic("evidence.AKTemplate is not an RSA template: " + err.Error())
 	}
+	parms, err := evidence.AKTemplate.Parameters.RSADetail()
+	if err != nil {
+		panic("evidence.AKTemplate has no RSA parameters: " + err.Error())
+	}
+	full := tpm2.Marshal(evidence.AKTemplate)
+	return full[:len(full)-2-len(u.Buffer)], parms
+})
+
+func checkAK(r *Report, b []byte) *rsa.PublicKey {
 	// Every field but the key itself is the AK template's: nameAlg (which the AK's
 	// name depends on), the attribute bits, the scheme and the key size. A public
 	// area that differs in any of them is not umbra's AK, whatever it can verify.
-	shape := *pub
-	shape.Unique = evidence.AKTemplate.Unique
-	if !bytes.Equal(tpm2.Marshal(shape), tpm2.Marshal(evidence.AKTemplate)) {
+	// TPMT_PUBLIC ends with the key (unique, a TPM2B): what comes before it must be
+	// the template's encoding byte for byte, and the key must end the area.
+	shape, parms := akShape()
+	if !bytes.HasPrefix(b, shape) || len(b) < len(shape)+2 || len(b) != len(shape)+2+int(binary.BigEndian.Uint16(b[len(shape):])) {
+		if _, err := tpm2.Unmarshal[tpm2.TPMTPublic](b); err != nil {
+			r.add("attestation key", "", Fail, "ak_public is not a TPMT_PUBLIC: %v", err)
+			return nil
+		}
 		r.add("attestation key", r.AKName, Fail, "ak_public is not umbra's attestation key template (name algorithm, attributes, scheme or key size differ; see evidence.AKTemplate)")
 		return nil
 	}
-	a := pub.ObjectAttributes
-	if !a.FixedTPM || !a.FixedParent || !a.SensitiveDataOrigin || !a.Restricted || !a.SignEncrypt || a.Decrypt {
+	// So its type, attributes and parameters are the template's: a restricted,
+	// TPM-generated, non-duplicable RSA signing key (checked here on the template, so
+	// that an edit of the template that loses one of them fails every verification).
+	if a := evidence.AKTemplate.ObjectAttributes; !a.FixedTPM || !a.FixedParent || !a.SensitiveDataOrigin || !a.Restricted || !a.SignEncrypt || a.Decrypt {
 		r.add("attestation key", r.AKName, Fail, "ak_public is not a restricted, TPM-generated, non-duplicable signing key: its quotes prove nothing")
 		return nil
 	}
-	if pub.Type != tpm2.TPMAlgRSA {
-		r.add("attestation key", r.AKName, Fail, "only RSA attestation keys are supported, have algorithm %#x", uint16(pub.Type))
-		return nil
-	}
-	parms, err := pub.Parameters.RSADetail()
-	if err != nil {
-		r.add("attestation key", r.AKName, Fail, "ak_public RSA parameters: %v", err)
-		return nil
-	}
-	uniq, err := pub.Unique.RSA()
-	if err != nil {
-		r.add("attestation key", r.AKName, Fail, "ak_public RSA modulus: %v", err)
-		return nil
-	}
-	key, err := tpm2.RSAPub(parms, uniq)
+	key, err := tpm2.RSAPub(parms, &tpm2.TPM2BPublicKeyRSA{Buffer: b[len(shape)+2:]})
 	if err != nil || key.N.BitLen() < 2048 {
 		r.add("attestation key", r.AKName, Fail, "ak_public is not a usable RSA key of at least 2048 bits")
 		return nil

@@ -1,6 +1,7 @@
 package verify_test
 
 import (
+	"encoding/binary"
 	"github.com/google/go-tpm/tpm2"
 
 	"bytes"
@@ -58,7 +59,7 @@ func collect(t testing.TB, tpm transport.TPM, m *eventlog.Measurer, n []byte) *e
 		t.Fatal(err)
 	}
 	defer a.Close()
-	ev, err := a.Collect(context.Background(), evidence.Options{Nonce: n, ReadLog: func() ([]eventlog.Record, error) { return m.Records(), nil }})
+	ev, err := a.Collect(context.Background(), evidence.Options{Nonce: n, ReadLog: m.Records})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -214,6 +215,19 @@ func TestVerifyNamesTheCause(t *testing.T) {
 			}
 			pub.NameAlg = tpm2.TPMAlgSHA384
 			ev.AKPublic = tpm2.Marshal(pub)
+			return nonce
+		}, "not umbra's attestation key template"},
+		{"AK public area cut short", func(ev *evidence.Evidence, _ *verify.Reference) []byte {
+			ev.AKPublic = ev.AKPublic[:10]
+			return nonce
+		}, "ak_public is not a TPMT_PUBLIC"},
+		{"AK public area with a short key", func(ev *evidence.Evidence, _ *verify.Reference) []byte {
+			n := len(ev.AKPublic) - 256
+			ev.AKPublic = append(binary.BigEndian.AppendUint16(ev.AKPublic[:n-2:n-2], 128), ev.AKPublic[n:n+128]...)
+			return nonce
+		}, "not a usable RSA key of at least 2048 bits"},
+		{"AK public area with bytes after the key", func(ev *evidence.Evidence, _ *verify.Reference) []byte {
+			ev.AKPublic = append(ev.AKPublic, 0)
 			return nonce
 		}, "not umbra's attestation key template"},
 		{"edited PCR value", func(ev *evidence.Evidence, _ *verify.Reference) []byte {

@@ -84,7 +84,7 @@ func attestActivate(ctx context.Context, env *cliEnv, args []string) int {
 	if err := strictjson.Decode(b, &c); err != nil {
 		return attestFail(env, fmt.Errorf("%s is not a challenge: %w", fs.Arg(0), err))
 	}
-	t, _, err := tf.open(env)
+	t, _, err := tf.open(ctx, env)
 	if err != nil {
 		return attestFail(env, err)
 	}

@@ -33,7 +33,8 @@ const attestUsage = `Subcommands:
   measure --type T [--description D] (--data S | --file F | --digest HEX)
                                            extend the umbra PCR and append to the event log
   export-tpm2 EVIDENCE --nonce HEX --dir D write the quote in tpm2_checkquote's format
-  export-log [--event-log L] -o FILE       write the event log as a TCG PC Client binary log (tpm2_eventlog reads it)
+  export-log [--format pcclient|cel-json|cel-tlv] [--event-log L | --evidence E] -o FILE
+                                           write the event log for standard tools (tpm2_eventlog, CEL readers)
   challenge EVIDENCE -o CHALLENGE --keep SECRET
                                            verifier: bind the AK to the EK by credential activation ...
   activate CHALLENGE                       host: ... answer it with this TPM (prints the answer)
@@ -141,7 +142,7 @@ func attestQuote(ctx context.Context, env *cliEnv, args []string) int {
 	if err != nil {
 		return attestFail(env, err)
 	}
-	t, dir, err := tf.open(env)
+	t, dir, err := tf.open(ctx, env)
 	if err != nil {
 		return attestFail(env, err)
 	}
@@ -296,7 +297,7 @@ func attestMeasure(ctx context.Context, env *cliEnv, args []string) int {
 		}
 		ev.Digest = d
 	}
-	t, dir, err := tf.open(env)
+	t, dir, err := tf.open(ctx, env)
 	if err != nil {
 		return attestFail(env, err)
 	}
@@ -365,9 +366,19 @@ func attestFail(env *cliEnv, err error) int {
 }
 
 func attestExportLog(env *cliEnv, args []string) int {
-	fs := newFlagSet(env, "attest export-log", "", "Write the event log in the TCG PC Client binary event log format (PCCLIENT_STD events\nof type EV_EVENT_TAG whose data is each digest's preimage; docs/attestation.md), which\nstandard tools read: tpm2_eventlog FILE replays PCR 15.")
+	fs := newFlagSet(env, "attest export-log", "", `Write the event log in an encoding standard tools read (docs/attestation.md, "Reading
+the event log with standard tools"). Every record becomes a PCCLIENT_STD event of type
+EV_EVENT_TAG whose event data is its digest's preimage, so a reader that knows nothing
+of umbra checks each digest (SHA-256 of the event data) and replays the PCR.
+  --format pcclient  TCG PC Client binary event log (tpm2_eventlog FILE replays PCR 15)
+  --format cel-json  TCG Canonical Event Log, JSON encoding: an array of records
+  --format cel-tlv   TCG Canonical Event Log, TLV encoding
+The records come from the state directory's event log, or with --evidence from
+evidence (the log the quote covers).`)
 	stateDir := fs.String("state-dir", "", "umbra state directory (default as for the other commands)")
 	logPath := fs.String("event-log", "", "event log (default STATE_DIR/"+attest.EventLogFile+")")
+	evPath := fs.String("evidence", "", "export the event log held by this evidence file instead")
+	format := fs.String("format", "pcclient", "pcclient, cel-json or cel-tlv")
 	out := fs.String("o", "", "output file (required, a new file)")
 	if code, done := parseFlags(env, fs, args); done {
 		return code
@@ -376,31 +387,53 @@ func attestExportLog(env *cliEnv, args []string) int {
 		fmt.Fprintln(env.stderr, "umbra attest export-log: need -o FILE")
 		return exitUsage
 	}
+	export, ok := map[string]func([]eventlog.Record) ([]byte, error){
+		"pcclient": eventlog.ExportPCClient, "cel-json": eventlog.ExportCELJSON, "cel-tlv": eventlog.ExportCELTLV,
+	}[*format]
+	if !ok {
+		fmt.Fprintf(env.stderr, "umbra attest export-log: --format %q: want pcclient, cel-json or cel-tlv\n", *format)
+		return exitUsage
+	}
+	if *evPath != "" && (*logPath != "" || *stateDir != "") {
+		fmt.Fprintln(env.stderr, "umbra attest export-log: --evidence names the records; --event-log and --state-dir have no effect with it")
+		return exitUsage
+	}
 	if err := checkOutputPath(*out, false); err != nil {
 		fmt.Fprintf(env.stderr, "umbra attest export-log: %v\n", err)
 		return exitUsage
 	}
-	if *logPath == "" {
-		dir := *stateDir
-		if dir == "" {
-			var err error
-			if dir, err = sealing.DefaultStateDir(); err != nil {
-				return attestFail(env, err)
-			}
+	var recs []eventlog.Record
+	from := *evPath
+	if from != "" {
+		ev, err := loadEvidence(from)
+		if err != nil {
+			return attestFail(env, err)
 		}
-		*logPath = filepath.Join(dir, attest.EventLogFile)
+		recs = ev.EventLog
+	} else {
+		if *logPath == "" {
+			dir := *stateDir
+			if dir == "" {
+				var err error
+				if dir, err = sealing.DefaultStateDir(); err != nil {
+					return attestFail(env, err)
+				}
+			}
+			*logPath = filepath.Join(dir, attest.EventLogFile)
+		}
+		from = *logPath
+		var err error
+		if recs, err = readEventLog(*logPath); err != nil {
+			return attestFail(env, err)
+		}
 	}
-	recs, err := readEventLog(*logPath)
+	b, err := export(recs)
 	if err != nil {
-		return attestFail(env, err)
-	}
-	b, err := eventlog.ExportPCClient(recs)
-	if err != nil {
-		return attestFail(env, err)
+		return attestFail(env, fmt.Errorf("%s: %w", from, err))
 	}
 	if err := statefile.WriteAtomic(*out, b, 0o644); err != nil {
 		return attestFail(env, err)
 	}
-	fmt.Fprintf(env.stderr, "umbra: wrote %d events of %s to %s (tpm2_eventlog %s)\n", len(recs), *logPath, *out, *out)
+	fmt.Fprintf(env.stderr, "umbra: wrote %d events of %s to %s (%s)\n", len(recs), from, *out, *format)
 	return exitOK
 }

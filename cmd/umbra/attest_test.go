@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/umbra-cc/umbra/attest/audit"
+	"github.com/umbra-cc/umbra/attest/celtest"
 	"github.com/umbra-cc/umbra/attest/eventlog"
 	"github.com/umbra-cc/umbra/attest/evidence"
 	"github.com/umbra-cc/umbra/attest/tpmtest"
@@ -214,14 +215,7 @@ func TestExportLogReadByStandardTools(t *testing.T) {
 		}
 		t.Skip("skipping: tpm2_eventlog is not installed")
 	}
-	_, sw := tpmtest.StartSwtpm(t)
-	dir := t.TempDir()
-	host := []string{"--tpm=swtpm:" + sw.Socket, "--state-dir=" + dir}
-	for _, d := range []string{"a", "b", "c"} {
-		if code, _, errs := cli(t, append([]string{"attest", "measure", "--type", "cmdline", "--data", d}, host...)...); code != 0 {
-			t.Fatalf("measure: %s", errs)
-		}
-	}
+	dir, evPath, quoted := quotedThreeMeasurements(t)
 	out := filepath.Join(dir, "binary_bios_measurements")
 	if code, _, errs := cli(t, "attest", "export-log", "--state-dir", dir, "-o", out); code != 0 {
 		t.Fatalf("export-log: %d %s", code, errs)
@@ -230,20 +224,86 @@ func TestExportLogReadByStandardTools(t *testing.T) {
 	if err != nil {
 		t.Fatalf("tpm2_eventlog: %v\n%s", err, yaml)
 	}
-	nonce := "00112233445566778899aabbccddeeff"
-	evPath := filepath.Join(dir, "ev.json")
-	if code, _, errs := cli(t, append([]string{"attest", "quote", "--nonce", nonce, "-o", evPath}, host...)...); code != 0 {
-		t.Fatalf("quote: %s", errs)
-	}
-	ev, err := evidence.Parse(bytes.NewReader(must(os.ReadFile(evPath))))
-	if err != nil {
-		t.Fatal(err)
-	}
-	pcr15 := hex.EncodeToString(ev.PCRMap()[15])
+	pcr15 := hex.EncodeToString(quoted)
 	if strings.Count(string(yaml), "EV_EVENT_TAG") != 3 || !strings.Contains(strings.ToLower(string(yaml)), pcr15) {
 		t.Fatalf("tpm2_eventlog did not read 3 events replaying to the quoted PCR 15 %s:\n%s", pcr15, yaml)
 	}
 	if code, _, _ := cli(t, "attest", "export-log", "--state-dir", dir, "-o", out); code != exitUsage {
 		t.Fatalf("export-log over an existing file: exit %d, want 2", code)
 	}
+	// The log the quote covers, exported from the evidence (what the README does),
+	// is the same file.
+	fromEv := filepath.Join(dir, "from-evidence.bin")
+	if code, _, errs := cli(t, "attest", "export-log", "--evidence", evPath, "-o", fromEv); code != 0 {
+		t.Fatalf("export-log --evidence: %d %s", code, errs)
+	}
+	if !bytes.Equal(must(os.ReadFile(fromEv)), must(os.ReadFile(out))) {
+		t.Fatal("the export of the evidence's log differs from the export of the state directory's")
+	}
+}
+
+// TestExportLogAsCEL: `attest export-log --format cel-json|cel-tlv` writes the log
+// (from the state directory, or from evidence) as a Canonical Event Log that parsers
+// other than umbra's read and replay to the PCR 15 the TPM quoted: go-eventlog for
+// TLV, the schema-checked CEL-JSON reader for JSON. Before, the only CEL-shaped file
+// was the state file: JSON Lines with content_type "umbra", which no CEL reader takes.
+func TestExportLogAsCEL(t *testing.T) {
+	dir, evPath, pcr15 := quotedThreeMeasurements(t)
+	// The state file is not CEL-JSON: the independent reader refuses it.
+	_, err := celtest.CheckJSON(filepath.Join(dir, "eventlog.jsonl"), 15, pcr15)
+	celtest.RequireJSONReader(t, err)
+	if err == nil {
+		t.Fatal("the CEL-JSON reader accepted the JSON Lines state file")
+	}
+	for _, src := range [][]string{{"--state-dir", dir}, {"--evidence", evPath}} {
+		for _, format := range []string{"cel-json", "cel-tlv"} {
+			out := filepath.Join(t.TempDir(), "log."+format)
+			if code, _, errs := cli(t, append([]string{"attest", "export-log", "--format", format, "-o", out}, src...)...); code != 0 {
+				t.Fatalf("export-log %v --format %s: %d %s", src, format, code, errs)
+			}
+			b := must(os.ReadFile(out))
+			switch format {
+			case "cel-tlv":
+				if n, err := celtest.ReplayTLV(b, 15, pcr15); err != nil || n != 3 {
+					t.Fatalf("go-eventlog on the export of %v: %d records, %v", src, n, err)
+				}
+			case "cel-json":
+				if res, err := celtest.CheckJSON(out, 15, pcr15); err != nil || !strings.Contains(res, `"records": 3`) {
+					t.Fatalf("CEL-JSON reader on the export of %v: %v %s", src, err, res)
+				}
+			}
+		}
+	}
+	for name, args := range map[string][]string{
+		"unknown format":            {"--format", "cbor", "--state-dir", dir},
+		"evidence with a state dir": {"--evidence", evPath, "--state-dir", dir},
+	} {
+		out := filepath.Join(t.TempDir(), "x")
+		if code, _, errs := cli(t, append([]string{"attest", "export-log", "-o", out}, args...)...); code != exitUsage {
+			t.Errorf("%s: exit %d, want 2: %s", name, code, errs)
+		}
+	}
+}
+
+// quotedThreeMeasurements measures three command lines on a new swtpm host and
+// quotes them; it returns the state directory, the evidence path and the quoted PCR 15.
+func quotedThreeMeasurements(t *testing.T) (dir, evPath string, pcr15 []byte) {
+	t.Helper()
+	_, sw := tpmtest.StartSwtpm(t)
+	dir = t.TempDir()
+	host := []string{"--tpm=swtpm:" + sw.Socket, "--state-dir=" + dir}
+	for _, d := range []string{"a", "b", "c"} {
+		if code, _, errs := cli(t, append([]string{"attest", "measure", "--type", "cmdline", "--data", d}, host...)...); code != 0 {
+			t.Fatalf("measure: %s", errs)
+		}
+	}
+	evPath = filepath.Join(dir, "ev.json")
+	if code, _, errs := cli(t, append([]string{"attest", "quote", "--nonce", "00112233445566778899aabbccddeeff", "-o", evPath}, host...)...); code != 0 {
+		t.Fatalf("quote: %s", errs)
+	}
+	ev, err := evidence.Parse(bytes.NewReader(must(os.ReadFile(evPath))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dir, evPath, ev.PCRMap()[15]
 }

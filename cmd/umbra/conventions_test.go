@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"net"
 	"os"
 	"path/filepath"
@@ -15,7 +16,9 @@ import (
 	"github.com/umbra-cc/umbra/attest/eventlog"
 	"github.com/umbra-cc/umbra/attest/evidence"
 	"github.com/umbra-cc/umbra/guestimage"
+	"github.com/umbra-cc/umbra/sealing"
 	"github.com/umbra-cc/umbra/sealing/swtpmtest"
+	"github.com/umbra-cc/umbra/userfile"
 )
 
 // runUmbraBounded is runUmbra that fails the test instead of hanging forever (the
@@ -49,7 +52,7 @@ func TestCLIConventions(t *testing.T) {
 	spec := filepath.Join(dir, "vm.yaml")
 	os.WriteFile(spec, []byte("apiVersion: umbra.dev/v1\nname: x\nguest:\n  image: g.elf\ncpus: 2\n"), 0o600)
 	bundle := filepath.Join(dir, "b.umbra")
-	os.WriteFile(bundle, []byte("not really"), 0o600)
+	os.WriteFile(bundle, append(bytes.Clone(sealing.Magic), "not really a bundle"...), 0o600)
 	tests := []struct {
 		name string
 		args []string
@@ -61,6 +64,8 @@ func TestCLIConventions(t *testing.T) {
 		{"flags after the spec", []string{"run", spec, "--state-dir", state, "--policy", spec, "--policy-key", spec, "--policy-key-id", "k"}, exitUsage, "field cpus not found"},
 		{"spec error is a usage error", []string{"run", "--state-dir", state, "--policy", spec, "--policy-key", spec, "--policy-key-id", "k", spec}, exitUsage, "field cpus not found"},
 		{"policy flags with the demo", []string{"run", "--state-dir", state, "--policy", spec}, exitUsage, "--policy has no effect here: the built-in demo"},
+		{"policy flags with a sealed bundle", []string{"run", bundle, "--state-dir", state, "--policy", spec}, exitUsage, "--policy has no effect here: a sealed bundle carries its own signed policy"},
+		{"policy key with a sealed bundle", []string{"run", "--state-dir", state, "--policy-key", spec, bundle}, exitUsage, "--policy-key has no effect here: a sealed bundle"},
 		{"policy key id with the demo", []string{"run", "--state-dir", state, "--policy-key-id", "k"}, exitUsage, "--policy-key-id has no effect"},
 		{"negative timeout", []string{"run", "--state-dir", state, "--timeout", "-5s"}, exitUsage, "--timeout -5s"},
 		{"zero timeout", []string{"run", "--state-dir", state, "--timeout", "0s"}, exitUsage, "positive duration"},
@@ -111,9 +116,19 @@ func TestInputsThatUsedToHang(t *testing.T) {
 		os.WriteFile(p, []byte("apiVersion: umbra.dev/v1\nname: "+name+"\nguest:\n  image: "+image+"\n"), 0o600)
 		return p
 	}
+	// Regular files over the size limits (sparse: nothing is written) are refused by
+	// their size, before a byte is read.
+	bigImage := filepath.Join(dir, "big.elf")
+	os.WriteFile(bigImage, nil, 0o600)
+	os.Truncate(bigImage, userfile.MaxImageBytes+1)
+	bigSpec := filepath.Join(dir, "big.yaml")
+	os.WriteFile(bigSpec, nil, 0o600)
+	os.Truncate(bigSpec, userfile.MaxSpecBytes+1)
 	tests := []struct {
 		name, spec, want string
 	}{
+		{"image over the size limit", mkSpec("bigimage", bigImage), "bytes, more than the"},
+		{"spec over the size limit", bigSpec, "bytes, more than the"},
 		{"image /dev/zero", mkSpec("zero", "/dev/zero"), "guest.image /dev/zero is not a regular file (a character device)"},
 		{"image FIFO", mkSpec("fifo", fifo), "is not a regular file (a FIFO)"},
 		{"spec FIFO", fifo, "VM spec " + fifo + " is not a regular file (a FIFO)"},
@@ -156,21 +171,7 @@ func TestKeygenOverwritesOnlyWithForce(t *testing.T) {
 // never replies makes a command fail with an error naming the back end, within the
 // timeout, instead of hanging forever.
 func TestTPMThatNeverAnswersTimesOut(t *testing.T) {
-	sock := filepath.Join(t.TempDir(), "mute.sock")
-	l, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			defer c.Close() // read nothing, answer nothing
-		}
-	}()
+	sock := muteTPMSocket(t)
 	start := time.Now()
 	code, _, errs := runUmbraBounded(t, time.Minute, "tpm", "info", "--tpm", "swtpm:"+sock, "--tpm-timeout", "500ms", "--state-dir", t.TempDir())
 	if code != exitFailed || !strings.Contains(errs, "TPM command timed out") || !strings.Contains(errs, sock) {
@@ -179,6 +180,34 @@ func TestTPMThatNeverAnswersTimesOut(t *testing.T) {
 	if el := time.Since(start); el > 20*time.Second {
 		t.Fatalf("took %s for a 500ms timeout", el)
 	}
+}
+
+// muteTPMSocket is a unix socket that accepts connections and never answers: a TPM
+// that stopped responding.
+func muteTPMSocket(t *testing.T) string {
+	t.Helper()
+	sock := filepath.Join(t.TempDir(), "mute.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		var held []net.Conn // read nothing, answer nothing
+		defer func() {
+			for _, c := range held {
+				c.Close()
+			}
+		}()
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			held = append(held, c)
+		}
+	}()
+	return sock
 }
 
 // TestConsoleFileOnlyNew: console: file:PATH never appends to an existing file nor
@@ -228,6 +257,7 @@ func TestPolicyInputDecodedStrictly(t *testing.T) {
 		"case-folded key": {strings.Replace(g, `"action"`, `"Action"`, 1), `"Action"`},
 		"duplicate key":   {strings.Replace(g, `"action":`, `"action": "stop", "action":`, 1), "duplicate"},
 		"no request":      {strings.Replace(g, `"request"`, `"_request"`, 1), ""},
+		"no vm.spec":      {strings.Replace(g, `"spec": {`, `"_spec": {`, 1), ""},
 	} {
 		t.Run(name, func(t *testing.T) {
 			if tc.doc == g {
@@ -345,6 +375,25 @@ func TestPolicyInputCloakIsAFact(t *testing.T) {
 	}
 	if code, errs := run("declared", "cloak:\n  apps: [cloakcompute]\n"); code != 0 {
 		t.Fatalf("a spec with a cloak section: exit %d:\n%s", code, errs)
+	}
+	// audit show reads at a glance: a verdict column and the reasons, not raw JSON.
+	code, out, _ := runUmbra(t, "audit", "show", filepath.Join(dir, "state", "audit.jsonl"), "--kind", "decision")
+	var deny, allow bool
+	for _, l := range strings.Split(out, "\n") {
+		deny = deny || strings.Contains(l, "DENY") && strings.Contains(l, "launch (policy") && strings.Contains(l, "cloak.required: this VM must run cloaked apps")
+		allow = allow || strings.Contains(l, "ALLOW") && strings.Contains(l, "launch (policy")
+	}
+	if code != 0 || !deny || !allow || strings.Contains(out, `{"action"`) {
+		t.Fatalf("audit show --kind decision: exit %d, want a DENY line with its reason and an ALLOW line, no raw JSON:\n%s", code, out)
+	}
+	code, out, _ = runUmbra(t, "audit", "show", filepath.Join(dir, "state", "audit.jsonl"), "--kind", "decision", "--json")
+	for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+		var rec struct {
+			Kind string `json:"kind"`
+		}
+		if err := json.Unmarshal([]byte(l), &rec); err != nil || rec.Kind != "decision" {
+			t.Fatalf("audit show --json: exit %d, line %q is not a decision record (%v)", code, l, err)
+		}
 	}
 }
 

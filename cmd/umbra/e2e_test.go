@@ -103,6 +103,9 @@ func journey(t *testing.T, tpm string) {
 	trustAdmin(t, host, at(admin, "admin.pem.pub"))
 	copyFile(t, at(admin, "payroll.umbra"), at(host, "payroll.umbra"))
 	copyFile(t, at(admin, "guest.elf"), at(host, "guest.elf"))
+	// At boot the host measures its monitor (unseal --check writes nothing, so on a
+	// fresh swtpm boot it would report PCR 13 unmeasured).
+	mustRun(0, append([]string{"tpm", "measure"}, hostFlags...)...)
 	mustRun(0, append([]string{"unseal", "--check", at(host, "payroll.umbra")}, hostFlags...)...)
 
 	// Operator: a forbidden modification is refused before anything runs...
@@ -158,6 +161,17 @@ measurements:
 	out, _ = mustRun(0, "attest", "verify", at(host, "evidence.json"), "--nonce", nonce, "--reference", at(dir, "ref.yaml"))
 	if !strings.Contains(out, "PASS") {
 		t.Fatalf("attest verify report:\n%s", out)
+	}
+	// The reference pins no ak_name (as the README's does not): the auditor binds the
+	// AK to the host's EK by credential activation, and the host is then trusted by
+	// its EK alone.
+	mustRun(0, "attest", "challenge", at(host, "evidence.json"), "-o", at(dir, "challenge.json"), "--keep", at(dir, "activation.secret"))
+	answer, _ := mustRun(0, append([]string{"attest", "activate", at(dir, "challenge.json")}, hostFlags...)...)
+	os.WriteFile(at(dir, "answer"), []byte(answer), 0o600)
+	out, _ = mustRun(0, "attest", "verify", at(host, "evidence.json"), "--nonce", nonce, "--reference", at(dir, "ref.yaml"),
+		"--activation", at(dir, "activation.secret"), "--answer", at(dir, "answer"))
+	if !strings.Contains(out, "bound to its EK by credential activation") || !strings.Contains(out, "RESULT: PASS") {
+		t.Fatalf("attest verify with credential activation:\n%s", out)
 	}
 	// A replayed quote (another nonce) is refused.
 	other := strings.Repeat("ab", 16)

@@ -13,7 +13,7 @@ func init() {
 	register(&command{name: "host", summary: "show this host's TPM identity (host id [--ek-pub FILE])", run: runHost})
 }
 
-func runHost(_ context.Context, env *cliEnv, args []string) int {
+func runHost(ctx context.Context, env *cliEnv, args []string) int {
 	if len(args) == 0 || strings.HasPrefix(args[0], "-") && args[0] != "-h" && args[0] != "--help" {
 		fmt.Fprintln(env.stderr, "Usage: umbra host id [--ek-pub FILE] [--tpm ...]")
 		return 2
@@ -34,7 +34,7 @@ func runHost(_ context.Context, env *cliEnv, args []string) int {
 		fs.Usage()
 		return 2
 	}
-	t, _, err := tf.open(env)
+	t, _, err := tf.open(ctx, env)
 	if err != nil {
 		return fail(env, err)
 	}

@@ -123,7 +123,7 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 	if *verbose {
 		log = slog.New(slog.NewTextHandler(env.stderr, nil))
 	}
-	tpm, stateDir, err := tf.open(env)
+	tpm, stateDir, err := tf.open(ctx, env)
 	if err != nil {
 		fmt.Fprintf(env.stderr, "umbra run: TPM: %v\n", err)
 		return exitNoGuestStatus
@@ -215,7 +215,7 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 	}
 	rep, err := launch.Launch(ctx, launch.LaunchConfig{
 		Run: cfg, Spec: src.Spec, SpecBytes: src.SpecBytes, Policy: src.Policy, PolicyDigest: src.PolicyDigest,
-		Principal: principal, TPM: tpm, StateDir: stateDir, Logger: log,
+		Principal: principal, TPM: tpm, StateDir: stateDir, Logger: log, Disks: src.DiskEnv(),
 		Started:       func(rep *launch.LaunchReport) { reportDecision(env, src.Spec.Name, rep) },
 		EvidenceNonce: nonce,
 		Attach:        dm.attachFunc(),

@@ -103,7 +103,7 @@ The target is this host's TPM (--tpm) or the host whose EK public key --for-host
 			return fail(env, fmt.Errorf("%s: %w", *forHost, err))
 		}
 	} else {
-		t, _, err := tf.open(env)
+		t, _, err := tf.open(ctx, env)
 		if err != nil {
 			return fail(env, err)
 		}

@@ -56,12 +56,14 @@ func (f *tpmFlags) dir() (string, error) {
 }
 
 // open opens the chosen back end and warns loudly about the simulator.
-func (f *tpmFlags) open(env *cliEnv) (transport.TPMCloser, string, error) {
+// Its exchanges end when ctx does (SIGINT, SIGTERM), even on a TPM that never
+// answers.
+func (f *tpmFlags) open(ctx context.Context, env *cliEnv) (transport.TPMCloser, string, error) {
 	dir, err := f.dir()
 	if err != nil {
 		return nil, "", err
 	}
-	t, err := sealing.OpenTPMTimeout(f.spec, dir, f.timeout)
+	t, err := sealing.OpenTPMContext(ctx, f.spec, dir, f.timeout)
 	if err != nil {
 		return nil, "", err
 	}
@@ -89,7 +91,7 @@ func runTPM(ctx context.Context, env *cliEnv, args []string) int {
 		fs.Usage()
 		return 2
 	}
-	t, dir, err := tf.open(env)
+	t, dir, err := tf.open(ctx, env)
 	if err != nil {
 		return fail(env, err)
 	}

@@ -133,6 +133,10 @@ type layout struct {
 	meta, journal, journalCT, data, end int64
 }
 
+// BlockOffset is the file offset of data block i's ciphertext (for tools and tests that
+// look at what the host sees).
+func (h *Header) BlockOffset(i uint64) int64 { return h.layout().data + int64(i)*BlockSize }
+
 func roundUp(n int64) int64 { return (n + BlockSize - 1) / BlockSize * BlockSize }
 
 func (h *Header) layout() layout {

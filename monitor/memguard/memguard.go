@@ -53,6 +53,8 @@ func (a Access) String() string {
 		return "write"
 	case Exec:
 		return "exec"
+	case Read | Write:
+		return "read-write"
 	}
 	return fmt.Sprintf("access(%d)", uint8(a))
 }
@@ -82,9 +84,12 @@ const (
 	AppMap
 	// Adopt: a present page taken into the cloaked state at registration.
 	Adopt
+	// DMA: a virtio device's access to a ring or buffer its driver gave it (for the
+	// system VM: the kernel or a process programmed the device).
+	DMA
 )
 
-var purposeNames = [...]string{"", "hypercall buffer", "bounce copy", "zero fill", "decryption", "encryption", "scrub", "page-table walk", "appVM mapping", "adoption"}
+var purposeNames = [...]string{"", "hypercall buffer", "bounce copy", "zero fill", "decryption", "encryption", "scrub", "page-table walk", "appVM mapping", "adoption", "device DMA"}
 
 func (p Purpose) String() string {
 	if int(p) < len(purposeNames) && p != 0 {
@@ -151,17 +156,18 @@ func (v View) Check(r Request) Decision {
 	if end < r.GPA {
 		return Decision{Verdict: Refuse, Frame: r.GPA &^ (PageSize - 1), Why: "range wraps around the address space"}
 	}
+	// Frame by frame, without a slice of them (the transition path checks several
+	// one-frame requests per page).
 	var out Decision
-	for _, f := range Frames(r.GPA, n) {
+	for f, last := r.GPA&^(PageSize-1), (end-1)&^(PageSize-1); ; f += PageSize {
 		d := v.frame(r, f)
 		if d.Verdict > out.Verdict {
 			out = d
 		}
-		if out.Verdict == Refuse {
-			break
+		if out.Verdict == Refuse || f == last {
+			return out
 		}
 	}
-	return out
 }
 
 // Frames returns the frames [gpa, gpa+n) touches (n 0: one byte), none if the range
@@ -213,7 +219,7 @@ func (v View) frame(r Request, f uint64) Decision {
 	}
 	if plain {
 		switch r.Purpose {
-		case HypercallBuffer:
+		case HypercallBuffer, DMA:
 			return refuse("frame holds cloaked plaintext (app %d)", owner)
 		case Walk:
 			// A page table in a frame of plaintext: reacting to the entries would be

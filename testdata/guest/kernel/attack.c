@@ -380,11 +380,13 @@ static void deputy_redirect(struct proc *p)
 
 /*
  * attack=plant (victim cloakvictim): before the victim registers, the kernel
- * plants code of its own in the victim's trampoline page (the page of its
- * executable mmap) and points the return address of the function making the
- * next mmap (cloak_init, through its frame pointer: the libc's sys_mmap has
- * no frame) at it. The planted code prints a line and exits with 42; run as
- * the cloaked app it would see the app's plaintext.
+ * plants code of its own in the victim's trampoline page (the mapping the
+ * victim makes read+execute with mprotect) and points the return address of
+ * the function making the next mmap (cloak_init, through its frame pointer:
+ * the libc's sys_mmap has no frame) at it. The page is not writable for the
+ * victim (W^X), so the kernel writes the frame through its direct map. The
+ * planted code prints a line and exits with 42; run as the cloaked app it
+ * would see the app's plaintext.
  */
 extern const u8 plant_start[], plant_end[];
 __asm__(".pushsection .rodata.plant, \"a\"\n"
@@ -405,7 +407,7 @@ __asm__(".pushsection .rodata.plant, \"a\"\n"
 static void attack_plant(struct proc *p, struct trapframe *tf)
 {
 	u64 slot = tf->rbp + 8, code = dep.mmap_va + PLANT_OFF, pa_code, pa_slot;
-	if (user_page_ensure(p, code, 1, &pa_code) || user_page_ensure(p, slot, 1, &pa_slot)) {
+	if (user_page_ensure(p, code, 0, &pa_code) || user_page_ensure(p, slot, 1, &pa_slot)) {
 		kprintf("attack plant: victim=%s no trampoline or stack page\n", p->name);
 		return;
 	}
@@ -431,13 +433,11 @@ void attack_on_syscall(struct proc *p, struct trapframe *tf)
 		return;
 	if (deputy_mode() && tf->rax == 1 && !dep.write_va)
 		dep.write_va = tf->rsi;
-	if (!strcmp(cfg.attack, "plant") && tf->rax == 9) {
-		if (tf->rdx & 4)
-			dep.grows = -1; /* the next result is the trampoline page */
-		else if (dep.mmap_va && dep.grows == 0) {
-			dep.grows = 1;
-			attack_plant(p, tf);
-		}
+	if (!strcmp(cfg.attack, "plant") && tf->rax == 10 && (tf->rdx & 4) && !dep.mmap_va)
+		dep.mmap_va = tf->rdi; /* the trampoline page, made executable */
+	else if (!strcmp(cfg.attack, "plant") && tf->rax == 9 && dep.mmap_va && dep.grows == 0) {
+		dep.grows = 1;
+		attack_plant(p, tf);
 	}
 }
 
@@ -445,10 +445,6 @@ long attack_on_result(struct proc *p, u64 nr, u64 a1, long r)
 {
 	if (!is_victim(p))
 		return r;
-	if (nr == 9 && !strcmp(cfg.attack, "plant") && dep.grows == -1 && r > 0) {
-		dep.mmap_va = (u64)r;
-		dep.grows = 0;
-	}
 	if (nr == 9 && !dep.mmap_va && r > 0 && deputy_mode())
 		dep.mmap_va = (u64)r;
 	if (nr == 9 && !strcmp(cfg.attack, "mmaplie") && r > 0 && ++dep.grows <= 4) {

@@ -142,6 +142,7 @@ int strncpy_from_user(struct proc *p, char *dst, u64 src, size_t n);
 int evict_page(struct proc *p, u64 va);
 void evict_all(struct proc *p);
 void unmap_range(struct proc *p, u64 start, u64 end);
+void protect_range(struct proc *p, u64 start, u64 end, int prot);
 void free_address_space(struct proc *p);
 
 /* proc.c */

@@ -367,6 +367,27 @@ void unmap_range(struct proc *p, u64 start, u64 end)
 	}
 }
 
+/* protect_range gives the present and swapped pages of p in [start, end) the
+ * rights of prot (their vma's, which the caller has just set). */
+void protect_range(struct proc *p, u64 start, u64 end, int prot)
+{
+	struct vma v = {.prot = prot};
+	u64 f = vma_pte_flags(&v), keep = ~(PTE_W | PTE_NX);
+	for (int i = 0; i < p->nresident; i++) {
+		u64 va = p->resident[i];
+		if (va < start || va >= end)
+			continue;
+		u64 *pte = pte_lookup(p, va, 0);
+		*pte = (*pte & keep) | f;
+		flush(p, va);
+	}
+	if (nswapped[p - procs] == 0)
+		return;
+	for (int s = 0; s < MAX_SLOTS; s++)
+		if (slots[s].owner == p && slots[s].va >= start && slots[s].va < end)
+			slots[s].flags = (slots[s].flags & keep) | f;
+}
+
 void free_address_space(struct proc *p)
 {
 	unmap_range(p, 0, 0x800000000000UL);

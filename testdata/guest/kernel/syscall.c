@@ -8,6 +8,7 @@ enum {
 	SYS_fstat = 5,
 	SYS_lseek = 8,
 	SYS_mmap = 9,
+	SYS_mprotect = 10,
 	SYS_munmap = 11,
 	SYS_brk = 12,
 	SYS_sched_yield = 24,
@@ -84,6 +85,23 @@ static long sys_munmap(struct proc *p, u64 addr, u64 len)
 	return 0;
 }
 
+/* sys_mprotect changes the rights of one whole anonymous mapping (what the
+ * cloaking shim needs for its trampoline: written, then read+execute). */
+static long sys_mprotect(struct proc *p, u64 addr, u64 len, u64 prot)
+{
+	if ((addr & ~PAGE_MASK) || len == 0 || (prot & ~7UL))
+		return -EINVAL;
+	u64 end = addr + PAGE_UP(len);
+	struct vma *v = vma_find(p, addr);
+	if (end < addr || !v)
+		return -ENOMEM;
+	if (v->kind != VMA_MMAP || v->start != addr || v->end != end)
+		return -EINVAL; /* not supported: only a whole mapping */
+	v->prot = (int)prot;
+	protect_range(p, addr, end, (int)prot);
+	return 0;
+}
+
 static long sys_brk(struct proc *p, u64 addr)
 {
 	if (addr < p->brk_start || addr > p->brk_start + USER_HEAP_MAX)
@@ -153,6 +171,9 @@ struct trapframe *syscall_trap(struct trapframe *tf)
 		break;
 	case SYS_mmap:
 		r = sys_mmap(p, a1, a2, a3, a4);
+		break;
+	case SYS_mprotect:
+		r = sys_mprotect(p, a1, a2, a3);
 		break;
 	case SYS_munmap:
 		r = sys_munmap(p, a1, a2);

@@ -71,11 +71,16 @@ long cloak_init(const char *name)
 	reg[nreg++] = (struct cloak_region){
 		.va = USER_STACK_TOP - USER_STACK_MAX, .size = USER_STACK_MAX, .kind = CLOAK_REGION_STACK};
 
-	/* The trampoline and bounce area: uncloaked anonymous memory. */
-	char *tramp = sys_mmap(NULL, PG, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	/* The trampoline and bounce area: uncloaked anonymous memory. The
+	 * trampoline is never writable and executable at once (W^X, which the
+	 * monitor checks at registration): written, then read+execute. */
+	char *tramp = sys_mmap(NULL, PG, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if ((long)tramp < 0 && (long)tramp > -4096)
 		return (long)tramp;
 	memcpy(tramp, cloak_tramp_start, (size_t)(cloak_tramp_end - cloak_tramp_start));
+	long pr = sys_mprotect(tramp, PG, PROT_READ | PROT_EXEC);
+	if (pr < 0)
+		return pr;
 	char *bounce = sys_mmap(NULL, CLOAK_BOUNCE_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if ((long)bounce < 0 && (long)bounce > -4096)
 		return (long)bounce;
@@ -105,6 +110,7 @@ long cloak_init(const char *name)
 		fault_in(image_start, (unsigned long)__cloak_data_start, 0);
 		fault_in((unsigned long)__cloak_data_start, image_end, 1);
 		fault_in((unsigned long)request, (unsigned long)request + sizeof request, 0);
+		fault_in((unsigned long)tramp, (unsigned long)tramp + PG, 0);
 		unsigned long sp;
 		__asm__ volatile("mov %%rsp, %0" : "=r"(sp));
 		fault_in(PG_DOWN(sp) - PG, USER_STACK_TOP, 1);

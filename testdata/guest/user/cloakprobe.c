@@ -10,11 +10,11 @@
  *   enosys      a system call the monitor does not forward
  *   ud2         an invalid opcode (the app cannot survive it)
  *   segv        a load from an address nothing maps
- *   twice       registers a second time
+ *   twice       registers a second time (a CLOAK_REGISTER while cloaked)
  *   resume      calls CLOAK_RESUME from cloaked code (out of order)
  *   region      cloak_mmap, CLOAK_REGION_REMOVE, munmap of cloaked memory
- *   refusals    requests the monitor refuses, each with its errno, then a
- *               good one
+ *   refusals    requests the monitor refuses, each with its errno (the last a
+ *               trampoline mapped writable and executable), then a good one
  *   pp          page protection of its own cloaked pages (docs/pageprot.md):
  *               a locked read-only page with an upcall handler that checks
  *               its record, the lock held against the app itself, a
@@ -94,6 +94,14 @@ static long raw_register(int what)
 		q.s[0].va = 0x0f000000;
 		q.r[0].va = 0x0f000000;
 		break;
+	case 5: { /* W^X: a trampoline mapped writable and executable */
+		char *t = sys_mmap(NULL, 4096, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if ((long)t < 0 && (long)t > -4096)
+			return (long)t;
+		t[0] = (char)0xc3;
+		q.h.trampoline_va = (u64)t;
+		break;
+	}
 	}
 	return cloak_call(CLOAK_REGISTER, (long)&q, 0, 0);
 }
@@ -236,8 +244,9 @@ int main(int argc, char **argv)
 	const char *mode = argc > 1 ? argv[1] : "";
 	int cloak = argc > 2 && !strcmp(argv[argc - 1], "cloak");
 	if (!strcmp(mode, "refusals")) {
-		const char *names[] = {"overlap", "kernel-half", "trampoline-in-region", "magic", "unreadable-image"};
-		for (int i = 0; i < 5; i++)
+		const char *names[] = {"overlap", "kernel-half", "trampoline-in-region", "magic", "unreadable-image",
+				       "trampoline-writable"};
+		for (int i = 0; i < 6; i++)
 			printf("cloakprobe: refusals: %s=%ld\n", names[i], raw_register(i));
 	}
 	if (cloak) {
@@ -269,7 +278,9 @@ int main(int argc, char **argv)
 		static volatile long bad = 0x10;
 		printf("cloakprobe: segv load=%d\n", *(volatile int *)bad);
 	} else if (!strcmp(mode, "twice")) {
-		printf("cloakprobe: twice=%ld\n", cloak_init("again"));
+		/* Not cloak_init again: its mprotect is not a call the monitor forwards
+		 * for a cloaked app. Any request is refused before it is read. */
+		printf("cloakprobe: twice=%ld\n", raw_register(-1));
 	} else if (!strcmp(mode, "resume")) {
 		printf("cloakprobe: resume=%ld\n", cloak_call(CLOAK_RESUME, 0, 0, 0));
 	} else if (!strcmp(mode, "region")) {

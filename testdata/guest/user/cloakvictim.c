@@ -14,11 +14,18 @@
 #include "libc.h"
 #include "../shim/cloak.h"
 
-/* uncloaked_init maps what cloak_init maps (an executable page, then the bounce
- * area) without registering: an uncloaked victim meets attack=plant the same way. */
+/* uncloaked_init maps what cloak_init maps (a page written, then made read+
+ * execute, then the bounce area) without registering: an uncloaked victim meets
+ * attack=plant the same way. */
 static __attribute__((noinline)) long uncloaked_init(void)
 {
-	void *t = sys_mmap(NULL, 4096, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	char *t = sys_mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if ((long)t < 0 && (long)t > -4096)
+		return (long)t;
+	t[0] = (char)0xc3; /* ret */
+	long r = sys_mprotect(t, 4096, PROT_READ | PROT_EXEC);
+	if (r < 0)
+		return r;
 	void *b = sys_mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	__asm__ volatile("" ::"r"(t), "r"(b) : "memory");
 	return 0;

@@ -24,6 +24,7 @@ void *sys_mmap(void *addr, size_t len, int prot, int flags, int fd, long off)
 {
 	return (void *)syscall6(9, (long)addr, (long)len, prot, flags, fd, off);
 }
+long sys_mprotect(void *addr, size_t len, int prot) { return syscall6(10, (long)addr, (long)len, prot, 0, 0, 0); }
 long sys_munmap(void *addr, size_t len) { return syscall6(11, (long)addr, (long)len, 0, 0, 0, 0); }
 long sys_brk(void *addr) { return syscall6(12, (long)addr, 0, 0, 0, 0, 0); }
 long sys_getpid(void) { return syscall6(39, 0, 0, 0, 0, 0, 0); }

@@ -66,6 +66,7 @@ long sys_close(int fd);
 long sys_lseek(int fd, long off, int whence);
 long sys_fstat(int fd, struct stat *st);
 void *sys_mmap(void *addr, size_t len, int prot, int flags, int fd, long off);
+long sys_mprotect(void *addr, size_t len, int prot);
 long sys_munmap(void *addr, size_t len);
 long sys_brk(void *addr);
 long sys_getpid(void);

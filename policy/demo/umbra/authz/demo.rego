@@ -7,7 +7,7 @@
 #   made both ways and audited. Copy it as a starting point, never ship it.
 package umbra.authz
 
-demo_app := "0b60ebead71619a604a0a952db917a48435a3d0ab354e33e42ab92ccd8d71143"
+demo_app := "790b0b0a528fb47ac44e6c8737ebd426b6d8eecc3901bb121d388841ae61950c"
 
 allowed_actions := {"launch", "resume", "modify_spec", "console_open", "cloak_register", "pageprot_change", "delete", "pause", "stop", "inspect"}
 
