@@ -108,4 +108,9 @@ bench:
 	b ./attest/eventlog '^BenchmarkOpenEventLog$$' 3x; \
 	b ./policy '^BenchmarkDecisionPerRule$$' 300x; \
 	b ./monitor '^BenchmarkCloakScaling$$' 3x; \
+	b ./snapshot '^BenchmarkBlock(Seal|Open)$$' 300x; \
+	b ./kvm '^BenchmarkMarkCOW$$' 7x; \
+	b ./checkpoint '^BenchmarkLazyRestoreFault$$' 10x; \
+	b ./checkpoint '^BenchmarkTimeToFirstInstruction$$' 10x; \
+	b ./checkpoint '^BenchmarkIncrementalSize$$' 1x; \
 	echo; $(GO) run ./internal/benchtable < $(BENCH_OUT)

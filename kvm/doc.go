@@ -4,8 +4,11 @@
 // It covers what a userspace monitor needs: the system device and its capabilities,
 // VMs and their memory slots, vCPUs with the shared run structure mapped and exits
 // decoded into Go values, register state (general, special, FPU, XSAVE, MSRs, CPUID,
-// events, guest debug), kicking a running vCPU from another goroutine, and userfaultfd
-// helpers for the memory that backs guest RAM.
+// events, guest debug), the rest of the state a checkpoint captures and restores
+// (SREGS2, XCRs, LAPIC, MP state, debug registers, irqchip, PIT, kvmclock; the dirty
+// log with manual protection; CaptureVCPU/RestoreVCPU and their binary encodings),
+// kicking a running vCPU from another goroutine, and userfaultfd helpers for the memory
+// that backs guest RAM.
 //
 // The package knows nothing about the program using it: no policy, no crypto, no
 // guest formats. Every ioctl error is returned wrapped with the ioctl's name.

@@ -68,12 +68,27 @@ type testVM struct {
 // is given), code loaded at 0x1000, and a vCPU in real mode about to run it.
 func newRealModeVM(t testing.TB, code []byte, mem []byte, slotFlags uint32) *testVM {
 	t.Helper()
+	return newTestVM(t, code, mem, slotFlags, false)
+}
+
+// newTestVM is newRealModeVM; with devices, the in-kernel irqchip and i8254 are
+// created first and the vCPU gets the supported CPUID, as a monitor's VM has them.
+func newTestVM(t testing.TB, code []byte, mem []byte, slotFlags uint32, devices bool) *testVM {
+	t.Helper()
 	sys := requireKVM(t)
 	vm, err := sys.CreateVM()
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { vm.Close() })
+	if devices {
+		if err := vm.CreateIRQChip(); err != nil {
+			t.Fatal(err)
+		}
+		if err := vm.CreatePIT2(); err != nil {
+			t.Fatal(err)
+		}
+	}
 	if mem == nil {
 		mem, err = unix.Mmap(-1, 0, testMemSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
 		if err != nil {
@@ -90,6 +105,15 @@ func newRealModeVM(t testing.TB, code []byte, mem []byte, slotFlags uint32) *tes
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cpu.Close() })
+	if devices {
+		cpuid, err := sys.SupportedCPUID()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := cpu.SetCPUID(cpuid); err != nil {
+			t.Fatal(err)
+		}
+	}
 	s, err := cpu.Sregs()
 	if err != nil {
 		t.Fatal(err)

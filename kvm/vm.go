@@ -13,6 +13,9 @@ type VM struct {
 	fd       int
 	mmapSize int
 	slots    map[uint32]MemoryRegion
+	// manualDirty is set by EnableManualDirtyLog: DirtyLog then reports without
+	// clearing, and ClearDirtyLog clears.
+	manualDirty bool
 }
 
 // MemoryRegion describes one memory slot: guest-physical range [GuestPhys,
@@ -74,7 +77,8 @@ func (vm *VM) MemoryRegions() []MemoryRegion {
 }
 
 // DirtyLog returns the dirty-page bitmap of a slot with MemLogDirtyPages set, one bit
-// per page, and clears it in KVM.
+// per page, and clears it in KVM (after EnableManualDirtyLog it only reports; the
+// caller clears with ClearDirtyLog).
 func (vm *VM) DirtyLog(slot uint32) ([]uint64, error) {
 	r, ok := vm.slots[slot]
 	if !ok {

@@ -139,11 +139,15 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	// goes into the policy input and the event log; nothing is written before the policy
 	// allowed the disk.
 	if p := lc.Disks.Protected; p != nil {
-		lc.Disks.Protected = &monitor.ProtectedDiskEnv{Secret: p.Secret, TPM: lc.TPM, Host: fp, StateDir: lc.StateDir, VM: lc.Spec.Name}
+		lc.Disks.Protected = &monitor.ProtectedDiskEnv{Secret: p.Secret, Counter: sealing.SeriesCounter{TPM: lc.TPM, Host: fp}, StateDir: lc.StateDir, VM: lc.Spec.Name}
 	}
-	disks, err := monitor.IdentifyDisks(ctx, lc.Spec.Disks, lc.Disks)
+	ids, err := monitor.IdentifyDisks(ctx, lc.Spec.Disks, lc.Disks)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w: %w", ErrLaunchRefused, ErrInvalidInput, err)
+	}
+	disks := make([]policy.Device, len(ids))
+	for i, id := range ids {
+		disks[i] = policy.Device(id)
 	}
 	hostname, _ := os.Hostname()
 	if hostname == "" {
@@ -291,7 +295,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		{Type: eventlog.TypePolicy, Description: "revision " + lc.Policy.Revision(), Digest: policyDigest},
 	}...)
 	for _, dev := range disks {
-		events = append(events, eventlog.Event{Type: monitor.TypeGuestDisk, Description: "disk " + dev.ID + " of VM " + lc.Spec.Name, Data: monitor.DiskMeasurement(dev)})
+		events = append(events, eventlog.Event{Type: monitor.TypeGuestDisk, Description: "disk " + dev.ID + " of VM " + lc.Spec.Name, Data: monitor.DiskMeasurement(monitor.DiskIdentity(dev))})
 	}
 	for _, ev := range events {
 		if _, err := measurer.Measure(ctx, ev); err != nil {

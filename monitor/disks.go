@@ -15,7 +15,6 @@ import (
 	"github.com/umbra-cc/umbra/disk/protdisk"
 	"github.com/umbra-cc/umbra/disk/qcow2"
 	"github.com/umbra-cc/umbra/monitor/memguard"
-	"github.com/umbra-cc/umbra/policy"
 	"github.com/umbra-cc/umbra/virtio"
 	"github.com/umbra-cc/umbra/virtio/blk"
 )
@@ -50,7 +49,7 @@ const (
 )
 
 // TypeGuestDisk is the event-log type of an attached disk: its data is the device
-// identity as the policy saw it (JSON of policy.Device).
+// identity as the policy saw it (JSON of DiskIdentity, which is policy.Device's layout).
 const TypeGuestDisk = "guest-disk"
 
 // Virtio-mmio device slots: slot i is the 4 KiB window at VirtioMMIOBase + i*4 KiB,
@@ -125,14 +124,27 @@ type DiskEnv struct {
 // ErrNoDiskKey is returned for a protected disk without a sealed key.
 var ErrNoDiskKey = errors.New("a protected disk needs its key from a sealed VM bundle; seal the spec (umbra seal) and run the bundle")
 
+// DiskIdentity is a disk as the policy input and the event log describe it. Its fields
+// and JSON names are policy.Device's (launch converts one to the other), so the monitor
+// needs no policy code.
+type DiskIdentity struct {
+	Type     string `json:"type"`
+	ID       string `json:"id"`
+	Path     string `json:"path,omitempty"`
+	Format   string `json:"format,omitempty"` // raw, qcow2 or protected
+	Digest   string `json:"digest,omitempty"`
+	Root     string `json:"root,omitempty"`
+	ReadOnly bool   `json:"read_only,omitempty"`
+}
+
 // IdentifyDisks returns each disk's identity for the policy input and the event log: the
 // resolved path, the format, read-only, and the SHA-256 of the guest-visible contents
 // (read through a read-only open) or, for a protected disk, its anchored root. Nothing is
 // written.
-func IdentifyDisks(ctx context.Context, disks []DiskSpec, env DiskEnv) ([]policy.Device, error) {
-	out := make([]policy.Device, 0, len(disks))
+func IdentifyDisks(ctx context.Context, disks []DiskSpec, env DiskEnv) ([]DiskIdentity, error) {
+	out := make([]DiskIdentity, 0, len(disks))
 	for _, d := range disks {
-		dev := policy.Device{Type: DeviceVirtioBlk, ID: d.Name, Path: specPath(env.Dir, d.Path), Format: d.format(), ReadOnly: d.ReadOnly}
+		dev := DiskIdentity{Type: DeviceVirtioBlk, ID: d.Name, Path: specPath(env.Dir, d.Path), Format: d.format(), ReadOnly: d.ReadOnly}
 		if d.Protected {
 			if env.Protected == nil {
 				return nil, fmt.Errorf("disk %s: %w", d.Name, ErrNoDiskKey)
@@ -256,7 +268,7 @@ func contentDigest(ctx context.Context, be disk.Backend) (string, error) {
 }
 
 // DiskMeasurement is a disk's event-log data: its identity as JSON.
-func DiskMeasurement(dev policy.Device) []byte {
+func DiskMeasurement(dev DiskIdentity) []byte {
 	b, _ := json.Marshal(dev) // a struct of strings and a bool: cannot fail
 	return b
 }

@@ -14,11 +14,8 @@ import (
 	"path/filepath"
 	"sync"
 
-	"github.com/google/go-tpm/tpm2/transport"
-
 	"github.com/umbra-cc/umbra/disk"
 	"github.com/umbra-cc/umbra/disk/protdisk"
-	"github.com/umbra-cc/umbra/sealing"
 	"github.com/umbra-cc/umbra/statefile"
 	"github.com/umbra-cc/umbra/strictjson"
 )
@@ -32,11 +29,20 @@ import (
 // ProtectedDiskEnv is what protected disks need besides the spec: the sealed VM secret,
 // the TPM and the host's identity for the rollback counter, and where the anchors live.
 type ProtectedDiskEnv struct {
-	Secret   []byte
-	TPM      transport.TPM
-	Host     string // the TPM's EK fingerprint (sealing.HostID)
+	Secret []byte
+	// Counter is the TPM's rollback counter for the disks' anchor series
+	// (sealing.SeriesCounter); nil when nothing is anchored.
+	Counter  RollbackCounter
 	StateDir string
 	VM       string
+}
+
+// RollbackCounter is a TPM-backed monotonic version per named series.
+type RollbackCounter interface {
+	// Version returns the series' recorded version (0 if never advanced).
+	Version(series string) (uint64, error)
+	// Advance records version (not below the recorded one) for the series.
+	Advance(series string, version uint64) error
 }
 
 // ErrDiskRolledBack is wrapped by the error of a protected disk whose image or anchor is
@@ -135,7 +141,7 @@ func (p *protectedDisk) Commit(r protdisk.Root) error {
 	if err := statefile.WriteAtomic(p.path, b, 0o600); err != nil {
 		return fmt.Errorf("anchor protected disk %s: %w", p.name, err)
 	}
-	if err := sealing.AdvanceSeries(p.env.TPM, p.env.Host, p.series, next); err != nil {
+	if err := p.env.Counter.Advance(p.series, next); err != nil {
 		return fmt.Errorf("anchor protected disk %s in the TPM: %w", p.name, err)
 	}
 	p.version = next
@@ -145,7 +151,7 @@ func (p *protectedDisk) Commit(r protdisk.Root) error {
 // open checks the anchor against the TPM and opens the image against the anchored root;
 // with no anchor yet it creates the disk from the seed image.
 func (p *protectedDisk) open(ctx context.Context, d DiskSpec, path, seed string) (disk.Backend, error) {
-	hw, err := sealing.SeriesVersion(p.env.TPM, p.env.Host, p.series)
+	hw, err := p.env.Counter.Version(p.series)
 	if err != nil {
 		return nil, fmt.Errorf("protected disk %s: TPM rollback counter: %w", p.name, err)
 	}
@@ -166,7 +172,7 @@ func (p *protectedDisk) open(ctx context.Context, d DiskSpec, path, seed string)
 		return nil, fmt.Errorf("%w: disk %s's anchor is version %d, the TPM records only %d: the TPM's counters were reset or the anchor is another host's", ErrDiskRolledBack, p.name, a.Version, hw)
 	case a.Version == hw+1:
 		// A commit that crashed between the anchor file and the TPM: complete it.
-		if err := sealing.AdvanceSeries(p.env.TPM, p.env.Host, p.series, a.Version); err != nil {
+		if err := p.env.Counter.Advance(p.series, a.Version); err != nil {
 			return nil, fmt.Errorf("protected disk %s: completing an interrupted anchor: %w", p.name, err)
 		}
 	}

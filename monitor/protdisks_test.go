@@ -105,7 +105,7 @@ func TestProtectedDiskAnchorAgainstTheTPM(t *testing.T) {
 		t.Skipf("skipping: no TPM simulator: %v", err)
 	}
 	defer tpm.Close()
-	env := &ProtectedDiskEnv{Secret: bytes.Repeat([]byte{9}, 32), TPM: tpm, Host: "test-host", StateDir: state, VM: "vm"}
+	env := &ProtectedDiskEnv{Secret: bytes.Repeat([]byte{9}, 32), Counter: sealing.SeriesCounter{TPM: tpm, Host: "test-host"}, StateDir: state, VM: "vm"}
 	dir := t.TempDir()
 	seed, img := filepath.Join(dir, "seed.raw"), filepath.Join(dir, "root.pd")
 	if err := os.WriteFile(seed, bytes.Repeat([]byte("seed data "), 8192)[:64<<10], 0o600); err != nil {
@@ -125,7 +125,7 @@ func TestProtectedDiskAnchorAgainstTheTPM(t *testing.T) {
 		return p, err
 	}
 	hw := func() uint64 {
-		v, err := sealing.SeriesVersion(tpm, env.Host, "umbra-disk.vm.root")
+		v, err := sealing.SeriesVersion(tpm, "test-host", "umbra-disk.vm.root")
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -27,3 +27,20 @@ func AdvanceSeries(t transport.TPM, host, series string, version uint64) error {
 	}
 	return advanceCounter(t, host, series, version)
 }
+
+// SeriesCounter is the rollback counters of one host's TPM as named series (what the
+// monitor's protected disks anchor to).
+type SeriesCounter struct {
+	TPM  transport.TPM
+	Host string // the TPM's EK fingerprint (HostID)
+}
+
+// Version is SeriesVersion.
+func (c SeriesCounter) Version(series string) (uint64, error) {
+	return SeriesVersion(c.TPM, c.Host, series)
+}
+
+// Advance is AdvanceSeries.
+func (c SeriesCounter) Advance(series string, version uint64) error {
+	return AdvanceSeries(c.TPM, c.Host, series, version)
+}

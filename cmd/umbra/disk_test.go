@@ -109,6 +109,7 @@ func (f *diskFixture) stateFiles(t *testing.T, pattern string) string {
 // reading of it is qemu's; the next boot reads the file back. Each disk was an
 // attach_device decision in the audit log and a guest-disk event in the event log.
 func TestDiskJourney(t *testing.T) {
+	t.Parallel()
 	for _, format := range []string{"qcow2"} {
 		t.Run(format, func(t *testing.T) {
 			t.Parallel()

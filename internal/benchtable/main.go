@@ -60,6 +60,13 @@ var rows = []row{
 	{"virtio-blk 1 MiB read request, protected disk, vs pread", "BenchmarkRequest/protected/read/1024KiB", "ratio-vs-syscall", 0},
 	{"virtio-blk 4 KiB write + flush request, protected disk, vs pwrite + fdatasync", "BenchmarkRequest/protected/write+flush/4KiB", "ratio-vs-syscall", 0},
 	{"virtio-blk 1 MiB write + flush request, protected disk, vs pwrite + fdatasync", "BenchmarkRequest/protected/write+flush/1024KiB", "ratio-vs-syscall", 0},
+	{"lazy restore, per fault (one 256 KiB block) vs raw userfaultfd install + AES-GCM open", "BenchmarkLazyRestoreFault", "lazy/raw", 1.5},
+	{"incremental snapshot bytes vs dirtied bytes, 1024 contiguous pages", "BenchmarkIncrementalSize/contiguous-1024", "bytes/dirtied", 0},
+	{"incremental snapshot bytes vs dirtied bytes, one page per storage block", "BenchmarkIncrementalSize/scattered-48", "bytes/dirtied", 0},
+	{"snapshot storage block seal (64 pages, no zstd) vs raw AES-256-GCM", "BenchmarkBlockSeal/raw-mixed", "ratio", 0},
+	{"snapshot storage block seal with zstd vs raw AES-256-GCM", "BenchmarkBlockSeal/zstd-mixed", "ratio", 0},
+	{"snapshot storage block read (no zstd) vs raw AES-256-GCM open", "BenchmarkBlockOpen/raw-mixed", "ratio", 0},
+	{"snapshot storage block read with zstd vs raw AES-256-GCM open", "BenchmarkBlockOpen/zstd-mixed", "ratio", 0},
 }
 
 // scalingRows are the growth rates: absolute costs per unit, shown without targets.
@@ -73,6 +80,11 @@ var scalingRows = []row{
 	{"cloaking, per cloaked app (over the same apps uncloaked)", "BenchmarkCloakScaling/per-app", "cloaking-ns/app", 0},
 	{"a cloaked run, per GiB of guest RAM", "BenchmarkCloakScaling/per-GiB", "cloaked-ms/GiB", 0},
 	{"an uncloaked run, per GiB of guest RAM", "BenchmarkCloakScaling/per-GiB", "uncloaked-ms/GiB", 0},
+	{"lazy restore of 512 MiB, open to the guest's first exit (ms)", "BenchmarkTimeToFirstInstruction", "ms-to-first-exit", 0},
+	{"userfaultfd write-protect of all guest RAM, 64 MiB (ns)", "BenchmarkMarkCOW/64MiB", "uffd-wp-ns", 0},
+	{"userfaultfd write-protect of all guest RAM, 1 GiB (ns)", "BenchmarkMarkCOW/1024MiB", "uffd-wp-ns", 0},
+	{"KVM dirty log on, manual protect, 64 MiB (ns)", "BenchmarkMarkCOW/64MiB", "dirtylog-manual-ns", 0},
+	{"KVM dirty log on, manual protect, 1 GiB (ns)", "BenchmarkMarkCOW/1024MiB", "dirtylog-manual-ns", 0},
 }
 
 var (
