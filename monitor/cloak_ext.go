@@ -51,3 +51,11 @@ func (x cloakExtension) close() error {
 	x.v.cloak = nil
 	return c.close()
 }
+
+// beforeReport seals cloaked plaintext in the frame: the system view of a cloaked page
+// is its ciphertext, so a crash report never carries plaintext.
+func (x cloakExtension) beforeReport(gpa, n uint64) {
+	if c := x.v.cloak; c != nil {
+		c.sealForSystem(gpa, n)
+	}
+}

@@ -119,6 +119,10 @@ type extension interface {
 	kick()
 	// close releases what the extension holds; the VM is closing.
 	close() error
+	// beforeReport runs before the monitor copies n bytes of guest memory at gpa into a
+	// report of its own (a crash report's instruction bytes): an extension that keeps
+	// frames the report must not show (cloaked plaintext) makes them safe to read.
+	beforeReport(gpa, n uint64)
 }
 
 // noExtensionHooks gives an extension the run-loop methods it does not need.
@@ -128,6 +132,7 @@ func (noExtensionHooks) step(context.Context) (bool, error) { return false, nil 
 func (noExtensionHooks) finish(*Result)                     {}
 func (noExtensionHooks) kick()                              {}
 func (noExtensionHooks) close() error                       { return nil }
+func (noExtensionHooks) beforeReport(uint64, uint64)        {}
 
 // addExtension registers x's routes and adds it to the run loop.
 func (v *VM) addExtension(x extension) error {

@@ -469,10 +469,10 @@ func (v *VM) insnBytes(rip uint64) []byte {
 		return nil
 	}
 	n := min(15, PageSize-int(tr.Physical%PageSize)) // stay within the page
-	if v.cloak != nil {
-		// The system view of a cloaked page is its ciphertext: never plaintext in a
-		// crash report (the kernel can point its rip anywhere).
-		v.cloak.sealForSystem(tr.Physical, uint64(n))
+	// The kernel can point its rip anywhere, a cloaked page included: the extensions
+	// make the frame safe to show first.
+	for _, x := range v.extensions {
+		x.beforeReport(tr.Physical, uint64(n))
 	}
 	buf := make([]byte, n)
 	if err := v.mem.ReadPhys(tr.Physical, buf); err != nil {
