@@ -27,6 +27,20 @@ type AuditView struct {
 	Verify  *audit.Result `json:"verify"`
 	Entries []AuditEntry  `json:"entries"`
 	Total   int           `json:"matched"`
+	// Evidence is the verdict of the evidence file against the reference values
+	// (`umbra serve --evidence --reference`), evaluated for this request; nil if
+	// the server was not given them.
+	Evidence *EvidenceVerdict `json:"evidence,omitempty"`
+}
+
+// EvidenceVerdict is `umbra attest verify`'s verdict on an evidence file: "pass" or
+// "fail", and its output verbatim.
+type EvidenceVerdict struct {
+	Evidence  string `json:"evidence"`
+	Reference string `json:"reference"`
+	Verdict   string `json:"verdict"`
+	OK        bool   `json:"ok"`
+	Text      string `json:"text"`
 }
 
 // maxAuditEntries bounds one answer.
@@ -60,6 +74,9 @@ func (s *Server) auditView(w http.ResponseWriter, r *http.Request, a authInfo) {
 	if err != nil {
 		httpError(w, http.StatusInternalServerError, err.Error())
 		return
+	}
+	if s.cfg.Evidence != nil {
+		v.Evidence = s.cfg.Evidence()
 	}
 	writeJSON(w, http.StatusOK, v)
 }

@@ -68,6 +68,9 @@ type Config struct {
 	// "mtls:" + its subject's common name (a-z, 0-9, '-', '_', '.'), groups its
 	// organizational units. Clients without a certificate use tokens.
 	ClientCAs *x509.CertPool
+	// Evidence, if set, verifies an evidence file against reference values; the
+	// audit view calls it on each request (so a changed file is seen at once).
+	Evidence func() *EvidenceVerdict
 }
 
 // Server is umbra serve.

@@ -33,14 +33,7 @@ func TestAttestAndAuditCLI(t *testing.T) {
 	tpmFlag := "--tpm=swtpm:" + sw.Socket
 	dir := t.TempDir()
 	state := "--state-dir=" + dir
-	for _, m := range [][]string{
-		{"--type", "monitor", "--description", "/usr/bin/umbra", "--digest", strings.Repeat("ab", 32)},
-		{"--type", "cmdline", "--data", "console=ttyS0"},
-	} {
-		if code, out, errs := cli(t, append([]string{"attest", "measure", tpmFlag, state}, m...)...); code != 0 {
-			t.Fatalf("measure: %d %s %s", code, out, errs)
-		}
-	}
+	measureLaunch(t, tpmFlag, state)
 	// An audit log anchored through the same event log, as the monitor does.
 	tpm := tpmtest.OpenSwtpmSocket(t, sw.Socket)
 	ctx := context.Background()
@@ -71,18 +64,7 @@ func TestAttestAndAuditCLI(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ref := filepath.Join(dir, "ref.yaml")
-	os.WriteFile(ref, []byte(`version: 1
-hosts:
-  - name: test-host
-    fingerprint: `+ev.HostFingerprint+`
-    ak_name: `+ev.AKName()+`
-measurements:
-  - type: monitor
-    expected: `+strings.Repeat("ab", 32)+`
-  - type: cmdline
-    expected: `+ev.EventLog[1].Content.Value+`
-`), 0o644)
+	ref := writeReference(t, filepath.Join(dir, "ref.yaml"), ev)
 
 	code, out, errs := cli(t, "attest", "verify", evPath, "--nonce", nonce, "--reference", ref)
 	if code != 0 || !strings.Contains(out, "RESULT: PASS") || !strings.Contains(out, "audit-anchor") {
@@ -310,4 +292,59 @@ func quotedThreeMeasurements(t *testing.T) (dir, evPath string, pcr15 []byte) {
 		t.Fatal(err)
 	}
 	return dir, evPath, ev.PCRMap()[15]
+}
+
+// writeReference writes reference values that evidence ev (the two measurements of
+// TestAttestAndAuditCLI: monitor, cmdline) passes against, and returns path.
+func writeReference(t *testing.T, path string, ev *evidence.Evidence) string {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(`version: 1
+hosts:
+  - name: test-host
+    fingerprint: `+ev.HostFingerprint+`
+    ak_name: `+ev.AKName()+`
+measurements:
+  - type: monitor
+    expected: `+strings.Repeat("ab", 32)+`
+  - type: cmdline
+    expected: `+ev.EventLog[1].Content.Value+`
+`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// swtpmEvidence measures a monitor and a cmdline into a real swtpm, quotes them
+// for a nonce and writes the reference values they pass against: the arguments
+// `umbra serve --evidence E --reference R --nonce N` takes.
+func swtpmEvidence(t *testing.T) (evPath, refPath, nonce string) {
+	t.Helper()
+	_, sw := tpmtest.StartSwtpm(t)
+	tpmFlag := "--tpm=swtpm:" + sw.Socket
+	dir := t.TempDir()
+	state := "--state-dir=" + dir
+	measureLaunch(t, tpmFlag, state)
+	nonce = "00112233445566778899aabbccddeeff"
+	evPath = filepath.Join(dir, "evidence.json")
+	if code, _, errs := cli(t, "attest", "quote", tpmFlag, state, "--nonce", nonce, "-o", evPath); code != 0 {
+		t.Fatalf("quote: %d %s", code, errs)
+	}
+	ev, err := evidence.Parse(bytes.NewReader(mustRead(t, evPath)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return evPath, writeReference(t, filepath.Join(dir, "ref.yaml"), ev), nonce
+}
+
+// measureLaunch measures a monitor and a cmdline, as a launch does.
+func measureLaunch(t *testing.T, tpmFlag, state string) {
+	t.Helper()
+	for _, m := range [][]string{
+		{"--type", "monitor", "--description", "/usr/bin/umbra", "--digest", strings.Repeat("ab", 32)},
+		{"--type", "cmdline", "--data", "console=ttyS0"},
+	} {
+		if code, out, errs := cli(t, append([]string{"attest", "measure", tpmFlag, state}, m...)...); code != 0 {
+			t.Fatalf("measure: %d %s %s", code, out, errs)
+		}
+	}
 }

@@ -59,13 +59,9 @@ func auditReport(env *cliEnv, args []string) int {
 	}
 	rep := &serve.Report{Log: fs.Arg(0), Generated: time.Now(), Verdict: res.Verdict, OK: res.OK, VerifyText: text.String(), Entries: view.Entries}
 	if *refPath != "" {
-		// The evidence's verdict is exactly `umbra attest verify`'s: the same code.
-		var evText bytes.Buffer
-		code := attestVerify(&cliEnv{stdout: &evText, stderr: &evText}, []string{*evPath, "--nonce", *nonceHex, "--reference", *refPath})
-		rep.EvidenceText, rep.EvidenceVerdict = evText.String(), "pass"
-		if code != 0 {
-			rep.EvidenceVerdict, rep.OK = "fail", false
-		}
+		ev := evidenceVerdict(*evPath, *nonceHex, *refPath)
+		rep.EvidenceText, rep.EvidenceVerdict = ev.Text, ev.Verdict
+		rep.OK = rep.OK && ev.OK
 	}
 	var html bytes.Buffer
 	if err := serve.WriteReport(&html, rep); err != nil {
@@ -79,4 +75,17 @@ func auditReport(env *cliEnv, args []string) int {
 		return 1
 	}
 	return 0
+}
+
+// evidenceVerdict is exactly `umbra attest verify`'s verdict and output for the
+// evidence against the reference values: the same code (`audit report --reference`
+// and `serve --evidence` use it).
+func evidenceVerdict(evPath, nonceHex, refPath string) *serve.EvidenceVerdict {
+	var text bytes.Buffer
+	code := attestVerify(&cliEnv{stdout: &text, stderr: &text}, []string{evPath, "--nonce", nonceHex, "--reference", refPath})
+	v := &serve.EvidenceVerdict{Evidence: evPath, Reference: refPath, Verdict: "pass", OK: true, Text: text.String()}
+	if code != 0 {
+		v.Verdict, v.OK = "fail", false
+	}
+	return v
 }

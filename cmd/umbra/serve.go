@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -12,6 +13,7 @@ import (
 	"os"
 	"strings"
 
+	"github.com/umbra-cc/umbra/attest/verify"
 	"github.com/umbra-cc/umbra/serve"
 )
 
@@ -37,6 +39,9 @@ func runServe(ctx context.Context, env *cliEnv, args []string) int {
 	certOut := fs.String("cert-out", "", "write the generated certificate here (for clients to trust)")
 	host := fs.String("host", "", "this host's name in tickets (default: the hostname)")
 	ttl := fs.Duration("ticket-ttl", 0, "tickets' lifetime (default 30s, at most 1m)")
+	evPath := fs.String("evidence", "", "show this evidence file's verdict against --reference on the audit page, as 'umbra attest verify' gives it")
+	refPath := fs.String("reference", "", "reference values (YAML) for --evidence")
+	nonceHex := fs.String("nonce", "", "the nonce (hex) --evidence was made for")
 	clientCA := fs.String("client-ca", "", "CA certificates (PEM) whose client certificates authenticate as mtls:CN (mutual TLS)")
 	if code, done := parseFlags(env, fs, args); done {
 		return code
@@ -56,6 +61,13 @@ func runServe(ctx context.Context, env *cliEnv, args []string) int {
 		return exitUsage
 	}
 	cfg := serve.Config{StateDir: dir, Host: *host, Tokens: tk, TicketTTL: *ttl, Logger: slog.New(slog.NewTextHandler(env.stderr, nil))}
+	if *evPath != "" || *refPath != "" || *nonceHex != "" {
+		if err := checkEvidenceFiles(*evPath, *nonceHex, *refPath); err != nil {
+			fmt.Fprintf(env.stderr, "umbra serve: %v\n", err)
+			return exitUsage
+		}
+		cfg.Evidence = func() *serve.EvidenceVerdict { return evidenceVerdict(*evPath, *nonceHex, *refPath) }
+	}
 	if *certFile != "" {
 		c, err := tls.LoadX509KeyPair(*certFile, *keyFile)
 		if err != nil {
@@ -149,4 +161,36 @@ func runServeToken(env *cliEnv, args []string) int {
 	}
 	fmt.Fprintln(env.stdout, tok)
 	return 0
+}
+
+// checkEvidenceFiles checks at start what `umbra attest verify` will read on each
+// request: --evidence, --reference and --nonce together, regular files that parse
+// strictly, a well-formed nonce.
+func checkEvidenceFiles(evPath, nonceHex, refPath string) error {
+	if evPath == "" || refPath == "" || nonceHex == "" {
+		return errors.New("--evidence, --reference and --nonce go together")
+	}
+	for _, p := range []string{evPath, refPath} {
+		fi, err := os.Stat(p)
+		if err != nil {
+			return err
+		}
+		if !fi.Mode().IsRegular() {
+			return fmt.Errorf("%s: not a regular file", p)
+		}
+	}
+	if _, err := parseNonce(nonceHex); err != nil {
+		return err
+	}
+	if _, err := loadEvidence(evPath); err != nil {
+		return err
+	}
+	rb, err := readFile(refPath, verify.MaxReferenceBytes)
+	if err != nil {
+		return err
+	}
+	if _, err := verify.ParseReference(bytes.NewReader(rb)); err != nil {
+		return fmt.Errorf("%s: %w", refPath, err)
+	}
+	return nil
 }

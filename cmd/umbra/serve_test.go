@@ -241,7 +241,8 @@ func TestServeConsoleTwoTickets(t *testing.T) {
 // connection, a principal the VM's policy refuses, a forged ticket, and the
 // hardening (rate limit, CSRF, origin, tickets in URLs).
 func TestServeTicketRefusals(t *testing.T) {
-	s := newServeFixture(t, 2*time.Second)
+	evPath, refPath, nonce := swtpmEvidence(t)
+	s := newServeFixture(t, 2*time.Second, "--evidence", evPath, "--reference", refPath, "--nonce", nonce)
 	a, b := s.conn("alice"), s.conn("alice")
 	hostTicket := func(c *conn) string {
 		t.Helper()
@@ -398,6 +399,18 @@ func TestServeTicketRefusals(t *testing.T) {
 		if v["verify"].(map[string]any)["ok"] != true {
 			t.Fatalf("audit verify: %v", v["verify"])
 		}
+		// The evidence's verdict is `umbra attest verify`'s, evaluated per request:
+		// pass for the quote, fail (same text) once the file is tampered with.
+		evidenceVerdictMatches(t, a, evPath, refPath, nonce, "pass")
+		b := mustRead(t, evPath)
+		tampered := bytes.Replace(b, []byte("console=ttyS0"), []byte("console=ttyS1"), 1)
+		if bytes.Equal(b, tampered) {
+			t.Fatal("the evidence has no cmdline to tamper with")
+		}
+		if err := os.WriteFile(evPath, tampered, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		evidenceVerdictMatches(t, a, evPath, refPath, nonce, "fail")
 		m := s.conn("mallory")
 		m.token = s.tokens["mallory"]
 		req, _ := http.NewRequest(http.MethodGet, s.base+"/api/v1/audit", nil)
@@ -409,6 +422,57 @@ func TestServeTicketRefusals(t *testing.T) {
 		resp.Body.Close()
 	})
 	noTicketsLeaked(t, s)
+}
+
+// evidenceVerdictMatches checks that GET /api/v1/audit gives the verdict and the
+// exact output of `umbra attest verify` for the evidence, and that it is want.
+func evidenceVerdictMatches(t *testing.T, c *conn, evPath, refPath, nonce, want string) {
+	t.Helper()
+	var v serve.AuditView
+	getInto(t, c, "/api/v1/audit?limit=1", &v)
+	code, out, errs := cli(t, "attest", "verify", evPath, "--nonce", nonce, "--reference", refPath)
+	if v.Evidence == nil || v.Evidence.Verdict != want || v.Evidence.OK != (want == "pass") || (code == 0) != (want == "pass") {
+		t.Fatalf("evidence verdict %+v, attest verify exit %d, want %s\n%s%s", v.Evidence, code, want, out, errs)
+	}
+	if v.Evidence.Text != out+errs || v.Evidence.Evidence != evPath || v.Evidence.Reference != refPath {
+		t.Fatalf("evidence text differs from attest verify's:\n%s\n--- attest verify:\n%s%s", v.Evidence.Text, out, errs)
+	}
+}
+
+// TestServeEvidenceFlags: --evidence, --reference and --nonce are checked at start
+// (together, regular files, strict parsing) and refused with exit 2 and a reason.
+func TestServeEvidenceFlags(t *testing.T) {
+	dir := t.TempDir()
+	tok := filepath.Join(dir, "tokens.json")
+	if code, _, errs := runUmbra(t, "serve", "token", "alice", "--tokens", tok); code != 0 {
+		t.Fatal(errs)
+	}
+	ev := filepath.Join(dir, "ev.json")
+	os.WriteFile(ev, []byte(`{"version":1,"extra":true}`), 0o644)
+	ref := filepath.Join(dir, "ref.yaml")
+	os.WriteFile(ref, []byte("version: 1\nhosts: []\nmeasurements: []\n"), 0o644)
+	nonce := "00112233445566778899aabbccddeeff"
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"evidence alone", []string{"--evidence", ev}, "go together"},
+		{"no nonce", []string{"--evidence", ev, "--reference", ref}, "go together"},
+		{"a directory", []string{"--evidence", dir, "--reference", ref, "--nonce", nonce}, "not a regular file"},
+		{"missing", []string{"--evidence", ev, "--reference", filepath.Join(dir, "nope"), "--nonce", nonce}, "no such file"},
+		{"bad nonce", []string{"--evidence", ev, "--reference", ref, "--nonce", "xyz"}, "--nonce must be"},
+		{"bad evidence", []string{"--evidence", ev, "--reference", ref, "--nonce", nonce}, "ev.json"},
+		{"reference as evidence", []string{"--evidence", ref, "--reference", ref, "--nonce", nonce}, "ref.yaml"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			args := append([]string{"serve", "--state-dir", dir, "--tokens", tok, "--listen", "127.0.0.1:0"}, tc.args...)
+			code, _, errs := runUmbraBounded(t, 10*time.Second, args...)
+			if code != exitUsage || !strings.Contains(errs, tc.want) {
+				t.Fatalf("exit %d, want %d and %q:\n%s", code, exitUsage, tc.want, errs)
+			}
+		})
+	}
 }
 
 func mustURL(s string) *url.URL { u, _ := url.Parse(s); return u }

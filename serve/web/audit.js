@@ -20,6 +20,15 @@
     verdict.textContent = "Log verification: " + v.verify.verdict + " (" + v.verify.records + " records" +
       (v.verify.problems ? "; " + v.verify.problems.join("; ") : "") + ")";
     verdict.className = v.verify.ok ? "allow" : "deny";
+    // The evidence file against the reference values (serve --evidence): attest verify's verdict and text.
+    const box = document.getElementById("evidence-box");
+    box.hidden = !v.evidence;
+    if (v.evidence) {
+      const ev = document.getElementById("evidence-verdict");
+      ev.textContent = "Evidence verification: " + v.evidence.verdict + " (" + v.evidence.evidence + " against " + v.evidence.reference + ")";
+      ev.className = v.evidence.ok ? "allow" : "deny";
+      document.getElementById("evidence").textContent = v.evidence.text;
+    }
     const body = document.querySelector("#timeline tbody");
     body.replaceChildren();
     for (const e of v.entries.slice().reverse()) {
