@@ -44,7 +44,8 @@ func TestServeBrowserConsole(t *testing.T) {
 	if err != nil {
 		t.Skip("no chromium on PATH (Debian package chromium; make deps installs it)")
 	}
-	s := newServeFixture(t, 0)
+	evPath, refPath, nonce := swtpmEvidence(t)
+	s := newServeFixture(t, 0, "--evidence", evPath, "--reference", refPath, "--nonce", nonce)
 	art := artefactDir(t)
 	// Trust exactly the server's generated certificate (its SPKI pin), nothing else.
 	block, _ := pem.Decode(mustRead(t, s.f.path("serve.pem")))
@@ -131,6 +132,8 @@ func TestServeBrowserConsole(t *testing.T) {
 		waitText("#timeline tbody", "console-session-end"),
 		waitText("#timeline tbody", "console-session-open"),
 		waitText("#verdict", "Log verification: pass"),
+		waitText("#evidence-verdict", "Evidence verification: pass"),
+		waitText("#evidence", "RESULT: PASS"),
 		shot("4-audit.png"),
 		// The filters: ALLOW records of kind console-session-open only.
 		chromedp.SetValue(chromedp.CSS("#f-verdict"), "ALLOW"),

@@ -403,9 +403,9 @@ func TestServeTicketRefusals(t *testing.T) {
 		// pass for the quote, fail (same text) once the file is tampered with.
 		evidenceVerdictMatches(t, a, evPath, refPath, nonce, "pass")
 		b := mustRead(t, evPath)
-		tampered := bytes.Replace(b, []byte("console=ttyS0"), []byte("console=ttyS1"), 1)
+		tampered := bytes.Replace(b, []byte("/usr/bin/umbra"), []byte("/usr/bin/evil"), 1)
 		if bytes.Equal(b, tampered) {
-			t.Fatal("the evidence has no cmdline to tamper with")
+			t.Fatal("the evidence has no monitor description to tamper with")
 		}
 		if err := os.WriteFile(evPath, tampered, 0o644); err != nil {
 			t.Fatal(err)
@@ -437,6 +437,7 @@ func evidenceVerdictMatches(t *testing.T, c *conn, evPath, refPath, nonce, want 
 	if v.Evidence.Text != out+errs || v.Evidence.Evidence != evPath || v.Evidence.Reference != refPath {
 		t.Fatalf("evidence text differs from attest verify's:\n%s\n--- attest verify:\n%s%s", v.Evidence.Text, out, errs)
 	}
+	t.Logf("evidence %s:\n%s", want, v.Evidence.Text)
 }
 
 // TestServeEvidenceFlags: --evidence, --reference and --nonce are checked at start
