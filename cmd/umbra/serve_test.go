@@ -401,7 +401,9 @@ func TestServeTicketRefusals(t *testing.T) {
 		}
 		// The evidence's verdict is `umbra attest verify`'s, evaluated per request:
 		// pass for the quote, fail (same text) once the file is tampered with.
-		evidenceVerdictMatches(t, a, evPath, refPath, nonce, "pass")
+		if v := evidenceVerdictMatches(t, a, evPath, refPath, nonce, "pass"); !strings.Contains(v.Text, "RESULT: PASS") {
+			t.Fatalf("good evidence: %s", v.Text)
+		}
 		b := mustRead(t, evPath)
 		tampered := bytes.Replace(b, []byte("/usr/bin/umbra"), []byte("/usr/bin/evil"), 1)
 		if bytes.Equal(b, tampered) {
@@ -411,6 +413,15 @@ func TestServeTicketRefusals(t *testing.T) {
 			t.Fatal(err)
 		}
 		evidenceVerdictMatches(t, a, evPath, refPath, nonce, "fail")
+		// The genuine evidence again, against reference values that expect another
+		// monitor: a verification failure (RESULT: FAIL), not a parse error.
+		os.WriteFile(evPath, b, 0o644)
+		evidenceVerdictMatches(t, a, evPath, refPath, nonce, "pass")
+		r := mustRead(t, refPath)
+		os.WriteFile(refPath, bytes.Replace(r, []byte(strings.Repeat("ab", 32)), []byte(strings.Repeat("cd", 32)), 1), 0o644)
+		if v := evidenceVerdictMatches(t, a, evPath, refPath, nonce, "fail"); !strings.Contains(v.Text, "RESULT: FAIL") {
+			t.Fatalf("other monitor expected: %s", v.Text)
+		}
 		m := s.conn("mallory")
 		m.token = s.tokens["mallory"]
 		req, _ := http.NewRequest(http.MethodGet, s.base+"/api/v1/audit", nil)
@@ -426,7 +437,7 @@ func TestServeTicketRefusals(t *testing.T) {
 
 // evidenceVerdictMatches checks that GET /api/v1/audit gives the verdict and the
 // exact output of `umbra attest verify` for the evidence, and that it is want.
-func evidenceVerdictMatches(t *testing.T, c *conn, evPath, refPath, nonce, want string) {
+func evidenceVerdictMatches(t *testing.T, c *conn, evPath, refPath, nonce, want string) *serve.EvidenceVerdict {
 	t.Helper()
 	var v serve.AuditView
 	getInto(t, c, "/api/v1/audit?limit=1", &v)
@@ -438,6 +449,7 @@ func evidenceVerdictMatches(t *testing.T, c *conn, evPath, refPath, nonce, want 
 		t.Fatalf("evidence text differs from attest verify's:\n%s\n--- attest verify:\n%s%s", v.Evidence.Text, out, errs)
 	}
 	t.Logf("evidence %s:\n%s", want, v.Evidence.Text)
+	return v.Evidence
 }
 
 // TestServeEvidenceFlags: --evidence, --reference and --nonce are checked at start
