@@ -101,6 +101,7 @@ bench:
 	b ./monitor '^BenchmarkCloakServeExit$$' 1000x; \
 	b ./monitor '^BenchmarkPageProt(Cloaked)?Violation$$' 2000x; \
 	b ./guard '^BenchmarkGuardDecision$$' 200x; \
+	b ./serve/ticket '^BenchmarkTicket$$' 20000x; \
 	b ./cmd/umbra '^BenchmarkRun(History|Cloaked)$$' 5x; \
 	b ./sealing '^BenchmarkSealing$$//^seal$$' 50x; \
 	b ./attest/verify '^BenchmarkQuote$$' 100x; \

@@ -50,6 +50,7 @@ var rows = []row{
 	{"the same per page, in thread CPU time (less disturbed by the host's load)", "BenchmarkCloakTransitions", "app/raw-appfault-per-page-cpu", 0},
 	{"the monitor's own work per app-view transition (rule checks included) vs its raw primitives, CPU", "BenchmarkCloakServeExit", "ours/raw", 0},
 	{"Guard decision + audit append vs bare OPA + write+fsync", "BenchmarkGuardDecision", "guard/bare", 0},
+	{"console ticket issue + redeem vs two raw HMAC-SHA256 of its body", "BenchmarkTicket", "ticket/raw-hmac", 0},
 	{"audit open from checkpoint, 100k records vs 0", "BenchmarkOpenHistory", "checkpoint-100k/0", 0},
 	{"event log open from checkpoint, 100k records vs 1", "BenchmarkOpenEventLog", "checkpoint-100k/0", 0},
 	{"virtio-blk 4 KiB read request, raw disk, vs pread", "BenchmarkRequest/raw/read/4KiB", "ratio-vs-syscall", 0},
