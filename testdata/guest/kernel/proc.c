@@ -271,10 +271,16 @@ static int exc_signal(u64 v)
 }
 
 /*
- * swap=NAME: at a tick that interrupts process NAME in user mode when it
- * has not page-faulted for at least half a tick, evict every one of its
+ * swap=NAME: at a tick that interrupts process NAME in user mode when
+ * SWAP_IDLE_TICKS ticks since its last page fault found it in user mode and
+ * it has not page-faulted for at least half a tick, evict every one of its
  * pages. The condition guarantees progress: a process busy faulting its
- * working set back in is left alone until it computes again.
+ * working set back in is left alone until it computes again. Counting ticks
+ * that find it running, not only wall time, matters on a slow host: ticks
+ * arrive far apart and swap-ins take longer than a tick, so "half a tick of
+ * wall time without a fault" alone holds at nearly every tick and evicts
+ * pages before the process uses them (a shim's pages between its touch and
+ * CLOAK_REGISTER, the page served for a cloaked app's forwarded touch).
  */
 #define SWAP_IDLE_TICKS 4
 static void on_tick(struct trapframe *tf)
