@@ -520,7 +520,7 @@ func TestCloakFourAppsAndSwap(t *testing.T) {
 	}
 
 	// 1 MiB: 128 heap pages, 128 cloaked mmap pages; swap=APP evicts all of them
-	// whenever the app computes without faulting for half a tick.
+	// whenever the app computes without faulting for 4 ticks.
 	ref := runCloakGuest(t, "run=cloakcompute:128:3")
 	s := runCloakGuest(t, "run=cloakcompute:128:3:cloak,counter:x:3:2 swap=cloakcompute")
 	s.wantStatus(t, 0)

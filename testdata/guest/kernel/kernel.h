@@ -182,6 +182,7 @@ struct proc {
 	u64 mmap_next;
 	u64 wake_ns;
 	u64 last_fault_ns; /* when the kernel last resolved a page fault for it */
+	u32 idle_ticks;    /* ticks that found it in user mode since that fault */
 	int exit_status;
 	int order; /* position on the command line */
 	struct fd fds[MAX_FDS];

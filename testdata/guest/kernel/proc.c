@@ -271,18 +271,27 @@ static int exc_signal(u64 v)
 }
 
 /*
- * swap=NAME: at a tick that interrupts process NAME in user mode when it
- * has not page-faulted for at least half a tick, evict every one of its
+ * swap=NAME: at a tick that interrupts process NAME in user mode when
+ * SWAP_IDLE_TICKS ticks since its last page fault found it in user mode and
+ * it has not page-faulted for at least half a tick, evict every one of its
  * pages. The condition guarantees progress: a process busy faulting its
- * working set back in is left alone until it computes again.
+ * working set back in is left alone until it computes again. Counting ticks
+ * that find it running, not only wall time, matters on a slow host: ticks
+ * arrive far apart and swap-ins take longer than a tick, so "half a tick of
+ * wall time without a fault" alone holds at nearly every tick and evicts
+ * pages before the process uses them (a shim's pages between its touch and
+ * CLOAK_REGISTER, the page served for a cloaked app's forwarded touch).
  */
+#define SWAP_IDLE_TICKS 4
 static void on_tick(struct trapframe *tf)
 {
 	ticks++;
 	struct proc *p = current;
 	if (cfg.swap[0] && p != IDLE && (tf->cs & 3) == 3 && !strcmp(p->name, cfg.swap) &&
-	    now_ns() - p->last_fault_ns >= cfg.tick_us * 500)
+	    ++p->idle_ticks >= SWAP_IDLE_TICKS && now_ns() - p->last_fault_ns >= cfg.tick_us * 500) {
 		evict_all(p);
+		p->idle_ticks = 0;
+	}
 }
 
 extern char syscall_entry[];
@@ -339,6 +348,7 @@ struct trapframe *trap(struct trapframe *tf)
 		u64 addr = read_cr2();
 		if (!(tf->err & 1) && handle_user_fault(p, addr, (tf->err & 2) != 0) == 0) {
 			p->last_fault_ns = now_ns();
+			p->idle_ticks = 0;
 			return tf;
 		}
 		kprintf("kernel: pid %d (%s) killed: page fault at 0x%lx rip=0x%lx err=0x%lx\n", p->pid, p->name,
