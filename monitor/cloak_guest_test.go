@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -488,13 +489,16 @@ func TestCloakProbes(t *testing.T) {
 // uncloaked processes, and a cloaked 1 MiB working set under aggressive swapping:
 // every result is the one the same programs compute uncloaked.
 func TestCloakFourAppsAndSwap(t *testing.T) {
+	// Each app's parameters and result ("pages 16 rounds 3 result=0x…"), sorted: the
+	// apps finish in whatever order the guest's scheduler gives them.
 	result := func(g *cloakRun, prefix string) []string {
 		var r []string
 		for _, l := range g.lines(prefix) {
-			if i := strings.Index(l, "result="); i >= 0 {
+			if i := strings.Index(l, "pages "); i >= 0 && strings.Contains(l, "result=") {
 				r = append(r, strings.TrimSuffix(l[i:], " cloaked"))
 			}
 		}
+		slices.Sort(r)
 		return r
 	}
 	plain := runCloakGuest(t, "run=cloakcompute:16:3,cloakcompute:24:2,counter:x:3:2")
