@@ -63,18 +63,9 @@ func auditVerify(env *cliEnv, args []string) int {
 		fs.Usage()
 		return 2
 	}
-	var ev *evidence.Evidence
-	var nonce []byte
-	if *evPath != "" {
-		var err error
-		if ev, err = loadEvidence(*evPath); err != nil {
-			return attestFail(env, err)
-		}
-		if *nonceHex != "" {
-			if nonce, err = parseNonce(*nonceHex); err != nil {
-				return attestFail(env, err)
-			}
-		}
+	ev, nonce, err := loadAuditEvidence(*evPath, *nonceHex)
+	if err != nil {
+		return attestFail(env, err)
 	}
 	f, err := userfile.Open(fs.Arg(0), "audit log")
 	if err != nil {
@@ -199,4 +190,24 @@ func auditShow(env *cliEnv, args []string) int {
 		return 1
 	}
 	return 0
+}
+
+// loadAuditEvidence reads the evidence an audit log is checked against (none when
+// evPath is empty) and its nonce (none when nonceHex is empty), for audit verify and
+// audit report alike.
+func loadAuditEvidence(evPath, nonceHex string) (*evidence.Evidence, []byte, error) {
+	if evPath == "" {
+		return nil, nil, nil
+	}
+	ev, err := loadEvidence(evPath)
+	if err != nil {
+		return nil, nil, err
+	}
+	var nonce []byte
+	if nonceHex != "" {
+		if nonce, err = parseNonce(nonceHex); err != nil {
+			return nil, nil, err
+		}
+	}
+	return ev, nonce, nil
 }

@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/umbra-cc/umbra/attest/audit"
-	"github.com/umbra-cc/umbra/attest/evidence"
 	"github.com/umbra-cc/umbra/attest/verify"
 	"github.com/umbra-cc/umbra/serve"
 	"github.com/umbra-cc/umbra/userfile"
@@ -29,18 +28,9 @@ func auditReport(env *cliEnv, args []string) int {
 		fs.Usage()
 		return 2
 	}
-	var ev *evidence.Evidence
-	var nonce []byte
-	var err error
-	if *evPath != "" {
-		if ev, err = loadEvidence(*evPath); err != nil {
-			return attestFail(env, err)
-		}
-		if *nonceHex != "" {
-			if nonce, err = parseNonce(*nonceHex); err != nil {
-				return attestFail(env, err)
-			}
-		}
+	ev, nonce, err := loadAuditEvidence(*evPath, *nonceHex)
+	if err != nil {
+		return attestFail(env, err)
 	}
 	f, err := userfile.Open(fs.Arg(0), "audit log")
 	if err != nil {
