@@ -27,6 +27,7 @@ type Client struct {
 	// the monitor honours it only from its own user.
 	Delegate *policy.Principal
 	hc       *http.Client
+	long     *http.Client // no timeout: operations are bounded by their context
 }
 
 // NewClient returns a client of the control socket at path.
@@ -42,6 +43,7 @@ func NewClient(path string) *Client {
 			MaxIdleConns: 1,
 		},
 	}
+	c.long = &http.Client{Transport: c.hc.Transport}
 	return c
 }
 
@@ -59,6 +61,10 @@ func (e *APIError) Error() string {
 }
 
 func (c *Client) do(ctx context.Context, method, path string, body any, out any) error {
+	return c.doWith(ctx, c.hc, method, path, body, out)
+}
+
+func (c *Client) doWith(ctx context.Context, hc *http.Client, method, path string, body any, out any) error {
 	var rd io.Reader
 	if body != nil {
 		b, err := json.Marshal(body)
@@ -77,7 +83,7 @@ func (c *Client) do(ctx context.Context, method, path string, body any, out any)
 	if c.Delegate != nil {
 		req.Header.Set(DelegateHeader, EncodeDelegate(*c.Delegate))
 	}
-	resp, err := c.hc.Do(req)
+	resp, err := hc.Do(req)
 	if err != nil {
 		return fmt.Errorf("control socket %s: %w", c.Path, err)
 	}
@@ -129,6 +135,27 @@ func (c *Client) Metrics(ctx context.Context) (string, error) {
 func (c *Client) Do(ctx context.Context, a ActionRequest) (*ActionResult, error) {
 	var r ActionResult
 	return &r, c.do(ctx, http.MethodPost, PathActions, a, &r)
+}
+
+// Operation runs the named operation with args (encoded as the JSON object "args"; nil:
+// none) and decodes its result into result (nil: discard it). It is bounded by ctx, not
+// by the client's timeout: an operation such as a backup may run for long.
+func (c *Client) Operation(ctx context.Context, name string, args any, result any) error {
+	body := struct {
+		Operation string `json:"operation"`
+		Args      any    `json:"args,omitempty"`
+	}{name, args}
+	var res OperationResult
+	if err := c.doWith(ctx, c.long, http.MethodPost, PathOps, body, &res); err != nil {
+		return err
+	}
+	if result == nil || len(res.Result) == 0 {
+		return nil
+	}
+	if err := json.Unmarshal(res.Result, result); err != nil {
+		return fmt.Errorf("control socket %s: malformed result of %s: %w", c.Path, name, err)
+	}
+	return nil
 }
 
 // Console attaches to the VM's serial console: read the guest's output from the

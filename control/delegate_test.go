@@ -2,7 +2,9 @@ package control
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -10,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/umbra-cc/umbra/guard"
 	"github.com/umbra-cc/umbra/launch"
 	"github.com/umbra-cc/umbra/policy"
 )
@@ -36,6 +39,22 @@ func (r *recTarget) Stop(context.Context, policy.Principal, bool) error         
 func (r *recTarget) OpenConsole(context.Context, policy.Principal) error            { return nil }
 func (r *recTarget) ConsoleInput([]byte) error                                      { return nil }
 func (r *recTarget) Ended() <-chan struct{}                                         { return nil }
+func (r *recTarget) Operation(_ context.Context, name string, p policy.Principal, args json.RawMessage) (any, error) {
+	r.rec(p)
+	switch name {
+	case "test.echo":
+		var a struct {
+			Say string `json:"say"`
+		}
+		if err := launch.DecodeArgs(name, args, &a); err != nil {
+			return nil, err
+		}
+		return map[string]string{"said": a.Say, "by": p.ID}, nil
+	case "test.deny":
+		return nil, &guard.DeniedError{}
+	}
+	return nil, fmt.Errorf("%w %q", launch.ErrUnknownOperation, name)
+}
 
 func TestDelegation(t *testing.T) {
 	dir, err := os.MkdirTemp("", "umbra-deleg-")

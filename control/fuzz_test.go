@@ -45,3 +45,24 @@ func FuzzDecodeAction(f *testing.F) {
 		}
 	})
 }
+
+// FuzzDecodeOperation: any body either decodes to a well-named operation whose args are
+// absent or a JSON object, or is an error; it never panics.
+func FuzzDecodeOperation(f *testing.F) {
+	for _, s := range []string{`{"operation":"snapshot.create","args":{"name":"a"}}`, `{"operation":"x"}`,
+		`{"operation":"x","args":{"a":1,"a":2}}`, `{"operation":"x","args":null}`, `{"operation":"x","principal":1}`} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, body []byte) {
+		op, err := DecodeOperation(body)
+		if err != nil {
+			return
+		}
+		if !json.Valid(body) || len(body) > MaxOperationBodyBytes {
+			t.Fatalf("accepted an invalid or oversized body %q", body)
+		}
+		if op.Operation == "" || (len(op.Args) > 0 && op.Args[0] != '{') {
+			t.Fatalf("accepted %+v", op)
+		}
+	})
+}

@@ -28,6 +28,7 @@ const (
 	EndpointMetrics
 	EndpointAction
 	EndpointConsole
+	EndpointOperation
 )
 
 // Paths of the endpoints.
@@ -37,7 +38,11 @@ const (
 	PathMetrics = "/v1/metrics"
 	PathActions = "/v1/vm/actions"
 	PathConsole = "/v1/vm/console"
+	PathOps     = "/v1/vm/operations"
 )
+
+// MaxOperationBodyBytes bounds the body of an operation request (its arguments).
+const MaxOperationBodyBytes = 64 << 10
 
 // ActionRequest is the body of POST /v1/vm/actions.
 type ActionRequest struct {
@@ -47,8 +52,9 @@ type ActionRequest struct {
 
 // Request is a decoded, validated request.
 type Request struct {
-	Endpoint Endpoint
-	Action   ActionRequest // EndpointAction only
+	Endpoint  Endpoint
+	Action    ActionRequest    // EndpointAction only
+	Operation OperationRequest // EndpointOperation only
 }
 
 // BadRequestError says what is wrong with a request; the server answers 400 (405 for a
@@ -73,6 +79,7 @@ var routes = map[string]struct {
 	PathMetrics: {http.MethodGet, EndpointMetrics},
 	PathActions: {http.MethodPost, EndpointAction},
 	PathConsole: {http.MethodPost, EndpointConsole},
+	PathOps:     {http.MethodPost, EndpointOperation},
 }
 
 // DecodeRequest validates an HTTP request and decodes its body. It reads at most
@@ -92,24 +99,37 @@ func DecodeRequest(r *http.Request) (*Request, error) {
 		return nil, bad(http.StatusBadRequest, "chunked bodies are not accepted; send Content-Length")
 	}
 	req := &Request{Endpoint: route.endpoint}
-	if route.endpoint != EndpointAction {
+	limit := int64(MaxBodyBytes)
+	switch route.endpoint {
+	case EndpointAction:
+	case EndpointOperation:
+		limit = MaxOperationBodyBytes
+	default:
 		if r.ContentLength > 0 {
 			return nil, bad(http.StatusBadRequest, "%s %s takes no body", r.Method, r.URL.Path)
 		}
 		return req, nil
 	}
-	if r.ContentLength > MaxBodyBytes {
-		return nil, bad(http.StatusRequestEntityTooLarge, "body of %d bytes is over the %d-byte limit", r.ContentLength, MaxBodyBytes)
+	if r.ContentLength > limit {
+		return nil, bad(http.StatusRequestEntityTooLarge, "body of %d bytes is over the %d-byte limit", r.ContentLength, limit)
 	}
 	if ct := r.Header.Get("Content-Type"); ct != "application/json" {
 		return nil, bad(http.StatusUnsupportedMediaType, "Content-Type must be application/json, not %q", ct)
 	}
-	body, err := io.ReadAll(io.LimitReader(r.Body, MaxBodyBytes+1))
+	body, err := io.ReadAll(io.LimitReader(r.Body, limit+1))
 	if err != nil {
 		return nil, bad(http.StatusBadRequest, "read body: %v", err)
 	}
-	if len(body) > MaxBodyBytes {
-		return nil, bad(http.StatusRequestEntityTooLarge, "body is over the %d-byte limit", MaxBodyBytes)
+	if int64(len(body)) > limit {
+		return nil, bad(http.StatusRequestEntityTooLarge, "body is over the %d-byte limit", limit)
+	}
+	if route.endpoint == EndpointOperation {
+		op, err := DecodeOperation(body)
+		if err != nil {
+			return nil, bad(http.StatusBadRequest, "%v", err)
+		}
+		req.Operation = op
+		return req, nil
 	}
 	a, err := DecodeAction(body)
 	if err != nil {

@@ -32,6 +32,8 @@ type Target interface {
 	OpenConsole(ctx context.Context, p policy.Principal) error
 	ConsoleInput(b []byte) error
 	Ended() <-chan struct{}
+	// Operation runs a named operation beyond pause, resume and stop (launch.Operation).
+	Operation(ctx context.Context, name string, p policy.Principal, args json.RawMessage) (any, error)
 }
 
 // SocketName is the control socket's name in the VM's state directory.
@@ -156,7 +158,7 @@ func (s *Server) Close() error {
 // ErrorBody is the JSON body of every error response.
 type ErrorBody struct {
 	Error    string           `json:"error"`
-	Code     string           `json:"code"` // bad_request, denied, audit_failed, conflict, not_running, internal
+	Code     string           `json:"code"` // bad_request, unknown_operation, denied, audit_failed, conflict, not_running, internal
 	Decision *policy.Decision `json:"decision,omitempty"`
 }
 
@@ -242,14 +244,46 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		writeJSON(w, http.StatusOK, res)
+	case EndpointOperation:
+		s.operation(w, r, principal, req.Operation)
 	case EndpointConsole:
 		s.console(w, r, principal)
 	}
 }
 
+// operation runs an operation. Operations (a backup, a migration) may outlast the
+// server's write timeout, so the response has no write deadline; the request's context
+// ends when the caller goes away.
+func (s *Server) operation(w http.ResponseWriter, r *http.Request, p policy.Principal, op OperationRequest) {
+	if err := http.NewResponseController(w).SetWriteDeadline(time.Time{}); err != nil {
+		s.Logger.Debug("control: clear the write deadline of an operation", "err", err)
+	}
+	s.Logger.Info("control: operation", "operation", op.Operation, "principal", p.ID)
+	out, err := s.Target.Operation(r.Context(), op.Operation, p, op.Args)
+	if err != nil {
+		writeTargetError(w, err)
+		return
+	}
+	res := OperationResult{VM: s.Target.Name(), Operation: op.Operation}
+	if out != nil {
+		b, err := json.Marshal(out)
+		if err != nil {
+			writeError(w, http.StatusInternalServerError, "internal", fmt.Sprintf("encode the result of %s: %v", op.Operation, err), nil)
+			return
+		}
+		res.Result = b
+	}
+	writeJSON(w, http.StatusOK, res)
+}
+
 func writeTargetError(w http.ResponseWriter, err error) {
 	var denied *guard.DeniedError
+	var badArgs *launch.ArgsError
 	switch {
+	case errors.Is(err, launch.ErrUnknownOperation):
+		writeError(w, http.StatusNotFound, "unknown_operation", err.Error(), nil)
+	case errors.As(err, &badArgs):
+		writeError(w, http.StatusBadRequest, "bad_request", err.Error(), nil)
 	case errors.As(err, &denied):
 		writeError(w, http.StatusForbidden, "denied", err.Error(), &denied.Decision)
 	case errors.Is(err, guard.ErrAuditFailed):
