@@ -220,9 +220,11 @@ func (g *Guard) CreateSnapshot(ctx context.Context, p policy.Principal, vm polic
 	return g.Check(ctx, p, vm, policy.ActionSnapshotCreate, policy.Request{Snapshot: &policy.Snapshot{Name: name}})
 }
 
-// RevertSnapshot checks reverting to snapshot name.
-func (g *Guard) RevertSnapshot(ctx context.Context, p policy.Principal, vm policy.VM, name string) (policy.Decision, error) {
-	return g.Check(ctx, p, vm, policy.ActionSnapshotRevert, policy.Request{Snapshot: &policy.Snapshot{Name: name}})
+// RevertSnapshot checks resuming snapshot name, whose TPM-anchored generation is
+// generation, while the VM's generation counter stands at current (docs/snapshot.md
+// §4.4: generation < current is a second resume, or an older state after a newer one).
+func (g *Guard) RevertSnapshot(ctx context.Context, p policy.Principal, vm policy.VM, name string, generation, current uint64) (policy.Decision, error) {
+	return g.Check(ctx, p, vm, policy.ActionSnapshotRevert, policy.Request{Snapshot: &policy.Snapshot{Name: name, Generation: generation, Current: current}})
 }
 
 // TransferFile checks a file transfer ("to_guest" or "from_guest").

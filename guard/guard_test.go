@@ -115,7 +115,7 @@ func TestGuardEveryAction(t *testing.T) {
 			"principal.not_user"},
 		{policy.ActionSnapshotRevert, nil,
 			func(g *guard.Guard) (policy.Decision, error) {
-				return g.RevertSnapshot(ctx, alice, guardtest.FinanceVM(), "s1")
+				return g.RevertSnapshot(ctx, alice, guardtest.FinanceVM(), "s1", 1, 1)
 			},
 			"snapshot.not_allowed"},
 		{policy.ActionFileTransfer,
@@ -188,7 +188,7 @@ func TestGuardEveryAction(t *testing.T) {
 				env.Engine.Activate(grants)
 				allowCall = map[policy.Action]func(g *guard.Guard) (policy.Decision, error){
 					policy.ActionSnapshotRevert: func(g *guard.Guard) (policy.Decision, error) {
-						return g.RevertSnapshot(ctx, alice, guardtest.FinanceVM(), "s1")
+						return g.RevertSnapshot(ctx, alice, guardtest.FinanceVM(), "s1", 1, 1)
 					},
 					policy.ActionClipboard: func(g *guard.Guard) (policy.Decision, error) {
 						return g.ShareClipboard(ctx, alice, guardtest.FinanceVM(), "to_guest")

@@ -413,7 +413,7 @@ func userRFLAGS(f uint64) uint64 { return f&0x244dd5 | 0x202 }
 func (a *appVM) load(x *cloakApp) error {
 	t := &x.thread
 	if a.loadedApp != x || a.loadedRoot != x.shadow.root || a.needFlush {
-		if a.loadedApp != x && a.loadedApp != nil && !a.loadedApp.ended {
+		if a.loadedApp != x && a.loadedApp != nil && !a.loadedApp.ended() {
 			xs, err := a.cpu.XSAVE()
 			if err != nil {
 				return err

@@ -113,7 +113,6 @@ const (
 	pendNone    pendingKind = iota // run the app on
 	pendSyscall                    // a forwarded system call (or a touch it needed)
 	pendFault                      // a forwarded page fault
-	pendExit                       // the app ended; exit_group was handed to the kernel
 )
 
 type syscallStage uint8
@@ -155,12 +154,7 @@ type cloakApp struct {
 	pending  pendingOp
 	brk      uint64  // last break the kernel reported (0: unknown)
 	ppStep   *ppStep // a logged page-protection access in progress (cloak_pageprot.go)
-
-	ended     bool
-	endKind   string
-	status    int
-	reason    string
-	killAfter bool // killed while parked: the next CLOAK_RESUME gets exit_group(status)
+	life     appLife // where it is in its life (cloak_life.go); changed only by cloakLife.move
 
 	sum CloakedAppSummary
 }
@@ -181,8 +175,7 @@ type cloaking struct {
 	uffd    *cloakUffd
 	av      *appVM
 	pp      *pageProt     // the VM's page protection (cloak_pageprot.go); nil without it
-	running *cloakApp     // the app appVM runs; nil: the system VM runs
-	parked  *kvm.ExitMMIO // the system VM's CLOAK_RESUME exit the running app came from
+	life    cloakLife     // which app holds the CPU, and the CLOAK_RESUME it came from
 	slice   time.Duration // the longest slice (Config.CloakSlice)
 	stats   CloakStats
 	// timerWarned is set once the guest's timer could not be read (logged once).
@@ -240,8 +233,8 @@ func (c *cloaking) close() error {
 	}
 	c.mu.Lock()
 	for _, x := range c.apps {
-		if !x.ended {
-			c.endApp(x, "running", "the VM stopped while the app was cloaked", -1)
+		if !x.ended() {
+			c.endApp(x, appGone, "running", "the VM stopped while the app was cloaked", -1)
 		}
 	}
 	c.mu.Unlock()
@@ -260,7 +253,9 @@ func (c *cloaking) summaries() []CloakedAppSummary {
 	out := make([]CloakedAppSummary, len(c.apps))
 	for i, x := range c.apps {
 		s := x.sum
-		if !x.ended {
+		if x.ended() {
+			s.Ended, s.Reason, s.Status = x.life.how, x.life.reason, x.life.status
+		} else {
 			s.Ended, s.Status = "running", -1
 		}
 		out[i] = s
@@ -332,7 +327,7 @@ func (v *VM) cloakHypercall(call Call, e *kvm.ExitMMIO) (ret uint64, deferred bo
 	cr3 := call.CR3 & cr3AddrMask
 	c.mu.Lock()
 	x := c.byCR3[cr3]
-	if x != nil && x.ended && !x.killAfter {
+	if x != nil && x.ended() && x.life.state != appEndOwed {
 		x = nil // a process that ended uncloaked itself (or was released) and lives on
 	}
 	c.mu.Unlock()
@@ -576,12 +571,9 @@ func (c *cloaking) resume(x *cloakApp, call Call, e *kvm.ExitMMIO) (uint64, bool
 	if c.fatal != nil {
 		return 0, false, c.fatal
 	}
-	if x.killAfter {
+	if x.life.state == appEndOwed {
 		// The app was ended while its process was parked: let the kernel end it.
-		x.killAfter = false
-		x.pending = pendingOp{kind: pendExit}
-		c.setSysAction(appcontext.SysExitGroup, [6]uint64{uint64(x.status)})
-		return appcontext.SysExitGroup, false, nil
+		return appcontext.SysExitGroup, false, c.exitNowLocked(x)
 	}
 	if call.RIP < x.layout.Trampoline || call.RIP >= x.layout.Trampoline+PageSize {
 		d := x.describe()
@@ -589,23 +581,22 @@ func (c *cloaking) resume(x *cloakApp, call Call, e *kvm.ExitMMIO) (uint64, bool
 		c.killLocked(x, "forged hypercall", fmt.Sprintf("CLOAK_RESUME from rip %#x, outside the trampoline page", call.RIP), EventCloakViolation, d)
 		return appcontext.SysExitGroup, false, c.exitNowLocked(x)
 	}
-	c.parked = e
+	if err := c.life.park(e); err != nil {
+		c.invariant(err)
+		return 0, false, c.fatal
+	}
 	if c.v.log.Enabled(c.ctx(), slog.LevelDebug) {
 		c.v.log.Debug("cloak: resume", "app", x.seq, "pending", x.pending.kind, "stage", x.pending.stage, "rdi", call.Args[0])
 	}
 	c.checkMappings(x)
-	if x.ended {
+	if x.ended() {
 		// The check ended the app (its tables reach a frame the monitor refuses to
 		// walk): this CLOAK_RESUME hands the trampoline exit_group.
-		c.parked = nil
 		return appcontext.SysExitGroup, false, c.exitNowLocked(x)
 	}
 	switch x.pending.kind {
 	case pendNone:
-		c.running = x
-	case pendExit:
-		// The kernel did not end the process after exit_group: ask again.
-		c.act(x, appcontext.SysExitGroup, [6]uint64{uint64(x.status)})
+		c.resumeApp(x)
 	case pendFault:
 		c.retryFault(x)
 	case pendSyscall:
@@ -614,16 +605,29 @@ func (c *cloaking) resume(x *cloakApp, call Call, e *kvm.ExitMMIO) (uint64, bool
 	if c.fatal != nil {
 		return 0, false, c.fatal
 	}
+	if x.life.state == appEndOwed && c.life.parked == e {
+		// Serving the resume ended the app (a lie in the kernel's result, a page
+		// that did not verify): this CLOAK_RESUME hands the trampoline exit_group,
+		// rather than leave the load unanswered.
+		return appcontext.SysExitGroup, false, c.exitNowLocked(x)
+	}
+	if c.life.parked == e && c.life.running != x {
+		c.invariant(&lifeError{app: x.seq, from: x.life.state, to: x.life.state, why: "its CLOAK_RESUME was neither answered nor given a turn"})
+		return 0, false, c.fatal
+	}
 	return 0, true, nil
 }
 
-// exitNowLocked makes the current CLOAK_RESUME exit (not yet deferred) hand
-// exit_group(status) to the trampoline.
+// exitNowLocked makes the current CLOAK_RESUME exit (answered by its return value,
+// not deferred) hand exit_group(status) to the trampoline of an app that ended while
+// it was not running.
 func (c *cloaking) exitNowLocked(x *cloakApp) error {
-	x.killAfter = false
-	x.pending = pendingOp{kind: pendExit}
-	c.setSysAction(appcontext.SysExitGroup, [6]uint64{uint64(x.status)})
-	return nil
+	c.life.parked = nil
+	x.pending = pendingOp{}
+	if c.moveApp(x, appExiting) {
+		c.setSysAction(appcontext.SysExitGroup, [6]uint64{uint64(x.life.status)})
+	}
+	return c.fatal
 }
 
 // setSysAction sets the trampoline's registers for its next action, at the
@@ -640,16 +644,40 @@ func (c *cloaking) setSysAction(rax uint64, args [6]uint64) {
 
 // act ends the app's turn in appVM: the trampoline, stopped at its CLOAK_RESUME,
 // receives rax (a system call number or trampPark/trampTouch) with the arguments.
+// An app that ended during the turn gets exit_group(status) instead.
 func (c *cloaking) act(x *cloakApp, rax uint64, args [6]uint64) {
+	if x.ended() {
+		if x.life.state == appEndOwed {
+			c.handExit(x)
+		}
+		return
+	}
+	c.answerResume(x, appParked, rax, args)
+}
+
+// handExit ends the turn of an app that ended with exit_group(status) for its
+// trampoline, stopped at its CLOAK_RESUME.
+func (c *cloaking) handExit(x *cloakApp) {
+	x.pending = pendingOp{}
+	c.answerResume(x, appExiting, appcontext.SysExitGroup, [6]uint64{uint64(x.life.status)})
+}
+
+// answerResume answers the CLOAK_RESUME load the system VM is stopped at with rax
+// and the arguments, and moves app x to state to.
+func (c *cloaking) answerResume(x *cloakApp, to appState, rax uint64, args [6]uint64) {
+	e, err := c.life.unpark(x)
+	if err != nil {
+		c.invariant(err)
+		return
+	}
+	if !c.moveApp(x, to) {
+		return
+	}
 	if c.v.log.Enabled(c.ctx(), slog.LevelDebug) {
 		c.v.log.Debug("cloak: to kernel", "app", x.seq, "rax", int64(rax), "rdi", args[0], "rsi", args[1])
 	}
 	c.setSysAction(rax, args)
-	c.parked.SetReadData(rax)
-	c.parked = nil
-	if c.running == x {
-		c.running = nil
-	}
+	e.SetReadData(rax)
 }
 
 // release handles CLOAK_RELEASE: the kernel is tearing down the process whose PML4
@@ -662,12 +690,15 @@ func (c *cloaking) release(cr3 uint64, status int) {
 		return
 	}
 	delete(c.byCR3, cr3)
-	if x.ended {
+	if x.ended() {
+		if x.life.state != appGone {
+			c.moveApp(x, appGone) // it ended before; how it ended stays
+		}
 		return
 	}
 	why := fmt.Sprintf("the guest kernel ended the process (it reports status %d)", status)
 	c.audit(EventCloakEnd, mergeDetails(x.describe(), map[string]any{"ended": "released", "why": why, "status": status}))
-	c.endApp(x, "released", why, status)
+	c.endApp(x, appGone, "released", why, status)
 }
 
 func mergeDetails(a, b map[string]any) map[string]any {
@@ -680,26 +711,31 @@ func mergeDetails(a, b map[string]any) map[string]any {
 // killLocked ends app x for a security reason: audited, scrubbed, and its process
 // is ended by the kernel with cloakKillStatus at the next chance.
 func (c *cloaking) killLocked(x *cloakApp, short, reason, event string, details map[string]any) {
-	if x.ended {
+	if x.ended() {
 		return
 	}
 	details["reason"] = reason
 	details["kill"] = true
 	c.audit(event, details)
 	c.v.log.Warn("cloak: app killed", "app", x.name, "seq", x.seq, "reason", reason)
-	c.endApp(x, "killed", short+": "+reason, cloakKillStatus)
-	x.killAfter = true
-	if c.running == x && c.parked != nil {
-		// It was running: its trampoline is stopped at CLOAK_RESUME right now.
-		x.killAfter = false
-		x.pending = pendingOp{kind: pendExit}
-		c.act(x, appcontext.SysExitGroup, [6]uint64{uint64(x.status)})
-	}
+	c.endApp(x, killedTo(x), "killed", short+": "+reason, cloakKillStatus)
 }
 
-// endApp scrubs every plain page of the app, drops its shadow tables and keys.
-func (c *cloaking) endApp(x *cloakApp, kind, reason string, status int) {
-	if x.ended {
+// killedTo is the state an app killed now goes to: a running app's trampoline is
+// stopped at its CLOAK_RESUME right now and gets exit_group at once; any other's
+// gets it at its next CLOAK_RESUME.
+func killedTo(x *cloakApp) appState {
+	if x.life.state == appRunning {
+		return appExiting
+	}
+	return appEndOwed
+}
+
+// endApp scrubs every plain page of the app, drops its shadow tables and keys,
+// records how it ended and moves it to state to (appExiting: its trampoline, stopped
+// at its CLOAK_RESUME, gets exit_group(status) now).
+func (c *cloaking) endApp(x *cloakApp, to appState, kind, reason string, status int) {
+	if x.ended() {
 		return
 	}
 	for gpa, o := range c.plain {
@@ -731,11 +767,12 @@ func (c *cloaking) endApp(x *cloakApp, kind, reason string, status int) {
 		c.pp.svc.DropOwner(x.ppOwner())
 	}
 	x.thread = appThread{}
-	x.ended, x.endKind, x.reason, x.status = true, kind, reason, status
-	x.sum.Ended, x.sum.Reason, x.sum.Status = kind, reason, status
-	if c.running == x && kind != "killed" {
-		c.running = nil
+	x.life.how, x.life.reason, x.life.status = kind, reason, status
+	if to == appExiting {
+		c.handExit(x)
+		return
 	}
+	c.moveApp(x, to)
 }
 
 // randRead is crypto/rand.Read, replaceable in tests.

@@ -20,7 +20,7 @@ func (x cloakExtension) routes(r exitRoutes) error {
 }
 
 func (x cloakExtension) step(ctx context.Context) (bool, error) {
-	if c := x.v.cloak; c == nil || c.running == nil {
+	if c := x.v.cloak; c == nil || c.runningApp() == nil {
 		return false, nil
 	}
 	return true, x.v.runApp(ctx)

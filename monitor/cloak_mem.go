@@ -200,7 +200,7 @@ func (c *cloaking) appAccess(x *cloakApp, va uint64, acc appcontext.Access, inst
 		c.encryptLocked(info.Frame)
 		info, tracked = x.sm.Page(id)
 	}
-	if x.ended {
+	if x.ended() {
 		return 0, accBad, errors.New("app ended")
 	}
 	switch {
@@ -571,7 +571,7 @@ func (c *cloaking) checkSysBuffer(s *kvm.Sregs, va, n uint64) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	x := c.byCR3[s.CR3&cr3AddrMask]
-	if x == nil || x.ended || n == 0 || !x.cloaked(va&^(PageSize-1), (va%PageSize+n+PageSize-1)&^(PageSize-1)) {
+	if x == nil || x.ended() || n == 0 || !x.cloaked(va&^(PageSize-1), (va%PageSize+n+PageSize-1)&^(PageSize-1)) {
 		return nil
 	}
 	d := x.describe()

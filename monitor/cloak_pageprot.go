@@ -68,7 +68,7 @@ func (c *cloaking) appBySeq(id uint64) *cloakApp {
 // the running app's cloaked regions.
 func (c *cloaking) IsCloaked(app, va uint64) bool {
 	x := c.appBySeq(app)
-	return x != nil && !x.ended && x.cloaked(va&^(PageSize-1), PageSize)
+	return x != nil && !x.ended() && x.cloaked(va&^(PageSize-1), PageSize)
 }
 
 // appPolicy is the app's identity for the policy input (c.mu held).
@@ -84,7 +84,7 @@ func (c *cloaking) appPolicy(app uint64) authz.App {
 // its cloaked regions, by virtual address (c.mu held).
 func (c *cloaking) appOwned(app uint64) []authz.Range {
 	x := c.appBySeq(app)
-	if x == nil || x.ended {
+	if x == nil || x.ended() {
 		return nil
 	}
 	var out []authz.Range
@@ -315,7 +315,7 @@ func (c *cloaking) ppAllowOnce(x *cloakApp, va uint64, acc pageprot.Access) {
 		gacc |= appcontext.AccessExec
 	}
 	frame, st, _ := c.appAccess(x, va, gacc, false)
-	if st != accOK || x.ended {
+	if st != accOK || x.ended() {
 		// The kernel must provide the page first (or it fails verification): the
 		// ordinary path does that; the access is retried, and audited again.
 		x.pending = pendingOp{kind: pendFault, va: va, write: acc == pageprot.AccessWrite}

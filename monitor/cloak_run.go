@@ -14,11 +14,14 @@ import (
 
 func cryptoRandRead(b []byte) (int, error) { return rand.Read(b) }
 
-// runApp runs the app c.running in appVM until it leaves it. A non-nil error ends
-// the run.
+// runApp runs the app that holds the CPU (cloakLife.running) in appVM until it
+// leaves it. A non-nil error ends the run.
 func (v *VM) runApp(runCtx context.Context) error {
 	c := v.cloak
-	x := c.running
+	x := c.runningApp()
+	if x == nil {
+		return nil
+	}
 	slice := c.appSlice()
 	start := time.Now()
 	timer := time.AfterFunc(slice, c.av.cpu.Kick)
@@ -36,7 +39,7 @@ func (v *VM) runApp(runCtx context.Context) error {
 			c.mu.Unlock()
 			return err
 		}
-		if c.running != x || x.ended {
+		if c.life.running != x || x.ended() {
 			c.mu.Unlock()
 			return nil
 		}

@@ -19,10 +19,14 @@ const maxForwardRetries = 4
 
 func appRegs(r *kvm.Regs) appcontext.Regs { return appcontext.Regs(*r) }
 
-// resumeApp lets the app run on in appVM with its saved registers.
+// resumeApp lets the app run on in appVM with its saved registers. An app that
+// ended while its exit was served does not run again.
 func (c *cloaking) resumeApp(x *cloakApp) {
+	if x.ended() {
+		return
+	}
 	x.pending = pendingOp{}
-	c.running = x
+	c.moveApp(x, appRunning)
 }
 
 // touch hands the trampoline a page touch: the kernel faults va in for the app.
@@ -93,7 +97,7 @@ func (c *cloaking) appException(x *cloakApp, tr appTrap) {
 func (c *cloaking) serveFault(x *cloakApp, acc appcontext.Access) {
 	p := &x.pending
 	_, st, err := c.appAccess(x, p.va, acc, true)
-	if x.ended {
+	if x.ended() {
 		return
 	}
 	switch st {
@@ -135,7 +139,7 @@ func (c *cloaking) faultAround(x *cloakApp, va uint64) {
 	}
 	block := uint64(faultAroundPages * PageSize)
 	lo, hi := max(va&^(block-1), r.VA), min((va&^(block-1))+block, r.End())
-	for p := lo; p < hi && !x.ended; p += PageSize {
+	for p := lo; p < hi && !x.ended(); p += PageSize {
 		if p == va&^(PageSize-1) {
 			continue
 		}
@@ -166,13 +170,7 @@ func (c *cloaking) crash(x *cloakApp, reason string, status int) {
 	d["reason"] = reason
 	c.audit(EventCloakEnd, d)
 	c.v.log.Info("cloak: app crashed", "app", x.name, "reason", reason)
-	c.endApp(x, "killed", "exception: "+reason, status)
-	x.pending = pendingOp{kind: pendExit}
-	x.killAfter = true
-	if c.parked != nil && c.running == x {
-		x.killAfter = false
-		c.act(x, appcontext.SysExitGroup, [6]uint64{uint64(status)})
-	}
+	c.endApp(x, killedTo(x), "killed", "exception: "+reason, status)
 }
 
 // integrityKill ends an app whose page failed verification, with the kind of failure
@@ -394,9 +392,7 @@ func (c *cloaking) exitApp(x *cloakApp, status int, how string) {
 	d := x.describe()
 	d["status"], d["how"] = status, how
 	c.audit(EventCloakEnd, d)
-	c.endApp(x, "exited", how, status)
-	x.pending = pendingOp{kind: pendExit}
-	c.act(x, appcontext.SysExitGroup, [6]uint64{uint64(status)})
+	c.endApp(x, appExiting, "exited", how, status)
 }
 
 // ---- hypercalls from cloaked code ----

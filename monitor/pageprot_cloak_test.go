@@ -372,7 +372,7 @@ func BenchmarkPageProtCloakedViolation(b *testing.B) {
 			iter := func(t *cloakApp, fault func(appTrap)) int {
 				n, reload := 0, true
 				for {
-					if t.ended {
+					if t.ended() {
 						b.Fatalf("%s ended: %+v", t.name, t.sum)
 					}
 					if reload {
@@ -403,7 +403,7 @@ func BenchmarkPageProtCloakedViolation(b *testing.B) {
 					c.mu.Lock()
 					c.appException(x, tr)
 					c.mu.Unlock()
-				}); n != tc.exits || x.ended {
+				}); n != tc.exits || x.ended() {
 					b.Fatalf("%d exceptions, want %d; app %+v", n, tc.exits, x.sum)
 				}
 			}

@@ -157,9 +157,16 @@ type Stop struct {
 	Force bool `json:"force"`
 }
 
-// Snapshot names the snapshot created or reverted to.
+// Snapshot names the snapshot created or reverted to. For snapshot_revert it also
+// carries the resume-once check (docs/snapshot.md §4.4): Generation is the snapshot's
+// TPM-anchored generation and Current the VM's generation counter in the TPM now.
+// Generation == Current is the newest snapshot, never resumed; Generation < Current
+// means this snapshot already ran once (or a newer one exists or ran): resuming it
+// replays the guest's secrets and entropy, which policies refuse unless they allow it.
 type Snapshot struct {
-	Name string `json:"name"`
+	Name       string `json:"name"`
+	Generation uint64 `json:"generation,omitempty"`
+	Current    uint64 `json:"current,omitempty"`
 }
 
 // Transfer is a file transfer between host and guest.
@@ -368,6 +375,14 @@ func (in *Input) Validate() error {
 	}
 	if r.Snapshot != nil {
 		id("request.snapshot.name", r.Snapshot.Name, true)
+		switch s := r.Snapshot; {
+		case in.Action == ActionSnapshotRevert && (s.Generation == 0 || s.Current == 0):
+			bad("request.snapshot", "generation and current (both >= 1) are required for action %q", in.Action)
+		case in.Action == ActionSnapshotRevert && s.Generation > s.Current:
+			bad("request.snapshot.generation", "%d is above current %d: the TPM counter never goes back", s.Generation, s.Current)
+		case in.Action != ActionSnapshotRevert && (s.Generation != 0 || s.Current != 0):
+			bad("request.snapshot", "generation and current are only valid with action %q", ActionSnapshotRevert)
+		}
 	}
 	if r.Transfer != nil {
 		enum("request.transfer.direction", r.Transfer.Direction, directions)

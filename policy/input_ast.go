@@ -138,7 +138,14 @@ func requestTerm(r *Request) *ast.Term {
 		items = append(items, item("stop", ast.ObjectTerm(item("force", ast.BooleanTerm(r.Stop.Force)))))
 	}
 	if r.Snapshot != nil {
-		items = append(items, item("snapshot", ast.ObjectTerm(item("name", ast.StringTerm(r.Snapshot.Name)))))
+		snap := [][2]*ast.Term{item("name", ast.StringTerm(r.Snapshot.Name))}
+		if r.Snapshot.Generation != 0 {
+			snap = append(snap, item("generation", ast.UIntNumberTerm(r.Snapshot.Generation)))
+		}
+		if r.Snapshot.Current != 0 {
+			snap = append(snap, item("current", ast.UIntNumberTerm(r.Snapshot.Current)))
+		}
+		items = append(items, item("snapshot", ast.ObjectTerm(snap...)))
 	}
 	if r.Transfer != nil {
 		items = append(items, item("transfer", ast.ObjectTerm(

@@ -31,8 +31,10 @@ func sampleInputs() []*Input {
 			r.Console = &Console{Kind: "serial"}
 		case ActionStop:
 			r.Stop = &Stop{Force: true}
-		case ActionSnapshotCreate, ActionSnapshotRevert:
+		case ActionSnapshotCreate:
 			r.Snapshot = &Snapshot{Name: "s1"}
+		case ActionSnapshotRevert:
+			r.Snapshot = &Snapshot{Name: "s1", Generation: 3, Current: 4}
 		case ActionFileTransfer:
 			r.Transfer = &Transfer{Direction: "to_guest", Path: "/tmp/f"}
 		case ActionClipboard:
@@ -132,6 +134,14 @@ func TestSchemaAgreesWithValidate(t *testing.T) {
 			in.Request = Request{App: &App{Measurement: appPayment}, Pages: &Pages{Prot: "r", Ranges: []Range{{Start: 1, Length: 4096}}}}
 		}},
 		{"too much memory", func(in *Input) { in.VM.Spec.MemoryMiB = 1 << 30 }},
+		{"revert without generation", func(in *Input) {
+			in.Action = ActionSnapshotRevert
+			in.Request = Request{Snapshot: &Snapshot{Name: "s1"}}
+		}},
+		{"create with generation", func(in *Input) {
+			in.Action = ActionSnapshotCreate
+			in.Request = Request{Snapshot: &Snapshot{Name: "s1", Generation: 1, Current: 1}}
+		}},
 		{"long id", func(in *Input) { in.VM.ID = strings.Repeat("x", 300) }},
 	}
 	for _, in := range sampleInputs() {
@@ -151,6 +161,21 @@ func TestSchemaAgreesWithValidate(t *testing.T) {
 		err := in.Validate()
 		if ok || err == nil {
 			t.Errorf("%s: schema ok=%v, Validate err=%v; both must reject", m.name, ok, err)
+		}
+	}
+}
+
+// TestValidateSnapshotGenerations: what the schema cannot say (a generation above the
+// TPM's current value is impossible) Validate refuses.
+func TestValidateSnapshotGenerations(t *testing.T) {
+	for _, tc := range []struct {
+		gen, cur uint64
+		ok       bool
+	}{{1, 1, true}, {3, 4, true}, {5, 4, false}, {0, 4, false}, {4, 0, false}} {
+		in := financeInput(ActionSnapshotRevert)
+		in.Request = Request{Snapshot: &Snapshot{Name: "s1", Generation: tc.gen, Current: tc.cur}}
+		if err := in.Validate(); (err == nil) != tc.ok {
+			t.Errorf("generation %d current %d: Validate = %v, want ok=%v", tc.gen, tc.cur, err, tc.ok)
 		}
 	}
 }

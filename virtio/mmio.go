@@ -445,6 +445,34 @@ func (t *MMIO) notify(v uint32) error {
 	return nil
 }
 
+// Poller is implemented by devices with work that does not start with a driver's
+// notification (a network device's received frames, a rate limiter's held packets).
+type Poller interface {
+	// Poll does the pending work and reports whether the driver asked for an interrupt;
+	// an error breaks the device until the driver resets it, as Notify's does.
+	Poll() (interrupt bool, err error)
+}
+
+// Poll runs a Poller device's pending work under the transport's lock and raises the
+// interrupt it asks for. Its owner calls it, on the thread that serves the VM's exits, when
+// the device said it has work; it does nothing before DRIVER_OK or while the device needs a
+// reset.
+func (t *MMIO) Poll() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	p, ok := t.dev.(Poller)
+	if !ok || t.failure != nil || t.status&StatusDriverOK == 0 {
+		return
+	}
+	irq, err := p.Poll()
+	if irq {
+		t.raise(InterruptUsedBuffer)
+	}
+	if err != nil {
+		t.reject(t.fail(err))
+	}
+}
+
 func (t *MMIO) raise(bits uint32) {
 	t.interruptState |= bits
 	t.setLine(true)

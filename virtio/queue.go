@@ -253,6 +253,14 @@ func (q *Queue) Push(head uint16, written uint32) error {
 	return nil
 }
 
+// UsedIndex is the device's next used-ring index: a device that pushes chains itself takes
+// it before its pushes and asks NeedInterrupt with it after them.
+func (q *Queue) UsedIndex() uint16 { return q.nextUsed }
+
+// NeedInterrupt says whether the driver asked to be interrupted for the used entries
+// pushed since UsedIndex returned old.
+func (q *Queue) NeedInterrupt(old uint16) bool { return q.needInterrupt(old) }
+
 // needInterrupt says whether the driver asked to be interrupted for the used entries from
 // index old up to now (the avail ring's flags, or its used_event with VIRTIO_F_EVENT_IDX).
 func (q *Queue) needInterrupt(old uint16) bool {

@@ -29,6 +29,20 @@ deny contains reason(
 	not cfg.snapshots.revert
 }
 
+# Resume once (docs/snapshot.md §4.4): a snapshot whose TPM-anchored generation is below
+# the VM's current one already ran (or a newer one exists or ran); resuming it again
+# replays the guest's secrets and entropy. Refused unless the VM's config says
+# snapshots.replay: true.
+deny contains reason(
+	"snapshot.replay",
+	sprintf("snapshot %q of VM %q has generation %d, the VM is at generation %d: it was resumed already or a newer state ran, and resuming it again would replay the guest's secrets", [input.request.snapshot.name, input.vm.id, input.request.snapshot.generation, input.request.snapshot.current]),
+	"usage.rego:snapshot_replay",
+) if {
+	input.action == "snapshot_revert"
+	input.request.snapshot.generation < input.request.snapshot.current
+	not cfg.snapshots.replay
+}
+
 deny contains reason(
 	"transfer.not_allowed",
 	sprintf("file transfer %s is not allowed for VM %q", [input.request.transfer.direction, input.vm.id]),

@@ -25,8 +25,21 @@ test_shielded_vm_has_no_console if {
 test_snapshots if {
 	c := authz.decision with input as with_action("snapshot_create", {"request": {"snapshot": {"name": "s1"}}}) with time.now_ns as wed10
 	c.allow
-	r := authz.decision with input as with_action("snapshot_revert", {"request": {"snapshot": {"name": "s1"}}}) with time.now_ns as wed10
+	r := authz.decision with input as with_action("snapshot_revert", {"request": {"snapshot": {"name": "s1", "generation": 2, "current": 2}}}) with time.now_ns as wed10
 	denied_with(r, "snapshot.not_allowed")
+}
+
+# A VM that may revert may resume its newest snapshot once; a second resume (the
+# generation below the current one) is refused, unless the config allows replays.
+test_snapshot_resume_once if {
+	vms := object.union(data.umbra.config.vms, {"finance-01": object.union(data.umbra.config.vms["finance-01"], {"snapshots": {"create": true, "revert": true}})})
+	first := authz.decision with input as with_action("snapshot_revert", {"request": {"snapshot": {"name": "s1", "generation": 2, "current": 2}}}) with time.now_ns as wed10 with data.umbra.config.vms as vms
+	first.allow
+	again := authz.decision with input as with_action("snapshot_revert", {"request": {"snapshot": {"name": "s1", "generation": 2, "current": 3}}}) with time.now_ns as wed10 with data.umbra.config.vms as vms
+	denied_with(again, "snapshot.replay")
+	replay := object.union(vms, {"finance-01": object.union(vms["finance-01"], {"snapshots": {"create": true, "revert": true, "replay": true}})})
+	allowed := authz.decision with input as with_action("snapshot_revert", {"request": {"snapshot": {"name": "s1", "generation": 2, "current": 3}}}) with time.now_ns as wed10 with data.umbra.config.vms as replay
+	allowed.allow
 }
 
 test_file_transfer_direction if {
