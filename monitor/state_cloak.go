@@ -91,7 +91,7 @@ func (v *VM) quiesceCloak() error {
 	if c.fatal != nil {
 		return c.fatal
 	}
-	if x := c.running; x != nil {
+	if x := c.life.running; x != nil {
 		c.act(x, trampPark, [6]uint64{})
 	}
 	for gpa := range c.plain {
@@ -106,7 +106,7 @@ func (c *cloaking) saveState(w io.Writer) error {
 	defer c.mu.Unlock()
 	live := 0
 	for _, x := range c.apps {
-		if !x.ended {
+		if !x.ended() {
 			live++
 		}
 	}
