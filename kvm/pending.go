@@ -42,3 +42,27 @@ func (c *VCPU) CompleteMMIO(data uint64) error {
 	}
 	return fmt.Errorf("kvm: complete MMIO on vCPU %d: KVM_RUN: %w", c.id, errno)
 }
+
+// CompletePending finishes the exit the vCPU is stopped at if KVM still owes it a
+// completion (an MMIO load's data, a port read's value, the instruction's retirement),
+// with the data already in the run structure, without entering the guest (KVM_RUN with
+// immediate_exit). Afterwards the registers KVM reports are the finished instruction's,
+// so a checkpoint can read them; for any other exit it does nothing.
+func (c *VCPU) CompletePending() error {
+	r := c.run
+	if r.ExitReason != ExitReasonMMIO && r.ExitReason != ExitReasonIO {
+		return nil
+	}
+	word := immediateExit(r)
+	atomic.StoreUint32(word, 1<<8)
+	_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(c.fd), ioctlRun, 0)
+	atomic.StoreUint32(word, 0)
+	switch errno {
+	case unix.EINTR:
+		r.ExitReason = ExitReasonIntr
+		return nil
+	case 0:
+		return fmt.Errorf("kvm: complete pending exit on vCPU %d: KVM reported exit %d instead of completing", c.id, r.ExitReason)
+	}
+	return fmt.Errorf("kvm: complete pending exit on vCPU %d: KVM_RUN: %w", c.id, errno)
+}

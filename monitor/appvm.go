@@ -122,7 +122,13 @@ func newAppVM(sys *kvm.System, mem *GuestMemory, cpuid []kvm.CPUIDEntry) (_ *app
 	if err = a.vm.SetTSSAddr(0xfffbd000); err != nil {
 		return nil, err
 	}
-	if err = a.vm.SetMemoryRegion(kvm.MemoryRegion{Slot: 0, GuestPhys: 0, Host: a.appView}); err != nil {
+	// Cloaked code writes guest RAM through this slot: it logs dirty pages like the
+	// system VM's, for checkpoints (dirty.go).
+	var ramFlags uint32
+	if enableDirtyLog(a.vm) {
+		ramFlags = kvm.MemLogDirtyPages
+	}
+	if err = a.vm.SetMemoryRegion(kvm.MemoryRegion{Slot: 0, Flags: ramFlags, GuestPhys: 0, Host: a.appView}); err != nil {
 		return nil, fmt.Errorf("appVM: map guest RAM: %w", err)
 	}
 	if err = a.vm.SetMemoryRegion(kvm.MemoryRegion{Slot: 1, GuestPhys: avPrivGPA, Host: a.priv}); err != nil {

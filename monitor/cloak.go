@@ -220,6 +220,7 @@ func (v *VM) cloakState() (*cloaking, error) {
 		v: v, sm: sm, sysView: sysView, slice: slice,
 		byCR3: map[uint64]*cloakApp{}, plain: map[uint64]plainOwner{},
 	}
+	v.cloakLive.Store(v.cloak)
 	v.cloak.connectPageProt()
 	return v.cloak, nil
 }

@@ -49,6 +49,7 @@ func (x cloakExtension) close() error {
 		return nil
 	}
 	x.v.cloak = nil
+	x.v.cloakLive.Store(nil)
 	return c.close()
 }
 

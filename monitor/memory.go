@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 )
@@ -21,6 +22,13 @@ type GuestMemory struct {
 
 	mu    sync.Mutex
 	views map[string][]byte
+
+	// written is the own-write log: one bit per page the monitor wrote through its
+	// view (WritePhys, Slice) since the last TakeWritten. KVM's dirty log sees only
+	// the guest's writes; checkpoints need both (docs/snapshot.md §4.2).
+	written []atomic.Uint64
+	// noOwnLog turns the own-write log off, for the test that shows it is needed.
+	noOwnLog bool
 }
 
 // NewGuestMemory creates size bytes of zeroed guest RAM (a multiple of PageSize).
@@ -36,7 +44,7 @@ func NewGuestMemory(size uint64) (*GuestMemory, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("size guest RAM memfd to %d bytes: %w", size, err)
 	}
-	m := &GuestMemory{fd: fd, size: size, views: map[string][]byte{}}
+	m := &GuestMemory{fd: fd, size: size, views: map[string][]byte{}, written: make([]atomic.Uint64, (size/PageSize+63)/64)}
 	m.monitor, err = m.mapShared()
 	if err != nil {
 		unix.Close(fd)
@@ -96,16 +104,60 @@ func (m *GuestMemory) WritePhys(gpa uint64, buf []byte) error {
 	if err := m.check(gpa, len(buf)); err != nil {
 		return err
 	}
+	m.markWritten(gpa, uint64(len(buf)))
 	copy(m.monitor[gpa:], buf)
 	return nil
 }
 
-// Slice returns the monitor's view of [gpa, gpa+n) for in-place work.
+// Slice returns the monitor's view of [gpa, gpa+n) for in-place work. The range is
+// logged as written (the caller may write it); a caller that keeps the slice and
+// writes it later must log those writes with MarkWritten (virtio's used rings do, at
+// every checkpoint: ownWriteRanges).
 func (m *GuestMemory) Slice(gpa uint64, n int) ([]byte, error) {
 	if err := m.check(gpa, n); err != nil {
 		return nil, err
 	}
+	m.markWritten(gpa, uint64(n))
 	return m.monitor[gpa : gpa+uint64(n) : gpa+uint64(n)], nil
+}
+
+// view returns the monitor's view of [gpa, gpa+n) for reading (not logged).
+func (m *GuestMemory) view(gpa uint64, n int) ([]byte, error) {
+	if err := m.check(gpa, n); err != nil {
+		return nil, err
+	}
+	return m.monitor[gpa : gpa+uint64(n) : gpa+uint64(n)], nil
+}
+
+// MarkWritten logs [gpa, gpa+n) as written by the monitor (clipped to RAM).
+func (m *GuestMemory) MarkWritten(gpa, n uint64) {
+	if gpa >= m.size {
+		return
+	}
+	m.markWritten(gpa, min(n, m.size-gpa))
+}
+
+func (m *GuestMemory) markWritten(gpa, n uint64) {
+	if n == 0 || m.noOwnLog {
+		return
+	}
+	for p := gpa / PageSize; p <= (gpa+n-1)/PageSize; p++ {
+		w := &m.written[p/64]
+		bit := uint64(1) << (p % 64)
+		if w.Load()&bit == 0 {
+			w.Or(bit)
+		}
+	}
+}
+
+// TakeWritten returns the own-write log (bit i of word j: page 64j+i) and empties it.
+// A write racing the call lands in this log or the next, never in neither.
+func (m *GuestMemory) TakeWritten() []uint64 {
+	out := make([]uint64, len(m.written))
+	for i := range m.written {
+		out[i] = m.written[i].Swap(0)
+	}
+	return out
 }
 
 // Close unmaps every view and closes the memfd.

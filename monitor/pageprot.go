@@ -251,12 +251,15 @@ func (x *pageProt) enforce() error {
 	if plan.Ops() > 0 {
 		sp := plan.(*pageprot.SlotPlan)
 		for _, s := range sp.Delete {
+			if err := x.v.harvestBeforeDelete(s.ID); err != nil {
+				return fmt.Errorf("page protection: %w", err)
+			}
 			if err := x.v.kvm.DeleteMemoryRegion(s.ID); err != nil {
 				return fmt.Errorf("page protection: %w", err)
 			}
 		}
 		for _, s := range sp.Create {
-			var flags uint32
+			flags := x.v.slotFlags()
 			if s.ReadOnly {
 				flags = kvm.MemReadonly
 			}

@@ -161,10 +161,20 @@ type VM struct {
 	// appCPU is appVM's vCPU once it exists, for kicks from other goroutines.
 	cloak  *cloaking
 	appCPU atomic.Pointer[kvm.VCPU]
+	// cloakLive is v.cloak for other goroutines (a checkpoint's background copy).
+	cloakLive atomic.Pointer[cloaking]
 	// runCtx is the context of the running Run, for hooks called from exit handlers.
 	runCtx context.Context
 	// ctl is the run loop's mailbox for pause, resume and snapshots (pause.go).
 	ctl vcpuMailbox
+
+	// dirtyOn: RAM slots log dirty pages (dirty.go); kept holds the bits of slots
+	// page protection deleted since the last checkpoint.
+	dirtyOn bool
+	kept    []uint64
+	// ckpt is the checkpoint state: the last reference point, a lazy restore
+	// (checkpoint.go).
+	ckpt checkpointState
 }
 
 // New creates the VM: guest memory, the KVM VM with its in-kernel irqchip, vCPU 0, the
@@ -235,7 +245,9 @@ func New(cfg Config) (_ *VM, err error) {
 	if err != nil {
 		return nil, err
 	}
-	if err = v.kvm.SetMemoryRegion(kvm.MemoryRegion{Slot: 0, GuestPhys: 0, Host: sysView}); err != nil {
+	v.dirtyOn = enableDirtyLog(v.kvm)
+	v.kept = make([]uint64, (cfg.MemorySize/PageSize+63)/64)
+	if err = v.kvm.SetMemoryRegion(kvm.MemoryRegion{Slot: 0, Flags: v.slotFlags(), GuestPhys: 0, Host: sysView}); err != nil {
 		return nil, fmt.Errorf("map guest RAM into the VM: %w", err)
 	}
 	if err = v.installDevices(); err != nil {
