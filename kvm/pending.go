@@ -27,6 +27,14 @@ func (c *VCPU) CompleteMMIO(data uint64) error {
 	if r.Exit[20] == 0 { // a load: supply its data
 		binary.LittleEndian.PutUint64(r.Exit[8:16], data)
 	}
+	return c.completeInPlace("complete MMIO")
+}
+
+// completeInPlace runs KVM_RUN with immediate_exit set: KVM finishes the instruction of
+// the pending exit and returns EINTR without running guest code. what names the caller
+// in errors.
+func (c *VCPU) completeInPlace(what string) error {
+	r := c.run
 	word := immediateExit(r)
 	atomic.StoreUint32(word, 1<<8) // immediate_exit = 1
 	_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(c.fd), ioctlRun, 0)
@@ -38,9 +46,9 @@ func (c *VCPU) CompleteMMIO(data uint64) error {
 		r.ExitReason = ExitReasonIntr
 		return nil
 	case 0:
-		return fmt.Errorf("kvm: complete MMIO on vCPU %d: KVM reported exit %d instead of completing", c.id, r.ExitReason)
+		return fmt.Errorf("kvm: %s on vCPU %d: KVM reported exit %d instead of completing", what, c.id, r.ExitReason)
 	}
-	return fmt.Errorf("kvm: complete MMIO on vCPU %d: KVM_RUN: %w", c.id, errno)
+	return fmt.Errorf("kvm: %s on vCPU %d: KVM_RUN: %w", what, c.id, errno)
 }
 
 // CompletePending finishes the exit the vCPU is stopped at if KVM still owes it a
@@ -53,16 +61,5 @@ func (c *VCPU) CompletePending() error {
 	if r.ExitReason != ExitReasonMMIO && r.ExitReason != ExitReasonIO {
 		return nil
 	}
-	word := immediateExit(r)
-	atomic.StoreUint32(word, 1<<8)
-	_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(c.fd), ioctlRun, 0)
-	atomic.StoreUint32(word, 0)
-	switch errno {
-	case unix.EINTR:
-		r.ExitReason = ExitReasonIntr
-		return nil
-	case 0:
-		return fmt.Errorf("kvm: complete pending exit on vCPU %d: KVM reported exit %d instead of completing", c.id, r.ExitReason)
-	}
-	return fmt.Errorf("kvm: complete pending exit on vCPU %d: KVM_RUN: %w", c.id, errno)
+	return c.completeInPlace("complete pending exit")
 }
