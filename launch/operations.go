@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"regexp"
 	"slices"
 	"strings"
@@ -59,16 +60,6 @@ func DecodeArgs(operation string, args json.RawMessage, v any) error {
 	return nil
 }
 
-// OperationNames lists the operations, sorted.
-func OperationNames() []string {
-	names := make([]string, 0, len(operations))
-	for n := range operations {
-		names = append(names, n)
-	}
-	slices.Sort(names)
-	return names
-}
-
 // ValidOperationName says whether name is spelled as an operation's name may be.
 func ValidOperationName(name string) bool {
 	return len(name) <= MaxOperationName && operationName.MatchString(name)
@@ -84,12 +75,7 @@ func runOperation(ctx context.Context, ops map[string]Operation, c *Control, nam
 	if !ok {
 		known := "none yet"
 		if len(ops) > 0 {
-			names := make([]string, 0, len(ops))
-			for n := range ops {
-				names = append(names, n)
-			}
-			slices.Sort(names)
-			known = strings.Join(names, ", ")
+			known = strings.Join(slices.Sorted(maps.Keys(ops)), ", ")
 		}
 		return nil, fmt.Errorf("%w %q (this monitor serves: %s)", ErrUnknownOperation, name, known)
 	}
