@@ -13,7 +13,9 @@ import (
 
 // This file is the state-serialisation seam (docs/architecture.md): every part of a
 // VM that holds state a snapshot or a migration carries implements StateHolder, so
-// those features add formats, not rewrites. Implemented so far: the vCPU.
+// those features add formats, not rewrites. The full list a checkpoint carries is
+// checkpointHolders (state_parts.go): the vCPU through kvm.CaptureVCPU, the VM's
+// in-kernel devices, the configuration, the bus devices, page protection and cloaking.
 
 // StateHolder is a part of a VM that holds state a snapshot or a migration carries.
 type StateHolder interface {
@@ -28,8 +30,9 @@ type StateHolder interface {
 	RestoreState(r io.Reader) error
 }
 
-// StateHolders returns the VM's state-holding parts in section order. Memory map, bus
-// devices, cloaking and page protection are not holders yet (docs/architecture.md).
+// StateHolders returns the first seam's vCPU holder (vcpuState, its own codec with an
+// MSR allow-list). It predates kvm.CaptureVCPU; checkpoints use checkpointHolders, and
+// the two vCPU codecs are to become one.
 func (v *VM) StateHolders() []StateHolder { return []StateHolder{vcpuState{v.cpu}} }
 
 // vcpuStateMagic starts a vCPU section: format name and version 1.

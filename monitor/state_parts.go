@@ -3,6 +3,7 @@ package monitor
 import (
 	"bytes"
 	"crypto/sha256"
+	"encoding"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -84,21 +85,12 @@ func (s fullVCPUState) SaveState(w io.Writer) error {
 	if err != nil {
 		return err
 	}
-	b, err := st.MarshalBinary()
-	if err != nil {
-		return err
-	}
-	_, err = w.Write(b)
-	return err
+	return saveBinary(w, st)
 }
 
 func (s fullVCPUState) RestoreState(r io.Reader) error {
-	b, err := io.ReadAll(r)
-	if err != nil {
-		return err
-	}
 	var st kvm.VCPUState
-	if err := st.UnmarshalBinary(b); err != nil {
+	if err := restoreBinary(r, &st); err != nil {
 		return err
 	}
 	if err := st.CheckMSRs(s.sup.MSRs); err != nil {
@@ -108,6 +100,32 @@ func (s fullVCPUState) RestoreState(r io.Reader) error {
 		return errors.New("the vCPU section has no local APIC; this VM has the in-kernel irqchip")
 	}
 	return kvm.RestoreVCPU(s.cpu, &st)
+}
+
+// maxKVMSection bounds a vCPU or VM section read back (the largest, a vCPU with its
+// XSAVE area, LAPIC and MSRs, is under 16 KiB).
+const maxKVMSection = 1 << 20
+
+// saveBinary writes m's binary encoding as a section.
+func saveBinary(w io.Writer, m encoding.BinaryMarshaler) error {
+	b, err := m.MarshalBinary()
+	if err != nil {
+		return err
+	}
+	_, err = w.Write(b)
+	return err
+}
+
+// restoreBinary reads a section of at most maxKVMSection bytes into u.
+func restoreBinary(r io.Reader, u encoding.BinaryUnmarshaler) error {
+	b, err := io.ReadAll(io.LimitReader(r, maxKVMSection+1))
+	if err != nil {
+		return err
+	}
+	if len(b) > maxKVMSection {
+		return fmt.Errorf("the section is over %d bytes", maxKVMSection)
+	}
+	return u.UnmarshalBinary(b)
 }
 
 // kvmVMState is the VM's in-kernel devices: PIC, IOAPIC, the i8254 of a Linux VM, the
@@ -124,21 +142,12 @@ func (s kvmVMState) SaveState(w io.Writer) error {
 	if err != nil {
 		return err
 	}
-	b, err := st.MarshalBinary()
-	if err != nil {
-		return err
-	}
-	_, err = w.Write(b)
-	return err
+	return saveBinary(w, st)
 }
 
 func (s kvmVMState) RestoreState(r io.Reader) error {
-	b, err := io.ReadAll(r)
-	if err != nil {
-		return err
-	}
 	var st kvm.VMState
-	if err := st.UnmarshalBinary(b); err != nil {
+	if err := restoreBinary(r, &st); err != nil {
 		return err
 	}
 	if st.IOAPIC == nil {
