@@ -119,7 +119,7 @@ func (s *Service) RestoreState(b []byte) error {
 			return fmt.Errorf("pageprot state: extent %d: owner kind %d", i, x.Owner.Kind)
 		case x.ID == 0 || x.ID >= nextID:
 			return fmt.Errorf("pageprot state: extent %d: range ID %d (next ID %d)", i, x.ID, nextID)
-		case sp == SysSpace && !s.inMemory(x.Start, x.End):
+		case sp == SysSpace && !s.inRAM(x.Start, x.End):
 			return fmt.Errorf("pageprot state: extent %d [%#x, %#x) is outside guest memory", i, x.Start, x.End)
 		}
 		x.Lock, x.HasVA = e[18] == 1, e[19] == 1
@@ -152,14 +152,4 @@ func (s *Service) RestoreState(b []byte) error {
 	s.t, s.nextID, s.handlers, s.upcalls = t, nextID, handlers, map[Owner]*upcall{}
 	s.gen++
 	return nil
-}
-
-// inMemory reports whether [start, end) lies in the guest memory the service covers.
-func (s *Service) inMemory(start, end uint64) bool {
-	for _, m := range s.cfg.Memory {
-		if start >= m.Start && end <= m.End {
-			return true
-		}
-	}
-	return false
 }

@@ -1,6 +1,7 @@
 package virtio
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"testing"
@@ -243,4 +244,26 @@ func TestMMIOOnTheDeviceBus(t *testing.T) {
 	if ok, err := b.Read(base+regStatus, v[:]); !ok || err != nil || binary.LittleEndian.Uint32(v[:])&StatusDeviceNeedsReset == 0 {
 		t.Fatalf("status through the bus: %#x, %v, %v", v, ok, err)
 	}
+}
+
+// FuzzRestoreState: any section bytes restore or are refused without a panic, and what
+// restores saves back to the same bytes.
+func FuzzRestoreState(f *testing.F) {
+	ring := newTestRing(f, 8, 0)
+	f.Add(NewMMIO(&echoDevice{}, ring.mem, nil, nil).SaveState())
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		m := NewMMIO(&echoDevice{}, ring.mem, nil, nil)
+		if err := m.RestoreState(b); err != nil {
+			return
+		}
+		again := m.SaveState()
+		m2 := NewMMIO(&echoDevice{}, ring.mem, nil, nil)
+		if err := m2.RestoreState(again); err != nil {
+			t.Fatalf("a saved state is refused: %v", err)
+		}
+		if !bytes.Equal(m2.SaveState(), again) {
+			t.Fatal("restore then save is not stable")
+		}
+	})
 }
