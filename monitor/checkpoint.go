@@ -129,7 +129,7 @@ func (v *VM) Checkpoint(ctx context.Context, w io.Writer, opt CheckpointOptions)
 	// snapshot needs from before it.
 	var d0 []uint64
 	var own0 uint64
-	if err := v.onVCPU(ctx, func() { d0, own0, err = v.collectDirty() }); err != nil {
+	if err := v.onVCPU(ctx, func() { v.tracking = true; d0, own0, err = v.collectDirty() }); err != nil {
 		return nil, fmt.Errorf("checkpoint: %w", err)
 	}
 	if err != nil {

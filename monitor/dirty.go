@@ -18,7 +18,9 @@ import (
 //     makes itself through its own view, which no KVM log sees: bounce copies, cloak
 //     encryption and decryption, zero fills, virtio used rings and disk DMA, the loader.
 //
-// A slot that page protection deletes is harvested first, so its bits are not lost.
+// A slot that page protection deletes is harvested first, so its bits are not lost
+// (only once an interval is open: before the first checkpoint there is nothing to keep,
+// and page protection's slot changes stay one ioctl each).
 
 // dirtyLogModes are the modes dirty logging runs in.
 const dirtyLogModes = kvm.DirtyLogManualProtect | kvm.DirtyLogInitiallySet
@@ -66,7 +68,7 @@ func harvestSlot(vm *kvm.VM, r kvm.MemoryRegion, bm []uint64) error {
 
 // harvestBeforeDelete keeps the dirty bits of a slot page protection is deleting.
 func (v *VM) harvestBeforeDelete(slot uint32) error {
-	if !v.dirtyOn {
+	if !v.dirtyOn || !v.tracking {
 		return nil
 	}
 	for _, r := range v.kvm.MemoryRegions() {

@@ -172,6 +172,10 @@ type VM struct {
 	// page protection deleted since the last checkpoint.
 	dirtyOn bool
 	kept    []uint64
+	// tracking: an interval of dirty pages is open (a checkpoint started, or the VM
+	// was restored from one); before that, slot deletions need no harvest, because the
+	// first checkpoint copies all of RAM. Set and read on the vCPU thread, or before Run.
+	tracking bool
 	// ckpt is the checkpoint state: the last reference point, a lazy restore
 	// (checkpoint.go).
 	ckpt checkpointState
