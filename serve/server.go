@@ -197,17 +197,6 @@ func channelOf(r *http.Request) (ticket.Channel, error) {
 	return ch, nil
 }
 
-// ChannelOfConn is the channel binding a client computes for its own connection.
-func ChannelOfConn(cs tls.ConnectionState) (ticket.Channel, error) {
-	var ch ticket.Channel
-	b, err := cs.ExportKeyingMaterial("EXPORTER-umbra-console-ticket", nil, ticket.ChannelLen)
-	if err != nil {
-		return ch, err
-	}
-	copy(ch[:], b)
-	return ch, nil
-}
-
 // record appends to the host audit log; a failure is logged and returned.
 func (s *Server) record(ctx context.Context, kind, vm, actor string, details map[string]any) error {
 	d, _ := json.Marshal(details)
