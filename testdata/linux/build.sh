@@ -9,6 +9,9 @@
 # product never depends on them, only the tests on such hosts do.
 set -euo pipefail
 here=$(dirname "$(readlink -f "$0")")
+# OUT_DIR may not exist yet (a fresh machine has no cache directory): create it before
+# resolving it, since readlink -f fails on a path whose parent is missing.
+mkdir -p "$1"
 out=$(readlink -f "$1")
 jobs=${JOBS:-$(nproc)}
 tarball=/usr/src/linux-source-6.1.tar.xz
