@@ -9,7 +9,8 @@ package monitor
 //
 // A checkpoint file is two snapshot streams, base || tail: base holds the pre-copied
 // pages (taken while the guest ran: some may be torn), tail is incremental on base and
-// holds every page written during the pre-copy, as it was at the pause, and all state
+// holds every page written during the pre-copy (the rounds' copies, each replaced by
+// the pause's where the page was written again), as it was at the pause, and all state
 // sections. A chain resolves each page from its newest stream, so base's torn pages
 // never reach a restore.
 
@@ -59,6 +60,12 @@ type CheckpointOptions struct {
 	Parent     *CheckpointInfo // nil: full; else the VM's previous checkpoint
 	Compress   bool            // zstd blocks
 	Logger     *slog.Logger
+	// MaxRounds bounds the pre-copy rounds after the first copy (0: DefaultPreCopyRounds;
+	// negative: none, the pause then copies everything written during the first copy).
+	MaxRounds int
+	// PauseTarget is the dirty-page count below which the rounds stop and the pause
+	// begins (0: DefaultPauseTarget).
+	PauseTarget uint64
 	// beforePause, for tests, runs after the pre-copy and before the pause.
 	beforePause func()
 }
@@ -70,10 +77,18 @@ type CheckpointInfo struct {
 	Pause      time.Duration // vCPU parked: request to resume
 	PreCopy    time.Duration // the pre-copy, while the guest ran
 	PauseCopy  uint64        // pages copied during the pause
+	Rounds     int           // pre-copy rounds after the first copy
+	RoundPages []uint64      // pages each round copied
 	Pages      uint64        // pages stored (base + tail)
 	OwnWrites  uint64        // pages only the monitor's own-write log named (pre-copy + pause)
 	Bytes      int64         // bytes written
 }
+
+// Pre-copy round defaults (CheckpointOptions).
+const (
+	DefaultPreCopyRounds = 8
+	DefaultPauseTarget   = 64 // pages: about 0.1 ms of copying in the pause
+)
 
 // checkpointState is a VM's checkpoint bookkeeping.
 type checkpointState struct {
@@ -152,6 +167,14 @@ func (v *VM) Checkpoint(ctx context.Context, w io.Writer, opt CheckpointOptions)
 	if info.Base, err = base.Close(); err != nil {
 		return nil, fmt.Errorf("checkpoint: %w", err)
 	}
+	// Rounds, the guest running: copy what was written during the previous copy, until
+	// that is little (the pause then copies at most about PauseTarget pages), stops
+	// shrinking (the guest writes as fast as the rounds copy: more rounds would not
+	// shorten the pause), or the round limit is reached.
+	rounds := map[uint64][]byte{}
+	if err := v.preCopyRounds(ctx, opt, info, rounds); err != nil {
+		return nil, fmt.Errorf("checkpoint: pre-copy: %w", err)
+	}
 	info.PreCopy = time.Since(start)
 	if opt.beforePause != nil {
 		opt.beforePause()
@@ -186,7 +209,11 @@ func (v *VM) Checkpoint(ctx context.Context, w io.Writer, opt CheckpointOptions)
 		return nil, fmt.Errorf("checkpoint: %w", err)
 	}
 	info.PauseCopy = uint64(len(tailPages))
-	info.OwnWrites = own0 + own1
+	info.OwnWrites += own0 + own1
+	for p, b := range tailPages {
+		rounds[p] = b // the pause's copy is the page as it is at the pause
+	}
+	tailPages = rounds
 
 	// Background: the tail, incremental on base.
 	tail, err := snapshot.NewWriter(cw, opt.Key, snapshot.Options{Compress: opt.Compress, Generation: 2*opt.Generation + 1, Parent: &info.Base})
@@ -214,6 +241,88 @@ func (v *VM) Checkpoint(ctx context.Context, w io.Writer, opt CheckpointOptions)
 	last := info.Tail
 	v.ckpt.last = &last
 	return info, nil
+}
+
+// preCopyRounds runs the pre-copy rounds after the first copy (Checkpoint), adding
+// each round's copies to pages (a page written again is copied again, replacing the
+// older copy).
+func (v *VM) preCopyRounds(ctx context.Context, opt CheckpointOptions, info *CheckpointInfo, pages map[uint64][]byte) error {
+	maxRounds := opt.MaxRounds
+	if maxRounds == 0 {
+		maxRounds = DefaultPreCopyRounds
+	}
+	target := opt.PauseTarget
+	if target == 0 {
+		target = DefaultPauseTarget
+	}
+	prev := ^uint64(0)
+	for info.Rounds < maxRounds {
+		var d []uint64
+		var own uint64
+		var err error
+		if oerr := v.onVCPU(ctx, func() { d, own, err = v.collectDirty() }); oerr != nil {
+			return oerr
+		}
+		if err != nil {
+			return err
+		}
+		n := popcount(d)
+		if err := v.copyRound(d, pages); err != nil {
+			return err
+		}
+		info.Rounds++
+		info.RoundPages = append(info.RoundPages, n)
+		info.OwnWrites += own
+		if n <= target || n >= prev {
+			break
+		}
+		prev = n
+	}
+	return nil
+}
+
+// copyRound copies the pages set in bm into pages, the guest running. A frame holding
+// a cloaked app's plaintext is skipped, as in copyBlock.
+func (v *VM) copyRound(bm []uint64, pages map[uint64][]byte) error {
+	c := v.cloakLive.Load()
+	if c != nil {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+	}
+	for w, word := range bm {
+		for word != 0 {
+			p := uint64(w)*64 + uint64(bits.TrailingZeros64(word))
+			word &= word - 1
+			if c != nil {
+				if _, plain := c.plain[p*PageSize]; plain {
+					delete(pages, p)
+					continue
+				}
+			}
+			b, err := v.mem.view(p*PageSize, PageSize)
+			if err != nil {
+				return err
+			}
+			buf := pages[p]
+			if buf == nil {
+				buf = make([]byte, PageSize)
+				pages[p] = buf
+			}
+			copy(buf, b)
+		}
+	}
+	if c == nil && v.cloakLive.Load() != nil {
+		return errors.New("cloaking started during the pre-copy; take the checkpoint again")
+	}
+	return nil
+}
+
+func popcount(bm []uint64) uint64 {
+	var n uint64
+	for _, w := range bm {
+		n += uint64(bits.OnesCount64(w))
+	}
+	return n
 }
 
 type capturedSection struct {

@@ -81,6 +81,32 @@ func (v *VM) harvestBeforeDelete(slot uint32) error {
 	return nil
 }
 
+// settleNewSlot clears the dirty bits a slot page protection just created starts with
+// (KVM sets them all: DirtyLogInitiallySet), once an interval is open. They say
+// nothing: the slot's pages were either in a deleted slot, whose bits
+// harvestBeforeDelete kept, or in a read-only one the guest could not write, and the
+// monitor's writes are in the own-write log. Left set, they would put the whole slot in
+// the next harvest, and a checkpoint's pause would copy it: a pause that grows with RAM.
+// The guest does not run meanwhile (slots change on the vCPU thread), so no write falls
+// between the creation and the clear.
+func (v *VM) settleNewSlot(r kvm.MemoryRegion) error {
+	if !v.dirtyOn || !v.tracking || r.Flags&kvm.MemLogDirtyPages == 0 {
+		return nil
+	}
+	pages := uint64(len(r.Host)) / PageSize
+	all := make([]uint64, (pages+63)/64)
+	for i := range all {
+		all[i] = ^uint64(0)
+	}
+	if rem := pages % 64; rem != 0 {
+		all[len(all)-1] = 1<<rem - 1
+	}
+	if err := v.kvm.ClearDirtyLog(r.Slot, 0, uint32(pages), all); err != nil {
+		return fmt.Errorf("clear the initial dirty log of slot %d: %w", r.Slot, err)
+	}
+	return nil
+}
+
 // collectDirty returns the pages written since the last call (the last reference
 // point), from every source, and starts a new interval. own counts the pages only
 // the own-write log named.

@@ -267,6 +267,9 @@ func (x *pageProt) enforce() error {
 			if err := x.v.kvm.SetMemoryRegion(r); err != nil {
 				return fmt.Errorf("page protection: %w", err)
 			}
+			if err := x.v.settleNewSlot(r); err != nil {
+				return fmt.Errorf("page protection: %w", err)
+			}
 		}
 		if err := x.planner.Commit(plan); err != nil {
 			return err
