@@ -4,69 +4,30 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"io"
 	"net"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/umbra-cc/umbra/attest"
-	"github.com/umbra-cc/umbra/attest/eventlog"
 	"github.com/umbra-cc/umbra/attest/evidence"
-	"github.com/umbra-cc/umbra/attest/tpmtest"
 	"github.com/umbra-cc/umbra/attest/verify"
+	"github.com/umbra-cc/umbra/attestconn/attestconntest"
 )
 
-var approvedMonitor = sha256.Sum256([]byte("umbra monitor, approved build"))
+var approvedMonitor = attestconntest.ApprovedMonitor
 
-// host is one side's TPM (a real swtpm), its attester and its measured event log.
-type host struct {
-	attester    *evidence.Attester
-	log         *eventlog.Measurer
-	fingerprint string
-}
+type host = attestconntest.Host
 
-func newHost(t *testing.T, monitor [32]byte) *host {
-	t.Helper()
-	tpm, _ := tpmtest.StartSwtpm(t)
-	ctx := context.Background()
-	m, err := eventlog.Open(ctx, tpm, filepath.Join(t.TempDir(), "events.jsonl"), 15, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { m.Close() })
-	if _, err := m.Measure(ctx, eventlog.Event{Type: eventlog.TypeMonitor, Description: "/usr/bin/umbra", Digest: monitor[:]}); err != nil {
-		t.Fatal(err)
-	}
-	a, err := evidence.NewAttester(tpm)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(a.Close)
-	ev, err := a.Collect(ctx, evidence.Options{Nonce: bytes.Repeat([]byte{1}, 16), ReadLog: m.Records})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &host{attester: a, log: m, fingerprint: ev.HostFingerprint}
-}
+func newHost(t *testing.T, monitor [32]byte) *host { return attestconntest.NewHost(t, monitor) }
 
-// reference accepts the approved monitor on the enrolled hosts.
-func reference(enrolled ...*host) *verify.Reference {
-	ref := &verify.Reference{Version: 1, Measurements: []verify.MeasurementRef{{
-		Type: eventlog.TypeMonitor, Values: verify.Values{Expected: hex.EncodeToString(approvedMonitor[:])},
-	}}}
-	for i, h := range enrolled {
-		ref.Hosts = append(ref.Hosts, verify.HostRef{Name: "host-" + string(rune('a'+i)), Fingerprint: h.fingerprint})
-	}
-	return ref
-}
+func reference(enrolled ...*host) *verify.Reference { return attestconntest.Reference(enrolled...) }
 
-func (h *host) config(ref *verify.Reference) Config {
-	return Config{Attester: h.attester, ReadLog: h.log.Records, Reference: ref, Timeout: 20 * time.Second}
+func config(h *host, ref *verify.Reference) Config {
+	return Config{Attester: h.Attester, ReadLog: h.Log.Records, Reference: ref, Timeout: 20 * time.Second}
 }
 
 type result struct {
@@ -110,15 +71,15 @@ func connect(t *testing.T, client, server Config) (c, s result) {
 func TestHandshakeAcceptsApprovedPeers(t *testing.T) {
 	src, dst := newHost(t, approvedMonitor), newHost(t, approvedMonitor)
 	ref := reference(src, dst)
-	c, s := connect(t, src.config(ref), dst.config(ref))
+	c, s := connect(t, config(src, ref), config(dst, ref))
 	if c.err != nil || s.err != nil {
 		t.Fatalf("client: %v; server: %v", c.err, s.err)
 	}
-	if got := c.conn.Peer().Fingerprint; got != dst.fingerprint {
-		t.Errorf("client sees peer %s, want the destination %s", got, dst.fingerprint)
+	if got := c.conn.Peer().Fingerprint; got != dst.Fingerprint {
+		t.Errorf("client sees peer %s, want the destination %s", got, dst.Fingerprint)
 	}
-	if got := s.conn.Peer().Fingerprint; got != src.fingerprint {
-		t.Errorf("server sees peer %s, want the source %s", got, src.fingerprint)
+	if got := s.conn.Peer().Fingerprint; got != src.Fingerprint {
+		t.Errorf("server sees peer %s, want the source %s", got, src.Fingerprint)
 	}
 	if !c.conn.Peer().Report.AKActivated || !s.conn.Peer().Report.AKActivated {
 		t.Error("a peer's AK was accepted without credential activation")
@@ -151,7 +112,7 @@ func TestHandshakeRefusesUnapprovedMonitor(t *testing.T) {
 	src := newHost(t, approvedMonitor)
 	dst := newHost(t, sha256.Sum256([]byte("an unapproved monitor build")))
 	ref := reference(src, dst)
-	c, s := connect(t, src.config(ref), dst.config(ref))
+	c, s := connect(t, config(src, ref), config(dst, ref))
 	refusedBy(t, "client", c.err, RoleClient, "monitor")
 	refusedBy(t, "server", s.err, RoleClient, "monitor")
 }
@@ -159,11 +120,11 @@ func TestHandshakeRefusesUnapprovedMonitor(t *testing.T) {
 func TestHandshakeRefusesUnenrolledHost(t *testing.T) {
 	src, dst := newHost(t, approvedMonitor), newHost(t, approvedMonitor)
 	// The source's reference enrols only itself: the destination is another TPM.
-	c, s := connect(t, src.config(reference(src)), dst.config(reference(src, dst)))
+	c, s := connect(t, config(src, reference(src)), config(dst, reference(src, dst)))
 	refusedBy(t, "client", c.err, RoleClient, "host")
 	refusedBy(t, "server", s.err, RoleClient, "host")
 	// And the other direction: the destination does not enrol the source.
-	c, s = connect(t, src.config(reference(src, dst)), dst.config(reference(dst)))
+	c, s = connect(t, config(src, reference(src, dst)), config(dst, reference(dst)))
 	refusedBy(t, "client", c.err, RoleServer, "host")
 	refusedBy(t, "server", s.err, RoleServer, "host")
 }
@@ -187,15 +148,15 @@ func (r *replayer) Collect(ctx context.Context, opts evidence.Options) (*evidenc
 func TestHandshakeRefusesReplayedQuote(t *testing.T) {
 	src, dst := newHost(t, approvedMonitor), newHost(t, approvedMonitor)
 	ref := reference(src, dst)
-	rp := &replayer{Attester: dst.attester}
-	cfg := dst.config(ref)
+	rp := &replayer{Attester: dst.Attester}
+	cfg := config(dst, ref)
 	cfg.Attester = rp
 	// The first session records a genuine quote and succeeds.
-	if c, s := connect(t, src.config(ref), cfg); c.err != nil || s.err != nil {
+	if c, s := connect(t, config(src, ref), cfg); c.err != nil || s.err != nil {
 		t.Fatalf("recording session: client %v; server %v", c.err, s.err)
 	}
 	// The second replays it: same TPM, same host, same monitor, old nonce.
-	c, s := connect(t, src.config(ref), cfg)
+	c, s := connect(t, config(src, ref), cfg)
 	refusedBy(t, "client", c.err, RoleClient, "nonce")
 	refusedBy(t, "server", s.err, RoleClient, "nonce")
 }
@@ -219,9 +180,9 @@ func (f *foreignEK) Collect(ctx context.Context, opts evidence.Options) (*eviden
 func TestHandshakeRefusesAKNotInTheNamedTPM(t *testing.T) {
 	src, enrolled, rogue := newHost(t, approvedMonitor), newHost(t, approvedMonitor), newHost(t, approvedMonitor)
 	ref := reference(src, enrolled)
-	cfg := rogue.config(ref)
-	cfg.Attester = &foreignEK{Attester: rogue.attester, ek: enrolled.attester.EKPublic()}
-	c, s := connect(t, src.config(ref), cfg)
+	cfg := config(rogue, ref)
+	cfg.Attester = &foreignEK{Attester: rogue.Attester, ek: enrolled.Attester.EKPublic()}
+	c, s := connect(t, config(src, ref), cfg)
 	refusedBy(t, "client", c.err, RoleClient, "credential activation")
 	if s.err == nil || !strings.Contains(s.err.Error(), "could not answer the peer's credential challenge") {
 		t.Fatalf("the rogue server's error: %v", s.err)
@@ -229,7 +190,7 @@ func TestHandshakeRefusesAKNotInTheNamedTPM(t *testing.T) {
 
 	// Without the activation, the same forged evidence passes every other check:
 	// activation is what stops it.
-	ev, err := cfg.Attester.Collect(context.Background(), evidence.Options{Nonce: bytes.Repeat([]byte{7}, 32), ReadLog: rogue.log.Records})
+	ev, err := cfg.Attester.Collect(context.Background(), evidence.Options{Nonce: bytes.Repeat([]byte{7}, 32), ReadLog: rogue.Log.Records})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -262,9 +223,9 @@ func TestHandshakeRefusesRelayedSessions(t *testing.T) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		s.conn, s.err = Server(context.Background(), dstSide, dst.config(ref))
+		s.conn, s.err = Server(context.Background(), dstSide, config(dst, ref))
 	}()
-	cc, cerr := Client(context.Background(), srcSide, src.config(ref))
+	cc, cerr := Client(context.Background(), srcSide, config(src, ref))
 	if cerr == nil {
 		cc.Close()
 	}
@@ -282,7 +243,7 @@ func TestHandshakeRefusesRelayedSessions(t *testing.T) {
 
 func TestHandshakeTimesOutOnASilentPeer(t *testing.T) {
 	src, dst := newHost(t, approvedMonitor), newHost(t, approvedMonitor)
-	cfg := src.config(reference(src, dst))
+	cfg := config(src, reference(src, dst))
 	cfg.Timeout = 2 * time.Second
 	a, b := net.Pipe()
 	defer b.Close()
