@@ -135,29 +135,57 @@ func (l *Lazy) installRange(ri int, first uint64) error {
 		return l.uffd.Wake(dst) // a second fault in a range being or just installed
 	}
 	stage := l.stage[:hi-lo]
-	// The usual case: the newest snapshot holding the range's first page stores the
-	// whole range in one block, which then decrypts straight into the staging buffer.
-	if src, b, ok := l.chain.Resolve(first); ok && b.FirstPage == first && b.Pages() == int(l.ppb) && uint64(len(stage)) == l.ppb*snapshot.PageSize {
+	if err := ReadRange(l.chain, lo/snapshot.PageSize, stage); err != nil {
+		return fmt.Errorf("checkpoint: lazy restore: %w", err)
+	}
+	return l.install(key, dst, stage, lo, hi)
+}
+
+// ReadRange fills stage (whole pages) with the newest contents chain holds of the
+// pages from first on; pages stored nowhere are zero. Every block it reads is
+// authenticated before any of its bytes reaches stage, and stage is zeroed if one
+// fails. The usual case of a lazy restore is one block: the newest snapshot holding
+// the range's first page stores the whole range, which then decrypts straight into
+// stage.
+func ReadRange(chain *snapshot.Chain, first uint64, stage []byte) error {
+	n := uint64(len(stage)) / snapshot.PageSize
+	if src, b, ok := chain.Resolve(first); ok && b.FirstPage == first && uint64(b.Pages()) == n && b.Mask == 1<<n-1 {
 		if _, err := src.ReadBlock(b, stage); err != nil {
-			return fmt.Errorf("checkpoint: lazy restore of page %#x: %w", first*snapshot.PageSize, err)
+			clear(stage)
+			return fmt.Errorf("page %#x: %w", first*snapshot.PageSize, err)
 		}
-		return l.install(key, dst, stage, lo, hi)
+		return nil
 	}
 	clear(stage)
 	var cache blockRead
-	for gpa := lo; gpa < hi; gpa += snapshot.PageSize {
-		p := gpa / snapshot.PageSize
-		src, b, ok := l.chain.Resolve(p)
+	for i := uint64(0); i < n; i++ {
+		p := first + i
+		src, b, ok := chain.Resolve(p)
 		if !ok {
 			continue // stored nowhere: zero
 		}
 		data, err := cache.page(src, b, p)
 		if err != nil {
-			return fmt.Errorf("checkpoint: lazy restore of page %#x: %w", gpa, err)
+			clear(stage)
+			return fmt.Errorf("page %#x: %w", p*snapshot.PageSize, err)
 		}
-		copy(stage[gpa-lo:], data)
+		copy(stage[i*snapshot.PageSize:], data)
 	}
-	return l.install(key, dst, stage, lo, hi)
+	return nil
+}
+
+// StoredRanges returns the first pages of the storage blocks chain's snapshots hold,
+// ascending and each once: what a background fill must install for a lazy restore to
+// be complete (every other page is zero).
+func StoredRanges(chain *snapshot.Chain) []uint64 {
+	var firsts []uint64
+	for _, r := range chain.Links() {
+		for _, b := range r.Blocks() {
+			firsts = append(firsts, b.FirstPage)
+		}
+	}
+	slices.Sort(firsts)
+	return slices.Compact(firsts)
 }
 
 // Fill installs every storage-block range the chain stores that no fault has brought
@@ -169,14 +197,7 @@ func (l *Lazy) installRange(ri int, first uint64) error {
 // It runs beside Serve; a block that fails stops it with the error, which the caller
 // handles as Serve's onFail.
 func (l *Lazy) Fill(stop <-chan struct{}, pace time.Duration) error {
-	var firsts []uint64
-	for _, r := range l.chain.Links() {
-		for _, b := range r.Blocks() {
-			firsts = append(firsts, b.FirstPage)
-		}
-	}
-	slices.Sort(firsts)
-	for _, first := range slices.Compact(firsts) {
+	for _, first := range StoredRanges(l.chain) {
 		for ri := range l.m.RAM {
 			select {
 			case <-stop:

@@ -228,8 +228,22 @@ func (u *Userfaultfd) copy(dst, src []byte, mode uint64) error {
 		Copied              int64
 	}{Dst: start, Src: addrOf(src), Len: n, Mode: mode}
 	_, err := ioctlArg(u.fd, fmt.Sprintf("UFFDIO_COPY %#x+%#x mode %#x", start, n, mode), ioctlUffdCopy, &c)
-	if errors.Is(err, unix.EEXIST) {
-		return u.Wake(dst) // resolved by a concurrent fault: the page is there
+	if errors.Is(err, unix.EEXIST) || errors.Is(err, unix.EAGAIN) {
+		// A page of the range is there already (resolved by a concurrent fault): the
+		// kernel stopped at it (EEXIST if it was the first, else EAGAIN with the bytes
+		// copied before it), so copy the rest page by page, keeping those there.
+		ps := uint64(unix.Getpagesize())
+		done := uint64(max(c.Copied, 0)) &^ (ps - 1)
+		for off := done; off < n; off += ps {
+			p := struct {
+				Dst, Src, Len, Mode uint64
+				Copied              int64
+			}{Dst: start + off, Src: addrOf(src[off:]), Len: ps, Mode: mode}
+			if _, err := ioctlArg(u.fd, "UFFDIO_COPY", ioctlUffdCopy, &p); err != nil && !errors.Is(err, unix.EEXIST) {
+				return err
+			}
+		}
+		return u.Wake(dst)
 	}
 	return err
 }
@@ -295,6 +309,11 @@ func (u *Userfaultfd) Serve(stop <-chan struct{}, pollMs int, handle func(UffdFa
 				continue
 			}
 			return fmt.Errorf("userfaultfd poll: %w", err)
+		}
+		if fds[0].Revents&(unix.POLLNVAL|unix.POLLERR|unix.POLLHUP) != 0 {
+			// Closed under the server: its faults can no longer be served (the
+			// kernel retries them without a handler), which the owner must know.
+			return fmt.Errorf("userfaultfd poll: the descriptor is closed or broken (revents %#x)", fds[0].Revents)
 		}
 		if fds[0].Revents&unix.POLLIN == 0 {
 			continue // woken (stop is closed) or the bound passed

@@ -194,3 +194,94 @@ func TestUffdServeWakesOnStop(t *testing.T) {
 		}
 	}
 }
+
+// TestUffdCopyKeepsPagesThere copies a range over a page already installed: the kernel
+// stops at that page (EEXIST first, EAGAIN later), and Copy installs the rest around
+// it, keeping its contents (without the fallback, the pages after it stayed missing).
+func TestUffdCopyKeepsPagesThere(t *testing.T) {
+	fd, err := unix.MemfdCreate("uffd-copy-test", unix.MFD_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	const n = 8 * 4096
+	if err := unix.Ftruncate(fd, n); err != nil {
+		t.Fatal(err)
+	}
+	mem, err := unix.Mmap(fd, 0, n, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(mem)
+	u, err := NewUserfaultfd(UffdFeatureMissingShmem)
+	if err != nil {
+		t.Skipf("userfaultfd: %v", err)
+	}
+	defer u.Close()
+	if err := u.Register(mem, UffdRegisterMissing); err != nil {
+		t.Fatal(err)
+	}
+	src := make([]byte, n)
+	for i := range src {
+		src[i] = byte(i/4096) + 1
+	}
+	there := make([]byte, 4096)
+	for i := range there {
+		there[i] = 0xee
+	}
+	for _, first := range []int{0, 3} { // the page there is the first, or in the middle
+		if err := unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, 0, n); err != nil {
+			t.Fatal(err)
+		}
+		if err := u.Copy(mem[first*4096:(first+1)*4096], there); err != nil {
+			t.Fatal(err)
+		}
+		if err := u.Copy(mem, src); err != nil {
+			t.Fatalf("copy over page %d already there: %v", first, err)
+		}
+		vec, err := unix.Mmap(-1, 0, 4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+		if err != nil {
+			t.Fatal(err)
+		}
+		vec = vec[:n/4096]
+		if _, _, e := unix.Syscall(unix.SYS_MINCORE, uintptr(addrOf(mem)), n, uintptr(addrOf(vec))); e != 0 {
+			t.Fatalf("mincore: %v", e)
+		}
+		for p, r := range vec { // checked before reading: a missing page would block the read
+			if r&1 == 0 {
+				t.Fatalf("page %d is missing after copying over page %d", p, first)
+			}
+		}
+		for p := 0; p < n/4096; p++ {
+			want := byte(p + 1)
+			if p == first {
+				want = 0xee
+			}
+			if mem[p*4096] != want {
+				t.Fatalf("page %d (page %d there before) holds %#x, want %#x", p, first, mem[p*4096], want)
+			}
+		}
+	}
+}
+
+// TestUffdServeReportsClose: a userfaultfd closed under Serve ends it with an error
+// (its faults can no longer be served), instead of a silent loop.
+func TestUffdServeReportsClose(t *testing.T) {
+	u, err := NewUserfaultfd(0)
+	if err != nil {
+		t.Skipf("userfaultfd: %v", err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- u.Serve(make(chan struct{}), 20, func(UffdFault) error { return nil }) }()
+	time.Sleep(10 * time.Millisecond)
+	u.Close()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("Serve returned nil after its userfaultfd was closed")
+		}
+		t.Logf("Serve: %v", err)
+	case <-time.After(5 * time.Second):
+		t.Fatal("Serve still running 5 s after its userfaultfd was closed")
+	}
+}

@@ -142,6 +142,11 @@ func (v *VM) Checkpoint(ctx context.Context, w io.Writer, opt CheckpointOptions)
 	if err != nil {
 		return nil, fmt.Errorf("checkpoint: %w", err)
 	}
+	// A lazy restore still in progress completes first: the pre-copy finds the pages
+	// that hold data by the memfd's holes, and a page not brought in yet is a hole.
+	if err := v.finishLazy(); err != nil {
+		return nil, fmt.Errorf("checkpoint: %w", err)
+	}
 	info := &CheckpointInfo{Generation: opt.Generation}
 	cw := &countingWriter{w: w}
 

@@ -490,6 +490,14 @@ func (c *cloaking) setFatal(err error) {
 // ensureInfrastructure creates appVM and registers the system view with
 // userfaultfd, on the first registration.
 func (c *cloaking) ensureInfrastructure() error {
+	if c.av == nil || c.uffd == nil {
+		// Cloaking's fault server takes over the system view (MINOR faults; a
+		// view has one userfaultfd) and appVM maps RAM: a lazy restore still
+		// serving the views completes first.
+		if err := c.v.finishLazy(); err != nil {
+			return err
+		}
+	}
 	if c.av == nil {
 		cpuid, err := c.v.sys.SupportedCPUID()
 		if err != nil {

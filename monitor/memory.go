@@ -29,6 +29,10 @@ type GuestMemory struct {
 	written []atomic.Uint64
 	// noOwnLog turns the own-write log off, for the test that shows it is needed.
 	noOwnLog bool
+
+	// lazy is a lazy restore in progress (lazy.go): every access through the
+	// monitor's view first has its ranges installed (ensure).
+	lazy atomic.Pointer[lazyRestore]
 }
 
 // NewGuestMemory creates size bytes of zeroed guest RAM (a multiple of PageSize).
@@ -76,16 +80,43 @@ func (m *GuestMemory) View(name string) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("map guest RAM view %q: %w", name, err)
 	}
+	if l := m.lazy.Load(); l != nil {
+		if err := l.addView(name, v); err != nil {
+			unix.Munmap(v)
+			return nil, err
+		}
+	}
 	m.views[name] = v
 	return v, nil
+}
+
+// attachLazy registers every named view with l and routes the monitor's accesses
+// through l until it completes.
+func (m *GuestMemory) attachLazy(l *lazyRestore) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := m.views["sys"]; !ok {
+		return errors.New("guest RAM has no system view to serve faults through")
+	}
+	for name, v := range m.views {
+		if err := l.addView(name, v); err != nil {
+			return err
+		}
+	}
+	m.lazy.Store(l)
+	return nil
 }
 
 // ErrOutsideRAM is returned for guest-physical accesses beyond guest RAM.
 var ErrOutsideRAM = errors.New("guest-physical range outside guest RAM")
 
+// check checks that [gpa, gpa+n) is RAM and, during a lazy restore, installs it.
 func (m *GuestMemory) check(gpa uint64, n int) error {
 	if n < 0 || gpa > m.size || uint64(n) > m.size-gpa {
 		return fmt.Errorf("%w: [%#x, +%d) with %#x bytes of RAM", ErrOutsideRAM, gpa, n, m.size)
+	}
+	if l := m.lazy.Load(); l != nil {
+		return l.ensure(gpa, uint64(n))
 	}
 	return nil
 }

@@ -3,7 +3,6 @@ package monitor
 import (
 	"bytes"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
 	"time"
@@ -98,6 +97,8 @@ type RestoreOptions struct {
 	// FillPace is the pause between background-filled block ranges of a lazy restore
 	// (0: none); negative: no background fill.
 	FillPace time.Duration
+
+	hooks lazyHooks // tests
 }
 
 // Restore builds a VM from the newest state of chain, to continue with Run. cfg is
@@ -155,7 +156,7 @@ func Restore(cfg Config, chain *snapshot.Chain, opt RestoreOptions) (_ *VM, err 
 			return nil, fmt.Errorf("restore: RAM: %w", err)
 		}
 	case RestoreLazy:
-		if err := v.startLazy(chain, opt.FillPace); err != nil {
+		if err := v.startLazy(chain, opt.FillPace, opt.hooks); err != nil {
 			return nil, err
 		}
 	default:
@@ -200,10 +201,3 @@ func checkSections(top *snapshot.Reader, hs []sectionHolder) error {
 	}
 	return nil
 }
-
-// errNoLazy is returned until lazy restore is wired.
-var errNoLazy = errors.New("restore: lazy restore is not built into the monitor yet")
-
-type lazyRestore struct{}
-
-func (v *VM) startLazy(chain *snapshot.Chain, pace time.Duration) error { return errNoLazy }

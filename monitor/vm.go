@@ -308,6 +308,9 @@ func (v *VM) Memory() *GuestMemory { return v.mem }
 // Close releases the vCPU, the VM and guest memory.
 func (v *VM) Close() error {
 	var errs []error
+	if l := v.ckpt.lazy; l != nil {
+		errs = append(errs, l.close()) // before guest RAM is unmapped
+	}
 	for i := len(v.extensions) - 1; i >= 0; i-- {
 		errs = append(errs, v.extensions[i].close())
 	}
@@ -353,6 +356,7 @@ func (v *VM) Run(ctx context.Context) (*Result, error) {
 	start := time.Now()
 	res := &Result{ExitStatus: -1}
 	finish := func(err error) (*Result, error) {
+		err = v.lazyCause(err)
 		v.endControl()
 		res.Duration = time.Since(start)
 		res.Counters = v.counter
