@@ -139,7 +139,7 @@ type pair struct {
 }
 
 // attested connects two attested hosts over loopback TCP.
-func attested(t *testing.T) pair {
+func attested(t testing.TB) pair {
 	t.Helper()
 	a, b := attestconntest.NewHost(t, attestconntest.ApprovedMonitor), attestconntest.NewHost(t, attestconntest.ApprovedMonitor)
 	ref := attestconntest.Reference(a, b)
