@@ -115,4 +115,5 @@ bench:
 	b ./checkpoint '^BenchmarkLazyRestoreFault$$' 10x; \
 	b ./checkpoint '^BenchmarkTimeToFirstInstruction$$' 10x; \
 	b ./checkpoint '^BenchmarkIncrementalSize$$' 1x; \
+	b ./migration '^BenchmarkMigrate$$' 2x; \
 	echo; $(GO) run ./internal/benchtable < $(BENCH_OUT)
