@@ -410,7 +410,7 @@ func TestMigrateLinuxGuest(t *testing.T) {
 	// The kernel's clock goes on from where it was on the source: the init's
 	// uptime exceeds the time the destination ran by about the source's 5 s. A fresh
 	// boot's would not exceed it at all.
-	if up, ran := uptime(out), dst.ran.Seconds(); up-ran < 3 {
+	if up, ran := uptime(out), dst.ran.Seconds(); up-ran < 2 {
 		t.Fatalf("the init says the kernel was up %.2f s after %.2f s on the destination: it did not continue the source's boot:\n%s", up, ran, out)
 	}
 	t.Logf("Linux migrated mid-boot: %d checkpoint bytes, downtime %v, total %v; init uptime %.2f s after %.2f s on the destination", rep.CheckpointBytes, rep.Downtime, rep.Total, uptime(out), dst.ran.Seconds())
