@@ -116,4 +116,5 @@ bench:
 	b ./checkpoint '^BenchmarkTimeToFirstInstruction$$' 10x; \
 	b ./checkpoint '^BenchmarkIncrementalSize$$' 1x; \
 	b ./migration '^BenchmarkMigrate$$' 2x; \
+	b ./migration '^BenchmarkMigrateLinuxVsQEMU$$' 2x; \
 	echo; $(GO) run ./internal/benchtable < $(BENCH_OUT)
