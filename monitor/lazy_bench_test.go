@@ -66,18 +66,18 @@ func benchChain(b *testing.B, file, key []byte) *snapshot.Chain {
 	return chain
 }
 
-// BenchmarkLazyRestoreFault measures the monitor's lazy restore per fault against the
+// BenchmarkVMLazyRestoreFault measures the monitor's lazy restore per fault against the
 // issue's reference, measured interleaved in the same run: a raw userfaultfd round
 // trip on a memfd mapping whose server does one AES-256-GCM open of a sealed 256 KiB
 // block (the block's decryption) and one 256 KiB UFFDIO_COPY. Both sides take the
 // same faults the same way: a thread touching one byte in each of 128 storage-block
 // ranges, through the system view of a lazily restored VM (the view KVM's slots map,
 // so the fault path is the one a vCPU takes after its EPT violation, minus KVM's
-// part) or through the raw mapping. lazy-µs/fault includes reading the file's record,
+// part) or through the raw mapping. lazy-us/fault includes reading the file's record,
 // the header checks, AES-GCM open, the chain lookup and the range's bookkeeping.
 //
-//	go test ./monitor -run '^$' -bench LazyRestoreFault -benchtime 512x
-func BenchmarkLazyRestoreFault(b *testing.B) {
+//	go test ./monitor -run '^$' -bench VMLazyRestoreFault -benchtime 512x
+func BenchmarkVMLazyRestoreFault(b *testing.B) {
 	if runtime.GOMAXPROCS(0) < 2 {
 		b.Skip("a thread blocked on a fault holds its P: the server needs another")
 	}
@@ -175,12 +175,12 @@ func BenchmarkLazyRestoreFault(b *testing.B) {
 	}
 	b.StopTimer()
 	l, r := float64(lazyT.Nanoseconds())/float64(b.N), float64(rawT.Nanoseconds())/float64(b.N)
-	b.ReportMetric(l/1000, "lazy-µs/fault")
-	b.ReportMetric(r/1000, "raw-µs/fault")
+	b.ReportMetric(l/1000, "lazy-us/fault")
+	b.ReportMetric(r/1000, "raw-us/fault")
 	b.ReportMetric(l/r, "lazy/raw")
 }
 
-// BenchmarkTimeToFirstInstruction measures, at 64 MiB, 256 MiB and 1 GiB of guest RAM
+// BenchmarkVMTimeToFirstInstruction measures, at 64 MiB, 256 MiB and 1 GiB of guest RAM
 // (half of it holding data, so an eager restore has that much to read), the time from
 // opening a checkpoint file to the restored guest's first instruction: open,
 // authenticate the manifests, build the VM (New), restore every section and RAM
@@ -189,8 +189,8 @@ func BenchmarkLazyRestoreFault(b *testing.B) {
 // instruction (lazily, after the faults that instruction takes). new-ms is New alone
 // for the same config, in the same run: the floor any restore pays.
 //
-//	go test ./monitor -run '^$' -bench TimeToFirstInstruction -benchtime 3x
-func BenchmarkTimeToFirstInstruction(b *testing.B) {
+//	go test ./monitor -run '^$' -bench VMTimeToFirstInstruction -benchtime 3x
+func BenchmarkVMTimeToFirstInstruction(b *testing.B) {
 	for _, size := range benchSizes {
 		b.Run(sizeName(size), func(b *testing.B) {
 			key := testKey(b)
@@ -219,7 +219,7 @@ func BenchmarkTimeToFirstInstruction(b *testing.B) {
 }
 
 // firstInstruction restores file with opt and returns the time to the guest's first
-// instruction (BenchmarkTimeToFirstInstruction).
+// instruction (BenchmarkVMTimeToFirstInstruction).
 func firstInstruction(b *testing.B, cfg Config, file, key []byte, opt RestoreOptions) time.Duration {
 	b.Helper()
 	runtime.LockOSThread()
