@@ -28,6 +28,7 @@ policy-test:
 	$(GO) run ./cmd/umbra policy test testdata/e2e/linux/policy
 	$(GO) run ./cmd/umbra policy test testdata/e2e/disk/policy
 	$(GO) run ./cmd/umbra policy test testdata/control/policy
+	$(GO) run ./cmd/umbra policy test testdata/e2e/migration/policy
 
 # Debian packages the tests need: gcc/make/binutils build the test guest, libssl-dev the
 # TPM simulator (cgo), swtpm and tpm2-tools the real-TPM and independent-verifier tests;
@@ -117,4 +118,5 @@ bench:
 	b ./monitor '^BenchmarkCheckpointPause$$' 20x; \
 	b ./monitor '^BenchmarkVMLazyRestoreFault$$' 512x; \
 	b ./monitor '^BenchmarkVMTimeToFirstInstruction$$' 3x; \
+	b ./migration '^BenchmarkMigrate$$' 2x; \
 	echo; $(GO) run ./internal/benchtable < $(BENCH_OUT)

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -194,4 +195,54 @@ func (c *Client) Console(ctx context.Context) (net.Conn, *bufio.Reader, error) {
 	}
 	conn.SetDeadline(time.Time{})
 	return conn, br, nil
+}
+
+// Tunnel opens a tunnel on the control socket (POST /v1/vm/tunnel): a byte stream the
+// caller relays for an operation that names the returned id (a migration). The
+// monitor parks it for launch.TunnelTTL.
+func (c *Client) Tunnel(ctx context.Context) (net.Conn, string, error) {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", c.Path)
+	if err != nil {
+		return nil, "", fmt.Errorf("control socket %s: %w", c.Path, err)
+	}
+	fail := func(err error) (net.Conn, string, error) {
+		conn.Close()
+		return nil, "", err
+	}
+	conn.SetDeadline(time.Now().Add(30 * time.Second))
+	delegate := ""
+	if c.Delegate != nil {
+		delegate = DelegateHeader + ": " + EncodeDelegate(*c.Delegate) + "\r\n"
+	}
+	if _, err := fmt.Fprintf(conn, "POST %s HTTP/1.1\r\nHost: umbra\r\nConnection: Upgrade\r\nUpgrade: %s\r\n%sContent-Length: 0\r\n\r\n", PathTunnel, TunnelUpgrade, delegate); err != nil {
+		return fail(err)
+	}
+	// Read the response byte by byte: nothing after its header may be consumed here,
+	// since the stream that follows belongs to the caller.
+	resp, err := http.ReadResponse(bufio.NewReaderSize(oneByteReader{conn}, 16), nil)
+	if err != nil {
+		return fail(fmt.Errorf("tunnel: %w", err))
+	}
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		return fail(fmt.Errorf("tunnel: the monitor answered %s", resp.Status))
+	}
+	id := resp.Header.Get(TunnelHeader)
+	if id == "" {
+		return fail(errors.New("tunnel: the monitor gave no tunnel id"))
+	}
+	conn.SetDeadline(time.Time{})
+	return conn, id, nil
+}
+
+// oneByteReader reads at most one byte per call: a bufio.Reader over it fills one byte
+// at a time, so reading the response header up to its blank line consumes nothing of
+// the stream after it.
+type oneByteReader struct{ r io.Reader }
+
+func (o oneByteReader) Read(p []byte) (int, error) {
+	if len(p) > 1 {
+		p = p[:1]
+	}
+	return o.r.Read(p)
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -39,6 +40,9 @@ func (r *recTarget) Stop(context.Context, policy.Principal, bool) error         
 func (r *recTarget) OpenConsole(context.Context, policy.Principal) error            { return nil }
 func (r *recTarget) ConsoleInput([]byte) error                                      { return nil }
 func (r *recTarget) Ended() <-chan struct{}                                         { return nil }
+func (r *recTarget) AddTunnel(policy.Principal, net.Conn) (string, error) {
+	return "", errors.New("no tunnels")
+}
 func (r *recTarget) Operation(_ context.Context, name string, p policy.Principal, args json.RawMessage) (any, error) {
 	r.rec(p)
 	switch name {

@@ -29,6 +29,7 @@ const (
 	EndpointAction
 	EndpointConsole
 	EndpointOperation
+	EndpointTunnel
 )
 
 // Paths of the endpoints.
@@ -39,6 +40,7 @@ const (
 	PathActions = "/v1/vm/actions"
 	PathConsole = "/v1/vm/console"
 	PathOps     = "/v1/vm/operations"
+	PathTunnel  = "/v1/vm/tunnel"
 )
 
 // MaxOperationBodyBytes bounds the body of an operation request (its arguments).
@@ -80,6 +82,7 @@ var routes = map[string]struct {
 	PathActions: {http.MethodPost, EndpointAction},
 	PathConsole: {http.MethodPost, EndpointConsole},
 	PathOps:     {http.MethodPost, EndpointOperation},
+	PathTunnel:  {http.MethodPost, EndpointTunnel},
 }
 
 // DecodeRequest validates an HTTP request and decodes its body. It reads at most

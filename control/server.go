@@ -34,6 +34,10 @@ type Target interface {
 	Ended() <-chan struct{}
 	// Operation runs a named operation beyond pause, resume and stop (launch.Operation).
 	Operation(ctx context.Context, name string, p policy.Principal, args json.RawMessage) (any, error)
+	// AddTunnel parks a byte stream the caller relays for an operation of its own
+	// (launch.Control.AddTunnel): the monitor, which may not open network
+	// connections in its jail, speaks through it.
+	AddTunnel(p policy.Principal, conn net.Conn) (string, error)
 }
 
 // SocketName is the control socket's name in the VM's state directory.
@@ -248,6 +252,50 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 		s.operation(w, r, principal, req.Operation)
 	case EndpointConsole:
 		s.console(w, r, principal)
+	case EndpointTunnel:
+		s.tunnel(w, r, principal)
+	}
+}
+
+// TunnelUpgrade is the Upgrade token of a tunnel; TunnelHeader carries the tunnel's id
+// in the 101 response.
+const (
+	TunnelUpgrade = "umbra-tunnel"
+	TunnelHeader  = "Umbra-Tunnel"
+)
+
+// tunnel takes the connection over as a byte stream for a later operation of the
+// same principal (a migration names it by the id in the 101 response). It carries
+// nothing until that operation runs, and is closed if none claims it in time.
+func (s *Server) tunnel(w http.ResponseWriter, r *http.Request, p policy.Principal) {
+	if r.Header.Get("Upgrade") != TunnelUpgrade {
+		writeError(w, http.StatusBadRequest, "bad_request", "the tunnel endpoint needs Connection: Upgrade and Upgrade: "+TunnelUpgrade, nil)
+		return
+	}
+	hj, ok := w.(http.Hijacker)
+	if !ok {
+		writeError(w, http.StatusInternalServerError, "internal", "connection cannot be taken over", nil)
+		return
+	}
+	conn, brw, err := hj.Hijack()
+	if err != nil {
+		return
+	}
+	conn.SetDeadline(time.Time{})
+	if brw.Reader.Buffered() > 0 {
+		// The client sent bytes before the 101: it does not speak this protocol.
+		conn.Close()
+		return
+	}
+	id, err := s.Target.AddTunnel(p, conn)
+	if err != nil {
+		io.WriteString(conn, "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+		conn.Close()
+		s.Logger.Warn("control: tunnel refused", "principal", p.ID, "err", err)
+		return
+	}
+	if _, err := io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: "+TunnelUpgrade+"\r\n"+TunnelHeader+": "+id+"\r\n\r\n"); err != nil {
+		conn.Close()
 	}
 }
 

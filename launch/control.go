@@ -33,6 +33,9 @@ type Control struct {
 
 	mu       sync.Mutex // serialises state changes
 	stopping bool
+
+	tunnels   tunnelSet     // byte streams relayed by control clients (tunnel.go)
+	migration *migrationEnv // what sending the VM elsewhere needs (op_migrate.go); nil: not migratable
 }
 
 // consoleInputWait bounds how long console input waits for room in the UART's
@@ -140,6 +143,9 @@ func (c *Control) Resume(ctx context.Context, p policy.Principal) error {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.migration != nil && c.migration.handedOver.Load() {
+		return fmt.Errorf("%w: the VM was handed over to another host and does not resume here", monitor.ErrNotRunning)
+	}
 	return c.vm.Resume()
 }
 

@@ -3,6 +3,7 @@ package launch
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -62,6 +63,21 @@ type LaunchConfig struct {
 	// return the evidence in the report (for back ends whose PCRs do not outlive the
 	// process, such as the simulator, this is the only way to attest a launch).
 	EvidenceNonce []byte
+
+	// PolicyBundle is the signed policy bundle Policy came from and PolicyKeyID its
+	// signer's key id (both empty for the built-in demo policy): a migration sends
+	// them, and the destination verifies the signature with its own trusted
+	// administrators.
+	PolicyBundle []byte
+	PolicyKeyID  string
+	// Series and Version name the sealed bundle the VM came from (empty for an
+	// unsealed VM); a migration retires that version on this host.
+	Series  string
+	Version uint64
+	// Build builds the VM from Run once the launch is decided, measured and audited;
+	// nil is monitor.New. A migration's destination restores it from the received
+	// checkpoint instead (receive.go).
+	Build func(monitor.Config) (*monitor.VM, error)
 }
 
 // LaunchReport says what a launch did, for the operator and tests.
@@ -121,14 +137,8 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	rep := &LaunchReport{
 		VMID:     lc.Spec.Name,
 		AuditLog: filepath.Join(lc.StateDir, attest.AuditLogFile),
-		EventLog: filepath.Join(lc.StateDir, attest.EventLogFile),
+		EventLog: eventLogPath(lc.TPM, lc.StateDir),
 		PCR:      lc.PCR,
-	}
-	if sealing.IsSimulator(lc.TPM) {
-		// The simulator's PCRs live and die with this process, so its measurements
-		// go to an event log of this process's own: a shared log could match only
-		// one process's PCRs (docs/attestation.md, "Concurrent launches").
-		rep.EventLog = filepath.Join(lc.StateDir, "sim-eventlogs", simEventLogName())
 	}
 	fp, err := sealing.HostID(lc.TPM)
 	if err != nil {
@@ -160,6 +170,9 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		return nil, fmt.Errorf("%w: %w", ErrLaunchRefused, err)
 	}
 	defer vmLock.Close()
+	if err := checkNotMigrated(lc.StateDir, lc.Spec.Name); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrLaunchRefused, err)
+	}
 
 	auditLog, err := audit.OpenContext(ctx, rep.AuditLog, log)
 	if err != nil {
@@ -339,7 +352,19 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 			log.Error("closing the VM's disks", "err", cerr)
 		}
 	}()
-	vm, err := monitor.New(lc.Run)
+	if lc.Run.CloakSecret == nil {
+		// The VM's cloak master secret is chosen here rather than inside the
+		// monitor, so that a migration can carry it to the destination.
+		lc.Run.CloakSecret = make([]byte, 32)
+		if _, err := rand.Read(lc.Run.CloakSecret); err != nil {
+			return failed(fmt.Errorf("%w: cloak master secret: %w", ErrLaunchRefused, err))
+		}
+	}
+	build := lc.Build
+	if build == nil {
+		build = monitor.New
+	}
+	vm, err := build(lc.Run)
 	if err != nil {
 		return failed(fmt.Errorf("%w: build the VM: %w", ErrLaunchRefused, err))
 	}
@@ -371,6 +396,9 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 			policyVM: func(state string) policy.VM {
 				return policyVM(lc.Spec, lc.Run, hex.EncodeToString(imageDigest[:]), state, firstLaunch, disks)
 			},
+			migration: newMigrationEnv(lc, fp, measurer, func(ctx context.Context, kind string, details any) error {
+				return lc.Run.Hooks.Audit(ctx, kind, details)
+			}),
 		})
 	}
 	var enforced atomic.Pointer[guard.Enforcement]
@@ -416,6 +444,17 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		rep.Evidence = ev
 	}
 	return rep, runErr
+}
+
+// eventLogPath is where this process's measurements of a launch go: the state
+// directory's event log, or, on the simulator, whose PCRs live and die with this
+// process, an event log of this process's own (a shared log could match only one
+// process's PCRs; docs/attestation.md, "Concurrent launches").
+func eventLogPath(tpm transport.TPM, stateDir string) string {
+	if sealing.IsSimulator(tpm) {
+		return filepath.Join(stateDir, "sim-eventlogs", simEventLogName())
+	}
+	return filepath.Join(stateDir, attest.EventLogFile)
 }
 
 // simEventLogName names this process's simulator event log: one per process, as

@@ -39,6 +39,10 @@ type LaunchSource struct {
 	Sealed *sealing.Opened
 	// Dir is the directory the spec's relative paths (guest files, disks) resolve against.
 	Dir string
+	// PolicyBundle and PolicyKeyID are the signed policy bundle and its signer's key
+	// id (empty for the built-in demo policy); a migration carries them.
+	PolicyBundle []byte
+	PolicyKeyID  string
 }
 
 // DiskEnv is where the source's disks are and how its protected disks open.
@@ -50,6 +54,15 @@ func (s *LaunchSource) DiskEnv() monitor.DiskEnv {
 		env.Protected = &monitor.ProtectedDiskEnv{Secret: s.CloakSecret}
 	}
 	return env
+}
+
+// LaunchConfig returns the parts of a launch that come from the source.
+func (s *LaunchSource) LaunchConfig() LaunchConfig {
+	lc := LaunchConfig{Spec: s.Spec, SpecBytes: s.SpecBytes, Policy: s.Policy, PolicyDigest: s.PolicyDigest, Disks: s.DiskEnv(), PolicyBundle: s.PolicyBundle, PolicyKeyID: s.PolicyKeyID}
+	if s.Sealed != nil {
+		lc.Series, lc.Version = s.Sealed.Series, s.Sealed.Version
+	}
+	return lc
 }
 
 // Wipe clears the secret material.
@@ -119,7 +132,7 @@ func SpecSource(ctx context.Context, specPath, bundlePath string, key policy.Ver
 		return nil, fmt.Errorf("%w: %w", ErrInvalidInput, err)
 	}
 	sum := sha256.Sum256(bundle)
-	return &LaunchSource{Spec: spec, SpecBytes: raw, Image: img, Initrd: initrd, Policy: p, PolicyDigest: hex.EncodeToString(sum[:]), Dir: filepath.Dir(specPath)}, nil
+	return &LaunchSource{Spec: spec, SpecBytes: raw, Image: img, Initrd: initrd, Policy: p, PolicyDigest: hex.EncodeToString(sum[:]), Dir: filepath.Dir(specPath), PolicyBundle: bundle, PolicyKeyID: key.ID}, nil
 }
 
 // SealedSource opens a sealed VM bundle on this host's TPM: it measures this monitor
@@ -205,6 +218,7 @@ func sealedContents(ctx context.Context, opened *sealing.Opened, admins []*ecdsa
 		return nil, fmt.Errorf("policy sealed in %s (must be signed by the bundle's administrator with key id %s): %w", bundlePath, opened.Header.AdminKeyID, err)
 	}
 	src.PolicyDigest = opened.Header.PolicySHA256
+	src.PolicyBundle, src.PolicyKeyID = opened.PolicyBundle, opened.Header.AdminKeyID
 	return src, nil
 }
 

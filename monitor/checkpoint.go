@@ -59,6 +59,10 @@ type CheckpointOptions struct {
 	Generation uint64
 	Parent     *CheckpointInfo // nil: full; else the VM's previous checkpoint
 	Compress   bool            // zstd blocks
+	// StayPaused leaves the VM paused after the capture instead of resuming it: a
+	// migration's stop-and-copy, whose caller resumes the VM only if the handover
+	// fails (a VM paused before Checkpoint stays paused either way).
+	StayPaused bool
 	Logger     *slog.Logger
 	// MaxRounds bounds the pre-copy rounds after the first copy (0: DefaultPreCopyRounds;
 	// negative: none, the pause then copies everything written during the first copy).
@@ -75,6 +79,7 @@ type CheckpointInfo struct {
 	Base, Tail snapshot.Info
 	Generation uint64
 	Pause      time.Duration // vCPU parked: request to resume
+	PausedAt   time.Time     // when the pause began (with StayPaused, the VM is still paused)
 	PreCopy    time.Duration // the pre-copy, while the guest ran
 	PauseCopy  uint64        // pages copied during the pause
 	Rounds     int           // pre-copy rounds after the first copy
@@ -191,6 +196,7 @@ func (v *VM) Checkpoint(ctx context.Context, w io.Writer, opt CheckpointOptions)
 	var tailPages map[uint64][]byte
 	var own1 uint64
 	pstart := time.Now()
+	info.PausedAt = pstart
 	paused := v.Paused()
 	if !paused {
 		if _, err := v.Pause(ctx); err != nil {
@@ -201,7 +207,7 @@ func (v *VM) Checkpoint(ctx context.Context, w io.Writer, opt CheckpointOptions)
 	err = v.onVCPU(ctx, func() {
 		sections, tailPages, own1, capErr = v.capture(sup)
 	})
-	if !paused {
+	if !paused && !opt.StayPaused {
 		if rerr := v.Resume(); rerr != nil && err == nil {
 			err = rerr
 		}

@@ -69,7 +69,9 @@ type Principal struct {
 	ID     string   `json:"id"`
 	Groups []string `json:"groups"`
 	// Auth is how the principal was authenticated: "unix-peer" (SO_PEERCRED on the
-	// control socket), "mtls", "token", or "system" (umbra itself, e.g. a recheck).
+	// control socket), "mtls", "token", "system" (umbra itself, e.g. a recheck), or
+	// "attested-host" (an umbra host that proved itself by a TPM quote bound to the
+	// connection: a migration's source, ID "host:FINGERPRINT").
 	Auth string `json:"auth"`
 }
 
@@ -225,7 +227,7 @@ const (
 )
 
 var (
-	authMethods  = set("unix-peer", "mtls", "token", "system")
+	authMethods  = set("unix-peer", "mtls", "token", "system", "attested-host")
 	attestations = set("verified", "unverified", "failed")
 	vmStates     = set("defined", "running", "suspended", "stopped")
 	netModes     = set("none", "isolated", "nat", "bridged", "host-only")

@@ -213,13 +213,11 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 		fmt.Fprintf(env.stderr, "umbra run: %v\n", err)
 		return exitNoGuestStatus
 	}
-	rep, err := launch.Launch(ctx, launch.LaunchConfig{
-		Run: cfg, Spec: src.Spec, SpecBytes: src.SpecBytes, Policy: src.Policy, PolicyDigest: src.PolicyDigest,
-		Principal: principal, TPM: tpm, StateDir: stateDir, Logger: log, Disks: src.DiskEnv(),
-		Started:       func(rep *launch.LaunchReport) { reportDecision(env, src.Spec.Name, rep) },
-		EvidenceNonce: nonce,
-		Attach:        dm.attachFunc(),
-	})
+	lc := src.LaunchConfig()
+	lc.Run, lc.Principal, lc.TPM, lc.StateDir, lc.Logger = cfg, principal, tpm, stateDir, log
+	lc.Started = func(rep *launch.LaunchReport) { reportDecision(env, src.Spec.Name, rep) }
+	lc.EvidenceNonce, lc.Attach = nonce, dm.attachFunc()
+	rep, err := launch.Launch(ctx, lc)
 	if rep != nil && rep.Evidence != nil {
 		if werr := writeEvidence(*evidenceOut, rep, *force); werr != nil {
 			fmt.Fprintf(env.stderr, "umbra run: %v\n", werr)

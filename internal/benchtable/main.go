@@ -71,6 +71,9 @@ var rows = []row{
 	{"snapshot storage block seal with zstd vs raw AES-256-GCM", "BenchmarkBlockSeal/zstd-mixed", "ratio", 0},
 	{"snapshot storage block read (no zstd) vs raw AES-256-GCM open", "BenchmarkBlockOpen/raw-mixed", "ratio", 0},
 	{"snapshot storage block read with zstd vs raw AES-256-GCM open", "BenchmarkBlockOpen/zstd-mixed", "ratio", 0},
+	{"live migration downtime vs the same checkpoint + eager restore on one host, 64 MiB", "BenchmarkMigrate/64MiB/zstd=false", "downtime/local", 0},
+	{"live migration downtime vs the same on one host, 1 GiB", "BenchmarkMigrate/1024MiB/zstd=false", "downtime/local", 0},
+	{"live migration downtime vs the same on one host, 1 GiB, zstd", "BenchmarkMigrate/1024MiB/zstd=true", "downtime/local", 0},
 }
 
 // scalingRows are the growth rates: absolute costs per unit, shown without targets.
@@ -96,6 +99,10 @@ var scalingRows = []row{
 	{"userfaultfd write-protect of all guest RAM, 1 GiB (ns)", "BenchmarkMarkCOW/1024MiB", "uffd-wp-ns", 0},
 	{"KVM dirty log on, manual protect, 64 MiB (ns)", "BenchmarkMarkCOW/64MiB", "dirtylog-manual-ns", 0},
 	{"KVM dirty log on, manual protect, 1 GiB (ns)", "BenchmarkMarkCOW/1024MiB", "dirtylog-manual-ns", 0},
+	{"live migration downtime, 64 MiB (ms)", "BenchmarkMigrate/64MiB/zstd=false", "downtime-ms", 0},
+	{"live migration downtime, 1 GiB (ms)", "BenchmarkMigrate/1024MiB/zstd=false", "downtime-ms", 0},
+	{"live migration bytes on the wire per byte of RAM, 1 GiB", "BenchmarkMigrate/1024MiB/zstd=false", "wire/RAM", 0},
+	{"the same with zstd", "BenchmarkMigrate/1024MiB/zstd=true", "wire/RAM", 0},
 }
 
 var (

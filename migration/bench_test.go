@@ -1,0 +1,163 @@
+package migration
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/umbra-cc/umbra/attestconn"
+	"github.com/umbra-cc/umbra/guestimage"
+	"github.com/umbra-cc/umbra/internal/testenv"
+	"github.com/umbra-cc/umbra/monitor"
+)
+
+// benchConfig is a guest that keeps writing memory (three computations over 256 heap
+// and 256 mmap pages each) in size bytes of RAM.
+func benchConfig(size uint64, c io.Writer) monitor.Config {
+	return monitor.Config{Image: guestimage.Image(), MemorySize: size, Cmdline: "run=cloakcompute:256:100,cloakcompute:256:100,cloakcompute:256:100", Console: c, Timeout: 10 * time.Minute}
+}
+
+// BenchmarkMigrate migrates a running guest that keeps writing memory between two
+// attested swtpm hosts over loopback TCP, at 64 MiB, 256 MiB and 1 GiB of RAM, with
+// and without zstd. Beside each migration, interleaved in the same iteration, it
+// measures the raw primitive a migration is made of on one host: a checkpoint of the
+// same kind of running VM into memory (its pause) plus an eager restore of it. The
+// ratio downtime/local is what the network, the second monitor and the protocol's
+// steps add. ns/op is a whole iteration (both VMs, the handshake, the local primitive).
+func BenchmarkMigrate(b *testing.B) {
+	testenv.RequireKVM(b)
+	for _, size := range []uint64{64 << 20, 256 << 20, 1 << 30} {
+		for _, compress := range []bool{false, true} {
+			name := fmt.Sprintf("%dMiB/zstd=%v", size>>20, compress)
+			b.Run(name, func(b *testing.B) { benchMigrate(b, size, compress) })
+		}
+	}
+}
+
+func benchMigrate(b *testing.B, size uint64, compress bool) {
+	var downtime, total, local time.Duration
+	var wire, ckpt int64
+	for range b.N {
+		// The primitive: checkpoint a running VM locally and restore it eagerly.
+		{
+			v, err := monitor.New(benchConfig(size, io.Discard))
+			if err != nil {
+				b.Fatal(err)
+			}
+			done := make(chan struct{})
+			go func() { defer close(done); v.Run(context.Background()) }()
+			time.Sleep(200 * time.Millisecond)
+			var buf bytes.Buffer
+			key := make([]byte, 32)
+			info, err := v.Checkpoint(context.Background(), &buf, monitor.CheckpointOptions{Key: key, Generation: 1, Compress: compress, StayPaused: true})
+			if err != nil {
+				b.Fatal(err)
+			}
+			ck, err := monitor.OpenCheckpoint(bytes.NewReader(buf.Bytes()), int64(buf.Len()), key)
+			if err != nil {
+				b.Fatal(err)
+			}
+			chain, err := monitor.NewCheckpointChain(ck)
+			if err != nil {
+				b.Fatal(err)
+			}
+			r, err := monitor.Restore(benchConfig(size, io.Discard), chain, monitor.RestoreOptions{})
+			if err != nil {
+				b.Fatal(err)
+			}
+			local += time.Since(info.PausedAt)
+			r.Close()
+			v.Stop(errors.New("benchmark over"))
+			<-done
+			v.Close()
+		}
+		// The migration.
+		p := attested(b)
+		c := &console{}
+		v, err := monitor.New(benchConfig(size, c))
+		if err != nil {
+			b.Fatal(err)
+		}
+		src := run(v, c)
+		time.Sleep(200 * time.Millisecond)
+		dst := &benchDestination{size: size}
+		var derr error
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, derr = Receive(context.Background(), p.dst, dst, b.TempDir(), Options{})
+		}()
+		rep, err := Send(context.Background(), p.src, &benchSource{vmSource: vmSource{r: src}, compress: compress}, Offer{VM: "bench", Generation: 1}, Options{})
+		wg.Wait()
+		if err != nil || derr != nil {
+			b.Fatalf("send: %v; receive: %v", err, derr)
+		}
+		downtime += rep.Downtime
+		total += rep.Total
+		ckpt += rep.CheckpointBytes
+		wire += int64(p.wire.out.Len())
+		v.Stop(errors.New("migrated"))
+		<-src.done
+		v.Close()
+		dst.v.Stop(errors.New("benchmark over"))
+		<-dst.done
+		dst.v.Close()
+	}
+	n := float64(b.N)
+	b.ReportMetric(float64(downtime.Microseconds())/n/1000, "downtime-ms")
+	b.ReportMetric(float64(total.Microseconds())/n/1000, "total-ms")
+	b.ReportMetric(float64(local.Microseconds())/n/1000, "local-ms")
+	b.ReportMetric(float64(downtime)/float64(local), "downtime/local")
+	b.ReportMetric(float64(wire)/n/(1<<20), "wire-MiB")
+	b.ReportMetric(float64(wire)/n/float64(size), "wire/RAM")
+	b.ReportMetric(float64(ckpt)/n/(1<<20), "checkpoint-MiB")
+}
+
+type benchSource struct {
+	vmSource
+	compress bool
+}
+
+func (s *benchSource) Checkpoint(ctx context.Context, w io.Writer, key []byte) (time.Time, error) {
+	info, err := s.r.v.Checkpoint(ctx, w, monitor.CheckpointOptions{Key: key, Generation: 1, Compress: s.compress, StayPaused: true})
+	if info != nil {
+		return info.PausedAt, err
+	}
+	return time.Time{}, err
+}
+
+// benchDestination restores into a VM of size bytes and runs it.
+type benchDestination struct {
+	size uint64
+	v    *monitor.VM
+	done chan struct{}
+}
+
+func (d *benchDestination) Accept(context.Context, *Offer, attestconn.Peer) error { return nil }
+
+func (d *benchDestination) Prepare(_ context.Context, in *Incoming) (Prepared, error) {
+	ck, err := monitor.OpenCheckpoint(in.Checkpoint, in.CheckpointSize, in.Offer.Key)
+	if err != nil {
+		return nil, err
+	}
+	chain, err := monitor.NewCheckpointChain(ck)
+	if err != nil {
+		return nil, err
+	}
+	d.v, err = monitor.Restore(benchConfig(d.size, io.Discard), chain, monitor.RestoreOptions{})
+	return d, err
+}
+
+func (d *benchDestination) Start(context.Context) error {
+	d.done = make(chan struct{})
+	go func() { defer close(d.done); d.v.Run(context.Background()) }()
+	return nil
+}
+
+func (d *benchDestination) Discard() { d.v.Close() }

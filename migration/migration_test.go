@@ -1,0 +1,363 @@
+package migration
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/umbra-cc/umbra/attestconn"
+	"github.com/umbra-cc/umbra/attestconn/attestconntest"
+	"github.com/umbra-cc/umbra/guestimage"
+	"github.com/umbra-cc/umbra/internal/testenv"
+	"github.com/umbra-cc/umbra/monitor"
+)
+
+// console is the guest's console, read with CRLF as LF.
+type console struct{ testenv.Buffer }
+
+func (c *console) String() string { return strings.ReplaceAll(c.Buffer.String(), "\r\n", "\n") }
+
+// running is a monitor VM running in the test.
+type running struct {
+	v       *monitor.VM
+	console *console
+	done    chan struct{}
+	res     *monitor.Result
+	err     error
+}
+
+func run(v *monitor.VM, c *console) *running {
+	r := &running{v: v, console: c, done: make(chan struct{})}
+	go func() {
+		defer close(r.done)
+		r.res, r.err = v.Run(context.Background())
+	}()
+	return r
+}
+
+func (r *running) wait(t *testing.T) {
+	t.Helper()
+	select {
+	case <-r.done:
+	case <-time.After(5 * time.Minute):
+		t.Fatal("the VM did not end")
+	}
+}
+
+// guestConfig is the VM both sides build: the test guest computing a result over
+// many steps, long enough to be migrated mid-way.
+func guestConfig(c *console) monitor.Config {
+	return monitor.Config{Image: guestimage.Image(), MemorySize: 64 << 20, Cmdline: "run=cloakcompute:16:100", Console: c, Timeout: 5 * time.Minute}
+}
+
+// vmSource sends a monitor VM.
+type vmSource struct {
+	r          *running
+	handedOver bool
+}
+
+func (s *vmSource) Files() []File { return nil }
+
+func (s *vmSource) Checkpoint(ctx context.Context, w io.Writer, key []byte) (time.Time, error) {
+	info, err := s.r.v.Checkpoint(ctx, w, monitor.CheckpointOptions{Key: key, Generation: 1, StayPaused: true})
+	if info != nil {
+		return info.PausedAt, err
+	}
+	if s.r.v.Paused() {
+		return time.Now(), err
+	}
+	return time.Time{}, err
+}
+
+func (s *vmSource) Resume() error { return s.r.v.Resume() }
+
+func (s *vmSource) Handover(context.Context, attestconn.Peer) error {
+	s.handedOver = true
+	return nil
+}
+
+// vmDestination restores into a new monitor VM.
+type vmDestination struct {
+	refuse  error
+	console *console
+	started *running
+}
+
+func (d *vmDestination) Accept(context.Context, *Offer, attestconn.Peer) error { return d.refuse }
+
+type prepared struct {
+	d *vmDestination
+	v *monitor.VM
+}
+
+func (d *vmDestination) Prepare(_ context.Context, in *Incoming) (Prepared, error) {
+	ck, err := monitor.OpenCheckpoint(in.Checkpoint, in.CheckpointSize, in.Offer.Key)
+	if err != nil {
+		return nil, err
+	}
+	chain, err := monitor.NewCheckpointChain(ck)
+	if err != nil {
+		return nil, err
+	}
+	v, err := monitor.Restore(guestConfig(d.console), chain, monitor.RestoreOptions{})
+	if err != nil {
+		return nil, err
+	}
+	return &prepared{d: d, v: v}, nil
+}
+
+func (p *prepared) Start(context.Context) error {
+	p.d.started = run(p.v, p.d.console)
+	return nil
+}
+
+func (p *prepared) Discard() { p.v.Close() }
+
+// recorder keeps every byte the source sends on the wire.
+type recorder struct {
+	net.Conn
+	mu  sync.Mutex
+	out bytes.Buffer
+}
+
+func (r *recorder) Write(p []byte) (int, error) {
+	r.mu.Lock()
+	r.out.Write(p)
+	r.mu.Unlock()
+	return r.Conn.Write(p)
+}
+
+type pair struct {
+	src, dst *attestconn.Conn
+	wire     *recorder
+}
+
+// attested connects two attested hosts over loopback TCP.
+func attested(t testing.TB) pair {
+	t.Helper()
+	a, b := attestconntest.NewHost(t, attestconntest.ApprovedMonitor), attestconntest.NewHost(t, attestconntest.ApprovedMonitor)
+	ref := attestconntest.Reference(a, b)
+	cfg := func(h *attestconntest.Host) attestconn.Config {
+		return attestconn.Config{Attester: h.Attester, ReadLog: h.Log.Records, Reference: ref}
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var p pair
+	var serr error
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		nc, err := ln.Accept()
+		if err != nil {
+			serr = err
+			return
+		}
+		p.dst, serr = attestconn.Server(context.Background(), nc, cfg(b))
+	}()
+	nc, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.wire = &recorder{Conn: nc}
+	var cerr error
+	p.src, cerr = attestconn.Client(context.Background(), p.wire, cfg(a))
+	wg.Wait()
+	if cerr != nil || serr != nil {
+		t.Fatalf("attested connection: source %v, destination %v", cerr, serr)
+	}
+	t.Cleanup(func() { p.src.Close(); p.dst.Close() })
+	return p
+}
+
+func resultLine(out string) string {
+	for _, l := range strings.Split(out, "\n") {
+		if strings.HasPrefix(l, "cloakcompute: ") {
+			return l
+		}
+	}
+	return ""
+}
+
+// reference runs the guest to its end without migration.
+func referenceResult(t *testing.T) string {
+	t.Helper()
+	c := &console{}
+	v, err := monitor.New(guestConfig(c))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	if _, err := v.Run(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	return resultLine(c.String())
+}
+
+func startSource(t *testing.T) *running {
+	t.Helper()
+	c := &console{}
+	v, err := monitor.New(guestConfig(c))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := run(v, c)
+	t.Cleanup(func() {
+		v.StopIfRunning(errors.New("test over"))
+		<-r.done
+		v.Close()
+	})
+	time.Sleep(300 * time.Millisecond)
+	return r
+}
+
+func TestMigrateRunningVM(t *testing.T) {
+	testenv.RequireKVM(t)
+	want := referenceResult(t)
+	p := attested(t)
+	src := startSource(t)
+	dst := &vmDestination{console: &console{}}
+	var drep *Report
+	var derr error
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		drep, derr = Receive(context.Background(), p.dst, dst, t.TempDir(), Options{})
+	}()
+	vs := &vmSource{r: src}
+	rep, err := Send(context.Background(), p.src, vs, Offer{VM: "demo", Generation: 1}, Options{})
+	wg.Wait()
+	if err != nil || derr != nil {
+		t.Fatalf("send: %v; receive: %v", err, derr)
+	}
+	if !vs.handedOver || !src.v.Paused() {
+		t.Fatal("the source did not record the handover, or its VM runs again")
+	}
+	src.v.Stop(errors.New("migrated"))
+	src.wait(t)
+	if strings.Contains(src.console.String(), "cloakcompute: ") {
+		t.Fatalf("the source finished the job too:\n%s", src.console.String())
+	}
+	dst.started.wait(t)
+	if dst.started.err != nil {
+		t.Fatalf("destination run: %v\n%s", dst.started.err, dst.console.String())
+	}
+	if got := resultLine(dst.console.String()); got != want || want == "" {
+		t.Fatalf("the destination printed %q, the unmigrated run %q", got, want)
+	}
+	t.Logf("migrated: %d checkpoint bytes, downtime %v (destination %v), total %v", rep.CheckpointBytes, rep.Downtime, drep.Downtime, rep.Total)
+	// The wire holds only TLS records: not a page of the guest in the clear.
+	for _, marker := range []string{"umbra test guest", "cloakcompute", "UMBRASN1"} {
+		if bytes.Contains(p.wire.out.Bytes(), []byte(marker)) {
+			t.Errorf("the capture of the channel holds %q in the clear", marker)
+		}
+	}
+	if int64(p.wire.out.Len()) < rep.CheckpointBytes {
+		t.Errorf("the capture has %d bytes, less than the %d checkpoint bytes sent", p.wire.out.Len(), rep.CheckpointBytes)
+	}
+}
+
+func TestMigrationRefusedKeepsTheVMRunningHere(t *testing.T) {
+	testenv.RequireKVM(t)
+	p := attested(t)
+	src := startSource(t)
+	dst := &vmDestination{console: &console{}, refuse: errors.New("policy: this host may not run demo")}
+	var derr error
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		_, derr = Receive(context.Background(), p.dst, dst, t.TempDir(), Options{})
+	}()
+	_, err := Send(context.Background(), p.src, &vmSource{r: src}, Offer{VM: "demo", Generation: 1}, Options{})
+	wg.Wait()
+	if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "may not run demo") {
+		t.Fatalf("send: %v, want the destination's refusal with its reason", err)
+	}
+	if derr == nil {
+		t.Fatal("the destination refused but Receive returned no error")
+	}
+	src.wait(t)
+	if src.err != nil || resultLine(src.console.String()) == "" {
+		t.Fatalf("the source VM did not finish its job after the refusal: %v\n%s", src.err, src.console.String())
+	}
+}
+
+// A destination that dies while the memory streams in leaves the VM running on the
+// source (resumed), and nothing on the destination.
+func TestMigrationDestinationLostMidStream(t *testing.T) {
+	testenv.RequireKVM(t)
+	p := attested(t)
+	src := startSource(t)
+	go func() {
+		// The destination accepts, then dies after 256 KiB of the checkpoint.
+		_, b, err := readFrame(p.dst, frameOffer)
+		if err != nil {
+			return
+		}
+		if _, err := decodeOffer(b); err != nil {
+			return
+		}
+		writeFrame(p.dst, frameVerdict, mustJSON(verdict{Accepted: true}))
+		io.CopyN(io.Discard, p.dst, 256<<10)
+		p.dst.Close()
+	}()
+	_, err := Send(context.Background(), p.src, &vmSource{r: src}, Offer{VM: "demo", Generation: 1}, Options{StepTimeout: 10 * time.Second})
+	if err == nil {
+		t.Fatal("the migration succeeded with a dead destination")
+	}
+	if src.v.Paused() {
+		t.Fatal("the source VM stayed paused after the destination died")
+	}
+	src.wait(t)
+	if src.err != nil || resultLine(src.console.String()) == "" {
+		t.Fatalf("the source VM did not finish after the aborted migration: %v\n%s", src.err, src.console.String())
+	}
+	t.Logf("source error: %v", err)
+}
+
+// A source that goes away after ready and before commit leaves nothing running on the
+// destination: only a commit starts the VM.
+func TestMigrationWithoutCommitStartsNothing(t *testing.T) {
+	testenv.RequireKVM(t)
+	p := attested(t)
+	src := startSource(t)
+	dst := &vmDestination{console: &console{}}
+	done := make(chan error, 1)
+	go func() {
+		_, err := Receive(context.Background(), p.dst, dst, t.TempDir(), Options{StepTimeout: 20 * time.Second})
+		done <- err
+	}()
+	vs := &failingHandover{vmSource: vmSource{r: src}}
+	_, err := Send(context.Background(), p.src, vs, Offer{VM: "demo", Generation: 1}, Options{})
+	if err == nil || !strings.Contains(err.Error(), "record the handover") {
+		t.Fatalf("send: %v, want the handover's failure", err)
+	}
+	p.src.Close()
+	if derr := <-done; derr == nil || !strings.Contains(derr.Error(), "before commit") {
+		t.Fatalf("receive: %v, want an abort before commit", derr)
+	}
+	if dst.started != nil {
+		t.Fatal("the destination started the VM without a commit")
+	}
+	src.wait(t)
+	if resultLine(src.console.String()) == "" {
+		t.Fatalf("the source VM did not finish after the aborted handover:\n%s", src.console.String())
+	}
+}
+
+type failingHandover struct{ vmSource }
+
+func (f *failingHandover) Handover(context.Context, attestconn.Peer) error {
+	return errors.New("state directory is read-only")
+}
