@@ -59,14 +59,7 @@ func TestLinuxLazyRestoreAnswers(t *testing.T) {
 	defer r.Close()
 	go func() {
 		time.Sleep(100 * time.Millisecond)
-		pr, pw := io.Pipe()
-		go func() {
-			pw.Write([]byte("hello umbra\r"))
-			pw.Close()
-		}()
-		if err := r.Serial().InputFrom(context.Background(), pr); err != nil {
-			t.Errorf("console input: %v", err)
-		}
+		typeLine(t, r, "hello umbra\r")
 	}()
 	res, err := r.Run(context.Background())
 	st, _ := r.LazyStats()
@@ -79,5 +72,17 @@ func TestLinuxLazyRestoreAnswers(t *testing.T) {
 	}
 	if st.Installed >= st.Stored {
 		t.Fatalf("the restore pulled in all %d stored ranges", st.Stored)
+	}
+}
+
+// typeLine types line on v's serial console (its UART's receive FIFO).
+func typeLine(t *testing.T, v *VM, line string) {
+	pr, pw := io.Pipe()
+	go func() {
+		pw.Write([]byte(line))
+		pw.Close()
+	}()
+	if err := v.Serial().InputFrom(context.Background(), pr); err != nil {
+		t.Errorf("console input: %v", err)
 	}
 }
