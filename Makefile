@@ -115,6 +115,9 @@ bench:
 	b ./checkpoint '^BenchmarkLazyRestoreFault$$' 10x; \
 	b ./checkpoint '^BenchmarkTimeToFirstInstruction$$' 10x; \
 	b ./checkpoint '^BenchmarkIncrementalSize$$' 1x; \
+	b ./monitor '^BenchmarkCheckpointPause$$' 20x; \
+	b ./monitor '^BenchmarkVMLazyRestoreFault$$' 512x; \
+	b ./monitor '^BenchmarkVMTimeToFirstInstruction$$' 3x; \
 	b ./migration '^BenchmarkMigrate$$' 2x; \
 	b ./migration '^BenchmarkMigrateLinuxVsQEMU$$' 2x; \
 	echo; $(GO) run ./internal/benchtable < $(BENCH_OUT)

@@ -190,6 +190,11 @@ func (v *VM) Checkpoint(ctx context.Context, w io.Writer, opt CheckpointOptions)
 		opt.beforePause()
 	}
 
+	// The configuration section does not change while the VM runs, and encoding it
+	// hashes the guest image and initramfs (milliseconds for a Linux kernel): taken
+	// now, not in the pause.
+	constant := v.constantSections()
+
 	// The pause: capture every state section and the pages written since the
 	// pre-copy began, as they are now.
 	var sections []capturedSection
@@ -205,7 +210,7 @@ func (v *VM) Checkpoint(ctx context.Context, w io.Writer, opt CheckpointOptions)
 	}
 	var capErr error
 	err = v.onVCPU(ctx, func() {
-		sections, tailPages, own1, capErr = v.capture(sup)
+		sections, tailPages, own1, capErr = v.capture(sup, constant)
 	})
 	if !paused && !opt.StayPaused {
 		if rerr := v.Resume(); rerr != nil && err == nil {
@@ -345,7 +350,7 @@ type capturedSection struct {
 // capture runs on the vCPU thread of a paused VM: it brings the parts to a state a
 // section can hold (the vCPU's last exit completed, cloaked plaintext sealed), saves
 // every holder, and copies the pages written since the pre-copy began.
-func (v *VM) capture(sup kvm.StateSupport) ([]capturedSection, map[uint64][]byte, uint64, error) {
+func (v *VM) capture(sup kvm.StateSupport, constant map[string][]byte) ([]capturedSection, map[uint64][]byte, uint64, error) {
 	if err := v.quiesceForCheckpoint(); err != nil {
 		return nil, nil, 0, err
 	}
@@ -355,6 +360,10 @@ func (v *VM) capture(sup kvm.StateSupport) ([]capturedSection, map[uint64][]byte
 	}
 	var out []capturedSection
 	for _, h := range hs {
+		if b, ok := constant[h.StateName()]; ok && h.kind == snapshot.SectionConfig {
+			out = append(out, capturedSection{h.kind, h.StateName(), b})
+			continue
+		}
 		var b bytes.Buffer
 		if err := h.SaveState(&b); err != nil {
 			return nil, nil, 0, fmt.Errorf("save %s: %w", h.StateName(), err)
@@ -383,6 +392,14 @@ func (v *VM) capture(sup kvm.StateSupport) ([]capturedSection, map[uint64][]byte
 		}
 	}
 	return out, pages, own, nil
+}
+
+// constantSections saves the configuration section (what the VM was built with,
+// from its immutable config: safe off the vCPU thread), which capture then takes as it
+// is.
+func (v *VM) constantSections() map[string][]byte {
+	c := configState{v}
+	return map[string][]byte{c.StateName(): c.encode()}
 }
 
 // quiesceForCheckpoint completes the vCPU's last exit, so its registers hold the

@@ -109,12 +109,12 @@ func benchPause(b *testing.B, size uint64, maxRounds int) {
 			}
 			b.StopTimer()
 			n := float64(b.N)
-			b.ReportMetric(float64(pause.Microseconds())/n, "pause-µs")
-			b.ReportMetric(float64(vcpuPause.Microseconds())/n, "vcpu-only-pause-µs")
+			b.ReportMetric(float64(pause.Microseconds())/n, "pause-us")
+			b.ReportMetric(float64(vcpuPause.Microseconds())/n, "vcpu-only-pause-us")
 			b.ReportMetric(float64(pause)/float64(vcpuPause), "pause/vcpu-only")
 			b.ReportMetric(float64(pauseCopy)/n, "pause-pages")
 			b.ReportMetric(float64(rounds)/n, "rounds")
-			b.ReportMetric(float64(total.Microseconds())/n, "checkpoint-µs")
+			b.ReportMetric(float64(total.Microseconds())/n, "checkpoint-us")
 			b.ReportMetric(float64(bytes)/n/(1<<20), "file-MiB")
 		}
 	}

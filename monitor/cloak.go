@@ -506,6 +506,13 @@ func (c *cloaking) ensureInfrastructure() error {
 		if c.av, err = newAppVM(c.v.sys, c.v.mem, guestCPUID(cpuid)); err != nil {
 			return err
 		}
+		for _, r := range c.av.vm.MemoryRegions() {
+			if r.Slot == 0 {
+				if err := c.v.settleNewSlot(c.av.vm, r); err != nil {
+					return fmt.Errorf("appVM: %w", err)
+				}
+			}
+		}
 		c.v.appCPU.Store(c.av.cpu)
 	}
 	if c.uffd == nil {

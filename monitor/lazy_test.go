@@ -253,3 +253,52 @@ func TestLazyRestoreFailureEndsTheVM(t *testing.T) {
 		}
 	})
 }
+
+// TestCheckpointOfLazyRestore checkpoints a lazily restored guest while it runs,
+// incrementally on the checkpoint it was restored from (its reference point): the
+// checkpoint completes the lazy restore first, stores only what the guest changed
+// since the restore, and the chain of both restores to a guest that finishes with the
+// original run's result.
+func TestCheckpointOfLazyRestore(t *testing.T) {
+	cfg, file, key, want := lazyCheckpoint(t)
+	chain := openChain(t, key, file)
+	var console lockedBuffer
+	cfg.Console = &console
+	cfg.Timeout = time.Minute
+	v, err := Restore(cfg, chain, RestoreOptions{Mode: RestoreLazy, FillPace: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { v.Close() })
+	done := make(chan error, 1)
+	go func() {
+		_, err := v.Run(context.Background())
+		done <- err
+	}()
+	time.Sleep(20 * time.Millisecond)
+	c, err := OpenCheckpoint(bytes.NewReader(file), int64(len(file)), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	parent := c.Info()
+	var incr bytes.Buffer
+	info, err := v.Checkpoint(context.Background(), &incr, CheckpointOptions{Key: key, Generation: 2, Parent: &parent})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("the restored run: %v", err)
+	}
+	st, _ := v.LazyStats()
+	t.Logf("incremental checkpoint of the restored guest: %d pages of %d in the parent; lazy %+v", info.Pages, parent.Pages, st)
+	if !st.Complete {
+		t.Fatal("the checkpoint did not complete the lazy restore first")
+	}
+	if info.Pages >= parent.Pages/2 {
+		t.Fatalf("the incremental checkpoint stores %d pages, the parent %d: it took restored pages for changes", info.Pages, parent.Pages)
+	}
+	got, res, _ := restoreVM(t, cfg, openChain(t, key, file, incr.Bytes()), RestoreOptions{Mode: RestoreLazy})
+	if lineWith(got, "cloakcompute: ") != want || res.ExitStatus != 0 {
+		t.Fatalf("the chain's restore printed %q (status %d), the original %q", got, res.ExitStatus, want)
+	}
+}

@@ -3,7 +3,6 @@ package monitor
 import (
 	"bytes"
 	"context"
-	"io"
 	"strings"
 	"testing"
 	"time"
@@ -46,14 +45,7 @@ func TestLinuxSerialConsoleInput(t *testing.T) {
 			case <-time.After(50 * time.Millisecond):
 			}
 		}
-		pr, pw := io.Pipe()
-		go func() {
-			pw.Write([]byte("hello umbra\r"))
-			pw.Close()
-		}()
-		if err := v.Serial().InputFrom(context.Background(), pr); err != nil {
-			t.Errorf("console input: %v", err)
-		}
+		typeLine(t, v, "hello umbra\r")
 	}()
 	res, err := v.Run(context.Background())
 	close(runDone)

@@ -267,7 +267,7 @@ func (x *pageProt) enforce() error {
 			if err := x.v.kvm.SetMemoryRegion(r); err != nil {
 				return fmt.Errorf("page protection: %w", err)
 			}
-			if err := x.v.settleNewSlot(r); err != nil {
+			if err := x.v.settleNewSlot(x.v.kvm, r); err != nil {
 				return fmt.Errorf("page protection: %w", err)
 			}
 		}

@@ -174,7 +174,7 @@ func Restore(cfg Config, chain *snapshot.Chain, opt RestoreOptions) (_ *VM, err 
 	// The restored state is the reference point of the next incremental checkpoint:
 	// start a clean dirty interval (the restore's own writes are not changes).
 	v.tracking = true
-	if _, _, err := v.collectDirty(); err != nil {
+	if err := v.startInterval(); err != nil {
 		return nil, fmt.Errorf("restore: %w", err)
 	}
 	last := top.Info()
