@@ -34,6 +34,9 @@ type Spec struct {
 	Cloak *CloakSpec `yaml:"cloak,omitempty" json:"cloak,omitempty"`
 	// Disks are the VM's virtio-blk disks (docs/spec.md, docs/disk.md).
 	Disks []DiskSpec `yaml:"disks,omitempty" json:"disks,omitempty"`
+	// Networks are the VM's virtio-net NICs, each on a TAP device in a network
+	// namespace the administrator names (docs/spec.md, docs/network.md).
+	Networks []NetworkSpec `yaml:"networks,omitempty" json:"networks,omitempty"`
 }
 
 // CloakSpec is the spec's cloak section.
@@ -152,6 +155,9 @@ func (s *Spec) Validate() error {
 			}
 			seen[a] = true
 		}
+	}
+	if err := validateNetworks(s.Networks, len(s.Disks)); err != nil {
+		return err
 	}
 	if err := validateDisks(s.Disks); err != nil {
 		return err

@@ -46,6 +46,9 @@ type Config struct {
 	CloakSlice time.Duration
 	// Disks are served as virtio-blk devices (disks.go); the caller opens and closes them.
 	Disks []Disk
+	// NICs are served as virtio-net devices (nets.go), in the virtio slots after the
+	// disks; the VM closes their backends when it closes.
+	NICs []NIC
 }
 
 // Defaults for Config.
@@ -140,7 +143,8 @@ type VM struct {
 	// pio and mmio route port I/O and MMIO exits to devices (devices.go); uart is COM1.
 	pio, mmio bus.Bus
 	uart      *serial.UART
-	virtio    []*virtio.MMIO // the disks' transports (disks.go)
+	virtio    []*virtio.MMIO // the disks' and NICs' transports, in slot order (disks.go, nets.go)
+	nics      []*nic         // the NICs (nets.go)
 	// curMMIO is the MMIO exit being handled, for devices that need more than its data
 	// (the doorbell).
 	curMMIO *kvm.ExitMMIO
@@ -224,7 +228,7 @@ func New(cfg Config) (_ *VM, err error) {
 	}
 	setCPU := func(c *kvm.VCPU) error { return setBootCPUState(c, v.image.Entry) }
 	if cfg.Boot == BootLinux {
-		if v.image, setCPU, err = loadLinux(v.mem, cfg.Image, cfg.Initrd, virtioCmdline(cfg.Cmdline, len(cfg.Disks))); err != nil {
+		if v.image, setCPU, err = loadLinux(v.mem, cfg.Image, cfg.Initrd, virtioCmdline(cfg.Cmdline, len(cfg.Disks)+len(cfg.NICs))); err != nil {
 			return nil, fmt.Errorf("load Linux kernel: %w", err)
 		}
 	} else if v.image, err = LoadELF(v.mem, cfg.Image); err != nil {
@@ -258,6 +262,9 @@ func New(cfg Config) (_ *VM, err error) {
 		return nil, err
 	}
 	if err = v.installDisks(); err != nil {
+		return nil, err
+	}
+	if err = v.installNICs(); err != nil {
 		return nil, err
 	}
 	if v.cpu, err = v.kvm.CreateVCPU(0); err != nil {
@@ -311,6 +318,7 @@ func (v *VM) Close() error {
 	if l := v.ckpt.lazy; l != nil {
 		errs = append(errs, l.close()) // before guest RAM is unmapped
 	}
+	errs = append(errs, v.closeNICs())
 	for i := len(v.extensions) - 1; i >= 0; i-- {
 		errs = append(errs, v.extensions[i].close())
 	}

@@ -143,7 +143,8 @@ func (n *Netns) EchoServer(t testing.TB, addr string) <-chan string {
 }
 
 // Initramfs builds a gzip-less newc initramfs at out holding the init built from initSrc
-// (gcc, freestanding, as testdata/linux/build.sh builds init.c) and /dev/console. It
+// (gcc, freestanding, as testdata/linux/build.sh builds init.c), /dev/console and
+// /dev/mem (the init's way to umbra's power register). It
 // skips the test when gcc or cpio is missing.
 func Initramfs(t testing.TB, initSrc, out string) {
 	t.Helper()
@@ -161,6 +162,10 @@ func Initramfs(t testing.TB, initSrc, out string) {
 	if err := unix.Mknod(filepath.Join(stage, "dev/console"), unix.S_IFCHR|0o600, int(unix.Mkdev(5, 1))); err != nil {
 		t.Skipf("skipping: the initramfs's /dev/console needs root (mknod: %v)", err)
 	}
+	// The init powers off through umbra's power register, which it maps from /dev/mem.
+	if err := unix.Mknod(filepath.Join(stage, "dev/mem"), unix.S_IFCHR|0o600, int(unix.Mkdev(1, 1))); err != nil {
+		t.Fatalf("mknod /dev/mem: %v", err)
+	}
 	cc := exec.Command("gcc", "-Os", "-static", "-nostdlib", "-ffreestanding", "-fno-builtin", "-fno-pie", "-no-pie",
 		"-fno-stack-protector", "-fno-asynchronous-unwind-tables", "-mno-sse", "-mno-mmx", "-mgeneral-regs-only",
 		"-Wall", "-Werror", "-o", filepath.Join(stage, "init"), initSrc)
@@ -174,7 +179,7 @@ func Initramfs(t testing.TB, initSrc, out string) {
 	defer f.Close()
 	pack := exec.Command("cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0")
 	pack.Dir, pack.Stdout = stage, f
-	pack.Stdin = strings.NewReader("dev\ndev/console\nproc\ninit\n")
+	pack.Stdin = strings.NewReader("dev\ndev/console\ndev/mem\nproc\ninit\n")
 	var stderr strings.Builder
 	pack.Stderr = &stderr
 	if err := pack.Run(); err != nil {
