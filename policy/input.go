@@ -128,6 +128,11 @@ type Device struct {
 type Network struct {
 	ID   string `json:"id"`
 	Mode string `json:"mode"`
+	// Netns, TAP and MAC say where a NIC is connected (a TAP device in the named
+	// network namespace) and with which address; set by umbra for a spec's networks.
+	Netns string `json:"netns,omitempty"`
+	TAP   string `json:"tap,omitempty"`
+	MAC   string `json:"mac,omitempty"`
 }
 
 // Request carries what the action wants to do. Which field must be set depends
