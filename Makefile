@@ -119,4 +119,5 @@ bench:
 	b ./monitor '^BenchmarkVMLazyRestoreFault$$' 512x; \
 	b ./monitor '^BenchmarkVMTimeToFirstInstruction$$' 3x; \
 	b ./migration '^BenchmarkMigrate$$' 2x; \
+	b ./migration '^BenchmarkMigrateLinuxVsQEMU$$' 2x; \
 	echo; $(GO) run ./internal/benchtable < $(BENCH_OUT)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"strings"
@@ -361,3 +362,99 @@ type failingHandover struct{ vmSource }
 func (f *failingHandover) Handover(context.Context, attestconn.Peer) error {
 	return errors.New("state directory is read-only")
 }
+
+// TestMigrateLinuxGuest migrates the test Linux kernel in the middle of its boot: it
+// reaches its init and powers off on the destination, having printed its first boot
+// lines on the source only.
+func TestMigrateLinuxGuest(t *testing.T) {
+	kern, initrd := testenv.LinuxFiles(t, "vmlinux")
+	cfg := func(c *console) monitor.Config {
+		return monitor.Config{Image: kern, Boot: monitor.BootLinux, Initrd: initrd, MemorySize: testenv.LinuxMemory, Cmdline: testenv.LinuxCmdline + " -- exit=0", Console: c, Timeout: testenv.LinuxTimeout}
+	}
+	p := attested(t)
+	c := &console{}
+	v, err := monitor.New(cfg(c))
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := run(v, c)
+	t.Cleanup(func() { v.StopIfRunning(errors.New("test over")); <-src.done; v.Close() })
+	// The kernel boots quietly (its init's first line comes after 18-60 s here):
+	// migrate it a few seconds in, in the middle of its boot.
+	time.Sleep(5 * time.Second)
+	dst := &linuxDestination{cfg: cfg, console: &console{}}
+	var derr error
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		_, derr = Receive(context.Background(), p.dst, dst, t.TempDir(), Options{})
+	}()
+	rep, err := Send(context.Background(), p.src, &vmSource{r: src}, Offer{VM: "linux", Generation: 1}, Options{})
+	wg.Wait()
+	if err != nil || derr != nil {
+		t.Fatalf("send: %v; receive: %v", err, derr)
+	}
+	before := c.String()
+	v.Stop(errors.New("migrated"))
+	src.wait(t)
+	if strings.Contains(before, "UMBRA-INIT: up") {
+		t.Skipf("the kernel reached its init before the migration (host too fast for this test's timing):\n%s", before)
+	}
+	dst.r.wait(t)
+	dst.ran = time.Since(dst.started)
+	out := dst.console.String()
+	if dst.r.err != nil || !strings.Contains(out, "UMBRA-INIT: up") || dst.r.res == nil || dst.r.res.ExitStatus != 0 {
+		t.Fatalf("the Linux guest did not finish its boot on the destination: %v\n%s", dst.r.err, out)
+	}
+	// The kernel's clock goes on from where it was on the source: the init's
+	// uptime exceeds the time the destination ran by about the source's 5 s. A fresh
+	// boot's would not exceed it at all.
+	if up, ran := uptime(out), dst.ran.Seconds(); up-ran < 2 {
+		t.Fatalf("the init says the kernel was up %.2f s after %.2f s on the destination: it did not continue the source's boot:\n%s", up, ran, out)
+	}
+	t.Logf("Linux migrated mid-boot: %d checkpoint bytes, downtime %v, total %v; init uptime %.2f s after %.2f s on the destination", rep.CheckpointBytes, rep.Downtime, rep.Total, uptime(out), dst.ran.Seconds())
+}
+
+// uptime is the first figure of the init's "UMBRA-INIT: up, uptime U I" line.
+func uptime(out string) float64 {
+	i := strings.Index(out, "UMBRA-INIT: up, uptime ")
+	if i < 0 {
+		return -1
+	}
+	var u float64
+	fmt.Sscanf(out[i+len("UMBRA-INIT: up, uptime "):], "%g", &u)
+	return u
+}
+
+type linuxDestination struct {
+	cfg     func(*console) monitor.Config
+	console *console
+	r       *running
+	v       *monitor.VM
+	started time.Time
+	ran     time.Duration // from Start to the end of the run (set by wait)
+}
+
+func (d *linuxDestination) Accept(context.Context, *Offer, attestconn.Peer) error { return nil }
+
+func (d *linuxDestination) Prepare(_ context.Context, in *Incoming) (Prepared, error) {
+	ck, err := monitor.OpenCheckpoint(in.Checkpoint, in.CheckpointSize, in.Offer.Key)
+	if err != nil {
+		return nil, err
+	}
+	chain, err := monitor.NewCheckpointChain(ck)
+	if err != nil {
+		return nil, err
+	}
+	d.v, err = monitor.Restore(d.cfg(d.console), chain, monitor.RestoreOptions{})
+	return d, err
+}
+
+func (d *linuxDestination) Start(context.Context) error {
+	d.started = time.Now()
+	d.r = run(d.v, d.console)
+	return nil
+}
+
+func (d *linuxDestination) Discard() { d.v.Close() }

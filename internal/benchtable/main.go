@@ -74,6 +74,8 @@ var rows = []row{
 	{"live migration downtime vs the same checkpoint + eager restore on one host, 64 MiB", "BenchmarkMigrate/64MiB/zstd=false", "downtime/local", 0},
 	{"live migration downtime vs the same on one host, 1 GiB", "BenchmarkMigrate/1024MiB/zstd=false", "downtime/local", 0},
 	{"live migration downtime vs the same on one host, 1 GiB, zstd", "BenchmarkMigrate/1024MiB/zstd=true", "downtime/local", 0},
+	{"live migration of the test Linux kernel mid-boot, total time vs QEMU's migration of the same", "BenchmarkMigrateLinuxVsQEMU", "umbra/qemu-total", 0},
+	{"the same, bytes on the wire vs QEMU's", "BenchmarkMigrateLinuxVsQEMU", "umbra/qemu-bytes", 0},
 }
 
 // scalingRows are the growth rates: absolute costs per unit, shown without targets.
