@@ -60,8 +60,10 @@ var Allowed = []string{
 	"openat", "newfstatat", "fstat", "lseek", "pread64", "pwrite64", "readv", "writev",
 	"fsync", "fdatasync", "fcntl", "dup", "dup3", "pipe2", "unlinkat", "getdents64", "ftruncate",
 	"fallocate", "memfd_create", "userfaultfd",
-	// The state directory's cross-process locks and atomic files (statefile).
-	"flock", "renameat", "renameat2", "mkdirat",
+	// The state directory's cross-process locks and atomic files (statefile), and the
+	// snapshot store's commit, which links a finished file into place so that it never
+	// replaces one (snapstore).
+	"flock", "renameat", "renameat2", "mkdirat", "linkat", "fchmod",
 	// cloaking: the userfaultfd serving loop (kvm.Userfaultfd.Serve)
 	"ppoll", "poll",
 	// the network poller and the control socket

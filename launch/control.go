@@ -36,6 +36,7 @@ type Control struct {
 
 	tunnels   tunnelSet     // byte streams relayed by control clients (tunnel.go)
 	migration *migrationEnv // what sending the VM elsewhere needs (op_migrate.go); nil: not migratable
+	snapshots *snapshotEnv  // the VM's snapshot store and key (op_snapshot.go)
 }
 
 // consoleInputWait bounds how long console input waits for room in the UART's

@@ -78,6 +78,11 @@ type LaunchConfig struct {
 	// nil is monitor.New. A migration's destination restores it from the received
 	// checkpoint instead (receive.go).
 	Build func(monitor.Config) (*monitor.VM, error)
+	// RestoreSnapshot names a snapshot in the VM's store to start the VM from instead of
+	// booting it (umbra run --restore); the policy decides snapshot_revert with the
+	// snapshot's generation and the TPM's. RestoreLazy restores its memory on demand.
+	RestoreSnapshot string
+	RestoreLazy     bool
 }
 
 // LaunchReport says what a launch did, for the operator and tests.
@@ -233,6 +238,30 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 			return rep, fmt.Errorf("%w: disk %s: %w", ErrLaunchRefused, dev.ID, err)
 		}
 	}
+	auditVM := func(ctx context.Context, kind string, details any) error {
+		raw, err := json.Marshal(details)
+		if err != nil {
+			return err
+		}
+		_, err = auditLog.Append(ctx, audit.Record{Kind: kind, VM: lc.Spec.Name, Actor: "umbra/monitor", Details: raw})
+		return err
+	}
+	snaps, err := newSnapshotEnv(lc, fp, auditVM)
+	if err != nil {
+		return rep, fmt.Errorf("%w: %w", ErrLaunchRefused, err)
+	}
+	var restore *restorePlan
+	if lc.RestoreSnapshot != "" {
+		restore, err = planRestore(ctx, lc, g, vmState, snaps)
+		if restore != nil {
+			defer restore.close()
+			rep.Action, rep.Decision = policy.ActionSnapshotRevert, restore.decision
+		}
+		if err != nil {
+			return rep, fmt.Errorf("%w: %w", ErrLaunchRefused, err)
+		}
+		lc.Build = restore.build
+	}
 	policyDigest, err := hex.DecodeString(lc.PolicyDigest)
 	if err != nil || len(policyDigest) != sha256.Size {
 		return rep, fmt.Errorf("%w: policy digest %q is not a hex SHA-256", ErrLaunchRefused, lc.PolicyDigest)
@@ -310,6 +339,9 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	for _, dev := range disks {
 		events = append(events, eventlog.Event{Type: monitor.TypeGuestDisk, Description: "disk " + dev.ID + " of VM " + lc.Spec.Name, Data: monitor.DiskMeasurement(monitor.DiskIdentity(dev))})
 	}
+	if restore != nil {
+		events = append(events, restore.event())
+	}
 	for _, ev := range events {
 		if _, err := measurer.Measure(ctx, ev); err != nil {
 			return failed(fmt.Errorf("%w: measure %s: %w", ErrLaunchRefused, ev.Type, err))
@@ -369,6 +401,15 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		return failed(fmt.Errorf("%w: build the VM: %w", ErrLaunchRefused, err))
 	}
 	defer vm.Close()
+	if restore != nil {
+		// Counted once the restore has read what it needs (an eager one: every block,
+		// authenticated, so a tampered snapshot is refused without using up its
+		// resume) and before the guest runs: a crash from here on cannot allow a
+		// second resume of the snapshot.
+		if err := restore.advance(ctx); err != nil {
+			return failed(fmt.Errorf("%w: %w", ErrLaunchRefused, err))
+		}
+	}
 	if err := ctx.Err(); err != nil {
 		return failed(fmt.Errorf("%w: interrupted before the guest ran: %w", ErrLaunchRefused, err))
 	}
@@ -396,6 +437,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 			policyVM: func(state string) policy.VM {
 				return policyVM(lc.Spec, lc.Run, hex.EncodeToString(imageDigest[:]), state, firstLaunch, disks)
 			},
+			snapshots: snaps,
 			migration: newMigrationEnv(lc, fp, measurer, func(ctx context.Context, kind string, details any) error {
 				return lc.Run.Hooks.Audit(ctx, kind, details)
 			}),

@@ -24,7 +24,10 @@ type Operation func(ctx context.Context, c *Control, p policy.Principal, args js
 // operations names every operation the control socket serves. A new operation is one
 // line here, its code in a file of its own.
 var operations = map[string]Operation{
-	"migrate": opMigrate,
+	"migrate":         opMigrate,
+	"snapshot.create": opSnapshotCreate,
+	"snapshot.list":   opSnapshotList,
+	"snapshot.diff":   opSnapshotDiff,
 }
 
 // operationName is the spelling of an operation's name: lower-case words joined by dots

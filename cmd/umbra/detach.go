@@ -231,6 +231,10 @@ func (d *detachedMonitor) attach(c *launch.Control) {
 		// The jailed monitor removes its socket when it ends: it needs its directory,
 		// and to pass through the state directory and vms/ (not to list them).
 		err := os.Chown(filepath.Dir(path), d.jail.UID, -1)
+		if err == nil {
+			// The VM's snapshot store is written by the jailed monitor.
+			err = chownTree(filepath.Join(filepath.Dir(path), "snapshots"), d.jail.UID)
+		}
 		if err == nil && os.Geteuid() == 0 {
 			// Cloaking's userfaultfd cannot be created without privilege later. (An
 			// unprivileged monitor cannot create it at all where unprivileged
@@ -315,4 +319,19 @@ func (d *detachedMonitor) finish() {
 			fmt.Fprintf(d.env.stderr, "umbra: control API: %v\n", err)
 		}
 	}
+}
+
+// chownTree gives dir and everything in it (not following symlinks) to uid; a missing
+// dir is nothing to do.
+func chownTree(dir string, uid int) error {
+	err := filepath.WalkDir(dir, func(p string, _ fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		return os.Lchown(p, uid, -1)
+	})
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	return err
 }

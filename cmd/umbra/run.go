@@ -51,6 +51,8 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 	detach := fs.Bool("detach", false, "run the VM in a monitor process of its own and return once it is launched; control it with ps, inspect, pause, resume, stop, console (docs/api.md)")
 	operatorGroup := fs.String("operator-group", "", "with --detach: the group besides the owner that may connect to the control socket")
 	jailUser := fs.String("jail-user", "nobody", "with --detach: the user the monitor runs as once the VM is set up (its jail: docs/api.md)")
+	restoreName := fs.String("restore", "", "start the VM from snapshot NAME of its store instead of booting it (umbra snapshot create made it; the policy decides snapshot_revert)")
+	restoreLazy := fs.Bool("lazy", false, "with --restore: bring the snapshot's memory in on demand, a storage block per first touch")
 	noJail := fs.Bool("no-jail", false, "with --detach: keep the monitor unjailed (root, all system calls), for diagnosis")
 	if code, done := parseFlags(env, fs, args); done {
 		return code
@@ -89,6 +91,9 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 	}
 	if set["timeout"] && *timeout <= 0 {
 		return usageErr("--timeout %s: give a positive duration such as 30s (leave it out for the spec's)", *timeout)
+	}
+	if *restoreLazy && *restoreName == "" {
+		return usageErr("--lazy has no effect without --restore")
 	}
 	if set["force"] && *evidenceOut == "" {
 		return usageErr("--force has no effect without --evidence")
@@ -217,6 +222,7 @@ func runRun(ctx context.Context, env *cliEnv, args []string) int {
 	lc.Run, lc.Principal, lc.TPM, lc.StateDir, lc.Logger = cfg, principal, tpm, stateDir, log
 	lc.Started = func(rep *launch.LaunchReport) { reportDecision(env, src.Spec.Name, rep) }
 	lc.EvidenceNonce, lc.Attach = nonce, dm.attachFunc()
+	lc.RestoreSnapshot, lc.RestoreLazy = *restoreName, *restoreLazy
 	rep, err := launch.Launch(ctx, lc)
 	if rep != nil && rep.Evidence != nil {
 		if werr := writeEvidence(*evidenceOut, rep, *force); werr != nil {

@@ -1,0 +1,123 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/umbra-cc/umbra/launch"
+)
+
+func init() {
+	register(&command{name: "snapshot", summary: "snapshots of a running VM: create, list, diff (restore: umbra run --restore NAME)", run: runSnapshot})
+}
+
+func runSnapshot(ctx context.Context, env *cliEnv, args []string) int {
+	usage := func() int {
+		fmt.Fprintln(env.stderr, "usage: umbra snapshot create VM NAME [--parent P] | list VM | diff VM A B   (restore: umbra run --restore NAME SPEC|BUNDLE)")
+		return exitUsage
+	}
+	if len(args) == 0 || strings.HasPrefix(args[0], "-") {
+		if len(args) > 0 && (args[0] == "-h" || args[0] == "--help") {
+			usage()
+			return 0
+		}
+		return usage()
+	}
+	sub, args := args[0], args[1:]
+	// Positional words come first, flags after them.
+	var words []string
+	for len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		words, args = append(words, args[0]), args[1:]
+	}
+	switch sub {
+	case "create":
+		fs := newFlagSet(env, "snapshot create", "VM NAME [--parent P]",
+			"Snapshot a running detached VM while it runs: its memory, vCPU, devices and page\n"+
+				"protection, sealed under a key bound to the VM's secret and this host's TPM, with a\n"+
+				"generation this host's TPM counts (a snapshot resumes once unless the policy allows\n"+
+				"more). The policy decides snapshot_create. docs/snapshot.md")
+		cf := addControlFlags(fs, true)
+		parent := fs.String("parent", "", "make it incremental on the VM's last snapshot, which this names")
+		if len(words) != 2 {
+			fmt.Fprintln(env.stderr, "umbra snapshot create: give the VM and the snapshot's name")
+			return exitUsage
+		}
+		cl, vm, code, done := oneVM(env, fs, cf, append(args, words[0]))
+		if done {
+			return code
+		}
+		var res launch.SnapshotResult
+		if err := cl.Operation(ctx, "snapshot.create", launch.SnapshotCreateArgs{Name: words[1], Parent: *parent}, &res); err != nil {
+			return controlFailure(env, "snapshot create", vm, err)
+		}
+		if cf.json {
+			printJSON(env, res)
+			return 0
+		}
+		kind := "full"
+		if res.Parent != "" {
+			kind = "incremental on " + res.Parent
+		}
+		fmt.Fprintf(env.stdout, "snapshot %s of VM %s: %s, generation %d, %d pages, %d bytes, paused %v\n", res.Name, vm, kind, res.Generation, res.Pages, res.Bytes, res.Pause.Round(time.Microsecond))
+		return 0
+	case "list":
+		fs := newFlagSet(env, "snapshot list", "VM", "List a running VM's snapshots and the TPM's current generation for it.")
+		cf := addControlFlags(fs, true)
+		if len(words) != 1 {
+			fmt.Fprintln(env.stderr, "umbra snapshot list: give the VM")
+			return exitUsage
+		}
+		cl, vm, code, done := oneVM(env, fs, cf, append(args, words[0]))
+		if done {
+			return code
+		}
+		var res launch.SnapshotList
+		if err := cl.Operation(ctx, "snapshot.list", nil, &res); err != nil {
+			return controlFailure(env, "snapshot list", vm, err)
+		}
+		if cf.json {
+			printJSON(env, res)
+			return 0
+		}
+		tw := tabwriter.NewWriter(env.stdout, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "NAME\tGENERATION\tPARENT\tCREATED\tBYTES\tRESUMABLE")
+		for _, r := range res.Snapshots {
+			resumable := "yes"
+			if r.Generation < res.Current {
+				resumable = "replay (policy)"
+			}
+			fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%d\t%s\n", r.Name, r.Generation, r.Parent, r.Created.Format(time.RFC3339), r.Bytes, resumable)
+		}
+		tw.Flush()
+		for _, e := range res.Errors {
+			fmt.Fprintf(env.stderr, "umbra snapshot list: %s\n", e)
+		}
+		return 0
+	case "diff":
+		fs := newFlagSet(env, "snapshot diff", "VM A B", "List the guest pages that differ between two snapshots of a running VM.")
+		cf := addControlFlags(fs, true)
+		if len(words) != 3 {
+			fmt.Fprintln(env.stderr, "umbra snapshot diff: give the VM and two snapshots")
+			return exitUsage
+		}
+		cl, vm, code, done := oneVM(env, fs, cf, append(args, words[0]))
+		if done {
+			return code
+		}
+		var res launch.SnapshotDiff
+		if err := cl.Operation(ctx, "snapshot.diff", launch.SnapshotDiffArgs{A: words[1], B: words[2]}, &res); err != nil {
+			return controlFailure(env, "snapshot diff", vm, err)
+		}
+		if cf.json {
+			printJSON(env, res)
+			return 0
+		}
+		fmt.Fprint(env.stdout, res.Ranges)
+		return 0
+	}
+	fmt.Fprintf(env.stderr, "umbra snapshot: unknown subcommand %q\n", sub)
+	return usage()
+}

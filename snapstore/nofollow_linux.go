@@ -1,0 +1,5 @@
+package snapstore
+
+import "syscall"
+
+const noFollow = syscall.O_NOFOLLOW

@@ -1,0 +1,26 @@
+package umbra.authz_test
+
+import data.umbra.authz
+
+op := {"vm": {"id": "snap"}, "principal": {"id": "unix:root", "auth": "unix-peer", "groups": []}}
+
+revert(gen, cur) := object.union(op, {"action": "snapshot_revert", "request": {"snapshot": {"name": "s1", "generation": gen, "current": cur}}})
+
+test_newest_snapshot_resumes if {
+	authz.allow with input as revert(2, 2)
+}
+
+test_second_resume_refused if {
+	d := authz.decision with input as revert(2, 3)
+	not d.allow
+	some r in d.deny
+	r.code == "snapshot.replay"
+}
+
+test_replay_allowed_when_configured if {
+	authz.allow with input as revert(1, 3) with data.umbra.snapshot.replay as true
+}
+
+test_stranger_cannot_snapshot if {
+	not authz.allow with input as object.union(op, {"action": "snapshot_create", "principal": {"id": "unix:mallory", "auth": "unix-peer", "groups": []}, "request": {"snapshot": {"name": "s"}}})
+}
