@@ -149,7 +149,7 @@ func (l *Lazy) installRange(ri int, first uint64) error {
 // stage.
 func ReadRange(chain *snapshot.Chain, first uint64, stage []byte) error {
 	n := uint64(len(stage)) / snapshot.PageSize
-	if src, b, ok := chain.Resolve(first); ok && b.FirstPage == first && uint64(b.Pages()) == n && b.Mask == 1<<n-1 {
+	if src, b, ok := chain.Resolve(first); ok && b.FirstPage == first && uint64(b.Pages()) == n && b.Mask == 1<<n-1 && !newerStores(chain, src, first, n) {
 		if _, err := src.ReadBlock(b, stage); err != nil {
 			clear(stage)
 			return fmt.Errorf("page %#x: %w", first*snapshot.PageSize, err)
@@ -172,6 +172,23 @@ func ReadRange(chain *snapshot.Chain, first uint64, stage []byte) error {
 		copy(stage[i*snapshot.PageSize:], data)
 	}
 	return nil
+}
+
+// newerStores reports whether a snapshot of chain newer than src stores any of the n
+// pages from first: then src's full block is not the newest contents of all of them
+// (an incremental snapshot stores only the pages written since its parent, so its
+// block for a range may lack the range's first page).
+func newerStores(chain *snapshot.Chain, src *snapshot.Reader, first, n uint64) bool {
+	links := chain.Links()
+	i := slices.Index(links, src)
+	for _, r := range links[i+1:] {
+		for p := first; p < first+n; p++ {
+			if _, ok := r.Lookup(p); ok {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // StoredRanges returns the first pages of the storage blocks chain's snapshots hold,

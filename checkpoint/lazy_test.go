@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"runtime"
+	"slices"
 	"testing"
 	"time"
 
@@ -195,5 +196,62 @@ func TestLazyFillCompletesTheRestore(t *testing.T) {
 	expectCounts(t, m, 4, 6)
 	if faults, _ := lr.l.Stats(); faults != 0 {
 		t.Fatalf("%d faults after the fill, want 0", faults)
+	}
+}
+
+// TestReadRangeTakesNewerPages: a base snapshot stores a range's 64 pages in one full
+// block and an incremental one on it stores two of them, not the first: ReadRange must
+// give those two from the incremental snapshot (the newest contents), not the whole
+// range from the base's block because the base holds its first page (it did, and a
+// lazily restored Linux guest crashed on the stale pages).
+func TestReadRangeTakesNewerPages(t *testing.T) {
+	ppb := uint64(snapshot.DefaultPagesPerBlock)
+	page := func(p uint64, gen byte) []byte {
+		return bytes.Repeat([]byte{byte(p), gen}, snapshot.PageSize/2)
+	}
+	var base, tail bytes.Buffer
+	bw, err := snapshot.NewWriter(&base, key, snapshot.Options{Generation: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for p := ppb; p < 2*ppb; p++ {
+		if err := bw.AddPage(p, page(p, 1)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	bi, err := bw.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tw, err := snapshot.NewWriter(&tail, key, snapshot.Options{Generation: 3, Parent: &bi})
+	if err != nil {
+		t.Fatal(err)
+	}
+	newer := []uint64{ppb + 5, 2*ppb - 1}
+	for _, p := range newer {
+		if err := tw.AddPage(p, page(p, 2)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	chain, err := snapshot.NewChain(openSnap(t, base.Bytes()), openSnap(t, tail.Bytes()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	stage := make([]byte, ppb*snapshot.PageSize)
+	if err := ReadRange(chain, ppb, stage); err != nil {
+		t.Fatal(err)
+	}
+	for i := uint64(0); i < ppb; i++ {
+		p := ppb + i
+		want := page(p, 1)
+		if slices.Contains(newer, p) {
+			want = page(p, 2)
+		}
+		if !bytes.Equal(stage[i*snapshot.PageSize:(i+1)*snapshot.PageSize], want) {
+			t.Fatalf("page %d: got generation %d's contents, want %d's", p, stage[i*snapshot.PageSize+1], want[1])
+		}
 	}
 }

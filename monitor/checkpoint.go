@@ -72,6 +72,8 @@ type CheckpointOptions struct {
 	PauseTarget uint64
 	// beforePause, for tests, runs after the pre-copy and before the pause.
 	beforePause func()
+	// afterRound, for tests, runs after each pre-copy round.
+	afterRound func()
 }
 
 // CheckpointInfo describes a written checkpoint.
@@ -289,6 +291,9 @@ func (v *VM) preCopyRounds(ctx context.Context, opt CheckpointOptions, info *Che
 		info.Rounds++
 		info.RoundPages = append(info.RoundPages, n)
 		info.OwnWrites += own
+		if opt.afterRound != nil {
+			opt.afterRound()
+		}
 		if n <= target || n >= prev {
 			break
 		}

@@ -90,3 +90,47 @@ func TestNewSlotsDoNotDirtyTheCheckpoint(t *testing.T) {
 		})
 	}
 }
+
+// TestCheckpointManyRounds forces pre-copy rounds on a guest that keeps writing (a
+// pause target of one page, and 15 ms between rounds for the guest to write again);
+// after each round the monitor also rewrites one page of its own (the own-write log),
+// so that page is copied in every round and again at the pause. The restore must hold
+// every page as it was at the pause: the guest finishes with the original's result and
+// the monitor's page holds its last value, eagerly and lazily.
+func TestCheckpointManyRounds(t *testing.T) {
+	const size = 64 << 20
+	cfg := Config{Image: guestimage.Image(), MemorySize: size, Cmdline: "run=cloakcompute:256:100"}
+	l := startVM(t, cfg)
+	time.Sleep(200 * time.Millisecond)
+	key := testKey(t)
+	const mine = size - PageSize // a page the guest never uses (its allocator bumps up from the bottom)
+	written := 0
+	rewrite := func() {
+		written++
+		if err := l.v.mem.WritePhys(mine, bytes.Repeat([]byte{byte(written)}, PageSize)); err != nil {
+			t.Error(err)
+		}
+		time.Sleep(15 * time.Millisecond)
+	}
+	var file bytes.Buffer
+	info, err := l.v.Checkpoint(context.Background(), &file, CheckpointOptions{Key: key, Generation: 1, PauseTarget: 1, MaxRounds: 6, afterRound: rewrite})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d rounds copying %v pages, %d in the pause, pause %v", info.Rounds, info.RoundPages, info.PauseCopy, info.Pause)
+	if info.Rounds < 2 {
+		t.Fatalf("%d rounds: the test did not exercise several", info.Rounds)
+	}
+	out := l.wait(t)
+	want := lineWith(out, "cloakcompute: ")
+	for _, mode := range []RestoreMode{RestoreEager, RestoreLazy} {
+		got, res, v := restoreVM(t, cfg, openChain(t, key, file.Bytes()), RestoreOptions{Mode: mode, FillPace: -1})
+		if lineWith(got, "cloakcompute: ") != want || res.ExitStatus != 0 {
+			t.Fatalf("mode %d: restored run printed %q (status %d), the original %q", mode, got, res.ExitStatus, want)
+		}
+		b := make([]byte, PageSize)
+		if err := v.mem.ReadPhys(mine, b); err != nil || !bytes.Equal(b, bytes.Repeat([]byte{byte(written)}, PageSize)) {
+			t.Fatalf("mode %d: the monitor's page holds %d..., want its last value %d (%v)", mode, b[0], written, err)
+		}
+	}
+}

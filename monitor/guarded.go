@@ -181,8 +181,8 @@ func (m appWalkMem) ReadPhys(gpa uint64, buf []byte) error {
 
 func (m appWalkMem) ReadPhysUint64(gpa uint64) (uint64, error) {
 	g := m.c.v.mem
-	if gpa > g.size || g.size-gpa < 8 {
-		return 0, fmt.Errorf("%w: [%#x, +8) with %#x bytes of RAM", ErrOutsideRAM, gpa, g.size)
+	if err := g.check(gpa, 8); err != nil { // bounds, and a lazy restore's ensure
+		return 0, err
 	}
 	if err := m.check(gpa, 8); err != nil {
 		return 0, err

@@ -127,10 +127,12 @@ func (v *VM) startLazy(chain *snapshot.Chain, pace time.Duration, hooks lazyHook
 		present: make([]atomic.Uint64, (nr+63)/64), stage: make([]byte, rangeBytes),
 		stop: make(chan struct{}), served: make(chan struct{}), filled: make(chan struct{}),
 	}
-	for _, first := range checkpoint.StoredRanges(chain) {
-		if first*PageSize < size {
-			l.stored = append(l.stored, first)
-		}
+	l.stored = checkpoint.StoredRanges(chain)
+	if n := len(l.stored); n > 0 && l.stored[n-1] >= size/PageSize {
+		u.Close()
+		// As the eager restore refuses it (WritePhys outside RAM), and before any
+		// of it could be served.
+		return fmt.Errorf("restore: %w: the snapshot stores pages from %#x, beyond this VM's %#x bytes of RAM", ErrSnapshotMismatch, l.stored[n-1]*PageSize, size)
 	}
 	if err := v.mem.attachLazy(l); err != nil {
 		u.Close()

@@ -302,3 +302,41 @@ func TestCheckpointOfLazyRestore(t *testing.T) {
 		t.Fatalf("the chain's restore printed %q (status %d), the original %q", got, res.ExitStatus, want)
 	}
 }
+
+// TestLazyRestoreRefusesPagesBeyondRAM: a chain that stores a page past the VM's RAM
+// is refused before anything is served (the eager restore refuses it at the write).
+func TestLazyRestoreRefusesPagesBeyondRAM(t *testing.T) {
+	requireGuestKVM(t)
+	const size = 64 << 20
+	v, err := New(Config{Image: guestimage.Image(), MemorySize: size})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	key := testKey(t)
+	var f bytes.Buffer
+	w, err := snapshot.NewWriter(&f, key, snapshot.Options{Generation: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.AddPage(size/PageSize+64, bytes.Repeat([]byte{1}, PageSize)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	r, err := snapshot.Open(bytes.NewReader(f.Bytes()), int64(f.Len()), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chain, err := snapshot.NewChain(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := v.startLazy(chain, -1, lazyHooks{}); !errors.Is(err, ErrSnapshotMismatch) {
+		t.Fatalf("startLazy of a chain storing a page beyond RAM: %v, want ErrSnapshotMismatch", err)
+	}
+	if v.ckpt.lazy != nil || v.mem.lazy.Load() != nil {
+		t.Fatal("the refused restore left a fault server attached")
+	}
+}
