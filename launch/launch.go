@@ -238,6 +238,13 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 			return rep, fmt.Errorf("%w: disk %s: %w", ErrLaunchRefused, dev.ID, err)
 		}
 	}
+	nets := specNetworks(lc.Spec)
+	for i, n := range lc.Spec.Networks {
+		if nd, err := g.ConnectNetwork(ctx, lc.Principal, vmState, nets[i]); err != nil {
+			rep.Action, rep.Decision = policy.ActionConnectNetwork, nd
+			return rep, fmt.Errorf("%w: network %s: %w", ErrLaunchRefused, n.Name, err)
+		}
+	}
 	auditVM := func(ctx context.Context, kind string, details any) error {
 		raw, err := json.Marshal(details)
 		if err != nil {
@@ -339,6 +346,9 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	for _, dev := range disks {
 		events = append(events, eventlog.Event{Type: monitor.TypeGuestDisk, Description: "disk " + dev.ID + " of VM " + lc.Spec.Name, Data: monitor.DiskMeasurement(monitor.DiskIdentity(dev))})
 	}
+	for _, n := range nets {
+		events = append(events, eventlog.Event{Type: monitor.TypeGuestNetwork, Description: "network " + n.ID + " of VM " + lc.Spec.Name, Data: monitor.NetworkMeasurement(monitor.NetworkIdentity(n))})
+	}
 	if restore != nil {
 		events = append(events, restore.event())
 	}
@@ -379,6 +389,10 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	if lc.Run.Disks, err = monitor.OpenDisks(ctx, lc.Spec.Disks, lc.Disks); err != nil {
 		return failed(fmt.Errorf("%w: %w", ErrLaunchRefused, err))
 	}
+	// The TAP devices open once the policy allowed each network; the VM closes them.
+	if lc.Run.NICs, err = openNICs(lc.Spec.Networks); err != nil {
+		return failed(fmt.Errorf("%w: %w", ErrLaunchRefused, err))
+	}
 	defer func() {
 		if cerr := monitor.CloseDisks(lc.Run.Disks); cerr != nil {
 			log.Error("closing the VM's disks", "err", cerr)
@@ -398,6 +412,8 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	}
 	vm, err := build(lc.Run)
 	if err != nil {
+		closeNICs(lc.Run.NICs) // the VM would have closed them
+
 		return failed(fmt.Errorf("%w: build the VM: %w", ErrLaunchRefused, err))
 	}
 	defer vm.Close()
@@ -545,9 +561,18 @@ func policyVM(s *monitor.Spec, cfg monitor.Config, imageDigest, state string, fi
 		},
 		State:         state,
 		Devices:       append([]policy.Device{{Type: "serial", ID: "com1"}}, disks...),
-		Networks:      []policy.Network{},
+		Networks:      specNetworks(s),
 		FirstLaunchAt: firstLaunch,
 	}
+}
+
+// specNetworks is the spec's networks as the policy input lists them.
+func specNetworks(s *monitor.Spec) []policy.Network {
+	out := make([]policy.Network, 0, len(s.Networks))
+	for _, n := range s.Networks {
+		out = append(out, policy.Network(monitor.IdentifyNetwork(n)))
+	}
+	return out
 }
 
 func firstLaunchPath(stateDir, vm string) string {

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"regexp"
 	"time"
 	"unicode/utf8"
 )
@@ -327,8 +328,7 @@ func (in *Input) Validate() error {
 		bad("vm.networks", "more than %d networks", maxListLen)
 	}
 	for i, n := range in.VM.Networks {
-		id(fmt.Sprintf("vm.networks[%d].id", i), n.ID, true)
-		enum(fmt.Sprintf("vm.networks[%d].mode", i), n.Mode, netModes)
+		validateNetwork(fmt.Sprintf("vm.networks[%d]", i), n, bad, id, enum)
 	}
 
 	r := &in.Request
@@ -344,6 +344,9 @@ func (in *Input) Validate() error {
 		need("device", r.Device != nil)
 	case ActionConnectNetwork:
 		need("network", r.Network != nil)
+		if r.Network != nil {
+			validateNetwork("request.network", *r.Network, bad, id, enum)
+		}
 	case ActionConsoleOpen:
 		need("console", r.Console != nil)
 	case ActionStop:
@@ -554,4 +557,18 @@ func (in *Input) Digest() (string, error) {
 	}
 	sum := sha256.Sum256(b)
 	return hex.EncodeToString(sum[:]), nil
+}
+
+var macRE = regexp.MustCompile(`^[0-9a-f]{2}(:[0-9a-f]{2}){5}$`)
+
+// validateNetwork checks a network as the schema does.
+func validateNetwork(where string, n Network, bad func(string, string, ...any), id func(string, string, bool), enum func(string, string, map[string]bool)) {
+	id(where+".id", n.ID, true)
+	enum(where+".mode", n.Mode, netModes)
+	if len(n.Netns) > 255 || len(n.TAP) > 15 {
+		bad(where, "netns or tap too long")
+	}
+	if n.MAC != "" && !macRE.MatchString(n.MAC) {
+		bad(where+".mac", "%q is not a lower-case MAC address", n.MAC)
+	}
 }

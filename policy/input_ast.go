@@ -71,7 +71,13 @@ func deviceTerm(d *Device) *ast.Term {
 }
 
 func networkTerm(n *Network) *ast.Term {
-	return ast.ObjectTerm(item("id", ast.StringTerm(n.ID)), item("mode", ast.StringTerm(n.Mode)))
+	items := [][2]*ast.Term{item("id", ast.StringTerm(n.ID)), item("mode", ast.StringTerm(n.Mode))}
+	for _, f := range []struct{ k, v string }{{"netns", n.Netns}, {"tap", n.TAP}, {"mac", n.MAC}} {
+		if f.v != "" {
+			items = append(items, item(f.k, ast.StringTerm(f.v)))
+		}
+	}
+	return ast.ObjectTerm(items...)
 }
 
 func vmTerm(vm *VM) *ast.Term {
