@@ -153,15 +153,21 @@ func opSnapshotCreate(ctx context.Context, c *Control, p policy.Principal, raw j
 	if err := snapstore.ValidName(args.Name); err != nil {
 		return nil, &ArgsError{Operation: "snapshot.create", Err: err}
 	}
+	if err := c.check(func(vm policy.VM) (policy.Decision, error) { return c.guard.CreateSnapshot(ctx, p, vm, args.Name) }); err != nil {
+		return nil, err
+	}
+	return c.createSnapshot(ctx, p, "snapshot.create", args)
+}
+
+// createSnapshot writes snapshot args.Name of the running (or paused) VM, the policy
+// having allowed it.
+func (c *Control) createSnapshot(ctx context.Context, p policy.Principal, op string, args SnapshotCreateArgs) (*SnapshotResult, error) {
 	env := c.snapshots
 	if env == nil {
 		return nil, errors.New("this VM's monitor keeps no snapshots")
 	}
-	if err := c.check(func(vm policy.VM) (policy.Decision, error) { return c.guard.CreateSnapshot(ctx, p, vm, args.Name) }); err != nil {
-		return nil, err
-	}
 	if env.cannot != "" {
-		return nil, fmt.Errorf("snapshot.create: VM %s cannot be snapshotted: %s", env.vm, env.cannot)
+		return nil, fmt.Errorf("%s: VM %s cannot be snapshotted: %s", op, env.vm, env.cannot)
 	}
 	env.mu.Lock()
 	defer env.mu.Unlock()
@@ -172,7 +178,7 @@ func opSnapshotCreate(ctx context.Context, c *Control, p policy.Principal, raw j
 			if env.last != nil {
 				last = env.lastName
 			}
-			return nil, &ArgsError{Operation: "snapshot.create", Err: fmt.Errorf("an incremental snapshot's parent must be this VM's last snapshot in this run (%s), not %q", last, args.Parent)}
+			return nil, &ArgsError{Operation: op, Err: fmt.Errorf("an incremental snapshot's parent must be this VM's last snapshot in this run (%s), not %q", last, args.Parent)}
 		}
 		parent = env.last
 	}
@@ -180,31 +186,84 @@ func opSnapshotCreate(ctx context.Context, c *Control, p policy.Principal, raw j
 	// never carry a generation the TPM has not passed.
 	cur, err := sealing.SeriesVersion(env.tpm, env.host, env.series)
 	if err != nil {
-		return nil, fmt.Errorf("snapshot.create: the TPM's snapshot counter: %w", err)
+		return nil, fmt.Errorf("%s: the TPM's snapshot counter: %w", op, err)
 	}
 	gen := cur + 1
 	if err := sealing.AdvanceSeries(env.tpm, env.host, env.series, gen); err != nil {
-		return nil, fmt.Errorf("snapshot.create: advance the TPM's snapshot counter: %w", err)
+		return nil, fmt.Errorf("%s: advance the TPM's snapshot counter: %w", op, err)
 	}
 	pend, err := env.store.Create(args.Name)
 	if err != nil {
-		return nil, &ArgsError{Operation: "snapshot.create", Err: err}
+		return nil, &ArgsError{Operation: op, Err: err}
 	}
 	info, err := c.vm.Checkpoint(ctx, pend, monitor.CheckpointOptions{Key: env.key, Generation: gen, Parent: parent, Compress: true})
 	if err != nil {
 		pend.Abort()
-		return nil, fmt.Errorf("snapshot.create: %w", err)
+		return nil, fmt.Errorf("%s: %w", op, err)
 	}
 	rec := snapstore.Record{Parent: args.Parent, Generation: gen, ID: hex.EncodeToString(info.Tail.ID[:]), Created: time.Now().UTC(), Bytes: info.Bytes, Pages: info.Pages, Host: env.host}
 	if err := pend.Commit(rec); err != nil {
-		return nil, fmt.Errorf("snapshot.create: %w", err)
+		return nil, fmt.Errorf("%s: %w", op, err)
 	}
 	rec.Name = args.Name
 	env.last, env.lastName = info, args.Name
-	if err := env.audit(ctx, KindSnapshotCreate, map[string]any{"name": args.Name, "parent": args.Parent, "generation": gen, "id": rec.ID, "bytes": rec.Bytes, "by": p.ID}); err != nil {
-		return nil, fmt.Errorf("snapshot.create: the snapshot is written but its audit record failed: %w", err)
+	if err := env.audit(ctx, KindSnapshotCreate, map[string]any{"name": args.Name, "parent": args.Parent, "generation": gen, "id": rec.ID, "bytes": rec.Bytes, "by": p.ID, "operation": op}); err != nil {
+		return nil, fmt.Errorf("%s: the snapshot is written but its audit record failed: %w", op, err)
 	}
 	return &SnapshotResult{Record: rec, Pause: info.Pause, PreCopy: info.PreCopy}, nil
+}
+
+// ErrSuspended is wrapped by the run error of a VM suspended to a snapshot.
+var ErrSuspended = errors.New("suspended to a snapshot")
+
+// SuspendArgs are suspend's arguments.
+type SuspendArgs struct {
+	Name string `json:"name"`
+}
+
+// opSuspend stops the VM keeping its state: it pauses it, writes snapshot args.Name
+// of the paused VM (no pre-copy: nothing changes while it is written) and ends the run;
+// umbra resume --from NAME (a launch from the snapshot, by this or a newer monitor)
+// continues it. The policy decides both snapshot_create and stop.
+func opSuspend(ctx context.Context, c *Control, p policy.Principal, raw json.RawMessage) (any, error) {
+	var args SuspendArgs
+	if err := DecodeArgs("suspend", raw, &args); err != nil {
+		return nil, err
+	}
+	if err := snapstore.ValidName(args.Name); err != nil {
+		return nil, &ArgsError{Operation: "suspend", Err: err}
+	}
+	if err := c.check(func(vm policy.VM) (policy.Decision, error) { return c.guard.CreateSnapshot(ctx, p, vm, args.Name) }); err != nil {
+		return nil, err
+	}
+	if err := c.check(func(vm policy.VM) (policy.Decision, error) { return c.guard.StopVM(ctx, p, vm, false) }); err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	if c.stopping {
+		c.mu.Unlock()
+		return nil, fmt.Errorf("%w: the VM is stopping", monitor.ErrNotRunning)
+	}
+	wasPaused := c.vm.Paused()
+	if !wasPaused {
+		if _, err := c.vm.Pause(ctx); err != nil {
+			c.mu.Unlock()
+			return nil, fmt.Errorf("suspend: pause: %w", err)
+		}
+	}
+	c.mu.Unlock()
+	res, err := c.createSnapshot(ctx, p, "suspend", SnapshotCreateArgs{Name: args.Name})
+	if err != nil {
+		if !wasPaused {
+			c.vm.Resume() // the VM goes on as it was
+		}
+		return nil, err
+	}
+	c.mu.Lock()
+	c.stopping = true
+	c.mu.Unlock()
+	c.vm.Stop(fmt.Errorf("%w %s (by %s)", ErrSuspended, args.Name, p.ID))
+	return res, nil
 }
 
 // readSnapshots is the VM's snapshot store for reading (list, diff): action inspect.

@@ -28,6 +28,7 @@ var operations = map[string]Operation{
 	"snapshot.create": opSnapshotCreate,
 	"snapshot.list":   opSnapshotList,
 	"snapshot.diff":   opSnapshotDiff,
+	"suspend":         opSuspend,
 }
 
 // operationName is the spelling of an operation's name: lower-case words joined by dots

@@ -276,6 +276,24 @@ func runInspect(ctx context.Context, env *cliEnv, args []string) int {
 
 func verbAction(verb string) func(context.Context, *cliEnv, []string) int {
 	return func(ctx context.Context, env *cliEnv, args []string) int {
+		if verb == "resume" {
+			// umbra resume --from NAME SPEC|BUNDLE continues a suspended VM in a new
+			// monitor: a launch from the snapshot (umbra run --restore NAME).
+			for i, a := range args {
+				if a == "--from" || a == "-from" || strings.HasPrefix(a, "--from=") || strings.HasPrefix(a, "-from=") {
+					rest := append(append([]string{}, args[:i]...), args[i+1:]...)
+					from := strings.TrimPrefix(strings.TrimPrefix(a, "-"), "-from=")
+					if from == "-from" || from == "from" {
+						if i+1 >= len(args) {
+							fmt.Fprintln(env.stderr, "umbra resume: --from needs a snapshot name")
+							return exitUsage
+						}
+						from, rest = args[i+1], append(append([]string{}, args[:i]...), args[i+2:]...)
+					}
+					return runRun(ctx, env, append([]string{"--restore", from}, rest...))
+				}
+			}
+		}
 		desc := map[string]string{
 			"pause":  "Pause a running VM: its vCPU is parked between two exits until resumed (a guarded action).",
 			"resume": "Resume a paused VM (a guarded action).",

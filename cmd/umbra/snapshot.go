@@ -12,6 +12,7 @@ import (
 
 func init() {
 	register(&command{name: "snapshot", summary: "snapshots of a running VM: create, list, diff (restore: umbra run --restore NAME)", run: runSnapshot})
+	register(&command{name: "suspend", summary: "stop a running VM keeping its state in a snapshot (continue it with umbra resume --from NAME)", run: runSuspend})
 }
 
 func runSnapshot(ctx context.Context, env *cliEnv, args []string) int {
@@ -42,6 +43,9 @@ func runSnapshot(ctx context.Context, env *cliEnv, args []string) int {
 		cf := addControlFlags(fs, true)
 		parent := fs.String("parent", "", "make it incremental on the VM's last snapshot, which this names")
 		if len(words) != 2 {
+			if code, done := parseFlags(env, fs, args); done {
+				return code
+			}
 			fmt.Fprintln(env.stderr, "umbra snapshot create: give the VM and the snapshot's name")
 			return exitUsage
 		}
@@ -67,6 +71,9 @@ func runSnapshot(ctx context.Context, env *cliEnv, args []string) int {
 		fs := newFlagSet(env, "snapshot list", "VM", "List a running VM's snapshots and the TPM's current generation for it.")
 		cf := addControlFlags(fs, true)
 		if len(words) != 1 {
+			if code, done := parseFlags(env, fs, args); done {
+				return code
+			}
 			fmt.Fprintln(env.stderr, "umbra snapshot list: give the VM")
 			return exitUsage
 		}
@@ -100,6 +107,9 @@ func runSnapshot(ctx context.Context, env *cliEnv, args []string) int {
 		fs := newFlagSet(env, "snapshot diff", "VM A B", "List the guest pages that differ between two snapshots of a running VM.")
 		cf := addControlFlags(fs, true)
 		if len(words) != 3 {
+			if code, done := parseFlags(env, fs, args); done {
+				return code
+			}
 			fmt.Fprintln(env.stderr, "umbra snapshot diff: give the VM and two snapshots")
 			return exitUsage
 		}
@@ -120,4 +130,41 @@ func runSnapshot(ctx context.Context, env *cliEnv, args []string) int {
 	}
 	fmt.Fprintf(env.stderr, "umbra snapshot: unknown subcommand %q\n", sub)
 	return usage()
+}
+
+func runSuspend(ctx context.Context, env *cliEnv, args []string) int {
+	fs := newFlagSet(env, "suspend", "VM NAME",
+		"Stop a running detached VM keeping its state: the VM is paused, written to snapshot NAME\n"+
+			"of its store (sealed and counted as every snapshot), and its monitor ends. Continue it\n"+
+			"with 'umbra resume --from NAME SPEC|BUNDLE', by this umbra or a newer one; the policy\n"+
+			"decides snapshot_create and stop here, snapshot_revert there. docs/snapshot.md §4.8")
+	cf := addControlFlags(fs, true)
+	var words []string
+	for len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		words, args = append(words, args[0]), args[1:]
+	}
+	if len(words) != 2 {
+		if code, done := parseFlags(env, fs, args); done {
+			return code
+		}
+		fmt.Fprintln(env.stderr, "umbra suspend: give the VM and the snapshot's name")
+		return exitUsage
+	}
+	cl, vm, code, done := oneVM(env, fs, cf, append(args, words[0]))
+	if done {
+		return code
+	}
+	var res launch.SnapshotResult
+	if err := cl.Operation(ctx, "suspend", launch.SuspendArgs{Name: words[1]}, &res); err != nil {
+		return controlFailure(env, "suspend", vm, err)
+	}
+	if err := waitGone(ctx, cl.Path, time.Minute); err != nil {
+		return controlFailure(env, "suspend", vm, err)
+	}
+	if cf.json {
+		printJSON(env, res)
+		return 0
+	}
+	fmt.Fprintf(env.stdout, "VM %s suspended to snapshot %s (generation %d, %d bytes); continue it with: umbra resume --from %s SPEC|BUNDLE\n", vm, res.Name, res.Generation, res.Bytes, res.Name)
+	return 0
 }

@@ -258,3 +258,36 @@ func waitStopped(t *testing.T, state, name string) {
 func killVM(t *testing.T, state, name string) {
 	runUmbra(t, "stop", "--force", "--state-dir", state, name)
 }
+
+// TestSuspendResume suspends a running VM (its monitor ends, its state in a snapshot)
+// and continues it in a new monitor with umbra resume --from; the continued guest picks
+// up where it was; resuming the suspended state again is a replay the policy refuses.
+func TestSuspendResume(t *testing.T) {
+	w := newSnapshotWorld(t)
+	args := append(append(append([]string{"run", "--detach"}, w.host("a")...), w.policy...), w.path("snap.yaml"))
+	w.must(args...)
+	t.Cleanup(func() { killVM(t, w.state("a"), "snap") })
+	time.Sleep(800 * time.Millisecond)
+	out := w.must("suspend", "snap", "night", "--state-dir", w.state("a"))
+	if !strings.Contains(out, "suspended to snapshot night") {
+		t.Fatalf("umbra suspend: %q", out)
+	}
+	// The monitor is gone and its stop record says why.
+	code, _, _ := runUmbra(t, "inspect", "--state-dir", w.state("a"), "snap")
+	if code == 0 {
+		t.Fatal("the suspended VM's monitor still answers")
+	}
+	b, _ := os.ReadFile(filepath.Join(w.state("a"), "audit.jsonl"))
+	if !strings.Contains(string(b), "suspended to a snapshot night") {
+		t.Errorf("the stop record does not say the VM was suspended")
+	}
+	resume := append(append(append([]string{"resume", "--from", "night"}, w.host("a")...), w.policy...), w.path("snap.yaml"))
+	code, out, errs := runUmbra(t, resume...)
+	if code != 0 || !strings.Contains(out, "counter snap: done") || firstCounterLine(out) <= 0 {
+		t.Fatalf("umbra resume --from night = %d (it must continue after line 0 and finish):\n%s\n%s", code, out, errs)
+	}
+	code, _, errs = runUmbra(t, resume...)
+	if code != exitNoGuestStatus || !strings.Contains(errs, "snapshot.replay") {
+		t.Fatalf("a second resume of the suspended state = %d, want the replay refusal:\n%s", code, errs)
+	}
+}
