@@ -59,6 +59,14 @@ type Incoming struct {
 	Checkpoint *os.File
 	// CheckpointSize is the checkpoint's length in bytes.
 	CheckpointSize int64
+	// Chain is a standby's checkpoints, oldest (the full one) first.
+	Chain []ChainFile
+}
+
+// ChainFile is one received checkpoint of a replication's chain.
+type ChainFile struct {
+	File *os.File
+	Size int64
 }
 
 func (in *Incoming) close() {
@@ -67,6 +75,9 @@ func (in *Incoming) close() {
 	}
 	if in.Checkpoint != nil {
 		in.Checkpoint.Close()
+	}
+	for _, c := range in.Chain {
+		c.File.Close()
 	}
 }
 

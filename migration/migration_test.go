@@ -54,7 +54,7 @@ func (r *running) wait(t *testing.T) {
 // guestConfig is the VM both sides build: the test guest computing a result over
 // many steps, long enough to be migrated mid-way.
 func guestConfig(c *console) monitor.Config {
-	return monitor.Config{Image: guestimage.Image(), MemorySize: 64 << 20, Cmdline: "run=cloakcompute:16:100", Console: c, Timeout: 5 * time.Minute}
+	return monitor.Config{Image: guestimage.Image(), MemorySize: 64 << 20, Cmdline: "run=cloakcompute:64:100", Console: c, Timeout: 5 * time.Minute}
 }
 
 // vmSource sends a monitor VM.

@@ -152,6 +152,9 @@ type Offer struct {
 	Key []byte `json:"key"`
 	// Secrets are the VM's secrets (its cloak master secret, disk keys), by name.
 	Secrets map[string][]byte `json:"secrets"`
+	// Replica makes it a continuous replication to a standby (replicate.go), not a
+	// migration.
+	Replica bool `json:"replica,omitempty"`
 }
 
 var vmName = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
@@ -290,8 +293,24 @@ func (s *streamWriter) close() error {
 // receiveStream copies data frames into w until the end frame, refusing a stream over
 // max bytes or one whose end does not match what came.
 func receiveStream(r io.Reader, w io.Writer, max int64, what string) (int64, error) {
+	return receiveStreamAfter(r, w, max, what, nil)
+}
+
+// receiveStreamAfter is receiveStream for a stream whose first data frame, first, was
+// already read (a standby learns from it that a checkpoint begins).
+func receiveStreamAfter(r io.Reader, w io.Writer, max int64, what string, first []byte) (int64, error) {
 	h := sha256.New()
 	var n int64
+	if len(first) > 0 {
+		if int64(len(first)) > max {
+			return 0, fmt.Errorf("%s: %w: over its limit of %d bytes", what, ErrProtocol, max)
+		}
+		if _, err := w.Write(first); err != nil {
+			return 0, fmt.Errorf("%s: spool: %w", what, err)
+		}
+		h.Write(first)
+		n = int64(len(first))
+	}
 	for {
 		k, b, err := readFrame(r, frameData, frameEnd)
 		if err != nil {
