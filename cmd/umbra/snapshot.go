@@ -16,13 +16,18 @@ func init() {
 }
 
 func runSnapshot(ctx context.Context, env *cliEnv, args []string) int {
+	const synopsis = "Usage: umbra snapshot create VM NAME [--parent P] | list VM | diff VM A B\n\n" +
+		"Snapshots of a running detached VM (docs/snapshot.md): create one while it runs, list\n" +
+		"them with the TPM's current generation, diff two. Restore one with\n" +
+		"umbra run --restore NAME SPEC|BUNDLE; suspend with umbra suspend VM NAME.\n" +
+		"umbra snapshot SUBCOMMAND --help shows each one's flags.\n"
 	usage := func() int {
-		fmt.Fprintln(env.stderr, "usage: umbra snapshot create VM NAME [--parent P] | list VM | diff VM A B   (restore: umbra run --restore NAME SPEC|BUNDLE)")
+		fmt.Fprint(env.stderr, synopsis)
 		return exitUsage
 	}
 	if len(args) == 0 || strings.HasPrefix(args[0], "-") {
-		if len(args) > 0 && (args[0] == "-h" || args[0] == "--help") {
-			usage()
+		if len(args) > 0 && (args[0] == "-h" || args[0] == "--help" || args[0] == "-help") {
+			fmt.Fprint(env.stdout, synopsis)
 			return 0
 		}
 		return usage()
