@@ -69,6 +69,9 @@ type migrationEnv struct {
 	audit   func(ctx context.Context, kind string, details any) error
 	// handedOver is set once the handover is recorded: the VM must never run here again.
 	handedOver atomic.Bool
+	// replicating is set while a replication streams the VM's checkpoints: a snapshot
+	// would break its chain of incremental checkpoints.
+	replicating atomic.Bool
 }
 
 // MigrateArgs are the migrate operation's arguments.
@@ -108,38 +111,20 @@ func opMigrate(ctx context.Context, c *Control, p policy.Principal, raw json.Raw
 	if env.handedOver.Load() {
 		return nil, fmt.Errorf("%w: the VM already left this host", monitor.ErrNotRunning)
 	}
-	conn, err := c.takeTunnel(p, args.Tunnel)
-	if err != nil {
-		return nil, &ArgsError{Operation: "migrate", Err: err}
-	}
-	defer conn.Close()
 	abort := func(err error) error {
 		env.audit(context.WithoutCancel(ctx), KindMigrateAborted, map[string]any{"destination": args.Destination, "error": err.Error(), "by": p.ID})
 		return err
 	}
-	ref, err := loadMigrationReference(env.stateDir)
+	ac, hostName, err := c.attestedPeer(ctx, p, "migrate", args.Tunnel)
 	if err != nil {
+		var ae *ArgsError
+		if errors.As(err, &ae) {
+			return nil, err
+		}
 		return nil, abort(err)
-	}
-	attester, err := evidence.NewAttester(env.tpm)
-	if err != nil {
-		return nil, abort(fmt.Errorf("migrate: this host's attestation key: %w", err))
-	}
-	defer attester.Close()
-	ac, err := attestconn.Client(ctx, conn, attestconn.Config{
-		Attester: attester, ReadLog: env.records, PCRs: []int{env.pcr}, LogPCRs: []int{env.pcr}, Reference: ref,
-	})
-	if err != nil {
-		return nil, abort(fmt.Errorf("migrate: the destination was not attested, nothing was sent: %w", err))
 	}
 	defer ac.Close()
 	peer := ac.Peer()
-	hostName := enrolledName(ref, peer.Fingerprint)
-	if err := c.check(func(vm policy.VM) (policy.Decision, error) {
-		return c.guard.Migrate(ctx, p, vm, hostName, peer.Fingerprint)
-	}); err != nil {
-		return nil, abort(err)
-	}
 	src := &migratingVM{c: c, env: env, compress: args.Compress, dest: hostName, fp: peer.Fingerprint, by: p.ID}
 	rep, err := migration.Send(ctx, ac, src, migration.Offer{VM: c.spec.Name, Generation: max(env.version, 1), Secrets: env.secrets}, migration.Options{})
 	switch {
@@ -157,6 +142,45 @@ func opMigrate(ctx context.Context, c *Control, p policy.Principal, raw json.Raw
 		Destination: args.Destination, HostName: hostName, HostFingerprint: peer.Fingerprint,
 		Downtime: rep.Downtime, Total: rep.Total, CheckpointBytes: rep.CheckpointBytes, FileBytes: rep.FileBytes,
 	}, nil
+}
+
+// attestedPeer claims the tunnel, proves this host to the peer at its other end and
+// has the peer prove itself (attestconn, against this host's migration reference
+// values), and asks the policy migrate for p with the peer's verified identity: what a
+// migration and a replication both do before anything of the VM leaves.
+func (c *Control) attestedPeer(ctx context.Context, p policy.Principal, op, tunnel string) (*attestconn.Conn, string, error) {
+	env := c.migration
+	conn, err := c.takeTunnel(p, tunnel)
+	if err != nil {
+		return nil, "", &ArgsError{Operation: op, Err: err}
+	}
+	ref, err := loadMigrationReference(env.stateDir)
+	if err != nil {
+		conn.Close()
+		return nil, "", err
+	}
+	attester, err := evidence.NewAttester(env.tpm)
+	if err != nil {
+		conn.Close()
+		return nil, "", fmt.Errorf("%s: this host's attestation key: %w", op, err)
+	}
+	defer attester.Close()
+	ac, err := attestconn.Client(ctx, conn, attestconn.Config{
+		Attester: attester, ReadLog: env.records, PCRs: []int{env.pcr}, LogPCRs: []int{env.pcr}, Reference: ref,
+	})
+	if err != nil {
+		conn.Close()
+		return nil, "", fmt.Errorf("%s: the peer was not attested, nothing was sent: %w", op, err)
+	}
+	peer := ac.Peer()
+	hostName := enrolledName(ref, peer.Fingerprint)
+	if err := c.check(func(vm policy.VM) (policy.Decision, error) {
+		return c.guard.Migrate(ctx, p, vm, hostName, peer.Fingerprint)
+	}); err != nil {
+		ac.Close()
+		return nil, "", err
+	}
+	return ac, hostName, nil
 }
 
 func loadMigrationReference(stateDir string) (*verify.Reference, error) {

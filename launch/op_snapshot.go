@@ -169,6 +169,9 @@ func (c *Control) createSnapshot(ctx context.Context, p policy.Principal, op str
 	if env.cannot != "" {
 		return nil, fmt.Errorf("%s: VM %s cannot be snapshotted: %s", op, env.vm, env.cannot)
 	}
+	if c.migration != nil && c.migration.replicating.Load() {
+		return nil, fmt.Errorf("%s: VM %s is being replicated to a standby, whose chain of checkpoints a snapshot would break; end the replication first", op, env.vm)
+	}
 	env.mu.Lock()
 	defer env.mu.Unlock()
 	var parent *monitor.CheckpointInfo

@@ -25,6 +25,7 @@ type Operation func(ctx context.Context, c *Control, p policy.Principal, args js
 // line here, its code in a file of its own.
 var operations = map[string]Operation{
 	"migrate":         opMigrate,
+	"replicate":       opReplicate,
 	"snapshot.create": opSnapshotCreate,
 	"snapshot.list":   opSnapshotList,
 	"snapshot.diff":   opSnapshotDiff,

@@ -37,59 +37,11 @@ import (
 // Launch; a migration that aborts before the commit returns its error and leaves
 // nothing running.
 func Receive(ctx context.Context, rc ReceiveConfig) (*LaunchReport, error) {
-	if rc.Listener == nil || rc.TPM == nil || rc.StateDir == "" {
-		return nil, errors.New("receive: needs a listener, a TPM and a state directory")
-	}
-	log := rc.Logger
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
-	pcr := rc.PCR
-	if pcr == 0 {
-		pcr = attest.DefaultPCR
-	}
-	ref, err := loadMigrationReference(rc.StateDir)
-	if err != nil {
-		return nil, fmt.Errorf("receive: %w", err)
-	}
-	spoolDir := filepath.Join(rc.StateDir, "migration", "incoming")
-	if err := os.MkdirAll(spoolDir, 0o700); err != nil {
-		return nil, fmt.Errorf("receive: %w", err)
-	}
-	// This monitor measures itself before it quotes: the source checks the quote
-	// against its approved monitors.
-	self, err := sealing.SelfDigest()
-	if err != nil {
-		return nil, fmt.Errorf("receive: measure this monitor: %w", err)
-	}
-	logPath := eventLogPath(rc.TPM, rc.StateDir)
-	m, err := eventlog.Open(ctx, rc.TPM, logPath, pcr, log)
-	if err != nil {
-		return nil, fmt.Errorf("receive: open the event log: %w", err)
-	}
-	defer m.Close()
-	if _, err := m.Measure(ctx, eventlog.Event{Type: eventlog.TypeMonitor, Description: "umbra monitor (receive)", Digest: self[:]}); err != nil {
-		return nil, fmt.Errorf("receive: measure this monitor: %w", err)
-	}
-	attester, err := evidence.NewAttester(rc.TPM)
-	if err != nil {
-		return nil, fmt.Errorf("receive: this host's attestation key: %w", err)
-	}
-	defer attester.Close()
-
-	log.Info("receive: waiting for a migration", "listen", rc.Listener.Addr().String())
-	conn, err := acceptOne(ctx, rc.Listener)
+	ac, spoolDir, pcr, log, cleanup, err := acceptAttested(ctx, rc, "receive")
 	if err != nil {
 		return nil, err
 	}
-	defer conn.Close()
-	ac, err := attestconn.Server(ctx, conn, attestconn.Config{Attester: attester, ReadLog: m.Records, PCRs: []int{pcr}, LogPCRs: []int{pcr}, Reference: ref})
-	if err != nil {
-		return nil, fmt.Errorf("receive: the source was not attested: %w", err)
-	}
-	defer ac.Close()
-	// Launch opens the event log itself; this measurer's work is done.
-	m.Close()
+	defer cleanup()
 	d := &destination{rc: rc, log: log, pcr: pcr, done: make(chan launchOutcome, 1)}
 	if _, err := migration.Receive(ctx, ac, d, spoolDir, migration.Options{}); err != nil {
 		if d.started {
@@ -106,6 +58,61 @@ func Receive(ctx context.Context, rc ReceiveConfig) (*LaunchReport, error) {
 	}
 	out := <-d.done
 	return out.rep, out.err
+}
+
+// acceptAttested does what a migration's destination and a standby do before anything
+// of a VM arrives: it loads this host's migration reference values, measures this
+// monitor, accepts one connection and runs the attested handshake as the server.
+func acceptAttested(ctx context.Context, rc ReceiveConfig, what string) (ac *attestconn.Conn, spoolDir string, pcr int, log *slog.Logger, cleanup func(), err error) {
+	if rc.Listener == nil || rc.TPM == nil || rc.StateDir == "" {
+		return nil, "", 0, nil, nil, fmt.Errorf("%s: needs a listener, a TPM and a state directory", what)
+	}
+	log = rc.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	pcr = rc.PCR
+	if pcr == 0 {
+		pcr = attest.DefaultPCR
+	}
+	ref, err := loadMigrationReference(rc.StateDir)
+	if err != nil {
+		return nil, "", 0, nil, nil, fmt.Errorf("%s: %w", what, err)
+	}
+	spoolDir = filepath.Join(rc.StateDir, "migration", "incoming")
+	if err := os.MkdirAll(spoolDir, 0o700); err != nil {
+		return nil, "", 0, nil, nil, fmt.Errorf("%s: %w", what, err)
+	}
+	// This monitor measures itself before it quotes: the source checks the quote
+	// against its approved monitors.
+	self, err := sealing.SelfDigest()
+	if err != nil {
+		return nil, "", 0, nil, nil, fmt.Errorf("%s: measure this monitor: %w", what, err)
+	}
+	m, err := eventlog.Open(ctx, rc.TPM, eventLogPath(rc.TPM, rc.StateDir), pcr, log)
+	if err != nil {
+		return nil, "", 0, nil, nil, fmt.Errorf("%s: open the event log: %w", what, err)
+	}
+	defer m.Close() // Launch opens the event log itself
+	if _, err := m.Measure(ctx, eventlog.Event{Type: eventlog.TypeMonitor, Description: "umbra monitor (" + what + ")", Digest: self[:]}); err != nil {
+		return nil, "", 0, nil, nil, fmt.Errorf("%s: measure this monitor: %w", what, err)
+	}
+	attester, err := evidence.NewAttester(rc.TPM)
+	if err != nil {
+		return nil, "", 0, nil, nil, fmt.Errorf("%s: this host's attestation key: %w", what, err)
+	}
+	defer attester.Close()
+	log.Info(what+": waiting for the source", "listen", rc.Listener.Addr().String())
+	conn, err := acceptOne(ctx, rc.Listener)
+	if err != nil {
+		return nil, "", 0, nil, nil, err
+	}
+	ac, err = attestconn.Server(ctx, conn, attestconn.Config{Attester: attester, ReadLog: m.Records, PCRs: []int{pcr}, LogPCRs: []int{pcr}, Reference: ref})
+	if err != nil {
+		conn.Close()
+		return nil, "", 0, nil, nil, fmt.Errorf("%s: the source was not attested: %w", what, err)
+	}
+	return ac, spoolDir, pcr, log, func() { ac.Close() }, nil
 }
 
 // ReceiveConfig configures Receive.

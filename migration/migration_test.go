@@ -53,8 +53,11 @@ func (r *running) wait(t *testing.T) {
 
 // guestConfig is the VM both sides build: the test guest computing a result over
 // many steps, long enough to be migrated mid-way.
-func guestConfig(c *console) monitor.Config {
-	return monitor.Config{Image: guestimage.Image(), MemorySize: 64 << 20, Cmdline: "run=cloakcompute:64:100", Console: c, Timeout: 5 * time.Minute}
+func guestConfig(c *console) monitor.Config { return guestConfigRunning(c, "run=cloakcompute:64:100") }
+
+// guestConfigRunning is guestConfig with another guest command line.
+func guestConfigRunning(c *console, cmdline string) monitor.Config {
+	return monitor.Config{Image: guestimage.Image(), MemorySize: 64 << 20, Cmdline: cmdline, Console: c, Timeout: 5 * time.Minute}
 }
 
 // vmSource sends a monitor VM.
@@ -190,10 +193,12 @@ func resultLine(out string) string {
 }
 
 // reference runs the guest to its end without migration.
-func referenceResult(t *testing.T) string {
+func referenceResult(t *testing.T) string { return referenceResultOf(t, guestConfig) }
+
+func referenceResultOf(t *testing.T, cfg func(*console) monitor.Config) string {
 	t.Helper()
 	c := &console{}
-	v, err := monitor.New(guestConfig(c))
+	v, err := monitor.New(cfg(c))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -204,10 +209,12 @@ func referenceResult(t *testing.T) string {
 	return resultLine(c.String())
 }
 
-func startSource(t *testing.T) *running {
+func startSource(t *testing.T) *running { return startSourceOf(t, guestConfig) }
+
+func startSourceOf(t *testing.T, cfg func(*console) monitor.Config) *running {
 	t.Helper()
 	c := &console{}
-	v, err := monitor.New(guestConfig(c))
+	v, err := monitor.New(cfg(c))
 	if err != nil {
 		t.Fatal(err)
 	}

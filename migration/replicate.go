@@ -30,7 +30,8 @@ import (
 //	S → D  checkpoint 1 (full) … end     D → S  ack 1
 //	S → D  checkpoint 2 (incremental) …  D → S  ack 2
 //	…
-//	S → D  commit (replication ends; the standby drops its chain)
+//	S → D  commit (replication ends)     D → S  ack (the chain is dropped; unconfirmed,
+//	                                               the source fences)
 
 // ErrFenced is returned by Replicate when the standby stopped acknowledging for a whole
 // lease: the source's VM is paused, since the standby may be running it now.
@@ -86,7 +87,7 @@ func (o ReplicateOptions) norm() ReplicateOptions {
 // the error says so.
 func Replicate(ctx context.Context, conn *attestconn.Conn, src ReplicaSource, offer Offer, opt ReplicateOptions) (err error) {
 	opt = opt.norm()
-	offer.Version, offer.Replica = Version, true
+	offer.Version, offer.Replica, offer.LeaseMS = Version, true, opt.Lease.Milliseconds()
 	offer.Key = make([]byte, 32)
 	if _, err := rand.Read(offer.Key); err != nil {
 		return err
@@ -170,12 +171,18 @@ func Replicate(ctx context.Context, conn *attestconn.Conn, src ReplicaSource, of
 		}
 		break
 	}
-	// Ending on purpose: the standby drops its chain.
+	// Ending on purpose: the standby must confirm it dropped its chain. Unconfirmed
+	// (the caller ended because the link died, say), the standby may take over: fence.
+	deadline(conn, opt.Lease)
+	if err := writeFrame(conn, frameCommit, nil); err != nil {
+		return fail(fmt.Errorf("ending replication: %w", err))
+	}
+	if err := awaitVerdict(conn, frameRunning, "the end of replication"); err != nil {
+		return fail(fmt.Errorf("the standby did not confirm the end of replication: %w", err))
+	}
 	if !lease.Stop() {
 		return fail(errors.New("the lease ran out while replication ended"))
 	}
-	deadline(conn, step)
-	writeFrame(conn, frameCommit, nil)
 	return nil
 }
 
@@ -216,6 +223,10 @@ func Standby(ctx context.Context, conn *attestconn.Conn, dst StandbyDestination,
 	defer clear(offer.Key)
 	if !offer.Replica {
 		return nil, fmt.Errorf("standby: %w: the offer is a migration, not a replication", ErrProtocol)
+	}
+	// The source fences at the end of its lease: never take over before it has.
+	if l := time.Duration(offer.LeaseMS) * time.Millisecond; l > opt.Lease {
+		opt.Lease = l
 	}
 	in := &Incoming{Offer: offer, Peer: conn.Peer(), Files: map[string]*os.File{}}
 	defer in.close()
@@ -260,7 +271,10 @@ func Standby(ctx context.Context, conn *attestconn.Conn, dst StandbyDestination,
 			return takeOver(err)
 		}
 		if k == frameCommit {
-			return res, nil // replication ended on purpose: the chain is dropped
+			// Replication ends on purpose: the chain is dropped, and the source told.
+			deadline(conn, silence)
+			writeFrame(conn, frameRunning, mustJSON(verdict{Accepted: true}))
+			return res, nil
 		}
 		f, err := spool(spoolDir)
 		if err != nil {

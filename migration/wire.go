@@ -155,6 +155,9 @@ type Offer struct {
 	// Replica makes it a continuous replication to a standby (replicate.go), not a
 	// migration.
 	Replica bool `json:"replica,omitempty"`
+	// LeaseMS is a replica source's lease: the standby waits at least this long (and
+	// its margin) without a frame before it takes over.
+	LeaseMS int64 `json:"lease_ms,omitempty"`
 }
 
 var vmName = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
@@ -184,6 +187,9 @@ func (o *Offer) validate() error {
 		if f.Size < 0 || f.Size > MaxFileBytes {
 			return fmt.Errorf("offer's file %s is %d bytes, at most %d", f.Name, f.Size, MaxFileBytes)
 		}
+	}
+	if o.LeaseMS < 0 || o.LeaseMS > 3600_000 || (o.LeaseMS != 0 && !o.Replica) {
+		return fmt.Errorf("offer's lease of %d ms is out of range or not a replication's", o.LeaseMS)
 	}
 	if len(o.Secrets) > MaxSecrets {
 		return fmt.Errorf("offer has %d secrets, at most %d", len(o.Secrets), MaxSecrets)

@@ -10,10 +10,14 @@ import (
 	"sync"
 	"time"
 
+	"github.com/umbra-cc/umbra/control"
 	"github.com/umbra-cc/umbra/launch"
+	"github.com/umbra-cc/umbra/migration"
 )
 
 func init() {
+	register(&command{name: "replicate", summary: "stream a running VM's checkpoints to a standby host (umbra standby there) that takes it over if this host fails", run: runReplicate})
+	register(&command{name: "standby", summary: "keep a VM replicated from another umbra host and take it over when that host goes silent", run: runStandby})
 	register(&command{name: "migrate", summary: "move a running VM to another umbra host (umbra receive there): attested, encrypted, under policy", run: runMigrate})
 	register(&command{name: "receive", summary: "wait for one VM migrated from another umbra host and run it here", run: runReceive})
 }
@@ -44,35 +48,11 @@ func runMigrate(ctx context.Context, env *cliEnv, args []string) int {
 		fmt.Fprintln(env.stderr, "umbra migrate: --to HOST:PORT is required (the address where umbra receive waits)")
 		return exitUsage
 	}
-	tcp, err := (&net.Dialer{Timeout: *dialTimeout}).DialContext(ctx, "tcp", *to)
-	if err != nil {
-		fmt.Fprintf(env.stderr, "umbra migrate: connect to the destination %s: %v (is umbra receive waiting there?)\n", *to, err)
-		return 1
-	}
-	defer tcp.Close()
-	tun, id, err := cl.Tunnel(ctx)
-	if err != nil {
-		return controlFailure(env, "migrate", vm, err)
-	}
-	defer tun.Close()
-	var wg sync.WaitGroup
-	wg.Add(2)
-	// Relay until either side closes; closing both ends the other direction.
-	relay := func(dst, src net.Conn) {
-		defer wg.Done()
-		io.Copy(dst, src)
-		dst.Close()
-		src.Close()
-	}
-	go relay(tcp, tun)
-	go relay(tun, tcp)
 	var res launch.MigrateResult
-	err = cl.Operation(ctx, "migrate", launch.MigrateArgs{Tunnel: id, Destination: *to, Compress: *compress}, &res)
-	tcp.Close()
-	tun.Close()
-	wg.Wait()
-	if err != nil {
-		return controlFailure(env, "migrate", vm, err)
+	if code := relayTunnel(ctx, env, cl, vm, "migrate", *to, *dialTimeout, func(id string) error {
+		return cl.Operation(ctx, "migrate", launch.MigrateArgs{Tunnel: id, Destination: *to, Compress: *compress}, &res)
+	}); code != 0 {
+		return code
 	}
 	if cf.json {
 		printJSON(env, res)
@@ -140,4 +120,128 @@ func runReceive(ctx context.Context, env *cliEnv, args []string) int {
 		name = rep.VMID
 	}
 	return reportRun(env, name, rep, err, false)
+}
+
+// relayTunnel dials addr, opens a tunnel on the VM's control socket, and relays bytes
+// between the two until either closes; run returns what the operation returned.
+func relayTunnel(ctx context.Context, env *cliEnv, cl *control.Client, vm, verb, addr string, dialTimeout time.Duration, run func(id string) error) int {
+	tcp, err := (&net.Dialer{Timeout: dialTimeout}).DialContext(ctx, "tcp", addr)
+	if err != nil {
+		fmt.Fprintf(env.stderr, "umbra %s: connect to %s: %v (is the other umbra waiting there?)\n", verb, addr, err)
+		return 1
+	}
+	defer tcp.Close()
+	tun, id, err := cl.Tunnel(ctx)
+	if err != nil {
+		return controlFailure(env, verb, vm, err)
+	}
+	defer tun.Close()
+	var wg sync.WaitGroup
+	wg.Add(2)
+	relay := func(dst, src net.Conn) {
+		defer wg.Done()
+		io.Copy(dst, src)
+		dst.Close()
+		src.Close()
+	}
+	go relay(tcp, tun)
+	go relay(tun, tcp)
+	err = run(id)
+	tcp.Close()
+	tun.Close()
+	wg.Wait()
+	if err != nil {
+		return controlFailure(env, verb, vm, err)
+	}
+	return 0
+}
+
+func runReplicate(ctx context.Context, env *cliEnv, args []string) int {
+	fs := newFlagSet(env, "replicate", "VM --to HOST:PORT",
+		"Stream checkpoints of a running detached VM to the standby at HOST:PORT ('umbra standby'\n"+
+			"there): a full one, then every --interval only what changed. Both hosts are attested\n"+
+			"as for a migration and the policy decides migrate for the standby. Runs until\n"+
+			"interrupted (the standby then drops its copy). If contact is lost for --lease, the VM\n"+
+			"is paused here and recorded as handed over, and the standby takes it over: never two\n"+
+			"running copies. docs/migration.md §7")
+	cf := addControlFlags(fs, true)
+	to := fs.String("to", "", "address of the standby's umbra standby (HOST:PORT)")
+	interval := fs.Duration("interval", time.Second, "time between checkpoints")
+	lease := fs.Duration("lease", 5*time.Second, "how long this VM runs without the standby's acknowledgement")
+	name := ""
+	if len(args) > 0 && len(args[0]) > 0 && args[0][0] != '-' {
+		name, args = args[0], args[1:]
+	}
+	cl, vm, code, done := oneVM(env, fs, cf, append(args, name))
+	if done {
+		return code
+	}
+	if *to == "" || *interval <= 0 || *lease <= 0 {
+		fmt.Fprintln(env.stderr, "umbra replicate: --to HOST:PORT is required, and --interval and --lease must be positive")
+		return exitUsage
+	}
+	var res launch.ReplicateResult
+	code = relayTunnel(ctx, env, cl, vm, "replicate", *to, 10*time.Second, func(id string) error {
+		return cl.Operation(ctx, "replicate", launch.ReplicateArgs{Tunnel: id, Destination: *to, IntervalMS: interval.Milliseconds(), LeaseMS: lease.Milliseconds()}, &res)
+	})
+	if code == 0 {
+		fmt.Fprintf(env.stdout, "replication of VM %s to %s ended after %d checkpoints\n", vm, res.HostName, res.Checkpoints)
+	}
+	return code
+}
+
+func runStandby(ctx context.Context, env *cliEnv, args []string) int {
+	fs := newFlagSet(env, "standby", "--listen HOST:PORT",
+		"Keep a VM replicated here by 'umbra replicate' on another host, and run it here (in the\n"+
+			"foreground, like umbra run) if that host goes silent for its lease and --margin. The\n"+
+			"source is attested against STATE/"+launch.MigrationReferenceFile+" and the VM's own\n"+
+			"policy decides the launch for the source host. docs/migration.md §7")
+	tf := addTPMFlags(fs)
+	listen := fs.String("listen", "", "address to listen on (HOST:PORT)")
+	margin := fs.Duration("margin", 0, "how much longer than the source's lease to wait before taking over (default half the lease)")
+	verbose := fs.Bool("v", false, "log monitor events to stderr")
+	if code, done := parseFlags(env, fs, args); done {
+		return code
+	}
+	if *listen == "" || fs.NArg() != 0 || *margin < 0 {
+		fmt.Fprintln(env.stderr, "umbra standby: give --listen HOST:PORT and no arguments")
+		return exitUsage
+	}
+	if err := tf.check(); err != nil {
+		fmt.Fprintf(env.stderr, "umbra standby: %v\n", err)
+		return exitUsage
+	}
+	log := slog.New(slog.DiscardHandler)
+	if *verbose {
+		log = slog.New(slog.NewTextHandler(env.stderr, nil))
+	}
+	tpm, stateDir, err := tf.open(ctx, env)
+	if err != nil {
+		fmt.Fprintf(env.stderr, "umbra standby: TPM: %v\n", err)
+		return exitNoGuestStatus
+	}
+	defer tpm.Close()
+	l, err := net.Listen("tcp", *listen)
+	if err != nil {
+		fmt.Fprintf(env.stderr, "umbra standby: %v\n", err)
+		return exitNoGuestStatus
+	}
+	defer l.Close()
+	fmt.Fprintf(env.stderr, "umbra standby: waiting for a replication on %s\n", l.Addr())
+	rep, err := launch.Standby(ctx, launch.ReceiveConfig{
+		Listener: l, TPM: tpm, StateDir: stateDir, Console: env.stdout, Logger: log,
+		Started: func(rep *launch.LaunchReport) {
+			fmt.Fprintf(env.stderr, "umbra standby: the source went silent; taking VM %s over\n", rep.VMID)
+			reportDecision(env, rep.VMID, rep)
+		},
+	}, migration.ReplicateOptions{Margin: *margin})
+	if rep == nil {
+		if err != nil {
+			fmt.Fprintf(env.stderr, "umbra standby: %v\n", err)
+			return exitNoGuestStatus
+		}
+		fmt.Fprintln(env.stderr, "umbra standby: the source ended replication; nothing was taken over")
+		return 0
+	}
+	return reportRun(env, rep.VMID, rep, err, false)
 }

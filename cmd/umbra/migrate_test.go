@@ -302,3 +302,117 @@ func TestMigrateRefusedBeforeAnythingLeaves(t *testing.T) {
 		})
 	}
 }
+
+// replicator is umbra replicate in a process of its own (so a test can kill it).
+func (w *migrationWorld) replicate(addr string) *exec.Cmd {
+	w.t.Helper()
+	exe, _ := os.Executable()
+	cmd := exec.Command(exe, "replicate", "mig", "--to", addr, "--interval", "200ms", "--lease", "1s", "--state-dir", w.a.state)
+	cmd.Env = append(os.Environ(), "UMBRA_TEST_EXEC_MAIN=1")
+	var out strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		w.t.Fatal(err)
+	}
+	w.t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	return cmd
+}
+
+// standby is umbra standby on host B in a process of its own.
+func (w *migrationWorld) standby() *receiver {
+	w.t.Helper()
+	exe, _ := os.Executable()
+	r := &receiver{stdout: &strings.Builder{}, stderr: &strings.Builder{}, done: make(chan int, 1)}
+	r.cmd = exec.Command(exe, append([]string{"standby", "--listen", "127.0.0.1:0"}, w.b.tpm...)...)
+	r.cmd.Env = append(os.Environ(), "UMBRA_TEST_EXEC_MAIN=1")
+	r.cmd.Stdout = r.stdout
+	pipe, _ := r.cmd.StderrPipe()
+	if err := r.cmd.Start(); err != nil {
+		w.t.Fatal(err)
+	}
+	w.t.Cleanup(func() { r.cmd.Process.Kill() })
+	addr := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(pipe)
+		re := regexp.MustCompile(`waiting for a replication on (\S+)`)
+		for sc.Scan() {
+			r.stderr.WriteString(sc.Text() + "\n")
+			if m := re.FindStringSubmatch(sc.Text()); m != nil {
+				addr <- m[1]
+			}
+		}
+	}()
+	go func() {
+		err := r.cmd.Wait()
+		code := 0
+		if ee, ok := err.(*exec.ExitError); ok {
+			code = ee.ExitCode()
+		}
+		r.done <- code
+	}()
+	select {
+	case r.addr = <-addr:
+	case <-time.After(30 * time.Second):
+		w.t.Fatalf("umbra standby did not start listening:\n%s", r.stderr)
+	}
+	return r
+}
+
+// waitCheckpoints waits until host A's audit log shows the replication running.
+func (w *migrationWorld) monitorPID() int {
+	w.t.Helper()
+	var st launch.Status
+	if err := json.Unmarshal([]byte(w.must("inspect", "--json", "--state-dir", w.a.state, "mig")), &st); err != nil {
+		w.t.Fatal(err)
+	}
+	return st.PID
+}
+
+// TestReplicateAndTakeOver: host A's monitor dies while it replicates its VM to host B;
+// host B takes the VM over from its newest checkpoint and finishes the job.
+func TestReplicateAndTakeOver(t *testing.T) {
+	w := newMigrationWorld(t, func(_, b *migrationHost) []string { return []string{b.fingerprint} })
+	w.launchOnA("run=counter:mig:40:100")
+	pid := w.monitorPID()
+	sb := w.standby()
+	w.replicate(sb.addr)
+	time.Sleep(2 * time.Second)
+	syscall.Kill(pid, syscall.SIGKILL) // host A dies
+	if code := sb.wait(t, 3*time.Minute); code != 0 {
+		t.Fatalf("umbra standby = %d\nstdout:\n%s\nstderr:\n%s", code, sb.stdout, sb.stderr)
+	}
+	got := sb.stdout.String()
+	if !strings.Contains(sb.stderr.String(), "taking VM mig over") || !strings.Contains(got, "counter mig: done") || strings.Contains(got, "line 0\n") {
+		t.Fatalf("the standby did not take over and continue the job:\nstdout:\n%s\nstderr:\n%s", got, sb.stderr)
+	}
+}
+
+// TestReplicateRelayKilledFencesTheSource: the relay between the hosts dies with both
+// alive: host A fences its VM (paused, recorded as handed over: it does not resume or
+// relaunch there) and host B takes it over: one running copy.
+func TestReplicateRelayKilledFencesTheSource(t *testing.T) {
+	w := newMigrationWorld(t, func(_, b *migrationHost) []string { return []string{b.fingerprint} })
+	w.launchOnA("run=counter:mig:40:100")
+	sb := w.standby()
+	rel := w.replicate(sb.addr)
+	time.Sleep(2 * time.Second)
+	rel.Process.Kill()
+	if code := sb.wait(t, 3*time.Minute); code != 0 || !strings.Contains(sb.stdout.String(), "counter mig: done") {
+		t.Fatalf("umbra standby = %d\nstdout:\n%s\nstderr:\n%s", code, sb.stdout, sb.stderr)
+	}
+	code, st, errs := runUmbra(t, "inspect", "--json", "--state-dir", w.a.state, "mig")
+	if code != 0 || !strings.Contains(st, `"state": "paused"`) {
+		b, _ := os.ReadFile(filepath.Join(w.a.state, "audit.jsonl"))
+		t.Logf("host A's audit log:\n%s%s", b, monitorLogs(w.dir))
+	}
+	if !strings.Contains(st, `"state": "paused"`) {
+		t.Fatalf("host A's VM is not fenced (paused) after it lost its standby:\n%s", st)
+	}
+	code, _, errs = runUmbra(t, "resume", "--state-dir", w.a.state, "mig")
+	if code == 0 || !strings.Contains(errs, "handed over") {
+		t.Fatalf("resuming the fenced VM on host A = %d, want a refusal:\n%s", code, errs)
+	}
+	if !strings.Contains(strings.Join(auditKinds(t, w.a), " "), launch.KindReplicateFence) {
+		t.Errorf("host A did not audit the fence")
+	}
+}
