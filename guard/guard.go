@@ -205,6 +205,11 @@ func (g *Guard) AttachDevice(ctx context.Context, p policy.Principal, vm policy.
 	return g.Check(ctx, p, vm, policy.ActionAttachDevice, policy.Request{Device: &dev})
 }
 
+// DetachDevice checks removing dev, attached at run time, from the VM.
+func (g *Guard) DetachDevice(ctx context.Context, p policy.Principal, vm policy.VM, dev policy.Device) (policy.Decision, error) {
+	return g.Check(ctx, p, vm, policy.ActionDetachDevice, policy.Request{Device: &dev})
+}
+
 // ConnectNetwork checks connecting the VM to net.
 func (g *Guard) ConnectNetwork(ctx context.Context, p policy.Principal, vm policy.VM, net policy.Network) (policy.Decision, error) {
 	return g.Check(ctx, p, vm, policy.ActionConnectNetwork, policy.Request{Network: &net})

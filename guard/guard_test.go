@@ -73,6 +73,14 @@ func TestGuardEveryAction(t *testing.T) {
 				return g.AttachDevice(ctx, bob, guardtest.FinanceVM(), policy.Device{Type: "usb-passthrough", ID: "usb0"})
 			},
 			"device.not_allowed"},
+		{policy.ActionDetachDevice,
+			func(g *guard.Guard) (policy.Decision, error) {
+				return g.DetachDevice(ctx, bob, guardtest.FinanceVM(), policy.Device{Type: "virtio-blk", ID: "scratch"})
+			},
+			func(g *guard.Guard) (policy.Decision, error) {
+				return g.DetachDevice(ctx, alice, guardtest.FinanceVM(), policy.Device{Type: "virtio-blk", ID: "scratch"})
+			},
+			"principal.not_admin"},
 		{policy.ActionConnectNetwork,
 			func(g *guard.Guard) (policy.Decision, error) {
 				return g.ConnectNetwork(ctx, bob, guardtest.FinanceVM(), policy.Network{ID: "net1", Mode: "nat"})

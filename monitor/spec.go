@@ -37,6 +37,16 @@ type Spec struct {
 	// Networks are the VM's virtio-net NICs, each on a TAP device in a network
 	// namespace the administrator names (docs/spec.md, docs/network.md).
 	Networks []NetworkSpec `yaml:"networks,omitempty" json:"networks,omitempty"`
+	// Hotplug reserves slots for disks attached while the VM runs (docs/disk.md).
+	Hotplug *HotplugSpec `yaml:"hotplug,omitempty" json:"hotplug,omitempty"`
+}
+
+// HotplugDisks is how many hot-plug disk slots the spec reserves.
+func (s *Spec) HotplugDisks() int {
+	if s.Hotplug == nil {
+		return 0
+	}
+	return s.Hotplug.Disks
 }
 
 // CloakSpec is the spec's cloak section.
@@ -156,7 +166,10 @@ func (s *Spec) Validate() error {
 			seen[a] = true
 		}
 	}
-	if err := validateNetworks(s.Networks, len(s.Disks)); err != nil {
+	if n := s.HotplugDisks(); n < 0 || n > len(virtioIRQs) {
+		return fmt.Errorf("VM spec: hotplug.disks is %d; give 0-%d", n, len(virtioIRQs))
+	}
+	if err := validateNetworks(s.Networks, len(s.Disks)+s.HotplugDisks()); err != nil {
 		return err
 	}
 	if err := validateDisks(s.Disks); err != nil {

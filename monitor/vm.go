@@ -49,6 +49,10 @@ type Config struct {
 	// NICs are served as virtio-net devices (nets.go), in the virtio slots after the
 	// disks; the VM closes their backends when it closes.
 	NICs []NIC
+	// HotplugDisks is how many empty virtio-blk slots the VM gets, after its disks, for
+	// disks attached while it runs (hotplug.go); the VM closes disks still attached
+	// when it closes.
+	HotplugDisks int
 }
 
 // Defaults for Config.
@@ -145,6 +149,7 @@ type VM struct {
 	uart      *serial.UART
 	virtio    []*virtio.MMIO // the disks' and NICs' transports, in slot order (disks.go, nets.go)
 	nics      []*nic         // the NICs (nets.go)
+	hot       []*hotSlot     // the hot-plug slots (hotplug.go)
 	// curMMIO is the MMIO exit being handled, for devices that need more than its data
 	// (the doorbell).
 	curMMIO *kvm.ExitMMIO
@@ -228,7 +233,7 @@ func New(cfg Config) (_ *VM, err error) {
 	}
 	setCPU := func(c *kvm.VCPU) error { return setBootCPUState(c, v.image.Entry) }
 	if cfg.Boot == BootLinux {
-		if v.image, setCPU, err = loadLinux(v.mem, cfg.Image, cfg.Initrd, virtioCmdline(cfg.Cmdline, len(cfg.Disks)+len(cfg.NICs))); err != nil {
+		if v.image, setCPU, err = loadLinux(v.mem, cfg.Image, cfg.Initrd, virtioCmdline(cfg.Cmdline, len(cfg.Disks)+cfg.HotplugDisks+len(cfg.NICs))); err != nil {
 			return nil, fmt.Errorf("load Linux kernel: %w", err)
 		}
 	} else if v.image, err = LoadELF(v.mem, cfg.Image); err != nil {
@@ -262,6 +267,9 @@ func New(cfg Config) (_ *VM, err error) {
 		return nil, err
 	}
 	if err = v.installDisks(); err != nil {
+		return nil, err
+	}
+	if err = v.installHotplug(); err != nil {
 		return nil, err
 	}
 	if err = v.installNICs(); err != nil {
@@ -318,7 +326,7 @@ func (v *VM) Close() error {
 	if l := v.ckpt.lazy; l != nil {
 		errs = append(errs, l.close()) // before guest RAM is unmapped
 	}
-	errs = append(errs, v.closeNICs())
+	errs = append(errs, v.closeNICs(), v.closeHotplug())
 	for i := len(v.extensions) - 1; i >= 0; i-- {
 		errs = append(errs, v.extensions[i].close())
 	}

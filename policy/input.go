@@ -17,10 +17,12 @@ type Action string
 
 // The guarded actions.
 const (
-	ActionLaunch         Action = "launch"
-	ActionResume         Action = "resume"
-	ActionModifySpec     Action = "modify_spec"
-	ActionAttachDevice   Action = "attach_device"
+	ActionLaunch       Action = "launch"
+	ActionResume       Action = "resume"
+	ActionModifySpec   Action = "modify_spec"
+	ActionAttachDevice Action = "attach_device"
+	// ActionDetachDevice removes a device attached at run time (request.device).
+	ActionDetachDevice   Action = "detach_device"
 	ActionConnectNetwork Action = "connect_network"
 	ActionConsoleOpen    Action = "console_open"
 	ActionSnapshotCreate Action = "snapshot_create"
@@ -44,7 +46,7 @@ const (
 // Actions lists every guarded action, in a stable order.
 func Actions() []Action {
 	return []Action{
-		ActionLaunch, ActionResume, ActionModifySpec, ActionAttachDevice,
+		ActionLaunch, ActionResume, ActionModifySpec, ActionAttachDevice, ActionDetachDevice,
 		ActionConnectNetwork, ActionConsoleOpen, ActionSnapshotCreate,
 		ActionSnapshotRevert, ActionFileTransfer, ActionClipboard, ActionMigrate,
 		ActionClone, ActionExport, ActionDelete, ActionCloakRegister,
@@ -340,7 +342,7 @@ func (in *Input) Validate() error {
 	switch in.Action {
 	case ActionModifySpec:
 		need("spec", r.Spec != nil)
-	case ActionAttachDevice:
+	case ActionAttachDevice, ActionDetachDevice:
 		need("device", r.Device != nil)
 	case ActionConnectNetwork:
 		need("network", r.Network != nil)

@@ -23,7 +23,7 @@ func sampleInputs() []*Input {
 		switch a {
 		case ActionModifySpec:
 			r.Spec = &Spec{MemoryMiB: 4096, VCPUs: 2, Cloak: true}
-		case ActionAttachDevice:
+		case ActionAttachDevice, ActionDetachDevice:
 			r.Device = &Device{Type: "virtio-blk", ID: "disk1"}
 		case ActionConnectNetwork:
 			r.Network = &Network{ID: "net1", Mode: "nat"}

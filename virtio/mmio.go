@@ -473,6 +473,23 @@ func (t *MMIO) Poll() {
 	}
 }
 
+// ChangeConfig runs f, which may change the device's configuration (a medium
+// inserted or removed), under the transport's lock, so no request is served meanwhile,
+// then bumps the configuration generation and, once the driver is running, raises the
+// configuration-change interrupt.
+func (t *MMIO) ChangeConfig(f func() error) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if err := f(); err != nil {
+		return err
+	}
+	t.configGen++
+	if t.status&StatusDriverOK != 0 {
+		t.raise(InterruptConfigChange)
+	}
+	return nil
+}
+
 func (t *MMIO) raise(bits uint32) {
 	t.interruptState |= bits
 	t.setLine(true)

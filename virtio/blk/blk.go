@@ -80,6 +80,21 @@ func New(backend disk.Backend, id string, log *slog.Logger) (*Device, error) {
 	return d, nil
 }
 
+// SwapBackend replaces the device's medium and returns the old one: a media change (a
+// hot-plug slot's attach or detach). The caller must hold the transport's lock
+// (virtio.MMIO.ChangeConfig), so no request is being served meanwhile; the driver sees
+// the new capacity after the configuration-change interrupt. The features the driver
+// negotiated stay: a read-only medium in a slot negotiated writable refuses writes
+// with an I/O error.
+func (d *Device) SwapBackend(b disk.Backend) (disk.Backend, error) {
+	if b.Size()%sectorSize != 0 {
+		return nil, fmt.Errorf("virtio-blk: disk size %d is not a multiple of %d-byte sectors", b.Size(), sectorSize)
+	}
+	old := d.backend
+	d.backend = b
+	return old, nil
+}
+
 func (d *Device) DeviceID() uint32 { return DeviceID }
 
 func (d *Device) Features() uint64 {

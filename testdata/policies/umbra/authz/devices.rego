@@ -83,4 +83,6 @@ deny contains reason(
 	input.request.spec.image != input.vm.spec.image
 }
 
-permitted contains a if some a in {"attach_device", "connect_network", "modify_spec"}
+# Detaching a device attached at run time: its administrators may, whatever the device
+# (removing a device cannot widen what the VM reaches).
+permitted contains a if some a in {"attach_device", "detach_device", "connect_network", "modify_spec"}

@@ -64,3 +64,7 @@ test_cloak_may_not_be_disabled if {
 	d := authz.decision with input as inp with time.now_ns as wed10
 	denied_with(d, "spec.cloak_required")
 }
+
+test_admin_detaches_a_device if {
+	authz.allow with input as with_action("detach_device", object.union(admin, {"request": {"device": {"type": "virtio-blk", "id": "scratch"}}})) with time.now_ns as wed10
+}
