@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/umbra-cc/umbra/attest/eventlog"
 	"github.com/umbra-cc/umbra/guard"
 	"github.com/umbra-cc/umbra/monitor"
 	"github.com/umbra-cc/umbra/policy"
@@ -37,6 +38,9 @@ type Control struct {
 	tunnels   tunnelSet     // byte streams relayed by control clients (tunnel.go)
 	migration *migrationEnv // what sending the VM elsewhere needs (op_migrate.go); nil: not migratable
 	snapshots *snapshotEnv  // the VM's snapshot store and key (op_snapshot.go)
+	hot       hotDisks      // disks attached at run time (op_disk.go)
+	// measure records an event in the VM's measured-launch event log.
+	measure func(ctx context.Context, ev eventlog.Event) error
 }
 
 // consoleInputWait bounds how long console input waits for room in the UART's
@@ -91,7 +95,13 @@ func (c *Control) check(decide func(vm policy.VM) (policy.Decision, error)) erro
 	if st == "stopping" {
 		st = "running"
 	}
-	_, err := decide(c.policyVM(st))
+	vm := c.policyVM(st)
+	c.hot.mu.Lock()
+	for _, d := range c.hot.disks {
+		vm.Devices = append(vm.Devices, d)
+	}
+	c.hot.mu.Unlock()
+	_, err := decide(vm)
 	return err
 }
 

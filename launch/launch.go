@@ -454,6 +454,10 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 				return policyVM(lc.Spec, lc.Run, hex.EncodeToString(imageDigest[:]), state, firstLaunch, disks)
 			},
 			snapshots: snaps,
+			measure: func(ctx context.Context, ev eventlog.Event) error {
+				_, err := measurer.Measure(ctx, ev)
+				return err
+			},
 			migration: newMigrationEnv(lc, fp, measurer, func(ctx context.Context, kind string, details any) error {
 				return lc.Run.Hooks.Audit(ctx, kind, details)
 			}),

@@ -94,6 +94,9 @@ func validateDisks(disks []DiskSpec) error {
 	return nil
 }
 
+// CheckDiskSpec checks one disk entry as the spec's disks section would.
+func CheckDiskSpec(d DiskSpec) error { return validateDisks([]DiskSpec{d}) }
+
 // format is the disk's format as the policy input names it.
 func (d DiskSpec) format() string {
 	switch {
