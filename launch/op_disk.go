@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 
 	"github.com/umbra-cc/umbra/attest/eventlog"
@@ -62,6 +63,9 @@ func opDiskAttach(ctx context.Context, c *Control, p policy.Principal, raw json.
 	}
 	fi, err := os.Lstat(args.Path)
 	if err != nil {
+		if errors.Is(err, os.ErrNotExist) && c.migration != nil && !strings.HasPrefix(args.Path, filepath.Clean(c.migration.stateDir)+"/") {
+			err = fmt.Errorf("%w (a detached monitor is jailed in its state directory and sees no other file: put the image under %s)", err, filepath.Join(c.migration.stateDir, "disks"))
+		}
 		return nil, &ArgsError{Operation: "disk.attach", Err: err}
 	}
 	if !fi.Mode().IsRegular() {
@@ -72,6 +76,13 @@ func opDiskAttach(ctx context.Context, c *Control, p policy.Principal, raw json.
 	c.hot.mu.Unlock()
 	if exists || c.hasLaunchDisk(args.Name) {
 		return nil, &ArgsError{Operation: "disk.attach", Err: fmt.Errorf("%w: %s", monitor.ErrDiskExists, args.Name)}
+	}
+	// Refused before the policy is asked when it cannot happen anyway (checked again
+	// when the disk goes in).
+	if free, err := c.vm.FreeHotplugSlots(ctx); err != nil {
+		return nil, err
+	} else if free == 0 {
+		return nil, fmt.Errorf("disk.attach: %w (the spec's hotplug.disks is %d)", monitor.ErrNoFreeSlot, c.spec.HotplugDisks())
 	}
 	env := monitor.DiskEnv{Dir: "/"}
 	ids, err := monitor.IdentifyDisks(ctx, []monitor.DiskSpec{spec}, env)

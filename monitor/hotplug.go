@@ -149,3 +149,16 @@ func (v *VM) hotAttached() string {
 	}
 	return ""
 }
+
+// FreeHotplugSlots says how many hot-plug slots hold no disk.
+func (v *VM) FreeHotplugSlots(ctx context.Context) (int, error) {
+	n := 0
+	err := v.onVCPU(ctx, func() {
+		for _, h := range v.hot {
+			if h.disk == "" {
+				n++
+			}
+		}
+	})
+	return n, err
+}
