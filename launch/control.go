@@ -39,8 +39,11 @@ type Control struct {
 	migration *migrationEnv // what sending the VM elsewhere needs (op_migrate.go); nil: not migratable
 	snapshots *snapshotEnv  // the VM's snapshot store and key (op_snapshot.go)
 	hot       hotDisks      // disks attached at run time (op_disk.go)
-	// measure records an event in the VM's measured-launch event log.
-	measure func(ctx context.Context, ev eventlog.Event) error
+	// measure records an event in the VM's measured-launch event log; audit appends a
+	// record to the VM's audit log; stateDir is the monitor's state directory.
+	measure  func(ctx context.Context, ev eventlog.Event) error
+	audit    func(ctx context.Context, kind string, details any) error
+	stateDir string
 }
 
 // consoleInputWait bounds how long console input waits for room in the UART's

@@ -454,6 +454,8 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 				return policyVM(lc.Spec, lc.Run, hex.EncodeToString(imageDigest[:]), state, firstLaunch, disks)
 			},
 			snapshots: snaps,
+			audit:     auditVM,
+			stateDir:  lc.StateDir,
 			measure: func(ctx context.Context, ev eventlog.Event) error {
 				_, err := measurer.Measure(ctx, ev)
 				return err

@@ -63,8 +63,8 @@ func opDiskAttach(ctx context.Context, c *Control, p policy.Principal, raw json.
 	}
 	fi, err := os.Lstat(args.Path)
 	if err != nil {
-		if errors.Is(err, os.ErrNotExist) && c.migration != nil && !strings.HasPrefix(args.Path, filepath.Clean(c.migration.stateDir)+"/") {
-			err = fmt.Errorf("%w (a detached monitor is jailed in its state directory and sees no other file: put the image under %s)", err, filepath.Join(c.migration.stateDir, "disks"))
+		if errors.Is(err, os.ErrNotExist) && c.stateDir != "" && !strings.HasPrefix(args.Path, filepath.Clean(c.stateDir)+"/") {
+			err = fmt.Errorf("%w (a detached monitor is jailed in its state directory and sees no other file: put the image under %s)", err, filepath.Join(c.stateDir, "disks"))
 		}
 		return nil, &ArgsError{Operation: "disk.attach", Err: err}
 	}
@@ -154,8 +154,8 @@ func opDiskDetach(ctx context.Context, c *Control, p policy.Principal, raw json.
 // recordDisk audits and measures a run-time attach or detach.
 func (c *Control) recordDisk(ctx context.Context, kind, evType string, p policy.Principal, slot string, dev policy.Device) error {
 	details := map[string]any{"disk": dev.ID, "slot": slot, "path": dev.Path, "format": dev.Format, "read_only": dev.ReadOnly, "digest": dev.Digest, "by": p.ID}
-	if c.migration != nil {
-		if err := c.migration.audit(ctx, kind, details); err != nil {
+	if c.audit != nil {
+		if err := c.audit(ctx, kind, details); err != nil {
 			return fmt.Errorf("audit the %s: %w", kind, err)
 		}
 	}
