@@ -72,6 +72,8 @@ type migrationEnv struct {
 	// replicating is set while a replication streams the VM's checkpoints: a snapshot
 	// would break its chain of incremental checkpoints.
 	replicating atomic.Bool
+	// cannot says why the VM cannot leave this host ("" when it can).
+	cannot string
 }
 
 // MigrateArgs are the migrate operation's arguments.
@@ -106,7 +108,10 @@ func opMigrate(ctx context.Context, c *Control, p policy.Principal, raw json.Raw
 	}
 	env := c.migration
 	if env == nil {
-		return nil, errors.New("this VM cannot be migrated: its monitor has no TPM identity or its launch inputs were not kept")
+		return nil, errors.New("this VM cannot be migrated: its monitor kept no launch inputs")
+	}
+	if env.cannot != "" {
+		return nil, fmt.Errorf("VM %s cannot be migrated: %s", c.spec.Name, env.cannot)
 	}
 	if env.handedOver.Load() {
 		return nil, fmt.Errorf("%w: the VM already left this host", monitor.ErrNotRunning)
@@ -322,7 +327,7 @@ func newMigrationEnv(lc LaunchConfig, host string, m *eventlog.Measurer, audit f
 	if len(lc.Spec.Disks) > 0 {
 		// Disks need shared storage or storage migration (not built): a VM with
 		// disks stays where it is.
-		return nil
+		return &migrationEnv{tpm: lc.TPM, stateDir: lc.StateDir, host: host, audit: audit, cannot: "it has disks, and moving disks (shared storage or storage migration) is not built"}
 	}
 	facts := launchFacts{Policy: "signed", PolicyKeyID: lc.PolicyKeyID, PolicyDigest: lc.PolicyDigest, Cmdline: lc.Run.Cmdline, TimeoutNS: int64(lc.Run.Timeout), Series: lc.Series, Version: lc.Version}
 	if lc.PolicyBundle == nil {

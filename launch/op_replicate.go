@@ -55,7 +55,10 @@ func opReplicate(ctx context.Context, c *Control, p policy.Principal, raw json.R
 	}
 	env := c.migration
 	if env == nil {
-		return nil, errors.New("this VM cannot be replicated: its monitor has no TPM identity or its launch inputs were not kept")
+		return nil, errors.New("this VM cannot be replicated: its monitor kept no launch inputs")
+	}
+	if env.cannot != "" {
+		return nil, fmt.Errorf("VM %s cannot be replicated: %s", c.spec.Name, env.cannot)
 	}
 	if env.handedOver.Load() {
 		return nil, fmt.Errorf("%w: the VM left this host", monitor.ErrNotRunning)
