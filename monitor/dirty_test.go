@@ -110,6 +110,12 @@ func TestCheckpointManyRounds(t *testing.T) {
 		if err := l.v.mem.WritePhys(mine, bytes.Repeat([]byte{byte(written)}, PageSize)); err != nil {
 			t.Error(err)
 		}
+		// A second page of the monitor's own, so that a round finds more than the
+		// pause target even when the guest, starved on a loaded host, wrote nothing
+		// meanwhile (the rounds then stop when the set stops shrinking, after two).
+		if err := l.v.mem.WritePhys(mine-PageSize, bytes.Repeat([]byte{byte(written)}, PageSize)); err != nil {
+			t.Error(err)
+		}
 		time.Sleep(15 * time.Millisecond)
 	}
 	var file bytes.Buffer
