@@ -57,10 +57,11 @@ type BlockSizer interface{ BlockSize() uint32 }
 
 // Device is one virtio-blk disk.
 type Device struct {
-	backend disk.Backend
-	id      [idLen]byte
-	log     *slog.Logger
-	queue   *virtio.Queue
+	backend  disk.Backend
+	features uint64
+	id       [idLen]byte
+	log      *slog.Logger
+	queue    *virtio.Queue
 }
 
 // New makes a virtio-blk device over backend; id is what GET_ID returns (at most 20 bytes,
@@ -75,7 +76,7 @@ func New(backend disk.Backend, id string, log *slog.Logger) (*Device, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	d := &Device{backend: backend, log: log}
+	d := &Device{backend: backend, log: log, features: features(backend)}
 	copy(d.id[:], id)
 	return d, nil
 }
@@ -92,17 +93,21 @@ func (d *Device) SwapBackend(b disk.Backend) (disk.Backend, error) {
 	}
 	old := d.backend
 	d.backend = b
-	return old, nil
+	return old, nil // the features stay those negotiated (see Features)
 }
 
 func (d *Device) DeviceID() uint32 { return DeviceID }
 
-func (d *Device) Features() uint64 {
+// Features are the device's, fixed when it was made: a medium swapped in later
+// (SwapBackend) does not change what the driver negotiated.
+func (d *Device) Features() uint64 { return d.features }
+
+func features(backend disk.Backend) uint64 {
 	f := uint64(1<<featSegMax | 1<<featFlush)
-	if _, ok := d.backend.(BlockSizer); ok {
+	if _, ok := backend.(BlockSizer); ok {
 		f |= 1 << featBlkSize
 	}
-	if d.backend.ReadOnly() {
+	if backend.ReadOnly() {
 		f |= 1 << featRO
 	} else {
 		f |= 1 << featDiscard
