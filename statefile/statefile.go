@@ -15,6 +15,7 @@ package statefile
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -122,6 +123,16 @@ func WriteAtomic(path string, data []byte, perm os.FileMode) error {
 	}
 	done = true
 	return SyncDir(dir)
+}
+
+// WriteJSONAtomic replaces path with v as one line of JSON (WriteAtomic): the form
+// of the small sidecar files (the audit log's and the event log's checkpoints).
+func WriteJSONAtomic(path string, v any, perm os.FileMode) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return WriteAtomic(path, append(b, '\n'), perm)
 }
 
 // SyncDir fsyncs a directory, so a file created or renamed in it survives a crash.

@@ -9,6 +9,7 @@ package audit
 
 import (
 	"bufio"
+	"context"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -20,6 +21,7 @@ import (
 
 	"github.com/umbra-cc/umbra/attest/eventlog"
 	"github.com/umbra-cc/umbra/statefile"
+	"github.com/umbra-cc/umbra/userfile"
 )
 
 // CheckpointSuffix names a log's checkpoint file: <log path> + CheckpointSuffix.
@@ -60,9 +62,9 @@ func (c *Checkpoint) validate() error {
 // ReadCheckpoint reads and checks the checkpoint of the log at logPath. It returns an
 // error wrapping fs.ErrNotExist if there is none.
 func ReadCheckpoint(logPath string) (*Checkpoint, error) {
-	b, err := readSmallFile(CheckpointPath(logPath), maxCheckpointBytes)
+	b, err := userfile.Read(context.Background(), CheckpointPath(logPath), "audit checkpoint", maxCheckpointBytes)
 	if err != nil {
-		return nil, fmt.Errorf("read audit checkpoint: %w", err)
+		return nil, err
 	}
 	c, err := parseCheckpoint(b)
 	if err != nil {
@@ -85,11 +87,7 @@ func parseCheckpoint(b []byte) (*Checkpoint, error) {
 // writeCheckpoint replaces the checkpoint atomically, so a crash or a concurrent
 // writer leaves one whole checkpoint or the other.
 func writeCheckpoint(logPath string, c Checkpoint) error {
-	b, err := json.Marshal(c)
-	if err == nil {
-		err = statefile.WriteAtomic(CheckpointPath(logPath), append(b, '\n'), 0o600)
-	}
-	if err != nil {
+	if err := statefile.WriteJSONAtomic(CheckpointPath(logPath), c, 0o600); err != nil {
 		return fmt.Errorf("write audit checkpoint: %w", err)
 	}
 	return nil
@@ -181,21 +179,4 @@ func (l *Log) saveCheckpoint(head Head, offset int64) {
 	if err != nil {
 		l.log.Warn("audit log: no checkpoint written; the next open verifies the whole log", "path", l.path, "seq", head.Seq, "err", err)
 	}
-}
-
-// readSmallFile reads a file of at most limit bytes (a longer one is an error).
-func readSmallFile(path string, limit int) ([]byte, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, int64(limit)+1))
-	if err != nil {
-		return nil, err
-	}
-	if len(b) > limit {
-		return nil, fmt.Errorf("%s is over %d bytes", path, limit)
-	}
-	return b, nil
 }

@@ -18,7 +18,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -161,10 +160,7 @@ func (m *Measurer) saveCheckpoint() {
 		if old != nil && *old == c {
 			return // nothing new since the checkpoint was written
 		}
-		var b []byte
-		if b, err = json.Marshal(c); err == nil {
-			err = statefile.WriteAtomic(m.path+CheckpointSuffix, append(b, '\n'), 0o600)
-		}
+		err = statefile.WriteJSONAtomic(m.path+CheckpointSuffix, c, 0o600)
 	}
 	if err != nil {
 		m.log.Warn("event log: no checkpoint written; the next open replays the whole log", "path", m.path, "err", err)

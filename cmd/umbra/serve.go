@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"strings"
 
@@ -107,7 +108,7 @@ func runServe(ctx context.Context, env *cliEnv, args []string) int {
 		<-ctx.Done()
 		s.Close()
 	}()
-	if err := s.Serve(l); err != nil && ctx.Err() == nil && !errors.Is(err, net.ErrClosed) && !strings.Contains(err.Error(), "Server closed") {
+	if err := s.Serve(l); err != nil && ctx.Err() == nil && !errors.Is(err, net.ErrClosed) && !errors.Is(err, http.ErrServerClosed) {
 		fmt.Fprintf(env.stderr, "umbra serve: %v\n", err)
 		return exitNoGuestStatus
 	}
