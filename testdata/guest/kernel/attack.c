@@ -216,10 +216,11 @@ static void ptwalk_on_fault(struct proc *p, struct trapframe *tf)
 }
 
 /*
- * ppother: the redirect needs the owner's page protected first. The owner
- * yields only after protecting it, so a victim that reaches its first yield
- * before the owner's first is held asleep and redirected at the owner's
- * first yield.
+ * ppother: the redirect needs the owner's page protected first and the owner
+ * still alive. The owner yields only after protecting it. Whichever of the two
+ * reaches its first yield first is held asleep until the other's first yield,
+ * which does the redirect and wakes it: the order of the two processes on a
+ * loaded host does not decide the outcome.
  */
 static struct proc *ppother_held;
 
@@ -231,22 +232,40 @@ static struct proc *ppother_owner(void)
 	return NULL;
 }
 
+static void ppother_hold(struct proc *p)
+{
+	ppother_held = p;
+	p->wake_ns = ~0UL / 2;
+	p->state = P_SLEEPING;
+}
+
+static void ppother_release(void)
+{
+	ppother_held->state = P_RUNNABLE;
+	ppother_held->tf->rax = 0;
+	ppother_held = NULL;
+}
+
 static void ppother_on_yield(struct proc *p)
 {
 	struct proc *owner = ppother_owner();
-	if (is_victim(p) && p->yields == 1) {
+	if (p->yields != 1)
+		return;
+	if (is_victim(p)) {
 		if (owner && !owner->yields) {
-			ppother_held = p;
-			p->wake_ns = ~0UL / 2;
-			p->state = P_SLEEPING;
+			ppother_hold(p);
 			return;
 		}
 		deputy_redirect(p);
-	} else if (p == owner && p->yields == 1 && ppother_held) {
-		deputy_redirect(ppother_held);
-		ppother_held->state = P_RUNNABLE;
-		ppother_held->tf->rax = 0;
-		ppother_held = NULL;
+		if (ppother_held == owner && owner)
+			ppother_release();
+	} else if (p == owner) {
+		if (ppother_held) {
+			deputy_redirect(ppother_held);
+			ppother_release();
+			return;
+		}
+		ppother_hold(p); /* until the victim's first yield */
 	}
 }
 
@@ -466,6 +485,8 @@ long attack_on_result(struct proc *p, u64 nr, u64 a1, long r)
 
 void attack_on_exit(struct proc *p)
 {
+	if (ppother_held && p != ppother_held && (is_victim(p) || !strcmp(p->name, "pp")))
+		ppother_release(); /* the other one ended before its first yield */
 	if (is_victim(p) && ptwalk_pde) {
 		*ptwalk_pde = ptwalk_saved;
 		ptwalk_pde = NULL;
