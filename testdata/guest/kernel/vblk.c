@@ -141,6 +141,7 @@ int vblk_setup(struct vblk *d)
 		return -1;
 	memset(P2V(d->ring_pa), 0, PAGE_SIZE);
 	d->avail_idx = d->used_idx = 0;
+	d->used_pa = d->ring_pa + VR_USED;
 	vio_write(d, VIO_QUEUE_NUM, VBLK_QSIZE);
 	vio_write(d, VIO_QUEUE_DESC, (u32)d->ring_pa);
 	vio_write(d, VIO_QUEUE_DESC + 4, (u32)(d->ring_pa >> 32));
@@ -176,7 +177,7 @@ int vblk_submit(struct vblk *d, int ndesc)
 {
 	(void)ndesc;
 	volatile u16 *avail = P2V(d->ring_pa + VR_AVAIL);
-	volatile u16 *used_idx = P2V(d->ring_pa + VR_USED + 2);
+	volatile u16 *used_idx = P2V(d->used_pa + 2);
 	avail[2 + d->avail_idx % VBLK_QSIZE] = 0;
 	barrier();
 	d->avail_idx++;

@@ -73,6 +73,7 @@ struct vblk {
 	u64 ring_pa; /* descriptor table, avail at +VR_AVAIL, used at +VR_USED */
 	u64 req_pa;  /* request header at +0, status byte at +0x100 */
 	u64 data_pa; /* one page of data */
+	u64 used_pa; /* the used ring the device writes (ring_pa + VR_USED) */
 	u16 avail_idx, used_idx;
 	char name[4]; /* vda, vdb, ... */
 };

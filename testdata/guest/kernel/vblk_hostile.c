@@ -17,12 +17,17 @@
  *
  * Modes: outside-ram, far-addr, mmio, doorbell, locked, rings, loop,
  * long-chain, next-oob, head-oob, avail-jump, avail-back, zero-len,
- * overlong, past-end, unaligned, used-ro, notify-unset, queue-move.
+ * overlong, past-end, unaligned, used-ro, lock-later, notify-unset,
+ * queue-move.
  */
 #include "vblk.h"
+#include "pageprot.h"
 
 extern u64 ram_size;
 void pp_text_canary(void);
+
+/* The used ring of lock-later: a page of the kernel image, which the kernel may lock. */
+static u8 lock_ring[PAGE_SIZE] __attribute__((aligned(4096)));
 
 #define NCANARY 3
 static u64 canary[NCANARY];
@@ -80,6 +85,22 @@ static void chain3(struct vblk *d, u64 data, u32 len)
 	t[0] = (struct vdesc){d->req_pa, 16, VD_NEXT, 1};
 	t[1] = (struct vdesc){data, len, VD_NEXT | VD_WRITE, 2};
 	t[2] = (struct vdesc){d->req_pa + 0x100, 1, VD_WRITE, 0};
+}
+
+/* queue_at resets the device and sets queue 0 up again, its used ring at used. */
+static void queue_at(struct vblk *d, u64 used)
+{
+	vio_write(d, VIO_STATUS, 0);
+	vio_write(d, VIO_STATUS, VS_ACK | VS_DRIVER);
+	vio_write(d, VIO_DRV_FEATURES_SEL, 1);
+	vio_write(d, VIO_DRV_FEATURES, 1); /* VERSION_1 */
+	vio_write(d, VIO_STATUS, VS_ACK | VS_DRIVER | VS_FEATURES_OK);
+	vio_write(d, VIO_QUEUE_SEL, 0);
+	vio_write(d, VIO_QUEUE_NUM, VBLK_QSIZE);
+	vio_write(d, VIO_QUEUE_DESC, (u32)d->ring_pa);
+	vio_write(d, VIO_QUEUE_DRIVER, (u32)(d->ring_pa + VR_AVAIL));
+	vio_write(d, VIO_QUEUE_DEVICE, (u32)used);
+	vio_write(d, VIO_QUEUE_READY, 1);
 }
 
 static int result(struct vblk *d)
@@ -193,18 +214,23 @@ void vblk_hostile(const char *mode)
 		r = result(d);
 	} else if (!strcmp(mode, "used-ro")) {
 		/* Set the queue up again with its used ring in the locked kernel text. */
-		vio_write(d, VIO_STATUS, 0);
-		vio_write(d, VIO_STATUS, VS_ACK | VS_DRIVER);
-		vio_write(d, VIO_DRV_FEATURES_SEL, 1);
-		vio_write(d, VIO_DRV_FEATURES, 1); /* VERSION_1 */
-		vio_write(d, VIO_STATUS, VS_ACK | VS_DRIVER | VS_FEATURES_OK);
-		vio_write(d, VIO_QUEUE_SEL, 0);
-		vio_write(d, VIO_QUEUE_NUM, VBLK_QSIZE);
-		vio_write(d, VIO_QUEUE_DESC, (u32)d->ring_pa);
-		vio_write(d, VIO_QUEUE_DRIVER, (u32)(d->ring_pa + VR_AVAIL));
-		vio_write(d, VIO_QUEUE_DEVICE, (u32)(text & PAGE_MASK));
-		vio_write(d, VIO_QUEUE_READY, 1);
+		queue_at(d, text & PAGE_MASK);
 		kprintf("vblk: hostile %s: queue ready=%u\n", mode, vio_read(d, VIO_QUEUE_READY));
+	} else if (!strcmp(mode, "lock-later")) {
+		/* A queue whose used ring is a page the kernel locks after DRIVER_OK. */
+		u64 used = KIMG2P((u64)lock_ring);
+		queue_at(d, used);
+		vio_write(d, VIO_STATUS, VS_ACK | VS_DRIVER | VS_FEATURES_OK | VS_DRIVER_OK);
+		memset(P2V(d->ring_pa), 0, PAGE_SIZE);
+		d->avail_idx = d->used_idx = 0;
+		d->used_pa = used;
+		long id = pp_lock_page((u64)lock_ring);
+		kprintf("vblk: hostile %s: used ring frame 0x%lx locked: %ld\n", mode, used, id);
+		header(d, VBLK_T_IN, 0);
+		chain3(d, d->data_pa, 512);
+		r = result(d);
+		kprintf("vblk: hostile %s: locked used ring idx=%u (%s)\n", mode, *(volatile u16 *)(lock_ring + 2),
+			*(volatile u16 *)(lock_ring + 2) ? "written" : "not written");
 	} else if (!strcmp(mode, "notify-unset")) {
 		vio_write(d, VIO_QUEUE_NOTIFY, 3);
 	} else if (!strcmp(mode, "queue-move")) {
