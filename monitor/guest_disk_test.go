@@ -137,7 +137,7 @@ func TestGuestDiskCloakedAppFileIO(t *testing.T) {
 }
 
 // rawDisk makes a raw image of contents in a temporary directory and opens it.
-func rawDisk(t *testing.T, contents []byte, readOnly bool) (disk.Backend, string) {
+func rawDisk(t testing.TB, contents []byte, readOnly bool) (disk.Backend, string) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "d.img")
 	if err := os.WriteFile(path, contents, 0o600); err != nil {
