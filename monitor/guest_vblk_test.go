@@ -153,3 +153,53 @@ func firstLine(s, sub string) string {
 	}
 	return ""
 }
+
+// TestGuestVblkRingInCloakedPage is attack=vblkring: the kernel points the disk's used
+// ring at the victim's data page 0 while that page is ciphertext (the kernel just read it,
+// so the device may take it), and makes a request after the victim wrote the page again.
+// Against an ordinary process the device's used entry lands in the victim's data (it
+// finds "other" where it wrote "v2"). Against a cloaked one the page is the app's
+// plaintext by then, the device's check of its rings at the notification refuses it, the
+// device needs a reset and the app's data is intact. (With the check removed from the
+// transport the cloaked run, too, ends with page0=other: the device wrote the app's
+// plaintext and the monitor then sealed the damage as the app's own.)
+func TestGuestVblkRingInCloakedPage(t *testing.T) {
+	requireGuestKVM(t)
+	for _, cloaked := range []bool{false, true} {
+		name := map[bool]string{false: "uncloaked", true: "cloaked"}[cloaked]
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			be, _ := rawDisk(t, make([]byte, 1<<20), false)
+			defer be.Close()
+			secret := randomSecret(t)
+			arg := secret
+			if cloaked {
+				arg += ":cloak"
+			}
+			g := runDiskGuest(t, "run=cloaksecret:"+arg+" attack=vblkring victim=cloaksecret", be)
+			g.wantStatus(t, 0)
+			m := regexp.MustCompile(`attack vblkring: victim=cloaksecret result=(-?\d+) status=0x([0-9a-f]+)`).FindStringSubmatch(g.out)
+			// The device took the ring: the page was ciphertext when the queue was set up.
+			if m == nil || !regexp.MustCompile(`attack vblkring: victim=cloaksecret used ring at 0x[0-9a-f]+ ready=1 status=0xf\n`).MatchString(g.out) {
+				t.Fatalf("the attack did not run, or the queue was refused at setup:\n%s", g.out)
+			}
+			p0, _, ok := finalClasses(t, g.guestRun)
+			status, _ := strconv.ParseUint(m[2], 16, 32)
+			switch {
+			case !ok:
+				t.Fatalf("no final line:\n%s", g.out)
+			case !cloaked && (p0 != "other" || m[1] != "0"):
+				t.Fatalf("uncloaked: page0=%s result=%s; want the device's used entry over the victim's data:\n%s", p0, m[1], g.out)
+			case cloaked && (p0 != "v2" || m[1] != "-5" || status&virtio.StatusDeviceNeedsReset == 0):
+				t.Fatalf("cloaked: page0=%s result=%s status %#x; want v2 kept and the device broken:\n%s", p0, m[1], status, g.out)
+			}
+			if cloaked {
+				refused := g.audited(EventGuardRefused)
+				if len(refused) == 0 || refused[len(refused)-1]["purpose"] != memguard.DMA.String() || !strings.Contains(fmt.Sprint(refused[len(refused)-1]["why"]), "cloaked plaintext") {
+					t.Fatalf("guarded-access refusals %v, want a DMA refusal of cloaked plaintext", refused)
+				}
+			}
+			t.Logf("%s: page0=%s result=%s status=%#x", name, p0, m[1], status)
+		})
+	}
+}

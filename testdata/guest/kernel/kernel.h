@@ -243,6 +243,7 @@ int vblk_readonly(int i);
 long vblk_rw(int i, u64 off, struct proc *p, u64 ubuf, u64 n, int write);
 int vblk_flush(int i);
 void vblk_hostile(const char *mode);
+void vblk_ring_attack(int step, u64 pa, const char *victim);
 
 /* attack.c and the command line (main.c) */
 struct config {

@@ -80,7 +80,7 @@ static void parse_and_spawn(void)
 			    strcmp(v, "regs") && strcmp(v, "forge") && strcmp(v, "share") && strcmp(v, "ppbounce") &&
 			    strcmp(v, "ppzero") && strcmp(v, "ppstore") && strcmp(v, "brklie") && strcmp(v, "plant") &&
 			    strcmp(v, "mmaplie") && strcmp(v, "ptwalk") && strcmp(v, "pptick") &&
-			    strcmp(v, "ppother"))
+			    strcmp(v, "ppother") && strcmp(v, "vblkring"))
 				cmdline_error("unknown attack", v);
 			set_name(cfg.attack, v, "attack");
 		} else if (!strcmp(tok[i], "selftest")) {

@@ -85,6 +85,5 @@ void vio_write(struct vblk *d, u64 off, u32 v);
 int vblk_setup(struct vblk *d);
 int vblk_submit(struct vblk *d, int ndesc);
 int vblk_request(struct vblk *d, u32 type, u64 sector, u64 len);
-void vblk_hostile(const char *mode);
 
 #endif

@@ -257,3 +257,34 @@ void vblk_hostile(const char *mode)
 	d->broken = 0;
 	recover(d, mode);
 }
+
+/*
+ * vblk_ring_attack is attack=vblkring (attack.c) on vda: at the victim's first
+ * yield (step 1) the kernel sets queue 0 up again with its used ring at pa, the
+ * victim's data page 0, which the kernel has just read (so a cloaked page is
+ * ciphertext then and the device may take it); at the second (step 2), after
+ * the victim wrote the page again, it makes a request: the device writes the
+ * used entry over the victim's data unless it checks the ring again.
+ */
+void vblk_ring_attack(int step, u64 pa, const char *victim)
+{
+	struct vblk *d = &vblks[0];
+	if (!nvblk || !d->present) {
+		kprintf("attack vblkring: victim=%s no usable disk vda\n", victim);
+		return;
+	}
+	if (step == 1) {
+		queue_at(d, pa);
+		vio_write(d, VIO_STATUS, VS_ACK | VS_DRIVER | VS_FEATURES_OK | VS_DRIVER_OK);
+		memset(P2V(d->ring_pa), 0, VR_USED);
+		d->avail_idx = d->used_idx = 0;
+		d->used_pa = pa;
+		kprintf("attack vblkring: victim=%s used ring at 0x%lx ready=%u status=0x%x\n", victim, pa,
+			vio_read(d, VIO_QUEUE_READY), vio_read(d, VIO_STATUS));
+		return;
+	}
+	header(d, VBLK_T_IN, 0);
+	chain3(d, d->data_pa, 512);
+	int r = result(d);
+	kprintf("attack vblkring: victim=%s result=%d status=0x%x\n", victim, r, vio_read(d, VIO_STATUS));
+}
