@@ -571,13 +571,3 @@ func (v *VM) handleMMIO(e *kvm.ExitMMIO) error {
 	}
 	return v.crash(fmt.Sprintf("access to unmapped guest-physical address (%v)", e))
 }
-
-// Run creates a VM from cfg, runs it and releases it.
-func Run(ctx context.Context, cfg Config) (*Result, error) {
-	v, err := New(cfg)
-	if err != nil {
-		return nil, err
-	}
-	defer v.Close()
-	return v.Run(ctx)
-}
