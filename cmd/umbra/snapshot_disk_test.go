@@ -12,8 +12,9 @@ import (
 )
 
 // TestSnapshotDisksCLI: a running (jailed) VM with a writable raw disk and a read-only one
-// is snapshotted through the CLI: the writable disk continues in an overlay over its
-// frozen image (qemu-img checks it), and a head record names it. Its frozen image changed
+// is snapshotted through the CLI, fully and then incrementally: the writable disk
+// continues in an overlay over its frozen image each time (qemu-img checks them; the
+// second is over the first), and a head record names the newest. Its frozen image changed
 // by one byte refuses the restore naming the disk, without using up the snapshot's
 // resume; restored as it was, the snapshot resumes, and resumed again (where the policy
 // allows a replay) it gets a second, independent overlay over the same frozen image.
@@ -65,17 +66,27 @@ func TestSnapshotDisksCLI(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(ovDir, "ro.g1.qcow2")); err == nil {
 		t.Fatal("the read-only disk got an overlay")
 	}
-	checkOverlay := func(p string) {
+	checkOverlay := func(p, backing string) {
 		t.Helper()
 		if out, err := exec.Command("qemu-img", "check", p).CombinedOutput(); err != nil {
 			t.Fatalf("qemu-img check %s: %v\n%s", p, err, out)
 		}
 		out, _ := exec.Command("qemu-img", "info", p).CombinedOutput()
-		if !strings.Contains(string(out), "backing file: "+w.path("data.raw")) {
+		if !strings.Contains(string(out), "backing file: "+backing) {
 			t.Fatalf("%s is not over the frozen image:\n%s", p, out)
 		}
 	}
-	checkOverlay(ov1)
+	checkOverlay(ov1, w.path("data.raw"))
+	// An incremental snapshot chains the overlays: data.raw <- g1 <- g2.
+	time.Sleep(300 * time.Millisecond)
+	if out := w.must("snapshot", "create", "snap", "s2", "--parent", "s1", "--state-dir", w.state("a")); !strings.Contains(out, "incremental on s1, generation 2") {
+		t.Fatalf("snapshot create s2: %q", out)
+	}
+	ov2 := filepath.Join(ovDir, "data.g2.qcow2")
+	if h := head(); h != ov2 {
+		t.Fatalf("after s2 the head names %q, want %s", h, ov2)
+	}
+	checkOverlay(ov2, ov1)
 	waitStopped(t, w.state("a"), "snap")
 
 	// One byte of the frozen image changed: refused, naming the disk.
@@ -84,7 +95,7 @@ func TestSnapshotDisksCLI(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.WriteAt([]byte("T"), 4)
-	code, _, errs := w.restore("a", "s1")
+	code, _, errs := w.restore("a", "s2")
 	if code != exitNoGuestStatus || !strings.Contains(errs, "disk data") || !strings.Contains(errs, "not the one the snapshot froze") {
 		t.Fatalf("restore over a changed frozen image = %d, want a refusal naming disk data:\n%s", code, errs)
 	}
@@ -92,27 +103,27 @@ func TestSnapshotDisksCLI(t *testing.T) {
 	f.Close()
 
 	// As it was: the snapshot's resume was not used up; it continues over a fresh overlay.
-	code, out, errs = w.restore("a", "s1")
+	code, out, errs = w.restore("a", "s2")
 	if code != 0 || !strings.Contains(out, "counter snap: done") || firstCounterLine(out) <= 0 {
-		t.Fatalf("restore s1 = %d:\n%s\n%s", code, out, errs)
+		t.Fatalf("restore s2 = %d:\n%s\n%s", code, out, errs)
 	}
 	r1 := head()
-	if r1 == ov1 || !strings.HasPrefix(filepath.Base(r1), "data.r") {
+	if r1 == ov2 || !strings.HasPrefix(filepath.Base(r1), "data.r") {
 		t.Fatalf("after the restore the head names %s", r1)
 	}
-	checkOverlay(r1)
+	checkOverlay(r1, ov1)
 	// Again, where the policy allows it: a second overlay, independent of the first.
-	rargs := append(append(append([]string{"run", "--restore", "s1"}, w.host("a")...), replay...), w.path("snap.yaml"))
+	rargs := append(append(append([]string{"run", "--restore", "s2"}, w.host("a")...), replay...), w.path("snap.yaml"))
 	code, out, errs = runUmbra(t, rargs...)
 	if code != 0 || !strings.Contains(out, "counter snap: done") {
-		t.Fatalf("second restore of s1 (replay allowed) = %d:\n%s\n%s", code, out, errs)
+		t.Fatalf("second restore of s2 (replay allowed) = %d:\n%s\n%s", code, out, errs)
 	}
 	r2 := head()
-	if r2 == r1 || r2 == ov1 {
+	if r2 == r1 || r2 == ov2 {
 		t.Fatalf("the second restore reused overlay %s", r2)
 	}
-	checkOverlay(r2)
-	for _, p := range []string{ov1, r1} {
+	checkOverlay(r2, ov1)
+	for _, p := range []string{ov1, ov2, r1} {
 		if _, err := os.Stat(p); err != nil {
 			t.Fatalf("an earlier overlay is gone: %v", err)
 		}
