@@ -283,6 +283,19 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 			return rep, fmt.Errorf("%w: %w", ErrLaunchRefused, err)
 		}
 		lc.Build = restore.build
+		// The restored VM's disks are the images the snapshot froze (under fresh
+		// overlays), not the spec's as they are now: each is decided again with the
+		// identity the snapshot recorded, and measured as that.
+		var changed []int
+		if disks, changed, err = restore.frozenIdentities(disks); err != nil {
+			return rep, fmt.Errorf("%w: %w", ErrLaunchRefused, err)
+		}
+		for _, i := range changed {
+			if ad, err := g.AttachDevice(ctx, lc.Principal, vmState, disks[i]); err != nil {
+				rep.Action, rep.Decision = policy.ActionAttachDevice, ad
+				return rep, fmt.Errorf("%w: disk %s as snapshot %s froze it: %w", ErrLaunchRefused, disks[i].ID, restore.name, err)
+			}
+		}
 	}
 	policyDigest, err := hex.DecodeString(lc.PolicyDigest)
 	if err != nil || len(policyDigest) != sha256.Size {

@@ -9,10 +9,12 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 
 	"github.com/umbra-cc/umbra/disk"
 	"github.com/umbra-cc/umbra/disk/qcow2"
 	"github.com/umbra-cc/umbra/monitor"
+	"github.com/umbra-cc/umbra/policy"
 	"github.com/umbra-cc/umbra/statefile"
 	"github.com/umbra-cc/umbra/strictjson"
 )
@@ -197,6 +199,27 @@ func (env *snapshotEnv) closeOverlays() error {
 	}
 	env.opened = nil
 	return errors.Join(errs...)
+}
+
+// frozenIdentities returns the disks' identities with each disk the snapshot froze
+// described as the snapshot recorded it (the frozen image's path, format and digest: what
+// the restored guest's disk holds), and the indexes it replaced.
+func (rp *restorePlan) frozenIdentities(disks []policy.Device) ([]policy.Device, []int, error) {
+	fds, err := rp.opened.top.FrozenDisks()
+	if err != nil {
+		return nil, nil, fmt.Errorf("snapshot %s: %w", rp.name, err)
+	}
+	out := slices.Clone(disks)
+	var changed []int
+	for _, fd := range fds {
+		for i, d := range out {
+			if d.ID == fd.Name && d.Type == monitor.DeviceVirtioBlk {
+				out[i] = policy.Device(monitor.DiskIdentity{Type: monitor.DeviceVirtioBlk, ID: fd.Name, Path: fd.Path, Format: fd.Format, Digest: fd.SHA256, ReadOnly: fd.ReadOnly})
+				changed = append(changed, i)
+			}
+		}
+	}
+	return out, changed, nil
 }
 
 // openRestoredDisks opens the disks of a VM restored from a snapshot: each disk the

@@ -36,6 +36,18 @@ func TestSnapshotDisksCLI(t *testing.T) {
 	keyID := w.policy[len(w.policy)-1]
 	w.must("policy", "build", w.path("replay"), "--signing-key", w.path("admin.pem"), "--key-id", keyID, "-o", w.path("replay.tar.gz"))
 	replay := []string{"--policy", w.path("replay.tar.gz"), "--policy-key", w.path("admin.pem.pub"), "--policy-key-id", keyID}
+	// And one that refuses qcow2 disks: a restore's disks are decided as the snapshot froze
+	// them (s2's is the overlay data.g1.qcow2), not as the spec names them (data.raw).
+	copyTree(t, "../../testdata/e2e/snapshot/policy", w.path("noqcow"))
+	os.WriteFile(w.path("noqcow", "umbra", "authz", "noqcow.rego"), []byte(`package umbra.authz
+
+deny contains reason("disk.qcow2", "no qcow2 disks here", "noqcow.rego") if {
+	input.action == "attach_device"
+	input.request.device.format == "qcow2"
+}
+`), 0o644)
+	w.must("policy", "build", w.path("noqcow"), "--signing-key", w.path("admin.pem"), "--key-id", keyID, "-o", w.path("noqcow.tar.gz"))
+	noqcow := []string{"--policy", w.path("noqcow.tar.gz"), "--policy-key", w.path("admin.pem.pub"), "--policy-key-id", keyID}
 
 	args := append(append(append([]string{"run", "--detach"}, w.host("a")...), w.policy...), w.path("snap.yaml"))
 	w.must(args...)
@@ -101,6 +113,10 @@ func TestSnapshotDisksCLI(t *testing.T) {
 	}
 	f.WriteAt([]byte("d"), 4)
 	f.Close()
+	code, _, errs = runUmbra(t, append(append(append([]string{"run", "--restore", "s2"}, w.host("a")...), noqcow...), w.path("snap.yaml"))...)
+	if code != exitNoGuestStatus || !strings.Contains(errs, "as snapshot s2 froze it") || !strings.Contains(errs, "no qcow2 disks here") {
+		t.Fatalf("restore under a policy refusing qcow2 disks = %d, want the frozen disk's decision refused:\n%s", code, errs)
+	}
 
 	// As it was: the snapshot's resume was not used up; it continues over a fresh overlay.
 	code, out, errs = w.restore("a", "s2")
