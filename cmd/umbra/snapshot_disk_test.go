@@ -17,7 +17,9 @@ import (
 // second is over the first), and a head record names the newest. Its frozen image changed
 // by one byte refuses the restore naming the disk, without using up the snapshot's
 // resume; restored as it was, the snapshot resumes, and resumed again (where the policy
-// allows a replay) it gets a second, independent overlay over the same frozen image.
+// allows a replay) it gets a second, independent overlay over the same frozen image. A
+// launch from the spec then continues in the newest overlay, and suspend and resume
+// freeze and continue the disk the same way.
 func TestSnapshotDisksCLI(t *testing.T) {
 	if _, err := exec.LookPath("qemu-img"); err != nil {
 		t.Skip("qemu-img is not installed (qemu-utils)")
@@ -164,5 +166,27 @@ deny contains reason("disk.qcow2", "no qcow2 disks here", "noqcow.rego") if {
 	code, out, errs = runUmbra(t, plain...)
 	if code != 0 || !strings.Contains(out, "counter snap: done") {
 		t.Fatalf("a launch after the restores = %d:\n%s\n%s", code, out, errs)
+	}
+
+	// Suspend freezes the disks the same way, and resume continues over a fresh overlay.
+	w.must(append(append(append([]string{"run", "--detach"}, w.host("a")...), w.policy...), w.path("snap.yaml"))...)
+	time.Sleep(800 * time.Millisecond)
+	if out := w.must("suspend", "snap", "night", "--state-dir", w.state("a")); !strings.Contains(out, "suspended to snapshot night") {
+		t.Fatalf("umbra suspend: %q", out)
+	}
+	waitStopped(t, w.state("a"), "snap")
+	sus := head()
+	if sus == r2 || !strings.HasPrefix(filepath.Base(sus), "data.g") {
+		t.Fatalf("after the suspend the head names %s", sus)
+	}
+	checkOverlay(sus, r2)
+	code, out, errs = runUmbra(t, append(append(append([]string{"resume", "--from", "night"}, w.host("a")...), w.policy...), w.path("snap.yaml"))...)
+	if code != 0 || !strings.Contains(out, "counter snap: done") {
+		t.Fatalf("umbra resume --from night = %d:\n%s\n%s", code, out, errs)
+	}
+	if h := head(); h == sus || !strings.HasPrefix(filepath.Base(h), "data.r") {
+		t.Fatalf("after the resume the head names %s", h)
+	} else {
+		checkOverlay(h, r2)
 	}
 }
