@@ -131,7 +131,7 @@ func (m *migratingDisks) close() {
 	}
 }
 
-func (m *migratingDisks) Disks() []migration.DiskInfo            { return m.infos }
+func (m *migratingDisks) Disks() []migration.DiskInfo           { return m.infos }
 func (m *migratingDisks) CopySource(i int) migration.DiskSource { return m.srcs[i] }
 
 // Quiesce flushes every disk with the VM paused (a protected disk commits, and its

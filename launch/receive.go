@@ -159,9 +159,9 @@ type destination struct {
 	launching, started bool
 	done               chan launchOutcome
 	// copied are the copied disks' images here, by disk name.
-	copied map[string]string
-	commit, abort      chan struct{}
-	once               sync.Once
+	copied        map[string]string
+	commit, abort chan struct{}
+	once          sync.Once
 }
 
 func (d *destination) Accept(_ context.Context, o *migration.Offer, _ attestconn.Peer) error {

@@ -26,7 +26,7 @@ type diskVM struct {
 	disk *track.Disk
 }
 
-func (s *diskVM) Disks() []DiskInfo        { return []DiskInfo{s.info} }
+func (s *diskVM) Disks() []DiskInfo         { return []DiskInfo{s.info} }
 func (s *diskVM) CopySource(int) DiskSource { return PlainDisk(s.disk) }
 func (s *diskVM) Quiesce(context.Context) ([]DiskState, error) {
 	return []DiskState{{Name: s.info.Name}}, s.disk.Flush()
@@ -184,4 +184,3 @@ func TestStorageMigrationCarriesEveryWrite(t *testing.T) {
 		})
 	}
 }
-

@@ -34,7 +34,7 @@ type hostDisk struct {
 	writes    atomic.Int64 // the host writer's writes so far
 }
 
-func (s *hostDisk) Disks() []DiskInfo        { return []DiskInfo{s.info} }
+func (s *hostDisk) Disks() []DiskInfo         { return []DiskInfo{s.info} }
 func (s *hostDisk) CopySource(int) DiskSource { return s.src }
 func (s *hostDisk) Quiesce(context.Context) ([]DiskState, error) {
 	s.stopWrite() // the VM is paused: its device writes no more
@@ -334,7 +334,6 @@ func TestStorageMigrationProtectedDiskIsCiphertext(t *testing.T) {
 	}
 }
 
-
 // TestStorageMigrationKilledMidCopy: either side dying in the middle of the disk copy
 // leaves the VM running on the source only, with its disk as the VM wrote it (the
 // source's image is only read), and nothing on the destination: the partial image is
@@ -399,4 +398,3 @@ func TestStorageMigrationKilledMidCopy(t *testing.T) {
 		})
 	}
 }
-
