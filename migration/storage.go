@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"regexp"
+	"slices"
 	"time"
 )
 
@@ -275,7 +276,8 @@ func (s *storageSender) precopy(ctx context.Context) error {
 			return err
 		}
 	}
-	for r := 0; r < s.opt.rounds(); r++ {
+	copied := slices.ContainsFunc(s.src, func(d DiskSource) bool { return d != nil })
+	for r := 0; copied && r < s.opt.rounds(); r++ {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
