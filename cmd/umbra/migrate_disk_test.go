@@ -137,4 +137,3 @@ func TestMigrateDiskRefusals(t *testing.T) {
 		})
 	}
 }
-
