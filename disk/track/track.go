@@ -173,14 +173,3 @@ func (d *Disk) ReadLocked(read func() error) error {
 	defer d.mu.Unlock()
 	return read()
 }
-
-// Unwrap returns the backend under any number of wrappers that have an Unwrap method.
-func Unwrap(be disk.Backend) disk.Backend {
-	for {
-		u, ok := be.(interface{ Unwrap() disk.Backend })
-		if !ok {
-			return be
-		}
-		be = u.Unwrap()
-	}
-}

@@ -198,7 +198,7 @@ func TestUnwrap(t *testing.T) {
 	be, _ := rawDisk(t, 4096)
 	d, _ := New(be, 4096, false)
 	d2, _ := New(d, 4096, false)
-	if Unwrap(d2) != disk.Backend(be) {
+	if d2.Unwrap() != disk.Backend(d) || d.Unwrap() != disk.Backend(be) {
 		t.Fatal("Unwrap did not reach the raw disk")
 	}
 }
