@@ -281,21 +281,9 @@ func (s *storageSender) precopy(ctx context.Context) error {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		var n int64
-		for i, src := range s.src {
-			if src == nil {
-				continue
-			}
-			ext, err := src.Written()
-			if err != nil {
-				return err
-			}
-			for _, e := range ext {
-				if err := s.send(i, e, false); err != nil {
-					return err
-				}
-				n += e.Len
-			}
+		n, err := s.resend(false)
+		if err != nil {
+			return err
 		}
 		s.rep.DiskRounds++
 		if n < s.opt.threshold() {
@@ -303,6 +291,31 @@ func (s *storageSender) precopy(ctx context.Context) error {
 		}
 	}
 	return writeFrame(s.conn, frameDiskSync, mustJSON(diskSync{}))
+}
+
+// resend copies again what the VM wrote to each copied disk since the last call (and,
+// in the pause, what every commit rewrites) and returns how many bytes that was.
+func (s *storageSender) resend(paused bool) (int64, error) {
+	var n int64
+	for i, src := range s.src {
+		if src == nil {
+			continue
+		}
+		ext, err := src.Written()
+		if err != nil {
+			return n, err
+		}
+		if paused {
+			ext = append(ext, src.Always()...)
+		}
+		for _, e := range ext {
+			if err := s.send(i, e, false); err != nil {
+				return n, err
+			}
+			n += e.Len
+		}
+	}
+	return n, nil
 }
 
 // final runs with the VM paused: the disks are made durable, what was written since
@@ -313,19 +326,8 @@ func (s *storageSender) final(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("flush the disks: %w", err)
 	}
-	for i, src := range s.src {
-		if src == nil {
-			continue
-		}
-		ext, err := src.Written()
-		if err != nil {
-			return err
-		}
-		for _, e := range append(ext, src.Always()...) {
-			if err := s.send(i, e, false); err != nil {
-				return err
-			}
-		}
+	if _, err := s.resend(true); err != nil {
+		return err
 	}
 	if err := writeFrame(s.conn, frameDiskDone, mustJSON(diskSync{States: states})); err != nil {
 		return err

@@ -164,16 +164,8 @@ func (d *benchDiskDestination) Prepare(_ context.Context, in *Incoming) (Prepare
 		return nil, err
 	}
 	d.be = be
-	ck, err := monitor.OpenCheckpoint(in.Checkpoint, in.CheckpointSize, in.Offer.Key)
-	if err != nil {
-		return nil, err
-	}
-	chain, err := monitor.NewCheckpointChain(ck)
-	if err != nil {
-		return nil, err
-	}
 	cfg := benchConfig(d.size, io.Discard)
 	cfg.Disks = []monitor.Disk{{Name: "data", Backend: be}}
-	d.v, err = monitor.Restore(cfg, chain, monitor.RestoreOptions{})
+	d.v, err = restoreIncoming(in, cfg)
 	return d, err
 }

@@ -60,17 +60,9 @@ func (d *diskDestination) Prepare(_ context.Context, in *Incoming) (Prepared, er
 		return nil, err
 	}
 	d.be = be
-	ck, err := monitor.OpenCheckpoint(in.Checkpoint, in.CheckpointSize, in.Offer.Key)
-	if err != nil {
-		return nil, err
-	}
-	chain, err := monitor.NewCheckpointChain(ck)
-	if err != nil {
-		return nil, err
-	}
 	cfg := d.cfg(d.console)
 	cfg.Disks = []monitor.Disk{{Name: "root", Backend: be}}
-	d.v, err = monitor.Restore(cfg, chain, monitor.RestoreOptions{})
+	d.v, err = restoreIncoming(in, cfg)
 	return d, err
 }
 

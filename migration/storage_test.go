@@ -101,17 +101,9 @@ func (d *hostDiskDestination) Prepare(_ context.Context, in *Incoming) (Prepared
 		return nil, err
 	}
 	d.be = be
-	ck, err := monitor.OpenCheckpoint(in.Checkpoint, in.CheckpointSize, in.Offer.Key)
-	if err != nil {
-		return nil, err
-	}
-	chain, err := monitor.NewCheckpointChain(ck)
-	if err != nil {
-		return nil, err
-	}
 	cfg := guestConfig(d.console)
 	cfg.Disks = []monitor.Disk{{Name: "data", Backend: be}}
-	v, err := monitor.Restore(cfg, chain, monitor.RestoreOptions{})
+	v, err := restoreIncoming(in, cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -207,19 +199,11 @@ func startDiskVM(t *testing.T, protected bool, key []byte) (*running, *hostDisk,
 		hd.src = PlainDisk(tr)
 		hd.info = DiskInfo{Name: "data", Mode: DiskCopy, Format: "raw", Size: tr.Size()}
 	}
-	c := &console{}
-	cfg := guestConfig(c)
-	cfg.Disks = []monitor.Disk{{Name: "data", Backend: tr}}
-	v, err := monitor.New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	r := run(v, c)
-	t.Cleanup(func() {
-		v.StopIfRunning(errors.New("test over"))
-		<-r.done
-		v.Close()
-		be.Close()
+	t.Cleanup(func() { be.Close() }) // after the VM's cleanup (they run last first)
+	r := startSourceOf(t, func(c *console) monitor.Config {
+		cfg := guestConfig(c)
+		cfg.Disks = []monitor.Disk{{Name: "data", Backend: tr}}
+		return cfg
 	})
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
@@ -256,7 +240,6 @@ func startDiskVM(t *testing.T, protected bool, key []byte) (*running, *hostDisk,
 		}
 		return b
 	}
-	time.Sleep(300 * time.Millisecond)
 	return r, hd, contents
 }
 

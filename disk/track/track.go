@@ -50,7 +50,13 @@ func New(be disk.Backend, grain int64, deferred bool) (*Disk, error) {
 	if grain < 512 || grain&(grain-1) != 0 {
 		return nil, fmt.Errorf("track: grain %d is not a power of two of at least 512", grain)
 	}
-	return &Disk{Backend: be, grain: grain, deferred: deferred}, nil
+	d := &Disk{Backend: be, grain: grain, deferred: deferred}
+	if deferred {
+		// Kept even while not tracking: a write before Start that a Flush after
+		// Start puts in the file must count.
+		d.pending = make([]uint64, d.words())
+	}
+	return d, nil
 }
 
 // Unwrap is the tracked backend.
@@ -76,12 +82,10 @@ func (d *Disk) mark(bm []uint64, off, n int64) {
 }
 
 func (d *Disk) written(off, n int64) {
-	if !d.tracking {
-		return
-	}
-	if d.deferred {
+	switch {
+	case d.deferred:
 		d.mark(d.pending, off, n)
-	} else {
+	case d.tracking:
 		d.mark(d.dirty, off, n)
 	}
 }
@@ -107,10 +111,12 @@ func (d *Disk) Flush() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	err := d.Backend.Flush()
-	if d.tracking && d.deferred {
+	if d.deferred {
 		// Even a failed commit may have written some blocks in place.
 		for i, w := range d.pending {
-			d.dirty[i] |= w
+			if d.tracking {
+				d.dirty[i] |= w
+			}
 			d.pending[i] = 0
 		}
 	}
@@ -123,17 +129,13 @@ func (d *Disk) Start() {
 	defer d.mu.Unlock()
 	d.tracking = true
 	d.dirty = make([]uint64, d.words())
-	d.pending = nil
-	if d.deferred {
-		d.pending = make([]uint64, d.words())
-	}
 }
 
 // Stop ends tracking and forgets the marks.
 func (d *Disk) Stop() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.tracking, d.dirty, d.pending = false, nil, nil
+	d.tracking, d.dirty = false, nil
 }
 
 // ErrNotTracking is returned by Take when Start was not called.

@@ -114,6 +114,15 @@ func TestDeferredMarksOnlyAfterFlush(t *testing.T) {
 	if got, _ := d.Take(); !equalExtents(got, []Extent{{3 * protdisk.BlockSize, protdisk.BlockSize}}) {
 		t.Fatalf("after Flush Take = %v", got)
 	}
+	// A write before Start that a Flush after Start commits counts: its ciphertext
+	// reaches the file after a copy may have read the block.
+	d.Stop()
+	d.WriteAt(make([]byte, 10), 5*protdisk.BlockSize)
+	d.Start()
+	d.Flush()
+	if got, _ := d.Take(); !equalExtents(got, []Extent{{5 * protdisk.BlockSize, protdisk.BlockSize}}) {
+		t.Fatalf("a write before Start committed after it: Take = %v", got)
+	}
 }
 
 // copyRounds copies src into dst the way a storage migration does: everything, then
