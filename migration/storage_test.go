@@ -101,7 +101,7 @@ func (d *hostDiskDestination) Prepare(_ context.Context, in *Incoming) (Prepared
 		return nil, err
 	}
 	d.be = be
-	cfg := guestConfig(d.console)
+	cfg := guestConfigRunning(d.console, "run=counter:disk:100000:50")
 	cfg.Disks = []monitor.Disk{{Name: "data", Backend: be}}
 	v, err := restoreIncoming(in, cfg)
 	if err != nil {
@@ -201,7 +201,7 @@ func startDiskVM(t *testing.T, protected bool, key []byte) (*running, *hostDisk,
 	}
 	t.Cleanup(func() { be.Close() }) // after the VM's cleanup (they run last first)
 	r := startSourceOf(t, func(c *console) monitor.Config {
-		cfg := guestConfig(c)
+		cfg := guestConfigRunning(c, "run=counter:disk:100000:50") // outlives the test
 		cfg.Disks = []monitor.Disk{{Name: "data", Backend: tr}}
 		return cfg
 	})
