@@ -423,6 +423,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		monitor.CloseDisks(lc.Run.Disks)
 		return failed(fmt.Errorf("%w: %w", ErrLaunchRefused, err))
 	}
+	lc.Run.Disks = trackDisks(lc.Run.Disks) // a storage migration copies them (migrate_disks.go)
 	// The TAP devices open once the policy allowed each network; the VM closes them.
 	if lc.Run.NICs, err = openNICs(lc.Spec.Networks); err != nil {
 		return failed(fmt.Errorf("%w: %w", ErrLaunchRefused, err))
