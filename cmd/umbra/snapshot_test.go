@@ -294,7 +294,8 @@ func TestSuspendResume(t *testing.T) {
 }
 
 // TestSuspendResumeCloakedApp: an unsealed VM whose cloaked app is mid-computation is
-// suspended to a snapshot and resumed from it in a new monitor; the app finishes with
+// suspended to a snapshot and restored from it lazily in a new monitor (umbra snapshot
+// restore); the app finishes with
 // the result of the same computation run uncloaked (the VM's cloak secret comes
 // from its snapshot secret, so the new run opens the snapshot's cloak section), and
 // the snapshot's files hold none of the app's values.
@@ -314,9 +315,10 @@ func TestSuspendResumeCloakedApp(t *testing.T) {
 			t.Fatalf("snapshot file %s holds the app's values", f)
 		}
 	}
-	resume := append(append(append([]string{"resume", "--from", "mid"}, w.host("a")...), w.policy...), w.path("snap.yaml"))
-	code, out, errs := runUmbra(t, resume...)
+	// umbra snapshot restore is umbra run --restore; lazily here.
+	restore := append(append(append([]string{"snapshot", "restore", "mid", "--lazy"}, w.host("a")...), w.policy...), w.path("snap.yaml"))
+	code, out, errs := runUmbra(t, restore...)
 	if code != 0 || !strings.Contains(out, want+" cloaked") || strings.Contains(out, "umbra test guest: booting") {
-		t.Fatalf("umbra resume --from mid = %d, want the app to continue to %q:\n%s\n%s", code, want, out, errs)
+		t.Fatalf("umbra snapshot restore mid --lazy = %d, want the app to continue to %q:\n%s\n%s", code, want, out, errs)
 	}
 }
