@@ -12,6 +12,7 @@ import (
 	"github.com/umbra-cc/umbra/disk"
 	"github.com/umbra-cc/umbra/disk/protdisk"
 	"github.com/umbra-cc/umbra/disk/qcow2"
+	"github.com/umbra-cc/umbra/disk/track"
 )
 
 // unsynced is the attack on FLUSH durability: a backend that answers FLUSH without making
@@ -111,15 +112,26 @@ func (c diskCase) readBack(t *testing.T, n int) []byte {
 // lose, and a fresh open of the file (a protected disk: with its anchored root) reads what
 // the guest wrote. The attack, a backend that acknowledges FLUSH without syncing, fails
 // the same checks: the raw and qcow2 writes stay dirty, the protected disk's stay in the
-// monitor's memory, not in the file.
+// monitor's memory, not in the file. The same holds through disk/track, the wrapper launch
+// puts around every disk.
 func TestFlushReachesTheMedium(t *testing.T) {
 	for _, tc := range durableBackends(t) {
 		t.Run(tc.name, func(t *testing.T) {
-			for i, honest := range []bool{false, true} {
+			// The attack, then the backend as the monitor's device has it, then wrapped in
+			// disk/track as launch wraps every disk (migration's dirty tracking).
+			for i, variant := range []string{"unsynced", "honest", "tracked"} {
 				be := tc.be
-				if !honest {
+				switch variant {
+				case "unsynced":
 					be = unsynced{be}
+				case "tracked":
+					tr, err := track.New(be, 4096, tc.name == "protected")
+					if err != nil {
+						t.Fatal(err)
+					}
+					be = tr
 				}
+				honest := variant != "unsynced"
 				drv := bringUp(t, be)
 				data := bytes.Repeat([]byte{byte(0xa0 + i)}, 64<<10)
 				guestWrite(t, drv, 0, data)
@@ -128,8 +140,8 @@ func TestFlushReachesTheMedium(t *testing.T) {
 				after := pageCache(t, tc.path)
 				lost := after.Dirty + after.Writeback
 				durable := lost == 0 && bytes.Equal(tc.readBack(t, len(data)), data)
-				t.Logf("honest=%v: %d dirty pages before FLUSH, %d dirty + %d writeback after; data in the file: %v",
-					honest, before.Dirty, after.Dirty, after.Writeback, bytes.Equal(tc.readBack(t, len(data)), data))
+				t.Logf("%s: %d dirty pages before FLUSH, %d dirty + %d writeback after; data in the file: %v",
+					variant, before.Dirty, after.Dirty, after.Writeback, bytes.Equal(tc.readBack(t, len(data)), data))
 				if honest && !durable {
 					t.Fatalf("after an acknowledged FLUSH the guest's write is not on the medium (%d pages dirty or under writeback)", lost)
 				}
