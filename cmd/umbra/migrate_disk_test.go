@@ -137,3 +137,126 @@ func TestMigrateDiskRefusals(t *testing.T) {
 		})
 	}
 }
+
+// protectedWorld is a migration world whose VM is sealed for host A with a protected
+// disk at diskPath (made from a zero seed at its first launch), running job.
+type protectedWorld struct {
+	*migrationWorld
+	bundle, diskPath string
+}
+
+func newProtectedWorld(t *testing.T, diskPath, job string, diskDirs func(w *migrationWorld) []string) *protectedWorld {
+	t.Helper()
+	var data func(w *migrationWorld) map[string]any
+	if diskDirs != nil {
+		data = func(w *migrationWorld) map[string]any { return map[string]any{"disk_dirs": diskDirs(w)} }
+	}
+	w := &protectedWorld{migrationWorld: newMigrationWorldWith(t, func(_, b *migrationHost) []string { return []string{b.fingerprint} }, data)}
+	w.diskPath = diskPath
+	if !filepath.IsAbs(diskPath) {
+		w.diskPath = w.path(diskPath)
+	}
+	os.MkdirAll(filepath.Dir(w.diskPath), 0o700)
+	if err := os.WriteFile(w.path("seed.raw"), make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	spec := fmt.Sprintf("apiVersion: umbra.dev/v1\nname: mig\nguest:\n  image: guest.elf\n  cmdline: %q\nmemory: 16MiB\ndisks:\n  - name: data\n    path: %s\n    protected: true\n    seed: seed.raw\n", job, diskPath)
+	os.WriteFile(w.path("mig.yaml"), []byte(spec), 0o644)
+	w.must(append([]string{"host", "id", "--ek-pub", w.path("ek-a.pem")}, w.a.tpm...)...)
+	w.bundle = w.path("mig.umbra")
+	w.must("seal", "--spec", w.path("mig.yaml"), "--policy", w.path("policy.tar.gz"), "--series", "mig", "--version", "1",
+		"--admin-key", w.path("admin.pem"), "--for-host", w.path("ek-a.pem"), "-o", w.bundle)
+	trustAdmin(t, w.a.state, w.path("admin.pem.pub"))
+	return w
+}
+
+func (w *protectedWorld) runOnA() {
+	w.t.Helper()
+	w.must(append(append([]string{"run", "--detach", "--no-jail"}, w.a.tpm...), w.bundle)...)
+	w.t.Cleanup(func() { w.kill(w.a) })
+}
+
+const protRecord = "protected-record-9c1f"
+
+// TestMigrateProtectedDisk moves a sealed VM whose protected disk the guest wrote on
+// host A: the disk is copied as ciphertext (host B's image holds none of the record),
+// its key travels in the attested channel, and B anchors it at the root A's pause
+// anchored and opens it there (an image in any other state is refused:
+// TestMigrateSharedProtectedDiskRolledBack). The test guest runs its jobs at once, so
+// it cannot read the record back after the migration; migration
+// TestStorageMigrationProtectedDiskIsCiphertext reads a copied protected disk back
+// block by block through its authentication.
+func TestMigrateProtectedDisk(t *testing.T) {
+	w := newProtectedWorld(t, "data.pd", "run=cloakdisk:write:"+protRecord+",counter:mig:30:100", nil)
+	w.runOnA()
+	time.Sleep(time.Second)
+	r := w.receive()
+	out := w.must("migrate", "mig", "--to", r.addr, "--state-dir", w.a.state)
+	t.Logf("%s", strings.TrimSpace(out))
+	if code := r.wait(t, 3*time.Minute); code != 0 || !strings.Contains(r.stdout.String(), "counter mig: done") || strings.Contains(r.stdout.String(), "cloakdisk") {
+		t.Fatalf("umbra receive = %d (the guest should finish its count on B, having written its disk on A)\nstdout:\n%s\nstderr:\n%s", code, r.stdout, r.stderr)
+	}
+	m, _ := filepath.Glob(filepath.Join(w.b.state, "vms", "mig", "disks", "data.*.img"))
+	if len(m) != 1 {
+		t.Fatalf("host B's copied images: %v", m)
+	}
+	for _, img := range []string{m[0], w.diskPath} {
+		b, _ := os.ReadFile(img)
+		if len(b) == 0 || bytes.Contains(b, []byte(protRecord)) {
+			t.Fatalf("%s (%d bytes) holds the guest's plaintext or is empty", img, len(b))
+		}
+	}
+	if _, err := os.Stat(filepath.Join(w.b.state, "vms", "mig", "disks", "data.anchor")); err != nil {
+		t.Fatalf("host B has no anchor for the disk: %v", err)
+	}
+}
+
+// TestMigrateSharedProtectedDiskRolledBack: the storage serves host B an older copy of
+// a shared protected disk (B sees the share at another path, where the older copy
+// is). B refuses it at its launch, the migration aborts and the VM keeps running on
+// A; with the current image there, the same migration goes through.
+func TestMigrateSharedProtectedDiskRolledBack(t *testing.T) {
+	dir, err := os.MkdirTemp("", "umbra-share-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	shareA, shareB := filepath.Join(dir, "a"), filepath.Join(dir, "b")
+	os.MkdirAll(shareB, 0o700)
+	w := newProtectedWorld(t, filepath.Join(shareA, "data.pd"), "run=cloakdisk:write:"+protRecord+",counter:mig:1000:100", nil)
+	// A first run writes the disk and stops: the older state the storage keeps.
+	w.runOnA()
+	time.Sleep(2 * time.Second)
+	w.must("stop", "--state-dir", w.a.state, "mig")
+	for i := 0; i < 100; i++ {
+		if code, _, _ := runUmbra(t, "inspect", "--state-dir", w.a.state, "mig"); code != 0 {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	old, err := os.ReadFile(w.diskPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The second run writes it again (new nonces, a newer root) and keeps running.
+	w.runOnA()
+	time.Sleep(2 * time.Second)
+	os.WriteFile(filepath.Join(shareB, "data.pd"), old, 0o600)
+	r := w.receive("--shared-storage", shareA+"="+shareB)
+	code, out, errs := runUmbra(t, "migrate", "mig", "--to", r.addr, "--state-dir", w.a.state, "--shared-disk", "data")
+	if code == 0 || !strings.Contains(errs, "rolled back") {
+		t.Fatalf("migrating onto an older copy = %d, want a refusal saying the disk was rolled back\nstdout: %s\nstderr: %s", code, out, errs)
+	}
+	if st := w.must("inspect", "--json", "--state-dir", w.a.state, "mig"); !strings.Contains(st, `"state": "running"`) {
+		t.Fatalf("the VM is not running on host A after the refusal:\n%s", st)
+	}
+	r.wait(t, time.Minute)
+	// The current image (the storage in sync): the migration goes through.
+	cur, _ := os.ReadFile(w.diskPath)
+	os.WriteFile(filepath.Join(shareB, "data.pd"), cur, 0o600)
+	r = w.receive("--shared-storage", shareA+"="+shareB)
+	out = w.must("migrate", "mig", "--to", r.addr, "--state-dir", w.a.state, "--shared-disk", "data")
+	if !strings.Contains(out, "migrated to host-b") {
+		t.Fatalf("umbra migrate printed %q", out)
+	}
+}
