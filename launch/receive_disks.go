@@ -59,11 +59,25 @@ func sharedPath(roots []SharedStorage, src string) (string, error) {
 	return "", fmt.Errorf("the shared image %s is not under storage this host shares (umbra receive --shared-storage)", src)
 }
 
+// sweepPartialDisks removes the images of the VM's copied disks that a killed
+// destination left incomplete (migration.PartialSuffix): no VM ever ran on them.
+func (d *destination) sweepPartialDisks(dir string) {
+	m, _ := filepath.Glob(filepath.Join(dir, "*.img"+migration.PartialSuffix))
+	for _, p := range m {
+		if os.Remove(p) == nil {
+			d.log.Info("removed the incomplete image of an aborted migration", "path", p)
+		}
+	}
+}
+
 // CreateDisk makes the new image a copied disk arrives in.
 func (d *destination) CreateDisk(_ context.Context, o *migration.Offer, info migration.DiskInfo) (migration.DiskSink, error) {
 	dir := filepath.Join(vmDir(d.rc.StateDir, o.VM), "disks")
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
+	}
+	if d.copied == nil {
+		d.sweepPartialDisks(dir)
 	}
 	var tag [6]byte
 	rand.Read(tag[:])

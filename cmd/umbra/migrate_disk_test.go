@@ -2,6 +2,9 @@ package main
 
 import (
 	"bytes"
+	"math/rand/v2"
+	"os/exec"
+	"syscall"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -24,6 +27,12 @@ type diskWorld struct {
 }
 
 func newDiskWorld(t *testing.T, job string, diskDirs func(w *migrationWorld) []string) *diskWorld {
+	return newDiskWorldSized(t, job, 2<<20, diskDirs)
+}
+
+// newDiskWorldSized is newDiskWorld with a local disk of size bytes (incompressible
+// beyond 2 MiB).
+func newDiskWorldSized(t *testing.T, job string, size int64, diskDirs func(w *migrationWorld) []string) *diskWorld {
 	t.Helper()
 	var data func(w *migrationWorld) map[string]any
 	if diskDirs != nil {
@@ -38,6 +47,14 @@ func newDiskWorld(t *testing.T, job string, diskDirs func(w *migrationWorld) []s
 		t.Fatal(err)
 	}
 	w.local = bytes.Repeat([]byte("local-disk-contents "), 1<<17)[:2<<20]
+	if size > int64(len(w.local)) {
+		r := rand.New(rand.NewChaCha8([32]byte{7}))
+		more := make([]byte, size-int64(len(w.local)))
+		for i := range more {
+			more[i] = byte(r.Uint32())
+		}
+		w.local = append(w.local, more...)
+	}
 	if err := os.WriteFile(w.localImg, w.local, 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -258,5 +275,95 @@ func TestMigrateSharedProtectedDiskRolledBack(t *testing.T) {
 	out = w.must("migrate", "mig", "--to", r.addr, "--state-dir", w.a.state, "--shared-disk", "data")
 	if !strings.Contains(out, "migrated to host-b") {
 		t.Fatalf("umbra migrate printed %q", out)
+	}
+}
+
+// TestMigrateKilledMidDiskCopy kills, in the middle of a 256 MiB disk's copy, either the
+// destination's process (umbra receive) or the relay (umbra migrate): the VM keeps
+// running on A with its disk as it was, B runs nothing, and the incomplete image B was
+// writing is gone (removed by the receiver whose connection broke, or, when the
+// receiver itself was killed, by the next migration of the VM to B, which then
+// succeeds).
+func TestMigrateKilledMidDiskCopy(t *testing.T) {
+	for _, victim := range []string{"receive", "relay"} {
+		t.Run(victim+" killed", func(t *testing.T) {
+			w := newDiskWorldSized(t, "run=counter:mig:100000:50", 256<<20, func(w *migrationWorld) []string {
+				return []string{w.path("shared"), filepath.Join(w.b.state, "vms", "mig", "disks")}
+			})
+			r := w.receive("--shared-storage", w.shared)
+			exe, _ := os.Executable()
+			mig := exec.Command(exe, "migrate", "mig", "--to", r.addr, "--state-dir", w.a.state, "--shared-disk", "data")
+			mig.Env = append(os.Environ(), "UMBRA_TEST_EXEC_MAIN=1")
+			var migOut strings.Builder
+			mig.Stdout, mig.Stderr = &migOut, &migOut
+			if err := mig.Start(); err != nil {
+				t.Fatal(err)
+			}
+			defer mig.Process.Kill()
+			// Mid-copy: B's incomplete image holds some, not all, of the disk.
+			partial := filepath.Join(w.b.state, "vms", "mig", "disks", "*.img.partial")
+			var allocated int64
+			for deadline := time.Now().Add(2 * time.Minute); allocated < 16<<20; time.Sleep(5 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Fatalf("the copy never got under way:\n%s\n%s", migOut.String(), r.stderr)
+				}
+				if m, _ := filepath.Glob(partial); len(m) == 1 {
+					var st syscall.Stat_t
+					if syscall.Stat(m[0], &st) == nil {
+						allocated = st.Blocks * 512
+					}
+				}
+			}
+			if allocated >= 256<<20 {
+				t.Skipf("the copy was done before the kill (%d bytes): host too fast for this test's timing", allocated)
+			}
+			if victim == "receive" {
+				r.cmd.Process.Kill()
+			} else {
+				mig.Process.Kill()
+			}
+			mig.Wait()
+			code := r.wait(t, time.Minute)
+			if victim == "relay" && code == 0 {
+				t.Fatalf("umbra receive succeeded after the relay was killed:\n%s", r.stderr)
+			}
+			var st string
+			for i := 0; i < 100; i++ { // the source notices the broken tunnel
+				st = w.must("inspect", "--json", "--state-dir", w.a.state, "mig")
+				if strings.Contains(st, `"state": "running"`) {
+					break
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+			if !strings.Contains(st, `"state": "running"`) {
+				t.Fatalf("the VM is not running on host A after the kill:\n%s\nmigrate:\n%s", st, migOut.String())
+			}
+			if got, _ := os.ReadFile(w.localImg); !bytes.Equal(got, w.local) {
+				t.Fatal("host A's local disk changed")
+			}
+			if _, err := os.Stat(filepath.Join(w.a.state, "vms", "mig", "migrated")); err == nil {
+				t.Fatal("host A recorded a handover")
+			}
+			left, _ := filepath.Glob(partial)
+			if victim == "relay" && len(left) != 0 {
+				t.Fatalf("host B kept its incomplete image %v", left)
+			}
+			// The next migration to B clears what a killed receiver left, and goes through.
+			r = w.receive("--shared-storage", w.shared)
+			out := w.must("migrate", "mig", "--to", r.addr, "--state-dir", w.a.state, "--shared-disk", "data")
+			if !strings.Contains(out, "migrated to host-b") {
+				t.Fatalf("umbra migrate printed %q", out)
+			}
+			if left, _ := filepath.Glob(partial); len(left) != 0 {
+				t.Fatalf("host B still has incomplete images %v", left)
+			}
+			imgs := w.copiedImages()
+			if len(imgs) != 1 {
+				t.Fatalf("host B has images %v, want the one copy", imgs)
+			}
+			if got, _ := os.ReadFile(imgs[0]); !bytes.Equal(got, w.local) {
+				t.Fatal("host B's copy is not the disk")
+			}
+		})
 	}
 }
