@@ -2,14 +2,14 @@ package main
 
 import (
 	"bytes"
-	"math/rand/v2"
-	"os/exec"
-	"syscall"
 	"encoding/json"
 	"fmt"
+	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
