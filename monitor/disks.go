@@ -295,6 +295,7 @@ func (v *VM) installDisks() error {
 			return err
 		}
 		v.virtio = append(v.virtio, t)
+		v.diskDevs = append(v.diskDevs, diskDevice{name: d.Name, dev: dev, t: t})
 	}
 	return nil
 }

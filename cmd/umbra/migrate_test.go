@@ -434,17 +434,7 @@ func TestReplicateRelayKilledFencesTheSource(t *testing.T) {
 // migrates from host A to host B (two swtpm TPMs, two state directories, loopback);
 // the app finishes on B with the result of the same computation run uncloaked.
 func TestMigrateCloakedAppBetweenHosts(t *testing.T) {
-	var ref strings.Builder
-	v, err := monitor.New(monitor.Config{Image: guestimage.Image(), MemorySize: 16 << 20, Cmdline: "run=cloakcompute:32:100:plain:30", Console: &ref})
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, err = v.Run(context.Background())
-	v.Close()
-	want := regexp.MustCompile(`cloakcompute: pages 32 rounds 100 result=0x[0-9a-f]+`).FindString(ref.String())
-	if err != nil || want == "" {
-		t.Fatalf("uncloaked reference run: %v\n%s", err, ref.String())
-	}
+	want := uncloakedResult(t, "run=cloakcompute:32:100:plain:30")
 	w := newMigrationWorld(t, func(_, b *migrationHost) []string { return []string{b.fingerprint} })
 	w.launchOnA("run=cloakcompute:32:100:cloak:30")
 	time.Sleep(700 * time.Millisecond)
@@ -463,4 +453,22 @@ func TestMigrateCloakedAppBetweenHosts(t *testing.T) {
 	// The guest's only process is the app, and its kernel ends the VM when the last
 	// process exits: a migration that succeeded took the app before its end, so
 	// the result B printed is the one it computed after the handover.
+}
+
+// uncloakedResult runs cmdline (a cloakcompute job) in a monitor VM of 16 MiB, here
+// in the test, and returns its result line.
+func uncloakedResult(t *testing.T, cmdline string) string {
+	t.Helper()
+	var ref strings.Builder
+	v, err := monitor.New(monitor.Config{Image: guestimage.Image(), MemorySize: 16 << 20, Cmdline: cmdline, Console: &ref})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = v.Run(context.Background())
+	v.Close()
+	want := regexp.MustCompile(`cloakcompute: pages [0-9]+ rounds [0-9]+ result=0x[0-9a-f]+`).FindString(ref.String())
+	if err != nil || want == "" {
+		t.Fatalf("uncloaked reference run: %v\n%s", err, ref.String())
+	}
+	return want
 }
