@@ -110,7 +110,10 @@ func (d *destination) diskLaunch(in *migration.Incoming, spec *monitor.Spec) (*m
 	protected := false
 	for i, sd := range out.Disks {
 		o := offered[i]
-		if o.Name != sd.Name || o.Format != diskFormat(sd) || o.ReadOnly != sd.ReadOnly {
+		// A plain disk may arrive as qcow2 when it continued in a snapshot's overlay on
+		// the source (snapdisks.go); a copy carries its guest-visible bytes either way.
+		sameKind := o.Format == diskFormat(sd) || (o.Mode == migration.DiskCopy && !sd.Protected && o.Format != monitor.FormatProtected)
+		if o.Name != sd.Name || !sameKind || o.ReadOnly != sd.ReadOnly {
 			return nil, env, fmt.Errorf("the offer's disk %d (%s, %s) is not the spec's (%s, %s)", i, o.Name, o.Format, sd.Name, diskFormat(sd))
 		}
 		switch o.Mode {
@@ -126,7 +129,7 @@ func (d *destination) diskLaunch(in *migration.Incoming, spec *monitor.Spec) (*m
 				return nil, env, fmt.Errorf("disk %s: its copy did not arrive", sd.Name)
 			}
 			out.Disks[i].Path = p
-			if sd.Format == monitor.FormatQcow2 {
+			if !sd.Protected {
 				out.Disks[i].Format = monitor.FormatRaw // copied as its guest-visible bytes
 			}
 		}

@@ -367,3 +367,20 @@ func TestMigrateKilledMidDiskCopy(t *testing.T) {
 		})
 	}
 }
+
+// TestMigrateAfterADiskSnapshot: a snapshot in this run switched the VM's disk to an
+// overlay (the device writes it, not the image the migration tracks): the migration
+// is refused rather than copying a disk the VM no longer writes, and the VM keeps
+// running on A.
+func TestMigrateAfterADiskSnapshot(t *testing.T) {
+	w := newDiskWorld(t, "run=counter:mig:1000:100", nil)
+	w.must("snapshot", "create", "mig", "s1", "--state-dir", w.a.state)
+	r := w.receive("--shared-storage", w.shared)
+	code, out, errs := runUmbra(t, "migrate", "mig", "--to", r.addr, "--state-dir", w.a.state, "--shared-disk", "data")
+	if code == 0 || !strings.Contains(errs, "snapshot's overlay") {
+		t.Fatalf("umbra migrate after a disk snapshot = %d, want a refusal naming the overlay\nstdout: %s\nstderr: %s", code, out, errs)
+	}
+	if st := w.must("inspect", "--json", "--state-dir", w.a.state, "mig"); !strings.Contains(st, `"state": "running"`) {
+		t.Fatalf("the VM is not running on host A after the refusal:\n%s", st)
+	}
+}
