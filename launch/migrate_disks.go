@@ -52,6 +52,7 @@ func trackDisks(disks []monitor.Disk) []monitor.Disk {
 // migrationDisk is one of the VM's disks as a migration sees it.
 type migrationDisk struct {
 	spec    monitor.DiskSpec
+	vm      string
 	path    string // the image's resolved path
 	tracked *track.Disk
 }
@@ -68,7 +69,7 @@ func migrationDisks(lc LaunchConfig) ([]migrationDisk, error) {
 		if !ok || lc.Run.Disks[i].Name != d.Name {
 			return nil, fmt.Errorf("disk %s is not tracked", d.Name)
 		}
-		out = append(out, migrationDisk{spec: d, path: specPathOf(lc.Disks.Dir, d.Path), tracked: t})
+		out = append(out, migrationDisk{spec: d, vm: lc.Spec.Name, path: specPathOf(lc.Disks.Dir, d.Path), tracked: t})
 	}
 	return out, nil
 }
@@ -94,6 +95,10 @@ func (env *migrationEnv) prepareDisks(shared []string) (*migratingDisks, error) 
 		info := migration.DiskInfo{Name: d.spec.Name, Format: diskFormat(d.spec), ReadOnly: d.spec.ReadOnly, Size: d.tracked.Size()}
 		var src migration.DiskSource
 		if slices.Contains(shared, d.spec.Name) {
+			if filepath.Dir(d.path) == overlayDir(env.stateDir, d.vm) {
+				m.close()
+				return nil, fmt.Errorf("disk %s continues in a snapshot overlay on this host (%s): it cannot be shared; let it be copied", d.spec.Name, d.path)
+			}
 			info.Mode, info.Path = migration.DiskShared, d.path
 		} else {
 			info.Mode = migration.DiskCopy
@@ -170,4 +175,25 @@ func specPathOf(dir, p string) string {
 		return p
 	}
 	return filepath.Join(dir, p)
+}
+
+// checkDiskTops refuses a VM whose device writes a disk other than the one this
+// migration would copy: a snapshot in this run switched it to an overlay
+// (snapdisks.go). It runs with migrating set, under the snapshots' lock, so no
+// snapshot switches one later in the migration.
+func (c *Control) checkDiskTops() error {
+	env, snaps := c.migration, c.snapshots
+	if snaps == nil || len(env.disks) == 0 {
+		return nil
+	}
+	snaps.mu.Lock()
+	defer snaps.mu.Unlock()
+	for _, ld := range snaps.disks {
+		for _, d := range env.disks {
+			if d.spec.Name == ld.name && ld.top != d.tracked.Unwrap() {
+				return fmt.Errorf("disk %s was switched to a snapshot's overlay in this run, and moving a disk's overlay chain while it runs is not built (stop and relaunch the VM, which continues on its newest overlay, then migrate)", d.spec.Name)
+			}
+		}
+	}
+	return nil
 }

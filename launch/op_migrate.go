@@ -72,6 +72,9 @@ type migrationEnv struct {
 	// replicating is set while a replication streams the VM's checkpoints: a snapshot
 	// would break its chain of incremental checkpoints.
 	replicating atomic.Bool
+	// migrating is set while a migration runs: a snapshot would switch the disks'
+	// backends under the copy (migrate_disks.go).
+	migrating atomic.Bool
 	// cannot says why the VM cannot leave this host ("" when it can).
 	cannot string
 	// disks are the VM's disks (migrate_disks.go) and protected the key environment
@@ -131,6 +134,13 @@ func opMigrate(ctx context.Context, c *Control, p policy.Principal, raw json.Raw
 	c.hot.mu.Unlock()
 	if hot > 0 {
 		return nil, fmt.Errorf("VM %s cannot be migrated with %d disks attached at run time: detach them first (umbra disk detach)", c.spec.Name, hot)
+	}
+	if !env.migrating.CompareAndSwap(false, true) {
+		return nil, fmt.Errorf("VM %s is being migrated already", c.spec.Name)
+	}
+	defer env.migrating.Store(false)
+	if err := c.checkDiskTops(); err != nil {
+		return nil, fmt.Errorf("VM %s cannot be migrated: %w", c.spec.Name, err)
 	}
 	disks, err := env.prepareDisks(args.SharedDisks)
 	if err != nil {

@@ -192,6 +192,9 @@ func (c *Control) createSnapshot(ctx context.Context, p policy.Principal, op str
 	}
 	env.mu.Lock()
 	defer env.mu.Unlock()
+	if c.migration != nil && c.migration.migrating.Load() { // checked under mu: migrate_disks.go
+		return nil, fmt.Errorf("%s: VM %s is being migrated; a snapshot would switch its disks under the copy", op, env.vm)
+	}
 	var parent *monitor.CheckpointInfo
 	if args.Parent != "" {
 		if env.last == nil || env.lastName != args.Parent {

@@ -59,11 +59,25 @@ func sharedPath(roots []SharedStorage, src string) (string, error) {
 	return "", fmt.Errorf("the shared image %s is not under storage this host shares (umbra receive --shared-storage)", src)
 }
 
+// sweepPartialDisks removes the images of the VM's copied disks that a killed
+// destination left incomplete (migration.PartialSuffix): no VM ever ran on them.
+func (d *destination) sweepPartialDisks(dir string) {
+	m, _ := filepath.Glob(filepath.Join(dir, "*.img"+migration.PartialSuffix))
+	for _, p := range m {
+		if os.Remove(p) == nil {
+			d.log.Info("removed the incomplete image of an aborted migration", "path", p)
+		}
+	}
+}
+
 // CreateDisk makes the new image a copied disk arrives in.
 func (d *destination) CreateDisk(_ context.Context, o *migration.Offer, info migration.DiskInfo) (migration.DiskSink, error) {
 	dir := filepath.Join(vmDir(d.rc.StateDir, o.VM), "disks")
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
+	}
+	if d.copied == nil {
+		d.sweepPartialDisks(dir)
 	}
 	var tag [6]byte
 	rand.Read(tag[:])
@@ -96,7 +110,10 @@ func (d *destination) diskLaunch(in *migration.Incoming, spec *monitor.Spec) (*m
 	protected := false
 	for i, sd := range out.Disks {
 		o := offered[i]
-		if o.Name != sd.Name || o.Format != diskFormat(sd) || o.ReadOnly != sd.ReadOnly {
+		// A plain disk may arrive as qcow2 when it continued in a snapshot's overlay on
+		// the source (snapdisks.go); a copy carries its guest-visible bytes either way.
+		sameKind := o.Format == diskFormat(sd) || (o.Mode == migration.DiskCopy && !sd.Protected && o.Format != monitor.FormatProtected)
+		if o.Name != sd.Name || !sameKind || o.ReadOnly != sd.ReadOnly {
 			return nil, env, fmt.Errorf("the offer's disk %d (%s, %s) is not the spec's (%s, %s)", i, o.Name, o.Format, sd.Name, diskFormat(sd))
 		}
 		switch o.Mode {
@@ -112,7 +129,7 @@ func (d *destination) diskLaunch(in *migration.Incoming, spec *monitor.Spec) (*m
 				return nil, env, fmt.Errorf("disk %s: its copy did not arrive", sd.Name)
 			}
 			out.Disks[i].Path = p
-			if sd.Format == monitor.FormatQcow2 {
+			if !sd.Protected {
 				out.Disks[i].Format = monitor.FormatRaw // copied as its guest-visible bytes
 			}
 		}

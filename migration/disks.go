@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 
 	"github.com/umbra-cc/umbra/disk/protdisk"
 	"github.com/umbra-cc/umbra/disk/track"
@@ -119,21 +120,28 @@ func (p *ProtectedFile) Written() ([]Extent, error) {
 func (p *ProtectedFile) Always() []Extent { return []Extent{{p.journal, p.data - p.journal}} }
 
 // FileSink is a copied disk's image on the destination: a new file of the disk's size,
-// all zeros (sparse) until written.
+// all zeros (sparse) until written. It is PATH.partial (PartialSuffix) until Finish
+// renames it to PATH, so an image cut short by a killed process is recognisable.
 type FileSink struct {
 	f    *os.File
 	path string
 }
 
-// CreateFileSink makes the file at path, which must not exist.
+// PartialSuffix marks a copied disk's image that is not complete yet.
+const PartialSuffix = ".partial"
+
+// CreateFileSink makes the file at path (as path.partial until Finish); neither may exist.
 func CreateFileSink(path string, size int64) (*FileSink, error) {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if _, err := os.Lstat(path); err == nil {
+		return nil, fmt.Errorf("create the copied disk's image: %s exists", path)
+	}
+	f, err := os.OpenFile(path+PartialSuffix, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("create the copied disk's image: %w", err)
 	}
 	if err := f.Truncate(size); err != nil {
 		f.Close()
-		os.Remove(path)
+		os.Remove(path + PartialSuffix)
 		return nil, fmt.Errorf("size the copied disk's image: %w", err)
 	}
 	return &FileSink{f: f, path: path}, nil
@@ -146,7 +154,7 @@ func (s *FileSink) WriteAt(b []byte, off int64) (int, error) {
 	return s.f.WriteAt(b, off)
 }
 
-// Finish makes the image durable and closes it.
+// Finish makes the image durable, closes it and gives it its name.
 func (s *FileSink) Finish() error {
 	if s.f == nil {
 		return nil
@@ -156,6 +164,15 @@ func (s *FileSink) Finish() error {
 		err = cerr
 	}
 	s.f = nil
+	if err == nil {
+		err = os.Rename(s.path+PartialSuffix, s.path)
+	}
+	if err == nil {
+		if d, derr := os.Open(filepath.Dir(s.path)); derr == nil {
+			err = d.Sync()
+			d.Close()
+		}
+	}
 	return err
 }
 
@@ -165,6 +182,7 @@ func (s *FileSink) Remove() {
 		s.f.Close()
 		s.f = nil
 	}
+	os.Remove(s.path + PartialSuffix)
 	os.Remove(s.path)
 }
 

@@ -42,6 +42,7 @@ type diskDestination struct {
 	r       *running
 	v       *monitor.VM
 	be      disk.Backend
+	tracked *track.Disk // be as the restored VM's device uses it (it can move on)
 }
 
 func (d *diskDestination) Accept(context.Context, *Offer, attestconn.Peer) error { return nil }
@@ -60,8 +61,9 @@ func (d *diskDestination) Prepare(_ context.Context, in *Incoming) (Prepared, er
 		return nil, err
 	}
 	d.be = be
+	d.tracked, _ = track.New(be, 64<<10, false)
 	cfg := d.cfg(d.console)
-	cfg.Disks = []monitor.Disk{{Name: "root", Backend: be}}
+	cfg.Disks = []monitor.Disk{{Name: "root", Backend: d.tracked}}
 	d.v, err = restoreIncoming(in, cfg)
 	return d, err
 }
@@ -91,88 +93,93 @@ func records(t *testing.T, img string, n int) {
 }
 
 // TestStorageMigrationCarriesEveryWrite migrates a Linux guest that appends fsync'd
-// records to its root disk the whole time: with the disk copied (storage migration by
-// dirty bitmap) and with it shared. The guest finishes on the destination, and the
-// image it ends with holds every record, in order, on a clean filesystem: the writes
-// before, during and after the copy all arrived. The same copy without its re-copy
-// rounds and pause pass (the defence absent) is shown losing writes by
-// disk/track TestCopyWhileWritingMissesNothing.
+// records to its root disk the whole time, twice in one boot: from host A to host B
+// with the disk copied (storage migration by dirty bitmap), then from B to host C with
+// B's image shared. The guest finishes on C, and the image it ends with holds every
+// record, in order, on a clean filesystem: the writes before, during and after both
+// migrations all arrived. The same copy without its re-copy rounds and pause pass (the
+// defence absent) is shown losing writes by disk/track TestCopyWhileWritingMissesNothing.
 func TestStorageMigrationCarriesEveryWrite(t *testing.T) {
 	kern, _ := testenv.LinuxFiles(t, "vmlinux")
-	for _, mode := range []string{DiskCopy, DiskShared} {
-		t.Run(mode, func(t *testing.T) {
-			const count = 300
-			dir := t.TempDir()
-			img := filepath.Join(dir, "root.img")
-			disktest.RootImage(t, "../testdata/linux/writeinit.c", img, 64<<20, nil)
-			cfg := func(c *console) monitor.Config {
-				return monitor.Config{Image: kern, Boot: monitor.BootLinux, MemorySize: testenv.LinuxMemory,
-					Cmdline: strings.Replace(testenv.LinuxCmdline, " quiet", "", 1) + " " + disktest.Cmdline + fmt.Sprintf(" -- count=%d", count),
-					Console: c, Timeout: testenv.LinuxTimeout}
-			}
-			raw, err := disk.OpenRaw(img, false)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer raw.Close()
-			tr, _ := track.New(raw, 64<<10, false)
-			c := &console{}
-			sc := cfg(c)
-			sc.Disks = []monitor.Disk{{Name: "root", Backend: tr}}
-			v, err := monitor.New(sc)
-			if err != nil {
-				t.Fatal(err)
-			}
-			src := run(v, c)
-			t.Cleanup(func() { v.StopIfRunning(errors.New("test over")); <-src.done; v.Close() })
-			for !strings.Contains(c.String(), "UMBRA-WRITE: at 0") {
-				select {
-				case <-src.done:
-					t.Fatalf("the guest ended before it wrote: %v\n%s", src.err, c.String())
-				case <-time.After(20 * time.Millisecond):
-				}
-			}
-			p := attested(t)
-			info := DiskInfo{Name: "root", Mode: mode, Format: "raw", Size: raw.Size()}
-			dst := &diskDestination{cfg: cfg, console: &console{}, dir: t.TempDir()}
-			if mode == DiskShared {
-				info.Path, dst.shared = img, img
-			}
-			var drep *Report
-			var derr error
-			var wg sync.WaitGroup
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				drep, derr = Receive(context.Background(), p.dst, dst, t.TempDir(), Options{})
-			}()
-			rep, err := Send(context.Background(), p.src, &diskVM{vmSource: vmSource{r: src}, info: info, disk: tr}, Offer{VM: "writer", Generation: 1}, Options{})
-			wg.Wait()
-			if err != nil || derr != nil {
-				t.Fatalf("send: %v; receive: %v", err, derr)
-			}
-			before := c.String()
-			v.Stop(errors.New("migrated"))
-			src.wait(t)
-			select {
-			case <-dst.r.done:
-			case <-time.After(4 * time.Minute):
-				t.Fatalf("the writer did not end on the destination\nsource:\n%s\ndestination:\n%s", tail(before), tail(dst.console.String()))
-			}
-			out := dst.console.String()
-			if dst.r.err != nil || dst.r.res == nil || dst.r.res.ExitStatus != 0 || !strings.Contains(out, fmt.Sprintf("UMBRA-WRITE: done %d", count)) {
-				t.Fatalf("the writer did not finish on the destination: %v\n%s", dst.r.err, out)
-			}
-			if strings.Contains(before, "UMBRA-WRITE: done") {
-				t.Fatalf("the writer finished before the migration: the test proves nothing\n%s", before)
-			}
-			dst.be.Close()
-			records(t, dst.path, count)
-			t.Logf("%s: downtime %v (disks %v), total %v; disk bytes %d in %d re-copy rounds, checkpoint %d; destination counted %d disk bytes",
-				mode, rep.Downtime, rep.DiskPause, rep.Total, rep.DiskBytes, rep.DiskRounds, rep.CheckpointBytes, drep.DiskBytes)
-			if mode == DiskShared && rep.DiskBytes != 0 {
-				t.Errorf("a shared disk was copied (%d bytes)", rep.DiskBytes)
-			}
-		})
+	const count = 200
+	img := filepath.Join(t.TempDir(), "root.img")
+	disktest.RootImage(t, "../testdata/linux/writeinit.c", img, 64<<20, nil)
+	cfg := func(c *console) monitor.Config {
+		return monitor.Config{Image: kern, Boot: monitor.BootLinux, MemorySize: testenv.LinuxMemory,
+			Cmdline: strings.Replace(testenv.LinuxCmdline, " quiet", "", 1) + " " + disktest.Cmdline + fmt.Sprintf(" -- count=%d", count),
+			Console: c, Timeout: 2 * testenv.LinuxTimeout}
 	}
+	raw, err := disk.OpenRaw(img, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	tr, _ := track.New(raw, 64<<10, false)
+	c := &console{}
+	sc := cfg(c)
+	sc.Disks = []monitor.Disk{{Name: "root", Backend: tr}}
+	v, err := monitor.New(sc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := run(v, c)
+	t.Cleanup(func() { v.StopIfRunning(errors.New("test over")); <-src.done; v.Close() })
+	for !strings.Contains(c.String(), "UMBRA-WRITE: at 0") {
+		select {
+		case <-src.done:
+			t.Fatalf("the guest ended before it wrote: %v\n%s", src.err, c.String())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	// migrate sends the VM running as from (its disk tracked by disk) to a new host.
+	migrate := func(mode string, from *running, disk *track.Disk, path string) *diskDestination {
+		t.Helper()
+		p := attested(t)
+		info := DiskInfo{Name: "root", Mode: mode, Format: "raw", Size: disk.Size()}
+		dst := &diskDestination{cfg: cfg, console: &console{}, dir: t.TempDir()}
+		if mode == DiskShared {
+			info.Path, dst.shared = path, path
+		}
+		var drep *Report
+		var derr error
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			drep, derr = Receive(context.Background(), p.dst, dst, t.TempDir(), Options{})
+		}()
+		rep, err := Send(context.Background(), p.src, &diskVM{vmSource: vmSource{r: from}, info: info, disk: disk}, Offer{VM: "writer", Generation: 1}, Options{})
+		wg.Wait()
+		if err != nil || derr != nil {
+			t.Fatalf("%s: send: %v; receive: %v", mode, err, derr)
+		}
+		from.v.Stop(errors.New("migrated"))
+		from.wait(t)
+		if from != src {
+			from.v.Close()
+		}
+		if out := from.console.String(); strings.Contains(out, "UMBRA-WRITE: done") {
+			t.Fatalf("the writer finished before the %s migration: the test proves nothing\n%s", mode, tail(out))
+		}
+		t.Logf("%s: downtime %v (disks %v), total %v; disk bytes %d in %d re-copy rounds, checkpoint %d; destination counted %d disk bytes",
+			mode, rep.Downtime, rep.DiskPause, rep.Total, rep.DiskBytes, rep.DiskRounds, rep.CheckpointBytes, drep.DiskBytes)
+		if mode == DiskShared && rep.DiskBytes != 0 {
+			t.Errorf("a shared disk was copied (%d bytes)", rep.DiskBytes)
+		}
+		return dst
+	}
+	onB := migrate(DiskCopy, src, tr, img)
+	onC := migrate(DiskShared, onB.r, onB.tracked, onB.path)
+	select {
+	case <-onC.r.done:
+	case <-time.After(6 * time.Minute):
+		t.Fatalf("the writer did not end on host C\nB:\n%s\nC:\n%s", tail(onB.console.String()), tail(onC.console.String()))
+	}
+	out := onC.console.String()
+	if onC.r.err != nil || onC.r.res == nil || onC.r.res.ExitStatus != 0 || !strings.Contains(out, fmt.Sprintf("UMBRA-WRITE: done %d", count)) {
+		t.Fatalf("the writer did not finish on host C: %v\n%s", onC.r.err, out)
+	}
+	onB.be.Close()
+	onC.be.Close()
+	records(t, onC.path, count)
 }

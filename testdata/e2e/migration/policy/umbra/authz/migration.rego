@@ -15,7 +15,7 @@ cfg := data.umbra.migration
 
 allow if {
 	count(deny) == 0
-	input.action in {"launch", "attach_device", "inspect", "pause", "resume", "stop", "console_open", "migrate", "pageprot_change", "cloak_register"}
+	input.action in {"launch", "attach_device", "inspect", "pause", "resume", "stop", "console_open", "migrate", "snapshot_create", "pageprot_change", "cloak_register"}
 }
 
 reason(code, msg, rule) := {"code": code, "message": msg, "rule": rule}
@@ -56,7 +56,7 @@ in_disk_dir(p) if {
 }
 
 deny contains reason("principal.not_operator", sprintf("%q may not %s VM %q", [input.principal.id, input.action, input.vm.id]), "migration.rego:use") if {
-	input.action in {"inspect", "pause", "resume", "stop", "console_open", "migrate"}
+	input.action in {"inspect", "pause", "resume", "stop", "console_open", "migrate", "snapshot_create"}
 	not operator
 }
 
