@@ -100,6 +100,7 @@ bench:
 		test $${PIPESTATUS[0]} -eq 0; }; \
 	b ./monitor '^BenchmarkCloakCompute$$' 5x; \
 	b ./virtio/blk '^BenchmarkRequest$$' 200x; \
+	b ./virtio/net '^BenchmarkNICTap$$' 2000x; \
 	b ./monitor '^BenchmarkCloakAppRun$$' 5x; \
 	b ./monitor '^BenchmarkCloakTransitions$$' 200x; \
 	b ./monitor '^BenchmarkCloakServeExit$$' 1000x; \

@@ -10,6 +10,8 @@ import (
 
 	"github.com/umbra-cc/umbra/internal/nettest"
 	"github.com/umbra-cc/umbra/launch"
+	"github.com/umbra-cc/umbra/virtio/net/tap"
+	"golang.org/x/sys/unix"
 )
 
 // netCmdline is the network journeys' kernel command line up to init's arguments.
@@ -59,8 +61,27 @@ func newNetworkFixture(t *testing.T, allowed func(ns string) map[string]any) *ne
 
 func (f *networkFixture) spec(t *testing.T, msg string) string {
 	t.Helper()
-	y := fmt.Sprintf("apiVersion: umbra.dev/v1\nname: net-vm\nguest:\n  kernel: vmlinux\n  initrd: netinit.cpio\n  cmdline: %q\nmemory: 64MiB\nconsole: stdout\ntimeout: 10m\nnetworks:\n  - name: lan\n    netns: %s\n    tap: umbra0\n    mac: \"52:54:00:12:34:56\"\n    tx: {bytes_per_second: 1000000, burst_bytes: 65536}\n",
-		netCmdline+" -- ip=10.0.2.15/24 server=10.0.2.1:7777 msg="+msg, f.ns.Name)
+	return f.specWith(t, msg, fmt.Sprintf("  - name: lan\n    netns: %s\n    tap: umbra0\n    mac: \"52:54:00:12:34:56\"\n    tx: {bytes_per_second: 1000000, burst_bytes: 65536}\n", f.ns.Name))
+}
+
+// serverGot waits for the echo server's next line, which must be want.
+func (f *networkFixture) serverGot(t *testing.T, want string) {
+	t.Helper()
+	select {
+	case l := <-f.lines:
+		if l != want {
+			t.Fatalf("the server got %q, want %q", l, want)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the server got nothing")
+	}
+}
+
+// specWith writes the network VM's spec with the given networks section.
+func (f *networkFixture) specWith(t *testing.T, msg, networks string) string {
+	t.Helper()
+	y := fmt.Sprintf("apiVersion: umbra.dev/v1\nname: net-vm\nguest:\n  kernel: vmlinux\n  initrd: netinit.cpio\n  cmdline: %q\nmemory: 64MiB\nconsole: stdout\ntimeout: 10m\nnetworks:\n%s",
+		netCmdline+" -- ip=10.0.2.15/24 server=10.0.2.1:7777 msg="+msg, networks)
 	p := at(f.host, "vm.yaml")
 	if err := os.WriteFile(p, []byte(y), 0o644); err != nil {
 		t.Fatal(err)
@@ -78,14 +99,7 @@ func TestNetworkJourney(t *testing.T) {
 	if !strings.Contains(out, "UMBRA-NET: echo: hello-from-umbra-run") {
 		t.Fatalf("the guest did not get the server's answer:\n%s\n%s", out, errs)
 	}
-	select {
-	case l := <-f.lines:
-		if l != "hello-from-umbra-run" {
-			t.Fatalf("the server got %q", l)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("the server got nothing")
-	}
+	f.serverGot(t, "hello-from-umbra-run")
 	audit, _ := os.ReadFile(at(f.host, "audit.jsonl"))
 	if !strings.Contains(string(audit), `connect_network`) {
 		t.Errorf("no connect_network decision in the audit log")
@@ -120,4 +134,39 @@ func TestNetworkRefusedByPolicy(t *testing.T) {
 		t.Fatalf("the server got %q from a refused VM", l)
 	case <-time.After(200 * time.Millisecond):
 	}
+}
+
+// TestNetworkInheritedTAP: a network handed to umbra as an open TAP descriptor (the
+// administrator's tooling made it) reaches the server once the policy allowed it; a spec
+// whose descriptor is not the TAP it names (the name the policy decided on) is refused
+// before the VM starts, the descriptor left as it was.
+func TestNetworkInheritedTAP(t *testing.T) {
+	f := newNetworkFixture(t, func(string) map[string]any {
+		return map[string]any{"lan": map[string]any{"inherited": true, "tap": "umbra0"}, "liar": map[string]any{"inherited": true, "tap": "umbra9"}}
+	})
+	tp, err := tap.Open(f.ns.Name, "umbra0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tp.Close()
+	fd, err := unix.Dup(int(tp.File().Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	run := func(want int, msg, networks string) (string, string) {
+		args := append(append(append([]string{"run"}, f.hostFlags...), f.policyFlags...), f.specWith(t, msg, networks))
+		return mustRunUmbra(t, want, args...)
+	}
+	out, errs := run(exitNoGuestStatus, "must-not-arrive", fmt.Sprintf("  - {name: liar, fd: %d, tap: umbra9, mac: \"52:54:00:12:34:56\"}\n", fd))
+	if !strings.Contains(errs, fmt.Sprintf("inherited descriptor %d is TAP umbra0, not umbra9", fd)) || strings.Contains(out, "UMBRA-NET") {
+		t.Fatalf("want the mismatched descriptor refused before the guest ran:\nstdout:\n%s\nstderr:\n%s", out, errs)
+	}
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err != nil {
+		t.Fatalf("the refused descriptor was closed: %v", err)
+	}
+	out, errs = run(0, "hello-over-an-inherited-tap", fmt.Sprintf("  - {name: lan, fd: %d, tap: umbra0, mac: \"52:54:00:12:34:56\"}\n", fd))
+	if !strings.Contains(out, "UMBRA-NET: echo: hello-over-an-inherited-tap") {
+		t.Fatalf("the guest did not get the server's answer:\n%s\n%s", out, errs)
+	}
+	f.serverGot(t, "hello-over-an-inherited-tap")
 }

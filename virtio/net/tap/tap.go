@@ -148,10 +148,17 @@ func create(name string) (int, error) {
 	return fd, nil
 }
 
-// FromFD takes over fd, which must be an open TAP device without packet information or
-// virtio-net header (opened by the administrator's tooling and inherited). On success the
-// TAP owns fd; on error fd is left open.
-func FromFD(fd int) (*TAP, error) {
+// Describe returns the name of the TAP device open on fd, checking that it is one umbra
+// can use (a TAP, without packet information or virtio-net header) without taking fd over.
+func Describe(fd int) (string, error) {
+	ifr, err := describe(fd)
+	if err != nil {
+		return "", err
+	}
+	return ifr.Name(), nil
+}
+
+func describe(fd int) (*unix.Ifreq, error) {
 	if fd < 3 {
 		return nil, fmt.Errorf("TAP file descriptor %d is standard input, output or error; hand the TAP over as descriptor 3 or above", fd)
 	}
@@ -170,6 +177,17 @@ func FromFD(fd int) (*TAP, error) {
 		return nil, fmt.Errorf("TAP %s (file descriptor %d) carries packet information; open it with IFF_NO_PI", ifr.Name(), fd)
 	case flags&unix.IFF_VNET_HDR != 0:
 		return nil, fmt.Errorf("TAP %s (file descriptor %d) carries a virtio-net header; open it without IFF_VNET_HDR", ifr.Name(), fd)
+	}
+	return ifr, nil
+}
+
+// FromFD takes over fd, which must be an open TAP device without packet information or
+// virtio-net header (opened by the administrator's tooling and inherited). On success the
+// TAP owns fd; on error fd is left open.
+func FromFD(fd int) (*TAP, error) {
+	ifr, err := describe(fd)
+	if err != nil {
+		return nil, err
 	}
 	if err := unix.SetNonblock(fd, true); err != nil {
 		return nil, fmt.Errorf("TAP %s: %w", ifr.Name(), err)

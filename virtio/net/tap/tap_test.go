@@ -141,6 +141,9 @@ func TestFromFD(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if name, err := Describe(fd); err != nil || name != "umbrat2" {
+		t.Fatalf("Describe = %q, %v", name, err)
+	}
 	handed, err := FromFD(fd)
 	if err != nil {
 		t.Fatal(err)
@@ -154,6 +157,9 @@ func TestFromFD(t *testing.T) {
 	defer null.Close()
 	if _, err := FromFD(int(null.Fd())); err == nil || !strings.Contains(err.Error(), "not a TUN/TAP") {
 		t.Errorf("/dev/null: %v", err)
+	}
+	if _, err := Describe(int(null.Fd())); err == nil || !strings.Contains(err.Error(), "not a TUN/TAP") {
+		t.Errorf("Describe /dev/null: %v", err)
 	}
 	if _, err := FromFD(1); err == nil || !strings.Contains(err.Error(), "standard") {
 		t.Errorf("fd 1: %v", err)
