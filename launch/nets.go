@@ -8,9 +8,10 @@ import (
 )
 
 // openNICs opens each network's TAP device for the VM, which closes them: in its
-// namespace (created there if it does not exist), or the inherited descriptor, which
-// must be the TAP the spec (and so the policy's input) names. On error the ones open are
-// closed (an inherited descriptor that was refused stays open, as umbra got it).
+// namespace (created there if it does not exist), or through the inherited descriptor,
+// which must be the TAP the spec (and so the policy's input) names. On error the ones
+// open are closed. An inherited descriptor is never closed here: it stays open, the
+// caller's, whatever the outcome.
 func openNICs(nets []monitor.NetworkSpec) ([]monitor.NIC, error) {
 	var out []monitor.NIC
 	for _, n := range nets {
@@ -30,19 +31,20 @@ func openNICs(nets []monitor.NetworkSpec) ([]monitor.NIC, error) {
 	return out, nil
 }
 
+// openTAP opens the network's TAP: the inherited descriptor's, which must be the TAP the
+// spec (and so the policy's input) names, or the one in its namespace. Either is locked
+// for this VM, so a TAP another VM holds is refused.
 func openTAP(n monitor.NetworkSpec) (*tap.TAP, error) {
 	if n.FD == 0 {
 		return tap.Open(n.Netns, n.TAPName())
 	}
-	name, err := tap.Describe(n.FD)
+	// The policy decided on the spec's TAP name: another device is not what it allowed.
+	// The descriptor stays the caller's: the VM gets a duplicate it closes.
+	t, err := tap.FromFD(n.FD, n.TAPName())
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("inherited descriptor: %w", err)
 	}
-	if name != n.TAPName() {
-		// The policy decided on the spec's TAP name: another device is not what it allowed.
-		return nil, fmt.Errorf("inherited descriptor %d is TAP %s, not %s as the spec says (and the policy was asked about)", n.FD, name, n.TAPName())
-	}
-	return tap.FromFD(n.FD)
+	return t, nil
 }
 
 func closeNICs(nics []monitor.NIC) {

@@ -25,7 +25,8 @@ type NetworkSpec struct {
 	// which the launch opens (creating it if missing) the TAP device.
 	Netns string `yaml:"netns,omitempty" json:"netns,omitempty"`
 	// FD, instead of Netns, is an open TAP device umbra inherited (the administrator's
-	// tooling made it): descriptor 3 or above, which must be the TAP named TAP.
+	// tooling made it): descriptor 3 or above, which must be the TAP named TAP. umbra
+	// never closes it: the VM uses a duplicate of its own (docs/network.md).
 	FD int `yaml:"fd,omitempty" json:"fd,omitempty"`
 	// TAP names the TAP device in Netns, or the one FD must be (default: the network's
 	// name).
