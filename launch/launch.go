@@ -398,6 +398,11 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 			log.Error("closing the VM's disks", "err", cerr)
 		}
 	}()
+	if lc.Run.CloakSecret == nil && snaps != nil && snaps.cloakSecret != nil {
+		// An unsealed VM's cloak secret comes from its snapshot secret: a snapshot
+		// of its cloaked apps then restores in a later run (docs/snapshot.md §4.7).
+		lc.Run.CloakSecret = snaps.cloakSecret
+	}
 	if lc.Run.CloakSecret == nil {
 		// The VM's cloak master secret is chosen here rather than inside the
 		// monitor, so that a migration can carry it to the destination.

@@ -53,6 +53,10 @@ type snapshotEnv struct {
 	audit  func(ctx context.Context, kind string, details any) error
 	// cannot says why this VM cannot be snapshotted ("" when it can).
 	cannot string
+	// cloakSecret is an unsealed VM's cloak master secret, derived from its snapshot
+	// secret so that a restore in a later run opens its cloaked apps (nil for a
+	// sealed VM, whose bundle holds it).
+	cloakSecret []byte
 
 	mu       sync.Mutex // one create at a time; guards last
 	last     *monitor.CheckpointInfo
@@ -123,6 +127,11 @@ func newSnapshotEnv(lc LaunchConfig, host string, audit func(context.Context, st
 	}
 	if env.key, err = snapshotKey(secret, host, lc.Spec.Name); err != nil {
 		return nil, err
+	}
+	if len(lc.Run.CloakSecret) == 0 {
+		if env.cloakSecret, err = hkdf.Key(sha256.New, secret, nil, "umbra unsealed cloak secret v1\x00"+lc.Spec.Name, 32); err != nil {
+			return nil, err
+		}
 	}
 	if env.store, err = snapstore.Open(snapshotDir(lc.StateDir, lc.Spec.Name)); err != nil {
 		return nil, err
