@@ -235,6 +235,10 @@ func (d *detachedMonitor) attach(c *launch.Control) {
 			// The VM's snapshot store is written by the jailed monitor.
 			err = chownTree(filepath.Join(filepath.Dir(path), "snapshots"), d.jail.UID)
 		}
+		if err == nil {
+			// So are its disk overlays (a snapshot freezes each disk under a new one).
+			err = chownTree(filepath.Join(filepath.Dir(path), "overlays"), d.jail.UID)
+		}
 		if err == nil && os.Geteuid() == 0 {
 			// Cloaking's userfaultfd cannot be created without privilege later. (An
 			// unprivileged monitor cannot create it at all where unprivileged
