@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/umbra-cc/umbra/internal/nettest"
+	"github.com/umbra-cc/umbra/internal/testenv"
 	"github.com/umbra-cc/umbra/launch"
 	"github.com/umbra-cc/umbra/virtio/net/tap"
 	"golang.org/x/sys/unix"
@@ -79,12 +80,13 @@ func (f *networkFixture) serverGot(t *testing.T, want string) {
 	}
 }
 
-// netVMTimeout bounds a network VM's run (its spec's timeout): a Linux boot and one
-// exchange take 25-60 s here, a few minutes on a loaded CI host. netRunWithin bounds
-// the whole umbra run around it, so a hang ends the test with the run's output.
+// netVMTimeout bounds a network VM's run (its spec's timeout): the project's bound of
+// one test boot (a Linux boot and one exchange take 25-60 s here, minutes on a loaded
+// host). netRunWithin bounds the whole umbra run around it, so a hang ends the test with
+// the run's output instead of holding it for the spec's old 10 minutes.
 const (
-	netVMTimeout = "3m"
-	netRunWithin = 4 * time.Minute
+	netVMTimeout = testenv.LinuxTimeout
+	netRunWithin = netVMTimeout + time.Minute
 )
 
 // run is umbra run (with -v: a device error is in the output) of the spec at path,
@@ -117,7 +119,7 @@ func (f *networkFixture) run(t *testing.T, want int, path string) (string, strin
 func (f *networkFixture) specWith(t *testing.T, msg, networks string) string {
 	t.Helper()
 	y := fmt.Sprintf("apiVersion: umbra.dev/v1\nname: net-vm\nguest:\n  kernel: vmlinux\n  initrd: netinit.cpio\n  cmdline: %q\nmemory: 64MiB\nconsole: stdout\ntimeout: %s\nnetworks:\n%s",
-		netCmdline+" -- ip=10.0.2.15/24 server=10.0.2.1:7777 msg="+msg, netVMTimeout, networks)
+		netCmdline+" -- ip=10.0.2.15/24 server=10.0.2.1:7777 msg="+msg, netVMTimeout.String(), networks)
 	p := at(f.host, "vm.yaml")
 	if err := os.WriteFile(p, []byte(y), 0o644); err != nil {
 		t.Fatal(err)
