@@ -112,6 +112,7 @@ bench:
 		test $${PIPESTATUS[0]} -eq 0; }; \
 	b ./monitor '^BenchmarkCloakCompute$$' 5x; \
 	b ./virtio/blk '^BenchmarkRequest$$' 200x; \
+	b ./virtio/net '^BenchmarkNICTap$$' 2000x; \
 	b ./monitor '^BenchmarkVirtioNotify$$' 20000x; \
 	b ./monitor '^BenchmarkVirtioBlkRequest$$' 200x; \
 	b ./monitor '^BenchmarkCloakAppRun$$' 5x; \

@@ -22,9 +22,14 @@ type NetworkSpec struct {
 	// Name is the network's id (the policy's network id).
 	Name string `yaml:"name" json:"name"`
 	// Netns is the network namespace, named by the administrator (ip netns add), in
-	// which the monitor opens (creating it if missing) the TAP device.
-	Netns string `yaml:"netns" json:"netns"`
-	// TAP names the TAP device in Netns (default: the network's name).
+	// which the launch opens (creating it if missing) the TAP device.
+	Netns string `yaml:"netns,omitempty" json:"netns,omitempty"`
+	// FD, instead of Netns, is an open TAP device umbra inherited (the administrator's
+	// tooling made it): descriptor 3 or above, which must be the TAP named TAP. umbra
+	// never closes it: the VM uses a duplicate of its own (docs/network.md).
+	FD int `yaml:"fd,omitempty" json:"fd,omitempty"`
+	// TAP names the TAP device in Netns, or the one FD must be (default: the network's
+	// name).
 	TAP string `yaml:"tap,omitempty" json:"tap,omitempty"`
 	// MAC is the NIC's unicast MAC address, aa:bb:cc:dd:ee:ff.
 	MAC string `yaml:"mac" json:"mac"`
@@ -48,11 +53,20 @@ const DeviceVirtioNet = "virtio-net"
 // identity as the policy saw it (JSON of NetworkIdentity).
 const TypeGuestNetwork = "guest-network"
 
+// MaxNICs bounds a VM's networks (they share the virtio slots with the disks).
+const MaxNICs = 4
+
+// maxNetFD bounds an inherited TAP's descriptor (far above any process's limit).
+const maxNetFD = 1 << 20
+
 var netNameRE = regexp.MustCompile(`^[a-z][a-z0-9-]{0,14}$`)
 
 // validateNetworks checks the networks section against what the disks leave of the
 // virtio slots; the error names the entry and field.
 func validateNetworks(nets []NetworkSpec, disks int) error {
+	if len(nets) > MaxNICs {
+		return fmt.Errorf("VM spec: %d networks; at most %d are supported", len(nets), MaxNICs)
+	}
 	if len(nets)+disks > len(virtioIRQs) {
 		return fmt.Errorf("VM spec: %d disks and %d networks; at most %d virtio devices in all are supported", disks, len(nets), len(virtioIRQs))
 	}
@@ -66,15 +80,27 @@ func validateNetworks(nets []NetworkSpec, disks int) error {
 		if names[n.Name] {
 			return fmt.Errorf("%s: name is used twice", where)
 		}
-		if err := tap.ValidNetns(n.Netns); err != nil {
-			return fmt.Errorf("%s: netns: %w", where, err)
+		key := "netns " + n.Netns + "/" + n.TAPName()
+		switch {
+		case n.Netns != "" && n.FD != 0:
+			return fmt.Errorf("%s: netns and fd are exclusive: name the namespace the TAP is opened in, or the inherited descriptor of an open TAP", where)
+		case n.Netns == "" && n.FD == 0:
+			return fmt.Errorf("%s: needs netns (the namespace to open the TAP in) or fd (an inherited TAP's descriptor)", where)
+		case n.FD != 0:
+			if n.FD < 3 || n.FD > maxNetFD {
+				return fmt.Errorf("%s: fd %d must be an inherited descriptor in [3, %d] (0-2 are standard input, output and error)", where, n.FD, maxNetFD)
+			}
+			key = fmt.Sprintf("fd %d", n.FD)
+		default:
+			if err := tap.ValidNetns(n.Netns); err != nil {
+				return fmt.Errorf("%s: netns: %w", where, err)
+			}
 		}
 		if err := tap.ValidName(n.TAPName()); err != nil {
 			return fmt.Errorf("%s: tap: %w", where, err)
 		}
-		key := n.Netns + "/" + n.TAPName()
 		if taps[key] {
-			return fmt.Errorf("%s: TAP %s in %s is already another network's", where, n.TAPName(), n.Netns)
+			return fmt.Errorf("%s: TAP %s (%s) is already another network's", where, n.TAPName(), key)
 		}
 		mac, err := ParseMAC(n.MAC)
 		if err != nil {
@@ -125,8 +151,9 @@ type NetworkIdentity struct {
 	MAC   string `json:"mac,omitempty"`
 }
 
-// IdentifyNetwork is the network's identity: a TAP in a named namespace is "bridged"
-// (the guest's frames go to that host interface as they are).
+// IdentifyNetwork is the network's identity: a TAP is "bridged" (the guest's frames go
+// to that host interface as they are). An inherited TAP has no netns: umbra cannot name
+// the namespace of a descriptor it was handed (the launch checks the TAP's name).
 func IdentifyNetwork(n NetworkSpec) NetworkIdentity {
 	mac, _ := ParseMAC(n.MAC)
 	return NetworkIdentity{ID: n.Name, Mode: "bridged", Netns: n.Netns, TAP: n.TAPName(), MAC: mac.String()}

@@ -2,6 +2,7 @@ package monitor
 
 import (
 	"context"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -32,9 +33,10 @@ func TestLinuxVirtioNet(t *testing.T) {
 		t.Fatal(err)
 	}
 	mac, _ := ParseMAC("52:54:00:12:34:56")
-	var console testenv.Buffer
+	var console, vmLog testenv.Buffer
 	cfg := Config{
 		Image: kern, Boot: BootLinux, Initrd: ird, MemorySize: linuxTestMemory, Console: &console, Timeout: linuxTestTimeout,
+		Logger:  slog.New(slog.NewTextHandler(&vmLog, &slog.HandlerOptions{Level: slog.LevelWarn})),
 		Cmdline: linuxTestCmdline + " -- ip=10.0.2.15/24 server=10.0.2.1:7777 msg=hello-from-the-guest",
 		NICs:    []NIC{{Name: "net0", MAC: [6]byte(mac), Backend: dev}},
 	}
@@ -46,7 +48,8 @@ func TestLinuxVirtioNet(t *testing.T) {
 	res, err := v.Run(context.Background())
 	out := strings.ReplaceAll(console.String(), "\r\n", "\n")
 	if err != nil || res.ExitStatus != 0 || !strings.Contains(out, "UMBRA-NET: echo: hello-from-the-guest") {
-		t.Fatalf("run: %v (status %v)\n%s", err, res, out)
+		// The NIC's counters and the monitor's warnings (a device error names its cause).
+		t.Fatalf("run: %v (status %v)\nNIC: %+v\nmonitor log:\n%s\nconsole:\n%s", err, res, v.NICStats()["net0"], vmLog.String(), out)
 	}
 	select {
 	case l := <-lines:

@@ -70,6 +70,37 @@ func (n *Netns) AddTAP(t testing.TB, name, cidr string) {
 	n.IP(t, "link", "set", name, "up")
 }
 
+// OpenTAP opens the namespace's TAP device name as the administrator's tooling would
+// before handing it to umbra (open /dev/net/tun, TUNSETIFF IFF_TAP|IFF_NO_PI inside the
+// namespace), without umbra's tap package, and returns the raw descriptor, closed when
+// the test ends.
+func (n *Netns) OpenTAP(t testing.TB, name string) int {
+	t.Helper()
+	fd := -1
+	err := n.Do(t, func() error {
+		f, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		ifr, err := unix.NewIfreq(name)
+		if err == nil {
+			ifr.SetUint16(unix.IFF_TAP | unix.IFF_NO_PI)
+			err = unix.IoctlIfreq(f, unix.TUNSETIFF, ifr)
+		}
+		if err != nil {
+			unix.Close(f)
+			return fmt.Errorf("TUNSETIFF %s: %w", name, err)
+		}
+		fd = f
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("open TAP %s in %s: %v", name, n.Name, err)
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+	return fd
+}
+
 // Do runs f on a locked OS thread inside the namespace, then returns the thread to the
 // host's namespace. Sockets f creates stay in the namespace.
 func (n *Netns) Do(t testing.TB, f func() error) error {

@@ -38,9 +38,14 @@ type Header struct {
 
 // ParseTxHeader decodes and validates the header in front of a transmitted frame. The
 // device offers no checksum or segmentation offload, so a driver may ask for neither:
-// flags and gso_type must be zero, and num_buffers (receive only) must be zero too
-// (virtio 1.2, 5.1.6.2.1). hdr_len, gso_size and the checksum fields mean nothing without
-// those features and are ignored, as the spec lets the device do.
+// flags and gso_type must be zero. hdr_len, gso_size and the checksum fields mean nothing
+// without those features, and num_buffers means something only in a received frame's
+// header with VIRTIO_NET_F_MRG_RXBUF; all four are ignored, as the spec lets the device
+// do. num_buffers in particular must be: virtio 1.2 (5.1.6.2.1) asks the driver to zero
+// it, but Linux's driver zeroes it only when it negotiated mergeable receive buffers
+// (xmit_skb), which this device does not offer, so a Linux guest's transmit header
+// carries whatever the packet's headroom held. Refusing that broke the NIC of a Linux
+// guest now and then (the driver never resets it; its network hung).
 func ParseTxHeader(b []byte) (Header, error) {
 	if len(b) < HeaderLen {
 		return Header{}, fmt.Errorf("%w: virtio-net transmit header is %d bytes, want %d", virtio.ErrDriver, len(b), HeaderLen)
@@ -59,8 +64,6 @@ func ParseTxHeader(b []byte) (Header, error) {
 		return h, fmt.Errorf("%w: virtio-net transmit header has flags %#x; the device offers no checksum offload (VIRTIO_NET_F_CSUM), so flags must be 0", virtio.ErrDriver, h.Flags)
 	case h.GSOType != gsoNone:
 		return h, fmt.Errorf("%w: virtio-net transmit header has gso_type %d; the device offers no segmentation offload, so it must be 0 (none)", virtio.ErrDriver, h.GSOType)
-	case h.NumBuffers != 0:
-		return h, fmt.Errorf("%w: virtio-net transmit header has num_buffers %d; a driver must set it to 0", virtio.ErrDriver, h.NumBuffers)
 	}
 	return h, nil
 }

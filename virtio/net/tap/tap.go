@@ -42,9 +42,11 @@ func ValidName(name string) error {
 }
 
 // TAP is an open TAP device carrying Ethernet frames without packet information or a
-// virtio-net header (IFF_TAP|IFF_NO_PI). It is a virtio/net Backend.
+// virtio-net header (IFF_TAP|IFF_NO_PI), and the lock that makes it this TAP's only user
+// among umbra's VMs on the host. It is a virtio/net Backend.
 type TAP struct {
-	f     *os.File
+	f     *os.File // the TAP's own descriptor: opened here, or a duplicate of an inherited one
+	lock  *os.File
 	name  string
 	netns string
 }
@@ -68,8 +70,15 @@ func (t *TAP) WritePacket(p []byte) error {
 	return err
 }
 
-// Close closes the TAP; a non-persistent TAP the monitor created disappears.
-func (t *TAP) Close() error { return t.f.Close() }
+// Close closes the TAP's descriptor and releases its lock; a non-persistent TAP the
+// monitor created disappears. An inherited descriptor FromFD duplicated stays open.
+func (t *TAP) Close() error {
+	err := t.f.Close()
+	if lerr := t.lock.Close(); err == nil {
+		err = lerr
+	}
+	return err
+}
 
 // Open opens the TAP device name inside the named network namespace, creating it there if
 // it does not exist.
@@ -88,6 +97,15 @@ func Open(netns, name string) (*TAP, error) {
 	defer unix.Close(nsFD)
 	if typ, err := unix.IoctlRetInt(nsFD, unix.NS_GET_NSTYPE); err != nil || typ != unix.CLONE_NEWNET {
 		return nil, fmt.Errorf("network namespace %s: %s is not a network namespace (NS_GET_NSTYPE: %d, %v)", netns, nsPath, typ, err)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(nsFD, &st); err != nil {
+		return nil, fmt.Errorf("network namespace %s: %w", netns, err)
+	}
+	// Locked before it is opened: an attach to a TAP another VM holds must not happen.
+	lock, err := lockTAP(st.Ino, name, "network namespace "+netns)
+	if err != nil {
+		return nil, err
 	}
 	type result struct {
 		fd  int
@@ -123,9 +141,10 @@ func Open(netns, name string) (*TAP, error) {
 	}()
 	r := <-done
 	if r.err != nil {
+		lock.Close()
 		return nil, fmt.Errorf("TAP %s in network namespace %s: %w", name, netns, r.err)
 	}
-	return &TAP{f: os.NewFile(uintptr(r.fd), "tap "+name), name: name, netns: netns}, nil
+	return &TAP{f: os.NewFile(uintptr(r.fd), "tap "+name), lock: lock, name: name, netns: netns}, nil
 }
 
 // create opens /dev/net/tun and attaches it to the TAP name (created if missing) in the
@@ -148,35 +167,114 @@ func create(name string) (int, error) {
 	return fd, nil
 }
 
-// FromFD takes over fd, which must be an open TAP device without packet information or
-// virtio-net header (opened by the administrator's tooling and inherited). On success the
-// TAP owns fd; on error fd is left open.
-func FromFD(fd int) (*TAP, error) {
+// FromFD opens the TAP device on fd, a descriptor umbra inherited (the administrator's
+// tooling opened the TAP), which must be the TAP named name, without packet information
+// or virtio-net header, and used by no other of umbra's VMs. The TAP gets a duplicate
+// descriptor of its own (close-on-exec, closed exactly once by Close): fd itself stays
+// the caller's, neither closed nor wrapped in an os.File, whatever the outcome. The two
+// share one open file description, so fd is non-blocking afterwards.
+func FromFD(fd int, name string) (*TAP, error) {
 	if fd < 3 {
-		return nil, fmt.Errorf("TAP file descriptor %d is standard input, output or error; hand the TAP over as descriptor 3 or above", fd)
+		return nil, fmt.Errorf("file descriptor %d is standard input, output or error; hand the TAP over as descriptor 3 or above", fd)
 	}
-	ifr, err := unix.NewIfreq("")
+	if err := ValidName(name); err != nil {
+		return nil, err
+	}
+	// The duplicate first: every check below is of the descriptor the TAP then uses, so
+	// the caller replacing fd meanwhile changes nothing.
+	own, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 3)
+	if err != nil {
+		if errors.Is(err, unix.EBADF) {
+			return nil, fmt.Errorf("file descriptor %d is not open: umbra inherited no such descriptor (hand the TAP over as that descriptor, without close-on-exec)", fd)
+		}
+		return nil, fmt.Errorf("file descriptor %d: duplicate: %w", fd, err)
+	}
+	t, err := fromOwnFD(fd, own, name)
+	if err != nil {
+		unix.Close(own)
+		return nil, err
+	}
+	return t, nil
+}
+
+// fromOwnFD checks own (the duplicate of the caller's fd) and wraps it; on error the
+// caller closes own.
+func fromOwnFD(fd, own int, name string) (*TAP, error) {
+	got, err := describe(fd, own)
 	if err != nil {
 		return nil, err
 	}
-	if err := unix.IoctlIfreq(fd, unix.TUNGETIFF, ifr); err != nil {
-		return nil, fmt.Errorf("file descriptor %d is not a TUN/TAP device (TUNGETIFF: %w)", fd, err)
+	if got != name {
+		return nil, fmt.Errorf("file descriptor %d is TAP %s, not %s", fd, got, name)
+	}
+	nsFD, err := unix.IoctlRetInt(own, unix.TUNGETDEVNETNS)
+	if err != nil {
+		return nil, fmt.Errorf("TAP %s (file descriptor %d): which network namespace it is in (TUNGETDEVNETNS: %w); umbra needs CAP_NET_ADMIN over that namespace to check that no other VM uses the TAP", name, fd, err)
+	}
+	var st unix.Stat_t
+	err = unix.Fstat(nsFD, &st)
+	unix.Close(nsFD)
+	if err != nil {
+		return nil, fmt.Errorf("TAP %s (file descriptor %d): its network namespace: %w", name, fd, err)
+	}
+	lock, err := lockTAP(st.Ino, name, fmt.Sprintf("file descriptor %d", fd))
+	if err != nil {
+		return nil, err
+	}
+	if err := unix.SetNonblock(own, true); err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("TAP %s (file descriptor %d): %w", name, fd, err)
+	}
+	// The only os.File over own, which the TAP owns from here on.
+	return &TAP{f: os.NewFile(uintptr(own), "tap "+name), lock: lock, name: name}, nil
+}
+
+// describe names the TAP device open on own (fd's duplicate), checking that it is one
+// umbra can use; errors name fd, the descriptor the caller knows.
+func describe(fd, own int) (string, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(own, &st); err != nil {
+		return "", fmt.Errorf("file descriptor %d: %w", fd, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFCHR {
+		return "", fmt.Errorf("file descriptor %d is %s, not a TAP device (a descriptor of /dev/net/tun attached to a TAP)", fd, fileKind(st.Mode))
+	}
+	ifr, err := unix.NewIfreq("")
+	if err != nil {
+		return "", err
+	}
+	if err := unix.IoctlIfreq(own, unix.TUNGETIFF, ifr); err != nil {
+		if errors.Is(err, unix.EBADFD) {
+			return "", fmt.Errorf("file descriptor %d is /dev/net/tun attached to no interface; attach it to the TAP (TUNSETIFF) before handing it over", fd)
+		}
+		return "", fmt.Errorf("file descriptor %d is not a TUN/TAP device (TUNGETIFF: %w)", fd, err)
 	}
 	flags := ifr.Uint16()
 	switch {
 	case flags&unix.IFF_TAP == 0:
-		return nil, fmt.Errorf("file descriptor %d is a TUN device (%s); umbra needs a TAP (Ethernet frames)", fd, ifr.Name())
+		return "", fmt.Errorf("file descriptor %d is a TUN device (%s); umbra needs a TAP (Ethernet frames)", fd, ifr.Name())
 	case flags&unix.IFF_NO_PI == 0:
-		return nil, fmt.Errorf("TAP %s (file descriptor %d) carries packet information; open it with IFF_NO_PI", ifr.Name(), fd)
+		return "", fmt.Errorf("TAP %s (file descriptor %d) carries packet information; open it with IFF_NO_PI", ifr.Name(), fd)
 	case flags&unix.IFF_VNET_HDR != 0:
-		return nil, fmt.Errorf("TAP %s (file descriptor %d) carries a virtio-net header; open it without IFF_VNET_HDR", ifr.Name(), fd)
+		return "", fmt.Errorf("TAP %s (file descriptor %d) carries a virtio-net header; open it without IFF_VNET_HDR", ifr.Name(), fd)
 	}
-	if err := unix.SetNonblock(fd, true); err != nil {
-		return nil, fmt.Errorf("TAP %s: %w", ifr.Name(), err)
+	return ifr.Name(), nil
+}
+
+func fileKind(mode uint32) string {
+	switch mode & unix.S_IFMT {
+	case unix.S_IFREG:
+		return "a regular file"
+	case unix.S_IFDIR:
+		return "a directory"
+	case unix.S_IFSOCK:
+		return "a socket"
+	case unix.S_IFIFO:
+		return "a pipe"
+	case unix.S_IFBLK:
+		return "a block device"
+	case unix.S_IFLNK:
+		return "a symbolic link"
 	}
-	f := os.NewFile(uintptr(fd), "tap "+ifr.Name())
-	if f == nil {
-		return nil, errors.New("invalid file descriptor")
-	}
-	return &TAP{f: f, name: ifr.Name()}, nil
+	return fmt.Sprintf("a file of mode %#o", mode&unix.S_IFMT)
 }

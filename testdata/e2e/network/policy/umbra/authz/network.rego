@@ -35,6 +35,16 @@ networks contains input.request.network if input.action == "connect_network"
 
 network_allowed(n) if data.umbra.network.networks[n.id].netns == n.netns
 
+# A TAP umbra inherited as a descriptor has no namespace in the input: such a network is
+# allowed only where listed as inherited, with the TAP it must be (umbra checks the
+# descriptor is that TAP before the VM uses it).
+network_allowed(n) if {
+	not n.netns
+	allowed := data.umbra.network.networks[n.id]
+	allowed.inherited == true
+	allowed.tap == n.tap
+}
+
 # The message reads the optional fields with defaults: an undefined one would make the
 # whole rule undefined, and the deny would silently not fire.
 deny contains reason("network.not_allowed", sprintf("network %q (TAP %s in namespace %s, MAC %s) is not allowed for net-vm", [n.id, object.get(n, "tap", "?"), object.get(n, "netns", "?"), object.get(n, "mac", "?")]), "network.rego:networks") if {

@@ -2,7 +2,7 @@ package umbra.authz_test
 
 import data.umbra.authz
 
-cfg := {"operators": ["unix:op"], "kernels": ["k"], "networks": {"lan": {"netns": "ns1"}}}
+cfg := {"operators": ["unix:op"], "kernels": ["k"], "networks": {"lan": {"netns": "ns1"}, "up": {"inherited": true, "tap": "umbra1"}}}
 
 lan := {"id": "lan", "mode": "bridged", "netns": "ns1", "tap": "umbra0", "mac": "52:54:00:12:34:56"}
 
@@ -32,4 +32,25 @@ test_network_without_namespace_refused if {
 	not d.allow
 	some r in d.deny
 	r.code == "network.not_allowed"
+}
+
+inherited := {"id": "up", "mode": "bridged", "tap": "umbra1", "mac": "52:54:00:12:34:57"}
+
+test_inherited_network_connects if {
+	authz.allow with input as inp("connect_network", [inherited], {"network": inherited}) with data.umbra.network as cfg
+	authz.allow with input as inp("launch", [lan, inherited], {}) with data.umbra.network as cfg
+}
+
+test_inherited_network_of_another_tap_refused if {
+	other := object.union(inherited, {"tap": "umbra9"})
+	d := authz.decision with input as inp("connect_network", [other], {"network": other}) with data.umbra.network as cfg
+	not d.allow
+	some r in d.deny
+	r.code == "network.not_allowed"
+}
+
+test_inherited_network_not_listed_as_such_refused if {
+	# lan is listed with a namespace: an inherited descriptor does not satisfy it.
+	bare := {"id": "lan", "mode": "bridged", "tap": "lan", "mac": "52:54:00:12:34:56"}
+	not authz.allow with input as inp("connect_network", [bare], {"network": bare}) with data.umbra.network as cfg
 }
