@@ -90,8 +90,11 @@ type MigrateArgs struct {
 	// Destination is the address the CLI dialled, for the audit record; the
 	// destination's identity is what its quote proves, not this.
 	Destination string `json:"destination"`
-	// Compress seals the checkpoint's blocks zstd-compressed.
+	// Compress seals the checkpoint's blocks zstd-compressed (Compression "zstd").
 	Compress bool `json:"compress,omitempty"`
+	// Compression is "auto" (the default: compress when the measured channel is
+	// slower than what the compressor saves), "zstd" or "none".
+	Compression string `json:"compression,omitempty"`
 	// SharedDisks names the disks whose images the destination sees too (shared
 	// storage): they are not copied. Every other disk is copied (storage migration).
 	SharedDisks []string `json:"shared_disks,omitempty"`
@@ -109,6 +112,8 @@ type MigrateResult struct {
 	DiskBytes       int64         `json:"disk_bytes,omitempty"`
 	DiskRounds      int           `json:"disk_rounds,omitempty"`
 	DiskPause       time.Duration `json:"disk_pause_ns,omitempty"`
+	// Compression is what the source chose for the checkpoint, with its measurements.
+	Compression *migration.CompressionChoice `json:"compression,omitempty"`
 }
 
 func opMigrate(ctx context.Context, c *Control, p policy.Principal, raw json.RawMessage) (any, error) {
@@ -142,6 +147,13 @@ func opMigrate(ctx context.Context, c *Control, p policy.Principal, raw json.Raw
 	if err := c.checkDiskTops(); err != nil {
 		return nil, fmt.Errorf("VM %s cannot be migrated: %w", c.spec.Name, err)
 	}
+	mode, err := migration.ParseCompression(args.Compression)
+	if err != nil || (args.Compress && mode == migration.CompressOff) {
+		return nil, &ArgsError{Operation: "migrate", Err: fmt.Errorf("compression: give auto, zstd or none (compress is zstd)")}
+	}
+	if args.Compress {
+		mode = migration.CompressOn
+	}
 	disks, err := env.prepareDisks(args.SharedDisks)
 	if err != nil {
 		return nil, &ArgsError{Operation: "migrate", Err: err}
@@ -161,11 +173,12 @@ func opMigrate(ctx context.Context, c *Control, p policy.Principal, raw json.Raw
 	}
 	defer ac.Close()
 	peer := ac.Peer()
-	var src migration.Source = &migratingVM{c: c, env: env, compress: args.Compress, dest: hostName, fp: peer.Fingerprint, by: p.ID}
+	mv := &migratingVM{c: c, env: env, dest: hostName, fp: peer.Fingerprint, by: p.ID}
+	var src migration.Source = mv
 	if len(env.disks) > 0 {
 		src = migratingVMWithDisks{src.(*migratingVM), disks}
 	}
-	rep, err := migration.Send(ctx, ac, src, migration.Offer{VM: c.spec.Name, Generation: max(env.version, 1), Secrets: env.secrets}, migration.Options{})
+	rep, err := migration.Send(ctx, ac, src, migration.Offer{VM: c.spec.Name, Generation: max(env.version, 1), Secrets: env.secrets}, migration.Options{Compression: mode})
 	switch {
 	case errors.Is(err, migration.ErrInDoubt):
 		env.audit(context.WithoutCancel(ctx), KindMigrateInDoubt, map[string]any{"destination": hostName, "host_fingerprint": peer.Fingerprint, "error": err.Error()})
@@ -180,7 +193,7 @@ func opMigrate(ctx context.Context, c *Control, p policy.Principal, raw json.Raw
 	return &MigrateResult{
 		Destination: args.Destination, HostName: hostName, HostFingerprint: peer.Fingerprint,
 		Downtime: rep.Downtime, Total: rep.Total, CheckpointBytes: rep.CheckpointBytes, FileBytes: rep.FileBytes,
-		DiskBytes: rep.DiskBytes, DiskRounds: rep.DiskRounds, DiskPause: rep.DiskPause,
+		DiskBytes: rep.DiskBytes, DiskRounds: rep.DiskRounds, DiskPause: rep.DiskPause, Compression: rep.Compression,
 	}, nil
 }
 
@@ -254,6 +267,7 @@ type migratingVM struct {
 	c        *Control
 	env      *migrationEnv
 	compress bool
+	choice   *migration.CompressionChoice // Send's, for the audit record
 	dest, fp string
 	by       string
 }
@@ -294,7 +308,7 @@ func (m *migratingVM) Handover(ctx context.Context, peer attestconn.Peer) error 
 			return fmt.Errorf("retire the sealed bundle's version %d on this host: %w", env.version, err)
 		}
 	}
-	return env.audit(ctx, KindMigrateOut, map[string]any{"destination": m.dest, "host_fingerprint": peer.Fingerprint, "by": m.by, "series": env.series, "version": env.version})
+	return env.audit(ctx, KindMigrateOut, map[string]any{"destination": m.dest, "host_fingerprint": peer.Fingerprint, "by": m.by, "series": env.series, "version": env.version, "compression": m.choice})
 }
 
 // migratedMarker is STATE/vms/NAME/migrated: the VM left this host.

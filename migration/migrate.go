@@ -91,6 +91,9 @@ type Options struct {
 	StepTimeout time.Duration
 	// Storage bounds the pre-copy of copied disks.
 	Storage StorageOptions
+	// Compression is how the checkpoint is compressed, for a CompressionSource
+	// (compress.go; the zero value measures and chooses).
+	Compression Compression
 }
 
 func (o Options) step() time.Duration {
@@ -113,6 +116,9 @@ type Report struct {
 	// the part of the downtime the disks took (flush and last copy).
 	DiskRounds int
 	DiskPause  time.Duration
+	// Compression is what the source chose for the checkpoint and why (source side;
+	// nil for a source that cannot compress).
+	Compression *CompressionChoice
 }
 
 // deadline arms conn's deadline for one step.
@@ -185,6 +191,16 @@ func Send(ctx context.Context, conn *attestconn.Conn, src Source, offer Offer, o
 			}
 		}
 	}()
+	if cs, ok := src.(CompressionSource); ok {
+		ch := CompressionChoice{Mode: opt.Compression.String(), Compress: opt.Compression == CompressOn, Reason: "asked"}
+		if opt.Compression == CompressAuto {
+			if ch, err = chooseCompression(conn, cs, step); err != nil {
+				return nil, fmt.Errorf("migration: choose the compression: %w", err)
+			}
+		}
+		cs.SetCompression(ch)
+		rep.Compression = &ch
+	}
 	sw := newStreamWriter(deadlineWriter{conn, step}, MaxCheckpointBytes)
 	pausedAt, err := src.Checkpoint(ctx, sw, offer.Key)
 	if !pausedAt.IsZero() {
@@ -329,7 +345,11 @@ func Receive(ctx context.Context, conn *attestconn.Conn, dst Destination, spoolD
 	if in.Checkpoint, err = spool(spoolDir); err != nil {
 		return nil, refuse(frameReady, err)
 	}
-	if in.CheckpointSize, err = receiveStream(readDeadline{conn, step}, in.Checkpoint, MaxCheckpointBytes, "the checkpoint"); err != nil {
+	ckr, err := checkpointReader(conn, readDeadline{conn, step}, step)
+	if err != nil {
+		return nil, fmt.Errorf("migration: %w", err)
+	}
+	if in.CheckpointSize, err = receiveStream(ckr, in.Checkpoint, MaxCheckpointBytes, "the checkpoint"); err != nil {
 		return nil, err
 	}
 	rep.CheckpointBytes = in.CheckpointSize

@@ -151,7 +151,10 @@ type pair struct {
 }
 
 // attested connects two attested hosts over loopback TCP.
-func attested(t testing.TB) pair {
+func attested(t testing.TB) pair { return attestedWith(t, nil) }
+
+// attestedWith is attested with the source's connection wrapped by wrap (under TLS).
+func attestedWith(t testing.TB, wrap func(net.Conn) net.Conn) pair {
 	t.Helper()
 	a, b := attestconntest.NewHost(t, attestconntest.ApprovedMonitor), attestconntest.NewHost(t, attestconntest.ApprovedMonitor)
 	ref := attestconntest.Reference(a, b)
@@ -179,6 +182,9 @@ func attested(t testing.TB) pair {
 	nc, err := net.Dial("tcp", ln.Addr().String())
 	if err != nil {
 		t.Fatal(err)
+	}
+	if wrap != nil {
+		nc = wrap(nc)
 	}
 	p.wire = &recorder{Conn: nc}
 	var cerr error

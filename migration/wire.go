@@ -31,12 +31,17 @@ const (
 	frameDisk     frameKind = 8
 	frameDiskSync frameKind = 9
 	frameDiskDone frameKind = 10
+	// The channel probe (compress.go).
+	frameProbe    frameKind = 11
+	frameProbeEnd frameKind = 12
+	frameProbeAck frameKind = 13
 )
 
 var frameNames = map[frameKind]string{
 	frameOffer: "offer", frameVerdict: "verdict", frameData: "data", frameEnd: "end",
 	frameReady: "ready", frameCommit: "commit", frameRunning: "running",
 	frameDisk: "disk", frameDiskSync: "disk-sync", frameDiskDone: "disk-done",
+	frameProbe: "probe", frameProbeEnd: "probe-end", frameProbeAck: "probe-ack",
 }
 
 func (k frameKind) String() string {
@@ -68,7 +73,9 @@ func maxFrame(k frameKind) int {
 		return MaxOfferBytes
 	case frameData, frameDisk:
 		return MaxChunk
-	case frameVerdict, frameEnd, frameReady, frameCommit, frameRunning, frameDiskSync, frameDiskDone:
+	case frameProbe:
+		return probeFrame
+	case frameVerdict, frameEnd, frameReady, frameCommit, frameRunning, frameDiskSync, frameDiskDone, frameProbeEnd, frameProbeAck:
 		return maxSmallFrame
 	}
 	return -1

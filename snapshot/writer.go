@@ -112,8 +112,7 @@ func NewWriter(w io.Writer, key []byte, opt Options) (*Writer, error) {
 		info: Info{ID: h.ID, Parent: h.Parent, Generation: h.Generation, ParentGeneration: h.ParentGeneration,
 			PagesPerBlock: ppb, Compressed: opt.Compress}}
 	if opt.Compress {
-		sw.enc, err = zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1),
-			zstd.WithEncoderCRC(false), zstd.WithWindowSize(1<<20))
+		sw.enc, err = newBlockEncoder()
 		if err != nil {
 			return nil, fmt.Errorf("snapshot: zstd encoder: %w", err)
 		}

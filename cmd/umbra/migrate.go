@@ -33,7 +33,8 @@ func runMigrate(ctx context.Context, env *cliEnv, args []string) int {
 			"commits, the VM keeps running here. docs/migration.md")
 	cf := addControlFlags(fs, true)
 	to := fs.String("to", "", "address of the destination's umbra receive (HOST:PORT)")
-	compress := fs.Bool("compress", false, "zstd-compress the checkpoint's blocks (pays off on slow links)")
+	compress := fs.Bool("compress", false, "always zstd-compress the checkpoint's blocks (--compression zstd)")
+	compression := fs.String("compression", "auto", "auto: compress when the measured channel is slower than what the compressor saves; zstd; none")
 	dialTimeout := fs.Duration("dial-timeout", 10*time.Second, "how long to wait for the destination to accept the connection")
 	var shared multiFlag
 	fs.Var(&shared, "shared-disk", "a disk whose image the destination sees too (shared storage): not copied (repeatable); every other disk is copied while the VM runs")
@@ -52,7 +53,7 @@ func runMigrate(ctx context.Context, env *cliEnv, args []string) int {
 	}
 	var res launch.MigrateResult
 	if code := relayTunnel(ctx, env, cl, vm, "migrate", *to, *dialTimeout, func(id string) error {
-		return cl.Operation(ctx, "migrate", launch.MigrateArgs{Tunnel: id, Destination: *to, Compress: *compress, SharedDisks: shared}, &res)
+		return cl.Operation(ctx, "migrate", launch.MigrateArgs{Tunnel: id, Destination: *to, Compress: *compress, Compression: *compression, SharedDisks: shared}, &res)
 	}); code != 0 {
 		return code
 	}
@@ -61,6 +62,9 @@ func runMigrate(ctx context.Context, env *cliEnv, args []string) int {
 		return 0
 	}
 	fmt.Fprintf(env.stdout, "VM %s migrated to %s (%s): downtime %v, %d checkpoint bytes in %v\n", vm, res.HostName, res.HostFingerprint, res.Downtime.Round(time.Microsecond), res.CheckpointBytes, res.Total.Round(time.Millisecond))
+	if c := res.Compression; c != nil {
+		fmt.Fprintf(env.stdout, "compression %s: %s\n", c.Mode, c.Reason)
+	}
 	if res.DiskBytes > 0 {
 		fmt.Fprintf(env.stdout, "disks: %d bytes copied, %d re-copy rounds, %v of the downtime\n", res.DiskBytes, res.DiskRounds, res.DiskPause.Round(time.Microsecond))
 	}

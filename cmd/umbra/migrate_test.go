@@ -126,7 +126,13 @@ func (w *migrationWorld) must(args ...string) string {
 // reconnect to a swtpm socket once jailed, and the migration quotes through it.
 func (w *migrationWorld) launchOnA(cmdline string) {
 	w.t.Helper()
-	spec := fmt.Sprintf("apiVersion: umbra.dev/v1\nname: mig\nguest:\n  image: %s\n  cmdline: %q\nmemory: 16MiB\n", w.path("guest.elf"), cmdline)
+	w.launchOnAWith(cmdline, "16MiB")
+}
+
+// launchOnAWith is launchOnA with memory of the given size.
+func (w *migrationWorld) launchOnAWith(cmdline, memory string) {
+	w.t.Helper()
+	spec := fmt.Sprintf("apiVersion: umbra.dev/v1\nname: mig\nguest:\n  image: %s\n  cmdline: %q\nmemory: %s\n", w.path("guest.elf"), cmdline, memory)
 	os.WriteFile(w.path("mig.yaml"), []byte(spec), 0o644)
 	args := append(append([]string{"run", "--detach", "--no-jail"}, w.a.tpm...), w.policy...)
 	w.must(append(args, w.path("mig.yaml"))...)
@@ -319,16 +325,24 @@ func TestMigrateRefusedBeforeAnythingLeaves(t *testing.T) {
 // replicator is umbra replicate in a process of its own (so a test can kill it).
 func (w *migrationWorld) replicate(addr string) *exec.Cmd {
 	w.t.Helper()
+	cmd, _ := w.umbraProcess("replicate", "mig", "--to", addr, "--interval", "200ms", "--lease", "1s", "--state-dir", w.a.state)
+	return cmd
+}
+
+// umbraProcess starts umbra args in a process of its own (so a test can kill it or
+// wait for it), its stdout and stderr together in the builder.
+func (w *migrationWorld) umbraProcess(args ...string) (*exec.Cmd, *strings.Builder) {
+	w.t.Helper()
 	exe, _ := os.Executable()
-	cmd := exec.Command(exe, "replicate", "mig", "--to", addr, "--interval", "200ms", "--lease", "1s", "--state-dir", w.a.state)
+	cmd := exec.Command(exe, args...)
 	cmd.Env = append(os.Environ(), "UMBRA_TEST_EXEC_MAIN=1")
-	var out strings.Builder
-	cmd.Stdout, cmd.Stderr = &out, &out
+	out := &strings.Builder{}
+	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {
 		w.t.Fatal(err)
 	}
 	w.t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	return cmd
+	return cmd, out
 }
 
 // standby is umbra standby on host B in a process of its own.
