@@ -120,8 +120,9 @@ deny contains reason("disk.qcow2", "no qcow2 disks here", "noqcow.rego") if {
 		t.Fatalf("restore under a policy refusing qcow2 disks = %d, want the frozen disk's decision refused:\n%s", code, errs)
 	}
 
-	// As it was: the snapshot's resume was not used up; it continues over a fresh overlay.
-	code, out, errs = w.restore("a", "s2")
+	// As it was: the snapshot's resume was not used up; it continues (lazily) over a fresh
+	// overlay.
+	code, out, errs = w.restore("a", "s2", "--lazy")
 	if code != 0 || !strings.Contains(out, "counter snap: done") || firstCounterLine(out) <= 0 {
 		t.Fatalf("restore s2 = %d:\n%s\n%s", code, out, errs)
 	}
