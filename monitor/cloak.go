@@ -394,10 +394,7 @@ func (c *cloaking) fatalErr() error {
 func (c *cloaking) register(call Call, e *kvm.ExitMMIO) appcontext.Errno {
 	v := c.v
 	sregs := *v.cpu.SyncedSregs()
-	as := appcontext.AddressSpace{
-		Mem: sysGuardedMem{v: v, cpl: call.CPL, cr3: call.CR3 & cr3AddrMask}, CR3: call.CR3 & cr3AddrMask,
-		Paging: appcontext.Paging{MaxPhysAddr: v.maxPhysAddr, NXE: sregs.EFER&eferNXE != 0, WP: sregs.CR0&cr0WP != 0},
-	}
+	as := v.sysSpace(call.CPL, call.CR3, &sregs)
 	refuse := func(err error) appcontext.Errno {
 		errno := appcontext.ErrnoOf(err)
 		c.audit(EventCloakRegister, map[string]any{"allow": false, "errno": errno.Error(), "error": err.Error(), "cr3": as.CR3, "rip": call.RIP})
