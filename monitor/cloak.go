@@ -194,8 +194,8 @@ type CloakStats struct {
 
 // cloakState returns the VM's cloaking state, creating it on first use.
 func (v *VM) cloakState() (*cloaking, error) {
-	if v.cloak != nil {
-		return v.cloak, nil
+	if c := v.activeCloak(); c != nil {
+		return c, nil
 	}
 	master := v.cfg.CloakSecret
 	if master == nil {
@@ -213,6 +213,11 @@ func (v *VM) cloakState() (*cloaking, error) {
 
 // newCloaking makes sm's cloaking state the VM's.
 func (v *VM) newCloaking(sm *shadowmem.VM) (*cloaking, error) {
+	ext := v.cloakExt()
+	if ext == nil {
+		sm.Close()
+		return nil, errors.New("cloaking: this VM was built without the cloaking extension")
+	}
 	sysView, err := v.mem.View("sys")
 	if err != nil {
 		sm.Close()
@@ -222,13 +227,13 @@ func (v *VM) newCloaking(sm *shadowmem.VM) (*cloaking, error) {
 	if slice <= 0 {
 		slice = DefaultCloakSlice
 	}
-	v.cloak = &cloaking{
+	c := &cloaking{
 		v: v, sm: sm, sysView: sysView, slice: slice,
 		byCR3: map[uint64]*cloakApp{}, plain: map[uint64]plainOwner{},
 	}
-	v.cloakLive.Store(v.cloak)
-	v.cloak.connectPageProt()
-	return v.cloak, nil
+	ext.set(c)
+	c.connectPageProt()
+	return c, nil
 }
 
 // close releases appVM and the userfaultfd and erases every key.
@@ -523,7 +528,7 @@ func (c *cloaking) ensureInfrastructure() error {
 				}
 			}
 		}
-		c.v.appCPU.Store(c.av.cpu)
+		c.v.cloakExt().cpu.Store(c.av.cpu)
 		// Apps restored from a checkpoint get their shadow tables with appVM (they
 		// start empty: every page the app touches is installed again at its fault).
 		c.mu.Lock()

@@ -17,7 +17,7 @@ func cryptoRandRead(b []byte) (int, error) { return rand.Read(b) }
 // runApp runs the app that holds the CPU (cloakLife.running) in appVM until it
 // leaves it. A non-nil error ends the run.
 func (v *VM) runApp(runCtx context.Context) error {
-	c := v.cloak
+	c := v.activeCloak()
 	x := c.runningApp()
 	if x == nil {
 		return nil

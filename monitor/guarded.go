@@ -122,7 +122,7 @@ func (v *VM) refused(r memguard.Request, d memguard.Decision, who func() map[str
 // process asked; cpl and cr3 say which), taking the cloaking lock if cloaking runs.
 func (v *VM) guardSys(r memguard.Request, cpl uint8, cr3 uint64) error {
 	details := func() map[string]any { return map[string]any{"cpl": cpl, "cr3": cr3} }
-	if c := v.cloak; c != nil {
+	if c := v.activeCloak(); c != nil {
 		c.mu.Lock()
 		defer c.mu.Unlock()
 		return c.guardLocked(c.guardView(), r, details)
@@ -295,7 +295,7 @@ func (r vcpuVirtReader) readVirt(gva uint64, buf []byte, user bool) error {
 	if user {
 		acc = appcontext.UserRead
 	}
-	if c := r.v.cloak; c != nil {
+	if c := r.v.activeCloak(); c != nil {
 		// The kernel (or any process) never gets a cloaked app's memory through the
 		// monitor: not by naming the app's addresses, not by naming its frames.
 		if err := c.checkSysBuffer(s, gva, uint64(len(buf))); err != nil {

@@ -78,14 +78,14 @@ func (m vmMachine) sysSpace(cpl uint8, cr3 uint64, s *kvm.Sregs) appcontext.Addr
 }
 
 func (m vmMachine) checkSysBuffer(s *kvm.Sregs, va, n uint64) error {
-	if c := m.v.cloak; c != nil {
+	if c := m.v.activeCloak(); c != nil {
 		return c.checkSysBuffer(s, va, n)
 	}
 	return nil
 }
 
 func (m vmMachine) carryOutSys(gpa uint64, buf []byte, write bool) error {
-	if c := m.v.cloak; c != nil {
+	if c := m.v.activeCloak(); c != nil {
 		c.sealForSystem(gpa, uint64(len(buf)))
 	}
 	if write {

@@ -83,23 +83,19 @@ type pageProt struct {
 	stats PageProtStats
 }
 
-// installPageProt creates the VM's page-protection service and wires it into the
-// exit path. Guest RAM must be mapped as slot 0 from the "sys" view.
-func (v *VM) installPageProt() error {
+// pageProtExtension creates the VM's page-protection service, the extension that
+// wires it into the exit path. Guest RAM must be mapped as slot 0 from the "sys" view.
+func pageProtExtension(v *VM) (extension, error) {
 	if err := v.sys.Require(kvm.CapReadonlyMem); err != nil {
-		return err
+		return nil, err
 	}
 	view, err := v.mem.View("sys")
 	if err != nil {
-		return err
+		return nil, err
 	}
 	sum := sha256.Sum256(v.cfg.Image)
 	kernel := []pageprot.Span{{Start: v.image.Start &^ (PageSize - 1), End: pageUp(v.image.End)}}
-	x, err := newPageProt(vmMachine{v}, view, hex.EncodeToString(sum[:]), kernel)
-	if err != nil {
-		return err
-	}
-	return v.addExtension(x)
+	return newPageProt(vmMachine{v}, view, hex.EncodeToString(sum[:]), kernel)
 }
 
 // newPageProt creates page protection on machine m, whose guest RAM (slot 0 at
