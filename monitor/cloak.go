@@ -162,6 +162,8 @@ type cloakApp struct {
 // cloaking is the cloaking state of one VM.
 type cloaking struct {
 	v *VM
+	// m is the VM as cloaking uses its vCPU, hooks and logger (machine.go).
+	m machine
 	// mu guards the state below against the userfaultfd goroutine, which runs only
 	// while the system VM's vCPU is blocked on a fault; the run loop never holds mu
 	// while it makes an ioctl on the system VM.
@@ -228,7 +230,7 @@ func (v *VM) newCloaking(sm *shadowmem.VM) (*cloaking, error) {
 		slice = DefaultCloakSlice
 	}
 	c := &cloaking{
-		v: v, sm: sm, sysView: sysView, slice: slice,
+		v: v, m: vmMachine{v}, sm: sm, sysView: sysView, slice: slice,
 		byCR3: map[uint64]*cloakApp{}, plain: map[uint64]plainOwner{},
 	}
 	ext.set(c)
@@ -281,13 +283,13 @@ func (c *cloaking) ctx() context.Context {
 	return context.Background()
 }
 
-func (c *cloaking) hooks() *Hooks { return c.v.cfg.Hooks }
+func (c *cloaking) hooks() *Hooks { return c.m.hooks() }
 
 // audit records a security event; a failure is logged (the action it describes, a
 // refusal or a kill, happens regardless: that is the fail-closed direction).
 func (c *cloaking) audit(kind string, details map[string]any) {
 	if err := c.hooks().audit(c.ctx(), kind, details); err != nil {
-		c.v.log.Error("cloak: audit record could not be written", "kind", kind, "err", err)
+		c.m.logger().Error("cloak: audit record could not be written", "kind", kind, "err", err)
 	}
 }
 
@@ -398,12 +400,12 @@ func (c *cloaking) fatalErr() error {
 // register handles CLOAK_REGISTER; it returns 0 or an errno.
 func (c *cloaking) register(call Call, e *kvm.ExitMMIO) appcontext.Errno {
 	v := c.v
-	sregs := *v.cpu.SyncedSregs()
+	sregs := *c.m.sregs()
 	as := v.sysSpace(call.CPL, call.CR3, &sregs)
 	refuse := func(err error) appcontext.Errno {
 		errno := appcontext.ErrnoOf(err)
 		c.audit(EventCloakRegister, map[string]any{"allow": false, "errno": errno.Error(), "error": err.Error(), "cr3": as.CR3, "rip": call.RIP})
-		v.log.Info("cloak: registration refused", "errno", errno, "err", err)
+		c.m.logger().Info("cloak: registration refused", "errno", errno, "err", err)
 		return errno
 	}
 	req, err := appcontext.ReadRegisterRequest(as, call.Args[0])
@@ -416,7 +418,7 @@ func (c *cloaking) register(call Call, e *kvm.ExitMMIO) appcontext.Errno {
 	// Every present page of every region must be a frame of guest RAM that no
 	// cloaked page occupies.
 	// The stack below the caller's red zone is dead.
-	deadBelow := v.cpu.SyncedRegs().RSP - 128
+	deadBelow := c.m.regs().RSP - 128
 	c.mu.Lock()
 	_, err = c.presentPages(as, req.Regions, deadBelow)
 	c.mu.Unlock()
@@ -434,7 +436,7 @@ func (c *cloaking) register(call Call, e *kvm.ExitMMIO) appcontext.Errno {
 	// appVM and the userfaultfd come with the first registration; a host that
 	// cannot give them cannot cloak: the app learns it and may run uncloaked.
 	if err := c.ensureInfrastructure(); err != nil {
-		v.log.Error("cloak: cannot cloak on this host", "err", err)
+		c.m.logger().Error("cloak: cannot cloak on this host", "err", err)
 		return refuse(&appcontext.ABIError{Errno: appcontext.EOPNOTSUPP, Field: "host", Err: err})
 	}
 	idHex := hex.EncodeToString(id[:])
@@ -460,12 +462,12 @@ func (c *cloaking) register(call Call, e *kvm.ExitMMIO) appcontext.Errno {
 
 	// Capture the app's user state from the system VM: finish the doorbell load
 	// (rax = 0, the call's result), then read everything.
-	if err := v.cpu.CompleteMMIO(0); err != nil {
+	if err := c.m.completeMMIO(0); err != nil {
 		c.setFatal(err)
 		return appcontext.EINVAL
 	}
-	regs := *v.cpu.SyncedRegs()
-	xs, err := v.cpu.XSAVE()
+	regs := *c.m.regs()
+	xs, err := c.m.xsave()
 	if err != nil {
 		c.setFatal(err)
 		return appcontext.EINVAL
@@ -490,7 +492,7 @@ func (c *cloaking) register(call Call, e *kvm.ExitMMIO) appcontext.Errno {
 		c.setFatal(err)
 		return appcontext.EINVAL
 	}
-	v.log.Info("cloak: app registered", "app", name, "identity", idHex, "seq", x.seq)
+	c.m.logger().Info("cloak: app registered", "app", name, "identity", idHex, "seq", x.seq)
 	return 0
 }
 
@@ -632,8 +634,8 @@ func (c *cloaking) resume(x *cloakApp, call Call, e *kvm.ExitMMIO) (uint64, bool
 		c.invariant(err)
 		return 0, false, c.fatal
 	}
-	if c.v.log.Enabled(c.ctx(), slog.LevelDebug) {
-		c.v.log.Debug("cloak: resume", "app", x.seq, "pending", x.pending.kind, "stage", x.pending.stage, "rdi", call.Args[0])
+	if c.m.logger().Enabled(c.ctx(), slog.LevelDebug) {
+		c.m.logger().Debug("cloak: resume", "app", x.seq, "pending", x.pending.kind, "stage", x.pending.stage, "rdi", call.Args[0])
 	}
 	c.checkMappings(x)
 	if x.ended() {
@@ -683,10 +685,10 @@ func (c *cloaking) exitNowLocked(x *cloakApp) error {
 // destination register (the emulator's register cache is invalidated by the write),
 // so the loaded value must be in the registers as well as in the exit's data.
 func (c *cloaking) setSysAction(rax uint64, args [6]uint64) {
-	r := c.v.cpu.SyncedRegs()
+	r := c.m.regs()
 	r.RAX = rax
 	r.RDI, r.RSI, r.RDX, r.R10, r.R8, r.R9 = args[0], args[1], args[2], args[3], args[4], args[5]
-	c.v.cpu.MarkRegsDirty()
+	c.m.markRegsDirty()
 }
 
 // act ends the app's turn in appVM: the trampoline, stopped at its CLOAK_RESUME,
@@ -720,8 +722,8 @@ func (c *cloaking) answerResume(x *cloakApp, to appState, rax uint64, args [6]ui
 	if !c.moveApp(x, to) {
 		return
 	}
-	if c.v.log.Enabled(c.ctx(), slog.LevelDebug) {
-		c.v.log.Debug("cloak: to kernel", "app", x.seq, "rax", int64(rax), "rdi", args[0], "rsi", args[1])
+	if c.m.logger().Enabled(c.ctx(), slog.LevelDebug) {
+		c.m.logger().Debug("cloak: to kernel", "app", x.seq, "rax", int64(rax), "rdi", args[0], "rsi", args[1])
 	}
 	c.setSysAction(rax, args)
 	e.SetReadData(rax)
@@ -764,7 +766,7 @@ func (c *cloaking) killLocked(x *cloakApp, short, reason, event string, details 
 	details["reason"] = reason
 	details["kill"] = true
 	c.audit(event, details)
-	c.v.log.Warn("cloak: app killed", "app", x.name, "seq", x.seq, "reason", reason)
+	c.m.logger().Warn("cloak: app killed", "app", x.name, "seq", x.seq, "reason", reason)
 	c.endApp(x, killedTo(x), "killed", short+": "+reason, cloakKillStatus)
 }
 

@@ -61,9 +61,9 @@ func (v *VM) runApp(runCtx context.Context) error {
 		}
 		c.mu.Lock()
 		x.sum.AppExits++
-		if v.log.Enabled(runCtx, slog.LevelDebug) {
+		if c.m.logger().Enabled(runCtx, slog.LevelDebug) {
 			// Never the app's registers or fault addresses: they are cloaked state.
-			v.log.Debug("cloak: appVM exit", "app", x.seq, "kind", tr.kind, "vector", tr.vector)
+			c.m.logger().Debug("cloak: appVM exit", "app", x.seq, "kind", tr.kind, "vector", tr.vector)
 		}
 		reload = tr.kind != trapInStub
 		switch tr.kind {

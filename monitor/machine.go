@@ -7,8 +7,8 @@ import (
 	"github.com/umbra-cc/umbra/kvm"
 )
 
-// machine is what a feature extension (page protection; cloaking as it moves over)
-// uses of the VM, instead of reaching into its fields: the vCPU at the exit being
+// machine is what a feature extension (page protection, cloaking's use of the system
+// VM's vCPU, hooks and logger) uses of the VM, instead of reaching into its fields: the vCPU at the exit being
 // handled, guest memory only through the guarded view, the memory slots page
 // protection manages, the hooks and the logger. vmMachine is the VM's; a test gives
 // an extension a fake one and runs it without KVM (machine_test.go).
@@ -24,6 +24,13 @@ type machine interface {
 	setSregs(kvm.Sregs) error
 	events() (kvm.VCPUEvents, error)
 	setEvents(kvm.VCPUEvents) error
+	// xsave, lapic and msrs read the stopped vCPU's extended state, local APIC and
+	// model-specific registers (a cloaked app's registration, its time slice).
+	xsave() (*kvm.XSAVE, error)
+	lapic() (*kvm.LAPICState, error)
+	msrs(indices ...uint32) ([]kvm.MSR, error)
+	// tscKHz is the vCPU's TSC frequency.
+	tscKHz() uint64
 	// completeMMIO finishes the MMIO access being handled now (a load gets data), so
 	// that registers or events changed after it are not overwritten at the next entry.
 	completeMMIO(data uint64) error
@@ -65,6 +72,10 @@ func (m vmMachine) markRegsDirty()                          { m.v.cpu.MarkRegsDi
 func (m vmMachine) setSregs(s kvm.Sregs) error              { return m.v.cpu.SetSregs(s) }
 func (m vmMachine) events() (kvm.VCPUEvents, error)         { return m.v.cpu.Events() }
 func (m vmMachine) setEvents(e kvm.VCPUEvents) error        { return m.v.cpu.SetEvents(e) }
+func (m vmMachine) xsave() (*kvm.XSAVE, error)              { return m.v.cpu.XSAVE() }
+func (m vmMachine) lapic() (*kvm.LAPICState, error)         { return m.v.cpu.LAPIC() }
+func (m vmMachine) msrs(i ...uint32) ([]kvm.MSR, error)     { return m.v.cpu.MSRs(i...) }
+func (m vmMachine) tscKHz() uint64                          { return m.v.tscKHz }
 func (m vmMachine) completeMMIO(data uint64) error          { return m.v.cpu.CompleteMMIO(data) }
 func (m vmMachine) currentMMIO() *kvm.ExitMMIO              { return m.v.curMMIO }
 func (m vmMachine) crash(reason string) error               { return m.v.crash(reason) }

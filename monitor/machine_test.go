@@ -3,6 +3,7 @@ package monitor
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"io"
 	"log/slog"
 	"testing"
@@ -35,13 +36,19 @@ func (m *fakeMachine) markRegsDirty()                   { m.dirty = true }
 func (m *fakeMachine) setSregs(s kvm.Sregs) error       { m.s = s; return nil }
 func (m *fakeMachine) events() (kvm.VCPUEvents, error)  { return m.ev, nil }
 func (m *fakeMachine) setEvents(e kvm.VCPUEvents) error { m.ev = e; return nil }
-func (m *fakeMachine) completeMMIO(d uint64) error      { m.done = append(m.done, d); return nil }
-func (m *fakeMachine) currentMMIO() *kvm.ExitMMIO       { return m.exit }
-func (m *fakeMachine) crash(reason string) error        { return &CrashError{Reason: reason} }
-func (m *fakeMachine) hooks() *Hooks                    { return m.v.cfg.Hooks }
-func (m *fakeMachine) logger() *slog.Logger             { return m.v.log }
-func (m *fakeMachine) deleteSlot(id uint32) error       { m.deleted = append(m.deleted, id); return nil }
-func (m *fakeMachine) slotFlags() uint32                { return 0 }
+func (m *fakeMachine) xsave() (*kvm.XSAVE, error)       { return &kvm.XSAVE{}, nil }
+func (m *fakeMachine) lapic() (*kvm.LAPICState, error)  { return &kvm.LAPICState{}, nil }
+func (m *fakeMachine) msrs(...uint32) ([]kvm.MSR, error) {
+	return nil, errors.New("fake machine: no MSRs")
+}
+func (m *fakeMachine) tscKHz() uint64              { return 0 }
+func (m *fakeMachine) completeMMIO(d uint64) error { m.done = append(m.done, d); return nil }
+func (m *fakeMachine) currentMMIO() *kvm.ExitMMIO  { return m.exit }
+func (m *fakeMachine) crash(reason string) error   { return &CrashError{Reason: reason} }
+func (m *fakeMachine) hooks() *Hooks               { return m.v.cfg.Hooks }
+func (m *fakeMachine) logger() *slog.Logger        { return m.v.log }
+func (m *fakeMachine) deleteSlot(id uint32) error  { m.deleted = append(m.deleted, id); return nil }
+func (m *fakeMachine) slotFlags() uint32           { return 0 }
 func (m *fakeMachine) sysMem(cpl uint8, cr3 uint64) guardedMem {
 	return m.v.guardedSys(cpl, cr3)
 }
