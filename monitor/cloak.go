@@ -27,6 +27,7 @@ import (
 	"time"
 
 	"github.com/umbra-cc/umbra/appcontext"
+	"github.com/umbra-cc/umbra/eventkind"
 	"github.com/umbra-cc/umbra/kvm"
 	"github.com/umbra-cc/umbra/monitor/authz"
 	"github.com/umbra-cc/umbra/pageprot"
@@ -62,9 +63,9 @@ const DefaultCloakSlice = 10 * time.Millisecond
 // Security event kinds of cloaking (beyond EventCloakRegister and
 // EventIntegrityViolation).
 const (
-	EventCloakViolation = "cloak-violation" // forged or out-of-order call, Iago lie, bad buffer
-	EventCloakSyscall   = "cloak-syscall-denied"
-	EventCloakEnd       = "cloak-end"
+	EventCloakViolation = eventkind.CloakViolation // forged or out-of-order call, Iago lie, bad buffer
+	EventCloakSyscall   = eventkind.CloakSyscallDenied
+	EventCloakEnd       = eventkind.CloakEnd
 )
 
 // CloakedAppSummary is what a run reports about one cloaked app.
