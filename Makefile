@@ -113,6 +113,7 @@ bench:
 	b ./monitor '^BenchmarkCloakCompute$$' 5x; \
 	b ./virtio/blk '^BenchmarkRequest$$' 200x; \
 	b ./monitor '^BenchmarkVirtioNotify$$' 20000x; \
+	b ./monitor '^BenchmarkVirtioBlkRequest$$' 200x; \
 	b ./monitor '^BenchmarkCloakAppRun$$' 5x; \
 	b ./monitor '^BenchmarkCloakTransitions$$' 200x; \
 	b ./monitor '^BenchmarkCloakServeExit$$' 1000x; \
