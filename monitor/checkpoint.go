@@ -328,7 +328,7 @@ func (v *VM) preCopyRounds(ctx context.Context, opt CheckpointOptions, info *Che
 // copyRound copies the pages set in bm into pages, the guest running. A frame holding
 // a cloaked app's plaintext is skipped, as in copyBlock.
 func (v *VM) copyRound(bm []uint64, pages map[uint64][]byte) error {
-	c := v.cloakLive.Load()
+	c := v.liveCloak()
 	if c != nil {
 		c.mu.Lock()
 		defer c.mu.Unlock()
@@ -355,7 +355,7 @@ func (v *VM) copyRound(bm []uint64, pages map[uint64][]byte) error {
 			copy(buf, b)
 		}
 	}
-	if c == nil && v.cloakLive.Load() != nil {
+	if c == nil && v.liveCloak() != nil {
 		return errors.New("cloaking started during the pre-copy; take the checkpoint again")
 	}
 	return nil
@@ -486,7 +486,7 @@ func (v *VM) copyPages(sw *snapshot.Writer, bm []uint64, _ bool) error {
 // cloaked app's plaintext is skipped: it is sealed at the pause, which logs it as
 // written, so its ciphertext goes in the tail (cloaked pages stay ciphertext).
 func (v *VM) copyBlock(sw *snapshot.Writer, lo, hi uint64, want func(uint64, []byte) bool) error {
-	c := v.cloakLive.Load()
+	c := v.liveCloak()
 	if c != nil {
 		c.mu.Lock()
 		defer c.mu.Unlock()
@@ -508,7 +508,7 @@ func (v *VM) copyBlock(sw *snapshot.Writer, lo, hi uint64, want func(uint64, []b
 			return err
 		}
 	}
-	if c == nil && v.cloakLive.Load() != nil {
+	if c == nil && v.liveCloak() != nil {
 		// Cloaking began during the copy: its frames were not checked. Every frame
 		// it adopted was written through the own-write log since, so the tail has
 		// them; but base must not hold a moment of their plaintext either.

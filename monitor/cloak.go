@@ -27,6 +27,7 @@ import (
 	"time"
 
 	"github.com/umbra-cc/umbra/appcontext"
+	"github.com/umbra-cc/umbra/eventkind"
 	"github.com/umbra-cc/umbra/kvm"
 	"github.com/umbra-cc/umbra/monitor/authz"
 	"github.com/umbra-cc/umbra/pageprot"
@@ -62,9 +63,9 @@ const DefaultCloakSlice = 10 * time.Millisecond
 // Security event kinds of cloaking (beyond EventCloakRegister and
 // EventIntegrityViolation).
 const (
-	EventCloakViolation = "cloak-violation" // forged or out-of-order call, Iago lie, bad buffer
-	EventCloakSyscall   = "cloak-syscall-denied"
-	EventCloakEnd       = "cloak-end"
+	EventCloakViolation = eventkind.CloakViolation // forged or out-of-order call, Iago lie, bad buffer
+	EventCloakSyscall   = eventkind.CloakSyscallDenied
+	EventCloakEnd       = eventkind.CloakEnd
 )
 
 // CloakedAppSummary is what a run reports about one cloaked app.
@@ -162,6 +163,8 @@ type cloakApp struct {
 // cloaking is the cloaking state of one VM.
 type cloaking struct {
 	v *VM
+	// m is the VM as cloaking uses its vCPU, hooks and logger (machine.go).
+	m machine
 	// mu guards the state below against the userfaultfd goroutine, which runs only
 	// while the system VM's vCPU is blocked on a fault; the run loop never holds mu
 	// while it makes an ioctl on the system VM.
@@ -194,8 +197,8 @@ type CloakStats struct {
 
 // cloakState returns the VM's cloaking state, creating it on first use.
 func (v *VM) cloakState() (*cloaking, error) {
-	if v.cloak != nil {
-		return v.cloak, nil
+	if c := v.activeCloak(); c != nil {
+		return c, nil
 	}
 	master := v.cfg.CloakSecret
 	if master == nil {
@@ -213,6 +216,11 @@ func (v *VM) cloakState() (*cloaking, error) {
 
 // newCloaking makes sm's cloaking state the VM's.
 func (v *VM) newCloaking(sm *shadowmem.VM) (*cloaking, error) {
+	ext := v.cloakExt()
+	if ext == nil {
+		sm.Close()
+		return nil, errors.New("cloaking: this VM was built without the cloaking extension")
+	}
 	sysView, err := v.mem.View("sys")
 	if err != nil {
 		sm.Close()
@@ -222,13 +230,13 @@ func (v *VM) newCloaking(sm *shadowmem.VM) (*cloaking, error) {
 	if slice <= 0 {
 		slice = DefaultCloakSlice
 	}
-	v.cloak = &cloaking{
-		v: v, sm: sm, sysView: sysView, slice: slice,
+	c := &cloaking{
+		v: v, m: vmMachine{v}, sm: sm, sysView: sysView, slice: slice,
 		byCR3: map[uint64]*cloakApp{}, plain: map[uint64]plainOwner{},
 	}
-	v.cloakLive.Store(v.cloak)
-	v.cloak.connectPageProt()
-	return v.cloak, nil
+	ext.set(c)
+	c.connectPageProt()
+	return c, nil
 }
 
 // close releases appVM and the userfaultfd and erases every key.
@@ -276,13 +284,13 @@ func (c *cloaking) ctx() context.Context {
 	return context.Background()
 }
 
-func (c *cloaking) hooks() *Hooks { return c.v.cfg.Hooks }
+func (c *cloaking) hooks() *Hooks { return c.m.hooks() }
 
 // audit records a security event; a failure is logged (the action it describes, a
 // refusal or a kill, happens regardless: that is the fail-closed direction).
 func (c *cloaking) audit(kind string, details map[string]any) {
 	if err := c.hooks().audit(c.ctx(), kind, details); err != nil {
-		c.v.log.Error("cloak: audit record could not be written", "kind", kind, "err", err)
+		c.m.logger().Error("cloak: audit record could not be written", "kind", kind, "err", err)
 	}
 }
 
@@ -393,15 +401,12 @@ func (c *cloaking) fatalErr() error {
 // register handles CLOAK_REGISTER; it returns 0 or an errno.
 func (c *cloaking) register(call Call, e *kvm.ExitMMIO) appcontext.Errno {
 	v := c.v
-	sregs := *v.cpu.SyncedSregs()
-	as := appcontext.AddressSpace{
-		Mem: sysGuardedMem{v: v, cpl: call.CPL, cr3: call.CR3 & cr3AddrMask}, CR3: call.CR3 & cr3AddrMask,
-		Paging: appcontext.Paging{MaxPhysAddr: v.maxPhysAddr, NXE: sregs.EFER&eferNXE != 0, WP: sregs.CR0&cr0WP != 0},
-	}
+	sregs := *c.m.sregs()
+	as := v.sysSpace(call.CPL, call.CR3, &sregs)
 	refuse := func(err error) appcontext.Errno {
 		errno := appcontext.ErrnoOf(err)
 		c.audit(EventCloakRegister, map[string]any{"allow": false, "errno": errno.Error(), "error": err.Error(), "cr3": as.CR3, "rip": call.RIP})
-		v.log.Info("cloak: registration refused", "errno", errno, "err", err)
+		c.m.logger().Info("cloak: registration refused", "errno", errno, "err", err)
 		return errno
 	}
 	req, err := appcontext.ReadRegisterRequest(as, call.Args[0])
@@ -414,7 +419,7 @@ func (c *cloaking) register(call Call, e *kvm.ExitMMIO) appcontext.Errno {
 	// Every present page of every region must be a frame of guest RAM that no
 	// cloaked page occupies.
 	// The stack below the caller's red zone is dead.
-	deadBelow := v.cpu.SyncedRegs().RSP - 128
+	deadBelow := c.m.regs().RSP - 128
 	c.mu.Lock()
 	_, err = c.presentPages(as, req.Regions, deadBelow)
 	c.mu.Unlock()
@@ -432,7 +437,7 @@ func (c *cloaking) register(call Call, e *kvm.ExitMMIO) appcontext.Errno {
 	// appVM and the userfaultfd come with the first registration; a host that
 	// cannot give them cannot cloak: the app learns it and may run uncloaked.
 	if err := c.ensureInfrastructure(); err != nil {
-		v.log.Error("cloak: cannot cloak on this host", "err", err)
+		c.m.logger().Error("cloak: cannot cloak on this host", "err", err)
 		return refuse(&appcontext.ABIError{Errno: appcontext.EOPNOTSUPP, Field: "host", Err: err})
 	}
 	idHex := hex.EncodeToString(id[:])
@@ -458,12 +463,12 @@ func (c *cloaking) register(call Call, e *kvm.ExitMMIO) appcontext.Errno {
 
 	// Capture the app's user state from the system VM: finish the doorbell load
 	// (rax = 0, the call's result), then read everything.
-	if err := v.cpu.CompleteMMIO(0); err != nil {
+	if err := c.m.completeMMIO(0); err != nil {
 		c.setFatal(err)
 		return appcontext.EINVAL
 	}
-	regs := *v.cpu.SyncedRegs()
-	xs, err := v.cpu.XSAVE()
+	regs := *c.m.regs()
+	xs, err := c.m.xsave()
 	if err != nil {
 		c.setFatal(err)
 		return appcontext.EINVAL
@@ -488,7 +493,7 @@ func (c *cloaking) register(call Call, e *kvm.ExitMMIO) appcontext.Errno {
 		c.setFatal(err)
 		return appcontext.EINVAL
 	}
-	v.log.Info("cloak: app registered", "app", name, "identity", idHex, "seq", x.seq)
+	c.m.logger().Info("cloak: app registered", "app", name, "identity", idHex, "seq", x.seq)
 	return 0
 }
 
@@ -526,7 +531,7 @@ func (c *cloaking) ensureInfrastructure() error {
 				}
 			}
 		}
-		c.v.appCPU.Store(c.av.cpu)
+		c.v.cloakExt().cpu.Store(c.av.cpu)
 		// Apps restored from a checkpoint get their shadow tables with appVM (they
 		// start empty: every page the app touches is installed again at its fault).
 		c.mu.Lock()
@@ -630,8 +635,8 @@ func (c *cloaking) resume(x *cloakApp, call Call, e *kvm.ExitMMIO) (uint64, bool
 		c.invariant(err)
 		return 0, false, c.fatal
 	}
-	if c.v.log.Enabled(c.ctx(), slog.LevelDebug) {
-		c.v.log.Debug("cloak: resume", "app", x.seq, "pending", x.pending.kind, "stage", x.pending.stage, "rdi", call.Args[0])
+	if c.m.logger().Enabled(c.ctx(), slog.LevelDebug) {
+		c.m.logger().Debug("cloak: resume", "app", x.seq, "pending", x.pending.kind, "stage", x.pending.stage, "rdi", call.Args[0])
 	}
 	c.checkMappings(x)
 	if x.ended() {
@@ -681,10 +686,10 @@ func (c *cloaking) exitNowLocked(x *cloakApp) error {
 // destination register (the emulator's register cache is invalidated by the write),
 // so the loaded value must be in the registers as well as in the exit's data.
 func (c *cloaking) setSysAction(rax uint64, args [6]uint64) {
-	r := c.v.cpu.SyncedRegs()
+	r := c.m.regs()
 	r.RAX = rax
 	r.RDI, r.RSI, r.RDX, r.R10, r.R8, r.R9 = args[0], args[1], args[2], args[3], args[4], args[5]
-	c.v.cpu.MarkRegsDirty()
+	c.m.markRegsDirty()
 }
 
 // act ends the app's turn in appVM: the trampoline, stopped at its CLOAK_RESUME,
@@ -718,8 +723,8 @@ func (c *cloaking) answerResume(x *cloakApp, to appState, rax uint64, args [6]ui
 	if !c.moveApp(x, to) {
 		return
 	}
-	if c.v.log.Enabled(c.ctx(), slog.LevelDebug) {
-		c.v.log.Debug("cloak: to kernel", "app", x.seq, "rax", int64(rax), "rdi", args[0], "rsi", args[1])
+	if c.m.logger().Enabled(c.ctx(), slog.LevelDebug) {
+		c.m.logger().Debug("cloak: to kernel", "app", x.seq, "rax", int64(rax), "rdi", args[0], "rsi", args[1])
 	}
 	c.setSysAction(rax, args)
 	e.SetReadData(rax)
@@ -762,7 +767,7 @@ func (c *cloaking) killLocked(x *cloakApp, short, reason, event string, details 
 	details["reason"] = reason
 	details["kill"] = true
 	c.audit(event, details)
-	c.v.log.Warn("cloak: app killed", "app", x.name, "seq", x.seq, "reason", reason)
+	c.m.logger().Warn("cloak: app killed", "app", x.name, "seq", x.seq, "reason", reason)
 	c.endApp(x, killedTo(x), "killed", short+": "+reason, cloakKillStatus)
 }
 

@@ -175,7 +175,7 @@ func (x *cloakApp) ended() bool { return x.life.state.ended() }
 // invariant reports a broken lifecycle invariant: logged, and the run ends with it.
 // Called with c.mu held.
 func (c *cloaking) invariant(err error) {
-	c.v.log.Error("cloak: lifecycle invariant broken", "err", err)
+	c.m.logger().Error("cloak: lifecycle invariant broken", "err", err)
 	c.fatalLocked(err)
 }
 

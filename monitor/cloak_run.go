@@ -17,7 +17,7 @@ func cryptoRandRead(b []byte) (int, error) { return rand.Read(b) }
 // runApp runs the app that holds the CPU (cloakLife.running) in appVM until it
 // leaves it. A non-nil error ends the run.
 func (v *VM) runApp(runCtx context.Context) error {
-	c := v.cloak
+	c := v.activeCloak()
 	x := c.runningApp()
 	if x == nil {
 		return nil
@@ -61,9 +61,9 @@ func (v *VM) runApp(runCtx context.Context) error {
 		}
 		c.mu.Lock()
 		x.sum.AppExits++
-		if v.log.Enabled(runCtx, slog.LevelDebug) {
+		if c.m.logger().Enabled(runCtx, slog.LevelDebug) {
 			// Never the app's registers or fault addresses: they are cloaked state.
-			v.log.Debug("cloak: appVM exit", "app", x.seq, "kind", tr.kind, "vector", tr.vector)
+			c.m.logger().Debug("cloak: appVM exit", "app", x.seq, "kind", tr.kind, "vector", tr.vector)
 		}
 		reload = tr.kind != trapInStub
 		switch tr.kind {

@@ -88,14 +88,14 @@ func sliceFor(g guestTimer, max time.Duration) time.Duration {
 
 // readGuestTimer reads the system VM's timer state; its vCPU is stopped (parked at
 // the CLOAK_RESUME exit the app came from).
-func (v *VM) readGuestTimer() (guestTimer, error) {
-	s, err := v.cpu.LAPIC()
+func readGuestTimer(mc machine) (guestTimer, error) {
+	s, err := mc.lapic()
 	if err != nil {
 		return guestTimer{}, err
 	}
-	g := guestTimer{lapic: s, tscKHz: v.tscKHz}
+	g := guestTimer{lapic: s, tscKHz: mc.tscKHz()}
 	if apicTimerMode(s.Reg(apicLVTTimer)) == 2 {
-		m, err := v.cpu.MSRs(msrTSC, msrTSCDeadline)
+		m, err := mc.msrs(msrTSC, msrTSCDeadline)
 		if err != nil {
 			return guestTimer{}, err
 		}
@@ -108,11 +108,11 @@ func (v *VM) readGuestTimer() (guestTimer, error) {
 // cannot be read it logs why and uses the configured slice, which still bounds how
 // long the kernel waits.
 func (c *cloaking) appSlice() time.Duration {
-	g, err := c.v.readGuestTimer()
+	g, err := readGuestTimer(c.m)
 	if err != nil {
 		if !c.timerWarned {
 			c.timerWarned = true
-			c.v.log.Warn("cloak: cannot read the guest's timer; cloaked apps run for the whole configured slice", "slice", c.slice, "err", err)
+			c.m.logger().Warn("cloak: cannot read the guest's timer; cloaked apps run for the whole configured slice", "slice", c.slice, "err", err)
 		}
 		return c.slice
 	}

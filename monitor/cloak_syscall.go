@@ -169,7 +169,7 @@ func (c *cloaking) crash(x *cloakApp, reason string, status int) {
 	d["status"] = status
 	d["reason"] = reason
 	c.audit(EventCloakEnd, d)
-	c.v.log.Info("cloak: app crashed", "app", x.name, "reason", reason)
+	c.m.logger().Info("cloak: app crashed", "app", x.name, "reason", reason)
 	c.endApp(x, killedTo(x), "killed", "exception: "+reason, status)
 }
 

@@ -131,6 +131,25 @@ func (noExtensionHooks) kick()                              {}
 func (noExtensionHooks) close() error                       { return nil }
 func (noExtensionHooks) beforeReport(uint64, uint64)        {}
 
+// extensions is every feature a VM is built with, in order: each constructor makes
+// its extension for v (after guest RAM, the devices and vCPU 0 exist).
+var extensions = []func(v *VM) (extension, error){pageProtExtension, newCloakExtension}
+
+// installExtensions creates the VM's extensions and registers their routes.
+func (v *VM) installExtensions() error {
+	for _, newExt := range extensions {
+		x, err := newExt(v)
+		if err != nil {
+			return err
+		}
+		if err := v.addExtension(x); err != nil {
+			x.close()
+			return err
+		}
+	}
+	return nil
+}
+
 // addExtension registers x's routes and adds it to the run loop.
 func (v *VM) addExtension(x extension) error {
 	if err := x.routes(exitRoutes{pio: &v.pio, mmio: &v.mmio, hypercalls: &v.hypercalls}); err != nil {

@@ -122,7 +122,7 @@ func (v *VM) refused(r memguard.Request, d memguard.Decision, who func() map[str
 // process asked; cpl and cr3 say which), taking the cloaking lock if cloaking runs.
 func (v *VM) guardSys(r memguard.Request, cpl uint8, cr3 uint64) error {
 	details := func() map[string]any { return map[string]any{"cpl": cpl, "cr3": cr3} }
-	if c := v.cloak; c != nil {
+	if c := v.activeCloak(); c != nil {
 		c.mu.Lock()
 		defer c.mu.Unlock()
 		return c.guardLocked(c.guardView(), r, details)
@@ -134,57 +134,87 @@ func (v *VM) guardSys(r memguard.Request, cpl uint8, cr3 uint64) error {
 	return v.refused(r, d, details)
 }
 
-// sysGuardedMem reads guest-physical memory for a system-VM caller (hypercall
-// buffers and the walks that find them) through the rule.
-type sysGuardedMem struct {
-	v   *VM
-	cpl uint8
-	cr3 uint64
+// guardedMem is the guarded view: guest-physical memory as the monitor reads and
+// writes it on someone's behalf, every access decided by the rule first. guarded is
+// its only constructor; whose behalf is guardFor.
+type guardedMem struct {
+	v       *VM
+	purpose memguard.Purpose
+	who     guardFor
+	view    memguard.View // for app walks: taken once per walk (c.mu held)
 }
 
-func (m sysGuardedMem) ReadPhys(gpa uint64, buf []byte) error {
-	if err := m.v.guardSys(memguard.Request{Purpose: memguard.HypercallBuffer, Access: memguard.Read, GPA: gpa, Len: uint64(len(buf))}, m.cpl, m.cr3); err != nil {
+// guardFor is whose behalf a guarded view acts on: a system-VM caller (the kernel or
+// an uncloaked process, by cpl and CR3 without its flag bits), or, with c set, the
+// page-table walks for cloaked app x under cloaking c (x nil: a registration, before
+// the app exists; c.mu held for the view's life).
+type guardFor struct {
+	cpl uint8
+	cr3 uint64
+	c   *cloaking
+	x   *cloakApp
+}
+
+// guarded returns the guarded view for purpose p on behalf of who.
+func (v *VM) guarded(p memguard.Purpose, who guardFor) guardedMem {
+	m := guardedMem{v: v, purpose: p, who: who}
+	if who.c != nil {
+		m.view = who.c.guardView()
+	}
+	return m
+}
+
+// guardedSys is the view of hypercall buffers (and the walks that find them) for a
+// system-VM caller.
+func (v *VM) guardedSys(cpl uint8, cr3 uint64) guardedMem {
+	return v.guarded(memguard.HypercallBuffer, guardFor{cpl: cpl, cr3: cr3})
+}
+
+// walkMem is the view for walking cloaked app x's page tables (c.mu held): no table
+// may be a frame of cloaked plaintext or a deny-read frame.
+func (c *cloaking) walkMem(x *cloakApp) guardedMem {
+	return c.v.guarded(memguard.Walk, guardFor{c: c, x: x})
+}
+
+// check applies the rule to an access a of [gpa, gpa+n).
+func (m guardedMem) check(a memguard.Access, gpa, n uint64) error {
+	r := memguard.Request{Purpose: m.purpose, Access: a, GPA: gpa, Len: n}
+	if m.who.c == nil {
+		return m.v.guardSys(r, m.who.cpl, m.who.cr3)
+	}
+	var details func() map[string]any
+	if m.who.x != nil {
+		r.App = m.who.x.ppID()
+		details = m.who.x.describe
+	}
+	return m.who.c.guardLocked(m.view, r, details)
+}
+
+// name checks that the caller may name the frames of [gpa, gpa+n) (as the target
+// of a protection change) without reading or writing them.
+func (m guardedMem) name(gpa, n uint64) error { return m.check(memguard.Name, gpa, n) }
+
+func (m guardedMem) ReadPhys(gpa uint64, buf []byte) error {
+	if err := m.check(memguard.Read, gpa, uint64(len(buf))); err != nil {
 		return err
 	}
 	return m.v.mem.ReadPhys(gpa, buf)
 }
 
-// appWalkMem is guest RAM as the monitor reads it to walk page tables for cloaked app
-// x (app nil: for a registration, before the app exists) with view v taken once per
-// walk (c.mu held): no table may be a frame of cloaked plaintext or a deny-read frame.
-type appWalkMem struct {
-	c    *cloaking
-	x    *cloakApp
-	view memguard.View
-}
-
-func (c *cloaking) walkMem(x *cloakApp) appWalkMem {
-	return appWalkMem{c: c, x: x, view: c.guardView()}
-}
-
-func (m appWalkMem) check(gpa, n uint64) error {
-	r := memguard.Request{Purpose: memguard.Walk, Access: memguard.Read, GPA: gpa, Len: n}
-	var details func() map[string]any
-	if m.x != nil {
-		r.App = m.x.ppID()
-		details = m.x.describe
-	}
-	return m.c.guardLocked(m.view, r, details)
-}
-
-func (m appWalkMem) ReadPhys(gpa uint64, buf []byte) error {
-	if err := m.check(gpa, uint64(len(buf))); err != nil {
+func (m guardedMem) WritePhys(gpa uint64, buf []byte) error {
+	if err := m.check(memguard.Write, gpa, uint64(len(buf))); err != nil {
 		return err
 	}
-	return m.c.v.mem.ReadPhys(gpa, buf)
+	return m.v.mem.WritePhys(gpa, buf)
 }
 
-func (m appWalkMem) ReadPhysUint64(gpa uint64) (uint64, error) {
-	g := m.c.v.mem
+// ReadPhysUint64 is the walks' fast path (appcontext.PhysUint64Reader).
+func (m guardedMem) ReadPhysUint64(gpa uint64) (uint64, error) {
+	g := m.v.mem
 	if err := g.check(gpa, 8); err != nil { // bounds, and a lazy restore's ensure
 		return 0, err
 	}
-	if err := m.check(gpa, 8); err != nil {
+	if err := m.check(memguard.Read, gpa, 8); err != nil {
 		return 0, err
 	}
 	return binary.LittleEndian.Uint64(g.monitor[gpa:]), nil
@@ -238,12 +268,12 @@ func (c *cloaking) refusedKill(x *cloakApp, va uint64, err error) {
 
 // sysSpace is the system VM's address space for a caller at cpl whose CR3 register
 // holds cr3 (its flag bits are masked off), with the paging mode of s. Every walk and
-// read through it goes through the guarded accessor (sysGuardedMem): it never reaches
+// read through it goes through the guarded view (guardedSys): it never reaches
 // a frame holding a cloaked app's plaintext or one the guest protected against reads.
 func (v *VM) sysSpace(cpl uint8, cr3 uint64, s *kvm.Sregs) appcontext.AddressSpace {
 	root := cr3 & cr3AddrMask
 	return appcontext.AddressSpace{
-		Mem: sysGuardedMem{v: v, cpl: cpl, cr3: root},
+		Mem: v.guardedSys(cpl, root),
 		CR3: root,
 		Paging: appcontext.Paging{
 			MaxPhysAddr: v.maxPhysAddr,
@@ -265,7 +295,7 @@ func (r vcpuVirtReader) readVirt(gva uint64, buf []byte, user bool) error {
 	if user {
 		acc = appcontext.UserRead
 	}
-	if c := r.v.cloak; c != nil {
+	if c := r.v.activeCloak(); c != nil {
 		// The kernel (or any process) never gets a cloaked app's memory through the
 		// monitor: not by naming the app's addresses, not by naming its frames.
 		if err := c.checkSysBuffer(s, gva, uint64(len(buf))); err != nil {

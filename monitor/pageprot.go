@@ -21,7 +21,6 @@ import (
 	"github.com/umbra-cc/umbra/appcontext"
 	"github.com/umbra-cc/umbra/kvm"
 	"github.com/umbra-cc/umbra/monitor/authz"
-	"github.com/umbra-cc/umbra/monitor/memguard"
 	"github.com/umbra-cc/umbra/pageprot"
 	"github.com/umbra-cc/umbra/x86"
 )
@@ -60,7 +59,7 @@ type PageProtStats struct {
 type pageProt struct {
 	noExtensionHooks
 
-	v       *VM
+	m       machine // the VM, as page protection may use it (machine.go)
 	svc     *pageprot.Service
 	planner *pageprot.SlotPlanner
 	applied uint64 // Service generation the slots enforce
@@ -84,25 +83,30 @@ type pageProt struct {
 	stats PageProtStats
 }
 
-// installPageProt creates the VM's page-protection service and wires it into the
-// exit path. Guest RAM must be mapped as slot 0 from the "sys" view.
-func (v *VM) installPageProt() error {
+// pageProtExtension creates the VM's page-protection service, the extension that
+// wires it into the exit path. Guest RAM must be mapped as slot 0 from the "sys" view.
+func pageProtExtension(v *VM) (extension, error) {
 	if err := v.sys.Require(kvm.CapReadonlyMem); err != nil {
-		return err
+		return nil, err
 	}
 	view, err := v.mem.View("sys")
 	if err != nil {
-		return err
+		return nil, err
 	}
 	sum := sha256.Sum256(v.cfg.Image)
-	x := &pageProt{
-		v: v, view: view, ramSize: v.mem.Size(), digest: hex.EncodeToString(sum[:]),
-		hooks: v.cfg.Hooks, ctx: context.Background(),
-		kernel: []pageprot.Span{{Start: v.image.Start &^ (PageSize - 1), End: pageUp(v.image.End)}},
-	}
+	kernel := []pageprot.Span{{Start: v.image.Start &^ (PageSize - 1), End: pageUp(v.image.End)}}
+	return newPageProt(vmMachine{v}, view, hex.EncodeToString(sum[:]), kernel)
+}
+
+// newPageProt creates page protection on machine m, whose guest RAM (slot 0 at
+// first) is view; digest is the guest image's measurement, kernel its memory.
+func newPageProt(m machine, view []byte, digest string, kernel []pageprot.Span) (*pageProt, error) {
+	size := uint64(len(view))
+	x := &pageProt{m: m, view: view, ramSize: size, digest: digest, hooks: m.hooks(), ctx: context.Background(), kernel: kernel}
+	var err error
 	x.svc, err = pageprot.New(pageprot.Config{
 		KernelMemory: x.kernel,
-		Memory:       []pageprot.Span{{Start: 0, End: v.mem.Size()}},
+		Memory:       []pageprot.Span{{Start: 0, End: size}},
 		Backend:      pageprot.BackendSlots,
 		Policy:       x.policy,
 		Audit:        x,
@@ -110,22 +114,22 @@ func (v *VM) installPageProt() error {
 		Cloaked:      x,
 	})
 	if err != nil {
-		return err
+		return nil, err
 	}
-	x.planner, err = pageprot.NewSlotPlanner([]pageprot.Region{{GPA: 0, Size: v.mem.Size()}}, ppFirstSlot, ppSlotCount)
+	x.planner, err = pageprot.NewSlotPlanner([]pageprot.Region{{GPA: 0, Size: size}}, ppFirstSlot, ppSlotCount)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	x.applied = x.svc.Generation()
 	x.layout = x.planner.Current()
-	return v.addExtension(x)
+	return x, nil
 }
 
 // routes registers the page-protection call range and guest RAM on the MMIO bus: an
 // MMIO exit inside RAM is an access a page-protection slot refused, or no one's.
 func (x *pageProt) routes(r exitRoutes) error {
 	if err := r.hypercalls.register("pageprot", 0x200, 0x2FF, func(c Call, _ *kvm.ExitMMIO) (uint64, bool, error) {
-		ret, _, err := x.hypercall(x.v, c)
+		ret, _, err := x.hypercall(c)
 		return ret, false, err
 	}); err != nil {
 		return err
@@ -134,14 +138,14 @@ func (x *pageProt) routes(r exitRoutes) error {
 }
 
 // pageProtRAM is guest RAM as an MMIO bus entry; like the doorbell it works on the
-// exit being handled (v.curMMIO).
+// exit being handled (machine.currentMMIO).
 type pageProtRAM struct{ x *pageProt }
 
 func (d pageProtRAM) Read(uint64, []byte) error  { return d.access() }
 func (d pageProtRAM) Write(uint64, []byte) error { return d.access() }
 
 func (d pageProtRAM) access() error {
-	handled, err := d.x.mmio(d.x.v, d.x.v.curMMIO)
+	handled, err := d.x.mmio(d.x.m.currentMMIO())
 	if err != nil {
 		return &verbatimError{err}
 	}
@@ -188,25 +192,26 @@ func (x *pageProt) caller(s *kvm.Sregs) pageprot.Context {
 const cr3AddrMask = x86.CR3AddrMask
 
 // space returns the address space the system VM's vCPU runs in. Walks and reads
-// through it go through the guarded accessor (sysGuardedMem): they never reach a
-// frame holding a cloaked app's plaintext or one the guest protected against reads.
+// through it go through the guarded view (guardedSys): they never reach a frame
+// holding a cloaked app's plaintext or one the guest protected against reads.
 func (x *pageProt) space(s *kvm.Sregs) appcontext.AddressSpace {
-	return x.v.sysSpace(s.CPL(), s.CR3, s)
+	return x.m.sysSpace(s.CPL(), s.CR3, s)
 }
 
 // sysMem is the caller's view of guest memory for a page-protection call from the
 // system VM.
 func (x *pageProt) sysMem(s *kvm.Sregs) *callerMem {
-	return &callerMem{x: x, as: x.space(s), user: s.CPL() == 3, cloak: x.v.cloak, sregs: *s}
+	as := x.space(s)
+	return &callerMem{m: x.m, mem: x.m.sysMem(s.CPL(), as.CR3), as: as, user: s.CPL() == 3, sregs: *s}
 }
 
 // hypercall handles the page-protection calls.
-func (x *pageProt) hypercall(v *VM, c Call) (uint64, bool, error) {
+func (x *pageProt) hypercall(c Call) (uint64, bool, error) {
 	if c.Nr < 0x200 || c.Nr > 0x2FF {
 		return 0, false, nil
 	}
 	x.stats.Calls++
-	sregs := v.cpu.SyncedSregs()
+	sregs := x.m.sregs()
 	who := x.caller(sregs)
 	res := x.svc.Call(x.ctx, who, x.sysMem(sregs), c.Nr, c.Args)
 	if x.hookErr != nil {
@@ -223,11 +228,11 @@ func (x *pageProt) hypercall(v *VM, c Call) (uint64, bool, error) {
 	if res.Regs != nil {
 		// PP_UPCALL_RETURN: finish the doorbell load first, or KVM would overwrite RIP
 		// and RAX with its completion when the guest next runs.
-		if err := v.cpu.CompleteMMIO(res.Regs.RAX); err != nil {
+		if err := x.m.completeMMIO(res.Regs.RAX); err != nil {
 			return 0, true, err
 		}
-		*v.cpu.SyncedRegs() = *res.Regs
-		v.cpu.MarkRegsDirty()
+		*x.m.regs() = *res.Regs
+		x.m.markRegsDirty()
 		return res.Regs.RAX, true, nil
 	}
 	return uint64(res.Value), true, nil
@@ -250,23 +255,17 @@ func (x *pageProt) enforce() error {
 	if plan.Ops() > 0 {
 		sp := plan.(*pageprot.SlotPlan)
 		for _, s := range sp.Delete {
-			if err := x.v.harvestBeforeDelete(s.ID); err != nil {
-				return fmt.Errorf("page protection: %w", err)
-			}
-			if err := x.v.kvm.DeleteMemoryRegion(s.ID); err != nil {
+			if err := x.m.deleteSlot(s.ID); err != nil {
 				return fmt.Errorf("page protection: %w", err)
 			}
 		}
 		for _, s := range sp.Create {
-			flags := x.v.slotFlags()
+			flags := x.m.slotFlags()
 			if s.ReadOnly {
 				flags = kvm.MemReadonly
 			}
 			r := kvm.MemoryRegion{Slot: s.ID, Flags: flags, GuestPhys: s.GPA, Host: x.view[s.HostOffset : s.HostOffset+s.Size]}
-			if err := x.v.kvm.SetMemoryRegion(r); err != nil {
-				return fmt.Errorf("page protection: %w", err)
-			}
-			if err := x.v.settleNewSlot(x.v.kvm, r); err != nil {
+			if err := x.m.setSlot(r); err != nil {
 				return fmt.Errorf("page protection: %w", err)
 			}
 		}
@@ -551,14 +550,14 @@ func accessName(a pageprot.Access) string {
 
 // mmio handles an exit at a guest-physical address inside RAM: an access the memory
 // slots refused (a store to a read-only slot, any access to a hole).
-func (x *pageProt) mmio(v *VM, e *kvm.ExitMMIO) (bool, error) {
+func (x *pageProt) mmio(e *kvm.ExitMMIO) (bool, error) {
 	if e.Addr >= x.ramSize || e.Len <= 0 || e.Len > 8 || !x.enforcedAt(e.Addr) {
 		return false, nil
 	}
 	if e.Addr+uint64(e.Len) > x.ramSize {
-		return true, v.crash(fmt.Sprintf("access straddles the end of guest RAM (%v)", e))
+		return true, x.m.crash(fmt.Sprintf("access straddles the end of guest RAM (%v)", e))
 	}
-	regs, sregs := v.cpu.SyncedRegs(), v.cpu.SyncedSregs()
+	regs, sregs := x.m.regs(), x.m.sregs()
 	who := x.caller(sregs)
 	var insn []byte
 	if !e.IsWrite {
@@ -607,7 +606,7 @@ func (x *pageProt) mmio(v *VM, e *kvm.ExitMMIO) (bool, error) {
 	}
 	// Registers or events change: finish the emulated access first, or KVM's
 	// completion at the next entry would overwrite RIP and the destination register.
-	if err := v.cpu.CompleteMMIO(data); err != nil {
+	if err := x.m.completeMMIO(data); err != nil {
 		return true, err
 	}
 	if out.Frame != nil {
@@ -617,11 +616,11 @@ func (x *pageProt) mmio(v *VM, e *kvm.ExitMMIO) (bool, error) {
 		}
 	}
 	if out.Regs != nil {
-		*v.cpu.SyncedRegs() = *out.Regs
-		v.cpu.MarkRegsDirty()
+		*x.m.regs() = *out.Regs
+		x.m.markRegsDirty()
 	}
 	if out.Inject != nil {
-		if err := x.inject(v, out.Inject); err != nil {
+		if err := x.inject(out.Inject); err != nil {
 			return true, err
 		}
 	}
@@ -705,14 +704,11 @@ func (x *pageProt) IsCloaked(app, va uint64) bool {
 // a frame holding a cloaked app's plaintext is encrypted first, as any system access
 // to it would be, so the monitor neither shows the plaintext nor changes it unseen.
 func (x *pageProt) carryOut(e *kvm.ExitMMIO) (uint64, error) {
-	if c := x.v.cloak; c != nil {
-		c.sealForSystem(e.Addr, uint64(e.Len))
-	}
 	if e.IsWrite {
-		return 0, x.v.mem.WritePhys(e.Addr, e.Data[:e.Len])
+		return 0, x.m.carryOutSys(e.Addr, e.Data[:e.Len], true)
 	}
 	var b [8]byte
-	if err := x.v.mem.ReadPhys(e.Addr, b[:e.Len]); err != nil {
+	if err := x.m.carryOutSys(e.Addr, b[:e.Len], false); err != nil {
 		return 0, err
 	}
 	val := binary.LittleEndian.Uint64(b[:])
@@ -721,15 +717,15 @@ func (x *pageProt) carryOut(e *kvm.ExitMMIO) (uint64, error) {
 }
 
 // inject delivers an exception (after the pending access has completed).
-func (x *pageProt) inject(v *VM, ex *pageprot.Exception) error {
+func (x *pageProt) inject(ex *pageprot.Exception) error {
 	if ex.SetCR2 {
-		s := *v.cpu.SyncedSregs()
+		s := *x.m.sregs()
 		s.CR2 = ex.CR2
-		if err := v.cpu.SetSregs(s); err != nil {
+		if err := x.m.setSregs(s); err != nil {
 			return err
 		}
 	}
-	ev, err := v.cpu.Events()
+	ev, err := x.m.events()
 	if err != nil {
 		return err
 	}
@@ -741,7 +737,7 @@ func (x *pageProt) inject(v *VM, ex *pageprot.Exception) error {
 		ev.ExceptionHasErrorCode = 1
 	}
 	ev.ExceptionErrorCode = ex.ErrorCode
-	return v.cpu.SetEvents(ev)
+	return x.m.setEvents(ev)
 }
 
 // fetchInsn reads up to 15 instruction bytes at rip as the vCPU would fetch them;
@@ -769,32 +765,30 @@ func (x *pageProt) fetchInsn(s *kvm.Sregs, rip uint64) []byte {
 // protection, so a call never makes the monitor read a deny-read or write a
 // deny-write page for the guest.
 //
-// Once cloaking has started (cloak set), a system-VM caller can name neither a cloaked
+// Once cloaking has started, a system-VM caller can name neither a cloaked
 // app's memory by its addresses in the app's address space (checkSysBuffer) nor a
 // frame that holds a cloaked page's plaintext by any mapping (the kernel's direct
 // map): batches, bad_index, upcall frames and the pages of PP_SET and PP_QUERY are
 // refused there (EFAULT) and the attempt is audited (cloak-violation), so the kernel
 // cannot have the monitor read, write or protect a cloaked app's plaintext.
 type callerMem struct {
-	x     *pageProt
+	m     machine
+	mem   guardedMem // the caller's guarded view of guest-physical memory
 	as    appcontext.AddressSpace
 	user  bool
-	cloak *cloaking
 	sregs kvm.Sregs
 }
 
 func (m *callerMem) Translate(gva uint64) (pageprot.Mapping, error) {
-	if m.cloak != nil {
-		if err := m.cloak.checkSysBuffer(&m.sregs, gva, PageSize); err != nil {
-			return pageprot.Mapping{}, err
-		}
+	if err := m.m.checkSysBuffer(&m.sregs, gva, PageSize); err != nil {
+		return pageprot.Mapping{}, err
 	}
 	t, err := m.as.Paging.Walk(m.as.Mem, m.as.CR3, gva, 0)
 	if err != nil {
 		return pageprot.Mapping{}, err
 	}
 	gpa := t.GPA &^ (PageSize - 1)
-	if err := m.x.v.guardSys(memguard.Request{Purpose: memguard.HypercallBuffer, Access: memguard.Name, GPA: gpa, Len: PageSize}, m.sregs.CPL(), m.as.CR3); err != nil {
+	if err := m.mem.name(gpa, PageSize); err != nil {
 		return pageprot.Mapping{}, err
 	}
 	return pageprot.Mapping{GPA: gpa, User: t.User, Writable: t.Writable, Executable: !t.NoExec}, nil
@@ -805,26 +799,19 @@ func (m *callerMem) access(gva uint64, p []byte, write bool) error {
 	if m.user {
 		acc |= appcontext.AccessUser
 	}
-	gacc := memguard.Read
 	if write {
 		acc |= appcontext.AccessWrite
-		gacc = memguard.Write
 	}
-	if m.cloak != nil {
-		if err := m.cloak.checkSysBuffer(&m.sregs, gva, uint64(len(p))); err != nil {
-			return err
-		}
+	if err := m.m.checkSysBuffer(&m.sregs, gva, uint64(len(p))); err != nil {
+		return err
 	}
 	off := uint64(0)
 	return m.as.Paging.WalkRange(m.as.Mem, m.as.CR3, gva, uint64(len(p)), acc, func(va, gpa, n uint64) error {
-		if err := m.x.v.guardSys(memguard.Request{Purpose: memguard.HypercallBuffer, Access: gacc, GPA: gpa, Len: n}, m.sregs.CPL(), m.as.CR3); err != nil {
-			return err
-		}
 		var err error
 		if write {
-			err = m.x.v.mem.WritePhys(gpa, p[off:off+n])
+			err = m.mem.WritePhys(gpa, p[off:off+n])
 		} else {
-			err = m.x.v.mem.ReadPhys(gpa, p[off:off+n])
+			err = m.mem.ReadPhys(gpa, p[off:off+n])
 		}
 		off += n
 		return err

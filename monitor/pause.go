@@ -212,11 +212,11 @@ func (v *VM) TakeSnapshot(ctx context.Context) (*Snapshot, error) {
 	var c *cloaking
 	err := v.onVCPU(ctx, func() {
 		s.Counters = v.counter
-		if v.cloak != nil && v.cloak.av != nil {
-			s.Counters.AppVMExits = v.cloak.av.Exits
+		c = v.activeCloak()
+		if c != nil && c.av != nil {
+			s.Counters.AppVMExits = c.av.Exits
 		}
 		s.PageProt = v.PageProtStats()
-		c = v.cloak
 	})
 	if err != nil {
 		return nil, err

@@ -68,7 +68,7 @@ type cloakState struct{ v *VM }
 func (cloakState) StateName() string { return "cloak" }
 
 func (s cloakState) SaveState(w io.Writer) error {
-	c := s.v.cloak
+	c := s.v.activeCloak()
 	if c == nil {
 		_, err := w.Write([]byte{0})
 		return err
@@ -95,7 +95,7 @@ const maxCloakSection = 32 << 20
 // in place, so RAM holds only ciphertext of cloaked pages (the seals go through the
 // own-write log into the checkpoint's tail).
 func (v *VM) quiesceCloak() error {
-	c := v.cloak
+	c := v.activeCloak()
 	if c == nil {
 		return nil
 	}
@@ -298,7 +298,7 @@ func (v *VM) restoreCloak(b []byte) error {
 	if v.cfg.CloakSecret == nil {
 		return errors.New("cloak section: the checkpoint holds cloaked apps, and this VM was given no cloak secret (Config.CloakSecret): restore it with the secret it ran with")
 	}
-	if v.cloak != nil {
+	if v.activeCloak() != nil {
 		return errors.New("cloak section: cloaking already started in this VM")
 	}
 	if len(b) < 1+32+16 {

@@ -30,7 +30,7 @@ func checkpointMidway(t *testing.T, cfg Config, key []byte, cloaked bool) ([]byt
 	l := startVM(t, cfg)
 	deadline := time.Now().Add(time.Minute)
 	for cloaked {
-		if c := l.v.cloakLive.Load(); c != nil && len(c.summaries()) > 0 {
+		if c := l.v.liveCloak(); c != nil && len(c.summaries()) > 0 {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -50,7 +50,7 @@ func checkpointMidway(t *testing.T, cfg Config, key []byte, cloaked bool) ([]byt
 		t.Fatalf("the app had finished before the checkpoint:\n%s", out)
 	}
 	t.Logf("checkpoint: %d bytes, %d pages, pause %v", info.Bytes, info.Pages, info.Pause)
-	if c := l.v.cloakLive.Load(); c != nil {
+	if c := l.v.liveCloak(); c != nil {
 		t.Logf("original run's app at its end: %+v", c.summaries())
 	}
 	return file.Bytes(), out

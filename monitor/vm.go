@@ -167,12 +167,6 @@ type VM struct {
 	// through the extension seam (dispatch.go).
 	extensions []extension
 
-	// cloak is the cloaking state, created at the first cloaking call (cloak.go);
-	// appCPU is appVM's vCPU once it exists, for kicks from other goroutines.
-	cloak  *cloaking
-	appCPU atomic.Pointer[kvm.VCPU]
-	// cloakLive is v.cloak for other goroutines (a checkpoint's background copy).
-	cloakLive atomic.Pointer[cloaking]
 	// runCtx is the context of the running Run, for hooks called from exit handlers.
 	runCtx context.Context
 	// ctl is the run loop's mailbox for pause, resume and snapshots (pause.go).
@@ -311,10 +305,7 @@ func New(cfg Config) (_ *VM, err error) {
 		return nil, err
 	}
 	v.cpu.EnableSyncRegs(kvm.SyncRegs | kvm.SyncSregs)
-	if err = v.installPageProt(); err != nil {
-		return nil, err
-	}
-	if err = v.addExtension(cloakExtension{v}); err != nil {
+	if err = v.installExtensions(); err != nil {
 		return nil, err
 	}
 	return v, nil
@@ -359,8 +350,7 @@ func (v *VM) Stop(err error) {
 	v.kickForControl()
 }
 
-// kickAll kicks the system VM's vCPU and the extensions' (appVM's, once cloaking
-// created it).
+// kickAll kicks the system VM's vCPU and the extensions' own vCPUs.
 func (v *VM) kickAll() {
 	v.cpu.Kick()
 	for _, x := range v.extensions {
@@ -508,8 +498,8 @@ func (v *VM) insnBytes(rip uint64) []byte {
 		return nil
 	}
 	n := min(15, PageSize-int(tr.Physical%PageSize)) // stay within the page
-	// The kernel can point its rip anywhere, a cloaked page included: the extensions
-	// make the frame safe to show first.
+	// The kernel can point its rip anywhere, a frame an extension keeps from the
+	// system view included: the extensions make the frame safe to show first.
 	for _, x := range v.extensions {
 		x.beforeReport(tr.Physical, uint64(n))
 	}
