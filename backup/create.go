@@ -76,6 +76,8 @@ func (s protSource) Read(off, n int64) ([]byte, error) {
 // RefInfo is what a reference point records once the backup that made it is complete:
 // the next incremental's parent.
 type RefInfo struct {
+	// Chain names the chain (its full backup's id), from which its key derives.
+	Chain          string `json:"chain"`
 	Backup         string `json:"backup"`
 	Manifest       string `json:"manifest"`
 	KeyFingerprint string `json:"key_fingerprint"`
@@ -99,8 +101,11 @@ type Options struct {
 	// earlier one is flushed (the monitor's flush point); nil calls f directly.
 	Freeze func(f func() error) error
 	// ID names the backup and its reference point; "" picks one.
-	ID  string
-	Now func() time.Time
+	ID string
+	// Chain names the chain: a full backup's is its own ID, an incremental's its
+	// parent's (from the reference point when left out).
+	Chain string
+	Now   func() time.Time
 	// Retire drops the Since reference point once the incremental is complete (its
 	// block list lives on in the manifest).
 	Retire bool
@@ -111,6 +116,7 @@ type Result struct {
 	Manifest *Manifest
 	// Digest names the manifest (an incremental's parent).
 	Digest string
+	Chain  string
 	// Stored is the bytes of chunk files written; Copied how many chunks a guest write
 	// made the backup copy ahead of its turn.
 	Stored int64
@@ -179,6 +185,14 @@ func Create(ctx context.Context, opt Options) (*Result, error) {
 			return nil, fmt.Errorf("backup: reference point %s belongs to the chain of key %s, not of this key (%s)", opt.Since, info.KeyFingerprint, fp)
 		}
 		m.Kind, m.Parent = KindIncremental, info.Manifest
+		if opt.Chain == "" {
+			opt.Chain = info.Chain
+		}
+		if opt.Chain != info.Chain {
+			return nil, fmt.Errorf("backup: reference point %s is of chain %s, not %s", opt.Since, info.Chain, opt.Chain)
+		}
+	} else if opt.Chain == "" {
+		opt.Chain = opt.ID
 	}
 	if err := prepareDir(opt.Dir); err != nil {
 		return nil, err
@@ -301,9 +315,9 @@ func (s *session) run(ctx context.Context, m *Manifest) (*Result, error) {
 	if err := statefile.WriteAtomic(filepath.Join(opt.Dir, ManifestFile), body, 0o600); err != nil {
 		return fail(err)
 	}
-	res := &Result{Manifest: m, Digest: Digest(body), Stored: s.stored, Copied: s.copied}
+	res := &Result{Manifest: m, Digest: Digest(body), Chain: opt.Chain, Stored: s.stored, Copied: s.copied}
 	if t != nil {
-		info, _ := json.Marshal(RefInfo{Backup: m.ID, Manifest: res.Digest, KeyFingerprint: KeyFingerprint(opt.Key.Public().(ed25519.PublicKey))})
+		info, _ := json.Marshal(RefInfo{Chain: opt.Chain, Backup: m.ID, Manifest: res.Digest, KeyFingerprint: KeyFingerprint(opt.Key.Public().(ed25519.PublicKey))})
 		if err := t.SetInfo(opt.ID, info); err != nil {
 			return fail(err)
 		}

@@ -389,6 +389,12 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	if lc.Run.Disks, err = monitor.OpenDisks(ctx, lc.Spec.Disks, lc.Disks); err != nil {
 		return failed(fmt.Errorf("%w: %w", ErrLaunchRefused, err))
 	}
+	backups, err := openBackupEnv(lc.StateDir, lc.Spec, lc.Run.Disks, lc.Disks.Protected)
+	if err != nil {
+		monitor.CloseDisks(lc.Run.Disks)
+		return failed(fmt.Errorf("%w: %w", ErrLaunchRefused, err))
+	}
+	defer backups.close()
 	// The TAP devices open once the policy allowed each network; the VM closes them.
 	if lc.Run.NICs, err = openNICs(lc.Spec.Networks); err != nil {
 		return failed(fmt.Errorf("%w: %w", ErrLaunchRefused, err))
@@ -454,6 +460,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 				return policyVM(lc.Spec, lc.Run, hex.EncodeToString(imageDigest[:]), state, firstLaunch, disks)
 			},
 			snapshots: snaps,
+			backups:   backups,
 			audit:     auditVM,
 			stateDir:  lc.StateDir,
 			measure: func(ctx context.Context, ev eventlog.Event) error {
