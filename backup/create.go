@@ -17,8 +17,6 @@ import (
 	"sync"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/umbra-cc/umbra/disk"
 	"github.com/umbra-cc/umbra/disk/cbt"
 	"github.com/umbra-cc/umbra/disk/protdisk"
@@ -135,6 +133,7 @@ type session struct {
 	pending map[int64]bool // chunk offsets still to copy
 	done    []Chunk
 	stored  int64
+	written []string // chunk files this backup wrote
 	copied  int
 	failed  error
 }
@@ -306,7 +305,7 @@ func (s *session) run(ctx context.Context, m *Manifest) (*Result, error) {
 	if err != nil {
 		return fail(err)
 	}
-	if err := syncFS(opt.Dir); err != nil {
+	if err := syncFiles(s.written, s.chunks, opt.Dir); err != nil {
 		return fail(err)
 	}
 	if err := statefile.WriteAtomic(filepath.Join(opt.Dir, SignatureFile), []byte(base64.StdEncoding.EncodeToString(sig)+"\n"), 0o600); err != nil {
@@ -375,21 +374,26 @@ func (s *session) copy(off int64) error {
 			return fmt.Errorf("storing chunk at %d: %w", off, err)
 		}
 		s.stored += int64(len(data))
+		s.written = append(s.written, path)
 	}
 	delete(s.pending, off)
 	s.done = append(s.done, Chunk{Offset: off, Length: n, Digest: d})
 	return nil
 }
 
-// syncFS makes every chunk file durable with one syncfs of the backup's filesystem.
-func syncFS(dir string) error {
-	f, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	if err := unix.Syncfs(int(f.Fd())); err != nil {
-		return fmt.Errorf("syncfs of %s: %w", dir, err)
+// syncFiles makes the chunk files written durable, then the directories naming them
+// (fsync of each: the jailed monitor's seccomp filter allows fsync, not syncfs).
+func syncFiles(paths []string, dirs ...string) error {
+	for _, p := range append(paths, dirs...) {
+		f, err := os.Open(p)
+		if err != nil {
+			return err
+		}
+		err = f.Sync()
+		f.Close()
+		if err != nil {
+			return fmt.Errorf("fsync of %s: %w", p, err)
+		}
 	}
 	return nil
 }

@@ -64,7 +64,7 @@ func Restore(dirs []string, out string, opt VerifyOptions) (*Chain, error) {
 		err = cerr
 	}
 	if err == nil {
-		err = syncFS(filepath.Dir(out))
+		err = syncFiles(nil, filepath.Dir(out))
 	}
 	if err != nil {
 		os.Remove(out)
