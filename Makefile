@@ -124,4 +124,5 @@ bench:
 	b ./monitor '^BenchmarkVMTimeToFirstInstruction$$' 3x; \
 	b ./migration '^BenchmarkMigrate$$' 2x; \
 	b ./migration '^BenchmarkMigrateLinuxVsQEMU$$' 2x; \
+	b ./backup '^BenchmarkBackupIncrementalSize$$' 3x; \
 	echo; $(GO) run ./internal/benchtable < $(BENCH_OUT)

@@ -8,17 +8,17 @@ import (
 	"testing"
 )
 
-// BenchmarkIncrementalSize changes 1%, 10% and 50% of a 32 MiB disk and takes an
+// BenchmarkBackupIncrementalSize changes 1%, 10% and 50% of a 32 MiB disk and takes an
 // incremental backup of it, reporting the backup's stored bytes against the bytes
 // changed (stored/changed) and against the disk (stored/disk). "extents" writes whole
 // 64 KiB extents (what a file system's allocation does); "scatter" writes single 4 KiB
 // blocks at random, the worst case of the 64 KiB tracking granularity. The raw primitive
 // of the same run is the full backup of the disk (full-bytes).
-func BenchmarkIncrementalSize(b *testing.B) {
+func BenchmarkBackupIncrementalSize(b *testing.B) {
 	const size = 32 << 20
 	for _, mode := range []string{"extents", "scatter"} {
 		for _, pct := range []int{1, 10, 50} {
-			b.Run(fmt.Sprintf("%s/%d%%", mode, pct), func(b *testing.B) {
+			b.Run(fmt.Sprintf("%s-%dpct", mode, pct), func(b *testing.B) {
 				d := newTestDisk(b, size)
 				key := testKey(b)
 				root := b.TempDir()

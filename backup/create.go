@@ -104,6 +104,10 @@ type Options struct {
 	// parent's (from the reference point when left out).
 	Chain string
 	Now   func() time.Time
+	// Rate bounds the copy's reads, in bytes per second (0: as fast as the disk goes),
+	// so a backup leaves the VM's disk bandwidth to the guest. Copies a guest write
+	// makes ahead of its turn are not delayed.
+	Rate int64
 	// Retire drops the Since reference point once the incremental is complete (its
 	// block list lives on in the manifest).
 	Retire bool
@@ -273,18 +277,30 @@ func (s *session) run(ctx context.Context, m *Manifest) (*Result, error) {
 		offs = append(offs, off)
 	}
 	slices.Sort(offs)
+	start, read := time.Now(), int64(0)
 	for _, off := range offs {
 		if err := ctx.Err(); err != nil {
 			return fail(err)
 		}
 		s.mu.Lock()
 		err := s.failed
+		copied := false
 		if err == nil && s.pending[off] {
-			err = s.copy(off)
+			err, copied = s.copy(off), true
 		}
 		s.mu.Unlock()
 		if err != nil {
 			return fail(err)
+		}
+		if copied && opt.Rate > 0 {
+			read += cs
+			if wait := time.Duration(float64(read)/float64(opt.Rate)*float64(time.Second)) - time.Since(start); wait > 0 {
+				select {
+				case <-time.After(wait):
+				case <-ctx.Done():
+					return fail(ctx.Err())
+				}
+			}
 		}
 	}
 	if t != nil {

@@ -39,6 +39,8 @@ type BackupArgs struct {
 	// Keep keeps the Since reference point (by default it is retired once the
 	// incremental is complete: the chain continues from the new one).
 	Keep bool `json:"keep,omitempty"`
+	// Rate bounds the copy's reads in bytes per second (0: unbounded).
+	Rate int64 `json:"rate_bytes,omitempty"`
 }
 
 // BackupResult says what backup.create made.
@@ -86,6 +88,9 @@ func opBackupCreate(ctx context.Context, c *Control, p policy.Principal, raw jso
 	if err != nil {
 		return nil, err
 	}
+	if args.Rate < 0 {
+		return nil, &ArgsError{Operation: "backup.create", Err: fmt.Errorf("rate_bytes %d: give a positive rate, or 0 for none", args.Rate)}
+	}
 	if !filepath.IsAbs(args.To) || filepath.Clean(args.To) != args.To {
 		return nil, &ArgsError{Operation: "backup.create", Err: fmt.Errorf("to %q: give a clean absolute path", args.To)}
 	}
@@ -122,7 +127,7 @@ func opBackupCreate(ctx context.Context, c *Control, p policy.Principal, raw jso
 	var held time.Duration
 	start := time.Now()
 	res, err := backup.Create(ctx, backup.Options{Dir: args.To, VM: c.spec.Name, Disk: d.name, Source: d.source, Tracker: d.tracker,
-		Since: args.Since, Key: key, ID: id, Chain: chain, Retire: !args.Keep,
+		Since: args.Since, Key: key, ID: id, Chain: chain, Retire: !args.Keep, Rate: args.Rate,
 		Freeze: func(f func() error) error {
 			h, err := c.vm.AtFlushPoint(ctx, f)
 			held = h

@@ -15,7 +15,7 @@ func init() {
 }
 
 func runBackup(ctx context.Context, env *cliEnv, args []string) int {
-	const synopsis = "Usage: umbra backup create VM --to DIR [--disk NAME] [--since REF] [--keep]\n" +
+	const synopsis = "Usage: umbra backup create VM --to DIR [--disk NAME] [--since REF] [--keep] [--rate BYTES]\n" +
 		"       umbra backup list VM [--disk NAME]\n" +
 		"       umbra backup verify DIR... [--key FINGERPRINT]\n" +
 		"       umbra backup restore DIR... --to PATH [--key FINGERPRINT]\n\n" +
@@ -45,6 +45,7 @@ func runBackup(ctx context.Context, env *cliEnv, args []string) int {
 		to := fs.String("to", "", "the new backup's directory (must not exist, or be empty)")
 		diskName := fs.String("disk", "", "the disk (may be left out when the VM has one)")
 		since := fs.String("since", "", "reference point of the parent backup: an incremental backup")
+		rate := fs.Int64("rate", 0, "bound the copy's reads to this many bytes per second (0: none)")
 		keep := fs.Bool("keep", false, "keep the --since reference point (by default the chain continues from the new one)")
 		if len(words) != 1 {
 			if code, done := parseFlags(env, fs, args); done {
@@ -67,7 +68,7 @@ func runBackup(ctx context.Context, env *cliEnv, args []string) int {
 			return exitUsage
 		}
 		var res launch.BackupResult
-		if err := cl.Operation(ctx, "backup.create", launch.BackupArgs{Disk: *diskName, To: dir, Since: *since, Keep: *keep}, &res); err != nil {
+		if err := cl.Operation(ctx, "backup.create", launch.BackupArgs{Disk: *diskName, To: dir, Since: *since, Keep: *keep, Rate: *rate}, &res); err != nil {
 			return controlFailure(env, "backup create", vm, err)
 		}
 		if cf.json {
