@@ -9,6 +9,7 @@ import (
 	"errors"
 	mrand "math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -499,5 +500,63 @@ func TestInterruptedBackupLeavesNoParent(t *testing.T) {
 	_, err = Create(context.Background(), Options{Dir: filepath.Join(t.TempDir(), "b"), VM: "vm1", Disk: "root", Source: PlainSource(d.raw, FormatRaw), Tracker: d.tr, Since: "orphan", Key: testKey(t)})
 	if err == nil || !strings.Contains(err.Error(), "has no complete backup") {
 		t.Fatalf("incremental from an orphan reference point: %v", err)
+	}
+}
+
+// TestExportQcow2 exports a full backup and then an incremental one as qcow2 images that
+// qemu-img check accepts and that read as the disk at each point (qemu-img compare), the
+// incremental as an overlay on the restored full backup.
+func TestExportQcow2(t *testing.T) {
+	if _, err := exec.LookPath("qemu-img"); err != nil {
+		t.Skip("qemu-img is not installed (qemu-utils)")
+	}
+	d := newTestDisk(t, 3<<20+512*3) // a size that is not a whole number of clusters
+	key := testKey(t)
+	root := t.TempDir()
+	full := filepath.Join(root, "full")
+	id := create(t, d, full, "", key).Manifest.ID
+	want0 := readAll(t, d.path)
+	// Changes, one of them zeros over data (a zero cluster must hide the backing's).
+	scribble(t, d.be, mrand.New(mrand.NewPCG(7, 8)), 6)
+	d.be.WriteAt(make([]byte, 64<<10), 128<<10)
+	inc := filepath.Join(root, "inc")
+	create(t, d, inc, id, key)
+	want1 := filepath.Join(root, "want1.img")
+	os.WriteFile(want1, readAll(t, d.path), 0o600)
+	want0p := filepath.Join(root, "want0.img")
+	os.WriteFile(want0p, want0, 0o600)
+
+	qemu := func(args ...string) string {
+		t.Helper()
+		out, err := exec.Command("qemu-img", args...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("qemu-img %v: %v\n%s", args, err, out)
+		}
+		return string(out)
+	}
+	fullQ := filepath.Join(root, "full.qcow2")
+	if _, err := ExportQcow2([]string{full}, fullQ, "", VerifyOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	qemu("check", fullQ)
+	qemu("compare", "-f", "qcow2", "-F", "raw", fullQ, want0p)
+	base := filepath.Join(root, "base.img")
+	if _, err := Restore([]string{full}, base, VerifyOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ExportQcow2([]string{full, inc}, filepath.Join(root, "x.qcow2"), "", VerifyOptions{}); err == nil {
+		t.Fatal("an incremental exported without a backing image")
+	}
+	incQ := filepath.Join(root, "inc.qcow2")
+	if _, err := ExportQcow2([]string{full, inc}, incQ, base, VerifyOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	qemu("check", incQ)
+	qemu("compare", "-f", "qcow2", "-F", "raw", incQ, want1)
+	if out, err := exec.Command("qemu-img", "compare", "-f", "qcow2", "-F", "raw", incQ, want0p).CombinedOutput(); err == nil {
+		t.Fatalf("the overlay reads as the disk before the changes: %s", out)
+	}
+	if info := qemu("info", incQ); !strings.Contains(info, "backing file: "+base) {
+		t.Fatalf("qemu-img info names no backing file:\n%s", info)
 	}
 }

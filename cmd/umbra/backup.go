@@ -11,20 +11,23 @@ import (
 )
 
 func init() {
-	register(&command{name: "backup", summary: "back up a running VM's disk, list its reference points, verify or restore a backup chain (create VM --to DIR [--since REF] | list VM | verify DIR... | restore DIR... --to PATH)", run: runBackup})
+	register(&command{name: "backup", summary: "back up a running VM's disk, list its reference points, verify, restore or export a backup chain (create VM --to DIR [--since REF] | list VM | verify DIR... | restore DIR... --to PATH | export DIR... --to PATH)", run: runBackup})
 }
 
 func runBackup(ctx context.Context, env *cliEnv, args []string) int {
 	const synopsis = "Usage: umbra backup create VM --to DIR [--disk NAME] [--since REF] [--keep] [--rate BYTES]\n" +
 		"       umbra backup list VM [--disk NAME]\n" +
 		"       umbra backup verify DIR... [--key FINGERPRINT]\n" +
-		"       umbra backup restore DIR... --to PATH [--key FINGERPRINT]\n\n" +
+		"       umbra backup restore DIR... --to PATH [--key FINGERPRINT]\n" +
+		"       umbra backup export DIR... --to PATH.qcow2 [--backing IMAGE] [--key FINGERPRINT]\n\n" +
 		"create backs up one disk of a running detached VM into the new directory DIR: full,\n" +
 		"or incremental since the reference point REF (the id of the backup before it). The\n" +
 		"guest is held only for a flush; it runs while the chunks are copied. Decided by the\n" +
 		"policy (action backup) and audited. verify checks a chain (the full backup first,\n" +
 		"then its incrementals in order) offline, without any key; restore rebuilds the disk\n" +
-		"at the chain's last backup into PATH. docs/backup.md\n"
+		"at the chain's last backup into PATH; export writes the last backup's chunks as a\n" +
+		"qcow2 image for qemu-img (an incremental's over --backing, the earlier chain\n" +
+		"restored). docs/backup.md\n"
 	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "-help" {
 		if len(args) == 0 {
 			fmt.Fprint(env.stderr, synopsis)
@@ -110,10 +113,11 @@ func runBackup(ctx context.Context, env *cliEnv, args []string) int {
 			fmt.Fprintf(env.stdout, "%s\t%s\t%s\t%d bytes changed since\n", r.Disk, r.Name, state, r.Changed)
 		}
 		return 0
-	case "verify", "restore":
+	case "verify", "restore", "export":
 		fs := newFlagSet(env, "backup "+sub, "DIR...", "Check a backup chain offline: the full backup first, then its incrementals in order.")
 		key := fs.String("key", "", "pin the chain key's fingerprint (as backup create and the audit log print it)")
-		to := fs.String("to", "", "restore: the disk image to create")
+		to := fs.String("to", "", "restore, export: the image to create")
+		backing := fs.String("backing", "", "export of an incremental: the image of the chain before it (a restore of the earlier backups)")
 		jsonOut := fs.Bool("json", false, "print the result as JSON")
 		if code, done := parseFlags(env, fs, args); done {
 			return code
@@ -125,18 +129,22 @@ func runBackup(ctx context.Context, env *cliEnv, args []string) int {
 		opt := backup.VerifyOptions{KeyFingerprint: *key}
 		var chain *backup.Chain
 		var err error
-		if sub == "verify" {
-			if *to != "" {
-				fmt.Fprintln(env.stderr, "umbra backup verify: --to is for restore")
-				return exitUsage
-			}
+		switch {
+		case sub == "verify" && (*to != "" || *backing != ""):
+			fmt.Fprintln(env.stderr, "umbra backup verify: --to and --backing are for restore and export")
+			return exitUsage
+		case sub == "restore" && *backing != "":
+			fmt.Fprintln(env.stderr, "umbra backup restore: --backing is for export")
+			return exitUsage
+		case sub != "verify" && *to == "":
+			fmt.Fprintf(env.stderr, "umbra backup %s: --to PATH is required\n", sub)
+			return exitUsage
+		case sub == "verify":
 			chain, err = backup.Verify(words, opt)
-		} else {
-			if *to == "" {
-				fmt.Fprintln(env.stderr, "umbra backup restore: --to PATH is required")
-				return exitUsage
-			}
+		case sub == "restore":
 			chain, err = backup.Restore(words, *to, opt)
+		default:
+			chain, err = backup.ExportQcow2(words, *to, *backing, opt)
 		}
 		if err != nil {
 			fmt.Fprintf(env.stderr, "umbra backup %s: %v\n", sub, err)
@@ -154,8 +162,11 @@ func runBackup(ctx context.Context, env *cliEnv, args []string) int {
 		if last.Root != "" {
 			fmt.Fprintf(env.stdout, "protected disk root %s\n", last.Root)
 		}
-		if sub == "restore" {
+		switch sub {
+		case "restore":
 			fmt.Fprintf(env.stdout, "restored disk %s (%s, %d bytes) into %s\n", last.Disk, restoredFormat(last), last.Size, *to)
+		case "export":
+			fmt.Fprintf(env.stdout, "exported backup %s of disk %s as the qcow2 image %s (backing %q)\n", last.ID, last.Disk, *to, *backing)
 		}
 		return 0
 	}

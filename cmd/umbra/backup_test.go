@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -121,6 +122,15 @@ func TestBackupCLI(t *testing.T) {
 	must("backup", "restore", full, inc1, inc2, "--to", restored)
 	if got, _ := os.ReadFile(restored); !bytes.Equal(got, content) {
 		t.Fatal("the restored disk differs from the VM's")
+	}
+	// The last incremental as a qcow2 overlay on the chain before it, for qemu-img.
+	if _, err := exec.LookPath("qemu-img"); err == nil {
+		base := at("base.img")
+		must("backup", "restore", full, inc1, "--to", base)
+		must("backup", "export", full, inc1, inc2, "--to", at("inc2.qcow2"), "--backing", base)
+		if out, err := exec.Command("qemu-img", "compare", "-F", "raw", at("inc2.qcow2"), restored).CombinedOutput(); err != nil {
+			t.Fatalf("qemu-img compare of the exported overlay: %v\n%s", err, out)
+		}
 	}
 	if code, _, errs := runUmbra(t, "backup", "verify", full, inc2); code != 1 || !strings.Contains(errs, "an incremental between them is missing") {
 		t.Fatalf("verify of a chain missing an incremental = %d:\n%s", code, errs)
