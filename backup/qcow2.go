@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 )
 
 // ExportQcow2 writes the last backup of the chain dirs as a qcow2 (version 3) image at
@@ -46,17 +45,7 @@ func ExportQcow2(dirs []string, out, backing string, opt VerifyOptions) (*Chain,
 	if err == nil {
 		err = q.finish(f)
 	}
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = syncFiles(nil, filepath.Dir(out))
-	}
-	if err != nil {
-		os.Remove(out)
+	if err := closeDurably(f, out, err); err != nil {
 		return nil, err
 	}
 	return c, nil

@@ -7,8 +7,6 @@ import (
 	"os"
 	"path/filepath"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/umbra-cc/umbra/disk/protdisk"
 )
 
@@ -57,18 +55,26 @@ func Restore(dirs []string, out string, opt VerifyOptions) (*Chain, error) {
 			return err
 		})
 	}
+	if err := closeDurably(f, out, err); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// closeDurably ends the writing of the new file f at path: after err == nil it is synced,
+// closed and its directory synced; on any error it is closed and removed.
+func closeDurably(f *os.File, path string, err error) error {
 	if err == nil {
-		err = unix.Fdatasync(int(f.Fd()))
+		err = f.Sync()
 	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
 	if err == nil {
-		err = syncFiles(nil, filepath.Dir(out))
+		err = syncFiles(nil, filepath.Dir(path))
 	}
 	if err != nil {
-		os.Remove(out)
-		return nil, err
+		os.Remove(path)
 	}
-	return c, nil
+	return err
 }
