@@ -1,5 +1,6 @@
 // Package attest holds what umbra's attestation and audit packages share: the PCR
-// umbra measures into and the host fingerprint definition.
+// umbra measures into and the state file names. The host fingerprint and the TPM
+// commands (EK, PCR read and extend) are package tpmdev's, shared with sealing.
 //
 // The work is split into single-purpose subpackages:
 //
@@ -11,11 +12,6 @@
 //
 // See docs/attestation.md and docs/audit.md for the formats and the threat model.
 package attest
-
-import (
-	"crypto/sha256"
-	"encoding/hex"
-)
 
 // DefaultPCR is the PCR umbra extends with its launch measurements and audit-log
 // anchors. PCR 15 is in the TCG PC Client "static OS" range (8-15): it is reset only by
@@ -32,13 +28,3 @@ const (
 	EventLogFile = "eventlog.jsonl" // the measured-launch event log (attest/eventlog)
 	AuditLogFile = "audit.jsonl"    // the audit log (attest/audit)
 )
-
-// HostFingerprint returns the host identity umbra uses everywhere (umbra host id,
-// evidence, policy input): the lowercase hex SHA-256 of the TPM2B_PUBLIC contents
-// (the marshalled TPMT_PUBLIC, without the two-byte size) of the TPM's endorsement
-// key created from the TCG ECC P-256 EK template (go-tpm tpm2.ECCEKTemplate, the one
-// go-tpm-tools client.EndorsementKeyECC uses). It equals sealing.Fingerprint.
-func HostFingerprint(ekPublicArea []byte) string {
-	sum := sha256.Sum256(ekPublicArea)
-	return hex.EncodeToString(sum[:])
-}

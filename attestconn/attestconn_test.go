@@ -12,10 +12,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/umbra-cc/umbra/attest"
 	"github.com/umbra-cc/umbra/attest/evidence"
 	"github.com/umbra-cc/umbra/attest/verify"
 	"github.com/umbra-cc/umbra/attestconn/attestconntest"
+	"github.com/umbra-cc/umbra/tpmdev"
 )
 
 var approvedMonitor = attestconntest.ApprovedMonitor
@@ -173,7 +173,7 @@ func (f *foreignEK) Collect(ctx context.Context, opts evidence.Options) (*eviden
 		return nil, err
 	}
 	ev.EKPublic, ev.EKCert = f.ek, nil
-	ev.HostFingerprint = attest.HostFingerprint(f.ek)
+	ev.HostFingerprint = tpmdev.Fingerprint(f.ek)
 	return ev, nil
 }
 

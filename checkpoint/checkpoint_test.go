@@ -4,13 +4,13 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
-	"os"
 	"runtime"
 	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/umbra-cc/umbra/internal/testenv"
 	"github.com/umbra-cc/umbra/internal/tinyguest"
 	"github.com/umbra-cc/umbra/kvm"
 	"github.com/umbra-cc/umbra/snapshot"
@@ -23,21 +23,7 @@ const ramSize = 2 << 20
 // came back.
 var counterCode = tinyguest.XMMCounter
 
-func openKVM(t *testing.T) *kvm.System {
-	t.Helper()
-	if _, err := os.Stat(kvm.DevicePath); err != nil {
-		if os.Getenv("UMBRA_REQUIRE_KVM") != "" {
-			t.Fatalf("UMBRA_REQUIRE_KVM is set but KVM is unavailable: %v", err)
-		}
-		t.Skipf("skipping: %s is not available: %v", kvm.DevicePath, err)
-	}
-	sys, err := kvm.Open("")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { sys.Close() })
-	return sys
-}
+func openKVM(t *testing.T) *kvm.System { return testenv.OpenKVM(t) }
 
 // newMachine makes a one-vCPU machine with 2 MiB of zeroed RAM, the in-kernel irqchip
 // and PIT, and CPUID set. With boot it loads the counter guest and puts the vCPU in

@@ -2,12 +2,11 @@ package control
 
 import (
 	"context"
-	"os"
 	"path/filepath"
 	"testing"
 	"time"
 
-	"github.com/umbra-cc/umbra/kvm"
+	"github.com/umbra-cc/umbra/internal/testenv"
 	"github.com/umbra-cc/umbra/launch"
 	"github.com/umbra-cc/umbra/sealing/tpmsim"
 )
@@ -16,12 +15,7 @@ import (
 // TPM, the demo policy) and serves its control API; it returns a client.
 func launchServed(b *testing.B) *Client {
 	b.Helper()
-	if err := kvm.Available(); err != nil {
-		if os.Getenv("UMBRA_REQUIRE_KVM") != "" {
-			b.Fatalf("UMBRA_REQUIRE_KVM is set but KVM is unavailable: %v", err)
-		}
-		b.Skipf("skipping: KVM is not available: %v", err)
-	}
+	testenv.RequireKVM(b)
 	ctx, cancel := context.WithCancel(context.Background())
 	b.Cleanup(cancel)
 	dir := b.TempDir()

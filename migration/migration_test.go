@@ -15,6 +15,7 @@ import (
 	"github.com/umbra-cc/umbra/attestconn"
 	"github.com/umbra-cc/umbra/attestconn/attestconntest"
 	"github.com/umbra-cc/umbra/guestimage"
+	"github.com/umbra-cc/umbra/internal/guestprobe"
 	"github.com/umbra-cc/umbra/internal/testenv"
 	"github.com/umbra-cc/umbra/monitor"
 )
@@ -91,6 +92,11 @@ type vmDestination struct {
 	refuse  error
 	console *console
 	started *running
+	// config is the VM's configuration (guestConfig if nil); stream and key keep
+	// the checkpoint that arrived and its key.
+	config func(*console) monitor.Config
+	stream []byte
+	key    []byte
 }
 
 func (d *vmDestination) Accept(context.Context, *Offer, attestconn.Peer) error { return d.refuse }
@@ -109,7 +115,15 @@ func (d *vmDestination) Prepare(_ context.Context, in *Incoming) (Prepared, erro
 	if err != nil {
 		return nil, err
 	}
-	v, err := monitor.Restore(guestConfig(d.console), chain, monitor.RestoreOptions{})
+	cfg := guestConfig
+	if d.config != nil {
+		cfg = d.config
+	}
+	if d.stream, err = io.ReadAll(io.NewSectionReader(in.Checkpoint, 0, in.CheckpointSize)); err != nil {
+		return nil, err
+	}
+	d.key = append([]byte(nil), in.Offer.Key...)
+	v, err := monitor.Restore(cfg(d.console), chain, monitor.RestoreOptions{})
 	if err != nil {
 		return nil, err
 	}
@@ -466,3 +480,65 @@ func (d *linuxDestination) Start(context.Context) error {
 }
 
 func (d *linuxDestination) Discard() { d.v.Close() }
+
+// TestMigrateCloakedApp migrates a VM whose cloaked app is mid-computation: the app
+// finishes on the destination with the result of the same computation run
+// uncloaked, and neither the capture of the channel nor the checkpoint stream
+// itself, opened with the migration key, holds any of the app's values or its
+// VM's cloak secret (which travels to the destination in the attested channel's
+// secrets, not in the stream).
+func TestMigrateCloakedApp(t *testing.T) {
+	testenv.RequireKVM(t)
+	secret := bytes.Repeat([]byte("cloak-secret-32!"), 2)
+	cfgOf := func(cmdline string) func(*console) monitor.Config {
+		return func(c *console) monitor.Config {
+			cfg := guestConfigRunning(c, cmdline)
+			cfg.CloakSecret = secret
+			return cfg
+		}
+	}
+	want := referenceResultOf(t, cfgOf("run=cloakcompute:16:100"))
+	cloaked := cfgOf("run=cloakcompute:16:100:cloak")
+	p := attested(t)
+	src := startSourceOf(t, cloaked)
+	dst := &vmDestination{console: &console{}, config: cloaked}
+	var derr error
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		_, derr = Receive(context.Background(), p.dst, dst, t.TempDir(), Options{})
+	}()
+	_, err := Send(context.Background(), p.src, &vmSource{r: src}, Offer{VM: "demo", Generation: 1}, Options{})
+	wg.Wait()
+	if err != nil || derr != nil {
+		t.Fatalf("send: %v; receive: %v", err, derr)
+	}
+	src.v.Stop(errors.New("migrated"))
+	src.wait(t)
+	if strings.Contains(src.console.String(), "cloakcompute: ") {
+		t.Fatalf("the app finished on the source before the migration:\n%s", src.console.String())
+	}
+	dst.started.wait(t)
+	if dst.started.err != nil {
+		t.Fatalf("destination run: %v\n%s", dst.started.err, dst.console.String())
+	}
+	if got := resultLine(dst.console.String()); got != want+" cloaked" || want == "" {
+		t.Fatalf("the destination printed %q, the uncloaked run %q", got, want)
+	}
+	vals := guestprobe.CloakComputeValues(16, 100)
+	if n := guestprobe.Words(p.wire.out.Bytes(), vals); n != 0 || bytes.Contains(p.wire.out.Bytes(), secret) {
+		t.Fatalf("the capture of the channel holds %d of the app's values (or its cloak secret)", n)
+	}
+	ck, err := monitor.OpenCheckpoint(bytes.NewReader(dst.stream), int64(len(dst.stream)), dst.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chain, err := monitor.NewCheckpointChain(ck)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, s, err := guestprobe.ScanChain(chain, vals, secret); err != nil || n != 0 || s != 0 {
+		t.Fatalf("the checkpoint stream, opened with the migration key, holds %d of the app's values and %d copies of its cloak secret (%v)", n, s, err)
+	}
+}

@@ -208,8 +208,14 @@ func (v *VM) cloakState() (*cloaking, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cloak master secret: %w", err)
 	}
+	return v.newCloaking(sm)
+}
+
+// newCloaking makes sm's cloaking state the VM's.
+func (v *VM) newCloaking(sm *shadowmem.VM) (*cloaking, error) {
 	sysView, err := v.mem.View("sys")
 	if err != nil {
+		sm.Close()
 		return nil, err
 	}
 	slice := v.cfg.CloakSlice
@@ -347,6 +353,13 @@ func (v *VM) cloakHypercall(call Call, e *kvm.ExitMMIO) (ret uint64, deferred bo
 		}
 		return negErrno(int(r)), false, c.fatalErr()
 	case call.CPL != 0 && call.Nr == appcontext.CallResume && x != nil:
+		if c.av == nil || c.uffd == nil {
+			// An app restored from a checkpoint: appVM and the userfaultfd come at
+			// its first CLOAK_RESUME (a lazy restore completes first).
+			if err := c.ensureInfrastructure(); err != nil {
+				return 0, false, fmt.Errorf("cloak: resume the restored app %s: %w", x.name, err)
+			}
+		}
 		return c.resume(x, call, e)
 	}
 	// Everything else from the system VM is refused. Cloaked code runs only in
@@ -514,6 +527,18 @@ func (c *cloaking) ensureInfrastructure() error {
 			}
 		}
 		c.v.appCPU.Store(c.av.cpu)
+		// Apps restored from a checkpoint get their shadow tables with appVM (they
+		// start empty: every page the app touches is installed again at its fault).
+		c.mu.Lock()
+		for _, x := range c.apps {
+			if !x.ended() && x.shadow == nil {
+				if x.shadow, err = c.av.newShadow(); err != nil {
+					c.mu.Unlock()
+					return err
+				}
+			}
+		}
+		c.mu.Unlock()
 	}
 	if c.uffd == nil {
 		u, err := newCloakUffd(c)
@@ -545,12 +570,7 @@ func (c *cloaking) newApp(name string, id appcontext.Identity, req *appcontext.R
 		sm.Drop()
 		return nil, err
 	}
-	x.planner = appcontext.Planner{
-		BounceVA: req.BounceVA, BounceSize: req.BounceSize,
-		Mem:      appMemReader{x},
-		Cloaked:  x.cloaked,
-		Reserved: x.reserved,
-	}
+	x.planner = x.newPlanner()
 	x.sum = CloakedAppSummary{
 		Seq: x.seq, Name: name, Identity: hex.EncodeToString(id[:]), Instance: sm.Instance(),
 		Regions: len(req.Regions), Status: -1,
@@ -558,6 +578,16 @@ func (c *cloaking) newApp(name string, id appcontext.Identity, req *appcontext.R
 	c.apps = append(c.apps, x)
 	c.byCR3[x.cr3] = x
 	return x, nil
+}
+
+// newPlanner returns the planner of the app's forwarded calls (its layout set).
+func (x *cloakApp) newPlanner() appcontext.Planner {
+	return appcontext.Planner{
+		BounceVA: x.layout.BounceVA, BounceSize: x.layout.BounceSize,
+		Mem:      appMemReader{x},
+		Cloaked:  x.cloaked,
+		Reserved: x.reserved,
+	}
 }
 
 // parkSys puts the system VM's vCPU, stopped in the app's process after its

@@ -21,7 +21,7 @@ import (
 // busDriver programs a VM's first virtio-blk disk through its MMIO bus, with the queue in
 // the VM's guest RAM: the accesses a guest driver makes, without a guest.
 type busDriver struct {
-	t   *testing.T
+	t   testing.TB
 	v   *VM
 	idx uint16
 }

@@ -55,9 +55,6 @@ func (t *hypercallTable) lookup(nr uint64) (name string, h hypercallFunc, ok boo
 	return r.Name, r.Device.(hypercallEntry).h, true
 }
 
-// ranges returns the registered ranges in number order.
-func (t *hypercallTable) ranges() []bus.Range { return t.b.Ranges() }
-
 // dispatchHypercall routes call c to its handler: the reply is ret unless deferred;
 // a number no range owns gets -ENOSYS.
 func dispatchHypercall(t *hypercallTable, c Call, e *kvm.ExitMMIO) (ret uint64, deferred bool, err error) {

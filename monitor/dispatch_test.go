@@ -181,3 +181,6 @@ func TestVMExitRoutes(t *testing.T) {
 		t.Errorf("MMIO bus entries %v, want %v", mmio, want)
 	}
 }
+
+// ranges returns the registered ranges in number order.
+func (t *hypercallTable) ranges() []bus.Range { return t.b.Ranges() }

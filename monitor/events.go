@@ -3,16 +3,18 @@ package monitor
 import (
 	"context"
 
+	"github.com/umbra-cc/umbra/eventkind"
 	"github.com/umbra-cc/umbra/monitor/authz"
 )
 
-// Security event kinds a running VM reports (they match the audit log's kinds).
+// Security event kinds a running VM reports: package eventkind's, the names the
+// audit log records them under.
 const (
-	EventCloakRegister      = "cloak-register"
-	EventIntegrityViolation = "integrity-violation"
-	EventPageProtChange     = "pageprot-change"
-	EventPageProtViolation  = "pageprot-violation"
-	EventPageProtLock       = "pageprot-lock"
+	EventCloakRegister      = eventkind.CloakRegister
+	EventIntegrityViolation = eventkind.IntegrityViolation
+	EventPageProtChange     = eventkind.PageProtChange
+	EventPageProtViolation  = eventkind.PageProtViolation
+	EventPageProtLock       = eventkind.PageProtLock
 )
 
 // Hooks connect a running VM to the launch's policy, audit log and measured-launch

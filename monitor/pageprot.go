@@ -17,7 +17,6 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	"strings"
 
 	"github.com/umbra-cc/umbra/appcontext"
 	"github.com/umbra-cc/umbra/kvm"
@@ -834,12 +833,3 @@ func (m *callerMem) access(gva uint64, p []byte, write bool) error {
 
 func (m *callerMem) Read(gva uint64, p []byte) error  { return m.access(gva, p, false) }
 func (m *callerMem) Write(gva uint64, p []byte) error { return m.access(gva, p, true) }
-
-// describeExtents formats a space's ranges, for logs and test failures.
-func describeExtents(xs []pageprot.Extent) string {
-	var b strings.Builder
-	for _, e := range xs {
-		fmt.Fprintf(&b, "[%#x,%#x) %v %v lock=%v %v id=%d\n", e.Start, e.End, e.Deny, e.Action, e.Lock, e.Owner, e.ID)
-	}
-	return b.String()
-}

@@ -500,3 +500,12 @@ func (m *fakeBatchMem) Read(gva uint64, p []byte) error {
 	return nil
 }
 func (m *fakeBatchMem) Write(uint64, []byte) error { return nil }
+
+// describeExtents formats a space's ranges, for logs and test failures.
+func describeExtents(xs []pageprot.Extent) string {
+	var b strings.Builder
+	for _, e := range xs {
+		fmt.Fprintf(&b, "[%#x,%#x) %v %v lock=%v %v id=%d\n", e.Start, e.End, e.Deny, e.Action, e.Lock, e.Owner, e.ID)
+	}
+	return b.String()
+}

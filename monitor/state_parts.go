@@ -71,8 +71,8 @@ func (v *VM) deviceHolder(busName string, e bus.Range) (StateHolder, error) {
 }
 
 // fullVCPUState is vCPU 0 with everything kvm.CaptureVCPU carries (the LAPIC, XCRs,
-// MP state, debug registers, TSC frequency, every MSR KVM saves). A restored section
-// may set only MSRs in this host's save/restore list.
+// MP state, debug registers, TSC frequency, every MSR KVM saves), in kvm.VCPUState's
+// encoding: the one vCPU codec of checkpoints, snapshots and migration.
 type fullVCPUState struct {
 	cpu *kvm.VCPU
 	sup kvm.StateSupport
@@ -89,17 +89,32 @@ func (s fullVCPUState) SaveState(w io.Writer) error {
 }
 
 func (s fullVCPUState) RestoreState(r io.Reader) error {
+	st, err := decodeVCPUSection(r, s.sup.MSRs)
+	if err != nil {
+		return err
+	}
+	return kvm.RestoreVCPU(s.cpu, st)
+}
+
+// decodeVCPUSection decodes a vCPU section, strictly (kvm.VCPUState.UnmarshalBinary:
+// exact length, known parts, no MSR twice), and applies the MSR allow-list: a section
+// may set only the MSRs in allowed, this host's KVM save/restore list
+// (StateSupport.MSRs), which is exactly what a capture writes. A section naming any
+// other MSR is refused, so a snapshot cannot become a way to set arbitrary MSRs (EFER
+// and the APIC base travel in the special registers, which KVM checks). A monitor VM
+// has the in-kernel irqchip, so the section must carry the local APIC.
+func decodeVCPUSection(r io.Reader, allowed []uint32) (*kvm.VCPUState, error) {
 	var st kvm.VCPUState
 	if err := restoreBinary(r, &st); err != nil {
-		return err
+		return nil, err
 	}
-	if err := st.CheckMSRs(s.sup.MSRs); err != nil {
-		return err
+	if err := st.CheckMSRs(allowed); err != nil {
+		return nil, err
 	}
 	if st.LAPIC == nil {
-		return errors.New("the vCPU section has no local APIC; this VM has the in-kernel irqchip")
+		return nil, errors.New("the vCPU section has no local APIC; this VM has the in-kernel irqchip")
 	}
-	return kvm.RestoreVCPU(s.cpu, &st)
+	return &st, nil
 }
 
 // maxKVMSection bounds a vCPU or VM section read back (the largest, a vCPU with its

@@ -167,3 +167,14 @@ func TestNewValidatesConfig(t *testing.T) {
 		})
 	}
 }
+
+// Run creates a VM from cfg, runs it and releases it (for tests: the binary builds
+// its VMs through launch).
+func Run(ctx context.Context, cfg Config) (*Result, error) {
+	v, err := New(cfg)
+	if err != nil {
+		return nil, err
+	}
+	defer v.Close()
+	return v.Run(ctx)
+}

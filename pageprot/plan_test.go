@@ -205,6 +205,7 @@ func TestUffdPlanner(t *testing.T) {
 		{[]PhysRange{{0x2000, 0x6000, DenyWrite}}, []Span{{0x4000, 0x6000}}, []Span{{0x1000, 0x2000}}},
 		{nil, nil, []Span{{0x2000, 0x6000}}},
 	}
+	current := [][]Span{{{0x1000, 0x4000}}, {{0x1000, 0x4000}}, {{0x2000, 0x6000}}, nil}
 	for i, st := range steps {
 		pl, err := p.Plan(st.prot)
 		if err != nil {
@@ -217,6 +218,13 @@ func TestUffdPlanner(t *testing.T) {
 		if err := p.Commit(pl); err != nil {
 			t.Fatal(err)
 		}
+		// What is committed is what the step asked to be write-protected.
+		if got := p.Current(); !reflect.DeepEqual(got, current[i]) {
+			t.Errorf("step %d: committed %+v, want %+v", i, got, current[i])
+		}
+	}
+	if p.Backend() != BackendUffdWP {
+		t.Errorf("backend %v", p.Backend())
 	}
 	if _, err := p.Plan([]PhysRange{{0, PageSize, DenyRead}}); !errors.Is(err, ENOTSUP) {
 		t.Errorf("deny read: %v", err)

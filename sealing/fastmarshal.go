@@ -10,6 +10,8 @@ import (
 	"sync/atomic"
 
 	"github.com/google/go-tpm/tpm2"
+
+	"github.com/umbra-cc/umbra/tpmdev"
 )
 
 // Precomputed TPM encodings for the hot paths of Seal and OpenBundle.
@@ -26,9 +28,6 @@ import (
 
 var (
 	fastOnce sync.Once
-	// ekTemplateBytes is tpm2.Marshal(tpm2.ECCEKTemplate): CreatePrimary's
-	// inPublic for the EK.
-	ekTemplateBytes []byte
 	// ekPrefix is the marshalled ECC EK template up to its unique field.
 	ekPrefix []byte
 	// sealedAttrs is the marshalled TPMA_OBJECT of a sealed bundle key.
@@ -42,13 +41,12 @@ var (
 
 func initFast() {
 	fastOnce.Do(func() {
-		ekTemplateBytes = tpm2.Marshal(tpm2.ECCEKTemplate)
-		t := *cloneTemplate(tpm2.ECCEKTemplate)
+		t := *cloneTemplate(tpmdev.EKTemplate)
 		t.Unique = tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{})
 		b := tpm2.Marshal(t)
 		ekPrefix = b[:len(b)-4] // unique: two empty TPM2B_ECC_PARAMETERs
 		sealedAttrs = tpm2.Marshal(sealedObjectAttributes)
-		ekForms = [2]tpm2.TPMTPublic{*cloneTemplate(tpm2.ECCEKTemplate), tpm2.ECCEKTemplate}
+		ekForms = [2]tpm2.TPMTPublic{*cloneTemplate(tpmdev.EKTemplate), tpmdev.EKTemplate}
 	})
 }
 
@@ -232,7 +230,7 @@ func sealedSensitiveBytes(seed, key []byte) []byte {
 	return append(b, key...)
 }
 
-// newECCEKPublic returns a new TPMT_PUBLIC equal to tpm2.ECCEKTemplate with
+// newECCEKPublic returns a new TPMT_PUBLIC equal to tpmdev.EKTemplate with
 // the given unique point, sharing no memory with the template.
 func newECCEKPublic(x, y []byte) *tpm2.TPMTPublic {
 	return &tpm2.TPMTPublic{
@@ -240,7 +238,7 @@ func newECCEKPublic(x, y []byte) *tpm2.TPMTPublic {
 		NameAlg: tpm2.TPMAlgSHA256,
 		ObjectAttributes: tpm2.TPMAObject{FixedTPM: true, FixedParent: true, SensitiveDataOrigin: true,
 			AdminWithPolicy: true, Restricted: true, Decrypt: true},
-		AuthPolicy: tpm2.TPM2BDigest{Buffer: append([]byte(nil), tpm2.ECCEKTemplate.AuthPolicy.Buffer...)},
+		AuthPolicy: tpm2.TPM2BDigest{Buffer: append([]byte(nil), tpmdev.EKTemplate.AuthPolicy.Buffer...)},
 		Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgECC, &tpm2.TPMSECCParms{
 			Symmetric: tpm2.TPMTSymDefObject{
 				Algorithm: tpm2.TPMAlgAES,

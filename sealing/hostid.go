@@ -12,46 +12,30 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
+
+	"github.com/umbra-cc/umbra/tpmdev"
 )
 
-// ekHandle is a transient endorsement key created from the TCG ECC P-256 EK
-// template (go-tpm's tpm2.ECCEKTemplate, the "low range" template that
-// go-tpm-tools' client.EndorsementKeyECC uses too).
-type ekHandle struct {
-	handle tpm2.TPMHandle
-	name   tpm2.TPM2BName
-	// public is the TPMT_PUBLIC the TPM returned, unmarshalled only when
-	// asked for (publicArea): open needs the fingerprint and name only.
-	public tpm2.TPM2BPublic
-	// fingerprint is Fingerprint of the public area, hashed from the bytes the
-	// TPM returned rather than re-marshalled.
-	fingerprint string
-}
-
-func createEK(t transport.TPM) (*ekHandle, error) {
-	initFast()
-	rsp, err := tpm2.CreatePrimary{
-		PrimaryHandle: tpm2.TPMRHEndorsement,
-		// tpm2.Marshal(tpm2.ECCEKTemplate), marshalled once (fastmarshal.go).
-		InPublic: tpm2.BytesAs2B[tpm2.TPMTPublic](ekTemplateBytes),
-	}.Execute(t)
+// createEK creates the host's endorsement key (tpmdev.CreateEK), its error marked
+// ErrTPM.
+func createEK(t transport.TPM) (*tpmdev.EK, error) {
+	ek, err := tpmdev.CreateEK(t)
 	if err != nil {
-		return nil, fmt.Errorf("%w: create endorsement key: %w", ErrTPM, err)
+		return nil, fmt.Errorf("%w: %w", ErrTPM, err)
 	}
-	return &ekHandle{handle: rsp.ObjectHandle, name: rsp.Name, public: rsp.OutPublic, fingerprint: hexSum(rsp.OutPublic.Bytes())}, nil
+	return ek, nil
 }
 
-func (ek *ekHandle) publicArea() (*tpm2.TPMTPublic, error) {
-	pub, err := parseEKPublic(ek.public.Bytes())
+// ekPublicArea unmarshals the public area the TPM returned for ek.
+func ekPublicArea(ek *tpmdev.EK) (*tpm2.TPMTPublic, error) {
+	pub, err := parseEKPublic(ek.PublicArea())
 	if err != nil {
 		return nil, fmt.Errorf("%w: endorsement key public area: %w", ErrTPM, err)
 	}
 	return pub, nil
 }
 
-func flush(t transport.TPM, h tpm2.TPMHandle) {
-	tpm2.FlushContext{FlushHandle: h}.Execute(t)
-}
+func flush(t transport.TPM, h tpm2.TPMHandle) { tpmdev.Flush(t, h) }
 
 // ReadEKPublic returns the public area of the host's ECC endorsement key.
 func ReadEKPublic(t transport.TPM) (*tpm2.TPMTPublic, error) {
@@ -59,16 +43,16 @@ func ReadEKPublic(t transport.TPM) (*tpm2.TPMTPublic, error) {
 	if err != nil {
 		return nil, err
 	}
-	flush(t, ek.handle)
-	return ek.publicArea()
+	ek.Flush(t)
+	return ekPublicArea(ek)
 }
 
-// Fingerprint returns the host identity derived from an endorsement key: the
-// hex SHA-256 of its marshalled TPMT_PUBLIC. It is stable for the life of the TPM
-// (until its endorsement seed is changed) and is what policies see as
+// Fingerprint returns the host identity derived from an endorsement key
+// (tpmdev.Fingerprint of its marshalled TPMT_PUBLIC). It is stable for the life of
+// the TPM (until its endorsement seed is changed) and is what policies see as
 // host.fingerprint.
 func Fingerprint(ek *tpm2.TPMTPublic) string {
-	return hexSum(ekPublicBytes(ek))
+	return tpmdev.Fingerprint(ekPublicBytes(ek))
 }
 
 // HostID returns the fingerprint of the TPM's endorsement key.

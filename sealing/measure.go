@@ -16,10 +16,10 @@ import (
 	"sync"
 	"time"
 
-	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
 
 	"github.com/umbra-cc/umbra/statefile"
+	"github.com/umbra-cc/umbra/tpmdev"
 )
 
 // MonitorPCR is the PCR that holds the umbra monitor measurement: one SHA-256
@@ -58,35 +58,13 @@ var SelfDigest = sync.OnceValues(func() ([32]byte, error) {
 	return FileDigest("/proc/self/exe")
 })
 
-// ReadPCRs reads SHA-256 PCR values.
+// ReadPCRs reads SHA-256 PCR values (tpmdev.ReadPCRs), its error marked ErrTPM.
 func ReadPCRs(t transport.TPM, pcrs ...int) (map[int][32]byte, error) {
-	out := map[int][32]byte{}
-	// PCR_Read returns at most 8 digests per call.
-	for start := 0; start < len(pcrs); start += 8 {
-		end := min(start+8, len(pcrs))
-		sel := make([]uint, 0, 8)
-		for _, p := range pcrs[start:end] {
-			sel = append(sel, uint(p))
-		}
-		rsp, err := tpm2.PCRRead{PCRSelectionIn: tpm2.TPMLPCRSelection{PCRSelections: []tpm2.TPMSPCRSelection{
-			{Hash: tpm2.TPMAlgSHA256, PCRSelect: tpm2.PCClientCompatible.PCRs(sel...)},
-		}}}.Execute(t)
-		if err != nil {
-			return nil, fmt.Errorf("%w: PCR_Read: %w", ErrTPM, err)
-		}
-		if len(rsp.PCRValues.Digests) != end-start {
-			return nil, fmt.Errorf("%w: PCR_Read returned %d values for %d PCRs (is the SHA-256 bank active?)", ErrTPM, len(rsp.PCRValues.Digests), end-start)
-		}
-		// Values come back in ascending PCR order.
-		sorted := append([]int(nil), pcrs[start:end]...)
-		slices.Sort(sorted)
-		for i, p := range sorted {
-			var v [32]byte
-			copy(v[:], rsp.PCRValues.Digests[i].Buffer)
-			out[p] = v
-		}
+	m, err := tpmdev.ReadPCRs(t, pcrs...)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrTPM, err)
 	}
-	return out, nil
+	return m, nil
 }
 
 // MeasureEvent is one line of the measurement log in the state directory.
@@ -129,11 +107,8 @@ func MeasureMonitor(t transport.TPM, digest [32]byte, stateDir, comment string) 
 		return false, fmt.Errorf("%w: PCR %d is %x, not the measurement %x of monitor %x: %s",
 			ErrPCRMismatch, MonitorPCR, cur[MonitorPCR], want, digest, ExplainMonitorPCR(stateDir, cur[MonitorPCR]))
 	}
-	if _, err := (tpm2.PCRExtend{
-		PCRHandle: tpm2.AuthHandle{Handle: tpm2.TPMHandle(MonitorPCR), Auth: tpm2.PasswordAuth(nil)},
-		Digests:   tpm2.TPMLDigestValues{Digests: []tpm2.TPMTHA{{HashAlg: tpm2.TPMAlgSHA256, Digest: digest[:]}}},
-	}).Execute(t); err != nil {
-		return false, fmt.Errorf("%w: PCR_Extend %d: %w", ErrTPM, MonitorPCR, err)
+	if err := tpmdev.Extend(t, MonitorPCR, digest[:]); err != nil {
+		return false, fmt.Errorf("%w: %w", ErrTPM, err)
 	}
 	if stateDir != "" {
 		ev := MeasureEvent{Time: time.Now().UTC(), BootID: bootID(t), PCR: MonitorPCR, Digest: hex.EncodeToString(digest[:]), Comment: comment}

@@ -19,6 +19,8 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
+
+	"github.com/umbra-cc/umbra/tpmdev"
 )
 
 // SealOptions are the inputs of Seal.
@@ -290,17 +292,18 @@ func open(ctx context.Context, t transport.TPM, data []byte, opts OpenOptions, r
 	}
 
 	ek, err := createEK(t)
+	var host string
 	if err == nil {
-		defer flush(t, ek.handle)
-		if ek.fingerprint != h.HostFingerprint {
-			err = fmt.Errorf("%w: sealed for host %s, this host is %s", ErrWrongHost, h.HostFingerprint, ek.fingerprint)
+		defer ek.Flush(t)
+		if host = ek.Fingerprint(); host != h.HostFingerprint {
+			err = fmt.Errorf("%w: sealed for host %s, this host is %s", ErrWrongHost, h.HostFingerprint, host)
 		}
 	}
 	if err := step(CheckHost, err, "sealed for this host %s", h.HostFingerprint); err != nil {
 		return nil, err
 	}
 
-	_, hw, err := rollbackState(t, ek.fingerprint, h.Series)
+	_, hw, err := rollbackState(t, host, h.Series)
 	if err == nil && h.Version < hw {
 		err = fmt.Errorf("%w: series %q version %d, this host has opened version %d", ErrRolledBack, h.Series, h.Version, hw)
 	}
@@ -342,7 +345,7 @@ func open(ctx context.Context, t transport.TPM, data []byte, opts OpenOptions, r
 	if opts.DryRun || h.Version == hw {
 		return o, nil
 	}
-	if err := step(CheckCounter, advanceCounter(t, ek.fingerprint, h.Series, h.Version), "series %q now at version %d", h.Series, h.Version); err != nil {
+	if err := step(CheckCounter, advanceCounter(t, host, h.Series, h.Version), "series %q now at version %d", h.Series, h.Version); err != nil {
 		o.Wipe()
 		return nil, err
 	}
@@ -430,11 +433,6 @@ func validApprovals(admin *ecdsa.PublicKey, cands []*Approval) (valid []*Approva
 		}
 	}
 	return valid, pcrs, bad
-}
-
-func ekPolicy(t transport.TPM, handle tpm2.TPMISHPolicy, nonceTPM tpm2.TPM2BNonce) error {
-	_, err := tpm2.PolicySecret{AuthHandle: tpm2.TPMRHEndorsement, PolicySession: handle, NonceTPM: nonceTPM}.Execute(t)
-	return err
 }
 
 // unsealer holds the TPM state of one unseal: the policy session for the
@@ -539,7 +537,7 @@ func policyRestart(t transport.TPM, h tpm2.TPMHandle) error {
 
 // unseal imports the sealed bundle key under the EK and unseals it with the
 // policy session, completed by PolicyAuthorize(admin, approval).
-func (u *unsealer) unseal(ek *ekHandle, h *Header) ([]byte, error) {
+func (u *unsealer) unseal(ek *tpmdev.EK, h *Header) ([]byte, error) {
 	t := u.t
 	want, err := sealedAuthPolicy(u.admin)
 	if err != nil {
@@ -559,11 +557,8 @@ func (u *unsealer) unseal(ek *ekHandle, h *Header) ([]byte, error) {
 	// The TPM gets the signed bytes as they are: it computes the object's name
 	// from them and checks it against the duplicate's integrity HMAC.
 	pub := tpm2.BytesAs2B[tpm2.TPMTPublic](h.SealedPublic)
-	ekAuth := func() tpm2.AuthHandle {
-		return tpm2.AuthHandle{Handle: ek.handle, Name: ek.name, Auth: tpm2.Policy(tpm2.TPMAlgSHA256, 16, ekPolicy)}
-	}
 	imp, err := tpm2.Import{
-		ParentHandle: ekAuth(),
+		ParentHandle: ek.Auth(),
 		ObjectPublic: pub,
 		Duplicate:    tpm2.TPM2BPrivate{Buffer: h.SealedDuplicate},
 		InSymSeed:    tpm2.TPM2BEncryptedSecret{Buffer: h.SealedSeed},
@@ -571,7 +566,7 @@ func (u *unsealer) unseal(ek *ekHandle, h *Header) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: TPM refused the sealed key blob (not made for this TPM's endorsement key?): %w", ErrWrongHost, err)
 	}
-	load, err := tpm2.Load{ParentHandle: ekAuth(), InPublic: pub, InPrivate: imp.OutPrivate}.Execute(t)
+	load, err := tpm2.Load{ParentHandle: ek.Auth(), InPublic: pub, InPrivate: imp.OutPrivate}.Execute(t)
 	if err != nil {
 		return nil, fmt.Errorf("%w: load sealed key: %w", ErrTPM, err)
 	}

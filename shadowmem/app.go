@@ -3,7 +3,6 @@ package shadowmem
 import (
 	"crypto/aes"
 	"crypto/cipher"
-	"crypto/rand"
 	"encoding/binary"
 	"fmt"
 	"math"
@@ -73,6 +72,7 @@ type FrameMemory interface {
 
 type histEntry struct {
 	version uint64
+	gen     uint32 // the key generation the version was sealed under
 	tag     [TagSize]byte
 	fp      [fpSize]byte
 }
@@ -81,6 +81,7 @@ type page struct {
 	home    fpRef // res, serial, idx of this page; version unused
 	state   State
 	version uint64
+	gen     uint32 // the key generation of the current ciphertext (state.go)
 	tag     [TagSize]byte
 	fp      [fpSize]byte
 	frame   uint64
@@ -90,8 +91,34 @@ type page struct {
 type resource struct {
 	serial uint64
 	key    []byte
-	aead   cipher.AEAD
-	pages  map[uint32]*page
+	aead   cipher.AEAD // the current generation's: every encryption uses it
+	// older holds the keys of earlier generations (a restored checkpoint's,
+	// state.go) that pages' ciphertexts are still under: decryption only.
+	older map[uint32]olderKey
+	pages map[uint32]*page
+}
+
+type olderKey struct {
+	key  []byte
+	aead cipher.AEAD
+}
+
+// aeadOf returns the cipher of key generation gen of the app whose current
+// generation is cur, or nil if the resource holds none.
+func (r *resource) aeadOf(gen, cur uint32) cipher.AEAD {
+	if gen == cur {
+		return r.aead
+	}
+	return r.older[gen].aead
+}
+
+func (r *resource) zeroize() {
+	Zeroize(r.key)
+	r.aead = nil
+	for g, k := range r.older {
+		Zeroize(k.key)
+		delete(r.older, g)
+	}
 }
 
 type fpRef struct {
@@ -107,6 +134,7 @@ type App struct {
 	id       Identity
 	instance uint64
 	key      []byte
+	gen      uint32 // the key generation key belongs to (state.go)
 	serial   uint64
 	res      map[uint32]*resource
 	fps      map[[fpSize]byte]fpRef
@@ -126,10 +154,14 @@ type App struct {
 type VM struct {
 	mu     sync.Mutex
 	master []byte
-	salt   [32]byte
-	next   uint64
-	apps   map[uint64]*App
-	closed bool
+	// salts are the run salts of every key generation, oldest first: one per run
+	// the VM's cloaked state went through (state.go); the last is this run's.
+	salts [][SaltSize]byte
+	next  uint64
+	apps  map[uint64]*App
+	// reusedGen (tests only): a restore that continued the checkpoint's generation.
+	reusedGen bool
+	closed    bool
 }
 
 // NewVM copies master (32 bytes, not all zero) and draws the run salt.
@@ -138,8 +170,8 @@ func NewVM(master []byte) (*VM, error) {
 		return nil, ErrBadMaster
 	}
 	v := &VM{master: append([]byte(nil), master...), apps: make(map[uint64]*App)}
-	if _, err := rand.Read(v.salt[:]); err != nil {
-		return nil, fmt.Errorf("shadowmem: draw run salt: %w", err)
+	if err := v.newGeneration(); err != nil {
+		return nil, err
 	}
 	return v, nil
 }
@@ -152,11 +184,13 @@ func (v *VM) NewApp(id Identity) (*App, error) {
 		return nil, ErrDropped
 	}
 	v.next++
-	k, err := deriveAppKeySalted(v.master, v.salt[:], id, v.next)
+	gen := v.gen()
+	k, err := deriveAppKeySalted(v.master, v.salts[gen][:], id, v.next)
 	if err != nil {
 		return nil, err
 	}
 	a := newApp(k, id, v.next)
+	a.gen = gen
 	v.apps[v.next] = a
 	return a, nil
 }
@@ -179,7 +213,9 @@ func (v *VM) Close() {
 	v.apps = nil
 	v.closed = true
 	Zeroize(v.master)
-	Zeroize(v.salt[:])
+	for i := range v.salts {
+		Zeroize(v.salts[i][:])
+	}
 	v.mu.Unlock()
 	for _, a := range apps {
 		a.Drop()
@@ -229,22 +265,32 @@ func (a *App) RegisterResource(res uint32) error {
 		return fmt.Errorf("%w: %d", ErrResourceExists, res)
 	}
 	a.serial++
-	k, err := deriveResourceKey(a.key, res, a.serial)
+	k, aead, err := resourceCipher(a.key, res, a.serial)
 	if err != nil {
 		return err
+	}
+	a.res[res] = &resource{serial: a.serial, key: k, aead: aead, pages: make(map[uint32]*page)}
+	return nil
+}
+
+// resourceCipher derives the key of registration serial of resource res under appKey
+// and its AES-256-GCM cipher.
+func resourceCipher(appKey []byte, res uint32, serial uint64) ([]byte, cipher.AEAD, error) {
+	k, err := deriveResourceKey(appKey, res, serial)
+	if err != nil {
+		return nil, nil, err
 	}
 	blk, err := aes.NewCipher(k)
 	if err != nil {
 		Zeroize(k)
-		return fmt.Errorf("shadowmem: resource %d: %w", res, err)
+		return nil, nil, fmt.Errorf("shadowmem: resource %d: %w", res, err)
 	}
 	aead, err := cipher.NewGCM(blk)
 	if err != nil {
 		Zeroize(k)
-		return fmt.Errorf("shadowmem: resource %d: %w", res, err)
+		return nil, nil, fmt.Errorf("shadowmem: resource %d: %w", res, err)
 	}
-	a.res[res] = &resource{serial: a.serial, key: k, aead: aead, pages: make(map[uint32]*page)}
-	return nil
+	return k, aead, nil
 }
 
 // UnregisterResource forgets res and zeroes its key. Pages still in the plain
@@ -264,8 +310,7 @@ func (a *App) UnregisterResource(res uint32) error {
 	for _, pg := range r.pages {
 		a.forgetFingerprints(pg)
 	}
-	Zeroize(r.key)
-	r.aead = nil
+	r.zeroize()
 	delete(a.res, res)
 	return nil
 }
@@ -346,7 +391,7 @@ func (a *App) EncryptPage(p PageID, frame uint64, buf []byte) error {
 	if pg.version != 0 {
 		a.pushHistory(pg)
 	}
-	pg.version = v
+	pg.version, pg.gen = v, a.gen
 	copy(pg.tag[:], out[PageSize:])
 	copy(pg.fp[:], out[:fpSize])
 	pg.state = Cipher
@@ -377,7 +422,11 @@ func (a *App) DecryptPage(p PageID, frame uint64, buf []byte) error {
 	copy(a.scratch[:PageSize], buf)
 	copy(a.scratch[PageSize:], pg.tag[:])
 	a.setNonceAAD(p, pg.version)
-	if _, err := r.aead.Open(buf[:0:PageSize], a.nonce[:], a.scratch[:], a.aad[:]); err != nil {
+	aead := r.aeadOf(pg.gen, a.gen)
+	if aead == nil {
+		return fmt.Errorf("shadowmem: %v: no key of generation %d (a monitor bug: the state restored without it)", p, pg.gen)
+	}
+	if _, err := aead.Open(buf[:0:PageSize], a.nonce[:], a.scratch[:], a.aad[:]); err != nil {
 		copy(buf, a.scratch[:PageSize])
 		return a.classify(p, pg, frame)
 	}
@@ -406,23 +455,25 @@ func (a *App) classify(p PageID, pg *page, frame uint64) error {
 		return e
 	}
 	var tag *[TagSize]byte
+	var gen uint32
 	if cand.version == ref.version && cand.state != removed {
-		tag = &cand.tag
+		tag, gen = &cand.tag, cand.gen
 	} else {
 		for i := range cand.hist {
 			if cand.hist[i].version == ref.version {
-				tag = &cand.hist[i].tag
+				tag, gen = &cand.hist[i].tag, cand.hist[i].gen
 				break
 			}
 		}
 	}
-	if tag == nil {
+	aead := r.aeadOf(gen, a.gen)
+	if tag == nil || aead == nil {
 		return e
 	}
 	id := PageID{ref.res, ref.idx}
 	copy(a.scratch[PageSize:], tag[:])
 	a.setNonceAAD(id, ref.version)
-	_, err := r.aead.Open(a.scratch[:0], a.nonce[:], a.scratch[:], a.aad[:])
+	_, err := aead.Open(a.scratch[:0], a.nonce[:], a.scratch[:], a.aad[:])
 	clear(a.scratch[:])
 	if err != nil {
 		return e
@@ -497,8 +548,7 @@ func (a *App) Drop() {
 		return
 	}
 	for _, r := range a.res {
-		Zeroize(r.key)
-		r.aead = nil
+		r.zeroize()
 	}
 	Zeroize(a.key)
 	clear(a.scratch[:])
@@ -558,7 +608,7 @@ func (a *App) pushHistory(pg *page) {
 	old := pg.hist[HistoryDepth-1]
 	a.unindex(pg, old.fp, old.version)
 	copy(pg.hist[1:], pg.hist[:HistoryDepth-1])
-	pg.hist[0] = histEntry{version: pg.version, tag: pg.tag, fp: pg.fp}
+	pg.hist[0] = histEntry{version: pg.version, gen: pg.gen, tag: pg.tag, fp: pg.fp}
 }
 
 func (a *App) forgetFingerprints(pg *page) {

@@ -435,12 +435,28 @@ func (t *MMIO) notify(v uint32) error {
 	case int(v) >= len(t.queues) || !t.queues[v].ready():
 		return t.fail(driverErr("notification of queue %d, which is not set up", v))
 	}
+	if err := t.remapQueues(); err != nil {
+		return t.fail(err)
+	}
 	irq, err := t.dev.Notify(int(v))
 	if irq {
 		t.raise(InterruptUsedBuffer)
 	}
 	if err != nil {
 		return t.fail(fmt.Errorf("queue %d: %w", v, err))
+	}
+	return nil
+}
+
+// remapQueues checks every ready queue's rings against guest memory again (Queue.remap):
+// a device may touch any of its queues when it serves one.
+func (t *MMIO) remapQueues() error {
+	for i := range t.queues {
+		if q := &t.queues[i]; q.ready() {
+			if err := q.remap(); err != nil {
+				return fmt.Errorf("queue %d: %w", i, err)
+			}
+		}
 	}
 	return nil
 }
@@ -462,6 +478,10 @@ func (t *MMIO) Poll() {
 	defer t.mu.Unlock()
 	p, ok := t.dev.(Poller)
 	if !ok || t.failure != nil || t.status&StatusDriverOK == 0 {
+		return
+	}
+	if err := t.remapQueues(); err != nil {
+		t.reject(t.fail(err))
 		return
 	}
 	irq, err := p.Poll()

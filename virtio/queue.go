@@ -111,6 +111,28 @@ func (q *Queue) setup(mem Memory, features uint64) error {
 // ready reports whether setup succeeded.
 func (q *Queue) ready() bool { return q.mem != nil }
 
+var areaNames = [3]string{"descriptor table", "available ring", "used ring"}
+
+// remap maps the queue's three areas again through its memory. The transport calls it
+// before the device touches the queue: memory that allowed the rings at setup may refuse
+// them since (a frame the guest's page protection has locked against writes, a cloaked
+// app's plaintext), and then the queue breaks instead of being read or written there.
+func (q *Queue) remap() error {
+	if q.broken != nil {
+		return q.broken
+	}
+	for i, dst := range [3]*[]byte{&q.desc, &q.avail, &q.used} {
+		r := q.rings[i]
+		b, err := q.mem.Slice(r[0], r[1]-r[0])
+		if err != nil {
+			q.broken = driverErr("%s at %#x is no longer the device's to use: %v", areaNames[i], r[0], err)
+			return q.broken
+		}
+		*dst = b
+	}
+	return nil
+}
+
 func (q *Queue) reset() { *q = Queue{} }
 
 // Pop returns the next chain the driver made available, nil when there is none, or an error

@@ -29,6 +29,7 @@ import (
 	"time"
 
 	"github.com/umbra-cc/umbra/attest/eventlog"
+	"github.com/umbra-cc/umbra/eventkind"
 	"github.com/umbra-cc/umbra/statefile"
 )
 
@@ -44,12 +45,15 @@ const (
 	KindLost = "lost"
 	// KindTornMeasurement records the repair of an event-log record that was
 	// logged but never extended into the PCR (eventlog.Recovery).
-	KindTornMeasurement    = "torn-measurement"
-	KindDecision           = "decision"
-	KindCloakRegister      = "cloak-register"
-	KindIntegrityViolation = "integrity-violation"
-	KindPageProtChange     = "pageprot-change"
-	KindPageProtViolation  = "pageprot-violation"
+	KindTornMeasurement = "torn-measurement"
+	KindDecision        = "decision"
+	// KindObligation records a stop or suspend the policy Guard enforced.
+	KindObligation = "policy-obligation"
+	// The security events a running VM reports (package eventkind).
+	KindCloakRegister      = eventkind.CloakRegister
+	KindIntegrityViolation = eventkind.IntegrityViolation
+	KindPageProtChange     = eventkind.PageProtChange
+	KindPageProtViolation  = eventkind.PageProtViolation
 )
 
 // Limits for hostile input.

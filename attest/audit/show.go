@@ -8,6 +8,8 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+
+	"github.com/umbra-cc/umbra/eventkind"
 )
 
 // Filter selects records for Show. Zero fields match everything.
@@ -63,13 +65,11 @@ func Show(w io.Writer, r io.Reader, f Filter, asJSON bool) *Result {
 	return res
 }
 
-// Kinds lists the record kinds umbra writes, for validating filters.
-// The monitor's own event kinds are listed here too (a monitor test checks they
-// are all present).
-var Kinds = []string{KindLogStart, KindDecision, KindLaunch, KindStop, KindLaunchFailed, KindLost,
-	KindTornMeasurement, KindCloakRegister, KindIntegrityViolation, KindPageProtChange, KindPageProtViolation,
-	"pageprot-lock", "cloak-violation", "cloak-syscall-denied", "cloak-end", "policy-obligation",
-	KindConsoleTicketIssue, KindConsoleTicketRefused, KindConsoleSessionOpen, KindConsoleSessionEnd}
+// Kinds lists the record kinds umbra writes, for validating filters: the log's own,
+// the Guard's, every kind a running VM reports (eventkind.Monitor) and umbra serve's.
+var Kinds = slices.Concat([]string{KindLogStart, KindDecision, KindObligation, KindLaunch, KindStop, KindLaunchFailed, KindLost,
+	KindTornMeasurement}, eventkind.Monitor,
+	[]string{KindConsoleTicketIssue, KindConsoleTicketRefused, KindConsoleSessionOpen, KindConsoleSessionEnd})
 
 // Kinds umbra serve writes (package serve) for remote consoles.
 const (

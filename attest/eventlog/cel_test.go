@@ -11,6 +11,7 @@ import (
 	"github.com/umbra-cc/umbra/attest/celtest"
 	"github.com/umbra-cc/umbra/attest/eventlog"
 	"github.com/umbra-cc/umbra/attest/tpmtest"
+	"github.com/umbra-cc/umbra/tpmdev"
 )
 
 // TestExportCELReadByIndependentParsers: the CEL TLV export is decoded and replayed
@@ -25,7 +26,7 @@ func TestExportCELReadByIndependentParsers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	pcr, err := eventlog.ReadPCR(tpm, 15)
+	pcr, err := tpmdev.ReadPCR(tpm, 15)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -13,6 +13,7 @@ import (
 	"github.com/umbra-cc/umbra/attest/eventlog"
 	"github.com/umbra-cc/umbra/attest/eventlog/eventlogtest"
 	"github.com/umbra-cc/umbra/attest/tpmtest"
+	"github.com/umbra-cc/umbra/tpmdev"
 )
 
 func readCheckpoint(t *testing.T, path string) eventlog.Checkpoint {
@@ -70,7 +71,7 @@ func TestCheckpointCatchUp(t *testing.T) {
 	if err != nil || rec.RecNum != 4 {
 		t.Fatalf("measure after a checkpointed open: record %d, %v; want record 4", rec.RecNum, err)
 	}
-	pcr, _ := eventlog.ReadPCR(tpm, 15)
+	pcr, _ := tpmdev.ReadPCR(tpm, 15)
 	recs := records(t, m)
 	if len(recs) != 5 || !bytes.Equal(eventlog.ReplayPCR(recs, 15), pcr) {
 		t.Fatalf("records after a checkpointed open: %d, replay matches the PCR: %v", len(recs), bytes.Equal(eventlog.ReplayPCR(recs, 15), pcr))
@@ -149,7 +150,7 @@ func TestCheckpointSetAside(t *testing.T) {
 	writeCheckpoint(t, path, good)
 
 	// Another component extends the PCR: the tail does not lead to it.
-	if err := eventlog.Extend(tpm, 15, make([]byte, 32)); err != nil {
+	if err := tpmdev.Extend(tpm, 15, make([]byte, 32)); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := eventlog.Open(ctx, tpm, path, 15, nil); !errors.Is(err, eventlog.ErrPCRMismatch) {
@@ -234,7 +235,7 @@ func TestCheckpointLongHistory(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer m.Close()
-	pcr, _ := eventlog.ReadPCR(tpm, 15)
+	pcr, _ := tpmdev.ReadPCR(tpm, 15)
 	if recs := records(t, m); len(recs) != 2000 || !bytes.Equal(eventlog.ReplayPCR(recs, 15), pcr) {
 		t.Fatalf("%d records read back, want 2000 replaying to the PCR", len(recs))
 	}

@@ -26,6 +26,8 @@ import (
 	"fmt"
 	"io"
 	"unicode/utf8"
+
+	"github.com/umbra-cc/umbra/eventkind"
 )
 
 // ContentType is the CEL content_type of umbra's records.
@@ -46,15 +48,15 @@ const (
 
 // Measurement types umbra records. Verification treats any other type as unknown.
 const (
-	TypeMonitor        = "monitor"         // the umbra binary
-	TypeGuestImage     = "guest-image"     // the guest kernel/image
-	TypeCmdline        = "cmdline"         // the guest command line (data)
-	TypeVMSpec         = "vm-spec"         // the VM spec (data or digest)
-	TypePolicy         = "policy"          // policy bundle digest; description: revision
-	TypeCloakRegister  = "cloak-register"  // a cloaked app identity (image measurement)
-	TypePageProtLock   = "pageprot-lock"   // a page-protection lock (data: details)
-	TypeAuditAnchor    = "audit-anchor"    // an audit log head (data: JSON anchor)
-	TypeLaunchComplete = "launch-complete" // separator: everything before it is the launch
+	TypeMonitor        = "monitor"               // the umbra binary
+	TypeGuestImage     = "guest-image"           // the guest kernel/image
+	TypeCmdline        = "cmdline"               // the guest command line (data)
+	TypeVMSpec         = "vm-spec"               // the VM spec (data or digest)
+	TypePolicy         = "policy"                // policy bundle digest; description: revision
+	TypeCloakRegister  = eventkind.CloakRegister // a cloaked app identity (image measurement)
+	TypePageProtLock   = eventkind.PageProtLock  // a page-protection lock (data: details)
+	TypeAuditAnchor    = "audit-anchor"          // an audit log head (data: JSON anchor)
+	TypeLaunchComplete = "launch-complete"       // separator: everything before it is the launch
 )
 
 // Digest is one CEL digest entry.

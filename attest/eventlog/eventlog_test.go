@@ -18,6 +18,7 @@ import (
 
 	"github.com/umbra-cc/umbra/attest/eventlog"
 	"github.com/umbra-cc/umbra/attest/tpmtest"
+	"github.com/umbra-cc/umbra/tpmdev"
 )
 
 func launchEvents() []eventlog.Event {
@@ -55,7 +56,7 @@ func TestMeasureReplaysToPCR(t *testing.T) {
 			if len(recs) != 4 {
 				t.Fatalf("got %d records, want 4", len(recs))
 			}
-			pcr, err := eventlog.ReadPCR(tpm, 15)
+			pcr, err := tpmdev.ReadPCR(tpm, 15)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -74,14 +75,14 @@ func TestMeasureReplaysToPCR(t *testing.T) {
 			if rec.RecNum != 4 {
 				t.Fatalf("recnum after reopen = %d, want 4", rec.RecNum)
 			}
-			pcr, _ = eventlog.ReadPCR(tpm, 15)
+			pcr, _ = tpmdev.ReadPCR(tpm, 15)
 			if got := eventlog.ReplayPCR(records(t, m), 15); !bytes.Equal(got, pcr) {
 				t.Fatalf("after reopen: replay %x != PCR %x", got, pcr)
 			}
 			m.Close()
 
 			// Something else extends the PCR: Open must refuse.
-			if err := eventlog.Extend(tpm, 15, make([]byte, 32)); err != nil {
+			if err := tpmdev.Extend(tpm, 15, make([]byte, 32)); err != nil {
 				t.Fatal(err)
 			}
 			if _, err := eventlog.Open(ctx, tpm, path, 15, nil); !errors.Is(err, eventlog.ErrPCRMismatch) {
@@ -255,7 +256,7 @@ func TestTornMeasurementIsRepaired(t *testing.T) {
 	f.Write(line)
 	f.Close()
 	recs := readLog(t, path)
-	if pcr, _ := eventlog.ReadPCR(tpm, 15); bytes.Equal(pcr, eventlog.ReplayPCR(recs, 15)) {
+	if pcr, _ := tpmdev.ReadPCR(tpm, 15); bytes.Equal(pcr, eventlog.ReplayPCR(recs, 15)) {
 		t.Fatal("the torn record replays already: the test sets up nothing")
 	}
 	// The torn record lies past the checkpoint the close left: the catch-up from it
@@ -277,7 +278,7 @@ func TestTornMeasurementIsRepaired(t *testing.T) {
 	if len(recs) != 4 || recs[3].Content.Type != eventlog.TypeTornRecovered {
 		t.Fatalf("log after repair has %d records (last %q)", len(recs), recs[len(recs)-1].Content.Type)
 	}
-	pcr, _ := eventlog.ReadPCR(tpm, 15)
+	pcr, _ := tpmdev.ReadPCR(tpm, 15)
 	if !bytes.Equal(pcr, eventlog.ReplayPCR(recs, 15)) {
 		t.Fatal("the repaired log does not replay to the PCR")
 	}
@@ -323,7 +324,7 @@ func TestConcurrentMeasurersInterleave(t *testing.T) {
 	if len(recs) != writers*each {
 		t.Fatalf("log has %d records, want %d", len(recs), writers*each)
 	}
-	pcr, _ := eventlog.ReadPCR(tpm, 15)
+	pcr, _ := tpmdev.ReadPCR(tpm, 15)
 	if !bytes.Equal(pcr, eventlog.ReplayPCR(recs, 15)) {
 		t.Fatal("the interleaved log does not replay to the PCR")
 	}
@@ -377,7 +378,7 @@ func TestExportPCClientReadByTpm2Eventlog(t *testing.T) {
 	if n := strings.Count(string(yaml), "EV_EVENT_TAG"); n != len(recs) {
 		t.Fatalf("tpm2_eventlog parsed %d of the %d events", n, len(recs))
 	}
-	pcr, _ := eventlog.ReadPCR(tpm, 15)
+	pcr, _ := tpmdev.ReadPCR(tpm, 15)
 	if !strings.Contains(strings.ToLower(string(yaml)), hex.EncodeToString(pcr)) {
 		t.Fatalf("tpm2_eventlog's replay lacks PCR 15 = %x:\n%s", pcr, yaml)
 	}

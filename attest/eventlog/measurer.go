@@ -14,10 +14,10 @@ import (
 	"path/filepath"
 	"sync"
 
-	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
 
 	"github.com/umbra-cc/umbra/statefile"
+	"github.com/umbra-cc/umbra/tpmdev"
 )
 
 // Event is one measurement to record.
@@ -246,7 +246,7 @@ func (m *Measurer) reconcile() error {
 	if m.checked {
 		return nil
 	}
-	cur, err := ReadPCR(m.tpm, m.pcr)
+	cur, err := tpmdev.ReadPCR(m.tpm, m.pcr)
 	if err != nil {
 		return err
 	}
@@ -302,7 +302,7 @@ func (m *Measurer) lastOfPCR() int {
 // record. The caller holds the lock.
 func (m *Measurer) repairTorn(i int) error {
 	r := m.recs[i]
-	if err := Extend(m.tpm, m.pcr, r.SHA256()); err != nil {
+	if err := tpmdev.Extend(m.tpm, m.pcr, r.SHA256()); err != nil {
 		return fmt.Errorf("event log %s: record %d (%s) was logged but never extended into PCR %d (its writer stopped between the two); completing it failed: %w", m.path, r.RecNum, r.Content.Type, m.pcr, err)
 	}
 	m.checked = true
@@ -436,10 +436,10 @@ func (m *Measurer) appendAndExtend(ev Event) (Record, error) {
 		m.f.Truncate(m.size)
 		return Record{}, fmt.Errorf("measure %s: fsync event log: %w", ev.Type, err)
 	}
-	if err := Extend(m.tpm, m.pcr, digest); err != nil {
+	if err := tpmdev.Extend(m.tpm, m.pcr, digest); err != nil {
 		// The TPM may or may not have extended: take the record back only if the
 		// PCR shows it did not, else leave it for reconcile to judge.
-		if cur, rerr := ReadPCR(m.tpm, m.pcr); rerr == nil && bytes.Equal(cur, m.replayed) {
+		if cur, rerr := tpmdev.ReadPCR(m.tpm, m.pcr); rerr == nil && bytes.Equal(cur, m.replayed) {
 			if terr := m.f.Truncate(m.size); terr == nil {
 				m.f.Sync()
 			}
@@ -462,34 +462,6 @@ func (m *Measurer) Close() error {
 	defer m.mu.Unlock()
 	m.saveCheckpoint()
 	return m.f.Close()
-}
-
-// Extend extends the SHA-256 bank of pcr with digest.
-func Extend(tpm transport.TPM, pcr int, digest []byte) error {
-	_, err := tpm2.PCRExtend{
-		PCRHandle: tpm2.AuthHandle{Handle: tpm2.TPMHandle(uint32(pcr)), Auth: tpm2.PasswordAuth(nil)},
-		Digests: tpm2.TPMLDigestValues{Digests: []tpm2.TPMTHA{{
-			HashAlg: tpm2.TPMAlgSHA256, Digest: digest,
-		}}},
-	}.Execute(tpm)
-	if err != nil {
-		return fmt.Errorf("extend PCR %d: %w", pcr, err)
-	}
-	return nil
-}
-
-// ReadPCR reads the SHA-256 bank value of pcr.
-func ReadPCR(tpm transport.TPM, pcr int) ([]byte, error) {
-	rsp, err := tpm2.PCRRead{PCRSelectionIn: tpm2.TPMLPCRSelection{PCRSelections: []tpm2.TPMSPCRSelection{{
-		Hash: tpm2.TPMAlgSHA256, PCRSelect: tpm2.PCClientCompatible.PCRs(uint(pcr)),
-	}}}}.Execute(tpm)
-	if err != nil {
-		return nil, fmt.Errorf("read PCR %d: %w", pcr, err)
-	}
-	if len(rsp.PCRValues.Digests) != 1 || len(rsp.PCRValues.Digests[0].Buffer) != sha256.Size {
-		return nil, fmt.Errorf("read PCR %d: the TPM has no SHA-256 bank for it", pcr)
-	}
-	return rsp.PCRValues.Digests[0].Buffer, nil
 }
 
 // SyncDir fsyncs the directory holding path, so a file created or renamed there

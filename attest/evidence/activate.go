@@ -6,6 +6,8 @@ import (
 	"fmt"
 
 	"github.com/google/go-tpm/tpm2"
+
+	"github.com/umbra-cc/umbra/tpmdev"
 )
 
 // This file binds the AK to the EK by TPM2 credential activation, as Keylime's
@@ -59,29 +61,14 @@ func MakeChallenge(ev *Evidence) (*Challenge, []byte, error) {
 func (a *Attester) Activate(c *Challenge) ([]byte, error) {
 	// No check of c.AKName here: the TPM itself refuses a credential bound to
 	// another name than the activated object's, which is the guarantee.
-	ek, err := tpm2.CreatePrimary{
-		PrimaryHandle: tpm2.TPMRHEndorsement,
-		InPublic:      tpm2.New2B(tpm2.ECCEKTemplate),
-	}.Execute(a.tpm)
+	ek, err := tpmdev.CreateEK(a.tpm)
 	if err != nil {
-		return nil, fmt.Errorf("activate: create endorsement key: %w", err)
+		return nil, fmt.Errorf("activate: %w", err)
 	}
-	defer tpm2.FlushContext{FlushHandle: ek.ObjectHandle}.Execute(a.tpm)
-	// The EK template's policy is PolicySecret(TPM_RH_ENDORSEMENT).
-	sess, closeSess, err := tpm2.PolicySession(a.tpm, tpm2.TPMAlgSHA256, 16)
-	if err != nil {
-		return nil, fmt.Errorf("activate: policy session: %w", err)
-	}
-	defer closeSess()
-	if _, err := (tpm2.PolicySecret{
-		AuthHandle:    tpm2.AuthHandle{Handle: tpm2.TPMRHEndorsement, Auth: tpm2.PasswordAuth(nil)},
-		PolicySession: sess.Handle(),
-	}).Execute(a.tpm); err != nil {
-		return nil, fmt.Errorf("activate: PolicySecret(endorsement): %w", err)
-	}
+	defer ek.Flush(a.tpm)
 	rsp, err := tpm2.ActivateCredential{
 		ActivateHandle: tpm2.AuthHandle{Handle: a.ak.ObjectHandle, Name: a.ak.Name, Auth: tpm2.PasswordAuth(nil)},
-		KeyHandle:      tpm2.AuthHandle{Handle: ek.ObjectHandle, Name: ek.Name, Auth: sess},
+		KeyHandle:      ek.Auth(),
 		CredentialBlob: tpm2.TPM2BIDObject{Buffer: c.IDObject},
 		Secret:         tpm2.TPM2BEncryptedSecret{Buffer: c.Secret},
 	}.Execute(a.tpm)

@@ -15,13 +15,14 @@ import (
 
 	"github.com/umbra-cc/umbra/attest"
 	"github.com/umbra-cc/umbra/attest/eventlog"
+	"github.com/umbra-cc/umbra/tpmdev"
 )
 
 // Attester holds the EK and a loaded AK on one TPM.
 //
-// The EK is the TCG ECC P-256 EK (go-tpm tpm2.ECCEKTemplate, as go-tpm-tools
-// client.EndorsementKeyECC uses), the key package sealing derives `umbra host id`
-// from, so the host fingerprint in evidence is the one policies and operators see. The AK is the template of go-tpm-tools'
+// The EK is tpmdev's (the TCG ECC P-256 EK), the key package sealing derives `umbra
+// host id` from, so the host fingerprint in evidence is the one policies and
+// operators see. The AK is the template of go-tpm-tools'
 // client.AKTemplateRSA: a restricted RSASSA-SHA256 signing primary key in the owner
 // hierarchy, re-derived identically from the owner seed, so its public area (and name)
 // is stable for the life of the owner seed and can be pinned by verifiers.
@@ -63,18 +64,20 @@ var AKTemplate = tpm2.TPMTPublic{
 
 // NewAttester creates (or re-derives) the EK and AK. Close flushes them.
 func NewAttester(tpm transport.TPM) (*Attester, error) {
-	ek, err := tpm2.CreatePrimary{
-		PrimaryHandle: tpm2.TPMRHEndorsement,
-		InPublic:      tpm2.New2B(tpm2.ECCEKTemplate),
-	}.Execute(tpm)
+	// Only the public area of the EK is needed: it is flushed at once so the AK is
+	// the one transient object the attester keeps loaded.
+	ekPub, err := tpmdev.ReadEKPublicArea(tpm)
 	if err != nil {
-		return nil, fmt.Errorf("create endorsement key: %w", err)
+		return nil, err
 	}
-	// Only the public area of the EK is needed: flush it at once so the AK is the
-	// one transient object the attester keeps loaded.
-	ekPub := ek.OutPublic.Bytes()
-	tpm2.FlushContext{FlushHandle: ek.ObjectHandle}.Execute(tpm)
-	a := &Attester{tpm: tpm, ekPub: ekPub, ekCert: readEKCert(tpm)}
+	// A TPM without a certificate, or with an index that cannot be read, still
+	// gives verifiable evidence: verifiers pin the host fingerprint, and the
+	// certificate only helps a verifier that checks the manufacturer's chain.
+	cert, err := tpmdev.ReadEKCert(tpm, MaxCert)
+	if err != nil {
+		cert = nil
+	}
+	a := &Attester{tpm: tpm, ekPub: ekPub, ekCert: cert}
 	ak, err := tpm2.CreatePrimary{
 		PrimaryHandle: tpm2.TPMRHOwner,
 		InPublic:      tpm2.New2B(AKTemplate),
@@ -179,7 +182,7 @@ func (a *Attester) Collect(ctx context.Context, opts Options) (*Evidence, error)
 		Version:         Version,
 		Created:         time.Now().UTC(),
 		Nonce:           hex.EncodeToString(opts.Nonce),
-		HostFingerprint: attest.HostFingerprint(a.ekPub),
+		HostFingerprint: tpmdev.Fingerprint(a.ekPub),
 		EKPublic:        a.ekPub,
 		EKCert:          a.ekCert,
 		AKPublic:        a.akPub,
@@ -272,7 +275,7 @@ func (a *Attester) consistentQuote(nonce []byte, pcrs []int) (attestBytes, sig [
 		values = values[:0]
 		h := sha256.New()
 		for _, p := range pcrs {
-			v, err := eventlog.ReadPCR(a.tpm, p)
+			v, err := tpmdev.ReadPCR(a.tpm, p)
 			if err != nil {
 				return nil, nil, nil, err
 			}
@@ -292,36 +295,4 @@ func (a *Attester) consistentQuote(nonce []byte, pcrs []int) (attestBytes, sig [
 		}
 	}
 	return nil, nil, nil, errors.New("PCRs kept changing while quoting (5 tries)")
-}
-
-// EKCertIndex is the TCG NV index of the ECC P-256 EK certificate.
-const EKCertIndex = 0x01c0000a
-
-// readEKCert returns the EK certificate from NV, or nil if the TPM has none.
-func readEKCert(tpm transport.TPM) []byte {
-	idx := tpm2.TPMHandle(EKCertIndex)
-	pub, err := tpm2.NVReadPublic{NVIndex: idx}.Execute(tpm)
-	if err != nil {
-		return nil
-	}
-	nv, err := pub.NVPublic.Contents()
-	if err != nil || nv.DataSize == 0 || int(nv.DataSize) > MaxCert {
-		return nil
-	}
-	var out []byte
-	for off := 0; off < int(nv.DataSize); {
-		n := min(int(nv.DataSize)-off, 512)
-		rsp, err := tpm2.NVRead{
-			AuthHandle: tpm2.AuthHandle{Handle: idx, Name: pub.NVName, Auth: tpm2.PasswordAuth(nil)},
-			NVIndex:    tpm2.NamedHandle{Handle: idx, Name: pub.NVName},
-			Size:       uint16(n),
-			Offset:     uint16(off),
-		}.Execute(tpm)
-		if err != nil {
-			return nil
-		}
-		out = append(out, rsp.Data.Buffer...)
-		off += n
-	}
-	return out
 }

@@ -45,7 +45,7 @@ type Evidence struct {
 	// Nonce is the hex nonce the quote was asked for (informational: the verifier
 	// compares the quote's extraData with the nonce it chose, not with this field).
 	Nonce string `json:"nonce"`
-	// HostFingerprint is attest.HostFingerprint(EKPublic), recomputed by verifiers.
+	// HostFingerprint is tpmdev.Fingerprint(EKPublic), recomputed by verifiers.
 	HostFingerprint string `json:"host_fingerprint"`
 	// EKPublic is the marshalled TPMT_PUBLIC of the default RSA EK.
 	EKPublic []byte `json:"ek_public"`

@@ -11,6 +11,7 @@ import (
 	"github.com/umbra-cc/umbra/attest/eventlog"
 	"github.com/umbra-cc/umbra/attest/evidence"
 	"github.com/umbra-cc/umbra/attest/tpmtest"
+	"github.com/umbra-cc/umbra/tpmdev"
 )
 
 // TestQuoteValuesFromLog shows that, when every quoted PCR is a log PCR, the evidence
@@ -27,7 +28,7 @@ func TestQuoteValuesFromLog(t *testing.T) {
 	img := sha256.Sum256([]byte("guest"))
 	m.Measure(ctx, eventlog.Event{Type: eventlog.TypeGuestImage, Digest: img[:]})
 	m.Measure(ctx, eventlog.Event{Type: eventlog.TypeCmdline, Data: []byte("console=ttyS0")})
-	want, err := eventlog.ReadPCR(tpm, 15)
+	want, err := tpmdev.ReadPCR(tpm, 15)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -50,7 +51,7 @@ func TestQuoteValuesFromLog(t *testing.T) {
 	}
 	// Something else extends PCR 15: no prefix of the log matches, the values are
 	// read back and still do not match the log.
-	if err := eventlog.Extend(tpm, 15, make([]byte, 32)); err != nil {
+	if err := tpmdev.Extend(tpm, 15, make([]byte, 32)); err != nil {
 		t.Fatal(err)
 	}
 	_, err = a.Collect(ctx, evidence.Options{Nonce: nonce, PCRs: []int{15}, ReadLog: m.Records})

@@ -3,10 +3,10 @@ package tpmtest_test
 import (
 	"testing"
 
-	"github.com/umbra-cc/umbra/attest"
 	"github.com/umbra-cc/umbra/attest/evidence"
 	"github.com/umbra-cc/umbra/attest/tpmtest"
 	"github.com/umbra-cc/umbra/sealing"
+	"github.com/umbra-cc/umbra/tpmdev"
 )
 
 // The host fingerprint in evidence must be the one `umbra host id` prints. It lives
@@ -24,7 +24,7 @@ func TestFingerprintAgreesWithSealing(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if got := attest.HostFingerprint(a.EKPublic()); got != id {
+			if got := tpmdev.Fingerprint(a.EKPublic()); got != id {
 				t.Fatalf("evidence fingerprint %s != sealing.HostID %s", got, id)
 			}
 		})

@@ -19,9 +19,9 @@ import (
 	tpmquote "github.com/google/go-tpm-tools/quote"
 	"github.com/google/go-tpm/tpm2"
 
-	"github.com/umbra-cc/umbra/attest"
 	"github.com/umbra-cc/umbra/attest/eventlog"
 	"github.com/umbra-cc/umbra/attest/evidence"
+	"github.com/umbra-cc/umbra/tpmdev"
 )
 
 // Verdict is the outcome of one check.
@@ -95,7 +95,7 @@ func (r *Report) add(name, value string, v Verdict, detail string, args ...any) 
 // the nonce (skipped if nonce is nil, which the report says), and that the event log
 // replays to the quoted PCRs. Audit-log verification uses it to trust the anchors.
 func Quote(ev *evidence.Evidence, nonce []byte) *Report {
-	r := &Report{OK: true, HostFingerprint: attest.HostFingerprint(ev.EKPublic), AKName: ev.AKName(), Measurements: []Measurement{}}
+	r := &Report{OK: true, HostFingerprint: tpmdev.Fingerprint(ev.EKPublic), AKName: ev.AKName(), Measurements: []Measurement{}}
 	if ev.HostFingerprint != r.HostFingerprint {
 		r.add("host fingerprint", ev.HostFingerprint, Fail, "the claimed fingerprint is not the SHA-256 of the EK public area in the evidence (%s)", r.HostFingerprint)
 	}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -19,6 +20,7 @@ import (
 	"github.com/umbra-cc/umbra/attest/audit"
 	"github.com/umbra-cc/umbra/guestimage"
 	"github.com/umbra-cc/umbra/launch"
+	"github.com/umbra-cc/umbra/monitor"
 	"github.com/umbra-cc/umbra/sealing"
 	"github.com/umbra-cc/umbra/sealing/swtpmtest"
 )
@@ -415,4 +417,39 @@ func TestReplicateRelayKilledFencesTheSource(t *testing.T) {
 	if !strings.Contains(strings.Join(auditKinds(t, w.a), " "), launch.KindReplicateFence) {
 		t.Errorf("host A did not audit the fence")
 	}
+}
+
+// TestMigrateCloakedAppBetweenHosts: a VM whose cloaked app is mid-computation
+// migrates from host A to host B (two swtpm TPMs, two state directories, loopback);
+// the app finishes on B with the result of the same computation run uncloaked.
+func TestMigrateCloakedAppBetweenHosts(t *testing.T) {
+	var ref strings.Builder
+	v, err := monitor.New(monitor.Config{Image: guestimage.Image(), MemorySize: 16 << 20, Cmdline: "run=cloakcompute:32:100:plain:30", Console: &ref})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = v.Run(context.Background())
+	v.Close()
+	want := regexp.MustCompile(`cloakcompute: pages 32 rounds 100 result=0x[0-9a-f]+`).FindString(ref.String())
+	if err != nil || want == "" {
+		t.Fatalf("uncloaked reference run: %v\n%s", err, ref.String())
+	}
+	w := newMigrationWorld(t, func(_, b *migrationHost) []string { return []string{b.fingerprint} })
+	w.launchOnA("run=cloakcompute:32:100:cloak:30")
+	time.Sleep(700 * time.Millisecond)
+	r := w.receive()
+	out := w.must("migrate", "mig", "--to", r.addr, "--state-dir", w.a.state)
+	if !strings.Contains(out, "migrated to host-b") {
+		t.Fatalf("umbra migrate printed %q", out)
+	}
+	if code := r.wait(t, 3*time.Minute); code != 0 {
+		t.Fatalf("umbra receive = %d\nstdout:\n%s\nstderr:\n%s", code, r.stdout, r.stderr)
+	}
+	got := r.stdout.String()
+	if !strings.Contains(got, want+" cloaked") || strings.Contains(got, "umbra test guest: booting") {
+		t.Fatalf("host B did not continue the cloaked app to the uncloaked result %q:\n%s", want, got)
+	}
+	// The guest's only process is the app, and its kernel ends the VM when the last
+	// process exits: a migration that succeeded took the app before its end, so
+	// the result B printed is the one it computed after the handover.
 }

@@ -61,6 +61,8 @@ var rows = []row{
 	{"virtio-blk 1 MiB read request, protected disk, vs pread", "BenchmarkRequest/protected/read/1024KiB", "ratio-vs-syscall", 0},
 	{"virtio-blk 4 KiB write + flush request, protected disk, vs pwrite + fdatasync", "BenchmarkRequest/protected/write+flush/4KiB", "ratio-vs-syscall", 0},
 	{"virtio-blk 1 MiB write + flush request, protected disk, vs pwrite + fdatasync", "BenchmarkRequest/protected/write+flush/1024KiB", "ratio-vs-syscall", 0},
+	{"virtio-blk 512 B read through a VM's transport (notify, walk, guarded DMA, ring re-check), raw disk, vs pread", "BenchmarkVirtioNotify/locks=0", "ratio-vs-pread", 0},
+	{"virtio ring re-check at each notification, share of that request (64 page-protection ranges)", "BenchmarkVirtioNotify/locks=64", "remap-share", 0},
 	{"lazy restore, per fault (one 256 KiB block) vs raw userfaultfd install + AES-GCM open", "BenchmarkLazyRestoreFault", "lazy/raw", 1.5},
 	{"monitor VM lazy restore, per fault (one 256 KiB block) vs raw userfaultfd install + AES-GCM open", "BenchmarkVMLazyRestoreFault", "lazy/raw", 1.5},
 	{"checkpoint pause vs a pause capturing only the vCPU, 64 MiB", "BenchmarkCheckpointPause/64MiB/rounds", "pause/vcpu-only", 0},

@@ -41,6 +41,19 @@ func RequireKVM(t testing.TB) {
 	}
 }
 
+// OpenKVM is RequireKVM, then opens /dev/kvm for the test (closed at its end).
+// Package kvm's own tests cannot import this package and keep their copy.
+func OpenKVM(t testing.TB) *kvm.System {
+	t.Helper()
+	RequireKVM(t)
+	sys, err := kvm.Open("")
+	if err != nil {
+		t.Fatalf("open KVM: %v", err)
+	}
+	t.Cleanup(func() { sys.Close() })
+	return sys
+}
+
 // LinuxFiles returns the test kernel (file kernel: vmlinux or bzImage) and initramfs
 // built by `make linux` (testdata/linux/out, or $UMBRA_LINUX_DIR), after RequireKVM.
 // Without them the test skips, or fails when UMBRA_REQUIRE_LINUX is set (make test

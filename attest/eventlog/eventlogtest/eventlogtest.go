@@ -15,6 +15,7 @@ import (
 	"github.com/google/go-tpm/tpm2/transport"
 
 	"github.com/umbra-cc/umbra/attest/eventlog"
+	"github.com/umbra-cc/umbra/tpmdev"
 )
 
 // Extend appends n records (cloak registrations, the most frequent runtime
@@ -53,7 +54,7 @@ func Extend(tpm transport.TPM, path string, pcr, n int) error {
 			_, err = w.Write(line)
 		}
 		if err == nil {
-			err = eventlog.Extend(tpm, pcr, digest)
+			err = tpmdev.Extend(tpm, pcr, digest)
 		}
 		if err != nil {
 			f.Close()

@@ -22,5 +22,6 @@ app_\name\()_end:
 	APP cloakprobe
 	APP cloakvictim
 	APP chat
+	APP cloakdisk
 
 	.section .note.GNU-stack, "", @progbits

@@ -15,12 +15,13 @@ APP(cloakcompute)
 APP(cloakprobe)
 APP(cloakvictim)
 APP(chat)
+APP(cloakdisk)
 #undef APP
 
 #define APP(n) {#n, app_##n##_start, app_##n##_end},
 static const struct app apps[] = {
 	APP(hello) APP(counter) APP(secret) APP(systest) APP(compute) APP(crash) APP(hcall) APP(pp)
-	APP(cloaksecret) APP(cloakcompute) APP(cloakprobe) APP(cloakvictim) APP(chat)
+	APP(cloaksecret) APP(cloakcompute) APP(cloakprobe) APP(cloakvictim) APP(chat) APP(cloakdisk)
 };
 
 const struct app *app_find(const char *name)

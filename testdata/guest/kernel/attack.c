@@ -269,6 +269,20 @@ static void ppother_on_yield(struct proc *p)
 	}
 }
 
+/* attack_vblkring points vda's used ring at the victim's data page 0 (first
+ * yield) and makes a request (second yield): vblk_hostile.c. */
+static void attack_vblkring(struct proc *p, int step)
+{
+	u64 va = data_page(p, 0), pa;
+	if (!va || user_page_ensure(p, va, 0, &pa)) {
+		kprintf("attack vblkring: victim=%s no data page\n", p->name);
+		return;
+	}
+	if (step == 1)
+		(void)*(volatile u8 *)P2V(pa); /* the kernel's read: a cloaked page is ciphertext now */
+	vblk_ring_attack(step, pa, p->name);
+}
+
 void attack_on_yield(struct proc *p)
 {
 	if (!strcmp(cfg.attack, "ppother")) {
@@ -279,6 +293,10 @@ void attack_on_yield(struct proc *p)
 		return;
 	if (!strcmp(cfg.attack, "replay") && (p->yields == 1 || p->yields == 2)) {
 		attack_replay(p, (int)p->yields);
+		return;
+	}
+	if (!strcmp(cfg.attack, "vblkring") && (p->yields == 1 || p->yields == 2)) {
+		attack_vblkring(p, (int)p->yields);
 		return;
 	}
 	if (p->yields == 1 && deputy_mode() && strcmp(cfg.attack, "pptick")) {

@@ -1,7 +1,10 @@
 /*
  * A small RAM file system with directories, and the per-process file
  * descriptor table. fds 0, 1, 2 are the console: reads return end of file,
- * writes go to the monitor's console through CONSOLE_WRITE.
+ * writes go to the monitor's console through CONSOLE_WRITE. /dev/vdX are the
+ * virtio-blk disks (vblk.c): a read or write at the file offset is a read or
+ * write of the disk at that byte, the size is the disk's, and the last close of
+ * a file that wrote (or fsync) flushes the disk.
  */
 #include "kernel.h"
 
@@ -28,6 +31,7 @@ struct node {
 	u64 size;
 	u64 pages[FILE_PAGES];
 	u64 mtime_ns;
+	int disk; /* /dev/vdX: virtio-blk disk index + 1 */
 };
 
 enum { F_FREE, F_CONSOLE, F_NODE };
@@ -35,12 +39,13 @@ struct file {
 	int kind, refs, flags;
 	struct node *node;
 	u64 off;
+	int dirty; /* wrote to a disk since its last flush */
 };
 
 static struct node nodes[MAX_NODES];
 static struct file files[MAX_FILES];
-static struct file console_in = {F_CONSOLE, 1, O_RDONLY, NULL, 0};
-static struct file console_out = {F_CONSOLE, 1, O_WRONLY, NULL, 0};
+static struct file console_in = {F_CONSOLE, 1, O_RDONLY, NULL, 0, 0};
+static struct file console_out = {F_CONSOLE, 1, O_WRONLY, NULL, 0, 0};
 
 static struct node *node_new(struct node *parent, const char *name, size_t len, int is_dir)
 {
@@ -90,6 +95,20 @@ void fs_init(void)
 	file_write_bytes(node_new(etc, "hostname", 8, 0), "umbra-guest\n");
 }
 
+/* fs_add_disk makes /dev/NAME for disk index (vblk_init). */
+void fs_add_disk(const char *name, int index)
+{
+	struct node *dev = lookup(&nodes[0], "dev", 3);
+	if (!dev)
+		dev = node_new(&nodes[0], "dev", 3, 1);
+	struct node *n = dev ? node_new(dev, name, strlen(name), 0) : NULL;
+	if (!n) {
+		kprintf("kernel: no room for /dev/%s\n", name);
+		return;
+	}
+	n->disk = index + 1;
+}
+
 void fds_init(struct proc *p)
 {
 	p->fds[0].f = &console_in;
@@ -104,10 +123,17 @@ static struct file *fd_get(struct proc *p, int fd)
 	return p->fds[fd].f;
 }
 
-static void file_put(struct file *f)
+/* file_put drops a reference; the last one of a file that wrote to a disk
+ * flushes it (the result is close's). */
+static long file_put(struct file *f)
 {
-	if (f->kind == F_NODE && --f->refs == 0)
+	long r = 0;
+	if (f->kind == F_NODE && --f->refs == 0) {
+		if (f->dirty)
+			r = vblk_flush(f->node->disk - 1);
 		f->kind = F_FREE;
+	}
+	return r;
 }
 
 void fds_close_all(struct proc *p)
@@ -216,9 +242,11 @@ long sys_openat(struct proc *p, int dirfd, u64 upath, int flags, int mode)
 		}
 	if (!f)
 		return -ENFILE;
-	if ((flags & O_TRUNC) && !n->is_dir && acc != O_RDONLY)
+	if (n->disk && acc != O_RDONLY && vblk_readonly(n->disk - 1))
+		return -EROFS;
+	if ((flags & O_TRUNC) && !n->is_dir && !n->disk && acc != O_RDONLY)
 		truncate(n);
-	*f = (struct file){F_NODE, 1, flags, n, 0};
+	*f = (struct file){F_NODE, 1, flags, n, 0, 0};
 	p->fds[fd].f = f;
 	return fd;
 }
@@ -228,9 +256,21 @@ long sys_close(struct proc *p, int fd)
 	struct file *f = fd_get(p, fd);
 	if (!f)
 		return -EBADF;
-	file_put(f);
 	p->fds[fd].f = NULL;
-	return 0;
+	return file_put(f);
+}
+
+long sys_fsync(struct proc *p, int fd)
+{
+	struct file *f = fd_get(p, fd);
+	if (!f)
+		return -EBADF;
+	if (f->kind != F_NODE || !f->node->disk)
+		return 0;
+	long r = vblk_flush(f->node->disk - 1);
+	if (r == 0)
+		f->dirty = 0;
+	return r;
 }
 
 long sys_read(struct proc *p, int fd, u64 buf, u64 n)
@@ -243,6 +283,12 @@ long sys_read(struct proc *p, int fd, u64 buf, u64 n)
 	struct node *nd = f->node;
 	if (nd->is_dir)
 		return -EISDIR;
+	if (nd->disk) {
+		long r = vblk_rw(nd->disk - 1, f->off, p, buf, n, 0);
+		if (r > 0)
+			f->off += (u64)r;
+		return r;
+	}
 	u64 done = 0;
 	while (done < n && f->off < nd->size) {
 		u64 pg = f->off / PAGE_SIZE, po = f->off % PAGE_SIZE;
@@ -281,6 +327,14 @@ long sys_write(struct proc *p, int fd, u64 buf, u64 n)
 	struct node *nd = f->node;
 	if (nd->is_dir)
 		return -EISDIR;
+	if (nd->disk) {
+		long r = vblk_rw(nd->disk - 1, f->off, p, buf, n, 1);
+		if (r > 0) {
+			f->off += (u64)r;
+			f->dirty = 1;
+		}
+		return r;
+	}
 	if (f->flags & O_APPEND)
 		f->off = nd->size;
 	u64 max = FILE_PAGES * PAGE_SIZE;
@@ -323,7 +377,7 @@ long sys_lseek(struct proc *p, int fd, i64 off, int whence)
 		base = (i64)f->off;
 		break;
 	case 2:
-		base = (i64)f->node->size;
+		base = f->node->disk ? (i64)vblk_size(f->node->disk - 1) : (i64)f->node->size;
 		break;
 	default:
 		return -EINVAL;
@@ -362,9 +416,11 @@ long sys_fstat(struct proc *p, int fd, u64 ubuf)
 	} else {
 		struct node *n = f->node;
 		st.st_ino = (u64)(n - nodes) + 2;
-		st.st_mode = n->is_dir ? 040755 : 0100644;
+		st.st_mode = n->is_dir ? 040755 : n->disk ? 060660 : 0100644;
 		st.st_nlink = n->is_dir ? 2 : 1;
-		st.st_size = n->is_dir ? (i64)PAGE_SIZE : (i64)n->size;
+		st.st_size = n->is_dir ? (i64)PAGE_SIZE : n->disk ? (i64)vblk_size(n->disk - 1) : (i64)n->size;
+		if (n->disk)
+			st.st_rdev = (254UL << 8) | (u64)(n->disk - 1) * 16; /* virtblk's major, as on Linux */
 		st.st_blocks = (st.st_size + 511) / 512;
 		st.st_mtime = st.st_ctime = st.st_atime = n->mtime_ns / 1000000000UL;
 		st.st_mtime_nsec = st.st_ctime_nsec = st.st_atime_nsec = n->mtime_ns % 1000000000UL;

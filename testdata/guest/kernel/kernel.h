@@ -46,6 +46,7 @@ typedef long ssize_t;
 #define ESRCH 3
 #define EINTR 4
 #define EIO 5
+#define ENXIO 6
 #define EBADF 9
 #define ENOMEM 12
 #define EFAULT 14
@@ -58,6 +59,7 @@ typedef long ssize_t;
 #define EFBIG 27
 #define ENOSPC 28
 #define ESPIPE 29
+#define EROFS 30
 #define ENAMETOOLONG 36
 #define ENOSYS 38
 
@@ -227,8 +229,21 @@ long sys_read(struct proc *p, int fd, u64 buf, u64 n);
 long sys_write(struct proc *p, int fd, u64 buf, u64 n);
 long sys_lseek(struct proc *p, int fd, i64 off, int whence);
 long sys_fstat(struct proc *p, int fd, u64 st);
+long sys_fsync(struct proc *p, int fd);
 void fds_init(struct proc *p);
 void fds_close_all(struct proc *p);
+void fs_add_disk(const char *name, int index);
+
+/* vblk.c: the virtio-blk driver */
+int vblk_cmdline(const char *key, char *v);
+const char *vblk_hostile_mode(void);
+void vblk_init(void);
+u64 vblk_size(int i);
+int vblk_readonly(int i);
+long vblk_rw(int i, u64 off, struct proc *p, u64 ubuf, u64 n, int write);
+int vblk_flush(int i);
+void vblk_hostile(const char *mode);
+void vblk_ring_attack(int step, u64 pa, const char *victim);
 
 /* attack.c and the command line (main.c) */
 struct config {

@@ -3,6 +3,7 @@
 #include "pageprot.h"
 
 struct config cfg = {.tick_us = 2000};
+u64 ram_size; /* bytes of guest RAM, from the boot info */
 extern u64 kernel_pml4, doorbell_gpa;
 extern char kernel_end[];
 
@@ -46,20 +47,21 @@ static int split(char *s, char sep, char **out, int max)
 
 static void parse_and_spawn(void)
 {
-	char *tok[32], *run = NULL;
+	char *tok[48], *run = NULL;
 	int nt = 0;
 	for (char *s = cmdline; *s;) {
 		while (*s == ' ' || *s == '\t' || *s == '\n')
 			*s++ = 0;
 		if (!*s)
 			break;
-		if (nt == 32)
+		if (nt == 48)
 			cmdline_error("too many words at", s);
 		tok[nt++] = s;
 		while (*s && *s != ' ' && *s != '\t' && *s != '\n')
 			s++;
 	}
 	for (int i = 0; i < nt; i++) {
+		int r;
 		char *eq = tok[i];
 		while (*eq && *eq != '=')
 			eq++;
@@ -78,7 +80,7 @@ static void parse_and_spawn(void)
 			    strcmp(v, "regs") && strcmp(v, "forge") && strcmp(v, "share") && strcmp(v, "ppbounce") &&
 			    strcmp(v, "ppzero") && strcmp(v, "ppstore") && strcmp(v, "brklie") && strcmp(v, "plant") &&
 			    strcmp(v, "mmaplie") && strcmp(v, "ptwalk") && strcmp(v, "pptick") &&
-			    strcmp(v, "ppother"))
+			    strcmp(v, "ppother") && strcmp(v, "vblkring"))
 				cmdline_error("unknown attack", v);
 			set_name(cfg.attack, v, "attack");
 		} else if (!strcmp(tok[i], "selftest")) {
@@ -88,8 +90,11 @@ static void parse_and_spawn(void)
 		} else if (!strcmp(tok[i], "tick_us")) {
 			if (parse_u64(v, &cfg.tick_us) || cfg.tick_us < 100 || cfg.tick_us > 1000000)
 				cmdline_error("bad tick_us (100..1000000)", v);
+		} else if ((r = vblk_cmdline(tok[i], v)) != 0) {
+			if (r < 0)
+				cmdline_error("bad value for", tok[i]);
 		} else {
-			int r = pp_cmdline(tok[i], v);
+			r = pp_cmdline(tok[i], v);
 			if (r < 0)
 				cmdline_error("bad value for", tok[i]);
 			if (r == 0)
@@ -102,6 +107,7 @@ static void parse_and_spawn(void)
 		cmdline_error("nothing to run, need", "run=APP[:ARG...][,APP...]");
 	if (cfg.attack[0] && !cfg.victim[0])
 		cmdline_error("attack needs victim=APP for", cfg.attack);
+	vblk_init();
 	char *ent[MAX_PROCS];
 	int ne = split(run, ',', ent, MAX_PROCS - 1);
 	if (ne < 0)
@@ -143,6 +149,7 @@ void kmain(u64 boot_info_pa)
 	if ((bi->doorbell_gpa & ~PAGE_MASK) || bi->doorbell_gpa < bi->ram_size || bi->doorbell_gpa >= (4UL << 30))
 		panic("bad doorbell address 0x%lx", bi->doorbell_gpa);
 	doorbell_gpa = bi->doorbell_gpa;
+	ram_size = bi->ram_size;
 	u64 len = bi->cmdline_len;
 	if (len > sizeof cmdline - 1 || bi->cmdline_gpa + len > 0x100000)
 		panic("bad command line (gpa 0x%lx, length %lu)", bi->cmdline_gpa, len);
@@ -175,6 +182,8 @@ void kmain(u64 boot_info_pa)
 		(void)*(volatile u64 *)0x1000;
 	}
 	pp_lock_kernel();
+	if (vblk_hostile_mode()[0])
+		vblk_hostile(vblk_hostile_mode());
 	timer_init(bi->apic_timer_hz, cfg.tick_us);
 	sched_start();
 }

@@ -116,6 +116,15 @@ void pp_lock_kernel(void)
 		start, end, id, (u64)idt, id + 1, pp_action == PP_ACT_KILL ? "kill" : "skip");
 }
 
+/* pp_lock_page locks the page at kernel address kva against writes (action
+ * skip), as the kernel locks its text: vblk=hostile:lock-later locks a virtio
+ * ring that way. It returns the protection id or -errno. */
+long pp_lock_page(u64 kva)
+{
+	range(0, kva & PAGE_MASK, 1, PP_DENY_WRITE, PP_ACT_SKIP, PP_F_LOCK);
+	return pp_set(1);
+}
+
 /* pp_text_canary is never called: attack=tamper target=kernel-text overwrites it. */
 __attribute__((noinline, used, aligned(16))) void pp_text_canary(void)
 {

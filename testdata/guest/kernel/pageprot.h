@@ -20,6 +20,8 @@ int pp_cmdline(const char *key, const char *value);
 const char *pp_cmdline_error(void);
 /* pp_lock_kernel locks text, rodata and the IDT (after boot). */
 void pp_lock_kernel(void);
+/* pp_lock_page locks one kernel page against writes (action skip). */
+long pp_lock_page(u64 kva);
 /* pp_attack handles attack=tamper with a target= and attack=share, at the
  * victim's second yield; it returns 1 if it did. */
 int pp_attack(struct proc *p);

@@ -13,6 +13,7 @@ enum {
 	SYS_brk = 12,
 	SYS_sched_yield = 24,
 	SYS_nanosleep = 35,
+	SYS_fsync = 74,
 	SYS_getpid = 39,
 	SYS_exit = 60,
 	SYS_clock_gettime = 228,
@@ -168,6 +169,9 @@ struct trapframe *syscall_trap(struct trapframe *tf)
 		break;
 	case SYS_fstat:
 		r = sys_fstat(p, (int)a1, a2);
+		break;
+	case SYS_fsync:
+		r = sys_fsync(p, (int)a1);
 		break;
 	case SYS_mmap:
 		r = sys_mmap(p, a1, a2, a3, a4);

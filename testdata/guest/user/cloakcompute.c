@@ -1,10 +1,11 @@
 /*
- * cloakcompute:PAGES:ROUNDS[:cloak]: compute.c's deterministic computation,
- * cloaked when the third argument is "cloak": PAGES pages of heap (brk), PAGES
- * pages of anonymous mmap (cloaked with CLOAK_REGION_ADD) and a page of
- * stack, ROUNDS times, spinning 3 ms between rounds so that timer ticks (and,
- * with swap=cloakcompute, evictions) happen in between. PAGES = 128 is a
- * 1 MiB working set. Prints one checksum.
+ * cloakcompute:PAGES:ROUNDS[:cloak|plain[:SPIN_MS]]: compute.c's deterministic
+ * computation, cloaked when the third argument is "cloak": PAGES pages of heap
+ * (brk), PAGES pages of anonymous mmap (cloaked with CLOAK_REGION_ADD) and a
+ * page of stack, ROUNDS times, spinning SPIN_MS (default 3) between rounds so
+ * that timer ticks (and, with swap=cloakcompute, evictions) happen in between.
+ * PAGES = 128 is a 1 MiB working set. Prints one checksum (the same whatever
+ * SPIN_MS, cloaked or not).
  */
 #include "libc.h"
 #include "../shim/cloak.h"
@@ -14,7 +15,8 @@ int main(int argc, char **argv)
 	long pages = argc > 1 ? atol(argv[1]) : 8;
 	long rounds = argc > 2 ? atol(argv[2]) : 6;
 	int cloak = argc > 3 && !strcmp(argv[3], "cloak");
-	if (pages < 1 || pages > 256 || rounds < 1 || rounds > 100) {
+	long spin = argc > 4 ? atol(argv[4]) : 3;
+	if (pages < 1 || pages > 256 || rounds < 1 || rounds > 100 || spin < 0 || spin > 1000) {
 		printf("cloakcompute: bad arguments\n");
 		return 2;
 	}
@@ -48,7 +50,7 @@ int main(int argc, char **argv)
 		}
 		for (long i = 0; i < words; i += 61)
 			sum = sum * 31 + heap[i] + map[words - 1 - i] + stack[i % 512];
-		spin_ms(3);
+		spin_ms(spin);
 	}
 	printf("cloakcompute: pages %ld rounds %ld result=0x%lx%s\n", pages, rounds, sum, cloak ? " cloaked" : "");
 	return 0;
