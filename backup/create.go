@@ -272,10 +272,12 @@ func (s *session) run(ctx context.Context, m *Manifest) (*Result, error) {
 	if err != nil {
 		return fail(err)
 	}
+	s.mu.Lock() // guest writes are copying chunks already
 	offs := make([]int64, 0, len(s.pending))
 	for off := range s.pending {
 		offs = append(offs, off)
 	}
+	s.mu.Unlock()
 	slices.Sort(offs)
 	start, read := time.Now(), int64(0)
 	for _, off := range offs {
