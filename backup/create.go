@@ -104,6 +104,9 @@ type Options struct {
 	// parent's (from the reference point when left out).
 	Chain string
 	Now   func() time.Time
+	// Frozen says the Source is a snapshot the guest's writes do not reach (an overlay's
+	// base, disk/overlay): no copy-before-write is needed.
+	Frozen bool
 	// Rate bounds the copy's reads, in bytes per second (0: as fast as the disk goes),
 	// so a backup leaves the VM's disk bandwidth to the guest. Copies a guest write
 	// makes ahead of its turn are not delayed.
@@ -254,7 +257,7 @@ func (s *session) run(ctx context.Context, m *Manifest) (*Result, error) {
 		if m.DiskFormat == FormatProtected {
 			m.Header, m.Root = base64.StdEncoding.EncodeToString(src.Header()), src.Root()
 		}
-		if t != nil && copyBeforeWrite {
+		if t != nil && copyBeforeWrite && !opt.Frozen {
 			t.SetBeforeWrite(s.beforeWrite)
 		}
 		return nil

@@ -13,6 +13,7 @@ import (
 
 	"github.com/umbra-cc/umbra/backup"
 	"github.com/umbra-cc/umbra/disk/cbt"
+	"github.com/umbra-cc/umbra/disk/overlay"
 	"github.com/umbra-cc/umbra/disk/protdisk"
 	"github.com/umbra-cc/umbra/monitor"
 )
@@ -37,7 +38,14 @@ type backupDisk struct {
 	name, format string
 	tracker      *cbt.Tracker
 	source       backup.Source
+	// overlay freezes a plain disk for a backup in snapshot mode (nil for a protected
+	// or read-only disk).
+	overlay *overlay.Disk
 }
+
+// snapshotDelta is the name, in a disk's tracker directory, of the delta a backup in
+// snapshot mode freezes the disk with (disk/overlay).
+const snapshotDelta = "snapshot.delta"
 
 // trackerDir is where a disk's reference points live.
 func trackerDir(stateDir, vm, disk string) string {
@@ -72,6 +80,21 @@ func openBackupEnv(stateDir string, spec *monitor.Spec, run []monitor.Disk, prot
 			bd.format = backup.FormatRaw
 			if sd.Format == monitor.FormatQcow2 {
 				bd.format = backup.FormatQcow2
+			}
+			if !sd.ReadOnly {
+				ov, err := overlay.Open(d.Backend, filepath.Join(tr.Dir(), snapshotDelta))
+				if err != nil {
+					tr.Close()
+					return nil, fmt.Errorf("disk %s: %w", d.Name, err)
+				}
+				if ov.Frozen() {
+					// A snapshot a crashed monitor left: merge it before the guest runs.
+					if err := ov.Consolidate(nil); err != nil {
+						tr.Close()
+						return nil, fmt.Errorf("disk %s: consolidating the snapshot the last run left: %w", d.Name, err)
+					}
+				}
+				d.Backend, bd.overlay = ov, ov
 			}
 			bd.source = backup.PlainSource(d.Backend, bd.format)
 		}

@@ -41,7 +41,18 @@ type BackupArgs struct {
 	Keep bool `json:"keep,omitempty"`
 	// Rate bounds the copy's reads in bytes per second (0: unbounded).
 	Rate int64 `json:"rate_bytes,omitempty"`
+	// Mode is how the backup's instant is kept while the guest writes:
+	// "copy-before-write" (the default) or "snapshot" (a plain disk only: the disk is
+	// frozen, the guest's writes go to a delta, and once the backup is copied the delta
+	// is consolidated back through a mirror).
+	Mode string `json:"mode,omitempty"`
 }
+
+// Backup modes.
+const (
+	ModeCopyBeforeWrite = "copy-before-write"
+	ModeSnapshot        = "snapshot"
+)
 
 // BackupResult says what backup.create made.
 type BackupResult struct {
@@ -57,8 +68,11 @@ type BackupResult struct {
 	Chunks         int           `json:"chunks"`
 	Stored         int64         `json:"stored_bytes"`
 	Copied         int           `json:"copied_before_write"`
+	Mode           string        `json:"mode"`
 	Held           time.Duration `json:"held_ns"`
 	Took           time.Duration `json:"took_ns"`
+	// Consolidated is how long the snapshot mode's merge took (the guest ran).
+	Consolidated time.Duration `json:"consolidated_ns,omitempty"`
 }
 
 func (c *Control) backupDisk(op, name string) (*backupDisk, error) {
@@ -90,6 +104,17 @@ func opBackupCreate(ctx context.Context, c *Control, p policy.Principal, raw jso
 	}
 	if args.Rate < 0 {
 		return nil, &ArgsError{Operation: "backup.create", Err: fmt.Errorf("rate_bytes %d: give a positive rate, or 0 for none", args.Rate)}
+	}
+	switch args.Mode {
+	case "":
+		args.Mode = ModeCopyBeforeWrite
+	case ModeCopyBeforeWrite:
+	case ModeSnapshot:
+		if d.overlay == nil {
+			return nil, &ArgsError{Operation: "backup.create", Err: fmt.Errorf("mode snapshot is for a writable raw or qcow2 disk; disk %s is %s (use copy-before-write)", d.name, d.format)}
+		}
+	default:
+		return nil, &ArgsError{Operation: "backup.create", Err: fmt.Errorf("mode %q: want copy-before-write or snapshot", args.Mode)}
 	}
 	if !filepath.IsAbs(args.To) || filepath.Clean(args.To) != args.To {
 		return nil, &ArgsError{Operation: "backup.create", Err: fmt.Errorf("to %q: give a clean absolute path", args.To)}
@@ -124,24 +149,44 @@ func opBackupCreate(ctx context.Context, c *Control, p policy.Principal, raw jso
 	if err := c.auditBackup(ctx, KindBackupBegin, details); err != nil {
 		return nil, err
 	}
-	var held time.Duration
+	details["mode"] = args.Mode
+	var held, merged time.Duration
 	start := time.Now()
-	res, err := backup.Create(ctx, backup.Options{Dir: args.To, VM: c.spec.Name, Disk: d.name, Source: d.source, Tracker: d.tracker,
-		Since: args.Since, Key: key, ID: id, Chain: chain, Retire: !args.Keep, Rate: args.Rate,
-		Freeze: func(f func() error) error {
-			h, err := c.vm.AtFlushPoint(ctx, f)
-			held = h
-			return err
-		}})
+	opt := backup.Options{Dir: args.To, VM: c.spec.Name, Disk: d.name, Source: d.source, Tracker: d.tracker,
+		Since: args.Since, Key: key, ID: id, Chain: chain, Retire: !args.Keep, Rate: args.Rate}
+	freeze := func(f func() error) error { return f() }
+	if args.Mode == ModeSnapshot {
+		opt.Source, opt.Frozen = backup.PlainSource(d.overlay.Base(), d.format), true
+		freeze = func(f func() error) error {
+			if err := d.overlay.Snapshot(); err != nil {
+				return err
+			}
+			return f()
+		}
+	}
+	opt.Freeze = func(f func() error) error {
+		h, err := c.vm.AtFlushPoint(ctx, func() error { return freeze(f) })
+		held = h
+		return err
+	}
+	res, err := backup.Create(ctx, opt)
+	if d.overlay != nil && d.overlay.Frozen() {
+		// The copy is done (or failed): merge what the guest wrote meanwhile back.
+		m := time.Now()
+		if cerr := d.overlay.Consolidate(nil); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("consolidating the snapshot (the disk stays frozen, the guest's writes in its delta; the next launch merges it): %w", cerr))
+		}
+		merged = time.Since(m)
+	}
 	if err != nil {
 		details["error"] = err.Error()
 		return nil, errors.Join(err, c.auditBackup(ctx, KindBackupFailed, details))
 	}
 	out := &BackupResult{ID: res.Manifest.ID, Kind: kind, Disk: d.name, Dir: args.To, Manifest: res.Digest, Parent: res.Manifest.Parent,
 		Chain: res.Chain, KeyFingerprint: backup.KeyFingerprint(key.Public().(ed25519.PublicKey)), Root: res.Manifest.Root,
-		Chunks: len(res.Manifest.Chunks), Stored: res.Stored, Copied: res.Copied, Held: held, Took: time.Since(start)}
+		Chunks: len(res.Manifest.Chunks), Stored: res.Stored, Copied: res.Copied, Mode: args.Mode, Held: held, Took: time.Since(start), Consolidated: merged}
 	details["manifest"], details["key_fingerprint"], details["root"], details["chunks"] = out.Manifest, out.KeyFingerprint, out.Root, out.Chunks
-	details["stored_bytes"], details["held_ns"] = out.Stored, int64(out.Held)
+	details["stored_bytes"], details["held_ns"], details["consolidated_ns"] = out.Stored, int64(out.Held), int64(out.Consolidated)
 	return out, c.auditBackup(ctx, KindBackupComplete, details)
 }
 

@@ -16,6 +16,7 @@ func init() {
 
 func runBackup(ctx context.Context, env *cliEnv, args []string) int {
 	const synopsis = "Usage: umbra backup create VM --to DIR [--disk NAME] [--since REF] [--keep] [--rate BYTES]\n" +
+		"                          [--mode copy-before-write|snapshot]\n" +
 		"       umbra backup list VM [--disk NAME]\n" +
 		"       umbra backup verify DIR... [--key FINGERPRINT]\n" +
 		"       umbra backup restore DIR... --to PATH [--key FINGERPRINT]\n" +
@@ -49,6 +50,7 @@ func runBackup(ctx context.Context, env *cliEnv, args []string) int {
 		diskName := fs.String("disk", "", "the disk (may be left out when the VM has one)")
 		since := fs.String("since", "", "reference point of the parent backup: an incremental backup")
 		rate := fs.Int64("rate", 0, "bound the copy's reads to this many bytes per second (0: none)")
+		mode := fs.String("mode", "", "copy-before-write (default) or snapshot (a raw or qcow2 disk: frozen for the copy, the guest's writes consolidated back after it)")
 		keep := fs.Bool("keep", false, "keep the --since reference point (by default the chain continues from the new one)")
 		if len(words) != 1 {
 			if code, done := parseFlags(env, fs, args); done {
@@ -71,7 +73,7 @@ func runBackup(ctx context.Context, env *cliEnv, args []string) int {
 			return exitUsage
 		}
 		var res launch.BackupResult
-		if err := cl.Operation(ctx, "backup.create", launch.BackupArgs{Disk: *diskName, To: dir, Since: *since, Keep: *keep, Rate: *rate}, &res); err != nil {
+		if err := cl.Operation(ctx, "backup.create", launch.BackupArgs{Disk: *diskName, To: dir, Since: *since, Keep: *keep, Rate: *rate, Mode: *mode}, &res); err != nil {
 			return controlFailure(env, "backup create", vm, err)
 		}
 		if cf.json {
@@ -79,7 +81,10 @@ func runBackup(ctx context.Context, env *cliEnv, args []string) int {
 			return 0
 		}
 		fmt.Fprintf(env.stdout, "%s backup %s of disk %s of VM %s in %s: %d chunks, %d bytes stored, guest held %v\n", res.Kind, res.ID, res.Disk, vm, res.Dir, res.Chunks, res.Stored, res.Held)
-		fmt.Fprintf(env.stdout, "manifest %s, chain key %s\n", res.Manifest, res.KeyFingerprint)
+		fmt.Fprintf(env.stdout, "manifest %s, chain key %s, mode %s\n", res.Manifest, res.KeyFingerprint, res.Mode)
+		if res.Mode == launch.ModeSnapshot {
+			fmt.Fprintf(env.stdout, "the guest's writes during the copy consolidated back in %v\n", res.Consolidated)
+		}
 		fmt.Fprintf(env.stdout, "next incremental: umbra backup create %s --since %s --to DIR\n", vm, res.ID)
 		return 0
 	case "list":

@@ -112,7 +112,14 @@ func TestBackupCLI(t *testing.T) {
 		t.Fatalf("backup list after the SIGKILL and relaunch:\n%s", out)
 	}
 	inc2 := filepath.Join(backups, "inc2")
-	create(inc2, "--since", id)
+	// In snapshot mode: the disk frozen for the copy, its delta consolidated after it.
+	id = create(inc2, "--since", id, "--mode", "snapshot")
+	if _, err := os.Stat(filepath.Join(state, "vms", "bk", "disks", "data.cbt", "snapshot.delta")); !os.IsNotExist(err) {
+		t.Fatalf("the snapshot's delta is left after the backup: %v", err)
+	}
+	if code, _, errs := runUmbra(t, "backup", "create", "bk", "--to", filepath.Join(backups, "z"), "--mode", "sideways", "--state-dir", state); code == 0 || !strings.Contains(errs, "want copy-before-write or snapshot") {
+		t.Fatalf("an unknown mode = %d:\n%s", code, errs)
+	}
 
 	out := must("backup", "verify", full, inc1, inc2)
 	if !strings.Contains(out, "chain of 3 backups verified") {

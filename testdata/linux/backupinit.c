@@ -9,7 +9,8 @@
  * the while the host backs it up: record i goes to slot (i * 7919) mod SLOTS of the file
  * (its 64 blocks, 256 KiB, are rewritten again and again in a scattered order, so that
  * writes keep landing on chunks a running backup has still to copy) and holds
- * "umbra-backup-record <i>" repeated. Every 64 records it prints "UMBRA-BK: <i>". The host
+ * "umbra-backup-record <i>" repeated. After each record's fsync it prints "UMBRA-BK: <i>"
+ * (the log of what the guest wrote, for the host to check the disk against). The host
  * stops the VM; any failure prints "UMBRA-BK: error ..." and powers off with status 99.
  */
 #define init_main umbra_test_init_main
@@ -68,7 +69,7 @@ void init_main(long *sp)
 			fail("pwrite /log", r);
 		if ((r = sc(SYS_fsync, fd, 0, 0)) != 0)
 			fail("fsync /log", r);
-		if (i % 64 == 0) {
+		{
 			char msg[40];
 			long m = 0;
 			p = "UMBRA-BK: ";
