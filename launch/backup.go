@@ -61,6 +61,9 @@ func openBackupEnv(stateDir string, spec *monitor.Spec, run []monitor.Disk, prot
 			env.close()
 		}
 	}()
+	if len(run) == 0 {
+		return env, nil // nothing to back up: no secret made
+	}
 	if prot != nil && len(prot.Secret) >= 32 {
 		env.secret = prot.Secret
 	} else if env.secret, err = hostBackupSecret(stateDir); err != nil {
