@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -156,6 +157,20 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 	if p := lc.Disks.Protected; p != nil {
 		lc.Disks.Protected = &monitor.ProtectedDiskEnv{Secret: p.Secret, Counter: sealing.SeriesCounter{TPM: lc.TPM, Host: fp}, StateDir: lc.StateDir, VM: lc.Spec.Name}
 	}
+	// A disk frozen by a snapshot continues in its newest overlay (snapdisks.go); a
+	// restore puts its own over the snapshot's frozen image instead.
+	diskBases, err := specDiskBases(lc)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w: %w", ErrLaunchRefused, ErrInvalidInput, err)
+	}
+	if lc.RestoreSnapshot == "" && len(lc.Spec.Disks) > 0 {
+		spec := *lc.Spec
+		spec.Disks = slices.Clone(spec.Disks)
+		if err := applyDiskHeads(lc.StateDir, spec.Name, lc.Disks.Dir, spec.Disks); err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrLaunchRefused, err)
+		}
+		lc.Spec = &spec
+	}
 	ids, err := monitor.IdentifyDisks(ctx, lc.Spec.Disks, lc.Disks)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w: %w", ErrLaunchRefused, ErrInvalidInput, err)
@@ -268,6 +283,19 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 			return rep, fmt.Errorf("%w: %w", ErrLaunchRefused, err)
 		}
 		lc.Build = restore.build
+		// The restored VM's disks are the images the snapshot froze (under fresh
+		// overlays), not the spec's as they are now: each is decided again with the
+		// identity the snapshot recorded, and measured as that.
+		var changed []int
+		if disks, changed, err = restore.frozenIdentities(disks); err != nil {
+			return rep, fmt.Errorf("%w: %w", ErrLaunchRefused, err)
+		}
+		for _, i := range changed {
+			if ad, err := g.AttachDevice(ctx, lc.Principal, vmState, disks[i]); err != nil {
+				rep.Action, rep.Decision = policy.ActionAttachDevice, ad
+				return rep, fmt.Errorf("%w: disk %s as snapshot %s froze it: %w", ErrLaunchRefused, disks[i].ID, restore.name, err)
+			}
+		}
 	}
 	policyDigest, err := hex.DecodeString(lc.PolicyDigest)
 	if err != nil || len(policyDigest) != sha256.Size {
@@ -386,15 +414,23 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 			return err
 		},
 	}
-	if lc.Run.Disks, err = monitor.OpenDisks(ctx, lc.Spec.Disks, lc.Disks); err != nil {
+	if restore != nil {
+		lc.Run.Disks, err = restore.openRestoredDisks(ctx, lc, ids, diskBases)
+	} else if lc.Run.Disks, err = monitor.OpenDisks(ctx, lc.Spec.Disks, lc.Disks); err == nil {
+		err = snaps.setDisks(lc.Spec.Disks, ids, lc.Run.Disks, diskBases)
+	}
+	if err != nil {
+		monitor.CloseDisks(lc.Run.Disks)
 		return failed(fmt.Errorf("%w: %w", ErrLaunchRefused, err))
 	}
+	// Backups' trackers and overlays go under the storage migration's tracker.
 	backups, err := openBackupEnv(lc.StateDir, lc.Spec, lc.Run.Disks, lc.Disks.Protected)
 	if err != nil {
 		monitor.CloseDisks(lc.Run.Disks)
 		return failed(fmt.Errorf("%w: %w", ErrLaunchRefused, err))
 	}
 	defer backups.close()
+	lc.Run.Disks = trackDisks(lc.Run.Disks) // a storage migration copies them (migrate_disks.go)
 	// The TAP devices open once the policy allowed each network; the VM closes them.
 	if lc.Run.NICs, err = openNICs(lc.Spec.Networks); err != nil {
 		return failed(fmt.Errorf("%w: %w", ErrLaunchRefused, err))
@@ -404,6 +440,16 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 			log.Error("closing the VM's disks", "err", cerr)
 		}
 	}()
+	defer func() { // first: the snapshots' overlays, and the images frozen below them
+		if cerr := snaps.closeOverlays(); cerr != nil {
+			log.Error("closing the VM's disk overlays", "err", cerr)
+		}
+	}()
+	if lc.Run.CloakSecret == nil && snaps != nil && snaps.cloakSecret != nil {
+		// An unsealed VM's cloak secret comes from its snapshot secret: a snapshot
+		// of its cloaked apps then restores in a later run (docs/snapshot.md §4.7).
+		lc.Run.CloakSecret = snaps.cloakSecret
+	}
 	if lc.Run.CloakSecret == nil {
 		// The VM's cloak master secret is chosen here rather than inside the
 		// monitor, so that a migration can carry it to the destination.
@@ -429,6 +475,9 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		// resume) and before the guest runs: a crash from here on cannot allow a
 		// second resume of the snapshot.
 		if err := restore.advance(ctx); err != nil {
+			return failed(fmt.Errorf("%w: %w", ErrLaunchRefused, err))
+		}
+		if err := snaps.writeHeads(); err != nil {
 			return failed(fmt.Errorf("%w: %w", ErrLaunchRefused, err))
 		}
 	}

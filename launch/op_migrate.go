@@ -74,6 +74,10 @@ type migrationEnv struct {
 	replicating atomic.Bool
 	// cannot says why the VM cannot leave this host ("" when it can).
 	cannot string
+	// disks are the VM's disks (migrate_disks.go) and protected the key environment
+	// of its protected ones.
+	disks     []migrationDisk
+	protected *monitor.ProtectedDiskEnv
 }
 
 // MigrateArgs are the migrate operation's arguments.
@@ -85,6 +89,9 @@ type MigrateArgs struct {
 	Destination string `json:"destination"`
 	// Compress seals the checkpoint's blocks zstd-compressed.
 	Compress bool `json:"compress,omitempty"`
+	// SharedDisks names the disks whose images the destination sees too (shared
+	// storage): they are not copied. Every other disk is copied (storage migration).
+	SharedDisks []string `json:"shared_disks,omitempty"`
 }
 
 // MigrateResult is what a finished migration reports.
@@ -96,6 +103,9 @@ type MigrateResult struct {
 	Total           time.Duration `json:"total_ns"`
 	CheckpointBytes int64         `json:"checkpoint_bytes"`
 	FileBytes       int64         `json:"file_bytes"`
+	DiskBytes       int64         `json:"disk_bytes,omitempty"`
+	DiskRounds      int           `json:"disk_rounds,omitempty"`
+	DiskPause       time.Duration `json:"disk_pause_ns,omitempty"`
 }
 
 func opMigrate(ctx context.Context, c *Control, p policy.Principal, raw json.RawMessage) (any, error) {
@@ -116,6 +126,17 @@ func opMigrate(ctx context.Context, c *Control, p policy.Principal, raw json.Raw
 	if env.handedOver.Load() {
 		return nil, fmt.Errorf("%w: the VM already left this host", monitor.ErrNotRunning)
 	}
+	c.hot.mu.Lock()
+	hot := len(c.hot.disks)
+	c.hot.mu.Unlock()
+	if hot > 0 {
+		return nil, fmt.Errorf("VM %s cannot be migrated with %d disks attached at run time: detach them first (umbra disk detach)", c.spec.Name, hot)
+	}
+	disks, err := env.prepareDisks(args.SharedDisks)
+	if err != nil {
+		return nil, &ArgsError{Operation: "migrate", Err: err}
+	}
+	defer disks.close()
 	abort := func(err error) error {
 		env.audit(context.WithoutCancel(ctx), KindMigrateAborted, map[string]any{"destination": args.Destination, "error": err.Error(), "by": p.ID})
 		return err
@@ -130,7 +151,10 @@ func opMigrate(ctx context.Context, c *Control, p policy.Principal, raw json.Raw
 	}
 	defer ac.Close()
 	peer := ac.Peer()
-	src := &migratingVM{c: c, env: env, compress: args.Compress, dest: hostName, fp: peer.Fingerprint, by: p.ID}
+	var src migration.Source = &migratingVM{c: c, env: env, compress: args.Compress, dest: hostName, fp: peer.Fingerprint, by: p.ID}
+	if len(env.disks) > 0 {
+		src = migratingVMWithDisks{src.(*migratingVM), disks}
+	}
 	rep, err := migration.Send(ctx, ac, src, migration.Offer{VM: c.spec.Name, Generation: max(env.version, 1), Secrets: env.secrets}, migration.Options{})
 	switch {
 	case errors.Is(err, migration.ErrInDoubt):
@@ -146,6 +170,7 @@ func opMigrate(ctx context.Context, c *Control, p policy.Principal, raw json.Raw
 	return &MigrateResult{
 		Destination: args.Destination, HostName: hostName, HostFingerprint: peer.Fingerprint,
 		Downtime: rep.Downtime, Total: rep.Total, CheckpointBytes: rep.CheckpointBytes, FileBytes: rep.FileBytes,
+		DiskBytes: rep.DiskBytes, DiskRounds: rep.DiskRounds, DiskPause: rep.DiskPause,
 	}, nil
 }
 
@@ -324,10 +349,9 @@ func memFile(name string, b []byte) migration.File {
 // newMigrationEnv keeps what a migration of the VM lc launches needs; nil when the VM
 // cannot be migrated (the operation then says why).
 func newMigrationEnv(lc LaunchConfig, host string, m *eventlog.Measurer, audit func(context.Context, string, any) error) *migrationEnv {
-	if len(lc.Spec.Disks) > 0 {
-		// Disks need shared storage or storage migration (not built): a VM with
-		// disks stays where it is.
-		return &migrationEnv{tpm: lc.TPM, stateDir: lc.StateDir, host: host, audit: audit, cannot: "it has disks, and moving disks (shared storage or storage migration) is not built"}
+	disks, err := migrationDisks(lc)
+	if err != nil {
+		return &migrationEnv{tpm: lc.TPM, stateDir: lc.StateDir, host: host, audit: audit, cannot: err.Error()}
 	}
 	facts := launchFacts{Policy: "signed", PolicyKeyID: lc.PolicyKeyID, PolicyDigest: lc.PolicyDigest, Cmdline: lc.Run.Cmdline, TimeoutNS: int64(lc.Run.Timeout), Series: lc.Series, Version: lc.Version}
 	if lc.PolicyBundle == nil {
@@ -345,8 +369,12 @@ func newMigrationEnv(lc LaunchConfig, host string, m *eventlog.Measurer, audit f
 	if len(lc.Run.CloakSecret) > 0 {
 		secrets[secretCloak] = lc.Run.CloakSecret
 	}
+	if p := lc.Disks.Protected; p != nil && len(p.Secret) > 0 {
+		secrets[secretDisk] = p.Secret
+	}
 	return &migrationEnv{
 		tpm: lc.TPM, stateDir: lc.StateDir, pcr: lc.PCR, records: m.Records, files: files, secrets: secrets,
 		series: lc.Series, version: lc.Version, host: host, audit: audit,
+		disks: disks, protected: lc.Disks.Protected,
 	}
 }

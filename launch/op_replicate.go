@@ -60,6 +60,9 @@ func opReplicate(ctx context.Context, c *Control, p policy.Principal, raw json.R
 	if env.cannot != "" {
 		return nil, fmt.Errorf("VM %s cannot be replicated: %s", c.spec.Name, env.cannot)
 	}
+	if len(env.disks) > 0 {
+		return nil, fmt.Errorf("VM %s cannot be replicated: it has disks, which a replication does not carry (migrate it instead)", c.spec.Name)
+	}
 	if env.handedOver.Load() {
 		return nil, fmt.Errorf("%w: the VM left this host", monitor.ErrNotRunning)
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/google/go-tpm/tpm2/transport"
 
 	"github.com/umbra-cc/umbra/attest/eventlog"
+	"github.com/umbra-cc/umbra/disk"
 	"github.com/umbra-cc/umbra/monitor"
 	"github.com/umbra-cc/umbra/policy"
 	"github.com/umbra-cc/umbra/sealing"
@@ -53,10 +54,18 @@ type snapshotEnv struct {
 	audit  func(ctx context.Context, kind string, details any) error
 	// cannot says why this VM cannot be snapshotted ("" when it can).
 	cannot string
+	// cloakSecret is an unsealed VM's cloak master secret, derived from its snapshot
+	// secret so that a restore in a later run opens its cloaked apps (nil for a
+	// sealed VM, whose bundle holds it).
+	cloakSecret []byte
 
-	mu       sync.Mutex // one create at a time; guards last
+	mu       sync.Mutex // one create at a time; guards last and the disks
 	last     *monitor.CheckpointInfo
 	lastName string
+
+	overlays string         // the VM's overlay directory (snapdisks.go)
+	disks    []*liveDisk    // the VM's plain disks
+	opened   []disk.Backend // overlays and frozen images opened for this run
 }
 
 // snapshotDir is VM vm's snapshot store.
@@ -113,9 +122,13 @@ func vmSnapshotSecret(lc LaunchConfig) ([]byte, error) {
 func newSnapshotEnv(lc LaunchConfig, host string, audit func(context.Context, string, any) error) (*snapshotEnv, error) {
 	env := &snapshotEnv{tpm: lc.TPM, host: host, vm: lc.Spec.Name, series: snapshotSeries(lc.Spec.Name), audit: audit}
 	for _, d := range lc.Spec.Disks {
-		if !d.ReadOnly {
-			env.cannot = fmt.Sprintf("disk %s is writable, and disks are not captured at a snapshot's instant yet (a restore would see them as they are now)", d.Name)
+		if d.Protected && !d.ReadOnly {
+			env.cannot = fmt.Sprintf("disk %s is a writable protected disk, which is not frozen at a snapshot's instant yet (docs/snapshot.md: protected disks in snapshots)", d.Name)
 		}
+	}
+	env.overlays = overlayDir(lc.StateDir, lc.Spec.Name)
+	if err := os.MkdirAll(env.overlays, 0o700); err != nil {
+		return nil, fmt.Errorf("disk overlays: %w", err)
 	}
 	secret, err := vmSnapshotSecret(lc)
 	if err != nil {
@@ -123,6 +136,11 @@ func newSnapshotEnv(lc LaunchConfig, host string, audit func(context.Context, st
 	}
 	if env.key, err = snapshotKey(secret, host, lc.Spec.Name); err != nil {
 		return nil, err
+	}
+	if len(lc.Run.CloakSecret) == 0 {
+		if env.cloakSecret, err = hkdf.Key(sha256.New, secret, nil, "umbra unsealed cloak secret v1\x00"+lc.Spec.Name, 32); err != nil {
+			return nil, err
+		}
 	}
 	if env.store, err = snapstore.Open(snapshotDir(lc.StateDir, lc.Spec.Name)); err != nil {
 		return nil, err
@@ -199,7 +217,15 @@ func (c *Control) createSnapshot(ctx context.Context, p policy.Principal, op str
 	if err != nil {
 		return nil, &ArgsError{Operation: op, Err: err}
 	}
-	info, err := c.vm.Checkpoint(ctx, pend, monitor.CheckpointOptions{Key: env.key, Generation: gen, Parent: parent, Compress: true})
+	ovs, tops, err := env.prepareOverlays(gen)
+	if err != nil {
+		pend.Abort()
+		return nil, fmt.Errorf("%s: %w", op, err)
+	}
+	info, err := c.vm.Checkpoint(ctx, pend, monitor.CheckpointOptions{Key: env.key, Generation: gen, Parent: parent, Compress: true, Disks: ovs})
+	if herr := env.adoptOverlays(tops); herr != nil {
+		err = errors.Join(err, herr)
+	}
 	if err != nil {
 		pend.Abort()
 		return nil, fmt.Errorf("%s: %w", op, err)

@@ -126,6 +126,9 @@ type ReceiveConfig struct {
 	// Started and Attach are as for Launch.
 	Started func(*LaunchReport)
 	Attach  func(*Control)
+	// SharedStorage is the storage this host shares with sources: a shared disk's
+	// image must lie under one of them (receive_disks.go).
+	SharedStorage []SharedStorage
 }
 
 func acceptOne(ctx context.Context, l net.Listener) (net.Conn, error) {
@@ -155,8 +158,10 @@ type destination struct {
 
 	launching, started bool
 	done               chan launchOutcome
-	commit, abort      chan struct{}
-	once               sync.Once
+	// copied are the copied disks' images here, by disk name.
+	copied        map[string]string
+	commit, abort chan struct{}
+	once          sync.Once
 }
 
 func (d *destination) Accept(_ context.Context, o *migration.Offer, _ attestconn.Peer) error {
@@ -170,6 +175,13 @@ func (d *destination) Accept(_ context.Context, o *migration.Offer, _ attestconn
 	for _, need := range []string{fileLaunch, fileSpec, fileImage} {
 		if !names[need] {
 			return fmt.Errorf("the offer lacks the %s file a launch needs", need)
+		}
+	}
+	for _, dk := range o.Disks {
+		if dk.Mode == migration.DiskShared {
+			if _, err := sharedPath(d.rc.SharedStorage, dk.Path); err != nil {
+				return fmt.Errorf("disk %s: %w", dk.Name, err)
+			}
 		}
 	}
 	return checkNotMigrated(d.rc.StateDir, o.VM)
@@ -284,8 +296,9 @@ func (d *destination) launchConfig(ctx context.Context, in *migration.Incoming) 
 	if spec.Name != in.Offer.VM {
 		return lc, fmt.Errorf("the received spec is of VM %q, the offer of %q", spec.Name, in.Offer.VM)
 	}
-	if len(spec.Disks) > 0 {
-		return lc, errors.New("the received VM has disks, which a migration does not carry yet")
+	spec, disks, err := d.diskLaunch(in, spec)
+	if err != nil {
+		return lc, fmt.Errorf("the received VM's disks: %w", err)
 	}
 	image, err := readSpooled(in, fileImage, 256<<20)
 	if err != nil {
@@ -308,7 +321,7 @@ func (d *destination) launchConfig(ctx context.Context, in *migration.Incoming) 
 		return lc, fmt.Errorf("the received VM: %w", err)
 	}
 	return LaunchConfig{
-		Run: run, Spec: spec, SpecBytes: specBytes, Policy: pol, PolicyDigest: facts.PolicyDigest,
+		Run: run, Spec: spec, SpecBytes: specBytes, Policy: pol, PolicyDigest: facts.PolicyDigest, Disks: disks,
 		PolicyBundle: bundle, PolicyKeyID: facts.PolicyKeyID, Series: facts.Series, Version: facts.Version,
 		Principal: policy.Principal{ID: "host:" + in.Peer.Fingerprint, Auth: "attested-host", Groups: []string{}},
 		TPM:       d.rc.TPM, StateDir: d.rc.StateDir, PCR: d.pcr, Logger: d.log,

@@ -142,15 +142,8 @@ type benchDestination struct {
 func (d *benchDestination) Accept(context.Context, *Offer, attestconn.Peer) error { return nil }
 
 func (d *benchDestination) Prepare(_ context.Context, in *Incoming) (Prepared, error) {
-	ck, err := monitor.OpenCheckpoint(in.Checkpoint, in.CheckpointSize, in.Offer.Key)
-	if err != nil {
-		return nil, err
-	}
-	chain, err := monitor.NewCheckpointChain(ck)
-	if err != nil {
-		return nil, err
-	}
-	d.v, err = monitor.Restore(benchConfig(d.size, io.Discard), chain, monitor.RestoreOptions{})
+	var err error
+	d.v, err = restoreIncoming(in, benchConfig(d.size, io.Discard))
 	return d, err
 }
 

@@ -24,6 +24,7 @@ func FuzzReadFrame(f *testing.F) {
 
 func FuzzDecodeOffer(f *testing.F) {
 	f.Add([]byte(`{"version":1,"vm":"demo","generation":1,"files":[{"name":"guest.elf","size":10}],"key":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=","secrets":{"cloak":"AQ=="}}`))
+	f.Add([]byte(`{"version":1,"vm":"demo","generation":1,"files":[],"key":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=","secrets":{},"disks":[{"name":"root","mode":"copy","format":"raw","size":4096},{"name":"data","mode":"shared","format":"protected","path":"/srv/d.pd","size":8192}]}`))
 	f.Add([]byte(`{"accepted":false,"reasons":["no"]}`))
 	f.Add([]byte(`{"bytes":3,"sha256":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}`))
 	f.Fuzz(func(t *testing.T, b []byte) {

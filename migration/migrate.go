@@ -61,6 +61,9 @@ type Incoming struct {
 	CheckpointSize int64
 	// Chain is a standby's checkpoints, oldest (the full one) first.
 	Chain []ChainFile
+	// DiskStates are the disks' states at the source's pause, in the offer's order
+	// (a protected disk's anchored root and version).
+	DiskStates []DiskState
 }
 
 // ChainFile is one received checkpoint of a replication's chain.
@@ -86,6 +89,8 @@ type Options struct {
 	// StepTimeout bounds each wait for the peer (default 60 s); the memory stream
 	// is bounded per chunk, not as a whole.
 	StepTimeout time.Duration
+	// Storage bounds the pre-copy of copied disks.
+	Storage StorageOptions
 }
 
 func (o Options) step() time.Duration {
@@ -102,8 +107,12 @@ type Report struct {
 	Downtime time.Duration
 	// Total is the whole migration, handshake excluded.
 	Total time.Duration
-	// FileBytes and CheckpointBytes are what went over the connection.
-	FileBytes, CheckpointBytes int64
+	// FileBytes, CheckpointBytes and DiskBytes are what went over the connection.
+	FileBytes, CheckpointBytes, DiskBytes int64
+	// DiskRounds are the copied disks' re-copy rounds before the pause, and DiskPause
+	// the part of the downtime the disks took (flush and last copy).
+	DiskRounds int
+	DiskPause  time.Duration
 }
 
 // deadline arms conn's deadline for one step.
@@ -134,6 +143,11 @@ func Send(ctx context.Context, conn *attestconn.Conn, src Source, offer Offer, o
 	for _, f := range files {
 		offer.Files = append(offer.Files, f.FileInfo)
 	}
+	storage, _ := src.(StorageSource)
+	offer.Disks = nil
+	if storage != nil {
+		offer.Disks = storage.Disks()
+	}
 	if err := offer.validate(); err != nil {
 		return nil, fmt.Errorf("migration: the offer: %w", err)
 	}
@@ -151,6 +165,14 @@ func Send(ctx context.Context, conn *attestconn.Conn, src Source, offer Offer, o
 			return nil, fmt.Errorf("migration: send %s: %w", f.Name, err)
 		}
 		rep.FileBytes += n
+	}
+	var disks *storageSender
+	if len(offer.Disks) > 0 {
+		disks = newStorageSender(deadlineWriter{conn, step}, storage, offer.Disks, opt.Storage, rep)
+		defer disks.untrack()
+		if err := disks.precopy(ctx); err != nil {
+			return nil, fmt.Errorf("migration: copy the disks: %w", err)
+		}
 	}
 
 	// From here the checkpoint may pause the VM: every failure resumes it.
@@ -176,6 +198,11 @@ func Send(ctx context.Context, conn *attestconn.Conn, src Source, offer Offer, o
 		return nil, fmt.Errorf("migration: %w", err)
 	}
 	rep.CheckpointBytes = sw.n
+	if disks != nil {
+		if err := disks.final(ctx); err != nil {
+			return nil, fmt.Errorf("migration: the disks' last copy: %w", err)
+		}
+	}
 	if err := awaitVerdict(conn, frameReady, "the restore"); err != nil {
 		return nil, err
 	}
@@ -269,6 +296,13 @@ func Receive(ctx context.Context, conn *attestconn.Conn, dst Destination, spoolD
 	if err := dst.Accept(ctx, offer, conn.Peer()); err != nil {
 		return nil, refuse(frameVerdict, fmt.Errorf("migration: the destination refused the offer: %w", err))
 	}
+	var disks *storageReceiver
+	if len(offer.Disks) > 0 {
+		if disks, err = newStorageReceiver(ctx, dst, offer); err != nil {
+			return nil, refuse(frameVerdict, fmt.Errorf("migration: the destination refused the offer: %w", err))
+		}
+		defer disks.remove()
+	}
 	if err := writeFrame(conn, frameVerdict, mustJSON(verdict{Accepted: true})); err != nil {
 		return nil, fmt.Errorf("migration: %w", err)
 	}
@@ -287,6 +321,11 @@ func Receive(ctx context.Context, conn *attestconn.Conn, dst Destination, spoolD
 		}
 		rep.FileBytes += n
 	}
+	if disks != nil {
+		if _, err := disks.pass(readDeadline{conn, step}, false, rep); err != nil {
+			return nil, fmt.Errorf("migration: %w", err)
+		}
+	}
 	if in.Checkpoint, err = spool(spoolDir); err != nil {
 		return nil, refuse(frameReady, err)
 	}
@@ -295,6 +334,16 @@ func Receive(ctx context.Context, conn *attestconn.Conn, dst Destination, spoolD
 	}
 	rep.CheckpointBytes = in.CheckpointSize
 	prepStart := time.Now()
+	if disks != nil {
+		last, err := disks.pass(readDeadline{conn, step}, true, rep)
+		if err != nil {
+			return nil, fmt.Errorf("migration: %w", err)
+		}
+		if err := disks.sync(); err != nil {
+			return nil, refuse(frameReady, fmt.Errorf("migration: the copied disks: %w", err))
+		}
+		in.DiskStates = last.States
+	}
 	vm, err := dst.Prepare(ctx, in)
 	if err != nil {
 		return nil, refuse(frameReady, fmt.Errorf("migration: restore on the destination: %w", err))
@@ -313,6 +362,10 @@ func Receive(ctx context.Context, conn *attestconn.Conn, dst Destination, spoolD
 	// leaves it with the source.
 	if _, _, err := readFrame(conn, frameCommit); err != nil {
 		return nil, fmt.Errorf("migration: aborted by the source before commit: %w", err)
+	}
+	if disks != nil {
+		// Committed: the copied images are the VM's only copy now.
+		disks.kept = true
 	}
 	if err := vm.Start(ctx); err != nil {
 		// Committed but not startable here: the source will not resume it either.

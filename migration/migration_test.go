@@ -107,23 +107,16 @@ type prepared struct {
 }
 
 func (d *vmDestination) Prepare(_ context.Context, in *Incoming) (Prepared, error) {
-	ck, err := monitor.OpenCheckpoint(in.Checkpoint, in.CheckpointSize, in.Offer.Key)
-	if err != nil {
-		return nil, err
-	}
-	chain, err := monitor.NewCheckpointChain(ck)
-	if err != nil {
-		return nil, err
-	}
 	cfg := guestConfig
 	if d.config != nil {
 		cfg = d.config
 	}
+	var err error
 	if d.stream, err = io.ReadAll(io.NewSectionReader(in.Checkpoint, 0, in.CheckpointSize)); err != nil {
 		return nil, err
 	}
 	d.key = append([]byte(nil), in.Offer.Key...)
-	v, err := monitor.Restore(cfg(d.console), chain, monitor.RestoreOptions{})
+	v, err := restoreIncoming(in, cfg(d.console))
 	if err != nil {
 		return nil, err
 	}
@@ -461,15 +454,8 @@ type linuxDestination struct {
 func (d *linuxDestination) Accept(context.Context, *Offer, attestconn.Peer) error { return nil }
 
 func (d *linuxDestination) Prepare(_ context.Context, in *Incoming) (Prepared, error) {
-	ck, err := monitor.OpenCheckpoint(in.Checkpoint, in.CheckpointSize, in.Offer.Key)
-	if err != nil {
-		return nil, err
-	}
-	chain, err := monitor.NewCheckpointChain(ck)
-	if err != nil {
-		return nil, err
-	}
-	d.v, err = monitor.Restore(d.cfg(d.console), chain, monitor.RestoreOptions{})
+	var err error
+	d.v, err = restoreIncoming(in, d.cfg(d.console))
 	return d, err
 }
 
@@ -541,4 +527,17 @@ func TestMigrateCloakedApp(t *testing.T) {
 	if n, s, err := guestprobe.ScanChain(chain, vals, secret); err != nil || n != 0 || s != 0 {
 		t.Fatalf("the checkpoint stream, opened with the migration key, holds %d of the app's values and %d copies of its cloak secret (%v)", n, s, err)
 	}
+}
+
+// restoreIncoming restores the received checkpoint into a new VM built from cfg.
+func restoreIncoming(in *Incoming, cfg monitor.Config) (*monitor.VM, error) {
+	ck, err := monitor.OpenCheckpoint(in.Checkpoint, in.CheckpointSize, in.Offer.Key)
+	if err != nil {
+		return nil, err
+	}
+	chain, err := monitor.NewCheckpointChain(ck)
+	if err != nil {
+		return nil, err
+	}
+	return monitor.Restore(cfg, chain, monitor.RestoreOptions{})
 }

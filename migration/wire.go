@@ -27,11 +27,16 @@ const (
 	frameReady   frameKind = 5
 	frameCommit  frameKind = 6
 	frameRunning frameKind = 7
+	// Storage migration (storage.go).
+	frameDisk     frameKind = 8
+	frameDiskSync frameKind = 9
+	frameDiskDone frameKind = 10
 )
 
 var frameNames = map[frameKind]string{
 	frameOffer: "offer", frameVerdict: "verdict", frameData: "data", frameEnd: "end",
 	frameReady: "ready", frameCommit: "commit", frameRunning: "running",
+	frameDisk: "disk", frameDiskSync: "disk-sync", frameDiskDone: "disk-done",
 }
 
 func (k frameKind) String() string {
@@ -61,9 +66,9 @@ func maxFrame(k frameKind) int {
 	switch k {
 	case frameOffer:
 		return MaxOfferBytes
-	case frameData:
+	case frameData, frameDisk:
 		return MaxChunk
-	case frameVerdict, frameEnd, frameReady, frameCommit, frameRunning:
+	case frameVerdict, frameEnd, frameReady, frameCommit, frameRunning, frameDiskSync, frameDiskDone:
 		return maxSmallFrame
 	}
 	return -1
@@ -152,6 +157,9 @@ type Offer struct {
 	Key []byte `json:"key"`
 	// Secrets are the VM's secrets (its cloak master secret, disk keys), by name.
 	Secrets map[string][]byte `json:"secrets"`
+	// Disks are the VM's disks: shared, or copied before and during the pause
+	// (storage.go).
+	Disks []DiskInfo `json:"disks,omitempty"`
 	// Replica makes it a continuous replication to a standby (replicate.go), not a
 	// migration.
 	Replica bool `json:"replica,omitempty"`
@@ -191,6 +199,12 @@ func (o *Offer) validate() error {
 	if o.LeaseMS < 0 || o.LeaseMS > 3600_000 || (o.LeaseMS != 0 && !o.Replica) {
 		return fmt.Errorf("offer's lease of %d ms is out of range or not a replication's", o.LeaseMS)
 	}
+	if err := validateDisks(o.Disks); err != nil {
+		return err
+	}
+	if o.Replica && len(o.Disks) > 0 {
+		return errors.New("offer replicates a VM with disks, which a replication does not carry")
+	}
 	if len(o.Secrets) > MaxSecrets {
 		return fmt.Errorf("offer has %d secrets, at most %d", len(o.Secrets), MaxSecrets)
 	}
@@ -201,6 +215,8 @@ func (o *Offer) validate() error {
 	}
 	return nil
 }
+
+func decodeStrict(b []byte, v any) error { return strictjson.Decode(b, v) }
 
 func decodeOffer(b []byte) (*Offer, error) {
 	var o Offer

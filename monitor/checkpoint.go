@@ -70,6 +70,10 @@ type CheckpointOptions struct {
 	// PauseTarget is the dirty-page count below which the rounds stop and the pause
 	// begins (0: DefaultPauseTarget).
 	PauseTarget uint64
+	// Disks are switched to copy-on-write overlays in the pause, so the disks are frozen
+	// at the instant the memory is captured (snapdisks.go); the checkpoint records each
+	// frozen image. A read-only disk may be listed without an overlay to be recorded.
+	Disks []DiskOverlay
 	// beforePause, for tests, runs after the pre-copy and before the pause.
 	beforePause func()
 	// afterRound, for tests, runs after each pre-copy round.
@@ -89,6 +93,7 @@ type CheckpointInfo struct {
 	Pages      uint64        // pages stored (base + tail)
 	OwnWrites  uint64        // pages only the monitor's own-write log named (pre-copy + pause)
 	Bytes      int64         // bytes written
+	Disks      []FrozenDisk  // the disks frozen at the pause (Options.Disks), as recorded
 }
 
 // Pre-copy round defaults (CheckpointOptions).
@@ -150,6 +155,10 @@ func (v *VM) Checkpoint(ctx context.Context, w io.Writer, opt CheckpointOptions)
 	// A lazy restore still in progress completes first: the pre-copy finds the pages
 	// that hold data by the memfd's holes, and a page not brought in yet is a hole.
 	if err := v.finishLazy(); err != nil {
+		return nil, fmt.Errorf("checkpoint: %w", err)
+	}
+	swaps, err := v.planDiskSwaps(opt.Disks)
+	if err != nil {
 		return nil, fmt.Errorf("checkpoint: %w", err)
 	}
 	info := &CheckpointInfo{Generation: opt.Generation}
@@ -216,6 +225,9 @@ func (v *VM) Checkpoint(ctx context.Context, w io.Writer, opt CheckpointOptions)
 	var capErr error
 	err = v.onVCPU(ctx, func() {
 		sections, tailPages, own1, capErr = v.capture(sup, constant)
+		if capErr == nil {
+			capErr = swapDisks(swaps) // the disks freeze at the instant of the capture
+		}
 	})
 	if !paused && !opt.StayPaused {
 		if rerr := v.Resume(); rerr != nil && err == nil {
@@ -249,6 +261,14 @@ func (v *VM) Checkpoint(ctx context.Context, w io.Writer, opt CheckpointOptions)
 	for _, s := range sections {
 		if err := tail.AddSection(s.kind, s.name, s.data); err != nil {
 			return nil, fmt.Errorf("checkpoint: section %s: %w", s.name, err)
+		}
+	}
+	if len(swaps) > 0 {
+		if info.Disks, err = recordFrozen(ctx, swaps); err != nil {
+			return nil, fmt.Errorf("checkpoint: %w", err)
+		}
+		if err := tail.AddSection(snapshot.SectionConfig, sectionDisks, encodeFrozenDisks(info.Disks)); err != nil {
+			return nil, fmt.Errorf("checkpoint: %w", err)
 		}
 	}
 	if err := tail.AddSection(snapshot.SectionConfig, sectionBase, binary.LittleEndian.AppendUint64(nil, uint64(info.Base.Size))); err != nil {

@@ -286,8 +286,8 @@ func (v *VM) installDisks() error {
 			return fmt.Errorf("%d disks: at most %d are supported", len(v.cfg.Disks), MaxDisks)
 		}
 		be := d.Backend
-		if pd, ok := be.(*protdisk.Disk); ok {
-			be = watchedProtDisk{Disk: pd, v: v, name: d.Name}
+		if IsProtectedDisk(be) {
+			be = watchedProtDisk{Backend: be, v: v, name: d.Name}
 		}
 		be, err := d.tracked(be)
 		if err != nil {
@@ -302,6 +302,7 @@ func (v *VM) installDisks() error {
 			return err
 		}
 		v.virtio = append(v.virtio, t)
+		v.diskDevs = append(v.diskDevs, diskDevice{name: d.Name, dev: dev, t: t})
 	}
 	return nil
 }
@@ -318,13 +319,13 @@ var ErrDiskTampered = errors.New("protected disk tampered with")
 // stop the VM: the guest gets an I/O error for the request, never the data, and the
 // operator learns that the host's copy is not what the guest wrote.
 type watchedProtDisk struct {
-	*protdisk.Disk
+	disk.Backend
 	v    *VM
 	name string
 }
 
 func (w watchedProtDisk) ReadAt(p []byte, off int64) (int, error) {
-	n, err := w.Disk.ReadAt(p, off)
+	n, err := w.Backend.ReadAt(p, off)
 	if errors.Is(err, protdisk.ErrTampered) {
 		details := map[string]any{"disk": w.name, "offset": off, "length": len(p), "error": err.Error()}
 		if aerr := w.v.cfg.Hooks.audit(w.v.ctxOrBackground(), EventDiskTampered, details); aerr != nil {

@@ -6,13 +6,18 @@ package monitor
 
 import (
 	"bytes"
+	"context"
+	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/umbra-cc/umbra/disk"
 	"github.com/umbra-cc/umbra/disk/protdisk"
+	"github.com/umbra-cc/umbra/guestimage"
 )
 
 // runDiskGuest boots the test guest with be as its one disk (vda) and recorders for
@@ -186,4 +191,60 @@ func TestGuestDiskEmptyHotplugSlot(t *testing.T) {
 	g := runCloakGuestConfig(t, "run=cloakdisk:read:x", &Hooks{}, func(c *Config) { c.HotplugDisks = 1 })
 	g.wantStatus(t, 4)
 	g.wantLines(t, "vblk: vda at 0xd0000000 irq 5: 0 sectors, flush", "cloakdisk: /dev/vda is 0 bytes", "cloakdisk: read failed: -1")
+}
+
+// TestGuestDiskProtectedBlockTamperedOnHost: after the cloaked app wrote its record to a
+// protected disk, the host flips one bit of the record's block in the image. At the next
+// boot the app's read of it gets no data: the monitor audits disk-tampered and stops the VM
+// (ErrDiskTampered) instead of serving the block.
+func TestGuestDiskProtectedBlockTamperedOnHost(t *testing.T) {
+	requireGuestKVM(t)
+	path := filepath.Join(t.TempDir(), "p.img")
+	key := bytes.Repeat([]byte{9}, protdisk.KeySize)
+	anchor := &memAnchor{}
+	pd, err := protdisk.Create(path, key, 1<<20, anchor)
+	if err != nil {
+		t.Fatal(err)
+	}
+	record := "rec-" + randomSecret(t)
+	g := runDiskGuest(t, "run=cloakdisk:write:"+record+":cloak", pd)
+	if err := pd.Close(); err != nil {
+		t.Fatal(err)
+	}
+	g.wantStatus(t, 0)
+
+	img, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hdr, err := protdisk.ParseHeader(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	off := hdr.BlockOffset(8192/protdisk.BlockSize) + 7
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteAt([]byte{img[off] ^ 0x04}, off)
+	f.Close()
+
+	pd, err = protdisk.Open(path, key, anchor.root, anchor, false)
+	if err != nil {
+		t.Fatalf("the tampered block is found at its first read, not at open: %v", err)
+	}
+	defer pd.Close()
+	var console lockedBuffer
+	var audited []string
+	_, err = Run(t.Context(), Config{Image: guestimage.Image(), MemorySize: 64 << 20, Cmdline: "run=cloakdisk:read:" + record + ":cloak",
+		Console: &console, Timeout: 60 * time.Second, Disks: []Disk{{Name: "d", Backend: pd}},
+		Hooks: &Hooks{Audit: func(_ context.Context, kind string, _ any) error { audited = append(audited, kind); return nil }}})
+	out := console.String()
+	if !errors.Is(err, ErrDiskTampered) || !errors.Is(err, protdisk.ErrTampered) {
+		t.Fatalf("run ended with %v, want ErrDiskTampered:\n%s", err, out)
+	}
+	if strings.Contains(out, "record read back: match") || !slices.Contains(audited, EventDiskTampered) {
+		t.Fatalf("the guest got the tampered block, or no %s audit (%q):\n%s", EventDiskTampered, audited, out)
+	}
+	t.Logf("stopped: %v", err)
 }

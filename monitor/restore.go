@@ -186,7 +186,8 @@ func Restore(cfg Config, chain *snapshot.Chain, opt RestoreOptions) (_ *VM, err 
 // (plus the base link): a section this monitor does not know would be state lost, a
 // missing one state invented.
 func checkSections(top *snapshot.Reader, hs []sectionHolder) error {
-	want := map[[2]string]bool{{fmt.Sprint(snapshot.SectionConfig), sectionBase}: true}
+	// The disks section is the caller's to use (Checkpoint.FrozenDisks), not a holder's.
+	want := map[[2]string]bool{{fmt.Sprint(snapshot.SectionConfig), sectionBase}: true, {fmt.Sprint(snapshot.SectionConfig), sectionDisks}: true}
 	for _, h := range hs {
 		k := [2]string{fmt.Sprint(h.kind), h.StateName()}
 		want[k] = true

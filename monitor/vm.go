@@ -150,6 +150,7 @@ type VM struct {
 	virtio    []*virtio.MMIO // the disks' and NICs' transports, in slot order (disks.go, nets.go)
 	nics      []*nic         // the NICs (nets.go)
 	hot       []*hotSlot     // the hot-plug slots (hotplug.go)
+	diskDevs  []diskDevice   // the spec's disks' devices, in order (snapdisks.go)
 	// curMMIO is the MMIO exit being handled, for devices that need more than its data
 	// (the doorbell).
 	curMMIO *kvm.ExitMMIO

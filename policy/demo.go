@@ -14,7 +14,7 @@ var demoFS embed.FS
 // identity cloakcompute`; a test in monitor keeps them equal).
 const (
 	DemoVMID           = "demo"
-	DemoAppMeasurement = "790b0b0a528fb47ac44e6c8737ebd426b6d8eecc3901bb121d388841ae61950c"
+	DemoAppMeasurement = "963d7b38bb44f0754ff696b38cd300969b13c4722995639281f8f0979cb4c7c7"
 )
 
 // DemoPolicy compiles the built-in demo policy that `umbra run` uses when it is

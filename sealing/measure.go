@@ -31,7 +31,7 @@ const MonitorPCR = 13
 // digest was measured into it on a fresh boot.
 func MonitorPCRValue(monitorDigest [32]byte) [32]byte {
 	var zero [32]byte
-	return sha256.Sum256(append(zero[:], monitorDigest[:]...))
+	return [32]byte(tpmdev.ExtendValue(zero[:], monitorDigest[:]))
 }
 
 // FileDigest returns the SHA-256 of a file, e.g. the monitor binary.

@@ -115,3 +115,12 @@ func Extend(t transport.TPM, pcr int, digest []byte) error {
 	}
 	return nil
 }
+
+// ExtendValue is the value a SHA-256 PCR holding cur takes when extended with digest:
+// SHA-256(cur || digest). Replaying an event log and predicting a measurement use it.
+func ExtendValue(cur, digest []byte) []byte {
+	h := sha256.New()
+	h.Write(cur)
+	h.Write(digest)
+	return h.Sum(nil)
+}

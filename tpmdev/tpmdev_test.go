@@ -108,6 +108,9 @@ func TestExtendAndReadPCRs(t *testing.T) {
 				if !bytes.Equal(got, want[:]) {
 					t.Fatalf("PCR %d = %x after extend, want %x", pcr, got, want)
 				}
+				if pred := tpmdev.ExtendValue(old[:], d[:]); !bytes.Equal(pred, got) {
+					t.Fatalf("ExtendValue predicts %x, the TPM holds %x", pred, got)
+				}
 			}
 			after, err := tpmdev.ReadPCRs(tpm, all...)
 			if err != nil {

@@ -24,6 +24,7 @@ import (
 	"io/fs"
 
 	"github.com/umbra-cc/umbra/statefile"
+	"github.com/umbra-cc/umbra/tpmdev"
 	"github.com/umbra-cc/umbra/userfile"
 )
 
@@ -187,7 +188,7 @@ func (m *Measurer) prefix() ([]Record, error) {
 func replayFrom(v []byte, recs []Record, pcr int) []byte {
 	for i := range recs {
 		if recs[i].PCR == pcr {
-			v = extendValue(v, recs[i].SHA256())
+			v = tpmdev.ExtendValue(v, recs[i].SHA256())
 		}
 	}
 	return v

@@ -28,6 +28,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/umbra-cc/umbra/eventkind"
+	"github.com/umbra-cc/umbra/tpmdev"
 )
 
 // ContentType is the CEL content_type of umbra's records.
@@ -212,10 +213,7 @@ func Replay(recs []Record) map[int][]byte {
 		if !ok {
 			cur = make([]byte, sha256.Size)
 		}
-		h := sha256.New()
-		h.Write(cur)
-		h.Write(recs[i].SHA256())
-		pcrs[recs[i].PCR] = h.Sum(nil)
+		pcrs[recs[i].PCR] = tpmdev.ExtendValue(cur, recs[i].SHA256())
 	}
 	return pcrs
 }

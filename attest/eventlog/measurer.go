@@ -223,20 +223,13 @@ func (m *Measurer) catchUp() error {
 	}
 	for i := range recs {
 		if recs[i].PCR == m.pcr {
-			m.replayed = extendValue(m.replayed, recs[i].SHA256())
+			m.replayed = tpmdev.ExtendValue(m.replayed, recs[i].SHA256())
 		}
 	}
 	m.recs = append(m.recs, recs...)
 	m.size += good
 	m.checked = false
 	return nil
-}
-
-func extendValue(cur, digest []byte) []byte {
-	h := sha256.New()
-	h.Write(cur)
-	h.Write(digest)
-	return h.Sum(nil)
 }
 
 // reconcile compares the PCR with the replay of the log after a catch-up found new
@@ -450,7 +443,7 @@ func (m *Measurer) appendAndExtend(ev Event) (Record, error) {
 	}
 	m.recs = append(m.recs, rec)
 	m.size += int64(len(line))
-	m.replayed = extendValue(m.replayed, digest)
+	m.replayed = tpmdev.ExtendValue(m.replayed, digest)
 	m.log.Debug("measured", "type", ev.Type, "description", ev.Description, "pcr", m.pcr, "value", rec.Content.Value)
 	return rec, nil
 }

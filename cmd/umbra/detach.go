@@ -236,7 +236,11 @@ func (d *detachedMonitor) attach(c *launch.Control) {
 			err = chownTree(filepath.Join(filepath.Dir(path), "snapshots"), d.jail.UID)
 		}
 		if err == nil {
-			// So are the disks' reference points for backups (launch/backup.go).
+			// So are its disk overlays (a snapshot freezes each disk under a new one).
+			err = chownTree(filepath.Join(filepath.Dir(path), "overlays"), d.jail.UID)
+		}
+		if err == nil {
+			// And the disks' reference points for backups (launch/backup.go).
 			trackers, _ := filepath.Glob(filepath.Join(filepath.Dir(path), "disks", "*.cbt"))
 			for _, t := range trackers {
 				if err = chownTree(t, d.jail.UID); err != nil {

@@ -35,6 +35,8 @@ func runMigrate(ctx context.Context, env *cliEnv, args []string) int {
 	to := fs.String("to", "", "address of the destination's umbra receive (HOST:PORT)")
 	compress := fs.Bool("compress", false, "zstd-compress the checkpoint's blocks (pays off on slow links)")
 	dialTimeout := fs.Duration("dial-timeout", 10*time.Second, "how long to wait for the destination to accept the connection")
+	var shared multiFlag
+	fs.Var(&shared, "shared-disk", "a disk whose image the destination sees too (shared storage): not copied (repeatable); every other disk is copied while the VM runs")
 	// The VM name comes first: parse it before the flags.
 	name := ""
 	if len(args) > 0 && len(args[0]) > 0 && args[0][0] != '-' {
@@ -50,7 +52,7 @@ func runMigrate(ctx context.Context, env *cliEnv, args []string) int {
 	}
 	var res launch.MigrateResult
 	if code := relayTunnel(ctx, env, cl, vm, "migrate", *to, *dialTimeout, func(id string) error {
-		return cl.Operation(ctx, "migrate", launch.MigrateArgs{Tunnel: id, Destination: *to, Compress: *compress}, &res)
+		return cl.Operation(ctx, "migrate", launch.MigrateArgs{Tunnel: id, Destination: *to, Compress: *compress, SharedDisks: shared}, &res)
 	}); code != 0 {
 		return code
 	}
@@ -59,6 +61,9 @@ func runMigrate(ctx context.Context, env *cliEnv, args []string) int {
 		return 0
 	}
 	fmt.Fprintf(env.stdout, "VM %s migrated to %s (%s): downtime %v, %d checkpoint bytes in %v\n", vm, res.HostName, res.HostFingerprint, res.Downtime.Round(time.Microsecond), res.CheckpointBytes, res.Total.Round(time.Millisecond))
+	if res.DiskBytes > 0 {
+		fmt.Fprintf(env.stdout, "disks: %d bytes copied, %d re-copy rounds, %v of the downtime\n", res.DiskBytes, res.DiskRounds, res.DiskPause.Round(time.Microsecond))
+	}
 	return 0
 }
 
@@ -73,12 +78,23 @@ func runReceive(ctx context.Context, env *cliEnv, args []string) int {
 	tf := addTPMFlags(fs)
 	listen := fs.String("listen", "", "address to listen on (HOST:PORT)")
 	verbose := fs.Bool("v", false, "log monitor events to stderr")
+	var sharedFlags multiFlag
+	fs.Var(&sharedFlags, "shared-storage", "SRC[=DST]: storage shared with sources; a shared disk's image SRC/... on the source is DST/... here (repeatable; a shared disk elsewhere is refused)")
 	if code, done := parseFlags(env, fs, args); done {
 		return code
 	}
 	if *listen == "" || fs.NArg() != 0 {
 		fmt.Fprintln(env.stderr, "umbra receive: give --listen HOST:PORT and no arguments")
 		return exitUsage
+	}
+	var shared []launch.SharedStorage
+	for _, f := range sharedFlags {
+		s, err := launch.ParseSharedStorage(f)
+		if err != nil {
+			fmt.Fprintf(env.stderr, "umbra receive: --shared-storage: %v\n", err)
+			return exitUsage
+		}
+		shared = append(shared, s)
 	}
 	if err := tf.check(); err != nil {
 		fmt.Fprintf(env.stderr, "umbra receive: %v\n", err)
@@ -103,7 +119,7 @@ func runReceive(ctx context.Context, env *cliEnv, args []string) int {
 	fmt.Fprintf(env.stderr, "umbra receive: waiting for a migration on %s\n", l.Addr())
 	name := ""
 	rep, err := launch.Receive(ctx, launch.ReceiveConfig{
-		Listener: l, TPM: tpm, StateDir: stateDir, Console: env.stdout, Logger: log,
+		Listener: l, TPM: tpm, StateDir: stateDir, Console: env.stdout, Logger: log, SharedStorage: shared,
 		Started: func(rep *launch.LaunchReport) {
 			name = rep.VMID
 			reportDecision(env, rep.VMID, rep)

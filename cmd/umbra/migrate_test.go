@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -42,6 +43,12 @@ type migrationWorld struct {
 }
 
 func newMigrationWorld(t *testing.T, destinations func(a, b *migrationHost) []string) *migrationWorld {
+	return newMigrationWorldWith(t, destinations, nil)
+}
+
+// newMigrationWorldWith is newMigrationWorld with more of the policy's data
+// (data.umbra.migration).
+func newMigrationWorldWith(t *testing.T, destinations func(a, b *migrationHost) []string, data func(w *migrationWorld) map[string]any) *migrationWorld {
 	t.Helper()
 	requireKVMForCLI(t)
 	// A short directory: the control socket's path must fit a sockaddr_un.
@@ -65,9 +72,13 @@ func newMigrationWorld(t *testing.T, destinations func(a, b *migrationHost) []st
 	}
 	w.keyID = strings.Fields(w.must("seal", "keygen", "-o", w.path("admin.pem")))[2]
 	copyTree(t, "../../testdata/e2e/migration/policy", w.path("policy"))
-	writeJSON(t, w.path("policy", "umbra", "migration", "data.json"), map[string]any{
+	pdata := map[string]any{
 		"operators": []string{"unix:root"}, "destinations": destinations(w.a, w.b), "sources": []string{"host:" + w.a.fingerprint},
-	})
+	}
+	if data != nil {
+		maps.Copy(pdata, data(w))
+	}
+	writeJSON(t, w.path("policy", "umbra", "migration", "data.json"), pdata)
 	w.must("policy", "build", w.path("policy"), "--signing-key", w.path("admin.pem"), "--key-id", w.keyID, "-o", w.path("policy.tar.gz"))
 	w.policy = []string{"--policy", w.path("policy.tar.gz"), "--policy-key", w.path("admin.pem.pub"), "--policy-key-id", w.keyID}
 	if err := os.WriteFile(w.path("guest.elf"), guestimage.Image(), 0o644); err != nil {
@@ -144,14 +155,14 @@ type receiver struct {
 	done   chan int
 }
 
-func (w *migrationWorld) receive() *receiver {
+func (w *migrationWorld) receive(extra ...string) *receiver {
 	w.t.Helper()
 	exe, err := os.Executable()
 	if err != nil {
 		w.t.Fatal(err)
 	}
 	r := &receiver{stdout: &strings.Builder{}, stderr: &strings.Builder{}, done: make(chan int, 1)}
-	r.cmd = exec.Command(exe, append([]string{"receive", "--listen", "127.0.0.1:0"}, w.b.tpm...)...)
+	r.cmd = exec.Command(exe, append(append([]string{"receive", "--listen", "127.0.0.1:0"}, w.b.tpm...), extra...)...)
 	r.cmd.Env = append(os.Environ(), "UMBRA_TEST_EXEC_MAIN=1")
 	r.cmd.Stdout = r.stdout
 	pipe, err := r.cmd.StderrPipe()
@@ -423,17 +434,7 @@ func TestReplicateRelayKilledFencesTheSource(t *testing.T) {
 // migrates from host A to host B (two swtpm TPMs, two state directories, loopback);
 // the app finishes on B with the result of the same computation run uncloaked.
 func TestMigrateCloakedAppBetweenHosts(t *testing.T) {
-	var ref strings.Builder
-	v, err := monitor.New(monitor.Config{Image: guestimage.Image(), MemorySize: 16 << 20, Cmdline: "run=cloakcompute:32:100:plain:30", Console: &ref})
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, err = v.Run(context.Background())
-	v.Close()
-	want := regexp.MustCompile(`cloakcompute: pages 32 rounds 100 result=0x[0-9a-f]+`).FindString(ref.String())
-	if err != nil || want == "" {
-		t.Fatalf("uncloaked reference run: %v\n%s", err, ref.String())
-	}
+	want := uncloakedResult(t, "run=cloakcompute:32:100:plain:30")
 	w := newMigrationWorld(t, func(_, b *migrationHost) []string { return []string{b.fingerprint} })
 	w.launchOnA("run=cloakcompute:32:100:cloak:30")
 	time.Sleep(700 * time.Millisecond)
@@ -452,4 +453,22 @@ func TestMigrateCloakedAppBetweenHosts(t *testing.T) {
 	// The guest's only process is the app, and its kernel ends the VM when the last
 	// process exits: a migration that succeeded took the app before its end, so
 	// the result B printed is the one it computed after the handover.
+}
+
+// uncloakedResult runs cmdline (a cloakcompute job) in a monitor VM of 16 MiB, here
+// in the test, and returns its result line.
+func uncloakedResult(t *testing.T, cmdline string) string {
+	t.Helper()
+	var ref strings.Builder
+	v, err := monitor.New(monitor.Config{Image: guestimage.Image(), MemorySize: 16 << 20, Cmdline: cmdline, Console: &ref})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = v.Run(context.Background())
+	v.Close()
+	want := regexp.MustCompile(`cloakcompute: pages [0-9]+ rounds [0-9]+ result=0x[0-9a-f]+`).FindString(ref.String())
+	if err != nil || want == "" {
+		t.Fatalf("uncloaked reference run: %v\n%s", err, ref.String())
+	}
+	return want
 }

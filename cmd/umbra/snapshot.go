@@ -16,10 +16,13 @@ func init() {
 }
 
 func runSnapshot(ctx context.Context, env *cliEnv, args []string) int {
-	const synopsis = "Usage: umbra snapshot create VM NAME [--parent P] | list VM | diff VM A B\n\n" +
+	const synopsis = "Usage: umbra snapshot create VM NAME [--parent P] | list VM | diff VM A B |\n" +
+		"       restore NAME SPEC|BUNDLE [--lazy] [umbra run's flags]\n\n" +
 		"Snapshots of a running detached VM (docs/snapshot.md): create one while it runs, list\n" +
-		"them with the TPM's current generation, diff two. Restore one with\n" +
-		"umbra run --restore NAME SPEC|BUNDLE; suspend with umbra suspend VM NAME.\n" +
+		"them with the TPM's current generation, diff two, restore one in a new monitor (the\n" +
+		"same as umbra run --restore NAME SPEC|BUNDLE: a launch the policy decides as\n" +
+		"snapshot_revert, once per snapshot unless it allows a replay); suspend with\n" +
+		"umbra suspend VM NAME.\n" +
 		"umbra snapshot SUBCOMMAND --help shows each one's flags.\n"
 	usage := func() int {
 		fmt.Fprint(env.stderr, synopsis)
@@ -33,6 +36,14 @@ func runSnapshot(ctx context.Context, env *cliEnv, args []string) int {
 		return usage()
 	}
 	sub, args := args[0], args[1:]
+	if sub == "restore" {
+		// A launch from the snapshot: umbra run --restore NAME, every run flag as there.
+		if len(args) == 0 || strings.HasPrefix(args[0], "-") {
+			fmt.Fprintln(env.stderr, "umbra snapshot restore: give the snapshot's name, then the VM's spec or bundle")
+			return exitUsage
+		}
+		return runRun(ctx, env, append([]string{"--restore", args[0]}, args[1:]...))
+	}
 	// Positional words come first, flags after them.
 	var words []string
 	for len(args) > 0 && !strings.HasPrefix(args[0], "-") {

@@ -13,6 +13,7 @@ import (
 
 	"github.com/umbra-cc/umbra/attest/audit"
 	"github.com/umbra-cc/umbra/guestimage"
+	"github.com/umbra-cc/umbra/internal/guestprobe"
 	"github.com/umbra-cc/umbra/launch"
 )
 
@@ -289,5 +290,35 @@ func TestSuspendResume(t *testing.T) {
 	code, _, errs = runUmbra(t, resume...)
 	if code != exitNoGuestStatus || !strings.Contains(errs, "snapshot.replay") {
 		t.Fatalf("a second resume of the suspended state = %d, want the replay refusal:\n%s", code, errs)
+	}
+}
+
+// TestSuspendResumeCloakedApp: an unsealed VM whose cloaked app is mid-computation is
+// suspended to a snapshot and restored from it lazily in a new monitor (umbra snapshot
+// restore); the app finishes with
+// the result of the same computation run uncloaked (the VM's cloak secret comes
+// from its snapshot secret, so the new run opens the snapshot's cloak section), and
+// the snapshot's files hold none of the app's values.
+func TestSuspendResumeCloakedApp(t *testing.T) {
+	want := uncloakedResult(t, "run=cloakcompute:32:100:plain:30")
+	w := newSnapshotWorld(t)
+	spec := fmt.Sprintf("apiVersion: umbra.dev/v1\nname: snap\nguest:\n  image: %s\n  cmdline: \"run=cloakcompute:32:100:cloak:30\"\nmemory: 16MiB\n", w.path("guest.elf"))
+	os.WriteFile(w.path("snap.yaml"), []byte(spec), 0o644)
+	w.must(append(append(append([]string{"run", "--detach"}, w.host("a")...), w.policy...), w.path("snap.yaml"))...)
+	t.Cleanup(func() { killVM(t, w.state("a"), "snap") })
+	time.Sleep(800 * time.Millisecond)
+	w.must("suspend", "snap", "mid", "--state-dir", w.state("a"))
+	vals := guestprobe.CloakComputeValues(32, 100)
+	files, _ := filepath.Glob(filepath.Join(w.state("a"), "vms", "snap", "snapshots", "*"))
+	for _, f := range files {
+		if b, err := os.ReadFile(f); err == nil && guestprobe.Words(b, vals) != 0 {
+			t.Fatalf("snapshot file %s holds the app's values", f)
+		}
+	}
+	// umbra snapshot restore is umbra run --restore; lazily here.
+	restore := append(append(append([]string{"snapshot", "restore", "mid", "--lazy"}, w.host("a")...), w.policy...), w.path("snap.yaml"))
+	code, out, errs := runUmbra(t, restore...)
+	if code != 0 || !strings.Contains(out, want+" cloaked") || strings.Contains(out, "umbra test guest: booting") {
+		t.Fatalf("umbra snapshot restore mid --lazy = %d, want the app to continue to %q:\n%s\n%s", code, want, out, errs)
 	}
 }

@@ -137,6 +137,18 @@ type layout struct {
 // look at what the host sees).
 func (h *Header) BlockOffset(i uint64) int64 { return h.layout().data + int64(i)*BlockSize }
 
+// Regions are the file offsets of the metadata (MetaEntrySize bytes per block, from
+// meta), the journal (from journal) and the data blocks (from data), and the file's end:
+// what a tool that copies the image while the disk is in use needs to know which bytes
+// a commit rewrites.
+func (h *Header) Regions() (meta, journal, data, end int64) {
+	l := h.layout()
+	return l.meta, l.journal, l.data, l.end
+}
+
+// MetaEntrySize is the size of one block's metadata entry.
+const MetaEntrySize = metaSize
+
 func roundUp(n int64) int64 { return (n + BlockSize - 1) / BlockSize * BlockSize }
 
 func (h *Header) layout() layout {

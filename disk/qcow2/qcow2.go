@@ -178,6 +178,8 @@ type Image struct {
 	rt        []uint64
 	fileEnd   int64
 	backing   disk.Backend
+	// lentBacking: the backing file was given (OpenOverlay), and its owner closes it.
+	lentBacking bool
 
 	// Links of clusters allocated by the WriteAt under way, written after one fdatasync at
 	// its end: L2 entries, then new L2 tables into the L1 table.
@@ -200,6 +202,19 @@ func open(path string, readOnly bool, depth int) (*Image, error) {
 	if depth > maxBackingDepth {
 		return nil, fmt.Errorf("qcow2: backing chain deeper than %d (a loop?)", maxBackingDepth)
 	}
+	f, err := openFile(path, readOnly)
+	if err != nil {
+		return nil, err
+	}
+	im, err := load(f, path, readOnly, depth, nil)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("qcow2 image %s: %w", path, err)
+	}
+	return im, nil
+}
+
+func openFile(path string, readOnly bool) (*os.File, error) {
 	flag := os.O_RDWR
 	if readOnly {
 		flag = os.O_RDONLY
@@ -208,15 +223,12 @@ func open(path string, readOnly bool, depth int) (*Image, error) {
 	if err != nil {
 		return nil, fmt.Errorf("qcow2: %w", err)
 	}
-	im, err := load(f, path, readOnly, depth)
-	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("qcow2 image %s: %w", path, err)
-	}
-	return im, nil
+	return f, nil
 }
 
-func load(f *os.File, path string, readOnly bool, depth int) (*Image, error) {
+// load reads the image in f; its backing file is given (backing, not nil), or opened
+// by the name its header holds.
+func load(f *os.File, path string, readOnly bool, depth int, backing disk.Backend) (*Image, error) {
 	st, err := f.Stat()
 	if err != nil {
 		return nil, err
@@ -250,7 +262,12 @@ func load(f *os.File, path string, readOnly bool, depth int) (*Image, error) {
 			return nil, fmt.Errorf("refcount table entry %d (%#x) is not a cluster inside the file", i, e)
 		}
 	}
-	if h.BackingFile != "" {
+	if backing != nil {
+		if h.BackingFile == "" {
+			return nil, errors.New("it has no backing file, but one was given")
+		}
+		im.backing = backing
+	} else if h.BackingFile != "" {
 		bp := h.BackingFile
 		if !filepath.IsAbs(bp) {
 			bp = filepath.Join(filepath.Dir(path), bp)
@@ -311,7 +328,7 @@ func (im *Image) Header() Header { return *im.h }
 
 func (im *Image) Close() error {
 	err := im.Flush()
-	if im.backing != nil {
+	if im.backing != nil && !im.lentBacking {
 		im.backing.Close()
 	}
 	if cerr := im.f.Close(); err == nil {

@@ -2,6 +2,7 @@ package cabi_test
 
 import (
 	"encoding/binary"
+	"path/filepath"
 	"slices"
 	"testing"
 
@@ -52,5 +53,26 @@ func TestEncodeDecodeSample(t *testing.T) {
 	m := cabi.Decode(t, h, "s_tight", b)
 	if m["a"] != uint64(0x11223344) || m["b"] != uint64(0) || m["c"] != uint64(0xbeef) || m["d"] != uint64(1<<40) || string(m["name"].([]byte)[:3]) != "abc" {
 		t.Fatalf("decoded %v", m)
+	}
+}
+
+// TestEveryABIHeaderIsChecked: each guest ABI header in docs has a test that compiles
+// it and compares it with its Go side; a new header must get one.
+func TestEveryABIHeaderIsChecked(t *testing.T) {
+	checked := map[string]string{
+		"cloak_abi.h":    "internal/cabi TestCloakHeaderConstants, TestCloakHeaderLayouts",
+		"pageprot_abi.h": "pageprot TestCHeaderMatches, TestCStructLayouts",
+	}
+	headers, err := filepath.Glob("../../docs/*_abi.h")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(headers) == 0 {
+		t.Fatal("no docs/*_abi.h found")
+	}
+	for _, h := range headers {
+		if _, ok := checked[filepath.Base(h)]; !ok {
+			t.Errorf("%s has no test checking it against its Go side by the compiler (see internal/cabi)", h)
+		}
 	}
 }

@@ -15,6 +15,8 @@ const module = "github.com/umbra-cc/umbra"
 // pkg is what the test reads of `go list -json`.
 type pkg struct {
 	ImportPath string
+	Dir        string
+	GoFiles    []string
 	Imports    []string
 	Deps       []string
 }

@@ -18,57 +18,13 @@ enum { SYS_close = 3, SYS_ioctl = 16, SYS_nanosleep = 35, SYS_mknod = 133 };
 #define BLKGETSIZE64 0x80081272UL
 #define BLKRRPART 0x125fUL
 
-static void fail(const char *what, long err)
-{
-	char b[24];
-	int i = sizeof b;
-	unsigned long e = (unsigned long)(err < 0 ? -err : err);
-	b[--i] = 0;
-	do
-		b[--i] = (char)('0' + e % 10);
-	while ((e /= 10) && i > 0);
-	puts_("UMBRA-HOT: error ");
-	puts_(what);
-	puts_(" errno ");
-	puts_(b + i);
-	puts_("\n");
-	poweroff(99);
-}
+#define FAIL_PREFIX "UMBRA-HOT: "
+#include "virtblk.h"
 
 static void sleep_ms(long ms)
 {
 	long ts[2] = {ms / 1000, (ms % 1000) * 1000000};
 	sc(SYS_nanosleep, ts, 0, 0);
-}
-
-/* blkmajor finds "NNN virtblk" in /proc/devices. */
-static long blkmajor(void)
-{
-	static char buf[4096];
-	long fd = sc(SYS_open, "/proc/devices", 0, 0);
-	if (fd < 0)
-		fail("open /proc/devices", fd);
-	long n = sc(SYS_read, fd, buf, sizeof buf - 1);
-	sc(SYS_close, fd, 0, 0);
-	if (n <= 0)
-		fail("read /proc/devices", n);
-	buf[n] = 0;
-	for (char *l = buf; *l;) {
-		long v = 0;
-		char *p = l;
-		while (*p == ' ')
-			p++;
-		while (*p >= '0' && *p <= '9')
-			v = v * 10 + (*p++ - '0');
-		if (*p == ' ' && prefix(p + 1, "virtblk\n"))
-			return v;
-		while (*l && *l != '\n')
-			l++;
-		if (*l)
-			l++;
-	}
-	fail("no virtblk in /proc/devices", 2);
-	return 0;
 }
 
 static unsigned long disk_size(void)

@@ -7,7 +7,7 @@
 #   made both ways and audited. Copy it as a starting point, never ship it.
 package umbra.authz
 
-demo_app := "790b0b0a528fb47ac44e6c8737ebd426b6d8eecc3901bb121d388841ae61950c"
+demo_app := "963d7b38bb44f0754ff696b38cd300969b13c4722995639281f8f0979cb4c7c7"
 
 allowed_actions := {"launch", "resume", "modify_spec", "console_open", "cloak_register", "pageprot_change", "delete", "pause", "stop", "inspect"}
 

@@ -2,7 +2,8 @@
 # title: snapshot test policy
 # description: |
 #   The policy the snapshot tests run their VM under (cmd/umbra/snapshot_test.go).
-#   data.umbra.snapshot: operators (who may launch, use, snapshot and restore the VM)
+#   data.umbra.snapshot: operators (who may launch, use, snapshot and restore the VM, and
+#   give it disks)
 #   and replay (whether a snapshot may be resumed again, or an older one after a newer
 #   state ran: docs/snapshot.md §4.4; false by default).
 package umbra.authz
@@ -13,13 +14,13 @@ cfg := data.umbra.snapshot
 
 allow if {
 	count(deny) == 0
-	input.action in {"launch", "inspect", "pause", "resume", "stop", "console_open", "snapshot_create", "snapshot_revert", "pageprot_change", "cloak_register"}
+	input.action in {"launch", "inspect", "pause", "resume", "stop", "console_open", "snapshot_create", "snapshot_revert", "pageprot_change", "cloak_register", "attach_device"}
 }
 
 reason(code, msg, rule) := {"code": code, "message": msg, "rule": rule}
 
 deny contains reason("principal.not_operator", sprintf("%q may not %s VM %q", [input.principal.id, input.action, input.vm.id]), "snapshot.rego:use") if {
-	input.action in {"launch", "inspect", "pause", "resume", "stop", "console_open", "snapshot_create", "snapshot_revert"}
+	input.action in {"launch", "inspect", "pause", "resume", "stop", "console_open", "snapshot_create", "snapshot_revert", "attach_device"}
 	not input.request.recheck
 	not input.principal.id in cfg.operators
 }

@@ -24,3 +24,8 @@ test_replay_allowed_when_configured if {
 test_stranger_cannot_snapshot if {
 	not authz.allow with input as object.union(op, {"action": "snapshot_create", "principal": {"id": "unix:mallory", "auth": "unix-peer", "groups": []}, "request": {"snapshot": {"name": "s"}}})
 }
+
+test_operator_gives_disks if {
+	authz.allow with input as object.union(op, {"action": "attach_device", "request": {"device": {"type": "virtio-blk", "id": "data"}}})
+	not authz.allow with input as object.union(op, {"action": "attach_device", "principal": {"id": "unix:mallory", "auth": "unix-peer", "groups": []}, "request": {"device": {"type": "virtio-blk", "id": "data"}}})
+}

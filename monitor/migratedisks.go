@@ -1,0 +1,90 @@
+package monitor
+
+import (
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/umbra-cc/umbra/disk"
+	"github.com/umbra-cc/umbra/disk/protdisk"
+	"github.com/umbra-cc/umbra/statefile"
+)
+
+// This file is what a migration needs of protected disks (docs/migration.md §8): the
+// source reads a disk's anchored state after its last flush, and the destination
+// adopts that state as its own anchor, bound to its own TPM, so that it opens the disk
+// only at exactly the state the source left it in: an older copy of the image (a
+// rolled-back shared image, a stale copied one) fails the root as it would on the
+// source.
+
+// IsProtectedDisk reports whether be is a protected disk, under any wrappers with an
+// Unwrap method (a write tracker).
+func IsProtectedDisk(be disk.Backend) bool {
+	for {
+		if _, ok := be.(*protdisk.Disk); ok {
+			return true
+		}
+		u, ok := be.(interface{ Unwrap() disk.Backend })
+		if !ok {
+			return false
+		}
+		be = u.Unwrap()
+	}
+}
+
+// AnchorState returns protected disk name's anchored version and root, as its anchor
+// file holds them (MAC checked). After a Flush with the VM paused it is the disk's
+// state at that instant.
+func (e *ProtectedDiskEnv) AnchorState(name string) (version uint64, root string, err error) {
+	p, err := e.disk(name)
+	if err != nil {
+		return 0, "", err
+	}
+	a, err := p.load()
+	if err != nil {
+		return 0, "", err
+	}
+	if a == nil {
+		return 0, "", fmt.Errorf("protected disk %s has no anchor on this host", name)
+	}
+	return a.Version, a.Root, nil
+}
+
+// AdoptAnchor makes (version, root) protected disk name's anchor on this host: the
+// anchor file is written and the TPM's counter raised to version. It refuses a state
+// older than one this host already anchored for the disk (a replayed handover), and a
+// malformed root.
+func (e *ProtectedDiskEnv) AdoptAnchor(name string, version uint64, root string) error {
+	p, err := e.disk(name)
+	if err != nil {
+		return err
+	}
+	if b, err := hex.DecodeString(root); err != nil || len(b) != len(protdisk.Root{}) {
+		return fmt.Errorf("protected disk %s: the received root %q is not a root", name, root)
+	}
+	if version == 0 {
+		return fmt.Errorf("protected disk %s: the received anchor has version 0", name)
+	}
+	hw, err := e.Counter.Version(p.series)
+	if err != nil {
+		return fmt.Errorf("protected disk %s: TPM rollback counter: %w", name, err)
+	}
+	if hw > version {
+		return fmt.Errorf("%w: disk %s arrives at version %d, but this host's TPM already records version %d of it: an older state than one this host has seen", ErrDiskRolledBack, name, version, hw)
+	}
+	a := diskAnchorFile{Version: version, Root: root}
+	a.MAC = p.mac(a.Version, a.Root)
+	b, _ := json.Marshal(a)
+	if err := os.MkdirAll(filepath.Dir(p.path), 0o700); err != nil {
+		return fmt.Errorf("anchor protected disk %s: %w", name, err)
+	}
+	if err := statefile.WriteAtomic(p.path, b, 0o600); err != nil {
+		return fmt.Errorf("anchor protected disk %s: %w", name, err)
+	}
+	if err := e.Counter.Advance(p.series, version); err != nil {
+		return fmt.Errorf("anchor protected disk %s in the TPM: %w", name, err)
+	}
+	return nil
+}
