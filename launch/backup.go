@@ -113,16 +113,25 @@ func openBackupEnv(stateDir string, spec *monitor.Spec, run []monitor.Disk, prot
 	return env, nil
 }
 
+// lockSnapshots keeps VM snapshots out while a backup runs (a snapshot's overlay would
+// read the image below a frozen backup overlay, not the guest's latest writes); the
+// returned function lets them in again.
+func (c *Control) lockSnapshots() func() {
+	if c.snapshots == nil {
+		return func() {}
+	}
+	c.snapshots.mu.Lock()
+	return c.snapshots.mu.Unlock
+}
+
 // switchedBySnapshot says whether a VM snapshot taken during this run put its overlay
 // over the disk (the guest then writes the overlay, which neither the tracker nor the
-// backup's source sees).
+// backup's source sees). The caller holds lockSnapshots.
 func (c *Control) switchedBySnapshot(d *backupDisk) bool {
 	env := c.snapshots
 	if env == nil {
 		return false
 	}
-	env.mu.Lock()
-	defer env.mu.Unlock()
 	for _, ld := range env.disks {
 		if ld.name == d.name && ld.top != d.launchTop {
 			return true

@@ -119,9 +119,6 @@ func opBackupCreate(ctx context.Context, c *Control, p policy.Principal, raw jso
 	if !filepath.IsAbs(args.To) || filepath.Clean(args.To) != args.To {
 		return nil, &ArgsError{Operation: "backup.create", Err: fmt.Errorf("to %q: give a clean absolute path", args.To)}
 	}
-	if c.switchedBySnapshot(d) {
-		return nil, &ArgsError{Operation: "backup.create", Err: fmt.Errorf("disk %s: a snapshot of this run froze it under an overlay, which the backup's tracking does not see; back it up after the VM's next launch", d.name)}
-	}
 	kind := backup.KindFull
 	chain := ""
 	if args.Since != "" {
@@ -140,6 +137,10 @@ func opBackupCreate(ctx context.Context, c *Control, p policy.Principal, raw jso
 		return nil, errors.New("backup.create: another backup of this VM is running; wait for it")
 	}
 	defer c.backups.busy.Unlock()
+	defer c.lockSnapshots()()
+	if c.switchedBySnapshot(d) {
+		return nil, &ArgsError{Operation: "backup.create", Err: fmt.Errorf("disk %s: a snapshot of this run froze it under an overlay, which the backup's tracking does not see; back it up after the VM's next launch", d.name)}
+	}
 	id := backup.NewID(time.Now())
 	if chain == "" {
 		chain = id

@@ -2,8 +2,8 @@
 # title: backup test policy
 # description: |
 #   The policy the backup tests launch their VM under (cmd/umbra/backup_test.go).
-#   data.umbra.backup: operators (who may launch the VM with its disks, inspect, stop
-#   and back up the VM),
+#   data.umbra.backup: operators (who may launch the VM with its disks, inspect, stop,
+#   snapshot and back up the VM),
 #   destinations (directory prefixes backups may go under) and plaintext (whether a
 #   raw or qcow2 disk, whose backup holds the guest's data in the clear, may be backed up).
 package umbra.authz
@@ -14,13 +14,13 @@ cfg := data.umbra.backup
 
 allow if {
 	count(deny) == 0
-	input.action in {"launch", "attach_device", "inspect", "stop", "backup", "pageprot_change"}
+	input.action in {"launch", "attach_device", "inspect", "stop", "backup", "snapshot_create", "pageprot_change"}
 }
 
 reason(code, msg, rule) := {"code": code, "message": msg, "rule": rule}
 
 deny contains reason("principal.not_operator", sprintf("%q may not %s VM %q", [input.principal.id, input.action, input.vm.id]), "backup.rego:use") if {
-	input.action in {"launch", "attach_device", "inspect", "stop", "backup"}
+	input.action in {"launch", "attach_device", "inspect", "stop", "backup", "snapshot_create"}
 	not input.request.recheck
 	not input.principal.id in cfg.operators
 }
