@@ -32,6 +32,7 @@ policy-test:
 	$(GO) run ./cmd/umbra policy test testdata/e2e/snapshot/policy
 	$(GO) run ./cmd/umbra policy test testdata/e2e/network/policy
 	$(GO) run ./cmd/umbra policy test testdata/e2e/hotplug/policy
+	$(GO) run ./cmd/umbra policy test testdata/e2e/backup/policy
 
 # Debian packages the tests need: gcc/make/binutils build the test guest, libssl-dev the
 # TPM simulator (cgo), swtpm and tpm2-tools the real-TPM and independent-verifier tests;
@@ -139,4 +140,5 @@ bench:
 	b ./monitor '^BenchmarkVMTimeToFirstInstruction$$' 3x; \
 	b ./migration '^BenchmarkMigrate$$' 2x; \
 	b ./migration '^BenchmarkMigrateLinuxVsQEMU$$' 2x; \
+	b ./backup '^BenchmarkBackupIncrementalSize$$' 3x; \
 	echo; $(GO) run ./internal/benchtable < $(BENCH_OUT)

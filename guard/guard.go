@@ -257,6 +257,11 @@ func (g *Guard) Export(ctx context.Context, p policy.Principal, vm policy.VM, de
 	return g.Check(ctx, p, vm, policy.ActionExport, policy.Request{Export: &policy.Export{Destination: destination}})
 }
 
+// Backup checks backing up one of the VM's disks (docs/backup.md).
+func (g *Guard) Backup(ctx context.Context, p policy.Principal, vm policy.VM, b policy.Backup) (policy.Decision, error) {
+	return g.Check(ctx, p, vm, policy.ActionBackup, policy.Request{Backup: &b})
+}
+
 // Delete checks deleting the VM.
 func (g *Guard) Delete(ctx context.Context, p policy.Principal, vm policy.VM) (policy.Decision, error) {
 	return g.Check(ctx, p, vm, policy.ActionDelete, policy.Request{})

@@ -39,6 +39,7 @@ type Control struct {
 	migration *migrationEnv // what sending the VM elsewhere needs (op_migrate.go); nil: not migratable
 	snapshots *snapshotEnv  // the VM's snapshot store and key (op_snapshot.go)
 	hot       hotDisks      // disks attached at run time (op_disk.go)
+	backups   *backupEnv    // the disks' change trackers and chain keys (op_backup.go)
 	// measure records an event in the VM's measured-launch event log; audit appends a
 	// record to the VM's audit log; stateDir is the monitor's state directory.
 	measure  func(ctx context.Context, ev eventlog.Event) error

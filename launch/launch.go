@@ -423,6 +423,13 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		monitor.CloseDisks(lc.Run.Disks)
 		return failed(fmt.Errorf("%w: %w", ErrLaunchRefused, err))
 	}
+	// Backups' trackers and overlays go under the storage migration's tracker.
+	backups, err := openBackupEnv(lc.StateDir, lc.Spec, lc.Run.Disks, lc.Disks.Protected)
+	if err != nil {
+		monitor.CloseDisks(lc.Run.Disks)
+		return failed(fmt.Errorf("%w: %w", ErrLaunchRefused, err))
+	}
+	defer backups.close()
 	lc.Run.Disks = trackDisks(lc.Run.Disks) // a storage migration copies them (migrate_disks.go)
 	// The TAP devices open once the policy allowed each network; the VM closes them.
 	if lc.Run.NICs, err = openNICs(lc.Spec.Networks); err != nil {
@@ -502,6 +509,7 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 				return policyVM(lc.Spec, lc.Run, hex.EncodeToString(imageDigest[:]), state, firstLaunch, disks)
 			},
 			snapshots: snaps,
+			backups:   backups,
 			audit:     auditVM,
 			stateDir:  lc.StateDir,
 			measure: func(ctx context.Context, ev eventlog.Event) error {

@@ -24,6 +24,8 @@ type Operation func(ctx context.Context, c *Control, p policy.Principal, args js
 // operations names every operation the control socket serves. A new operation is one
 // line here, its code in a file of its own.
 var operations = map[string]Operation{
+	"backup.create":   opBackupCreate,
+	"backup.list":     opBackupList,
 	"disk.attach":     opDiskAttach,
 	"disk.detach":     opDiskDetach,
 	"migrate":         opMigrate,

@@ -12,6 +12,7 @@ import (
 	"strings"
 
 	"github.com/umbra-cc/umbra/disk"
+	"github.com/umbra-cc/umbra/disk/cbt"
 	"github.com/umbra-cc/umbra/disk/protdisk"
 	"github.com/umbra-cc/umbra/disk/qcow2"
 	"github.com/umbra-cc/umbra/monitor/memguard"
@@ -113,6 +114,8 @@ func (d DiskSpec) format() string {
 type Disk struct {
 	Name    string
 	Backend disk.Backend
+	// Tracker, when set, records the guest's changes for backups (backupdisks.go).
+	Tracker *cbt.Tracker
 }
 
 // DiskEnv is what opening a spec's disks needs besides the spec.
@@ -285,6 +288,10 @@ func (v *VM) installDisks() error {
 		be := d.Backend
 		if IsProtectedDisk(be) {
 			be = watchedProtDisk{Backend: be, v: v, name: d.Name}
+		}
+		be, err := d.tracked(be)
+		if err != nil {
+			return err
 		}
 		dev, err := blk.New(be, d.Name, v.log.With("disk", d.Name))
 		if err != nil {

@@ -41,6 +41,8 @@ const (
 	ActionStop Action = "stop"
 	// ActionInspect reads a running VM's state and counters (control API).
 	ActionInspect Action = "inspect"
+	// ActionBackup copies a disk of the running VM out as a backup (request.backup).
+	ActionBackup Action = "backup"
 )
 
 // Actions lists every guarded action, in a stable order.
@@ -50,7 +52,7 @@ func Actions() []Action {
 		ActionConnectNetwork, ActionConsoleOpen, ActionSnapshotCreate,
 		ActionSnapshotRevert, ActionFileTransfer, ActionClipboard, ActionMigrate,
 		ActionClone, ActionExport, ActionDelete, ActionCloakRegister,
-		ActionPageProtChange, ActionPause, ActionStop, ActionInspect,
+		ActionPageProtChange, ActionPause, ActionStop, ActionInspect, ActionBackup,
 	}
 }
 
@@ -153,6 +155,7 @@ type Request struct {
 	Clipboard *Clipboard `json:"clipboard,omitempty"`
 	Migration *Migration `json:"migration,omitempty"`
 	Export    *Export    `json:"export,omitempty"`
+	Backup    *Backup    `json:"backup,omitempty"`
 	App       *App       `json:"app,omitempty"`
 	Pages     *Pages     `json:"pages,omitempty"`
 }
@@ -201,6 +204,17 @@ type Export struct {
 	Destination string `json:"destination"`
 }
 
+// Backup is a backup of one disk (docs/backup.md): full, or incremental since the
+// reference point Since; Format is the disk's (a raw or qcow2 disk's backup holds its
+// plaintext, a protected one's only ciphertext); Destination is the backup's directory.
+type Backup struct {
+	Disk        string `json:"disk"`
+	Format      string `json:"format"`
+	Kind        string `json:"kind"` // full, incremental
+	Since       string `json:"since,omitempty"`
+	Destination string `json:"destination"`
+}
+
 // App identifies a guest application by the measurement of its image.
 type App struct {
 	Name string `json:"name"`
@@ -235,14 +249,16 @@ const (
 )
 
 var (
-	authMethods  = set("unix-peer", "mtls", "token", "system", "attested-host")
-	attestations = set("verified", "unverified", "failed")
-	vmStates     = set("defined", "running", "suspended", "stopped")
-	netModes     = set("none", "isolated", "nat", "bridged", "host-only")
-	consoleKinds = set("serial", "graphical")
-	directions   = set("to_guest", "from_guest")
-	protections  = set("none", "r", "rw", "rx")
-	validActions = func() map[Action]bool {
+	authMethods   = set("unix-peer", "mtls", "token", "system", "attested-host")
+	attestations  = set("verified", "unverified", "failed")
+	vmStates      = set("defined", "running", "suspended", "stopped")
+	backupKinds   = set("full", "incremental")
+	backupFormats = set("raw", "qcow2", "protected")
+	netModes      = set("none", "isolated", "nat", "bridged", "host-only")
+	consoleKinds  = set("serial", "graphical")
+	directions    = set("to_guest", "from_guest")
+	protections   = set("none", "r", "rw", "rx")
+	validActions  = func() map[Action]bool {
 		m := map[Action]bool{}
 		for _, a := range Actions() {
 			m[a] = true
@@ -363,6 +379,8 @@ func (in *Input) Validate() error {
 		need("migration", r.Migration != nil)
 	case ActionClone, ActionExport:
 		need("export", r.Export != nil)
+	case ActionBackup:
+		need("backup", r.Backup != nil)
 	case ActionCloakRegister:
 		need("app", r.App != nil)
 	case ActionPageProtChange:
@@ -416,6 +434,23 @@ func (in *Input) Validate() error {
 	}
 	if r.Export != nil {
 		id("request.export.destination", r.Export.Destination, true)
+	}
+	if b := r.Backup; b != nil {
+		id("request.backup.disk", b.Disk, true)
+		enum("request.backup.format", b.Format, backupFormats)
+		enum("request.backup.kind", b.Kind, backupKinds)
+		id("request.backup.since", b.Since, b.Kind == "incremental")
+		if b.Kind == "full" && b.Since != "" {
+			bad("request.backup.since", "only valid with kind incremental")
+		}
+		switch {
+		case b.Destination == "":
+			bad("request.backup.destination", "is required")
+		case len(b.Destination) > maxPathLen:
+			bad("request.backup.destination", "longer than %d bytes", maxPathLen)
+		case !printable(b.Destination):
+			bad("request.backup.destination", "must be printable UTF-8")
+		}
 	}
 	if r.App != nil {
 		id("request.app.name", r.App.Name, false)

@@ -171,6 +171,14 @@ func requestTerm(r *Request) *ast.Term {
 	if r.Export != nil {
 		items = append(items, item("export", ast.ObjectTerm(item("destination", ast.StringTerm(r.Export.Destination)))))
 	}
+	if b := r.Backup; b != nil {
+		fields := [][2]*ast.Term{item("disk", ast.StringTerm(b.Disk)), item("format", ast.StringTerm(b.Format)), item("kind", ast.StringTerm(b.Kind))}
+		if b.Since != "" {
+			fields = append(fields, item("since", ast.StringTerm(b.Since)))
+		}
+		fields = append(fields, item("destination", ast.StringTerm(b.Destination)))
+		items = append(items, item("backup", ast.ObjectTerm(fields...)))
+	}
 	if r.App != nil {
 		items = append(items, item("app", ast.ObjectTerm(
 			item("name", ast.StringTerm(r.App.Name)),

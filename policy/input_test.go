@@ -45,6 +45,8 @@ func sampleInputs() []*Input {
 			r.Export = &Export{Destination: "/srv/export"}
 		case ActionCloakRegister:
 			r.App = &App{Name: "payments", Measurement: appPayment}
+		case ActionBackup:
+			r.Backup = &Backup{Disk: "data", Format: "protected", Kind: "incremental", Since: "20261203t160000-0a0b0c0d", Destination: "/srv/backup/b2"}
 		case ActionPageProtChange:
 			r.App = &App{Name: "payments", Measurement: appPayment}
 			r.Pages = &Pages{Prot: "r", Ranges: []Range{{Start: 1 << 20, Length: 4096}}, Owned: []Range{{Start: 1 << 20, Length: 1 << 16}}}
@@ -143,6 +145,11 @@ func TestSchemaAgreesWithValidate(t *testing.T) {
 			in.Request = Request{Snapshot: &Snapshot{Name: "s1", Generation: 1, Current: 1}}
 		}},
 		{"long id", func(in *Input) { in.VM.ID = strings.Repeat("x", 300) }},
+		{"backup missing", func(in *Input) { in.Action = ActionBackup; in.Request = Request{} }},
+		{"backup of a bad kind", func(in *Input) {
+			in.Action = ActionBackup
+			in.Request = Request{Backup: &Backup{Disk: "d", Format: "raw", Kind: "differential", Destination: "/b"}}
+		}},
 	}
 	for _, in := range sampleInputs() {
 		b, _ := in.CanonicalJSON()

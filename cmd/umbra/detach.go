@@ -239,6 +239,15 @@ func (d *detachedMonitor) attach(c *launch.Control) {
 			// So are its disk overlays (a snapshot freezes each disk under a new one).
 			err = chownTree(filepath.Join(filepath.Dir(path), "overlays"), d.jail.UID)
 		}
+		if err == nil {
+			// And the disks' reference points for backups (launch/backup.go).
+			trackers, _ := filepath.Glob(filepath.Join(filepath.Dir(path), "disks", "*.cbt"))
+			for _, t := range trackers {
+				if err = chownTree(t, d.jail.UID); err != nil {
+					break
+				}
+			}
+		}
 		if err == nil && os.Geteuid() == 0 {
 			// Cloaking's userfaultfd cannot be created without privilege later. (An
 			// unprivileged monitor cannot create it at all where unprivileged
@@ -251,8 +260,8 @@ func (d *detachedMonitor) attach(c *launch.Control) {
 		// The logs' cross-process locks check by path that an open log is still the
 		// file at its path (statefile.SameFile), so the directories holding them must
 		// be searchable too: the state directory, and the simulator's per-process
-		// event logs.
-		for _, dir := range []string{d.jail.StateDir, filepath.Join(d.jail.StateDir, "vms"), filepath.Join(d.jail.StateDir, "sim-eventlogs")} {
+		// event logs; and the VM's disks directory, for the reference points in it.
+		for _, dir := range []string{d.jail.StateDir, filepath.Join(d.jail.StateDir, "vms"), filepath.Join(d.jail.StateDir, "sim-eventlogs"), filepath.Join(filepath.Dir(path), "disks")} {
 			if err != nil {
 				break
 			}

@@ -20,8 +20,6 @@ import (
 	"math/bits"
 	"os"
 	"sync"
-
-	"github.com/umbra-cc/umbra/disk"
 )
 
 // File layout (little-endian): a 64-byte header, then the bitmap, one bit per chunk.
@@ -222,31 +220,3 @@ func (b *Bitmap) ChunkSize() int64 { return b.chunk }
 
 // Close closes the file.
 func (b *Bitmap) Close() error { return b.f.Close() }
-
-// Tracked is a disk whose writes and discards are marked in a bitmap before they reach it.
-type Tracked struct {
-	disk.Backend
-	B *Bitmap
-}
-
-// Track wraps be so that every change is recorded in b first.
-func Track(be disk.Backend, b *Bitmap) (*Tracked, error) {
-	if be.Size() != b.size {
-		return nil, fmt.Errorf("cbt: the bitmap tracks a disk of %d bytes, this one is %d", b.size, be.Size())
-	}
-	return &Tracked{Backend: be, B: b}, nil
-}
-
-func (t *Tracked) WriteAt(p []byte, off int64) (int, error) {
-	if err := t.B.Mark(off, int64(len(p))); err != nil {
-		return 0, err
-	}
-	return t.Backend.WriteAt(p, off)
-}
-
-func (t *Tracked) Discard(off, n int64) error {
-	if err := t.B.Mark(off, n); err != nil {
-		return err
-	}
-	return t.Backend.Discard(off, n)
-}

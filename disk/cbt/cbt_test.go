@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -86,9 +87,10 @@ func TestOpenRefusesHostileFiles(t *testing.T) {
 	}
 }
 
-// TestTrackedDiskSurvivesSIGKILL writes random chunks of a raw disk through a tracker in
-// a child process that is SIGKILLed mid-writes; every chunk that differs from the
-// original afterwards (writes completed, and any torn by the kill) is marked.
+// TestTrackedDiskSurvivesSIGKILL writes random chunks of a raw disk through a Tracker
+// with two reference points in a child process that is SIGKILLed mid-writes, three times;
+// every chunk that differs from the original afterwards (writes completed, and any torn
+// by the kill) is marked in both points' bitmaps, reopened from the tracker's directory.
 func TestTrackedDiskSurvivesSIGKILL(t *testing.T) {
 	if os.Getenv("UMBRA_CBT_CHILD") != "" {
 		crashChild()
@@ -96,18 +98,23 @@ func TestTrackedDiskSurvivesSIGKILL(t *testing.T) {
 	}
 	dir := t.TempDir()
 	const size = 32 << 20
-	img, bm := filepath.Join(dir, "d.img"), filepath.Join(dir, "d.cbt")
+	img := filepath.Join(dir, "d.img")
 	if err := os.WriteFile(img, make([]byte, size), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	b, err := Create(bm, size, 0)
+	tr, err := OpenTracker(img+".cbt", size)
 	if err != nil {
 		t.Fatal(err)
 	}
-	b.Close()
+	for _, ref := range []string{"first", "second"} {
+		if err := tr.AddRef(ref); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tr.Close()
 	for round := range 3 {
 		cmd := exec.Command(os.Args[0], "-test.run", "^TestTrackedDiskSurvivesSIGKILL$")
-		cmd.Env = append(os.Environ(), "UMBRA_CBT_CHILD=1", "UMBRA_CBT_IMG="+img, "UMBRA_CBT_BM="+bm, "UMBRA_CBT_SEED="+strconv.Itoa(round))
+		cmd.Env = append(os.Environ(), "UMBRA_CBT_CHILD=1", "UMBRA_CBT_IMG="+img, "UMBRA_CBT_SEED="+strconv.Itoa(round))
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
@@ -115,33 +122,42 @@ func TestTrackedDiskSurvivesSIGKILL(t *testing.T) {
 		cmd.Process.Signal(syscall.SIGKILL)
 		cmd.Wait()
 	}
-	b, err = Open(bm, size)
+	tr, err = OpenTracker(img+".cbt", size)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer b.Close()
-	data, _ := os.ReadFile(img)
-	marked := map[int64]bool{}
-	for _, r := range b.Changed() {
-		for c := r[0]; c < r[1]; c += b.ChunkSize() {
-			marked[c/b.ChunkSize()] = true
-		}
+	defer tr.Close()
+	if refs := tr.Refs(); len(refs) != 2 {
+		t.Fatalf("reference points after the kills: %v", refs)
 	}
-	changed := 0
-	zero := make([]byte, b.ChunkSize())
-	for c := int64(0); c*b.ChunkSize() < size; c++ {
-		chunk := data[c*b.ChunkSize() : (c+1)*b.ChunkSize()]
-		if !bytes.Equal(chunk, zero) {
-			changed++
-			if !marked[c] {
-				t.Fatalf("chunk %d changed but is not marked: a crash lost a change", c)
+	data, _ := os.ReadFile(img)
+	cs := tr.ChunkSize()
+	for _, ref := range tr.Refs() {
+		ranges, err := tr.Changed(ref)
+		if err != nil {
+			t.Fatal(err)
+		}
+		marked := map[int64]bool{}
+		for _, r := range ranges {
+			for c := r[0]; c < r[1]; c += cs {
+				marked[c/cs] = true
 			}
 		}
+		changed := 0
+		zero := make([]byte, cs)
+		for c := int64(0); c*cs < size; c++ {
+			if !bytes.Equal(data[c*cs:(c+1)*cs], zero) {
+				changed++
+				if !marked[c] {
+					t.Fatalf("reference point %s: chunk %d changed but is not marked: a crash lost a change", ref, c)
+				}
+			}
+		}
+		if changed == 0 {
+			t.Fatal("the children changed nothing before they were killed: the test shows nothing")
+		}
+		t.Logf("reference point %s: %d chunks changed, %d marked (the marks may over-approximate, never under)", ref, changed, len(marked))
 	}
-	if changed == 0 {
-		t.Fatal("the children changed nothing before they were killed: the test shows nothing")
-	}
-	t.Logf("%d chunks changed, %d marked (the marks may over-approximate, never under)", changed, len(marked))
 }
 
 func crashChild() {
@@ -150,11 +166,11 @@ func crashChild() {
 	if err != nil {
 		os.Exit(2)
 	}
-	b, err := Open(os.Getenv("UMBRA_CBT_BM"), size)
+	t, err := OpenTracker(os.Getenv("UMBRA_CBT_IMG")+".cbt", size)
 	if err != nil {
 		os.Exit(3)
 	}
-	tr, err := Track(be, b)
+	tr, err := t.Wrap(be)
 	if err != nil {
 		os.Exit(4)
 	}
@@ -167,6 +183,73 @@ func crashChild() {
 			os.Exit(5)
 		}
 		time.Sleep(200 * time.Microsecond) // leave some chunks untouched
+	}
+}
+
+// TestTrackerRefs: reference points are named, refused twice, survive a reopen with
+// their info, are refused when not this disk's, and the copy-before-write hook runs
+// before the write and can refuse it.
+func TestTrackerRefs(t *testing.T) {
+	dir := t.TempDir()
+	img := filepath.Join(dir, "d.img")
+	os.WriteFile(img, make([]byte, 1<<20), 0o600)
+	be, err := disk.OpenRaw(img, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer be.Close()
+	tr, err := OpenTracker(img+".cbt", be.Size())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, bad := range []string{"", "A", "../x", "a/b", strings.Repeat("a", 65)} {
+		if err := tr.AddRef(bad); err == nil {
+			t.Fatalf("reference point name %q accepted", bad)
+		}
+	}
+	if err := tr.AddRef("r1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := tr.AddRef("r1"); err == nil {
+		t.Fatal("a reference point made twice")
+	}
+	w, _ := tr.Wrap(be)
+	var seen []byte
+	tr.SetBeforeWrite(func(off, n int64) error {
+		seen = make([]byte, n)
+		be.ReadAt(seen, off)
+		return nil
+	})
+	w.WriteAt([]byte("new"), 70000)
+	if string(seen) != "\x00\x00\x00" {
+		t.Fatalf("the hook saw %q, not the contents before the write", seen)
+	}
+	tr.SetBeforeWrite(func(off, n int64) error { return errors.New("backup lost") })
+	if _, err := w.WriteAt([]byte("x"), 0); err == nil {
+		t.Fatal("a write went through a failing copy-before-write hook")
+	}
+	tr.SetBeforeWrite(nil)
+	tr.SetInfo("r1", []byte(`{"backup":"r1"}`))
+	tr.Close()
+	tr, err = OpenTracker(img+".cbt", be.Size())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch, _ := tr.Changed("r1")
+	info, _ := tr.Info("r1")
+	if len(ch) != 1 || ch[0] != [2]int64{65536, 131072} || string(info) != `{"backup":"r1"}` {
+		t.Fatalf("after reopening: changed %v, info %q", ch, info)
+	}
+	if err := tr.RemoveRef("r1"); err != nil || len(tr.Refs()) != 0 {
+		t.Fatalf("remove: %v, %v", err, tr.Refs())
+	}
+	tr.Close()
+	// A tracker directory of another disk's size is refused.
+	tr, _ = OpenTracker(img+".cbt", be.Size())
+	tr.AddRef("r2")
+	tr.Close()
+	if _, err := OpenTracker(img+".cbt", 2<<20); err == nil || !strings.Contains(err.Error(), "reference point r2") {
+		t.Fatalf("a tracker of another disk size opened: %v", err)
 	}
 }
 

@@ -125,6 +125,12 @@ var scalingRows = []row{
 	{"live migration downtime, 1 GiB (ms)", "BenchmarkMigrate/1024MiB/zstd=false", "downtime-ms", 0},
 	{"live migration bytes on the wire per byte of RAM, 1 GiB", "BenchmarkMigrate/1024MiB/zstd=false", "wire/RAM", 0},
 	{"the same with zstd", "BenchmarkMigrate/1024MiB/zstd=true", "wire/RAM", 0},
+	{"incremental backup bytes per disk byte, 1% of the disk changed in 64 KiB extents", "BenchmarkBackupIncrementalSize/extents-1pct", "stored/disk", 0},
+	{"incremental backup bytes per disk byte, 10% of the disk changed in 64 KiB extents", "BenchmarkBackupIncrementalSize/extents-10pct", "stored/disk", 0},
+	{"incremental backup bytes per disk byte, 50% of the disk changed in 64 KiB extents", "BenchmarkBackupIncrementalSize/extents-50pct", "stored/disk", 0},
+	{"incremental backup bytes per changed byte, 1% of the 4 KiB blocks changed at random", "BenchmarkBackupIncrementalSize/scatter-1pct", "stored/changed", 0},
+	{"incremental backup bytes per changed byte, 10% of the 4 KiB blocks changed at random", "BenchmarkBackupIncrementalSize/scatter-10pct", "stored/changed", 0},
+	{"incremental backup bytes per changed byte, 50% of the 4 KiB blocks changed at random", "BenchmarkBackupIncrementalSize/scatter-50pct", "stored/changed", 0},
 }
 
 var (

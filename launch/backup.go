@@ -1,0 +1,191 @@
+package launch
+
+import (
+	"crypto/ed25519"
+	"crypto/hkdf"
+	"crypto/rand"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"github.com/umbra-cc/umbra/backup"
+	"github.com/umbra-cc/umbra/disk"
+	"github.com/umbra-cc/umbra/disk/cbt"
+	"github.com/umbra-cc/umbra/disk/overlay"
+	"github.com/umbra-cc/umbra/disk/protdisk"
+	"github.com/umbra-cc/umbra/monitor"
+)
+
+// Change tracking of a VM's disks for backups (docs/backup.md): every launch disk gets a
+// tracker whose reference points live in the state directory beside the disk's other
+// state (vms/VM/disks/NAME.cbt/), so they survive the monitor (a SIGKILL included) and
+// the next run of the VM continues them. The chains' signing keys derive from the
+// sealed VM secret when there is one (only a monitor that unsealed the VM can extend or
+// forge its chains) and otherwise from a host-local secret in the state directory.
+
+// backupEnv is what backing up the VM's disks needs (op_backup.go).
+type backupEnv struct {
+	vm     string
+	disks  map[string]*backupDisk
+	order  []string
+	secret []byte
+	busy   sync.Mutex // one backup at a time: a disk has one copy-before-write hook
+}
+
+type backupDisk struct {
+	name, format string
+	tracker      *cbt.Tracker
+	source       backup.Source
+	// overlay freezes a plain disk for a backup in snapshot mode (nil for a protected
+	// or read-only disk).
+	overlay *overlay.Disk
+	// launchTop is the backend the disk was opened with: once a VM snapshot has put its
+	// own overlay on top (op_snapshot.go), the guest writes that and this disk is no
+	// longer what the tracker sees.
+	launchTop disk.Backend
+}
+
+// snapshotDelta is the name, in a disk's tracker directory, of the delta a backup in
+// snapshot mode freezes the disk with (disk/overlay).
+const snapshotDelta = "snapshot.delta"
+
+// trackerDir is where a disk's reference points live.
+func trackerDir(stateDir, vm, disk string) string {
+	return filepath.Join(stateDir, "vms", vm, "disks", disk+".cbt")
+}
+
+// openBackupEnv gives each of the run's disks a tracker (in run.Disks[i].Tracker, so
+// the monitor routes the guest's writes through it) and returns what backups need.
+func openBackupEnv(stateDir string, spec *monitor.Spec, run []monitor.Disk, prot *monitor.ProtectedDiskEnv) (_ *backupEnv, err error) {
+	env := &backupEnv{vm: spec.Name, disks: map[string]*backupDisk{}}
+	defer func() {
+		if err != nil {
+			env.close()
+		}
+	}()
+	if len(run) == 0 {
+		return env, nil // nothing to back up: no secret made
+	}
+	if prot != nil && len(prot.Secret) >= 32 {
+		env.secret = prot.Secret
+	} else if env.secret, err = hostBackupSecret(stateDir); err != nil {
+		return nil, err
+	}
+	for i := range run {
+		d := &run[i]
+		sd := spec.Disks[i]
+		tr, err := cbt.OpenTracker(trackerDir(stateDir, spec.Name, d.Name), d.Backend.Size())
+		if err != nil {
+			return nil, fmt.Errorf("disk %s: change tracking: %w", d.Name, err)
+		}
+		bd := &backupDisk{name: d.Name, tracker: tr, launchTop: d.Backend}
+		if pd, ok := d.Backend.(*protdisk.Disk); ok {
+			bd.format, bd.source = backup.FormatProtected, backup.ProtectedSource(pd)
+		} else {
+			bd.format = backup.FormatRaw
+			if sd.Format == monitor.FormatQcow2 {
+				bd.format = backup.FormatQcow2
+			}
+			if !sd.ReadOnly {
+				ov, err := overlay.Open(d.Backend, filepath.Join(tr.Dir(), snapshotDelta))
+				if err != nil {
+					tr.Close()
+					return nil, fmt.Errorf("disk %s: %w", d.Name, err)
+				}
+				if ov.Frozen() {
+					// A snapshot a crashed monitor left: merge it before the guest runs.
+					if err := ov.Consolidate(nil); err != nil {
+						tr.Close()
+						return nil, fmt.Errorf("disk %s: consolidating the snapshot the last run left: %w", d.Name, err)
+					}
+				}
+				d.Backend, bd.overlay = ov, ov
+			}
+			bd.source = backup.PlainSource(d.Backend, bd.format)
+		}
+		d.Tracker = tr
+		env.disks[d.Name] = bd
+		env.order = append(env.order, d.Name)
+	}
+	return env, nil
+}
+
+// lockSnapshots keeps VM snapshots out while a backup runs (a snapshot's overlay would
+// read the image below a frozen backup overlay, not the guest's latest writes); the
+// returned function lets them in again.
+func (c *Control) lockSnapshots() func() {
+	if c.snapshots == nil {
+		return func() {}
+	}
+	c.snapshots.mu.Lock()
+	return c.snapshots.mu.Unlock
+}
+
+// switchedBySnapshot says whether a VM snapshot taken during this run put its overlay
+// over the disk (the guest then writes the overlay, which neither the tracker nor the
+// backup's source sees). The caller holds lockSnapshots.
+func (c *Control) switchedBySnapshot(d *backupDisk) bool {
+	env := c.snapshots
+	if env == nil {
+		return false
+	}
+	for _, ld := range env.disks {
+		if ld.name == d.name && ld.top != d.launchTop {
+			return true
+		}
+	}
+	return false
+}
+
+func (e *backupEnv) close() error {
+	var errs []error
+	for _, d := range e.disks {
+		errs = append(errs, d.tracker.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// hostBackupSecret is the state directory's backup secret, made on first use.
+func hostBackupSecret(stateDir string) ([]byte, error) {
+	p := filepath.Join(stateDir, "backup.secret")
+	b, err := os.ReadFile(p)
+	if errors.Is(err, os.ErrNotExist) {
+		b = make([]byte, 32)
+		rand.Read(b)
+		f, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+		if err != nil {
+			return nil, fmt.Errorf("backup secret: %w", err)
+		}
+		_, err = f.Write(b)
+		if serr := f.Sync(); err == nil {
+			err = serr
+		}
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			os.Remove(p)
+			return nil, fmt.Errorf("backup secret %s: %w", p, err)
+		}
+		return b, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("backup secret: %w", err)
+	}
+	if len(b) != 32 {
+		return nil, fmt.Errorf("backup secret %s is %d bytes, not 32: it is corrupt (remove it; the next backups start new chains)", p, len(b))
+	}
+	return b, nil
+}
+
+// chainKey derives the signing key of one chain of one disk.
+func (e *backupEnv) chainKey(disk, chain string) (ed25519.PrivateKey, error) {
+	seed, err := hkdf.Key(sha256.New, e.secret, nil, "umbra backup chain key v1\x00"+e.vm+"\x00"+disk+"\x00"+chain, ed25519.SeedSize)
+	if err != nil {
+		return nil, err
+	}
+	return ed25519.NewKeyFromSeed(seed), nil
+}

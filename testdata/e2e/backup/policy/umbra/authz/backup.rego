@@ -1,0 +1,51 @@
+# METADATA
+# title: backup test policy
+# description: |
+#   The policy the backup tests launch their VM under (cmd/umbra/backup_test.go).
+#   data.umbra.backup: operators (who may launch the VM with its disks, inspect, stop,
+#   snapshot and back up the VM),
+#   destinations (directory prefixes backups may go under) and plaintext (whether a
+#   raw or qcow2 disk, whose backup holds the guest's data in the clear, may be backed up).
+package umbra.authz
+
+default allow := false
+
+cfg := data.umbra.backup
+
+allow if {
+	count(deny) == 0
+	input.action in {"launch", "attach_device", "inspect", "stop", "backup", "snapshot_create", "pageprot_change"}
+}
+
+reason(code, msg, rule) := {"code": code, "message": msg, "rule": rule}
+
+deny contains reason("principal.not_operator", sprintf("%q may not %s VM %q", [input.principal.id, input.action, input.vm.id]), "backup.rego:use") if {
+	input.action in {"launch", "attach_device", "inspect", "stop", "backup", "snapshot_create"}
+	not input.request.recheck
+	not input.principal.id in cfg.operators
+}
+
+deny contains reason("backup.destination", sprintf("backups of VM %q may go only under %v, not to %q", [input.vm.id, cfg.destinations, input.request.backup.destination]), "backup.rego:destination") if {
+	input.action == "backup"
+	not destination_allowed
+}
+
+destination_allowed if {
+	some prefix in cfg.destinations
+	endswith(prefix, "/")
+	startswith(input.request.backup.destination, prefix)
+	not contains(input.request.backup.destination, "/../")
+}
+
+deny contains reason("backup.plaintext", sprintf("disk %q is %s: its backup would hold the guest's data in the clear", [input.request.backup.disk, input.request.backup.format]), "backup.rego:plaintext") if {
+	input.action == "backup"
+	input.request.backup.format != "protected"
+	not cfg.plaintext
+}
+
+deny contains reason("system.only", "page protection is the monitor's", "backup.rego:system") if {
+	input.action == "pageprot_change"
+	input.principal.auth != "system"
+}
+
+decision := {"allow": allow, "deny": deny, "warn": set(), "obligations": {}}
