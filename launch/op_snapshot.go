@@ -234,6 +234,11 @@ func (c *Control) createSnapshot(ctx context.Context, p policy.Principal, op str
 		return nil, fmt.Errorf("%s: %w", op, err)
 	}
 	rec := snapstore.Record{Parent: args.Parent, Generation: gen, ID: hex.EncodeToString(info.Tail.ID[:]), Created: time.Now().UTC(), Bytes: info.Bytes, Pages: info.Pages, Host: env.host}
+	for _, d := range info.Disks {
+		if !d.ReadOnly {
+			rec.Disks = append(rec.Disks, d.Name)
+		}
+	}
 	if err := pend.Commit(rec); err != nil {
 		return nil, fmt.Errorf("%s: %w", op, err)
 	}

@@ -87,6 +87,9 @@ func applyDiskHeads(stateDir, vm, specDir string, specs []monitor.DiskSpec) erro
 		if h.Base != base {
 			continue
 		}
+		if _, err := os.Lstat(h.Overlay); err != nil {
+			return fmt.Errorf("disk %s: its newest writes are in %s (head record %s), which cannot be opened (%w); bring it back, or remove the head record to run from %s as the first snapshot froze it", d.Name, h.Overlay, headFile(dir, d.Name), err, base)
+		}
 		specs[i].Path, specs[i].Format = h.Overlay, monitor.FormatQcow2
 	}
 	return nil

@@ -35,6 +35,10 @@ func TestApplyDiskHeads(t *testing.T) {
 		{Name: "c", Path: "c.raw", ReadOnly: true},
 		{Name: "d", Path: "d.raw"},
 	}
+	if err := applyDiskHeads(state, "vm", specDir, specs); err == nil || !strings.Contains(err.Error(), "disk a: its newest writes are in") {
+		t.Fatalf("a head naming a missing overlay: %v", err)
+	}
+	os.WriteFile(filepath.Join(dir, "a.g3.qcow2"), nil, 0o600)
 	if err := applyDiskHeads(state, "vm", specDir, specs); err != nil {
 		t.Fatal(err)
 	}

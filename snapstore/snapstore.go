@@ -67,7 +67,13 @@ type Record struct {
 	Bytes      int64     `json:"bytes"`
 	Pages      uint64    `json:"pages"`
 	Host       string    `json:"host"` // the EK fingerprint of the host it was taken on
+	// Disks names the writable disks the snapshot froze under overlays (its authenticated
+	// disks section is what a restore uses; this is for listing).
+	Disks []string `json:"disks,omitempty"`
 }
+
+// diskName is a disk's name as a VM spec allows it.
+var diskName = regexp.MustCompile(`^[a-z][a-z0-9-]{0,19}$`)
 
 func (r *Record) validate() error {
 	if err := ValidName(r.Name); err != nil {
@@ -80,6 +86,14 @@ func (r *Record) validate() error {
 	}
 	if r.Generation == 0 || r.Bytes < 0 || len(r.ID) != 32 || len(r.Host) > 128 {
 		return errors.New("generation, id, size or host out of range")
+	}
+	if len(r.Disks) > 8 {
+		return fmt.Errorf("%d disks, at most 8", len(r.Disks))
+	}
+	for _, d := range r.Disks {
+		if !diskName.MatchString(d) {
+			return fmt.Errorf("disk name %q is not a disk name", d)
+		}
 	}
 	return nil
 }

@@ -169,10 +169,24 @@ func TestStoreConcurrentCreatesOfOneName(t *testing.T) {
 func FuzzDecodeRecord(f *testing.F) {
 	f.Add([]byte(`{"name":"a","generation":1,"id":"abababababababababababababababab","created":"1970-01-01T00:00:01Z","bytes":1,"pages":0,"host":"h"}`))
 	f.Add([]byte(`{"name":"../a"}`))
+	f.Add([]byte(`{"name":"a","generation":1,"id":"abababababababababababababababab","created":"1970-01-01T00:00:01Z","bytes":1,"pages":0,"host":"h","disks":["data"]}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		r, err := DecodeRecord(b)
 		if err == nil && (ValidName(r.Name) != nil || r.Generation == 0) {
 			t.Fatalf("accepted %+v", r)
 		}
 	})
+}
+
+// A record's disks list names disks, at most eight; anything else is corrupt.
+func TestRecordDisks(t *testing.T) {
+	base := `{"name":"a","generation":1,"id":"abababababababababababababababab","created":"1970-01-01T00:00:01Z","bytes":1,"pages":0,"host":"h"`
+	if r, err := DecodeRecord([]byte(base + `,"disks":["data","root-2"]}`)); err != nil || len(r.Disks) != 2 {
+		t.Fatalf("a record with two disks: %v, %v", r, err)
+	}
+	for _, disks := range []string{`["Data"]`, `["../x"]`, `[""]`, `["a","b","c","d","e","f","g","h","i"]`, `"data"`} {
+		if _, err := DecodeRecord([]byte(base + `,"disks":` + disks + `}`)); !errors.Is(err, ErrCorrupt) {
+			t.Errorf("disks %s: %v, want ErrCorrupt", disks, err)
+		}
+	}
 }

@@ -81,7 +81,11 @@ func runSnapshot(ctx context.Context, env *cliEnv, args []string) int {
 		if res.Parent != "" {
 			kind = "incremental on " + res.Parent
 		}
-		fmt.Fprintf(env.stdout, "snapshot %s of VM %s: %s, generation %d, %d pages, %d bytes, paused %v\n", res.Name, vm, kind, res.Generation, res.Pages, res.Bytes, res.Pause.Round(time.Microsecond))
+		frozen := ""
+		if len(res.Disks) > 0 {
+			frozen = ", disks frozen under overlays: " + strings.Join(res.Disks, " ")
+		}
+		fmt.Fprintf(env.stdout, "snapshot %s of VM %s: %s, generation %d, %d pages, %d bytes, paused %v%s\n", res.Name, vm, kind, res.Generation, res.Pages, res.Bytes, res.Pause.Round(time.Microsecond), frozen)
 		return 0
 	case "list":
 		fs := newFlagSet(env, "snapshot list", "VM", "List a running VM's snapshots and the TPM's current generation for it.")

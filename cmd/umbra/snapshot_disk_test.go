@@ -56,7 +56,7 @@ deny contains reason("disk.qcow2", "no qcow2 disks here", "noqcow.rego") if {
 	t.Cleanup(func() { killVM(t, w.state("a"), "snap") })
 	time.Sleep(800 * time.Millisecond)
 	out := w.must("snapshot", "create", "snap", "s1", "--state-dir", w.state("a"))
-	if !strings.Contains(out, "full, generation 1") {
+	if !strings.Contains(out, "full, generation 1") || !strings.Contains(out, "disks frozen under overlays: data\n") {
 		t.Fatalf("snapshot create s1: %q", out)
 	}
 	ovDir := filepath.Join(w.state("a"), "vms", "snap", "overlays")
