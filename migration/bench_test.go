@@ -22,7 +22,9 @@ import (
 const benchCmdline = "run=cloakcompute:256:100,cloakcompute:256:100,cloakcompute:256:100"
 
 // benchConfig is the benchCmdline guest in size bytes of RAM.
-func benchConfig(size uint64, c io.Writer) monitor.Config { return benchConfigWith(size, benchCmdline, c) }
+func benchConfig(size uint64, c io.Writer) monitor.Config {
+	return benchConfigWith(size, benchCmdline, c)
+}
 
 // benchConfigWith is the guest cmdline in size bytes of RAM.
 func benchConfigWith(size uint64, cmdline string, c io.Writer) monitor.Config {
