@@ -161,6 +161,14 @@ func TestGuardEveryAction(t *testing.T) {
 			func(g *guard.Guard) (policy.Decision, error) { return g.Delete(ctx, bob, guardtest.FinanceVM()) },
 			func(g *guard.Guard) (policy.Decision, error) { return g.Delete(ctx, alice, guardtest.FinanceVM()) },
 			"principal.not_admin"},
+		{policy.ActionBackup,
+			func(g *guard.Guard) (policy.Decision, error) {
+				return g.Backup(ctx, bob, guardtest.FinanceVM(), policy.Backup{Disk: "data", Format: "protected", Kind: "full", Destination: "/srv/backup/finance-01/b1"})
+			},
+			func(g *guard.Guard) (policy.Decision, error) {
+				return g.Backup(ctx, alice, guardtest.FinanceVM(), policy.Backup{Disk: "data", Format: "protected", Kind: "full", Destination: "/srv/backup/finance-01/b1"})
+			},
+			"principal.not_admin"},
 		{policy.ActionCloakRegister,
 			func(g *guard.Guard) (policy.Decision, error) {
 				return g.RegisterCloak(ctx, guardtest.FinanceVM(), payments)

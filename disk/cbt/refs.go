@@ -254,3 +254,6 @@ func (w *trackedBackend) Discard(off, n int64) error {
 	}
 	return w.Backend.Discard(off, n)
 }
+
+// Unwrap returns the backend the tracker writes through.
+func (b trackedBackend) Unwrap() disk.Backend { return b.Backend }
