@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"path/filepath"
-	"strings"
 
 	"github.com/umbra-cc/umbra/backup"
 	"github.com/umbra-cc/umbra/launch"
@@ -29,18 +28,9 @@ func runBackup(ctx context.Context, env *cliEnv, args []string) int {
 		"at the chain's last backup into PATH; export writes the last backup's chunks as a\n" +
 		"qcow2 image for qemu-img (an incremental's over --backing, the earlier chain\n" +
 		"restored). docs/backup.md\n"
-	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "-help" {
-		if len(args) == 0 {
-			fmt.Fprint(env.stderr, synopsis)
-			return exitUsage
-		}
-		fmt.Fprint(env.stdout, synopsis)
-		return 0
-	}
-	sub, args := args[0], args[1:]
-	var words []string
-	for len(args) > 0 && !strings.HasPrefix(args[0], "-") {
-		words, args = append(words, args[0]), args[1:]
+	sub, words, args, code, done := subcommand(env, synopsis, args)
+	if done {
+		return code
 	}
 	switch sub {
 	case "create":

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"path/filepath"
-	"strings"
 
 	"github.com/umbra-cc/umbra/launch"
 )
@@ -19,18 +18,9 @@ func runDisk(ctx context.Context, env *cliEnv, args []string) int {
 		"hotplug.disks), or detach it (flushed first). Each is decided by the policy\n" +
 		"(attach_device, detach_device) with the disk's identity, audited, and measured into\n" +
 		"the event log. docs/disk.md\n"
-	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "-help" {
-		if len(args) == 0 {
-			fmt.Fprint(env.stderr, synopsis)
-			return exitUsage
-		}
-		fmt.Fprint(env.stdout, synopsis)
-		return 0
-	}
-	sub, args := args[0], args[1:]
-	var words []string
-	for len(args) > 0 && !strings.HasPrefix(args[0], "-") {
-		words, args = append(words, args[0]), args[1:]
+	sub, words, args, code, done := subcommand(env, synopsis, args)
+	if done {
+		return code
 	}
 	switch sub {
 	case "attach":

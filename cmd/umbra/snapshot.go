@@ -28,26 +28,17 @@ func runSnapshot(ctx context.Context, env *cliEnv, args []string) int {
 		fmt.Fprint(env.stderr, synopsis)
 		return exitUsage
 	}
-	if len(args) == 0 || strings.HasPrefix(args[0], "-") {
-		if len(args) > 0 && (args[0] == "-h" || args[0] == "--help" || args[0] == "-help") {
-			fmt.Fprint(env.stdout, synopsis)
-			return 0
-		}
-		return usage()
+	sub, words, args, code, done := subcommand(env, synopsis, args)
+	if done {
+		return code
 	}
-	sub, args := args[0], args[1:]
 	if sub == "restore" {
 		// A launch from the snapshot: umbra run --restore NAME, every run flag as there.
-		if len(args) == 0 || strings.HasPrefix(args[0], "-") {
+		if len(words) == 0 {
 			fmt.Fprintln(env.stderr, "umbra snapshot restore: give the snapshot's name, then the VM's spec or bundle")
 			return exitUsage
 		}
-		return runRun(ctx, env, append([]string{"--restore", args[0]}, args[1:]...))
-	}
-	// Positional words come first, flags after them.
-	var words []string
-	for len(args) > 0 && !strings.HasPrefix(args[0], "-") {
-		words, args = append(words, args[0]), args[1:]
+		return runRun(ctx, env, append(append([]string{"--restore", words[0]}, args...), words[1:]...))
 	}
 	switch sub {
 	case "create":
