@@ -102,6 +102,16 @@ func RestoreLayout(st LayoutState) (*Layout, error) {
 	return l, nil
 }
 
+// HasResource reports whether resource id is one of the layout's regions.
+func (l *Layout) HasResource(id uint32) bool {
+	for _, r := range l.regions {
+		if r.Resource == id {
+			return true
+		}
+	}
+	return false
+}
+
 // PlanState is a Plan as a checkpoint carries it.
 type PlanState struct {
 	Nr   uint64    `json:"nr"`

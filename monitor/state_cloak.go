@@ -399,7 +399,7 @@ func (c *cloaking) restoreApp(i int, st cloakAppState, mem uint64, master []byte
 		return nil, err
 	}
 	for _, r := range st.Keys.Resources {
-		if !x.layoutHasResource(r.ID) {
+		if !x.layout.HasResource(r.ID) {
 			return nil, fmt.Errorf("resource %d is none of its regions", r.ID)
 		}
 		for _, p := range r.Pages {
@@ -430,15 +430,6 @@ func (c *cloaking) restoreApp(i int, st cloakAppState, mem uint64, master []byte
 		return nil, err
 	}
 	return x, nil
-}
-
-func (x *cloakApp) layoutHasResource(id uint32) bool {
-	for _, r := range x.layout.State().Regions {
-		if r.Resource == id {
-			return true
-		}
-	}
-	return false
 }
 
 // restorePending validates and sets the app's call or fault in flight.
