@@ -6,7 +6,6 @@ import (
 	"io"
 	"net"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -114,16 +113,8 @@ func TestCompressionChosenFromChannel(t *testing.T) {
 			p := attestedWith(t, wrap)
 			src := startSourceOf(t, cfg)
 			dst := &vmDestination{console: &console{}, config: cfg}
-			var derr error
-			var wg sync.WaitGroup
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				_, derr = Receive(context.Background(), p.dst, dst, t.TempDir(), Options{})
-			}()
 			cs := &compressingSource{vmSource: vmSource{r: src}}
-			rep, err := Send(context.Background(), p.src, cs, Offer{VM: "demo", Generation: 1}, Options{})
-			wg.Wait()
+			rep, _, err, derr := p.migrate(t, cs, dst, Offer{VM: "demo", Generation: 1})
 			if err != nil || derr != nil {
 				t.Fatalf("send: %v; receive: %v", err, derr)
 			}

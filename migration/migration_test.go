@@ -150,6 +150,20 @@ type pair struct {
 	wire     *recorder
 }
 
+// migrate runs Receive into dst on p's destination side and Send of src with offer on
+// its source side, and returns both sides' reports and errors.
+func (p pair) migrate(tb testing.TB, src Source, dst Destination, offer Offer) (rep, drep *Report, err, derr error) {
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		drep, derr = Receive(context.Background(), p.dst, dst, tb.TempDir(), Options{})
+	}()
+	rep, err = Send(context.Background(), p.src, src, offer, Options{})
+	wg.Wait()
+	return rep, drep, err, derr
+}
+
 // attested connects two attested hosts over loopback TCP.
 func attested(t testing.TB) pair { return attestedWith(t, nil) }
 
@@ -248,17 +262,8 @@ func TestMigrateRunningVM(t *testing.T) {
 	p := attested(t)
 	src := startSource(t)
 	dst := &vmDestination{console: &console{}}
-	var drep *Report
-	var derr error
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		drep, derr = Receive(context.Background(), p.dst, dst, t.TempDir(), Options{})
-	}()
 	vs := &vmSource{r: src}
-	rep, err := Send(context.Background(), p.src, vs, Offer{VM: "demo", Generation: 1}, Options{})
-	wg.Wait()
+	rep, drep, err, derr := p.migrate(t, vs, dst, Offer{VM: "demo", Generation: 1})
 	if err != nil || derr != nil {
 		t.Fatalf("send: %v; receive: %v", err, derr)
 	}
@@ -294,15 +299,7 @@ func TestMigrationRefusedKeepsTheVMRunningHere(t *testing.T) {
 	p := attested(t)
 	src := startSource(t)
 	dst := &vmDestination{console: &console{}, refuse: errors.New("policy: this host may not run demo")}
-	var derr error
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		_, derr = Receive(context.Background(), p.dst, dst, t.TempDir(), Options{})
-	}()
-	_, err := Send(context.Background(), p.src, &vmSource{r: src}, Offer{VM: "demo", Generation: 1}, Options{})
-	wg.Wait()
+	_, _, err, derr := p.migrate(t, &vmSource{r: src}, dst, Offer{VM: "demo", Generation: 1})
 	if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "may not run demo") {
 		t.Fatalf("send: %v, want the destination's refusal with its reason", err)
 	}
@@ -404,15 +401,7 @@ func TestMigrateLinuxGuest(t *testing.T) {
 	// migrate it ten seconds in, in the middle of its boot.
 	time.Sleep(10 * time.Second)
 	dst := &linuxDestination{cfg: cfg, console: &console{}}
-	var derr error
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		_, derr = Receive(context.Background(), p.dst, dst, t.TempDir(), Options{})
-	}()
-	rep, err := Send(context.Background(), p.src, &vmSource{r: src}, Offer{VM: "linux", Generation: 1}, Options{})
-	wg.Wait()
+	rep, _, err, derr := p.migrate(t, &vmSource{r: src}, dst, Offer{VM: "linux", Generation: 1})
 	if err != nil || derr != nil {
 		t.Fatalf("send: %v; receive: %v", err, derr)
 	}
@@ -495,15 +484,7 @@ func TestMigrateCloakedApp(t *testing.T) {
 	p := attested(t)
 	src := startSourceOf(t, cloaked)
 	dst := &vmDestination{console: &console{}, config: cloaked}
-	var derr error
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		_, derr = Receive(context.Background(), p.dst, dst, t.TempDir(), Options{})
-	}()
-	_, err := Send(context.Background(), p.src, &vmSource{r: src}, Offer{VM: "demo", Generation: 1}, Options{})
-	wg.Wait()
+	_, _, err, derr := p.migrate(t, &vmSource{r: src}, dst, Offer{VM: "demo", Generation: 1})
 	if err != nil || derr != nil {
 		t.Fatalf("send: %v; receive: %v", err, derr)
 	}
