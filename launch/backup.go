@@ -12,7 +12,6 @@ import (
 	"sync"
 
 	"github.com/umbra-cc/umbra/backup"
-	"github.com/umbra-cc/umbra/disk"
 	"github.com/umbra-cc/umbra/disk/cbt"
 	"github.com/umbra-cc/umbra/disk/overlay"
 	"github.com/umbra-cc/umbra/disk/protdisk"
@@ -42,10 +41,6 @@ type backupDisk struct {
 	// overlay freezes a plain disk for a backup in snapshot mode (nil for a protected
 	// or read-only disk).
 	overlay *overlay.Disk
-	// launchTop is the backend the disk was opened with: once a VM snapshot has put its
-	// own overlay on top (op_snapshot.go), the guest writes that and this disk is no
-	// longer what the tracker sees.
-	launchTop disk.Backend
 }
 
 // snapshotDelta is the name, in a disk's tracker directory, of the delta a backup in
@@ -81,7 +76,7 @@ func openBackupEnv(stateDir string, spec *monitor.Spec, run []monitor.Disk, prot
 		if err != nil {
 			return nil, fmt.Errorf("disk %s: change tracking: %w", d.Name, err)
 		}
-		bd := &backupDisk{name: d.Name, tracker: tr, launchTop: d.Backend}
+		bd := &backupDisk{name: d.Name, tracker: tr}
 		if pd, ok := d.Backend.(*protdisk.Disk); ok {
 			bd.format, bd.source = backup.FormatProtected, backup.ProtectedSource(pd)
 		} else {
@@ -132,12 +127,7 @@ func (c *Control) switchedBySnapshot(d *backupDisk) bool {
 	if env == nil {
 		return false
 	}
-	for _, ld := range env.disks {
-		if ld.name == d.name && ld.top != d.launchTop {
-			return true
-		}
-	}
-	return false
+	return env.switchedDisk(d.name)
 }
 
 func (e *backupEnv) close() error {

@@ -1,8 +1,6 @@
 package launch
 
 import (
-	"github.com/umbra-cc/umbra/disk"
-
 	"context"
 	"errors"
 	"fmt"
@@ -190,31 +188,10 @@ func (c *Control) checkDiskTops() error {
 	}
 	snaps.mu.Lock()
 	defer snaps.mu.Unlock()
-	for _, ld := range snaps.disks {
-		for _, d := range env.disks {
-			if d.spec.Name == ld.name && !wraps(d.tracked.Unwrap(), ld.top) {
-				return fmt.Errorf("disk %s was switched to a snapshot's overlay in this run, and moving a disk's overlay chain while it runs is not built (stop and relaunch the VM, which continues on its newest overlay, then migrate)", d.spec.Name)
-			}
+	for _, d := range env.disks {
+		if snaps.switchedDisk(d.spec.Name) {
+			return fmt.Errorf("disk %s was switched to a snapshot's overlay in this run, and moving a disk's overlay chain while it runs is not built (stop and relaunch the VM, which continues on its newest overlay, then migrate)", d.spec.Name)
 		}
 	}
 	return nil
-}
-
-// wraps reports whether b is top or a chain of wrappers over it: change trackers, and a
-// backup's overlay (which the backup env consolidates; not a snapshot's).
-func wraps(b, top disk.Backend) bool {
-	for b != nil {
-		if b == top {
-			return true
-		}
-		switch w := b.(type) {
-		case interface{ Unwrap() disk.Backend }:
-			b = w.Unwrap()
-		case interface{ Below() disk.Backend }:
-			b = w.Below()
-		default:
-			return false
-		}
-	}
-	return false
 }

@@ -40,6 +40,9 @@ type liveDisk struct {
 	path     string       // top's image, absolute
 	format   string       // raw or qcow2
 	base     string       // the spec's image (the bottom of the chain), absolute
+	// switched: a snapshot of this run switched the device to an overlay, so the
+	// backends the launch wrapped around the disk (trackers) no longer see its writes.
+	switched bool
 }
 
 // diskHead is a head record: the newest top of disk's chain whose bottom is Base.
@@ -172,10 +175,21 @@ func (env *snapshotEnv) adoptOverlays(tops []*liveDisk) error {
 			continue
 		}
 		d := env.disks[i]
-		d.top, d.path, d.format = t.top, t.path, t.format
+		d.top, d.path, d.format, d.switched = t.top, t.path, t.format, true
 		errs = append(errs, env.writeHead(d))
 	}
 	return errors.Join(errs...)
+}
+
+// switchedDisk reports whether a snapshot of this run switched disk name to an overlay.
+// The caller holds env.mu.
+func (env *snapshotEnv) switchedDisk(name string) bool {
+	for _, ld := range env.disks {
+		if ld.name == name && ld.switched {
+			return true
+		}
+	}
+	return false
 }
 
 // writeHeads records every writable disk's top as its newest: after a restore, whose

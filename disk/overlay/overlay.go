@@ -356,7 +356,3 @@ func (d *Disk) Consolidate(progress func(done, total int)) error {
 	d.delta, d.bm, d.held = nil, nil, map[int64]bool{}
 	return errors.Join(errs...)
 }
-
-// Below returns the disk the overlay is over (for identity checks only: writes to it
-// bypass the overlay).
-func (d *Disk) Below() disk.Backend { return d.base }
