@@ -23,11 +23,7 @@ import (
 // The begin and completion of each backup are in the audit log with its manifest.
 func TestBackupCLI(t *testing.T) {
 	requireKVMForCLI(t)
-	dir, err := os.MkdirTemp("", "umbra-backup-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir := shortTempDir(t, "umbra-backup-")
 	os.Chmod(dir, 0o711)
 	at := func(p ...string) string { return filepath.Join(append([]string{dir}, p...)...) }
 	must := func(args ...string) string {

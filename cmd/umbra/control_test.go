@@ -30,11 +30,7 @@ type controlFixture struct {
 // newControlFixture signs testdata/control/policy with vms as its data.
 func newControlFixture(t *testing.T, vms map[string]any) *controlFixture {
 	t.Helper()
-	dir, err := os.MkdirTemp("", "umbra-control-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir := shortTempDir(t, "umbra-control-")
 	// Other users (TestControlPeerIdentity) must reach the state directories' sockets.
 	if err := os.Chmod(dir, 0o711); err != nil {
 		t.Fatal(err)

@@ -16,11 +16,7 @@ import (
 // disk) each say why; allowed attaches and detaches are audited and measured.
 func TestDiskAttachDetachCLI(t *testing.T) {
 	requireKVMForCLI(t)
-	dir, err := os.MkdirTemp("", "umbra-hot-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir := shortTempDir(t, "umbra-hot-")
 	at := func(p ...string) string { return filepath.Join(append([]string{dir}, p...)...) }
 	must := func(args ...string) string {
 		t.Helper()

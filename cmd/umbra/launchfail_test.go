@@ -28,11 +28,7 @@ type launchFailFixture struct {
 
 func newLaunchFailFixture(t *testing.T) *launchFailFixture {
 	t.Helper()
-	dir, err := os.MkdirTemp("", "umbra-launchfail-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir := shortTempDir(t, "umbra-launchfail-")
 	os.Chmod(dir, 0o755)
 	f := &launchFailFixture{dir: dir, policy: filepath.Join(dir, "policy.tar.gz")}
 	os.MkdirAll(filepath.Join(dir, "policy", "umbra", "authz"), 0o755)

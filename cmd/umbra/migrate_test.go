@@ -52,11 +52,7 @@ func newMigrationWorldWith(t *testing.T, destinations func(a, b *migrationHost) 
 	t.Helper()
 	requireKVMForCLI(t)
 	// A short directory: the control socket's path must fit a sockaddr_un.
-	dir, err := os.MkdirTemp("", "umbra-mig-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir := shortTempDir(t, "umbra-mig-")
 	w := &migrationWorld{t: t, dir: dir}
 	for _, n := range []string{"a", "b"} {
 		sw := swtpmtest.Start(t)

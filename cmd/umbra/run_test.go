@@ -13,6 +13,18 @@ import (
 
 var requireKVMForCLI = testenv.RequireKVM
 
+// shortTempDir makes a temporary directory under /tmp with a short name (control
+// sockets live below it, and a socket path is at most 107 bytes), removed at the end.
+func shortTempDir(t *testing.T, prefix string) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
 func TestRunDemoIsAllowedMeasuredAndAudited(t *testing.T) {
 	requireKVMForCLI(t)
 	state := t.TempDir()

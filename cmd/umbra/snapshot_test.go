@@ -28,11 +28,7 @@ type snapshotWorld struct {
 func newSnapshotWorld(t *testing.T) *snapshotWorld {
 	t.Helper()
 	requireKVMForCLI(t)
-	dir, err := os.MkdirTemp("", "umbra-snap-") // short: control sockets live below
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir := shortTempDir(t, "umbra-snap-") // short: control sockets live below
 	w := &snapshotWorld{t: t, dir: dir}
 	keyID := strings.Fields(w.must("seal", "keygen", "-o", w.path("admin.pem")))[2]
 	copyTree(t, "../../testdata/e2e/snapshot/policy", w.path("policy"))
