@@ -132,7 +132,7 @@ func (v *VM) Checkpoint(ctx context.Context, w io.Writer, opt CheckpointOptions)
 		return nil, fmt.Errorf("checkpoint: %w: this host's KVM has no manual dirty-log protection (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)", ErrStatelessPart)
 	}
 	if d := v.hotAttached(); d != "" {
-		return nil, fmt.Errorf("checkpoint: %w: disk %s is attached at run time; detach it first", ErrStatelessPart, d)
+		return nil, fmt.Errorf("checkpoint: %w: %s", ErrStatelessPart, d)
 	}
 	if opt.Generation == 0 || opt.Generation > 1<<62 {
 		return nil, fmt.Errorf("checkpoint: generation %d: want 1..2^62", opt.Generation)

@@ -21,6 +21,9 @@ type HotplugSpec struct {
 	// Disks is how many empty virtio-blk slots the VM gets for disks attached while it
 	// runs.
 	Disks int `yaml:"disks,omitempty" json:"disks,omitempty"`
+	// Networks is how many NIC slots the VM gets for NICs attached while it runs
+	// (hotplug_net.go, docs/network.md).
+	Networks int `yaml:"networks,omitempty" json:"networks,omitempty"`
 }
 
 // hotSlot is one hot-plug slot.
@@ -144,10 +147,10 @@ func (v *VM) closeHotplug() error {
 func (v *VM) hotAttached() string {
 	for _, h := range v.hot {
 		if h.disk != "" {
-			return h.disk
+			return "disk " + h.disk + " is attached at run time; detach it first"
 		}
 	}
-	return ""
+	return v.hotNetAttached()
 }
 
 // FreeHotplugSlots says how many hot-plug slots hold no disk.

@@ -17,6 +17,7 @@ import (
 // TestLinuxHotplugDisk boots the test Linux kernel with one empty hot-plug slot: its
 // init waits for a medium, a disk is attached while it waits, Linux sees the capacity
 // appear and reads the disk, the disk is detached, Linux sees it go, and powers off.
+// A failed wait ends the test with the VM stopped before it is closed (runInBackground).
 func TestLinuxHotplugDisk(t *testing.T) {
 	kern, _ := testenv.LinuxFiles(t, "vmlinux")
 	dir := t.TempDir()
@@ -37,15 +38,7 @@ func TestLinuxHotplugDisk(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer v.Close()
-	done := make(chan error, 1)
-	go func() {
-		res, err := v.Run(context.Background())
-		if err == nil && res.ExitStatus != 0 {
-			err = errors.New("exit status " + res.Reason)
-		}
-		done <- err
-	}()
+	done := runInBackground(t, v) // stops, waits for and closes v at the end, even on failure
 	wait := func(what string) {
 		t.Helper()
 		deadline := time.Now().Add(3 * time.Minute)
@@ -83,7 +76,7 @@ func TestLinuxHotplugDisk(t *testing.T) {
 	}
 	old.Close()
 	wait("UMBRA-HOT: gone")
-	if err := <-done; err != nil {
-		t.Fatalf("run: %v\n%s", err, console.String())
+	if r := <-done; r.err != nil || r.res.ExitStatus != 0 {
+		t.Fatalf("run: %v (%+v)\n%s", r.err, r.res, console.String())
 	}
 }

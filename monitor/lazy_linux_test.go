@@ -29,16 +29,11 @@ func TestLinuxLazyRestoreAnswers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer v.Close()
-	ran := make(chan error, 1)
-	go func() {
-		_, err := v.Run(context.Background())
-		ran <- err
-	}()
+	ran := runInBackground(t, v) // stops, waits for and closes v, even on failure
 	for !strings.Contains(out.String(), "UMBRA-INIT: ready") {
 		select {
-		case err := <-ran:
-			t.Fatalf("the guest ended before it was ready: %v\n%s", err, out.String())
+		case r := <-ran:
+			t.Fatalf("the guest ended before it was ready: %v\n%s", r.err, out.String())
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
@@ -115,15 +110,11 @@ func TestLinuxLazyRestoreWithDisk(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ran := make(chan error, 1)
-	go func() {
-		_, err := v.Run(context.Background())
-		ran <- err
-	}()
+	ran := runInBackground(t, v) // stops, waits for and closes v, even on failure
 	for !strings.Contains(out.String(), "Freeing unused kernel") {
 		select {
-		case err := <-ran:
-			t.Fatalf("the guest ended before its init: %v\n%s", err, out.String())
+		case r := <-ran:
+			t.Fatalf("the guest ended before its init: %v\n%s", r.err, out.String())
 		case <-time.After(5 * time.Millisecond):
 		}
 	}
@@ -135,7 +126,6 @@ func TestLinuxLazyRestoreWithDisk(t *testing.T) {
 	}
 	v.Stop(io.EOF)
 	<-ran
-	v.Close()
 	closeDisk()
 	if strings.Contains(out.String(), "UMBRA-DISK") {
 		t.Fatalf("the init ran before the checkpoint; the test shows nothing:\n%s", out.String())

@@ -204,7 +204,7 @@ func (v *VM) installNICs() error {
 		v.nics = append(v.nics, n)
 		dev.Start()
 	}
-	return nil
+	return v.installHotNets()
 }
 
 // wakeNIC has the NIC's pending work (received frames, a frame the rate limit held)
@@ -236,11 +236,16 @@ func (v *VM) closeNICs() error {
 	return err
 }
 
-// NICStats returns each NIC's counters, by name.
+// NICStats returns each NIC's counters, by name (those attached at run time too).
 func (v *VM) NICStats() map[string]vnet.Stats {
 	out := map[string]vnet.Stats{}
 	for _, n := range v.nics {
 		out[n.name] = n.dev.Stats()
+	}
+	for _, s := range v.hotNets {
+		if n, gone, _ := s.get(); n != nil && !gone {
+			out[n.name] = n.dev.Stats()
+		}
 	}
 	return out
 }

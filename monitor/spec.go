@@ -49,6 +49,14 @@ func (s *Spec) HotplugDisks() int {
 	return s.Hotplug.Disks
 }
 
+// HotplugNetworks is how many NIC hot-plug slots the spec reserves.
+func (s *Spec) HotplugNetworks() int {
+	if s.Hotplug == nil {
+		return 0
+	}
+	return s.Hotplug.Networks
+}
+
 // CloakSpec is the spec's cloak section.
 type CloakSpec struct {
 	// Apps are app names (as on the guest command line) or their 64-hex-digit
@@ -171,6 +179,11 @@ func (s *Spec) Validate() error {
 	}
 	if err := validateNetworks(s.Networks, len(s.Disks)+s.HotplugDisks()); err != nil {
 		return err
+	}
+	if n := s.HotplugNetworks(); n < 0 || n > MaxNICs {
+		return fmt.Errorf("VM spec: hotplug.networks is %d; give 0-%d", n, MaxNICs)
+	} else if used := len(s.Disks) + s.HotplugDisks() + len(s.Networks); used+n > len(virtioIRQs) {
+		return fmt.Errorf("VM spec: hotplug.networks is %d, but the disks, disk slots and networks already take %d of the %d virtio slots", n, used, len(virtioIRQs))
 	}
 	if err := validateDisks(s.Disks); err != nil {
 		return err

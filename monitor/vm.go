@@ -53,6 +53,9 @@ type Config struct {
 	// disks attached while it runs (hotplug.go); the VM closes disks still attached
 	// when it closes.
 	HotplugDisks int
+	// HotplugNetworks is how many NIC slots the VM gets, after its NICs, for NICs
+	// attached while it runs (hotplug_net.go); the VM closes NICs still attached.
+	HotplugNetworks int
 }
 
 // Defaults for Config.
@@ -150,6 +153,7 @@ type VM struct {
 	virtio    []*virtio.MMIO // the disks' and NICs' transports, in slot order (disks.go, nets.go)
 	nics      []*nic         // the NICs (nets.go)
 	hot       []*hotSlot     // the hot-plug slots (hotplug.go)
+	hotNets   []*netSlot     // the NIC hot-plug slots (hotplug_net.go)
 	diskDevs  []diskDevice   // the spec's disks' devices, in order (snapdisks.go)
 	// curMMIO is the MMIO exit being handled, for devices that need more than its data
 	// (the doorbell).
@@ -228,7 +232,7 @@ func New(cfg Config) (_ *VM, err error) {
 	}
 	setCPU := func(c *kvm.VCPU) error { return setBootCPUState(c, v.image.Entry) }
 	if cfg.Boot == BootLinux {
-		if v.image, setCPU, err = loadLinux(v.mem, cfg.Image, cfg.Initrd, virtioCmdline(cfg.Cmdline, len(cfg.Disks)+cfg.HotplugDisks+len(cfg.NICs))); err != nil {
+		if v.image, setCPU, err = loadLinux(v.mem, cfg.Image, cfg.Initrd, virtioCmdline(cfg.Cmdline, len(cfg.Disks)+cfg.HotplugDisks+len(cfg.NICs)+cfg.HotplugNetworks)); err != nil {
 			return nil, fmt.Errorf("load Linux kernel: %w", err)
 		}
 	} else if v.image, err = LoadELF(v.mem, cfg.Image); err != nil {
@@ -320,7 +324,7 @@ func (v *VM) Close() error {
 	if l := v.ckpt.lazy; l != nil {
 		errs = append(errs, l.close()) // before guest RAM is unmapped
 	}
-	errs = append(errs, v.closeNICs(), v.closeHotplug())
+	errs = append(errs, v.closeNICs(), v.closeHotNets(), v.closeHotplug())
 	for i := len(v.extensions) - 1; i >= 0; i-- {
 		errs = append(errs, v.extensions[i].close())
 	}

@@ -11,6 +11,7 @@
  *   msg=TEXT         what to send (default "hello")
  *   exit=N           the power-off status (default 0)
  * Any failure prints "UMBRA-NET: error ..." and powers off with status 99.
+ * With UMBRA_NETINIT_HELPERS defined it is only the helpers (hotnetinit.c uses them).
  */
 #define init_main umbra_test_init_main
 #include "init.c"
@@ -165,6 +166,7 @@ static void reach(const char *server, const char *msg)
 	puts_("\n");
 }
 
+#ifndef UMBRA_NETINIT_HELPERS /* hotnetinit.c takes the helpers and has its own main */
 void init_main(long *sp);
 void init_main(long *sp)
 {
@@ -186,3 +188,4 @@ void init_main(long *sp)
 	}
 	poweroff(status);
 }
+#endif
