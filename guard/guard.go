@@ -210,6 +210,13 @@ func (g *Guard) DetachDevice(ctx context.Context, p policy.Principal, vm policy.
 	return g.Check(ctx, p, vm, policy.ActionDetachDevice, policy.Request{Device: &dev})
 }
 
+// DetachNetwork checks disconnecting net, a NIC attached at run time, from the VM:
+// action detach_device, with the NIC as the device (type virtio-net, its name) and the
+// network's identity as connect_network had it.
+func (g *Guard) DetachNetwork(ctx context.Context, p policy.Principal, vm policy.VM, net policy.Network) (policy.Decision, error) {
+	return g.Check(ctx, p, vm, policy.ActionDetachDevice, policy.Request{Device: &policy.Device{Type: "virtio-net", ID: net.ID}, Network: &net})
+}
+
 // ConnectNetwork checks connecting the VM to net.
 func (g *Guard) ConnectNetwork(ctx context.Context, p policy.Principal, vm policy.VM, net policy.Network) (policy.Decision, error) {
 	return g.Check(ctx, p, vm, policy.ActionConnectNetwork, policy.Request{Network: &net})

@@ -39,6 +39,7 @@ type Control struct {
 	migration *migrationEnv // what sending the VM elsewhere needs (op_migrate.go); nil: not migratable
 	snapshots *snapshotEnv  // the VM's snapshot store and key (op_snapshot.go)
 	hot       hotDisks      // disks attached at run time (op_disk.go)
+	hotNet    hotNets       // NICs attached at run time (op_net.go)
 	backups   *backupEnv    // the disks' change trackers and chain keys (op_backup.go)
 	// measure records an event in the VM's measured-launch event log; audit appends a
 	// record to the VM's audit log; stateDir is the monitor's state directory.
@@ -105,6 +106,7 @@ func (c *Control) check(decide func(vm policy.VM) (policy.Decision, error)) erro
 		vm.Devices = append(vm.Devices, d)
 	}
 	c.hot.mu.Unlock()
+	vm.Networks = append(vm.Networks, c.hotNetworks()...)
 	_, err := decide(vm)
 	return err
 }

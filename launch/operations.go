@@ -29,6 +29,8 @@ var operations = map[string]Operation{
 	"disk.attach":     opDiskAttach,
 	"disk.detach":     opDiskDetach,
 	"migrate":         opMigrate,
+	"net.attach":      opNetAttach,
+	"net.detach":      opNetDetach,
 	"replicate":       opReplicate,
 	"snapshot.create": opSnapshotCreate,
 	"snapshot.list":   opSnapshotList,

@@ -313,7 +313,7 @@ func (d *destination) launchConfig(ctx context.Context, in *migration.Incoming) 
 		return lc, err
 	}
 	mem, _ := spec.MemoryBytes()
-	run := monitor.Config{Image: image, Boot: spec.Boot(), Initrd: initrd, MemorySize: mem, Cmdline: facts.Cmdline, Timeout: time.Duration(facts.TimeoutNS), CloakSecret: in.Offer.Secrets[secretCloak], Console: d.rc.Console, Logger: d.log, HotplugDisks: spec.HotplugDisks()}
+	run := monitor.Config{Image: image, Boot: spec.Boot(), Initrd: initrd, MemorySize: mem, Cmdline: facts.Cmdline, Timeout: time.Duration(facts.TimeoutNS), CloakSecret: in.Offer.Secrets[secretCloak], Console: d.rc.Console, Logger: d.log, HotplugDisks: spec.HotplugDisks(), HotplugNetworks: spec.HotplugNetworks()}
 	if run.Console == nil {
 		run.Console = io.Discard
 	}

@@ -77,7 +77,7 @@ func (s *LaunchSource) Wipe() {
 func (s *LaunchSource) Config() monitor.Config {
 	mem, _ := s.Spec.MemoryBytes()
 	timeout, _ := s.Spec.TimeoutDuration()
-	return monitor.Config{Image: s.Image, Boot: s.Spec.Boot(), Initrd: s.Initrd, MemorySize: mem, Cmdline: s.Spec.Guest.Cmdline, Timeout: timeout, CloakSecret: s.CloakSecret, HotplugDisks: s.Spec.HotplugDisks()}
+	return monitor.Config{Image: s.Image, Boot: s.Spec.Boot(), Initrd: s.Initrd, MemorySize: mem, Cmdline: s.Spec.Guest.Cmdline, Timeout: timeout, CloakSecret: s.CloakSecret, HotplugDisks: s.Spec.HotplugDisks(), HotplugNetworks: s.Spec.HotplugNetworks()}
 }
 
 // DemoSource is the built-in demo: the test guest running its demo programs under

@@ -122,6 +122,13 @@ func validateNetworks(nets []NetworkSpec, disks int) error {
 	return nil
 }
 
+// CheckNetworks checks a VM's NICs (those of its spec and those attached at run time)
+// as the spec's networks section is checked: names, TAPs and MACs distinct, each entry
+// valid. The error names the entry and field.
+func CheckNetworks(nets []NetworkSpec) error {
+	return validateNetworks(nets, 0)
+}
+
 // ParseMAC parses a NIC's MAC address: six colon-separated hex octets, unicast, not
 // all zero.
 func ParseMAC(s string) (net.HardwareAddr, error) {

@@ -180,8 +180,8 @@ func (s *Spec) Validate() error {
 	if err := validateNetworks(s.Networks, len(s.Disks)+s.HotplugDisks()); err != nil {
 		return err
 	}
-	if n := s.HotplugNetworks(); n < 0 || n > MaxNICs {
-		return fmt.Errorf("VM spec: hotplug.networks is %d; give 0-%d", n, MaxNICs)
+	if n := s.HotplugNetworks(); n < 0 || n+len(s.Networks) > MaxNICs {
+		return fmt.Errorf("VM spec: hotplug.networks is %d with %d networks; give 0-%d in all", n, len(s.Networks), MaxNICs)
 	} else if used := len(s.Disks) + s.HotplugDisks() + len(s.Networks); used+n > len(virtioIRQs) {
 		return fmt.Errorf("VM spec: hotplug.networks is %d, but the disks, disk slots and networks already take %d of the %d virtio slots", n, used, len(virtioIRQs))
 	}

@@ -18,14 +18,7 @@ func TestDiskAttachDetachCLI(t *testing.T) {
 	requireKVMForCLI(t)
 	dir := shortTempDir(t, "umbra-hot-")
 	at := func(p ...string) string { return filepath.Join(append([]string{dir}, p...)...) }
-	must := func(args ...string) string {
-		t.Helper()
-		code, out, errs := runUmbra(t, args...)
-		if code != 0 {
-			t.Fatalf("umbra %s = %d\n%s\n%s", strings.Join(args, " "), code, out, errs)
-		}
-		return out
-	}
+	must := func(args ...string) string { t.Helper(); return mustUmbra(t, args...) }
 	keyID := strings.Fields(must("seal", "keygen", "-o", at("admin.pem")))[2]
 	copyTree(t, "../../testdata/e2e/hotplug/policy", at("policy"))
 	must("policy", "build", at("policy"), "--signing-key", at("admin.pem"), "--key-id", keyID, "-o", at("policy.tar.gz"))
@@ -48,23 +41,8 @@ func TestDiskAttachDetachCLI(t *testing.T) {
 	if !strings.Contains(out, "attached to VM hot in slot hot0") {
 		t.Fatalf("disk attach: %q", out)
 	}
-	type refusal struct {
-		name string
-		args []string
-		code int
-		want string
-	}
-	refuse := func(cases []refusal) {
-		t.Helper()
-		for _, tc := range cases {
-			t.Run(tc.name, func(t *testing.T) {
-				code, out, errs := runUmbra(t, append(tc.args, "--state-dir", state)...)
-				if code != tc.code || !strings.Contains(errs, tc.want) {
-					t.Fatalf("umbra %s = %d, want %d naming %q\nstdout: %s\nstderr: %s", strings.Join(tc.args, " "), code, tc.code, tc.want, out, errs)
-				}
-			})
-		}
-	}
+	type refusal = cliRefusal
+	refuse := func(cases []refusal) { t.Helper(); refuseAll(t, cases, "--state-dir", state) }
 	// With the one slot taken.
 	refuse([]refusal{
 		{"same name twice", []string{"disk", "attach", "hot", "data", img}, 1, "already attached"},

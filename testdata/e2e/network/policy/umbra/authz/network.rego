@@ -4,14 +4,16 @@
 #   net-vm may be launched by its operators with the approved kernel, and may connect only
 #   to the networks data.umbra.network.networks lists, each in the network namespace listed
 #   for it. Every network is in the launch's input (vm.networks) and has a connect_network
-#   decision of its own.
+#   decision of its own. A NIC attached at run time (umbra net attach) is a
+#   connect_network decision too, and its detach a detach_device one; the operators may
+#   also inspect and stop the VM.
 package umbra.authz
 
 default allow := false
 
 allow if {
 	count(deny) == 0
-	input.action in {"launch", "connect_network"}
+	input.action in {"launch", "connect_network", "detach_device", "inspect", "stop"}
 }
 
 reason(code, msg, rule) := {"code": code, "message": msg, "rule": rule}

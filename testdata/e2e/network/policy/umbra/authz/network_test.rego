@@ -54,3 +54,12 @@ test_inherited_network_not_listed_as_such_refused if {
 	bare := {"id": "lan", "mode": "bridged", "tap": "lan", "mac": "52:54:00:12:34:56"}
 	not authz.allow with input as inp("connect_network", [bare], {"network": bare}) with data.umbra.network as cfg
 }
+
+test_run_time_nic_attach_and_detach if {
+	running := object.union(inp("connect_network", [], {"network": lan}), {"vm": object.union(inp("launch", [], {}).vm, {"state": "running"})})
+	authz.allow with input as running with data.umbra.network as cfg
+	detach := inp("detach_device", [lan], {"device": {"type": "virtio-net", "id": "lan"}, "network": lan})
+	authz.allow with input as detach with data.umbra.network as cfg
+	stranger := object.union(detach, {"principal": {"id": "unix:mallory", "groups": [], "auth": "unix-peer"}})
+	not authz.allow with input as stranger with data.umbra.network as cfg
+}
