@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/umbra-cc/umbra/attest/eventlog"
@@ -40,6 +41,7 @@ type Control struct {
 	snapshots *snapshotEnv  // the VM's snapshot store and key (op_snapshot.go)
 	hot       hotDisks      // disks attached at run time (op_disk.go)
 	hotNet    hotNets       // NICs attached at run time (op_net.go)
+	jailed    atomic.Bool   // the monitor gave up its privileges (MarkJailed)
 	backups   *backupEnv    // the disks' change trackers and chain keys (op_backup.go)
 	// measure records an event in the VM's measured-launch event log; audit appends a
 	// record to the VM's audit log; stateDir is the monitor's state directory.
@@ -224,6 +226,12 @@ func (c *Control) ConsoleInput(b []byte) error {
 
 // Ended is closed when the VM's run has ended.
 func (c *Control) Ended() <-chan struct{} { return c.vm.Ended() }
+
+// MarkJailed records that the monitor is about to give up its privileges (its jail):
+// net.attach is then refused up front, since opening a TAP needs CAP_NET_ADMIN and the
+// host's /run/netns, and the jail's seccomp filter would end the process on the
+// system calls it makes.
+func (c *Control) MarkJailed() { c.jailed.Store(true) }
 
 // PrepareCloaking creates the cloaking infrastructure (appVM and the userfaultfd that
 // serves the system view) now instead of at the first registration, for a monitor that

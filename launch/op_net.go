@@ -11,7 +11,6 @@ import (
 	"github.com/umbra-cc/umbra/monitor"
 	"github.com/umbra-cc/umbra/policy"
 	vnet "github.com/umbra-cc/umbra/virtio/net"
-	"github.com/umbra-cc/umbra/virtio/net/tap"
 )
 
 // NICs attached and detached while the VM runs (docs/network.md, "NICs attached at run
@@ -29,6 +28,9 @@ const (
 	TypeGuestNetworkAttach = "guest-network-attach"
 	TypeGuestNetworkDetach = "guest-network-detach"
 )
+
+// ErrNotJailable is wrapped by an operation a jailed monitor cannot do.
+var ErrNotJailable = errors.New("not possible in a jailed monitor")
 
 // hotNets are the NICs attached at run time, by name.
 type hotNets struct {
@@ -84,6 +86,9 @@ func opNetAttach(ctx context.Context, c *Control, p policy.Principal, raw json.R
 	}
 	// Refused before the policy is asked when it cannot happen anyway (checked again
 	// when the NIC goes in).
+	if c.jailed.Load() {
+		return nil, fmt.Errorf("net.attach: %w: this monitor is jailed (umbra run --detach): it has no CAP_NET_ADMIN and no /run/netns to open a TAP in; start the VM with --no-jail to attach networks at run time, or give it its networks in the spec", ErrNotJailable)
+	}
 	if free, err := c.vm.FreeNetSlots(ctx); err != nil {
 		return nil, err
 	} else if free == 0 {
@@ -95,9 +100,6 @@ func opNetAttach(ctx context.Context, c *Control, p policy.Principal, raw json.R
 	}
 	t, err := openTAP(spec)
 	if err != nil {
-		if c.stateDir != "" && !errors.Is(err, tap.ErrInUse) {
-			err = fmt.Errorf("%w (a jailed monitor, umbra run --detach, has no CAP_NET_ADMIN and no /run/netns to open a TAP in: start the VM with --no-jail to attach networks at run time)", err)
-		}
 		return nil, fmt.Errorf("net.attach: network %s: %w", spec.Name, err)
 	}
 	mac, _ := monitor.ParseMAC(spec.MAC) // checked above

@@ -274,6 +274,7 @@ func (d *detachedMonitor) attach(c *launch.Control) {
 			}
 		}
 		if err == nil {
+			c.MarkJailed()
 			err = jail.Enter(*d.jail)
 		}
 		if err != nil {

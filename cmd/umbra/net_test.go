@@ -96,6 +96,16 @@ func TestNetAttachDetachCLI(t *testing.T) {
 	})
 	// The slot and the TAP are free again.
 	must(append(attach("lan", "umbra0"), "--state-dir", state)...)
+	// The same VM in a jailed monitor: refused up front, saying why (the jail's filter
+	// would otherwise end the monitor on the TAP's system calls).
+	jailed := at("jailed")
+	os.MkdirAll(jailed, 0o700)
+	must("run", "--detach", "--tpm", "sim", "--state-dir", jailed, "--policy", at("policy.tar.gz"), "--policy-key", at("admin.pem.pub"), "--policy-key-id", keyID, at("vm.yaml"))
+	t.Cleanup(func() { runUmbra(t, "stop", "--force", "--state-dir", jailed, "net-vm") })
+	refuseAll(t, []cliRefusal{{"jailed monitor", attach("lan2", "umbra1"), 1, "start the VM with --no-jail"}}, "--state-dir", jailed)
+	if out := must("inspect", "net-vm", "--state-dir", jailed); !strings.Contains(out, "running") {
+		t.Fatalf("the jailed monitor after the refused attach: %s", out)
+	}
 	b, _ := os.ReadFile(filepath.Join(state, "audit.jsonl"))
 	for _, want := range []string{`"kind":"network-attach"`, `"kind":"network-detach"`, `connect_network`, `detach_device`, "network.not_allowed"} {
 		if !strings.Contains(string(b), want) {
