@@ -80,6 +80,26 @@ func TestNetworkSpec(t *testing.T) {
 	if _, err := ParseSpec([]byte(netSpec(three) + disks)); err == nil || !strings.Contains(err.Error(), "6 disks and 3 networks") {
 		t.Fatalf("nine virtio devices: %v", err)
 	}
+	// NIC hot-plug slots count against the NICs and the virtio slots.
+	for _, tc := range []struct{ hotplug, want string }{
+		{"hotplug: {networks: 1}\n", ""},
+		{"hotplug: {networks: 2}\n", "hotplug.networks is 2 with 3 networks"},
+		{"hotplug: {networks: -1}\n", "hotplug.networks is -1"},
+		{"hotplug: {disks: 5, networks: 1}\n", "already take 8 of the 8"},
+		{"hotplug: {nics: 1}\n", "field nics not found"},
+	} {
+		_, err := ParseSpec([]byte(netSpec(three) + tc.hotplug))
+		if tc.want == "" {
+			if err != nil {
+				t.Errorf("%s: refused: %v", tc.hotplug, err)
+			}
+		} else if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: err = %v, want mention of %q", tc.hotplug, err, tc.want)
+		}
+	}
+	if s, err := ParseSpec([]byte(netSpec("- "+ok+"\n") + "hotplug: {networks: 3}\n")); err != nil || s.HotplugNetworks() != 3 {
+		t.Fatalf("three NIC slots: %v", err)
+	}
 }
 
 // FuzzNetworkSpec: a hostile networks section never panics; what parses validates, and
@@ -90,6 +110,7 @@ func FuzzNetworkSpec(f *testing.F) {
 	f.Add([]byte("- name: a\n  netns: ns\n  mac: \"52:54:00:12:34:56\"\n- name: b\n  fd: 3\n  tap: x\n  mac: \"52:54:00:12:34:57\"\n"))
 	f.Add([]byte(`- {name: lan, netns: ns, fd: 3, mac: "01:00:00:00:00:00"}`))
 	f.Add([]byte(`[{name: 1}, 2, "x"]`))
+	f.Add([]byte("- {name: a, netns: ns, mac: \"52:54:00:12:34:56\"}\nhotplug: {networks: 3, disks: 4}"))
 	f.Fuzz(func(t *testing.T, networks []byte) {
 		s, err := ParseSpec([]byte(netSpec(string(networks) + "\n")))
 		if err != nil {
