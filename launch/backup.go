@@ -173,7 +173,13 @@ func hostBackupSecret(stateDir string) ([]byte, error) {
 
 // chainKey derives the signing key of one chain of one disk.
 func (e *backupEnv) chainKey(disk, chain string) (ed25519.PrivateKey, error) {
-	seed, err := hkdf.Key(sha256.New, e.secret, nil, "umbra backup chain key v1\x00"+e.vm+"\x00"+disk+"\x00"+chain, ed25519.SeedSize)
+	return chainKey(e.secret, e.vm, disk, chain)
+}
+
+// chainKey derives the signing key of chain (its full backup's id) of disk of VM vm
+// from secret (the sealed VM secret, or the host's backup secret).
+func chainKey(secret []byte, vm, disk, chain string) (ed25519.PrivateKey, error) {
+	seed, err := hkdf.Key(sha256.New, secret, nil, "umbra backup chain key v1\x00"+vm+"\x00"+disk+"\x00"+chain, ed25519.SeedSize)
 	if err != nil {
 		return nil, err
 	}

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 
 	"github.com/umbra-cc/umbra/disk/protdisk"
+	"github.com/umbra-cc/umbra/statefile"
 )
 
 // Re-anchoring a restored protected disk (docs/backup.md, "Restoring a protected disk"):
@@ -86,20 +87,8 @@ func (e *ProtectedDiskEnv) Reanchor(name, restored, image, root string, version 
 	if err := os.Rename(restored, image); err != nil {
 		return fmt.Errorf("disk %s is anchored at the restored state (version %d), but moving %s to %s failed: %w; move it there yourself (the old image is refused now)", name, version, restored, image, err)
 	}
-	if err := syncDir(filepath.Dir(image)); err != nil {
+	if err := statefile.SyncDir(filepath.Dir(image)); err != nil {
 		return fmt.Errorf("disk %s: sync %s: %w", name, filepath.Dir(image), err)
 	}
 	return nil
-}
-
-func syncDir(dir string) error {
-	f, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	err = f.Sync()
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	return err
 }
