@@ -16,13 +16,13 @@ cfg := data.umbra.backup
 
 allow if {
 	count(deny) == 0
-	input.action in {"launch", "modify_spec", "attach_device", "inspect", "stop", "backup", "backup_restore", "snapshot_create", "pageprot_change"}
+	input.action in {"launch", "modify_spec", "attach_device", "detach_device", "inspect", "stop", "backup", "backup_restore", "snapshot_create", "pageprot_change"}
 }
 
 reason(code, msg, rule) := {"code": code, "message": msg, "rule": rule}
 
 deny contains reason("principal.not_operator", sprintf("%q may not %s VM %q", [input.principal.id, input.action, input.vm.id]), "backup.rego:use") if {
-	input.action in {"launch", "modify_spec", "attach_device", "inspect", "stop", "backup", "backup_restore", "snapshot_create"}
+	input.action in {"launch", "modify_spec", "attach_device", "detach_device", "inspect", "stop", "backup", "backup_restore", "snapshot_create"}
 	not input.request.recheck
 	not input.principal.id in cfg.operators
 }
