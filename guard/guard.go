@@ -264,6 +264,12 @@ func (g *Guard) Export(ctx context.Context, p policy.Principal, vm policy.VM, de
 	return g.Check(ctx, p, vm, policy.ActionExport, policy.Request{Export: &policy.Export{Destination: destination}})
 }
 
+// RestoreBackup checks restoring one of the VM's protected disks from a backup chain and
+// re-anchoring it, a deliberate rollback (docs/backup.md).
+func (g *Guard) RestoreBackup(ctx context.Context, p policy.Principal, vm policy.VM, r policy.Restore) (policy.Decision, error) {
+	return g.Check(ctx, p, vm, policy.ActionBackupRestore, policy.Request{Restore: &r})
+}
+
 // Backup checks backing up one of the VM's disks (docs/backup.md).
 func (g *Guard) Backup(ctx context.Context, p policy.Principal, vm policy.VM, b policy.Backup) (policy.Decision, error) {
 	return g.Check(ctx, p, vm, policy.ActionBackup, policy.Request{Backup: &b})

@@ -169,6 +169,9 @@ func TestGuardEveryAction(t *testing.T) {
 				return g.Backup(ctx, alice, guardtest.FinanceVM(), policy.Backup{Disk: "data", Format: "protected", Kind: "full", Destination: "/srv/backup/finance-01/b1"})
 			},
 			"principal.not_admin"},
+		{policy.ActionBackupRestore, nil,
+			func(g *guard.Guard) (policy.Decision, error) { return restoreBackup(g) },
+			"backup.restore_not_allowed"},
 		{policy.ActionCloakRegister,
 			func(g *guard.Guard) (policy.Decision, error) {
 				return g.RegisterCloak(ctx, guardtest.FinanceVM(), payments)
@@ -215,6 +218,7 @@ func TestGuardEveryAction(t *testing.T) {
 					policy.ActionExport: func(g *guard.Guard) (policy.Decision, error) {
 						return g.Export(ctx, bob, guardtest.FinanceVM(), "/srv/export")
 					},
+					policy.ActionBackupRestore: restoreBackup,
 				}[tc.action]
 			}
 			d, err = allowCall(env.Guard)
@@ -247,6 +251,13 @@ func TestGuardEveryAction(t *testing.T) {
 	}
 }
 
+// restoreBackup asks to roll finance-01's disk back to a backup, as its administrator bob.
+func restoreBackup(g *guard.Guard) (policy.Decision, error) {
+	h := strings.Repeat("ab", 32)
+	return g.RestoreBackup(context.Background(), bob, guardtest.FinanceVM(), policy.Restore{Disk: "data", Backup: "b2", Chain: "b1",
+		Manifest: h, KeyFingerprint: h, Created: "2026-12-03T16:00:00Z", Root: h, FromVersion: 4, ToVersion: 5, Reason: "CHG-1"})
+}
+
 // grantingPolicy is the example policy with finance-01 also allowing reverts,
 // clipboard, clone and export (a copy of testdata/policies with edited data).
 func grantingPolicy(t testing.TB) *policy.Policy {
@@ -270,6 +281,7 @@ func grantingPolicy(t testing.TB) *policy.Policy {
 			s = strings.Replace(s, `"clipboard": [],`, `"clipboard": ["to_guest"],`, 1)
 			s = strings.Replace(s, `"clone": false,`, `"clone": true,`, 1)
 			s = strings.Replace(s, `"export": false,`, `"export": true,`, 1)
+			s = strings.Replace(s, `"plaintext": false}`, `"plaintext": false, "restore": true}`, 1)
 			b = []byte(s)
 		}
 		return os.WriteFile(filepath.Join(dir, rel), b, 0o644)

@@ -1,6 +1,7 @@
 package launch
 
 import (
+	"context"
 	"crypto/ed25519"
 	"crypto/hkdf"
 	"crypto/rand"
@@ -27,11 +28,17 @@ import (
 
 // backupEnv is what backing up the VM's disks needs (op_backup.go).
 type backupEnv struct {
-	vm     string
-	disks  map[string]*backupDisk
-	order  []string
-	secret []byte
-	busy   sync.Mutex // one backup at a time: a disk has one copy-before-write hook
+	vm       string
+	stateDir string
+	secret   []byte
+	busy     sync.Mutex // one backup at a time: a disk has one copy-before-write hook
+
+	mu    sync.Mutex // guards disks, order, active (disks come and go at run time)
+	disks map[string]*backupDisk
+	order []string
+	// active is the disk whose backup is running ("" when none): it may not be
+	// detached meanwhile.
+	active string
 }
 
 type backupDisk struct {
@@ -39,8 +46,11 @@ type backupDisk struct {
 	tracker      *cbt.Tracker
 	source       backup.Source
 	// overlay freezes a plain disk for a backup in snapshot mode (nil for a protected
-	// or read-only disk).
+	// or read-only disk, and for a disk attached at run time).
 	overlay *overlay.Disk
+	// hot: the disk was attached at run time (backup_hot.go), as hotSpec says.
+	hot     bool
+	hotSpec monitor.DiskSpec
 }
 
 // snapshotDelta is the name, in a disk's tracker directory, of the delta a backup in
@@ -55,14 +65,20 @@ func trackerDir(stateDir, vm, disk string) string {
 // openBackupEnv gives each of the run's disks a tracker (in run.Disks[i].Tracker, so
 // the monitor routes the guest's writes through it) and returns what backups need.
 func openBackupEnv(stateDir string, spec *monitor.Spec, run []monitor.Disk, prot *monitor.ProtectedDiskEnv) (_ *backupEnv, err error) {
-	env := &backupEnv{vm: spec.Name, disks: map[string]*backupDisk{}}
+	env := &backupEnv{vm: spec.Name, stateDir: stateDir, disks: map[string]*backupDisk{}}
 	defer func() {
 		if err != nil {
 			env.close()
 		}
 	}()
-	if len(run) == 0 {
+	if len(run) == 0 && spec.HotplugDisks() == 0 {
 		return env, nil // nothing to back up: no secret made
+	}
+	if spec.HotplugDisks() > 0 {
+		// Made now, while the monitor may: a jailed one writes only inside it later.
+		if err := os.MkdirAll(hotTrackerRoot(stateDir, spec.Name), 0o700); err != nil {
+			return nil, fmt.Errorf("backups of disks attached at run time: %w", err)
+		}
 	}
 	if prot != nil && len(prot.Secret) >= 32 {
 		env.secret = prot.Secret
@@ -131,8 +147,15 @@ func (c *Control) switchedBySnapshot(d *backupDisk) bool {
 }
 
 func (e *backupEnv) close() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
 	var errs []error
 	for _, d := range e.disks {
+		if d.hot && len(d.tracker.Refs()) > 0 {
+			// Still attached as the VM ends (the VM closed it first): its reference
+			// points stay bound to the image as it left the VM, as at a detach.
+			errs = append(errs, recordDetached(context.Background(), d))
+		}
 		errs = append(errs, d.tracker.Close())
 	}
 	return errors.Join(errs...)
@@ -173,7 +196,13 @@ func hostBackupSecret(stateDir string) ([]byte, error) {
 
 // chainKey derives the signing key of one chain of one disk.
 func (e *backupEnv) chainKey(disk, chain string) (ed25519.PrivateKey, error) {
-	seed, err := hkdf.Key(sha256.New, e.secret, nil, "umbra backup chain key v1\x00"+e.vm+"\x00"+disk+"\x00"+chain, ed25519.SeedSize)
+	return chainKey(e.secret, e.vm, disk, chain)
+}
+
+// chainKey derives the signing key of chain (its full backup's id) of disk of VM vm
+// from secret (the sealed VM secret, or the host's backup secret).
+func chainKey(secret []byte, vm, disk, chain string) (ed25519.PrivateKey, error) {
+	seed, err := hkdf.Key(sha256.New, secret, nil, "umbra backup chain key v1\x00"+vm+"\x00"+disk+"\x00"+chain, ed25519.SeedSize)
 	if err != nil {
 		return nil, err
 	}

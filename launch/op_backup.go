@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"github.com/umbra-cc/umbra/backup"
@@ -77,6 +78,10 @@ type BackupResult struct {
 
 func (c *Control) backupDisk(op, name string) (*backupDisk, error) {
 	env := c.backups
+	if env != nil {
+		env.mu.Lock()
+		defer env.mu.Unlock()
+	}
 	if env == nil || len(env.disks) == 0 {
 		return nil, &ArgsError{Operation: op, Err: errors.New("the VM has no disks to back up")}
 	}
@@ -88,7 +93,7 @@ func (c *Control) backupDisk(op, name string) (*backupDisk, error) {
 	}
 	d, ok := env.disks[name]
 	if !ok {
-		return nil, &ArgsError{Operation: op, Err: fmt.Errorf("the VM has no launch disk %q (its disks: %v; disks attached at run time are not backed up)", name, env.order)}
+		return nil, &ArgsError{Operation: op, Err: fmt.Errorf("the VM has no disk %q (its disks: %v)", name, env.order)}
 	}
 	return d, nil
 }
@@ -110,6 +115,9 @@ func opBackupCreate(ctx context.Context, c *Control, p policy.Principal, raw jso
 		args.Mode = ModeCopyBeforeWrite
 	case ModeCopyBeforeWrite:
 	case ModeSnapshot:
+		if d.hot {
+			return nil, &ArgsError{Operation: "backup.create", Err: fmt.Errorf("mode snapshot is for launch disks; disk %s was attached at run time (use copy-before-write)", d.name)}
+		}
 		if d.overlay == nil {
 			return nil, &ArgsError{Operation: "backup.create", Err: fmt.Errorf("mode snapshot is for a writable raw or qcow2 disk; disk %s is %s (use copy-before-write)", d.name, d.format)}
 		}
@@ -137,6 +145,11 @@ func opBackupCreate(ctx context.Context, c *Control, p policy.Principal, raw jso
 		return nil, errors.New("backup.create: another backup of this VM is running; wait for it")
 	}
 	defer c.backups.busy.Unlock()
+	release, err := c.backups.claim(d)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
 	defer c.lockSnapshots()()
 	if c.switchedBySnapshot(d) {
 		return nil, &ArgsError{Operation: "backup.create", Err: fmt.Errorf("disk %s: a snapshot of this run froze it under an overlay, which the backup's tracking does not see; back it up after the VM's next launch", d.name)}
@@ -232,7 +245,9 @@ func opBackupList(ctx context.Context, c *Control, p policy.Principal, raw json.
 	}
 	names := []string{args.Disk}
 	if args.Disk == "" && c.backups != nil {
-		names = c.backups.order
+		c.backups.mu.Lock()
+		names = slices.Clone(c.backups.order)
+		c.backups.mu.Unlock()
 	}
 	out := []BackupRef{}
 	for _, n := range names {

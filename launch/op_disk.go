@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
@@ -47,6 +48,9 @@ type DiskAttachArgs struct {
 type DiskResult struct {
 	Slot   string        `json:"slot"`
 	Device policy.Device `json:"device"`
+	// DroppedRefs are the disk's reference points for backups that an attach dropped:
+	// they were kept for another image than the one attached (backup_hot.go).
+	DroppedRefs []string `json:"dropped_reference_points,omitempty"`
 }
 
 func opDiskAttach(ctx context.Context, c *Control, p policy.Principal, raw json.RawMessage) (any, error) {
@@ -97,8 +101,15 @@ func opDiskAttach(ctx context.Context, c *Control, p policy.Principal, raw json.
 	if err != nil {
 		return nil, err
 	}
-	slot, err := c.vm.AttachDisk(ctx, args.Name, disks[0].Backend)
+	// Tracked for backups like a launch disk (backup_hot.go).
+	be, dropped, err := c.trackHotDisk(spec, dev, disks[0].Backend)
 	if err != nil {
+		monitor.CloseDisks(disks)
+		return nil, err
+	}
+	slot, err := c.vm.AttachDisk(ctx, args.Name, be)
+	if err != nil {
+		c.untrackHotDisk(args.Name)
 		monitor.CloseDisks(disks)
 		return nil, err
 	}
@@ -108,7 +119,11 @@ func opDiskAttach(ctx context.Context, c *Control, p policy.Principal, raw json.
 	}
 	c.hot.disks[args.Name] = dev
 	c.hot.mu.Unlock()
-	return &DiskResult{Slot: slot, Device: dev}, c.recordDisk(ctx, KindDiskAttach, TypeGuestDiskAttach, p, slot, dev)
+	var extra map[string]any
+	if len(dropped) > 0 {
+		extra = map[string]any{"dropped_reference_points": dropped}
+	}
+	return &DiskResult{Slot: slot, Device: dev, DroppedRefs: dropped}, c.recordDisk(ctx, KindDiskAttach, TypeGuestDiskAttach, p, slot, dev, extra)
 }
 
 // DiskDetachArgs are disk.detach's arguments.
@@ -134,26 +149,33 @@ func opDiskDetach(ctx context.Context, c *Control, p policy.Principal, raw json.
 	if err := c.check(func(vm policy.VM) (policy.Decision, error) { return c.guard.DetachDevice(ctx, p, vm, dev) }); err != nil {
 		return nil, err
 	}
+	// Refused while a backup of the disk runs (backup_hot.go).
+	release, err := c.releaseHotDisk(args.Name)
+	if err != nil {
+		return nil, err
+	}
 	be, slot, err := c.vm.DetachDisk(ctx, args.Name)
 	if err != nil {
+		release(ctx, false)
 		return nil, err
 	}
 	c.hot.mu.Lock()
 	delete(c.hot.disks, args.Name)
 	c.hot.mu.Unlock()
-	cerr := be.Close()
-	if err := c.recordDisk(ctx, KindDiskDetach, TypeGuestDiskDetach, p, slot, dev); err != nil {
+	cerr := errors.Join(be.Close(), release(ctx, true))
+	if err := c.recordDisk(ctx, KindDiskDetach, TypeGuestDiskDetach, p, slot, dev, nil); err != nil {
 		return nil, errors.Join(err, cerr)
 	}
 	if cerr != nil {
-		return nil, fmt.Errorf("disk %s is detached, but closing its image failed: %w", args.Name, cerr)
+		return nil, fmt.Errorf("disk %s is detached, but closing its image or recording the image its reference points are bound to failed: %w", args.Name, cerr)
 	}
 	return &DiskResult{Slot: slot, Device: dev}, nil
 }
 
 // recordDisk audits and measures a run-time attach or detach.
-func (c *Control) recordDisk(ctx context.Context, kind, evType string, p policy.Principal, slot string, dev policy.Device) error {
+func (c *Control) recordDisk(ctx context.Context, kind, evType string, p policy.Principal, slot string, dev policy.Device, extra map[string]any) error {
 	details := map[string]any{"disk": dev.ID, "slot": slot, "path": dev.Path, "format": dev.Format, "read_only": dev.ReadOnly, "digest": dev.Digest, "by": p.ID}
+	maps.Copy(details, extra)
 	if c.audit != nil {
 		if err := c.audit(ctx, kind, details); err != nil {
 			return fmt.Errorf("audit the %s: %w", kind, err)

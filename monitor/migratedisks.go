@@ -74,17 +74,24 @@ func (e *ProtectedDiskEnv) AdoptAnchor(name string, version uint64, root string)
 	if hw > version {
 		return fmt.Errorf("%w: disk %s arrives at version %d, but this host's TPM already records version %d of it: an older state than one this host has seen", ErrDiskRolledBack, name, version, hw)
 	}
+	return p.store(version, root)
+}
+
+// store makes (version, root) the disk's anchor: the MAC'd anchor file first, then the
+// TPM's counter raised to version (a crash between the two leaves the file one version
+// ahead, which the next open completes).
+func (p *protectedDisk) store(version uint64, root string) error {
 	a := diskAnchorFile{Version: version, Root: root}
 	a.MAC = p.mac(a.Version, a.Root)
 	b, _ := json.Marshal(a)
 	if err := os.MkdirAll(filepath.Dir(p.path), 0o700); err != nil {
-		return fmt.Errorf("anchor protected disk %s: %w", name, err)
+		return fmt.Errorf("anchor protected disk %s: %w", p.name, err)
 	}
 	if err := statefile.WriteAtomic(p.path, b, 0o600); err != nil {
-		return fmt.Errorf("anchor protected disk %s: %w", name, err)
+		return fmt.Errorf("anchor protected disk %s: %w", p.name, err)
 	}
-	if err := e.Counter.Advance(p.series, version); err != nil {
-		return fmt.Errorf("anchor protected disk %s in the TPM: %w", name, err)
+	if err := p.env.Counter.Advance(p.series, version); err != nil {
+		return fmt.Errorf("anchor protected disk %s in the TPM: %w", p.name, err)
 	}
 	return nil
 }

@@ -43,6 +43,9 @@ const (
 	ActionInspect Action = "inspect"
 	// ActionBackup copies a disk of the running VM out as a backup (request.backup).
 	ActionBackup Action = "backup"
+	// ActionBackupRestore rolls a protected disk back to a backed-up state and
+	// re-anchors it as the VM's current one (request.restore).
+	ActionBackupRestore Action = "backup_restore"
 )
 
 // Actions lists every guarded action, in a stable order.
@@ -52,7 +55,7 @@ func Actions() []Action {
 		ActionConnectNetwork, ActionConsoleOpen, ActionSnapshotCreate,
 		ActionSnapshotRevert, ActionFileTransfer, ActionClipboard, ActionMigrate,
 		ActionClone, ActionExport, ActionDelete, ActionCloakRegister,
-		ActionPageProtChange, ActionPause, ActionStop, ActionInspect, ActionBackup,
+		ActionPageProtChange, ActionPause, ActionStop, ActionInspect, ActionBackup, ActionBackupRestore,
 	}
 }
 
@@ -156,6 +159,7 @@ type Request struct {
 	Migration *Migration `json:"migration,omitempty"`
 	Export    *Export    `json:"export,omitempty"`
 	Backup    *Backup    `json:"backup,omitempty"`
+	Restore   *Restore   `json:"restore,omitempty"`
 	App       *App       `json:"app,omitempty"`
 	Pages     *Pages     `json:"pages,omitempty"`
 }
@@ -213,6 +217,26 @@ type Backup struct {
 	Kind        string `json:"kind"` // full, incremental
 	Since       string `json:"since,omitempty"`
 	Destination string `json:"destination"`
+}
+
+// Restore is the restore of a protected disk from a backup chain, re-anchored as the
+// VM's current state of the disk (docs/backup.md, "Restoring a protected disk"): a
+// deliberate rollback. Backup, Chain, Manifest, KeyFingerprint, Created and Root
+// identify the backed-up state (the chain's last backup); FromVersion and FromRoot are
+// the disk's anchor now (0 and "" when this host has none), ToVersion the new anchor's
+// version, always above FromVersion; Reason is the operator's justification, if given.
+type Restore struct {
+	Disk           string `json:"disk"`
+	Backup         string `json:"backup"`
+	Chain          string `json:"chain"`
+	Manifest       string `json:"manifest"`
+	KeyFingerprint string `json:"key_fingerprint"`
+	Created        string `json:"created"`
+	Root           string `json:"root"`
+	FromVersion    uint64 `json:"from_version"`
+	FromRoot       string `json:"from_root,omitempty"`
+	ToVersion      uint64 `json:"to_version"`
+	Reason         string `json:"reason,omitempty"`
 }
 
 // App identifies a guest application by the measurement of its image.
@@ -381,6 +405,8 @@ func (in *Input) Validate() error {
 		need("export", r.Export != nil)
 	case ActionBackup:
 		need("backup", r.Backup != nil)
+	case ActionBackupRestore:
+		need("restore", r.Restore != nil)
 	case ActionCloakRegister:
 		need("app", r.App != nil)
 	case ActionPageProtChange:
@@ -450,6 +476,26 @@ func (in *Input) Validate() error {
 			bad("request.backup.destination", "longer than %d bytes", maxPathLen)
 		case !printable(b.Destination):
 			bad("request.backup.destination", "must be printable UTF-8")
+		}
+	}
+	if x := r.Restore; x != nil {
+		id("request.restore.disk", x.Disk, true)
+		id("request.restore.backup", x.Backup, true)
+		id("request.restore.chain", x.Chain, true)
+		hexDigest("request.restore.manifest", x.Manifest, true)
+		hexDigest("request.restore.key_fingerprint", x.KeyFingerprint, true)
+		hexDigest("request.restore.root", x.Root, true)
+		hexDigest("request.restore.from_root", x.FromRoot, false)
+		if _, err := time.Parse(time.RFC3339, x.Created); err != nil {
+			bad("request.restore.created", "must be an RFC 3339 time")
+		}
+		if x.ToVersion <= x.FromVersion {
+			bad("request.restore.to_version", "must be above from_version (an anchor is never lowered)")
+		}
+		if len(x.Reason) > maxPathLen {
+			bad("request.restore.reason", "longer than %d bytes", maxPathLen)
+		} else if !printable(x.Reason) {
+			bad("request.restore.reason", "must be printable UTF-8")
 		}
 	}
 	if r.App != nil {

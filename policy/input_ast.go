@@ -179,6 +179,19 @@ func requestTerm(r *Request) *ast.Term {
 		fields = append(fields, item("destination", ast.StringTerm(b.Destination)))
 		items = append(items, item("backup", ast.ObjectTerm(fields...)))
 	}
+	if x := r.Restore; x != nil {
+		fields := [][2]*ast.Term{item("disk", ast.StringTerm(x.Disk)), item("backup", ast.StringTerm(x.Backup)), item("chain", ast.StringTerm(x.Chain)),
+			item("manifest", ast.StringTerm(x.Manifest)), item("key_fingerprint", ast.StringTerm(x.KeyFingerprint)), item("created", ast.StringTerm(x.Created)),
+			item("root", ast.StringTerm(x.Root)), item("from_version", ast.UIntNumberTerm(x.FromVersion))}
+		if x.FromRoot != "" {
+			fields = append(fields, item("from_root", ast.StringTerm(x.FromRoot)))
+		}
+		fields = append(fields, item("to_version", ast.UIntNumberTerm(x.ToVersion)))
+		if x.Reason != "" {
+			fields = append(fields, item("reason", ast.StringTerm(x.Reason)))
+		}
+		items = append(items, item("restore", ast.ObjectTerm(fields...)))
+	}
 	if r.App != nil {
 		items = append(items, item("app", ast.ObjectTerm(
 			item("name", ast.StringTerm(r.App.Name)),

@@ -47,6 +47,9 @@ func sampleInputs() []*Input {
 			r.App = &App{Name: "payments", Measurement: appPayment}
 		case ActionBackup:
 			r.Backup = &Backup{Disk: "data", Format: "protected", Kind: "incremental", Since: "20261203t160000-0a0b0c0d", Destination: "/srv/backup/b2"}
+		case ActionBackupRestore:
+			r.Restore = &Restore{Disk: "data", Backup: "20261203t160000-0a0b0c0d", Chain: "20261203t150000-01020304", Manifest: hostA, KeyFingerprint: hostA,
+				Created: "2026-12-03T16:00:00Z", Root: appPayment, FromVersion: 7, FromRoot: appPayment, ToVersion: 8, Reason: "CHG-42"}
 		case ActionPageProtChange:
 			r.App = &App{Name: "payments", Measurement: appPayment}
 			r.Pages = &Pages{Prot: "r", Ranges: []Range{{Start: 1 << 20, Length: 4096}}, Owned: []Range{{Start: 1 << 20, Length: 1 << 16}}}
@@ -146,6 +149,7 @@ func TestSchemaAgreesWithValidate(t *testing.T) {
 		}},
 		{"long id", func(in *Input) { in.VM.ID = strings.Repeat("x", 300) }},
 		{"backup missing", func(in *Input) { in.Action = ActionBackup; in.Request = Request{} }},
+		{"restore missing", func(in *Input) { in.Action = ActionBackupRestore; in.Request = Request{} }},
 		{"backup of a bad kind", func(in *Input) {
 			in.Action = ActionBackup
 			in.Request = Request{Backup: &Backup{Disk: "d", Format: "raw", Kind: "differential", Destination: "/b"}}
@@ -168,6 +172,23 @@ func TestSchemaAgreesWithValidate(t *testing.T) {
 		err := in.Validate()
 		if ok || err == nil {
 			t.Errorf("%s: schema ok=%v, Validate err=%v; both must reject", m.name, ok, err)
+		}
+	}
+}
+
+// TestValidateRestoreVersions: what the schema cannot say of a restore (the new anchor
+// is above the current one; created is a time) Validate refuses.
+func TestValidateRestoreVersions(t *testing.T) {
+	for _, tc := range []struct {
+		from, to uint64
+		created  string
+		ok       bool
+	}{{0, 1, "2026-12-03T16:00:00Z", true}, {7, 8, "2026-12-03T16:00:00Z", true}, {5, 5, "2026-12-03T16:00:00Z", false},
+		{6, 5, "2026-12-03T16:00:00Z", false}, {5, 6, "yesterday", false}} {
+		in := financeInput(ActionBackupRestore)
+		in.Request = Request{Restore: &Restore{Disk: "d", Backup: "b", Chain: "c", Manifest: hostA, KeyFingerprint: hostA, Created: tc.created, Root: hostA, FromVersion: tc.from, ToVersion: tc.to}}
+		if err := in.Validate(); (err == nil) != tc.ok {
+			t.Errorf("from %d to %d created %q: Validate = %v, want ok=%v", tc.from, tc.to, tc.created, err, tc.ok)
 		}
 	}
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"path/filepath"
 
@@ -19,13 +20,17 @@ func runBackup(ctx context.Context, env *cliEnv, args []string) int {
 		"       umbra backup list VM [--disk NAME]\n" +
 		"       umbra backup verify DIR... [--key FINGERPRINT]\n" +
 		"       umbra backup restore DIR... --to PATH [--key FINGERPRINT]\n" +
+		"       umbra backup restore DIR... --anchor VM.umbra [--disk NAME] [--reason TEXT] [--tpm ...]\n" +
 		"       umbra backup export DIR... --to PATH.qcow2 [--backing IMAGE] [--key FINGERPRINT]\n\n" +
 		"create backs up one disk of a running detached VM into the new directory DIR: full,\n" +
 		"or incremental since the reference point REF (the id of the backup before it). The\n" +
 		"guest is held only for a flush; it runs while the chunks are copied. Decided by the\n" +
 		"policy (action backup) and audited. verify checks a chain (the full backup first,\n" +
 		"then its incrementals in order) offline, without any key; restore rebuilds the disk\n" +
-		"at the chain's last backup into PATH; export writes the last backup's chunks as a\n" +
+		"at the chain's last backup into PATH, or, with --anchor, restores a protected disk of\n" +
+		"the stopped sealed VM in place and re-anchors it as the disk's current state (a\n" +
+		"deliberate rollback: decided by the sealed policy, action backup_restore, audited;\n" +
+		"the image from before is refused afterwards); export writes the last backup's chunks as a\n" +
 		"qcow2 image for qemu-img (an incremental's over --backing, the earlier chain\n" +
 		"restored). docs/backup.md\n"
 	sub, words, args, code, done := subcommand(env, synopsis, args)
@@ -114,11 +119,22 @@ func runBackup(ctx context.Context, env *cliEnv, args []string) int {
 		to := fs.String("to", "", "restore, export: the image to create")
 		backing := fs.String("backing", "", "export of an incremental: the image of the chain before it (a restore of the earlier backups)")
 		jsonOut := fs.Bool("json", false, "print the result as JSON")
+		var ra restoreAnchorFlags
+		if sub == "restore" {
+			ra.add(fs)
+		}
 		if code, done := parseFlags(env, fs, args); done {
 			return code
 		}
 		if len(words) == 0 || fs.NArg() != 0 {
 			fmt.Fprintf(env.stderr, "umbra backup %s: give the backup directories (full first), before any flag\n", sub)
+			return exitUsage
+		}
+		if ra.bundle != "" {
+			return restoreAnchored(ctx, env, &ra, words, *to, *key, *jsonOut)
+		}
+		if ra.disk != "" || ra.reason != "" {
+			fmt.Fprintln(env.stderr, "umbra backup restore: --disk and --reason go with --anchor")
 			return exitUsage
 		}
 		opt := backup.VerifyOptions{KeyFingerprint: *key}
@@ -168,6 +184,61 @@ func runBackup(ctx context.Context, env *cliEnv, args []string) int {
 	fmt.Fprintf(env.stderr, "umbra backup: unknown subcommand %q\n", sub)
 	fmt.Fprint(env.stderr, synopsis)
 	return exitUsage
+}
+
+// restoreAnchorFlags are backup restore's flags for re-anchoring a protected disk.
+type restoreAnchorFlags struct {
+	bundle, disk, reason string
+	tpm                  *tpmFlags
+}
+
+func (f *restoreAnchorFlags) add(fs *flag.FlagSet) {
+	fs.StringVar(&f.bundle, "anchor", "", "the VM's sealed bundle: restore its protected disk in place and re-anchor it as the disk's current state (the VM stopped)")
+	fs.StringVar(&f.disk, "disk", "", "with --anchor: the disk (default: the chain's)")
+	fs.StringVar(&f.reason, "reason", "", "with --anchor: why the disk is rolled back (given to the policy, kept in the audit log)")
+	f.tpm = addTPMFlags(fs)
+}
+
+// restoreAnchored is backup restore --anchor: the sealed bundle is opened on this
+// host's TPM, the restore decided by its policy and audited (launch.RestoreAnchored).
+func restoreAnchored(ctx context.Context, env *cliEnv, f *restoreAnchorFlags, dirs []string, to, key string, jsonOut bool) int {
+	if to != "" || key != "" {
+		fmt.Fprintln(env.stderr, "umbra backup restore: --anchor restores the disk where the sealed VM opens it, with the VM's own chain key: --to and --key do not go with it")
+		return exitUsage
+	}
+	if err := f.tpm.check(); err != nil {
+		fmt.Fprintf(env.stderr, "umbra backup restore: %v\n", err)
+		return exitUsage
+	}
+	tpm, stateDir, err := f.tpm.open(ctx, env)
+	if err != nil {
+		fmt.Fprintf(env.stderr, "umbra backup restore: TPM: %v\n", err)
+		return exitFailed
+	}
+	defer tpm.Close()
+	src, err := launch.SealedSource(ctx, tpm, stateDir, f.bundle, nil)
+	if err != nil {
+		fmt.Fprintf(env.stderr, "umbra backup restore: %v\n", err)
+		return exitFailed
+	}
+	defer src.Wipe()
+	principal, err := launch.LocalPrincipal()
+	if err != nil {
+		fmt.Fprintf(env.stderr, "umbra backup restore: %v\n", err)
+		return exitFailed
+	}
+	res, err := launch.RestoreAnchored(ctx, launch.RestoreConfig{Source: src, TPM: tpm, StateDir: stateDir, Principal: principal, Dirs: dirs, Disk: f.disk, Reason: f.reason})
+	if err != nil {
+		fmt.Fprintf(env.stderr, "umbra backup restore: %v\n", err)
+		return exitFailed
+	}
+	if jsonOut {
+		printJSON(env, res)
+		return 0
+	}
+	fmt.Fprintf(env.stdout, "restored disk %s of VM %s from backup %s (chain %s, key %s) into %s\n", res.Disk, res.VM, res.Backup, res.Chain, res.KeyFingerprint, res.Image)
+	fmt.Fprintf(env.stdout, "re-anchored at version %d (was %d), root %s: the image from before the restore is refused from now on\n", res.ToVersion, res.FromVersion, res.Root)
+	return 0
 }
 
 func restoredFormat(m *backup.Manifest) string {

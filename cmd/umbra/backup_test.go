@@ -22,29 +22,8 @@ import (
 // the VM continues from, and the chain's offline verify and restore, equal to the disk.
 // The begin and completion of each backup are in the audit log with its manifest.
 func TestBackupCLI(t *testing.T) {
-	requireKVMForCLI(t)
-	dir := shortTempDir(t, "umbra-backup-")
-	os.Chmod(dir, 0o711)
-	at := func(p ...string) string { return filepath.Join(append([]string{dir}, p...)...) }
-	must := func(args ...string) string {
-		t.Helper()
-		code, out, errs := runUmbra(t, args...)
-		if code != 0 {
-			t.Fatalf("umbra %s = %d\n%s\n%s", strings.Join(args, " "), code, out, errs)
-		}
-		return out
-	}
-	state := at("state")
-	os.MkdirAll(state, 0o711)
-	// The jailed monitor (user nobody) writes its backups where the operator let it.
-	backups := filepath.Join(state, "backups")
-	os.MkdirAll(backups, 0o777)
-	os.Chmod(backups, 0o777)
-	keyID := strings.Fields(must("seal", "keygen", "-o", at("admin.pem")))[2]
-	copyTree(t, "../../testdata/e2e/backup/policy", at("policy"))
-	writeJSON(t, at("policy", "umbra", "backup", "data.json"), map[string]any{"operators": []string{"unix:root"}, "destinations": []string{backups + "/"}, "plaintext": true})
-	must("policy", "build", at("policy"), "--signing-key", at("admin.pem"), "--key-id", keyID, "-o", at("policy.tar.gz"))
-	os.WriteFile(at("guest.elf"), guestimage.Image(), 0o644)
+	w := newBackupCLI(t, "umbra-backup-")
+	at, must, state, backups, keyID := w.at, w.must, w.state, w.backups, w.keyID
 	img := at("data.img")
 	content := make([]byte, 2<<20)
 	rand.Read(content)
@@ -87,7 +66,7 @@ func TestBackupCLI(t *testing.T) {
 	}{
 		{"destination the policy does not list", []string{"--to", at("elsewhere")}, "backup.destination"},
 		{"unknown reference point", []string{"--to", filepath.Join(backups, "x"), "--since", "nope"}, "no reference point"},
-		{"no such disk", []string{"--to", filepath.Join(backups, "y"), "--disk", "other"}, `no launch disk "other"`},
+		{"no such disk", []string{"--to", filepath.Join(backups, "y"), "--disk", "other"}, `no disk "other"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			code, out, errs := runUmbra(t, append([]string{"backup", "create", "bk", "--state-dir", state}, tc.args...)...)
@@ -149,4 +128,42 @@ func TestBackupCLI(t *testing.T) {
 	if n := bytes.Count(audit, []byte(`"backup-complete"`)); n != 3 {
 		t.Fatalf("%d backup-complete records in the audit log, want 3", n)
 	}
+}
+
+// backupCLI is what the backup CLI tests share: a state directory for a jailed monitor,
+// a backups directory it may write, and the backup test policy (operators root, plaintext
+// allowed, destinations under backups) built and signed.
+type backupCLI struct {
+	t                          *testing.T
+	dir, state, backups, keyID string
+}
+
+func newBackupCLI(t *testing.T, prefix string) *backupCLI {
+	t.Helper()
+	requireKVMForCLI(t)
+	w := &backupCLI{t: t, dir: shortTempDir(t, prefix)}
+	os.Chmod(w.dir, 0o711)
+	w.state = w.at("state")
+	os.MkdirAll(w.state, 0o711)
+	// The jailed monitor (user nobody) writes its backups where the operator let it.
+	w.backups = filepath.Join(w.state, "backups")
+	os.MkdirAll(w.backups, 0o777)
+	os.Chmod(w.backups, 0o777)
+	w.keyID = strings.Fields(w.must("seal", "keygen", "-o", w.at("admin.pem")))[2]
+	copyTree(t, "../../testdata/e2e/backup/policy", w.at("policy"))
+	writeJSON(t, w.at("policy", "umbra", "backup", "data.json"), map[string]any{"operators": []string{"unix:root"}, "destinations": []string{w.backups + "/"}, "plaintext": true})
+	w.must("policy", "build", w.at("policy"), "--signing-key", w.at("admin.pem"), "--key-id", w.keyID, "-o", w.at("policy.tar.gz"))
+	os.WriteFile(w.at("guest.elf"), guestimage.Image(), 0o644)
+	return w
+}
+
+func (w *backupCLI) at(p ...string) string { return filepath.Join(append([]string{w.dir}, p...)...) }
+
+func (w *backupCLI) must(args ...string) string {
+	w.t.Helper()
+	code, out, errs := runUmbra(w.t, args...)
+	if code != 0 {
+		w.t.Fatalf("umbra %s = %d\n%s\n%s", strings.Join(args, " "), code, out, errs)
+	}
+	return out
 }

@@ -240,6 +240,10 @@ func (d *detachedMonitor) attach(c *launch.Control) {
 			err = chownTree(filepath.Join(filepath.Dir(path), "overlays"), d.jail.UID)
 		}
 		if err == nil {
+			// And the reference points of disks attached at run time (launch/backup_hot.go).
+			err = chownTree(filepath.Join(filepath.Dir(path), "hotdisks"), d.jail.UID)
+		}
+		if err == nil {
 			// And the disks' reference points for backups (launch/backup.go).
 			trackers, _ := filepath.Glob(filepath.Join(filepath.Dir(path), "disks", "*.cbt"))
 			for _, t := range trackers {

@@ -53,6 +53,9 @@ func runDisk(ctx context.Context, env *cliEnv, args []string) int {
 			return 0
 		}
 		fmt.Fprintf(env.stdout, "disk %s (%s, %s) attached to VM %s in slot %s\n", res.Device.ID, res.Device.Path, res.Device.Format, vm, res.Slot)
+		if len(res.DroppedRefs) > 0 {
+			fmt.Fprintf(env.stdout, "dropped its reference points for backups %v: they were kept for another image (the next backup of it is a full one)\n", res.DroppedRefs)
+		}
 		return 0
 	case "detach":
 		fs := newFlagSet(env, "disk detach", "VM NAME", "Detach disk NAME, attached at run time, from VM (flushed first).")

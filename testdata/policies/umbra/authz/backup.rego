@@ -44,4 +44,28 @@ deny contains reason(
 	not cfg.backups.plaintext
 }
 
+# Restoring a protected disk from its backups as its current state is a deliberate
+# rollback of the disk (umbra backup restore --anchor): refused unless the VM's config
+# allows it with backups.restore, and only with a reason for the audit trail.
+deny contains reason(
+	"backup.restore_not_allowed",
+	sprintf("VM %q's config does not allow rolling its disks back to a backup (backups.restore)", [input.vm.id]),
+	"backup.rego:restore",
+) if {
+	input.action == "backup_restore"
+	cfg
+	not cfg.backups.restore
+}
+
+deny contains reason(
+	"backup.restore_reason",
+	sprintf("rolling disk %q of VM %q back to backup %q needs a reason (--reason)", [input.request.restore.disk, input.vm.id, input.request.restore.backup]),
+	"backup.rego:restore_reason",
+) if {
+	input.action == "backup_restore"
+	not input.request.restore.reason
+}
+
 permitted contains "backup"
+
+permitted contains "backup_restore"

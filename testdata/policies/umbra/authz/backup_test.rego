@@ -31,3 +31,30 @@ test_vm_without_backups_refused if {
 	d := authz.decision with input as inp with time.now_ns as wed10
 	denied_with(d, "backup.not_allowed")
 }
+
+restore_of(reason) := {"vm": {"state": "stopped"}, "request": {"restore": object.union(
+	{"disk": "disk0", "backup": "20261203t160000-0a0b0c0d", "chain": "20261203t150000-01020304", "manifest": hex64, "key_fingerprint": hex64, "created": "2026-12-03T16:00:00Z", "root": hex64, "from_version": 7, "to_version": 8},
+	reason,
+)}}
+
+hex64 := "0000000000000000000000000000000000000000000000000000000000000000"
+
+test_restore_refused_by_default if {
+	d := authz.decision with input as with_action("backup_restore", object.union(admin, restore_of({"reason": "CHG-1"}))) with time.now_ns as wed10
+	denied_with(d, "backup.restore_not_allowed")
+}
+
+test_restore_allowed_by_config_with_a_reason if {
+	inp := with_action("backup_restore", object.union(admin, restore_of({"reason": "CHG-1"})))
+	authz.decision.allow with input as inp with time.now_ns as wed10 with data.umbra.config.vms["finance-01"].backups.restore as true
+}
+
+test_restore_needs_a_reason if {
+	d := authz.decision with input as with_action("backup_restore", object.union(admin, restore_of({}))) with time.now_ns as wed10 with data.umbra.config.vms["finance-01"].backups.restore as true
+	denied_with(d, "backup.restore_reason")
+}
+
+test_user_may_not_restore if {
+	d := authz.decision with input as with_action("backup_restore", restore_of({"reason": "CHG-1"})) with time.now_ns as wed10 with data.umbra.config.vms["finance-01"].backups.restore as true
+	denied_with(d, "principal.not_admin")
+}

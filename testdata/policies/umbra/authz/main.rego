@@ -37,6 +37,6 @@ deny contains reason(
 # for through hypercalls (the monitor is then the principal, auth "system").
 use_actions := {"launch", "resume", "console_open", "file_transfer", "clipboard", "snapshot_create", "snapshot_revert", "pause", "stop", "inspect"}
 
-admin_actions := {"modify_spec", "attach_device", "detach_device", "connect_network", "migrate", "clone", "export", "delete", "backup"}
+admin_actions := {"modify_spec", "attach_device", "detach_device", "connect_network", "migrate", "clone", "export", "delete", "backup", "backup_restore"}
 
 guest_actions := {"cloak_register", "pageprot_change"}

@@ -5,7 +5,9 @@
 #   data.umbra.backup: operators (who may launch the VM with its disks, inspect, stop,
 #   snapshot and back up the VM),
 #   destinations (directory prefixes backups may go under) and plaintext (whether a
-#   raw or qcow2 disk, whose backup holds the guest's data in the clear, may be backed up).
+#   raw or qcow2 disk, whose backup holds the guest's data in the clear, may be backed up),
+#   restore (whether a protected disk may be rolled back to a backup and re-anchored:
+#   backup_restore, then only by an operator giving a change ticket CHG-N as the reason).
 package umbra.authz
 
 default allow := false
@@ -14,13 +16,13 @@ cfg := data.umbra.backup
 
 allow if {
 	count(deny) == 0
-	input.action in {"launch", "attach_device", "inspect", "stop", "backup", "snapshot_create", "pageprot_change"}
+	input.action in {"launch", "modify_spec", "attach_device", "detach_device", "inspect", "stop", "backup", "backup_restore", "snapshot_create", "pageprot_change"}
 }
 
 reason(code, msg, rule) := {"code": code, "message": msg, "rule": rule}
 
 deny contains reason("principal.not_operator", sprintf("%q may not %s VM %q", [input.principal.id, input.action, input.vm.id]), "backup.rego:use") if {
-	input.action in {"launch", "attach_device", "inspect", "stop", "backup", "snapshot_create"}
+	input.action in {"launch", "modify_spec", "attach_device", "detach_device", "inspect", "stop", "backup", "backup_restore", "snapshot_create"}
 	not input.request.recheck
 	not input.principal.id in cfg.operators
 }
@@ -41,6 +43,16 @@ deny contains reason("backup.plaintext", sprintf("disk %q is %s: its backup woul
 	input.action == "backup"
 	input.request.backup.format != "protected"
 	not cfg.plaintext
+}
+
+deny contains reason("backup.restore_not_allowed", sprintf("VM %q's disks may not be rolled back to a backup", [input.vm.id]), "backup.rego:restore") if {
+	input.action == "backup_restore"
+	not cfg.restore
+}
+
+deny contains reason("backup.restore_reason", sprintf("rolling disk %q back to backup %q needs a change ticket (CHG-N) as its reason, not %q", [input.request.restore.disk, input.request.restore.backup, object.get(input.request.restore, "reason", "")]), "backup.rego:restore_reason") if {
+	input.action == "backup_restore"
+	not regex.match(`^CHG-[0-9]+$`, object.get(input.request.restore, "reason", ""))
 }
 
 deny contains reason("system.only", "page protection is the monitor's", "backup.rego:system") if {

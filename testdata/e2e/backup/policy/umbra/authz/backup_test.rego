@@ -23,3 +23,15 @@ test_plaintext_only_when_allowed if {
 test_stranger_refused if {
 	not authz.allow with input as object.union(backup("/srv/b/one", "protected"), {"principal": {"id": "unix:mallory"}})
 }
+
+restore(reason) := object.union(op, {"action": "backup_restore", "request": {"restore": object.union({"disk": "data", "backup": "b2", "chain": "b1", "manifest": "m", "key_fingerprint": "k", "created": "2026-12-03T16:00:00Z", "root": "r", "from_version": 4, "to_version": 5}, reason)}})
+
+test_restore_with_a_ticket if {
+	authz.allow with input as restore({"reason": "CHG-42"}) with data.umbra.backup.restore as true
+}
+
+test_restore_refused if {
+	not authz.allow with input as restore({"reason": "CHG-42"})
+	not authz.allow with input as restore({}) with data.umbra.backup.restore as true
+	not authz.allow with input as restore({"reason": "because"}) with data.umbra.backup.restore as true
+}
