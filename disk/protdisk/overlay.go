@@ -361,3 +361,18 @@ func (d *Disk) Verify(ctx context.Context) error {
 	}
 	return nil
 }
+
+// Unbind undoes Bind (a snapshot whose pause failed after binding): the base takes
+// writes again and the overlay is unbound.
+func (d *Disk) Unbind() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.settled || d.base == nil {
+		return
+	}
+	d.base.mu.Lock()
+	d.base.frozen = false
+	d.base.mu.Unlock()
+	d.hdr.BaseRoot = Root{}
+	d.hdrBytes = d.hdr.marshal()
+}
