@@ -63,9 +63,10 @@ type snapshotEnv struct {
 	last     *monitor.CheckpointInfo
 	lastName string
 
-	overlays string         // the VM's overlay directory (snapdisks.go)
-	disks    []*liveDisk    // the VM's plain disks
-	opened   []disk.Backend // overlays and frozen images opened for this run
+	overlays string                    // the VM's overlay directory (snapdisks.go)
+	prot     *monitor.ProtectedDiskEnv // the keys and anchors of protected disks
+	disks    []*liveDisk               // the VM's writable disks and read-only plain ones
+	opened   []disk.Backend            // overlays and frozen images opened for this run
 }
 
 // snapshotDir is VM vm's snapshot store.
@@ -121,11 +122,7 @@ func vmSnapshotSecret(lc LaunchConfig) ([]byte, error) {
 // jail could keep the monitor from creating it).
 func newSnapshotEnv(lc LaunchConfig, host string, audit func(context.Context, string, any) error) (*snapshotEnv, error) {
 	env := &snapshotEnv{tpm: lc.TPM, host: host, vm: lc.Spec.Name, series: snapshotSeries(lc.Spec.Name), audit: audit}
-	for _, d := range lc.Spec.Disks {
-		if d.Protected && !d.ReadOnly {
-			env.cannot = fmt.Sprintf("disk %s is a writable protected disk, which is not frozen at a snapshot's instant yet (docs/snapshot.md: protected disks in snapshots)", d.Name)
-		}
-	}
+	env.prot = lc.Disks.Protected
 	env.overlays = overlayDir(lc.StateDir, lc.Spec.Name)
 	if err := os.MkdirAll(env.overlays, 0o700); err != nil {
 		return nil, fmt.Errorf("disk overlays: %w", err)

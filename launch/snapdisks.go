@@ -12,6 +12,7 @@ import (
 	"slices"
 
 	"github.com/umbra-cc/umbra/disk"
+	"github.com/umbra-cc/umbra/disk/protdisk"
 	"github.com/umbra-cc/umbra/disk/qcow2"
 	"github.com/umbra-cc/umbra/monitor"
 	"github.com/umbra-cc/umbra/policy"
@@ -40,6 +41,9 @@ type liveDisk struct {
 	path     string       // top's image, absolute
 	format   string       // raw or qcow2
 	base     string       // the spec's image (the bottom of the chain), absolute
+	// protected: a protected disk, whose top is a protected overlay after a snapshot and
+	// whose head is its anchor (monitor/protsnap.go), not a head record.
+	protected bool
 	// switched: a snapshot of this run switched the device to an overlay, so the
 	// backends the launch wrapped around the disk (trackers) no longer see its writes.
 	switched bool
@@ -124,6 +128,9 @@ func (env *snapshotEnv) setDisks(specs []monitor.DiskSpec, ids []monitor.DiskIde
 	env.disks = nil
 	for i, d := range specs {
 		if d.Protected {
+			if !d.ReadOnly {
+				env.disks = append(env.disks, &liveDisk{name: d.Name, top: opened[i].Backend, path: monitor.ProtectedDiskPath(opened[i].Backend), format: monitor.FormatProtected, base: bases[i], protected: true})
+			}
 			continue
 		}
 		path, err := filepath.Abs(ids[i].Path)
@@ -146,6 +153,20 @@ func (env *snapshotEnv) prepareOverlays(gen uint64) ([]monitor.DiskOverlay, []*l
 		if d.readOnly {
 			ovs = append(ovs, monitor.DiskOverlay{Disk: d.name, Path: d.path, Format: d.format})
 			tops = append(tops, nil)
+			continue
+		}
+		if d.protected {
+			if env.prot == nil {
+				return nil, nil, fmt.Errorf("disk %s: a protected disk without its key environment", d.name)
+			}
+			path := filepath.Join(env.overlays, fmt.Sprintf("%s.g%d.pdisk", d.name, gen))
+			ov, err := env.prot.NewOverlay(d.name, d.top, path)
+			if err != nil {
+				return nil, nil, err
+			}
+			env.opened = append(env.opened, ov)
+			ovs = append(ovs, monitor.DiskOverlay{Disk: d.name, Overlay: ov, Path: d.path, Format: monitor.FormatProtected})
+			tops = append(tops, &liveDisk{name: d.name, top: ov, path: path, format: monitor.FormatProtected, base: d.base, protected: true})
 			continue
 		}
 		path := filepath.Join(env.overlays, fmt.Sprintf("%s.g%d.qcow2", d.name, gen))
@@ -175,6 +196,16 @@ func (env *snapshotEnv) adoptOverlays(tops []*liveDisk) error {
 			continue
 		}
 		d := env.disks[i]
+		if t.protected {
+			// A protected overlay is the disk only once the pause bound it (an unbound
+			// one was never switched to, and never opens); its anchor is its head.
+			if ov, ok := t.top.(*protdisk.Disk); !ok || ov.BaseRoot() == (protdisk.Root{}) {
+				os.Remove(t.path)
+				continue
+			}
+			d.top, d.path, d.switched = t.top, t.path, true
+			continue
+		}
 		d.top, d.path, d.format, d.switched = t.top, t.path, t.format, true
 		errs = append(errs, env.writeHead(d))
 	}
@@ -198,7 +229,15 @@ func (env *snapshotEnv) switchedDisk(name string) bool {
 func (env *snapshotEnv) writeHeads() error {
 	var errs []error
 	for _, d := range env.disks {
-		if !d.readOnly {
+		switch {
+		case d.protected:
+			// The restore's protected overlay is anchored as the disk's top.
+			if ov, ok := d.top.(*protdisk.Disk); ok {
+				if err := ov.Settle(); err != nil {
+					errs = append(errs, fmt.Errorf("disk %s: anchor its restored overlay: %w", d.name, err))
+				}
+			}
+		case !d.readOnly:
 			errs = append(errs, env.writeHead(d))
 		}
 	}
@@ -231,7 +270,7 @@ func (rp *restorePlan) frozenIdentities(disks []policy.Device) ([]policy.Device,
 	for _, fd := range fds {
 		for i, d := range out {
 			if d.ID == fd.Name && d.Type == monitor.DeviceVirtioBlk {
-				out[i] = policy.Device(monitor.DiskIdentity{Type: monitor.DeviceVirtioBlk, ID: fd.Name, Path: fd.Path, Format: fd.Format, Digest: fd.SHA256, ReadOnly: fd.ReadOnly})
+				out[i] = policy.Device(monitor.DiskIdentity{Type: monitor.DeviceVirtioBlk, ID: fd.Name, Path: fd.Path, Format: fd.Format, Digest: fd.SHA256, Root: fd.Root, ReadOnly: fd.ReadOnly})
 				changed = append(changed, i)
 			}
 		}
@@ -285,10 +324,17 @@ func (rp *restorePlan) openRestoredDisks(ctx context.Context, lc LaunchConfig, i
 			continue
 		case !ok:
 			return nil, fmt.Errorf("snapshot %s recorded no image of disk %s, which is writable: it was taken without its disks; boot the VM instead", rp.name, d.Name)
-		case d.Protected:
-			return nil, fmt.Errorf("snapshot %s records disk %s as a plain image, but the spec makes it a protected disk", rp.name, d.Name)
+		case d.Protected != (fd.Format == monitor.FormatProtected):
+			return nil, fmt.Errorf("snapshot %s records disk %s as a %s image, but the spec makes it protected %v", rp.name, d.Name, fd.Format, d.Protected)
 		case fd.ReadOnly != d.ReadOnly:
 			return nil, fmt.Errorf("snapshot %s records disk %s as read-only %v, the spec says %v", rp.name, d.Name, fd.ReadOnly, d.ReadOnly)
+		case d.Protected:
+			ov, err := rp.restoreProtected(ctx, fd, base, hex.EncodeToString(suffix))
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, monitor.Disk{Name: d.Name, Backend: ov})
+			continue
 		}
 		be, err := monitor.OpenFrozenDisk(ctx, fd)
 		if err != nil {
@@ -316,4 +362,28 @@ func (rp *restorePlan) openRestoredDisks(ctx context.Context, lc LaunchConfig, i
 		return nil, fmt.Errorf("snapshot %s records disk %s, which the spec does not have", rp.name, name)
 	}
 	return out, nil
+}
+
+// restoreProtected opens the image a snapshot froze protected disk fd at, every block
+// authenticated against the recorded root (a changed image is refused, naming the disk,
+// before the guest runs and before the resume is counted), and puts a fresh protected
+// overlay over it, which becomes the disk's top once the restore is done (writeHeads).
+// The frozen image is the environment's to close, the overlay the caller's (as a disk).
+func (rp *restorePlan) restoreProtected(ctx context.Context, fd monitor.FrozenDisk, base, suffix string) (disk.Backend, error) {
+	env := rp.env
+	if env.prot == nil {
+		return nil, fmt.Errorf("snapshot %s: disk %s: %w", rp.name, fd.Name, monitor.ErrNoDiskKey)
+	}
+	frozen, err := env.prot.OpenFrozen(ctx, fd)
+	if err != nil {
+		return nil, fmt.Errorf("snapshot %s: %w", rp.name, err)
+	}
+	env.opened = append(env.opened, frozen)
+	path := filepath.Join(env.overlays, fmt.Sprintf("%s.r%d-%s.pdisk", fd.Name, rp.cur+1, suffix))
+	ov, err := env.prot.RestoreOverlay(fd.Name, frozen, path)
+	if err != nil {
+		return nil, err
+	}
+	env.disks = append(env.disks, &liveDisk{name: fd.Name, top: ov, path: path, format: monitor.FormatProtected, base: base, protected: true})
+	return ov, nil
 }

@@ -21,18 +21,7 @@ import (
 
 // IsProtectedDisk reports whether be is a protected disk, under any wrappers with an
 // Unwrap method (a write tracker).
-func IsProtectedDisk(be disk.Backend) bool {
-	for {
-		if _, ok := be.(*protdisk.Disk); ok {
-			return true
-		}
-		u, ok := be.(interface{ Unwrap() disk.Backend })
-		if !ok {
-			return false
-		}
-		be = u.Unwrap()
-	}
-}
+func IsProtectedDisk(be disk.Backend) bool { return protDiskOf(be) != nil }
 
 // AnchorState returns protected disk name's anchored version and root, as its anchor
 // file holds them (MAC checked). After a Flush with the VM paused it is the disk's
@@ -82,7 +71,7 @@ func (e *ProtectedDiskEnv) AdoptAnchor(name string, version uint64, root string)
 // ahead, which the next open completes).
 func (p *protectedDisk) store(version uint64, root string) error {
 	a := diskAnchorFile{Version: version, Root: root}
-	a.MAC = p.mac(a.Version, a.Root)
+	a.MAC = p.mac(a.Version, a.Root, a.Top)
 	b, _ := json.Marshal(a)
 	if err := os.MkdirAll(filepath.Dir(p.path), 0o700); err != nil {
 		return fmt.Errorf("anchor protected disk %s: %w", p.name, err)

@@ -54,7 +54,10 @@ var ErrDiskRolledBack = errors.New("protected disk rolled back")
 type diskAnchorFile struct {
 	Version uint64 `json:"version"`
 	Root    string `json:"root"`
-	MAC     string `json:"mac"`
+	// Top is the image the root is of when it is not the spec's: a protected overlay a
+	// snapshot or a restore made (protsnap.go). The anchor is then also the disk's head.
+	Top string `json:"top,omitempty"`
+	MAC string `json:"mac"`
 }
 
 // protectedDisk is one disk's key material and anchor.
@@ -65,6 +68,7 @@ type protectedDisk struct {
 	macKey []byte
 	path   string // the anchor file
 	series string // the TPM counter series
+	top    string // the image Commit anchors (anchor file's Top: "" for the spec's)
 
 	mu      sync.Mutex
 	version uint64
@@ -88,12 +92,15 @@ func (e *ProtectedDiskEnv) disk(name string) (*protectedDisk, error) {
 		series: "umbra-disk." + e.VM + "." + name}, nil
 }
 
-func (p *protectedDisk) mac(version uint64, root string) string {
+func (p *protectedDisk) mac(version uint64, root, top string) string {
 	m := hmac.New(sha256.New, p.macKey)
 	var v [8]byte
 	binary.BigEndian.PutUint64(v[:], version)
 	m.Write(v[:])
 	m.Write([]byte(root))
+	if top != "" { // a root is 64 hex digits: what follows cannot be mistaken for it
+		m.Write([]byte("\x00top\x00" + top))
+	}
 	return hex.EncodeToString(m.Sum(nil))
 }
 
@@ -110,8 +117,11 @@ func (p *protectedDisk) load() (*diskAnchorFile, error) {
 	if err := strictjson.Decode(b, &a); err != nil {
 		return nil, fmt.Errorf("anchor of protected disk %s (%s) is corrupt: %w", p.name, p.path, err)
 	}
-	if !hmac.Equal([]byte(a.MAC), []byte(p.mac(a.Version, a.Root))) {
+	if !hmac.Equal([]byte(a.MAC), []byte(p.mac(a.Version, a.Root, a.Top))) {
 		return nil, fmt.Errorf("anchor of protected disk %s (%s) fails its MAC: it was altered, or the VM secret is not the one the disk was made with", p.name, p.path)
+	}
+	if a.Top != "" && (!filepath.IsAbs(a.Top) || filepath.Clean(a.Top) != a.Top) {
+		return nil, fmt.Errorf("anchor of protected disk %s (%s) names top image %q, not a clean absolute path", p.name, p.path, a.Top)
 	}
 	return &a, nil
 }
@@ -125,15 +135,34 @@ func (p *protectedDisk) root() (string, error) {
 	return a.Root, nil
 }
 
-// Commit implements protdisk.Anchor: the new root goes to the anchor file with the next
-// version, then the TPM counter is raised to it. A crash between the two leaves the file
-// one version ahead, which the next open accepts and completes.
-func (p *protectedDisk) Commit(r protdisk.Root) error {
+// Commit implements protdisk.Anchor for the image the disk was opened as (p.top).
+func (p *protectedDisk) Commit(r protdisk.Root) error { return p.commit(r, p.top) }
+
+// layer is the anchor of another image of the disk (an overlay made by a snapshot or a
+// restore): its commits make that image the disk's top.
+func (p *protectedDisk) layer(top string) protdisk.Anchor {
+	return protdisk.AnchorFunc(func(r protdisk.Root) error { return p.commit(r, top) })
+}
+
+// commit writes the new root (of image top) to the anchor file with the next version,
+// then raises the TPM counter to it. A crash between the two leaves the file one version
+// ahead, which the next open accepts and completes. The next version follows the file's,
+// so the layers of one disk (each with its own protectedDisk) share one series.
+func (p *protectedDisk) commit(r protdisk.Root, top string) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	unlock := lockAnchor(p.path)
+	defer unlock()
+	cur, err := p.load()
+	if err != nil {
+		return err
+	}
 	next := p.version + 1
-	a := diskAnchorFile{Version: next, Root: r.String()}
-	a.MAC = p.mac(a.Version, a.Root)
+	if cur != nil && cur.Version >= next {
+		next = cur.Version + 1
+	}
+	a := diskAnchorFile{Version: next, Root: r.String(), Top: top}
+	a.MAC = p.mac(a.Version, a.Root, a.Top)
 	b, _ := json.Marshal(a)
 	if err := os.MkdirAll(filepath.Dir(p.path), 0o700); err != nil {
 		return fmt.Errorf("anchor protected disk %s: %w", p.name, err)
@@ -146,6 +175,16 @@ func (p *protectedDisk) Commit(r protdisk.Root) error {
 	}
 	p.version = next
 	return nil
+}
+
+// anchorLocks serialises the commits of one anchor file across its layers' anchors.
+var anchorLocks sync.Map
+
+func lockAnchor(path string) func() {
+	m, _ := anchorLocks.LoadOrStore(path, new(sync.Mutex))
+	mu := m.(*sync.Mutex)
+	mu.Lock()
+	return mu.Unlock
 }
 
 // open checks the anchor against the TPM and opens the image against the anchored root;
@@ -183,7 +222,10 @@ func (p *protectedDisk) open(ctx context.Context, d DiskSpec, path, seed string)
 	} else {
 		copy(root[:], b)
 	}
-	pd, err := protdisk.Open(path, p.key, root, p, d.ReadOnly)
+	if a.Top != "" {
+		return p.openTop(a.Top, path, root, d.ReadOnly)
+	}
+	pd, err := protdisk.OpenChain(path, p.key, root, p, d.ReadOnly)
 	if errors.Is(err, protdisk.ErrRollback) {
 		return nil, fmt.Errorf("%w: %w", ErrDiskRolledBack, err)
 	}

@@ -43,7 +43,7 @@ func TestDiskAnchorFileIsAuthenticated(t *testing.T) {
 		a := `{"version":` + strconv.FormatUint(version, 10) + `,"root":"` + r + `","mac":"` + mac + `"}`
 		os.WriteFile(p.path, []byte(a), 0o600)
 	}
-	write(3, root.String(), p.mac(3, root.String()))
+	write(3, root.String(), p.mac(3, root.String(), ""))
 	if r, err := p.root(); err != nil || r != root.String() {
 		t.Fatalf("a genuine anchor: root %q, %v", r, err)
 	}
@@ -56,9 +56,9 @@ func TestDiskAnchorFileIsAuthenticated(t *testing.T) {
 		root, mac     string
 		wantErrSubstr string
 	}{
-		{"host's own root", 3, other, p.mac(3, root.String()), "fails its MAC"},
-		{"version changed", 4, root.String(), p.mac(3, root.String()), "fails its MAC"},
-		{"another disk's anchor", 3, root.String(), od.mac(3, root.String()), "fails its MAC"},
+		{"host's own root", 3, other, p.mac(3, root.String(), ""), "fails its MAC"},
+		{"version changed", 4, root.String(), p.mac(3, root.String(), ""), "fails its MAC"},
+		{"another disk's anchor", 3, root.String(), od.mac(3, root.String(), ""), "fails its MAC"},
 		{"no MAC", 3, root.String(), "", "fails its MAC"},
 	} {
 		write(tc.version, tc.root, tc.mac)
@@ -78,7 +78,7 @@ func FuzzDiskAnchor(f *testing.F) {
 	p := testProtectedDisk(f)
 	os.MkdirAll(filepath.Dir(p.path), 0o700)
 	r := strings.Repeat("01", 32)
-	f.Add([]byte(`{"version":2,"root":"` + r + `","mac":"` + p.mac(2, r) + `"}`))
+	f.Add([]byte(`{"version":2,"root":"` + r + `","mac":"` + p.mac(2, r, "") + `"}`))
 	f.Add([]byte(`{"version":-1}`))
 	f.Add([]byte(`[]`))
 	f.Fuzz(func(t *testing.T, data []byte) {
@@ -89,7 +89,7 @@ func FuzzDiskAnchor(f *testing.F) {
 		if err != nil || a == nil {
 			return
 		}
-		if a.MAC != p.mac(a.Version, a.Root) {
+		if a.MAC != p.mac(a.Version, a.Root, a.Top) {
 			t.Fatalf("accepted an anchor whose MAC does not verify: %+v", a)
 		}
 	})
@@ -157,7 +157,7 @@ func TestProtectedDiskAnchorAgainstTheTPM(t *testing.T) {
 	}
 	// A crash between the anchor file and the counter: the file is one ahead.
 	ahead := diskAnchorFile{Version: cur.Version + 1, Root: cur.Root}
-	ahead.MAC = p.mac(ahead.Version, ahead.Root)
+	ahead.MAC = p.mac(ahead.Version, ahead.Root, "")
 	writeAnchor(t, p.path, ahead)
 	if _, err := open(); err != nil {
 		t.Fatalf("interrupted commit not completed: %v", err)
@@ -175,7 +175,7 @@ func TestProtectedDiskAnchorAgainstTheTPM(t *testing.T) {
 		{"anchor removed", func() { os.Remove(p.path) }, "removed the anchor"},
 		{"anchor far ahead", func() {
 			far := diskAnchorFile{Version: hw() + 5, Root: cur.Root}
-			far.MAC = p.mac(far.Version, far.Root)
+			far.MAC = p.mac(far.Version, far.Root, "")
 			writeAnchor(t, p.path, far)
 		}, "counters were reset"},
 	} {

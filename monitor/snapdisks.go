@@ -6,9 +6,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"strings"
 
 	"github.com/umbra-cc/umbra/disk"
+	"github.com/umbra-cc/umbra/disk/protdisk"
 	"github.com/umbra-cc/umbra/disk/qcow2"
 	"github.com/umbra-cc/umbra/snapshot"
 	"github.com/umbra-cc/umbra/strictjson"
@@ -44,21 +46,26 @@ type DiskOverlay struct {
 	Disk string
 	// Overlay is the disk from the pause on: a qcow2 overlay over the disk's current
 	// backend, created and opened by the caller, who closes it after the run (and the
-	// frozen backend after it). Nil for a read-only disk, which is recorded, not frozen.
+	// frozen backend after it); for a protected disk, an unbound protected overlay over
+	// it (ProtectedDiskEnv.NewOverlay), which the pause binds. Nil for a read-only disk,
+	// which is recorded, not frozen.
 	Overlay disk.Backend
 	// Path and Format are the frozen image's, as the overlay's header names it and a
-	// restore opens it (an absolute path; raw or qcow2).
+	// restore opens it (an absolute path; raw, qcow2 or protected).
 	Path, Format string
 }
 
 // FrozenDisk is a disk as a checkpoint recorded it: the image frozen at its instant (or a
 // read-only disk, which the VM never writes), and the digest a restore checks.
 type FrozenDisk struct {
-	Name     string `json:"name"`
-	Path     string `json:"path"`
-	Format   string `json:"format"`
-	Size     int64  `json:"size"`
-	SHA256   string `json:"sha256"`
+	Name   string `json:"name"`
+	Path   string `json:"path"`
+	Format string `json:"format"`
+	Size   int64  `json:"size"`
+	SHA256 string `json:"sha256,omitempty"`
+	// Root is a protected disk's: the root its image was frozen at (protsnap.go), which
+	// stands for the digest (a protected disk has no SHA256 here).
+	Root     string `json:"root,omitempty"`
 	ReadOnly bool   `json:"read_only,omitempty"`
 }
 
@@ -76,10 +83,24 @@ func (f FrozenDisk) check() error {
 		return fmt.Errorf("disk name %q is not a disk name", f.Name)
 	case f.Path == "" || len(f.Path) > 4096 || strings.IndexByte(f.Path, 0) >= 0 || f.Path[0] != '/':
 		return fmt.Errorf("disk %s: path %q is not an absolute path of at most 4096 bytes", f.Name, f.Path)
-	case f.Format != FormatRaw && f.Format != FormatQcow2:
-		return fmt.Errorf("disk %s: format %q is not raw or qcow2", f.Name, f.Format)
+	case f.Format != FormatRaw && f.Format != FormatQcow2 && f.Format != FormatProtected:
+		return fmt.Errorf("disk %s: format %q is not raw, qcow2 or protected", f.Name, f.Format)
 	case f.Size <= 0 || f.Size%512 != 0 || f.Size > 1<<50:
 		return fmt.Errorf("disk %s: size %d is not a positive multiple of 512 up to 1 PiB", f.Name, f.Size)
+	case f.Format == FormatProtected:
+		root, rerr := hex.DecodeString(f.Root)
+		switch {
+		case f.SHA256 != "":
+			return fmt.Errorf("disk %s: a protected disk is recorded by its root, not a digest", f.Name)
+		case rerr != nil || len(root) != 32 || f.Root != hex.EncodeToString(root):
+			return fmt.Errorf("disk %s: root %q is not a lowercase hex protected disk root", f.Name, f.Root)
+		case filepath.Clean(f.Path) != f.Path:
+			return fmt.Errorf("disk %s: path %q is not clean", f.Name, f.Path)
+		case f.ReadOnly:
+			return fmt.Errorf("disk %s: a read-only protected disk is not recorded", f.Name)
+		}
+	case f.Root != "":
+		return fmt.Errorf("disk %s: a %s disk has no root", f.Name, f.Format)
 	case err != nil || len(sum) != 32 || f.SHA256 != hex.EncodeToString(sum):
 		return fmt.Errorf("disk %s: digest %q is not a lowercase hex SHA-256", f.Name, f.SHA256)
 	}
@@ -134,6 +155,11 @@ type plannedSwap struct {
 	ov   DiskOverlay
 	old  disk.Backend // the frozen backend, once switched
 	done bool
+	// A protected disk's: the overlay (bound in the pause, to root), and what the device
+	// gets (the overlay under the tamper watch).
+	prot    *protdisk.Disk
+	root    protdisk.Root
+	backend disk.Backend
 }
 
 // planDiskSwaps checks the overlays against the VM's disks before the pause, so the
@@ -156,6 +182,9 @@ func (v *VM) planDiskSwaps(ovs []DiskOverlay) ([]*plannedSwap, error) {
 		}
 		seen[ov.Disk] = true
 		fd := FrozenDisk{Name: ov.Disk, Path: ov.Path, Format: ov.Format, Size: v.cfg.Disks[i].Backend.Size(), SHA256: strings.Repeat("0", 64)}
+		if ov.Format == FormatProtected {
+			fd.SHA256, fd.Root = "", strings.Repeat("0", 64)
+		}
 		if err := fd.check(); err != nil {
 			return nil, fmt.Errorf("%w: %w", ErrStatelessPart, err)
 		}
@@ -165,7 +194,17 @@ func (v *VM) planDiskSwaps(ovs []DiskOverlay) ([]*plannedSwap, error) {
 		if ov.Overlay != nil && ov.Overlay.ReadOnly() {
 			return nil, fmt.Errorf("%w: disk %s: its overlay is read-only", ErrStatelessPart, ov.Disk)
 		}
-		ps := &plannedSwap{d: v.diskDevs[i], ov: ov}
+		ps := &plannedSwap{d: v.diskDevs[i], ov: ov, backend: ov.Overlay}
+		if live := protDiskOf(v.cfg.Disks[i].Backend); live != nil || ov.Format == FormatProtected {
+			po, _ := ov.Overlay.(*protdisk.Disk)
+			switch {
+			case live == nil || ov.Format != FormatProtected:
+				return nil, fmt.Errorf("%w: disk %s: a protected disk is frozen under a protected overlay, and only it", ErrStatelessPart, ov.Disk)
+			case po == nil || !po.IsOverlay() || po.Base() != live:
+				return nil, fmt.Errorf("%w: disk %s: its overlay is not a protected overlay over the disk", ErrStatelessPart, ov.Disk)
+			}
+			ps.prot, ps.backend = po, watchedProtDisk{Backend: po, v: v, name: ov.Disk}
+		}
 		if ov.Overlay == nil {
 			if !v.cfg.Disks[i].Backend.ReadOnly() {
 				return nil, fmt.Errorf("%w: disk %s is writable and is given no overlay", ErrStatelessPart, ov.Disk)
@@ -182,22 +221,37 @@ func (v *VM) planDiskSwaps(ovs []DiskOverlay) ([]*plannedSwap, error) {
 // swap under the transport's lock (no request is being served), so the pause does not
 // grow with the disks' sizes or what was written to them.
 func swapDisks(ps []*plannedSwap) error {
+	undo := func() {
+		for _, q := range ps {
+			if q.done {
+				q.d.t.Locked(func() error { _, err := q.d.dev.SwapBackend(q.old); return err })
+				q.done = false
+			}
+			if q.prot != nil {
+				q.prot.Unbind()
+			}
+		}
+	}
 	for _, p := range ps {
 		if p.ov.Overlay == nil {
 			continue // read-only: recorded as it is
 		}
 		err := p.d.t.Locked(func() error {
-			old, err := p.d.dev.SwapBackend(p.ov.Overlay)
+			if p.prot != nil {
+				// A protected disk's root over its present contents, with no request
+				// in flight: one root computation, whatever the disk's size.
+				r, err := p.prot.Bind()
+				if err != nil {
+					return err
+				}
+				p.root = r
+			}
+			old, err := p.d.dev.SwapBackend(p.backend)
 			p.old = old
 			return err
 		})
 		if err != nil {
-			for _, q := range ps {
-				if q.done {
-					q.d.t.Locked(func() error { _, err := q.d.dev.SwapBackend(q.old); return err })
-					q.done = false
-				}
-			}
+			undo()
 			return fmt.Errorf("disk %s: switch to its overlay: %w", p.ov.Disk, err)
 		}
 		p.done = true
@@ -216,6 +270,15 @@ func recordFrozen(ctx context.Context, ps []*plannedSwap) ([]FrozenDisk, error) 
 				return nil, fmt.Errorf("disk %s: flush the frozen image: %w", p.ov.Disk, err)
 			}
 		}
+		if p.prot != nil {
+			// The frozen disk committed at exactly the bound root (the root stands for
+			// its digest: nothing is read); the overlay's own root is anchored.
+			if err := p.prot.Settle(); err != nil {
+				return nil, fmt.Errorf("disk %s: settle its protected overlay: %w", p.ov.Disk, err)
+			}
+			out = append(out, FrozenDisk{Name: p.ov.Disk, Path: p.ov.Path, Format: FormatProtected, Size: p.old.Size(), Root: p.root.String()})
+			continue
+		}
 		sum, err := contentDigest(ctx, p.old)
 		if err != nil {
 			return nil, fmt.Errorf("disk %s: digest of the frozen image %s: %w", p.ov.Disk, p.ov.Path, err)
@@ -231,6 +294,9 @@ func recordFrozen(ctx context.Context, ps []*plannedSwap) ([]FrozenDisk, error) 
 func OpenFrozenDisk(ctx context.Context, fd FrozenDisk) (disk.Backend, error) {
 	if err := fd.check(); err != nil {
 		return nil, err
+	}
+	if fd.Format == FormatProtected {
+		return nil, fmt.Errorf("disk %s: a protected disk's frozen image opens with its key (ProtectedDiskEnv.OpenFrozen)", fd.Name)
 	}
 	var be disk.Backend
 	var err error

@@ -16,6 +16,7 @@ import (
 	"github.com/umbra-cc/umbra/disk/qcow2"
 	"github.com/umbra-cc/umbra/internal/nettest"
 	"github.com/umbra-cc/umbra/internal/testenv"
+	"github.com/umbra-cc/umbra/snapshot"
 )
 
 // testOverlay creates and opens a qcow2 overlay at path over cur (the disk's current
@@ -72,6 +73,68 @@ func qemuImg(t *testing.T, args ...string) string {
 	return string(out)
 }
 
+// startLogGuest starts a loginit guest on disks and waits until it is ready (its log
+// written, waiting for a console line); done gets its run's end.
+func startLogGuest(t *testing.T, cfg Config, disks []Disk) (*VM, *testenv.Buffer, chan error) {
+	t.Helper()
+	out := new(testenv.Buffer)
+	c := cfg
+	c.Console = out
+	c.Disks = disks
+	v, err := New(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { v.Close() })
+	done := make(chan error, 1)
+	go func() {
+		res, err := v.Run(context.Background())
+		if err == nil && res.ExitStatus != 0 {
+			err = fmt.Errorf("exit status %d: %s", res.ExitStatus, res.Reason)
+		}
+		done <- err
+	}()
+	for !strings.Contains(out.String(), "UMBRA-LOG: ready") {
+		select {
+		case err := <-done:
+			t.Fatalf("the guest ended: %v\n%s", err, out.String())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	return v, out, done
+}
+
+// restoreLogGuest restores a loginit guest from chain on disks, types tag, runs it to its
+// end, checks that it continued (no new boot) and returns its console.
+func restoreLogGuest(t *testing.T, cfg Config, chain *snapshot.Chain, disks []Disk, tag string) string {
+	t.Helper()
+	var out testenv.Buffer
+	c := cfg
+	c.Console = &out
+	c.Disks = disks
+	r, err := Restore(c, chain, RestoreOptions{Mode: RestoreEager})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	done := make(chan error, 1)
+	go func() {
+		res, err := r.Run(context.Background())
+		if err == nil && res.ExitStatus != 0 {
+			err = fmt.Errorf("exit status %d: %s", res.ExitStatus, res.Reason)
+		}
+		done <- err
+	}()
+	typeLine(t, r, tag+"\n")
+	if err := <-done; err != nil {
+		t.Fatalf("restored run: %v\n%s", err, out.String())
+	}
+	if !strings.Contains(out.String(), "UMBRA-LOG: done "+tag) || strings.Contains(out.String(), "Linux version") {
+		t.Fatalf("restore %s did not continue (or booted again):\n%s", tag, out.String())
+	}
+	return out.String()
+}
+
 // TestLinuxSnapshotDisks: a Linux guest writes a log to a raw and a qcow2 disk, is
 // checkpointed (the disks switched to overlays in the pause) while it waits for a console
 // line, then logs more after the snapshot. The frozen images hold exactly the
@@ -113,30 +176,7 @@ func TestLinuxSnapshotDisks(t *testing.T) {
 	cfg := Config{Image: kern, Boot: BootLinux, Initrd: ird, MemorySize: linuxTestMemory, Timeout: linuxTestTimeout,
 		Cmdline: linuxTestCmdline + " --"}
 	// The original run: ready, snapshot, then the post-snapshot log.
-	var out testenv.Buffer
-	c := cfg
-	c.Console = &out
-	c.Disks = []Disk{{Name: "a", Backend: ra}, {Name: "b", Backend: qb}}
-	v, err := New(c)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer v.Close()
-	done := make(chan error, 1)
-	go func() {
-		res, err := v.Run(context.Background())
-		if err == nil && res.ExitStatus != 0 {
-			err = fmt.Errorf("exit status %d: %s", res.ExitStatus, res.Reason)
-		}
-		done <- err
-	}()
-	for !strings.Contains(out.String(), "UMBRA-LOG: ready") {
-		select {
-		case err := <-done:
-			t.Fatalf("the guest ended: %v\n%s", err, out.String())
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
+	v, out, done := startLogGuest(t, cfg, []Disk{{Name: "a", Backend: ra}, {Name: "b", Backend: qb}})
 	ovA := testOverlay(t, filepath.Join(dir, "a.1.qcow2"), "a", ra, rawPath, FormatRaw)
 	ovB := testOverlay(t, filepath.Join(dir, "b.1.qcow2"), "b", qb, qPath, FormatQcow2)
 	key := testKey(t)
@@ -210,34 +250,11 @@ func TestLinuxSnapshotDisks(t *testing.T) {
 			disks = append(disks, Disk{Name: fd.Name, Backend: ov.Overlay})
 			ovs = append(ovs, ov.Overlay)
 		}
-		var rout testenv.Buffer
-		c := cfg
-		c.Console = &rout
-		c.Disks = disks
-		r, err := Restore(c, openChain(t, key, file.Bytes()), RestoreOptions{Mode: RestoreEager})
-		if err != nil {
-			t.Fatal(err)
-		}
-		rdone := make(chan error, 1)
-		go func() {
-			res, err := r.Run(context.Background())
-			if err == nil && res.ExitStatus != 0 {
-				err = fmt.Errorf("exit status %d: %s", res.ExitStatus, res.Reason)
-			}
-			rdone <- err
-		}()
-		typeLine(t, r, tag+"\n")
-		if err := <-rdone; err != nil {
-			t.Fatalf("restored run: %v\n%s", err, rout.String())
-		}
-		r.Close()
+		rout := restoreLogGuest(t, cfg, openChain(t, key, file.Bytes()), disks, tag)
 		for _, d := range []string{"vda", "vdb"} {
-			if !strings.Contains(rout.String(), "UMBRA-LOG: "+d+" pre=8 post=0") {
-				t.Fatalf("restore %d: the guest did not find exactly the pre-snapshot log on %s:\n%s", i, d, rout.String())
+			if !strings.Contains(rout, "UMBRA-LOG: "+d+" pre=8 post=0") {
+				t.Fatalf("restore %d: the guest did not find exactly the pre-snapshot log on %s:\n%s", i, d, rout)
 			}
-		}
-		if !strings.Contains(rout.String(), "UMBRA-LOG: done "+tag) || strings.Contains(rout.String(), "Linux version") {
-			t.Fatalf("restore %d did not continue (or booted again):\n%s", i, rout.String())
 		}
 		for j, ov := range ovs {
 			if got := logRecords(t, ov); !slices.Equal(got, wantLog(tag)) {
@@ -271,7 +288,7 @@ func TestLinuxSnapshotDisks(t *testing.T) {
 	// had before overlays), the restored guest finds the post-snapshot log too: the test
 	// can tell.
 	var cout testenv.Buffer
-	c = cfg
+	c := cfg
 	c.Console = &cout
 	c.Disks = []Disk{{Name: "a", Backend: ovA.Overlay}, {Name: "b", Backend: ovB.Overlay}}
 	r, err := Restore(c, openChain(t, key, file.Bytes()), RestoreOptions{Mode: RestoreEager})

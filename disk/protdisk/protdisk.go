@@ -84,7 +84,28 @@ type Header struct {
 	DiskID     [32]byte
 	JournalCap uint32
 	KeyCheck   [32]byte
+
+	// An overlay (overlay.go) also names its base: the base's disk ID, the root the base
+	// is frozen at (zero until Bind), its depth (1 over a plain protected disk) and the
+	// base image's path, where the overlay reopens it. All of it is under the root.
+	Overlay  bool
+	BaseID   [32]byte
+	BaseRoot Root
+	Depth    uint16
+	BasePath string
 }
+
+// Header fields of an overlay (bytes 0-91 are every disk's).
+const (
+	hdrFlags    = 92  // u32, bit 0 = overlay
+	hdrBaseID   = 96  // [32]
+	hdrBaseRoot = 128 // [32]
+	hdrDepth    = 160 // u16
+	hdrPathLen  = 162 // u16
+	hdrPath     = 164 // the base's path
+	// MaxBasePath bounds the base path an overlay's header holds.
+	MaxBasePath = BlockSize - hdrPath
+)
 
 func (h *Header) marshal() []byte {
 	b := make([]byte, BlockSize)
@@ -95,6 +116,14 @@ func (h *Header) marshal() []byte {
 	copy(b[24:56], h.DiskID[:])
 	binary.LittleEndian.PutUint32(b[56:], h.JournalCap)
 	copy(b[60:92], h.KeyCheck[:])
+	if h.Overlay {
+		binary.LittleEndian.PutUint32(b[hdrFlags:], 1)
+		copy(b[hdrBaseID:], h.BaseID[:])
+		copy(b[hdrBaseRoot:], h.BaseRoot[:])
+		binary.LittleEndian.PutUint16(b[hdrDepth:], h.Depth)
+		binary.LittleEndian.PutUint16(b[hdrPathLen:], uint16(len(h.BasePath)))
+		copy(b[hdrPath:], h.BasePath)
+	}
 	return b
 }
 
@@ -122,8 +151,34 @@ func ParseHeader(b []byte) (*Header, error) {
 	if h.JournalCap == 0 || h.JournalCap > JournalBlocks {
 		return nil, fmt.Errorf("protected disk header: journal of %d blocks, want 1 to %d", h.JournalCap, JournalBlocks)
 	}
-	if !allZero(b[92:BlockSize]) {
-		return nil, errors.New("protected disk header: reserved bytes are not zero")
+	switch flags := binary.LittleEndian.Uint32(b[hdrFlags:]); flags {
+	case 0:
+		if !allZero(b[hdrFlags:BlockSize]) {
+			return nil, errors.New("protected disk header: reserved bytes are not zero")
+		}
+		return h, nil
+	case 1:
+	default:
+		return nil, fmt.Errorf("protected disk header: flags %#x, only bit 0 (overlay) is defined", flags)
+	}
+	h.Overlay = true
+	copy(h.BaseID[:], b[hdrBaseID:])
+	copy(h.BaseRoot[:], b[hdrBaseRoot:])
+	h.Depth = binary.LittleEndian.Uint16(b[hdrDepth:])
+	n := int(binary.LittleEndian.Uint16(b[hdrPathLen:]))
+	switch {
+	case allZero(h.BaseID[:]):
+		return nil, errors.New("protected disk header: an overlay whose base disk ID is zero")
+	case h.Depth == 0 || h.Depth > MaxOverlayDepth:
+		return nil, fmt.Errorf("protected disk header: overlay depth %d, want 1 to %d", h.Depth, MaxOverlayDepth)
+	case n == 0 || n > MaxBasePath:
+		return nil, fmt.Errorf("protected disk header: base path of %d bytes, want 1 to %d", n, MaxBasePath)
+	case !allZero(b[hdrPath+n : BlockSize]):
+		return nil, errors.New("protected disk header: bytes after the base path are not zero")
+	}
+	h.BasePath = string(b[hdrPath : hdrPath+n])
+	if err := checkBasePath(h.BasePath); err != nil {
+		return nil, fmt.Errorf("protected disk header: %w", err)
 	}
 	return h, nil
 }
@@ -206,6 +261,16 @@ type Disk struct {
 	root   Root                 // the last committed (anchored) root
 	failed error
 
+	// An overlay's base (overlay.go): blocks of version 0 are read from it. ownsBase: the
+	// overlay opened it (OpenChain) and closes it. settled: the base is durable at the
+	// overlay's BaseRoot and the header is written, so the overlay may commit.
+	// frozen: this disk is an overlay's base from Bind on and refuses writes.
+	base     *Disk
+	ownsBase bool
+	settled  bool
+	anchored bool
+	frozen   bool
+
 	// crashAfterAnchor is a test hook: stop a commit after the anchor, before applying it.
 	crashAfterAnchor bool
 }
@@ -272,7 +337,7 @@ func Create(path string, key []byte, size int64, anchor Anchor) (*Disk, error) {
 			return err
 		}
 		d.buildTree()
-		d.root = d.computeRoot()
+		d.root, d.anchored = d.computeRoot(), true
 		return anchor.Commit(d.root)
 	}()
 	if err != nil {
@@ -294,7 +359,7 @@ func syncDir(dir string) error {
 
 func newDisk(f *os.File, h *Header, aead cipher.AEAD, anchor Anchor, readOnly bool) *Disk {
 	d := &Disk{f: f, hdr: h, hdrBytes: h.marshal(), lay: h.layout(), aead: aead, anchor: anchor,
-		readOnly: readOnly, meta: make([]blockMeta, h.Blocks), dirty: map[uint64]*dirtyBlk{}}
+		readOnly: readOnly, meta: make([]blockMeta, h.Blocks), dirty: map[uint64]*dirtyBlk{}, settled: !h.Overlay}
 	d.leaves = 1
 	for d.leaves < h.Blocks {
 		d.leaves *= 2
@@ -307,6 +372,10 @@ func newDisk(f *os.File, h *Header, aead cipher.AEAD, anchor Anchor, readOnly bo
 // crash-interrupted commit to it, which Open completes from the journal). anchor records the
 // roots of later commits; with readOnly it is never called.
 func Open(path string, key []byte, root Root, anchor Anchor, readOnly bool) (*Disk, error) {
+	return openPath(path, key, root, anchor, readOnly, nil)
+}
+
+func openPath(path string, key []byte, root Root, anchor Anchor, readOnly bool, base *Disk) (*Disk, error) {
 	flag := os.O_RDWR
 	if readOnly {
 		flag = os.O_RDONLY
@@ -315,7 +384,7 @@ func Open(path string, key []byte, root Root, anchor Anchor, readOnly bool) (*Di
 	if err != nil {
 		return nil, fmt.Errorf("opening protected disk: %w", err)
 	}
-	d, err := open(f, key, root, anchor, readOnly)
+	d, err := open(f, key, root, anchor, readOnly, base)
 	if err != nil {
 		f.Close()
 		return nil, fmt.Errorf("protected disk %s: %w", path, err)
@@ -323,7 +392,9 @@ func Open(path string, key []byte, root Root, anchor Anchor, readOnly bool) (*Di
 	return d, nil
 }
 
-func open(f *os.File, key []byte, root Root, anchor Anchor, readOnly bool) (*Disk, error) {
+// open opens the disk in f; base is an overlay's base (opened at the root its header
+// names), nil for a plain protected disk.
+func open(f *os.File, key []byte, root Root, anchor Anchor, readOnly bool, base *Disk) (*Disk, error) {
 	hb := make([]byte, BlockSize)
 	if _, err := f.ReadAt(hb, 0); err != nil {
 		return nil, fmt.Errorf("reading the header: %w", err)
@@ -339,7 +410,11 @@ func open(f *os.File, key []byte, root Root, anchor Anchor, readOnly bool) (*Dis
 	if subtle.ConstantTimeCompare(check[:], h.KeyCheck[:]) != 1 {
 		return nil, ErrWrongKey
 	}
+	if err := checkBase(h, base); err != nil {
+		return nil, err
+	}
 	d := newDisk(f, h, aead, anchor, readOnly)
+	d.base, d.settled, d.anchored = base, true, true
 	st, err := f.Stat()
 	if err != nil {
 		return nil, err
@@ -374,7 +449,7 @@ func open(f *os.File, key []byte, root Root, anchor Anchor, readOnly bool) (*Dis
 		return nil, ErrRollback
 	}
 	if readOnly {
-		return nil, fmt.Errorf("a commit was interrupted by a crash and must be completed from the journal; open the disk writable once")
+		return nil, fmt.Errorf("%w: the image is not at its root, but its journal completes it (a commit interrupted by a crash, or the host changed blocks the last commit wrote); open the disk writable once to complete it", ErrRollback)
 	}
 	if err := d.applyJournal(entries); err != nil {
 		return nil, fmt.Errorf("completing the interrupted commit: %w", err)
@@ -454,7 +529,7 @@ func (d *Disk) readBlock(i uint64) ([]byte, error) {
 	}
 	m := &d.meta[i]
 	if m.version == 0 {
-		return make([]byte, BlockSize), nil
+		return d.inherited(i)
 	}
 	ct := make([]byte, BlockSize+tagSize)
 	if _, err := d.f.ReadAt(ct[:BlockSize], d.lay.data+int64(i)*BlockSize); err != nil {
@@ -503,8 +578,10 @@ func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
 		if db, ok := d.dirty[i]; ok {
 			plain = db.plain
 		} else if m := &d.meta[i]; m.version == 0 {
-			plain = scratch[:BlockSize]
-			clear(plain)
+			var err error
+			if plain, err = d.inherited(i); err != nil {
+				return n, err
+			}
 		} else {
 			copy(scratch, span[(i-first)*BlockSize:(i-first+1)*BlockSize])
 			copy(scratch[BlockSize:], m.tag[:])
@@ -529,6 +606,9 @@ func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
 func (d *Disk) write(p []byte, off int64) (int, error) {
 	if d.readOnly {
 		return 0, disk.ErrReadOnly
+	}
+	if d.frozen {
+		return 0, ErrFrozen
 	}
 	if err := d.usable(); err != nil {
 		return 0, err
@@ -632,6 +712,10 @@ func (d *Disk) commit() error {
 	if len(d.dirty) == 0 {
 		return nil
 	}
+	if err := d.settle(); err != nil {
+		d.failed = err
+		return err
+	}
 	if err := d.doCommit(); err != nil {
 		d.failed = err
 		return err
@@ -671,7 +755,7 @@ func (d *Disk) doCommit() error {
 	if err := d.anchor.Commit(newRoot); err != nil {
 		return fmt.Errorf("anchoring the new root: %w", err)
 	}
-	d.root = newRoot
+	d.root, d.anchored = newRoot, true
 	if d.crashAfterAnchor {
 		return errors.New("test crash after the anchor")
 	}
@@ -746,11 +830,17 @@ func (d *Disk) readJournal() ([]journalEntry, error) {
 	return entries, nil
 }
 
-// Close flushes and closes the disk.
+// Close flushes and closes the disk (and the bases an OpenChain opened below it; a base
+// given to CreateOverlay or OpenOverlay is the caller's).
 func (d *Disk) Close() error {
 	err := d.Flush()
 	if cerr := d.f.Close(); err == nil {
 		err = cerr
+	}
+	if d.ownsBase {
+		if cerr := d.base.Close(); err == nil {
+			err = cerr
+		}
 	}
 	return err
 }

@@ -325,6 +325,7 @@ func TestParseHeaderErrors(t *testing.T) {
 
 func FuzzProtdiskHeader(f *testing.F) {
 	f.Add((&Header{Blocks: 4, JournalCap: 8}).marshal())
+	f.Add((&Header{Blocks: 4, JournalCap: 8, Overlay: true, BaseID: [32]byte{1}, BaseRoot: Root{2}, Depth: 1, BasePath: "/x/base.img"}).marshal())
 	f.Fuzz(func(t *testing.T, b []byte) {
 		h, err := ParseHeader(b)
 		if err == nil && (h.Blocks == 0 || h.Blocks > MaxBlocks) {

@@ -26,6 +26,10 @@ const MetaSize = metaSize
 // ErrUncommitted is returned by Sealed for a block written since the last flush.
 var ErrUncommitted = errors.New("protected disk block has uncommitted writes; flush first")
 
+// ErrOverlaySealed is returned by Sealed for an overlay: its inherited blocks are its
+// base's, sealed under the base's key, so its own records are not the disk.
+var ErrOverlaySealed = errors.New("protected disk is an overlay over a snapshot's frozen image; its sealed view is not the whole disk (a backup of it is not built)")
+
 // HeaderBytes returns the disk's header block.
 func (d *Disk) HeaderBytes() []byte { return append([]byte(nil), d.hdrBytes...) }
 
@@ -34,6 +38,9 @@ func (d *Disk) HeaderBytes() []byte { return append([]byte(nil), d.hdrBytes...) 
 func (d *Disk) Sealed(first, count uint64) ([]byte, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if d.hdr.Overlay {
+		return nil, ErrOverlaySealed
+	}
 	if first > d.hdr.Blocks || count > d.hdr.Blocks-first {
 		return nil, fmt.Errorf("protected disk: blocks %d+%d outside its %d blocks", first, count, d.hdr.Blocks)
 	}
