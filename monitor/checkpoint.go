@@ -330,15 +330,15 @@ func (v *VM) preCopyRounds(ctx context.Context, opt CheckpointOptions, info *Che
 func (v *VM) copyRound(bm []uint64, pages map[uint64][]byte) error {
 	c := v.liveCloak()
 	if c != nil {
-		c.mu.Lock()
-		defer c.mu.Unlock()
+		c.lockFrames()
+		defer c.unlockFrames()
 	}
 	for w, word := range bm {
 		for word != 0 {
 			p := uint64(w)*64 + uint64(bits.TrailingZeros64(word))
 			word &= word - 1
 			if c != nil {
-				if _, plain := c.plain[p*PageSize]; plain {
+				if c.holdsPlainLocked(p * PageSize) {
 					delete(pages, p)
 					continue
 				}
@@ -488,12 +488,12 @@ func (v *VM) copyPages(sw *snapshot.Writer, bm []uint64, _ bool) error {
 func (v *VM) copyBlock(sw *snapshot.Writer, lo, hi uint64, want func(uint64, []byte) bool) error {
 	c := v.liveCloak()
 	if c != nil {
-		c.mu.Lock()
-		defer c.mu.Unlock()
+		c.lockFrames()
+		defer c.unlockFrames()
 	}
 	for p := lo; p < hi; p++ {
 		if c != nil {
-			if _, plain := c.plain[p*PageSize]; plain {
+			if c.holdsPlainLocked(p * PageSize) {
 				continue
 			}
 		}

@@ -162,9 +162,14 @@ type cloakApp struct {
 
 // cloaking is the cloaking state of one VM.
 type cloaking struct {
-	v *VM
-	// m is the VM as cloaking uses its vCPU, hooks and logger (machine.go).
-	m machine
+	// m is the VM as cloaking uses its vCPU, hooks and logger (machine.go); host is
+	// what only cloaking needs of it (cloak_host.go): RAM, appVM, the run's budget.
+	m    machine
+	host cloakHost
+	ram  guestRAM
+	ext  *cloakExtension
+	// secret is the VM's cloak master secret (nil: none was configured).
+	secret []byte
 	// mu guards the state below against the userfaultfd goroutine, which runs only
 	// while the system VM's vCPU is blocked on a fault; the run loop never holds mu
 	// while it makes an ioctl on the system VM.
@@ -195,12 +200,12 @@ type CloakStats struct {
 	Stale        uint64 // shadow entries dropped because the guest's tables changed
 }
 
-// cloakState returns the VM's cloaking state, creating it on first use.
-func (v *VM) cloakState() (*cloaking, error) {
-	if c := v.activeCloak(); c != nil {
-		return c, nil
+// state returns the VM's cloaking state, creating it on first use.
+func (x *cloakExtension) state() (*cloaking, error) {
+	if x.c != nil {
+		return x.c, nil
 	}
-	master := v.cfg.CloakSecret
+	master := x.cfg.secret
 	if master == nil {
 		master = make([]byte, shadowmem.MasterSize)
 		if _, err := randRead(master); err != nil {
@@ -211,30 +216,27 @@ func (v *VM) cloakState() (*cloaking, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cloak master secret: %w", err)
 	}
-	return v.newCloaking(sm)
+	return x.newCloaking(sm)
 }
 
 // newCloaking makes sm's cloaking state the VM's.
-func (v *VM) newCloaking(sm *shadowmem.VM) (*cloaking, error) {
-	ext := v.cloakExt()
-	if ext == nil {
-		sm.Close()
-		return nil, errors.New("cloaking: this VM was built without the cloaking extension")
-	}
-	sysView, err := v.mem.View("sys")
+func (x *cloakExtension) newCloaking(sm *shadowmem.VM) (*cloaking, error) {
+	ram := x.host.ram()
+	sysView, err := ram.View("sys")
 	if err != nil {
 		sm.Close()
 		return nil, err
 	}
-	slice := v.cfg.CloakSlice
+	slice := x.cfg.slice
 	if slice <= 0 {
 		slice = DefaultCloakSlice
 	}
 	c := &cloaking{
-		v: v, m: vmMachine{v}, sm: sm, sysView: sysView, slice: slice,
+		m: x.m, host: x.host, ram: ram, ext: x, secret: x.cfg.secret,
+		sm: sm, sysView: sysView, slice: slice,
 		byCR3: map[uint64]*cloakApp{}, plain: map[uint64]plainOwner{},
 	}
-	ext.set(c)
+	x.set(c)
 	c.connectPageProt()
 	return c, nil
 }
@@ -277,12 +279,7 @@ func (c *cloaking) summaries() []CloakedAppSummary {
 	return out
 }
 
-func (c *cloaking) ctx() context.Context {
-	if c.v.runCtx != nil {
-		return c.v.runCtx
-	}
-	return context.Background()
-}
+func (c *cloaking) ctx() context.Context { return c.host.runContext() }
 
 func (c *cloaking) hooks() *Hooks { return c.m.hooks() }
 
@@ -333,8 +330,8 @@ func (x *cloakApp) owned(brk uint64) appcontext.Owned {
 // cloakHypercall handles a cloaking call from the system VM. deferred means the
 // doorbell load stays pending (the app runs in appVM; the load completes with the
 // trampoline's next action when it leaves), or was completed already.
-func (v *VM) cloakHypercall(call Call, e *kvm.ExitMMIO) (ret uint64, deferred bool, err error) {
-	c, err := v.cloakState()
+func (ext *cloakExtension) hypercall(call Call, e *kvm.ExitMMIO) (ret uint64, deferred bool, err error) {
+	c, err := ext.state()
 	if err != nil {
 		return 0, false, err
 	}
@@ -400,9 +397,8 @@ func (c *cloaking) fatalErr() error {
 
 // register handles CLOAK_REGISTER; it returns 0 or an errno.
 func (c *cloaking) register(call Call, e *kvm.ExitMMIO) appcontext.Errno {
-	v := c.v
 	sregs := *c.m.sregs()
-	as := v.sysSpace(call.CPL, call.CR3, &sregs)
+	as := c.m.sysSpace(call.CPL, call.CR3, &sregs)
 	refuse := func(err error) appcontext.Errno {
 		errno := appcontext.ErrnoOf(err)
 		c.audit(EventCloakRegister, map[string]any{"allow": false, "errno": errno.Error(), "error": err.Error(), "cr3": as.CR3, "rip": call.RIP})
@@ -512,26 +508,17 @@ func (c *cloaking) ensureInfrastructure() error {
 		// Cloaking's fault server takes over the system view (MINOR faults; a
 		// view has one userfaultfd) and appVM maps RAM: a lazy restore still
 		// serving the views completes first.
-		if err := c.v.finishLazy(); err != nil {
+		if err := c.host.finishLazy(); err != nil {
 			return err
 		}
 	}
 	if c.av == nil {
-		cpuid, err := c.v.sys.SupportedCPUID()
+		av, err := c.host.newAppVM()
 		if err != nil {
 			return err
 		}
-		if c.av, err = newAppVM(c.v.sys, c.v.mem, guestCPUID(cpuid)); err != nil {
-			return err
-		}
-		for _, r := range c.av.vm.MemoryRegions() {
-			if r.Slot == 0 {
-				if err := c.v.settleNewSlot(c.av.vm, r); err != nil {
-					return fmt.Errorf("appVM: %w", err)
-				}
-			}
-		}
-		c.v.cloakExt().cpu.Store(c.av.cpu)
+		c.av = av
+		c.ext.cpu.Store(av.cpu)
 		// Apps restored from a checkpoint get their shadow tables with appVM (they
 		// start empty: every page the app touches is installed again at its fault).
 		c.mu.Lock()
@@ -599,19 +586,18 @@ func (x *cloakApp) newPlanner() appcontext.Planner {
 // registration call, at the trampoline's entry with scrubbed registers, FS/GS
 // bases and FPU/SSE/AVX state.
 func (c *cloaking) parkSys(trampoline uint64) error {
-	cpu := c.v.cpu
 	var xs kvm.XSAVE
 	xs.Region[0] = 0x037f // FCW
 	xs.Region[6] = 0x1f80 // MXCSR
-	if err := cpu.SetXSAVE(&xs); err != nil {
+	if err := c.m.setXSAVE(&xs); err != nil {
 		return err
 	}
-	s := *cpu.SyncedSregs()
+	s := *c.m.sregs()
 	s.FS.Base, s.GS.Base = 0, 0
-	if err := cpu.SetSregs(s); err != nil {
+	if err := c.m.setSregs(s); err != nil {
 		return err
 	}
-	return cpu.SetRegs(kvm.Regs{RIP: trampoline, RSP: trampoline + PageSize, RFLAGS: appcontext.ScrubbedRFLAGS})
+	return c.m.setRegs(kvm.Regs{RIP: trampoline, RSP: trampoline + PageSize, RFLAGS: appcontext.ScrubbedRFLAGS})
 }
 
 // resume handles CLOAK_RESUME from the app's trampoline.

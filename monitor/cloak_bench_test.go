@@ -167,7 +167,7 @@ func replain(b *testing.B, c *cloaking, x *cloakApp) {
 			continue
 		}
 		id := shadowmem.PageID{Resource: 1, Index: uint32(i)}
-		buf, _ := c.v.mem.Slice(frame, PageSize)
+		buf, _ := c.ram.Slice(frame, PageSize)
 		if err := c.zapSys(frame); err != nil {
 			b.Fatal(err)
 		}

@@ -34,7 +34,7 @@ func FuzzCloakGuestTables(f *testing.F) {
 		all, _ := mem.Slice(0, ram)
 		clear(all)
 		mem.WritePhys(0, tables[:min(len(tables), ram)])
-		c := &cloaking{v: &VM{mem: mem, maxPhysAddr: 36}, plain: map[uint64]plainOwner{}}
+		c := &cloaking{host: vmCloakHost{&VM{mem: mem, maxPhysAddr: 36}}, ram: mem, plain: map[uint64]plainOwner{}}
 		as := appcontext.AddressSpace{Mem: mem, CR3: 0, Paging: appcontext.Paging{MaxPhysAddr: 36, NXE: true, WP: true}}
 		va &^= PageSize - 1
 		size = min(size&^(PageSize-1), 8<<20)

@@ -53,7 +53,7 @@ func (e *needFaultError) Error() string {
 // not report, so a plain page there would reach the kernel without a transition.
 // (Zero-filling, decrypting and scrubbing write the frame and need no help.)
 func (c *cloaking) materialize(gpa uint64) {
-	b, err := c.v.mem.Slice(gpa, 4)
+	b, err := c.ram.Slice(gpa, 4)
 	if err != nil {
 		return
 	}
@@ -100,7 +100,7 @@ func (c *cloaking) encryptLocked(gpa uint64) {
 	err := c.appGuard(o.app, memguard.Encrypt, memguard.Write, gpa, PageSize)
 	var buf []byte
 	if err == nil {
-		buf, err = c.v.mem.Slice(gpa, PageSize)
+		buf, err = c.ram.Slice(gpa, PageSize)
 	}
 	if err == nil {
 		err = o.app.sm.EncryptPage(o.page, gpa, buf)
@@ -167,7 +167,7 @@ func (c *cloaking) appAccess(x *cloakApp, va uint64, acc appcontext.Access, inst
 		// Nor is the trampoline the kernel runs in the app's process (W^X).
 		return 0, accSegv, fmt.Errorf("page %#x is the trampoline: not writable", page)
 	}
-	if frame >= c.v.mem.Size() || frame+PageSize > c.v.mem.Size() {
+	if frame >= c.ram.Size() || frame+PageSize > c.ram.Size() {
 		if frame == DoorbellGPA && !cloaked {
 			if install {
 				err = c.installLocked(view, x, page, frame, false, true)
@@ -214,7 +214,7 @@ func (c *cloaking) appAccess(x *cloakApp, va uint64, acc appcontext.Access, inst
 			c.fatalLocked(err)
 			return 0, accBad, err
 		}
-		buf, _ := c.v.mem.Slice(frame, PageSize)
+		buf, _ := c.ram.Slice(frame, PageSize)
 		if err := x.sm.DecryptPage(id, frame, buf); err != nil {
 			var ie *shadowmem.IntegrityError
 			if errors.As(err, &ie) {
@@ -239,7 +239,7 @@ func (c *cloaking) appAccess(x *cloakApp, va uint64, acc appcontext.Access, inst
 			c.fatalLocked(err)
 			return 0, accBad, err
 		}
-		buf, _ := c.v.mem.Slice(frame, PageSize)
+		buf, _ := c.ram.Slice(frame, PageSize)
 		clear(buf)
 		if err := x.sm.AddPage(id, frame); err != nil {
 			c.fatalLocked(fmt.Errorf("cloak: add %v: %w", id, err))
@@ -370,7 +370,7 @@ func (c *cloaking) presentPages(as appcontext.AddressSpace, regions []appcontext
 				return nil, &appcontext.ABIError{Errno: appcontext.EFAULT, Field: fmt.Sprintf("regions[%d]", ri), Detail: fmt.Sprintf("page %#x", va), Err: err}
 			}
 			frame := t.GPA &^ (PageSize - 1)
-			if t.PageSize != PageSize || frame+PageSize > c.v.mem.Size() {
+			if t.PageSize != PageSize || frame+PageSize > c.ram.Size() {
 				return nil, &appcontext.ABIError{Errno: appcontext.EFAULT, Field: fmt.Sprintf("regions[%d]", ri), Detail: fmt.Sprintf("page %#x maps %#x (size %#x): not a 4 KiB page of RAM", va, t.GPA, t.PageSize)}
 			}
 			if seen[frame] {
@@ -438,7 +438,7 @@ func (c *cloaking) copyApp(x *cloakApp, va uint64, buf []byte, write bool) error
 		if st != accOK {
 			return &appAccessError{st: st, err: err}
 		}
-		b, err := c.v.mem.Slice(frame+va%PageSize, int(n))
+		b, err := c.ram.Slice(frame+va%PageSize, int(n))
 		if err != nil {
 			return &appAccessError{st: accBad, err: err}
 		}
@@ -473,7 +473,7 @@ func (c *cloaking) copySys(x *cloakApp, va uint64, buf []byte, write bool) error
 			return &appAccessError{st: accSegv, err: err}
 		}
 		frame := t.GPA &^ (PageSize - 1)
-		if frame+PageSize > c.v.mem.Size() {
+		if frame+PageSize > c.ram.Size() {
 			return &appAccessError{st: accBad, err: fmt.Errorf("bounce page %#x maps %#x, outside RAM", va, t.GPA)}
 		}
 		// Never a cloaked page's plaintext in place (sealed first), never a frame the
@@ -485,7 +485,7 @@ func (c *cloaking) copySys(x *cloakApp, va uint64, buf []byte, write bool) error
 		if err := c.appGuard(x, memguard.Bounce, ga, t.GPA, n); err != nil {
 			return &appAccessError{st: accRefused, err: err}
 		}
-		b, _ := c.v.mem.Slice(t.GPA, int(n))
+		b, _ := c.ram.Slice(t.GPA, int(n))
 		if write {
 			copy(b, buf[:n])
 		} else {

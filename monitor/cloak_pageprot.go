@@ -51,9 +51,9 @@ func (x *cloakApp) ppContext() pageprot.Context {
 
 // connectPageProt connects a new cloaking state to the VM's page protection.
 func (c *cloaking) connectPageProt() {
-	if x := c.v.pageProtExt(); x != nil {
+	if x := c.host.pageProt(); x != nil {
 		c.pp = x
-		c.v.connectPageProtCloak(c)
+		x.connectCloak(c)
 	}
 }
 
@@ -392,7 +392,7 @@ func (c *cloaking) appFetch(x *cloakApp, va uint64, buf []byte) error {
 		}
 		return err
 	}
-	b, err := c.v.mem.Slice(frame+va%PageSize, len(buf))
+	b, err := c.ram.Slice(frame+va%PageSize, len(buf))
 	if err != nil {
 		return err
 	}

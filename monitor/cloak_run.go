@@ -6,7 +6,6 @@ package monitor
 import (
 	"context"
 	"crypto/rand"
-	"errors"
 	"fmt"
 	"log/slog"
 	"time"
@@ -16,8 +15,8 @@ func cryptoRandRead(b []byte) (int, error) { return rand.Read(b) }
 
 // runApp runs the app that holds the CPU (cloakLife.running) in appVM until it
 // leaves it. A non-nil error ends the run.
-func (v *VM) runApp(runCtx context.Context) error {
-	c := v.activeCloak()
+func (ext *cloakExtension) runApp(runCtx context.Context) error {
+	c := ext.c
 	x := c.runningApp()
 	if x == nil {
 		return nil
@@ -55,9 +54,8 @@ func (v *VM) runApp(runCtx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("appVM: %w", err)
 		}
-		v.counter.Exits++
-		if v.cfg.MaxExits > 0 && v.counter.Exits > v.cfg.MaxExits {
-			return fmt.Errorf("%w (%d exits)", ErrExitBudget, v.cfg.MaxExits)
+		if err := c.host.countExit(); err != nil {
+			return err
 		}
 		c.mu.Lock()
 		x.sum.AppExits++
@@ -72,14 +70,14 @@ func (v *VM) runApp(runCtx context.Context) error {
 			// stub: kick again shortly, so that it lands in user code.
 			timer.Reset(50 * time.Microsecond)
 		case trapPreempt:
-			if err := v.interrupted(runCtx); err != nil {
+			if err := c.host.interrupted(runCtx); err != nil {
 				c.mu.Unlock()
 				return err
 			}
 			if time.Since(start) >= slice {
 				x.sum.Preempted++
 				c.act(x, trampPark, [6]uint64{})
-			} else if v.ctl.pending.Load() {
+			} else if c.host.controlPending() {
 				// A control request (pause, snapshot) is served by the run loop; the
 				// thread's registers are saved, so the app resumes where it was.
 				c.mu.Unlock()
@@ -100,21 +98,4 @@ func (v *VM) runApp(runCtx context.Context) error {
 		}
 		c.mu.Unlock()
 	}
-}
-
-func isTimeout(ctx context.Context) bool { return errors.Is(context.Cause(ctx), ErrTimeout) }
-
-// interrupted returns the error that ends the run after a Kick, or nil for a kick
-// that only ended a time slice.
-func (v *VM) interrupted(runCtx context.Context) error {
-	if p := v.stopReason.Load(); p != nil {
-		return fmt.Errorf("%w: %w", ErrInterrupted, *p)
-	}
-	if runCtx.Err() != nil {
-		if isTimeout(runCtx) {
-			return fmt.Errorf("%w (%v); %s", ErrTimeout, v.cfg.Timeout, v.where())
-		}
-		return fmt.Errorf("%w: %w", ErrInterrupted, context.Cause(runCtx))
-	}
-	return nil
 }

@@ -399,15 +399,13 @@ func (c *cloaking) exitApp(x *cloakApp, status int, how string) {
 
 // appHypercall handles a doorbell access from cloaked code.
 func (c *cloaking) appHypercall(x *cloakApp, e *kvm.ExitMMIO) {
-	v := c.v
 	regs := c.av.cpu.SyncedRegs()
 	nr, a := regs.RAX, [6]uint64{regs.RDI, regs.RSI, regs.RDX, regs.R10, regs.R8, regs.R9}
 	ret := uint64(0)
-	if e.Addr != DoorbellGPA || e.Len != 8 {
-		v.counter.DoorbellViolations++
+	violation := e.Addr != DoorbellGPA || e.Len != 8
+	c.host.countHypercall(violation)
+	if violation {
 		nr = ^uint64(0)
-	} else {
-		v.counter.Hypercalls++
 	}
 	switch nr {
 	case ^uint64(0):
@@ -473,10 +471,7 @@ func (c *cloaking) appConsoleWrite(x *cloakApp, va, n uint64) uint64 {
 		}
 		return negErrno(errnoEFAULT)
 	}
-	c.v.counter.ConsoleBytes += n
-	if c.v.cfg.Console != nil {
-		c.v.cfg.Console.Write(buf)
-	}
+	c.host.console(buf)
 	return n
 }
 

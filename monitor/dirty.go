@@ -130,13 +130,9 @@ func (v *VM) collectDirty() (bm []uint64, own uint64, err error) {
 			return nil, 0, fmt.Errorf("dirty log of slot %d: %w", r.Slot, err)
 		}
 	}
-	if c := v.activeCloak(); c != nil && c.av != nil {
-		for _, r := range c.av.vm.MemoryRegions() {
-			if r.Slot == 0 {
-				if err := harvestSlot(c.av.vm, r, kvmBits); err != nil {
-					return nil, 0, fmt.Errorf("appVM dirty log: %w", err)
-				}
-			}
+	if c := v.activeCloak(); c != nil {
+		if err := c.harvestAppVM(kvmBits); err != nil {
+			return nil, 0, err
 		}
 	}
 	for i := range bm {

@@ -133,7 +133,7 @@ func (noExtensionHooks) beforeReport(uint64, uint64)        {}
 
 // extensions is every feature a VM is built with, in order: each constructor makes
 // its extension for v (after guest RAM, the devices and vCPU 0 exist).
-var extensions = []func(v *VM) (extension, error){pageProtExtension, newCloakExtension}
+var extensions = []func(v *VM) (extension, error){pageProtExtension, cloakExtensionFor}
 
 // installExtensions creates the VM's extensions and registers their routes.
 func (v *VM) installExtensions() error {

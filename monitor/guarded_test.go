@@ -29,7 +29,7 @@ func TestGuardedView(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	c := &cloaking{v: m.v, plain: map[uint64]plainOwner{plain: {app: &cloakApp{seq: 3}}}}
+	c := &cloaking{host: vmCloakHost{m.v}, ram: m.v.mem, pp: x, plain: map[uint64]plainOwner{plain: {app: &cloakApp{seq: 3}}}}
 
 	sys := m.v.guardedSys(0, fmPML4)
 	walk := func() guardedMem { return c.walkMem(nil) }

@@ -7,11 +7,12 @@ import (
 	"github.com/umbra-cc/umbra/kvm"
 )
 
-// machine is what a feature extension (page protection, cloaking's use of the system
-// VM's vCPU, hooks and logger) uses of the VM, instead of reaching into its fields: the vCPU at the exit being
-// handled, guest memory only through the guarded view, the memory slots page
-// protection manages, the hooks and the logger. vmMachine is the VM's; a test gives
-// an extension a fake one and runs it without KVM (machine_test.go).
+// machine is what a feature extension (page protection, cloaking) uses of the VM,
+// instead of reaching into its fields: the vCPU at the exit being handled, guest
+// memory only through the guarded view, the memory slots page protection manages, the
+// hooks and the logger. What only cloaking needs besides is cloakHost
+// (cloak_host.go). vmMachine and vmCloakHost are the VM's; a test gives an extension
+// fake ones and runs it without KVM (machine_test.go, cloak_fake_test.go).
 //
 // Every method is called on the vCPU goroutine, inside an exit handler, with the only
 // vCPU stopped.
@@ -21,7 +22,11 @@ type machine interface {
 	regs() *kvm.Regs
 	sregs() *kvm.Sregs
 	markRegsDirty()
+	// setRegs, setSregs and setXSAVE replace the stopped vCPU's registers (cloaking
+	// parks a registered app's process at its trampoline with scrubbed ones).
+	setRegs(kvm.Regs) error
 	setSregs(kvm.Sregs) error
+	setXSAVE(*kvm.XSAVE) error
 	events() (kvm.VCPUEvents, error)
 	setEvents(kvm.VCPUEvents) error
 	// xsave, lapic and msrs read the stopped vCPU's extended state, local APIC and
@@ -69,7 +74,9 @@ type vmMachine struct{ v *VM }
 func (m vmMachine) regs() *kvm.Regs                         { return m.v.cpu.SyncedRegs() }
 func (m vmMachine) sregs() *kvm.Sregs                       { return m.v.cpu.SyncedSregs() }
 func (m vmMachine) markRegsDirty()                          { m.v.cpu.MarkRegsDirty() }
+func (m vmMachine) setRegs(r kvm.Regs) error                { return m.v.cpu.SetRegs(r) }
 func (m vmMachine) setSregs(s kvm.Sregs) error              { return m.v.cpu.SetSregs(s) }
+func (m vmMachine) setXSAVE(x *kvm.XSAVE) error             { return m.v.cpu.SetXSAVE(x) }
 func (m vmMachine) events() (kvm.VCPUEvents, error)         { return m.v.cpu.Events() }
 func (m vmMachine) setEvents(e kvm.VCPUEvents) error        { return m.v.cpu.SetEvents(e) }
 func (m vmMachine) xsave() (*kvm.XSAVE, error)              { return m.v.cpu.XSAVE() }

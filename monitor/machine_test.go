@@ -33,7 +33,9 @@ type fakeMachine struct {
 func (m *fakeMachine) regs() *kvm.Regs                  { return &m.r }
 func (m *fakeMachine) sregs() *kvm.Sregs                { return &m.s }
 func (m *fakeMachine) markRegsDirty()                   { m.dirty = true }
+func (m *fakeMachine) setRegs(r kvm.Regs) error         { m.r = r; return nil }
 func (m *fakeMachine) setSregs(s kvm.Sregs) error       { m.s = s; return nil }
+func (m *fakeMachine) setXSAVE(*kvm.XSAVE) error        { return nil }
 func (m *fakeMachine) events() (kvm.VCPUEvents, error)  { return m.ev, nil }
 func (m *fakeMachine) setEvents(e kvm.VCPUEvents) error { m.ev = e; return nil }
 func (m *fakeMachine) xsave() (*kvm.XSAVE, error)       { return &kvm.XSAVE{}, nil }

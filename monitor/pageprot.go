@@ -10,9 +10,7 @@ package monitor
 
 import (
 	"context"
-	"crypto/sha256"
 	"encoding/binary"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -76,26 +74,11 @@ type pageProt struct {
 	pending pageprot.Plan
 	// layout is the slot layout in force, sorted by GPA.
 	layout []pageprot.Slot
-	// cloak is the cloaking layer once it has connected itself (connectPageProtCloak).
+	// cloak is the cloaking layer once it has connected itself (connectCloak).
 	cloak pageProtCloak
 	// guard caches the system space's ranges for the guarded accessor (guarded.go).
 	guard guardLocks
 	stats PageProtStats
-}
-
-// pageProtExtension creates the VM's page-protection service, the extension that
-// wires it into the exit path. Guest RAM must be mapped as slot 0 from the "sys" view.
-func pageProtExtension(v *VM) (extension, error) {
-	if err := v.sys.Require(kvm.CapReadonlyMem); err != nil {
-		return nil, err
-	}
-	view, err := v.mem.View("sys")
-	if err != nil {
-		return nil, err
-	}
-	sum := sha256.Sum256(v.cfg.Image)
-	kernel := []pageprot.Span{{Start: v.image.Start &^ (PageSize - 1), End: pageUp(v.image.End)}}
-	return newPageProt(vmMachine{v}, view, hex.EncodeToString(sum[:]), kernel)
 }
 
 // newPageProt creates page protection on machine m, whose guest RAM (slot 0 at
@@ -156,33 +139,6 @@ func (d pageProtRAM) access() error {
 }
 
 func pageUp(x uint64) uint64 { return (x + PageSize - 1) &^ (PageSize - 1) }
-
-// PageProt returns the VM's page-protection service: the cloaking layer asks it for
-// the rights of a cloaked app's pages (Lookup) and reports app faults to it
-// (Violation); tests inspect it.
-func (v *VM) PageProt() *pageprot.Service {
-	if x := v.pageProtExt(); x != nil {
-		return x.svc
-	}
-	return nil
-}
-
-// PageProtStats returns what page protection did so far.
-func (v *VM) PageProtStats() PageProtStats {
-	if x := v.pageProtExt(); x != nil {
-		return x.stats
-	}
-	return PageProtStats{}
-}
-
-func (v *VM) pageProtExt() *pageProt {
-	for _, e := range v.extensions {
-		if x, ok := e.(*pageProt); ok {
-			return x
-		}
-	}
-	return nil
-}
 
 // caller returns the context of the code running on the vCPU, as the monitor sees it.
 func (x *pageProt) caller(s *kvm.Sregs) pageprot.Context {
@@ -686,12 +642,8 @@ type pageProtCloak interface {
 	appOwned(app uint64) []authz.Range
 }
 
-// connectPageProtCloak connects the cloaking layer to page protection.
-func (v *VM) connectPageProtCloak(c pageProtCloak) {
-	if x := v.pageProtExt(); x != nil {
-		x.cloak = c
-	}
-}
+// connectCloak connects the cloaking layer to page protection.
+func (x *pageProt) connectCloak(c pageProtCloak) { x.cloak = c }
 
 // IsCloaked implements pageprot.CloakedPages through the connected cloaking layer;
 // with none, no page is a cloaked page.

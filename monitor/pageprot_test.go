@@ -460,8 +460,8 @@ func TestPageProtCloakedAppHooks(t *testing.T) {
 	}
 	defer v.Close()
 	fc := &fakeCloak{pages: map[uint64]bool{0x400000: true}}
-	v.connectPageProtCloak(fc)
 	x, svc := v.pageProtExt(), v.PageProt()
+	x.connectCloak(fc)
 	app := pageprot.Context{CPL: 3, AddressSpace: 0x5000, App: 7}
 	mem := &fakeBatchMem{}
 	call := func(es ...pageprot.Entry) int64 {

@@ -213,8 +213,8 @@ func (v *VM) TakeSnapshot(ctx context.Context) (*Snapshot, error) {
 	err := v.onVCPU(ctx, func() {
 		s.Counters = v.counter
 		c = v.activeCloak()
-		if c != nil && c.av != nil {
-			s.Counters.AppVMExits = c.av.Exits
+		if c != nil {
+			s.Counters.AppVMExits = c.appVMExits()
 		}
 		s.PageProt = v.PageProtStats()
 	})

@@ -18,84 +18,15 @@ import (
 	"github.com/umbra-cc/umbra/strictjson"
 )
 
-// Page protection and cloaking as state holders. A section starts with its format
-// byte; format 0 is "nothing to carry" (no protected range, no live cloaked app).
-
-// pageProtState is the page-protection table, locks included (a restore without its
-// locks would be a way to unlock); the slot layout is rebuilt from it.
-type pageProtState struct{ v *VM }
-
-func (pageProtState) StateName() string { return "pageprot" }
-
-func (s pageProtState) SaveState(w io.Writer) error {
-	x := s.v.pageProtExt()
-	if x == nil {
-		_, err := w.Write([]byte{0})
-		return err
-	}
-	b, err := x.svc.SaveState()
-	if err != nil {
-		return fmt.Errorf("%w: %w", ErrNotQuiescent, err)
-	}
-	_, err = w.Write(append([]byte{1}, b...))
-	return err
-}
-
-func (s pageProtState) RestoreState(r io.Reader) error {
-	b, err := io.ReadAll(io.LimitReader(r, 64<<20))
-	if err != nil {
-		return err
-	}
-	x := s.v.pageProtExt()
-	switch {
-	case len(b) == 1 && b[0] == 0 && x == nil:
-		return nil
-	case len(b) == 0 || b[0] != 1 || x == nil:
-		return errors.New("page protection section: not format 1, or this VM has no page protection")
-	}
-	if err := x.svc.RestoreState(b[1:]); err != nil {
-		return err
-	}
-	return x.enforce()
-}
-
-// cloakState is the cloaking state (cloak metadata, cloaked thread contexts, per-page
-// versions and tags), sealed under a key derived from the VM's cloak secret; the app
-// keys are never in it (they are derived again from the cloak secret, state_cloak.go's
-// format 1), and the pages it describes are in the snapshot as ciphertext.
-type cloakState struct{ v *VM }
-
-func (cloakState) StateName() string { return "cloak" }
-
-func (s cloakState) SaveState(w io.Writer) error {
-	c := s.v.activeCloak()
-	if c == nil {
-		_, err := w.Write([]byte{0})
-		return err
-	}
-	return c.saveState(w)
-}
-
-func (s cloakState) RestoreState(r io.Reader) error {
-	b, err := io.ReadAll(io.LimitReader(r, maxCloakSection+1))
-	if err != nil {
-		return err
-	}
-	if len(b) == 1 && b[0] == 0 {
-		return nil
-	}
-	return s.v.restoreCloak(b)
-}
-
 // maxCloakSection bounds a cloak section.
 const maxCloakSection = 32 << 20
 
-// quiesceCloak brings cloaking to a state a section can hold: the running app is
+// quiesce brings cloaking to a state a section can hold: the running app is
 // parked at its CLOAK_RESUME (its registers are saved) and every cloaked page is sealed
 // in place, so RAM holds only ciphertext of cloaked pages (the seals go through the
 // own-write log into the checkpoint's tail).
-func (v *VM) quiesceCloak() error {
-	c := v.activeCloak()
+func (x *cloakExtension) quiesce() error {
+	c := x.c
 	if c == nil {
 		return nil
 	}
@@ -104,8 +35,8 @@ func (v *VM) quiesceCloak() error {
 	if c.fatal != nil {
 		return c.fatal
 	}
-	if x := c.life.running; x != nil {
-		c.act(x, trampPark, [6]uint64{})
+	if a := c.life.running; a != nil {
+		c.act(a, trampPark, [6]uint64{})
 	}
 	for gpa := range c.plain {
 		c.encryptLocked(gpa)
@@ -192,7 +123,7 @@ func (c *cloaking) saveState(w io.Writer) error {
 		return notQuiet("an app holds the CPU")
 	case len(c.plain) > 0:
 		return notQuiet("%d frames hold cloaked plaintext", len(c.plain))
-	case c.v.cfg.CloakSecret == nil:
+	case c.secret == nil:
 		return fmt.Errorf("%w: the VM's cloak secret is drawn at random for this run (no Config.CloakSecret): its cloaked apps could not be restored", ErrStatelessPart)
 	}
 	keys, err := c.sm.State()
@@ -216,7 +147,7 @@ func (c *cloaking) saveState(w io.Writer) error {
 	if _, err := randRead(salt[:]); err != nil {
 		return err
 	}
-	aead, err := cloakSectionAEAD(c.v.cfg.CloakSecret, salt[:])
+	aead, err := cloakSectionAEAD(c.secret, salt[:])
 	if err != nil {
 		return err
 	}
@@ -288,23 +219,23 @@ func xsaveBytes(xs *kvm.XSAVE) []byte {
 	return b
 }
 
-// restoreCloak restores a cloak section of a format other than 0 into a VM built
+// restoreSection restores a cloak section of a format other than 0 into a VM built
 // for it, before Run. The section is opened with the VM's cloak secret and every
 // record is validated; the first error refuses the restore, naming it.
-func (v *VM) restoreCloak(b []byte) error {
+func (x *cloakExtension) restoreSection(b []byte) error {
 	if b[0] != 1 {
 		return fmt.Errorf("cloak section: format %d is not one this monitor reads", b[0])
 	}
-	if v.cfg.CloakSecret == nil {
+	if x.cfg.secret == nil {
 		return errors.New("cloak section: the checkpoint holds cloaked apps, and this VM was given no cloak secret (Config.CloakSecret): restore it with the secret it ran with")
 	}
-	if v.activeCloak() != nil {
+	if x.c != nil {
 		return errors.New("cloak section: cloaking already started in this VM")
 	}
 	if len(b) < 1+32+16 {
 		return fmt.Errorf("cloak section: %d bytes, too short", len(b))
 	}
-	aead, err := cloakSectionAEAD(v.cfg.CloakSecret, b[1:33])
+	aead, err := cloakSectionAEAD(x.cfg.secret, b[1:33])
 	if err != nil {
 		return err
 	}
@@ -317,17 +248,17 @@ func (v *VM) restoreCloak(b []byte) error {
 	if err := strictjson.Decode(plain, &sec); err != nil {
 		return fmt.Errorf("cloak section: %w", err)
 	}
-	sm, err := shadowmem.RestoreVM(v.cfg.CloakSecret, sec.Keys)
+	sm, err := shadowmem.RestoreVM(x.cfg.secret, sec.Keys)
 	if err != nil {
 		return fmt.Errorf("cloak section: %w", err)
 	}
-	c, err := v.newCloaking(sm)
+	c, err := x.newCloaking(sm)
 	if err != nil {
 		return err
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.restoreApps(sec.Apps, v.mem.Size(), v.cfg.CloakSecret)
+	return c.restoreApps(sec.Apps, c.ram.Size(), x.cfg.secret)
 }
 
 // restoreApps rebuilds the section's apps into c, for a VM of memSize bytes of RAM

@@ -476,6 +476,21 @@ func deviceResult(err error) (*guestExit, error) {
 	return nil, err
 }
 
+// interrupted returns the error that ends the run after a Kick, or nil for a kick
+// that only ended a time slice (of a cloaked app in appVM, too: cloak_run.go).
+func (v *VM) interrupted(runCtx context.Context) error {
+	if p := v.stopReason.Load(); p != nil {
+		return fmt.Errorf("%w: %w", ErrInterrupted, *p)
+	}
+	if runCtx.Err() != nil {
+		if errors.Is(context.Cause(runCtx), ErrTimeout) {
+			return fmt.Errorf("%w (%v); %s", ErrTimeout, v.cfg.Timeout, v.where())
+		}
+		return fmt.Errorf("%w: %w", ErrInterrupted, context.Cause(runCtx))
+	}
+	return nil
+}
+
 // where describes the vCPU's position for timeout messages.
 func (v *VM) where() string {
 	r, err1 := v.cpu.Regs()
