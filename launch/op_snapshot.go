@@ -63,6 +63,10 @@ type snapshotEnv struct {
 	last     *monitor.CheckpointInfo
 	lastName string
 
+	// groups is the host's cluster checkpoint records (op_cluster.go), opened before a
+	// jail hides the directory (nil: it could not be opened).
+	groups *os.Root
+
 	overlays string         // the VM's overlay directory (snapdisks.go)
 	disks    []*liveDisk    // the VM's plain disks
 	opened   []disk.Backend // overlays and frozen images opened for this run
@@ -146,7 +150,21 @@ func newSnapshotEnv(lc LaunchConfig, host string, audit func(context.Context, st
 		return nil, err
 	}
 	env.store.Clean()
+	if err := os.MkdirAll(ClusterDir(lc.StateDir), 0o700); err == nil {
+		env.groups, _ = os.OpenRoot(ClusterDir(lc.StateDir))
+	}
 	return env, nil
+}
+
+// forget removes snapshot name of this run (a cluster checkpoint that failed): its
+// file and record; an incremental snapshot can no longer name it as its parent.
+func (env *snapshotEnv) forget(name string) error {
+	env.mu.Lock()
+	defer env.mu.Unlock()
+	if env.lastName == name {
+		env.last, env.lastName = nil, ""
+	}
+	return env.store.Delete(name)
 }
 
 // SnapshotCreateArgs are snapshot.create's arguments.
@@ -154,6 +172,8 @@ type SnapshotCreateArgs struct {
 	Name string `json:"name"`
 	// Parent makes the snapshot incremental on the VM's last snapshot, which it must name.
 	Parent string `json:"parent,omitempty"`
+	// group marks the snapshot as a cluster checkpoint's member (op_cluster.go).
+	group string
 }
 
 // SnapshotResult describes a snapshot taken.
@@ -233,7 +253,7 @@ func (c *Control) createSnapshot(ctx context.Context, p policy.Principal, op str
 		pend.Abort()
 		return nil, fmt.Errorf("%s: %w", op, err)
 	}
-	rec := snapstore.Record{Parent: args.Parent, Generation: gen, ID: hex.EncodeToString(info.Tail.ID[:]), Created: time.Now().UTC(), Bytes: info.Bytes, Pages: info.Pages, Host: env.host}
+	rec := snapstore.Record{Parent: args.Parent, Generation: gen, ID: hex.EncodeToString(info.Tail.ID[:]), Created: time.Now().UTC(), Bytes: info.Bytes, Pages: info.Pages, Host: env.host, Group: args.group}
 	for _, d := range info.Disks {
 		if !d.ReadOnly {
 			rec.Disks = append(rec.Disks, d.Name)
