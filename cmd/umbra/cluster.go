@@ -353,7 +353,7 @@ func runClusterRestore(ctx context.Context, env *cliEnv, words, args []string) i
 		fmt.Fprintln(env.stderr, "umbra cluster restore: --detach and --restore are implied")
 		return exitUsage
 	}
-	if len(words) < 3 {
+	if len(words) < 2 {
 		fmt.Fprintln(env.stderr, "umbra cluster restore: give the checkpoint's name, then VM=SPEC|BUNDLE for every member (flags after them)")
 		return exitUsage
 	}
