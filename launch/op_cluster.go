@@ -8,7 +8,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"path/filepath"
 	"sync"
@@ -28,12 +27,15 @@ import (
 //     in the input. It returns a token the other two operations need.
 //   - cluster.snapshot writes the held VM's snapshot (named after the group, its
 //     record marked with the group), the VM still paused.
+//   - cluster.commit marks the snapshot as about to be recorded in the set.
 //   - cluster.release resumes the VM and keeps its snapshot (keep) or removes it.
 //
-// The coordinator writes the group record (snapstore.Groups) after every member's
-// snapshot and before any release: until then no set exists. A lease that runs out
-// (the coordinator died or stalled) resumes the VM on its own, audited, and removes
-// the snapshot taken under it unless the group record already lists it.
+// The coordinator commits every member, then writes the group record (snapstore.Groups),
+// then releases: until the record is written no set exists. A lease that runs out (the
+// coordinator died or stalled) resumes the VM on its own, audited, and removes the
+// snapshot taken under it unless it was committed: a coordinator that died after the
+// commits may have written the record, and a committed snapshot without a record is a
+// plain snapshot marked with a group that does not exist (no set restores from it).
 
 // Audit kinds of cluster checkpoints.
 const (
@@ -119,6 +121,7 @@ type hold struct {
 	deadline  time.Time
 	timer     *time.Timer
 	taken     *snapstore.Record // the snapshot taken under the hold (nil: none yet)
+	committed bool              // the coordinator is about to record the set: keep it
 }
 
 // holding says which group holds the VM ("" none).
@@ -279,6 +282,22 @@ func opClusterSnapshot(ctx context.Context, c *Control, p policy.Principal, raw 
 	})
 }
 
+// opClusterCommit tells the held VM that its coordinator is about to record the set:
+// from here a lease that runs out keeps the snapshot (the set may be recorded) instead
+// of removing it. A release without keep still removes it.
+func opClusterCommit(ctx context.Context, c *Control, p policy.Principal, raw json.RawMessage) (any, error) {
+	const op = "cluster.commit"
+	return c.onHold(op, p, raw, &ClusterTokenArgs{}, func(h *hold) (any, error) {
+		if h.taken == nil {
+			return nil, fmt.Errorf("%s: VM %s has no snapshot for cluster checkpoint %s yet", op, c.spec.Name, h.group)
+		}
+		h.committed = true
+		return struct {
+			Snapshot string `json:"snapshot"`
+		}{h.taken.Name}, nil
+	})
+}
+
 func opClusterRelease(ctx context.Context, c *Control, p policy.Principal, raw json.RawMessage) (any, error) {
 	var args ClusterReleaseArgs
 	return c.onHold("cluster.release", p, raw, &args, func(h *hold) (any, error) {
@@ -299,10 +318,7 @@ func (c *Control) leaseExpired(h *hold) {
 		return // released meanwhile
 	}
 	hs.cur = nil
-	keep := false
-	if h.taken != nil {
-		keep = c.groupLists(h.group, h.taken)
-	}
+	keep := h.committed && h.taken != nil
 	ctx := context.Background()
 	res, err := c.endHold(ctx, h, keep, "lease expired")
 	details := map[string]any{"group": h.group, "members": h.members, "paused_at": h.paused, "quiesced_by": h.by}
@@ -315,26 +331,6 @@ func (c *Control) leaseExpired(h *hold) {
 	if aerr := c.audit(ctx, KindClusterLeaseExpired, details); aerr != nil {
 		slog.Error("cluster checkpoint: the lease expiry's audit record failed", "vm", c.spec.Name, "group", h.group, "err", aerr)
 	}
-}
-
-// groupLists says whether the group record of group is written and lists rec as this
-// VM's member snapshot.
-func (c *Control) groupLists(group string, rec *snapstore.Record) bool {
-	root := c.snapshots.groups
-	if root == nil {
-		return false
-	}
-	f, err := root.Open(group + ".json")
-	if err != nil {
-		return false
-	}
-	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, snapstore.MaxGroupBytes+1))
-	if err != nil {
-		return false
-	}
-	g, err := snapstore.DecodeGroup(b)
-	return err == nil && g.Name == group && g.Check(c.spec.Name, rec) == nil
 }
 
 // endHold ends hold h (no longer c.cluster.cur): it removes the snapshot taken under it

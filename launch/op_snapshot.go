@@ -63,10 +63,6 @@ type snapshotEnv struct {
 	last     *monitor.CheckpointInfo
 	lastName string
 
-	// groups is the host's cluster checkpoint records (op_cluster.go), opened before a
-	// jail hides the directory (nil: it could not be opened).
-	groups *os.Root
-
 	overlays string         // the VM's overlay directory (snapdisks.go)
 	disks    []*liveDisk    // the VM's plain disks
 	opened   []disk.Backend // overlays and frozen images opened for this run
@@ -150,9 +146,6 @@ func newSnapshotEnv(lc LaunchConfig, host string, audit func(context.Context, st
 		return nil, err
 	}
 	env.store.Clean()
-	if err := os.MkdirAll(ClusterDir(lc.StateDir), 0o700); err == nil {
-		env.groups, _ = os.OpenRoot(ClusterDir(lc.StateDir))
-	}
 	return env, nil
 }
 

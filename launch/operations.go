@@ -26,6 +26,7 @@ type Operation func(ctx context.Context, c *Control, p policy.Principal, args js
 var operations = map[string]Operation{
 	"backup.create":    opBackupCreate,
 	"backup.list":      opBackupList,
+	"cluster.commit":   opClusterCommit,
 	"cluster.quiesce":  opClusterQuiesce,
 	"cluster.release":  opClusterRelease,
 	"cluster.snapshot": opClusterSnapshot,

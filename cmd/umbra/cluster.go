@@ -226,6 +226,11 @@ func coordinate(ctx context.Context, env *cliEnv, name string, ms []*clusterMemb
 			return nil, abort(fmt.Errorf("VM %s's lease ends in %v, too soon to record the set (give a longer --lease)", m.vm, left.Round(time.Millisecond)))
 		}
 	}
+	if err := eachMember(ms, func(m *clusterMember) error {
+		return memberErr(m.cl.Operation(ctx, "cluster.commit", launch.ClusterTokenArgs{Group: name, Token: m.held.Token}, nil))
+	}); err != nil {
+		return nil, abort(fmt.Errorf("commit: %w", err))
+	}
 	if err := groups.Write(g); err != nil {
 		return nil, abort(fmt.Errorf("record the set: %w", err))
 	}
@@ -255,6 +260,9 @@ func coordinate(ctx context.Context, env *cliEnv, name string, ms []*clusterMemb
 // memberErr is a member's control error as the coordinator reports it: the monitor's
 // message and any policy denial.
 func memberErr(err error) error {
+	if err == nil {
+		return nil
+	}
 	var api *control.APIError
 	if !errors.As(err, &api) {
 		return err

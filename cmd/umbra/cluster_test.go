@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/umbra-cc/umbra/attest/audit"
+	"github.com/umbra-cc/umbra/control"
 	"github.com/umbra-cc/umbra/launch"
 	"github.com/umbra-cc/umbra/snapstore"
 )
@@ -300,6 +301,86 @@ func loadAvg() string {
 func TestClusterCoordinatorKilled(t *testing.T) {
 	w := newClusterWorld(t)
 	w.launch("web", "db")
+	w.killCoordinator()
+	expired := w.auditOf(launch.KindClusterLeaseExpired, "crash")
+	for _, vm := range []string{"web", "db"} {
+		d := expired[vm]
+		if d == nil || d["kept"] != false || d["snapshot"] != "crash" || d["resumed_at"] == nil {
+			t.Fatalf("VM %s's lease expiry record: %v", vm, d)
+		}
+	}
+	w.requireNoSet("crash", "web", "db")
+	w.must(append([]string{"cluster", "checkpoint", "crash", "web", "db"}, w.stateDir()...)...)
+	w.requireRunning("web", "db")
+}
+
+// TestClusterCommittedThenCoordinatorGone: a coordinator (the test, through each
+// member's control socket) quiesces, captures and commits both members, records the
+// set, and is gone before any release. The leases run out: each monitor resumes its VM,
+// keeps its committed snapshot and audits it, and the set is whole and restores. A
+// member quiesced by one coordinator cannot be captured or released with another's
+// token.
+func TestClusterCommittedThenCoordinatorGone(t *testing.T) {
+	w := newClusterWorld(t)
+	w.launch("web", "db")
+	time.Sleep(500 * time.Millisecond)
+	ctx := t.Context()
+	g := &snapstore.Group{Name: "late", Created: time.Now().UTC()}
+	for _, vm := range []string{"web", "db"} {
+		cl := control.NewClient(controlSocket(w.state("a"), vm))
+		var q launch.ClusterQuiesceResult
+		if err := cl.Operation(ctx, "cluster.quiesce", launch.ClusterQuiesceArgs{Group: "late", Members: []string{"web", "db"}, LeaseMS: 3000}, &q); err != nil {
+			t.Fatal(err)
+		}
+		if err := cl.Operation(ctx, "cluster.snapshot", launch.ClusterTokenArgs{Group: "late", Token: strings.Repeat("0", 32)}, nil); err == nil || !strings.Contains(err.Error(), "token or principal") {
+			t.Fatalf("a capture with another token: %v", err)
+		}
+		var s launch.ClusterSnapshotResult
+		if err := cl.Operation(ctx, "cluster.snapshot", launch.ClusterTokenArgs{Group: "late", Token: q.Token}, &s); err != nil {
+			t.Fatal(err)
+		}
+		if err := cl.Operation(ctx, "cluster.commit", launch.ClusterTokenArgs{Group: "late", Token: q.Token}, nil); err != nil {
+			t.Fatal(err)
+		}
+		g.Quiesced, g.Captured = maxTime(g.Quiesced, q.Paused.UTC()), maxTime(g.Captured, s.Captured.UTC())
+		g.Members = append(g.Members, snapstore.GroupMember{VM: vm, Snapshot: s.Name, ID: s.ID, Generation: s.Generation, Host: s.Host, Paused: q.Paused.UTC()})
+	}
+	gs, _ := snapstore.OpenGroups(launch.ClusterDir(w.state("a")), true)
+	if err := gs.Write(g); err != nil {
+		t.Fatal(err)
+	}
+	for _, vm := range []string{"web", "db"} {
+		for deadline := time.Now().Add(30 * time.Second); ; {
+			if st, _ := w.vmState(vm); st == "running" {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("VM %s never resumed after its lease", vm)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	expired := w.auditOf(launch.KindClusterLeaseExpired, "late")
+	for _, vm := range []string{"web", "db"} {
+		if d := expired[vm]; d == nil || d["kept"] != true {
+			t.Fatalf("VM %s's lease expiry record: %v, want its committed snapshot kept", vm, d)
+		}
+	}
+	killVM(t, w.state("a"), "web")
+	killVM(t, w.state("a"), "db")
+	waitStopped(t, w.state("a"), "web")
+	waitStopped(t, w.state("a"), "db")
+	if code, out, errs := runUmbra(t, append([]string{"cluster", "restore", "late", "web=" + w.spec("web"), "db=" + w.spec("db")}, append(w.host("a"), w.policy...)...)...); code != 0 {
+		t.Fatalf("restore of the set recorded before its coordinator went = %d\n%s\n%s", code, out, errs)
+	}
+	w.requireRunning("web", "db")
+}
+
+// killCoordinator runs umbra cluster checkpoint crash web db in a process of its own
+// with a 5 s lease, waits until both members are captured and held, SIGKILLs the coordinator and waits until both VMs run again on their own.
+func (w *clusterWorld) killCoordinator() {
+	t := w.t
+	t.Helper()
 	time.Sleep(500 * time.Millisecond)
 	p := startUmbra(t, "coordinator", append([]string{"cluster", "checkpoint", "crash", "web", "db", "--lease", "5s", "--exec", "exec sleep 15 >/dev/null 2>&1"}, w.stateDir()...)...)
 	deadline := time.Now().Add(time.Minute)
@@ -337,14 +418,4 @@ func TestClusterCoordinatorKilled(t *testing.T) {
 		}
 	}
 	t.Logf("both VMs resumed on their own %v after the coordinator was killed (lease 5s)", time.Since(killed).Round(time.Millisecond))
-	expired := w.auditOf(launch.KindClusterLeaseExpired, "crash")
-	for _, vm := range []string{"web", "db"} {
-		d := expired[vm]
-		if d == nil || d["kept"] != false || d["snapshot"] != "crash" || d["resumed_at"] == nil {
-			t.Fatalf("VM %s's lease expiry record: %v", vm, d)
-		}
-	}
-	w.requireNoSet("crash", "web", "db")
-	w.must(append([]string{"cluster", "checkpoint", "crash", "web", "db"}, w.stateDir()...)...)
-	w.requireRunning("web", "db")
 }
