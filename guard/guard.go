@@ -232,6 +232,13 @@ func (g *Guard) CreateSnapshot(ctx context.Context, p policy.Principal, vm polic
 	return g.Check(ctx, p, vm, policy.ActionSnapshotCreate, policy.Request{Snapshot: &policy.Snapshot{Name: name}})
 }
 
+// CreateGroupSnapshot checks creating snapshot name as one member of cluster
+// checkpoint group (docs/snapshot.md §4.9): the VM is quiesced with the group's other
+// members and checkpointed with them, all or none.
+func (g *Guard) CreateGroupSnapshot(ctx context.Context, p policy.Principal, vm policy.VM, name string, group policy.SnapshotGroup) (policy.Decision, error) {
+	return g.Check(ctx, p, vm, policy.ActionSnapshotCreate, policy.Request{Snapshot: &policy.Snapshot{Name: name, Group: &group}})
+}
+
 // RevertSnapshot checks resuming snapshot name, whose TPM-anchored generation is
 // generation, while the VM's generation counter stands at current (docs/snapshot.md
 // §4.4: generation < current is a second resume, or an older state after a newer one).

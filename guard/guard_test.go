@@ -277,7 +277,7 @@ func grantingPolicy(t testing.TB) *policy.Policy {
 		}
 		if filepath.Base(p) == "data.json" {
 			s := string(b)
-			s = strings.Replace(s, `"snapshots": {"create": true, "revert": false}`, `"snapshots": {"create": true, "revert": true}`, 1)
+			s = strings.Replace(s, `"snapshots": {"create": true, "revert": false, "cluster_with": ["db-01"]}`, `"snapshots": {"create": true, "revert": true, "cluster_with": ["db-01"]}`, 1)
 			s = strings.Replace(s, `"clipboard": [],`, `"clipboard": ["to_guest"],`, 1)
 			s = strings.Replace(s, `"clone": false,`, `"clone": true,`, 1)
 			s = strings.Replace(s, `"export": false,`, `"export": true,`, 1)
@@ -617,5 +617,28 @@ func TestForVMAsksTheGuardWithTheVMAndRanges(t *testing.T) {
 		if got[i].InputDigest != want[i].InputDigest || got[i].Allow != want[i].Allow || got[i].VMID != "finance-01" {
 			t.Errorf("record %d: %+v, want %+v", i, got[i], want[i])
 		}
+	}
+}
+
+// A cluster checkpoint's member is decided with its group in the input: the example
+// policy admits finance-01 with db-01 (its snapshots.cluster_with) and refuses it with
+// any other VM; an input whose members leave out the VM is refused before the policy;
+// each is audited.
+func TestCreateGroupSnapshot(t *testing.T) {
+	ctx := context.Background()
+	env := guardtest.NewEnv(t, guardtest.HostA, guardtest.Wed10)
+	vm := guardtest.FinanceVM()
+	if d, err := env.Guard.CreateGroupSnapshot(ctx, alice, vm, "nightly", policy.SnapshotGroup{Name: "nightly", Members: []string{vm.ID, "db-01"}}); err != nil || !d.Allow {
+		t.Fatalf("a group with db-01: %v %v", d, err)
+	}
+	d, err := env.Guard.CreateGroupSnapshot(ctx, alice, vm, "nightly", policy.SnapshotGroup{Name: "nightly", Members: []string{vm.ID, "web-07"}})
+	if err == nil || !guardtest.HasCode(d, "snapshot.group_not_allowed") {
+		t.Fatalf("a group with web-07: %v %v", d, err)
+	}
+	if _, err := env.Guard.CreateGroupSnapshot(ctx, alice, vm, "nightly", policy.SnapshotGroup{Name: "nightly", Members: []string{"db-01", "web-07"}}); err == nil {
+		t.Fatal("a group without the VM asked about was decided")
+	}
+	if n := len(env.Audit.All()); n != 3 {
+		t.Fatalf("%d audit records, want the three refusals and decisions", n)
 	}
 }

@@ -43,6 +43,7 @@ type Control struct {
 	hotNet    hotNets       // NICs attached at run time (op_net.go)
 	jailed    atomic.Bool   // the monitor gave up its privileges (MarkJailed)
 	backups   *backupEnv    // the disks' change trackers and chain keys (op_backup.go)
+	cluster   clusterHold   // a cluster checkpoint's hold on the VM (op_cluster.go)
 	// measure records an event in the VM's measured-launch event log; audit appends a
 	// record to the VM's audit log; stateDir is the monitor's state directory.
 	measure  func(ctx context.Context, ev eventlog.Event) error
@@ -159,6 +160,9 @@ func (c *Control) Pause(ctx context.Context, p policy.Principal) (time.Duration,
 func (c *Control) Resume(ctx context.Context, p policy.Principal) error {
 	if err := c.check(func(vm policy.VM) (policy.Decision, error) { return c.guard.Resume(ctx, p, vm) }); err != nil {
 		return err
+	}
+	if g := c.cluster.holding(); g != "" {
+		return fmt.Errorf("%w: the VM is held by cluster checkpoint %s until its coordinator releases it or its lease runs out", monitor.ErrPauseState, g)
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()

@@ -146,11 +146,24 @@ func newSnapshotEnv(lc LaunchConfig, host string, audit func(context.Context, st
 	return env, nil
 }
 
+// forget removes snapshot name of this run (a cluster checkpoint that failed): its
+// file and record; an incremental snapshot can no longer name it as its parent.
+func (env *snapshotEnv) forget(name string) error {
+	env.mu.Lock()
+	defer env.mu.Unlock()
+	if env.lastName == name {
+		env.last, env.lastName = nil, ""
+	}
+	return env.store.Delete(name)
+}
+
 // SnapshotCreateArgs are snapshot.create's arguments.
 type SnapshotCreateArgs struct {
 	Name string `json:"name"`
 	// Parent makes the snapshot incremental on the VM's last snapshot, which it must name.
 	Parent string `json:"parent,omitempty"`
+	// group marks the snapshot as a cluster checkpoint's member (op_cluster.go).
+	group string
 }
 
 // SnapshotResult describes a snapshot taken.
@@ -230,7 +243,7 @@ func (c *Control) createSnapshot(ctx context.Context, p policy.Principal, op str
 		pend.Abort()
 		return nil, fmt.Errorf("%s: %w", op, err)
 	}
-	rec := snapstore.Record{Parent: args.Parent, Generation: gen, ID: hex.EncodeToString(info.Tail.ID[:]), Created: time.Now().UTC(), Bytes: info.Bytes, Pages: info.Pages, Host: env.host}
+	rec := snapstore.Record{Parent: args.Parent, Generation: gen, ID: hex.EncodeToString(info.Tail.ID[:]), Created: time.Now().UTC(), Bytes: info.Bytes, Pages: info.Pages, Host: env.host, Group: args.group}
 	for _, d := range info.Disks {
 		if !d.ReadOnly {
 			rec.Disks = append(rec.Disks, d.Name)

@@ -24,18 +24,22 @@ type Operation func(ctx context.Context, c *Control, p policy.Principal, args js
 // operations names every operation the control socket serves. A new operation is one
 // line here, its code in a file of its own.
 var operations = map[string]Operation{
-	"backup.create":   opBackupCreate,
-	"backup.list":     opBackupList,
-	"disk.attach":     opDiskAttach,
-	"disk.detach":     opDiskDetach,
-	"migrate":         opMigrate,
-	"net.attach":      opNetAttach,
-	"net.detach":      opNetDetach,
-	"replicate":       opReplicate,
-	"snapshot.create": opSnapshotCreate,
-	"snapshot.list":   opSnapshotList,
-	"snapshot.diff":   opSnapshotDiff,
-	"suspend":         opSuspend,
+	"backup.create":    opBackupCreate,
+	"backup.list":      opBackupList,
+	"cluster.commit":   opClusterCommit,
+	"cluster.quiesce":  opClusterQuiesce,
+	"cluster.release":  opClusterRelease,
+	"cluster.snapshot": opClusterSnapshot,
+	"disk.attach":      opDiskAttach,
+	"disk.detach":      opDiskDetach,
+	"migrate":          opMigrate,
+	"net.attach":       opNetAttach,
+	"net.detach":       opNetDetach,
+	"replicate":        opReplicate,
+	"snapshot.create":  opSnapshotCreate,
+	"snapshot.diff":    opSnapshotDiff,
+	"snapshot.list":    opSnapshotList,
+	"suspend":          opSuspend,
 }
 
 // operationName is the spelling of an operation's name: lower-case words joined by dots

@@ -184,7 +184,21 @@ type Snapshot struct {
 	Name       string `json:"name"`
 	Generation uint64 `json:"generation,omitempty"`
 	Current    uint64 `json:"current,omitempty"`
+	// Group is set (snapshot_create only) when the snapshot is one member of a cluster
+	// checkpoint (docs/snapshot.md §4.9): the VMs named together are paused at one cut
+	// and checkpointed as one set, all or none, and restored together.
+	Group *SnapshotGroup `json:"group,omitempty"`
 }
+
+// SnapshotGroup is the cluster checkpoint a snapshot belongs to: its name and every
+// member VM's id (this VM's among them).
+type SnapshotGroup struct {
+	Name    string   `json:"name"`
+	Members []string `json:"members"`
+}
+
+// MaxGroupMembers bounds a cluster checkpoint's members.
+const MaxGroupMembers = 16
 
 // Transfer is a file transfer between host and guest.
 type Transfer struct {
@@ -439,6 +453,9 @@ func (in *Input) Validate() error {
 		case in.Action != ActionSnapshotRevert && (s.Generation != 0 || s.Current != 0):
 			bad("request.snapshot", "generation and current are only valid with action %q", ActionSnapshotRevert)
 		}
+		if g := r.Snapshot.Group; g != nil {
+			validateGroup(in, g, bad, id)
+		}
 	}
 	if r.Transfer != nil {
 		enum("request.transfer.direction", r.Transfer.Direction, directions)
@@ -653,5 +670,29 @@ func validateNetwork(where string, n Network, bad func(string, string, ...any), 
 	}
 	if n.MAC != "" && !macRE.MatchString(n.MAC) {
 		bad(where+".mac", "%q is not a lower-case MAC address", n.MAC)
+	}
+}
+
+// validateGroup checks a cluster checkpoint's group: only with snapshot_create, 2 to
+// MaxGroupMembers distinct members, the VM asked about among them.
+func validateGroup(in *Input, g *SnapshotGroup, bad func(field, format string, args ...any), id func(field, v string, required bool)) {
+	if in.Action != ActionSnapshotCreate {
+		bad("request.snapshot.group", "is only valid with action %q", ActionSnapshotCreate)
+	}
+	id("request.snapshot.group.name", g.Name, true)
+	if n := len(g.Members); n < 2 || n > MaxGroupMembers {
+		bad("request.snapshot.group.members", "%d members: a group has 2 to %d", n, MaxGroupMembers)
+		return
+	}
+	seen := map[string]bool{}
+	for i, m := range g.Members {
+		id(fmt.Sprintf("request.snapshot.group.members[%d]", i), m, true)
+		if seen[m] {
+			bad(fmt.Sprintf("request.snapshot.group.members[%d]", i), "%q is named twice", m)
+		}
+		seen[m] = true
+	}
+	if !seen[in.VM.ID] {
+		bad("request.snapshot.group.members", "do not include the VM asked about (%q)", in.VM.ID)
 	}
 }

@@ -151,6 +151,16 @@ func requestTerm(r *Request) *ast.Term {
 		if r.Snapshot.Current != 0 {
 			snap = append(snap, item("current", ast.UIntNumberTerm(r.Snapshot.Current)))
 		}
+		if g := r.Snapshot.Group; g != nil {
+			members := make([]*ast.Term, len(g.Members))
+			for i, m := range g.Members {
+				members[i] = ast.StringTerm(m)
+			}
+			snap = append(snap, item("group", ast.ObjectTerm(
+				item("name", ast.StringTerm(g.Name)),
+				item("members", ast.ArrayTerm(members...)),
+			)))
+		}
 		items = append(items, item("snapshot", ast.ObjectTerm(snap...)))
 	}
 	if r.Transfer != nil {

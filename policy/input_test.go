@@ -58,7 +58,10 @@ func sampleInputs() []*Input {
 		}
 		out = append(out, in)
 	}
-	return out
+	// A member of a cluster checkpoint (docs/snapshot.md §4.9).
+	g := financeInput(ActionSnapshotCreate)
+	g.Request.Snapshot = &Snapshot{Name: "nightly", Group: &SnapshotGroup{Name: "nightly", Members: []string{g.VM.ID, "db-01"}}}
+	return append(out, g)
 }
 
 // TestInputASTMatchesJSON: the direct AST conversion used for speed produces the
@@ -142,6 +145,18 @@ func TestSchemaAgreesWithValidate(t *testing.T) {
 		{"revert without generation", func(in *Input) {
 			in.Action = ActionSnapshotRevert
 			in.Request = Request{Snapshot: &Snapshot{Name: "s1"}}
+		}},
+		{"group of one", func(in *Input) {
+			in.Action = ActionSnapshotCreate
+			in.Request = Request{Snapshot: &Snapshot{Name: "g1", Group: &SnapshotGroup{Name: "g1", Members: []string{in.VM.ID}}}}
+		}},
+		{"group member twice", func(in *Input) {
+			in.Action = ActionSnapshotCreate
+			in.Request = Request{Snapshot: &Snapshot{Name: "g1", Group: &SnapshotGroup{Name: "g1", Members: []string{in.VM.ID, "db-01", "db-01"}}}}
+		}},
+		{"group on a revert", func(in *Input) {
+			in.Action = ActionSnapshotRevert
+			in.Request = Request{Snapshot: &Snapshot{Name: "g1", Generation: 1, Current: 1, Group: &SnapshotGroup{Name: "g1", Members: []string{in.VM.ID, "db-01"}}}}
 		}},
 		{"create with generation", func(in *Input) {
 			in.Action = ActionSnapshotCreate

@@ -70,6 +70,9 @@ type Record struct {
 	// Disks names the writable disks the snapshot froze under overlays (its authenticated
 	// disks section is what a restore uses; this is for listing).
 	Disks []string `json:"disks,omitempty"`
+	// Group names the cluster checkpoint this snapshot was taken for (group.go): the
+	// set exists only once its group record is written.
+	Group string `json:"group,omitempty"`
 }
 
 // diskName is a disk's name as a VM spec allows it.
@@ -82,6 +85,11 @@ func (r *Record) validate() error {
 	if r.Parent != "" {
 		if err := ValidName(r.Parent); err != nil {
 			return fmt.Errorf("parent: %w", err)
+		}
+	}
+	if r.Group != "" {
+		if err := ValidName(r.Group); err != nil {
+			return fmt.Errorf("group: %w", err)
 		}
 	}
 	if r.Generation == 0 || r.Bytes < 0 || len(r.ID) != 32 || len(r.Host) > 128 {
@@ -249,18 +257,28 @@ func (s *Store) Get(name string) (*Snapshot, error) {
 	return &Snapshot{Record: *rec, File: f, Size: st.Size()}, nil
 }
 
-func (s *Store) record(name string) (*Record, error) {
-	f, err := os.OpenFile(s.path(name, recordSuffix), os.O_RDONLY|noFollow, 0)
+// readSmall reads the small file at path, not following a symlink, at most limit+1
+// bytes (so that a longer one is seen as too long); notFound is returned for none.
+func readSmall(path string, limit int64, notFound error, what string) ([]byte, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|noFollow, 0)
 	if errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("%w: %s", ErrNotFound, name)
+		return nil, notFound
 	}
 	if err != nil {
-		return nil, fmt.Errorf("snapshot %s: %w", name, err)
+		return nil, fmt.Errorf("%s: %w", what, err)
 	}
 	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, MaxRecordBytes+1))
+	b, err := io.ReadAll(io.LimitReader(f, limit+1))
 	if err != nil {
-		return nil, fmt.Errorf("snapshot %s: %w", name, err)
+		return nil, fmt.Errorf("%s: %w", what, err)
+	}
+	return b, nil
+}
+
+func (s *Store) record(name string) (*Record, error) {
+	b, err := readSmall(s.path(name, recordSuffix), MaxRecordBytes, fmt.Errorf("%w: %s", ErrNotFound, name), "snapshot "+name)
+	if err != nil {
+		return nil, err
 	}
 	if string(b) == placeholder {
 		return nil, fmt.Errorf("snapshot %s: %w: it is being written, or its creation was interrupted (delete it)", name, ErrCorrupt)

@@ -29,6 +29,24 @@ deny contains reason(
 	not cfg.snapshots.revert
 }
 
+# Cluster checkpoints (docs/snapshot.md §4.9): a VM is paused and checkpointed together
+# with the other members of a group, and their snapshots restore as one set. A VM joins
+# a group only with the VMs its config names in snapshots.cluster_with (a tenant's VM is
+# never held for, or restored with, a stranger's).
+deny contains reason(
+	"snapshot.group_not_allowed",
+	sprintf("VM %q may not be checkpointed together with %v in cluster checkpoint %q (snapshots.cluster_with: %v)", [input.vm.id, strangers, input.request.snapshot.group.name, object.get(cfg.snapshots, "cluster_with", [])]),
+	"usage.rego:snapshot_group",
+) if {
+	input.action == "snapshot_create"
+	strangers := {m |
+		some m in input.request.snapshot.group.members
+		m != input.vm.id
+		not m in object.get(cfg.snapshots, "cluster_with", [])
+	}
+	count(strangers) > 0
+}
+
 # Resume once (docs/snapshot.md §4.4): a snapshot whose TPM-anchored generation is below
 # the VM's current one already ran (or a newer one exists or ran); resuming it again
 # replays the guest's secrets and entropy. Refused unless the VM's config says

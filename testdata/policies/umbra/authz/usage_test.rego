@@ -29,6 +29,17 @@ test_snapshots if {
 	denied_with(r, "snapshot.not_allowed")
 }
 
+# A cluster checkpoint's member: allowed with the VMs the config names in
+# snapshots.cluster_with, refused with any other (named in the reason).
+test_snapshot_group if {
+	ok := authz.decision with input as with_action("snapshot_create", {"request": {"snapshot": {"name": "nightly", "group": {"name": "nightly", "members": ["finance-01", "db-01"]}}}}) with time.now_ns as wed10
+	ok.allow
+	bad := authz.decision with input as with_action("snapshot_create", {"request": {"snapshot": {"name": "nightly", "group": {"name": "nightly", "members": ["finance-01", "db-01", "web-07"]}}}}) with time.now_ns as wed10
+	denied_with(bad, "snapshot.group_not_allowed")
+	some r in bad.deny
+	contains(r.message, "web-07")
+}
+
 # A VM that may revert may resume its newest snapshot once; a second resume (the
 # generation below the current one) is refused, unless the config allows replays.
 test_snapshot_resume_once if {

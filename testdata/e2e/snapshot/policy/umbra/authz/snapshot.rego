@@ -5,7 +5,8 @@
 #   data.umbra.snapshot: operators (who may launch, use, snapshot and restore the VM, and
 #   give it disks)
 #   and replay (whether a snapshot may be resumed again, or an older one after a newer
-#   state ran: docs/snapshot.md §4.4; false by default).
+#   state ran: docs/snapshot.md §4.4; false by default), and solo (VMs that are never
+#   members of a cluster checkpoint: docs/snapshot.md §4.9).
 package umbra.authz
 
 default allow := false
@@ -33,6 +34,16 @@ deny contains reason(
 	input.action == "snapshot_revert"
 	input.request.snapshot.generation < input.request.snapshot.current
 	not cfg.replay
+}
+
+deny contains reason(
+	"snapshot.group_not_allowed",
+	sprintf("VM %q is checkpointed alone, never in a cluster checkpoint (%q with %v)", [input.vm.id, input.request.snapshot.group.name, input.request.snapshot.group.members]),
+	"snapshot.rego:group",
+) if {
+	input.action == "snapshot_create"
+	input.request.snapshot.group
+	input.vm.id in cfg.solo
 }
 
 deny contains reason("system.only", "page protection and cloaking are the monitor's", "snapshot.rego:system") if {
