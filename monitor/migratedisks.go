@@ -56,7 +56,7 @@ func (e *ProtectedDiskEnv) AdoptAnchor(name string, version uint64, root string)
 	if version == 0 {
 		return fmt.Errorf("protected disk %s: the received anchor has version 0", name)
 	}
-	hw, err := e.Counter.Version(p.series)
+	hw, err := e.Counter.Version(p.tpmSeries)
 	if err != nil {
 		return fmt.Errorf("protected disk %s: TPM rollback counter: %w", name, err)
 	}
@@ -79,8 +79,11 @@ func (p *protectedDisk) store(version uint64, root string) error {
 	if err := statefile.WriteAtomic(p.path, b, 0o600); err != nil {
 		return fmt.Errorf("anchor protected disk %s: %w", p.name, err)
 	}
-	if err := p.env.Counter.Advance(p.series, version); err != nil {
+	if err := p.env.Counter.Advance(p.tpmSeries, version); err != nil {
 		return fmt.Errorf("anchor protected disk %s in the TPM: %w", p.name, err)
 	}
+	p.series.mu.Lock()
+	p.series.version = version
+	p.series.mu.Unlock()
 	return nil
 }

@@ -62,16 +62,32 @@ type diskAnchorFile struct {
 
 // protectedDisk is one disk's key material and anchor.
 type protectedDisk struct {
-	env    *ProtectedDiskEnv
-	name   string
-	key    []byte // protdisk key
-	macKey []byte
-	path   string // the anchor file
-	series string // the TPM counter series
-	top    string // the image Commit anchors (anchor file's Top: "" for the spec's)
+	env       *ProtectedDiskEnv
+	name      string
+	key       []byte // protdisk key
+	macKey    []byte
+	path      string // the anchor file
+	tpmSeries string // the TPM counter series
+	top       string // the image Commit anchors (anchor file's Top: "" for the spec's)
 
+	// series is the anchor's version, shared by every protectedDisk of this anchor file
+	// in the process (the disk and the overlays snapshots and restores put over it).
+	series *anchorSeries
+}
+
+// anchorSeries is one anchor file's version as this process last anchored or opened it.
+// It is kept in memory because a jailed monitor may write the anchor file (a rename in
+// its directory) but not read it.
+type anchorSeries struct {
 	mu      sync.Mutex
 	version uint64
+}
+
+var anchorSerieses sync.Map // anchor file path -> *anchorSeries
+
+func seriesOf(path string) *anchorSeries {
+	s, _ := anchorSerieses.LoadOrStore(path, new(anchorSeries))
+	return s.(*anchorSeries)
 }
 
 func (e *ProtectedDiskEnv) disk(name string) (*protectedDisk, error) {
@@ -88,8 +104,8 @@ func (e *ProtectedDiskEnv) disk(name string) (*protectedDisk, error) {
 		return nil, err
 	}
 	return &protectedDisk{env: e, name: name, key: key, macKey: macKey,
-		path:   filepath.Join(e.StateDir, "vms", e.VM, "disks", name+".anchor"),
-		series: "umbra-disk." + e.VM + "." + name}, nil
+		path:      filepath.Join(e.StateDir, "vms", e.VM, "disks", name+".anchor"),
+		tpmSeries: "umbra-disk." + e.VM + "." + name, series: seriesOf(filepath.Join(e.StateDir, "vms", e.VM, "disks", name+".anchor"))}, nil
 }
 
 func (p *protectedDisk) mac(version uint64, root, top string) string {
@@ -146,21 +162,12 @@ func (p *protectedDisk) layer(top string) protdisk.Anchor {
 
 // commit writes the new root (of image top) to the anchor file with the next version,
 // then raises the TPM counter to it. A crash between the two leaves the file one version
-// ahead, which the next open accepts and completes. The next version follows the file's,
-// so the layers of one disk (each with its own protectedDisk) share one series.
+// ahead, which the next open accepts and completes. The layers of one disk (each with
+// its own protectedDisk) share one version (anchorSeries).
 func (p *protectedDisk) commit(r protdisk.Root, top string) error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	unlock := lockAnchor(p.path)
-	defer unlock()
-	cur, err := p.load()
-	if err != nil {
-		return err
-	}
-	next := p.version + 1
-	if cur != nil && cur.Version >= next {
-		next = cur.Version + 1
-	}
+	p.series.mu.Lock()
+	defer p.series.mu.Unlock()
+	next := p.series.version + 1
 	a := diskAnchorFile{Version: next, Root: r.String(), Top: top}
 	a.MAC = p.mac(a.Version, a.Root, a.Top)
 	b, _ := json.Marshal(a)
@@ -170,27 +177,17 @@ func (p *protectedDisk) commit(r protdisk.Root, top string) error {
 	if err := statefile.WriteAtomic(p.path, b, 0o600); err != nil {
 		return fmt.Errorf("anchor protected disk %s: %w", p.name, err)
 	}
-	if err := p.env.Counter.Advance(p.series, next); err != nil {
+	if err := p.env.Counter.Advance(p.tpmSeries, next); err != nil {
 		return fmt.Errorf("anchor protected disk %s in the TPM: %w", p.name, err)
 	}
-	p.version = next
+	p.series.version = next
 	return nil
-}
-
-// anchorLocks serialises the commits of one anchor file across its layers' anchors.
-var anchorLocks sync.Map
-
-func lockAnchor(path string) func() {
-	m, _ := anchorLocks.LoadOrStore(path, new(sync.Mutex))
-	mu := m.(*sync.Mutex)
-	mu.Lock()
-	return mu.Unlock
 }
 
 // open checks the anchor against the TPM and opens the image against the anchored root;
 // with no anchor yet it creates the disk from the seed image.
 func (p *protectedDisk) open(ctx context.Context, d DiskSpec, path, seed string) (disk.Backend, error) {
-	hw, err := p.env.Counter.Version(p.series)
+	hw, err := p.env.Counter.Version(p.tpmSeries)
 	if err != nil {
 		return nil, fmt.Errorf("protected disk %s: TPM rollback counter: %w", p.name, err)
 	}
@@ -211,11 +208,13 @@ func (p *protectedDisk) open(ctx context.Context, d DiskSpec, path, seed string)
 		return nil, fmt.Errorf("%w: disk %s's anchor is version %d, the TPM records only %d: the TPM's counters were reset or the anchor is another host's", ErrDiskRolledBack, p.name, a.Version, hw)
 	case a.Version == hw+1:
 		// A commit that crashed between the anchor file and the TPM: complete it.
-		if err := p.env.Counter.Advance(p.series, a.Version); err != nil {
+		if err := p.env.Counter.Advance(p.tpmSeries, a.Version); err != nil {
 			return nil, fmt.Errorf("protected disk %s: completing an interrupted anchor: %w", p.name, err)
 		}
 	}
-	p.version = a.Version
+	p.series.mu.Lock()
+	p.series.version = a.Version
+	p.series.mu.Unlock()
 	var root protdisk.Root
 	if b, err := hex.DecodeString(a.Root); err != nil || len(b) != len(root) {
 		return nil, fmt.Errorf("anchor of protected disk %s holds a malformed root", p.name)

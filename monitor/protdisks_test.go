@@ -146,7 +146,7 @@ func TestProtectedDiskAnchorAgainstTheTPM(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p.version = a.Version
+	p.series.version = a.Version
 	pd.WriteAt(bytes.Repeat([]byte{1}, 4096), 0)
 	if err := pd.Close(); err != nil {
 		t.Fatal(err)

@@ -144,6 +144,22 @@ func (e *ProtectedDiskEnv) RestoreOverlay(name string, frozen *protdisk.Disk, pa
 	if err != nil {
 		return nil, err
 	}
+	// The disk's series goes on from where the TPM and the anchor file have it (the
+	// restore did not open the disk as it was, which would have read them).
+	hw, err := e.Counter.Version(p.tpmSeries)
+	if err != nil {
+		return nil, fmt.Errorf("protected disk %s: TPM rollback counter: %w", name, err)
+	}
+	a, err := p.load()
+	if err != nil {
+		return nil, err
+	}
+	p.series.mu.Lock()
+	p.series.version = max(p.series.version, hw)
+	if a != nil {
+		p.series.version = max(p.series.version, a.Version)
+	}
+	p.series.mu.Unlock()
 	ov, err := protdisk.CreateOverlay(path, p.key, frozen, frozen.Path(), p.layer(path))
 	if err != nil {
 		return nil, fmt.Errorf("disk %s: %w", name, err)

@@ -29,7 +29,7 @@ func (e *ProtectedDiskEnv) AnchorNow(name string) (version uint64, root string, 
 	if err != nil {
 		return 0, "", err
 	}
-	hw, err := e.Counter.Version(p.series)
+	hw, err := e.Counter.Version(p.tpmSeries)
 	if err != nil {
 		return 0, "", fmt.Errorf("protected disk %s: TPM rollback counter: %w", name, err)
 	}

@@ -129,7 +129,7 @@ func TestReanchorRestoredDisk(t *testing.T) {
 	// counter not advanced) lets the pre-restore image and its anchor back in unnoticed.
 	env3 := &ProtectedDiskEnv{Secret: secret, Counter: memCounter{}, StateDir: t.TempDir(), VM: "vm"}
 	p, _ := env3.disk("data")
-	env3.Counter.Advance(p.series, from)
+	env3.Counter.Advance(p.tpmSeries, from)
 	if err := p.store(from, olderRoot); err != nil {
 		t.Fatal(err)
 	}

@@ -244,6 +244,13 @@ func (d *detachedMonitor) attach(c *launch.Control) {
 			err = chownTree(filepath.Join(filepath.Dir(path), "hotdisks"), d.jail.UID)
 		}
 		if err == nil {
+			// Protected disks' anchors are replaced by a rename in disks/ at each commit
+			// (monitor/protdisks.go): the directory is the jailed monitor's.
+			if err = os.Chown(filepath.Join(filepath.Dir(path), "disks"), d.jail.UID, -1); errors.Is(err, fs.ErrNotExist) {
+				err = nil
+			}
+		}
+		if err == nil {
 			// And the disks' reference points for backups (launch/backup.go).
 			trackers, _ := filepath.Glob(filepath.Join(filepath.Dir(path), "disks", "*.cbt"))
 			for _, t := range trackers {

@@ -1,14 +1,18 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/umbra-cc/umbra/disk/protdisk"
 )
 
 // TestSnapshotDisksCLI: a running (jailed) VM with a writable raw disk and a read-only one
@@ -189,5 +193,140 @@ deny contains reason("disk.qcow2", "no qcow2 disks here", "noqcow.rego") if {
 		t.Fatalf("after the resume the head names %s", h)
 	} else {
 		checkOverlay(h, r2)
+	}
+}
+
+// TestSnapshotProtectedDiskCLI: a sealed VM (swtpm-free: the TPM simulator host) with a
+// writable protected disk, which used to refuse snapshot create, is snapshotted through
+// the CLI while it runs: the disk continues in a protected overlay, and its anchor names
+// the overlay. Each change of the frozen image (a bit flipped, two blocks swapped, an
+// older block, the whole older image) refuses the restore naming the disk, before the
+// guest runs and without using up the snapshot's resume; as it was, the snapshot
+// resumes over a fresh protected overlay, and no file of the host's state holds the
+// guest's record. A launch of the bundle then continues in the restore's overlay.
+func TestSnapshotProtectedDiskCLI(t *testing.T) {
+	w := newSnapshotWorld(t)
+	const record = "snapshot-protected-record-5e2a"
+	img, seed := w.path("data.pd"), w.path("seed.raw")
+	os.WriteFile(seed, make([]byte, 1<<20), 0o600)
+	spec := fmt.Sprintf("apiVersion: umbra.dev/v1\nname: snap\nguest:\n  image: %s\n  cmdline: \"run=cloakdisk:write:%s,counter:snap:40:100\"\nmemory: 16MiB\ndisks:\n  - name: data\n    path: %s\n    protected: true\n    seed: %s\n",
+		w.path("guest.elf"), record, img, seed)
+	os.WriteFile(w.path("prot.yaml"), []byte(spec), 0o644)
+	host := w.host("a")
+	w.must(append([]string{"host", "id", "--ek-pub", w.path("ek-a.pem")}, host...)...)
+	bundle := w.path("snap.umbra")
+	w.must("seal", "--spec", w.path("prot.yaml"), "--policy", w.path("policy.tar.gz"), "--series", "snap", "--version", "1",
+		"--admin-key", w.path("admin.pem"), "--for-host", w.path("ek-a.pem"), "-o", bundle)
+	trustAdmin(t, w.state("a"), w.path("admin.pem.pub"))
+	// A first run to its end: the disk made from the seed and written; kept as the older image.
+	if out := w.must(append(append([]string{"run"}, host...), bundle)...); !strings.Contains(out, "cloakdisk: record read back: match") {
+		t.Fatalf("first run:\n%s", out)
+	}
+	older, _ := os.ReadFile(img)
+	// The second, detached: snapshotted while its counter runs (its record rewritten).
+	w.must(append(append([]string{"run", "--detach"}, host...), bundle)...)
+	t.Cleanup(func() { killVM(t, w.state("a"), "snap") })
+	time.Sleep(1200 * time.Millisecond)
+	out := w.must("snapshot", "create", "snap", "s1", "--state-dir", w.state("a"))
+	if !strings.Contains(out, "full, generation 1") || !strings.Contains(out, "disks frozen under overlays: data\n") {
+		t.Fatalf("snapshot create s1: %q", out)
+	}
+	waitStopped(t, w.state("a"), "snap")
+	ovDir := filepath.Join(w.state("a"), "vms", "snap", "overlays")
+	top := func() string {
+		t.Helper()
+		b, err := os.ReadFile(filepath.Join(w.state("a"), "vms", "snap", "disks", "data.anchor"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var a struct{ Top string }
+		json.Unmarshal(b, &a)
+		return a.Top
+	}
+	if got := top(); got != filepath.Join(ovDir, "data.g1.pdisk") {
+		t.Fatalf("after the snapshot the anchor names %q", got)
+	}
+
+	frozen, _ := os.ReadFile(img)
+	hdr, err := protdisk.ParseHeader(frozen)
+	if err != nil {
+		t.Fatal(err)
+	}
+	meta, _, data, _ := hdr.Regions()
+	me := int64(protdisk.MetaEntrySize)
+	blk := func(i int64) (int64, int64) { return data + i*protdisk.BlockSize, meta + i*me }
+	d2, m2 := blk(2) // the record, at byte 8192
+	for _, a := range []struct {
+		name   string
+		mutate func(b []byte)
+	}{
+		{"bit flip", func(b []byte) { b[d2+5] ^= 1 }},
+		{"blocks swapped", func(b []byte) {
+			d3, m3 := blk(3)
+			for _, r := range [][3]int64{{d2, d3, protdisk.BlockSize}, {m2, m3, me}} {
+				x := append([]byte(nil), b[r[0]:r[0]+r[2]]...)
+				copy(b[r[0]:], b[r[1]:r[1]+r[2]])
+				copy(b[r[1]:], x)
+			}
+		}},
+		{"an older block", func(b []byte) {
+			copy(b[d2:d2+protdisk.BlockSize], older[d2:])
+			copy(b[m2:m2+me], older[m2:])
+		}},
+		{"the whole older image", func(b []byte) { copy(b, older) }},
+	} {
+		b := append([]byte(nil), frozen...)
+		a.mutate(b)
+		if bytes.Equal(b, frozen) {
+			t.Fatalf("%s changed nothing", a.name)
+		}
+		os.WriteFile(img, b, 0o600)
+		code, out, errs := runUmbra(t, append(append([]string{"run", "--restore", "s1"}, host...), bundle)...)
+		if code != exitNoGuestStatus || !strings.Contains(errs, "disk data") || !strings.Contains(errs, "not the one the snapshot froze") || strings.Contains(out, "counter snap") {
+			t.Fatalf("restore over the frozen image with %s = %d, want a refusal naming disk data before the guest runs:\n%s\n%s", a.name, code, out, errs)
+		}
+	}
+	os.WriteFile(img, frozen, 0o600)
+	// As it was: the resume was not used up; the snapshot continues over a fresh overlay.
+	code, out, errs := runUmbra(t, append(append([]string{"run", "--restore", "s1"}, host...), bundle)...)
+	if code != 0 || !strings.Contains(out, "counter snap: done") || firstCounterLine(out) <= 0 {
+		t.Fatalf("restore s1 = %d:\n%s\n%s", code, out, errs)
+	}
+	r1 := top()
+	if !strings.HasPrefix(filepath.Base(r1), "data.r") || !strings.HasSuffix(r1, ".pdisk") {
+		t.Fatalf("after the restore the anchor names %q", r1)
+	}
+	if b, _ := os.ReadFile(img); !bytes.Equal(b, frozen) {
+		t.Fatal("the restore wrote the frozen image")
+	}
+	// No file of the host's state (the image, overlays, anchors, snapshots) holds what the
+	// guest wrote: the pattern cloakdisk derives from its record (the record itself is
+	// in the spec's command line, which the audit and event logs record).
+	pattern := make([]byte, 64)
+	for i := range pattern {
+		j := 5*len(record) + i
+		pattern[i] = record[j%len(record)] ^ byte(j/len(record))
+	}
+	files := 0
+	filepath.WalkDir(w.dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() || strings.HasSuffix(p, ".yaml") {
+			return nil
+		}
+		b, _ := os.ReadFile(p)
+		files++
+		if bytes.Contains(b, pattern) {
+			t.Errorf("%s holds what the guest wrote", p)
+		}
+		return nil
+	})
+	if files < 8 {
+		t.Fatalf("only %d files scanned", files)
+	}
+	// The next launch from the bundle continues in the restore's overlay.
+	if out := w.must(append(append([]string{"run"}, host...), bundle)...); !strings.Contains(out, "cloakdisk: record read back: match") {
+		t.Fatalf("a launch after the restore:\n%s", out)
+	}
+	if got := top(); got != r1 {
+		t.Fatalf("after the launch the anchor names %q, want %s", got, r1)
 	}
 }
