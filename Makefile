@@ -136,6 +136,7 @@ bench:
 	b ./checkpoint '^BenchmarkIncrementalSize$$' 1x; \
 	b ./monitor '^BenchmarkCheckpointPause$$' 20x; \
 	b ./monitor '^BenchmarkCheckpointDiskPause$$' 5x; \
+	b ./monitor '^BenchmarkCheckpointProtectedDiskPause$$' 5x; \
 	b ./monitor '^BenchmarkVMLazyRestoreFault$$' 512x; \
 	b ./monitor '^BenchmarkVMTimeToFirstInstruction$$' 3x; \
 	b ./migration '^BenchmarkMigrate$$' 2x; \

@@ -324,6 +324,10 @@ type watchedProtDisk struct {
 	name string
 }
 
+// Unwrap is the protected disk under the watch, so protDiskOf finds an overlay a
+// snapshot switched the device to, and the next snapshot can freeze it in turn.
+func (w watchedProtDisk) Unwrap() disk.Backend { return w.Backend }
+
 func (w watchedProtDisk) ReadAt(p []byte, off int64) (int, error) {
 	n, err := w.Backend.ReadAt(p, off)
 	if errors.Is(err, protdisk.ErrTampered) {

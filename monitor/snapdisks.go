@@ -181,7 +181,11 @@ func (v *VM) planDiskSwaps(ovs []DiskOverlay) ([]*plannedSwap, error) {
 			return nil, fmt.Errorf("%w: disk %s is given two overlays", ErrStatelessPart, ov.Disk)
 		}
 		seen[ov.Disk] = true
-		fd := FrozenDisk{Name: ov.Disk, Path: ov.Path, Format: ov.Format, Size: v.cfg.Disks[i].Backend.Size(), SHA256: strings.Repeat("0", 64)}
+		// The disk as the device has it now: after a snapshot, the previous one's overlay
+		// (the spec's backend is then the frozen image below it).
+		var cur disk.Backend
+		v.diskDevs[i].t.Locked(func() error { cur = v.diskDevs[i].dev.Backend(); return nil })
+		fd := FrozenDisk{Name: ov.Disk, Path: ov.Path, Format: ov.Format, Size: cur.Size(), SHA256: strings.Repeat("0", 64)}
 		if ov.Format == FormatProtected {
 			fd.SHA256, fd.Root = "", strings.Repeat("0", 64)
 		}
@@ -195,7 +199,7 @@ func (v *VM) planDiskSwaps(ovs []DiskOverlay) ([]*plannedSwap, error) {
 			return nil, fmt.Errorf("%w: disk %s: its overlay is read-only", ErrStatelessPart, ov.Disk)
 		}
 		ps := &plannedSwap{d: v.diskDevs[i], ov: ov, backend: ov.Overlay}
-		if live := protDiskOf(v.cfg.Disks[i].Backend); live != nil || ov.Format == FormatProtected {
+		if live := protDiskOf(cur); live != nil || ov.Format == FormatProtected {
 			po, _ := ov.Overlay.(*protdisk.Disk)
 			switch {
 			case live == nil || ov.Format != FormatProtected:
@@ -206,10 +210,10 @@ func (v *VM) planDiskSwaps(ovs []DiskOverlay) ([]*plannedSwap, error) {
 			ps.prot, ps.backend = po, watchedProtDisk{Backend: po, v: v, name: ov.Disk}
 		}
 		if ov.Overlay == nil {
-			if !v.cfg.Disks[i].Backend.ReadOnly() {
+			if !cur.ReadOnly() {
 				return nil, fmt.Errorf("%w: disk %s is writable and is given no overlay", ErrStatelessPart, ov.Disk)
 			}
-			ps.old = v.cfg.Disks[i].Backend // never written, never switched
+			ps.old = cur // never written, never switched
 		}
 		out = append(out, ps)
 	}

@@ -96,6 +96,10 @@ func (d *Device) SwapBackend(b disk.Backend) (disk.Backend, error) {
 	return old, nil // the features stay those negotiated (see Features)
 }
 
+// Backend returns the device's medium now. The caller must hold the transport's lock,
+// as for SwapBackend, so it does not race a swap.
+func (d *Device) Backend() disk.Backend { return d.backend }
+
 func (d *Device) DeviceID() uint32 { return DeviceID }
 
 // Features are the device's, fixed when it was made: a medium swapped in later
