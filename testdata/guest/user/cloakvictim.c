@@ -31,6 +31,13 @@ static __attribute__((noinline)) long uncloaked_init(void)
 	return 0;
 }
 
+static inline unsigned long long rdtsc(void)
+{
+	unsigned lo, hi;
+	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+	return ((unsigned long long)hi << 32) | lo;
+}
+
 int main(int argc, char **argv)
 {
 	/* Uncloaked memory the app shares with the kernel, present before registering. */
@@ -50,9 +57,19 @@ int main(int argc, char **argv)
 		return 3;
 	}
 	printf("cloakvictim: started shared=%p\n", (void *)shared);
-	/* Long enough for timer ticks to preempt it (attack=pptick redirects there). */
-	for (volatile long i = 0; i < 200000; i++)
-		;
+	/*
+	 * Long enough for timer ticks to preempt it (attack=pptick redirects there):
+	 * at least 10^8 TSC cycles (20 ms or more at up to 5 GHz; the kernel ticks
+	 * every 2 ms by default). Uncloaked, the guest's emulated instructions make one
+	 * round of the loop longer than that; cloaked, appVM runs it at the host's
+	 * speed and one round can fall between two ticks. The time is read with
+	 * RDTSC, not a system call: a call's result would come back through the
+	 * bounce page, which is the very page pptick points at the kernel's rodata.
+	 */
+	unsigned long long t0 = rdtsc();
+	for (int round = 0; round < 100000 && rdtsc() - t0 < 100000000ULL; round++)
+		for (volatile long i = 0; i < 200000; i++)
+			;
 	sys_sched_yield();
 	printf("cloakvictim: second write\n");
 	char *heap = (char *)sys_brk(0);
