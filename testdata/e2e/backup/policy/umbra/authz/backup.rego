@@ -3,7 +3,7 @@
 # description: |
 #   The policy the backup tests launch their VM under (cmd/umbra/backup_test.go).
 #   data.umbra.backup: operators (who may launch the VM with its disks, inspect, stop,
-#   snapshot and back up the VM),
+#   open its console, snapshot it, resume a snapshot once, and back up the VM),
 #   destinations (directory prefixes backups may go under) and plaintext (whether a
 #   raw or qcow2 disk, whose backup holds the guest's data in the clear, may be backed up),
 #   restore (whether a protected disk may be rolled back to a backup and re-anchored:
@@ -16,13 +16,13 @@ cfg := data.umbra.backup
 
 allow if {
 	count(deny) == 0
-	input.action in {"launch", "modify_spec", "attach_device", "detach_device", "inspect", "stop", "backup", "backup_restore", "snapshot_create", "pageprot_change"}
+	input.action in {"launch", "modify_spec", "attach_device", "detach_device", "inspect", "stop", "backup", "backup_restore", "snapshot_create", "snapshot_revert", "console_open", "pageprot_change"}
 }
 
 reason(code, msg, rule) := {"code": code, "message": msg, "rule": rule}
 
 deny contains reason("principal.not_operator", sprintf("%q may not %s VM %q", [input.principal.id, input.action, input.vm.id]), "backup.rego:use") if {
-	input.action in {"launch", "modify_spec", "attach_device", "detach_device", "inspect", "stop", "backup", "backup_restore", "snapshot_create"}
+	input.action in {"launch", "modify_spec", "attach_device", "detach_device", "inspect", "stop", "backup", "backup_restore", "snapshot_create", "snapshot_revert", "console_open"}
 	not input.request.recheck
 	not input.principal.id in cfg.operators
 }
@@ -53,6 +53,11 @@ deny contains reason("backup.restore_not_allowed", sprintf("VM %q's disks may no
 deny contains reason("backup.restore_reason", sprintf("rolling disk %q back to backup %q needs a change ticket (CHG-N) as its reason, not %q", [input.request.restore.disk, input.request.restore.backup, object.get(input.request.restore, "reason", "")]), "backup.rego:restore_reason") if {
 	input.action == "backup_restore"
 	not regex.match(`^CHG-[0-9]+$`, object.get(input.request.restore, "reason", ""))
+}
+
+deny contains reason("snapshot.replay", sprintf("snapshot %q of VM %q has generation %d, the VM is at %d: it was resumed already or a newer state ran", [input.request.snapshot.name, input.vm.id, input.request.snapshot.generation, input.request.snapshot.current]), "backup.rego:replay") if {
+	input.action == "snapshot_revert"
+	input.request.snapshot.generation < input.request.snapshot.current
 }
 
 deny contains reason("system.only", "page protection is the monitor's", "backup.rego:system") if {

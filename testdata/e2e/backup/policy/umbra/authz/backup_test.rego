@@ -35,3 +35,16 @@ test_restore_refused if {
 	not authz.allow with input as restore({}) with data.umbra.backup.restore as true
 	not authz.allow with input as restore({"reason": "because"}) with data.umbra.backup.restore as true
 }
+
+revert(gen, cur) := object.union(op, {"action": "snapshot_revert", "request": {"snapshot": {"name": "s1", "generation": gen, "current": cur}}})
+
+test_snapshot_resumed_once if {
+	authz.allow with input as revert(3, 3)
+	not authz.allow with input as revert(2, 3)
+	not authz.allow with input as object.union(revert(3, 3), {"principal": {"id": "unix:mallory"}})
+}
+
+test_console_for_operators if {
+	authz.allow with input as object.union(op, {"action": "console_open"})
+	not authz.allow with input as object.union(op, {"action": "console_open", "principal": {"id": "unix:mallory"}})
+}
