@@ -662,3 +662,20 @@ func TestLiveProtectedBackup(t *testing.T) {
 		}
 	}
 }
+
+// TestSameKind: a plain disk's chain may go on across raw and qcow2 (a raw disk continues
+// in a VM snapshot's qcow2 overlay, and both hold the guest-visible bytes), never across
+// plain and protected.
+func TestSameKind(t *testing.T) {
+	for _, tc := range []struct {
+		a, b string
+		want bool
+	}{
+		{FormatRaw, FormatRaw, true}, {FormatRaw, FormatQcow2, true}, {FormatQcow2, FormatRaw, true},
+		{FormatProtected, FormatProtected, true}, {FormatRaw, FormatProtected, false}, {FormatProtected, FormatQcow2, false},
+	} {
+		if got := sameKind(tc.a, tc.b); got != tc.want {
+			t.Errorf("sameKind(%s, %s) = %v, want %v", tc.a, tc.b, got, tc.want)
+		}
+	}
+}

@@ -92,8 +92,8 @@ func loadChain(dirs []string, opt VerifyOptions) (*Chain, error) {
 				return nil, refuse(dir, "a second full backup in the chain: start a chain at a full backup")
 			case m.Parent != prev.Digest:
 				return nil, refuse(dir, "its parent is the backup whose manifest is %s, but the backup before it (%s, %s) is %s: an incremental between them is missing, or they are out of order", m.Parent, prev.Dir, p.ID, prev.Digest)
-			case m.VM != p.VM || m.Disk != p.Disk || m.Size != p.Size || m.ChunkSize != p.ChunkSize || m.DiskFormat != p.DiskFormat || m.Header != p.Header:
-				return nil, refuse(dir, "it is a backup of another disk (vm %s disk %s, %d bytes) than its parent's (vm %s disk %s, %d bytes)", m.VM, m.Disk, m.Size, p.VM, p.Disk, p.Size)
+			case m.VM != p.VM || m.Disk != p.Disk || m.Size != p.Size || m.ChunkSize != p.ChunkSize || !sameKind(m.DiskFormat, p.DiskFormat) || m.Header != p.Header:
+				return nil, refuse(dir, "it is a backup of another disk (vm %s disk %s, %s, %d bytes) than its parent's (vm %s disk %s, %s, %d bytes)", m.VM, m.Disk, m.DiskFormat, m.Size, p.VM, p.Disk, p.DiskFormat, p.Size)
 			case !m.Created.After(p.Created) && !m.Created.Equal(p.Created):
 				return nil, refuse(dir, "made at %s, before its parent (%s)", m.Created, p.Created)
 			}
@@ -191,3 +191,8 @@ func Verify(dirs []string, opt VerifyOptions) (*Chain, error) {
 	}
 	return c, nil
 }
+
+// sameKind says whether backups of disks in formats a and b may follow each other in a
+// chain: both plain (raw and qcow2 backups hold the same thing, the guest-visible bytes,
+// and a raw disk continues in a qcow2 overlay after a VM snapshot), or both protected.
+func sameKind(a, b string) bool { return (a == FormatProtected) == (b == FormatProtected) }

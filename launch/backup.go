@@ -8,15 +8,19 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 
 	"github.com/umbra-cc/umbra/backup"
+	"github.com/umbra-cc/umbra/disk"
 	"github.com/umbra-cc/umbra/disk/cbt"
 	"github.com/umbra-cc/umbra/disk/overlay"
 	"github.com/umbra-cc/umbra/disk/protdisk"
 	"github.com/umbra-cc/umbra/monitor"
+	"github.com/umbra-cc/umbra/snapstore"
 )
 
 // Change tracking of a VM's disks for backups (docs/backup.md): every launch disk gets a
@@ -135,15 +139,71 @@ func (c *Control) lockSnapshots() func() {
 	return c.snapshots.mu.Unlock
 }
 
-// switchedBySnapshot says whether a VM snapshot taken during this run put its overlay
-// over the disk (the guest then writes the overlay, which neither the tracker nor the
-// backup's source sees). The caller holds lockSnapshots.
-func (c *Control) switchedBySnapshot(d *backupDisk) bool {
+// snapshotTop is the overlay a VM snapshot taken during this run put over the disk, which
+// the guest writes from then on (the monitor keeps the disk's tracker on it), or nil. A
+// backup then reads the disk through it. The caller holds lockSnapshots.
+func (c *Control) snapshotTop(d *backupDisk) disk.Backend {
 	env := c.snapshots
 	if env == nil {
-		return false
+		return nil
 	}
-	return env.switchedDisk(d.name)
+	return env.switchedTop(d.name)
+}
+
+// refsNow lists each launch disk's reference points (at most snapstore.MaxBackupRefs
+// each; a disk with more is left out, so a restore marks it changed in full), for the
+// record of a snapshot taken now. The caller holds the snapshots' lock, which keeps
+// backups, and so new points, out.
+func (e *backupEnv) refsNow() map[string][]string {
+	if e == nil {
+		return nil
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	out := map[string][]string{}
+	for _, name := range e.order {
+		d := e.disks[name]
+		if refs := d.tracker.Refs(); !d.hot && len(refs) <= snapstore.MaxBackupRefs {
+			out[name] = append([]string{}, refs...)
+		}
+	}
+	return out
+}
+
+// markRestored, at the launch of a restore from a VM snapshot (rec), marks every
+// reference point of a launch disk that did not exist at the snapshot's instant as
+// changed in full. The restore put the disks back to that instant, so what changed
+// since a later point is no longer what its tracker saw: an incremental would miss every
+// chunk written between the instant and the point. A point the snapshot's record lists
+// (taken before the instant) stays as it is: it saw every write up to the instant (and
+// the ones after, now undone: copied again, never missed). A record that lists none for
+// the disk (one written before snapshots recorded them) marks all of the disk's points.
+// Each chain goes on; a marked point's next incremental copies the whole disk. Runs
+// before the guest does.
+func (e *backupEnv) markRestored(log *slog.Logger, rec snapstore.Record) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, name := range e.order {
+		d := e.disks[name]
+		if d.hot {
+			continue
+		}
+		known, listed := rec.BackupRefs[name]
+		var marked []string
+		for _, ref := range d.tracker.Refs() {
+			if listed && slices.Contains(known, ref) {
+				continue
+			}
+			if err := d.tracker.MarkRef(ref); err != nil {
+				return fmt.Errorf("disk %s: restored to snapshot %s's instant; marking reference point %s changed: %w", name, rec.Name, ref, err)
+			}
+			marked = append(marked, ref)
+		}
+		if len(marked) > 0 {
+			log.Warn("restored from a snapshot: reference points made after its instant mark the whole disk changed (their next incremental backup copies all of it)", "disk", name, "snapshot", rec.Name, "reference_points", marked)
+		}
+	}
+	return nil
 }
 
 func (e *backupEnv) close() error {

@@ -430,6 +430,12 @@ func Launch(ctx context.Context, lc LaunchConfig) (*LaunchReport, error) {
 		return failed(fmt.Errorf("%w: %w", ErrLaunchRefused, err))
 	}
 	defer backups.close()
+	if restore != nil {
+		if err := backups.markRestored(log, restore.opened.rec); err != nil {
+			monitor.CloseDisks(lc.Run.Disks)
+			return failed(fmt.Errorf("%w: %w", ErrLaunchRefused, err))
+		}
+	}
 	lc.Run.Disks = trackDisks(lc.Run.Disks) // a storage migration copies them (migrate_disks.go)
 	// The TAP devices open once the policy allowed each network; the VM closes them.
 	if lc.Run.NICs, err = openNICs(lc.Spec.Networks); err != nil {

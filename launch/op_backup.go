@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/umbra-cc/umbra/backup"
+	"github.com/umbra-cc/umbra/disk/protdisk"
 	"github.com/umbra-cc/umbra/policy"
 )
 
@@ -151,8 +152,17 @@ func opBackupCreate(ctx context.Context, c *Control, p policy.Principal, raw jso
 	}
 	defer release()
 	defer c.lockSnapshots()()
-	if c.switchedBySnapshot(d) {
-		return nil, &ArgsError{Operation: "backup.create", Err: fmt.Errorf("disk %s: a snapshot of this run froze it under an overlay, which the backup's tracking does not see; back it up after the VM's next launch", d.name)}
+	source := d.source
+	if top := c.snapshotTop(d); top != nil {
+		// A VM snapshot of this run froze the disk under its overlay, which the guest
+		// writes now (tracked as the disk was): the backup reads the disk through it.
+		switch {
+		case args.Mode == ModeSnapshot:
+			return nil, &ArgsError{Operation: "backup.create", Err: fmt.Errorf("disk %s: mode snapshot freezes the disk's launch image, which a VM snapshot of this run already froze under its overlay; use copy-before-write", d.name)}
+		case d.format == backup.FormatProtected:
+			return nil, &ArgsError{Operation: "backup.create", Err: fmt.Errorf("disk %s: %w", d.name, protdisk.ErrOverlaySealed)}
+		}
+		source = backup.PlainSource(top, d.format)
 	}
 	id := backup.NewID(time.Now())
 	if chain == "" {
@@ -169,7 +179,7 @@ func opBackupCreate(ctx context.Context, c *Control, p policy.Principal, raw jso
 	details["mode"] = args.Mode
 	var held, merged time.Duration
 	start := time.Now()
-	opt := backup.Options{Dir: args.To, VM: c.spec.Name, Disk: d.name, Source: d.source, Tracker: d.tracker,
+	opt := backup.Options{Dir: args.To, VM: c.spec.Name, Disk: d.name, Source: source, Tracker: d.tracker,
 		Since: args.Since, Key: key, ID: id, Chain: chain, Retire: !args.Keep, Rate: args.Rate}
 	freeze := func(f func() error) error { return f() }
 	if args.Mode == ModeSnapshot {

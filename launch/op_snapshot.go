@@ -249,6 +249,7 @@ func (c *Control) createSnapshot(ctx context.Context, p policy.Principal, op str
 			rec.Disks = append(rec.Disks, d.Name)
 		}
 	}
+	rec.BackupRefs = c.backups.refsNow() // no backup runs: env.mu keeps them out
 	if err := pend.Commit(rec); err != nil {
 		return nil, fmt.Errorf("%s: %w", op, err)
 	}

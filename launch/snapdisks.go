@@ -214,13 +214,17 @@ func (env *snapshotEnv) adoptOverlays(tops []*liveDisk) error {
 
 // switchedDisk reports whether a snapshot of this run switched disk name to an overlay.
 // The caller holds env.mu.
-func (env *snapshotEnv) switchedDisk(name string) bool {
+func (env *snapshotEnv) switchedDisk(name string) bool { return env.switchedTop(name) != nil }
+
+// switchedTop is the overlay a snapshot of this run switched disk name to, the disk the
+// guest writes now (nil if no snapshot of this run switched it). The caller holds env.mu.
+func (env *snapshotEnv) switchedTop(name string) disk.Backend {
 	for _, ld := range env.disks {
 		if ld.name == name && ld.switched {
-			return true
+			return ld.top
 		}
 	}
-	return false
+	return nil
 }
 
 // writeHeads records every writable disk's top as its newest: after a restore, whose

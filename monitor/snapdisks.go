@@ -214,10 +214,30 @@ func (v *VM) planDiskSwaps(ovs []DiskOverlay) ([]*plannedSwap, error) {
 				return nil, fmt.Errorf("%w: disk %s is writable and is given no overlay", ErrStatelessPart, ov.Disk)
 			}
 			ps.old = cur // never written, never switched
+		} else {
+			// The disk's change tracker goes on with the overlay: the guest's writes from
+			// the pause on reach the overlay, and a backup's reference points must see
+			// them too (in this run and after it, when the overlay is the disk's top).
+			tracked, err := v.diskConfig(ov.Disk).tracked(ps.backend)
+			if err != nil {
+				return nil, fmt.Errorf("%w: %w", ErrStatelessPart, err)
+			}
+			ps.backend = tracked
 		}
 		out = append(out, ps)
 	}
 	return out, nil
+}
+
+// diskConfig is the launch configuration of the disk named name (the zero Disk if the
+// VM has none of that name).
+func (v *VM) diskConfig(name string) Disk {
+	for _, d := range v.cfg.Disks {
+		if d.Name == name {
+			return d
+		}
+	}
+	return Disk{}
 }
 
 // swapDisks runs in the pause, on the vCPU thread: every planned disk's device is

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/umbra-cc/umbra/disk"
+	"github.com/umbra-cc/umbra/disk/cbt"
 	"github.com/umbra-cc/umbra/guestimage"
 )
 
@@ -20,6 +21,12 @@ import (
 // console (chat) so it keeps running; it does not use its disks, with one raw disk of size bytes (a sparse file with data at its start and
 // end) and, if ro, a read-only one beside it.
 func startDiskVM(t testing.TB, size int64, ro bool) (*VM, string, disk.Backend) {
+	t.Helper()
+	return startTrackedDiskVM(t, size, ro, nil)
+}
+
+// startTrackedDiskVM is startDiskVM with disk d's changes recorded by tr (nil: none).
+func startTrackedDiskVM(t testing.TB, size int64, ro bool, tr *cbt.Tracker) (*VM, string, disk.Backend) {
 	t.Helper()
 	requireGuestKVM(t)
 	dir := t.TempDir()
@@ -37,7 +44,7 @@ func startDiskVM(t testing.TB, size int64, ro bool) (*VM, string, disk.Backend) 
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { be.Close() })
-	disks := []Disk{{Name: "d", Backend: be}}
+	disks := []Disk{{Name: "d", Backend: be, Tracker: tr}}
 	if ro {
 		rp := filepath.Join(dir, "ro.raw")
 		os.WriteFile(rp, make([]byte, 1<<20), 0o600)

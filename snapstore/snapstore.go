@@ -44,7 +44,7 @@ const (
 )
 
 // MaxRecordBytes bounds a record file.
-const MaxRecordBytes = 4 << 10
+const MaxRecordBytes = 64 << 10
 
 var nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
 
@@ -73,7 +73,19 @@ type Record struct {
 	// Group names the cluster checkpoint this snapshot was taken for (group.go): the
 	// set exists only once its group record is written.
 	Group string `json:"group,omitempty"`
+	// BackupRefs lists, for each disk whose backup reference points it knew, the points
+	// that existed at the snapshot's instant (at most MaxBackupRefs per disk). Their
+	// change records stay true after a restore to that instant; a point not listed (made
+	// later, or by a monitor that did not record them) is marked changed in full by the
+	// restore (launch/backup.go).
+	BackupRefs map[string][]string `json:"backup_refs,omitempty"`
 }
+
+// MaxBackupRefs bounds the reference points a record lists per disk.
+const MaxBackupRefs = 64
+
+// refName is a backup reference point's name (disk/cbt.ValidRefName).
+var refName = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,63}$`)
 
 // diskName is a disk's name as a VM spec allows it.
 var diskName = regexp.MustCompile(`^[a-z][a-z0-9-]{0,19}$`)
@@ -101,6 +113,22 @@ func (r *Record) validate() error {
 	for _, d := range r.Disks {
 		if !diskName.MatchString(d) {
 			return fmt.Errorf("disk name %q is not a disk name", d)
+		}
+	}
+	if len(r.BackupRefs) > 8 {
+		return fmt.Errorf("backup reference points of %d disks, at most 8", len(r.BackupRefs))
+	}
+	for d, refs := range r.BackupRefs {
+		if !diskName.MatchString(d) {
+			return fmt.Errorf("backup reference points: disk name %q is not a disk name", d)
+		}
+		if len(refs) > MaxBackupRefs {
+			return fmt.Errorf("backup reference points of disk %s: %d, at most %d", d, len(refs), MaxBackupRefs)
+		}
+		for _, ref := range refs {
+			if !refName.MatchString(ref) || strings.Contains(ref, "..") {
+				return fmt.Errorf("backup reference points of disk %s: %q is not a reference point's name", d, ref)
+			}
 		}
 	}
 	return nil

@@ -189,4 +189,15 @@ func TestRecordDisks(t *testing.T) {
 			t.Errorf("disks %s: %v, want ErrCorrupt", disks, err)
 		}
 	}
+	// The backup reference points at the snapshot's instant (launch/backup.go).
+	if r, err := DecodeRecord([]byte(base + `,"backup_refs":{"data":["20261204t070000-ab12"],"root":[]}}`)); err != nil || len(r.BackupRefs) != 2 || r.BackupRefs["data"][0] != "20261204t070000-ab12" {
+		t.Fatalf("a record with reference points: %+v, %v", r, err)
+	}
+	many := `["r0"` + strings.Repeat(`,"r1"`, MaxBackupRefs) + `]`
+	for _, refs := range []string{`{"Data":[]}`, `{"data":["../x"]}`, `{"data":["A"]}`, `{"data":[""]}`, `{"data":` + many + `}`,
+		`{"a":[],"b":[],"c":[],"d":[],"e":[],"f":[],"g":[],"h":[],"i":[]}`, `["data"]`, `{"data":"r"}`} {
+		if _, err := DecodeRecord([]byte(base + `,"backup_refs":` + refs + `}`)); !errors.Is(err, ErrCorrupt) {
+			t.Errorf("backup_refs %s: %v, want ErrCorrupt", refs, err)
+		}
+	}
 }

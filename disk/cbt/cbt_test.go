@@ -274,3 +274,33 @@ func FuzzOpen(f *testing.F) {
 		}
 	})
 }
+
+// TestMarkRef: a point marked in full reports the whole disk changed, durably, and the
+// other points keep what they saw; an unknown point is refused.
+func TestMarkRef(t *testing.T) {
+	dir := t.TempDir()
+	const size = 1 << 20
+	tr, err := OpenTracker(filepath.Join(dir, "d.cbt"), size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr.AddRef("old")
+	tr.AddRef("new")
+	if err := tr.MarkRef("new"); err != nil {
+		t.Fatal(err)
+	}
+	if err := tr.MarkRef("none"); !errors.Is(err, ErrNoRef) {
+		t.Fatalf("marking an unknown point: %v, want ErrNoRef", err)
+	}
+	tr.Close()
+	tr, err = OpenTracker(filepath.Join(dir, "d.cbt"), size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Close()
+	all, _ := tr.Changed("new")
+	none, _ := tr.Changed("old")
+	if len(all) != 1 || all[0] != [2]int64{0, size} || len(none) != 0 {
+		t.Fatalf("after reopening: new %v, old %v; want the whole disk and nothing", all, none)
+	}
+}

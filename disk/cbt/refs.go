@@ -210,6 +210,22 @@ func (t *Tracker) mark(off, n int64) error {
 	return nil
 }
 
+// MarkRef marks the whole disk changed since reference point name, durably: for a disk
+// whose contents changed in a way the point did not see (it was put back to an earlier
+// state), so that the next backup since it copies all of the disk.
+func (t *Tracker) MarkRef(name string) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	b, ok := t.refs[name]
+	if !ok {
+		return fmt.Errorf("cbt: %w: %s", ErrNoRef, name)
+	}
+	if err := b.Mark(0, t.size); err != nil {
+		return fmt.Errorf("cbt: reference point %s: %w", name, err)
+	}
+	return nil
+}
+
 // Close closes every bitmap.
 func (t *Tracker) Close() error {
 	t.mu.Lock()
