@@ -76,8 +76,9 @@ type CheckpointOptions struct {
 	Disks []DiskOverlay
 	// beforePause, for tests, runs after the pre-copy and before the pause.
 	beforePause func()
-	// afterRound, for tests, runs after each pre-copy round.
-	afterRound func()
+	// betweenRounds, for tests, runs before the first pre-copy round and after
+	// each one, the guest running.
+	betweenRounds func()
 }
 
 // CheckpointInfo describes a written checkpoint.
@@ -297,6 +298,9 @@ func (v *VM) preCopyRounds(ctx context.Context, opt CheckpointOptions, info *Che
 		target = DefaultPauseTarget
 	}
 	prev := ^uint64(0)
+	if opt.betweenRounds != nil {
+		opt.betweenRounds()
+	}
 	for info.Rounds < maxRounds {
 		var d []uint64
 		var own uint64
@@ -314,8 +318,8 @@ func (v *VM) preCopyRounds(ctx context.Context, opt CheckpointOptions, info *Che
 		info.Rounds++
 		info.RoundPages = append(info.RoundPages, n)
 		info.OwnWrites += own
-		if opt.afterRound != nil {
-			opt.afterRound()
+		if opt.betweenRounds != nil {
+			opt.betweenRounds()
 		}
 		if n <= target || n >= prev {
 			break

@@ -92,11 +92,14 @@ func TestNewSlotsDoNotDirtyTheCheckpoint(t *testing.T) {
 }
 
 // TestCheckpointManyRounds forces pre-copy rounds on a guest that keeps writing (a
-// pause target of one page, and 15 ms between rounds for the guest to write again);
-// after each round the monitor also rewrites one page of its own (the own-write log),
-// so that page is copied in every round and again at the pause. The restore must hold
-// every page as it was at the pause: the guest finishes with the original's result and
-// the monitor's page holds its last value, eagerly and lazily.
+// pause target of one page, and 15 ms between rounds for the guest to write again).
+// Before the first round and after each one the monitor also rewrites two pages of
+// its own (the own-write log), so every round finds more than the pause target even
+// when the guest, starved on a loaded host, wrote nothing meanwhile: the rounds go on
+// until the set stops shrinking, two at least, and the last rewrite is copied again
+// at the pause. The restore must hold every page as it was at the pause: the guest
+// finishes with the original's result and the monitor's page holds its last value,
+// eagerly and lazily.
 func TestCheckpointManyRounds(t *testing.T) {
 	const size = 64 << 20
 	cfg := Config{Image: guestimage.Image(), MemorySize: size, Cmdline: "run=cloakcompute:256:100"}
@@ -107,36 +110,24 @@ func TestCheckpointManyRounds(t *testing.T) {
 	written := 0
 	rewrite := func() {
 		written++
-		if err := l.v.mem.WritePhys(mine, bytes.Repeat([]byte{byte(written)}, PageSize)); err != nil {
-			t.Error(err)
-		}
-		// A second page of the monitor's own, so that a round finds more than the
-		// pause target even when the guest, starved on a loaded host, wrote nothing
-		// meanwhile (the rounds then stop when the set stops shrinking, after two).
-		if err := l.v.mem.WritePhys(mine-PageSize, bytes.Repeat([]byte{byte(written)}, PageSize)); err != nil {
-			t.Error(err)
+		for _, p := range []uint64{mine, mine - PageSize} {
+			if err := l.v.mem.WritePhys(p, bytes.Repeat([]byte{byte(written)}, PageSize)); err != nil {
+				t.Error(err)
+			}
 		}
 		time.Sleep(15 * time.Millisecond)
 	}
-	// The first round's set is what the guest wrote during the first copy: on a
-	// loaded host the starved guest may write a page or none, and the rounds stop at
-	// once. Take the checkpoint again (a new full one) until it ran several rounds.
 	var file bytes.Buffer
-	var info *CheckpointInfo
-	for attempt := uint64(1); ; attempt++ {
-		file.Reset()
-		var err error
-		info, err = l.v.Checkpoint(context.Background(), &file, CheckpointOptions{Key: key, Generation: attempt, PauseTarget: 1, MaxRounds: 6, afterRound: rewrite})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Logf("attempt %d: %d rounds copying %v pages, %d in the pause, pause %v", attempt, info.Rounds, info.RoundPages, info.PauseCopy, info.Pause)
-		if info.Rounds >= 2 {
-			break
-		}
-		if attempt == 8 {
-			t.Fatalf("%d rounds in 8 attempts: the test did not exercise several", info.Rounds)
-		}
+	info, err := l.v.Checkpoint(context.Background(), &file, CheckpointOptions{Key: key, Generation: 1, PauseTarget: 1, MaxRounds: 6, betweenRounds: rewrite})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d rounds copying %v pages, %d in the pause, pause %v", info.Rounds, info.RoundPages, info.PauseCopy, info.Pause)
+	if info.Rounds < 2 {
+		t.Fatalf("%d pre-copy rounds (%v pages): the monitor's own writes alone exceed the pause target, the rounds stopped early", info.Rounds, info.RoundPages)
+	}
+	if info.PauseCopy < 2 {
+		t.Fatalf("the pause copied %d pages: the monitor's last rewrite (two pages) was not in it", info.PauseCopy)
 	}
 	out := l.wait(t)
 	want := lineWith(out, "cloakcompute: ")
