@@ -41,10 +41,17 @@ func (p plainDisk) Written() ([]Extent, error) {
 }
 func (plainDisk) Always() []Extent { return nil }
 
+// ErrProtectedOverlay refuses to copy a protected disk whose image is an overlay over a
+// VM snapshot's frozen image: the file alone is not the disk (its inherited blocks are
+// the base's, sealed under the base's disk ID), so the destination could only refuse
+// it, after the whole copy, on a root it cannot check.
+var ErrProtectedOverlay = errors.New("the protected disk's image is an overlay over a VM snapshot's frozen image, and migrating a protected overlay chain is not built (docs/migration.md): migrate the VM before its first snapshot, or keep it on this host")
+
 // ProtectedDiskFile is a protected disk copied as its image file at path: the bytes the
 // host holds, ciphertext and metadata, never plaintext. t is the VM's backend for the
 // disk, tracked with Deferred (a block counts as written once a commit put it in the
-// file). It returns the source and the file's size; Close releases the file.
+// file). It returns the source and the file's size; Close releases the file. An overlay
+// is refused (ErrProtectedOverlay).
 func ProtectedDiskFile(t *track.Disk, path string) (*ProtectedFile, error) {
 	f, err := os.Open(path)
 	if err != nil {
@@ -59,6 +66,10 @@ func ProtectedDiskFile(t *track.Disk, path string) (*ProtectedFile, error) {
 	if err != nil {
 		f.Close()
 		return nil, err
+	}
+	if h.Overlay {
+		f.Close()
+		return nil, fmt.Errorf("%s (over %s): %w", path, h.BasePath, ErrProtectedOverlay)
 	}
 	meta, journal, data, end := h.Regions()
 	if st, err := f.Stat(); err != nil || st.Size() < end {

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -379,5 +380,58 @@ func TestStorageMigrationKilledMidCopy(t *testing.T) {
 			}
 			t.Logf("after %d writes: send: %v\nreceive: %v", hd.writes.Load(), err, derr)
 		})
+	}
+}
+
+// TestProtectedOverlayRefusedUpFront: a protected disk that a VM snapshot froze under a
+// protected overlay is refused before anything is copied, naming the cause. The image
+// file alone is not the disk (its inherited blocks are the base's), so copying it, as
+// the control does for the base, would only be refused by the destination after the
+// whole copy.
+func TestProtectedOverlayRefusedUpFront(t *testing.T) {
+	dir := t.TempDir()
+	key := bytes.Repeat([]byte{7}, 32)
+	nop := protdisk.AnchorFunc(func(protdisk.Root) error { return nil })
+	basePath := filepath.Join(dir, "base.pdisk")
+	base, err := protdisk.Create(basePath, key, 64*protdisk.BlockSize, nop)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer base.Close()
+	ovPath := filepath.Join(dir, "ov.pdisk")
+	ov, err := protdisk.CreateOverlay(ovPath, key, base, basePath, nop)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ov.Close()
+	if _, err := ov.Bind(); err != nil {
+		t.Fatal(err)
+	}
+	if err := ov.Settle(); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name string
+		be   *protdisk.Disk
+		path string
+		want error
+	}{
+		{"base (control)", base, basePath, nil},
+		{"overlay", ov, ovPath, ErrProtectedOverlay},
+	} {
+		tr, err := track.New(c.be, protdisk.BlockSize, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pf, err := ProtectedDiskFile(tr, c.path)
+		if !errors.Is(err, c.want) {
+			t.Fatalf("%s: %v, want %v", c.name, err, c.want)
+		}
+		if err != nil && !strings.Contains(err.Error(), basePath) {
+			t.Errorf("%s: the refusal does not name the base: %v", c.name, err)
+		}
+		if pf != nil {
+			pf.Close()
+		}
 	}
 }

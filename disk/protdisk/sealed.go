@@ -28,7 +28,7 @@ var ErrUncommitted = errors.New("protected disk block has uncommitted writes; fl
 
 // ErrOverlaySealed is returned by Sealed for an overlay: its inherited blocks are its
 // base's, sealed under the base's key, so its own records are not the disk.
-var ErrOverlaySealed = errors.New("protected disk is an overlay over a snapshot's frozen image; its sealed view is not the whole disk (a backup of it is not built)")
+var ErrOverlaySealed = errors.New("protected disk is an overlay over a VM snapshot's frozen image, and its sealed records are not the whole disk: backups of a protected disk end at its VM's first snapshot (the chains taken before it stay valid; docs/backup.md, Not yet)")
 
 // HeaderBytes returns the disk's header block.
 func (d *Disk) HeaderBytes() []byte { return append([]byte(nil), d.hdrBytes...) }
