@@ -16,17 +16,8 @@ func TestPauseStopsGuestProgress(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer v.Close()
 	ctx := context.Background()
-	type runEnd struct {
-		res *Result
-		err error
-	}
-	ended := make(chan runEnd, 1)
-	go func() {
-		res, err := v.Run(ctx)
-		ended <- runEnd{res, err}
-	}()
+	ended := runInBackground(t, v) // stops, waits for and closes v at the end, even on failure
 	calls := func() uint64 {
 		t.Helper()
 		s, err := v.TakeSnapshot(ctx)

@@ -3,6 +3,7 @@ package monitor
 import (
 	"context"
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 )
@@ -37,5 +38,19 @@ func runInBackground(t testing.TB, v *VM) <-chan runOutcome {
 			t.Errorf("Run did not return within a minute of the stop; the VM is left open")
 		}
 	})
+	return done
+}
+
+// runErr turns a background run's outcome into one error: Run's, or (with status) a
+// non-zero exit status with its reason.
+func runErr(ran <-chan runOutcome, status bool) <-chan error {
+	done := make(chan error, 1)
+	go func() {
+		o := <-ran
+		if status && o.err == nil && o.res.ExitStatus != 0 {
+			o.err = fmt.Errorf("exit status %d: %s", o.res.ExitStatus, o.res.Reason)
+		}
+		done <- o.err
+	}()
 	return done
 }

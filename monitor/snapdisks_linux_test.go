@@ -75,7 +75,7 @@ func qemuImg(t *testing.T, args ...string) string {
 
 // startLogGuest starts a loginit guest on disks and waits until it is ready (its log
 // written, waiting for a console line); done gets its run's end.
-func startLogGuest(t *testing.T, cfg Config, disks []Disk) (*VM, *testenv.Buffer, chan error) {
+func startLogGuest(t *testing.T, cfg Config, disks []Disk) (*VM, *testenv.Buffer, <-chan error) {
 	t.Helper()
 	out := new(testenv.Buffer)
 	c := cfg
@@ -85,15 +85,7 @@ func startLogGuest(t *testing.T, cfg Config, disks []Disk) (*VM, *testenv.Buffer
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { v.Close() })
-	done := make(chan error, 1)
-	go func() {
-		res, err := v.Run(context.Background())
-		if err == nil && res.ExitStatus != 0 {
-			err = fmt.Errorf("exit status %d: %s", res.ExitStatus, res.Reason)
-		}
-		done <- err
-	}()
+	done := runErr(runInBackground(t, v), true) // stops, waits for and closes v at the end, even on failure
 	for !strings.Contains(out.String(), "UMBRA-LOG: ready") {
 		select {
 		case err := <-done:
@@ -116,15 +108,7 @@ func restoreLogGuest(t *testing.T, cfg Config, chain *snapshot.Chain, disks []Di
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer r.Close()
-	done := make(chan error, 1)
-	go func() {
-		res, err := r.Run(context.Background())
-		if err == nil && res.ExitStatus != 0 {
-			err = fmt.Errorf("exit status %d: %s", res.ExitStatus, res.Reason)
-		}
-		done <- err
-	}()
+	done := runErr(runInBackground(t, r), true)
 	typeLine(t, r, tag+"\n")
 	if err := <-done; err != nil {
 		t.Fatalf("restored run: %v\n%s", err, out.String())
@@ -295,9 +279,7 @@ func TestLinuxSnapshotDisks(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer r.Close()
-	rdone := make(chan error, 1)
-	go func() { _, err := r.Run(context.Background()); rdone <- err }()
+	rdone := runErr(runInBackground(t, r), false)
 	typeLine(t, r, "unfrozen\n")
 	if err := <-rdone; err != nil {
 		t.Fatalf("restored run over the live disks: %v\n%s", err, cout.String())

@@ -132,9 +132,7 @@ func TestCheckpointOfRestoredCloakedApp(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer v.Close()
-	done := make(chan error, 1)
-	go func() { _, err := v.Run(context.Background()); done <- err }()
+	done := runErr(runInBackground(t, v), false)
 	time.Sleep(30 * time.Millisecond)
 	var second bytes.Buffer
 	if _, err := v.Checkpoint(context.Background(), &second, CheckpointOptions{Key: key, Generation: 2}); err != nil {
