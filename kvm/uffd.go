@@ -5,6 +5,7 @@ package kvm
 import (
 	"errors"
 	"fmt"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 )
@@ -72,7 +73,11 @@ type UffdFault struct {
 type Userfaultfd struct {
 	fd       int
 	features uint64
+	closed   atomic.Bool
 }
+
+// ErrUffdClosed is returned by Check, Serve and a second Close once Close ran.
+var ErrUffdClosed = errors.New("userfaultfd is closed")
 
 // NewUserfaultfd creates a userfaultfd, non-blocking and close-on-exec, and negotiates
 // the given features; it fails naming the features the kernel lacks.
@@ -100,8 +105,40 @@ func NewUserfaultfd(features uint64) (*Userfaultfd, error) {
 func (u *Userfaultfd) FD() int { return u.fd }
 
 // Close closes the userfaultfd; threads blocked on its faults are woken with SIGBUS-free
-// retries by the kernel.
-func (u *Userfaultfd) Close() error { return unix.Close(u.fd) }
+// retries by the kernel. A second Close returns ErrUffdClosed and closes nothing (the
+// descriptor's number may be another file's by then).
+func (u *Userfaultfd) Close() error {
+	if u.closed.Swap(true) {
+		return ErrUffdClosed
+	}
+	return unix.Close(u.fd)
+}
+
+// Check reports whether the userfaultfd still serves its registered ranges: it
+// returns ErrUffdClosed after Close, or an error if the descriptor is invalid or
+// broken (closed behind the object's back). Once it fails, faults on the ranges are
+// no longer delivered: the kernel resolves them itself (a missing page reads as the
+// backing's contents, zeros for a hole).
+func (u *Userfaultfd) Check() error {
+	if u.closed.Load() {
+		return ErrUffdClosed
+	}
+	fds := []unix.PollFd{{Fd: int32(u.fd), Events: unix.POLLIN}}
+	for {
+		_, err := unix.Poll(fds, 0)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("userfaultfd poll: %w", err)
+		}
+		break
+	}
+	if fds[0].Revents&(unix.POLLNVAL|unix.POLLERR|unix.POLLHUP) != 0 {
+		return fmt.Errorf("userfaultfd: the descriptor is closed or broken (revents %#x)", fds[0].Revents)
+	}
+	return nil
+}
 
 func rangeOf(mem []byte) (start, length uint64) {
 	return addrOf(mem), uint64(len(mem))
@@ -302,6 +339,10 @@ func (u *Userfaultfd) Serve(stop <-chan struct{}, pollMs int, handle func(UffdFa
 		case <-stop:
 			return nil
 		default:
+		}
+		if u.closed.Load() {
+			// Closed under the server (a poll on it does not wake for that).
+			return fmt.Errorf("userfaultfd serve: %w", ErrUffdClosed)
 		}
 		fds[0].Revents, fds[1].Revents = 0, 0
 		if _, err := unix.Poll(fds, pollMs); err != nil {

@@ -433,19 +433,38 @@ func (v *VM) finishLazy() error {
 // its cause: a guest released with zero pages after the server died may crash before
 // the stop reaches it, and that crash is the failure's consequence. While the restore
 // is incomplete, a run that ends with an error waits (at most the server's poll
-// bound and a margin) for the server to say whether it failed.
+// bound and a margin) for the server to say whether it failed. A run the guest ended
+// itself, the restore incomplete, fails too if the server has failed or its
+// userfaultfd no longer serves: from then on the kernel resolved the guest's faults on
+// pages not yet restored with zeros, so what the guest did after is not the
+// snapshot's continuation (the server notices a closed descriptor only at its next
+// poll, up to its bound later, and the guest may end before that).
 func (v *VM) lazyCause(err error) error {
 	l := v.ckpt.lazy
-	if l == nil || err == nil || errors.Is(err, ErrRestoreFailed) {
+	if l == nil || errors.Is(err, ErrRestoreFailed) {
 		return err
 	}
-	if !l.complete.Load() && l.err() == nil {
+	if err == nil && l.complete.Load() {
+		return nil
+	}
+	if err != nil && !l.complete.Load() && l.err() == nil {
 		t := time.NewTimer(250 * time.Millisecond)
 		defer t.Stop()
 		select {
 		case <-l.served:
 		case <-t.C:
 		}
+	}
+	if l.err() == nil && !l.complete.Load() {
+		if cerr := l.uffd.Check(); cerr != nil && !l.complete.Load() {
+			l.fail(fmt.Errorf("fault server: %w", cerr))
+		}
+	}
+	if err == nil {
+		if lerr := l.err(); lerr != nil {
+			return fmt.Errorf("%w (the guest then ended its run)", lerr)
+		}
+		return nil
 	}
 	if lerr := l.err(); lerr != nil {
 		return fmt.Errorf("%w (the run then ended: %v)", lerr, err)
