@@ -3,6 +3,7 @@
 package kvm
 
 import (
+	"errors"
 	"fmt"
 	"testing"
 	"time"
@@ -283,5 +284,47 @@ func TestUffdServeReportsClose(t *testing.T) {
 		t.Logf("Serve: %v", err)
 	case <-time.After(5 * time.Second):
 		t.Fatal("Serve still running 5 s after its userfaultfd was closed")
+	}
+}
+
+// TestUffdCheckAndCloseOnce: Check says a userfaultfd serves until it is closed, by
+// Close or behind the object's back (its descriptor closed: POLLNVAL), and a second
+// Close closes nothing (the number may be another file's by then).
+func TestUffdCheckAndCloseOnce(t *testing.T) {
+	u, err := NewUserfaultfd(0)
+	if err != nil {
+		t.Skipf("userfaultfd: %v", err)
+	}
+	if err := u.Check(); err != nil {
+		t.Fatalf("Check of an open userfaultfd: %v", err)
+	}
+	if err := u.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := u.Check(); !errors.Is(err, ErrUffdClosed) {
+		t.Fatalf("Check after Close: %v, want ErrUffdClosed", err)
+	}
+	// A file takes the freed number; a second Close must leave it open.
+	other, err := unix.Open("/dev/null", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(other)
+	if err := u.Close(); !errors.Is(err, ErrUffdClosed) {
+		t.Fatalf("second Close: %v, want ErrUffdClosed", err)
+	}
+	if _, err := unix.FcntlInt(uintptr(other), unix.F_GETFD, 0); err != nil {
+		t.Fatalf("the second Close closed another file (fd %d): %v", other, err)
+	}
+
+	v, err := NewUserfaultfd(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Close(v.FD()); err != nil { // behind the object's back
+		t.Fatal(err)
+	}
+	if err := v.Check(); err == nil {
+		t.Fatal("Check of a userfaultfd whose descriptor was closed: nil")
 	}
 }
