@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -18,6 +19,7 @@ import (
 	"github.com/google/go-tpm/tpm2/transport"
 
 	"github.com/umbra-cc/umbra/attest"
+	"github.com/umbra-cc/umbra/attest/audit"
 	"github.com/umbra-cc/umbra/attest/eventlog"
 	"github.com/umbra-cc/umbra/attest/evidence"
 	"github.com/umbra-cc/umbra/attestconn"
@@ -52,9 +54,10 @@ func Receive(ctx context.Context, rc ReceiveConfig) (*LaunchReport, error) {
 		}
 		if d.launching {
 			out := <-d.done
-			return out.rep, errors.Join(err, out.err)
+			err = errors.Join(err, out.err)
+			return out.rep, errors.Join(err, d.auditAborted(ctx, err))
 		}
-		return nil, err
+		return nil, errors.Join(err, d.auditAborted(ctx, err))
 	}
 	out := <-d.done
 	return out.rep, out.err
@@ -158,16 +161,20 @@ type destination struct {
 
 	launching, started bool
 	done               chan launchOutcome
+	// offered is the VM an attested source offered (Accept), and source that host.
+	offered string
+	source  attestconn.Peer
 	// copied are the copied disks' images here, by disk name.
 	copied        map[string]string
 	commit, abort chan struct{}
 	once          sync.Once
 }
 
-func (d *destination) Accept(_ context.Context, o *migration.Offer, _ attestconn.Peer) error {
+func (d *destination) Accept(_ context.Context, o *migration.Offer, peer attestconn.Peer) error {
 	if err := monitor.ValidVMName(o.VM); err != nil {
 		return err
 	}
+	d.offered, d.source = o.VM, peer
 	names := map[string]bool{}
 	for _, f := range o.Files {
 		names[f.Name] = true
@@ -185,6 +192,41 @@ func (d *destination) Accept(_ context.Context, o *migration.Offer, _ attestconn
 		}
 	}
 	return checkNotMigrated(d.rc.StateDir, o.VM)
+}
+
+// KindMigrateInAborted: an incoming migration from an attested source ended here
+// without the VM running (details: source host fingerprint, error). A launch that
+// began (the whole checkpoint came) has its own launch and launch-failed records
+// before it.
+const KindMigrateInAborted = "migrate-in-aborted"
+
+// auditAborted records, in this host's audit log, an incoming migration that ended
+// before the VM ran here: the source had offered a VM (an attested host), so the
+// auditor of this host sees the attempt, whichever side ended it. A migration that
+// failed before an offer (the handshake) is not a VM's event and is not recorded.
+func (d *destination) auditAborted(ctx context.Context, cause error) error {
+	if d.offered == "" {
+		return nil
+	}
+	ctx = context.WithoutCancel(ctx)
+	l, err := audit.OpenContext(ctx, filepath.Join(d.rc.StateDir, "audit.jsonl"), d.log)
+	if err != nil {
+		return fmt.Errorf("audit the aborted incoming migration: %w", err)
+	}
+	defer l.Close()
+	raw, _ := json.Marshal(map[string]any{"source_fingerprint": d.source.Fingerprint, "error": cause.Error()})
+	if _, err := l.Append(ctx, audit.Record{Kind: KindMigrateInAborted, VM: d.offered, Actor: "host:" + d.source.Fingerprint, Details: raw}); err != nil {
+		return fmt.Errorf("audit the aborted incoming migration: %w", err)
+	}
+	m, err := eventlog.Open(ctx, d.rc.TPM, eventLogPath(d.rc.TPM, d.rc.StateDir), d.pcr, d.log)
+	if err != nil {
+		return fmt.Errorf("audit the aborted incoming migration: open the event log: %w", err)
+	}
+	defer m.Close()
+	if err := l.Anchor(ctx, m); err != nil {
+		return fmt.Errorf("audit the aborted incoming migration: anchor the audit log: %w", err)
+	}
+	return nil
 }
 
 // readSpooled reads a received file whole.

@@ -252,10 +252,15 @@ func TestMigrateSourceKilledMidStream(t *testing.T) {
 		t.Fatalf("the VM ran on host B:\n%s", r.stdout)
 	}
 	// Host B may have decided and restored the VM (the whole checkpoint came) but
-	// never ran it: every launch record is followed by its launch-failed.
+	// never ran it: every launch record is followed by its launch-failed. Either way
+	// it audits the aborted incoming migration (a stream cut before the launch used
+	// to leave B without any record, or audit log, of the attempt).
 	kinds := auditKinds(t, w.b)
 	if slices.Index(kinds, audit.KindLaunch) > slices.Index(kinds, audit.KindLaunchFailed) {
 		t.Fatalf("host B launched the VM it never got a commit for: %v", kinds)
+	}
+	if len(kinds) == 0 || kinds[len(kinds)-1] != launch.KindMigrateInAborted {
+		t.Fatalf("host B's audit log %v does not end with %s", kinds, launch.KindMigrateInAborted)
 	}
 	t.Logf("host B's audit: %v", kinds)
 	for _, h := range []*migrationHost{w.a, w.b} {
