@@ -258,9 +258,10 @@ func TestLazyRestoreFailureEndsTheVM(t *testing.T) {
 	})
 	t.Run("uffd-closed-then-guest-ends", func(t *testing.T) {
 		// The descriptor closed while the server waits in its poll, which a close
-		// does not wake: the guest's remaining faults are resolved by the kernel and
-		// the guest runs to its end before the server looks again. The run must not
-		// end as a success.
+		// does not wake: the guest's remaining faults are resolved by the kernel (zero
+		// pages) and the guest runs to its end, here a triple fault, before the server
+		// looks again. The run must end naming the restore's failure (without the end
+		// check it named only the crash; a guest that ends cleanly returned nil).
 		ra := &mutableReader{b: bytes.Clone(file)}
 		v := restore(t, ra, lazyHooks{})
 		v.ckpt.lazy.stopServer() // the server stops serving; the descriptor stays open
