@@ -397,13 +397,21 @@ func TestMigrateLinuxGuest(t *testing.T) {
 	}
 	src := run(v, c)
 	t.Cleanup(func() { v.StopIfRunning(errors.New("test over")); <-src.done; v.Close() })
-	// The kernel boots quietly (its init's first line comes after 18-60 s here):
-	// migrate it ten seconds in, in the middle of its boot.
-	time.Sleep(10 * time.Second)
+	// The kernel boots quietly (its init's first line comes after 9 s on an idle
+	// host, 18-60 s under load; its clock starts about 0.6 s in when idle): migrate
+	// it four seconds in, in the middle of its boot.
+	time.Sleep(4 * time.Second)
 	dst := &linuxDestination{cfg: cfg, console: &console{}}
 	rep, _, err, derr := p.migrate(t, &vmSource{r: src}, dst, Offer{VM: "linux", Generation: 1})
 	if err != nil || derr != nil {
-		t.Fatalf("send: %v; receive: %v", err, derr)
+		select {
+		case <-src.done:
+			if strings.Contains(c.String(), "UMBRA-INIT: up") {
+				t.Skipf("the kernel booted and its init ended before the migration (host too fast for this test's timing; the migration failed: %v):\n%s", err, c.String())
+			}
+		default:
+		}
+		t.Fatalf("send: %v; receive: %v\nsource console:\n%s", err, derr, c.String())
 	}
 	before := c.String()
 	v.Stop(errors.New("migrated"))
@@ -419,9 +427,9 @@ func TestMigrateLinuxGuest(t *testing.T) {
 	}
 	// The kernel's clock goes on from where it was on the source: the init's
 	// uptime exceeds the time the destination ran by the part of the boot done on the
-	// source (its clock starts some seconds into the boot, fewer under load). A fresh
-	// boot's never exceeds it: the run includes the boot before the clock starts.
-	if up, ran := uptime(out), dst.ran.Seconds(); up-ran < 1 {
+	// source after its clock started (3.4 s idle, less under load). A fresh boot's
+	// never exceeds it: the run includes the boot before the clock starts.
+	if up, ran := uptime(out), dst.ran.Seconds(); up-ran < 0.5 {
 		t.Fatalf("the init says the kernel was up %.2f s after %.2f s on the destination: it did not continue the source's boot:\n%s", up, ran, out)
 	}
 	t.Logf("Linux migrated mid-boot: %d checkpoint bytes, downtime %v, total %v; init uptime %.2f s after %.2f s on the destination", rep.CheckpointBytes, rep.Downtime, rep.Total, uptime(out), dst.ran.Seconds())
