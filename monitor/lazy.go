@@ -91,6 +91,7 @@ type lazyRestore struct {
 
 	complete atomic.Bool
 	failed   atomic.Pointer[error]
+	closing  atomic.Bool // close ran: the VM's run is over
 
 	stop      chan struct{}
 	stopOnce  sync.Once
@@ -386,14 +387,22 @@ func (l *lazyRestore) finish() error {
 
 func (l *lazyRestore) stopServer() { l.stopOnce.Do(func() { close(l.stop) }) }
 
+// closeUffd closes the userfaultfd. From the close on, the kernel resolves faults on
+// pages not yet restored itself, with zeros, so a close while the VM may still run
+// and the restore is incomplete fails the restore first: the VM is stopped and its
+// vCPUs kicked before any of them is released onto a zero page.
 func (l *lazyRestore) closeUffd() error {
+	if !l.closing.Load() && !l.complete.Load() {
+		l.fail(fmt.Errorf("fault server: %w with the restore incomplete", kvm.ErrUffdClosed))
+	}
 	l.uffdOnce.Do(func() { l.uffdErr = l.uffd.Close() })
 	return l.uffdErr
 }
 
 // close stops the server and the fill and closes the userfaultfd (before guest RAM
-// is unmapped).
+// is unmapped). The VM's run has ended.
 func (l *lazyRestore) close() error {
+	l.closing.Store(true)
 	l.stopServer()
 	<-l.served
 	<-l.filled
