@@ -80,8 +80,9 @@ test: deps fmt-check guest-check vet policy-test linux
 # What deadcode reports unreachable must be listed with a reason in
 # internal/layers/deadcode.txt, and what is listed must still be reported. Needs
 # deadcode (go install golang.org/x/tools/cmd/deadcode@latest); about a minute.
-DEADCODE ?= deadcode
+DEADCODE ?= $(shell command -v deadcode || echo $$($(GO) env GOPATH)/bin/deadcode)
 deadcode:
+	@command -v $(DEADCODE) >/dev/null || { echo "deadcode: $(DEADCODE) not found; install it: go install golang.org/x/tools/cmd/deadcode@latest"; exit 2; }
 	@set -e; got=$$(mktemp); want=$$(mktemp); trap 'rm -f $$got $$want' EXIT; \
 	{ $(DEADCODE) -test ./... | sed 's/^/test /'; $(DEADCODE) ./cmd/umbra | sed 's/^/binary /'; } | \
 		sed -E 's/^([a-z]+) ([^:]+):[0-9]+:[0-9]+: unreachable func: (.*)$$/\1 \2 \3/' | sort > $$got; \
