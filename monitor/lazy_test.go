@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -27,8 +28,15 @@ const junkPages = 4096
 // the result line the guest printed.
 func lazyCheckpoint(t *testing.T) (Config, []byte, []byte, string) {
 	t.Helper()
+	return lazyCheckpointSpin(t, 3)
+}
+
+// lazyCheckpointSpin is lazyCheckpoint with the computation spinning spinMs between
+// its 100 rounds (3 ms in lazyCheckpoint: the run takes about 350 ms).
+func lazyCheckpointSpin(t *testing.T, spinMs int) (Config, []byte, []byte, string) {
+	t.Helper()
 	const size = 64 << 20
-	cfg := Config{Image: guestimage.Image(), MemorySize: size, Cmdline: "run=cloakcompute:16:100"}
+	cfg := Config{Image: guestimage.Image(), MemorySize: size, Cmdline: fmt.Sprintf("run=cloakcompute:16:100:plain:%d", spinMs)}
 	l := startVM(t, cfg)
 	time.Sleep(300 * time.Millisecond)
 	ctx := context.Background()
@@ -283,7 +291,12 @@ func TestLazyRestoreFailureEndsTheVM(t *testing.T) {
 // since the restore, and the chain of both restores to a guest that finishes with the
 // original run's result.
 func TestCheckpointOfLazyRestore(t *testing.T) {
-	cfg, file, key, want := lazyCheckpoint(t)
+	// A computation long enough that the restored guest is still at it when it is
+	// checkpointed again: with lazyCheckpoint's 3 ms between rounds, the checkpoint
+	// 300 ms in sometimes caught the guest so near its end that the restored run
+	// printed its result before the second checkpoint (CI at 59b89ca), and the chain's
+	// restore had nothing left to print.
+	cfg, file, key, want := lazyCheckpointSpin(t, 10)
 	chain := openChain(t, key, file)
 	var console lockedBuffer
 	cfg.Console = &console
