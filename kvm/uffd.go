@@ -124,18 +124,21 @@ func (u *Userfaultfd) Check() error {
 		return ErrUffdClosed
 	}
 	fds := []unix.PollFd{{Fd: int32(u.fd), Events: unix.POLLIN}}
-	for {
-		_, err := unix.Poll(fds, 0)
-		if errors.Is(err, unix.EINTR) {
-			continue
-		}
-		if err != nil {
-			return fmt.Errorf("userfaultfd poll: %w", err)
-		}
-		break
+	_, err := unix.Poll(fds, 0)
+	for errors.Is(err, unix.EINTR) {
+		_, err = unix.Poll(fds, 0)
 	}
-	if fds[0].Revents&(unix.POLLNVAL|unix.POLLERR|unix.POLLHUP) != 0 {
-		return fmt.Errorf("userfaultfd: the descriptor is closed or broken (revents %#x)", fds[0].Revents)
+	if err != nil {
+		return fmt.Errorf("userfaultfd poll: %w", err)
+	}
+	return brokenPoll(fds[0].Revents)
+}
+
+// brokenPoll is the error for a poll of a userfaultfd that found it closed or broken
+// (POLLNVAL, POLLERR, POLLHUP), or nil.
+func brokenPoll(revents int16) error {
+	if revents&(unix.POLLNVAL|unix.POLLERR|unix.POLLHUP) != 0 {
+		return fmt.Errorf("userfaultfd poll: the descriptor is closed or broken (revents %#x)", revents)
 	}
 	return nil
 }
@@ -351,10 +354,10 @@ func (u *Userfaultfd) Serve(stop <-chan struct{}, pollMs int, handle func(UffdFa
 			}
 			return fmt.Errorf("userfaultfd poll: %w", err)
 		}
-		if fds[0].Revents&(unix.POLLNVAL|unix.POLLERR|unix.POLLHUP) != 0 {
+		if err := brokenPoll(fds[0].Revents); err != nil {
 			// Closed under the server: its faults can no longer be served (the
 			// kernel retries them without a handler), which the owner must know.
-			return fmt.Errorf("userfaultfd poll: the descriptor is closed or broken (revents %#x)", fds[0].Revents)
+			return err
 		}
 		if fds[0].Revents&unix.POLLIN == 0 {
 			continue // woken (stop is closed) or the bound passed

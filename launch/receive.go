@@ -209,7 +209,7 @@ func (d *destination) auditAborted(ctx context.Context, cause error) error {
 		return nil
 	}
 	ctx = context.WithoutCancel(ctx)
-	l, err := audit.OpenContext(ctx, filepath.Join(d.rc.StateDir, "audit.jsonl"), d.log)
+	l, err := audit.OpenContext(ctx, filepath.Join(d.rc.StateDir, attest.AuditLogFile), d.log)
 	if err != nil {
 		return fmt.Errorf("audit the aborted incoming migration: %w", err)
 	}

@@ -450,11 +450,8 @@ func (v *VM) finishLazy() error {
 // poll, up to its bound later, and the guest may end before that).
 func (v *VM) lazyCause(err error) error {
 	l := v.ckpt.lazy
-	if l == nil || errors.Is(err, ErrRestoreFailed) {
+	if l == nil || errors.Is(err, ErrRestoreFailed) || err == nil && l.complete.Load() {
 		return err
-	}
-	if err == nil && l.complete.Load() {
-		return nil
 	}
 	if err != nil && !l.complete.Load() && l.err() == nil {
 		t := time.NewTimer(250 * time.Millisecond)
@@ -469,14 +466,12 @@ func (v *VM) lazyCause(err error) error {
 			l.fail(fmt.Errorf("fault server: %w", cerr))
 		}
 	}
-	if err == nil {
-		if lerr := l.err(); lerr != nil {
-			return fmt.Errorf("%w (the guest then ended its run)", lerr)
-		}
-		return nil
-	}
-	if lerr := l.err(); lerr != nil {
+	switch lerr := l.err(); {
+	case lerr == nil:
+		return err
+	case err == nil:
+		return fmt.Errorf("%w (the guest then ended its run)", lerr)
+	default:
 		return fmt.Errorf("%w (the run then ended: %v)", lerr, err)
 	}
-	return err
 }
