@@ -15,6 +15,7 @@ import (
 
 	"github.com/umbra-cc/umbra/attest"
 	"github.com/umbra-cc/umbra/attest/eventlog"
+	"github.com/umbra-cc/umbra/launch"
 	"github.com/umbra-cc/umbra/monitor"
 )
 
@@ -150,6 +151,10 @@ func TestMigrateDiskRefusals(t *testing.T) {
 			}
 			if _, err := os.Stat(filepath.Join(w.a.state, "vms", "mig", "migrated")); err == nil {
 				t.Fatal("host A recorded a handover")
+			}
+			// Host B's auditor sees what the source tried and why B refused it.
+			if kinds := auditKinds(t, w.b); len(kinds) == 0 || kinds[len(kinds)-1] != launch.KindMigrateInAborted {
+				t.Fatalf("host B's audit log %v does not end with %s", kinds, launch.KindMigrateInAborted)
 			}
 		})
 	}
